@@ -18,12 +18,14 @@
 
 pub mod priority;
 pub mod records;
+pub mod secret;
 pub mod state;
 pub mod time;
 pub mod units;
 pub mod uuid;
 pub mod validate;
 
+pub use secret::Secret;
 pub use records::{Container, ContainerRequest, Mount, RuntimeConstraints, SchedulingParameters};
 pub use state::{ContainerState, RequestState, TransitionError};
 pub use uuid::{ClusterId, ObjectType, Uuid, UuidError};

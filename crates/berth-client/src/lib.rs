@@ -1,0 +1,607 @@
+//! The REST client of the Berth API (the Arvados v1 API shape).
+//!
+//! [`Client`] holds the API's base URL and one bearer token. The CLI builds
+//! it from the environment ([`Settings::from_env`]); the dispatcher uses the
+//! system token; the supervisor uses the container's own token.
+//!
+//! The client does not retry: callers know which failures are worth another
+//! try, and [`ClientError::is_transient`] tells them which kind this is.
+//!
+//! Live logs: the supervisor appends each stream's bytes at a known offset
+//! ([`Client::append_log`]), so a retried append is harmless; readers fetch
+//! from an offset and may wait on the server for new bytes
+//! ([`Client::read_log`]), so following a log needs no polling loop.
+
+pub mod credentials;
+
+use std::fmt;
+use std::time::Duration;
+
+use berth_core::records::ContainerCredentials;
+use berth_core::{Container, ContainerRequest};
+use bytes::Bytes;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use url::Url;
+
+pub use credentials::{CredentialsError, JobCredentials};
+
+/// Time allowed for an ordinary API call.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Extra time a long-poll read is allowed beyond the wait it asks for.
+const LONG_POLL_MARGIN: Duration = Duration::from_secs(15);
+
+/// Response header carrying a log stream's total size.
+pub const LOG_SIZE_HEADER: &str = "x-berth-log-size";
+
+/// Response header carrying the container's state at the time of the answer.
+pub const CONTAINER_STATE_HEADER: &str = "x-berth-container-state";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid client settings: {0}")]
+    Settings(String),
+    #[error("{method} {url} failed: {source}")]
+    Transport {
+        method: Method,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{method} {url} returned {status}: {message}")]
+    Api {
+        method: Method,
+        url: String,
+        status: StatusCode,
+        message: String,
+    },
+    #[error("failed to decode the response of {method} {url}: {source}")]
+    Decode {
+        method: Method,
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True for failures another attempt may cure: no answer, a timeout, or
+    /// a status that means the server is busy or failing (408, 429, 5xx).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } => true,
+            ClientError::Api { status, .. } => {
+                *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || status.is_server_error()
+            }
+            ClientError::Settings(_) | ClientError::Decode { .. } => false,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A bearer token whose `Debug` form hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Token {
+        Token(token.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Where the API is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Base URL of the controller, such as `https://ctl.example:8443/`.
+    pub base_url: Url,
+    pub token: Token,
+    /// Accept a certificate that does not verify (self-signed test set-ups).
+    pub insecure: bool,
+}
+
+impl Settings {
+    /// Reads `BERTH_API_HOST`, `BERTH_API_TOKEN` and `BERTH_API_HOST_INSECURE`,
+    /// each falling back to its `ARVADOS_` counterpart.
+    pub fn from_env() -> Result<Settings> {
+        let lookup = |name: &str| std::env::var(name).ok();
+        Settings::from_lookup(lookup)
+    }
+
+    /// Builds settings from a variable lookup (the environment, in
+    /// [`Settings::from_env`]).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings> {
+        let pick = |suffix: &str| {
+            lookup(&format!("BERTH_{suffix}"))
+                .filter(|v| !v.is_empty())
+                .or_else(|| lookup(&format!("ARVADOS_{suffix}")).filter(|v| !v.is_empty()))
+        };
+        let host = pick("API_HOST").ok_or_else(|| {
+            ClientError::Settings(
+                "BERTH_API_HOST is not set: set it (or ARVADOS_API_HOST) to the controller's host:port or URL"
+                    .into(),
+            )
+        })?;
+        let token = pick("API_TOKEN").ok_or_else(|| {
+            ClientError::Settings(
+                "BERTH_API_TOKEN is not set: set it (or ARVADOS_API_TOKEN) to your API token".into(),
+            )
+        })?;
+        let insecure = pick("API_HOST_INSECURE")
+            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "t" | "true" | "y" | "yes"))
+            .unwrap_or(false);
+        Ok(Settings {
+            base_url: parse_api_host(&host)?,
+            token: Token::new(token),
+            insecure,
+        })
+    }
+}
+
+/// Parses an API host: a URL with scheme, or `host[:port]`, which means
+/// HTTPS as in Arvados's `ARVADOS_API_HOST`.
+pub fn parse_api_host(host: &str) -> Result<Url> {
+    let text = if host.contains("://") {
+        host.to_string()
+    } else {
+        format!("https://{host}")
+    };
+    let mut url = Url::parse(&text).map_err(|err| {
+        ClientError::Settings(format!(
+            "invalid API host {host:?}: {err}; expected host:port or a URL such as https://host:port"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ClientError::Settings(format!(
+            "invalid API host {host:?}: the scheme must be http or https"
+        )));
+    }
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+/// Parameters of a list call. Filters use the Arvados form
+/// `[[attribute, operator, operand], ...]`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ListParams {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filters: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub select: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<String>,
+}
+
+impl ListParams {
+    pub fn with_filters(filters: Value) -> ListParams {
+        ListParams {
+            filters: Some(filters),
+            ..Default::default()
+        }
+    }
+
+    fn to_query(&self) -> Vec<(&'static str, String)> {
+        let mut query = Vec::new();
+        if let Some(filters) = &self.filters {
+            query.push(("filters", filters.to_string()));
+        }
+        if let Some(order) = &self.order {
+            query.push(("order", Value::from(order.clone()).to_string()));
+        }
+        if let Some(limit) = self.limit {
+            query.push(("limit", limit.to_string()));
+        }
+        if let Some(offset) = self.offset {
+            query.push(("offset", offset.to_string()));
+        }
+        if let Some(select) = &self.select {
+            query.push(("select", Value::from(select.clone()).to_string()));
+        }
+        if let Some(count) = &self.count {
+            query.push(("count", count.clone()));
+        }
+        query
+    }
+}
+
+/// One page of a list call.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ListPage<T> {
+    pub items: Vec<T>,
+    #[serde(default)]
+    pub items_available: Option<u64>,
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default)]
+    pub limit: u64,
+}
+
+/// The answer to a lock call: the container and its freshly minted secrets.
+#[derive(Debug, Clone)]
+pub struct Locked {
+    pub container: Container,
+    pub credentials: ContainerCredentials,
+}
+
+/// Bytes read from a log stream.
+#[derive(Debug, Clone)]
+pub struct LogChunk {
+    pub data: Bytes,
+    /// The stream's total size when the server answered.
+    pub size: u64,
+    /// The container's state when the server answered.
+    pub container_state: Option<berth_core::ContainerState>,
+}
+
+/// A client of one controller, with one token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base_url: Url,
+    token: Token,
+}
+
+impl Client {
+    pub fn new(settings: Settings) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .danger_accept_invalid_certs(settings.insecure)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|err| ClientError::Settings(format!("failed to build the HTTP client: {err}")))?;
+        Ok(Client {
+            http,
+            base_url: settings.base_url,
+            token: settings.token,
+        })
+    }
+
+    pub fn from_env() -> Result<Client> {
+        Client::new(Settings::from_env()?)
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.base_url
+    }
+
+    /// The same controller, with another token.
+    pub fn with_token(&self, token: Token) -> Client {
+        Client {
+            http: self.http.clone(),
+            base_url: self.base_url.clone(),
+            token,
+        }
+    }
+
+    fn url(&self, path: &str) -> Result<Url> {
+        self.base_url
+            .join(path)
+            .map_err(|err| ClientError::Settings(format!("invalid API path {path:?}: {err}")))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response> {
+        let url = self.url(path)?;
+        let mut request = self
+            .http
+            .request(method.clone(), url.clone())
+            .bearer_auth(self.token.expose())
+            .timeout(timeout)
+            .query(query);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|source| ClientError::Transport {
+            method: method.clone(),
+            url: url.to_string(),
+            source,
+        })?;
+        check_status(method, url, response).await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<T> {
+        let response = self
+            .send(method.clone(), path, query, body, REQUEST_TIMEOUT)
+            .await?;
+        let url = response.url().to_string();
+        let bytes = response.bytes().await.map_err(|source| ClientError::Transport {
+            method: method.clone(),
+            url: url.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            method,
+            url,
+            source,
+        })
+    }
+
+    pub async fn current_user(&self) -> Result<Value> {
+        self.call(Method::GET, "arvados/v1/users/current", &[], None)
+            .await
+    }
+
+    pub async fn create_container_request(&self, attributes: &Value) -> Result<ContainerRequest> {
+        let body = serde_json::json!({ "container_request": attributes });
+        self.call(Method::POST, "arvados/v1/container_requests", &[], Some(&body))
+            .await
+    }
+
+    pub async fn get_container_request(&self, uuid: &str) -> Result<ContainerRequest> {
+        let path = format!("arvados/v1/container_requests/{uuid}");
+        self.call(Method::GET, &path, &[], None).await
+    }
+
+    pub async fn update_container_request(
+        &self,
+        uuid: &str,
+        attributes: &Value,
+    ) -> Result<ContainerRequest> {
+        let path = format!("arvados/v1/container_requests/{uuid}");
+        let body = serde_json::json!({ "container_request": attributes });
+        self.call(Method::PUT, &path, &[], Some(&body)).await
+    }
+
+    pub async fn list_container_requests(
+        &self,
+        params: &ListParams,
+    ) -> Result<ListPage<ContainerRequest>> {
+        self.call(
+            Method::GET,
+            "arvados/v1/container_requests",
+            &params.to_query(),
+            None,
+        )
+        .await
+    }
+
+    pub async fn get_container(&self, uuid: &str) -> Result<Container> {
+        let path = format!("arvados/v1/containers/{uuid}");
+        self.call(Method::GET, &path, &[], None).await
+    }
+
+    pub async fn list_containers(&self, params: &ListParams) -> Result<ListPage<Container>> {
+        self.call(Method::GET, "arvados/v1/containers", &params.to_query(), None)
+            .await
+    }
+
+    pub async fn update_container(&self, uuid: &str, attributes: &Value) -> Result<Container> {
+        let path = format!("arvados/v1/containers/{uuid}");
+        let body = serde_json::json!({ "container": attributes });
+        self.call(Method::PUT, &path, &[], Some(&body)).await
+    }
+
+    /// Locks a queued container. The answer carries the container's
+    /// credentials, which the controller shows only this once.
+    pub async fn lock_container(&self, uuid: &str) -> Result<Locked> {
+        let path = format!("arvados/v1/containers/{uuid}/lock");
+        let mut value: Value = self.call(Method::POST, &path, &[], None).await?;
+        let decode = |source| ClientError::Decode {
+            method: Method::POST,
+            url: path.clone(),
+            source,
+        };
+        let credentials = value
+            .as_object_mut()
+            .and_then(|object| object.remove("credentials"))
+            .unwrap_or(Value::Null);
+        let credentials = serde_json::from_value(credentials).map_err(decode)?;
+        let container = serde_json::from_value(value).map_err(decode)?;
+        Ok(Locked {
+            container,
+            credentials,
+        })
+    }
+
+    pub async fn unlock_container(&self, uuid: &str) -> Result<Container> {
+        let path = format!("arvados/v1/containers/{uuid}/unlock");
+        self.call(Method::POST, &path, &[], None).await
+    }
+
+    /// Appends `data` to a container's log stream at byte `offset`. The
+    /// server ignores bytes it already has, so a retry after a lost answer
+    /// writes nothing twice. Returns the stream's new size.
+    pub async fn append_log(
+        &self,
+        container_uuid: &str,
+        stream: &str,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<u64> {
+        let path = format!("arvados/v1/containers/{container_uuid}/log/{stream}");
+        let url = self.url(&path)?;
+        let response = self
+            .http
+            .post(url.clone())
+            .bearer_auth(self.token.expose())
+            .timeout(REQUEST_TIMEOUT)
+            .query(&[("offset", offset.to_string())])
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(data)
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::POST,
+                url: url.to_string(),
+                source,
+            })?;
+        let response = check_status(Method::POST, url, response).await?;
+        Ok(log_size(&response))
+    }
+
+    /// Reads a container's log stream from byte `offset`. With a `wait`, the
+    /// server holds the request until there are bytes past `offset`, the
+    /// container changes state, or the wait ends.
+    pub async fn read_log(
+        &self,
+        container_uuid: &str,
+        stream: &str,
+        offset: u64,
+        wait: Option<Duration>,
+    ) -> Result<LogChunk> {
+        let path = format!("arvados/v1/containers/{container_uuid}/log/{stream}");
+        let mut query = vec![("offset", offset.to_string())];
+        let mut timeout = REQUEST_TIMEOUT;
+        if let Some(wait) = wait {
+            query.push(("wait", wait.as_secs_f64().to_string()));
+            timeout = wait + LONG_POLL_MARGIN;
+        }
+        let response = self
+            .send(Method::GET, &path, &query, None, timeout)
+            .await?;
+        let size = log_size(&response);
+        let container_state = response
+            .headers()
+            .get(CONTAINER_STATE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let url = response.url().to_string();
+        let data = response.bytes().await.map_err(|source| ClientError::Transport {
+            method: Method::GET,
+            url,
+            source,
+        })?;
+        Ok(LogChunk {
+            data,
+            size,
+            container_state,
+        })
+    }
+}
+
+fn log_size(response: &reqwest::Response) -> u64 {
+    response
+        .headers()
+        .get(LOG_SIZE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Turns an error status into [`ClientError::Api`] with the server's
+/// messages (`{"errors": [...]}`), or passes the response through.
+async fn check_status(method: Method, url: Url, response: reqwest::Response) -> Result<reqwest::Response> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.bytes().await.unwrap_or_default();
+    let message = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.get("errors").and_then(|e| e.as_array()).map(|errors| {
+                errors
+                    .iter()
+                    .map(|e| e.as_str().map(str::to_string).unwrap_or_else(|| e.to_string()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
+    Err(ClientError::Api {
+        method,
+        url: url.to_string(),
+        status,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn berth_variables_win_over_arvados() {
+        let settings = Settings::from_lookup(lookup(&[
+            ("BERTH_API_HOST", "http://127.0.0.1:9000"),
+            ("BERTH_API_TOKEN", "berth-token"),
+            ("ARVADOS_API_HOST", "other:443"),
+            ("ARVADOS_API_TOKEN", "arvados-token"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.base_url.as_str(), "http://127.0.0.1:9000/");
+        assert_eq!(settings.token.expose(), "berth-token");
+        assert!(!settings.insecure);
+    }
+
+    #[test]
+    fn arvados_variables_are_the_fallback() {
+        let settings = Settings::from_lookup(lookup(&[
+            ("ARVADOS_API_HOST", "ctl.example:8443"),
+            ("ARVADOS_API_TOKEN", "arvados-token"),
+            ("ARVADOS_API_HOST_INSECURE", "yes"),
+        ]))
+        .unwrap();
+        assert_eq!(settings.base_url.as_str(), "https://ctl.example:8443/");
+        assert_eq!(settings.token.expose(), "arvados-token");
+        assert!(settings.insecure);
+    }
+
+    #[test]
+    fn missing_host_names_the_variable() {
+        let err = Settings::from_lookup(lookup(&[("BERTH_API_TOKEN", "t")])).unwrap_err();
+        assert!(err.to_string().contains("BERTH_API_HOST"), "{err}");
+    }
+
+    #[test]
+    fn bad_scheme_is_rejected() {
+        assert!(parse_api_host("ftp://host").is_err());
+    }
+
+    #[test]
+    fn token_debug_is_redacted() {
+        assert!(!format!("{:?}", Token::new("s3cret")).contains("s3cret"));
+    }
+}

@@ -1,0 +1,29 @@
+//! The subcommands. Each module holds one subcommand's arguments and its
+//! body; `execute` routes to them.
+
+pub mod admin;
+pub mod cancel;
+pub mod daemon;
+pub mod dev;
+pub mod logs;
+pub mod ls;
+pub mod run;
+pub mod supervise;
+
+use std::process::ExitCode;
+
+use crate::Command;
+
+pub async fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Controller { config } => daemon::controller(&config).await,
+        Command::Dispatch { config } => daemon::dispatch(&config).await,
+        Command::Supervise(args) => supervise::execute(args).await,
+        Command::Dev(args) => dev::execute(args).await,
+        Command::Run(args) => run::execute(args).await,
+        Command::Ls(args) => ls::execute(args).await,
+        Command::Logs(args) => logs::execute(args).await,
+        Command::Cancel(args) => cancel::execute(args).await,
+        Command::Admin(command) => admin::execute(command).await,
+    }
+}
