@@ -2,9 +2,11 @@
 //! body; `execute` routes to them.
 
 pub mod admin;
+pub mod api;
 pub mod cancel;
 pub mod daemon;
 pub mod dev;
+pub mod follow;
 pub mod logs;
 pub mod ls;
 pub mod run;
