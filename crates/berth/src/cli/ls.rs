@@ -54,9 +54,9 @@ pub async fn execute(args: LsArgs) -> anyhow::Result<ExitCode> {
     print!("{}", format_table(&rows));
 
     if let Some(available) = available {
-        let shown = requests.len() as u64;
-        if available > shown {
-            eprintln!("berth: showing {shown} of {available} requests; use --limit N or --all to see more");
+        let listed = requests.len() as u64;
+        if available > listed {
+            eprintln!("berth: showing {listed} of {available} requests; use --limit N or --all to see more");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -72,7 +72,7 @@ async fn list_requests(
     let mut requests = Vec::new();
     let mut available = None;
     loop {
-        let wanted = match limit {
+        let page_size = match limit {
             Some(limit) => limit - requests.len() as u64,
             None => MAX_LIMIT,
         };
@@ -81,7 +81,7 @@ async fn list_requests(
             // The UUID breaks ties, so that pages neither skip nor repeat
             // requests created in the same instant.
             order: Some(vec!["created_at desc".into(), "uuid desc".into()]),
-            limit: Some(wanted.min(MAX_LIMIT)),
+            limit: Some(page_size.min(MAX_LIMIT)),
             offset: Some(requests.len() as u64),
             ..Default::default()
         };

@@ -236,7 +236,10 @@ fn catch_interrupts() -> anyhow::Result<oneshot::Receiver<()>> {
     let (first, receiver) = oneshot::channel();
     tokio::spawn(async move {
         if interrupts.recv().await.is_none() {
-            return;
+            // Keep the sender, so that the receiver never reads a closed
+            // channel as an interrupt.
+            let _first = first;
+            return std::future::pending().await;
         }
         let _ = first.send(());
         if interrupts.recv().await.is_some() {

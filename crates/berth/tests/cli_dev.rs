@@ -1,0 +1,226 @@
+//! `berth dev` as a user starts it: a controller and a local-backend
+//! dispatcher in one process, ready once its env file appears, and the user
+//! commands working against it with the settings from that file.
+//!
+//! Runs only when `BERTH_INTEGRATION=1` (real Podman for the container
+//! run); elsewhere it prints "skipped" and passes.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `berth dev` may take to write its env file.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `berth dev` may take to stop after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Interval between two checks for the env file and the process.
+const FILE_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+fn skip() -> bool {
+    if std::env::var("BERTH_INTEGRATION").as_deref() == Ok("1") {
+        return false;
+    }
+    eprintln!("skipped: set BERTH_INTEGRATION=1 (scripts/test.sh does) to run against real Podman");
+    true
+}
+
+fn test_image() -> String {
+    std::env::var("BERTH_TEST_IMAGE").unwrap_or_else(|_| "localhost/busybox:latest".into())
+}
+
+/// A running `berth dev`, killed when dropped.
+struct Dev {
+    child: Child,
+    data_dir: PathBuf,
+    log: PathBuf,
+    /// The lines `berth dev` printed on stdout.
+    stdout: std::sync::mpsc::Receiver<String>,
+}
+
+impl Dev {
+    fn start(data_dir: &Path, log: &Path) -> Dev {
+        let docker_host =
+            std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///tmp/podman.sock".into());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
+            .args(["dev", "--listen", "127.0.0.1:0", "--backend", "local", "--data-dir"])
+            .arg(data_dir)
+            .args(["--docker-host", &docker_host])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).expect("failed to create the log file"))
+            .spawn()
+            .expect("failed to start berth dev");
+        let stdout = child.stdout.take().expect("stdout of berth dev");
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Dev {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            log: log.to_path_buf(),
+            stdout: receiver,
+        }
+    }
+
+    fn env_file(&self) -> PathBuf {
+        self.data_dir.join("env")
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the env file and returns its (host, token) settings.
+    fn wait_ready(&mut self) -> (String, String) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.env_file().exists() {
+            if let Some(status) = self.child.try_wait().expect("failed to poll berth dev") {
+                panic!("berth dev exited ({status}) before it was ready; its log:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth dev wrote no env file within {READY_TIMEOUT:?}; its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(FILE_POLL_INTERVAL);
+        }
+        let text = std::fs::read_to_string(self.env_file()).expect("failed to read the env file");
+        parse_env_file(&text)
+    }
+
+    /// Sends SIGTERM and waits for the process to end.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("failed to run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("failed to poll berth dev") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth dev did not stop within {STOP_TIMEOUT:?} of SIGTERM; its log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(FILE_POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads `export BERTH_API_HOST=...` and `export BERTH_API_TOKEN=...`.
+fn parse_env_file(text: &str) -> (String, String) {
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "env file: {text:?}");
+    let host = lines[0]
+        .strip_prefix("export BERTH_API_HOST=")
+        .unwrap_or_else(|| panic!("first line of the env file: {:?}", lines[0]));
+    let token = lines[1]
+        .strip_prefix("export BERTH_API_TOKEN=")
+        .unwrap_or_else(|| panic!("second line of the env file: {:?}", lines[1]));
+    (host.to_string(), token.to_string())
+}
+
+fn berth(host: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args(args)
+        .env_remove("ARVADOS_API_HOST")
+        .env_remove("ARVADOS_API_TOKEN")
+        .env("BERTH_API_HOST", host)
+        .env("BERTH_API_TOKEN", token)
+        .output()
+        .expect("failed to run berth")
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|err| panic!("failed to stat {}: {err}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn dev_serves_user_commands_and_keeps_its_user() {
+    if skip() {
+        return;
+    }
+    let temp = tempfile::tempdir().expect("failed to make a temporary directory");
+    let data_dir = temp.path().join("data");
+    let mut dev = Dev::start(&data_dir, &temp.path().join("dev.log"));
+    let (host, token) = dev.wait_ready();
+
+    assert!(host.starts_with("http://127.0.0.1:"), "{host}");
+    assert!(!host.ends_with(":0"), "the real port is printed: {host}");
+    let printed: Vec<String> = (0..2)
+        .map(|_| {
+            dev.stdout
+                .recv_timeout(Duration::from_secs(5))
+                .expect("berth dev printed its export lines on stdout")
+        })
+        .collect();
+    assert_eq!(printed[0], format!("export BERTH_API_HOST={host}"));
+    assert_eq!(printed[1], format!("export BERTH_API_TOKEN={token}"));
+    assert_eq!(mode(&data_dir), 0o700);
+    for file in ["env", "system-token", "user-token"] {
+        assert_eq!(mode(&data_dir.join(file)), 0o600, "{file}");
+    }
+    assert!(data_dir.join("berth.db").exists());
+
+    let ls = berth(&host, &token, &["ls"]);
+    assert!(ls.status.success(), "berth ls failed: {}", String::from_utf8_lossy(&ls.stderr));
+    let table = String::from_utf8_lossy(&ls.stdout);
+    assert!(table.starts_with("REQUEST"), "{table}");
+    assert_eq!(table.lines().count(), 1, "no requests yet: {table}");
+
+    let bad = berth(&host, &token, &["run", "--ram", "lots", &test_image(), "--", "true"]);
+    assert_eq!(bad.status.code(), Some(2), "exit status of berth run with a bad --ram");
+    let message = String::from_utf8_lossy(&bad.stderr);
+    assert!(message.contains("\"lots\""), "{message}");
+    assert!(message.contains("--ram"), "{message}");
+
+    let run = berth(&host, &token, &["run", "--ram", "64M", &test_image(), "--", "echo", "hello"]);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "berth run: {}\nberth dev log:\n{}",
+        String::from_utf8_lossy(&run.stderr),
+        dev.log_text()
+    );
+    assert_eq!(run.stdout, b"hello\n");
+
+    let ls = berth(&host, &token, &["ls"]);
+    let table = String::from_utf8_lossy(&ls.stdout);
+    assert_eq!(table.lines().count(), 2, "{table}");
+    assert!(table.contains("Final"), "{table}");
+    assert!(table.contains("Complete"), "{table}");
+
+    let status = dev.terminate();
+    assert!(status.success(), "berth dev exit status {status}; log:\n{}", dev.log_text());
+    assert!(!dev.env_file().exists(), "the env file is removed on shutdown");
+    drop(dev);
+
+    // A second start reuses the data directory: same user, same token.
+    let mut again = Dev::start(&data_dir, &temp.path().join("dev-again.log"));
+    let (host_again, token_again) = again.wait_ready();
+    assert_eq!(token_again, token);
+    let ls = berth(&host_again, &token_again, &["ls"]);
+    let table = String::from_utf8_lossy(&ls.stdout);
+    assert_eq!(table.lines().count(), 2, "the earlier request is still listed: {table}");
+    assert!(again.terminate().success());
+}
