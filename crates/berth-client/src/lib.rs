@@ -364,6 +364,18 @@ impl Client {
             .await
     }
 
+    /// The record of the token this client uses: at least `uuid`,
+    /// `owner_uuid` and `scopes`.
+    pub async fn current_api_client_authorization(&self) -> Result<Value> {
+        self.call(
+            Method::GET,
+            "arvados/v1/api_client_authorizations/current",
+            &[],
+            None,
+        )
+        .await
+    }
+
     pub async fn create_container_request(&self, attributes: &Value) -> Result<ContainerRequest> {
         let body = serde_json::json!({ "container_request": attributes });
         self.call(Method::POST, "arvados/v1/container_requests", &[], Some(&body))
