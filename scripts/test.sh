@@ -29,7 +29,7 @@
 #   and the tunables of the set-up scripts (BERTH_PODMAN_SOCK, ...), which
 #   this script passes on.
 set -euo pipefail
-SETUP_NAME=test
+SETUP_NAME="test"
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/setup/lib.sh
 . "$REPO_ROOT/scripts/setup/lib.sh"
@@ -136,6 +136,7 @@ else
   # often for doc tests with 0 tests; a closing total over all of them
   # shows the reader (and CI) how many ran.
   test_output=$(mktemp)
+  # shellcheck disable=SC2016 # $@ and $0 belong to the inner shell
   run_phase tests bash -c 'set -o pipefail; "$@" 2>&1 | tee "$0"' "$test_output" \
     "${test_command[@]}" "${scope[@]}" --no-fail-fast "$@" || status=$?
   sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$test_output" \

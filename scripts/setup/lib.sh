@@ -78,17 +78,37 @@ stop_by_pidfile() {
   log "stopped $comm (pid $pid)"
 }
 
+# A shell script that closes every file descriptor above 2, then execs its
+# arguments. A daemon must not keep a pipe it inherited open, or a caller that
+# reads this script's output through a pipe (a CI runner, say) would wait for
+# it forever.
+# shellcheck disable=SC2016 # $$ and $@ belong to the shell that runs it
+CLOSE_FDS_AND_EXEC='for fd in /proc/$$/fd/*; do
+  fd=${fd##*/}
+  if [ "$fd" -gt 2 ] && [ -L "/proc/$$/fd/$fd" ]; then eval "exec $fd>&-"; fi
+done
+exec "$@"'
+
+# without_inherited_fds COMMAND...: runs COMMAND with only stdin, stdout and
+# stderr open, for daemons that fork into the background by themselves.
+without_inherited_fds() {
+  bash -c "$CLOSE_FDS_AND_EXEC" without_inherited_fds "$@"
+}
+
 # start_detached PIDFILE LOGFILE COMMAND...: starts COMMAND in its own session
 # (so it outlives the calling shell and its terminal), with stdin from
-# /dev/null and both output streams appended to LOGFILE, and writes its pid
-# to PIDFILE. The pid is written by the shell that then execs COMMAND, so it
-# is the daemon's own pid whether or not setsid had to fork.
+# /dev/null, both output streams appended to LOGFILE and no other inherited
+# file descriptor, and writes its pid to PIDFILE. The pid is written by the
+# shell that then execs COMMAND, so it is the daemon's own pid whether or not
+# setsid had to fork.
 start_detached() {
   local pidfile=$1 logfile=$2
   shift 2
   mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")"
   rm -f "$pidfile"
-  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" \
+  # shellcheck disable=SC2016 # $$, $0 and $@ belong to the inner shell
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" \
+    bash -c "$CLOSE_FDS_AND_EXEC" "$1" "$@" \
     </dev/null >>"$logfile" 2>&1 &
   local waited=0
   while [ ! -s "$pidfile" ] && [ "$waited" -lt 50 ]; do

@@ -112,7 +112,7 @@ else
   # A munged that died leaves its socket and lock file behind, and a new one
   # refuses to start while they exist.
   rm -f "$MUNGE_PIDFILE" /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-  runuser -u munge -- /usr/sbin/munged
+  without_inherited_fds runuser -u munge -- /usr/sbin/munged
   for _ in $(seq 50); do munge_works && break; sleep 0.1; done
   munge_works || die "munged did not start; see /var/log/munge/munged.log"
   log "started munged (pid $(cat "$MUNGE_PIDFILE"))"
@@ -273,7 +273,7 @@ if [ "$mode" != reuse ]; then
     fi
     rm -f "$BERTH_SLURM_RUN_DIR/slurmctld.pid"
     # slurmctld forks into the background and writes its pid file.
-    slurmctld "${DAEMON_CONF_ARGS[@]}" "${ctld_args[@]}"
+    without_inherited_fds slurmctld "${DAEMON_CONF_ARGS[@]}" "${ctld_args[@]}"
     for _ in $(seq 100); do ctld_responds && break; sleep 0.1; done
     ctld_responds || die "slurmctld started but does not respond to 'scontrol ping'; see $BERTH_SLURM_LOG_DIR/slurmctld.log"
     ctld_started=1
@@ -284,7 +284,7 @@ if [ "$mode" != reuse ]; then
     log "slurmd is already running (pid $slurmd_pid)"
   else
     rm -f "$BERTH_SLURM_RUN_DIR/slurmd.pid"
-    slurmd "${DAEMON_CONF_ARGS[@]}" -N "$BERTH_SLURM_NODE"
+    without_inherited_fds slurmd "${DAEMON_CONF_ARGS[@]}" -N "$BERTH_SLURM_NODE"
     for _ in $(seq 50); do live_pid "$BERTH_SLURM_RUN_DIR/slurmd.pid" slurmd >/dev/null && break; sleep 0.1; done
     slurmd_pid=$(live_pid "$BERTH_SLURM_RUN_DIR/slurmd.pid" slurmd) \
       || die "slurmd did not start; see $BERTH_SLURM_LOG_DIR/slurmd.log"
