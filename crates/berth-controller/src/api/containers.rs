@@ -1,0 +1,265 @@
+//! `containers`: get, list, update, lock, unlock and `containers/current`.
+//!
+//! Users read the containers of their requests and never change them.
+//! The dispatcher (an administrator, usually the system token) locks,
+//! unlocks and cancels; the supervisor, with the container's own token,
+//! reports Running, the exit code and the final state.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use berth_core::Container;
+use serde_json::Value;
+
+use super::params::{self, Params};
+use super::{render, AppState, MAX_WRITE_ATTEMPTS};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::lifecycle::{self, ContainerChange};
+use crate::store::{ContainerWrite, StoreError, Versioned, Visibility, CONTAINER_COLUMNS};
+
+pub const KIND: &str = "arvados#container";
+const LIST_KIND: &str = "arvados#containerList";
+const TABLE: &str = "containers";
+const WRAPPER: &str = "container";
+
+/// True if the caller may read the container: an administrator, its own
+/// token, or the owner of one of its requests.
+pub(crate) async fn may_read(state: &AppState, caller: &Caller, container_uuid: &str) -> Result<bool, ApiError> {
+    if let Some(own) = &caller.container_uuid {
+        return Ok(own == container_uuid);
+    }
+    if caller.is_admin {
+        return Ok(true);
+    }
+    state
+        .store()
+        .container_requested_by(container_uuid, &caller.user_uuid)
+        .await
+        .map_err(ApiError::store("check who requested a container"))
+}
+
+/// Loads a container the caller may read; others are not found.
+pub(crate) async fn load_visible(
+    state: &AppState,
+    caller: &Caller,
+    uuid: &str,
+) -> Result<Versioned<Container>, ApiError> {
+    let not_found = || ApiError::not_found("container", uuid);
+    if !may_read(state, caller, uuid).await? {
+        return Err(not_found());
+    }
+    state
+        .store()
+        .get_container(uuid)
+        .await
+        .map_err(ApiError::store("read a container"))?
+        .ok_or_else(not_found)
+}
+
+/// Rejects callers that may read the container but not change it.
+fn check_may_update(caller: &Caller) -> Result<(), ApiError> {
+    if caller.is_admin || caller.is_container_token() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "users cannot update containers: change the container request instead (set its priority to 0 or its state to Final to cancel)".into(),
+        ))
+    }
+}
+
+fn check_may_dispatch(caller: &Caller, action: &str) -> Result<(), ApiError> {
+    if caller.is_admin {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "only administrators and the system token may {action} containers"
+        )))
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    list_with(&state, &caller, &Params::from_query(query.as_deref())).await
+}
+
+async fn list_with(state: &AppState, caller: &Caller, params: &Params) -> Result<Json<Value>, ApiError> {
+    let visibility = match (&caller.container_uuid, caller.is_admin) {
+        (Some(own), _) => Visibility::Container(own.clone()),
+        (None, true) => Visibility::All,
+        (None, false) => Visibility::User(caller.user_uuid.clone()),
+    };
+    let query = params::list_query(CONTAINER_COLUMNS, TABLE, params, visibility)?;
+    let select = params::select(CONTAINER_COLUMNS, params)?;
+    let page = state
+        .store()
+        .list_containers(&query)
+        .await
+        .map_err(ApiError::store("list containers"))?;
+    let body = render::list(LIST_KIND, KIND, &page, query.offset, query.limit, select.as_deref())?;
+    Ok(Json(body))
+}
+
+/// `POST containers`: only a list with the method overridden to GET.
+/// Containers are created from committed requests, never directly.
+pub async fn post_list(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let params = params::params_with_body(&headers, query.as_deref(), &body)?;
+    if params::overrides_to_get(&headers, &params) {
+        return list_with(&state, &caller, &params).await;
+    }
+    Err(ApiError::MethodNotAllowed(
+        "containers cannot be created directly: create a container request with state Committed".into(),
+    ))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let select = params::select(CONTAINER_COLUMNS, &Params::from_query(query.as_deref()))?;
+    let stored = load_visible(&state, &caller, &uuid).await?;
+    Ok(Json(render::record(KIND, &stored.record, select.as_deref())?))
+}
+
+/// `GET containers/current`: the container of a container token.
+pub async fn current(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let Some(uuid) = &caller.container_uuid else {
+        return Err(ApiError::NotFound("Token is not associated with a container.".into()));
+    };
+    let stored = load_visible(&state, &caller, uuid).await?;
+    Ok(Json(render::record(KIND, &stored.record, None)?))
+}
+
+/// Stores a container change built from `current`; a conflict is returned
+/// for the caller's retry loop.
+async fn store_change(
+    state: &AppState,
+    current: &Versioned<Container>,
+    change: ContainerChange,
+) -> Result<Versioned<Container>, StoreError> {
+    let write = ContainerWrite {
+        record: change.record,
+        expected_version: current.version,
+        credentials: change.credentials,
+        finalize_requests: change.finalize_requests,
+    };
+    let stored = state.store().update_container(&write).await?;
+    if change.state_changed {
+        tracing::info!(
+            container = %stored.record.uuid,
+            from = %current.record.state,
+            to = %stored.record.state,
+            exit_code = stored.record.exit_code,
+            "container changed state"
+        );
+        state.notifier().notify(&stored.record.uuid);
+    }
+    Ok(stored)
+}
+
+fn conflict(uuid: &str) -> ApiError {
+    ApiError::Conflict(format!(
+        "container {uuid} kept changing while it was being updated: try again"
+    ))
+}
+
+/// `PUT` and `PATCH containers/{uuid}`.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let params = params::params_with_body(&headers, query.as_deref(), &body)?;
+    let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
+    let select = params::select(CONTAINER_COLUMNS, &params)?;
+
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let current = load_visible(&state, &caller, &uuid).await?;
+        check_may_update(&caller)?;
+        let change =
+            lifecycle::update_container(&caller, &current.record, attributes.clone(), chrono::Utc::now())?;
+        if !change.changed {
+            return Ok(Json(render::record(KIND, &current.record, select.as_deref())?));
+        }
+        match store_change(&state, &current, change).await {
+            Ok(stored) => return Ok(Json(render::record(KIND, &stored.record, select.as_deref())?)),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) => return Err(ApiError::store("update a container")(err)),
+        }
+    }
+    Err(conflict(&uuid))
+}
+
+/// `POST containers/{uuid}/lock`: the container plus, once only, its
+/// credentials.
+pub async fn lock(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let current = load_visible(&state, &caller, &uuid).await?;
+        check_may_dispatch(&caller, "lock")?;
+        let lock = lifecycle::lock_container(
+            &state.cluster().cluster_id,
+            &caller,
+            &current.record,
+            chrono::Utc::now(),
+        )?;
+        match store_change(&state, &current, lock.change).await {
+            Ok(stored) => {
+                let mut body = render::record(KIND, &stored.record, None)?;
+                let credentials = serde_json::to_value(&lock.credentials)
+                    .map_err(|err| ApiError::Internal(format!("failed to serialise credentials: {err}")))?;
+                if let Value::Object(fields) = &mut body {
+                    fields.insert("credentials".into(), credentials);
+                }
+                return Ok(Json(body));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) => return Err(ApiError::store("lock a container")(err)),
+        }
+    }
+    Err(conflict(&uuid))
+}
+
+/// `POST containers/{uuid}/unlock`.
+pub async fn unlock(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let current = load_visible(&state, &caller, &uuid).await?;
+        check_may_dispatch(&caller, "unlock")?;
+        let change = lifecycle::unlock_container(
+            &caller,
+            &current.record,
+            state.max_dispatch_attempts(),
+            chrono::Utc::now(),
+        )?;
+        match store_change(&state, &current, change).await {
+            Ok(stored) => return Ok(Json(render::record(KIND, &stored.record, None)?)),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) => return Err(ApiError::store("unlock a container")(err)),
+        }
+    }
+    Err(conflict(&uuid))
+}

@@ -1,0 +1,210 @@
+//! The HTTP API: the Arvados v1 routes Berth serves, under `/arvados/v1/`,
+//! plus `GET /_health/ping`.
+//!
+//! [`app`] builds the router from an [`AppState`], so tests drive it with
+//! `tower::ServiceExt::oneshot` and need no socket. Each handler
+//! authenticates its caller (the [`Caller`](crate::auth::Caller)
+//! extractor), checks what the caller may see and do, lets
+//! [`lifecycle`](crate::lifecycle) build the change, and hands it to the
+//! store. Errors are [`ApiError`]s, rendered as `{"errors": [...]}`.
+//!
+//! Visibility: administrators and the system token see every record; a
+//! user sees their own requests and the containers of those requests; a
+//! container token sees only its own container. A record the caller may
+//! not see is answered 404, as if it did not exist.
+
+pub mod containers;
+pub mod logs;
+pub mod params;
+pub mod render;
+pub mod requests;
+pub mod users;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, State};
+use axum::http::{Method, Request, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::watch;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+use crate::auth::secret_digest;
+use crate::config::{ClusterSettings, Config};
+use crate::error::{error_chain, ApiError};
+use crate::notify::Notifier;
+use crate::store::Store;
+
+/// Attempts at a read-check-write before a conflict is reported to the
+/// client. Each retry follows a write by someone else, so this bounds how
+/// long one busy record can starve an update.
+pub(crate) const MAX_WRITE_ATTEMPTS: usize = 8;
+
+/// What every handler shares. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    store: Arc<dyn Store>,
+    cluster: ClusterSettings,
+    system_token_digest: [u8; 32],
+    notifier: Notifier,
+    shutdown: watch::Sender<bool>,
+    max_dispatch_attempts: i64,
+    max_log_chunk_bytes: usize,
+    max_request_body_bytes: usize,
+    request_timeout: Duration,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, cluster: ClusterSettings, config: &Config) -> AppState {
+        let system_token_digest = secret_digest(cluster.system_token.expose());
+        let (shutdown, _) = watch::channel(false);
+        AppState {
+            inner: Arc::new(Inner {
+                store,
+                cluster,
+                system_token_digest,
+                notifier: Notifier::new(),
+                shutdown,
+                max_dispatch_attempts: config.max_dispatch_attempts,
+                max_log_chunk_bytes: config.max_log_chunk_bytes,
+                max_request_body_bytes: config.max_request_body_bytes,
+                request_timeout: config.request_timeout(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.inner.store.as_ref()
+    }
+
+    pub fn cluster(&self) -> &ClusterSettings {
+        &self.inner.cluster
+    }
+
+    pub(crate) fn system_token_digest(&self) -> &[u8] {
+        &self.inner.system_token_digest
+    }
+
+    pub fn notifier(&self) -> &Notifier {
+        &self.inner.notifier
+    }
+
+    pub fn max_dispatch_attempts(&self) -> i64 {
+        self.inner.max_dispatch_attempts
+    }
+
+    pub(crate) fn max_log_chunk_bytes(&self) -> usize {
+        self.inner.max_log_chunk_bytes
+    }
+
+    pub(crate) fn max_request_body_bytes(&self) -> usize {
+        self.inner.max_request_body_bytes
+    }
+
+    /// Ends every log wait now, so a draining server is not held up by
+    /// long polls.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+}
+
+/// The controller's router.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/users/current", get(users::current_user))
+        .route("/api_client_authorizations/current", get(users::current_token))
+        .route(
+            "/container_requests",
+            get(requests::list).post(requests::create_or_list),
+        )
+        .route(
+            "/container_requests/{uuid}",
+            get(requests::get).put(requests::update).patch(requests::update),
+        )
+        .route(
+            "/container_requests/{uuid}/container_status",
+            get(requests::container_status),
+        )
+        .route("/containers", get(containers::list).post(containers::post_list))
+        .route("/containers/current", get(containers::current))
+        .route(
+            "/containers/{uuid}",
+            get(containers::get).put(containers::update).patch(containers::update),
+        )
+        .route("/containers/{uuid}/lock", post(containers::lock))
+        .route("/containers/{uuid}/unlock", post(containers::unlock))
+        .route(
+            "/containers/{uuid}/log/{stream}",
+            get(logs::read).post(logs::append),
+        );
+
+    let timeout = state.inner.request_timeout;
+    Router::new()
+        .nest("/arvados/v1", v1)
+        .route("/_health/ping", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<Body>| {
+                    // The matched route, never the URI or headers: no token
+                    // or query string reaches the log.
+                    let route = request
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map(MatchedPath::as_str)
+                        .unwrap_or("unmatched");
+                    tracing::info_span!("http", method = %request.method(), route)
+                })
+                .on_request(())
+                .on_response(|response: &Response, latency: Duration, _span: &Span| {
+                    let status = response.status().as_u16();
+                    let latency_ms = latency.as_millis() as u64;
+                    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+                        tracing::warn!(status, latency_ms, "request timed out");
+                    } else {
+                        tracing::debug!(status, latency_ms, "answered");
+                    }
+                })
+                // ApiError logs server errors once, with their details.
+                .on_failure(()),
+        )
+        .with_state(state)
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    match state.store().ping().await {
+        Ok(()) => Json(serde_json::json!({"health": "OK"})).into_response(),
+        Err(err) => {
+            tracing::error!(error = %error_chain(&err), "health check failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"health": "ERROR", "error": "failed to reach the database"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("Path not found: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("method {method} is not allowed on {}", uri.path()))
+}

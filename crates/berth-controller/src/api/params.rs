@@ -1,0 +1,534 @@
+//! Request parameters and bodies, in every form Arvados clients send them.
+//!
+//! Parameters come from the query string, from a form-encoded body (a
+//! `POST` with `X-Http-Method-Override: GET`, which the Python SDK sends
+//! when a list URL would be too long), or from the keys of a JSON body.
+//! Structured parameters (`filters`, `order`, `select`, `where`) are JSON
+//! text in the query and form cases.
+//!
+//! Create and update bodies are `{"<resource>": {attributes}}` or the bare
+//! attribute object; a form body carries the attributes as JSON text in
+//! the `<resource>` field.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::HeaderMap;
+use berth_core::time;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::{Map, Value};
+
+use crate::error::ApiError;
+use crate::store::{
+    find_column, Column, ColumnKind, Filter, FilterOp, ListQuery, Operand, Order, Scalar,
+    Visibility,
+};
+
+/// Items per page when the caller gives no `limit`.
+pub const DEFAULT_LIMIT: u64 = 100;
+
+/// The most items one page may hold; a larger `limit` is lowered to it.
+pub const MAX_LIMIT: u64 = 1000;
+
+/// The header by which a `POST` asks to be treated as another method.
+pub const METHOD_OVERRIDE_HEADER: &str = "x-http-method-override";
+
+#[derive(Debug, Clone)]
+enum ParamValue {
+    /// From the query string or a form: JSON text or a plain string.
+    Text(String),
+    /// From a JSON body.
+    Json(Value),
+}
+
+/// Merged parameters of one request.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    values: HashMap<String, ParamValue>,
+}
+
+impl Params {
+    pub fn from_query(raw: Option<&str>) -> Params {
+        let mut params = Params::default();
+        if let Some(raw) = raw {
+            params.merge_form(raw.as_bytes());
+        }
+        params
+    }
+
+    fn merge_form(&mut self, body: &[u8]) {
+        for (key, value) in url::form_urlencoded::parse(body) {
+            self.values
+                .insert(key.into_owned(), ParamValue::Text(value.into_owned()));
+        }
+    }
+
+    fn merge_json(&mut self, object: Map<String, Value>) {
+        for (key, value) in object {
+            self.values.insert(key, ParamValue::Json(value));
+        }
+    }
+
+    /// A parameter as JSON: JSON text is parsed; text that is not JSON is
+    /// an error naming the parameter.
+    pub fn json(&self, name: &str) -> Result<Option<Value>, ApiError> {
+        match self.values.get(name) {
+            None => Ok(None),
+            Some(ParamValue::Json(value)) => Ok(Some(value.clone())),
+            Some(ParamValue::Text(text)) => serde_json::from_str(text).map(Some).map_err(|err| {
+                ApiError::invalid(format!("invalid {name} parameter {text:?}: it is not JSON: {err}"))
+            }),
+        }
+    }
+
+    /// A parameter as plain text (a JSON string is unquoted).
+    pub fn text(&self, name: &str) -> Option<String> {
+        match self.values.get(name)? {
+            ParamValue::Text(text) => Some(text.clone()),
+            ParamValue::Json(Value::String(text)) => Some(text.clone()),
+            ParamValue::Json(other) => Some(other.to_string()),
+        }
+    }
+
+    /// A parameter that must be a whole number of 0 or more.
+    pub fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        let Some(text) = self.text(name) else {
+            return Ok(None);
+        };
+        text.trim().parse::<u64>().map(Some).map_err(|_| {
+            ApiError::invalid(format!(
+                "invalid {name} parameter {text:?}: expected a whole number of 0 or more"
+            ))
+        })
+    }
+
+    /// A parameter that must be a number of seconds, 0 or more.
+    pub fn seconds(&self, name: &str) -> Result<Option<f64>, ApiError> {
+        let Some(text) = self.text(name) else {
+            return Ok(None);
+        };
+        match text.trim().parse::<f64>() {
+            Ok(value) if value.is_finite() && value >= 0.0 => Ok(Some(value)),
+            _ => Err(ApiError::invalid(format!(
+                "invalid {name} parameter {text:?}: expected a number of seconds, 0 or more"
+            ))),
+        }
+    }
+}
+
+/// Reads a body of at most `limit` bytes; a larger one is answered 413.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "{what} is larger than the limit of {limit} bytes: send at most {limit} bytes per request"
+        ))
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buffer = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| {
+            ApiError::invalid(format!("failed to read the request body: {err}"))
+        })?;
+        if buffer.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer.freeze())
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| {
+            value
+                .trim()
+                .to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        })
+}
+
+/// True when a `POST` asks to be treated as a `GET` (a list), by header or
+/// by a `_method=GET` parameter.
+pub fn overrides_to_get(headers: &HeaderMap, params: &Params) -> bool {
+    let header = headers
+        .get(METHOD_OVERRIDE_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.trim().eq_ignore_ascii_case("GET"));
+    header || params.text("_method").is_some_and(|m| m.eq_ignore_ascii_case("GET"))
+}
+
+/// The parameters of a request whose body may carry more of them: the
+/// query string, then a form body, or the keys of a JSON object body.
+pub fn params_with_body(headers: &HeaderMap, raw_query: Option<&str>, body: &[u8]) -> Result<Params, ApiError> {
+    let mut params = Params::from_query(raw_query);
+    if is_form(headers) {
+        params.merge_form(body);
+    } else if !body.iter().all(u8::is_ascii_whitespace) {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(object)) => params.merge_json(object),
+            Ok(_) => return Err(ApiError::invalid("invalid body: expected a JSON object")),
+            Err(err) => return Err(ApiError::invalid(format!("invalid JSON body: {err}"))),
+        }
+    }
+    Ok(params)
+}
+
+/// The attributes of a create or update body, wrapped in `wrapper` or bare.
+pub fn attributes(
+    headers: &HeaderMap,
+    params: &Params,
+    body: &[u8],
+    wrapper: &str,
+) -> Result<Map<String, Value>, ApiError> {
+    let wrapped = if is_form(headers) {
+        params.json(wrapper)?
+    } else if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(mut object)) => match object.remove(wrapper) {
+                Some(value) => Some(value),
+                None => return Ok(object),
+            },
+            Ok(_) => return Err(ApiError::invalid("invalid body: expected a JSON object")),
+            Err(err) => return Err(ApiError::invalid(format!("invalid JSON body: {err}"))),
+        }
+    };
+    match wrapped {
+        None => Ok(Map::new()),
+        Some(Value::Object(object)) => Ok(object),
+        Some(Value::String(text)) => match serde_json::from_str(&text) {
+            Ok(Value::Object(object)) => Ok(object),
+            _ => Err(ApiError::invalid(format!("invalid {wrapper}: expected a JSON object"))),
+        },
+        Some(_) => Err(ApiError::invalid(format!("invalid {wrapper}: expected a JSON object"))),
+    }
+}
+
+/// The attribute a filter or order names, without a `table.` prefix.
+fn column_named(columns: &'static [Column], table: &str, name: &str) -> Option<&'static Column> {
+    let name = name
+        .strip_prefix(table)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .unwrap_or(name);
+    find_column(columns, name).filter(|column| column.is_scalar())
+}
+
+fn scalar_names(columns: &[Column]) -> String {
+    columns
+        .iter()
+        .filter(|column| column.is_scalar())
+        .map(|column| column.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn parse_op(op: &str) -> Option<FilterOp> {
+    let op = match op.trim().to_ascii_lowercase().as_str() {
+        "=" | "==" => FilterOp::Eq,
+        "!=" | "<>" => FilterOp::NotEq,
+        "<" => FilterOp::Lt,
+        "<=" => FilterOp::Le,
+        ">" => FilterOp::Gt,
+        ">=" => FilterOp::Ge,
+        "in" => FilterOp::In,
+        "not in" => FilterOp::NotIn,
+        "like" => FilterOp::Like,
+        "ilike" => FilterOp::ILike,
+        _ => return None,
+    };
+    Some(op)
+}
+
+/// Converts an operand to the column's kind.
+fn scalar(column: &Column, value: &Value) -> Result<Scalar, String> {
+    let mismatch = |expected: &str| format!("operand {value} is not {expected}");
+    match column.kind {
+        ColumnKind::Text => match value {
+            Value::String(text) => Ok(Scalar::Text(text.clone())),
+            _ => Err(mismatch("a string")),
+        },
+        ColumnKind::Timestamp => match value {
+            Value::String(text) => time::parse(text)
+                .map(|t| Scalar::Text(time::format(&t)))
+                .map_err(|_| mismatch("an RFC 3339 timestamp")),
+            _ => Err(mismatch("an RFC 3339 timestamp")),
+        },
+        ColumnKind::Integer => match value {
+            Value::Number(number) => number.as_i64().map(Scalar::Integer).ok_or_else(|| mismatch("an integer")),
+            Value::String(text) => text.trim().parse().map(Scalar::Integer).map_err(|_| mismatch("an integer")),
+            _ => Err(mismatch("an integer")),
+        },
+        ColumnKind::Real => match value {
+            Value::Number(number) => number.as_f64().map(Scalar::Real).ok_or_else(|| mismatch("a number")),
+            _ => Err(mismatch("a number")),
+        },
+        ColumnKind::Bool => match value {
+            Value::Bool(flag) => Ok(Scalar::Bool(*flag)),
+            Value::String(text) if text == "true" || text == "false" => Ok(Scalar::Bool(text == "true")),
+            _ => Err(mismatch("true or false")),
+        },
+        ColumnKind::Json => Err("the attribute cannot be filtered".into()),
+    }
+}
+
+fn parse_filter(columns: &'static [Column], table: &str, filter: &Value) -> Result<Filter, String> {
+    let Some([attribute, op, operand]) = filter.as_array().map(Vec::as_slice) else {
+        return Err("expected [attribute, operator, operand]".into());
+    };
+    let attribute = attribute.as_str().ok_or("the attribute is not a string")?;
+    let column = column_named(columns, table, attribute).ok_or_else(|| {
+        format!(
+            "attribute {attribute:?} cannot be filtered: use one of {}",
+            scalar_names(columns)
+        )
+    })?;
+    let op_text = op.as_str().ok_or("the operator is not a string")?;
+    let op = parse_op(op_text).ok_or_else(|| {
+        format!("unknown operator {op_text:?}: use =, !=, <, <=, >, >=, in, not in, like or ilike")
+    })?;
+    let operand = match (op, operand) {
+        (FilterOp::Eq | FilterOp::NotEq, Value::Null) => Operand::Null,
+        (_, Value::Null) => return Err(format!("operator {op_text:?} cannot take null")),
+        (FilterOp::In | FilterOp::NotIn, Value::Array(items)) => Operand::List(
+            items
+                .iter()
+                .map(|item| scalar(column, item))
+                .collect::<Result<_, _>>()?,
+        ),
+        (FilterOp::In | FilterOp::NotIn, _) => {
+            return Err(format!("operator {op_text:?} needs a list operand"))
+        }
+        (FilterOp::Like | FilterOp::ILike, _) if column.kind != ColumnKind::Text => {
+            return Err(format!("operator {op_text:?} needs a text attribute"))
+        }
+        (_, value) => Operand::One(scalar(column, value)?),
+    };
+    Ok(Filter {
+        column,
+        op,
+        operand,
+    })
+}
+
+fn parse_filters(columns: &'static [Column], table: &str, params: &Params) -> Result<Vec<Filter>, ApiError> {
+    let mut filters = Vec::new();
+    if let Some(value) = params.json("filters")? {
+        let list = match value {
+            Value::Array(list) if list.first().is_some_and(Value::is_string) => vec![Value::Array(list)],
+            Value::Array(list) => list,
+            Value::Null => Vec::new(),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "invalid filters {other}: expected a list of [attribute, operator, operand]"
+                )))
+            }
+        };
+        for filter in &list {
+            let parsed = parse_filter(columns, table, filter)
+                .map_err(|reason| ApiError::invalid(format!("invalid filter {filter}: {reason}")))?;
+            filters.push(parsed);
+        }
+    }
+    if let Some(value) = params.json("where")? {
+        let Value::Object(conditions) = value else {
+            return Err(ApiError::invalid("invalid where: expected an object of attribute: value"));
+        };
+        for (attribute, value) in conditions {
+            let op = if value.is_array() { "in" } else { "=" };
+            let filter = Value::Array(vec![Value::String(attribute), Value::from(op), value]);
+            let parsed = parse_filter(columns, table, &filter)
+                .map_err(|reason| ApiError::invalid(format!("invalid where {filter}: {reason}")))?;
+            filters.push(parsed);
+        }
+    }
+    Ok(filters)
+}
+
+fn parse_order(columns: &'static [Column], table: &str, params: &Params) -> Result<Vec<Order>, ApiError> {
+    let keys: Vec<String> = match params.json("order") {
+        Ok(None) | Ok(Some(Value::Null)) => return Ok(Vec::new()),
+        Ok(Some(Value::Array(items))) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text),
+                other => Err(ApiError::invalid(format!("invalid order {other}: expected a string"))),
+            })
+            .collect::<Result<_, _>>()?,
+        Ok(Some(Value::String(text))) => text.split(',').map(str::to_string).collect(),
+        Ok(Some(other)) => {
+            return Err(ApiError::invalid(format!(
+                "invalid order {other}: expected a list such as [\"created_at desc\"]"
+            )))
+        }
+        // Plain text such as `created_at desc, uuid`.
+        Err(_) => params
+            .text("order")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::to_string)
+            .collect(),
+    };
+    let mut order = Vec::new();
+    for key in keys {
+        let mut words = key.split_whitespace();
+        let Some(name) = words.next() else { continue };
+        let descending = match words.next().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => {
+                return Err(ApiError::invalid(format!(
+                    "invalid order {key:?}: expected \"<attribute> asc\" or \"<attribute> desc\""
+                )))
+            }
+        };
+        let column = column_named(columns, table, name).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "invalid order {key:?}: cannot sort by {name:?}; use one of {}",
+                scalar_names(columns)
+            ))
+        })?;
+        order.push(Order { column, descending });
+    }
+    Ok(order)
+}
+
+/// The list query of a list call's parameters.
+pub fn list_query(
+    columns: &'static [Column],
+    table: &str,
+    params: &Params,
+    visibility: Visibility,
+) -> Result<ListQuery, ApiError> {
+    let count = match params.text("count").as_deref() {
+        None | Some("exact") => true,
+        Some("none") => false,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "invalid count parameter {other:?}: expected exact or none"
+            )))
+        }
+    };
+    Ok(ListQuery {
+        visibility,
+        filters: parse_filters(columns, table, params)?,
+        order: parse_order(columns, table, params)?,
+        limit: params.u64("limit")?.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT),
+        offset: params.u64("offset")?.unwrap_or(0),
+        count,
+    })
+}
+
+/// The `select` parameter: the attributes a response should keep.
+pub fn select(columns: &'static [Column], params: &Params) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(value) = params.json("select")? else {
+        return Ok(None);
+    };
+    let Value::Array(items) = value else {
+        return Err(ApiError::invalid("invalid select: expected a list of attribute names"));
+    };
+    let mut names = Vec::new();
+    for item in items {
+        let name = item.as_str().ok_or_else(|| {
+            ApiError::invalid(format!("invalid select entry {item}: expected an attribute name"))
+        })?;
+        if find_column(columns, name).is_none() && name != "kind" && name != "etag" {
+            return Err(ApiError::invalid(format!("invalid select: unknown attribute {name:?}")));
+        }
+        names.push(name.to_string());
+    }
+    Ok(Some(names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::REQUEST_COLUMNS;
+
+    fn params(query: &str) -> Params {
+        Params::from_query(Some(query))
+    }
+
+    #[test]
+    fn filters_parse_from_query_json() {
+        let p = params(r#"filters=[["state","=","Committed"],["priority",">",0]]"#);
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.filters.len(), 2);
+        assert_eq!(query.filters[0].column.name, "state");
+        assert_eq!(query.filters[1].operand, Operand::One(Scalar::Integer(0)));
+        assert_eq!(query.limit, DEFAULT_LIMIT);
+        assert!(query.count);
+    }
+
+    #[test]
+    fn single_filter_without_outer_list_is_accepted() {
+        let p = params(r#"filters=["uuid","in",["a","b"]]"#);
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.filters.len(), 1);
+        assert_eq!(query.filters[0].op, FilterOp::In);
+    }
+
+    #[test]
+    fn structured_attribute_cannot_be_filtered() {
+        let p = params(r#"filters=[["mounts","=","x"]]"#);
+        let err = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
+        assert!(err.to_string().contains("\"mounts\" cannot be filtered"), "{err}");
+    }
+
+    #[test]
+    fn order_accepts_json_list_and_plain_text() {
+        let p = params(r#"order=["created_at desc","container_requests.uuid asc"]"#);
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.order.len(), 2);
+        assert!(query.order[0].descending);
+        assert_eq!(query.order[1].column.name, "uuid");
+        let p = params("order=priority+desc,+name");
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.order.len(), 2);
+        assert_eq!(query.order[1].column.name, "name");
+    }
+
+    #[test]
+    fn limit_is_capped_and_count_checked() {
+        let p = params("limit=5000&count=none");
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.limit, MAX_LIMIT);
+        assert!(!query.count);
+        assert!(list_query(REQUEST_COLUMNS, "container_requests", &params("limit=-1"), Visibility::All).is_err());
+        assert!(list_query(REQUEST_COLUMNS, "container_requests", &params("count=some"), Visibility::All).is_err());
+    }
+
+    #[test]
+    fn timestamp_operand_is_normalised() {
+        let p = params(r#"filters=[["created_at",">=","2024-01-01T00:00:00Z"]]"#);
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(
+            query.filters[0].operand,
+            Operand::One(Scalar::Text("2024-01-01T00:00:00.000000000Z".into()))
+        );
+    }
+
+    #[test]
+    fn wrapped_and_bare_bodies_give_attributes() {
+        let headers = HeaderMap::new();
+        let none = Params::default();
+        let wrapped = attributes(&headers, &none, br#"{"container_request": {"name": "a"}}"#, "container_request").unwrap();
+        assert_eq!(wrapped["name"], "a");
+        let bare = attributes(&headers, &none, br#"{"name": "b"}"#, "container_request").unwrap();
+        assert_eq!(bare["name"], "b");
+        let empty = attributes(&headers, &none, b"", "container_request").unwrap();
+        assert!(empty.is_empty());
+        assert!(attributes(&headers, &none, b"[1]", "container_request").is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! `container_requests`: create, get, list, update, and the status of a
+//! request's container.
+//!
+//! Owners and administrators reach a request; container tokens reach none.
+//! A commit creates the request's container in the same transaction, and
+//! every change recomputes that container's priority.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use axum::Json;
+use berth_core::ContainerRequest;
+use serde_json::{json, Value};
+
+use super::params::{self, Params};
+use super::{render, AppState, MAX_WRITE_ATTEMPTS};
+use crate::auth::{system_user_uuid, Caller};
+use crate::error::ApiError;
+use crate::lifecycle;
+use crate::store::{RequestWrite, StoreError, Versioned, Visibility, REQUEST_COLUMNS};
+
+pub const KIND: &str = "arvados#containerRequest";
+const LIST_KIND: &str = "arvados#containerRequestList";
+const TABLE: &str = "container_requests";
+const WRAPPER: &str = "container_request";
+
+fn reject_container_token(caller: &Caller) -> Result<(), ApiError> {
+    if caller.is_container_token() {
+        return Err(ApiError::Forbidden(
+            "a container token reaches only its own container, not container requests".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Loads a request the caller may read; others are not found.
+async fn load_visible(state: &AppState, caller: &Caller, uuid: &str) -> Result<Versioned<ContainerRequest>, ApiError> {
+    reject_container_token(caller)?;
+    let stored = state
+        .store()
+        .get_request(uuid)
+        .await
+        .map_err(ApiError::store("read a container request"))?
+        .filter(|stored| caller.is_admin || stored.record.owner_uuid == caller.user_uuid);
+    stored.ok_or_else(|| ApiError::not_found("container request", uuid))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    list_with(&state, &caller, &Params::from_query(query.as_deref())).await
+}
+
+async fn list_with(state: &AppState, caller: &Caller, params: &Params) -> Result<Json<Value>, ApiError> {
+    reject_container_token(caller)?;
+    let visibility = if caller.is_admin {
+        Visibility::All
+    } else {
+        Visibility::User(caller.user_uuid.clone())
+    };
+    let query = params::list_query(REQUEST_COLUMNS, TABLE, params, visibility)?;
+    let select = params::select(REQUEST_COLUMNS, params)?;
+    let page = state
+        .store()
+        .list_requests(&query)
+        .await
+        .map_err(ApiError::store("list container requests"))?;
+    let body = render::list(LIST_KIND, KIND, &page, query.offset, query.limit, select.as_deref())?;
+    Ok(Json(body))
+}
+
+/// `POST container_requests`: a create, or a list when the method is
+/// overridden to GET.
+pub async fn create_or_list(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let params = params::params_with_body(&headers, query.as_deref(), &body)?;
+    if params::overrides_to_get(&headers, &params) {
+        return list_with(&state, &caller, &params).await;
+    }
+    reject_container_token(&caller)?;
+    let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
+    let select = params::select(REQUEST_COLUMNS, &params)?;
+    let cluster = &state.cluster().cluster_id;
+    let change = lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
+    let owner = &change.record.owner_uuid;
+    if *owner != caller.user_uuid && *owner != system_user_uuid(cluster) {
+        let exists = state
+            .store()
+            .get_user(owner)
+            .await
+            .map_err(ApiError::store("look up a user"))?
+            .is_some();
+        if !exists {
+            return Err(ApiError::invalid(format!("owner_uuid {owner:?} is not a user of this cluster")));
+        }
+    }
+    let stored = state
+        .store()
+        .insert_request(&change.record, change.new_container.as_ref())
+        .await
+        .map_err(ApiError::store("store a container request"))?;
+    tracing::info!(
+        request = %stored.record.uuid,
+        container = stored.record.container_uuid.as_deref().unwrap_or(""),
+        state = %stored.record.state,
+        "created a container request"
+    );
+    Ok(Json(render::record(KIND, &stored.record, select.as_deref())?))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let params = Params::from_query(query.as_deref());
+    let select = params::select(REQUEST_COLUMNS, &params)?;
+    let stored = load_visible(&state, &caller, &uuid).await?;
+    Ok(Json(render::record(KIND, &stored.record, select.as_deref())?))
+}
+
+/// `PUT` and `PATCH container_requests/{uuid}`.
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let params = params::params_with_body(&headers, query.as_deref(), &body)?;
+    let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
+    let select = params::select(REQUEST_COLUMNS, &params)?;
+    let cluster = &state.cluster().cluster_id;
+
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let current = load_visible(&state, &caller, &uuid).await?;
+        let change = lifecycle::update_request(
+            cluster,
+            &caller,
+            &current.record,
+            attributes.clone(),
+            chrono::Utc::now(),
+        )?;
+        if !change.changed {
+            return Ok(Json(render::record(KIND, &current.record, select.as_deref())?));
+        }
+        let write = RequestWrite {
+            record: change.record,
+            expected_version: current.version,
+            new_container: change.new_container,
+        };
+        match state.store().update_request(&write).await {
+            Ok(stored) => {
+                if stored.record.state != current.record.state {
+                    tracing::info!(
+                        request = %uuid,
+                        container = stored.record.container_uuid.as_deref().unwrap_or(""),
+                        from = %current.record.state,
+                        to = %stored.record.state,
+                        "container request changed state"
+                    );
+                }
+                return Ok(Json(render::record(KIND, &stored.record, select.as_deref())?));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) => return Err(ApiError::store("update a container request")(err)),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "container request {uuid} kept changing while it was being updated: try again"
+    )))
+}
+
+/// `GET container_requests/{uuid}/container_status`: the state and exit
+/// code of the request's container.
+pub async fn container_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(uuid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let request = load_visible(&state, &caller, &uuid).await?.record;
+    let container = match &request.container_uuid {
+        Some(container_uuid) => state
+            .store()
+            .get_container(container_uuid)
+            .await
+            .map_err(ApiError::store("read a container"))?,
+        None => None,
+    };
+    let body = match container {
+        Some(container) => {
+            let container = container.record;
+            json!({
+                "uuid": container.uuid,
+                "state": container.state,
+                "container_state": container.state,
+                "exit_code": container.exit_code,
+                "scheduling_status": "",
+            })
+        }
+        None => json!({
+            "uuid": Value::Null,
+            "state": Value::Null,
+            "container_state": Value::Null,
+            "exit_code": Value::Null,
+            "scheduling_status": "No container is assigned.",
+        }),
+    };
+    Ok(Json(body))
+}

@@ -1,0 +1,207 @@
+//! The controller's configuration: the `controller` section of the YAML
+//! file, and the cluster-wide settings it shares with other processes.
+//!
+//! Every key but `listen` and `database_url` has a default; the defaults
+//! live in [`defaults`]. [`Config::validate`] checks values at start-up and
+//! names the key of each bad one.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use berth_core::{ClusterId, Secret};
+use serde::Deserialize;
+
+/// Default values of the optional keys.
+pub mod defaults {
+    /// Locks of one container after which an unlock cancels it.
+    pub const MAX_DISPATCH_ATTEMPTS: i64 = 10;
+    /// Database connections in the pool.
+    pub const MAX_DATABASE_CONNECTIONS: u32 = 8;
+    /// Seconds one API request may take before it is answered 503. Longer
+    /// than the longest log wait (30 s), so a long poll ends by itself.
+    pub const REQUEST_TIMEOUT_SECONDS: u64 = 60;
+    /// Seconds in-flight requests get to finish after a shutdown signal.
+    pub const SHUTDOWN_GRACE_PERIOD_SECONDS: u64 = 10;
+    /// Largest log chunk one append may carry: 4 MiB.
+    pub const MAX_LOG_CHUNK_BYTES: usize = 4 << 20;
+    /// Largest JSON or form body of other requests: 16 MiB.
+    pub const MAX_REQUEST_BODY_BYTES: usize = 16 << 20;
+
+    pub(super) fn max_dispatch_attempts() -> i64 {
+        MAX_DISPATCH_ATTEMPTS
+    }
+    pub(super) fn max_database_connections() -> u32 {
+        MAX_DATABASE_CONNECTIONS
+    }
+    pub(super) fn request_timeout_seconds() -> u64 {
+        REQUEST_TIMEOUT_SECONDS
+    }
+    pub(super) fn shutdown_grace_period_seconds() -> u64 {
+        SHUTDOWN_GRACE_PERIOD_SECONDS
+    }
+    pub(super) fn max_log_chunk_bytes() -> usize {
+        MAX_LOG_CHUNK_BYTES
+    }
+    pub(super) fn max_request_body_bytes() -> usize {
+        MAX_REQUEST_BODY_BYTES
+    }
+}
+
+/// The `controller` section of the configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address and port to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Database URL, `sqlite://PATH` (for example
+    /// `sqlite:///var/lib/berth/berth.db`). The file and its directory are
+    /// created when missing.
+    pub database_url: String,
+    /// Times a container may be locked; an unlock once `lock_count` has
+    /// reached this number cancels the container instead of queueing it
+    /// again. Default 10.
+    #[serde(default = "defaults::max_dispatch_attempts")]
+    pub max_dispatch_attempts: i64,
+    /// Connections in the database pool. Default 8.
+    #[serde(default = "defaults::max_database_connections")]
+    pub max_database_connections: u32,
+    /// Seconds one API request may take before it is answered 503 Service
+    /// Unavailable. Must exceed the 30 s log wait. Default 60.
+    #[serde(default = "defaults::request_timeout_seconds")]
+    pub request_timeout_seconds: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM or SIGINT;
+    /// connections still open then are closed. Default 10.
+    #[serde(default = "defaults::shutdown_grace_period_seconds")]
+    pub shutdown_grace_period_seconds: u64,
+    /// Largest log chunk, in bytes, one append may carry; a larger one is
+    /// answered 413. Default 4 MiB.
+    #[serde(default = "defaults::max_log_chunk_bytes")]
+    pub max_log_chunk_bytes: usize,
+    /// Largest body, in bytes, of any other request. Default 16 MiB.
+    #[serde(default = "defaults::max_request_body_bytes")]
+    pub max_request_body_bytes: usize,
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid controller configuration: {key} = {value}: {reason}")]
+pub struct ConfigError {
+    pub key: &'static str,
+    pub value: String,
+    pub reason: &'static str,
+}
+
+impl Config {
+    /// A configuration with the defaults for every optional key.
+    pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> Config {
+        Config {
+            listen,
+            database_url: database_url.into(),
+            max_dispatch_attempts: defaults::MAX_DISPATCH_ATTEMPTS,
+            max_database_connections: defaults::MAX_DATABASE_CONNECTIONS,
+            request_timeout_seconds: defaults::REQUEST_TIMEOUT_SECONDS,
+            shutdown_grace_period_seconds: defaults::SHUTDOWN_GRACE_PERIOD_SECONDS,
+            max_log_chunk_bytes: defaults::MAX_LOG_CHUNK_BYTES,
+            max_request_body_bytes: defaults::MAX_REQUEST_BODY_BYTES,
+        }
+    }
+
+    /// Checks the values that parsing alone does not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let error = |key, value: &dyn std::fmt::Display, reason| ConfigError {
+            key,
+            value: value.to_string(),
+            reason,
+        };
+        if self.database_url.trim().is_empty() {
+            return Err(error("database_url", &"\"\"", "give sqlite://PATH"));
+        }
+        if self.max_dispatch_attempts < 1 {
+            return Err(error(
+                "max_dispatch_attempts",
+                &self.max_dispatch_attempts,
+                "must be 1 or more",
+            ));
+        }
+        if self.max_database_connections < 1 {
+            return Err(error(
+                "max_database_connections",
+                &self.max_database_connections,
+                "must be 1 or more",
+            ));
+        }
+        if self.request_timeout_seconds <= crate::api::logs::MAX_WAIT.as_secs() {
+            return Err(error(
+                "request_timeout_seconds",
+                &self.request_timeout_seconds,
+                "must be more than 30, the longest log wait",
+            ));
+        }
+        if self.max_log_chunk_bytes < 1 {
+            return Err(error("max_log_chunk_bytes", &self.max_log_chunk_bytes, "must be 1 or more"));
+        }
+        if self.max_request_body_bytes < 1024 {
+            return Err(error(
+                "max_request_body_bytes",
+                &self.max_request_body_bytes,
+                "must be at least 1024",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn shutdown_grace_period(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_period_seconds)
+    }
+}
+
+/// Settings the controller shares with the rest of the cluster's
+/// configuration.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub cluster_id: ClusterId,
+    /// The system token: the dispatcher's and administrators' credential.
+    pub system_token: Secret,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optional_keys_take_defaults() {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "listen": "127.0.0.1:0",
+            "database_url": "sqlite:///tmp/x.db",
+        }))
+        .unwrap();
+        assert_eq!(config, Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db"));
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let parsed = serde_json::from_value::<Config>(serde_json::json!({
+            "listen": "127.0.0.1:0",
+            "database_url": "sqlite:///tmp/x.db",
+            "max_dispatch_attempt": 3,
+        }));
+        assert!(parsed.unwrap_err().to_string().contains("max_dispatch_attempt"));
+    }
+
+    #[test]
+    fn invalid_value_names_key() {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db");
+        config.max_dispatch_attempts = 0;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("max_dispatch_attempts"), "{err}");
+        config.max_dispatch_attempts = 1;
+        config.request_timeout_seconds = 30;
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("request_timeout_seconds"), "{err}");
+    }
+}

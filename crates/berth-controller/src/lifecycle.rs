@@ -1,0 +1,850 @@
+//! The rules of the two records' lives, as pure functions: what a caller
+//! may set on create and update, which state changes are allowed and what
+//! each one brings with it (a new container on commit, timestamps, revoked
+//! tokens, finalised requests, minted credentials at lock).
+//!
+//! Each function takes the current record and the caller's attributes and
+//! returns the new record plus what the store must do with it; the API
+//! layer then hands that to the store in one write. Nothing here does I/O.
+//!
+//! Attributes arrive as a JSON object. They are merged into the current
+//! record's JSON form and deserialised back into the record type, so a value
+//! of the wrong type is rejected with the path of the field
+//! (`runtime_constraints.ram`), and only fields whose value really changes
+//! count as changes.
+
+use berth_core::priority::request_contribution;
+use berth_core::records::ContainerCredentials;
+use berth_core::state::{ContainerState, RequestState};
+use berth_core::time::Timestamp;
+use berth_core::validate::check_request;
+use berth_core::{ClusterId, Container, ContainerRequest, ObjectType, Uuid};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::auth::{generate_secret, hash_secret, system_user_uuid, Caller};
+use crate::error::ApiError;
+use crate::store::{
+    find_column, ApiToken, Column, CredentialChange, MintedCredentials, CONTAINER_COLUMNS,
+    REQUEST_COLUMNS,
+};
+
+/// `container_count_max` of a request that does not set it.
+pub const DEFAULT_CONTAINER_COUNT_MAX: i64 = 3;
+
+/// `output_storage_classes` of a request that does not set it.
+pub const DEFAULT_STORAGE_CLASS: &str = "default";
+
+/// Keys every record carries on the wire but that are not fields; ignored
+/// in input.
+const WIRE_ONLY_KEYS: &[&str] = &["kind", "etag"];
+
+/// Request fields only the controller sets.
+const REQUEST_SERVER_FIELDS: &[&str] = &[
+    "uuid",
+    "created_at",
+    "modified_at",
+    "modified_by_user_uuid",
+    "requesting_container_uuid",
+    "container_uuid",
+    "container_count",
+    "log_uuid",
+    "output_uuid",
+    "cumulative_cost",
+];
+
+/// Request fields that may change in every state.
+const REQUEST_ALWAYS_MUTABLE: &[&str] = &["name", "description", "properties", "state"];
+
+/// Request fields that may also change while the request is Committed.
+const REQUEST_COMMITTED_MUTABLE: &[&str] = &["priority", "container_count_max"];
+
+/// Container fields the container's own token may change.
+const CONTAINER_TOKEN_FIELDS: &[&str] = &[
+    "state",
+    "exit_code",
+    "runtime_status",
+    "progress",
+    "output",
+    "log",
+    "gateway_address",
+];
+
+/// Container fields administrators may change besides the token's.
+const CONTAINER_ADMIN_FIELDS: &[&str] = &["priority", "scheduler_job_id"];
+
+/// `runtime_status` keys whose values must be strings.
+const RUNTIME_STATUS_TEXT_KEYS: &[&str] = &[
+    "error",
+    "errorDetail",
+    "warning",
+    "warningDetail",
+    "activity",
+    "preemptionNotice",
+];
+
+/// A record with what a write changed.
+#[derive(Debug, Clone)]
+struct Merged<T> {
+    record: T,
+    /// Attributes whose value differs from the current record's.
+    changed: Vec<String>,
+}
+
+fn to_object<T: Serialize>(record: &T) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::to_value(record) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        Ok(_) => Err(ApiError::Internal("a record did not serialise to an object".into())),
+        Err(err) => Err(ApiError::Internal(format!("failed to serialise a record: {err}"))),
+    }
+}
+
+/// Rejects attributes that are no field of the record, and drops the
+/// wire-only ones.
+fn check_known(
+    kind: &str,
+    columns: &'static [Column],
+    attributes: &mut Map<String, Value>,
+) -> Result<(), ApiError> {
+    for key in WIRE_ONLY_KEYS {
+        attributes.remove(*key);
+    }
+    let unknown: Vec<String> = attributes
+        .keys()
+        .filter(|key| find_column(columns, key).is_none())
+        .map(|key| format!("unknown attribute {key:?} for a {kind}"))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Unprocessable(unknown))
+    }
+}
+
+/// Drops attributes the caller may not set when they are null or equal to
+/// the current value; any other value is an error.
+fn drop_unchanged(
+    attributes: &mut Map<String, Value>,
+    current: &Map<String, Value>,
+    fields: &[&str],
+    message: impl Fn(&str) -> String,
+) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    for field in fields {
+        if let Some(value) = attributes.get(*field) {
+            if value.is_null() || Some(value) == current.get(*field) {
+                attributes.remove(*field);
+            } else {
+                errors.push(message(field));
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Unprocessable(errors))
+    }
+}
+
+/// Merges attributes into a record. A null given for an object or array
+/// field means empty, as Go clients send nil maps and slices as null.
+fn merge<T: Serialize + DeserializeOwned>(
+    current: &T,
+    attributes: &Map<String, Value>,
+) -> Result<Merged<T>, ApiError> {
+    let current_fields = to_object(current)?;
+    let mut merged = current_fields.clone();
+    for (key, value) in attributes {
+        let value = match (value, current_fields.get(key)) {
+            (Value::Null, Some(Value::Object(_))) => Value::Object(Map::new()),
+            (Value::Null, Some(Value::Array(_))) => Value::Array(Vec::new()),
+            _ => value.clone(),
+        };
+        merged.insert(key.clone(), value);
+    }
+    let record: T = serde_path_to_error::deserialize(Value::Object(merged)).map_err(|err| {
+        ApiError::invalid(format!("invalid value for {}: {}", err.path(), err.inner()))
+    })?;
+    let new_fields = to_object(&record)?;
+    let changed = attributes
+        .keys()
+        .filter(|key| new_fields.get(*key) != current_fields.get(*key))
+        .cloned()
+        .collect();
+    Ok(Merged { record, changed })
+}
+
+/// A request to store, with the container its commit created.
+#[derive(Debug, Clone)]
+pub struct RequestChange {
+    pub record: ContainerRequest,
+    pub new_container: Option<Container>,
+    /// False when the attributes changed nothing: nothing to write.
+    pub changed: bool,
+}
+
+/// A new, empty request of `owner_uuid` with the defaults.
+fn request_template(uuid: Uuid, owner_uuid: &str, caller: &Caller, now: Timestamp) -> ContainerRequest {
+    ContainerRequest {
+        uuid: uuid.to_string(),
+        owner_uuid: owner_uuid.to_string(),
+        created_at: now,
+        modified_at: now,
+        modified_by_user_uuid: Some(caller.user_uuid.clone()),
+        name: None,
+        description: None,
+        properties: Map::new(),
+        state: RequestState::Uncommitted,
+        requesting_container_uuid: None,
+        container_uuid: None,
+        container_count: 0,
+        container_count_max: Some(DEFAULT_CONTAINER_COUNT_MAX),
+        mounts: Default::default(),
+        runtime_constraints: Default::default(),
+        scheduling_parameters: Default::default(),
+        container_image: None,
+        environment: Default::default(),
+        cwd: Some(".".into()),
+        command: Vec::new(),
+        output_path: None,
+        output_glob: Vec::new(),
+        output_name: None,
+        output_ttl: 0,
+        priority: 0,
+        expires_at: None,
+        use_existing: true,
+        filters: None,
+        log_uuid: None,
+        output_uuid: None,
+        output_storage_classes: vec![DEFAULT_STORAGE_CLASS.into()],
+        output_properties: Map::new(),
+        cumulative_cost: 0.0,
+        service: false,
+        published_ports: Map::new(),
+    }
+}
+
+/// The container that runs a committed request.
+///
+/// NOTE: every commit creates a new container; reusing an equal container
+/// (`use_existing`) is not implemented yet.
+pub fn container_for(
+    cluster: &ClusterId,
+    request: &ContainerRequest,
+    caller: &Caller,
+    now: Timestamp,
+) -> Container {
+    Container {
+        uuid: Uuid::generate(cluster, ObjectType::Container).to_string(),
+        owner_uuid: system_user_uuid(cluster),
+        created_at: now,
+        modified_at: now,
+        modified_by_user_uuid: Some(caller.user_uuid.clone()),
+        state: ContainerState::Queued,
+        started_at: None,
+        finished_at: None,
+        log: None,
+        environment: request.environment.clone(),
+        cwd: request.cwd.clone().unwrap_or_else(|| ".".into()),
+        command: request.command.clone(),
+        output_path: request.output_path.clone().unwrap_or_default(),
+        output_glob: request.output_glob.clone(),
+        mounts: request.mounts.clone(),
+        runtime_constraints: request.runtime_constraints.clone(),
+        runtime_status: Map::new(),
+        scheduling_parameters: request.scheduling_parameters.clone(),
+        output: None,
+        container_image: request.container_image.clone().unwrap_or_default(),
+        progress: None,
+        priority: request_contribution(request.priority, &request.created_at),
+        exit_code: None,
+        auth_uuid: None,
+        locked_by_uuid: None,
+        lock_count: 0,
+        runtime_user_uuid: Some(request.owner_uuid.clone()),
+        runtime_auth_scopes: vec!["all".into()],
+        gateway_address: None,
+        interactive_session_started: false,
+        output_storage_classes: request.output_storage_classes.clone(),
+        output_properties: request.output_properties.clone(),
+        cost: 0.0,
+        subrequests_cost: 0.0,
+        service: request.service,
+        published_ports: request.published_ports.clone(),
+        scheduler_job_id: None,
+    }
+}
+
+/// Commits a request: creates its container and points the request at it.
+fn commit(cluster: &ClusterId, request: &mut ContainerRequest, caller: &Caller, now: Timestamp) -> Container {
+    let container = container_for(cluster, request, caller, now);
+    request.container_uuid = Some(container.uuid.clone());
+    request.container_count += 1;
+    container
+}
+
+/// Builds a new request from a caller's attributes. The caller owns it;
+/// an administrator may name another owner in `owner_uuid`, which the API
+/// layer then checks exists.
+pub fn create_request(
+    cluster: &ClusterId,
+    caller: &Caller,
+    mut attributes: Map<String, Value>,
+    now: Timestamp,
+) -> Result<RequestChange, ApiError> {
+    check_known("container request", REQUEST_COLUMNS, &mut attributes)?;
+    let owner_uuid = match attributes.remove("owner_uuid") {
+        None | Some(Value::Null) => caller.user_uuid.clone(),
+        Some(Value::String(owner)) if owner == caller.user_uuid => owner,
+        Some(Value::String(owner)) if caller.is_admin => owner,
+        Some(Value::String(owner)) => {
+            return Err(ApiError::invalid(format!(
+                "owner_uuid {owner:?} is not yours: you may only create requests that you own"
+            )))
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "invalid value for owner_uuid: expected a user uuid, found {other}"
+            )))
+        }
+    };
+    let uuid = Uuid::generate(cluster, ObjectType::ContainerRequest);
+    let template = request_template(uuid, &owner_uuid, caller, now);
+    drop_unchanged(&mut attributes, &to_object(&template)?, REQUEST_SERVER_FIELDS, |field| {
+        format!("{field} cannot be set: the controller sets it")
+    })?;
+    let mut request = merge(&template, &attributes)?.record;
+    if request.state == RequestState::Final {
+        return Err(ApiError::invalid(
+            "invalid state for a new container request: cannot create it in state Final; create it Uncommitted or Committed",
+        ));
+    }
+    check_request(&request)?;
+    let new_container = (request.state == RequestState::Committed)
+        .then(|| commit(cluster, &mut request, caller, now));
+    Ok(RequestChange {
+        record: request,
+        new_container,
+        changed: true,
+    })
+}
+
+/// Applies a caller's attributes to a stored request.
+pub fn update_request(
+    cluster: &ClusterId,
+    caller: &Caller,
+    current: &ContainerRequest,
+    mut attributes: Map<String, Value>,
+    now: Timestamp,
+) -> Result<RequestChange, ApiError> {
+    check_known("container request", REQUEST_COLUMNS, &mut attributes)?;
+    let current_fields = to_object(current)?;
+    drop_unchanged(&mut attributes, &current_fields, &["owner_uuid"], |_| {
+        "owner_uuid cannot be changed".to_string()
+    })?;
+    drop_unchanged(&mut attributes, &current_fields, REQUEST_SERVER_FIELDS, |field| {
+        format!("{field} cannot be changed: the controller sets it")
+    })?;
+    let Merged {
+        record: mut request,
+        changed,
+    } = merge(current, &attributes)?;
+    if changed.is_empty() {
+        return Ok(RequestChange {
+            record: current.clone(),
+            new_container: None,
+            changed: false,
+        });
+    }
+
+    current.state.check_transition(request.state)?;
+    let mutable: Vec<&str> = match current.state {
+        RequestState::Uncommitted => Vec::new(),
+        RequestState::Committed => [REQUEST_ALWAYS_MUTABLE, REQUEST_COMMITTED_MUTABLE].concat(),
+        RequestState::Final => REQUEST_ALWAYS_MUTABLE.to_vec(),
+    };
+    if current.state != RequestState::Uncommitted {
+        let errors: Vec<String> = changed
+            .iter()
+            .filter(|field| !mutable.contains(&field.as_str()))
+            .map(|field| {
+                format!(
+                    "cannot change {field} of a container request in state {}: only {} may change",
+                    current.state,
+                    mutable.join(", ")
+                )
+            })
+            .collect();
+        if !errors.is_empty() {
+            return Err(ApiError::Unprocessable(errors));
+        }
+    }
+    check_request(&request)?;
+
+    request.modified_at = now;
+    request.modified_by_user_uuid = Some(caller.user_uuid.clone());
+    let commits = current.state == RequestState::Uncommitted && request.state == RequestState::Committed;
+    let new_container = commits.then(|| commit(cluster, &mut request, caller, now));
+    Ok(RequestChange {
+        record: request,
+        new_container,
+        changed: true,
+    })
+}
+
+/// A container to store, with its side effects.
+#[derive(Debug, Clone)]
+pub struct ContainerChange {
+    pub record: Container,
+    pub credentials: CredentialChange,
+    /// The container reached a final state: finalise its requests.
+    pub finalize_requests: bool,
+    pub state_changed: bool,
+    /// False when the attributes changed nothing: nothing to write.
+    pub changed: bool,
+}
+
+impl ContainerChange {
+    fn unchanged(current: &Container) -> ContainerChange {
+        ContainerChange {
+            record: current.clone(),
+            credentials: CredentialChange::Keep,
+            finalize_requests: false,
+            state_changed: false,
+            changed: false,
+        }
+    }
+}
+
+/// Marks a container final: finish time, no priority, no lock, token
+/// revoked, requests finalised.
+fn finish(container: &mut Container, now: Timestamp) -> (CredentialChange, bool) {
+    container.finished_at = Some(now);
+    container.priority = 0;
+    container.locked_by_uuid = None;
+    let token_uuid = container.auth_uuid.take();
+    (CredentialChange::Revoke { token_uuid }, true)
+}
+
+fn check_container_values(container: &Container) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    if container.priority < 0 {
+        errors.push(format!("priority: {} is negative: expected 0 or more", container.priority));
+    }
+    for key in RUNTIME_STATUS_TEXT_KEYS {
+        if let Some(value) = container.runtime_status.get(*key) {
+            if !value.is_string() {
+                errors.push(format!("runtime_status.{key}: {value} is not a string"));
+            }
+        }
+    }
+    if let Some(progress) = container.progress {
+        if !progress.is_finite() {
+            errors.push("progress: expected a number between 0 and 1".into());
+        }
+    }
+    if container.scheduler_job_id.as_deref() == Some("") {
+        errors.push("scheduler_job_id: is empty: give the batch job id, or null".into());
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Unprocessable(errors))
+    }
+}
+
+/// Applies attributes from an administrator or the container's own token
+/// (the API layer rejects every other caller) to a stored container.
+pub fn update_container(
+    caller: &Caller,
+    current: &Container,
+    mut attributes: Map<String, Value>,
+    now: Timestamp,
+) -> Result<ContainerChange, ApiError> {
+    check_known("container", CONTAINER_COLUMNS, &mut attributes)?;
+    let current_fields = to_object(current)?;
+    let mut writable: Vec<&str> = CONTAINER_TOKEN_FIELDS.to_vec();
+    if caller.is_admin {
+        writable.extend_from_slice(CONTAINER_ADMIN_FIELDS);
+    }
+    let fixed: Vec<&str> = CONTAINER_COLUMNS
+        .iter()
+        .map(|column| column.name)
+        .filter(|name| !writable.contains(name))
+        .collect();
+    drop_unchanged(&mut attributes, &current_fields, &fixed, |field| {
+        if CONTAINER_ADMIN_FIELDS.contains(&field) {
+            format!("{field} cannot be changed with a container token: only administrators may change it")
+        } else {
+            format!("{field} cannot be changed: the controller sets it")
+        }
+    })?;
+    let Merged {
+        record: mut container,
+        changed,
+    } = merge(current, &attributes)?;
+    if changed.is_empty() {
+        return Ok(ContainerChange::unchanged(current));
+    }
+
+    if current.state.is_final() {
+        let errors: Vec<String> = changed
+            .iter()
+            .filter(|field| *field != "state")
+            .map(|field| format!("cannot change {field} of a container in state {}", current.state))
+            .collect();
+        if !errors.is_empty() {
+            return Err(ApiError::Unprocessable(errors));
+        }
+    }
+
+    let mut credentials = CredentialChange::Keep;
+    let mut finalize_requests = false;
+    let state_changed = container.state != current.state;
+    if state_changed {
+        let (from, to) = (current.state, container.state);
+        from.check_transition(to)?;
+        match (from, to) {
+            (ContainerState::Queued, ContainerState::Locked) => {
+                return Err(ApiError::invalid(format!(
+                    "cannot change state from Queued to Locked with an update: lock the container with POST /arvados/v1/containers/{}/lock",
+                    current.uuid
+                )))
+            }
+            (ContainerState::Locked, ContainerState::Queued) => {
+                return Err(ApiError::invalid(format!(
+                    "cannot change state from Locked to Queued with an update: unlock the container with POST /arvados/v1/containers/{}/unlock",
+                    current.uuid
+                )))
+            }
+            _ => {}
+        }
+        let token_may = matches!(
+            (from, to),
+            (ContainerState::Locked, ContainerState::Running)
+                | (ContainerState::Locked, ContainerState::Cancelled)
+                | (ContainerState::Running, ContainerState::Complete)
+                | (ContainerState::Running, ContainerState::Cancelled)
+        );
+        if caller.is_container_token() && !token_may {
+            return Err(ApiError::invalid(format!(
+                "a container token cannot change state from {from} to {to}"
+            )));
+        }
+        if to == ContainerState::Running {
+            container.started_at = Some(now);
+        }
+        if to == ContainerState::Complete && container.exit_code.is_none() {
+            return Err(ApiError::invalid(
+                "exit_code is missing: set it together with state Complete",
+            ));
+        }
+        if to.is_final() && !from.is_final() {
+            (credentials, finalize_requests) = finish(&mut container, now);
+        }
+    }
+    check_container_values(&container)?;
+
+    container.modified_at = now;
+    container.modified_by_user_uuid = Some(caller.user_uuid.clone());
+    Ok(ContainerChange {
+        record: container,
+        credentials,
+        finalize_requests,
+        state_changed,
+        changed: true,
+    })
+}
+
+/// A lock: the container to store and the secrets to show the caller once.
+#[derive(Debug, Clone)]
+pub struct LockChange {
+    pub change: ContainerChange,
+    pub credentials: ContainerCredentials,
+}
+
+/// Locks a Queued container with priority > 0 for the caller's token,
+/// minting the container's token and gateway secret.
+pub fn lock_container(
+    cluster: &ClusterId,
+    caller: &Caller,
+    current: &Container,
+    now: Timestamp,
+) -> Result<LockChange, ApiError> {
+    if current.state != ContainerState::Queued {
+        return Err(ApiError::invalid(format!(
+            "cannot lock container {} in state {}: only a Queued container can be locked",
+            current.uuid, current.state
+        )));
+    }
+    if current.priority <= 0 {
+        return Err(ApiError::invalid(format!(
+            "cannot lock container {} in state Queued with priority 0: it is on hold until a request raises its priority",
+            current.uuid
+        )));
+    }
+    let token_uuid = Uuid::generate(cluster, ObjectType::ApiClientAuthorization).to_string();
+    let token_secret = generate_secret();
+    let gateway_secret = generate_secret();
+    let owner_uuid = current
+        .runtime_user_uuid
+        .clone()
+        .unwrap_or_else(|| system_user_uuid(cluster));
+    let token = ApiToken {
+        uuid: token_uuid.clone(),
+        owner_uuid,
+        secret_sha256: hash_secret(&token_secret),
+        scopes: current.runtime_auth_scopes.clone(),
+        container_uuid: Some(current.uuid.clone()),
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+    };
+
+    let mut container = current.clone();
+    container.state = ContainerState::Locked;
+    container.lock_count += 1;
+    container.locked_by_uuid = Some(caller.token_uuid.clone());
+    container.auth_uuid = Some(token_uuid.clone());
+    container.modified_at = now;
+    container.modified_by_user_uuid = Some(caller.user_uuid.clone());
+    Ok(LockChange {
+        change: ContainerChange {
+            record: container,
+            credentials: CredentialChange::Mint(MintedCredentials {
+                token,
+                gateway_secret_sha256: hash_secret(&gateway_secret),
+            }),
+            finalize_requests: false,
+            state_changed: true,
+            changed: true,
+        },
+        credentials: ContainerCredentials {
+            api_token: format!("v2/{token_uuid}/{token_secret}/{}", current.uuid),
+            gateway_secret,
+        },
+    })
+}
+
+/// Unlocks a Locked container for the token that locked it: back to
+/// Queued, or Cancelled once it has been locked `max_dispatch_attempts`
+/// times.
+pub fn unlock_container(
+    caller: &Caller,
+    current: &Container,
+    max_dispatch_attempts: i64,
+    now: Timestamp,
+) -> Result<ContainerChange, ApiError> {
+    if current.state != ContainerState::Locked {
+        return Err(ApiError::invalid(format!(
+            "cannot unlock container {} in state {}: only a Locked container can be unlocked",
+            current.uuid, current.state
+        )));
+    }
+    if current.locked_by_uuid.as_deref() != Some(caller.token_uuid.as_str()) {
+        return Err(ApiError::Forbidden(format!(
+            "container {} was locked by another token: only the token that locked it may unlock it",
+            current.uuid
+        )));
+    }
+    let mut container = current.clone();
+    container.modified_at = now;
+    container.modified_by_user_uuid = Some(caller.user_uuid.clone());
+    container.runtime_status = Map::new();
+    container.scheduler_job_id = None;
+    let (credentials, finalize_requests) = if current.lock_count >= max_dispatch_attempts {
+        container.state = ContainerState::Cancelled;
+        container.runtime_status.insert(
+            "error".into(),
+            Value::String(format!(
+                "cancelled after {} dispatch attempts without running (max_dispatch_attempts is {max_dispatch_attempts})",
+                current.lock_count
+            )),
+        );
+        finish(&mut container, now)
+    } else {
+        container.state = ContainerState::Queued;
+        container.locked_by_uuid = None;
+        let token_uuid = container.auth_uuid.take();
+        (CredentialChange::Revoke { token_uuid }, false)
+    };
+    Ok(ContainerChange {
+        record: container,
+        credentials,
+        finalize_requests,
+        state_changed: true,
+        changed: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cluster() -> ClusterId {
+        "zzzzz".parse().unwrap()
+    }
+
+    fn user() -> Caller {
+        Caller {
+            user_uuid: "zzzzz-tpzed-0123456789abcde".into(),
+            token_uuid: "zzzzz-gj3su-0123456789abcde".into(),
+            is_admin: false,
+            container_uuid: None,
+            scopes: vec!["all".into()],
+        }
+    }
+
+    fn attributes(value: Value) -> Map<String, Value> {
+        value.as_object().unwrap().clone()
+    }
+
+    fn runnable() -> Value {
+        json!({
+            "container_image": "busybox",
+            "command": ["true"],
+            "output_path": "/out",
+            "mounts": {"/out": {"kind": "tmp", "capacity": 1000}},
+            "runtime_constraints": {"ram": 1000000, "vcpus": 1},
+            "priority": 1,
+        })
+    }
+
+    fn committed() -> Value {
+        let mut value = runnable();
+        value["state"] = json!("Committed");
+        value
+    }
+
+    #[test]
+    fn new_request_gets_defaults() {
+        let change = create_request(&cluster(), &user(), Map::new(), chrono::Utc::now()).unwrap();
+        let request = change.record;
+        assert_eq!(request.state, RequestState::Uncommitted);
+        assert_eq!(request.cwd.as_deref(), Some("."));
+        assert!(request.use_existing);
+        assert_eq!(request.container_count_max, Some(DEFAULT_CONTAINER_COUNT_MAX));
+        assert_eq!(request.output_storage_classes, vec!["default".to_string()]);
+        assert_eq!(request.owner_uuid, user().user_uuid);
+        assert!(change.new_container.is_none());
+    }
+
+    #[test]
+    fn committed_request_gets_queued_container() {
+        let change =
+            create_request(&cluster(), &user(), attributes(committed()), chrono::Utc::now()).unwrap();
+        let container = change.new_container.unwrap();
+        assert_eq!(change.record.container_uuid.as_deref(), Some(container.uuid.as_str()));
+        assert_eq!(change.record.container_count, 1);
+        assert_eq!(container.state, ContainerState::Queued);
+        assert!(container.priority > 0);
+        assert_eq!(container.runtime_user_uuid.as_deref(), Some(user().user_uuid.as_str()));
+        assert_eq!(container.command, vec!["true".to_string()]);
+    }
+
+    #[test]
+    fn wrong_type_names_nested_field() {
+        let err = create_request(
+            &cluster(),
+            &user(),
+            attributes(json!({"runtime_constraints": {"ram": "x"}})),
+            chrono::Utc::now(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("runtime_constraints.ram"), "{err}");
+    }
+
+    #[test]
+    fn unknown_nested_field_is_named() {
+        let err = create_request(
+            &cluster(),
+            &user(),
+            attributes(json!({"runtime_constraints": {"rams": 1}})),
+            chrono::Utc::now(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("rams"), "{err}");
+    }
+
+    #[test]
+    fn null_collection_means_empty() {
+        let change = create_request(
+            &cluster(),
+            &user(),
+            attributes(json!({"environment": null, "mounts": null, "command": null})),
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        assert!(change.record.environment.is_empty());
+    }
+
+    #[test]
+    fn unchanged_server_field_is_accepted() {
+        let now = chrono::Utc::now();
+        let current = create_request(&cluster(), &user(), Map::new(), now).unwrap().record;
+        let change = update_request(
+            &cluster(),
+            &user(),
+            &current,
+            attributes(json!({"uuid": current.uuid, "container_count": 0, "name": "x"})),
+            now,
+        )
+        .unwrap();
+        assert_eq!(change.record.name.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn update_without_change_writes_nothing() {
+        let now = chrono::Utc::now();
+        let current = create_request(&cluster(), &user(), Map::new(), now).unwrap().record;
+        let change = update_request(
+            &cluster(),
+            &user(),
+            &current,
+            attributes(json!({"state": "Uncommitted", "kind": "arvados#containerRequest"})),
+            now,
+        )
+        .unwrap();
+        assert!(!change.changed);
+    }
+
+    #[test]
+    fn container_token_cannot_set_priority() {
+        let now = chrono::Utc::now();
+        let request = create_request(&cluster(), &user(), attributes(committed()), now).unwrap();
+        let container = request.new_container.unwrap();
+        let token = Caller {
+            container_uuid: Some(container.uuid.clone()),
+            ..user()
+        };
+        let err = update_container(&token, &container, attributes(json!({"priority": 5})), now)
+            .unwrap_err();
+        assert!(err.to_string().contains("priority"), "{err}");
+    }
+
+    #[test]
+    fn unlock_after_max_attempts_cancels() {
+        let now = chrono::Utc::now();
+        let request = create_request(&cluster(), &user(), attributes(committed()), now).unwrap();
+        let mut container = request.new_container.unwrap();
+        let admin = Caller {
+            is_admin: true,
+            ..user()
+        };
+        container.lock_count = 2;
+        let locked = lock_container(&cluster(), &admin, &container, now).unwrap();
+        assert_eq!(locked.change.record.lock_count, 3);
+        let change = unlock_container(&admin, &locked.change.record, 3, now).unwrap();
+        assert_eq!(change.record.state, ContainerState::Cancelled);
+        assert!(change.finalize_requests);
+        assert!(change.record.runtime_status["error"]
+            .as_str()
+            .unwrap()
+            .contains("3 dispatch attempts"));
+        let change = unlock_container(&admin, &locked.change.record, 4, now).unwrap();
+        assert_eq!(change.record.state, ContainerState::Queued);
+        assert!(change.record.auth_uuid.is_none());
+    }
+}

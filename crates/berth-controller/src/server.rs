@@ -1,0 +1,198 @@
+//! Running the controller: open the store, bind the listener, serve until
+//! a shutdown signal, then drain.
+//!
+//! Shutdown order: the signal stops accepting connections and ends every
+//! log wait at once ([`AppState::begin_shutdown`]); in-flight requests get
+//! `shutdown_grace_period_seconds` to finish; connections still open then
+//! are dropped; last, the store's connections close.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_core::{ObjectType, Uuid};
+use tokio::net::TcpListener;
+
+use crate::api::{app, AppState};
+use crate::auth::{generate_secret, hash_secret};
+use crate::config::{ClusterSettings, Config};
+use crate::store::{self, ApiToken, Store, User};
+
+/// A controller whose listener is bound and whose store is open.
+#[derive(Debug)]
+pub struct BoundController {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    state: AppState,
+    store: Arc<dyn Store>,
+    grace_period: Duration,
+}
+
+/// Opens the store (creating and migrating the database) and binds the
+/// listener.
+pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<BoundController> {
+    config.validate()?;
+    let store = store::open(&config.database_url, config.max_database_connections).await?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("failed to listen on {} (controller.listen)", config.listen))?;
+    let local_addr = listener
+        .local_addr()
+        .context("failed to read the listener's address")?;
+    let state = AppState::new(store.clone(), cluster, &config);
+    Ok(BoundController {
+        listener,
+        local_addr,
+        state,
+        store,
+        grace_period: config.shutdown_grace_period(),
+    })
+}
+
+impl BoundController {
+    /// The address the listener is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The state the router runs on, for callers that also want the store.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests for
+    /// at most the configured grace period.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let BoundController {
+            listener,
+            local_addr,
+            state,
+            store,
+            grace_period,
+        } = self;
+        tracing::info!(address = %local_addr, "controller started");
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal_state = state.clone();
+        let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!(grace_period_s = grace_period.as_secs(), "controller draining");
+            signal_state.begin_shutdown();
+            // The receiver is gone only when the server already ended.
+            let _ = draining_tx.send(());
+        });
+        let server = server.into_future();
+        tokio::pin!(server);
+
+        let result = tokio::select! {
+            result = &mut server => result,
+            signalled = draining_rx => {
+                if signalled.is_ok() {
+                    match tokio::time::timeout(grace_period, &mut server).await {
+                        Ok(result) => result,
+                        Err(_) => {
+                            tracing::warn!(
+                                grace_period_s = grace_period.as_secs(),
+                                "requests still in flight at the end of the grace period: closing their connections"
+                            );
+                            Ok(())
+                        }
+                    }
+                } else {
+                    server.await
+                }
+            }
+        };
+        store.close().await;
+        result.with_context(|| format!("the controller on {local_addr} failed"))?;
+        tracing::info!("controller stopped");
+        Ok(())
+    }
+}
+
+/// Longest user name.
+const MAX_USERNAME_LEN: usize = 64;
+
+fn check_username(name: &str) -> anyhow::Result<()> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_USERNAME_LEN
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !valid {
+        anyhow::bail!(
+            "invalid user name {name:?}: use 1 to {MAX_USERNAME_LEN} letters, digits, '_', '.' or '-', starting with a letter"
+        );
+    }
+    Ok(())
+}
+
+/// Creates a user in an open store and returns the user's new API token,
+/// `v2/<token uuid>/<secret>`. Only the secret's hash is stored.
+pub async fn create_user_in(
+    store: &dyn Store,
+    cluster: &ClusterSettings,
+    name: &str,
+    admin: bool,
+) -> anyhow::Result<String> {
+    check_username(name)?;
+    let now = chrono::Utc::now();
+    let user = User {
+        uuid: Uuid::generate(&cluster.cluster_id, ObjectType::User).to_string(),
+        username: name.to_string(),
+        is_admin: admin,
+        is_active: true,
+        created_at: now,
+        modified_at: now,
+    };
+    let secret = generate_secret();
+    let token = ApiToken {
+        uuid: Uuid::generate(&cluster.cluster_id, ObjectType::ApiClientAuthorization).to_string(),
+        owner_uuid: user.uuid.clone(),
+        secret_sha256: hash_secret(&secret),
+        scopes: vec!["all".into()],
+        container_uuid: None,
+        created_at: now,
+        expires_at: None,
+        revoked_at: None,
+    };
+    store
+        .insert_user(&user, &token)
+        .await
+        .with_context(|| format!("failed to create user {name:?}"))?;
+    tracing::info!(user = %user.uuid, username = name, admin, "created a user");
+    Ok(format!("v2/{}/{secret}", token.uuid))
+}
+
+/// Opens the configured store, creates a user and returns the user's new
+/// API token.
+pub async fn create_user(
+    cluster: &ClusterSettings,
+    config: &Config,
+    name: &str,
+    admin: bool,
+) -> anyhow::Result<String> {
+    config.validate()?;
+    let store = store::open(&config.database_url, 1).await?;
+    let result = create_user_in(store.as_ref(), cluster, name, admin).await;
+    store.close().await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames_are_checked() {
+        for good in ["alice", "Bob", "a.b-c_d9"] {
+            assert!(check_username(good).is_ok(), "{good:?} rejected");
+        }
+        for bad in ["", "9lives", "a b", "a/b", &"x".repeat(65)] {
+            let err = check_username(bad).unwrap_err();
+            assert!(err.to_string().contains("invalid user name"), "{err}");
+        }
+    }
+}

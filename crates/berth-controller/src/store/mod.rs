@@ -1,0 +1,560 @@
+//! The store: the controller's durable state behind one trait, [`Store`].
+//!
+//! The store keeps users, API tokens, container requests, containers and
+//! live log chunks. It knows no HTTP and no permissions: the API layer
+//! decides what a caller may do, builds the new record, and hands the store
+//! one *write* ([`RequestWrite`], [`ContainerWrite`]) that it applies in one
+//! transaction.
+//!
+//! Optimistic concurrency: every record carries a `version` that each write
+//! increments. A write names the version it was built from, and the store
+//! applies it only if the record still has that version; otherwise it
+//! returns [`StoreError::Conflict`] and the caller reads again and rebuilds.
+//! This is how two dispatchers locking the same container at once end with
+//! exactly one lock.
+//!
+//! Everything SQL-dialect specific lives in the backend module
+//! ([`sqlite`]); this module holds what every backend shares: the trait, the
+//! column lists of the two record tables, and the dialect-neutral list query
+//! ([`ListQuery`]).
+
+pub mod sqlite;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use berth_core::time::Timestamp;
+use berth_core::{Container, ContainerRequest};
+
+/// A failure of the store. Callers' mistakes never show up here: the API
+/// layer checks input before it reaches the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("failed to create the database directory {path}: {source}")]
+    CreateDirectory {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to open the database {url}: {source}")]
+    Open {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("failed to migrate the database {url}: {source}")]
+    Migrate {
+        url: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("failed to {operation}: {source}")]
+    Query {
+        operation: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("failed to decode {table} row {uuid}: {source}")]
+    Decode {
+        table: &'static str,
+        uuid: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("failed to encode {table} record {uuid}: {reason}")]
+    Encode {
+        table: &'static str,
+        uuid: String,
+        reason: String,
+    },
+    /// The record changed since the writer read it; read again and retry.
+    #[error("{table} record {uuid} changed while it was being updated")]
+    Conflict { table: &'static str, uuid: String },
+    #[error("a user named {username:?} already exists")]
+    DuplicateUser { username: String },
+}
+
+impl StoreError {
+    pub(crate) fn query(operation: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
+        move |source| StoreError::Query { operation, source }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A record with the version the store holds it at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub record: T,
+    pub version: i64,
+}
+
+/// A user account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub uuid: String,
+    pub username: String,
+    pub is_admin: bool,
+    pub is_active: bool,
+    pub created_at: Timestamp,
+    pub modified_at: Timestamp,
+}
+
+/// An API token as stored: the SHA-256 of its secret, never the secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiToken {
+    pub uuid: String,
+    /// The user the token acts as.
+    pub owner_uuid: String,
+    /// Lowercase hex SHA-256 of the token's secret part.
+    pub secret_sha256: String,
+    pub scopes: Vec<String>,
+    /// Set for a container's own token: the one container it may reach.
+    pub container_uuid: Option<String>,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+impl ApiToken {
+    /// True unless the token was revoked or has expired by `now`.
+    pub fn is_valid_at(&self, now: &Timestamp) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|expires| expires > *now)
+    }
+}
+
+/// Which rows a list may return, decided by the caller's identity.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Visibility {
+    /// Administrators and the system token: every row.
+    All,
+    /// A user: their own requests, and the containers of those requests.
+    User(String),
+    /// A container's own token: that container and no request.
+    Container(String),
+}
+
+/// How a column's value is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnKind {
+    Text,
+    Integer,
+    Real,
+    Bool,
+    /// RFC 3339 UTC text with nine fractional digits.
+    Timestamp,
+    /// A structured field as JSON text; not filterable or sortable.
+    Json,
+}
+
+/// One field of a record table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Column {
+    pub name: &'static str,
+    pub kind: ColumnKind,
+}
+
+impl Column {
+    /// True when list filters and ordering may use the column.
+    pub fn is_scalar(&self) -> bool {
+        self.kind != ColumnKind::Json
+    }
+}
+
+const fn column(name: &'static str, kind: ColumnKind) -> Column {
+    Column { name, kind }
+}
+
+use ColumnKind::{Bool, Integer, Json, Real, Text, Timestamp as Ts};
+
+/// The fields of a container request, in the order of the table.
+pub const REQUEST_COLUMNS: &[Column] = &[
+    column("uuid", Text),
+    column("owner_uuid", Text),
+    column("created_at", Ts),
+    column("modified_at", Ts),
+    column("modified_by_user_uuid", Text),
+    column("name", Text),
+    column("description", Text),
+    column("properties", Json),
+    column("state", Text),
+    column("requesting_container_uuid", Text),
+    column("container_uuid", Text),
+    column("container_count", Integer),
+    column("container_count_max", Integer),
+    column("mounts", Json),
+    column("runtime_constraints", Json),
+    column("scheduling_parameters", Json),
+    column("container_image", Text),
+    column("environment", Json),
+    column("cwd", Text),
+    column("command", Json),
+    column("output_path", Text),
+    column("output_glob", Json),
+    column("output_name", Text),
+    column("output_ttl", Integer),
+    column("priority", Integer),
+    column("expires_at", Ts),
+    column("use_existing", Bool),
+    column("filters", Text),
+    column("log_uuid", Text),
+    column("output_uuid", Text),
+    column("output_storage_classes", Json),
+    column("output_properties", Json),
+    column("cumulative_cost", Real),
+    column("service", Bool),
+    column("published_ports", Json),
+];
+
+/// The fields of a container, in the order of the table.
+pub const CONTAINER_COLUMNS: &[Column] = &[
+    column("uuid", Text),
+    column("owner_uuid", Text),
+    column("created_at", Ts),
+    column("modified_at", Ts),
+    column("modified_by_user_uuid", Text),
+    column("state", Text),
+    column("started_at", Ts),
+    column("finished_at", Ts),
+    column("log", Text),
+    column("environment", Json),
+    column("cwd", Text),
+    column("command", Json),
+    column("output_path", Text),
+    column("output_glob", Json),
+    column("mounts", Json),
+    column("runtime_constraints", Json),
+    column("runtime_status", Json),
+    column("scheduling_parameters", Json),
+    column("output", Text),
+    column("container_image", Text),
+    column("progress", Real),
+    column("priority", Integer),
+    column("exit_code", Integer),
+    column("auth_uuid", Text),
+    column("locked_by_uuid", Text),
+    column("lock_count", Integer),
+    column("runtime_user_uuid", Text),
+    column("runtime_auth_scopes", Json),
+    column("gateway_address", Text),
+    column("interactive_session_started", Bool),
+    column("output_storage_classes", Json),
+    column("output_properties", Json),
+    column("cost", Real),
+    column("subrequests_cost", Real),
+    column("service", Bool),
+    column("published_ports", Json),
+    column("scheduler_job_id", Text),
+];
+
+/// Finds a column by name in one of the column lists.
+pub fn find_column(columns: &'static [Column], name: &str) -> Option<&'static Column> {
+    columns.iter().find(|column| column.name == name)
+}
+
+/// Comparison of a list filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterOp {
+    Eq,
+    NotEq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    In,
+    NotIn,
+    /// SQL `LIKE` with `%` and `_`, case-sensitive.
+    Like,
+    /// `LIKE`, ignoring ASCII case.
+    ILike,
+}
+
+/// A scalar operand, already converted to the column's kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Text(String),
+    Integer(i64),
+    Real(f64),
+    Bool(bool),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operand {
+    /// `= null` and `!= null`: IS NULL and IS NOT NULL.
+    Null,
+    One(Scalar),
+    /// The operand of `in` and `not in`.
+    List(Vec<Scalar>),
+}
+
+/// One `[attribute, operator, operand]` condition, checked against the
+/// column's kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    pub column: &'static Column,
+    pub op: FilterOp,
+    pub operand: Operand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Order {
+    pub column: &'static Column,
+    pub descending: bool,
+}
+
+/// A list call: filters (all must hold), order, page, and whose rows the
+/// caller may see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListQuery {
+    pub visibility: Visibility,
+    pub filters: Vec<Filter>,
+    /// Sort keys; the store appends `uuid` for a total order.
+    pub order: Vec<Order>,
+    pub limit: u64,
+    pub offset: u64,
+    /// Whether to count all matching rows (`items_available`).
+    pub count: bool,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<Versioned<T>>,
+    /// All rows matching the filters, when the query asked for a count.
+    pub items_available: Option<u64>,
+}
+
+/// An update of a container request, built from the version it names.
+#[derive(Debug, Clone)]
+pub struct RequestWrite {
+    pub record: ContainerRequest,
+    pub expected_version: i64,
+    /// A container created for this request as it is committed, inserted
+    /// in the same transaction.
+    pub new_container: Option<Container>,
+}
+
+/// Secrets minted when a container is locked, as the store keeps them.
+#[derive(Debug, Clone)]
+pub struct MintedCredentials {
+    pub token: ApiToken,
+    pub gateway_secret_sha256: String,
+}
+
+/// What a container write does to the container's credentials.
+#[derive(Debug, Clone)]
+pub enum CredentialChange {
+    Keep,
+    /// Store a new container token and gateway secret (lock).
+    Mint(MintedCredentials),
+    /// Revoke the container token and forget the gateway secret (unlock,
+    /// final state).
+    Revoke { token_uuid: Option<String> },
+}
+
+/// An update of a container, built from the version it names.
+#[derive(Debug, Clone)]
+pub struct ContainerWrite {
+    pub record: Container,
+    pub expected_version: i64,
+    pub credentials: CredentialChange,
+    /// Move every Committed request of this container to Final (the
+    /// container has reached a final state).
+    pub finalize_requests: bool,
+}
+
+/// A live log stream of a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    /// Messages of the supervisor itself.
+    Supervisor,
+}
+
+impl LogStream {
+    pub const ALL: [LogStream; 3] = [LogStream::Stdout, LogStream::Stderr, LogStream::Supervisor];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Supervisor => "supervisor",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<LogStream> {
+        LogStream::ALL.into_iter().find(|stream| stream.as_str() == name)
+    }
+}
+
+impl FromStr for LogStream {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, Self::Err> {
+        LogStream::parse(name).ok_or_else(|| {
+            format!("invalid log stream {name:?}: expected stdout, stderr or supervisor")
+        })
+    }
+}
+
+/// The result of appending to a log stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    /// The stream now has `size` bytes; `added` of them are new (0 when
+    /// the store already had every byte sent).
+    Appended { size: u64, added: u64 },
+    /// The offset is past the end of the stream, which has `size` bytes.
+    Gap { size: u64 },
+}
+
+/// The controller's durable state. See the module documentation for the
+/// concurrency contract.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Closes the connections, waiting for those in use.
+    async fn close(&self);
+
+    /// Inserts a user and the user's first token in one transaction.
+    async fn insert_user(&self, user: &User, token: &ApiToken) -> Result<()>;
+
+    async fn get_user(&self, uuid: &str) -> Result<Option<User>>;
+
+    async fn get_token(&self, uuid: &str) -> Result<Option<ApiToken>>;
+
+    /// Inserts a new request, and the container created for it when it is
+    /// created Committed, in one transaction.
+    async fn insert_request(
+        &self,
+        request: &ContainerRequest,
+        container: Option<&Container>,
+    ) -> Result<Versioned<ContainerRequest>>;
+
+    async fn get_request(&self, uuid: &str) -> Result<Option<Versioned<ContainerRequest>>>;
+
+    async fn list_requests(&self, query: &ListQuery) -> Result<Page<ContainerRequest>>;
+
+    /// Applies a request update and recomputes the priority of the
+    /// request's container, in one transaction.
+    async fn update_request(&self, write: &RequestWrite) -> Result<Versioned<ContainerRequest>>;
+
+    async fn get_container(&self, uuid: &str) -> Result<Option<Versioned<Container>>>;
+
+    async fn list_containers(&self, query: &ListQuery) -> Result<Page<Container>>;
+
+    /// True if a request owned by `user_uuid` names the container.
+    async fn container_requested_by(&self, container_uuid: &str, user_uuid: &str) -> Result<bool>;
+
+    /// Applies a container update with its credential change and request
+    /// finalisation, in one transaction.
+    async fn update_container(&self, write: &ContainerWrite) -> Result<Versioned<Container>>;
+
+    /// The size in bytes of a log stream (0 when nothing was appended).
+    async fn log_size(&self, container_uuid: &str, stream: LogStream) -> Result<u64>;
+
+    /// Appends `data` at byte `offset`: bytes the store already has are
+    /// skipped, the rest is added at the end.
+    async fn append_log(
+        &self,
+        container_uuid: &str,
+        stream: LogStream,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<AppendOutcome>;
+
+    /// Reads at most `max_bytes` from `offset`; returns the bytes and the
+    /// stream's size.
+    async fn read_log(
+        &self,
+        container_uuid: &str,
+        stream: LogStream,
+        offset: u64,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, u64)>;
+}
+
+/// Opens the store a database URL names, creating and migrating the
+/// database as needed. Only `sqlite://PATH` is supported so far.
+pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn Store>> {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        let store = sqlite::SqliteStore::open(url, std::path::Path::new(path), max_connections).await?;
+        return Ok(Arc::new(store));
+    }
+    let reason = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        "PostgreSQL is not supported yet: use sqlite://PATH"
+    } else {
+        "expected sqlite://PATH, for example sqlite:///var/lib/berth/berth.db"
+    };
+    Err(StoreError::InvalidUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn sample_request() -> ContainerRequest {
+        serde_json::from_value(serde_json::json!({
+            "uuid": "zzzzz-xvhdp-0123456789abcde",
+            "owner_uuid": "zzzzz-tpzed-0123456789abcde",
+            "created_at": "2024-01-01T00:00:00.000000000Z",
+            "modified_at": "2024-01-01T00:00:00.000000000Z",
+            "state": "Uncommitted",
+        }))
+        .unwrap()
+    }
+
+    fn sample_container() -> Container {
+        serde_json::from_value(serde_json::json!({
+            "uuid": "zzzzz-dz642-0123456789abcde",
+            "owner_uuid": "zzzzz-tpzed-000000000000000",
+            "created_at": "2024-01-01T00:00:00.000000000Z",
+            "modified_at": "2024-01-01T00:00:00.000000000Z",
+            "state": "Queued",
+            "cwd": ".",
+            "output_path": "/out",
+            "container_image": "busybox",
+        }))
+        .unwrap()
+    }
+
+    fn keys(value: serde_json::Value) -> BTreeSet<String> {
+        value.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn names(columns: &[Column]) -> BTreeSet<String> {
+        columns.iter().map(|c| c.name.to_string()).collect()
+    }
+
+    /// A field added to the records without a column would be lost on
+    /// write; a column without a field would never be filled.
+    #[test]
+    fn columns_match_record_fields() {
+        let request = serde_json::to_value(sample_request()).unwrap();
+        assert_eq!(keys(request), names(REQUEST_COLUMNS));
+        let container = serde_json::to_value(sample_container()).unwrap();
+        assert_eq!(keys(container), names(CONTAINER_COLUMNS));
+    }
+
+    #[test]
+    fn unsupported_url_is_named() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = runtime
+            .block_on(open("postgres://localhost/berth", 1))
+            .unwrap_err();
+        assert!(err.to_string().contains("postgres://localhost/berth"), "{err}");
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+    }
+}
