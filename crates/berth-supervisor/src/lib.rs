@@ -1,19 +1,53 @@
 //! The supervisor: runs one container from `Locked` to its final state.
+//!
+//! `berth supervise UUID` runs inside the container's batch job, with the
+//! container's own API token from the credentials file. It checks that
+//! the container is `Locked` and runs it through a container [`Runtime`].
+//! While the container runs, its stdout and stderr stream to the
+//! controller. At the end the supervisor records `Complete` with the exit
+//! code, or `Cancelled` with the reason when the container was stopped or
+//! could not run.
+//!
+//! Modules, in the order a run uses them:
+//! - [`config`]: the `supervisor` section of the configuration file;
+//! - [`stop`]: the stop request that SIGTERM and SIGINT make;
+//! - [`mounts`]: the container's mounts, planned and created on the host;
+//! - [`image`]: what a `docker save` archive holds;
+//! - [`spec`]: the container record turned into a runtime spec;
+//! - [`runtime`]: the runtime contract and the Docker Engine API runtime;
+//! - [`logs`]: log streams sent to the controller at byte offsets;
+//! - [`retry`]: backoff for transient failures;
+//! - `run`: the steps of one run, its cleanup and its final state.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod config;
+pub mod image;
+pub mod logs;
+pub mod mounts;
+pub mod retry;
+mod run;
+pub mod runtime;
+pub mod spec;
+pub mod stop;
+
+use anyhow::Context;
 use berth_client::JobCredentials;
-use serde::Deserialize;
 
-/// The `supervisor` section of the configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Docker Engine API socket, such as `unix:///run/podman/podman.sock`;
-    /// `DOCKER_HOST` when unset.
-    pub docker_host: Option<String>,
-}
+pub use config::Config;
+pub use run::{supervise_until, EXIT_NOT_RECORDED, EXIT_RECORDED};
+pub use runtime::docker::DockerRuntime;
+pub use runtime::Runtime;
+pub use stop::{stop_on_signals, StopHandle};
 
-/// Runs the container the credentials belong to. Returns the process exit
-/// status `berth supervise` should end with.
-pub async fn supervise(_config: Config, _credentials: JobCredentials) -> anyhow::Result<i32> {
-    anyhow::bail!("not built yet")
+/// Runs the container the credentials belong to, stopping it on SIGTERM
+/// or SIGINT. Returns the exit status `berth supervise` should end with:
+/// [`EXIT_RECORDED`] when a final state was recorded, otherwise
+/// [`EXIT_NOT_RECORDED`].
+pub async fn supervise(config: Config, credentials: JobCredentials) -> anyhow::Result<i32> {
+    let stop = StopHandle::new();
+    let signals = stop_on_signals(stop.clone()).context("failed to install the SIGTERM and SIGINT handlers")?;
+    let status = supervise_until(config, credentials, stop).await;
+    signals.abort();
+    status
 }

@@ -1,0 +1,203 @@
+//! The `supervisor` section of the configuration file.
+//!
+//! Every key has a default, so an empty section (or none at all) is a
+//! working configuration. Durations are written as a number of seconds
+//! (`10`, `0.25`) or as a number with a unit (`250ms`, `10s`, `5m`, `1h`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The Docker Engine API socket used when neither the configuration nor
+/// `DOCKER_HOST` names one.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// The `supervisor` section of the configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Docker Engine API endpoint, such as `unix:///run/podman/podman.sock`
+    /// or `tcp://127.0.0.1:2375`. When unset, `DOCKER_HOST` is used, and
+    /// then `unix:///var/run/docker.sock`.
+    pub docker_host: Option<String>,
+    /// Grace period between the polite stop signal (the image's stop
+    /// signal, normally SIGTERM) and SIGKILL when a container is stopped.
+    /// Default 10 s.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub stop_timeout: Duration,
+    /// Docker network mode for containers that may use the network
+    /// (`runtime_constraints.API` is true), such as `bridge` or `host`.
+    /// When unset the runtime's default network is used. Containers
+    /// without `API` always get network mode `none`.
+    pub network_mode: Option<String>,
+    /// Directory under which the supervisor creates the host side of `tmp`
+    /// mounts and the files of `json` and `text` mounts. When unset,
+    /// `TMPDIR` is used, and then `/tmp`.
+    pub temp_dir: Option<PathBuf>,
+    /// How long ordinary API calls (fetching the container, setting
+    /// `Running`) are retried after transient failures. Default 2 min.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub api_retry_timeout: Duration,
+    /// How long the final state update (`Complete` or `Cancelled`) is
+    /// retried after transient failures. Losing it loses the exit code, so
+    /// this is longer than `api_retry_timeout`. Default 5 min.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub final_update_timeout: Duration,
+    /// A log stream's buffer is sent to the controller once it holds this
+    /// many bytes. Default 65536 (64 KiB).
+    pub log_flush_bytes: usize,
+    /// A log stream's buffer is sent to the controller at most this long
+    /// after its first unsent byte arrived. Default 250 ms.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub log_flush_interval: Duration,
+    /// How long one log append is retried after transient failures before
+    /// the stream gives up; the bytes of a stream that gave up are
+    /// counted and dropped, and the final state records a warning.
+    /// Default 5 min.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub log_retry_timeout: Duration,
+    /// How long to wait for the container's output streams to end after
+    /// the container exited. Default 60 s.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub output_drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            docker_host: None,
+            stop_timeout: Duration::from_secs(10),
+            network_mode: None,
+            temp_dir: None,
+            api_retry_timeout: Duration::from_secs(120),
+            final_update_timeout: Duration::from_secs(300),
+            log_flush_bytes: 64 * 1024,
+            log_flush_interval: Duration::from_millis(250),
+            log_retry_timeout: Duration::from_secs(300),
+            output_drain_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Config {
+    /// Returns the Docker Engine API endpoint: `docker_host`, else
+    /// `DOCKER_HOST`, else [`DEFAULT_DOCKER_HOST`].
+    pub fn resolve_docker_host(&self) -> String {
+        resolve_docker_host(self.docker_host.as_deref(), std::env::var("DOCKER_HOST").ok())
+    }
+
+    /// Returns the directory for mount data: `temp_dir`, else the system's
+    /// temporary directory.
+    pub fn resolve_temp_dir(&self) -> PathBuf {
+        self.temp_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+fn resolve_docker_host(configured: Option<&str>, environment: Option<String>) -> String {
+    configured
+        .filter(|host| !host.is_empty())
+        .map(str::to_string)
+        .or_else(|| environment.filter(|host| !host.is_empty()))
+        .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string())
+}
+
+/// Durations written as seconds or as a number with a unit.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    /// Parses `250ms`, `10s`, `5m`, `1h`, or a bare number of seconds.
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let invalid = || {
+            format!("invalid duration {text:?}: expected a number with an optional unit ms, s, m or h, for example 10s")
+        };
+        let value: f64 = number.parse().map_err(|_| invalid())?;
+        let seconds = match unit.trim() {
+            "ms" => value / 1000.0,
+            "" | "s" => value,
+            "m" => value * 60.0,
+            "h" => value * 3600.0,
+            _ => return Err(invalid()),
+        };
+        Duration::try_from_secs_f64(seconds).map_err(|_| invalid())
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Seconds(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        match Written::deserialize(deserializer)? {
+            Written::Seconds(seconds) => Duration::try_from_secs_f64(seconds).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {seconds}: expected a non-negative number of seconds"
+                ))
+            }),
+            Written::Text(text) => parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_section_gives_defaults() {
+        let config: Config = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.stop_timeout, Duration::from_secs(10));
+        assert_eq!(config.final_update_timeout, Duration::from_secs(300));
+        assert_eq!(config.log_flush_bytes, 65536);
+    }
+
+    #[test]
+    fn durations_accept_units_and_seconds() {
+        let config: Config = serde_yaml::from_str(
+            "stop_timeout: 2\nlog_flush_interval: 100ms\nfinal_update_timeout: 10m\napi_retry_timeout: 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(config.stop_timeout, Duration::from_secs(2));
+        assert_eq!(config.log_flush_interval, Duration::from_millis(100));
+        assert_eq!(config.final_update_timeout, Duration::from_secs(600));
+        assert_eq!(config.api_retry_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bad_duration_names_the_value() {
+        let err = serde_yaml::from_str::<Config>("stop_timeout: 10 parsecs\n").unwrap_err();
+        assert!(err.to_string().contains("10 parsecs"), "{err}");
+        assert!(duration::parse("-1s").is_err());
+        assert!(duration::parse("").is_err());
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = serde_yaml::from_str::<Config>("stop_timeot: 3\n").unwrap_err();
+        assert!(err.to_string().contains("stop_timeot"), "{err}");
+    }
+
+    #[test]
+    fn docker_host_prefers_config_then_environment() {
+        assert_eq!(
+            resolve_docker_host(Some("unix:///a.sock"), Some("unix:///b.sock".into())),
+            "unix:///a.sock"
+        );
+        assert_eq!(
+            resolve_docker_host(None, Some("unix:///b.sock".into())),
+            "unix:///b.sock"
+        );
+        assert_eq!(resolve_docker_host(None, None), DEFAULT_DOCKER_HOST);
+        assert_eq!(resolve_docker_host(Some(""), Some(String::new())), DEFAULT_DOCKER_HOST);
+    }
+}

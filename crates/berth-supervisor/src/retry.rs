@@ -1,0 +1,137 @@
+//! Retrying transient failures with exponential backoff and jitter.
+//!
+//! A caller classifies each failure: a transient one (no answer, a timeout,
+//! a busy or failing server) is tried again after a growing, randomised
+//! delay until a time budget runs out; any other failure is returned at
+//! once, because repeating a rejected request cannot change the answer.
+
+use std::future::Future;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+/// Delays between attempts: the cap doubles from `initial` up to `max`,
+/// and each delay is drawn from the upper half of the cap ("equal
+/// jitter"), so delays still grow while retries from many supervisors
+/// spread out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+/// Backoff for calls to the controller.
+pub const API_BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(200),
+    max: Duration::from_secs(15),
+};
+
+impl Backoff {
+    /// Returns the delay before retry number `attempt` (0 for the first).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.min(31));
+        let cap = self.initial.saturating_mul(factor).min(self.max);
+        let half = cap / 2;
+        let jitter = rand::thread_rng().gen_range(0..=half.as_micros().min(u64::MAX as u128) as u64);
+        half + Duration::from_micros(jitter)
+    }
+}
+
+/// Runs `operation` until it succeeds, fails with an error that
+/// `is_transient` rejects, or the next delay would end past `budget`
+/// (measured from the first attempt). Returns the last error then.
+pub async fn retry<T, E, F, Fut>(
+    what: &str,
+    budget: Duration,
+    backoff: Backoff,
+    is_transient: impl Fn(&E) -> bool,
+    mut operation: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let started = Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        let error = match operation().await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        if !is_transient(&error) {
+            return Err(error);
+        }
+        let delay = backoff.delay(attempt);
+        if started.elapsed() + delay > budget {
+            tracing::warn!(attempts = attempt + 1, error = %error, "{what} failed; giving up after {:?}", started.elapsed());
+            return Err(error);
+        }
+        tracing::warn!(attempt = attempt + 1, retry_in = ?delay, error = %error, "{what} failed; retrying");
+        tokio::time::sleep(delay).await;
+        attempt += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    const FAST: Backoff = Backoff {
+        initial: Duration::from_millis(1),
+        max: Duration::from_millis(4),
+    };
+
+    #[test]
+    fn delays_grow_to_the_cap_with_jitter() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for _ in 0..50 {
+            let first = backoff.delay(0);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+            let late = backoff.delay(30);
+            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1), "{late:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_until_success() {
+        let calls = Cell::new(0);
+        let result: Result<u32, String> = retry("test call", Duration::from_secs(5), FAST, |_| true, || {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move { if n < 3 { Err(format!("failure {n}")) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(result, Ok(3));
+        assert_eq!(calls.get(), 3);
+    }
+
+    #[tokio::test]
+    async fn permanent_failure_is_returned_at_once() {
+        let calls = Cell::new(0);
+        let result: Result<(), String> = retry("test call", Duration::from_secs(5), FAST, |_| false, || {
+            calls.set(calls.get() + 1);
+            async { Err("rejected".to_string()) }
+        })
+        .await;
+        assert_eq!(result, Err("rejected".to_string()));
+        assert_eq!(calls.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn retries_stop_when_the_budget_is_spent() {
+        let calls = Cell::new(0);
+        let result: Result<(), String> = retry("test call", Duration::from_millis(30), FAST, |_| true, || {
+            calls.set(calls.get() + 1);
+            async { Err("unavailable".to_string()) }
+        })
+        .await;
+        assert!(result.is_err());
+        assert!(calls.get() > 1, "only {} calls", calls.get());
+    }
+}

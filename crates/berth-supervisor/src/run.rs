@@ -1,0 +1,581 @@
+//! One run of one container, from `Locked` to its final state.
+//!
+//! The steps, in order:
+//! 1. fetch the record and check that it is `Locked`;
+//! 2. plan the mounts, connect to the runtime and make the image available;
+//! 3. create the mounts' host side and the runtime container, and attach
+//!    to its output;
+//! 4. start the container, set `Running` and wait for its exit.
+//!
+//! Then, on every path, the cleanup runs: it stops the container if it
+//! still runs, drains and flushes its output, removes it and deletes the
+//! mounts. Last comes the final state: `Complete` with the exit code when
+//! the container exited, else `Cancelled` with `runtime_status.error`
+//! saying why.
+//!
+//! A stop request (SIGTERM, SIGINT) ends whichever step is under way; a
+//! request that arrives before the start prevents it. The container's
+//! token may change `Locked` to `Cancelled`, so failures before `Running`
+//! end in `Cancelled` as well.
+//!
+//! [`Run`] owns everything the run created, and its cleanup path runs
+//! whatever the steps returned; a `Drop` guard removes the runtime
+//! container too, should the run itself be dropped half-way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_client::{Client, ClientError};
+use berth_core::{Container, ContainerState};
+use futures::StreamExt;
+use serde_json::{json, Map, Value};
+use tokio::task::{JoinError, JoinHandle};
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::logs::{ApiLogSink, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog};
+use crate::mounts::{plan_mounts, MountError, PreparedMounts};
+use crate::retry::{retry, API_BACKOFF};
+use crate::runtime::docker::DockerRuntime;
+use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
+use crate::spec::{container_spec, SpecError};
+use crate::stop::StopHandle;
+
+/// Exit status of `berth supervise` when a final state was recorded.
+pub const EXIT_RECORDED: i32 = 0;
+
+/// Exit status of `berth supervise` when no final state was recorded:
+/// the container was not `Locked`, or the final update failed.
+pub const EXIT_NOT_RECORDED: i32 = 1;
+
+/// Extra time allowed, after the stop grace period, for the runtime to
+/// report that a stopped container has exited.
+const STOP_MARGIN: Duration = Duration::from_secs(30);
+
+/// Attempts at removing the runtime container before giving up.
+const REMOVE_ATTEMPTS: u32 = 3;
+
+/// The reason the steps ended before the container exited.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// A stop was requested; the text is its reason.
+    #[error("{0}")]
+    Stopped(String),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("failed to set the container Running: {0}")]
+    SetRunning(#[source] ClientError),
+    #[error("failed to prepare the mounts: {0}")]
+    Task(#[from] JoinError),
+}
+
+/// The end of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// The container ran and exited with this status.
+    Exited(i64),
+    /// The run ended without an exit status, for this reason.
+    Cancelled(String),
+}
+
+/// Runs the container the credentials belong to until its final state is
+/// recorded or `stop` ends it. Returns [`EXIT_RECORDED`] or
+/// [`EXIT_NOT_RECORDED`]; an error means the run could not begin.
+pub async fn supervise_until(
+    config: Config,
+    credentials: berth_client::JobCredentials,
+    stop: StopHandle,
+) -> anyhow::Result<i32> {
+    let uuid = credentials.container_uuid.clone();
+    let client = Client::new(credentials.settings())
+        .map_err(|err| anyhow::anyhow!("failed to build the API client for container {uuid}: {err}"))?;
+    let span = tracing::info_span!("supervise", container = %uuid);
+    Ok(supervise_container(&config, client, uuid, stop).instrument(span).await)
+}
+
+async fn supervise_container(config: &Config, client: Client, uuid: String, stop: StopHandle) -> i32 {
+    let fetched = retry(
+        "fetching the container",
+        config.api_retry_timeout,
+        API_BACKOFF,
+        ClientError::is_transient,
+        || client.get_container(&uuid),
+    )
+    .await;
+    let container = match fetched {
+        Ok(container) => container,
+        Err(error) => {
+            tracing::error!(error = %error, "failed to fetch the container; its state is left unchanged");
+            return EXIT_NOT_RECORDED;
+        }
+    };
+    if container.uuid != uuid {
+        tracing::error!(returned = %container.uuid, "the API returned another container; its state is left unchanged");
+        return EXIT_NOT_RECORDED;
+    }
+    if container.state != ContainerState::Locked {
+        tracing::error!(
+            state = %container.state,
+            "the container is {}, not Locked, so it is not this supervisor's to run; its state is left unchanged",
+            container.state
+        );
+        return EXIT_NOT_RECORDED;
+    }
+
+    let sink: Arc<dyn LogSink> = Arc::new(ApiLogSink::new(client.clone(), uuid.clone()));
+    let log_settings = LogSettings::from_config(config);
+    let log = SupervisorLog::new();
+    let supervisor_writer = LogWriter::spawn(sink.clone(), "supervisor", log_settings);
+    let forward = log.attach(&supervisor_writer);
+    log.info(format!(
+        "berth {} supervising container {uuid} on {}",
+        env!("CARGO_PKG_VERSION"),
+        hostname()
+    ));
+
+    let mut run = Run {
+        config,
+        client: &client,
+        uuid: &uuid,
+        stop: &stop,
+        log: &log,
+        sink,
+        log_settings,
+        runtime: None,
+        container: None,
+        started: false,
+        exited: false,
+        mounts: None,
+        output: None,
+        warnings: Vec::new(),
+        cleaned_up: false,
+    };
+    let outcome = match run.execute(&container).await {
+        Ok(code) => Outcome::Exited(code),
+        Err(RunError::Stopped(reason)) => {
+            log.warn(format!("stopping: {reason}"));
+            Outcome::Cancelled(reason)
+        }
+        Err(error) => {
+            let message = error.to_string();
+            log.error(&message);
+            Outcome::Cancelled(message)
+        }
+    };
+    run.cleanup().await;
+    let mut warnings = std::mem::take(&mut run.warnings);
+    drop(run);
+
+    let state = match outcome {
+        Outcome::Exited(_) => ContainerState::Complete,
+        Outcome::Cancelled(_) => ContainerState::Cancelled,
+    };
+    log.info(format!("setting the final state {state}"));
+    log.detach();
+    let _ = forward.await;
+    warnings.extend(stream_warning(&supervisor_writer.close().await));
+
+    let attributes = final_attributes(&outcome, &warnings);
+    let recorded = retry(
+        "recording the final state",
+        config.final_update_timeout,
+        API_BACKOFF,
+        ClientError::is_transient,
+        || client.update_container(&uuid, &attributes),
+    )
+    .await;
+    match recorded {
+        Ok(_) => {
+            tracing::info!("recorded the final state {state}");
+            EXIT_RECORDED
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "failed to record the final state {state}");
+            EXIT_NOT_RECORDED
+        }
+    }
+}
+
+/// The resources one run created, and the steps that create them.
+struct Run<'a> {
+    config: &'a Config,
+    client: &'a Client,
+    uuid: &'a str,
+    stop: &'a StopHandle,
+    log: &'a SupervisorLog,
+    sink: Arc<dyn LogSink>,
+    log_settings: LogSettings,
+    runtime: Option<Arc<dyn Runtime>>,
+    /// The runtime container, until it is removed.
+    container: Option<ContainerId>,
+    started: bool,
+    /// Whether the runtime reported the container's exit.
+    exited: bool,
+    mounts: Option<PreparedMounts>,
+    output: Option<Output>,
+    /// Problems that did not change the outcome; recorded in
+    /// `runtime_status.warning`.
+    warnings: Vec<String>,
+    /// Whether [`Run::cleanup`] has run.
+    cleaned_up: bool,
+}
+
+/// The container's output on its way to the log streams.
+struct Output {
+    /// Copies the runtime's output stream into the two writers; ends with
+    /// the container's output.
+    pump: JoinHandle<Result<(), RuntimeError>>,
+    stdout: LogWriter,
+    stderr: LogWriter,
+}
+
+impl Run<'_> {
+    /// Runs the steps up to the container's exit and returns its exit
+    /// status. Leaves cleaning up to [`Run::cleanup`].
+    async fn execute(&mut self, container: &Container) -> Result<i64, RunError> {
+        self.check_stop()?;
+        let plan = plan_mounts(&container.mounts)?;
+        let source = ImageSource::from_container_image(&container.container_image);
+
+        let endpoint = self.config.resolve_docker_host();
+        let runtime: Arc<dyn Runtime> =
+            Arc::new(self.until_stopped(DockerRuntime::connect(&endpoint)).await??);
+        self.runtime = Some(runtime.clone());
+        self.log.info(format!("container runtime: {}", runtime.description()));
+
+        self.log.info(format!("preparing {source}"));
+        let image = self.until_stopped(runtime.ensure_image(&source)).await??;
+        self.log.info(format!("using image {image}"));
+
+        let base = self.config.resolve_temp_dir();
+        let uuid = self.uuid.to_string();
+        let prepared = tokio::task::spawn_blocking(move || plan.prepare(&base, &uuid)).await??;
+        let binds = prepared.binds.clone();
+        self.mounts = Some(prepared);
+        for bind in &binds {
+            let mode = if bind.read_only { "read-only" } else { "read-write" };
+            self.log.info(format!("mount {} ({mode})", bind.container_path));
+        }
+
+        let spec = container_spec(container, image, binds, self.config.network_mode.as_deref())?;
+        self.check_stop()?;
+        let id = runtime.create(&spec).await?;
+        self.container = Some(id.clone());
+        self.log.info(format!("created runtime container {} ({id})", spec.name));
+
+        let output = runtime.attach(&id).await?;
+        self.start_output(output);
+        self.check_stop()?;
+        runtime.start(&id).await?;
+        self.started = true;
+        self.log.info("started the container");
+
+        self.check_stop()?;
+        self.until_stopped(self.set_running()).await??;
+        self.log.info("state Running");
+
+        let code = self.until_stopped(runtime.wait(&id)).await??;
+        self.exited = true;
+        self.log.info(format!("the container exited with status {}", describe_exit(code)));
+        Ok(code)
+    }
+
+    fn check_stop(&self) -> Result<(), RunError> {
+        if self.stop.is_stopped() {
+            Err(self.stopped())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn stopped(&self) -> RunError {
+        RunError::Stopped(self.stop.reason().unwrap_or("cancelled by a stop request").to_string())
+    }
+
+    /// Runs `step` unless a stop is requested first.
+    async fn until_stopped<T>(&self, step: impl std::future::Future<Output = T>) -> Result<T, RunError> {
+        tokio::select! {
+            value = step => Ok(value),
+            () = self.stop.stopped() => Err(self.stopped()),
+        }
+    }
+
+    async fn set_running(&self) -> Result<(), RunError> {
+        let attributes = json!({ "state": ContainerState::Running.as_str() });
+        retry(
+            "setting the container Running",
+            self.config.api_retry_timeout,
+            API_BACKOFF,
+            ClientError::is_transient,
+            || self.client.update_container(self.uuid, &attributes),
+        )
+        .await
+        .map(drop)
+        .map_err(RunError::SetRunning)
+    }
+
+    fn start_output(&mut self, mut output: OutputStream) {
+        let stdout = LogWriter::spawn(self.sink.clone(), StdStream::Stdout.as_str(), self.log_settings);
+        let stderr = LogWriter::spawn(self.sink.clone(), StdStream::Stderr.as_str(), self.log_settings);
+        let (to_stdout, to_stderr) = (stdout.input(), stderr.input());
+        let pump = tokio::spawn(
+            async move {
+                while let Some(chunk) = output.next().await {
+                    let chunk = chunk?;
+                    match chunk.stream {
+                        StdStream::Stdout => to_stdout.send(chunk.data).await,
+                        StdStream::Stderr => to_stderr.send(chunk.data).await,
+                    }
+                }
+                Ok(())
+            }
+            .in_current_span(),
+        );
+        self.output = Some(Output { pump, stdout, stderr });
+    }
+
+    /// Stops the container if it still runs, flushes its output, removes
+    /// it and deletes the mounts. Runs after every outcome; problems
+    /// become warnings.
+    async fn cleanup(&mut self) {
+        if let (Some(runtime), Some(id)) = (self.runtime.clone(), self.container.clone()) {
+            if self.started && !self.exited {
+                self.stop_container(runtime.as_ref(), &id).await;
+            }
+        }
+        self.flush_output().await;
+        if let (Some(runtime), Some(id)) = (self.runtime.clone(), self.container.clone()) {
+            self.remove_container(runtime.as_ref(), &id).await;
+        }
+        if let Some(mounts) = self.mounts.take() {
+            let root = mounts.root().map(|path| path.display().to_string());
+            let removed = match tokio::task::spawn_blocking(move || mounts.remove()).await {
+                Ok(result) => result,
+                Err(error) => Err(std::io::Error::other(error)),
+            };
+            if let (Err(error), Some(root)) = (removed, root) {
+                self.warn(format!("failed to delete the mount directory {root}: {error}"));
+            }
+        }
+        self.cleaned_up = true;
+    }
+
+    async fn stop_container(&mut self, runtime: &dyn Runtime, id: &ContainerId) {
+        let grace = self.config.stop_timeout;
+        self.log.info(format!(
+            "stopping the container: its stop signal, then SIGKILL after {}s",
+            grace.as_secs_f64()
+        ));
+        if let Err(error) = runtime.stop(id, grace).await {
+            self.warn(format!("failed to stop the container: {error}"));
+            return;
+        }
+        match tokio::time::timeout(grace + STOP_MARGIN, runtime.wait(id)).await {
+            Ok(Ok(code)) => {
+                self.exited = true;
+                self.log.info(format!("the stopped container exited with status {}", describe_exit(code)));
+            }
+            Ok(Err(error)) => self.warn(format!("failed to wait for the stopped container: {error}")),
+            Err(_) => self.warn(format!(
+                "the container did not exit within {}s of being stopped",
+                (grace + STOP_MARGIN).as_secs()
+            )),
+        }
+    }
+
+    /// Waits for the output to end (it ends with the container's), then
+    /// closes the log writers, which send what they hold.
+    async fn flush_output(&mut self) {
+        let Some(Output { mut pump, stdout, stderr }) = self.output.take() else {
+            return;
+        };
+        if self.exited {
+            let drain = self.config.output_drain_timeout;
+            match tokio::time::timeout(drain, &mut pump).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(error))) => self.warn(format!("the container's output ended with an error: {error}")),
+                Ok(Err(error)) => self.warn(format!("the output task failed: {error}")),
+                Err(_) => {
+                    pump.abort();
+                    self.warn(format!(
+                        "the container's output did not end within {}s of its exit; the stdout and stderr logs may be incomplete",
+                        drain.as_secs()
+                    ));
+                }
+            }
+        } else {
+            // The container never ran or never exited: whatever arrived has
+            // been forwarded, and the rest will not come.
+            pump.abort();
+        }
+        for summary in [stdout.close().await, stderr.close().await] {
+            if let Some(warning) = stream_warning(&summary) {
+                self.warn(warning);
+            }
+        }
+    }
+
+    async fn remove_container(&mut self, runtime: &dyn Runtime, id: &ContainerId) {
+        let mut last_error = None;
+        for attempt in 0..REMOVE_ATTEMPTS {
+            match runtime.remove(id).await {
+                Ok(()) => {
+                    self.container = None;
+                    self.log.info("removed the runtime container");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(attempt = attempt + 1, error = %error, "failed to remove the runtime container");
+                    last_error = Some(error);
+                    tokio::time::sleep(API_BACKOFF.delay(attempt)).await;
+                }
+            }
+        }
+        if let Some(error) = last_error {
+            self.warn(format!("failed to remove the runtime container {id}: {error}"));
+        }
+    }
+
+    fn warn(&mut self, warning: String) {
+        self.log.warn(&warning);
+        self.warnings.push(warning);
+    }
+}
+
+impl Drop for Run<'_> {
+    /// Removes the runtime container if the run ended without its cleanup
+    /// (a panic, or the run's future dropped). Best effort: the removal
+    /// runs on the Tokio runtime if one is still there.
+    fn drop(&mut self) {
+        if self.cleaned_up {
+            return;
+        }
+        let (Some(runtime), Some(id)) = (self.runtime.take(), self.container.take()) else {
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            tracing::warn!(container_id = %id, "the run ended without its cleanup; removing the runtime container");
+            handle.spawn(async move {
+                if let Err(error) = runtime.remove(&id).await {
+                    tracing::error!(container_id = %id, error = %error, "failed to remove the runtime container");
+                }
+            });
+        }
+    }
+}
+
+/// Builds the one update that records the final state.
+fn final_attributes(outcome: &Outcome, warnings: &[String]) -> Value {
+    let mut attributes = Map::new();
+    let mut status = Map::new();
+    match outcome {
+        Outcome::Exited(code) => {
+            attributes.insert("state".into(), json!(ContainerState::Complete.as_str()));
+            let code = i32::try_from(*code).unwrap_or(if *code < 0 { i32::MIN } else { i32::MAX });
+            attributes.insert("exit_code".into(), json!(code));
+        }
+        Outcome::Cancelled(reason) => {
+            attributes.insert("state".into(), json!(ContainerState::Cancelled.as_str()));
+            status.insert("error".into(), json!(reason));
+        }
+    }
+    if let Some(first) = warnings.first() {
+        status.insert("warning".into(), json!(first));
+        if warnings.len() > 1 {
+            status.insert("warningDetail".into(), json!(warnings.join("\n")));
+        }
+    }
+    if !status.is_empty() {
+        attributes.insert("runtime_status".into(), Value::Object(status));
+    }
+    Value::Object(attributes)
+}
+
+/// Returns a warning for a log stream that lost bytes.
+fn stream_warning(summary: &LogSummary) -> Option<String> {
+    if summary.bytes_dropped == 0 {
+        return None;
+    }
+    Some(format!(
+        "the {} log is incomplete: {} bytes could not be sent ({})",
+        summary.stream,
+        summary.bytes_dropped,
+        summary.error.as_deref().unwrap_or("unknown error")
+    ))
+}
+
+/// Describes an exit status, naming the signal for 128 + N.
+fn describe_exit(code: i64) -> String {
+    let signal = match code - 128 {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        6 => "SIGABRT",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => return code.to_string(),
+    };
+    format!("{code} (signal {}, {signal})", code - 128)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "an unknown host".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_carries_the_exit_code_only() {
+        let attributes = final_attributes(&Outcome::Exited(3), &[]);
+        assert_eq!(attributes, json!({"state": "Complete", "exit_code": 3}));
+    }
+
+    #[test]
+    fn cancelled_carries_the_reason_as_error() {
+        let attributes = final_attributes(&Outcome::Cancelled("cancelled by signal SIGTERM".into()), &[]);
+        assert_eq!(
+            attributes,
+            json!({"state": "Cancelled", "runtime_status": {"error": "cancelled by signal SIGTERM"}})
+        );
+    }
+
+    #[test]
+    fn warnings_go_to_runtime_status() {
+        let warnings = vec!["first".to_string(), "second".to_string()];
+        let attributes = final_attributes(&Outcome::Exited(0), &warnings);
+        assert_eq!(attributes["runtime_status"]["warning"], "first");
+        assert_eq!(attributes["runtime_status"]["warningDetail"], "first\nsecond");
+        assert_eq!(attributes["exit_code"], 0);
+    }
+
+    #[test]
+    fn exit_status_names_the_signal() {
+        assert_eq!(describe_exit(0), "0");
+        assert_eq!(describe_exit(3), "3");
+        assert_eq!(describe_exit(137), "137 (signal 9, SIGKILL)");
+        assert_eq!(describe_exit(143), "143 (signal 15, SIGTERM)");
+    }
+
+    #[test]
+    fn lost_log_bytes_become_a_warning() {
+        let summary = LogSummary {
+            stream: "stdout",
+            bytes_sent: 10,
+            bytes_dropped: 5,
+            error: Some("403 Forbidden".into()),
+        };
+        let warning = stream_warning(&summary).unwrap();
+        assert!(warning.contains("stdout log is incomplete: 5 bytes"), "{warning}");
+        assert!(stream_warning(&LogSummary { bytes_dropped: 0, ..summary }).is_none());
+    }
+}

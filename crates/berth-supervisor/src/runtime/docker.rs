@@ -1,0 +1,477 @@
+//! The Docker Engine API runtime, through bollard; Docker and Podman
+//! (`podman system service`) both serve this API.
+//!
+//! The client negotiates the API version at connection time, so a server
+//! older than bollard's default (Podman 4 speaks 1.41) is addressed in its
+//! own version. Some calls last as long as the container or the image
+//! transfer: attach, wait, stop with its grace period, image load and
+//! pull. They use a client without bollard's per-request timeout, and
+//! every other call keeps it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::container::{
+    AttachContainerOptions, Config as CreateConfig, CreateContainerOptions, LogOutput,
+    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, WaitContainerOptions,
+};
+use bollard::errors::Error as DockerError;
+use bollard::image::{CreateImageOptions, ImportImageOptions};
+use bollard::models::HostConfig;
+use bollard::{Docker, API_DEFAULT_VERSION};
+use futures::{StreamExt, TryStreamExt};
+use tokio_util::io::ReaderStream;
+
+use super::{
+    BindMount, ContainerId, ContainerSpec, ImageSource, Network, OutputChunk, OutputStream,
+    Runtime, RuntimeError, StdStream,
+};
+use crate::image::{read_archive_image, ArchiveImage};
+
+/// Time allowed for ordinary Docker API calls (inspect, create, start,
+/// remove).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Time allowed for calls that last as long as the container or the image
+/// transfer: no practical limit, because the caller bounds them itself.
+const UNBOUNDED_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A Docker Engine API endpoint.
+#[derive(Clone)]
+pub struct DockerRuntime {
+    endpoint: String,
+    docker: Docker,
+    /// The same connection without a request timeout.
+    unbounded: Docker,
+    description: String,
+}
+
+impl std::fmt::Debug for DockerRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerRuntime")
+            .field("endpoint", &self.endpoint)
+            .field("description", &self.description)
+            .finish()
+    }
+}
+
+impl DockerRuntime {
+    /// Connects to `endpoint` (`unix:///path`, a bare socket path,
+    /// `tcp://host:port` or `http://host:port`) and negotiates the API
+    /// version.
+    pub async fn connect(endpoint: &str) -> Result<DockerRuntime, RuntimeError> {
+        let unreachable = |source: DockerError| RuntimeError::Unreachable {
+            endpoint: endpoint.to_string(),
+            source: Box::new(source),
+        };
+        let timeout = REQUEST_TIMEOUT.as_secs();
+        let docker = if endpoint.starts_with("unix://") || endpoint.starts_with('/') {
+            Docker::connect_with_unix(endpoint, timeout, API_DEFAULT_VERSION)
+        } else if endpoint.starts_with("tcp://") || endpoint.starts_with("http://") {
+            Docker::connect_with_http(endpoint, timeout, API_DEFAULT_VERSION)
+        } else {
+            return Err(RuntimeError::InvalidEndpoint {
+                endpoint: endpoint.to_string(),
+            });
+        }
+        .map_err(unreachable)?;
+        let docker = docker.negotiate_version().await.map_err(unreachable)?;
+        let version = docker.version().await.map_err(unreachable)?;
+        let server = version
+            .components
+            .as_ref()
+            .and_then(|components| components.first())
+            .map(|component| format!("{} {}", component.name, component.version))
+            .or_else(|| version.version.as_ref().map(|v| format!("Docker Engine {v}")))
+            .unwrap_or_else(|| "an unknown server".to_string());
+        let description = format!(
+            "Docker Engine API {} at {endpoint} ({server})",
+            docker.client_version()
+        );
+        let unbounded = docker.clone().with_timeout(UNBOUNDED_TIMEOUT);
+        Ok(DockerRuntime {
+            endpoint: endpoint.to_string(),
+            docker,
+            unbounded,
+            description,
+        })
+    }
+
+    /// Returns the underlying bollard client, for inspecting containers and
+    /// images in tests and tools.
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// Returns the ID of the image `reference` names, or `None` if the
+    /// store does not hold it.
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(image) => Ok(Some(image.id.unwrap_or_default())),
+            Err(error) if is_not_found(&error) => Ok(None),
+            Err(error) => Err(request_error("inspect image", reference, error)),
+        }
+    }
+
+    async fn ensure_named_image(&self, name: &str) -> Result<String, RuntimeError> {
+        if self.image_id(name).await?.is_some() {
+            return Ok(name.to_string());
+        }
+        tracing::info!(image = name, "image not in the store; trying to pull it");
+        let options = CreateImageOptions {
+            from_image: name,
+            ..Default::default()
+        };
+        let pulled: Result<Vec<_>, DockerError> = self
+            .unbounded
+            .create_image(Some(options), None, None)
+            .try_collect()
+            .await;
+        let not_found = |source: BoxedSource| RuntimeError::ImageNotFound {
+            image: name.to_string(),
+            source,
+        };
+        pulled.map_err(|error| not_found(Box::new(error)))?;
+        match self.image_id(name).await? {
+            Some(_) => Ok(name.to_string()),
+            None => Err(not_found("the pull ended without the image".into())),
+        }
+    }
+
+    async fn ensure_archive_image(&self, path: &Path) -> Result<String, RuntimeError> {
+        let archive_path = path.to_path_buf();
+        let image = tokio::task::spawn_blocking(move || read_archive_image(&archive_path))
+            .await
+            .map_err(|error| RuntimeError::LoadImage {
+                path: path.to_path_buf(),
+                source: Box::new(error),
+            })??;
+        if let Some(reference) = self.present_reference(&image).await? {
+            tracing::info!(image = %reference, archive = %path.display(), "image already loaded");
+            return Ok(reference);
+        }
+        self.load_archive(path).await?;
+        self.present_reference(&image).await?.ok_or_else(|| RuntimeError::LoadImage {
+            path: path.to_path_buf(),
+            source: format!("the runtime loaded the archive but does not hold image {}", image.id).into(),
+        })
+    }
+
+    /// Returns a reference to the archive's image if the store contains
+    /// it: a tag that points at the image, else the image ID.
+    async fn present_reference(&self, image: &ArchiveImage) -> Result<Option<String>, RuntimeError> {
+        for tag in &image.repo_tags {
+            if let Some(id) = self.image_id(tag).await? {
+                if same_image_id(&id, &image.id) {
+                    return Ok(Some(tag.clone()));
+                }
+            }
+        }
+        match self.image_id(&image.id).await? {
+            Some(id) if same_image_id(&id, &image.id) => Ok(Some(image.id.clone())),
+            _ => Ok(None),
+        }
+    }
+
+    async fn load_archive(&self, path: &Path) -> Result<(), RuntimeError> {
+        let load_error = |source: BoxedSource| RuntimeError::LoadImage {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|error| load_error(Box::new(error)))?;
+
+        // bollard's upload stream carries bytes, not results: a read error
+        // ends the upload early (the server then rejects a truncated
+        // archive) and is reported from here.
+        let read_failure: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+        let failure = read_failure.clone();
+        let body = ReaderStream::new(file).scan((), move |_, chunk| {
+            let next = match chunk {
+                Ok(bytes) => Some(bytes),
+                Err(error) => {
+                    if let Ok(mut slot) = failure.lock() {
+                        *slot = Some(error);
+                    }
+                    None
+                }
+            };
+            futures::future::ready(next)
+        });
+
+        let loaded: Result<Vec<_>, DockerError> = self
+            .unbounded
+            .import_image_stream(ImportImageOptions { quiet: true }, body, None)
+            .try_collect()
+            .await;
+        if let Some(error) = read_failure.lock().ok().and_then(|mut slot| slot.take()) {
+            return Err(load_error(Box::new(error)));
+        }
+        loaded.map_err(|error| load_error(Box::new(error)))?;
+        tracing::info!(archive = %path.display(), "loaded image archive");
+        Ok(())
+    }
+}
+
+type BoxedSource = super::BoxError;
+
+#[async_trait]
+impl Runtime for DockerRuntime {
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    async fn ensure_image(&self, source: &ImageSource) -> Result<String, RuntimeError> {
+        match source {
+            ImageSource::Name(name) => self.ensure_named_image(name).await,
+            ImageSource::Archive(path) => self.ensure_archive_image(path).await,
+        }
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError> {
+        // A container of this name is a leftover of an earlier attempt on
+        // this node; it must go before the name can be reused.
+        self.remove(&ContainerId(spec.name.clone())).await?;
+        let options = CreateContainerOptions {
+            name: spec.name.clone(),
+            platform: None,
+        };
+        let created = self
+            .docker
+            .create_container(Some(options), create_config(spec))
+            .await
+            .map_err(|error| request_error("create container", &spec.name, error))?;
+        for warning in &created.warnings {
+            tracing::warn!(container = %spec.name, "runtime warning: {warning}");
+        }
+        Ok(ContainerId(created.id))
+    }
+
+    async fn attach(&self, id: &ContainerId) -> Result<OutputStream, RuntimeError> {
+        let options = AttachContainerOptions::<String> {
+            stdout: Some(true),
+            stderr: Some(true),
+            stream: Some(true),
+            logs: Some(false),
+            ..Default::default()
+        };
+        let attached = self
+            .unbounded
+            .attach_container(&id.0, Some(options))
+            .await
+            .map_err(|error| request_error("attach to container", &id.0, error))?;
+        let target = id.0.clone();
+        let output = attached
+            .output
+            .filter_map(move |item| {
+                let chunk = match item {
+                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                        Some(Ok(OutputChunk {
+                            stream: StdStream::Stdout,
+                            data: message,
+                        }))
+                    }
+                    Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
+                        stream: StdStream::Stderr,
+                        data: message,
+                    })),
+                    Ok(LogOutput::StdIn { .. }) => None,
+                    Err(error) => Some(Err(request_error("read the output of container", &target, error))),
+                };
+                futures::future::ready(chunk)
+            })
+            .boxed();
+        Ok(output)
+    }
+
+    async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError> {
+        self.docker
+            .start_container(&id.0, None::<StartContainerOptions<String>>)
+            .await
+            .map_err(|error| request_error("start container", &id.0, error))
+    }
+
+    async fn wait(&self, id: &ContainerId) -> Result<i64, RuntimeError> {
+        let options = WaitContainerOptions {
+            condition: "not-running",
+        };
+        let mut responses = self.unbounded.wait_container(&id.0, Some(options));
+        match responses.next().await {
+            Some(Ok(response)) => Ok(response.status_code),
+            // bollard reports a non-zero exit status as an error.
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(error)) => Err(request_error("wait for container", &id.0, error)),
+            None => Err(RuntimeError::Request {
+                action: "wait for container",
+                target: id.0.clone(),
+                source: "the runtime ended the wait without an exit status".into(),
+            }),
+        }
+    }
+
+    async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), RuntimeError> {
+        // The API takes whole seconds; round up so the grace is never cut.
+        let seconds = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+        let options = StopContainerOptions {
+            t: i64::try_from(seconds).unwrap_or(i64::MAX),
+        };
+        match self.unbounded.stop_container(&id.0, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(error) if is_not_found(&error) => Ok(()),
+            Err(error) => Err(request_error("stop container", &id.0, error)),
+        }
+    }
+
+    async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError> {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match self.docker.remove_container(&id.0, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(error) if is_not_found(&error) => Ok(()),
+            Err(error) => Err(request_error("remove container", &id.0, error)),
+        }
+    }
+}
+
+fn create_config(spec: &ContainerSpec) -> CreateConfig<String> {
+    let network_mode = match &spec.network {
+        Network::None => Some("none".to_string()),
+        Network::Enabled { mode } => mode.clone(),
+    };
+    let host_config = HostConfig {
+        binds: Some(spec.binds.iter().map(bind_string).collect()),
+        memory: spec.memory_bytes,
+        memory_swap: spec.memory_bytes,
+        nano_cpus: spec.nano_cpus,
+        network_mode,
+        auto_remove: Some(false),
+        ..Default::default()
+    };
+    CreateConfig {
+        image: Some(spec.image.clone()),
+        cmd: Some(spec.command.clone()),
+        env: Some(spec.env.clone()),
+        working_dir: spec.working_dir.clone(),
+        labels: Some(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>()),
+        attach_stdin: Some(false),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        open_stdin: Some(false),
+        tty: Some(false),
+        host_config: Some(host_config),
+        ..Default::default()
+    }
+}
+
+/// Formats a bind as the API's `host:container[:ro]`.
+fn bind_string(bind: &BindMount) -> String {
+    let mode = if bind.read_only { ":ro" } else { "" };
+    format!("{}:{}{mode}", bind.host_path.display(), bind.container_path)
+}
+
+fn is_not_found(error: &DockerError) -> bool {
+    matches!(error, DockerError::DockerResponseServerError { status_code: 404, .. })
+}
+
+fn same_image_id(a: &str, b: &str) -> bool {
+    let strip = |id: &str| id.strip_prefix("sha256:").unwrap_or(id).to_ascii_lowercase();
+    !a.is_empty() && strip(a) == strip(b)
+}
+
+fn request_error(action: &'static str, target: &str, error: DockerError) -> RuntimeError {
+    RuntimeError::Request {
+        action,
+        target: target.to_string(),
+        source: Box::new(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+
+    fn spec(network: Network) -> ContainerSpec {
+        ContainerSpec {
+            name: "berth-zzzzz-dz642-0123456789abcde".into(),
+            labels: BTreeMap::from([("org.berth.container-uuid".into(), "zzzzz-dz642-0123456789abcde".into())]),
+            image: "localhost/busybox:latest".into(),
+            command: vec!["echo".into(), "hi there".into()],
+            env: vec!["A=1".into()],
+            working_dir: None,
+            memory_bytes: Some(64 << 20),
+            nano_cpus: Some(500_000_000),
+            network,
+            binds: vec![
+                BindMount {
+                    host_path: PathBuf::from("/tmp/x/mountdata0"),
+                    container_path: "/etc/p.json".into(),
+                    read_only: true,
+                },
+                BindMount {
+                    host_path: PathBuf::from("/tmp/x/tmp1"),
+                    container_path: "/tmp".into(),
+                    read_only: false,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn create_config_maps_the_spec() {
+        let config = create_config(&spec(Network::None));
+        assert_eq!(config.cmd, Some(vec!["echo".to_string(), "hi there".to_string()]));
+        assert_eq!(config.env, Some(vec!["A=1".to_string()]));
+        assert_eq!(config.working_dir, None);
+        assert_eq!(config.tty, Some(false));
+        let host = config.host_config.unwrap();
+        assert_eq!(host.network_mode.as_deref(), Some("none"));
+        assert_eq!(host.memory, Some(64 << 20));
+        assert_eq!(host.memory_swap, Some(64 << 20));
+        assert_eq!(host.nano_cpus, Some(500_000_000));
+        assert_eq!(host.auto_remove, Some(false));
+        assert_eq!(
+            host.binds,
+            Some(vec!["/tmp/x/mountdata0:/etc/p.json:ro".to_string(), "/tmp/x/tmp1:/tmp".to_string()])
+        );
+    }
+
+    #[test]
+    fn enabled_network_uses_the_configured_mode() {
+        let host = create_config(&spec(Network::Enabled { mode: Some("host".into()) }))
+            .host_config
+            .unwrap();
+        assert_eq!(host.network_mode.as_deref(), Some("host"));
+        let host = create_config(&spec(Network::Enabled { mode: None })).host_config.unwrap();
+        assert_eq!(host.network_mode, None);
+    }
+
+    #[test]
+    fn image_ids_compare_without_prefix_or_case() {
+        assert!(same_image_id("sha256:ABC", "abc"));
+        assert!(!same_image_id("", ""));
+        assert!(!same_image_id("sha256:abc", "sha256:abd"));
+    }
+
+    #[tokio::test]
+    async fn missing_socket_is_named_in_the_error() {
+        let err = DockerRuntime::connect("unix:///nonexistent/docker.sock").await.unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("unix:///nonexistent/docker.sock"), "{message}");
+        assert!(message.contains("DOCKER_HOST"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn unknown_scheme_is_rejected() {
+        let err = DockerRuntime::connect("ssh://node").await.unwrap_err();
+        assert!(matches!(err, RuntimeError::InvalidEndpoint { .. }), "{err}");
+    }
+}

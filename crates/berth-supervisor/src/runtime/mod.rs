@@ -1,0 +1,213 @@
+//! The container runtime contract, and its implementations.
+//!
+//! A [`Runtime`] runs one container described by a [`ContainerSpec`]: it
+//! makes the image available, creates the container, streams its stdout
+//! and stderr, starts it, waits for its exit code, stops it politely (the
+//! stop signal, a grace period, then SIGKILL) and removes it. The
+//! supervisor calls these steps in that order and owns the decisions
+//! between them; a runtime only carries them out.
+//!
+//! [`docker::DockerRuntime`] speaks the Docker Engine API, which Docker and
+//! Podman both serve.
+// NOTE: an OCI runtime (crun or runc on an unpacked bundle) and
+// Singularity/Apptainer are meant to implement this trait as well.
+
+pub mod docker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::image::ArchiveError;
+
+/// A boxed error from the runtime's own client library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Label that carries the Berth container UUID on every runtime container
+/// the supervisor creates, so leftovers can be found.
+pub const CONTAINER_UUID_LABEL: &str = "org.berth.container-uuid";
+
+/// Returns the runtime container name for a Berth container.
+pub fn container_name(uuid: &str) -> String {
+    format!("berth-{uuid}")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("failed to reach the container runtime at {endpoint}: {source}; check that the Docker daemon or `podman system service` is running and that supervisor.docker_host or DOCKER_HOST names its socket")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("invalid Docker host {endpoint:?}: expected unix:///path/to.sock, tcp://host:port or http://host:port")]
+    InvalidEndpoint { endpoint: String },
+    #[error("image {image} was not found in the runtime's image store, and pulling it failed: {source}; load it on the node first (`docker load -i FILE` or `podman load -i FILE`), or set container_image to the absolute path of a `docker save` archive")]
+    ImageNotFound {
+        image: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("failed to load image archive {path}: {source}")]
+    LoadImage {
+        path: PathBuf,
+        #[source]
+        source: BoxError,
+    },
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("failed to {action} {target}: {source}")]
+    Request {
+        action: &'static str,
+        target: String,
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// Where a container's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// An image name or ID that the runtime's image store should hold.
+    Name(String),
+    /// The absolute path of a `docker save` archive on this node.
+    Archive(PathBuf),
+}
+
+impl ImageSource {
+    /// Reads a record's `container_image`: an absolute path names a
+    /// `docker save` archive, anything else an image in the store.
+    pub fn from_container_image(image: &str) -> ImageSource {
+        if image.starts_with('/') {
+            ImageSource::Archive(PathBuf::from(image))
+        } else {
+            ImageSource::Name(image.to_string())
+        }
+    }
+}
+
+impl fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageSource::Name(name) => write!(f, "image {name}"),
+            ImageSource::Archive(path) => write!(f, "image archive {}", path.display()),
+        }
+    }
+}
+
+/// A host path bound into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// The network a container gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// A loopback interface only.
+    None,
+    /// The runtime's default network, or the named network mode.
+    Enabled { mode: Option<String> },
+}
+
+/// Everything a runtime needs to create one container.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    /// The runtime container's name, `berth-<uuid>`.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// The image reference that [`Runtime::ensure_image`] returned.
+    pub image: String,
+    /// The command and its arguments, run without a shell.
+    pub command: Vec<String>,
+    /// `NAME=value` entries: the container record's environment only.
+    pub env: Vec<String>,
+    /// The working directory, or `None` for the image's default.
+    pub working_dir: Option<String>,
+    /// Memory limit in bytes, swap included (so no swap is used).
+    pub memory_bytes: Option<i64>,
+    /// CPU limit in billionths of a CPU.
+    pub nano_cpus: Option<i64>,
+    pub network: Network,
+    pub binds: Vec<BindMount>,
+}
+
+/// Which output stream a chunk came from. The names are the log stream
+/// names of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StdStream {
+    Stdout,
+    Stderr,
+}
+
+impl StdStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StdStream::Stdout => "stdout",
+            StdStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Bytes a container wrote to one of its output streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub stream: StdStream,
+    pub data: Bytes,
+}
+
+/// A container's stdout and stderr, in the order the runtime delivered
+/// them; the stream ends when the container's output ends.
+pub type OutputStream = BoxStream<'static, Result<OutputChunk, RuntimeError>>;
+
+/// The runtime's handle of a created container.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ContainerId(pub String);
+
+impl fmt::Display for ContainerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The executor contract: the steps that run one container.
+#[async_trait]
+pub trait Runtime: Send + Sync + fmt::Debug {
+    /// Returns the runtime's name and version, for the supervisor log.
+    fn description(&self) -> String;
+
+    /// Makes the image available and returns the reference to create the
+    /// container from. An archive is loaded only when the store does not
+    /// already hold the image it contains.
+    async fn ensure_image(&self, source: &ImageSource) -> Result<String, RuntimeError>;
+
+    /// Creates the container, replacing a leftover container of the same
+    /// name. The container is not started.
+    async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError>;
+
+    /// Streams the container's stdout and stderr. Called before
+    /// [`Runtime::start`], so no output is lost.
+    async fn attach(&self, id: &ContainerId) -> Result<OutputStream, RuntimeError>;
+
+    async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError>;
+
+    /// Waits until the container has exited and returns its exit code
+    /// (128 + N for a process ended by signal N).
+    async fn wait(&self, id: &ContainerId) -> Result<i64, RuntimeError>;
+
+    /// Sends the container's stop signal, waits up to `grace`, then kills
+    /// it. A container that has already exited or is gone counts as
+    /// stopped.
+    async fn stop(&self, id: &ContainerId, grace: Duration) -> Result<(), RuntimeError>;
+
+    /// Removes the container, killing it if it still runs. A container
+    /// that is already gone counts as removed.
+    async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError>;
+}

@@ -1,0 +1,371 @@
+//! The Docker Engine API runtime against a real server (Podman's
+//! Docker-compatible socket on the development machine).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth_supervisor::mounts::plan_mounts;
+use berth_supervisor::runtime::{ContainerSpec, ImageSource, Runtime, RuntimeError, StdStream};
+use berth_supervisor::DockerRuntime;
+use bollard::image::RemoveImageOptions;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
+use common::{containers_labelled, new_uuid, runtime, skip, spec};
+
+/// What a container wrote and how it exited.
+struct Finished {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    exit_code: i64,
+}
+
+/// Creates, attaches, starts and waits for a container, collects its
+/// output, and removes it.
+async fn run_to_completion(runtime: &DockerRuntime, spec: &ContainerSpec) -> Finished {
+    let id = runtime.create(spec).await.unwrap();
+    let mut output = runtime.attach(&id).await.unwrap();
+    let collector = tokio::spawn(async move {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        while let Some(chunk) = output.next().await {
+            let chunk = chunk.unwrap();
+            match chunk.stream {
+                StdStream::Stdout => stdout.extend_from_slice(&chunk.data),
+                StdStream::Stderr => stderr.extend_from_slice(&chunk.data),
+            }
+        }
+        (stdout, stderr)
+    });
+    runtime.start(&id).await.unwrap();
+    let exit_code = runtime.wait(&id).await.unwrap();
+    let (stdout, stderr) = tokio::time::timeout(Duration::from_secs(30), collector)
+        .await
+        .expect("the output stream did not end after the container exited")
+        .unwrap();
+    runtime.remove(&id).await.unwrap();
+    Finished {
+        stdout,
+        stderr,
+        exit_code,
+    }
+}
+
+#[tokio::test]
+async fn output_streams_and_exit_code_are_exact() {
+    if skip("output_streams_and_exit_code_are_exact") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let script = r#"printf "a\nb"; printf err >&2; printf '\377\000x'; printf '\376' >&2; exit 3"#;
+    let finished = run_to_completion(&runtime, &spec(&uuid, &["sh", "-c", script])).await;
+    assert_eq!(finished.exit_code, 3);
+    assert_eq!(finished.stdout, b"a\nb\xff\x00x");
+    assert_eq!(finished.stderr, b"err\xfe");
+    assert!(containers_labelled(&runtime, &uuid).await.is_empty());
+}
+
+#[tokio::test]
+async fn large_output_arrives_whole_and_in_order() {
+    if skip("large_output_arrives_whole_and_in_order") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    // 200000 numbered lines, about 1.3 MB, far more than one frame.
+    let finished = run_to_completion(&runtime, &spec(&uuid, &["seq", "1", "200000"])).await;
+    assert_eq!(finished.exit_code, 0);
+    let expected: String = (1..=200000).map(|n| format!("{n}\n")).collect();
+    assert_eq!(finished.stdout.len(), expected.len());
+    assert!(finished.stdout == expected.as_bytes(), "stdout differs from seq's output");
+    assert!(finished.stderr.is_empty());
+}
+
+#[tokio::test]
+async fn environment_workdir_and_mounts_reach_the_container() {
+    if skip("environment_workdir_and_mounts_reach_the_container") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let mounts = BTreeMap::from([
+        (
+            "/etc/note.txt".to_string(),
+            berth_core::Mount {
+                kind: "text".into(),
+                content: Some(serde_json::json!("noted\n")),
+                ..Default::default()
+            },
+        ),
+        (
+            "/scratch".to_string(),
+            berth_core::Mount {
+                kind: "tmp".into(),
+                ..Default::default()
+            },
+        ),
+    ]);
+
+    let base = tempfile::tempdir().unwrap();
+    let prepared = plan_mounts(&mounts).unwrap().prepare(base.path(), &uuid).unwrap();
+    let mut spec = spec(
+        &uuid,
+        &[
+            "sh",
+            "-c",
+            "cat /etc/note.txt; echo \"$GREETING\"; pwd; echo data > /scratch/out; echo ro > /etc/note.txt || echo read-only; env | sort",
+        ],
+    );
+    spec.env = vec!["GREETING=hello there".into()];
+    spec.working_dir = Some("/tmp".into());
+    spec.binds = prepared.binds.clone();
+
+    let finished = run_to_completion(&runtime, &spec).await;
+    assert_eq!(finished.exit_code, 0, "stderr: {}", String::from_utf8_lossy(&finished.stderr));
+    let stdout = String::from_utf8(finished.stdout).unwrap();
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("noted"));
+    assert_eq!(lines.next(), Some("hello there"));
+    assert_eq!(lines.next(), Some("/tmp"));
+    assert_eq!(lines.next(), Some("read-only"));
+
+    let env: Vec<&str> = lines.collect();
+    assert!(env.contains(&"GREETING=hello there"), "{env:?}");
+    // Nothing of the test process's own environment may leak in.
+    assert!(!env.iter().any(|line| line.starts_with("BERTH_")), "{env:?}");
+    assert!(!env.iter().any(|line| line.starts_with("DOCKER_HOST=")), "{env:?}");
+    let scratch = prepared.binds.iter().find(|b| b.container_path == "/scratch").unwrap();
+    assert_eq!(std::fs::read(scratch.host_path.join("out")).unwrap(), b"data\n");
+}
+
+#[tokio::test]
+async fn stop_ends_a_sleeping_container() {
+    if skip("stop_ends_a_sleeping_container") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let id = runtime.create(&spec(&uuid, &["sleep", "600"])).await.unwrap();
+    let _output = runtime.attach(&id).await.unwrap();
+    runtime.start(&id).await.unwrap();
+    assert_eq!(containers_labelled(&runtime, &uuid).await.len(), 1);
+
+    let started = Instant::now();
+    runtime.stop(&id, Duration::from_secs(1)).await.unwrap();
+    let exit_code = tokio::time::timeout(Duration::from_secs(20), runtime.wait(&id))
+        .await
+        .expect("the stopped container did not exit")
+        .unwrap();
+    let elapsed = started.elapsed();
+    // sleep runs as PID 1, which ignores SIGTERM, so SIGKILL ends it.
+    assert_eq!(exit_code, 137);
+    assert!(elapsed < Duration::from_secs(10), "stopping took {elapsed:?}");
+
+    runtime.remove(&id).await.unwrap();
+    assert!(containers_labelled(&runtime, &uuid).await.is_empty());
+    // Stopping and removing what is gone counts as success.
+    runtime.stop(&id, Duration::from_secs(1)).await.unwrap();
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn limits_and_network_are_visible_through_inspect() {
+    if skip("limits_and_network_are_visible_through_inspect") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let mut spec = spec(&uuid, &["true"]);
+    spec.memory_bytes = Some(64 << 20);
+    spec.nano_cpus = Some(500_000_000);
+    let id = runtime.create(&spec).await.unwrap();
+    let inspected = runtime.docker().inspect_container(&id.0, None).await;
+    runtime.remove(&id).await.unwrap();
+    let inspected = inspected.unwrap();
+    assert_eq!(inspected.name.as_deref().map(|n| n.trim_start_matches('/')), Some(spec.name.as_str()));
+    let host = inspected.host_config.unwrap();
+    assert_eq!(host.memory, Some(64 << 20));
+    assert_eq!(host.memory_swap, Some(64 << 20));
+    assert_eq!(host.nano_cpus, Some(500_000_000));
+    assert_eq!(host.network_mode.as_deref(), Some("none"));
+    let labels = inspected.config.unwrap().labels.unwrap();
+    assert_eq!(labels.get("org.berth.container-uuid"), Some(&uuid));
+}
+
+#[tokio::test]
+async fn leftover_container_with_the_same_name_is_replaced() {
+    if skip("leftover_container_with_the_same_name_is_replaced") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let spec = spec(&uuid, &["true"]);
+    let first = runtime.create(&spec).await.unwrap();
+    let second = runtime.create(&spec).await.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(containers_labelled(&runtime, &uuid).await, vec![second.0.clone()]);
+    runtime.remove(&second).await.unwrap();
+    assert!(containers_labelled(&runtime, &uuid).await.is_empty());
+}
+
+#[tokio::test]
+async fn image_by_name_must_be_in_the_store() {
+    if skip("image_by_name_must_be_in_the_store") {
+        return;
+    }
+    let runtime = runtime().await;
+    let present = common::test_image();
+    assert_eq!(
+        runtime.ensure_image(&ImageSource::Name(present.clone())).await.unwrap(),
+        present
+    );
+    let missing = format!("localhost/berth-missing-{}:latest", new_uuid());
+    let err = runtime.ensure_image(&ImageSource::Name(missing.clone())).await.unwrap_err();
+    assert!(matches!(err, RuntimeError::ImageNotFound { .. }), "{err}");
+    let message = err.to_string();
+    assert!(message.contains(&missing), "{message}");
+    assert!(message.contains("podman load -i"), "{message}");
+}
+
+#[tokio::test]
+async fn present_archive_image_is_not_reloaded() {
+    if skip("present_archive_image_is_not_reloaded") {
+        return;
+    }
+    let runtime = runtime().await;
+    let archive = common::test_image_archive();
+    let archive_image = berth_supervisor::image::read_archive_image(&archive).unwrap();
+    // Make sure the store contains the archive's image, then record where
+    // its tags point, because a second load would move them.
+    runtime.ensure_image(&ImageSource::Archive(archive.clone())).await.unwrap();
+    let tags_before = tag_ids(&runtime, &archive_image.repo_tags).await;
+
+    let reference = runtime.ensure_image(&ImageSource::Archive(archive)).await.unwrap();
+    let inspected = runtime.docker().inspect_image(&reference).await.unwrap();
+    assert_eq!(inspected.id.as_deref(), Some(archive_image.id.as_str()), "{reference} is another image");
+    assert_eq!(tag_ids(&runtime, &archive_image.repo_tags).await, tags_before);
+}
+
+/// Returns the image ID each tag points at, or None.
+async fn tag_ids(runtime: &DockerRuntime, tags: &[String]) -> Vec<Option<String>> {
+    let mut ids = Vec::new();
+    for tag in tags {
+        ids.push(runtime.docker().inspect_image(tag).await.ok().and_then(|image| image.id));
+    }
+    ids
+}
+
+#[tokio::test]
+async fn archive_is_loaded_and_runs() {
+    if skip("archive_is_loaded_and_runs") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let tag = format!("localhost/berth-test-{uuid}:latest");
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("image.tar");
+    let image_id = write_variant_archive(&common::test_image_archive(), &archive, &tag, &uuid);
+
+    let reference = runtime.ensure_image(&ImageSource::Archive(archive.clone())).await.unwrap();
+    assert_eq!(reference, tag);
+    let inspected = runtime.docker().inspect_image(&tag).await.unwrap();
+    assert_eq!(inspected.id.as_deref(), Some(image_id.as_str()));
+    // The second time the image is present and the archive is not read
+    // beyond its manifest.
+    let again = runtime.ensure_image(&ImageSource::Archive(archive)).await.unwrap();
+    assert_eq!(again, tag);
+
+    let mut spec = spec(&uuid, &["echo", "from the archive"]);
+    spec.image = reference;
+    let finished = run_to_completion(&runtime, &spec).await;
+    let removed = runtime
+        .docker()
+        .remove_image(&tag, Some(RemoveImageOptions { force: true, ..Default::default() }), None)
+        .await;
+    assert_eq!(finished.stdout, b"from the archive\n");
+    assert_eq!(finished.exit_code, 0);
+    removed.unwrap();
+}
+
+#[tokio::test]
+async fn garbage_archive_fails_with_its_path() {
+    if skip("garbage_archive_fails_with_its_path") {
+        return;
+    }
+    let runtime = runtime().await;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("garbage.tar");
+    std::fs::write(&archive, b"this is not a tar file").unwrap();
+    let err = runtime.ensure_image(&ImageSource::Archive(archive.clone())).await.unwrap_err();
+    assert!(err.to_string().contains(&archive.display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn missing_command_fails_at_start() {
+    if skip("missing_command_fails_at_start") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let id = runtime.create(&spec(&uuid, &["/no/such/program"])).await.unwrap();
+    let started = runtime.start(&id).await;
+    runtime.remove(&id).await.unwrap();
+    let err = started.unwrap_err();
+    assert!(err.to_string().contains("start container"), "{err}");
+    assert!(containers_labelled(&runtime, &uuid).await.is_empty());
+}
+
+/// Copies a `docker save` archive under `tag`, with a changed config so
+/// that the image has a new ID that no store contains yet. Returns the
+/// new ID.
+fn write_variant_archive(source: &Path, target: &Path, tag: &str, marker: &str) -> String {
+    let mut entries: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut archive = tar::Archive::new(std::fs::File::open(source).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        entries.push((name, data));
+    }
+    let manifest_bytes = &entries.iter().find(|(name, _)| name == "manifest.json").unwrap().1;
+    let mut manifest: serde_json::Value = serde_json::from_slice(manifest_bytes).unwrap();
+    let config_name = manifest[0]["Config"].as_str().unwrap().to_string();
+    let config_bytes = &entries.iter().find(|(name, _)| *name == config_name).unwrap().1;
+    let mut config: serde_json::Value = serde_json::from_slice(config_bytes).unwrap();
+    config["author"] = serde_json::json!(format!("berth test {marker}"));
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let digest = hex::encode(Sha256::digest(&config_bytes));
+    let new_config_name = format!("{digest}.json");
+    manifest[0]["Config"] = serde_json::json!(new_config_name);
+    manifest[0]["RepoTags"] = serde_json::json!([tag]);
+
+    let mut builder = tar::Builder::new(std::fs::File::create(target).unwrap());
+    let mut append = |name: &str, data: &[u8]| {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append_data(&mut header, name, data).unwrap();
+    };
+    for (name, data) in &entries {
+        if name == "manifest.json" || *name == config_name || name == "repositories" {
+            continue;
+        }
+        append(name, data);
+    }
+    append(&new_config_name, &config_bytes);
+    append("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    builder.into_inner().unwrap();
+    format!("sha256:{digest}")
+}
