@@ -18,6 +18,11 @@
 //! the channel is bounded, so a slow controller slows the producer down
 //! instead of growing memory.
 //!
+//! A writer may be *held*: it buffers but sends nothing until its release
+//! token is cancelled (or it is closed). The supervisor holds the
+//! container's stdout and stderr until the container is `Running`, so no
+//! reader sees output of a container that is not yet `Running`.
+//!
 //! [`SupervisorLog`] writes the supervisor's own timestamped lines: to
 //! `tracing`, and to the `supervisor` stream once one is attached.
 
@@ -30,8 +35,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::retry::{retry, Backoff, API_BACKOFF};
+use tracing::Instrument;
 
 /// The largest body of one append request. A buffer that grew past it (a
 /// large chunk arrived at once) is sent in several appends.
@@ -130,17 +137,48 @@ impl LogInput {
 pub struct LogWriter {
     stream: &'static str,
     input: Option<LogInput>,
+    release: Option<CancellationToken>,
     task: JoinHandle<LogSummary>,
 }
 
 impl LogWriter {
     /// Starts a writer for `stream`. Must be called within a Tokio runtime.
     pub fn spawn(sink: Arc<dyn LogSink>, stream: &'static str, settings: LogSettings) -> LogWriter {
+        LogWriter::start(sink, stream, settings, None)
+    }
+
+    /// Starts a held writer for `stream`: it sends nothing until `release`
+    /// is cancelled or the writer is closed.
+    pub fn spawn_held(
+        sink: Arc<dyn LogSink>,
+        stream: &'static str,
+        settings: LogSettings,
+        release: CancellationToken,
+    ) -> LogWriter {
+        LogWriter::start(sink, stream, settings, Some(release))
+    }
+
+    fn start(
+        sink: Arc<dyn LogSink>,
+        stream: &'static str,
+        settings: LogSettings,
+        release: Option<CancellationToken>,
+    ) -> LogWriter {
         let (sender, receiver) = mpsc::channel(CHANNEL_CHUNKS);
-        let task = tokio::spawn(run_writer(sink, stream, settings, receiver));
+        let writer = Writer {
+            sink,
+            stream,
+            settings,
+            release: release.clone(),
+            offset: 0,
+            dropped: 0,
+            error: None,
+        };
+        let task = tokio::spawn(run_writer(writer, receiver).in_current_span());
         LogWriter {
             stream,
             input: Some(LogInput { sender }),
+            release,
             task,
         }
     }
@@ -162,6 +200,9 @@ impl LogWriter {
     /// [`LogInput`] has been dropped too. Returns its summary.
     pub async fn close(mut self) -> LogSummary {
         drop(self.input.take());
+        if let Some(release) = &self.release {
+            release.cancel();
+        }
         let stream = self.stream;
         (&mut self.task).await.unwrap_or_else(|err| LogSummary {
             stream,
@@ -177,25 +218,15 @@ struct Writer {
     sink: Arc<dyn LogSink>,
     stream: &'static str,
     settings: LogSettings,
+    /// Cancelled when a held writer may send.
+    release: Option<CancellationToken>,
     offset: u64,
     dropped: u64,
     error: Option<String>,
 }
 
-async fn run_writer(
-    sink: Arc<dyn LogSink>,
-    stream: &'static str,
-    settings: LogSettings,
-    mut receiver: mpsc::Receiver<Bytes>,
-) -> LogSummary {
-    let mut writer = Writer {
-        sink,
-        stream,
-        settings,
-        offset: 0,
-        dropped: 0,
-        error: None,
-    };
+async fn run_writer(mut writer: Writer, mut receiver: mpsc::Receiver<Bytes>) -> LogSummary {
+    let settings = writer.settings;
     let mut buffer = BytesMut::new();
     let mut deadline: Option<Instant> = None;
     loop {
@@ -222,7 +253,7 @@ async fn run_writer(
     }
     writer.flush(buffer.split().freeze()).await;
     LogSummary {
-        stream,
+        stream: writer.stream,
         bytes_sent: writer.offset,
         bytes_dropped: writer.dropped,
         error: writer.error,
@@ -237,6 +268,12 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 impl Writer {
     async fn flush(&mut self, mut data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        if let Some(release) = &self.release {
+            release.cancelled().await;
+        }
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(MAX_APPEND_BYTES));
             self.send(piece).await;
@@ -517,6 +554,33 @@ mod tests {
             assert_eq!(offset, next);
             next += data.len() as u64;
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_writer_waits_for_its_release() {
+        let sink = Arc::new(RecordingSink::default());
+        let release = CancellationToken::new();
+        let writer = LogWriter::spawn_held(sink.clone(), "stdout", settings(4), release.clone());
+        let input = writer.input();
+        input.send(Bytes::from_static(b"early output")).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(sink.calls().is_empty(), "sent while held");
+
+        release.cancel();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(sink.stored("stdout"), b"early output");
+        drop(input);
+        writer.close().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn closing_a_held_writer_sends_its_bytes() {
+        let sink = Arc::new(RecordingSink::default());
+        let writer = LogWriter::spawn_held(sink.clone(), "stderr", settings(4), CancellationToken::new());
+        writer.input().send(Bytes::from_static(b"failed to start")).await;
+        let summary = writer.close().await;
+        assert_eq!(sink.stored("stderr"), b"failed to start");
+        assert_eq!(summary.bytes_sent, 15);
     }
 
     #[tokio::test(start_paused = true)]

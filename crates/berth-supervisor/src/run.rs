@@ -18,9 +18,9 @@
 //! token may change `Locked` to `Cancelled`, so failures before `Running`
 //! end in `Cancelled` as well.
 //!
-//! [`Run`] owns everything the run created, and its cleanup path runs
-//! whatever the steps returned; a `Drop` guard removes the runtime
-//! container too, should the run itself be dropped half-way.
+//! [`Run`] owns everything the run created. Its cleanup path runs
+//! whatever the steps returned, and a `Drop` guard also removes the
+//! runtime container should the run itself be dropped half-way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +30,7 @@ use berth_core::{Container, ContainerState};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::task::{JoinError, JoinHandle};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Config;
@@ -180,6 +181,9 @@ async fn supervise_container(config: &Config, client: Client, uuid: String, stop
     warnings.extend(stream_warning(&supervisor_writer.close().await));
 
     let attributes = final_attributes(&outcome, &warnings);
+    // NOTE: a final state that cannot be recorded within
+    // final_update_timeout is lost; the dispatcher then cancels the
+    // container when its job ends. A local journal could replay it.
     let recorded = retry(
         "recording the final state",
         config.final_update_timeout,
@@ -231,6 +235,9 @@ struct Output {
     pump: JoinHandle<Result<(), RuntimeError>>,
     stdout: LogWriter,
     stderr: LogWriter,
+    /// Lets the held writers send: cancelled once the container is
+    /// `Running`, or when the writers are closed.
+    release: CancellationToken,
 }
 
 impl Run<'_> {
@@ -277,6 +284,9 @@ impl Run<'_> {
         self.check_stop()?;
         self.until_stopped(self.set_running()).await??;
         self.log.info("state Running");
+        if let Some(output) = &self.output {
+            output.release.cancel();
+        }
 
         let code = self.until_stopped(runtime.wait(&id)).await??;
         self.exited = true;
@@ -319,8 +329,11 @@ impl Run<'_> {
     }
 
     fn start_output(&mut self, mut output: OutputStream) {
-        let stdout = LogWriter::spawn(self.sink.clone(), StdStream::Stdout.as_str(), self.log_settings);
-        let stderr = LogWriter::spawn(self.sink.clone(), StdStream::Stderr.as_str(), self.log_settings);
+        let release = CancellationToken::new();
+        let held = |stream: StdStream| {
+            LogWriter::spawn_held(self.sink.clone(), stream.as_str(), self.log_settings, release.clone())
+        };
+        let (stdout, stderr) = (held(StdStream::Stdout), held(StdStream::Stderr));
         let (to_stdout, to_stderr) = (stdout.input(), stderr.input());
         let pump = tokio::spawn(
             async move {
@@ -335,7 +348,12 @@ impl Run<'_> {
             }
             .in_current_span(),
         );
-        self.output = Some(Output { pump, stdout, stderr });
+        self.output = Some(Output {
+            pump,
+            stdout,
+            stderr,
+            release,
+        });
     }
 
     /// Stops the container if it still runs, flushes its output, removes
@@ -390,7 +408,13 @@ impl Run<'_> {
     /// Waits for the output to end (it ends with the container's), then
     /// closes the log writers, which send what they hold.
     async fn flush_output(&mut self) {
-        let Some(Output { mut pump, stdout, stderr }) = self.output.take() else {
+        let Some(Output {
+            mut pump,
+            stdout,
+            stderr,
+            release: _,
+        }) = self.output.take()
+        else {
             return;
         };
         if self.exited {
