@@ -488,6 +488,10 @@ pub fn update_container(
         return Ok(ContainerChange::unchanged(current));
     }
 
+    let state_changed = container.state != current.state;
+    if state_changed {
+        current.state.check_transition(container.state)?;
+    }
     if current.state.is_final() {
         let errors: Vec<String> = changed
             .iter()
@@ -501,10 +505,8 @@ pub fn update_container(
 
     let mut credentials = CredentialChange::Keep;
     let mut finalize_requests = false;
-    let state_changed = container.state != current.state;
     if state_changed {
         let (from, to) = (current.state, container.state);
-        from.check_transition(to)?;
         match (from, to) {
             (ContainerState::Queued, ContainerState::Locked) => {
                 return Err(ApiError::invalid(format!(
@@ -574,13 +576,13 @@ pub fn lock_container(
 ) -> Result<LockChange, ApiError> {
     if current.state != ContainerState::Queued {
         return Err(ApiError::invalid(format!(
-            "cannot lock container {} in state {}: only a Queued container can be locked",
+            "cannot lock container {}: cannot change state from {} to Locked; only a Queued container can be locked",
             current.uuid, current.state
         )));
     }
     if current.priority <= 0 {
         return Err(ApiError::invalid(format!(
-            "cannot lock container {} in state Queued with priority 0: it is on hold until a request raises its priority",
+            "cannot lock container {}: its priority is 0, so it stays Queued (on hold) until a request raises its priority",
             current.uuid
         )));
     }
@@ -638,7 +640,7 @@ pub fn unlock_container(
 ) -> Result<ContainerChange, ApiError> {
     if current.state != ContainerState::Locked {
         return Err(ApiError::invalid(format!(
-            "cannot unlock container {} in state {}: only a Locked container can be unlocked",
+            "cannot unlock container {}: cannot change state from {} to Queued; only a Locked container can be unlocked",
             current.uuid, current.state
         )));
     }

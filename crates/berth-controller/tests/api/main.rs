@@ -1,0 +1,10 @@
+//! Tests of the controller's HTTP API against a real SQLite store in a
+//! temporary directory. Most drive the router with `oneshot`; `socket`
+//! serves on port 0 and uses berth-client.
+
+mod auth;
+mod common;
+mod containers;
+mod logs;
+mod requests;
+mod socket;
