@@ -1,24 +1,49 @@
 //! The dispatcher: locks queued containers and runs each as one batch job.
+//!
+//! One task, the dispatch loop ([`dispatcher`]), owns all state. Each tick
+//! it reads the container queue from the controller and one snapshot of
+//! the batch system, lets each container's pure state ([`tracker`])
+//! decide, and carries out the decisions: lock, write the credentials file
+//! ([`credentials`]), submit, record the job id, cancel a job whose
+//! container's priority dropped to 0, and cancel or unlock a container
+//! whose job vanished. Batch systems sit behind the [`Backend`] trait with
+//! three verbs (submit, status, cancel): [`slurm`] builds and parses Slurm's
+//! commands, run through a [`command::CommandRunner`]; [`local`] runs each
+//! supervisor as a child process.
+//!
+//! A job runs `berth supervise [--config FILE] --credentials FILE UUID`
+//! ([`SupervisorCommand`]); it is named after its container, so a restarted
+//! dispatcher finds its jobs again in the batch queue and submits nothing
+//! twice. Secrets travel only in the credentials file, never in a job's
+//! arguments, script or environment.
+
+pub mod api;
+pub mod backend;
+pub mod command;
+pub mod config;
+pub mod credentials;
+pub mod dispatcher;
+pub mod local;
+pub mod script;
+pub mod slurm;
+pub mod tracker;
+
+#[cfg(test)]
+mod fake;
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use berth_client::Client;
 use berth_core::ClusterId;
-use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-/// The `dispatch` section of the configuration file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// `slurm` or `local`.
-    pub backend: String,
-    /// The controller's URL, as the dispatcher and the compute nodes reach it.
-    pub api_url: String,
-    /// Accept a controller certificate that does not verify.
-    #[serde(default)]
-    pub insecure: bool,
-}
+pub use backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
+pub use config::{BackendKind, Config, ConfigError, LocalConfig, SlurmConfig};
+pub use credentials::CredentialsStore;
+pub use dispatcher::Dispatcher;
+pub use local::LocalBackend;
+pub use slurm::SlurmBackend;
 
 /// How jobs start the supervisor: the program and the arguments that come
 /// before `supervise`'s own.
@@ -31,12 +56,56 @@ pub struct SupervisorCommand {
 }
 
 /// Runs the dispatch loop until `shutdown` is cancelled.
+///
+/// Checks the configuration first (each error names its key), opens the
+/// credentials directory and learns the client's token UUID, retrying while
+/// the controller cannot be reached. Returns `Ok(())` after a shutdown;
+/// the batch jobs keep running.
 pub async fn run(
-    _cluster_id: ClusterId,
-    _client: Client,
-    _config: Config,
-    _supervisor: SupervisorCommand,
-    _shutdown: CancellationToken,
+    cluster_id: ClusterId,
+    client: Client,
+    config: Config,
+    supervisor: SupervisorCommand,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+    config.validate()?;
+    supervisor.check()?;
+    let store = CredentialsStore::open(
+        &config.credentials_dir,
+        client.base_url().clone(),
+        config.insecure,
+    )
+    .context("invalid configuration key dispatch.credentials_dir")?;
+    let api: Box<dyn api::ControllerApi> = Box::new(client);
+    match config.backend {
+        BackendKind::Slurm => {
+            slurm::check_programs(&config.slurm)?;
+            let runner = command::ProcessRunner::new(config.slurm.command_timeout);
+            let backend = SlurmBackend::new(config.slurm.clone(), supervisor, runner);
+            drive(api, backend, cluster_id, store, &config, shutdown).await
+        }
+        BackendKind::Local => {
+            let backend = LocalBackend::new(supervisor, &config.credentials_dir, config.local_log_dir())
+                .context("failed to start the local backend")?;
+            drive(api, backend, cluster_id, store, &config, shutdown).await
+        }
+    }
+}
+
+async fn drive<B: Backend>(
+    api: Box<dyn api::ControllerApi>,
+    backend: B,
+    cluster_id: ClusterId,
+    store: CredentialsStore,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let started = Dispatcher::start(api, backend, cluster_id, store, &shutdown)
+        .await
+        .context("failed to learn the dispatcher's token from GET api_client_authorizations/current (is the system token right?)")?;
+    let Some(mut dispatcher) = started else {
+        return Ok(());
+    };
+    dispatcher.run(config.poll_interval, &shutdown).await;
+    Ok(())
 }

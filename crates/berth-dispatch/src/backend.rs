@@ -1,0 +1,273 @@
+//! What the dispatch loop needs from a batch system, whatever it is.
+//!
+//! A backend has three verbs: [`Backend::submit`] one job for one container,
+//! [`Backend::status`] of all the dispatcher's jobs in one query, and
+//! [`Backend::cancel`] one job. Each job is named after its container's
+//! UUID, so a restarted dispatcher finds its jobs again by name; the
+//! backend's own id for the job ([`JobId`]) is kept as well.
+//!
+//! A failed status query is an error, never an empty queue: the loop acts on
+//! a job's absence only after successful queries.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use berth_core::Container;
+
+use crate::command::CommandError;
+
+/// The batch system's id of a job: a Slurm job id, or the process id of a
+/// local job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(String);
+
+impl JobId {
+    pub fn new(id: impl Into<String>) -> JobId {
+        JobId(id.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A job's state in the batch system, as far as the dispatcher cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting for resources; nothing runs yet.
+    Pending,
+    /// Resources allocated, nodes booting; nothing runs yet.
+    Configuring,
+    /// The job script (and so the supervisor) runs.
+    Running,
+    /// Stopped by the batch system; its processes are frozen.
+    Suspended,
+    /// Ended; the batch system is cleaning up.
+    Completing,
+    /// Any other state, by the batch system's name.
+    Other(String),
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self {
+            JobState::Pending => "pending",
+            JobState::Configuring => "configuring",
+            JobState::Running => "running",
+            JobState::Suspended => "suspended",
+            JobState::Completing => "completing",
+            JobState::Other(name) => name,
+        };
+        f.write_str(name)
+    }
+}
+
+/// One job, as a status query saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchJob {
+    pub id: JobId,
+    /// The job's name: the container UUID for the dispatcher's own jobs.
+    pub name: String,
+    pub state: JobState,
+    /// Why the job is in its state, in the batch system's words (Slurm's
+    /// pending reason, such as `Resources`); empty when there is none.
+    pub reason: String,
+}
+
+/// What one job must run: one container's supervisor, with resources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRequest {
+    /// The container UUID, which is also the job's name.
+    pub container_uuid: String,
+    /// Memory for the container, in bytes.
+    pub ram: u64,
+    pub vcpus: u64,
+    /// Partitions the job may run in; empty means the backend's default.
+    pub partitions: Vec<String>,
+    /// Maximum run time in seconds; 0 means no limit.
+    pub max_run_time: u64,
+    /// The credentials file the supervisor reads.
+    pub credentials_file: PathBuf,
+}
+
+impl JobRequest {
+    /// The request for a container, checking the numbers the controller
+    /// should already have checked.
+    pub fn for_container(
+        container: &Container,
+        credentials_file: PathBuf,
+    ) -> Result<JobRequest, BackendError> {
+        let invalid = |reason: String| BackendError::InvalidRequest {
+            container: container.uuid.clone(),
+            reason,
+        };
+        let constraints = &container.runtime_constraints;
+        let ram = u64::try_from(constraints.ram)
+            .ok()
+            .filter(|ram| *ram > 0)
+            .ok_or_else(|| invalid(format!("runtime_constraints.ram is {}, not a positive number of bytes", constraints.ram)))?;
+        let vcpus = u64::try_from(constraints.vcpus)
+            .ok()
+            .filter(|vcpus| *vcpus > 0)
+            .ok_or_else(|| invalid(format!("runtime_constraints.vcpus is {}, not a positive number", constraints.vcpus)))?;
+        let scheduling = &container.scheduling_parameters;
+        let max_run_time = u64::try_from(scheduling.max_run_time).map_err(|_| {
+            invalid(format!(
+                "scheduling_parameters.max_run_time is {}, not a number of seconds",
+                scheduling.max_run_time
+            ))
+        })?;
+        let partitions = scheduling
+            .partitions
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        Ok(JobRequest {
+            container_uuid: container.uuid.clone(),
+            ram,
+            vcpus,
+            partitions,
+            max_run_time,
+            credentials_file,
+        })
+    }
+}
+
+/// A submitted job, with what was submitted and what the batch system
+/// answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submission {
+    pub job_id: JobId,
+    /// The submission command line.
+    pub command: String,
+    /// The job script, for backends that submit one.
+    pub script: Option<String>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The batch system refused the job for a reason another try will not
+    /// change (an unknown partition, more memory than any node has).
+    #[error("the batch system rejected the job of container {container}: {source}")]
+    Rejected {
+        container: String,
+        #[source]
+        source: CommandError,
+    },
+    /// The container's record asks for something no job can be made of.
+    #[error("failed to make a job of container {container}: {reason}")]
+    InvalidRequest { container: String, reason: String },
+    /// A command succeeded but printed something the adapter cannot read.
+    #[error("failed to parse the output of {command}: {message}; output: {output:?}")]
+    Parse {
+        command: String,
+        message: String,
+        output: String,
+    },
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to {action} process {pid}: {source}")]
+    Signal {
+        action: &'static str,
+        pid: i32,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl BackendError {
+    /// True when submitting the same job again would fail the same way, so
+    /// the container should not wait for another try.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Rejected { .. } | BackendError::InvalidRequest { .. }
+        )
+    }
+}
+
+/// A batch system, seen through its three verbs.
+#[async_trait]
+pub trait Backend: Send {
+    /// The backend's name for logs: `slurm` or `local`.
+    fn name(&self) -> &'static str;
+
+    /// Submits one job that runs the container's supervisor.
+    async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError>;
+
+    /// Lists the dispatcher's jobs that the batch system still knows,
+    /// in one query.
+    async fn status(&mut self) -> Result<Vec<BatchJob>, BackendError>;
+
+    /// Cancels a job as it was last seen: a job that has not started is
+    /// removed, a running one gets TERM so that its supervisor can stop the
+    /// container and report. A job that has already ended counts as
+    /// cancelled.
+    async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn container(ram: i64, vcpus: i64) -> Container {
+        serde_json::from_value(serde_json::json!({
+            "uuid": "zzzzz-dz642-000000000000001",
+            "owner_uuid": "zzzzz-tpzed-000000000000001",
+            "created_at": "2024-01-01T00:00:00Z",
+            "modified_at": "2024-01-01T00:00:00Z",
+            "modified_by_user_uuid": null,
+            "state": "Locked",
+            "log": null,
+            "cwd": "/",
+            "output_path": "/out",
+            "output": null,
+            "container_image": "busybox",
+            "progress": null,
+            "exit_code": null,
+            "auth_uuid": null,
+            "locked_by_uuid": null,
+            "runtime_user_uuid": null,
+            "gateway_address": null,
+            "runtime_constraints": {"ram": ram, "vcpus": vcpus},
+            "scheduling_parameters": {"partitions": [" a ", "", "b"], "max_run_time": 90},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn job_request_takes_the_container_numbers() {
+        let request = JobRequest::for_container(&container(1 << 30, 2), "/c.json".into()).unwrap();
+        assert_eq!(request.ram, 1 << 30);
+        assert_eq!(request.vcpus, 2);
+        assert_eq!(request.partitions, vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(request.max_run_time, 90);
+        assert_eq!(request.credentials_file, PathBuf::from("/c.json"));
+    }
+
+    #[test]
+    fn job_request_rejects_impossible_numbers() {
+        for (ram, vcpus, field) in [(0, 1, "ram"), (-5, 1, "ram"), (1, 0, "vcpus")] {
+            let err = JobRequest::for_container(&container(ram, vcpus), "/c".into()).unwrap_err();
+            assert!(err.is_permanent());
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+}

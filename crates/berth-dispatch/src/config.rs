@@ -1,0 +1,502 @@
+//! The `dispatch` section of the configuration file.
+//!
+//! ```yaml
+//! dispatch:
+//!   backend: slurm                  # or local
+//!   api_url: https://ctl.example:8443
+//!   poll_interval: 2s
+//!   credentials_dir: /var/lib/berth/credentials
+//!   slurm:
+//!     reserve_ram: 256MiB
+//!     partition: batch
+//!     sbatch_args: ["--account=science"]
+//!     output: /tmp/berth-%j.out
+//! ```
+//!
+//! Every default lives in [`defaults`]. [`Config::validate`] runs at
+//! start-up and names the offending key in each error, so a bad file stops
+//! the dispatcher before it locks anything.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Default values of the keys, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// How often the dispatcher looks at the queue and the batch system.
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+    /// Where credentials files go.
+    pub const CREDENTIALS_DIR: &str = "/var/lib/berth/credentials";
+    /// Memory added to each container's RAM for the supervisor and the
+    /// runtime: 256 MiB.
+    pub const RESERVE_RAM: u64 = 256 << 20;
+    /// Slurm's output file for each job; `%j` is the job id.
+    pub const SLURM_OUTPUT: &str = "/tmp/berth-%j.out";
+    /// How long one Slurm command may run before it is killed.
+    pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+}
+
+/// Shortest poll interval accepted: faster polling only loads the
+/// controller and the batch system.
+const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `sbatch` options the dispatcher sets itself and that `sbatch_args` must
+/// not override, each with the reason.
+const RESERVED_SBATCH_OPTIONS: &[(&str, Option<char>, &str)] = &[
+    (
+        "--job-name",
+        Some('J'),
+        "the job name is the container UUID, by which the dispatcher finds the job again",
+    ),
+    (
+        "--parsable",
+        None,
+        "the dispatcher reads the job id from sbatch's parsable output",
+    ),
+    (
+        "--output",
+        Some('o'),
+        "set the output file with dispatch.slurm.output",
+    ),
+    (
+        "--requeue",
+        None,
+        "a requeued job would run a container that was already cancelled",
+    ),
+    (
+        "--array",
+        Some('a'),
+        "one job runs one container",
+    ),
+    (
+        "--wrap",
+        None,
+        "the dispatcher supplies the job script",
+    ),
+];
+
+/// A key whose value is invalid.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration key dispatch.{key}: {message}")]
+pub struct ConfigError {
+    /// The key below `dispatch`, such as `slurm.partition`.
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The batch system that runs the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// One Slurm job per container, through `sbatch`, `squeue` and `scancel`.
+    Slurm,
+    /// One child process of the dispatcher per container, on its own host.
+    Local,
+}
+
+impl BackendKind {
+    /// The name used in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Slurm => "slurm",
+            BackendKind::Local => "local",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Compares with the name used in the configuration file.
+impl PartialEq<&str> for BackendKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
+/// The `dispatch` section of the configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The batch system: `slurm` or `local`.
+    pub backend: BackendKind,
+    /// The controller's URL, as the dispatcher and the compute nodes reach
+    /// it: `https://host:port` or `host:port` (which means HTTPS). Jobs get
+    /// it in their credentials file.
+    pub api_url: String,
+    /// Accept a controller certificate that does not verify. Jobs inherit
+    /// the setting through their credentials file.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Time between two passes over the queue and the batch system, such as
+    /// `2s` or `500ms`. It bounds how quickly the dispatcher sees a new
+    /// container, a container whose priority dropped to 0 (whose job it
+    /// then cancels) and a job that left the batch system. Each pass costs
+    /// two or three list calls to the controller and one status query to the
+    /// batch system.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Directory of the credentials files, one `<container uuid>.json` per
+    /// locked container (mode 0600), made with mode 0700 if missing. Jobs
+    /// read their file at this same path, so with Slurm it must be on a file
+    /// system the compute nodes mount at the same place, and the jobs run as
+    /// the dispatcher's user. The local backend also keeps its pid files
+    /// here.
+    #[serde(default = "default_credentials_dir")]
+    pub credentials_dir: PathBuf,
+    /// Settings of the Slurm backend.
+    #[serde(default)]
+    pub slurm: SlurmConfig,
+    /// Settings of the local backend.
+    #[serde(default)]
+    pub local: LocalConfig,
+}
+
+/// The `dispatch.slurm` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    /// Memory added to the container's RAM in the job's `--mem`, for the
+    /// supervisor and the container runtime: bytes, or a size such as
+    /// `256MiB`.
+    #[serde(default = "default_reserve_ram", deserialize_with = "deserialize_size")]
+    pub reserve_ram: u64,
+    /// Partition for containers whose `scheduling_parameters.partitions` is
+    /// empty; unset leaves the choice to Slurm's default partition.
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// Extra `sbatch` arguments, placed after the dispatcher's own, so that
+    /// they override them (Slurm keeps the last occurrence of an option).
+    /// Options that would break tracking (`--job-name`, `--output`,
+    /// `--parsable`, `--requeue`, `--array`, `--wrap`) are rejected.
+    #[serde(default)]
+    pub sbatch_args: Vec<String>,
+    /// The job's output file (`sbatch --output`), where the supervisor's own
+    /// log goes, on the compute node. Slurm replaces `%j` with the job id and
+    /// `%x` with the job name, which is the container UUID. Nothing removes
+    /// these files.
+    #[serde(default = "default_slurm_output")]
+    pub output: String,
+    /// The `sbatch` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_sbatch")]
+    pub sbatch: PathBuf,
+    /// The `squeue` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_squeue")]
+    pub squeue: PathBuf,
+    /// The `scancel` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_scancel")]
+    pub scancel: PathBuf,
+    /// How long one Slurm command may run before it is killed and counted
+    /// as failed, such as `60s`.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+/// The `dispatch.local` section.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// Directory of the supervisors' output, one `<container uuid>.log` per
+    /// container (stdout and stderr, appended); the credentials directory
+    /// when unset. Nothing removes these files.
+    #[serde(default)]
+    pub log_dir: Option<PathBuf>,
+}
+
+fn default_poll_interval() -> Duration {
+    defaults::POLL_INTERVAL
+}
+
+fn default_credentials_dir() -> PathBuf {
+    PathBuf::from(defaults::CREDENTIALS_DIR)
+}
+
+fn default_reserve_ram() -> u64 {
+    defaults::RESERVE_RAM
+}
+
+fn default_slurm_output() -> String {
+    defaults::SLURM_OUTPUT.to_string()
+}
+
+fn default_sbatch() -> PathBuf {
+    PathBuf::from("sbatch")
+}
+
+fn default_squeue() -> PathBuf {
+    PathBuf::from("squeue")
+}
+
+fn default_scancel() -> PathBuf {
+    PathBuf::from("scancel")
+}
+
+fn default_command_timeout() -> Duration {
+    defaults::COMMAND_TIMEOUT
+}
+
+impl Default for SlurmConfig {
+    fn default() -> SlurmConfig {
+        SlurmConfig {
+            reserve_ram: default_reserve_ram(),
+            partition: None,
+            sbatch_args: Vec::new(),
+            output: default_slurm_output(),
+            sbatch: default_sbatch(),
+            squeue: default_squeue(),
+            scancel: default_scancel(),
+            command_timeout: default_command_timeout(),
+        }
+    }
+}
+
+/// Reads a size given as a number of bytes or as text such as `256MiB`.
+fn deserialize_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(deserializer)? {
+        Size::Bytes(bytes) => Ok(bytes),
+        Size::Text(text) => berth_core::units::parse_size(&text)
+            .map(|bytes| bytes.unsigned_abs())
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+impl Config {
+    /// A configuration with every optional key at its default.
+    pub fn new(backend: BackendKind, api_url: impl Into<String>) -> Config {
+        Config {
+            backend,
+            api_url: api_url.into(),
+            insecure: false,
+            poll_interval: defaults::POLL_INTERVAL,
+            credentials_dir: default_credentials_dir(),
+            slurm: SlurmConfig::default(),
+            local: LocalConfig::default(),
+        }
+    }
+
+    /// Checks the values that parsing alone cannot. Touches no file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        berth_client::parse_api_host(&self.api_url)
+            .map_err(|err| ConfigError::new("api_url", err.to_string()))?;
+        if self.poll_interval < MIN_POLL_INTERVAL {
+            return Err(ConfigError::new(
+                "poll_interval",
+                format!(
+                    "{} is too short: it must be at least {}",
+                    humantime_serde::re::humantime::format_duration(self.poll_interval),
+                    humantime_serde::re::humantime::format_duration(MIN_POLL_INTERVAL)
+                ),
+            ));
+        }
+        check_absolute_utf8("credentials_dir", &self.credentials_dir)?;
+        if let Some(log_dir) = &self.local.log_dir {
+            check_absolute_utf8("local.log_dir", log_dir)?;
+        }
+        self.slurm.validate()
+    }
+
+    /// The directory of the local backend's log files.
+    pub fn local_log_dir(&self) -> &Path {
+        self.local.log_dir.as_deref().unwrap_or(&self.credentials_dir)
+    }
+}
+
+impl SlurmConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(partition) = &self.partition {
+            if partition.is_empty() || partition.contains(char::is_whitespace) {
+                return Err(ConfigError::new(
+                    "slurm.partition",
+                    format!("{partition:?} is not a partition name: give a name without spaces, or remove the key"),
+                ));
+            }
+        }
+        for (index, arg) in self.sbatch_args.iter().enumerate() {
+            check_sbatch_arg(arg).map_err(|message| {
+                ConfigError::new(format!("slurm.sbatch_args[{index}]"), message)
+            })?;
+        }
+        if self.output.trim().is_empty() || self.output.contains(['\n', '\0']) {
+            return Err(ConfigError::new(
+                "slurm.output",
+                format!("{:?} is not a file name pattern such as {}", self.output, defaults::SLURM_OUTPUT),
+            ));
+        }
+        for (key, program) in [
+            ("slurm.sbatch", &self.sbatch),
+            ("slurm.squeue", &self.squeue),
+            ("slurm.scancel", &self.scancel),
+        ] {
+            if program.as_os_str().is_empty() {
+                return Err(ConfigError::new(key, "is empty: give a program name or path"));
+            }
+        }
+        if self.command_timeout.is_zero() {
+            return Err(ConfigError::new("slurm.command_timeout", "must be longer than 0s"));
+        }
+        Ok(())
+    }
+}
+
+fn check_absolute_utf8(key: &str, path: &Path) -> Result<(), ConfigError> {
+    if !path.is_absolute() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    if path.to_str().is_none() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is not valid UTF-8", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Rejects an extra `sbatch` argument that would override an option the
+/// dispatcher depends on.
+fn check_sbatch_arg(arg: &str) -> Result<(), String> {
+    if arg.is_empty() {
+        return Err("is empty".to_string());
+    }
+    if arg.contains(['\n', '\0']) {
+        return Err(format!("{arg:?} contains a newline or NUL byte"));
+    }
+    for (long, short, reason) in RESERVED_SBATCH_OPTIONS {
+        let long_match = arg == *long || arg.starts_with(&format!("{long}="));
+        let short_match = short.is_some_and(|short| {
+            let mut chars = arg.chars();
+            chars.next() == Some('-') && chars.next() == Some(short)
+        });
+        if long_match || short_match {
+            return Err(format!("{arg:?} is not allowed: {reason}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, serde_yaml::Error> {
+        serde_yaml::from_str(yaml)
+    }
+
+    #[test]
+    fn minimal_section_gets_defaults() {
+        let config = parse("backend: slurm\napi_url: https://ctl:8443\n").unwrap();
+        assert_eq!(config.backend, BackendKind::Slurm);
+        assert_eq!(config.backend, "slurm");
+        assert_eq!(config.poll_interval, Duration::from_secs(2));
+        assert_eq!(config.credentials_dir, PathBuf::from("/var/lib/berth/credentials"));
+        assert_eq!(config.slurm.reserve_ram, 256 << 20);
+        assert_eq!(config.slurm.partition, None);
+        assert!(config.slurm.sbatch_args.is_empty());
+        assert_eq!(config.slurm.output, "/tmp/berth-%j.out");
+        assert_eq!(config.slurm.sbatch, PathBuf::from("sbatch"));
+        assert_eq!(config.slurm.command_timeout, Duration::from_secs(60));
+        assert_eq!(config.local_log_dir(), Path::new("/var/lib/berth/credentials"));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn full_section_parses() {
+        let config = parse(
+            "backend: local\n\
+             api_url: 127.0.0.1:8000\n\
+             insecure: true\n\
+             poll_interval: 500ms\n\
+             credentials_dir: /srv/berth/credentials\n\
+             slurm:\n  reserve_ram: 1GiB\n  partition: batch\n  sbatch_args: [\"--account=x\"]\n  output: /scratch/%x.out\n  sbatch: /opt/slurm/bin/sbatch\n  command_timeout: 2m\n\
+             local:\n  log_dir: /var/log/berth\n",
+        )
+        .unwrap();
+        assert_eq!(config.backend, BackendKind::Local);
+        assert!(config.insecure);
+        assert_eq!(config.poll_interval, Duration::from_millis(500));
+        assert_eq!(config.slurm.reserve_ram, 1 << 30);
+        assert_eq!(config.slurm.partition.as_deref(), Some("batch"));
+        assert_eq!(config.slurm.sbatch_args, vec!["--account=x".to_string()]);
+        assert_eq!(config.slurm.command_timeout, Duration::from_secs(120));
+        assert_eq!(config.local_log_dir(), Path::new("/var/log/berth"));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn reserve_ram_accepts_plain_bytes() {
+        let config = parse("backend: slurm\napi_url: h:1\nslurm: {reserve_ram: 1048576}\n").unwrap();
+        assert_eq!(config.slurm.reserve_ram, 1 << 20);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let err = parse("backend: slurm\napi_url: h:1\npoll_intervall: 2s\n").unwrap_err();
+        assert!(err.to_string().contains("poll_intervall"), "{err}");
+        let err = parse("backend: slurm\napi_url: h:1\nslurm: {partitions: a}\n").unwrap_err();
+        assert!(err.to_string().contains("partitions"), "{err}");
+    }
+
+    #[test]
+    fn unknown_backend_is_rejected() {
+        let err = parse("backend: lsf\napi_url: h:1\n").unwrap_err();
+        assert!(err.to_string().contains("lsf"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+            ("api_url", Box::new(|c| c.api_url = "ftp://x".into())),
+            ("poll_interval", Box::new(|c| c.poll_interval = Duration::from_millis(1))),
+            ("credentials_dir", Box::new(|c| c.credentials_dir = "relative/dir".into())),
+            ("local.log_dir", Box::new(|c| c.local.log_dir = Some("logs".into()))),
+            ("slurm.partition", Box::new(|c| c.slurm.partition = Some("a b".into()))),
+            ("slurm.sbatch_args[1]", Box::new(|c| {
+                c.slurm.sbatch_args = vec!["--account=x".into(), "--job-name=y".into()]
+            })),
+            ("slurm.output", Box::new(|c| c.slurm.output = " ".into())),
+            ("slurm.squeue", Box::new(|c| c.slurm.squeue = PathBuf::new())),
+            ("slurm.command_timeout", Box::new(|c| c.slurm.command_timeout = Duration::ZERO)),
+        ];
+        for (key, change) in cases {
+            let mut config = Config::new(BackendKind::Slurm, "http://127.0.0.1:8000");
+            change(&mut config);
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, key);
+            assert!(err.to_string().contains(&format!("dispatch.{key}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn reserved_sbatch_options_are_rejected() {
+        for bad in ["--job-name=x", "-J", "-Jname", "--parsable", "--output=/x", "-o", "--requeue", "--array=1-3", "--wrap=true"] {
+            assert!(check_sbatch_arg(bad).is_err(), "{bad} accepted");
+        }
+        for good in ["--account=x", "--qos=high", "--exclusive", "--constraint=intel", "--no-requeue", "--open-mode=append"] {
+            assert!(check_sbatch_arg(good).is_ok(), "{good} rejected");
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! The dispatch loop: one task that owns every tracked container and runs
+//! one tick per poll interval.
+//!
+//! A tick, in order:
+//!
+//! 1. lists the containers locked by this dispatcher's token and the Queued
+//!    ones with priority > 0, and fetches any tracked container that
+//!    neither list returned;
+//! 2. takes one snapshot of the batch system ([`Backend::status`]);
+//! 3. takes over containers locked by this token that it does not track
+//!    yet; on the first tick it also cancels orphaned jobs (named after a
+//!    container of this cluster that is not Locked or Running by this
+//!    token) and removes leftover credentials files;
+//! 4. lets each tracked container decide ([`Tracked::observe`]) and carries
+//!    out its actions;
+//! 5. locks each Queued container, highest priority first, writes its
+//!    credentials file and submits its job.
+//!
+//! If the listing or the snapshot fails, the tick ends before step 3: a
+//! failed query is never taken for an empty queue. Every error is logged
+//! once, where it is handled; a failure that repeats with the same message
+//! is logged at debug level until it changes or stops.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use berth_client::ClientError;
+use berth_core::{ClusterId, Container, ContainerState, ObjectType};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::api::{list_all, ControllerApi};
+use crate::backend::{Backend, BackendError, BatchJob, JobRequest};
+use crate::credentials::CredentialsStore;
+use crate::tracker::{resolve_vanished, Action, CancelLedger, Observation, Tracked};
+
+/// Time a container is left alone after the dispatcher gave up on it
+/// (unlocked it after failed submissions, or failed to lock it) before it
+/// is locked again.
+pub const RELOCK_HOLD: Duration = Duration::from_secs(60);
+
+/// Number of UUIDs per `uuid in [...]` list call.
+const FETCH_BATCH: usize = 100;
+
+/// First and longest delay between attempts to reach the controller at
+/// start-up.
+const STARTUP_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STARTUP_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A repeated failure is logged at warning level again after this many
+/// repeats.
+const REPEAT_WARN_EVERY: u64 = 100;
+
+/// Why a tick ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum TickError {
+    #[error("failed to list {what}: {source}")]
+    List {
+        what: &'static str,
+        #[source]
+        source: ClientError,
+    },
+    #[error("failed to query the batch system: {0}")]
+    Status(#[source] BackendError),
+}
+
+/// Remembers the last message of each failing operation, so that a
+/// failure repeated every tick is not logged at warning level every tick.
+#[derive(Debug, Default)]
+struct Repeats {
+    last: HashMap<String, (String, u64)>,
+}
+
+impl Repeats {
+    /// Counts a failure of `key`; true when it should be logged as a
+    /// warning (the first time, a new message, or every
+    /// [`REPEAT_WARN_EVERY`] repeats).
+    fn failed(&mut self, key: &str, message: &str) -> bool {
+        match self.last.get_mut(key) {
+            Some((last, count)) if last == message => {
+                *count += 1;
+                *count % REPEAT_WARN_EVERY == 0
+            }
+            _ => {
+                self.last.insert(key.to_string(), (message.to_string(), 1));
+                true
+            }
+        }
+    }
+
+    /// Clears `key`; returns how many failures in a row it had.
+    fn succeeded(&mut self, key: &str) -> u64 {
+        self.last.remove(key).map(|(_, count)| count).unwrap_or(0)
+    }
+}
+
+/// Logs a handled error: as a warning the first time, at debug level while
+/// it repeats.
+macro_rules! report {
+    ($repeats:expr, $key:expr, $error:expr, $($message:tt)+) => {{
+        let text = $error.to_string();
+        if $repeats.failed(&$key, &text) {
+            tracing::warn!(error = %text, $($message)+);
+        } else {
+            tracing::debug!(error = %text, $($message)+);
+        }
+    }};
+}
+
+/// The dispatch loop's state.
+pub struct Dispatcher<B> {
+    api: Box<dyn ControllerApi>,
+    backend: B,
+    cluster_id: ClusterId,
+    store: CredentialsStore,
+    token_uuid: String,
+    tracked: BTreeMap<String, Tracked>,
+    /// Containers not to lock before the given time.
+    holds: HashMap<String, Instant>,
+    cancels: CancelLedger,
+    /// Number of successful snapshots so far.
+    generation: u64,
+    /// Whether the first successful tick (with its orphan scan) has run.
+    reconciled: bool,
+    repeats: Repeats,
+}
+
+impl<B> std::fmt::Debug for Dispatcher<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("cluster_id", &self.cluster_id)
+            .field("token_uuid", &self.token_uuid)
+            .field("tracked", &self.tracked.len())
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl<B: Backend> Dispatcher<B> {
+    /// Learns this dispatcher's token UUID from the controller, retrying
+    /// while the controller cannot be reached. Returns `None` if `shutdown`
+    /// fires first.
+    pub async fn start(
+        api: Box<dyn ControllerApi>,
+        backend: B,
+        cluster_id: ClusterId,
+        store: CredentialsStore,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Dispatcher<B>>, ClientError> {
+        let mut delay = STARTUP_RETRY_FIRST;
+        let mut attempts = 0u32;
+        let token_uuid = loop {
+            match api.token_uuid().await {
+                Ok(uuid) => break uuid,
+                Err(err) if err.is_transient() => {
+                    attempts += 1;
+                    if attempts == 1 {
+                        tracing::warn!(error = %err, "failed to reach the controller; retrying");
+                    } else {
+                        tracing::debug!(error = %err, attempts, "failed to reach the controller; retrying");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(STARTUP_RETRY_MAX);
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        tracing::info!(
+            backend = backend.name(),
+            token = %token_uuid,
+            credentials_dir = %store.dir().display(),
+            "dispatcher started"
+        );
+        Ok(Some(Dispatcher::new(api, backend, cluster_id, store, token_uuid)))
+    }
+
+    /// A dispatcher that already knows its token UUID.
+    pub fn new(
+        api: Box<dyn ControllerApi>,
+        backend: B,
+        cluster_id: ClusterId,
+        store: CredentialsStore,
+        token_uuid: String,
+    ) -> Dispatcher<B> {
+        Dispatcher {
+            api,
+            backend,
+            cluster_id,
+            store,
+            token_uuid,
+            tracked: BTreeMap::new(),
+            holds: HashMap::new(),
+            cancels: CancelLedger::default(),
+            generation: 0,
+            reconciled: false,
+            repeats: Repeats::default(),
+        }
+    }
+
+    /// Runs ticks every `poll_interval` until `shutdown` fires. The first
+    /// tick runs at once. Jobs keep running after the loop ends: they
+    /// belong to the batch system, and a restarted dispatcher takes them
+    /// over.
+    pub async fn run(&mut self, poll_interval: Duration, shutdown: &CancellationToken) {
+        let mut interval = tokio::time::interval(poll_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            match self.tick(Instant::now(), shutdown).await {
+                Ok(()) => {
+                    let failures = self.repeats.succeeded("tick");
+                    if failures > 0 {
+                        tracing::info!(failures, "dispatch tick succeeded again");
+                    }
+                }
+                Err(err) => report!(self.repeats, "tick", err, "dispatch tick failed"),
+            }
+        }
+        tracing::info!(
+            tracked = self.tracked.len(),
+            "dispatcher stopped; its batch jobs keep running"
+        );
+    }
+
+    /// The containers being tracked, by UUID.
+    pub fn tracked(&self) -> &BTreeMap<String, Tracked> {
+        &self.tracked
+    }
+
+    /// Runs one tick as of `now`. Stops between two containers when
+    /// `shutdown` fires.
+    pub async fn tick(&mut self, now: Instant, shutdown: &CancellationToken) -> Result<(), TickError> {
+        let mine_filter = [json!(["locked_by_uuid", "=", self.token_uuid])];
+        let mine = list_all(self.api.as_ref(), &mine_filter)
+            .await
+            .map_err(|source| TickError::List {
+                what: "the containers locked by this dispatcher",
+                source,
+            })?;
+        let queued_filter = [json!(["state", "=", "Queued"]), json!(["priority", ">", 0])];
+        let queued = list_all(self.api.as_ref(), &queued_filter)
+            .await
+            .map_err(|source| TickError::List {
+                what: "the queued containers",
+                source,
+            })?;
+        let mut records: HashMap<String, Container> = HashMap::new();
+        for container in mine.iter().chain(queued.iter()) {
+            records.insert(container.uuid.clone(), container.clone());
+        }
+        let unlisted: Vec<String> = self
+            .tracked
+            .keys()
+            .filter(|uuid| !records.contains_key(*uuid))
+            .cloned()
+            .collect();
+        for batch in unlisted.chunks(FETCH_BATCH) {
+            let filter = [json!(["uuid", "in", batch])];
+            let fetched = list_all(self.api.as_ref(), &filter)
+                .await
+                .map_err(|source| TickError::List {
+                    what: "the tracked containers",
+                    source,
+                })?;
+            for container in fetched {
+                records.insert(container.uuid.clone(), container);
+            }
+        }
+
+        let jobs = self.backend.status().await.map_err(TickError::Status)?;
+        self.generation += 1;
+        self.cancels.retain_listed(&jobs);
+        let mut by_name: HashMap<&str, Vec<BatchJob>> = HashMap::new();
+        for job in &jobs {
+            by_name.entry(job.name.as_str()).or_default().push(job.clone());
+        }
+
+        self.adopt(&mine);
+        if !self.reconciled {
+            self.reconciled = true;
+            self.cancel_orphans(&jobs, now).await;
+            self.remove_stale_credentials();
+        }
+
+        let uuids: Vec<String> = self.tracked.keys().cloned().collect();
+        for uuid in uuids {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let record = records.get(&uuid).cloned();
+            let jobs = by_name.get(uuid.as_str()).map(Vec::as_slice).unwrap_or_default();
+            let span = tracing::info_span!("container", container = %uuid);
+            self.step(&uuid, record, jobs, now).instrument(span).await;
+        }
+
+        self.holds.retain(|_, until| *until > now);
+        let mut candidates: Vec<&Container> = queued
+            .iter()
+            .filter(|c| c.state == ContainerState::Queued && c.priority > 0)
+            .filter(|c| !self.tracked.contains_key(&c.uuid) && !self.holds.contains_key(&c.uuid))
+            .collect();
+        candidates.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.created_at.cmp(&b.created_at))
+                .then(a.uuid.cmp(&b.uuid))
+        });
+        for container in candidates {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let span = tracing::info_span!("container", container = %container.uuid);
+            let leftover = by_name.get(container.uuid.as_str()).cloned().unwrap_or_default();
+            if leftover.is_empty() {
+                self.lock_and_submit(container, now).instrument(span).await;
+            } else {
+                // A job of an earlier lock is still listed: it must leave
+                // before the container gets another.
+                self.cancel_leftovers(&leftover, now).instrument(span).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts tracking containers locked by this token that are not
+    /// tracked yet.
+    fn adopt(&mut self, mine: &[Container]) {
+        for container in mine {
+            let ours = container.locked_by_uuid.as_deref() == Some(self.token_uuid.as_str());
+            if !ours || !container.state.is_locked() || self.tracked.contains_key(&container.uuid) {
+                continue;
+            }
+            tracing::info!(
+                container = %container.uuid,
+                state = %container.state.as_str(),
+                job_id = container.scheduler_job_id.as_deref().unwrap_or(""),
+                "taking over a container locked by this dispatcher's token"
+            );
+            self.tracked
+                .insert(container.uuid.clone(), Tracked::adopted(self.generation));
+        }
+    }
+
+    /// True for a job named after a container of this cluster.
+    fn is_container_job(&self, job: &BatchJob) -> bool {
+        berth_core::uuid::is_uuid(&job.name)
+            && job.name.starts_with(&format!(
+                "{}-{}-",
+                self.cluster_id,
+                ObjectType::Container.code()
+            ))
+    }
+
+    /// Cancels jobs named after a container of this cluster that no tracked
+    /// container claims: left by an earlier dispatcher for a container that
+    /// is no longer Locked or Running by this token.
+    async fn cancel_orphans(&mut self, jobs: &[BatchJob], now: Instant) {
+        let orphans: Vec<BatchJob> = jobs
+            .iter()
+            .filter(|job| self.is_container_job(job) && !self.tracked.contains_key(&job.name))
+            .cloned()
+            .collect();
+        for job in orphans {
+            let span = tracing::info_span!("container", container = %job.name);
+            async {
+                tracing::warn!(job_id = %job.id, "cancelling an orphaned job: its container is not Locked or Running by this dispatcher");
+                self.cancel_job(&job, now).await;
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+
+    /// Removes credentials files of containers this dispatcher does not
+    /// track, and temporary files of interrupted writes.
+    fn remove_stale_credentials(&mut self) {
+        let (uuids, temporary) = match self.store.list() {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(error = %err, "failed to look for stale credentials files");
+                return;
+            }
+        };
+        for uuid in uuids.iter().filter(|uuid| !self.tracked.contains_key(*uuid)) {
+            match self.store.remove(uuid) {
+                Ok(()) => tracing::info!(container = %uuid, "removed the credentials file of a container this dispatcher does not hold"),
+                Err(err) => tracing::warn!(container = %uuid, error = %err, "failed to remove a stale credentials file"),
+            }
+        }
+        for path in temporary {
+            if let Err(err) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "failed to remove a temporary credentials file");
+            }
+        }
+    }
+
+    async fn cancel_leftovers(&mut self, jobs: &[BatchJob], now: Instant) {
+        for job in jobs {
+            if self.cancels.should_send(job, now) {
+                tracing::warn!(job_id = %job.id, "a job of this queued container is still listed; cancelling it before locking the container");
+            }
+            self.cancel_job(job, now).await;
+        }
+    }
+
+    /// Lets one tracked container decide, and carries out its actions.
+    async fn step(&mut self, uuid: &str, record: Option<Container>, jobs: &[BatchJob], now: Instant) {
+        let credentials_exist = self.store.exists(uuid);
+        let Some(tracked) = self.tracked.get_mut(uuid) else {
+            return;
+        };
+        let actions = tracked.observe(Observation {
+            record: record.as_ref(),
+            jobs,
+            generation: self.generation,
+            now,
+            token_uuid: &self.token_uuid,
+            credentials_exist,
+        });
+        self.execute(uuid, record, actions, now).await;
+    }
+
+    /// Carries out actions in order; some produce further actions.
+    async fn execute(&mut self, uuid: &str, mut record: Option<Container>, actions: Vec<Action>, now: Instant) {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            if !self.tracked.contains_key(uuid) {
+                return;
+            }
+            match action {
+                Action::Submit => {
+                    if let Some(container) = &record {
+                        queue.extend(self.submit(container, now).await);
+                    }
+                }
+                Action::RecordJobId(job_id) => self.record_job_id(uuid, job_id.as_str()).await,
+                Action::Cancel(job) => self.cancel_job(&job, now).await,
+                Action::Unlock { reason } => self.unlock(uuid, &reason, now).await,
+                Action::CancelContainer { error, detail } => {
+                    self.cancel_container(uuid, record.as_ref(), &error, &detail).await
+                }
+                Action::Resolve => match self.api.get_container(uuid).await {
+                    Ok(container) => {
+                        let last_seen = self.tracked.get(uuid).and_then(|t| t.last_seen().cloned());
+                        tracing::warn!(
+                            state = %container.state.as_str(),
+                            job_id = last_seen.as_ref().map(|job| job.id.to_string()).unwrap_or_default(),
+                            "the container's job has left the batch system"
+                        );
+                        queue.extend(resolve_vanished(
+                            Some(&container),
+                            &self.token_uuid,
+                            self.backend.name(),
+                            last_seen.as_ref(),
+                        ));
+                        record = Some(container);
+                        self.repeats.succeeded(&format!("{uuid} get"));
+                    }
+                    Err(err) if status_code(&err) == Some(404) => {
+                        queue.extend(resolve_vanished(None, &self.token_uuid, self.backend.name(), None));
+                    }
+                    Err(err) => report!(self.repeats, format!("{uuid} get"), err, "failed to fetch the container"),
+                },
+                Action::RemoveCredentials => {
+                    if let Err(err) = self.store.remove(uuid) {
+                        tracing::warn!(error = %err, "failed to remove the credentials file");
+                    }
+                }
+                Action::Forget => {
+                    self.tracked.remove(uuid);
+                    tracing::debug!("stopped tracking the container");
+                }
+            }
+        }
+    }
+
+    /// Locks a queued container, writes its credentials file and submits
+    /// its job.
+    async fn lock_and_submit(&mut self, container: &Container, now: Instant) {
+        let uuid = container.uuid.as_str();
+        let locked = match self.api.lock_container(uuid).await {
+            Ok(locked) => locked,
+            Err(err) if matches!(status_code(&err), Some(404 | 422)) => {
+                // Another dispatcher locked it, or it changed since the list.
+                tracing::debug!(error = %err, "the container could not be locked; skipping it");
+                return;
+            }
+            Err(err) => {
+                report!(self.repeats, "lock", err, "failed to lock the container");
+                self.holds.insert(uuid.to_string(), now + RELOCK_HOLD);
+                return;
+            }
+        };
+        self.repeats.succeeded("lock");
+        tracing::info!(lock_count = locked.container.lock_count, "locked the container");
+
+        if let Err(err) = self.store.write(uuid, &locked.credentials) {
+            let unlock = self.api.unlock_container(uuid).await;
+            self.holds.insert(uuid.to_string(), now + RELOCK_HOLD);
+            match unlock {
+                Ok(_) => tracing::error!(error = %err, "failed to write the credentials file; unlocked the container"),
+                Err(unlock_err) => tracing::error!(
+                    error = %err,
+                    unlock_error = %unlock_err,
+                    "failed to write the credentials file, and then to unlock the container"
+                ),
+            }
+            return;
+        }
+        let mut record = locked.container;
+        if record.scheduler_job_id.is_some() {
+            // The id of a job from an earlier lock would make a restarted
+            // dispatcher believe this lock's job was submitted.
+            match self.api.update_container(uuid, &json!({"scheduler_job_id": null})).await {
+                Ok(updated) => record = updated,
+                Err(err) => tracing::warn!(error = %err, "failed to clear the job id of an earlier lock"),
+            }
+        }
+        self.tracked.insert(uuid.to_string(), Tracked::locked(self.generation));
+        self.step(uuid, Some(record), &[], now).await;
+    }
+
+    /// Submits a container's job; returns the follow-up actions.
+    async fn submit(&mut self, container: &Container, now: Instant) -> Vec<Action> {
+        let uuid = container.uuid.as_str();
+        let credentials_file = self.store.path(uuid);
+        if !credentials_file.is_file() {
+            return vec![Action::Unlock {
+                reason: format!("its credentials file {} is missing", credentials_file.display()),
+            }];
+        }
+        let result = match JobRequest::for_container(container, credentials_file) {
+            Ok(request) => self.backend.submit(&request).await,
+            Err(err) => Err(err),
+        };
+        let generation = self.generation;
+        let Some(tracked) = self.tracked.get_mut(uuid) else {
+            return Vec::new();
+        };
+        match result {
+            Ok(submission) => {
+                tracing::info!(job_id = %submission.job_id, "submitted the job");
+                tracing::debug!(
+                    job_id = %submission.job_id,
+                    command = %submission.command,
+                    script = submission.script.as_deref().unwrap_or(""),
+                    stdout = %submission.stdout.trim(),
+                    stderr = %submission.stderr.trim(),
+                    "submission details"
+                );
+                let job_id = submission.job_id.clone();
+                tracked.submitted(submission, generation);
+                vec![Action::RecordJobId(job_id)]
+            }
+            Err(err) => {
+                let permanent = err.is_permanent();
+                if permanent {
+                    tracing::warn!(error = %err, "the batch system rejected the job; cancelling the container");
+                } else {
+                    tracing::warn!(error = %err, "failed to submit the job; will retry");
+                }
+                tracked.submit_failed(permanent, &err.to_string(), now)
+            }
+        }
+    }
+
+    async fn record_job_id(&mut self, uuid: &str, job_id: &str) {
+        let key = format!("{uuid} record");
+        match self
+            .api
+            .update_container(uuid, &json!({"scheduler_job_id": job_id}))
+            .await
+        {
+            Ok(_) => {
+                self.repeats.succeeded(&key);
+                if let Some(tracked) = self.tracked.get_mut(uuid) {
+                    tracked.job_id_recorded();
+                }
+            }
+            Err(err) => report!(self.repeats, key, err, job_id, "failed to record the job id on the container"),
+        }
+    }
+
+    async fn cancel_job(&mut self, job: &BatchJob, now: Instant) {
+        if !self.cancels.should_send(job, now) {
+            return;
+        }
+        self.cancels.record(job, now);
+        match self.backend.cancel(job).await {
+            Ok(()) => tracing::info!(job_id = %job.id, job_state = %job.state, "cancelled the job"),
+            Err(err) => tracing::warn!(job_id = %job.id, error = %err, "failed to cancel the job"),
+        }
+    }
+
+    async fn unlock(&mut self, uuid: &str, reason: &str, now: Instant) {
+        match self.api.unlock_container(uuid).await {
+            Ok(_) => {
+                tracing::info!(reason, "unlocked the container");
+                self.release(uuid);
+                self.holds.insert(uuid.to_string(), now + RELOCK_HOLD);
+            }
+            Err(err) if status_code(&err) == Some(422) => {
+                // It changed meanwhile (its supervisor started it, say); the
+                // next tick sees the new state.
+                tracing::info!(error = %err, "the container could not be unlocked");
+            }
+            Err(err) => report!(self.repeats, format!("{uuid} unlock"), err, "failed to unlock the container"),
+        }
+    }
+
+    async fn cancel_container(&mut self, uuid: &str, record: Option<&Container>, error: &str, detail: &str) {
+        let mut runtime_status = record.map(|c| c.runtime_status.clone()).unwrap_or_default();
+        runtime_status.insert("error".into(), Value::from(error));
+        runtime_status.insert("errorDetail".into(), Value::from(detail));
+        let attributes = json!({"state": "Cancelled", "runtime_status": runtime_status});
+        match self.api.update_container(uuid, &attributes).await {
+            Ok(_) => {
+                tracing::warn!(error, detail, "cancelled the container");
+                if let Err(err) = self.store.remove(uuid) {
+                    tracing::warn!(error = %err, "failed to remove the credentials file");
+                }
+            }
+            Err(err) => report!(self.repeats, format!("{uuid} cancel"), err, "failed to cancel the container"),
+        }
+    }
+
+    /// Removes a container's credentials file and stops tracking it.
+    fn release(&mut self, uuid: &str) {
+        if let Err(err) = self.store.remove(uuid) {
+            tracing::warn!(error = %err, "failed to remove the credentials file");
+        }
+        self.tracked.remove(uuid);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_tracked(&self, uuid: &str) -> bool {
+        self.tracked.contains_key(uuid)
+    }
+}
+
+/// The HTTP status of a controller error, as a number.
+fn status_code(err: &ClientError) -> Option<u16> {
+    err.status().map(|status| status.as_u16())
+}

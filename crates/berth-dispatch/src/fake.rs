@@ -1,0 +1,398 @@
+//! In-memory stand-ins for the controller and the batch system, for the
+//! unit tests of the dispatch loop's decisions. Both record the calls they
+//! receive. The real Slurm adapter and the real controller are tested
+//! elsewhere: the adapter in `tests/slurm.rs`, the whole system in the
+//! `berth` crate's end-to-end tests.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use berth_client::{ClientError, ListPage, ListParams, Locked};
+use berth_core::records::ContainerCredentials;
+use berth_core::{Container, ContainerState};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::api::ControllerApi;
+use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
+use crate::command::CommandError;
+
+pub const TOKEN_UUID: &str = "zzzzz-gj3su-000000000000000";
+
+fn api_error(status: StatusCode, message: String) -> ClientError {
+    ClientError::Api {
+        method: Method::POST,
+        url: "http://fake/".into(),
+        status,
+        message,
+    }
+}
+
+/// A container in the Queued state, as the controller would create it.
+pub fn queued_container(uuid: &str, priority: i64) -> Container {
+    let mut container: Container = serde_json::from_value(serde_json::json!({
+        "uuid": uuid,
+        "owner_uuid": "zzzzz-tpzed-000000000000001",
+        "created_at": "2024-01-01T00:00:00Z",
+        "modified_at": "2024-01-01T00:00:00Z",
+        "modified_by_user_uuid": null,
+        "state": "Queued",
+        "log": null, "cwd": "/", "output_path": "/out", "output": null,
+        "container_image": "busybox", "progress": null, "exit_code": null,
+        "auth_uuid": null, "locked_by_uuid": null, "runtime_user_uuid": null,
+        "gateway_address": null,
+        "command": ["true"],
+        "runtime_constraints": {"ram": 268435456, "vcpus": 1},
+    }))
+    .expect("a valid container record");
+    container.priority = priority;
+    container
+}
+
+/// The controller, reduced to containers.
+#[derive(Debug, Clone, Default)]
+pub struct FakeController {
+    inner: Arc<Mutex<ControllerState>>,
+}
+
+#[derive(Debug, Default)]
+struct ControllerState {
+    containers: BTreeMap<String, Container>,
+    calls: Vec<String>,
+    failing_lists: u32,
+    lock_conflicts: HashSet<String>,
+    locks: u64,
+}
+
+impl FakeController {
+    fn state(&self) -> MutexGuard<'_, ControllerState> {
+        self.inner.lock().expect("fake controller lock")
+    }
+
+    pub fn add(&self, container: Container) {
+        self.state().containers.insert(container.uuid.clone(), container);
+    }
+
+    pub fn container(&self, uuid: &str) -> Container {
+        self.state().containers[uuid].clone()
+    }
+
+    /// Changes a container as its supervisor or a user would.
+    pub fn change(&self, uuid: &str, change: impl FnOnce(&mut Container)) {
+        let mut state = self.state();
+        let container = state.containers.get_mut(uuid).expect("known container");
+        change(container);
+        if container.state.is_final() {
+            container.locked_by_uuid = None;
+        }
+    }
+
+    pub fn calls(&self) -> Vec<String> {
+        self.state().calls.clone()
+    }
+
+    /// Calls whose text starts with `prefix`, such as `lock`.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.state().calls.iter().filter(|c| c.starts_with(prefix)).count()
+    }
+
+    /// Makes the next `n` list calls fail with 503.
+    pub fn fail_lists(&self, n: u32) {
+        self.state().failing_lists = n;
+    }
+
+    /// Makes every lock of `uuid` fail with 422, as when another
+    /// dispatcher got there first.
+    pub fn conflict_on_lock(&self, uuid: &str) {
+        self.state().lock_conflicts.insert(uuid.to_string());
+    }
+}
+
+fn matches_filter(container: &Container, filter: &Value) -> bool {
+    let (Some(attribute), Some(operator), Some(operand)) = (
+        filter.get(0).and_then(Value::as_str),
+        filter.get(1).and_then(Value::as_str),
+        filter.get(2),
+    ) else {
+        panic!("unexpected filter {filter}");
+    };
+    let value = match attribute {
+        "uuid" => Value::from(container.uuid.clone()),
+        "state" => Value::from(container.state.as_str()),
+        "priority" => Value::from(container.priority),
+        "locked_by_uuid" => container.locked_by_uuid.clone().map(Value::from).unwrap_or(Value::Null),
+        other => panic!("unexpected filter attribute {other}"),
+    };
+    match operator {
+        "=" => &value == operand,
+        ">" => match (value.as_i64(), operand.as_i64()) {
+            (Some(a), Some(b)) => a > b,
+            _ => value.as_str().unwrap_or_default() > operand.as_str().unwrap_or_default(),
+        },
+        "in" => operand.as_array().is_some_and(|list| list.contains(&value)),
+        other => panic!("unexpected filter operator {other}"),
+    }
+}
+
+#[async_trait]
+impl ControllerApi for FakeController {
+    async fn token_uuid(&self) -> Result<String, ClientError> {
+        Ok(TOKEN_UUID.to_string())
+    }
+
+    async fn list_containers(&self, params: &ListParams) -> Result<ListPage<Container>, ClientError> {
+        let mut state = self.state();
+        let filters = params.filters.clone().unwrap_or(Value::Array(vec![]));
+        state.calls.push(format!("list {filters}"));
+        if state.failing_lists > 0 {
+            state.failing_lists -= 1;
+            return Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "busy".into()));
+        }
+        assert_eq!(params.order.as_deref(), Some(&["uuid asc".to_string()][..]));
+        let limit = params.limit.unwrap_or(100);
+        let filters = filters.as_array().cloned().unwrap_or_default();
+        let items: Vec<Container> = state
+            .containers
+            .values()
+            .filter(|c| filters.iter().all(|f| matches_filter(c, f)))
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        Ok(ListPage {
+            items,
+            items_available: None,
+            offset: 0,
+            limit,
+        })
+    }
+
+    async fn get_container(&self, uuid: &str) -> Result<Container, ClientError> {
+        let mut state = self.state();
+        state.calls.push(format!("get {uuid}"));
+        state
+            .containers
+            .get(uuid)
+            .cloned()
+            .ok_or_else(|| api_error(StatusCode::NOT_FOUND, format!("{uuid} not found")))
+    }
+
+    async fn lock_container(&self, uuid: &str) -> Result<Locked, ClientError> {
+        let mut state = self.state();
+        state.calls.push(format!("lock {uuid}"));
+        if state.lock_conflicts.contains(uuid) {
+            return Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "already locked".into()));
+        }
+        state.locks += 1;
+        let n = state.locks;
+        let container = state.containers.get_mut(uuid).expect("known container");
+        if container.state != ContainerState::Queued || container.priority <= 0 {
+            return Err(api_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("cannot lock a container in state {}", container.state.as_str()),
+            ));
+        }
+        container.state = ContainerState::Locked;
+        container.locked_by_uuid = Some(TOKEN_UUID.into());
+        container.auth_uuid = Some(format!("zzzzz-gj3su-lock{n:011}"));
+        container.lock_count += 1;
+        Ok(Locked {
+            container: container.clone(),
+            credentials: ContainerCredentials {
+                api_token: format!("v2/zzzzz-gj3su-lock{n:011}/secret{n}/{uuid}"),
+                gateway_secret: format!("gateway{n}"),
+            },
+        })
+    }
+
+    async fn unlock_container(&self, uuid: &str) -> Result<Container, ClientError> {
+        let mut state = self.state();
+        state.calls.push(format!("unlock {uuid}"));
+        let container = state.containers.get_mut(uuid).expect("known container");
+        if container.state != ContainerState::Locked || container.locked_by_uuid.as_deref() != Some(TOKEN_UUID) {
+            return Err(api_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("cannot unlock a container in state {}", container.state.as_str()),
+            ));
+        }
+        container.state = ContainerState::Queued;
+        container.locked_by_uuid = None;
+        container.auth_uuid = None;
+        container.runtime_status.clear();
+        Ok(container.clone())
+    }
+
+    async fn update_container(&self, uuid: &str, attributes: &Value) -> Result<Container, ClientError> {
+        let mut state = self.state();
+        state.calls.push(format!("update {uuid} {attributes}"));
+        let container = state.containers.get_mut(uuid).expect("known container");
+        let mut updated = container.clone();
+        for (key, value) in attributes.as_object().expect("an object") {
+            match key.as_str() {
+                "state" => {
+                    let to: ContainerState = serde_json::from_value(value.clone()).expect("a state");
+                    updated
+                        .state
+                        .check_transition(to)
+                        .map_err(|err| api_error(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()))?;
+                    updated.state = to;
+                }
+                "scheduler_job_id" => updated.scheduler_job_id = value.as_str().map(str::to_string),
+                "runtime_status" => {
+                    updated.runtime_status = value.as_object().cloned().unwrap_or_default()
+                }
+                other => panic!("unexpected attribute {other}"),
+            }
+        }
+        if updated.state.is_final() {
+            updated.locked_by_uuid = None;
+        }
+        *container = updated.clone();
+        Ok(updated)
+    }
+}
+
+/// How the next submission fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitFailure {
+    /// Like an `sbatch` that timed out.
+    Transient,
+    /// Like an `sbatch` rejecting an impossible memory request.
+    Rejected,
+}
+
+/// The batch system: a list of jobs that tests change directly.
+#[derive(Debug, Clone, Default)]
+pub struct FakeBackend {
+    inner: Arc<Mutex<BackendState>>,
+}
+
+#[derive(Debug, Default)]
+struct BackendState {
+    jobs: Vec<BatchJob>,
+    next_id: u64,
+    submits: Vec<JobRequest>,
+    cancels: Vec<BatchJob>,
+    status_calls: u64,
+    failing_statuses: u32,
+    submit_failures: VecDeque<SubmitFailure>,
+}
+
+impl FakeBackend {
+    fn state(&self) -> MutexGuard<'_, BackendState> {
+        self.inner.lock().expect("fake backend lock")
+    }
+
+    pub fn submits(&self) -> Vec<JobRequest> {
+        self.state().submits.clone()
+    }
+
+    pub fn cancels(&self) -> Vec<BatchJob> {
+        self.state().cancels.clone()
+    }
+
+    pub fn jobs(&self) -> Vec<BatchJob> {
+        self.state().jobs.clone()
+    }
+
+    pub fn status_calls(&self) -> u64 {
+        self.state().status_calls
+    }
+
+    /// Adds a job as if someone had submitted it.
+    pub fn add_job(&self, id: &str, name: &str, state: JobState) {
+        self.state().jobs.push(BatchJob {
+            id: JobId::new(id),
+            name: name.to_string(),
+            state,
+            reason: String::new(),
+        });
+    }
+
+    pub fn set_state(&self, name: &str, job_state: JobState) {
+        for job in self.state().jobs.iter_mut().filter(|job| job.name == name) {
+            job.state = job_state.clone();
+        }
+    }
+
+    /// Removes every job named `name`, as when it ends.
+    pub fn end(&self, name: &str) {
+        self.state().jobs.retain(|job| job.name != name);
+    }
+
+    /// Makes the next `n` status queries fail.
+    pub fn fail_statuses(&self, n: u32) {
+        self.state().failing_statuses = n;
+    }
+
+    pub fn fail_next_submit(&self, failure: SubmitFailure) {
+        self.state().submit_failures.push_back(failure);
+    }
+}
+
+#[async_trait]
+impl Backend for FakeBackend {
+    fn name(&self) -> &'static str {
+        "fake"
+    }
+
+    async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError> {
+        let mut state = self.state();
+        state.submits.push(request.clone());
+        match state.submit_failures.pop_front() {
+            Some(SubmitFailure::Transient) => {
+                return Err(BackendError::Command(CommandError::TimedOut {
+                    command: "sbatch".into(),
+                    timeout: std::time::Duration::from_secs(60),
+                }))
+            }
+            Some(SubmitFailure::Rejected) => {
+                return Err(BackendError::Rejected {
+                    container: request.container_uuid.clone(),
+                    source: CommandError::Failed {
+                        command: "sbatch".into(),
+                        status: "exit status: 1".into(),
+                        stdout: String::new(),
+                        stderr: "sbatch: error: Memory specification can not be satisfied".into(),
+                    },
+                })
+            }
+            None => {}
+        }
+        state.next_id += 1;
+        let id = JobId::new((100 + state.next_id).to_string());
+        state.jobs.push(BatchJob {
+            id: id.clone(),
+            name: request.container_uuid.clone(),
+            state: JobState::Pending,
+            reason: "Priority".into(),
+        });
+        Ok(Submission {
+            job_id: id.clone(),
+            command: "sbatch".into(),
+            script: Some("#!/bin/sh\n".into()),
+            stdout: format!("{id}\n"),
+            stderr: String::new(),
+        })
+    }
+
+    async fn status(&mut self) -> Result<Vec<BatchJob>, BackendError> {
+        let mut state = self.state();
+        state.status_calls += 1;
+        if state.failing_statuses > 0 {
+            state.failing_statuses -= 1;
+            return Err(BackendError::Command(CommandError::Failed {
+                command: "squeue".into(),
+                status: "exit status: 1".into(),
+                stdout: String::new(),
+                stderr: "slurm_load_jobs error: Socket timed out on send/recv operation".into(),
+            }));
+        }
+        Ok(state.jobs.clone())
+    }
+
+    async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError> {
+        self.state().cancels.push(job.clone());
+        Ok(())
+    }
+}

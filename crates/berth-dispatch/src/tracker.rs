@@ -1,0 +1,810 @@
+//! The dispatch loop's view of one container, and its decisions, free of
+//! I/O.
+//!
+//! A [`Tracked`] container is one this dispatcher has locked, or found
+//! locked by its token after a restart. Each tick the loop hands it an
+//! [`Observation`] (the container's latest record and the jobs named after
+//! it in the batch system's latest snapshot) and gets back the
+//! [`Action`]s to carry out. Results of those actions come back through
+//! [`Tracked::submitted`] and [`Tracked::submit_failed`].
+//!
+//! Words used here:
+//!
+//! - *snapshot*: the job list of one successful status query, numbered by a
+//!   *generation* that grows by one per snapshot.
+//! - *vanished*: the container's job is missing from [`VANISH_SNAPSHOTS`]
+//!   consecutive snapshots taken after its submission. Only then does the
+//!   loop act on its absence, so one odd snapshot never ends a container.
+//! - *adopted*: tracked because the controller lists the container as
+//!   Locked or Running by this dispatcher's token, although this process did
+//!   not lock it (a restart, or a lock whose answer was lost).
+//! - *stray*: a job named after the container that is not its job, such as
+//!   a second submission; it is cancelled.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use berth_core::{Container, ContainerState};
+
+use crate::backend::{BatchJob, JobId, Submission};
+
+/// Consecutive snapshots without a job before the loop acts on its absence.
+pub const VANISH_SNAPSHOTS: u32 = 2;
+
+/// Time after which a cancel is sent again to a job still listed in the
+/// same state.
+pub const CANCEL_RESEND_AFTER: Duration = Duration::from_secs(30);
+
+/// Time a job may stay listed after its container became final before it
+/// is cancelled: the supervisor reports the final state, then exits.
+pub const FINAL_JOB_GRACE: Duration = Duration::from_secs(30);
+
+/// Submission attempts for one lock that may fail before the container is
+/// unlocked.
+pub const MAX_SUBMIT_ATTEMPTS: u32 = 5;
+
+/// Delay before the second submission attempt; it doubles with each
+/// further attempt.
+pub const SUBMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
+
+/// Message of `runtime_status.error` when a Running container's job left
+/// the batch system.
+pub const VANISHED_ERROR: &str =
+    "the batch job ended without the supervisor reporting a final state";
+
+/// Message of `runtime_status.error` when the batch system rejected the
+/// container's job.
+pub const REJECTED_ERROR: &str = "the batch system rejected the container's job";
+
+/// Why the tracker exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// This process locked the container.
+    Locked,
+    /// The controller listed it as locked by this dispatcher's token.
+    Adopted,
+}
+
+/// What the loop should do for a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Submit the container's job.
+    Submit,
+    /// Record the job id as the container's `scheduler_job_id`.
+    RecordJobId(JobId),
+    /// Cancel this job (the loop skips a cancel sent recently).
+    Cancel(BatchJob),
+    /// Unlock the container, remove its credentials and stop tracking it.
+    Unlock { reason: String },
+    /// Set the container Cancelled with `runtime_status.error`.
+    CancelContainer { error: String, detail: String },
+    /// The job vanished: fetch the container again and decide with
+    /// [`resolve_vanished`].
+    Resolve,
+    /// Remove the container's credentials file.
+    RemoveCredentials,
+    /// Stop tracking the container.
+    Forget,
+}
+
+/// What the loop saw of a container in one tick.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    /// The container's latest record; `None` if the controller no longer
+    /// returns it.
+    pub record: Option<&'a Container>,
+    /// The snapshot's jobs named after the container.
+    pub jobs: &'a [BatchJob],
+    pub generation: u64,
+    pub now: Instant,
+    /// This dispatcher's token UUID.
+    pub token_uuid: &'a str,
+    /// Whether the container's credentials file exists.
+    pub credentials_exist: bool,
+}
+
+/// One container this dispatcher is responsible for.
+#[derive(Debug)]
+pub struct Tracked {
+    origin: Origin,
+    /// The job's id, once submitted or found.
+    job: Option<JobId>,
+    /// The job as the latest snapshot that listed it saw it.
+    last_seen: Option<BatchJob>,
+    job_id_recorded: bool,
+    /// Absence counts only in snapshots of a later generation.
+    watch_from: u64,
+    missing: u32,
+    submit_attempts: u32,
+    next_submit_at: Option<Instant>,
+    /// Why the batch system rejected the job, once it has.
+    rejected: Option<String>,
+    final_since: Option<Instant>,
+    credentials_removed: bool,
+    /// What was submitted, and the batch system's answer.
+    submission: Option<Submission>,
+}
+
+impl Tracked {
+    /// A container this process has just locked.
+    pub fn locked(generation: u64) -> Tracked {
+        Tracked::new(Origin::Locked, generation)
+    }
+
+    /// A container found locked by this dispatcher's token. The snapshot of
+    /// `generation` already counts towards its job's absence.
+    pub fn adopted(generation: u64) -> Tracked {
+        Tracked::new(Origin::Adopted, generation.saturating_sub(1))
+    }
+
+    fn new(origin: Origin, watch_from: u64) -> Tracked {
+        Tracked {
+            origin,
+            job: None,
+            last_seen: None,
+            job_id_recorded: false,
+            watch_from,
+            missing: 0,
+            submit_attempts: 0,
+            next_submit_at: None,
+            rejected: None,
+            final_since: None,
+            credentials_removed: false,
+            submission: None,
+        }
+    }
+
+    pub fn job(&self) -> Option<&JobId> {
+        self.job.as_ref()
+    }
+
+    pub fn last_seen(&self) -> Option<&BatchJob> {
+        self.last_seen.as_ref()
+    }
+
+    pub fn submission(&self) -> Option<&Submission> {
+        self.submission.as_ref()
+    }
+
+    pub fn is_adopted(&self) -> bool {
+        self.origin == Origin::Adopted
+    }
+
+    /// Notes that the job id is on the container record.
+    pub fn job_id_recorded(&mut self) {
+        self.job_id_recorded = true;
+    }
+
+    /// Notes a successful submission, made after the snapshot of
+    /// `generation`.
+    pub fn submitted(&mut self, submission: Submission, generation: u64) {
+        self.origin = Origin::Locked;
+        self.job = Some(submission.job_id.clone());
+        self.submission = Some(submission);
+        self.last_seen = None;
+        self.job_id_recorded = false;
+        self.watch_from = generation;
+        self.missing = 0;
+        self.next_submit_at = None;
+    }
+
+    /// Notes a failed submission and returns what to do about it: cancel
+    /// the container when the batch system rejected the job, unlock it when
+    /// the attempts are used up, else nothing until the next attempt.
+    pub fn submit_failed(&mut self, permanent: bool, message: &str, now: Instant) -> Vec<Action> {
+        if permanent {
+            self.rejected = Some(message.to_string());
+            return vec![self.reject_action()];
+        }
+        self.submit_attempts += 1;
+        if self.submit_attempts >= MAX_SUBMIT_ATTEMPTS {
+            return vec![Action::Unlock {
+                reason: format!("{} submission attempts failed", self.submit_attempts),
+            }];
+        }
+        let factor = 1u32 << (self.submit_attempts - 1).min(16);
+        self.next_submit_at = Some(now + SUBMIT_RETRY_DELAY.saturating_mul(factor));
+        Vec::new()
+    }
+
+    fn reject_action(&self) -> Action {
+        Action::CancelContainer {
+            error: REJECTED_ERROR.to_string(),
+            detail: self.rejected.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Decides what to do after one tick's observation.
+    pub fn observe(&mut self, observation: Observation<'_>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let (own, strays) = self.match_jobs(observation.jobs, observation.record);
+        actions.extend(strays.into_iter().cloned().map(Action::Cancel));
+
+        match own {
+            Some(job) => {
+                if self.job.as_ref() != Some(&job.id) {
+                    self.job = Some(job.id.clone());
+                    self.job_id_recorded = false;
+                }
+                self.last_seen = Some(job.clone());
+                self.missing = 0;
+            }
+            None if observation.generation > self.watch_from => self.missing += 1,
+            None => {}
+        }
+        let vanished = own.is_none() && self.missing >= VANISH_SNAPSHOTS;
+
+        let record = observation
+            .record
+            .filter(|c| c.state.is_locked())
+            .filter(|c| c.locked_by_uuid.as_deref() == Some(observation.token_uuid));
+        let Some(container) = record else {
+            self.observe_released(observation, own, vanished, &mut actions);
+            return actions;
+        };
+
+        if self.rejected.is_some() {
+            actions.push(self.reject_action());
+            return actions;
+        }
+        if let Some(job) = own {
+            if container.scheduler_job_id.as_deref() == Some(job.id.as_str()) {
+                self.job_id_recorded = true;
+            } else if !self.job_id_recorded {
+                actions.push(Action::RecordJobId(job.id.clone()));
+            }
+        }
+
+        if container.priority <= 0 {
+            match own {
+                Some(job) => actions.push(Action::Cancel(job.clone())),
+                None if vanished => actions.push(Action::Resolve),
+                // Nothing was submitted (or a submission is being retried):
+                // no job can be running, so the lock is simply released.
+                None if self.job.is_none()
+                    && self.origin == Origin::Locked
+                    && container.state == ContainerState::Locked =>
+                {
+                    actions.push(Action::Unlock {
+                        reason: "its priority is 0 and no job was submitted".to_string(),
+                    })
+                }
+                None => {}
+            }
+            return actions;
+        }
+
+        if own.is_some() {
+            return actions;
+        }
+        if self.job.is_none() && self.origin == Origin::Locked && container.state == ContainerState::Locked {
+            let due = self.next_submit_at.is_none_or(|at| observation.now >= at);
+            if due {
+                actions.push(Action::Submit);
+            }
+            return actions;
+        }
+        if !vanished {
+            return actions;
+        }
+        if self.job.is_none() && container.state == ContainerState::Locked {
+            // Adopted, and no job was found in two snapshots.
+            if container.scheduler_job_id.is_some() {
+                // A job was submitted and recorded; it has ended without
+                // starting the container.
+                actions.push(Action::Resolve);
+            } else if observation.credentials_exist {
+                // The previous dispatcher stopped between lock and submit.
+                // From here on the container is retried like a fresh lock.
+                self.origin = Origin::Locked;
+                actions.push(Action::Submit);
+            } else {
+                actions.push(Action::Unlock {
+                    reason: "no job was found and its credentials file is gone".to_string(),
+                });
+            }
+        } else {
+            actions.push(Action::Resolve);
+        }
+        actions
+    }
+
+    /// Decides for a container that is no longer Locked or Running by this
+    /// dispatcher: final, unlocked, locked by another, or gone.
+    fn observe_released(
+        &mut self,
+        observation: Observation<'_>,
+        own: Option<&BatchJob>,
+        vanished: bool,
+        actions: &mut Vec<Action>,
+    ) {
+        let is_final = observation.record.is_some_and(|c| c.state.is_final());
+        if is_final && self.final_since.is_none() {
+            self.final_since = Some(observation.now);
+        }
+        if !self.credentials_removed {
+            self.credentials_removed = true;
+            actions.push(Action::RemoveCredentials);
+        }
+        match own {
+            Some(job) => {
+                let in_grace = self
+                    .final_since
+                    .is_some_and(|since| is_final && observation.now.duration_since(since) < FINAL_JOB_GRACE);
+                if !in_grace {
+                    actions.push(Action::Cancel(job.clone()));
+                }
+            }
+            None if self.job.is_none() || vanished => actions.push(Action::Forget),
+            None => {}
+        }
+    }
+
+    /// Splits the jobs named after the container into its own job and
+    /// strays.
+    fn match_jobs<'j>(
+        &self,
+        jobs: &'j [BatchJob],
+        record: Option<&Container>,
+    ) -> (Option<&'j BatchJob>, Vec<&'j BatchJob>) {
+        let own = match &self.job {
+            Some(id) => jobs.iter().find(|job| &job.id == id),
+            None => {
+                let recorded = record.and_then(|c| c.scheduler_job_id.as_deref());
+                jobs.iter()
+                    .find(|job| Some(job.id.as_str()) == recorded)
+                    .or_else(|| jobs.iter().min_by_key(|job| job_order(&job.id)))
+            }
+        };
+        let strays = jobs
+            .iter()
+            .filter(|job| own.is_none_or(|own| own.id != job.id))
+            .collect();
+        (own, strays)
+    }
+}
+
+/// Orders job ids by submission: numeric ids by value, others after them.
+fn job_order(id: &JobId) -> (usize, &str) {
+    (id.as_str().len(), id.as_str())
+}
+
+/// What to do once a job has vanished, given the container's record
+/// fetched afterwards (`None`: the controller no longer returns it).
+pub fn resolve_vanished(
+    record: Option<&Container>,
+    token_uuid: &str,
+    backend: &str,
+    last_seen: Option<&BatchJob>,
+) -> Vec<Action> {
+    let ours = record
+        .filter(|c| c.locked_by_uuid.as_deref() == Some(token_uuid))
+        .map(|c| c.state);
+    match ours {
+        Some(ContainerState::Running) => {
+            let detail = match last_seen {
+                Some(job) => {
+                    let reason = if job.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", job.reason)
+                    };
+                    format!(
+                        "{backend} job {} was last seen {}{reason} and has left the queue",
+                        job.id, job.state
+                    )
+                }
+                None => format!("no {backend} job named after the container was found"),
+            };
+            vec![Action::CancelContainer {
+                error: VANISHED_ERROR.to_string(),
+                detail,
+            }]
+        }
+        Some(ContainerState::Locked) => vec![Action::Unlock {
+            reason: "its job ended before the container started".to_string(),
+        }],
+        _ => vec![Action::RemoveCredentials, Action::Forget],
+    }
+}
+
+/// The cancels sent to jobs still listed, so that a cancel is not repeated
+/// every tick.
+#[derive(Debug, Default)]
+pub struct CancelLedger {
+    sent: HashMap<JobId, (Instant, crate::backend::JobState)>,
+}
+
+impl CancelLedger {
+    /// True unless the same cancel went to this job, in this state, less
+    /// than [`CANCEL_RESEND_AFTER`] ago. A job that changed state (pending,
+    /// then running) needs the other kind of cancel at once.
+    pub fn should_send(&self, job: &BatchJob, now: Instant) -> bool {
+        match self.sent.get(&job.id) {
+            None => true,
+            Some((at, state)) => *state != job.state || now.duration_since(*at) >= CANCEL_RESEND_AFTER,
+        }
+    }
+
+    pub fn record(&mut self, job: &BatchJob, now: Instant) {
+        self.sent.insert(job.id.clone(), (now, job.state.clone()));
+    }
+
+    /// Forgets jobs that the latest snapshot no longer lists.
+    pub fn retain_listed(&mut self, jobs: &[BatchJob]) {
+        self.sent.retain(|id, _| jobs.iter().any(|job| &job.id == id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::JobState;
+
+    const TOKEN: &str = "zzzzz-gj3su-000000000000000";
+    const UUID: &str = "zzzzz-dz642-000000000000001";
+
+    fn container(state: ContainerState, priority: i64, locked_by: Option<&str>) -> Container {
+        let mut container: Container = serde_json::from_value(serde_json::json!({
+            "uuid": UUID,
+            "owner_uuid": "zzzzz-tpzed-000000000000001",
+            "created_at": "2024-01-01T00:00:00Z",
+            "modified_at": "2024-01-01T00:00:00Z",
+            "modified_by_user_uuid": null,
+            "state": "Queued",
+            "log": null, "cwd": "/", "output_path": "/out", "output": null,
+            "container_image": "busybox", "progress": null, "exit_code": null,
+            "auth_uuid": null, "locked_by_uuid": null, "runtime_user_uuid": null,
+            "gateway_address": null,
+            "runtime_constraints": {"ram": 1048576, "vcpus": 1},
+        }))
+        .unwrap();
+        container.state = state;
+        container.priority = priority;
+        container.locked_by_uuid = locked_by.map(str::to_string);
+        container
+    }
+
+    fn ours(state: ContainerState, priority: i64) -> Container {
+        container(state, priority, Some(TOKEN))
+    }
+
+    fn job(id: &str, state: JobState) -> BatchJob {
+        BatchJob {
+            id: JobId::new(id),
+            name: UUID.into(),
+            state,
+            reason: String::new(),
+        }
+    }
+
+    fn submission(id: &str) -> Submission {
+        Submission {
+            job_id: JobId::new(id),
+            command: "sbatch".into(),
+            script: None,
+            stdout: format!("{id}\n"),
+            stderr: String::new(),
+        }
+    }
+
+    struct Step<'a> {
+        record: Option<&'a Container>,
+        jobs: &'a [BatchJob],
+        generation: u64,
+        now: Instant,
+        credentials_exist: bool,
+    }
+
+    impl<'a> Step<'a> {
+        fn new(record: Option<&'a Container>, jobs: &'a [BatchJob], generation: u64) -> Step<'a> {
+            Step {
+                record,
+                jobs,
+                generation,
+                now: Instant::now(),
+                credentials_exist: true,
+            }
+        }
+
+        fn run(&self, tracked: &mut Tracked) -> Vec<Action> {
+            tracked.observe(Observation {
+                record: self.record,
+                jobs: self.jobs,
+                generation: self.generation,
+                now: self.now,
+                token_uuid: TOKEN,
+                credentials_exist: self.credentials_exist,
+            })
+        }
+    }
+
+    #[test]
+    fn fresh_lock_is_submitted() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        assert_eq!(Step::new(Some(&record), &[], 1).run(&mut tracked), [Action::Submit]);
+    }
+
+    #[test]
+    fn listed_job_gets_its_id_recorded_once() {
+        let mut record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        let jobs = [job("42", JobState::Pending)];
+        assert_eq!(
+            Step::new(Some(&record), &jobs, 2).run(&mut tracked),
+            [Action::RecordJobId(JobId::new("42"))]
+        );
+        tracked.job_id_recorded();
+        assert_eq!(Step::new(Some(&record), &jobs, 3).run(&mut tracked), []);
+        // A record that already carries the id needs no call.
+        let mut fresh = Tracked::locked(1);
+        fresh.submitted(submission("42"), 1);
+        record.scheduler_job_id = Some("42".into());
+        assert_eq!(Step::new(Some(&record), &jobs, 2).run(&mut fresh), []);
+    }
+
+    #[test]
+    fn job_missing_once_is_not_acted_on() {
+        let record = ours(ContainerState::Running, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), []);
+        assert_eq!(Step::new(Some(&record), &[], 3).run(&mut tracked), [Action::Resolve]);
+    }
+
+    #[test]
+    fn absence_counts_only_after_submission_and_must_be_consecutive() {
+        let record = ours(ContainerState::Running, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 4);
+        tracked.job_id_recorded();
+        // A snapshot taken before the submission does not count.
+        assert_eq!(Step::new(Some(&record), &[], 4).run(&mut tracked), []);
+        assert_eq!(Step::new(Some(&record), &[], 5).run(&mut tracked), []);
+        let jobs = [job("42", JobState::Running)];
+        assert_eq!(Step::new(Some(&record), &jobs, 6).run(&mut tracked), []);
+        assert_eq!(Step::new(Some(&record), &[], 7).run(&mut tracked), []);
+        assert_eq!(Step::new(Some(&record), &[], 8).run(&mut tracked), [Action::Resolve]);
+    }
+
+    #[test]
+    fn priority_zero_cancels_the_listed_job() {
+        let record = ours(ContainerState::Running, 0);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let jobs = [job("42", JobState::Running)];
+        assert_eq!(
+            Step::new(Some(&record), &jobs, 2).run(&mut tracked),
+            [Action::Cancel(jobs[0].clone())]
+        );
+    }
+
+    #[test]
+    fn priority_zero_before_submission_unlocks() {
+        let record = ours(ContainerState::Locked, 0);
+        let mut tracked = Tracked::locked(1);
+        assert_eq!(
+            Step::new(Some(&record), &[], 1).run(&mut tracked),
+            [Action::Unlock {
+                reason: "its priority is 0 and no job was submitted".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn failed_submissions_back_off_then_unlock() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        let start = Instant::now();
+        assert!(tracked.submit_failed(false, "timed out", start).is_empty());
+        let mut step = Step::new(Some(&record), &[], 2);
+        step.now = start + Duration::from_secs(1);
+        assert_eq!(step.run(&mut tracked), [], "before the retry delay");
+        step.now = start + SUBMIT_RETRY_DELAY;
+        assert_eq!(step.run(&mut tracked), [Action::Submit]);
+        for _ in 2..MAX_SUBMIT_ATTEMPTS {
+            assert!(tracked.submit_failed(false, "timed out", start).is_empty());
+        }
+        assert_eq!(
+            tracked.submit_failed(false, "timed out", start),
+            [Action::Unlock {
+                reason: format!("{MAX_SUBMIT_ATTEMPTS} submission attempts failed")
+            }]
+        );
+    }
+
+    #[test]
+    fn job_found_after_a_failed_submission_is_taken() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submit_failed(false, "timed out", Instant::now());
+        let jobs = [job("77", JobState::Pending)];
+        assert_eq!(
+            Step::new(Some(&record), &jobs, 2).run(&mut tracked),
+            [Action::RecordJobId(JobId::new("77"))]
+        );
+        assert_eq!(tracked.job(), Some(&JobId::new("77")));
+    }
+
+    #[test]
+    fn rejected_submission_cancels_the_container_until_it_is_final() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        let expected = Action::CancelContainer {
+            error: REJECTED_ERROR.into(),
+            detail: "Invalid partition".into(),
+        };
+        assert_eq!(tracked.submit_failed(true, "Invalid partition", Instant::now()), [expected.clone()]);
+        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), [expected]);
+        let cancelled = ours(ContainerState::Cancelled, 5);
+        assert_eq!(
+            Step::new(Some(&cancelled), &[], 3).run(&mut tracked),
+            [Action::RemoveCredentials, Action::Forget]
+        );
+    }
+
+    #[test]
+    fn final_container_job_gets_a_grace_period_then_a_cancel() {
+        let record = ours(ContainerState::Complete, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        let jobs = [job("42", JobState::Running)];
+        let mut step = Step::new(Some(&record), &jobs, 2);
+        assert_eq!(step.run(&mut tracked), [Action::RemoveCredentials]);
+        step.generation = 3;
+        step.now += FINAL_JOB_GRACE;
+        assert_eq!(step.run(&mut tracked), [Action::Cancel(jobs[0].clone())]);
+        // Forgotten once the job has left two snapshots.
+        assert_eq!(Step::new(Some(&record), &[], 4).run(&mut tracked), []);
+        assert_eq!(Step::new(Some(&record), &[], 5).run(&mut tracked), [Action::Forget]);
+    }
+
+    #[test]
+    fn container_unlocked_by_someone_else_has_its_job_cancelled() {
+        let record = container(ContainerState::Queued, 5, None);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        let jobs = [job("42", JobState::Pending)];
+        assert_eq!(
+            Step::new(Some(&record), &jobs, 2).run(&mut tracked),
+            [Action::RemoveCredentials, Action::Cancel(jobs[0].clone())]
+        );
+    }
+
+    #[test]
+    fn container_gone_from_the_controller_is_forgotten() {
+        let mut tracked = Tracked::locked(1);
+        assert_eq!(
+            Step::new(None, &[], 2).run(&mut tracked),
+            [Action::RemoveCredentials, Action::Forget]
+        );
+    }
+
+    #[test]
+    fn second_job_with_the_same_name_is_a_stray() {
+        let record = ours(ContainerState::Running, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let jobs = [job("41", JobState::Pending), job("42", JobState::Running)];
+        assert_eq!(
+            Step::new(Some(&record), &jobs, 2).run(&mut tracked),
+            [Action::Cancel(jobs[0].clone())]
+        );
+    }
+
+    #[test]
+    fn adopted_job_prefers_the_recorded_id() {
+        let mut record = ours(ContainerState::Running, 5);
+        record.scheduler_job_id = Some("42".into());
+        let mut tracked = Tracked::adopted(1);
+        let jobs = [job("41", JobState::Pending), job("42", JobState::Running)];
+        assert_eq!(
+            Step::new(Some(&record), &jobs, 1).run(&mut tracked),
+            [Action::Cancel(jobs[0].clone())]
+        );
+        assert_eq!(tracked.job(), Some(&JobId::new("42")));
+    }
+
+    #[test]
+    fn adopted_running_without_a_job_is_resolved_after_two_snapshots() {
+        let record = ours(ContainerState::Running, 5);
+        let mut tracked = Tracked::adopted(1);
+        assert_eq!(Step::new(Some(&record), &[], 1).run(&mut tracked), []);
+        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), [Action::Resolve]);
+    }
+
+    #[test]
+    fn adopted_locked_without_a_job_resubmits_only_with_credentials() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut with = Tracked::adopted(1);
+        assert_eq!(Step::new(Some(&record), &[], 1).run(&mut with), []);
+        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut with), [Action::Submit]);
+
+        let mut without = Tracked::adopted(1);
+        let mut step = Step::new(Some(&record), &[], 1);
+        step.credentials_exist = false;
+        assert_eq!(step.run(&mut without), []);
+        step.generation = 2;
+        assert!(matches!(step.run(&mut without)[..], [Action::Unlock { .. }]));
+    }
+
+    #[test]
+    fn adopted_locked_with_a_recorded_job_is_never_resubmitted() {
+        let mut record = ours(ContainerState::Locked, 5);
+        record.scheduler_job_id = Some("42".into());
+        let mut tracked = Tracked::adopted(1);
+        assert_eq!(Step::new(Some(&record), &[], 1).run(&mut tracked), []);
+        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), [Action::Resolve]);
+    }
+
+    #[test]
+    fn adopted_with_its_job_is_just_tracked() {
+        let mut record = ours(ContainerState::Running, 5);
+        record.scheduler_job_id = Some("42".into());
+        let mut tracked = Tracked::adopted(1);
+        let jobs = [job("42", JobState::Running)];
+        for generation in 1..5 {
+            assert_eq!(Step::new(Some(&record), &jobs, generation).run(&mut tracked), []);
+        }
+    }
+
+    #[test]
+    fn vanished_running_container_is_cancelled_with_the_reason() {
+        let record = ours(ContainerState::Running, 5);
+        let last = BatchJob {
+            reason: "NodeFail".into(),
+            ..job("42", JobState::Running)
+        };
+        let actions = resolve_vanished(Some(&record), TOKEN, "slurm", Some(&last));
+        assert_eq!(
+            actions,
+            [Action::CancelContainer {
+                error: VANISHED_ERROR.into(),
+                detail: "slurm job 42 was last seen running (NodeFail) and has left the queue".into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn vanished_locked_container_is_unlocked_and_others_forgotten() {
+        let locked = ours(ContainerState::Locked, 5);
+        assert!(matches!(
+            resolve_vanished(Some(&locked), TOKEN, "slurm", None)[..],
+            [Action::Unlock { .. }]
+        ));
+        let complete = ours(ContainerState::Complete, 5);
+        assert_eq!(
+            resolve_vanished(Some(&complete), TOKEN, "slurm", None),
+            [Action::RemoveCredentials, Action::Forget]
+        );
+        let other = container(ContainerState::Running, 5, Some("zzzzz-gj3su-111111111111111"));
+        assert_eq!(
+            resolve_vanished(Some(&other), TOKEN, "slurm", None),
+            [Action::RemoveCredentials, Action::Forget]
+        );
+        assert_eq!(
+            resolve_vanished(None, TOKEN, "slurm", None),
+            [Action::RemoveCredentials, Action::Forget]
+        );
+    }
+
+    #[test]
+    fn cancel_ledger_waits_unless_the_state_changed() {
+        let mut ledger = CancelLedger::default();
+        let now = Instant::now();
+        let pending = job("42", JobState::Pending);
+        assert!(ledger.should_send(&pending, now));
+        ledger.record(&pending, now);
+        assert!(!ledger.should_send(&pending, now + Duration::from_secs(1)));
+        assert!(ledger.should_send(&pending, now + CANCEL_RESEND_AFTER));
+        let running = job("42", JobState::Running);
+        assert!(ledger.should_send(&running, now + Duration::from_secs(1)));
+        ledger.retain_listed(&[]);
+        assert!(ledger.should_send(&pending, now));
+    }
+}
