@@ -63,7 +63,10 @@ pub fn system_user_uuid(cluster: &ClusterId) -> String {
 
 /// The uuid of the system token of a cluster.
 pub fn system_token_uuid(cluster: &ClusterId) -> String {
-    format!("{cluster}-{}-{SYSTEM_SUFFIX}", ObjectType::ApiClientAuthorization.code())
+    format!(
+        "{cluster}-{}-{SYSTEM_SUFFIX}",
+        ObjectType::ApiClientAuthorization.code()
+    )
 }
 
 /// The SHA-256 digest of a secret.
@@ -86,11 +89,15 @@ pub fn generate_secret() -> String {
 
 /// The token from an `Authorization` header value.
 fn bearer_token(header: &str) -> Result<&str, ApiError> {
-    let (scheme, token) = header.trim().split_once(char::is_whitespace).ok_or_else(|| {
-        ApiError::Unauthorized(
-            "the Authorization header has no token: send \"Authorization: Bearer <token>\"".into(),
-        )
-    })?;
+    let (scheme, token) = header
+        .trim()
+        .split_once(char::is_whitespace)
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "the Authorization header has no token: send \"Authorization: Bearer <token>\""
+                    .into(),
+            )
+        })?;
     if !scheme.eq_ignore_ascii_case("bearer") && !scheme.eq_ignore_ascii_case("oauth2") {
         return Err(ApiError::Unauthorized(format!(
             "unsupported Authorization scheme {scheme:?}: send \"Authorization: Bearer <token>\""
@@ -98,7 +105,9 @@ fn bearer_token(header: &str) -> Result<&str, ApiError> {
     }
     let token = token.trim();
     if token.is_empty() {
-        return Err(ApiError::Unauthorized("the Authorization header has an empty token".into()));
+        return Err(ApiError::Unauthorized(
+            "the Authorization header has an empty token".into(),
+        ));
     }
     Ok(token)
 }
@@ -167,7 +176,8 @@ pub async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Call
     }
     // A container token names its container; it must be the one the token
     // was minted for, and a user token must not name one.
-    if parsed.container_uuid.is_some() && parsed.container_uuid != stored.container_uuid.as_deref() {
+    if parsed.container_uuid.is_some() && parsed.container_uuid != stored.container_uuid.as_deref()
+    {
         return Err(invalid_token());
     }
 
@@ -234,7 +244,10 @@ mod tests {
         assert_eq!(user.container_uuid, None);
         let container =
             parse_v2("v2/zzzzz-gj3su-0123456789abcde/secret/zzzzz-dz642-0123456789abcde").unwrap();
-        assert_eq!(container.container_uuid, Some("zzzzz-dz642-0123456789abcde"));
+        assert_eq!(
+            container.container_uuid,
+            Some("zzzzz-dz642-0123456789abcde")
+        );
         for bad in [
             "v2/zzzzz-gj3su-0123456789abcde",
             "v2/zzzzz-gj3su-0123456789abcde/",

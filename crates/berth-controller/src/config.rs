@@ -138,7 +138,11 @@ impl Config {
             ));
         }
         if self.max_log_chunk_bytes < 1 {
-            return Err(error("max_log_chunk_bytes", &self.max_log_chunk_bytes, "must be 1 or more"));
+            return Err(error(
+                "max_log_chunk_bytes",
+                &self.max_log_chunk_bytes,
+                "must be 1 or more",
+            ));
         }
         if self.max_request_body_bytes < 1024 {
             return Err(error(
@@ -179,7 +183,10 @@ mod tests {
             "database_url": "sqlite:///tmp/x.db",
         }))
         .unwrap();
-        assert_eq!(config, Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db"));
+        assert_eq!(
+            config,
+            Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db")
+        );
         assert!(config.validate().is_ok());
     }
 
@@ -190,7 +197,10 @@ mod tests {
             "database_url": "sqlite:///tmp/x.db",
             "max_dispatch_attempt": 3,
         }));
-        assert!(parsed.unwrap_err().to_string().contains("max_dispatch_attempt"));
+        assert!(parsed
+            .unwrap_err()
+            .to_string()
+            .contains("max_dispatch_attempt"));
     }
 
     #[test]

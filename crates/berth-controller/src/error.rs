@@ -80,7 +80,9 @@ impl ApiError {
         match self {
             ApiError::Unprocessable(messages) => messages.clone(),
             ApiError::Store { action, .. } => {
-                vec![format!("internal error: failed to {action}; the controller's log has the details")]
+                vec![format!(
+                    "internal error: failed to {action}; the controller's log has the details"
+                )]
             }
             other => vec![other.to_string()],
         }

@@ -18,6 +18,9 @@
 //! `berth dev` does the same inside its own process; `berth admin
 //! create-user` calls [`create_user`].
 
+// Tests may unwrap: a panic there is a failed test.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod api;
 pub mod auth;
 pub mod config;

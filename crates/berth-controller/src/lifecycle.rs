@@ -95,8 +95,12 @@ struct Merged<T> {
 fn to_object<T: Serialize>(record: &T) -> Result<Map<String, Value>, ApiError> {
     match serde_json::to_value(record) {
         Ok(Value::Object(fields)) => Ok(fields),
-        Ok(_) => Err(ApiError::Internal("a record did not serialise to an object".into())),
-        Err(err) => Err(ApiError::Internal(format!("failed to serialise a record: {err}"))),
+        Ok(_) => Err(ApiError::Internal(
+            "a record did not serialise to an object".into(),
+        )),
+        Err(err) => Err(ApiError::Internal(format!(
+            "failed to serialise a record: {err}"
+        ))),
     }
 }
 
@@ -185,7 +189,12 @@ pub struct RequestChange {
 }
 
 /// A new, empty request of `owner_uuid` with the defaults.
-fn request_template(uuid: Uuid, owner_uuid: &str, caller: &Caller, now: Timestamp) -> ContainerRequest {
+fn request_template(
+    uuid: Uuid,
+    owner_uuid: &str,
+    caller: &Caller,
+    now: Timestamp,
+) -> ContainerRequest {
     ContainerRequest {
         uuid: uuid.to_string(),
         owner_uuid: owner_uuid.to_string(),
@@ -277,7 +286,12 @@ pub fn container_for(
 }
 
 /// Commits a request: creates its container and points the request at it.
-fn commit(cluster: &ClusterId, request: &mut ContainerRequest, caller: &Caller, now: Timestamp) -> Container {
+fn commit(
+    cluster: &ClusterId,
+    request: &mut ContainerRequest,
+    caller: &Caller,
+    now: Timestamp,
+) -> Container {
     let container = container_for(cluster, request, caller, now);
     request.container_uuid = Some(container.uuid.clone());
     request.container_count += 1;
@@ -311,9 +325,12 @@ pub fn create_request(
     };
     let uuid = Uuid::generate(cluster, ObjectType::ContainerRequest);
     let template = request_template(uuid, &owner_uuid, caller, now);
-    drop_unchanged(&mut attributes, &to_object(&template)?, REQUEST_SERVER_FIELDS, |field| {
-        format!("{field} cannot be set: the controller sets it")
-    })?;
+    drop_unchanged(
+        &mut attributes,
+        &to_object(&template)?,
+        REQUEST_SERVER_FIELDS,
+        |field| format!("{field} cannot be set: the controller sets it"),
+    )?;
     let mut request = merge(&template, &attributes)?.record;
     if request.state == RequestState::Final {
         return Err(ApiError::invalid(
@@ -343,9 +360,12 @@ pub fn update_request(
     drop_unchanged(&mut attributes, &current_fields, &["owner_uuid"], |_| {
         "owner_uuid cannot be changed".to_string()
     })?;
-    drop_unchanged(&mut attributes, &current_fields, REQUEST_SERVER_FIELDS, |field| {
-        format!("{field} cannot be changed: the controller sets it")
-    })?;
+    drop_unchanged(
+        &mut attributes,
+        &current_fields,
+        REQUEST_SERVER_FIELDS,
+        |field| format!("{field} cannot be changed: the controller sets it"),
+    )?;
     let Merged {
         record: mut request,
         changed,
@@ -384,7 +404,8 @@ pub fn update_request(
 
     request.modified_at = now;
     request.modified_by_user_uuid = Some(caller.user_uuid.clone());
-    let commits = current.state == RequestState::Uncommitted && request.state == RequestState::Committed;
+    let commits =
+        current.state == RequestState::Uncommitted && request.state == RequestState::Committed;
     let new_container = commits.then(|| commit(cluster, &mut request, caller, now));
     Ok(RequestChange {
         record: request,
@@ -430,7 +451,10 @@ fn finish(container: &mut Container, now: Timestamp) -> (CredentialChange, bool)
 fn check_container_values(container: &Container) -> Result<(), ApiError> {
     let mut errors = Vec::new();
     if container.priority < 0 {
-        errors.push(format!("priority: {} is negative: expected 0 or more", container.priority));
+        errors.push(format!(
+            "priority: {} is negative: expected 0 or more",
+            container.priority
+        ));
     }
     for key in RUNTIME_STATUS_TEXT_KEYS {
         if let Some(value) = container.runtime_status.get(*key) {
@@ -496,7 +520,12 @@ pub fn update_container(
         let errors: Vec<String> = changed
             .iter()
             .filter(|field| *field != "state")
-            .map(|field| format!("cannot change {field} of a container in state {}", current.state))
+            .map(|field| {
+                format!(
+                    "cannot change {field} of a container in state {}",
+                    current.state
+                )
+            })
             .collect();
         if !errors.is_empty() {
             return Err(ApiError::Unprocessable(errors));
@@ -727,7 +756,10 @@ mod tests {
         assert_eq!(request.state, RequestState::Uncommitted);
         assert_eq!(request.cwd.as_deref(), Some("."));
         assert!(request.use_existing);
-        assert_eq!(request.container_count_max, Some(DEFAULT_CONTAINER_COUNT_MAX));
+        assert_eq!(
+            request.container_count_max,
+            Some(DEFAULT_CONTAINER_COUNT_MAX)
+        );
         assert_eq!(request.output_storage_classes, vec!["default".to_string()]);
         assert_eq!(request.owner_uuid, user().user_uuid);
         assert!(change.new_container.is_none());
@@ -735,14 +767,25 @@ mod tests {
 
     #[test]
     fn committed_request_gets_queued_container() {
-        let change =
-            create_request(&cluster(), &user(), attributes(committed()), chrono::Utc::now()).unwrap();
+        let change = create_request(
+            &cluster(),
+            &user(),
+            attributes(committed()),
+            chrono::Utc::now(),
+        )
+        .unwrap();
         let container = change.new_container.unwrap();
-        assert_eq!(change.record.container_uuid.as_deref(), Some(container.uuid.as_str()));
+        assert_eq!(
+            change.record.container_uuid.as_deref(),
+            Some(container.uuid.as_str())
+        );
         assert_eq!(change.record.container_count, 1);
         assert_eq!(container.state, ContainerState::Queued);
         assert!(container.priority > 0);
-        assert_eq!(container.runtime_user_uuid.as_deref(), Some(user().user_uuid.as_str()));
+        assert_eq!(
+            container.runtime_user_uuid.as_deref(),
+            Some(user().user_uuid.as_str())
+        );
         assert_eq!(container.command, vec!["true".to_string()]);
     }
 
@@ -785,7 +828,9 @@ mod tests {
     #[test]
     fn unchanged_server_field_is_accepted() {
         let now = chrono::Utc::now();
-        let current = create_request(&cluster(), &user(), Map::new(), now).unwrap().record;
+        let current = create_request(&cluster(), &user(), Map::new(), now)
+            .unwrap()
+            .record;
         let change = update_request(
             &cluster(),
             &user(),
@@ -800,7 +845,9 @@ mod tests {
     #[test]
     fn update_without_change_writes_nothing() {
         let now = chrono::Utc::now();
-        let current = create_request(&cluster(), &user(), Map::new(), now).unwrap().record;
+        let current = create_request(&cluster(), &user(), Map::new(), now)
+            .unwrap()
+            .record;
         let change = update_request(
             &cluster(),
             &user(),

@@ -33,7 +33,10 @@ impl Notifier {
     /// A receiver that sees every later [`Notifier::notify`] of the
     /// container.
     pub fn subscribe(&self, container_uuid: &str) -> watch::Receiver<u64> {
-        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match channels.get(container_uuid) {
             Some(sender) => sender.subscribe(),
             None => {
@@ -46,7 +49,10 @@ impl Notifier {
 
     /// Wakes every waiter of the container.
     pub fn notify(&self, container_uuid: &str) {
-        let mut channels = self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(sender) = channels.get(container_uuid) {
             if sender.receiver_count() == 0 {
                 channels.remove(container_uuid);
@@ -58,7 +64,10 @@ impl Notifier {
 
     /// Containers with a channel; for tests of the clean-up.
     pub fn channel_count(&self) -> usize {
-        self.channels.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
     }
 }
 

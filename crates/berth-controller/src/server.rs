@@ -64,7 +64,10 @@ impl BoundController {
 
     /// Serves until `shutdown` resolves, then drains in-flight requests for
     /// at most the configured grace period.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let BoundController {
             listener,
             local_addr,
@@ -77,7 +80,10 @@ impl BoundController {
         let signal_state = state.clone();
         let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
             shutdown.await;
-            tracing::info!(grace_period_s = grace_period.as_secs(), "controller draining");
+            tracing::info!(
+                grace_period_s = grace_period.as_secs(),
+                "controller draining"
+            );
             signal_state.begin_shutdown();
             // The receiver is gone only when the server already ended.
             let _ = draining_tx.send(());

@@ -26,7 +26,11 @@ const WRAPPER: &str = "container";
 
 /// True if the caller may read the container: an administrator, its own
 /// token, or the owner of one of its requests.
-pub(crate) async fn may_read(state: &AppState, caller: &Caller, container_uuid: &str) -> Result<bool, ApiError> {
+pub(crate) async fn may_read(
+    state: &AppState,
+    caller: &Caller,
+    container_uuid: &str,
+) -> Result<bool, ApiError> {
     if let Some(own) = &caller.container_uuid {
         return Ok(own == container_uuid);
     }
@@ -87,7 +91,11 @@ pub async fn list(
     list_with(&state, &caller, &Params::from_query(query.as_deref())).await
 }
 
-async fn list_with(state: &AppState, caller: &Caller, params: &Params) -> Result<Json<Value>, ApiError> {
+async fn list_with(
+    state: &AppState,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Json<Value>, ApiError> {
     let visibility = match (&caller.container_uuid, caller.is_admin) {
         (Some(own), _) => Visibility::Container(own.clone()),
         (None, true) => Visibility::All,
@@ -100,7 +108,14 @@ async fn list_with(state: &AppState, caller: &Caller, params: &Params) -> Result
         .list_containers(&query)
         .await
         .map_err(ApiError::store("list containers"))?;
-    let body = render::list(LIST_KIND, KIND, &page, query.offset, query.limit, select.as_deref())?;
+    let body = render::list(
+        LIST_KIND,
+        KIND,
+        &page,
+        query.offset,
+        query.limit,
+        select.as_deref(),
+    )?;
     Ok(Json(body))
 }
 
@@ -113,13 +128,20 @@ pub async fn post_list(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let body = params::read_body(
+        &headers,
+        body,
+        state.max_request_body_bytes(),
+        "the request body",
+    )
+    .await?;
     let params = params::params_with_body(&headers, query.as_deref(), &body)?;
     if params::overrides_to_get(&headers, &params) {
         return list_with(&state, &caller, &params).await;
     }
     Err(ApiError::MethodNotAllowed(
-        "containers cannot be created directly: create a container request with state Committed".into(),
+        "containers cannot be created directly: create a container request with state Committed"
+            .into(),
     ))
 }
 
@@ -131,13 +153,22 @@ pub async fn get(
 ) -> Result<Json<Value>, ApiError> {
     let select = params::select(CONTAINER_COLUMNS, &Params::from_query(query.as_deref()))?;
     let stored = load_visible(&state, &caller, &uuid).await?;
-    Ok(Json(render::record(KIND, &stored.record, select.as_deref())?))
+    Ok(Json(render::record(
+        KIND,
+        &stored.record,
+        select.as_deref(),
+    )?))
 }
 
 /// `GET containers/current`: the container of a container token.
-pub async fn current(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn current(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     let Some(uuid) = &caller.container_uuid else {
-        return Err(ApiError::NotFound("Token is not associated with a container.".into()));
+        return Err(ApiError::NotFound(
+            "Token is not associated with a container.".into(),
+        ));
     };
     let stored = load_visible(&state, &caller, uuid).await?;
     Ok(Json(render::record(KIND, &stored.record, None)?))
@@ -185,7 +216,13 @@ pub async fn update(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let body = params::read_body(
+        &headers,
+        body,
+        state.max_request_body_bytes(),
+        "the request body",
+    )
+    .await?;
     let params = params::params_with_body(&headers, query.as_deref(), &body)?;
     let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
     let select = params::select(CONTAINER_COLUMNS, &params)?;
@@ -193,13 +230,27 @@ pub async fn update(
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = load_visible(&state, &caller, &uuid).await?;
         check_may_update(&caller)?;
-        let change =
-            lifecycle::update_container(&caller, &current.record, attributes.clone(), chrono::Utc::now())?;
+        let change = lifecycle::update_container(
+            &caller,
+            &current.record,
+            attributes.clone(),
+            chrono::Utc::now(),
+        )?;
         if !change.changed {
-            return Ok(Json(render::record(KIND, &current.record, select.as_deref())?));
+            return Ok(Json(render::record(
+                KIND,
+                &current.record,
+                select.as_deref(),
+            )?));
         }
         match store_change(&state, &current, change).await {
-            Ok(stored) => return Ok(Json(render::record(KIND, &stored.record, select.as_deref())?)),
+            Ok(stored) => {
+                return Ok(Json(render::record(
+                    KIND,
+                    &stored.record,
+                    select.as_deref(),
+                )?))
+            }
             Err(StoreError::Conflict { .. }) => continue,
             Err(err) => return Err(ApiError::store("update a container")(err)),
         }
@@ -226,8 +277,9 @@ pub async fn lock(
         match store_change(&state, &current, lock.change).await {
             Ok(stored) => {
                 let mut body = render::record(KIND, &stored.record, None)?;
-                let credentials = serde_json::to_value(&lock.credentials)
-                    .map_err(|err| ApiError::Internal(format!("failed to serialise credentials: {err}")))?;
+                let credentials = serde_json::to_value(&lock.credentials).map_err(|err| {
+                    ApiError::Internal(format!("failed to serialise credentials: {err}"))
+                })?;
                 if let Value::Object(fields) = &mut body {
                     fields.insert("credentials".into(), credentials);
                 }

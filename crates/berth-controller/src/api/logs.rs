@@ -72,9 +72,12 @@ pub async fn append(
         )));
     }
     let offset = params.u64("offset")?.ok_or_else(|| {
-        ApiError::invalid("offset is missing: give the byte offset the data starts at, as ?offset=N")
+        ApiError::invalid(
+            "offset is missing: give the byte offset the data starts at, as ?offset=N",
+        )
     })?;
-    let data = params::read_body(&headers, body, state.max_log_chunk_bytes(), "the log chunk").await?;
+    let data =
+        params::read_body(&headers, body, state.max_log_chunk_bytes(), "the log chunk").await?;
 
     let outcome = state
         .store()
@@ -96,7 +99,9 @@ pub async fn append(
         }
     };
     let mut response = Json(serde_json::json!({ "size": size })).into_response();
-    response.headers_mut().insert(LOG_SIZE_HEADER, size_header(size));
+    response
+        .headers_mut()
+        .insert(LOG_SIZE_HEADER, size_header(size));
     Ok(response)
 }
 
@@ -143,7 +148,9 @@ pub async fn read(
             _ = shutdown.changed() => break,
         }
         size = log_size(&state, &uuid, stream).await?;
-        container_state = current_state(&state, &uuid).await?.unwrap_or(container_state);
+        container_state = current_state(&state, &uuid)
+            .await?
+            .unwrap_or(container_state);
     }
 
     let (data, size) = state
@@ -153,7 +160,10 @@ pub async fn read(
         .map_err(ApiError::store("read a log"))?;
     let mut response = Response::new(Body::from(data));
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(LOG_SIZE_HEADER, size_header(size));
     headers.insert(
         CONTAINER_STATE_HEADER,

@@ -126,24 +126,34 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/users/current", get(users::current_user))
-        .route("/api_client_authorizations/current", get(users::current_token))
+        .route(
+            "/api_client_authorizations/current",
+            get(users::current_token),
+        )
         .route(
             "/container_requests",
             get(requests::list).post(requests::create_or_list),
         )
         .route(
             "/container_requests/{uuid}",
-            get(requests::get).put(requests::update).patch(requests::update),
+            get(requests::get)
+                .put(requests::update)
+                .patch(requests::update),
         )
         .route(
             "/container_requests/{uuid}/container_status",
             get(requests::container_status),
         )
-        .route("/containers", get(containers::list).post(containers::post_list))
+        .route(
+            "/containers",
+            get(containers::list).post(containers::post_list),
+        )
         .route("/containers/current", get(containers::current))
         .route(
             "/containers/{uuid}",
-            get(containers::get).put(containers::update).patch(containers::update),
+            get(containers::get)
+                .put(containers::update)
+                .patch(containers::update),
         )
         .route("/containers/{uuid}/lock", post(containers::lock))
         .route("/containers/{uuid}/unlock", post(containers::unlock))
@@ -158,7 +168,10 @@ pub fn app(state: AppState) -> Router {
         .route("/_health/ping", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<Body>| {
@@ -194,7 +207,9 @@ async fn health(State(state): State<AppState>) -> Response {
             tracing::error!(error = %error_chain(&err), "health check failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({"health": "ERROR", "error": "failed to reach the database"})),
+                Json(
+                    serde_json::json!({"health": "ERROR", "error": "failed to reach the database"}),
+                ),
             )
                 .into_response()
         }

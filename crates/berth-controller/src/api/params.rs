@@ -78,7 +78,9 @@ impl Params {
             None => Ok(None),
             Some(ParamValue::Json(value)) => Ok(Some(value.clone())),
             Some(ParamValue::Text(text)) => serde_json::from_str(text).map(Some).map_err(|err| {
-                ApiError::invalid(format!("invalid {name} parameter {text:?}: it is not JSON: {err}"))
+                ApiError::invalid(format!(
+                    "invalid {name} parameter {text:?}: it is not JSON: {err}"
+                ))
             }),
         }
     }
@@ -119,7 +121,12 @@ impl Params {
 }
 
 /// Reads a body of at most `limit` bytes; a larger one is answered 413.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str) -> Result<Bytes, ApiError> {
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::PayloadTooLarge(format!(
             "{what} is larger than the limit of {limit} bytes: send at most {limit} bytes per request"
@@ -135,9 +142,8 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str
     let mut stream = body.into_data_stream();
     let mut buffer = BytesMut::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|err| {
-            ApiError::invalid(format!("failed to read the request body: {err}"))
-        })?;
+        let chunk = chunk
+            .map_err(|err| ApiError::invalid(format!("failed to read the request body: {err}")))?;
         if buffer.len() + chunk.len() > limit {
             return Err(too_large());
         }
@@ -165,12 +171,19 @@ pub fn overrides_to_get(headers: &HeaderMap, params: &Params) -> bool {
         .get(METHOD_OVERRIDE_HEADER)
         .and_then(|value| value.to_str().ok())
         .is_some_and(|value| value.trim().eq_ignore_ascii_case("GET"));
-    header || params.text("_method").is_some_and(|m| m.eq_ignore_ascii_case("GET"))
+    header
+        || params
+            .text("_method")
+            .is_some_and(|m| m.eq_ignore_ascii_case("GET"))
 }
 
 /// The parameters of a request whose body may carry more of them: the
 /// query string, then a form body, or the keys of a JSON object body.
-pub fn params_with_body(headers: &HeaderMap, raw_query: Option<&str>, body: &[u8]) -> Result<Params, ApiError> {
+pub fn params_with_body(
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    body: &[u8],
+) -> Result<Params, ApiError> {
     let mut params = Params::from_query(raw_query);
     if is_form(headers) {
         params.merge_form(body);
@@ -210,9 +223,13 @@ pub fn attributes(
         Some(Value::Object(object)) => Ok(object),
         Some(Value::String(text)) => match serde_json::from_str(&text) {
             Ok(Value::Object(object)) => Ok(object),
-            _ => Err(ApiError::invalid(format!("invalid {wrapper}: expected a JSON object"))),
+            _ => Err(ApiError::invalid(format!(
+                "invalid {wrapper}: expected a JSON object"
+            ))),
         },
-        Some(_) => Err(ApiError::invalid(format!("invalid {wrapper}: expected a JSON object"))),
+        Some(_) => Err(ApiError::invalid(format!(
+            "invalid {wrapper}: expected a JSON object"
+        ))),
     }
 }
 
@@ -266,17 +283,29 @@ fn scalar(column: &Column, value: &Value) -> Result<Scalar, String> {
             _ => Err(mismatch("an RFC 3339 timestamp")),
         },
         ColumnKind::Integer => match value {
-            Value::Number(number) => number.as_i64().map(Scalar::Integer).ok_or_else(|| mismatch("an integer")),
-            Value::String(text) => text.trim().parse().map(Scalar::Integer).map_err(|_| mismatch("an integer")),
+            Value::Number(number) => number
+                .as_i64()
+                .map(Scalar::Integer)
+                .ok_or_else(|| mismatch("an integer")),
+            Value::String(text) => text
+                .trim()
+                .parse()
+                .map(Scalar::Integer)
+                .map_err(|_| mismatch("an integer")),
             _ => Err(mismatch("an integer")),
         },
         ColumnKind::Real => match value {
-            Value::Number(number) => number.as_f64().map(Scalar::Real).ok_or_else(|| mismatch("a number")),
+            Value::Number(number) => number
+                .as_f64()
+                .map(Scalar::Real)
+                .ok_or_else(|| mismatch("a number")),
             _ => Err(mismatch("a number")),
         },
         ColumnKind::Bool => match value {
             Value::Bool(flag) => Ok(Scalar::Bool(*flag)),
-            Value::String(text) if text == "true" || text == "false" => Ok(Scalar::Bool(text == "true")),
+            Value::String(text) if text == "true" || text == "false" => {
+                Ok(Scalar::Bool(text == "true"))
+            }
             _ => Err(mismatch("true or false")),
         },
         ColumnKind::Json => Err("the attribute cannot be filtered".into()),
@@ -322,11 +351,17 @@ fn parse_filter(columns: &'static [Column], table: &str, filter: &Value) -> Resu
     })
 }
 
-fn parse_filters(columns: &'static [Column], table: &str, params: &Params) -> Result<Vec<Filter>, ApiError> {
+fn parse_filters(
+    columns: &'static [Column],
+    table: &str,
+    params: &Params,
+) -> Result<Vec<Filter>, ApiError> {
     let mut filters = Vec::new();
     if let Some(value) = params.json("filters")? {
         let list = match value {
-            Value::Array(list) if list.first().is_some_and(Value::is_string) => vec![Value::Array(list)],
+            Value::Array(list) if list.first().is_some_and(Value::is_string) => {
+                vec![Value::Array(list)]
+            }
             Value::Array(list) => list,
             Value::Null => Vec::new(),
             other => {
@@ -336,14 +371,17 @@ fn parse_filters(columns: &'static [Column], table: &str, params: &Params) -> Re
             }
         };
         for filter in &list {
-            let parsed = parse_filter(columns, table, filter)
-                .map_err(|reason| ApiError::invalid(format!("invalid filter {filter}: {reason}")))?;
+            let parsed = parse_filter(columns, table, filter).map_err(|reason| {
+                ApiError::invalid(format!("invalid filter {filter}: {reason}"))
+            })?;
             filters.push(parsed);
         }
     }
     if let Some(value) = params.json("where")? {
         let Value::Object(conditions) = value else {
-            return Err(ApiError::invalid("invalid where: expected an object of attribute: value"));
+            return Err(ApiError::invalid(
+                "invalid where: expected an object of attribute: value",
+            ));
         };
         for (attribute, value) in conditions {
             let op = if value.is_array() { "in" } else { "=" };
@@ -356,14 +394,20 @@ fn parse_filters(columns: &'static [Column], table: &str, params: &Params) -> Re
     Ok(filters)
 }
 
-fn parse_order(columns: &'static [Column], table: &str, params: &Params) -> Result<Vec<Order>, ApiError> {
+fn parse_order(
+    columns: &'static [Column],
+    table: &str,
+    params: &Params,
+) -> Result<Vec<Order>, ApiError> {
     let keys: Vec<String> = match params.json("order") {
         Ok(None) | Ok(Some(Value::Null)) => return Ok(Vec::new()),
         Ok(Some(Value::Array(items))) => items
             .into_iter()
             .map(|item| match item {
                 Value::String(text) => Ok(text),
-                other => Err(ApiError::invalid(format!("invalid order {other}: expected a string"))),
+                other => Err(ApiError::invalid(format!(
+                    "invalid order {other}: expected a string"
+                ))),
             })
             .collect::<Result<_, _>>()?,
         Ok(Some(Value::String(text))) => text.split(',').map(str::to_string).collect(),
@@ -431,20 +475,29 @@ pub fn list_query(
 }
 
 /// The `select` parameter: the attributes a response should keep.
-pub fn select(columns: &'static [Column], params: &Params) -> Result<Option<Vec<String>>, ApiError> {
+pub fn select(
+    columns: &'static [Column],
+    params: &Params,
+) -> Result<Option<Vec<String>>, ApiError> {
     let Some(value) = params.json("select")? else {
         return Ok(None);
     };
     let Value::Array(items) = value else {
-        return Err(ApiError::invalid("invalid select: expected a list of attribute names"));
+        return Err(ApiError::invalid(
+            "invalid select: expected a list of attribute names",
+        ));
     };
     let mut names = Vec::new();
     for item in items {
         let name = item.as_str().ok_or_else(|| {
-            ApiError::invalid(format!("invalid select entry {item}: expected an attribute name"))
+            ApiError::invalid(format!(
+                "invalid select entry {item}: expected an attribute name"
+            ))
         })?;
         if find_column(columns, name).is_none() && name != "kind" && name != "etag" {
-            return Err(ApiError::invalid(format!("invalid select: unknown attribute {name:?}")));
+            return Err(ApiError::invalid(format!(
+                "invalid select: unknown attribute {name:?}"
+            )));
         }
         names.push(name.to_string());
     }
@@ -482,8 +535,12 @@ mod tests {
     #[test]
     fn structured_attribute_cannot_be_filtered() {
         let p = params(r#"filters=[["mounts","=","x"]]"#);
-        let err = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
-        assert!(err.to_string().contains("\"mounts\" cannot be filtered"), "{err}");
+        let err =
+            list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
+        assert!(
+            err.to_string().contains("\"mounts\" cannot be filtered"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -505,8 +562,20 @@ mod tests {
         let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
         assert_eq!(query.limit, MAX_LIMIT);
         assert!(!query.count);
-        assert!(list_query(REQUEST_COLUMNS, "container_requests", &params("limit=-1"), Visibility::All).is_err());
-        assert!(list_query(REQUEST_COLUMNS, "container_requests", &params("count=some"), Visibility::All).is_err());
+        assert!(list_query(
+            REQUEST_COLUMNS,
+            "container_requests",
+            &params("limit=-1"),
+            Visibility::All
+        )
+        .is_err());
+        assert!(list_query(
+            REQUEST_COLUMNS,
+            "container_requests",
+            &params("count=some"),
+            Visibility::All
+        )
+        .is_err());
     }
 
     #[test]
@@ -523,7 +592,13 @@ mod tests {
     fn wrapped_and_bare_bodies_give_attributes() {
         let headers = HeaderMap::new();
         let none = Params::default();
-        let wrapped = attributes(&headers, &none, br#"{"container_request": {"name": "a"}}"#, "container_request").unwrap();
+        let wrapped = attributes(
+            &headers,
+            &none,
+            br#"{"container_request": {"name": "a"}}"#,
+            "container_request",
+        )
+        .unwrap();
         assert_eq!(wrapped["name"], "a");
         let bare = attributes(&headers, &none, br#"{"name": "b"}"#, "container_request").unwrap();
         assert_eq!(bare["name"], "b");

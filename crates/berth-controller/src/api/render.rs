@@ -17,11 +17,17 @@ pub fn etag(fields: &Map<String, Value>) -> String {
 }
 
 /// The JSON of one record.
-pub fn record<T: Serialize>(kind: &str, record: &T, select: Option<&[String]>) -> Result<Value, ApiError> {
+pub fn record<T: Serialize>(
+    kind: &str,
+    record: &T,
+    select: Option<&[String]>,
+) -> Result<Value, ApiError> {
     let mut fields = match serde_json::to_value(record) {
         Ok(Value::Object(fields)) => fields,
         Ok(_) | Err(_) => {
-            return Err(ApiError::Internal(format!("failed to serialise a {kind} record")))
+            return Err(ApiError::Internal(format!(
+                "failed to serialise a {kind} record"
+            )))
         }
     };
     let tag = etag(&fields);

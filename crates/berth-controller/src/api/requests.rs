@@ -34,7 +34,11 @@ fn reject_container_token(caller: &Caller) -> Result<(), ApiError> {
 }
 
 /// Loads a request the caller may read; others are not found.
-async fn load_visible(state: &AppState, caller: &Caller, uuid: &str) -> Result<Versioned<ContainerRequest>, ApiError> {
+async fn load_visible(
+    state: &AppState,
+    caller: &Caller,
+    uuid: &str,
+) -> Result<Versioned<ContainerRequest>, ApiError> {
     reject_container_token(caller)?;
     let stored = state
         .store()
@@ -53,7 +57,11 @@ pub async fn list(
     list_with(&state, &caller, &Params::from_query(query.as_deref())).await
 }
 
-async fn list_with(state: &AppState, caller: &Caller, params: &Params) -> Result<Json<Value>, ApiError> {
+async fn list_with(
+    state: &AppState,
+    caller: &Caller,
+    params: &Params,
+) -> Result<Json<Value>, ApiError> {
     reject_container_token(caller)?;
     let visibility = if caller.is_admin {
         Visibility::All
@@ -67,7 +75,14 @@ async fn list_with(state: &AppState, caller: &Caller, params: &Params) -> Result
         .list_requests(&query)
         .await
         .map_err(ApiError::store("list container requests"))?;
-    let body = render::list(LIST_KIND, KIND, &page, query.offset, query.limit, select.as_deref())?;
+    let body = render::list(
+        LIST_KIND,
+        KIND,
+        &page,
+        query.offset,
+        query.limit,
+        select.as_deref(),
+    )?;
     Ok(Json(body))
 }
 
@@ -80,7 +95,13 @@ pub async fn create_or_list(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let body = params::read_body(
+        &headers,
+        body,
+        state.max_request_body_bytes(),
+        "the request body",
+    )
+    .await?;
     let params = params::params_with_body(&headers, query.as_deref(), &body)?;
     if params::overrides_to_get(&headers, &params) {
         return list_with(&state, &caller, &params).await;
@@ -99,7 +120,9 @@ pub async fn create_or_list(
             .map_err(ApiError::store("look up a user"))?
             .is_some();
         if !exists {
-            return Err(ApiError::invalid(format!("owner_uuid {owner:?} is not a user of this cluster")));
+            return Err(ApiError::invalid(format!(
+                "owner_uuid {owner:?} is not a user of this cluster"
+            )));
         }
     }
     let stored = state
@@ -113,7 +136,11 @@ pub async fn create_or_list(
         state = %stored.record.state,
         "created a container request"
     );
-    Ok(Json(render::record(KIND, &stored.record, select.as_deref())?))
+    Ok(Json(render::record(
+        KIND,
+        &stored.record,
+        select.as_deref(),
+    )?))
 }
 
 pub async fn get(
@@ -125,7 +152,11 @@ pub async fn get(
     let params = Params::from_query(query.as_deref());
     let select = params::select(REQUEST_COLUMNS, &params)?;
     let stored = load_visible(&state, &caller, &uuid).await?;
-    Ok(Json(render::record(KIND, &stored.record, select.as_deref())?))
+    Ok(Json(render::record(
+        KIND,
+        &stored.record,
+        select.as_deref(),
+    )?))
 }
 
 /// `PUT` and `PATCH container_requests/{uuid}`.
@@ -137,7 +168,13 @@ pub async fn update(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = params::read_body(&headers, body, state.max_request_body_bytes(), "the request body").await?;
+    let body = params::read_body(
+        &headers,
+        body,
+        state.max_request_body_bytes(),
+        "the request body",
+    )
+    .await?;
     let params = params::params_with_body(&headers, query.as_deref(), &body)?;
     let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
     let select = params::select(REQUEST_COLUMNS, &params)?;
@@ -153,7 +190,11 @@ pub async fn update(
             chrono::Utc::now(),
         )?;
         if !change.changed {
-            return Ok(Json(render::record(KIND, &current.record, select.as_deref())?));
+            return Ok(Json(render::record(
+                KIND,
+                &current.record,
+                select.as_deref(),
+            )?));
         }
         let write = RequestWrite {
             record: change.record,
@@ -171,7 +212,11 @@ pub async fn update(
                         "container request changed state"
                     );
                 }
-                return Ok(Json(render::record(KIND, &stored.record, select.as_deref())?));
+                return Ok(Json(render::record(
+                    KIND,
+                    &stored.record,
+                    select.as_deref(),
+                )?));
             }
             Err(StoreError::Conflict { .. }) => continue,
             Err(err) => return Err(ApiError::store("update a container request")(err)),

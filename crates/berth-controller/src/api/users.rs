@@ -12,7 +12,10 @@ use crate::auth::{system_user_uuid, Caller};
 use crate::error::ApiError;
 
 /// `GET users/current`.
-pub async fn current_user(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+pub async fn current_user(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     let cluster = &state.cluster().cluster_id;
     let system_uuid = system_user_uuid(cluster);
     let fields = if caller.user_uuid == system_uuid {
@@ -56,5 +59,9 @@ pub async fn current_token(caller: Caller) -> Result<Json<Value>, ApiError> {
         "scopes": caller.scopes,
         "container_uuid": caller.container_uuid,
     });
-    Ok(Json(render::record("arvados#apiClientAuthorization", &fields, None)?))
+    Ok(Json(render::record(
+        "arvados#apiClientAuthorization",
+        &fields,
+        None,
+    )?))
 }

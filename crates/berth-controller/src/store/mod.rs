@@ -352,7 +352,9 @@ pub enum CredentialChange {
     Mint(MintedCredentials),
     /// Revoke the container token and forget the gateway secret (unlock,
     /// final state).
-    Revoke { token_uuid: Option<String> },
+    Revoke {
+        token_uuid: Option<String>,
+    },
 }
 
 /// An update of a container, built from the version it names.
@@ -387,7 +389,9 @@ impl LogStream {
     }
 
     pub fn parse(name: &str) -> Option<LogStream> {
-        LogStream::ALL.into_iter().find(|stream| stream.as_str() == name)
+        LogStream::ALL
+            .into_iter()
+            .find(|stream| stream.as_str() == name)
     }
 }
 
@@ -486,7 +490,8 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn Store>> {
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
     {
-        let store = sqlite::SqliteStore::open(url, std::path::Path::new(path), max_connections).await?;
+        let store =
+            sqlite::SqliteStore::open(url, std::path::Path::new(path), max_connections).await?;
         return Ok(Arc::new(store));
     }
     let reason = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -550,11 +555,16 @@ mod tests {
 
     #[test]
     fn unsupported_url_is_named() {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let err = runtime
             .block_on(open("postgres://localhost/berth", 1))
             .unwrap_err();
-        assert!(err.to_string().contains("postgres://localhost/berth"), "{err}");
+        assert!(
+            err.to_string().contains("postgres://localhost/berth"),
+            "{err}"
+        );
         assert!(err.to_string().contains("not supported yet"), "{err}");
     }
 }

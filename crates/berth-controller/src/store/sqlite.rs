@@ -34,8 +34,8 @@ use sqlx::{Row, Sqlite};
 
 use super::{
     ApiToken, AppendOutcome, Column, ColumnKind, ContainerWrite, CredentialChange, Filter,
-    FilterOp, ListQuery, LogStream, Operand, Page, RequestWrite, Result, Scalar, Store,
-    StoreError, User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    FilterOp, ListQuery, LogStream, Operand, Page, RequestWrite, Result, Scalar, Store, StoreError,
+    User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -128,7 +128,10 @@ fn encode_record<T: Serialize>(table: &Table, uuid: &str, record: &T) -> Result<
         .map(|column| {
             let value = fields.get(column.name).unwrap_or(&Value::Null);
             encode_value(column, value).ok_or_else(|| {
-                encode_error(format!("field {} has the unexpected value {value}", column.name))
+                encode_error(format!(
+                    "field {} has the unexpected value {value}",
+                    column.name
+                ))
             })
         })
         .collect()
@@ -297,7 +300,11 @@ async fn recompute_priority(conn: &mut SqliteConnection, container_uuid: &str) -
 }
 
 /// The SQL condition of a caller's visibility on a table.
-fn visibility_condition(table: &Table, visibility: &Visibility, params: &mut Vec<Bound>) -> Option<String> {
+fn visibility_condition(
+    table: &Table,
+    visibility: &Visibility,
+    params: &mut Vec<Bound>,
+) -> Option<String> {
     let is_containers = table.name == CONTAINERS.name;
     match visibility {
         Visibility::All => None,
@@ -411,7 +418,13 @@ fn order_clause(query: &ListQuery) -> String {
     let mut keys: Vec<String> = query
         .order
         .iter()
-        .map(|order| format!("{} {}", order.column.name, if order.descending { "DESC" } else { "ASC" }))
+        .map(|order| {
+            format!(
+                "{} {}",
+                order.column.name,
+                if order.descending { "DESC" } else { "ASC" }
+            )
+        })
         .collect();
     if !query.order.iter().any(|order| order.column.name == "uuid") {
         let descending = query.order.first().is_none_or(|order| order.descending);
@@ -450,8 +463,12 @@ async fn list_records<T: DeserializeOwned>(
         order_clause(query)
     );
     let mut params = params;
-    params.push(Bound::Integer(Some(i64::try_from(query.limit).unwrap_or(i64::MAX))));
-    params.push(Bound::Integer(Some(i64::try_from(query.offset).unwrap_or(i64::MAX))));
+    params.push(Bound::Integer(Some(
+        i64::try_from(query.limit).unwrap_or(i64::MAX),
+    )));
+    params.push(Bound::Integer(Some(
+        i64::try_from(query.offset).unwrap_or(i64::MAX),
+    )));
     let rows = bind_all(sqlx::query(&sql), &params)
         .fetch_all(&mut *conn)
         .await
@@ -469,7 +486,11 @@ async fn list_records<T: DeserializeOwned>(
     })
 }
 
-async fn stream_size(conn: &mut SqliteConnection, container_uuid: &str, stream: LogStream) -> Result<u64> {
+async fn stream_size(
+    conn: &mut SqliteConnection,
+    container_uuid: &str,
+    stream: LogStream,
+) -> Result<u64> {
     let end: Option<i64> = sqlx::query_scalar(
         "SELECT byte_offset + length(data) FROM container_logs \
          WHERE container_uuid = ? AND stream = ? ORDER BY byte_offset DESC LIMIT 1",
@@ -563,7 +584,10 @@ impl SqliteStore {
         if path.as_os_str().is_empty() {
             return Err(invalid("the path is empty: expected sqlite://PATH"));
         }
-        if path.to_str().is_some_and(|p| p.starts_with(":memory:") || p.contains('?')) {
+        if path
+            .to_str()
+            .is_some_and(|p| p.starts_with(":memory:") || p.contains('?'))
+        {
             return Err(invalid(
                 "only a plain file path is supported, without :memory: or query parameters",
             ));
@@ -739,8 +763,14 @@ impl Store for SqliteStore {
         if let Some(container) = &write.new_container {
             insert_record(&mut tx, &CONTAINERS, &container.uuid, container).await?;
         }
-        let version =
-            update_record(&mut tx, &REQUESTS, &record.uuid, record, write.expected_version).await?;
+        let version = update_record(
+            &mut tx,
+            &REQUESTS,
+            &record.uuid,
+            record,
+            write.expected_version,
+        )
+        .await?;
         if let Some(container_uuid) = &record.container_uuid {
             recompute_priority(&mut tx, container_uuid).await?;
         }
@@ -779,9 +809,14 @@ impl Store for SqliteStore {
         let record = &write.record;
         let now = time::format(&record.modified_at);
         let mut tx = self.begin_write().await?;
-        let version =
-            update_record(&mut tx, &CONTAINERS, &record.uuid, record, write.expected_version)
-                .await?;
+        let version = update_record(
+            &mut tx,
+            &CONTAINERS,
+            &record.uuid,
+            record,
+            write.expected_version,
+        )
+        .await?;
         match &write.credentials {
             CredentialChange::Keep => {}
             CredentialChange::Mint(minted) => {
@@ -911,7 +946,8 @@ impl Store for SqliteStore {
                 let chunk_offset: i64 = row.try_get("byte_offset").map_err(read_error)?;
                 let chunk: Vec<u8> = row.try_get("data").map_err(read_error)?;
                 let chunk_start = u64::try_from(chunk_offset).unwrap_or(0);
-                let from = usize::try_from(offset.saturating_sub(chunk_start)).unwrap_or(usize::MAX);
+                let from =
+                    usize::try_from(offset.saturating_sub(chunk_start)).unwrap_or(usize::MAX);
                 let to = usize::try_from(end - chunk_start).unwrap_or(usize::MAX);
                 let to = to.min(chunk.len());
                 if from < to {
@@ -941,7 +977,9 @@ mod tests {
     #[test]
     fn statements_name_every_column() {
         assert!(REQUESTS.insert.contains("published_ports, version"));
-        assert!(CONTAINERS.update.contains("scheduler_job_id = ?, version = version + 1"));
+        assert!(CONTAINERS
+            .update
+            .contains("scheduler_job_id = ?, version = version + 1"));
         assert_eq!(
             CONTAINERS.insert.matches('?').count(),
             CONTAINER_COLUMNS.len()

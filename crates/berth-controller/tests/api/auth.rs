@@ -12,7 +12,11 @@ async fn missing_token_is_401() {
     for path in ["container_requests", "containers", "users/current"] {
         let reply = api.call(Method::GET, path, None, None).await;
         reply.expect(StatusCode::UNAUTHORIZED);
-        assert!(reply.errors().starts_with("Not logged in: "), "{}", reply.errors());
+        assert!(
+            reply.errors().starts_with("Not logged in: "),
+            "{}",
+            reply.errors()
+        );
     }
     let reply = api.create_request("", json!({})).await;
     reply.expect(StatusCode::UNAUTHORIZED);
@@ -36,7 +40,11 @@ async fn bad_tokens_are_401() {
     ] {
         let reply = api.get("container_requests", bad).await;
         reply.expect(StatusCode::UNAUTHORIZED);
-        assert!(reply.errors().starts_with("Not logged in: "), "{}", reply.errors());
+        assert!(
+            reply.errors().starts_with("Not logged in: "),
+            "{}",
+            reply.errors()
+        );
     }
     // A user token with a container part it was not minted for.
     let with_container = format!("{token}/zzzzz-dz642-aaaaaaaaaaaaaaa");
@@ -82,13 +90,17 @@ async fn current_user_and_token_describe_caller() {
     assert_eq!(current["uuid"], token.split('/').nth(1).unwrap());
     assert_eq!(current["owner_uuid"], user["uuid"]);
     assert_eq!(current["scopes"], json!(["all"]));
-    assert!(!current.to_string().contains(token.split('/').nth(2).unwrap()));
+    assert!(!current
+        .to_string()
+        .contains(token.split('/').nth(2).unwrap()));
 
     let system = api.get("users/current", SYSTEM_TOKEN).await;
     system.expect(StatusCode::OK);
     assert_eq!(system.json()["uuid"], "zzzzz-tpzed-000000000000000");
     assert_eq!(system.json()["is_admin"], true);
-    let system_token = api.get("api_client_authorizations/current", SYSTEM_TOKEN).await;
+    let system_token = api
+        .get("api_client_authorizations/current", SYSTEM_TOKEN)
+        .await;
     assert_eq!(system_token.json()["uuid"], "zzzzz-gj3su-000000000000000");
 }
 
@@ -128,7 +140,10 @@ async fn other_users_request_is_404() {
     api.get(&format!("container_requests/{uuid}"), &alice)
         .await
         .expect(StatusCode::OK);
-    assert_eq!(api.get("containers", &alice).await.json()["items_available"], 1);
+    assert_eq!(
+        api.get("containers", &alice).await.json()["items_available"],
+        1
+    );
     let admin = api.user("root2", true).await;
     api.get(&format!("container_requests/{uuid}"), &admin)
         .await
@@ -145,10 +160,19 @@ async fn user_updating_container_is_403() {
         .update_container(uuid, &alice, json!({"state": "Cancelled"}))
         .await;
     reply.expect(StatusCode::FORBIDDEN);
-    assert!(reply.errors().contains("users cannot update containers"), "{}", reply.errors());
-    api.call(Method::POST, &format!("containers/{uuid}/lock"), Some(&alice), None)
-        .await
-        .expect(StatusCode::FORBIDDEN);
+    assert!(
+        reply.errors().contains("users cannot update containers"),
+        "{}",
+        reply.errors()
+    );
+    api.call(
+        Method::POST,
+        &format!("containers/{uuid}/lock"),
+        Some(&alice),
+        None,
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN);
     let after = api.get(&format!("containers/{uuid}"), &alice).await.json();
     assert_eq!(after["state"], "Queued");
 }
@@ -162,11 +186,23 @@ async fn unlock_by_other_token_is_403() {
     let uuid = str_of(&container, "uuid");
     api.lock(uuid).await;
     let reply = api
-        .call(Method::POST, &format!("containers/{uuid}/unlock"), Some(&admin), None)
+        .call(
+            Method::POST,
+            &format!("containers/{uuid}/unlock"),
+            Some(&admin),
+            None,
+        )
         .await;
     reply.expect(StatusCode::FORBIDDEN);
-    assert!(reply.errors().contains("locked by another token"), "{}", reply.errors());
-    let after = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    assert!(
+        reply.errors().contains("locked by another token"),
+        "{}",
+        reply.errors()
+    );
+    let after = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert_eq!(after["state"], "Locked");
     assert_eq!(after["locked_by_uuid"], "zzzzz-gj3su-000000000000000");
 }
@@ -244,7 +280,10 @@ async fn container_token_is_revoked_when_container_ends() {
         .expect(StatusCode::OK);
     let reply = api.get("containers/current", &token).await;
     reply.expect(StatusCode::UNAUTHORIZED);
-    let container = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    let container = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert!(container["auth_uuid"].is_null());
     assert!(container["locked_by_uuid"].is_null());
 }
@@ -256,20 +295,35 @@ async fn container_token_cannot_set_admin_fields() {
     let (_, container) = api.committed(&alice).await;
     let uuid = str_of(&container, "uuid");
     let token = api.lock(uuid).await;
-    let reply = api.update_container(uuid, &token, json!({"priority": 7})).await;
+    let reply = api
+        .update_container(uuid, &token, json!({"priority": 7}))
+        .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     assert!(reply.errors().contains("priority"), "{}", reply.errors());
     let reply = api
         .update_container(uuid, &token, json!({"scheduler_job_id": "12"}))
         .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(reply.errors().contains("scheduler_job_id"), "{}", reply.errors());
-    api.call(Method::POST, &format!("containers/{uuid}/unlock"), Some(&token), None)
-        .await
-        .expect(StatusCode::FORBIDDEN);
+    assert!(
+        reply.errors().contains("scheduler_job_id"),
+        "{}",
+        reply.errors()
+    );
+    api.call(
+        Method::POST,
+        &format!("containers/{uuid}/unlock"),
+        Some(&token),
+        None,
+    )
+    .await
+    .expect(StatusCode::FORBIDDEN);
     // The system token may set both.
     let reply = api
-        .update_container(uuid, SYSTEM_TOKEN, json!({"scheduler_job_id": "12", "priority": 7}))
+        .update_container(
+            uuid,
+            SYSTEM_TOKEN,
+            json!({"scheduler_job_id": "12", "priority": 7}),
+        )
         .await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["scheduler_job_id"], "12");
@@ -289,8 +343,14 @@ async fn unknown_path_is_404_json() {
     let api = TestApi::new().await;
     let reply = api.get("no_such_things", SYSTEM_TOKEN).await;
     reply.expect(StatusCode::NOT_FOUND);
-    assert!(reply.errors().contains("Path not found"), "{}", reply.errors());
-    let reply = api.call(Method::DELETE, "containers", Some(SYSTEM_TOKEN), None).await;
+    assert!(
+        reply.errors().contains("Path not found"),
+        "{}",
+        reply.errors()
+    );
+    let reply = api
+        .call(Method::DELETE, "containers", Some(SYSTEM_TOKEN), None)
+        .await;
     reply.expect(StatusCode::METHOD_NOT_ALLOWED);
     assert!(reply.errors().contains("DELETE"), "{}", reply.errors());
 }

@@ -34,7 +34,9 @@ impl Reply {
     /// The joined error messages of an error answer.
     pub fn errors(&self) -> String {
         let body = self.json();
-        let errors = body["errors"].as_array().unwrap_or_else(|| panic!("no errors in {body}"));
+        let errors = body["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no errors in {body}"));
         errors
             .iter()
             .map(|e| e.as_str().unwrap().to_string())
@@ -86,7 +88,9 @@ impl TestApi {
         let url = format!("sqlite://{}/db/berth.db", dir.path().display());
         let mut config = Config::new("127.0.0.1:0".parse().unwrap(), url);
         adjust(&mut config);
-        let store = berth_controller::store::open(&config.database_url, 4).await.unwrap();
+        let store = berth_controller::store::open(&config.database_url, 4)
+            .await
+            .unwrap();
         let cluster = cluster();
         let state = AppState::new(store, cluster.clone(), &config);
         TestApi {
@@ -118,7 +122,11 @@ impl TestApi {
         }
     }
 
-    pub fn request(method: Method, path: &str, token: Option<&str>) -> axum::http::request::Builder {
+    pub fn request(
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> axum::http::request::Builder {
         let path = encode_query(path);
         let uri = if path.starts_with('/') {
             path
@@ -133,7 +141,13 @@ impl TestApi {
     }
 
     /// A call with an optional JSON body.
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Reply {
         let builder = TestApi::request(method, path, token);
         let request = match body {
             Some(body) => builder
@@ -164,7 +178,9 @@ impl TestApi {
         request.expect(StatusCode::OK);
         let request = request.json();
         let container_uuid = request["container_uuid"].as_str().unwrap().to_string();
-        let container = self.get(&format!("containers/{container_uuid}"), SYSTEM_TOKEN).await;
+        let container = self
+            .get(&format!("containers/{container_uuid}"), SYSTEM_TOKEN)
+            .await;
         container.expect(StatusCode::OK);
         (request, container.json())
     }
@@ -183,7 +199,12 @@ impl TestApi {
     /// token.
     pub async fn lock(&self, uuid: &str) -> String {
         let reply = self
-            .call(Method::POST, &format!("containers/{uuid}/lock"), Some(SYSTEM_TOKEN), None)
+            .call(
+                Method::POST,
+                &format!("containers/{uuid}/lock"),
+                Some(SYSTEM_TOKEN),
+                None,
+            )
             .await;
         reply.expect(StatusCode::OK);
         reply.json()["credentials"]["api_token"]
@@ -192,7 +213,14 @@ impl TestApi {
             .to_string()
     }
 
-    pub async fn append_log(&self, uuid: &str, stream: &str, offset: u64, token: &str, data: &[u8]) -> Reply {
+    pub async fn append_log(
+        &self,
+        uuid: &str,
+        stream: &str,
+        offset: u64,
+        token: &str,
+        data: &[u8],
+    ) -> Reply {
         let request = TestApi::request(
             Method::POST,
             &format!("containers/{uuid}/log/{stream}?offset={offset}"),

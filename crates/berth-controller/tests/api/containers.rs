@@ -45,7 +45,10 @@ async fn container_in(api: &TestApi, owner: &str, state: &str) -> String {
                 .expect(StatusCode::OK);
         }
     }
-    let stored = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    let stored = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert_eq!(stored["state"], state);
     uuid
 }
@@ -56,18 +59,31 @@ async fn change_state(api: &TestApi, uuid: &str, from: &str, to: &str) -> Reply 
     let path = format!("containers/{uuid}");
     match (from, to) {
         (_, "Locked") => {
-            api.call(Method::POST, &format!("{path}/lock"), Some(SYSTEM_TOKEN), None)
-                .await
+            api.call(
+                Method::POST,
+                &format!("{path}/lock"),
+                Some(SYSTEM_TOKEN),
+                None,
+            )
+            .await
         }
         ("Locked", "Queued") => {
-            api.call(Method::POST, &format!("{path}/unlock"), Some(SYSTEM_TOKEN), None)
-                .await
+            api.call(
+                Method::POST,
+                &format!("{path}/unlock"),
+                Some(SYSTEM_TOKEN),
+                None,
+            )
+            .await
         }
         (_, "Complete") => {
             api.update_container(uuid, SYSTEM_TOKEN, json!({"state": to, "exit_code": 0}))
                 .await
         }
-        _ => api.update_container(uuid, SYSTEM_TOKEN, json!({"state": to})).await,
+        _ => {
+            api.update_container(uuid, SYSTEM_TOKEN, json!({"state": to}))
+                .await
+        }
     }
 }
 
@@ -84,9 +100,17 @@ async fn container_transitions_follow_state_machine() {
             }
             let uuid = container_in(&api, &alice, from).await;
             let reply = change_state(&api, &uuid, from, to).await;
-            let after = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+            let after = api
+                .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+                .await
+                .json();
             if ALLOWED.contains(&(from, to)) {
-                assert_eq!(reply.status, StatusCode::OK, "{from} -> {to}: {:?}", reply.body);
+                assert_eq!(
+                    reply.status,
+                    StatusCode::OK,
+                    "{from} -> {to}: {:?}",
+                    reply.body
+                );
                 assert_eq!(after["state"], to, "{from} -> {to}");
             } else {
                 assert_eq!(
@@ -96,7 +120,10 @@ async fn container_transitions_follow_state_machine() {
                     reply.body
                 );
                 let errors = reply.errors();
-                assert!(errors.contains(&format!("from {from} to {to}")), "{from} -> {to}: {errors}");
+                assert!(
+                    errors.contains(&format!("from {from} to {to}")),
+                    "{from} -> {to}: {errors}"
+                );
                 assert_eq!(after["state"], from, "{from} -> {to} changed the state");
             }
         }
@@ -123,7 +150,10 @@ async fn state_changes_set_timestamps_and_finalize_requests() {
         .json();
     assert!(cancelled["finished_at"].is_string());
     let request = api
-        .get(&format!("container_requests/{}", str_of(&request, "uuid")), &alice)
+        .get(
+            &format!("container_requests/{}", str_of(&request, "uuid")),
+            &alice,
+        )
         .await
         .json();
     assert_eq!(request["state"], "Final");
@@ -163,11 +193,17 @@ async fn wrong_type_in_container_update_names_field() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
     let uuid = container_in(&api, &alice, "Running").await;
-    let before = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    let before = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     for (attributes, field) in [
         (json!({"exit_code": "zero"}), "exit_code"),
         (json!({"progress": "half"}), "progress"),
-        (json!({"runtime_status": {"error": 5}}), "runtime_status.error"),
+        (
+            json!({"runtime_status": {"error": 5}}),
+            "runtime_status.error",
+        ),
         (json!({"priority": -1}), "priority"),
         (json!({"bogus": 1}), "bogus"),
     ] {
@@ -175,7 +211,10 @@ async fn wrong_type_in_container_update_names_field() {
         reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
         assert!(reply.errors().contains(field), "{}", reply.errors());
     }
-    let after = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    let after = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert_eq!(before, after);
 }
 
@@ -186,7 +225,12 @@ async fn lock_returns_credentials_once() {
     let (_, container) = api.committed(&alice).await;
     let uuid = str_of(&container, "uuid");
     let reply = api
-        .call(Method::POST, &format!("containers/{uuid}/lock"), Some(SYSTEM_TOKEN), None)
+        .call(
+            Method::POST,
+            &format!("containers/{uuid}/lock"),
+            Some(SYSTEM_TOKEN),
+            None,
+        )
         .await;
     reply.expect(StatusCode::OK);
     let locked = reply.json();
@@ -195,12 +239,21 @@ async fn lock_returns_credentials_once() {
     assert_eq!(locked["locked_by_uuid"], "zzzzz-gj3su-000000000000000");
     let auth_uuid = str_of(&locked, "auth_uuid");
     let token = str_of(&locked["credentials"], "api_token");
-    assert_eq!(token, format!("v2/{auth_uuid}/{}/{uuid}", token.split('/').nth(2).unwrap()));
+    assert_eq!(
+        token,
+        format!("v2/{auth_uuid}/{}/{uuid}", token.split('/').nth(2).unwrap())
+    );
     assert!(!str_of(&locked["credentials"], "gateway_secret").is_empty());
 
-    let again = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    let again = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert!(again.get("credentials").is_none());
-    let me = api.get("api_client_authorizations/current", token).await.json();
+    let me = api
+        .get("api_client_authorizations/current", token)
+        .await
+        .json();
     assert_eq!(me["uuid"], auth_uuid);
     assert_eq!(me["container_uuid"], uuid);
 }
@@ -213,11 +266,23 @@ async fn second_lock_is_422() {
     let uuid = str_of(&container, "uuid");
     api.lock(uuid).await;
     let reply = api
-        .call(Method::POST, &format!("containers/{uuid}/lock"), Some(SYSTEM_TOKEN), None)
+        .call(
+            Method::POST,
+            &format!("containers/{uuid}/lock"),
+            Some(SYSTEM_TOKEN),
+            None,
+        )
         .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(reply.errors().contains("from Locked to Locked"), "{}", reply.errors());
-    let after = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    assert!(
+        reply.errors().contains("from Locked to Locked"),
+        "{}",
+        reply.errors()
+    );
+    let after = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert_eq!(after["lock_count"], 1);
 }
 
@@ -234,15 +299,25 @@ async fn concurrent_locks_succeed_exactly_once() {
         let uuid = uuid.clone();
         tasks.push(tokio::spawn(async move {
             use tower::ServiceExt;
-            let request = TestApi::request(Method::POST, &format!("containers/{uuid}/lock"), Some(SYSTEM_TOKEN))
-                .body(axum::body::Body::empty())
-                .unwrap();
+            let request = TestApi::request(
+                Method::POST,
+                &format!("containers/{uuid}/lock"),
+                Some(SYSTEM_TOKEN),
+            )
+            .body(axum::body::Body::empty())
+            .unwrap();
             let response = router.oneshot(request).await.unwrap();
             let status = response.status();
-            let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
-            let token = serde_json::from_slice::<Value>(&body).ok().and_then(|body| {
-                body["credentials"]["api_token"].as_str().map(str::to_string)
-            });
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let token = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|body| {
+                    body["credentials"]["api_token"]
+                        .as_str()
+                        .map(str::to_string)
+                });
             (status, token)
         }));
     }
@@ -261,12 +336,17 @@ async fn concurrent_locks_succeed_exactly_once() {
     }
     assert_eq!(successes, 1);
     assert_eq!(tokens.len(), 1);
-    let after = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    let after = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert_eq!(after["lock_count"], 1);
     assert_eq!(after["state"], "Locked");
     // The one token minted is the one that works.
     let token = tokens.into_iter().next().unwrap();
-    api.get("containers/current", &token).await.expect(StatusCode::OK);
+    api.get("containers/current", &token)
+        .await
+        .expect(StatusCode::OK);
 }
 
 #[tokio::test]
@@ -276,11 +356,20 @@ async fn unlock_requeues_and_revokes_token() {
     let (_, container) = api.committed(&alice).await;
     let uuid = str_of(&container, "uuid");
     let token = api.lock(uuid).await;
-    api.update_container(uuid, SYSTEM_TOKEN, json!({"runtime_status": {"activity": "submitting"}, "scheduler_job_id": "42"}))
-        .await
-        .expect(StatusCode::OK);
+    api.update_container(
+        uuid,
+        SYSTEM_TOKEN,
+        json!({"runtime_status": {"activity": "submitting"}, "scheduler_job_id": "42"}),
+    )
+    .await
+    .expect(StatusCode::OK);
     let reply = api
-        .call(Method::POST, &format!("containers/{uuid}/unlock"), Some(SYSTEM_TOKEN), None)
+        .call(
+            Method::POST,
+            &format!("containers/{uuid}/unlock"),
+            Some(SYSTEM_TOKEN),
+            None,
+        )
         .await;
     reply.expect(StatusCode::OK);
     let unlocked = reply.json();
@@ -296,7 +385,10 @@ async fn unlock_requeues_and_revokes_token() {
     // It can be locked again, with a new token.
     let second = api.lock(uuid).await;
     assert_ne!(second, token);
-    let relocked = api.get(&format!("containers/{uuid}"), SYSTEM_TOKEN).await.json();
+    let relocked = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
     assert_eq!(relocked["lock_count"], 2);
 }
 
@@ -308,10 +400,14 @@ async fn unlock_at_max_dispatch_attempts_cancels() {
     let uuid = str_of(&container, "uuid");
     let unlock = format!("containers/{uuid}/unlock");
     api.lock(uuid).await;
-    let first = api.call(Method::POST, &unlock, Some(SYSTEM_TOKEN), None).await;
+    let first = api
+        .call(Method::POST, &unlock, Some(SYSTEM_TOKEN), None)
+        .await;
     assert_eq!(first.json()["state"], "Queued");
     api.lock(uuid).await;
-    let second = api.call(Method::POST, &unlock, Some(SYSTEM_TOKEN), None).await;
+    let second = api
+        .call(Method::POST, &unlock, Some(SYSTEM_TOKEN), None)
+        .await;
     second.expect(StatusCode::OK);
     let cancelled = second.json();
     assert_eq!(cancelled["state"], "Cancelled");
@@ -319,7 +415,10 @@ async fn unlock_at_max_dispatch_attempts_cancels() {
     assert!(error.contains("2 dispatch attempts"), "{error}");
     assert!(cancelled["finished_at"].is_string());
     let request = api
-        .get(&format!("container_requests/{}", str_of(&request, "uuid")), &alice)
+        .get(
+            &format!("container_requests/{}", str_of(&request, "uuid")),
+            &alice,
+        )
         .await
         .json();
     assert_eq!(request["state"], "Final");
@@ -331,10 +430,19 @@ async fn unlock_of_running_container_is_422() {
     let alice = api.user("alice", false).await;
     let uuid = container_in(&api, &alice, "Running").await;
     let reply = api
-        .call(Method::POST, &format!("containers/{uuid}/unlock"), Some(SYSTEM_TOKEN), None)
+        .call(
+            Method::POST,
+            &format!("containers/{uuid}/unlock"),
+            Some(SYSTEM_TOKEN),
+            None,
+        )
         .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(reply.errors().contains("from Running to Queued"), "{}", reply.errors());
+    assert!(
+        reply.errors().contains("from Running to Queued"),
+        "{}",
+        reply.errors()
+    );
 }
 
 #[tokio::test]
@@ -354,11 +462,17 @@ async fn container_token_runs_its_container() {
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["gateway_address"], "10.0.0.1:2222");
     let reply = api
-        .update_container(uuid, &token, json!({"progress": 0.5, "output": "abc+1", "log": "def+2"}))
+        .update_container(
+            uuid,
+            &token,
+            json!({"progress": 0.5, "output": "abc+1", "log": "def+2"}),
+        )
         .await;
     reply.expect(StatusCode::OK);
     // The token may not take the container back to Locked or Queued.
-    let reply = api.update_container(uuid, &token, json!({"state": "Locked"})).await;
+    let reply = api
+        .update_container(uuid, &token, json!({"state": "Locked"}))
+        .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     let reply = api
         .update_container(uuid, &token, json!({"state": "Cancelled"}))
@@ -373,7 +487,10 @@ async fn list_of_containers_filters_by_state() {
     container_in(&api, &alice, "Queued").await;
     let locked = container_in(&api, &alice, "Locked").await;
     let list = api
-        .get(r#"containers?filters=[["state","in",["Locked","Running"]]]"#, SYSTEM_TOKEN)
+        .get(
+            r#"containers?filters=[["state","in",["Locked","Running"]]]"#,
+            SYSTEM_TOKEN,
+        )
         .await;
     list.expect(StatusCode::OK);
     let list = list.json();
@@ -389,12 +506,18 @@ async fn list_of_containers_filters_by_state() {
         .json();
     assert_eq!(queued["items_available"], 1);
     let mine = api
-        .get(r#"containers?filters=[["locked_by_uuid","=","zzzzz-gj3su-000000000000000"]]"#, SYSTEM_TOKEN)
+        .get(
+            r#"containers?filters=[["locked_by_uuid","=","zzzzz-gj3su-000000000000000"]]"#,
+            SYSTEM_TOKEN,
+        )
         .await
         .json();
     assert_eq!(mine["items_available"], 1);
     let unlocked = api
-        .get(r#"containers?filters=[["locked_by_uuid","=",null]]"#, SYSTEM_TOKEN)
+        .get(
+            r#"containers?filters=[["locked_by_uuid","=",null]]"#,
+            SYSTEM_TOKEN,
+        )
         .await
         .json();
     assert_eq!(unlocked["items_available"], 1);

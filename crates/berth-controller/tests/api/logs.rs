@@ -45,15 +45,23 @@ async fn log_round_trip_is_byte_exact() {
     read.expect(StatusCode::OK);
     assert_eq!(read.body.as_ref(), total.as_slice());
     assert_eq!(size_of(&read), total.len() as u64);
-    assert_eq!(read.header("x-berth-container-state").as_deref(), Some("Locked"));
-    assert_eq!(read.header("content-type").as_deref(), Some("application/octet-stream"));
+    assert_eq!(
+        read.header("x-berth-container-state").as_deref(),
+        Some("Locked")
+    );
+    assert_eq!(
+        read.header("content-type").as_deref(),
+        Some("application/octet-stream")
+    );
 
     let tail = api.read_log(&uuid, "stdout", "offset=7", &token).await;
     tail.expect(StatusCode::OK);
     assert_eq!(tail.body.as_ref(), &total[7..]);
 
     // Streams are separate.
-    let stderr = api.read_log(&uuid, "stderr", "offset=0", SYSTEM_TOKEN).await;
+    let stderr = api
+        .read_log(&uuid, "stderr", "offset=0", SYSTEM_TOKEN)
+        .await;
     stderr.expect(StatusCode::OK);
     assert!(stderr.body.is_empty());
     assert_eq!(size_of(&stderr), 0);
@@ -117,7 +125,9 @@ async fn oversized_chunk_is_413() {
     let (_, container) = api.committed(&alice).await;
     let uuid = str_of(&container, "uuid");
     let token = api.lock(uuid).await;
-    let reply = api.append_log(uuid, "stdout", 0, &token, &[b'x'; 1025]).await;
+    let reply = api
+        .append_log(uuid, "stdout", 0, &token, &[b'x'; 1025])
+        .await;
     reply.expect(StatusCode::PAYLOAD_TOO_LARGE);
     assert!(reply.errors().contains("1024 bytes"), "{}", reply.errors());
     let read = api.read_log(uuid, "stdout", "offset=0", &alice).await;
@@ -162,7 +172,9 @@ async fn read_past_end_is_422() {
     let reply = api.read_log(&uuid, "stdout", "offset=10", &alice).await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     assert!(reply.errors().contains("offset 10"), "{}", reply.errors());
-    let reply = api.read_log(&uuid, "stdout", "offset=0&wait=-1", &alice).await;
+    let reply = api
+        .read_log(&uuid, "stdout", "offset=0&wait=-1", &alice)
+        .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     assert!(reply.errors().contains("wait"), "{}", reply.errors());
 }
@@ -221,7 +233,9 @@ async fn long_poll_is_woken_by_append() {
                 .unwrap();
             let response = router.oneshot(request).await.unwrap();
             let status = response.status();
-            let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
             (status, body)
         })
     };
@@ -281,7 +295,10 @@ async fn wait_on_final_container_returns_at_once() {
         .await;
     reply.expect(StatusCode::OK);
     assert!(reply.body.is_empty());
-    assert_eq!(reply.header("x-berth-container-state").as_deref(), Some("Cancelled"));
+    assert_eq!(
+        reply.header("x-berth-container-state").as_deref(),
+        Some("Cancelled")
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 

@@ -2,6 +2,8 @@
 //! temporary directory. Most drive the router with `oneshot`; `socket`
 //! serves on port 0 and uses berth-client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod auth;
 mod common;
 mod containers;

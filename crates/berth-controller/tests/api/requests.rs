@@ -35,7 +35,12 @@ async fn bare_body_is_accepted() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
     let reply = api
-        .call(Method::POST, "container_requests", Some(&alice), Some(runnable()))
+        .call(
+            Method::POST,
+            "container_requests",
+            Some(&alice),
+            Some(runnable()),
+        )
         .await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["state"], "Committed");
@@ -61,7 +66,10 @@ async fn get_returns_record_and_select_cuts_it() {
     keys.sort();
     assert_eq!(keys, vec!["etag", "kind", "state", "uuid"]);
     let reply = api
-        .get(&format!(r#"container_requests/{uuid}?select=["nope"]"#), &alice)
+        .get(
+            &format!(r#"container_requests/{uuid}?select=["nope"]"#),
+            &alice,
+        )
         .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     assert!(reply.errors().contains("nope"));
@@ -71,7 +79,10 @@ async fn get_returns_record_and_select_cuts_it() {
 async fn unknown_request_is_404() {
     let api = TestApi::new().await;
     let reply = api
-        .get("container_requests/zzzzz-xvhdp-aaaaaaaaaaaaaaa", SYSTEM_TOKEN)
+        .get(
+            "container_requests/zzzzz-xvhdp-aaaaaaaaaaaaaaa",
+            SYSTEM_TOKEN,
+        )
         .await;
     reply.expect(StatusCode::NOT_FOUND);
     assert!(reply.errors().contains("zzzzz-xvhdp-aaaaaaaaaaaaaaa"));
@@ -91,29 +102,93 @@ async fn invalid_requests_name_field_and_store_nothing() {
         attributes
     };
     let cases: Vec<(&str, Value, &str)> = vec![
-        ("negative ram", with(json!({"runtime_constraints": {"ram": -1, "vcpus": 1}})), "runtime_constraints.ram"),
-        ("no image", with(json!({"container_image": null})), "container_image"),
-        ("empty image", with(json!({"container_image": ""})), "container_image"),
+        (
+            "negative ram",
+            with(json!({"runtime_constraints": {"ram": -1, "vcpus": 1}})),
+            "runtime_constraints.ram",
+        ),
+        (
+            "no image",
+            with(json!({"container_image": null})),
+            "container_image",
+        ),
+        (
+            "empty image",
+            with(json!({"container_image": ""})),
+            "container_image",
+        ),
         ("empty command", with(json!({"command": []})), "command"),
-        ("priority as text", with(json!({"priority": "high"})), "priority"),
-        ("ram as text", with(json!({"runtime_constraints": {"ram": "x", "vcpus": 1}})), "runtime_constraints.ram"),
-        ("command as text", with(json!({"command": "echo hi"})), "command"),
-        ("unknown attribute", with(json!({"colour": "blue"})), "colour"),
-        ("unknown constraint", with(json!({"runtime_constraints": {"rams": 1}})), "rams"),
+        (
+            "priority as text",
+            with(json!({"priority": "high"})),
+            "priority",
+        ),
+        (
+            "ram as text",
+            with(json!({"runtime_constraints": {"ram": "x", "vcpus": 1}})),
+            "runtime_constraints.ram",
+        ),
+        (
+            "command as text",
+            with(json!({"command": "echo hi"})),
+            "command",
+        ),
+        (
+            "unknown attribute",
+            with(json!({"colour": "blue"})),
+            "colour",
+        ),
+        (
+            "unknown constraint",
+            with(json!({"runtime_constraints": {"rams": 1}})),
+            "rams",
+        ),
         ("unknown state", with(json!({"state": "Running"})), "state"),
-        ("uuid set", with(json!({"uuid": "zzzzz-xvhdp-aaaaaaaaaaaaaaa"})), "uuid"),
-        ("container_uuid set", with(json!({"container_uuid": "zzzzz-dz642-aaaaaaaaaaaaaaa"})), "container_uuid"),
-        ("container_count set", with(json!({"container_count": 2})), "container_count"),
+        (
+            "uuid set",
+            with(json!({"uuid": "zzzzz-xvhdp-aaaaaaaaaaaaaaa"})),
+            "uuid",
+        ),
+        (
+            "container_uuid set",
+            with(json!({"container_uuid": "zzzzz-dz642-aaaaaaaaaaaaaaa"})),
+            "container_uuid",
+        ),
+        (
+            "container_count set",
+            with(json!({"container_count": 2})),
+            "container_count",
+        ),
         ("created Final", with(json!({"state": "Final"})), "Final"),
-        ("priority too high", with(json!({"priority": 1001})), "priority"),
-        ("other owner", with(json!({"owner_uuid": "zzzzz-tpzed-aaaaaaaaaaaaaaa"})), "owner_uuid"),
-        ("output path not a mount", with(json!({"output_path": "/elsewhere"})), "output_path"),
+        (
+            "priority too high",
+            with(json!({"priority": 1001})),
+            "priority",
+        ),
+        (
+            "other owner",
+            with(json!({"owner_uuid": "zzzzz-tpzed-aaaaaaaaaaaaaaa"})),
+            "owner_uuid",
+        ),
+        (
+            "output path not a mount",
+            with(json!({"output_path": "/elsewhere"})),
+            "output_path",
+        ),
     ];
     for (case, attributes, field) in cases {
         let reply = api.create_request(&alice, attributes).await;
-        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{case}: {:?}", reply.body);
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{case}: {:?}",
+            reply.body
+        );
         let errors = reply.errors();
-        assert!(errors.contains(field), "{case}: {errors:?} does not name {field}");
+        assert!(
+            errors.contains(field),
+            "{case}: {errors:?} does not name {field}"
+        );
     }
     assert_eq!(api.request_count().await, 0);
     assert_eq!(api.container_count().await, 0);
@@ -131,7 +206,11 @@ async fn invalid_json_body_is_422() {
         .unwrap();
     let reply = api.send(request).await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(reply.errors().contains("invalid JSON body"), "{}", reply.errors());
+    assert!(
+        reply.errors().contains("invalid JSON body"),
+        "{}",
+        reply.errors()
+    );
     assert_eq!(api.request_count().await, 0);
 }
 
@@ -182,7 +261,10 @@ async fn uncommitted_request_commits_by_update() {
 async fn commit_of_incomplete_draft_is_422_and_changes_nothing() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
-    let created = api.create_request(&alice, json!({"name": "draft"})).await.json();
+    let created = api
+        .create_request(&alice, json!({"name": "draft"}))
+        .await
+        .json();
     let uuid = str_of(&created, "uuid");
     let reply = api
         .call(
@@ -194,10 +276,18 @@ async fn commit_of_incomplete_draft_is_422_and_changes_nothing() {
         .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     let errors = reply.errors();
-    for field in ["container_image", "command", "runtime_constraints.ram", "output_path"] {
+    for field in [
+        "container_image",
+        "command",
+        "runtime_constraints.ram",
+        "output_path",
+    ] {
         assert!(errors.contains(field), "{errors:?} does not name {field}");
     }
-    let after = api.get(&format!("container_requests/{uuid}"), &alice).await.json();
+    let after = api
+        .get(&format!("container_requests/{uuid}"), &alice)
+        .await
+        .json();
     assert_eq!(after, created);
     assert_eq!(api.container_count().await, 0);
 }
@@ -220,15 +310,25 @@ async fn request_transitions_follow_state_machine() {
             let uuid = str_of(&created, "uuid").to_string();
             let path = format!("container_requests/{uuid}");
             if from == "Final" {
-                api.call(Method::PUT, &path, Some(&alice), Some(json!({"state": "Final"})))
-                    .await
-                    .expect(StatusCode::OK);
+                api.call(
+                    Method::PUT,
+                    &path,
+                    Some(&alice),
+                    Some(json!({"state": "Final"})),
+                )
+                .await
+                .expect(StatusCode::OK);
             }
             let reply = api
                 .call(Method::PUT, &path, Some(&alice), Some(json!({"state": to})))
                 .await;
             if allowed.contains(&(from, to)) {
-                assert_eq!(reply.status, StatusCode::OK, "{from} -> {to}: {:?}", reply.body);
+                assert_eq!(
+                    reply.status,
+                    StatusCode::OK,
+                    "{from} -> {to}: {:?}",
+                    reply.body
+                );
                 assert_eq!(reply.json()["state"], to, "{from} -> {to}");
             } else {
                 assert_eq!(
@@ -238,7 +338,10 @@ async fn request_transitions_follow_state_machine() {
                     reply.body
                 );
                 let errors = reply.errors();
-                assert!(errors.contains(&format!("from {from} to {to}")), "{from} -> {to}: {errors}");
+                assert!(
+                    errors.contains(&format!("from {from} to {to}")),
+                    "{from} -> {to}: {errors}"
+                );
                 let after = api.get(&path, &alice).await.json();
                 assert_eq!(after["state"], from, "{from} -> {to} changed the state");
             }
@@ -253,19 +356,35 @@ async fn committed_request_keeps_its_specification() {
     let (request, _) = api.committed(&alice).await;
     let path = format!("container_requests/{}", str_of(&request, "uuid"));
     let reply = api
-        .call(Method::PUT, &path, Some(&alice), Some(json!({"command": ["rm", "-rf", "/"]})))
+        .call(
+            Method::PUT,
+            &path,
+            Some(&alice),
+            Some(json!({"command": ["rm", "-rf", "/"]})),
+        )
         .await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(reply.errors().contains("cannot change command"), "{}", reply.errors());
+    assert!(
+        reply.errors().contains("cannot change command"),
+        "{}",
+        reply.errors()
+    );
     // Name and priority may change.
     let reply = api
-        .call(Method::PUT, &path, Some(&alice), Some(json!({"name": "renamed", "priority": 5})))
+        .call(
+            Method::PUT,
+            &path,
+            Some(&alice),
+            Some(json!({"name": "renamed", "priority": 5})),
+        )
         .await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["name"], "renamed");
     // Sending back the whole record unchanged is no change.
     let record = reply.json();
-    let again = api.call(Method::PUT, &path, Some(&alice), Some(record.clone())).await;
+    let again = api
+        .call(Method::PUT, &path, Some(&alice), Some(record.clone()))
+        .await;
     again.expect(StatusCode::OK);
     assert_eq!(again.json()["etag"], record["etag"]);
 }
@@ -279,22 +398,37 @@ async fn priority_change_recomputes_container_priority() {
     let container_path = format!("containers/{}", str_of(&container, "uuid"));
     let first = container["priority"].as_i64().unwrap();
 
-    api.call(Method::PUT, &path, Some(&alice), Some(json!({"priority": 500})))
-        .await
-        .expect(StatusCode::OK);
+    api.call(
+        Method::PUT,
+        &path,
+        Some(&alice),
+        Some(json!({"priority": 500})),
+    )
+    .await
+    .expect(StatusCode::OK);
     let raised = api.get(&container_path, &alice).await.json();
     assert!(raised["priority"].as_i64().unwrap() > first);
     assert_ne!(raised["etag"], container["etag"]);
 
     // Priority 0 puts the container on hold: still Queued, priority 0.
-    api.call(Method::PUT, &path, Some(&alice), Some(json!({"priority": 0})))
-        .await
-        .expect(StatusCode::OK);
+    api.call(
+        Method::PUT,
+        &path,
+        Some(&alice),
+        Some(json!({"priority": 0})),
+    )
+    .await
+    .expect(StatusCode::OK);
     let held = api.get(&container_path, &alice).await.json();
     assert_eq!(held["priority"], 0);
     assert_eq!(held["state"], "Queued");
     let lock = api
-        .call(Method::POST, &format!("{container_path}/lock"), Some(SYSTEM_TOKEN), None)
+        .call(
+            Method::POST,
+            &format!("{container_path}/lock"),
+            Some(SYSTEM_TOKEN),
+            None,
+        )
         .await;
     lock.expect(StatusCode::UNPROCESSABLE_ENTITY);
     assert!(lock.errors().contains("priority is 0"), "{}", lock.errors());
@@ -309,12 +443,20 @@ async fn cancel_by_final_drops_container_priority() {
     let (request, container) = api.committed(&alice).await;
     let path = format!("container_requests/{}", str_of(&request, "uuid"));
     let reply = api
-        .call(Method::PUT, &path, Some(&alice), Some(json!({"state": "Final"})))
+        .call(
+            Method::PUT,
+            &path,
+            Some(&alice),
+            Some(json!({"state": "Final"})),
+        )
         .await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["state"], "Final");
     let container = api
-        .get(&format!("containers/{}", str_of(&container, "uuid")), &alice)
+        .get(
+            &format!("containers/{}", str_of(&container, "uuid")),
+            &alice,
+        )
         .await
         .json();
     assert_eq!(container["priority"], 0);
@@ -328,7 +470,10 @@ async fn final_follows_container_end_with_exit_code() {
     let request_uuid = str_of(&request, "uuid");
     let uuid = str_of(&container, "uuid");
     let status = api
-        .get(&format!("container_requests/{request_uuid}/container_status"), &alice)
+        .get(
+            &format!("container_requests/{request_uuid}/container_status"),
+            &alice,
+        )
         .await;
     status.expect(StatusCode::OK);
     assert_eq!(status.json()["container_state"], "Queued");
@@ -349,10 +494,16 @@ async fn final_follows_container_end_with_exit_code() {
     assert!(complete["finished_at"].is_string());
     assert_eq!(complete["priority"], 0);
 
-    let request = api.get(&format!("container_requests/{request_uuid}"), &alice).await.json();
+    let request = api
+        .get(&format!("container_requests/{request_uuid}"), &alice)
+        .await
+        .json();
     assert_eq!(request["state"], "Final");
     let status = api
-        .get(&format!("container_requests/{request_uuid}/container_status"), &alice)
+        .get(
+            &format!("container_requests/{request_uuid}/container_status"),
+            &alice,
+        )
         .await
         .json();
     assert_eq!(status["uuid"], uuid);
@@ -369,7 +520,10 @@ async fn container_status_without_container() {
     let created = api.create_request(&alice, json!({})).await.json();
     let status = api
         .get(
-            &format!("container_requests/{}/container_status", str_of(&created, "uuid")),
+            &format!(
+                "container_requests/{}/container_status",
+                str_of(&created, "uuid")
+            ),
             &alice,
         )
         .await;
@@ -396,7 +550,10 @@ async fn list_filters_orders_and_pages() {
     }
 
     let list = api
-        .get(r#"container_requests?filters=[["state","=","Committed"]]"#, &alice)
+        .get(
+            r#"container_requests?filters=[["state","=","Committed"]]"#,
+            &alice,
+        )
         .await;
     list.expect(StatusCode::OK);
     let list = list.json();
@@ -408,7 +565,10 @@ async fn list_filters_orders_and_pages() {
     }
 
     let ordered = api
-        .get(r#"container_requests?order=["priority asc"]&limit=2&offset=1"#, &alice)
+        .get(
+            r#"container_requests?order=["priority asc"]&limit=2&offset=1"#,
+            &alice,
+        )
         .await
         .json();
     let names: Vec<&str> = ordered["items"]
@@ -422,7 +582,10 @@ async fn list_filters_orders_and_pages() {
     assert_eq!(ordered["offset"], 1);
     assert_eq!(ordered["items_available"], 5);
 
-    let uncounted = api.get("container_requests?count=none", &alice).await.json();
+    let uncounted = api
+        .get("container_requests?count=none", &alice)
+        .await
+        .json();
     assert!(uncounted.get("items_available").is_none());
     assert_eq!(uncounted["items"].as_array().unwrap().len(), 5);
 
@@ -435,13 +598,22 @@ async fn list_filters_orders_and_pages() {
     assert_eq!(selected["items"][0]["uuid"], uuids[1].as_str());
 
     let like = api
-        .get(r#"container_requests?filters=[["name","like","job-%"],["name","!=","job-0"]]"#, &alice)
+        .get(
+            r#"container_requests?filters=[["name","like","job-%"],["name","!=","job-0"]]"#,
+            &alice,
+        )
         .await
         .json();
     assert_eq!(like["items_available"], 4);
 
     // Keyset paging as the Python SDK does it.
-    let first = api.get(r#"container_requests?order=["created_at asc","uuid asc"]&limit=1"#, &alice).await.json();
+    let first = api
+        .get(
+            r#"container_requests?order=["created_at asc","uuid asc"]&limit=1"#,
+            &alice,
+        )
+        .await
+        .json();
     let created_at = str_of(&first["items"][0], "created_at").to_string();
     let uuid = str_of(&first["items"][0], "uuid").to_string();
     let next = format!(
@@ -459,7 +631,12 @@ async fn list_filters_orders_and_pages() {
         "container_requests?limit=-1",
     ] {
         let reply = api.get(bad, &alice).await;
-        assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {:?}", reply.body);
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {:?}",
+            reply.body
+        );
     }
 }
 
@@ -468,7 +645,9 @@ async fn post_with_method_override_lists() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
     let (request, _) = api.committed(&alice).await;
-    api.create_request(&alice, json!({"name": "other"})).await.expect(StatusCode::OK);
+    api.create_request(&alice, json!({"name": "other"}))
+        .await
+        .expect(StatusCode::OK);
     let form = format!(
         "filters={}&alt=json",
         url_encode(&json!([["uuid", "=", request["uuid"]]]).to_string())
@@ -495,9 +674,14 @@ async fn post_with_method_override_lists() {
     let reply = api.send(post).await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["kind"], "arvados#containerList");
-    api.call(Method::POST, "containers", Some(SYSTEM_TOKEN), Some(json!({})))
-        .await
-        .expect(StatusCode::METHOD_NOT_ALLOWED);
+    api.call(
+        Method::POST,
+        "containers",
+        Some(SYSTEM_TOKEN),
+        Some(json!({})),
+    )
+    .await
+    .expect(StatusCode::METHOD_NOT_ALLOWED);
 }
 
 #[tokio::test]
@@ -525,7 +709,10 @@ async fn admin_creates_request_for_existing_user_only() {
         .await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["owner_uuid"], alice_uuid);
-    assert_eq!(api.get("container_requests", &alice).await.json()["items_available"], 1);
+    assert_eq!(
+        api.get("container_requests", &alice).await.json()["items_available"],
+        1
+    );
     let reply = api
         .create_request(&admin, json!({"owner_uuid": "zzzzz-tpzed-aaaaaaaaaaaaaaa"}))
         .await;

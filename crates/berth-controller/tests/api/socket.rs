@@ -112,7 +112,10 @@ async fn client_runs_a_container_over_a_socket() {
     assert_eq!(chunk.container_state, Some(ContainerState::Running));
 
     let done = supervisor
-        .update_container(&container_uuid, &json!({"state": "Complete", "exit_code": 3}))
+        .update_container(
+            &container_uuid,
+            &json!({"state": "Complete", "exit_code": 3}),
+        )
         .await
         .unwrap();
     assert_eq!(done.exit_code, Some(3));
@@ -185,7 +188,11 @@ async fn shutdown_ends_a_long_poll() {
         .unwrap()
         .unwrap();
     // Well under the 10 s grace period: the wait ended at the signal.
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let chunk = tokio::time::timeout(Duration::from_secs(20), reader)
         .await
         .expect("the read did not end")
@@ -200,7 +207,9 @@ async fn create_user_rejects_duplicate_name() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/berth.db", dir.path().display());
     let config = Config::new("127.0.0.1:0".parse().unwrap(), url);
-    let token = create_user(&cluster(), &config, "alice", true).await.unwrap();
+    let token = create_user(&cluster(), &config, "alice", true)
+        .await
+        .unwrap();
     assert!(token.starts_with("v2/zzzzz-gj3su-"));
     assert_eq!(token.split('/').count(), 3);
     let err = create_user(&cluster(), &config, "alice", false)
@@ -217,5 +226,8 @@ async fn create_user_rejects_duplicate_name() {
 async fn bind_reports_bad_database_url() {
     let config = Config::new("127.0.0.1:0".parse().unwrap(), "mysql://localhost/berth");
     let err = bind(cluster(), config).await.unwrap_err();
-    assert!(format!("{err:#}").contains("mysql://localhost/berth"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("mysql://localhost/berth"),
+        "{err:#}"
+    );
 }
