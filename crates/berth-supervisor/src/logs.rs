@@ -36,9 +36,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::retry::{retry, Backoff, API_BACKOFF};
-use tracing::Instrument;
 
 /// The largest body of one append request. A buffer that grew past it (a
 /// large chunk arrived at once) is sent in several appends.
@@ -46,6 +46,11 @@ pub const MAX_APPEND_BYTES: usize = 1 << 20;
 
 /// Capacity of a writer's channel, in chunks; producers wait when it is full.
 const CHANNEL_CHUNKS: usize = 64;
+
+/// Times one append moves past bytes that another writer added, before the
+/// stream gives up. One move covers an earlier supervisor of the same
+/// container; repeated moves mean a concurrent writer.
+const MAX_REALIGNMENTS: u32 = 2;
 
 /// A destination for log bytes: the controller's log endpoint, or a
 /// recording in tests.
@@ -288,6 +293,7 @@ impl Writer {
         let length = data.len() as u64;
         let what = format!("appending {length} bytes to the {} log at offset {}", self.stream, self.offset);
         let mut offset = self.offset;
+        let mut realignments = 0;
         loop {
             let sink = &self.sink;
             let stream = self.stream;
@@ -304,14 +310,22 @@ impl Writer {
                 // earlier supervisor of this container, which may be locked
                 // more than once. The server ignored ours, so they are sent
                 // again after the existing bytes.
-                Ok(size) if size > offset + length => {
+                Ok(size) if size > offset + length && realignments < MAX_REALIGNMENTS => {
                     tracing::warn!(
                         stream,
                         offset,
                         size,
-                        "the log stream already holds bytes from an earlier writer; appending after them"
+                        "the log stream already contains bytes from an earlier writer; appending after them"
                     );
                     offset = size;
+                    realignments += 1;
+                }
+                Ok(size) if size > offset + length => {
+                    let error = format!("another writer keeps appending to the {stream} log (now {size} bytes)");
+                    tracing::error!(stream, "{error}; dropping the rest of this stream");
+                    self.error = Some(error);
+                    self.dropped += length;
+                    return;
                 }
                 Ok(_) => {
                     self.offset = offset + length;
@@ -647,6 +661,30 @@ mod tests {
         let summary = writer.close().await;
         assert_eq!(sink.stored("supervisor"), b"earlier attempt\nthis attempt\n");
         assert_eq!(summary.bytes_sent, 29);
+    }
+
+    /// A sink where another writer adds more bytes than ours before each of
+    /// our appends.
+    struct ContestedSink(RecordingSink);
+
+    #[async_trait]
+    impl LogSink for ContestedSink {
+        async fn append(&self, stream: &str, offset: u64, data: Bytes) -> Result<u64, ClientError> {
+            let size = self.0.stored(stream).len() as u64;
+            self.0.append(stream, size, Bytes::from_static(b"xxxxxxxx")).await?;
+            self.0.append(stream, offset, data).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_writer_makes_the_stream_give_up() {
+        let sink = Arc::new(ContestedSink(RecordingSink::default()));
+        let writer = LogWriter::spawn(sink.clone(), "stdout", settings(4));
+        writer.input().send(Bytes::from_static(b"abcd")).await;
+        let summary = writer.close().await;
+        assert_eq!(summary.bytes_dropped, 4);
+        assert!(summary.error.unwrap().contains("another writer"));
+        assert_eq!(sink.0.calls().len(), 2 * (MAX_REALIGNMENTS as usize + 1));
     }
 
     #[tokio::test(start_paused = true)]
