@@ -56,12 +56,12 @@ impl Caller {
     }
 }
 
-/// The uuid of the system user of a cluster.
+/// Returns the uuid of the system user of a cluster.
 pub fn system_user_uuid(cluster: &ClusterId) -> String {
     format!("{cluster}-{}-{SYSTEM_SUFFIX}", ObjectType::User.code())
 }
 
-/// The uuid of the system token of a cluster.
+/// Returns the uuid of the system token of a cluster.
 pub fn system_token_uuid(cluster: &ClusterId) -> String {
     format!(
         "{cluster}-{}-{SYSTEM_SUFFIX}",
@@ -69,17 +69,18 @@ pub fn system_token_uuid(cluster: &ClusterId) -> String {
     )
 }
 
-/// The SHA-256 digest of a secret.
+/// Computes the SHA-256 digest of a secret.
 pub fn secret_digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-/// The lowercase hex SHA-256 of a secret, as the store keeps it.
+/// Computes the lowercase hex SHA-256 of a secret, as the store keeps it.
 pub fn hash_secret(secret: &str) -> String {
     hex::encode(secret_digest(secret))
 }
 
-/// A new random secret: 50 lowercase letters and digits (about 258 bits).
+/// Generates a random secret of 50 lowercase letters and digits (about
+/// 258 bits).
 pub fn generate_secret() -> String {
     let mut rng = rand::thread_rng();
     (0..SECRET_LEN)
@@ -87,7 +88,7 @@ pub fn generate_secret() -> String {
         .collect()
 }
 
-/// The token from an `Authorization` header value.
+/// Extracts the token from an `Authorization` header value.
 fn bearer_token(header: &str) -> Result<&str, ApiError> {
     let (scheme, token) = header
         .trim()
@@ -201,7 +202,8 @@ pub async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Call
     Ok(Caller {
         user_uuid: stored.owner_uuid,
         token_uuid: stored.uuid,
-        // A container token acts for its container only, whoever owns it.
+        // A container token acts for its container only, even when an
+        // administrator owns it.
         is_admin: is_admin && stored.container_uuid.is_none(),
         container_uuid: stored.container_uuid,
         scopes: stored.scopes,

@@ -17,7 +17,7 @@ pub mod defaults {
     pub const MAX_DISPATCH_ATTEMPTS: i64 = 10;
     /// Database connections in the pool.
     pub const MAX_DATABASE_CONNECTIONS: u32 = 8;
-    /// Seconds one API request may take before it is answered 503. Longer
+    /// Seconds one API request may take before it fails with 503. Longer
     /// than the longest log wait (30 s), so a long poll ends by itself.
     pub const REQUEST_TIMEOUT_SECONDS: u64 = 60;
     /// Seconds in-flight requests get to finish after a shutdown signal.
@@ -65,7 +65,7 @@ pub struct Config {
     /// Connections in the database pool. Default 8.
     #[serde(default = "defaults::max_database_connections")]
     pub max_database_connections: u32,
-    /// Seconds one API request may take before it is answered 503 Service
+    /// Seconds one API request may take before it fails with 503 Service
     /// Unavailable. Must exceed the 30 s log wait. Default 60.
     #[serde(default = "defaults::request_timeout_seconds")]
     pub request_timeout_seconds: u64,
@@ -74,7 +74,7 @@ pub struct Config {
     #[serde(default = "defaults::shutdown_grace_period_seconds")]
     pub shutdown_grace_period_seconds: u64,
     /// Largest log chunk, in bytes, one append may carry; a larger one is
-    /// answered 413. Default 4 MiB.
+    /// rejected with 413. Default 4 MiB.
     #[serde(default = "defaults::max_log_chunk_bytes")]
     pub max_log_chunk_bytes: usize,
     /// Largest body, in bytes, of any other request. Default 16 MiB.
@@ -92,7 +92,7 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// A configuration with the defaults for every optional key.
+    /// Builds a configuration with the defaults for every optional key.
     pub fn new(listen: SocketAddr, database_url: impl Into<String>) -> Config {
         Config {
             listen,

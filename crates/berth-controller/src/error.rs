@@ -75,7 +75,7 @@ impl ApiError {
         }
     }
 
-    /// The messages the client sees.
+    /// Returns the messages sent to the client.
     fn messages(&self) -> Vec<String> {
         match self {
             ApiError::Unprocessable(messages) => messages.clone(),
@@ -114,7 +114,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// An error and its sources, joined by ": ".
+/// Formats an error and its sources, joined by ": ".
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();

@@ -1,7 +1,8 @@
-//! The rules of the two records' lives, as pure functions: what a caller
-//! may set on create and update, which state changes are allowed and what
-//! each one brings with it (a new container on commit, timestamps, revoked
-//! tokens, finalised requests, minted credentials at lock).
+//! The rules of the two records' lives, as pure functions. They decide what
+//! a caller may set on create and update and which state changes are
+//! allowed. They also apply what each change brings with it: a new container
+//! on commit, timestamps, revoked tokens, finalised requests, and minted
+//! credentials at lock.
 //!
 //! Each function takes the current record and the caller's attributes and
 //! returns the new record plus what the store must do with it; the API
@@ -188,7 +189,7 @@ pub struct RequestChange {
     pub changed: bool,
 }
 
-/// A new, empty request of `owner_uuid` with the defaults.
+/// Builds a new, empty request of `owner_uuid` with the defaults.
 fn request_template(
     uuid: Uuid,
     owner_uuid: &str,
@@ -234,7 +235,7 @@ fn request_template(
     }
 }
 
-/// The container that runs a committed request.
+/// Builds the container that runs a committed request.
 ///
 /// NOTE: every commit creates a new container; reusing an equal container
 /// (`use_existing`) is not implemented yet.

@@ -12,8 +12,8 @@
 //! receiver removes the channel.
 //!
 //! NOTE: the wake-ups reach waiters in this process only. With several
-//! controllers on one database, a reader on another controller sees new
-//! bytes when its wait ends.
+//! controllers on one database, a reader on another controller gets new
+//! bytes only when its wait ends.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,8 +30,8 @@ impl Notifier {
         Notifier::default()
     }
 
-    /// A receiver that sees every later [`Notifier::notify`] of the
-    /// container.
+    /// Returns a receiver that is woken by every later
+    /// [`Notifier::notify`] of the container.
     pub fn subscribe(&self, container_uuid: &str) -> watch::Receiver<u64> {
         let mut channels = self
             .channels

@@ -2,9 +2,9 @@
 //! a shutdown signal, then drain.
 //!
 //! Shutdown order: the signal stops accepting connections and ends every
-//! log wait at once ([`AppState::begin_shutdown`]); in-flight requests get
-//! `shutdown_grace_period_seconds` to finish; connections still open then
-//! are dropped; last, the store's connections close.
+//! log wait at once ([`AppState::begin_shutdown`]). In-flight requests then
+//! get `shutdown_grace_period_seconds` to finish, and connections still open
+//! after that are dropped. Last, the store's connections close.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -52,12 +52,13 @@ pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<Bo
 }
 
 impl BoundController {
-    /// The address the listener is bound to (useful with port 0).
+    /// Returns the address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// The state the router runs on, for callers that also want the store.
+    /// Returns the state the router runs on, for callers that also need the
+    /// store or the log notifier.
     pub fn state(&self) -> &AppState {
         &self.state
     }
@@ -117,7 +118,7 @@ impl BoundController {
     }
 }
 
-/// Longest user name.
+/// Maximum length of a user name.
 const MAX_USERNAME_LEN: usize = 64;
 
 fn check_username(name: &str) -> anyhow::Result<()> {

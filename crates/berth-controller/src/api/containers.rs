@@ -2,7 +2,7 @@
 //!
 //! Users read the containers of their requests and never change them.
 //! The dispatcher (an administrator, usually the system token) locks,
-//! unlocks and cancels; the supervisor, with the container's own token,
+//! unlocks and cancels. The supervisor, with the container's own token,
 //! reports Running, the exit code and the final state.
 
 use axum::body::Body;

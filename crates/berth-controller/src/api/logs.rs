@@ -1,8 +1,9 @@
 //! Live container logs: `containers/{uuid}/log/{stream}`.
 //!
 //! The supervisor appends each stream's raw bytes with `POST ...?offset=N`.
-//! Bytes the store already has are skipped, so a retry after a lost answer
-//! writes nothing twice; an offset past the end is a gap and is rejected.
+//! Bytes the store already has are skipped, so a retry after a lost
+//! response writes nothing twice. An offset past the end is a gap and is
+//! rejected.
 //!
 //! Readers `GET ...?offset=N&wait=SECONDS`. With a wait, the request is
 //! held until the stream has bytes past N, the container changes state,
@@ -30,10 +31,10 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::store::{AppendOutcome, LogStream};
 
-/// The longest a read may wait for new bytes.
+/// Maximum time a read may wait for new bytes.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// The most bytes one read returns.
+/// Maximum bytes one read returns.
 pub const MAX_READ_BYTES: u64 = 1 << 20;
 
 /// Response header with the stream's size in bytes.

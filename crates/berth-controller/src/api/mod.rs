@@ -8,9 +8,9 @@
 //! [`lifecycle`](crate::lifecycle) build the change, and hands it to the
 //! store. Errors are [`ApiError`]s, rendered as `{"errors": [...]}`.
 //!
-//! Visibility: administrators and the system token see every record; a
-//! user sees their own requests and the containers of those requests; a
-//! container token sees only its own container. A record the caller may
+//! Visibility: administrators and the system token read every record. A
+//! user reads their own requests and the containers of those requests, and
+//! a container token reads only its own container. A record the caller may
 //! not see is answered 404, as if it did not exist.
 
 pub mod containers;
@@ -45,7 +45,7 @@ use crate::store::Store;
 /// long one busy record can starve an update.
 pub(crate) const MAX_WRITE_ATTEMPTS: usize = 8;
 
-/// What every handler shares. Cloning is cheap.
+/// The state every handler shares. Cloning is cheap.
 #[derive(Debug, Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
@@ -122,7 +122,7 @@ impl AppState {
     }
 }
 
-/// The controller's router.
+/// Builds the controller's router.
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/users/current", get(users::current_user))

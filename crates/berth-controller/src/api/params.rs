@@ -29,10 +29,10 @@ use crate::store::{
 /// Items per page when the caller gives no `limit`.
 pub const DEFAULT_LIMIT: u64 = 100;
 
-/// The most items one page may hold; a larger `limit` is lowered to it.
+/// Maximum items per page; a larger `limit` is lowered to it.
 pub const MAX_LIMIT: u64 = 1000;
 
-/// The header by which a `POST` asks to be treated as another method.
+/// The header that makes a `POST` count as another method.
 pub const METHOD_OVERRIDE_HEADER: &str = "x-http-method-override";
 
 #[derive(Debug, Clone)]
@@ -71,8 +71,8 @@ impl Params {
         }
     }
 
-    /// A parameter as JSON: JSON text is parsed; text that is not JSON is
-    /// an error naming the parameter.
+    /// Returns a parameter as JSON. Text is parsed, and text that is not
+    /// JSON is an error naming the parameter.
     pub fn json(&self, name: &str) -> Result<Option<Value>, ApiError> {
         match self.values.get(name) {
             None => Ok(None),
@@ -85,7 +85,7 @@ impl Params {
         }
     }
 
-    /// A parameter as plain text (a JSON string is unquoted).
+    /// Returns a parameter as plain text (a JSON string is unquoted).
     pub fn text(&self, name: &str) -> Option<String> {
         match self.values.get(name)? {
             ParamValue::Text(text) => Some(text.clone()),
@@ -94,7 +94,7 @@ impl Params {
         }
     }
 
-    /// A parameter that must be a whole number of 0 or more.
+    /// Returns a parameter that must be a whole number of 0 or more.
     pub fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
         let Some(text) = self.text(name) else {
             return Ok(None);
@@ -106,7 +106,7 @@ impl Params {
         })
     }
 
-    /// A parameter that must be a number of seconds, 0 or more.
+    /// Returns a parameter that must be a number of seconds, 0 or more.
     pub fn seconds(&self, name: &str) -> Result<Option<f64>, ApiError> {
         let Some(text) = self.text(name) else {
             return Ok(None);
@@ -120,7 +120,8 @@ impl Params {
     }
 }
 
-/// Reads a body of at most `limit` bytes; a larger one is answered 413.
+/// Reads a body of at most `limit` bytes; a larger one is rejected with
+/// 413.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
@@ -164,8 +165,8 @@ fn is_form(headers: &HeaderMap) -> bool {
         })
 }
 
-/// True when a `POST` asks to be treated as a `GET` (a list), by header or
-/// by a `_method=GET` parameter.
+/// Returns true when a `POST` is to be treated as a `GET` (a list), by
+/// header or by a `_method=GET` parameter.
 pub fn overrides_to_get(headers: &HeaderMap, params: &Params) -> bool {
     let header = headers
         .get(METHOD_OVERRIDE_HEADER)
@@ -177,8 +178,8 @@ pub fn overrides_to_get(headers: &HeaderMap, params: &Params) -> bool {
             .is_some_and(|m| m.eq_ignore_ascii_case("GET"))
 }
 
-/// The parameters of a request whose body may carry more of them: the
-/// query string, then a form body, or the keys of a JSON object body.
+/// Collects the parameters of a request whose body may carry more of them:
+/// the query string, then a form body or the keys of a JSON object body.
 pub fn params_with_body(
     headers: &HeaderMap,
     raw_query: Option<&str>,
@@ -197,7 +198,8 @@ pub fn params_with_body(
     Ok(params)
 }
 
-/// The attributes of a create or update body, wrapped in `wrapper` or bare.
+/// Extracts the attributes of a create or update body, wrapped in
+/// `wrapper` or bare.
 pub fn attributes(
     headers: &HeaderMap,
     params: &Params,
@@ -233,7 +235,7 @@ pub fn attributes(
     }
 }
 
-/// The attribute a filter or order names, without a `table.` prefix.
+/// Finds the column a filter or order names, without a `table.` prefix.
 fn column_named(columns: &'static [Column], table: &str, name: &str) -> Option<&'static Column> {
     let name = name
         .strip_prefix(table)

@@ -8,15 +8,15 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::store::Page;
 
-/// An opaque tag that changes whenever a record's content changes: the hex
-/// of the first 16 bytes of the SHA-256 of its JSON form. Every write sets
-/// `modified_at`, so two versions of a record never share an etag.
+/// Computes a record's etag: the hex of the first 16 bytes of the SHA-256
+/// of its JSON form. Every write sets `modified_at`, so the etag changes
+/// with every change of the record.
 pub fn etag(fields: &Map<String, Value>) -> String {
     let text = Value::Object(fields.clone()).to_string();
     hex::encode(&Sha256::digest(text.as_bytes())[..16])
 }
 
-/// The JSON of one record.
+/// Renders one record as JSON.
 pub fn record<T: Serialize>(
     kind: &str,
     record: &T,
@@ -39,7 +39,7 @@ pub fn record<T: Serialize>(
     Ok(Value::Object(fields))
 }
 
-/// The JSON of one page of a list.
+/// Renders one page of a list as JSON.
 pub fn list<T: Serialize>(
     list_kind: &str,
     item_kind: &str,

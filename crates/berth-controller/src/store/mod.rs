@@ -1,7 +1,7 @@
 //! The store: the controller's durable state behind one trait, [`Store`].
 //!
 //! The store keeps users, API tokens, container requests, containers and
-//! live log chunks. It knows no HTTP and no permissions: the API layer
+//! live log chunks. It does not deal with HTTP or permissions: the API layer
 //! decides what a caller may do, builds the new record, and hands the store
 //! one *write* ([`RequestWrite`], [`ContainerWrite`]) that it applies in one
 //! transaction.
@@ -85,7 +85,7 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A record with the version the store holds it at.
+/// A record with its version in the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned<T> {
     pub record: T,
@@ -126,7 +126,7 @@ impl ApiToken {
     }
 }
 
-/// Which rows a list may return, decided by the caller's identity.
+/// The rows a list may return, decided by the caller's identity.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Visibility {
     /// Administrators and the system token: every row.
@@ -137,7 +137,7 @@ pub enum Visibility {
     Container(String),
 }
 
-/// How a column's value is stored.
+/// The storage type of a column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ColumnKind {
     Text,
@@ -344,7 +344,7 @@ pub struct MintedCredentials {
     pub gateway_secret_sha256: String,
 }
 
-/// What a container write does to the container's credentials.
+/// The change a container write makes to the container's credentials.
 #[derive(Debug, Clone)]
 pub enum CredentialChange {
     Keep,
@@ -419,7 +419,7 @@ pub enum AppendOutcome {
 /// concurrency contract.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Checks that the database answers.
+    /// Checks that the database responds.
     async fn ping(&self) -> Result<()>;
 
     /// Closes the connections, waiting for those in use.
@@ -459,7 +459,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// finalisation, in one transaction.
     async fn update_container(&self, write: &ContainerWrite) -> Result<Versioned<Container>>;
 
-    /// The size in bytes of a log stream (0 when nothing was appended).
+    /// Returns the size in bytes of a log stream (0 when nothing was
+    /// appended).
     async fn log_size(&self, container_uuid: &str, stream: LogStream) -> Result<u64>;
 
     /// Appends `data` at byte `offset`: bytes the store already has are

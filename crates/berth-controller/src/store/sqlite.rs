@@ -4,9 +4,9 @@
 //!
 //! Every write runs in a `BEGIN IMMEDIATE` transaction, which takes
 //! SQLite's write lock at the start. A deferred transaction that reads and
-//! then writes can fail with `SQLITE_BUSY` when another writer committed in
-//! between, and the busy timeout does not help in that case; an immediate
-//! one waits for the lock instead. The version check of each update (see
+//! then writes fails with `SQLITE_BUSY` when another writer committed in
+//! between, and the busy timeout does not help in that case. An immediate
+//! transaction waits for the lock instead. The version check of each update (see
 //! the parent module) then makes a read-check-write atomic.
 //!
 //! Records are mapped through their JSON form: a record is serialised to a
@@ -111,7 +111,7 @@ fn bind_all<'q>(mut query: SqliteQuery<'q>, values: &[Bound]) -> SqliteQuery<'q>
     query
 }
 
-/// The column values of a record, in the table's column order.
+/// Encodes the column values of a record, in the table's column order.
 fn encode_record<T: Serialize>(table: &Table, uuid: &str, record: &T) -> Result<Vec<Bound>> {
     let encode_error = |reason: String| StoreError::Encode {
         table: table.name,
@@ -299,7 +299,7 @@ async fn recompute_priority(conn: &mut SqliteConnection, container_uuid: &str) -
     Ok(())
 }
 
-/// The SQL condition of a caller's visibility on a table.
+/// Builds the SQL condition of a caller's visibility on a table.
 fn visibility_condition(
     table: &Table,
     visibility: &Visibility,
@@ -397,7 +397,8 @@ fn like_to_glob(pattern: &str) -> String {
     out
 }
 
-/// The WHERE clause (possibly empty) of a list query, with its parameters.
+/// Builds the WHERE clause (possibly empty) of a list query and its
+/// parameters.
 fn where_clause(table: &Table, query: &ListQuery) -> (String, Vec<Bound>) {
     let mut params = Vec::new();
     let mut conditions = Vec::new();

@@ -12,7 +12,7 @@ use tower::ServiceExt;
 
 pub const SYSTEM_TOKEN: &str = "system-token-for-tests-0123456789";
 
-/// One answer of the API.
+/// One response of the API.
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
@@ -31,7 +31,7 @@ impl Reply {
         })
     }
 
-    /// The joined error messages of an error answer.
+    /// Returns the joined error messages of an error response.
     pub fn errors(&self) -> String {
         let body = self.json();
         let errors = body["errors"]
@@ -140,7 +140,7 @@ impl TestApi {
         builder
     }
 
-    /// A call with an optional JSON body.
+    /// Sends a call with an optional JSON body.
     pub async fn call(
         &self,
         method: Method,
@@ -237,7 +237,7 @@ impl TestApi {
             .await
     }
 
-    /// The number of container requests the system token can list.
+    /// Counts the container requests the system token can list.
     pub async fn request_count(&self) -> u64 {
         let reply = self.get("container_requests", SYSTEM_TOKEN).await;
         reply.expect(StatusCode::OK);

@@ -20,7 +20,7 @@ const ALLOWED: [(&str, &str); 8] = [
     ("Complete", "Cancelled"),
 ];
 
-/// A new container brought to `state` through the API.
+/// Creates a container and brings it to `state` through the API.
 async fn container_in(api: &TestApi, owner: &str, state: &str) -> String {
     let (_, container) = api.committed(owner).await;
     let uuid = str_of(&container, "uuid").to_string();

@@ -7,8 +7,8 @@ use serde_json::json;
 
 use crate::common::{str_of, Reply, TestApi, SYSTEM_TOKEN};
 
-/// A locked container of a new user's request: (api, owner token,
-/// container uuid, container token).
+/// Creates a locked container of a new user's request; returns (api,
+/// owner token, container uuid, container token).
 async fn locked_container() -> (TestApi, String, String, String) {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
@@ -73,7 +73,7 @@ async fn repeated_append_is_ignored() {
     api.append_log(&uuid, "stderr", 0, &token, b"abcdef")
         .await
         .expect(StatusCode::OK);
-    // The same chunk again (a retry after a lost answer) changes nothing.
+    // The same chunk again (a retry after a lost response) changes nothing.
     let again = api.append_log(&uuid, "stderr", 0, &token, b"abcdef").await;
     again.expect(StatusCode::OK);
     assert_eq!(size_of(&again), 6);

@@ -88,8 +88,8 @@ async fn unknown_request_is_404() {
     assert!(reply.errors().contains("zzzzz-xvhdp-aaaaaaaaaaaaaaa"));
 }
 
-/// Each invalid request is answered 422 naming the field, and nothing is
-/// stored.
+/// Each invalid request is rejected with 422 naming the field, and nothing
+/// is stored.
 #[tokio::test]
 async fn invalid_requests_name_field_and_store_nothing() {
     let api = TestApi::new().await;
@@ -258,7 +258,7 @@ async fn uncommitted_request_commits_by_update() {
 }
 
 #[tokio::test]
-async fn commit_of_incomplete_draft_is_422_and_changes_nothing() {
+async fn incomplete_draft_commit_is_rejected() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
     let created = api

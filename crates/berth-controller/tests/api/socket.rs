@@ -156,7 +156,7 @@ async fn shutdown_ends_a_long_poll() {
     let container_uuid = request.container_uuid.unwrap();
     system.lock_container(&container_uuid).await.unwrap();
 
-    // The health endpoint answers before the wait starts, so the server is
+    // The health endpoint responds before the wait starts, so the server is
     // known to serve.
     let health = reqwest::get(running.base_url.join("_health/ping").unwrap())
         .await
