@@ -44,17 +44,17 @@ pub struct Config {
     /// this is longer than `api_retry_timeout`. Default 5 min.
     #[serde(deserialize_with = "duration::deserialize")]
     pub final_update_timeout: Duration,
-    /// A log stream's buffer is sent to the controller once it holds this
-    /// many bytes. Default 65536 (64 KiB).
+    /// A log stream's buffer is sent to the controller once it reaches
+    /// this many bytes. Default 65536 (64 KiB).
     pub log_flush_bytes: usize,
     /// A log stream's buffer is sent to the controller at most this long
     /// after its first unsent byte arrived. Default 250 ms.
     #[serde(deserialize_with = "duration::deserialize")]
     pub log_flush_interval: Duration,
     /// How long one log append is retried after transient failures before
-    /// the stream gives up; the bytes of a stream that gave up are
-    /// counted and dropped, and the final state records a warning.
-    /// Default 5 min.
+    /// the stream gives up. A stream that gave up counts and drops its
+    /// remaining bytes, and the final state records a warning. Default
+    /// 5 min.
     #[serde(deserialize_with = "duration::deserialize")]
     pub log_retry_timeout: Duration,
     /// How long to wait for the container's output streams to end after

@@ -1,4 +1,5 @@
-//! What a `docker save` archive holds, read without loading it.
+//! Reading the image ID and tags of a `docker save` archive without
+//! loading it.
 //!
 //! A `docker save` archive is a tar file with a `manifest.json` at its
 //! root: a JSON list with one entry per image, each naming the image's

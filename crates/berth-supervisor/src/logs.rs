@@ -9,7 +9,8 @@
 //! byte-exact.
 //!
 //! Appends name their byte offset, and the controller ignores bytes it
-//! already has, so an append whose answer was lost is simply sent again.
+//! already has, so an append whose response was lost is simply sent
+//! again.
 //! Transient failures are retried with backoff until `retry_timeout`; a
 //! stream whose append fails for good stops sending, keeps consuming (so
 //! the container never blocks on it) and counts the bytes it dropped.
@@ -416,7 +417,8 @@ impl SupervisorLog {
     /// Starts sending lines to `writer`: the kept ones first, then each new
     /// one. The lines pass through an unbounded channel, so logging never
     /// waits. Only the supervisor's own messages use it, never the
-    /// container's output, which keeps the channel small.
+    /// container's output, so its size follows the supervisor's few lines
+    /// rather than the container's volume.
     pub fn attach(&self, writer: &LogWriter) -> JoinHandle<()> {
         let (sender, mut receiver) = mpsc::unbounded_channel::<Bytes>();
         if let Ok(mut state) = self.state.lock() {

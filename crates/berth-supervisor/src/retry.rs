@@ -1,9 +1,10 @@
 //! Retrying transient failures with exponential backoff and jitter.
 //!
-//! A caller classifies each failure: a transient one (no answer, a timeout,
-//! a busy or failing server) is tried again after a growing, randomised
-//! delay until a time budget runs out; any other failure is returned at
-//! once, because repeating a rejected request cannot change the answer.
+//! A caller classifies each failure. A transient one (no response, a
+//! timeout, a busy or failing server) is tried again after a growing,
+//! randomised delay until a time budget runs out. Any other failure is
+//! returned at once, because repeating a rejected request cannot change
+//! the response.
 
 use std::future::Future;
 use std::time::Duration;
@@ -92,9 +93,11 @@ mod tests {
         };
         for _ in 0..50 {
             let first = backoff.delay(0);
-            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+            assert!(first >= Duration::from_millis(50), "{first:?}");
+            assert!(first <= Duration::from_millis(100), "{first:?}");
             let late = backoff.delay(30);
-            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1), "{late:?}");
+            assert!(late >= Duration::from_millis(500), "{late:?}");
+            assert!(late <= Duration::from_secs(1), "{late:?}");
         }
     }
 

@@ -25,6 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use berth_client::{Client, ClientError};
 use berth_core::{Container, ContainerState};
 use futures::StreamExt;
@@ -83,6 +84,15 @@ enum Outcome {
     Cancelled(String),
 }
 
+impl Outcome {
+    fn state(&self) -> ContainerState {
+        match self {
+            Outcome::Exited(_) => ContainerState::Complete,
+            Outcome::Cancelled(_) => ContainerState::Cancelled,
+        }
+    }
+}
+
 /// Runs the container the credentials belong to until its final state is
 /// recorded or `stop` ends it. Returns [`EXIT_RECORDED`] or
 /// [`EXIT_NOT_RECORDED`]; an error means the run could not begin.
@@ -93,39 +103,15 @@ pub async fn supervise_until(
 ) -> anyhow::Result<i32> {
     let uuid = credentials.container_uuid.clone();
     let client = Client::new(credentials.settings())
-        .map_err(|err| anyhow::anyhow!("failed to build the API client for container {uuid}: {err}"))?;
+        .with_context(|| format!("failed to build the API client for container {uuid}"))?;
     let span = tracing::info_span!("supervise", container = %uuid);
     Ok(supervise_container(&config, client, uuid, stop).instrument(span).await)
 }
 
 async fn supervise_container(config: &Config, client: Client, uuid: String, stop: StopHandle) -> i32 {
-    let fetched = retry(
-        "fetching the container",
-        config.api_retry_timeout,
-        API_BACKOFF,
-        ClientError::is_transient,
-        || client.get_container(&uuid),
-    )
-    .await;
-    let container = match fetched {
-        Ok(container) => container,
-        Err(error) => {
-            tracing::error!(error = %error, "failed to fetch the container; its state is left unchanged");
-            return EXIT_NOT_RECORDED;
-        }
+    let Some(container) = fetch_locked_container(config, &client, &uuid).await else {
+        return EXIT_NOT_RECORDED;
     };
-    if container.uuid != uuid {
-        tracing::error!(returned = %container.uuid, "the API returned another container; its state is left unchanged");
-        return EXIT_NOT_RECORDED;
-    }
-    if container.state != ContainerState::Locked {
-        tracing::error!(
-            state = %container.state,
-            "the container is {}, not Locked, so it is not this supervisor's to run; its state is left unchanged",
-            container.state
-        );
-        return EXIT_NOT_RECORDED;
-    }
 
     let sink: Arc<dyn LogSink> = Arc::new(ApiLogSink::new(client.clone(), uuid.clone()));
     let log_settings = LogSettings::from_config(config);
@@ -171,16 +157,60 @@ async fn supervise_container(config: &Config, client: Client, uuid: String, stop
     let mut warnings = std::mem::take(&mut run.warnings);
     drop(run);
 
-    let state = match outcome {
-        Outcome::Exited(_) => ContainerState::Complete,
-        Outcome::Cancelled(_) => ContainerState::Cancelled,
-    };
-    log.info(format!("setting the final state {state}"));
+    // The supervisor stream is flushed before the final state, because
+    // the controller revokes the container's token once it is recorded.
+    log.info(format!("setting the final state {}", outcome.state()));
     log.detach();
     let _ = forward.await;
     warnings.extend(stream_warning(&supervisor_writer.close().await));
 
-    let attributes = final_attributes(&outcome, &warnings);
+    record_final_state(config, &client, &uuid, &outcome, &warnings).await
+}
+
+/// Fetches the container and checks that it is `Locked`. Logs why and
+/// returns `None` otherwise, leaving the record as it is.
+async fn fetch_locked_container(config: &Config, client: &Client, uuid: &str) -> Option<Container> {
+    let fetched = retry(
+        "fetching the container",
+        config.api_retry_timeout,
+        API_BACKOFF,
+        ClientError::is_transient,
+        || client.get_container(uuid),
+    )
+    .await;
+    let container = match fetched {
+        Ok(container) => container,
+        Err(error) => {
+            tracing::error!(error = %error, "failed to fetch the container; its state is left unchanged");
+            return None;
+        }
+    };
+    if container.uuid != uuid {
+        tracing::error!(returned = %container.uuid, "the API returned another container; its state is left unchanged");
+        return None;
+    }
+    if container.state != ContainerState::Locked {
+        tracing::error!(
+            state = %container.state,
+            "the container is {}, not Locked, so it is not this supervisor's to run; its state is left unchanged",
+            container.state
+        );
+        return None;
+    }
+    Some(container)
+}
+
+/// Records the final state, retrying transient failures for
+/// `final_update_timeout`. Returns the exit status of `berth supervise`.
+async fn record_final_state(
+    config: &Config,
+    client: &Client,
+    uuid: &str,
+    outcome: &Outcome,
+    warnings: &[String],
+) -> i32 {
+    let state = outcome.state();
+    let attributes = final_attributes(outcome, warnings);
     // NOTE: a final state that cannot be recorded within
     // final_update_timeout is lost; the dispatcher then cancels the
     // container when its job ends. A local journal could replay it.
@@ -189,7 +219,7 @@ async fn supervise_container(config: &Config, client: Client, uuid: String, stop
         config.final_update_timeout,
         API_BACKOFF,
         ClientError::is_transient,
-        || client.update_container(&uuid, &attributes),
+        || client.update_container(uuid, &attributes),
     )
     .await;
     match recorded {

@@ -1,6 +1,6 @@
 //! Turning a container record into a runtime [`ContainerSpec`].
 //!
-//! The container gets only what its record asks for. Its environment is
+//! The container gets only what its record requests. Its environment is
 //! the record's `environment` and nothing of the supervisor's own (no API
 //! host, no token). Its network is `none` unless `runtime_constraints.API`
 //! is true, and its memory and CPU limits come from

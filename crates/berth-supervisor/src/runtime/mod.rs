@@ -1,11 +1,11 @@
 //! The container runtime contract, and its implementations.
 //!
-//! A [`Runtime`] runs one container described by a [`ContainerSpec`]: it
+//! A [`Runtime`] runs one container described by a [`ContainerSpec`]. It
 //! makes the image available, creates the container, streams its stdout
-//! and stderr, starts it, waits for its exit code, stops it politely (the
-//! stop signal, a grace period, then SIGKILL) and removes it. The
-//! supervisor calls these steps in that order and owns the decisions
-//! between them; a runtime only carries them out.
+//! and stderr, starts it and waits for its exit code. It stops the
+//! container politely (the stop signal, a grace period, then SIGKILL) and
+//! removes it. The supervisor calls these steps in that order and owns the
+//! decisions between them, and a runtime only carries them out.
 //!
 //! [`docker::DockerRuntime`] speaks the Docker Engine API, which Docker and
 //! Podman both serve.
@@ -70,7 +70,7 @@ pub enum RuntimeError {
     },
 }
 
-/// Where a container's image comes from.
+/// The source of a container's image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
     /// An image name or ID that the runtime's image store should hold.
@@ -139,7 +139,7 @@ pub struct ContainerSpec {
     pub binds: Vec<BindMount>,
 }
 
-/// Which output stream a chunk came from. The names are the log stream
+/// The output stream a chunk came from. The names are the log stream
 /// names of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StdStream {
