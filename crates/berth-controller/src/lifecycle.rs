@@ -441,6 +441,9 @@ impl ContainerChange {
 
 /// Marks a container final: finish time, no priority, no lock, token
 /// revoked, requests finalised.
+///
+/// NOTE: a Cancelled container is not retried yet. Its requests become Final
+/// even when their `container_count_max` would allow another attempt.
 fn finish(container: &mut Container, now: Timestamp) -> (CredentialChange, bool) {
     container.finished_at = Some(now);
     container.priority = 0;

@@ -189,7 +189,11 @@ pub fn app(state: AppState) -> Router {
                     let status = response.status().as_u16();
                     let latency_ms = latency.as_millis() as u64;
                     if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-                        tracing::warn!(status, latency_ms, "request timed out");
+                        tracing::warn!(
+                            status,
+                            latency_ms,
+                            "request failed with 503: it timed out or the database is unreachable"
+                        );
                     } else {
                         tracing::debug!(status, latency_ms, "answered");
                     }

@@ -456,19 +456,23 @@ async fn container_token_runs_its_container() {
         .update_container(
             uuid,
             &token,
-            json!({"state": "Running", "gateway_address": "10.0.0.1:2222", "runtime_status": {"activity": "running"}}),
+            json!({"state": "Running", "gateway_address": "127.0.0.1:2222", "runtime_status": {"activity": "running"}}),
         )
         .await;
     reply.expect(StatusCode::OK);
-    assert_eq!(reply.json()["gateway_address"], "10.0.0.1:2222");
+    assert_eq!(reply.json()["gateway_address"], "127.0.0.1:2222");
+    // PATCH updates as PUT does, with a bare body.
     let reply = api
-        .update_container(
-            uuid,
-            &token,
-            json!({"progress": 0.5, "output": "abc+1", "log": "def+2"}),
+        .call(
+            Method::PATCH,
+            &format!("containers/{uuid}"),
+            Some(&token),
+            Some(json!({"progress": 0.5, "output": "abc+1", "log": "def+2"})),
         )
         .await;
     reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["progress"], 0.5);
+    assert_eq!(reply.json()["output"], "abc+1");
     // The token may not take the container back to Locked or Queued.
     let reply = api
         .update_container(uuid, &token, json!({"state": "Locked"}))
