@@ -118,7 +118,9 @@ pub async fn read(
     let offset = params.u64("offset")?.unwrap_or(0);
     let wait = params
         .seconds("wait")?
-        .map(|seconds| Duration::from_secs_f64(seconds).min(MAX_WAIT))
+        // Capped before the conversion, which panics on values too large
+        // for a Duration.
+        .map(|seconds| Duration::from_secs_f64(seconds.min(MAX_WAIT.as_secs_f64())))
         .unwrap_or(Duration::ZERO);
 
     // Subscribe before reading, so a change between the read and the wait

@@ -303,6 +303,19 @@ async fn wait_on_final_container_returns_at_once() {
 }
 
 #[tokio::test]
+async fn huge_wait_is_capped_not_rejected() {
+    let (api, alice, uuid, token) = locked_container().await;
+    api.append_log(&uuid, "stdout", 0, &token, b"x")
+        .await
+        .expect(StatusCode::OK);
+    let reply = api
+        .read_log(&uuid, "stdout", "offset=0&wait=1e300", &alice)
+        .await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.body.as_ref(), b"x");
+}
+
+#[tokio::test]
 async fn short_wait_ends_without_bytes() {
     let (api, alice, uuid, _token) = locked_container().await;
     let reply = api
