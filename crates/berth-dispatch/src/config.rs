@@ -466,9 +466,11 @@ mod tests {
         assert!(err.to_string().contains("lsf"), "{err}");
     }
 
+    type Change = Box<dyn Fn(&mut Config)>;
+
     #[test]
     fn validation_names_the_key() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Config)>)> = vec![
+        let cases: Vec<(&str, Change)> = vec![
             ("api_url", Box::new(|c| c.api_url = "ftp://x".into())),
             ("poll_interval", Box::new(|c| c.poll_interval = Duration::from_millis(1))),
             ("credentials_dir", Box::new(|c| c.credentials_dir = "relative/dir".into())),

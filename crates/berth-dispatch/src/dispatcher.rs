@@ -640,11 +640,6 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     #[cfg(test)]
-    pub(crate) fn backend(&self) -> &B {
-        &self.backend
-    }
-
-    #[cfg(test)]
     pub(crate) fn is_tracked(&self, uuid: &str) -> bool {
         self.tracked.contains_key(uuid)
     }
@@ -654,3 +649,7 @@ impl<B: Backend> Dispatcher<B> {
 fn status_code(err: &ClientError) -> Option<u16> {
     err.status().map(|status| status.as_u16())
 }
+
+#[cfg(test)]
+#[path = "dispatcher_tests.rs"]
+mod tests;

@@ -17,6 +17,8 @@
 //! twice. Secrets travel only in the credentials file, never in a job's
 //! arguments, script or environment.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod api;
 pub mod backend;
 pub mod command;

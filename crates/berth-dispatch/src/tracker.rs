@@ -638,7 +638,8 @@ mod tests {
             error: REJECTED_ERROR.into(),
             detail: "Invalid partition".into(),
         };
-        assert_eq!(tracked.submit_failed(true, "Invalid partition", Instant::now()), [expected.clone()]);
+        let actions = tracked.submit_failed(true, "Invalid partition", Instant::now());
+        assert_eq!(actions, std::slice::from_ref(&expected));
         assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), [expected]);
         let cancelled = ours(ContainerState::Cancelled, 5);
         assert_eq!(

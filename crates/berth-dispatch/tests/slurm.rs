@@ -1,0 +1,179 @@
+//! The Slurm adapter against the real Slurm of this machine: submit,
+//! status, cancel, and a rejected submission.
+//!
+//! The job runs a stand-in for `berth` (a shell script that records its
+//! arguments and sleeps), installed under a directory whose name holds a
+//! quote and a space, so the quoting of the job script is tested by a real
+//! shell. Runs only with `BERTH_INTEGRATION=1`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use berth_core::{ClusterId, ObjectType, Uuid};
+use berth_dispatch::command::ProcessRunner;
+use berth_dispatch::{Backend, BatchJob, JobId, JobRequest, JobState, SlurmBackend, SlurmConfig, SupervisorCommand};
+
+/// How long a job may take to appear, start or leave the queue.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn enabled() -> bool {
+    if std::env::var("BERTH_INTEGRATION").as_deref() == Ok("1") {
+        return true;
+    }
+    println!("skipped: set BERTH_INTEGRATION=1 to run the tests against the real Slurm");
+    false
+}
+
+/// Cancels a job when a test ends early, so that nothing is left queued.
+struct JobGuard(Option<JobId>);
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        if let Some(id) = self.0.take() {
+            let _ = std::process::Command::new("scancel").arg(id.as_str()).status();
+        }
+    }
+}
+
+/// Writes the stand-in for `berth` under `dir/it's here/`.
+fn fake_berth(dir: &Path) -> SupervisorCommand {
+    let bin = dir.join("it's here");
+    std::fs::create_dir(&bin).unwrap();
+    let program = bin.join("fake-berth");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$(dirname \"$0\")/args.txt\"\nexec sleep 300\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    SupervisorCommand {
+        program,
+        config_file: None,
+    }
+}
+
+fn backend(dir: &Path, extra: &[&str]) -> SlurmBackend<ProcessRunner> {
+    let config = SlurmConfig {
+        output: dir.join("slurm-%j.out").to_str().unwrap().to_string(),
+        sbatch_args: extra.iter().map(|s| s.to_string()).collect(),
+        ..SlurmConfig::default()
+    };
+    SlurmBackend::new(config, fake_berth(dir), ProcessRunner::new(Duration::from_secs(30)))
+}
+
+fn request(dir: &Path) -> JobRequest {
+    let cluster: ClusterId = "zzzzz".parse().unwrap();
+    let uuid = Uuid::generate(&cluster, ObjectType::Container).to_string();
+    JobRequest {
+        credentials_file: dir.join(format!("{uuid}.json")),
+        container_uuid: uuid,
+        ram: 64 << 20,
+        vcpus: 1,
+        partitions: Vec::new(),
+        max_run_time: 600,
+    }
+}
+
+/// Polls the status query until `done` holds for the job named `name`
+/// (`None` when it is not listed).
+async fn wait_for(
+    backend: &mut SlurmBackend<ProcessRunner>,
+    name: &str,
+    what: &str,
+    done: impl Fn(Option<&BatchJob>) -> bool,
+) -> Option<BatchJob> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let jobs = backend.status().await.unwrap();
+        let job = jobs.iter().find(|job| job.name == name);
+        if done(job) {
+            return job.cloned();
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}; last status: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn running_job_is_listed_by_name_and_cancelled() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = backend(dir.path(), &[]);
+    let request = request(dir.path());
+    let name = request.container_uuid.clone();
+
+    let submission = backend.submit(&request).await.unwrap();
+    let mut guard = JobGuard(Some(submission.job_id.clone()));
+    assert!(submission.script.as_deref().unwrap().contains("it'\\''s here/fake-berth"));
+
+    let job = wait_for(&mut backend, &name, "the job runs", |job| {
+        job.is_some_and(|job| job.state == JobState::Running)
+    })
+    .await
+    .unwrap();
+    assert_eq!(job.id, submission.job_id);
+
+    // The stand-in got the supervisor's arguments through the real shell.
+    let args_file = dir.path().join("it's here/args.txt");
+    let deadline = Instant::now() + WAIT;
+    while !args_file.exists() {
+        assert!(Instant::now() < deadline, "the job script never ran the program");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let args = std::fs::read_to_string(&args_file).unwrap();
+    let credentials = request.credentials_file.to_str().unwrap().to_string();
+    let expected: Vec<&str> = vec!["supervise", "--credentials", credentials.as_str(), name.as_str()];
+    assert_eq!(args.lines().collect::<Vec<_>>(), expected);
+
+    backend.cancel(&job).await.unwrap();
+    wait_for(&mut backend, &name, "the job leaves the queue", |job| job.is_none()).await;
+    guard.0 = None;
+    // Cancelling a job that has ended succeeds.
+    backend.cancel(&job).await.unwrap();
+}
+
+#[tokio::test]
+async fn pending_job_is_cancelled_before_it_starts() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = backend(dir.path(), &["--hold"]);
+    let request = request(dir.path());
+    let name = request.container_uuid.clone();
+
+    let submission = backend.submit(&request).await.unwrap();
+    let mut guard = JobGuard(Some(submission.job_id.clone()));
+    let job = wait_for(&mut backend, &name, "the held job is listed", |job| job.is_some())
+        .await
+        .unwrap();
+    assert_eq!(job.state, JobState::Pending);
+    assert_eq!(job.reason, "JobHeldUser");
+
+    backend.cancel(&job).await.unwrap();
+    wait_for(&mut backend, &name, "the job leaves the queue", |job| job.is_none()).await;
+    guard.0 = None;
+    assert!(!dir.path().join("it's here/args.txt").exists(), "the job never ran");
+}
+
+#[tokio::test]
+async fn unknown_partition_of_a_container_is_rejected_for_good() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = backend(dir.path(), &[]);
+    let mut request = request(dir.path());
+    request.partitions = vec!["no-such-partition".to_string()];
+    let err = backend.submit(&request).await.unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("Invalid partition name specified"), "{text}");
+    assert!(text.contains("--partition=no-such-partition"), "{text}");
+}
