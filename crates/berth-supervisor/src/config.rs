@@ -84,7 +84,10 @@ impl Config {
     /// Returns the Docker Engine API endpoint: `docker_host`, else
     /// `DOCKER_HOST`, else [`DEFAULT_DOCKER_HOST`].
     pub fn resolve_docker_host(&self) -> String {
-        resolve_docker_host(self.docker_host.as_deref(), std::env::var("DOCKER_HOST").ok())
+        resolve_docker_host(
+            self.docker_host.as_deref(),
+            std::env::var("DOCKER_HOST").ok(),
+        )
     }
 
     /// Returns the directory for mount data: `temp_dir`, else the system's
@@ -198,6 +201,9 @@ mod tests {
             "unix:///b.sock"
         );
         assert_eq!(resolve_docker_host(None, None), DEFAULT_DOCKER_HOST);
-        assert_eq!(resolve_docker_host(Some(""), Some(String::new())), DEFAULT_DOCKER_HOST);
+        assert_eq!(
+            resolve_docker_host(Some(""), Some(String::new())),
+            DEFAULT_DOCKER_HOST
+        );
     }
 }

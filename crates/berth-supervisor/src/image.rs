@@ -163,8 +163,13 @@ mod tests {
 
     /// Writes an archive with a config, one layer and a manifest, in the
     /// order `docker save` writes them, and returns the config's digest.
-    fn write_archive(dir: &Path, config_name: impl Fn(&str) -> String, manifest_extra: &str) -> (PathBuf, String) {
-        let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    fn write_archive(
+        dir: &Path,
+        config_name: impl Fn(&str) -> String,
+        manifest_extra: &str,
+    ) -> (PathBuf, String) {
+        let config =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
         let digest = hex::encode(Sha256::digest(config));
         let config_name = config_name(&digest);
         let mut builder = tar::Builder::new(Vec::new());
@@ -192,14 +197,20 @@ mod tests {
     fn oci_layout_config_name_gives_id() {
         let dir = tempfile::tempdir().unwrap();
         let (path, digest) = write_archive(dir.path(), |d| format!("blobs/sha256/{d}"), "");
-        assert_eq!(read_archive_image(&path).unwrap().id, format!("sha256:{digest}"));
+        assert_eq!(
+            read_archive_image(&path).unwrap().id,
+            format!("sha256:{digest}")
+        );
     }
 
     #[test]
     fn config_with_other_name_is_hashed() {
         let dir = tempfile::tempdir().unwrap();
         let (path, digest) = write_archive(dir.path(), |_| "./config.json".to_string(), "");
-        assert_eq!(read_archive_image(&path).unwrap().id, format!("sha256:{digest}"));
+        assert_eq!(
+            read_archive_image(&path).unwrap().id,
+            format!("sha256:{digest}")
+        );
     }
 
     #[test]
@@ -231,17 +242,27 @@ mod tests {
     #[test]
     fn archive_with_two_images_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let other = format!(r#",{{"Config":"{}.json","RepoTags":[],"Layers":[]}}"#, "b".repeat(64));
+        let other = format!(
+            r#",{{"Config":"{}.json","RepoTags":[],"Layers":[]}}"#,
+            "b".repeat(64)
+        );
         let (path, _) = write_archive(dir.path(), |d| format!("{d}.json"), &other);
         let err = read_archive_image(&path).unwrap_err();
-        assert!(matches!(err, ArchiveError::ImageCount { count: 2, .. }), "{err}");
+        assert!(
+            matches!(err, ArchiveError::ImageCount { count: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_config_entry_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let mut builder = tar::Builder::new(Vec::new());
-        append(&mut builder, "manifest.json", br#"[{"Config":"config.json","RepoTags":[],"Layers":[]}]"#);
+        append(
+            &mut builder,
+            "manifest.json",
+            br#"[{"Config":"config.json","RepoTags":[],"Layers":[]}]"#,
+        );
         let path = dir.path().join("broken.tar");
         std::fs::write(&path, builder.into_inner().unwrap()).unwrap();
         let err = read_archive_image(&path).unwrap_err();

@@ -46,7 +46,8 @@ pub use stop::{stop_on_signals, StopHandle};
 /// [`EXIT_NOT_RECORDED`].
 pub async fn supervise(config: Config, credentials: JobCredentials) -> anyhow::Result<i32> {
     let stop = StopHandle::new();
-    let signals = stop_on_signals(stop.clone()).context("failed to install the SIGTERM and SIGINT handlers")?;
+    let signals = stop_on_signals(stop.clone())
+        .context("failed to install the SIGTERM and SIGINT handlers")?;
     let status = supervise_until(config, credentials, stop).await;
     signals.abort();
     status

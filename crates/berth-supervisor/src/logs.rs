@@ -292,7 +292,10 @@ impl Writer {
             return;
         }
         let length = data.len() as u64;
-        let what = format!("appending {length} bytes to the {} log at offset {}", self.stream, self.offset);
+        let what = format!(
+            "appending {length} bytes to the {} log at offset {}",
+            self.stream, self.offset
+        );
         let mut offset = self.offset;
         let mut realignments = 0;
         loop {
@@ -322,7 +325,9 @@ impl Writer {
                     realignments += 1;
                 }
                 Ok(size) if size > offset + length => {
-                    let error = format!("another writer keeps appending to the {stream} log (now {size} bytes)");
+                    let error = format!(
+                        "another writer keeps appending to the {stream} log (now {size} bytes)"
+                    );
                     tracing::error!(stream, "{error}; dropping the rest of this stream");
                     self.error = Some(error);
                     self.dropped += length;
@@ -444,7 +449,12 @@ impl SupervisorLog {
 }
 
 fn format_line(time: &chrono::DateTime<chrono::Utc>, level: Level, message: &str) -> Bytes {
-    let mut line = format!("{} {} {}", berth_core::time::format(time), level.as_str(), message.trim_end());
+    let mut line = format!(
+        "{} {} {}",
+        berth_core::time::format(time),
+        level.as_str(),
+        message.trim_end()
+    );
     line.push('\n');
     Bytes::from(line)
 }
@@ -484,7 +494,12 @@ mod tests {
         }
 
         fn stored(&self, stream: &str) -> Vec<u8> {
-            self.streams.lock().unwrap().get(stream).cloned().unwrap_or_default()
+            self.streams
+                .lock()
+                .unwrap()
+                .get(stream)
+                .cloned()
+                .unwrap_or_default()
         }
 
         fn calls(&self) -> Vec<(String, u64, Vec<u8>)> {
@@ -495,7 +510,10 @@ mod tests {
     #[async_trait]
     impl LogSink for RecordingSink {
         async fn append(&self, stream: &str, offset: u64, data: Bytes) -> Result<u64, ClientError> {
-            self.calls.lock().unwrap().push((stream.to_string(), offset, data.to_vec()));
+            self.calls
+                .lock()
+                .unwrap()
+                .push((stream.to_string(), offset, data.to_vec()));
             {
                 let mut failures = self.failures.lock().unwrap();
                 if *failures > 0 {
@@ -539,7 +557,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(sink.calls().is_empty(), "sent before the interval");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(sink.calls(), vec![("stdout".to_string(), 0, b"a\nb".to_vec())]);
+        assert_eq!(
+            sink.calls(),
+            vec![("stdout".to_string(), 0, b"a\nb".to_vec())]
+        );
         drop(input);
         let summary = writer.close().await;
         assert_eq!(summary.bytes_sent, 3);
@@ -592,8 +613,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn closing_a_held_writer_sends_its_bytes() {
         let sink = Arc::new(RecordingSink::default());
-        let writer = LogWriter::spawn_held(sink.clone(), "stderr", settings(4), CancellationToken::new());
-        writer.input().send(Bytes::from_static(b"failed to start")).await;
+        let writer = LogWriter::spawn_held(
+            sink.clone(),
+            "stderr",
+            settings(4),
+            CancellationToken::new(),
+        );
+        writer
+            .input()
+            .send(Bytes::from_static(b"failed to start"))
+            .await;
         let summary = writer.close().await;
         assert_eq!(sink.stored("stderr"), b"failed to start");
         assert_eq!(summary.bytes_sent, 15);
@@ -659,9 +688,15 @@ mod tests {
             .unwrap()
             .insert("supervisor".into(), b"earlier attempt\n".to_vec());
         let writer = LogWriter::spawn(sink.clone(), "supervisor", settings(1024));
-        writer.input().send(Bytes::from_static(b"this attempt\n")).await;
+        writer
+            .input()
+            .send(Bytes::from_static(b"this attempt\n"))
+            .await;
         let summary = writer.close().await;
-        assert_eq!(sink.stored("supervisor"), b"earlier attempt\nthis attempt\n");
+        assert_eq!(
+            sink.stored("supervisor"),
+            b"earlier attempt\nthis attempt\n"
+        );
         assert_eq!(summary.bytes_sent, 29);
     }
 
@@ -673,7 +708,9 @@ mod tests {
     impl LogSink for ContestedSink {
         async fn append(&self, stream: &str, offset: u64, data: Bytes) -> Result<u64, ClientError> {
             let size = self.0.stored(stream).len() as u64;
-            self.0.append(stream, size, Bytes::from_static(b"xxxxxxxx")).await?;
+            self.0
+                .append(stream, size, Bytes::from_static(b"xxxxxxxx"))
+                .await?;
             self.0.append(stream, offset, data).await
         }
     }

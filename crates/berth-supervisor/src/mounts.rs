@@ -27,7 +27,9 @@ pub enum MountError {
     // supervisor does not have yet.
     #[error("mount {path} has kind {kind:?}, which this supervisor does not support; supported kinds: tmp, json, text")]
     UnsupportedKind { path: String, kind: String },
-    #[error("mount {path} is invalid: the mount point must be an absolute path without `..` components")]
+    #[error(
+        "mount {path} is invalid: the mount point must be an absolute path without `..` components"
+    )]
     InvalidPath { path: String },
     #[error("mount {path} of kind text needs a string content, found {found}")]
     TextContent { path: String, found: &'static str },
@@ -67,9 +69,8 @@ pub enum PlannedMount {
 impl PlannedMount {
     pub fn container_path(&self) -> &str {
         match self {
-            PlannedMount::TempDir { container_path } | PlannedMount::File { container_path, .. } => {
-                container_path
-            }
+            PlannedMount::TempDir { container_path }
+            | PlannedMount::File { container_path, .. } => container_path,
         }
     }
 }
@@ -92,10 +93,11 @@ pub fn plan_mounts(mounts: &BTreeMap<String, Mount>) -> Result<MountPlan, MountE
             "tmp" => PlannedMount::TempDir { container_path },
             "json" => {
                 let content = mount.content.as_ref().unwrap_or(&Value::Null);
-                let content = serde_json::to_vec(content).map_err(|source| MountError::JsonContent {
-                    path: path.clone(),
-                    source,
-                })?;
+                let content =
+                    serde_json::to_vec(content).map_err(|source| MountError::JsonContent {
+                        path: path.clone(),
+                        source,
+                    })?;
                 PlannedMount::File {
                     container_path,
                     content,
@@ -263,14 +265,20 @@ mod tests {
     }
 
     fn mounts(entries: Vec<(&str, Mount)>) -> BTreeMap<String, Mount> {
-        entries.into_iter().map(|(path, m)| (path.to_string(), m)).collect()
+        entries
+            .into_iter()
+            .map(|(path, m)| (path.to_string(), m))
+            .collect()
     }
 
     #[test]
     fn supported_kinds_are_planned_in_path_order() {
         let plan = plan_mounts(&mounts(vec![
             ("/tmp", mount("tmp", None)),
-            ("/etc/params.json", mount("json", Some(json!({"n": 12345678901234567890u64})))),
+            (
+                "/etc/params.json",
+                mount("json", Some(json!({"n": 12345678901234567890u64}))),
+            ),
             ("/etc/note.txt", mount("text", Some(json!("hello\n")))),
         ]))
         .unwrap();
@@ -329,7 +337,10 @@ mod tests {
     fn relative_or_escaping_mount_points_are_rejected() {
         for bad in ["tmp", "/a/../etc", "", "/a:b"] {
             let err = plan_mounts(&mounts(vec![(bad, mount("tmp", None))])).unwrap_err();
-            assert!(matches!(err, MountError::InvalidPath { .. }), "{bad:?}: {err}");
+            assert!(
+                matches!(err, MountError::InvalidPath { .. }),
+                "{bad:?}: {err}"
+            );
         }
     }
 
@@ -341,7 +352,9 @@ mod tests {
             ("/etc/note.txt", mount("text", Some(json!("hi")))),
         ]))
         .unwrap();
-        let prepared = plan.prepare(base.path(), "zzzzz-dz642-000000000000001").unwrap();
+        let prepared = plan
+            .prepare(base.path(), "zzzzz-dz642-000000000000001")
+            .unwrap();
         let root = prepared.root().unwrap().to_path_buf();
         assert!(root.starts_with(base.path()));
         assert_eq!(prepared.binds.len(), 2);
@@ -350,14 +363,22 @@ mod tests {
         assert_eq!(note.container_path, "/etc/note.txt");
         assert!(note.read_only);
         assert_eq!(std::fs::read(&note.host_path).unwrap(), b"hi");
-        let mode = std::fs::metadata(&note.host_path).unwrap().permissions().mode() & 0o7777;
+        let mode = std::fs::metadata(&note.host_path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
         assert_eq!(mode, 0o444);
 
         let scratch = &prepared.binds[1];
         assert_eq!(scratch.container_path, "/scratch");
         assert!(!scratch.read_only);
         assert!(scratch.host_path.is_dir());
-        let mode = std::fs::metadata(&scratch.host_path).unwrap().permissions().mode() & 0o7777;
+        let mode = std::fs::metadata(&scratch.host_path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
         assert_eq!(mode, 0o1777);
 
         drop(prepared);
@@ -367,7 +388,9 @@ mod tests {
     #[test]
     fn no_mounts_need_no_directory() {
         let base = tempfile::tempdir().unwrap();
-        let prepared = MountPlan::default().prepare(base.path(), "zzzzz-dz642-000000000000001").unwrap();
+        let prepared = MountPlan::default()
+            .prepare(base.path(), "zzzzz-dz642-000000000000001")
+            .unwrap();
         assert!(prepared.root().is_none());
         assert!(prepared.binds.is_empty());
         assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 0);

@@ -34,7 +34,8 @@ impl Backoff {
         let factor = 2u32.saturating_pow(attempt.min(31));
         let cap = self.initial.saturating_mul(factor).min(self.max);
         let half = cap / 2;
-        let jitter = rand::thread_rng().gen_range(0..=half.as_micros().min(u64::MAX as u128) as u64);
+        let jitter =
+            rand::thread_rng().gen_range(0..=half.as_micros().min(u64::MAX as u128) as u64);
         half + Duration::from_micros(jitter)
     }
 }
@@ -104,11 +105,23 @@ mod tests {
     #[tokio::test]
     async fn transient_failures_are_retried_until_success() {
         let calls = Cell::new(0);
-        let result: Result<u32, String> = retry("test call", Duration::from_secs(5), FAST, |_| true, || {
-            calls.set(calls.get() + 1);
-            let n = calls.get();
-            async move { if n < 3 { Err(format!("failure {n}")) } else { Ok(n) } }
-        })
+        let result: Result<u32, String> = retry(
+            "test call",
+            Duration::from_secs(5),
+            FAST,
+            |_| true,
+            || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                async move {
+                    if n < 3 {
+                        Err(format!("failure {n}"))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        )
         .await;
         assert_eq!(result, Ok(3));
         assert_eq!(calls.get(), 3);
@@ -117,10 +130,16 @@ mod tests {
     #[tokio::test]
     async fn permanent_failure_is_returned_at_once() {
         let calls = Cell::new(0);
-        let result: Result<(), String> = retry("test call", Duration::from_secs(5), FAST, |_| false, || {
-            calls.set(calls.get() + 1);
-            async { Err("rejected".to_string()) }
-        })
+        let result: Result<(), String> = retry(
+            "test call",
+            Duration::from_secs(5),
+            FAST,
+            |_| false,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err("rejected".to_string()) }
+            },
+        )
         .await;
         assert_eq!(result, Err("rejected".to_string()));
         assert_eq!(calls.get(), 1);
@@ -129,10 +148,16 @@ mod tests {
     #[tokio::test]
     async fn retries_stop_when_the_budget_is_spent() {
         let calls = Cell::new(0);
-        let result: Result<(), String> = retry("test call", Duration::from_millis(30), FAST, |_| true, || {
-            calls.set(calls.get() + 1);
-            async { Err("unavailable".to_string()) }
-        })
+        let result: Result<(), String> = retry(
+            "test call",
+            Duration::from_millis(30),
+            FAST,
+            |_| true,
+            || {
+                calls.set(calls.get() + 1);
+                async { Err("unavailable".to_string()) }
+            },
+        )
         .await;
         assert!(result.is_err());
         assert!(calls.get() > 1, "only {} calls", calls.get());

@@ -105,10 +105,17 @@ pub async fn supervise_until(
     let client = Client::new(credentials.settings())
         .with_context(|| format!("failed to build the API client for container {uuid}"))?;
     let span = tracing::info_span!("supervise", container = %uuid);
-    Ok(supervise_container(&config, client, uuid, stop).instrument(span).await)
+    Ok(supervise_container(&config, client, uuid, stop)
+        .instrument(span)
+        .await)
 }
 
-async fn supervise_container(config: &Config, client: Client, uuid: String, stop: StopHandle) -> i32 {
+async fn supervise_container(
+    config: &Config,
+    client: Client,
+    uuid: String,
+    stop: StopHandle,
+) -> i32 {
     let Some(container) = fetch_locked_container(config, &client, &uuid).await else {
         return EXIT_NOT_RECORDED;
     };
@@ -279,10 +286,13 @@ impl Run<'_> {
         let source = ImageSource::from_container_image(&container.container_image);
 
         let endpoint = self.config.resolve_docker_host();
-        let runtime: Arc<dyn Runtime> =
-            Arc::new(self.until_stopped(DockerRuntime::connect(&endpoint)).await??);
+        let runtime: Arc<dyn Runtime> = Arc::new(
+            self.until_stopped(DockerRuntime::connect(&endpoint))
+                .await??,
+        );
         self.runtime = Some(runtime.clone());
-        self.log.info(format!("container runtime: {}", runtime.description()));
+        self.log
+            .info(format!("container runtime: {}", runtime.description()));
 
         self.log.info(format!("preparing {source}"));
         let image = self.until_stopped(runtime.ensure_image(&source)).await??;
@@ -294,15 +304,21 @@ impl Run<'_> {
         let binds = prepared.binds.clone();
         self.mounts = Some(prepared);
         for bind in &binds {
-            let mode = if bind.read_only { "read-only" } else { "read-write" };
-            self.log.info(format!("mount {} ({mode})", bind.container_path));
+            let mode = if bind.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            };
+            self.log
+                .info(format!("mount {} ({mode})", bind.container_path));
         }
 
         let spec = container_spec(container, image, binds, self.config.network_mode.as_deref())?;
         self.check_stop()?;
         let id = runtime.create(&spec).await?;
         self.container = Some(id.clone());
-        self.log.info(format!("created runtime container {} ({id})", spec.name));
+        self.log
+            .info(format!("created runtime container {} ({id})", spec.name));
 
         let output = runtime.attach(&id).await?;
         self.start_output(output);
@@ -320,7 +336,10 @@ impl Run<'_> {
 
         let code = self.until_stopped(runtime.wait(&id)).await??;
         self.exited = true;
-        self.log.info(format!("the container exited with status {}", describe_exit(code)));
+        self.log.info(format!(
+            "the container exited with status {}",
+            describe_exit(code)
+        ));
         Ok(code)
     }
 
@@ -333,11 +352,19 @@ impl Run<'_> {
     }
 
     fn stopped(&self) -> RunError {
-        RunError::Stopped(self.stop.reason().unwrap_or("cancelled by a stop request").to_string())
+        RunError::Stopped(
+            self.stop
+                .reason()
+                .unwrap_or("cancelled by a stop request")
+                .to_string(),
+        )
     }
 
     /// Runs `step` unless a stop is requested first.
-    async fn until_stopped<T>(&self, step: impl std::future::Future<Output = T>) -> Result<T, RunError> {
+    async fn until_stopped<T>(
+        &self,
+        step: impl std::future::Future<Output = T>,
+    ) -> Result<T, RunError> {
         tokio::select! {
             value = step => Ok(value),
             () = self.stop.stopped() => Err(self.stopped()),
@@ -361,7 +388,12 @@ impl Run<'_> {
     fn start_output(&mut self, mut output: OutputStream) {
         let release = CancellationToken::new();
         let held = |stream: StdStream| {
-            LogWriter::spawn_held(self.sink.clone(), stream.as_str(), self.log_settings, release.clone())
+            LogWriter::spawn_held(
+                self.sink.clone(),
+                stream.as_str(),
+                self.log_settings,
+                release.clone(),
+            )
         };
         let (stdout, stderr) = (held(StdStream::Stdout), held(StdStream::Stderr));
         let (to_stdout, to_stderr) = (stdout.input(), stderr.input());
@@ -406,7 +438,9 @@ impl Run<'_> {
                 Err(error) => Err(std::io::Error::other(error)),
             };
             if let (Err(error), Some(root)) = (removed, root) {
-                self.warn(format!("failed to delete the mount directory {root}: {error}"));
+                self.warn(format!(
+                    "failed to delete the mount directory {root}: {error}"
+                ));
             }
         }
         self.cleaned_up = true;
@@ -425,9 +459,14 @@ impl Run<'_> {
         match tokio::time::timeout(grace + STOP_MARGIN, runtime.wait(id)).await {
             Ok(Ok(code)) => {
                 self.exited = true;
-                self.log.info(format!("the stopped container exited with status {}", describe_exit(code)));
+                self.log.info(format!(
+                    "the stopped container exited with status {}",
+                    describe_exit(code)
+                ));
             }
-            Ok(Err(error)) => self.warn(format!("failed to wait for the stopped container: {error}")),
+            Ok(Err(error)) => {
+                self.warn(format!("failed to wait for the stopped container: {error}"))
+            }
             Err(_) => self.warn(format!(
                 "the container did not exit within {}s of being stopped",
                 (grace + STOP_MARGIN).as_secs()
@@ -451,7 +490,9 @@ impl Run<'_> {
             let drain = self.config.output_drain_timeout;
             match tokio::time::timeout(drain, &mut pump).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(error))) => self.warn(format!("the container's output ended with an error: {error}")),
+                Ok(Ok(Err(error))) => self.warn(format!(
+                    "the container's output ended with an error: {error}"
+                )),
                 Ok(Err(error)) => self.warn(format!("the output task failed: {error}")),
                 Err(_) => {
                     pump.abort();
@@ -490,7 +531,9 @@ impl Run<'_> {
             }
         }
         if let Some(error) = last_error {
-            self.warn(format!("failed to remove the runtime container {id}: {error}"));
+            self.warn(format!(
+                "failed to remove the runtime container {id}: {error}"
+            ));
         }
     }
 
@@ -596,7 +639,10 @@ mod tests {
 
     #[test]
     fn cancelled_carries_the_reason_as_error() {
-        let attributes = final_attributes(&Outcome::Cancelled("cancelled by signal SIGTERM".into()), &[]);
+        let attributes = final_attributes(
+            &Outcome::Cancelled("cancelled by signal SIGTERM".into()),
+            &[],
+        );
         assert_eq!(
             attributes,
             json!({"state": "Cancelled", "runtime_status": {"error": "cancelled by signal SIGTERM"}})
@@ -608,7 +654,10 @@ mod tests {
         let warnings = vec!["first".to_string(), "second".to_string()];
         let attributes = final_attributes(&Outcome::Exited(0), &warnings);
         assert_eq!(attributes["runtime_status"]["warning"], "first");
-        assert_eq!(attributes["runtime_status"]["warningDetail"], "first\nsecond");
+        assert_eq!(
+            attributes["runtime_status"]["warningDetail"],
+            "first\nsecond"
+        );
         assert_eq!(attributes["exit_code"], 0);
     }
 
@@ -629,7 +678,14 @@ mod tests {
             error: Some("403 Forbidden".into()),
         };
         let warning = stream_warning(&summary).unwrap();
-        assert!(warning.contains("stdout log is incomplete: 5 bytes"), "{warning}");
-        assert!(stream_warning(&LogSummary { bytes_dropped: 0, ..summary }).is_none());
+        assert!(
+            warning.contains("stdout log is incomplete: 5 bytes"),
+            "{warning}"
+        );
+        assert!(stream_warning(&LogSummary {
+            bytes_dropped: 0,
+            ..summary
+        })
+        .is_none());
     }
 }

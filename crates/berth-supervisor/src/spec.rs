@@ -43,11 +43,13 @@ pub fn container_spec(
     let memory_bytes = positive("ram", constraints.ram)?;
     let nano_cpus = positive("vcpus", constraints.vcpus)?
         .map(|vcpus| {
-            vcpus.checked_mul(1_000_000_000).ok_or(SpecError::InvalidConstraint {
-                field: "vcpus",
-                value: vcpus,
-                reason: "too large",
-            })
+            vcpus
+                .checked_mul(1_000_000_000)
+                .ok_or(SpecError::InvalidConstraint {
+                    field: "vcpus",
+                    value: vcpus,
+                    reason: "too large",
+                })
         })
         .transpose()?;
     let network = if constraints.api {
@@ -199,7 +201,12 @@ mod tests {
         let mut container = record();
         container.runtime_constraints.api = true;
         let spec = container_spec(&container, "img".into(), vec![], Some("host")).unwrap();
-        assert_eq!(spec.network, Network::Enabled { mode: Some("host".into()) });
+        assert_eq!(
+            spec.network,
+            Network::Enabled {
+                mode: Some("host".into())
+            }
+        );
         let spec = container_spec(&container, "img".into(), vec![], None).unwrap();
         assert_eq!(spec.network, Network::Enabled { mode: None });
     }
@@ -234,7 +241,10 @@ mod tests {
         let mut container = record();
         container.runtime_constraints.ram = -1;
         let err = container_spec(&container, "img".into(), vec![], None).unwrap_err();
-        assert!(err.to_string().contains("runtime_constraints.ram -1"), "{err}");
+        assert!(
+            err.to_string().contains("runtime_constraints.ram -1"),
+            "{err}"
+        );
 
         let mut container = record();
         container.environment.insert("A=B".into(), "x".into());

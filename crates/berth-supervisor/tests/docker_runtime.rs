@@ -83,7 +83,10 @@ async fn large_output_arrives_whole_and_in_order() {
     assert_eq!(finished.exit_code, 0);
     let expected: String = (1..=200000).map(|n| format!("{n}\n")).collect();
     assert_eq!(finished.stdout.len(), expected.len());
-    assert!(finished.stdout == expected.as_bytes(), "stdout differs from seq's output");
+    assert!(
+        finished.stdout == expected.as_bytes(),
+        "stdout differs from seq's output"
+    );
     assert!(finished.stderr.is_empty());
 }
 
@@ -113,7 +116,10 @@ async fn environment_workdir_and_mounts_reach_the_container() {
     ]);
 
     let base = tempfile::tempdir().unwrap();
-    let prepared = plan_mounts(&mounts).unwrap().prepare(base.path(), &uuid).unwrap();
+    let prepared = plan_mounts(&mounts)
+        .unwrap()
+        .prepare(base.path(), &uuid)
+        .unwrap();
     let mut spec = spec(
         &uuid,
         &[
@@ -127,7 +133,12 @@ async fn environment_workdir_and_mounts_reach_the_container() {
     spec.binds = prepared.binds.clone();
 
     let finished = run_to_completion(&runtime, &spec).await;
-    assert_eq!(finished.exit_code, 0, "stderr: {}", String::from_utf8_lossy(&finished.stderr));
+    assert_eq!(
+        finished.exit_code,
+        0,
+        "stderr: {}",
+        String::from_utf8_lossy(&finished.stderr)
+    );
     let stdout = String::from_utf8(finished.stdout).unwrap();
     let mut lines = stdout.lines();
     assert_eq!(lines.next(), Some("noted"));
@@ -138,10 +149,23 @@ async fn environment_workdir_and_mounts_reach_the_container() {
     let env: Vec<&str> = lines.collect();
     assert!(env.contains(&"GREETING=hello there"), "{env:?}");
     // Nothing of the test process's own environment may leak in.
-    assert!(!env.iter().any(|line| line.starts_with("BERTH_")), "{env:?}");
-    assert!(!env.iter().any(|line| line.starts_with("DOCKER_HOST=")), "{env:?}");
-    let scratch = prepared.binds.iter().find(|b| b.container_path == "/scratch").unwrap();
-    assert_eq!(std::fs::read(scratch.host_path.join("out")).unwrap(), b"data\n");
+    assert!(
+        !env.iter().any(|line| line.starts_with("BERTH_")),
+        "{env:?}"
+    );
+    assert!(
+        !env.iter().any(|line| line.starts_with("DOCKER_HOST=")),
+        "{env:?}"
+    );
+    let scratch = prepared
+        .binds
+        .iter()
+        .find(|b| b.container_path == "/scratch")
+        .unwrap();
+    assert_eq!(
+        std::fs::read(scratch.host_path.join("out")).unwrap(),
+        b"data\n"
+    );
 }
 
 #[tokio::test]
@@ -151,7 +175,10 @@ async fn stop_ends_a_sleeping_container() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
-    let id = runtime.create(&spec(&uuid, &["sleep", "600"])).await.unwrap();
+    let id = runtime
+        .create(&spec(&uuid, &["sleep", "600"]))
+        .await
+        .unwrap();
     let _output = runtime.attach(&id).await.unwrap();
     runtime.start(&id).await.unwrap();
     assert_eq!(containers_labelled(&runtime, &uuid).await.len(), 1);
@@ -165,7 +192,10 @@ async fn stop_ends_a_sleeping_container() {
     let elapsed = started.elapsed();
     // sleep runs as PID 1, which ignores SIGTERM, so SIGKILL ends it.
     assert_eq!(exit_code, 137);
-    assert!(elapsed < Duration::from_secs(10), "stopping took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "stopping took {elapsed:?}"
+    );
 
     runtime.remove(&id).await.unwrap();
     assert!(containers_labelled(&runtime, &uuid).await.is_empty());
@@ -188,7 +218,10 @@ async fn limits_and_network_are_visible_through_inspect() {
     let inspected = runtime.docker().inspect_container(&id.0, None).await;
     runtime.remove(&id).await.unwrap();
     let inspected = inspected.unwrap();
-    assert_eq!(inspected.name.as_deref().map(|n| n.trim_start_matches('/')), Some(spec.name.as_str()));
+    assert_eq!(
+        inspected.name.as_deref().map(|n| n.trim_start_matches('/')),
+        Some(spec.name.as_str())
+    );
     let host = inspected.host_config.unwrap();
     assert_eq!(host.memory, Some(64 << 20));
     assert_eq!(host.memory_swap, Some(64 << 20));
@@ -209,7 +242,10 @@ async fn leftover_container_with_the_same_name_is_replaced() {
     let first = runtime.create(&spec).await.unwrap();
     let second = runtime.create(&spec).await.unwrap();
     assert_ne!(first, second);
-    assert_eq!(containers_labelled(&runtime, &uuid).await, vec![second.0.clone()]);
+    assert_eq!(
+        containers_labelled(&runtime, &uuid).await,
+        vec![second.0.clone()]
+    );
     runtime.remove(&second).await.unwrap();
     assert!(containers_labelled(&runtime, &uuid).await.is_empty());
 }
@@ -222,11 +258,17 @@ async fn image_by_name_must_be_in_the_store() {
     let runtime = runtime().await;
     let present = common::test_image();
     assert_eq!(
-        runtime.ensure_image(&ImageSource::Name(present.clone())).await.unwrap(),
+        runtime
+            .ensure_image(&ImageSource::Name(present.clone()))
+            .await
+            .unwrap(),
         present
     );
     let missing = format!("localhost/berth-missing-{}:latest", new_uuid());
-    let err = runtime.ensure_image(&ImageSource::Name(missing.clone())).await.unwrap_err();
+    let err = runtime
+        .ensure_image(&ImageSource::Name(missing.clone()))
+        .await
+        .unwrap_err();
     assert!(matches!(err, RuntimeError::ImageNotFound { .. }), "{err}");
     let message = err.to_string();
     assert!(message.contains(&missing), "{message}");
@@ -243,20 +285,40 @@ async fn present_archive_image_is_not_reloaded() {
     let archive_image = berth_supervisor::image::read_archive_image(&archive).unwrap();
     // Make sure the store contains the archive's image, then record where
     // its tags point, because a second load would move them.
-    runtime.ensure_image(&ImageSource::Archive(archive.clone())).await.unwrap();
+    runtime
+        .ensure_image(&ImageSource::Archive(archive.clone()))
+        .await
+        .unwrap();
     let tags_before = tag_ids(&runtime, &archive_image.repo_tags).await;
 
-    let reference = runtime.ensure_image(&ImageSource::Archive(archive)).await.unwrap();
+    let reference = runtime
+        .ensure_image(&ImageSource::Archive(archive))
+        .await
+        .unwrap();
     let inspected = runtime.docker().inspect_image(&reference).await.unwrap();
-    assert_eq!(inspected.id.as_deref(), Some(archive_image.id.as_str()), "{reference} is another image");
-    assert_eq!(tag_ids(&runtime, &archive_image.repo_tags).await, tags_before);
+    assert_eq!(
+        inspected.id.as_deref(),
+        Some(archive_image.id.as_str()),
+        "{reference} is another image"
+    );
+    assert_eq!(
+        tag_ids(&runtime, &archive_image.repo_tags).await,
+        tags_before
+    );
 }
 
 /// Returns the image ID each tag points at, or None.
 async fn tag_ids(runtime: &DockerRuntime, tags: &[String]) -> Vec<Option<String>> {
     let mut ids = Vec::new();
     for tag in tags {
-        ids.push(runtime.docker().inspect_image(tag).await.ok().and_then(|image| image.id));
+        ids.push(
+            runtime
+                .docker()
+                .inspect_image(tag)
+                .await
+                .ok()
+                .and_then(|image| image.id),
+        );
     }
     ids
 }
@@ -273,13 +335,19 @@ async fn archive_is_loaded_and_runs() {
     let archive = dir.path().join("image.tar");
     let image_id = write_variant_archive(&common::test_image_archive(), &archive, &tag, &uuid);
 
-    let reference = runtime.ensure_image(&ImageSource::Archive(archive.clone())).await.unwrap();
+    let reference = runtime
+        .ensure_image(&ImageSource::Archive(archive.clone()))
+        .await
+        .unwrap();
     assert_eq!(reference, tag);
     let inspected = runtime.docker().inspect_image(&tag).await.unwrap();
     assert_eq!(inspected.id.as_deref(), Some(image_id.as_str()));
     // The second time the image is present and the archive is not read
     // beyond its manifest.
-    let again = runtime.ensure_image(&ImageSource::Archive(archive)).await.unwrap();
+    let again = runtime
+        .ensure_image(&ImageSource::Archive(archive))
+        .await
+        .unwrap();
     assert_eq!(again, tag);
 
     let mut spec = spec(&uuid, &["echo", "from the archive"]);
@@ -287,7 +355,14 @@ async fn archive_is_loaded_and_runs() {
     let finished = run_to_completion(&runtime, &spec).await;
     let removed = runtime
         .docker()
-        .remove_image(&tag, Some(RemoveImageOptions { force: true, ..Default::default() }), None)
+        .remove_image(
+            &tag,
+            Some(RemoveImageOptions {
+                force: true,
+                ..Default::default()
+            }),
+            None,
+        )
         .await;
     assert_eq!(finished.stdout, b"from the archive\n");
     assert_eq!(finished.exit_code, 0);
@@ -303,8 +378,14 @@ async fn garbage_archive_fails_with_its_path() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("garbage.tar");
     std::fs::write(&archive, b"this is not a tar file").unwrap();
-    let err = runtime.ensure_image(&ImageSource::Archive(archive.clone())).await.unwrap_err();
-    assert!(err.to_string().contains(&archive.display().to_string()), "{err}");
+    let err = runtime
+        .ensure_image(&ImageSource::Archive(archive.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(&archive.display().to_string()),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -314,7 +395,10 @@ async fn missing_command_fails_at_start() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
-    let id = runtime.create(&spec(&uuid, &["/no/such/program"])).await.unwrap();
+    let id = runtime
+        .create(&spec(&uuid, &["/no/such/program"]))
+        .await
+        .unwrap();
     let started = runtime.start(&id).await;
     runtime.remove(&id).await.unwrap();
     let err = started.unwrap_err();
@@ -333,15 +417,28 @@ fn write_variant_archive(source: &Path, target: &Path, tag: &str, marker: &str) 
         if !entry.header().entry_type().is_file() {
             continue;
         }
-        let name = entry.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
+        let name = entry
+            .path()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_string();
         let mut data = Vec::new();
         entry.read_to_end(&mut data).unwrap();
         entries.push((name, data));
     }
-    let manifest_bytes = &entries.iter().find(|(name, _)| name == "manifest.json").unwrap().1;
+    let manifest_bytes = &entries
+        .iter()
+        .find(|(name, _)| name == "manifest.json")
+        .unwrap()
+        .1;
     let mut manifest: serde_json::Value = serde_json::from_slice(manifest_bytes).unwrap();
     let config_name = manifest[0]["Config"].as_str().unwrap().to_string();
-    let config_bytes = &entries.iter().find(|(name, _)| *name == config_name).unwrap().1;
+    let config_bytes = &entries
+        .iter()
+        .find(|(name, _)| *name == config_name)
+        .unwrap()
+        .1;
     let mut config: serde_json::Value = serde_json::from_slice(config_bytes).unwrap();
     config["author"] = serde_json::json!(format!("berth test {marker}"));
     let config_bytes = serde_json::to_vec(&config).unwrap();

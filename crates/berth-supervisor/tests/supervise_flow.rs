@@ -36,7 +36,11 @@ const TOKEN: &str = "v2/zzzzz-gj3su-000000000000001/secret";
 #[derive(Debug, Clone, PartialEq)]
 enum Event {
     Update(Value),
-    Append { stream: String, offset: u64, length: usize },
+    Append {
+        stream: String,
+        offset: u64,
+        length: usize,
+    },
 }
 
 #[derive(Default)]
@@ -60,12 +64,19 @@ fn reject_token(api: &FakeApi, headers: &HeaderMap) -> Option<Response> {
     let expected = format!("Bearer {TOKEN}");
     let given = headers.get("authorization").and_then(|v| v.to_str().ok());
     if given != Some(expected.as_str()) || api.token_revoked {
-        return Some(error(StatusCode::UNAUTHORIZED, "invalid or revoked token".into()));
+        return Some(error(
+            StatusCode::UNAUTHORIZED,
+            "invalid or revoked token".into(),
+        ));
     }
     None
 }
 
-async fn get_container(State(shared): State<Shared>, Path(uuid): Path<String>, headers: HeaderMap) -> Response {
+async fn get_container(
+    State(shared): State<Shared>,
+    Path(uuid): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let api = shared.0.lock().unwrap();
     if let Some(response) = reject_token(&api, &headers) {
         return response;
@@ -131,7 +142,10 @@ async fn append_log(
         return error(StatusCode::NOT_FOUND, format!("container {uuid} not found"));
     }
     if !["stdout", "stderr", "supervisor"].contains(&stream.as_str()) {
-        return error(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid log stream {stream}"));
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid log stream {stream}"),
+        );
     }
 
     let offset = query.get("offset").copied().unwrap_or(0);
@@ -175,8 +189,14 @@ impl Server {
         };
         let shared: Shared = Arc::new((Mutex::new(api), state_sender));
         let app = Router::new()
-            .route("/arvados/v1/containers/{uuid}", get(get_container).put(update_container))
-            .route("/arvados/v1/containers/{uuid}/log/{stream}", post(append_log))
+            .route(
+                "/arvados/v1/containers/{uuid}",
+                get(get_container).put(update_container),
+            )
+            .route(
+                "/arvados/v1/containers/{uuid}/log/{stream}",
+                post(append_log),
+            )
             .with_state(shared.clone());
         // Binding before serving makes the server ready: connections wait
         // in the listen queue until axum accepts them.
@@ -212,7 +232,14 @@ impl Server {
     }
 
     fn log(&self, stream: &str) -> Vec<u8> {
-        self.shared.0.lock().unwrap().logs.get(stream).cloned().unwrap_or_default()
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .logs
+            .get(stream)
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn supervisor_log(&self) -> String {
@@ -265,7 +292,10 @@ fn test_config() -> Config {
 }
 
 fn index_of(events: &[Event], matches: impl Fn(&Event) -> bool) -> usize {
-    events.iter().position(matches).unwrap_or_else(|| panic!("no such event in {events:#?}"))
+    events
+        .iter()
+        .position(matches)
+        .unwrap_or_else(|| panic!("no such event in {events:#?}"))
 }
 
 #[tokio::test]
@@ -285,13 +315,19 @@ async fn stop_before_start_cancels_without_running() {
     let server = Server::start(container_record(&uuid, "Locked", "img", &["true"])).await;
     let stop = StopHandle::new();
     stop.stop("cancelled by signal SIGTERM");
-    let status = supervise_until(test_config(), server.credentials.clone(), stop).await.unwrap();
+    let status = supervise_until(test_config(), server.credentials.clone(), stop)
+        .await
+        .unwrap();
     assert_eq!(status, EXIT_RECORDED);
     assert_eq!(
         server.updates(),
-        vec![json!({"state": "Cancelled", "runtime_status": {"error": "cancelled by signal SIGTERM"}})]
+        vec![
+            json!({"state": "Cancelled", "runtime_status": {"error": "cancelled by signal SIGTERM"}})
+        ]
     );
-    assert!(server.supervisor_log().contains("stopping: cancelled by signal SIGTERM"));
+    assert!(server
+        .supervisor_log()
+        .contains("stopping: cancelled by signal SIGTERM"));
 }
 
 #[tokio::test]
@@ -328,7 +364,10 @@ async fn unreachable_runtime_cancels_naming_the_socket() {
     assert_eq!(updates.len(), 1, "{updates:#?}");
     assert_eq!(updates[0]["state"], "Cancelled");
     let message = updates[0]["runtime_status"]["error"].as_str().unwrap();
-    assert!(message.contains("unix:///nonexistent/berth-test.sock"), "{message}");
+    assert!(
+        message.contains("unix:///nonexistent/berth-test.sock"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -338,10 +377,15 @@ async fn lost_final_update_is_retried() {
     server.fail_final_updates(2);
     let stop = StopHandle::new();
     stop.stop("cancelled by signal SIGINT");
-    let status = supervise_until(test_config(), server.credentials.clone(), stop).await.unwrap();
+    let status = supervise_until(test_config(), server.credentials.clone(), stop)
+        .await
+        .unwrap();
     assert_eq!(status, EXIT_RECORDED);
     assert_eq!(server.updates().len(), 1);
-    assert_eq!(server.shared.0.lock().unwrap().container["state"], "Cancelled");
+    assert_eq!(
+        server.shared.0.lock().unwrap().container["state"],
+        "Cancelled"
+    );
 }
 
 #[tokio::test]
@@ -351,32 +395,61 @@ async fn exit_code_and_logs_arrive_in_order() {
     }
     let uuid = new_uuid();
     let script = r#"printf "a\nb"; printf err >&2; printf '\377'; echo "$GREETING" >&2; exit 3"#;
-    let server = Server::start(container_record(&uuid, "Locked", &common::test_image(), &["sh", "-c", script])).await;
+    let server = Server::start(container_record(
+        &uuid,
+        "Locked",
+        &common::test_image(),
+        &["sh", "-c", script],
+    ))
+    .await;
     let status = supervise_until(test_config(), server.credentials.clone(), StopHandle::new())
         .await
         .unwrap();
-    assert_eq!(status, EXIT_RECORDED, "supervisor log:\n{}", server.supervisor_log());
+    assert_eq!(
+        status,
+        EXIT_RECORDED,
+        "supervisor log:\n{}",
+        server.supervisor_log()
+    );
 
     assert_eq!(server.log("stdout"), b"a\nb\xff");
     assert_eq!(server.log("stderr"), b"errhello\n");
     let events = server.events();
-    let running = index_of(&events, |e| matches!(e, Event::Update(a) if a["state"] == "Running"));
-    let first_output = index_of(&events, |e| matches!(e, Event::Append { stream, .. } if stream != "supervisor"));
+    let running = index_of(
+        &events,
+        |e| matches!(e, Event::Update(a) if a["state"] == "Running"),
+    );
+    let first_output = index_of(
+        &events,
+        |e| matches!(e, Event::Append { stream, .. } if stream != "supervisor"),
+    );
     let last_output = events
         .iter()
         .rposition(|e| matches!(e, Event::Append { stream, .. } if stream != "supervisor"))
         .unwrap();
-    let complete = index_of(&events, |e| matches!(e, Event::Update(a) if a["state"] == "Complete"));
+    let complete = index_of(
+        &events,
+        |e| matches!(e, Event::Update(a) if a["state"] == "Complete"),
+    );
     assert!(running < first_output, "{events:#?}");
     assert!(last_output < complete, "{events:#?}");
     assert_eq!(complete, events.len() - 1, "{events:#?}");
-    assert_eq!(server.updates().last().unwrap(), &json!({"state": "Complete", "exit_code": 3}));
+    assert_eq!(
+        server.updates().last().unwrap(),
+        &json!({"state": "Complete", "exit_code": 3})
+    );
 
     let supervisor_log = server.supervisor_log();
     println!("supervisor log:\n{supervisor_log}");
     assert!(supervisor_log.contains("state Running"), "{supervisor_log}");
-    assert!(supervisor_log.contains("exited with status 3"), "{supervisor_log}");
-    assert!(supervisor_log.contains("removed the runtime container"), "{supervisor_log}");
+    assert!(
+        supervisor_log.contains("exited with status 3"),
+        "{supervisor_log}"
+    );
+    assert!(
+        supervisor_log.contains("removed the runtime container"),
+        "{supervisor_log}"
+    );
     assert!(!supervisor_log.contains("secret"), "{supervisor_log}");
     let runtime = common::runtime().await;
     assert!(containers_labelled(&runtime, &uuid).await.is_empty());
@@ -389,14 +462,27 @@ async fn archive_image_runs_to_complete() {
     }
     let uuid = new_uuid();
     let archive = common::test_image_archive();
-    let record = container_record(&uuid, "Locked", archive.to_str().unwrap(), &["echo", "from archive"]);
+    let record = container_record(
+        &uuid,
+        "Locked",
+        archive.to_str().unwrap(),
+        &["echo", "from archive"],
+    );
     let server = Server::start(record).await;
     let status = supervise_until(test_config(), server.credentials.clone(), StopHandle::new())
         .await
         .unwrap();
-    assert_eq!(status, EXIT_RECORDED, "supervisor log:\n{}", server.supervisor_log());
+    assert_eq!(
+        status,
+        EXIT_RECORDED,
+        "supervisor log:\n{}",
+        server.supervisor_log()
+    );
     assert_eq!(server.log("stdout"), b"from archive\n");
-    assert_eq!(server.updates().last().unwrap(), &json!({"state": "Complete", "exit_code": 0}));
+    assert_eq!(
+        server.updates().last().unwrap(),
+        &json!({"state": "Complete", "exit_code": 0})
+    );
 }
 
 #[tokio::test]
@@ -406,10 +492,22 @@ async fn stop_request_cancels_a_running_container() {
     }
     let uuid = new_uuid();
     let command = ["sh", "-c", "echo started; exec sleep 600"];
-    let mut server = Server::start(container_record(&uuid, "Locked", &common::test_image(), &command)).await;
+    let mut server = Server::start(container_record(
+        &uuid,
+        "Locked",
+        &common::test_image(),
+        &command,
+    ))
+    .await;
     let stop = StopHandle::new();
-    let run = tokio::spawn(supervise_until(test_config(), server.credentials.clone(), stop.clone()));
-    server.wait_for_state("Running", Duration::from_secs(30)).await;
+    let run = tokio::spawn(supervise_until(
+        test_config(),
+        server.credentials.clone(),
+        stop.clone(),
+    ));
+    server
+        .wait_for_state("Running", Duration::from_secs(30))
+        .await;
 
     let stopped_at = Instant::now();
     stop.stop("cancelled by signal SIGTERM");
@@ -419,8 +517,16 @@ async fn stop_request_cancels_a_running_container() {
         .unwrap()
         .unwrap();
     let elapsed = stopped_at.elapsed();
-    assert_eq!(status, EXIT_RECORDED, "supervisor log:\n{}", server.supervisor_log());
-    assert!(elapsed < Duration::from_secs(15), "cancelling took {elapsed:?}");
+    assert_eq!(
+        status,
+        EXIT_RECORDED,
+        "supervisor log:\n{}",
+        server.supervisor_log()
+    );
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "cancelling took {elapsed:?}"
+    );
 
     assert_eq!(
         server.updates().last().unwrap(),
@@ -428,8 +534,14 @@ async fn stop_request_cancels_a_running_container() {
     );
     assert_eq!(server.log("stdout"), b"started\n");
     let supervisor_log = server.supervisor_log();
-    assert!(supervisor_log.contains("stopping the container"), "{supervisor_log}");
-    assert!(supervisor_log.contains("removed the runtime container"), "{supervisor_log}");
+    assert!(
+        supervisor_log.contains("stopping the container"),
+        "{supervisor_log}"
+    );
+    assert!(
+        supervisor_log.contains("removed the runtime container"),
+        "{supervisor_log}"
+    );
     let runtime = common::runtime().await;
     assert!(containers_labelled(&runtime, &uuid).await.is_empty());
 }
@@ -462,7 +574,13 @@ async fn failing_command_cancels_and_leaves_nothing() {
         return;
     }
     let uuid = new_uuid();
-    let server = Server::start(container_record(&uuid, "Locked", &common::test_image(), &["/no/such/program"])).await;
+    let server = Server::start(container_record(
+        &uuid,
+        "Locked",
+        &common::test_image(),
+        &["/no/such/program"],
+    ))
+    .await;
     let status = supervise_until(test_config(), server.credentials.clone(), StopHandle::new())
         .await
         .unwrap();

@@ -85,7 +85,12 @@ impl DockerRuntime {
             .as_ref()
             .and_then(|components| components.first())
             .map(|component| format!("{} {}", component.name, component.version))
-            .or_else(|| version.version.as_ref().map(|v| format!("Docker Engine {v}")))
+            .or_else(|| {
+                version
+                    .version
+                    .as_ref()
+                    .map(|v| format!("Docker Engine {v}"))
+            })
             .unwrap_or_else(|| "an unknown server".to_string());
         let description = format!(
             "Docker Engine API {} at {endpoint} ({server})",
@@ -154,15 +159,24 @@ impl DockerRuntime {
             return Ok(reference);
         }
         self.load_archive(path).await?;
-        self.present_reference(&image).await?.ok_or_else(|| RuntimeError::LoadImage {
-            path: path.to_path_buf(),
-            source: format!("the runtime loaded the archive but does not hold image {}", image.id).into(),
-        })
+        self.present_reference(&image)
+            .await?
+            .ok_or_else(|| RuntimeError::LoadImage {
+                path: path.to_path_buf(),
+                source: format!(
+                    "the runtime loaded the archive but does not hold image {}",
+                    image.id
+                )
+                .into(),
+            })
     }
 
     /// Returns a reference to the archive's image if the store contains
     /// it: a tag that points at the image, else the image ID.
-    async fn present_reference(&self, image: &ArchiveImage) -> Result<Option<String>, RuntimeError> {
+    async fn present_reference(
+        &self,
+        image: &ArchiveImage,
+    ) -> Result<Option<String>, RuntimeError> {
         for tag in &image.repo_tags {
             if let Some(id) = self.image_id(tag).await? {
                 if same_image_id(&id, &image.id) {
@@ -280,7 +294,11 @@ impl Runtime for DockerRuntime {
                         data: message,
                     })),
                     Ok(LogOutput::StdIn { .. }) => None,
-                    Err(error) => Some(Err(request_error("read the output of container", &target, error))),
+                    Err(error) => Some(Err(request_error(
+                        "read the output of container",
+                        &target,
+                        error,
+                    ))),
                 };
                 futures::future::ready(chunk)
             })
@@ -359,7 +377,12 @@ fn create_config(spec: &ContainerSpec) -> CreateConfig<String> {
         cmd: Some(spec.command.clone()),
         env: Some(spec.env.clone()),
         working_dir: spec.working_dir.clone(),
-        labels: Some(spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<HashMap<_, _>>()),
+        labels: Some(
+            spec.labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<HashMap<_, _>>(),
+        ),
         attach_stdin: Some(false),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
@@ -377,11 +400,21 @@ fn bind_string(bind: &BindMount) -> String {
 }
 
 fn is_not_found(error: &DockerError) -> bool {
-    matches!(error, DockerError::DockerResponseServerError { status_code: 404, .. })
+    matches!(
+        error,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
 }
 
 fn same_image_id(a: &str, b: &str) -> bool {
-    let strip = |id: &str| id.strip_prefix("sha256:").unwrap_or(id).to_ascii_lowercase();
+    let strip = |id: &str| {
+        id.strip_prefix("sha256:")
+            .unwrap_or(id)
+            .to_ascii_lowercase()
+    };
     !a.is_empty() && strip(a) == strip(b)
 }
 
@@ -402,7 +435,10 @@ mod tests {
     fn spec(network: Network) -> ContainerSpec {
         ContainerSpec {
             name: "berth-zzzzz-dz642-0123456789abcde".into(),
-            labels: BTreeMap::from([("org.berth.container-uuid".into(), "zzzzz-dz642-0123456789abcde".into())]),
+            labels: BTreeMap::from([(
+                "org.berth.container-uuid".into(),
+                "zzzzz-dz642-0123456789abcde".into(),
+            )]),
             image: "localhost/busybox:latest".into(),
             command: vec!["echo".into(), "hi there".into()],
             env: vec!["A=1".into()],
@@ -428,7 +464,10 @@ mod tests {
     #[test]
     fn create_config_maps_the_spec() {
         let config = create_config(&spec(Network::None));
-        assert_eq!(config.cmd, Some(vec!["echo".to_string(), "hi there".to_string()]));
+        assert_eq!(
+            config.cmd,
+            Some(vec!["echo".to_string(), "hi there".to_string()])
+        );
         assert_eq!(config.env, Some(vec!["A=1".to_string()]));
         assert_eq!(config.working_dir, None);
         assert_eq!(config.tty, Some(false));
@@ -440,17 +479,24 @@ mod tests {
         assert_eq!(host.auto_remove, Some(false));
         assert_eq!(
             host.binds,
-            Some(vec!["/tmp/x/mountdata0:/etc/p.json:ro".to_string(), "/tmp/x/tmp1:/tmp".to_string()])
+            Some(vec![
+                "/tmp/x/mountdata0:/etc/p.json:ro".to_string(),
+                "/tmp/x/tmp1:/tmp".to_string()
+            ])
         );
     }
 
     #[test]
     fn enabled_network_uses_the_configured_mode() {
-        let host = create_config(&spec(Network::Enabled { mode: Some("host".into()) }))
+        let host = create_config(&spec(Network::Enabled {
+            mode: Some("host".into()),
+        }))
+        .host_config
+        .unwrap();
+        assert_eq!(host.network_mode.as_deref(), Some("host"));
+        let host = create_config(&spec(Network::Enabled { mode: None }))
             .host_config
             .unwrap();
-        assert_eq!(host.network_mode.as_deref(), Some("host"));
-        let host = create_config(&spec(Network::Enabled { mode: None })).host_config.unwrap();
         assert_eq!(host.network_mode, None);
     }
 
@@ -463,9 +509,14 @@ mod tests {
 
     #[tokio::test]
     async fn missing_socket_is_named_in_the_error() {
-        let err = DockerRuntime::connect("unix:///nonexistent/docker.sock").await.unwrap_err();
+        let err = DockerRuntime::connect("unix:///nonexistent/docker.sock")
+            .await
+            .unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("unix:///nonexistent/docker.sock"), "{message}");
+        assert!(
+            message.contains("unix:///nonexistent/docker.sock"),
+            "{message}"
+        );
         assert!(message.contains("DOCKER_HOST"), "{message}");
     }
 
