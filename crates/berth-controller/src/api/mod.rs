@@ -46,12 +46,26 @@ use crate::store::Store;
 pub(crate) const MAX_WRITE_ATTEMPTS: usize = 8;
 
 /// The state every handler shares. Cloning is cheap.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AppState {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+/// Shows the cluster and the limits, never the system token's digest.
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("AppState")
+            .field("store", &inner.store)
+            .field("cluster_id", &inner.cluster.cluster_id)
+            .field("max_dispatch_attempts", &inner.max_dispatch_attempts)
+            .field("max_log_chunk_bytes", &inner.max_log_chunk_bytes)
+            .field("max_request_body_bytes", &inner.max_request_body_bytes)
+            .field("request_timeout", &inner.request_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     store: Arc<dyn Store>,
     cluster: ClusterSettings,

@@ -354,3 +354,14 @@ async fn unknown_path_is_404_json() {
     reply.expect(StatusCode::METHOD_NOT_ALLOWED);
     assert!(reply.errors().contains("DELETE"), "{}", reply.errors());
 }
+
+#[tokio::test]
+async fn state_debug_hides_system_token() {
+    let api = TestApi::new().await;
+    let shown = format!("{:?}", api.state);
+    assert!(shown.contains("zzzzz"), "{shown}");
+    assert!(!shown.contains(SYSTEM_TOKEN), "{shown}");
+    let digest = berth_controller::auth::hash_secret(SYSTEM_TOKEN);
+    assert!(!shown.contains(&digest[..16]), "{shown}");
+    assert!(!shown.contains("system_token"), "{shown}");
+}
