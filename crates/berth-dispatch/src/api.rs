@@ -17,8 +17,8 @@ pub const PAGE_SIZE: u64 = 1000;
 /// The controller, as the dispatcher uses it.
 #[async_trait]
 pub trait ControllerApi: Send + Sync {
-    /// The UUID of the token this client uses, which the controller records
-    /// as `locked_by_uuid` on the containers it locks.
+    /// Returns the UUID of the token this client uses, which the controller
+    /// records as `locked_by_uuid` on the containers it locks.
     async fn token_uuid(&self) -> Result<String, ClientError>;
     async fn list_containers(&self, params: &ListParams) -> Result<ListPage<Container>, ClientError>;
     async fn get_container(&self, uuid: &str) -> Result<Container, ClientError>;
@@ -37,7 +37,7 @@ impl ControllerApi for Client {
             .map(str::to_string)
             .ok_or_else(|| {
                 ClientError::Settings(
-                    "the controller's answer to GET api_client_authorizations/current has no uuid"
+                    "the controller's response to GET api_client_authorizations/current has no uuid"
                         .to_string(),
                 )
             })

@@ -3,7 +3,7 @@
 //! A backend has three verbs: [`Backend::submit`] one job for one container,
 //! [`Backend::status`] of all the dispatcher's jobs in one query, and
 //! [`Backend::cancel`] one job. Each job is named after its container's
-//! UUID, so a restarted dispatcher finds its jobs again by name; the
+//! UUID, so a restarted dispatcher finds its jobs again by name. The
 //! backend's own id for the job ([`JobId`]) is kept as well.
 //!
 //! A failed status query is an error, never an empty queue: the loop acts on
@@ -76,12 +76,12 @@ pub struct BatchJob {
     /// The job's name: the container UUID for the dispatcher's own jobs.
     pub name: String,
     pub state: JobState,
-    /// Why the job is in its state, in the batch system's words (Slurm's
-    /// pending reason, such as `Resources`); empty when there is none.
+    /// The reason for the job's state, in the batch system's words, such as
+    /// Slurm's pending reason `Resources`. Empty when there is none.
     pub reason: String,
 }
 
-/// What one job must run: one container's supervisor, with resources.
+/// The job for one container: its supervisor, with resources.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRequest {
     /// The container UUID, which is also the job's name.
@@ -141,8 +141,8 @@ impl JobRequest {
     }
 }
 
-/// A submitted job, with what was submitted and what the batch system
-/// answered.
+/// A submitted job, with the submitted command and script and the batch
+/// system's output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Submission {
     pub job_id: JobId,
@@ -166,7 +166,7 @@ pub enum BackendError {
         #[source]
         source: CommandError,
     },
-    /// The container's record asks for something no job can be made of.
+    /// The container's record requests something no job can provide.
     #[error("failed to make a job of container {container}: {reason}")]
     InvalidRequest { container: String, reason: String },
     /// A command succeeded but printed something the adapter cannot read.
@@ -206,14 +206,14 @@ impl BackendError {
 /// A batch system, seen through its three verbs.
 #[async_trait]
 pub trait Backend: Send {
-    /// The backend's name for logs: `slurm` or `local`.
+    /// Returns the backend's name for logs, such as `slurm` or `local`.
     fn name(&self) -> &'static str;
 
     /// Submits one job that runs the container's supervisor.
     async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError>;
 
-    /// Lists the dispatcher's jobs that the batch system still knows,
-    /// in one query.
+    /// Lists the dispatcher's jobs that the batch system still has, in one
+    /// query.
     async fn status(&mut self) -> Result<Vec<BatchJob>, BackendError>;
 
     /// Cancels a job as it was last seen: a job that has not started is

@@ -1,12 +1,13 @@
 //! Running the batch system's commands: the one side effect of the Slurm
 //! adapter.
 //!
-//! A [`CommandSpec`] is a program, its arguments, optional bytes for its
-//! stdin and the environment variables to drop. A [`CommandRunner`] runs it
+//! A [`CommandSpec`] is a program, its arguments and optional bytes for its
+//! stdin. A [`CommandRunner`] runs it
 //! and returns the [`CommandOutput`] whatever the exit status, so that the
 //! adapter decides what a non-zero exit means (`scancel` of a job that has
-//! already ended is not a failure). [`ProcessRunner`] is the real runner;
-//! the unit tests use a recording double.
+//! already ended is not a failure). [`ProcessRunner`] is the real runner,
+//! which also removes [`SECRET_ENV_VARS`] from each command's environment.
+//! The unit tests use a recording double.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -44,7 +45,7 @@ impl CommandSpec {
         self
     }
 
-    /// The command as one line: the program and its arguments.
+    /// Formats the command as one line: the program and its arguments.
     pub fn command_line(&self) -> String {
         let mut line = self.program.display().to_string();
         for arg in &self.args {
@@ -65,7 +66,7 @@ impl fmt::Debug for CommandSpec {
     }
 }
 
-/// What a finished command printed, and how it ended.
+/// Output and exit status of a finished command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutput {
     /// The exit code; `None` when a signal ended the command.
@@ -81,12 +82,12 @@ impl CommandOutput {
         self.code == Some(0)
     }
 
-    /// An output with exit code 0, as a test double returns it.
+    /// Builds an output with exit code 0, as a test double returns it.
     pub fn ok(stdout: &str) -> CommandOutput {
         CommandOutput::exited(0, stdout, "")
     }
 
-    /// An output with the given exit code.
+    /// Builds an output with the given exit code.
     pub fn exited(code: i32, stdout: &str, stderr: &str) -> CommandOutput {
         CommandOutput {
             code: Some(code),
@@ -140,7 +141,7 @@ pub enum CommandError {
 }
 
 impl CommandError {
-    /// The command's stderr, when it ran to the end.
+    /// Returns the command's stderr, when it ran to the end.
     pub fn stderr(&self) -> Option<&str> {
         match self {
             CommandError::Failed { stderr, .. } => Some(stderr),
@@ -197,7 +198,7 @@ impl CommandRunner for ProcessRunner {
         let finish = async move {
             if let (Some(mut pipe), Some(bytes)) = (stdin, input) {
                 // A command that exits without reading its stdin closes the
-                // pipe: its exit status says more than the broken pipe.
+                // pipe, and its exit status is more useful than the broken pipe.
                 if let Err(err) = pipe.write_all(&bytes).await {
                     tracing::debug!(error = %err, "failed to write a command's stdin");
                 }
@@ -222,8 +223,8 @@ impl CommandRunner for ProcessRunner {
 
 #[cfg(test)]
 pub(crate) mod recording {
-    //! A [`CommandRunner`] double that records each command and answers
-    //! from a script of outputs.
+    //! A [`CommandRunner`] double that records each command and returns
+    //! outputs queued by the test.
 
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
@@ -280,7 +281,7 @@ pub(crate) mod recording {
                     program: spec.program.display().to_string(),
                     source: std::io::Error::new(std::io::ErrorKind::NotFound, message),
                 }),
-                None => panic!("no answer queued for {}", spec.command_line()),
+                None => panic!("no output queued for {}", spec.command_line()),
             }
         }
     }
@@ -305,7 +306,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn non_zero_exit_is_an_output_and_check_makes_it_an_error() {
+    async fn non_zero_exit_checked_as_error() {
         let spec = CommandSpec::new(
             "/bin/sh",
             vec!["-c".into(), "echo out; echo err >&2; exit 3".into()],

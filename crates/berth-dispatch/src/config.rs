@@ -29,7 +29,7 @@ pub mod defaults {
 
     /// How often the dispatcher looks at the queue and the batch system.
     pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
-    /// Where credentials files go.
+    /// Directory of the credentials files.
     pub const CREDENTIALS_DIR: &str = "/var/lib/berth/credentials";
     /// Memory added to each container's RAM for the supervisor and the
     /// runtime: 256 MiB.
@@ -108,7 +108,7 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    /// The name used in the configuration file.
+    /// Returns the name used in the configuration file.
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Slurm => "slurm",
@@ -145,7 +145,7 @@ pub struct Config {
     #[serde(default)]
     pub insecure: bool,
     /// Time between two passes over the queue and the batch system, such as
-    /// `2s` or `500ms`. It bounds how quickly the dispatcher sees a new
+    /// `2s` or `500ms`. It bounds how quickly the dispatcher notices a new
     /// container, a container whose priority dropped to 0 (whose job it
     /// then cancels) and a job that left the batch system. Each pass costs
     /// two or three list calls to the controller and one status query to the
@@ -283,7 +283,7 @@ fn deserialize_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D
 }
 
 impl Config {
-    /// A configuration with every optional key at its default.
+    /// Creates a configuration with every optional key at its default.
     pub fn new(backend: BackendKind, api_url: impl Into<String>) -> Config {
         Config {
             backend,
@@ -317,7 +317,7 @@ impl Config {
         self.slurm.validate()
     }
 
-    /// The directory of the local backend's log files.
+    /// Returns the directory of the local backend's log files.
     pub fn local_log_dir(&self) -> &Path {
         self.local.log_dir.as_deref().unwrap_or(&self.credentials_dir)
     }

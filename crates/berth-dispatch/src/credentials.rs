@@ -1,11 +1,11 @@
-//! The credentials directory: one file per locked container, holding the
-//! secrets its supervisor needs.
+//! The credentials directory: one file per locked container, containing
+//! the secrets its supervisor needs.
 //!
 //! The dispatcher writes `<dir>/<container uuid>.json` (a
 //! [`JobCredentials`], mode 0600) right after it locks the container, and
 //! removes it when the container is final or unlocked. The directory is
 //! mode 0700. A restarted dispatcher uses the file's presence to tell
-//! whether it can still submit a container it had locked: the lock's
+//! whether it can still submit a container it had locked. The lock's
 //! secrets are shown only once, so without the file only an unlock and a
 //! new lock can produce them again.
 
@@ -109,7 +109,7 @@ impl CredentialsStore {
         &self.dir
     }
 
-    /// The file of one container.
+    /// Returns the credentials file of one container.
     pub fn path(&self, container_uuid: &str) -> PathBuf {
         self.dir.join(format!("{container_uuid}.json"))
     }
@@ -147,8 +147,8 @@ impl CredentialsStore {
         }
     }
 
-    /// The containers that have a file, and leftover temporary files from
-    /// an interrupted write (`<uuid>.tmp`).
+    /// Lists the containers that have a file, and leftover temporary files
+    /// from an interrupted write (`<uuid>.tmp`).
     pub fn list(&self) -> Result<(Vec<String>, Vec<PathBuf>), StoreError> {
         let list_error = |source| StoreError::List {
             path: self.dir.clone(),

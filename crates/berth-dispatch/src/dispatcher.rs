@@ -8,9 +8,9 @@
 //!    neither list returned;
 //! 2. takes one snapshot of the batch system ([`Backend::status`]);
 //! 3. takes over containers locked by this token that it does not track
-//!    yet; on the first tick it also cancels orphaned jobs (named after a
-//!    container of this cluster that is not Locked or Running by this
-//!    token) and removes leftover credentials files;
+//!    yet. On the first tick it also cancels orphaned jobs and removes
+//!    leftover credentials files. An orphaned job is named after a
+//!    container of this cluster that is not Locked or Running by this token;
 //! 4. lets each tracked container decide ([`Tracked::observe`]) and carries
 //!    out its actions;
 //! 5. locks each Queued container, highest priority first, writes its
@@ -52,7 +52,7 @@ const STARTUP_RETRY_MAX: Duration = Duration::from_secs(30);
 /// repeats.
 const REPEAT_WARN_EVERY: u64 = 100;
 
-/// Why a tick ended early.
+/// Failure that ended a tick early.
 #[derive(Debug, thiserror::Error)]
 pub enum TickError {
     #[error("failed to list {what}: {source}")]
@@ -178,7 +178,7 @@ impl<B: Backend> Dispatcher<B> {
         Ok(Some(Dispatcher::new(api, backend, cluster_id, store, token_uuid)))
     }
 
-    /// A dispatcher that already knows its token UUID.
+    /// Creates a dispatcher whose token UUID is already known.
     pub fn new(
         api: Box<dyn ControllerApi>,
         backend: B,
@@ -229,7 +229,7 @@ impl<B: Backend> Dispatcher<B> {
         );
     }
 
-    /// The containers being tracked, by UUID.
+    /// Returns the tracked containers, by UUID.
     pub fn tracked(&self) -> &BTreeMap<String, Tracked> {
         &self.tracked
     }
@@ -607,8 +607,8 @@ impl<B: Backend> Dispatcher<B> {
                 self.holds.insert(uuid.to_string(), now + RELOCK_HOLD);
             }
             Err(err) if status_code(&err) == Some(422) => {
-                // It changed meanwhile (its supervisor started it, say); the
-                // next tick sees the new state.
+                // It changed meanwhile, for example because its supervisor
+                // started it. The next tick observes the new state.
                 tracing::info!(error = %err, "the container could not be unlocked");
             }
             Err(err) => report!(self.repeats, format!("{uuid} unlock"), err, "failed to unlock the container"),
@@ -645,7 +645,7 @@ impl<B: Backend> Dispatcher<B> {
     }
 }
 
-/// The HTTP status of a controller error, as a number.
+/// Returns the HTTP status of a controller error, as a number.
 fn status_code(err: &ClientError) -> Option<u16> {
     err.status().map(|status| status.as_u16())
 }

@@ -177,7 +177,7 @@ async fn priority_zero_cancels_the_job_once() {
 }
 
 #[tokio::test]
-async fn priority_zero_of_a_pending_job_cancels_it_and_unlocks() {
+async fn priority_zero_pending_job_unlocks() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.tick().await;
@@ -214,7 +214,7 @@ async fn vanished_running_container_is_cancelled_with_a_reason() {
 }
 
 #[tokio::test]
-async fn vanished_locked_container_is_unlocked_then_relocked_after_a_hold() {
+async fn vanished_locked_relocked_after_hold() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.tick().await;
@@ -321,7 +321,7 @@ async fn failed_submissions_are_retried_then_unlocked() {
 }
 
 #[tokio::test]
-async fn job_of_a_timed_out_submission_is_taken_not_resubmitted() {
+async fn timed_out_submission_job_adopted() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.fail_next_submit(SubmitFailure::Transient);
@@ -336,7 +336,7 @@ async fn job_of_a_timed_out_submission_is_taken_not_resubmitted() {
 }
 
 #[tokio::test]
-async fn restarted_dispatcher_tracks_its_running_job() {
+async fn restart_tracks_running_job() {
     let mut h = Harness::new();
     h.start_running(A).await;
     h.restart();
@@ -356,7 +356,7 @@ async fn restarted_dispatcher_tracks_its_running_job() {
 }
 
 #[tokio::test]
-async fn restarted_dispatcher_submits_a_lock_it_had_not_submitted() {
+async fn restart_submits_unsubmitted_lock() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.fail_next_submit(SubmitFailure::Transient);
@@ -373,7 +373,7 @@ async fn restarted_dispatcher_submits_a_lock_it_had_not_submitted() {
 }
 
 #[tokio::test]
-async fn restarted_dispatcher_unlocks_a_lock_without_credentials() {
+async fn restart_unlocks_lock_without_credentials() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.fail_next_submit(SubmitFailure::Transient);
@@ -387,7 +387,7 @@ async fn restarted_dispatcher_unlocks_a_lock_without_credentials() {
 }
 
 #[tokio::test]
-async fn restarted_dispatcher_unlocks_a_lock_whose_recorded_job_ended() {
+async fn restart_unlocks_ended_recorded_job() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.tick().await;
@@ -400,7 +400,7 @@ async fn restarted_dispatcher_unlocks_a_lock_whose_recorded_job_ended() {
 }
 
 #[tokio::test]
-async fn restarted_dispatcher_cancels_a_running_container_without_a_job() {
+async fn restart_cancels_running_without_job() {
     let mut h = Harness::new();
     h.start_running(A).await;
     h.backend.end(A);

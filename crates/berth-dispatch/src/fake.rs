@@ -29,7 +29,7 @@ fn api_error(status: StatusCode, message: String) -> ClientError {
     }
 }
 
-/// A container in the Queued state, as the controller would create it.
+/// Builds a container in the Queued state, as the controller creates it.
 pub fn queued_container(uuid: &str, priority: i64) -> Container {
     let mut container: Container = serde_json::from_value(serde_json::json!({
         "uuid": uuid,
@@ -252,7 +252,7 @@ impl ControllerApi for FakeController {
     }
 }
 
-/// How the next submission fails.
+/// Kind of failure of the next submission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubmitFailure {
     /// Like an `sbatch` that timed out.

@@ -2,11 +2,11 @@
 //!
 //! One task, the dispatch loop ([`dispatcher`]), owns all state. Each tick
 //! it reads the container queue from the controller and one snapshot of
-//! the batch system, lets each container's pure state ([`tracker`])
-//! decide, and carries out the decisions: lock, write the credentials file
-//! ([`credentials`]), submit, record the job id, cancel a job whose
-//! container's priority dropped to 0, and cancel or unlock a container
-//! whose job vanished. Batch systems sit behind the [`Backend`] trait with
+//! the batch system, and lets each container's pure state ([`tracker`])
+//! decide. The loop then carries out the decisions: lock, write the
+//! credentials file ([`credentials`]), submit, record the job id, cancel a
+//! job whose container's priority dropped to 0, and cancel or unlock a
+//! container whose job vanished. Batch systems sit behind the [`Backend`] trait with
 //! three verbs (submit, status, cancel): [`slurm`] builds and parses Slurm's
 //! commands, run through a [`command::CommandRunner`]; [`local`] runs each
 //! supervisor as a child process.

@@ -48,9 +48,9 @@ pub struct LocalBackend {
 }
 
 impl LocalBackend {
-    /// A backend keeping pid files in `state_dir` and logs in `log_dir`
-    /// (made if missing). Processes named by existing pid files are taken
-    /// over.
+    /// Creates a backend that keeps pid files in `state_dir` and logs in
+    /// `log_dir` (made if missing). It takes over the processes named by
+    /// existing pid files.
     pub fn new(
         supervisor: SupervisorCommand,
         state_dir: &Path,
@@ -75,7 +75,7 @@ impl LocalBackend {
         self.state_dir.join(format!("{uuid}.pid"))
     }
 
-    /// The log file of one container's supervisor.
+    /// Returns the log file of one container's supervisor.
     pub fn log_file(&self, uuid: &str) -> PathBuf {
         self.log_dir.join(format!("{uuid}.log"))
     }
@@ -278,7 +278,7 @@ impl Backend for LocalBackend {
     }
 
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError> {
-        // Signal only a process this backend knows under that id, never a
+        // Signal only a process this backend tracks under that id, never a
         // pid taken from elsewhere.
         let Some(known) = self.jobs.get(&job.name).filter(|known| known.id_matches(&job.id)) else {
             return Ok(());
@@ -309,7 +309,8 @@ mod tests {
 
     const UUID: &str = "zzzzz-dz642-000000000000001";
 
-    /// A stand-in for `berth`: records its arguments, then waits for TERM.
+    /// Writes a stand-in for `berth` that prints its arguments, then waits
+    /// for TERM.
     fn fake_berth(dir: &Path) -> SupervisorCommand {
         let program = dir.join("fake-berth");
         std::fs::write(

@@ -27,8 +27,8 @@ fn utf8<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, NotUtf8> {
 }
 
 impl SupervisorCommand {
-    /// The argument vector that runs the supervisor of one container,
-    /// starting with the program.
+    /// Builds the argument vector that runs the supervisor of one
+    /// container, starting with the program.
     pub fn argv(&self, credentials_file: &Path, container_uuid: &str) -> Result<Vec<String>, NotUtf8> {
         let mut argv = vec![
             utf8("the berth program", &self.program)?.to_string(),
@@ -67,7 +67,7 @@ pub fn shell_quote(word: &str) -> String {
     quoted
 }
 
-/// A job script that replaces the shell with `argv`.
+/// Builds a job script that replaces the shell with `argv`.
 pub fn exec_script(argv: &[String]) -> String {
     let words: Vec<String> = argv.iter().map(|word| shell_quote(word)).collect();
     format!("#!/bin/sh\nexec {}\n", words.join(" "))

@@ -14,8 +14,8 @@
 //!   `|` still parses. A non-zero exit or an unreadable line is an error;
 //!   empty output from a successful run is an empty queue.
 //! - Cancel: a pending job with `scancel --state=PENDING ID`, which does
-//!   nothing if the job has started meanwhile (the next tick sees it running
-//!   and cancels it as such); a running job with `scancel --batch
+//!   nothing if the job has started meanwhile (the next tick lists it as
+//!   running and cancels it as such); a running job with `scancel --batch
 //!   --signal=TERM ID`, which signals only the batch shell, that is the
 //!   supervisor, so that it can stop its container and keep the logs; any
 //!   other job (suspended, configuring) with `scancel ID`. Slurm 22.05
@@ -66,13 +66,15 @@ pub struct SlurmBackend<R> {
 }
 
 impl<R: CommandRunner> SlurmBackend<R> {
-    /// A backend whose jobs belong to the user the dispatcher runs as.
+    /// Creates a backend whose jobs belong to the user the dispatcher runs
+    /// as.
     pub fn new(config: SlurmConfig, supervisor: SupervisorCommand, runner: R) -> SlurmBackend<R> {
         let user = nix::unistd::getuid().to_string();
         SlurmBackend::with_user(config, supervisor, runner, user)
     }
 
-    /// A backend that lists the jobs of `user` (a name or numeric id).
+    /// Creates a backend that lists the jobs of `user` (a name or numeric
+    /// id).
     pub fn with_user(
         config: SlurmConfig,
         supervisor: SupervisorCommand,
@@ -87,7 +89,7 @@ impl<R: CommandRunner> SlurmBackend<R> {
         }
     }
 
-    /// The `sbatch` command, with the job script on its stdin.
+    /// Builds the `sbatch` command, with the job script on its stdin.
     pub fn sbatch_command(&self, request: &JobRequest) -> Result<CommandSpec, BackendError> {
         let uuid = &request.container_uuid;
         let mem_mib = memory_mib(request.ram, self.config.reserve_ram).ok_or_else(|| {
@@ -129,7 +131,7 @@ impl<R: CommandRunner> SlurmBackend<R> {
         Ok(CommandSpec::new(&self.config.sbatch, args).with_stdin(script.into_bytes()))
     }
 
-    /// The one status query.
+    /// Builds the one status query.
     pub fn squeue_command(&self) -> CommandSpec {
         CommandSpec::new(
             &self.config.squeue,
@@ -141,8 +143,8 @@ impl<R: CommandRunner> SlurmBackend<R> {
         )
     }
 
-    /// The command that cancels `job` in its state; `None` for a job that is
-    /// already completing.
+    /// Builds the command that cancels `job` in its state, or `None` for a
+    /// job that is already completing.
     pub fn scancel_command(&self, job: &BatchJob) -> Option<CommandSpec> {
         let id = job.id.to_string();
         let args = match job.state {
@@ -235,8 +237,8 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
     }
 }
 
-/// The job's `--mem` in MiB: the container's RAM plus the reserve, rounded
-/// up. `None` on overflow.
+/// Computes the job's `--mem` in MiB: the container's RAM plus the
+/// reserve, rounded up. Returns `None` on overflow.
 pub fn memory_mib(ram: u64, reserve: u64) -> Option<u64> {
     ram.checked_add(reserve).map(|bytes| bytes.div_ceil(1 << 20))
 }
@@ -255,7 +257,7 @@ pub fn parse_sbatch_output(stdout: &str) -> Result<JobId, String> {
 }
 
 /// Parses `squeue --noheader --format=`[`SQUEUE_FORMAT`] output. Blank
-/// lines are skipped; any other line that does not read as a job is an
+/// lines are skipped. Any other line that does not read as a job is an
 /// error, so that garbage never looks like a queue without the dispatcher's
 /// jobs.
 pub fn parse_squeue_output(stdout: &str) -> Result<Vec<BatchJob>, String> {
@@ -313,8 +315,8 @@ fn parse_state(state: &str) -> JobState {
     }
 }
 
-/// Checks that each Slurm program can be found, naming the key of one that
-/// cannot.
+/// Checks that each Slurm program exists. The error names the key of a
+/// missing program.
 pub fn check_programs(config: &SlurmConfig) -> Result<(), ConfigError> {
     for (key, program) in [
         ("slurm.sbatch", &config.sbatch),
@@ -335,8 +337,8 @@ pub fn check_programs(config: &SlurmConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The executable `program` names: itself if it has a directory part,
-/// else the first match in `PATH`.
+/// Finds the executable that `program` names: itself if it has a
+/// directory part, else the first match in `PATH`.
 fn find_program(program: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |path: &Path| {
@@ -617,7 +619,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn squeue_failure_is_an_error_not_an_empty_queue() {
+    async fn squeue_failure_is_an_error() {
         let (mut backend, runner) = backend(SlurmConfig::default());
         runner.answer(CommandOutput::exited(
             1,
@@ -667,7 +669,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_partition_is_permanent_only_when_the_container_named_it() {
+    async fn unknown_partition_permanent_if_requested() {
         let stderr = "sbatch: error: invalid partition specified: nope\n\
                       sbatch: error: Batch job submission failed: Invalid partition name specified\n";
         let config = SlurmConfig {
@@ -687,7 +689,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn submit_failures_that_may_pass_later_are_not_permanent() {
+    async fn transient_submit_failures_not_permanent() {
         let (mut backend, runner) = backend(SlurmConfig::default());
         runner.answer(CommandOutput::exited(
             1,

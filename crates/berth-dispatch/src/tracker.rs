@@ -17,7 +17,7 @@
 //!   loop act on its absence, so one odd snapshot never ends a container.
 //! - *adopted*: tracked because the controller lists the container as
 //!   Locked or Running by this dispatcher's token, although this process did
-//!   not lock it (a restart, or a lock whose answer was lost).
+//!   not lock it (after a restart, or when a lock's response was lost).
 //! - *stray*: a job named after the container that is not its job, such as
 //!   a second submission; it is cancelled.
 
@@ -56,7 +56,7 @@ pub const VANISHED_ERROR: &str =
 /// container's job.
 pub const REJECTED_ERROR: &str = "the batch system rejected the container's job";
 
-/// Why the tracker exists.
+/// The reason a container is tracked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
     /// This process locked the container.
@@ -65,7 +65,7 @@ enum Origin {
     Adopted,
 }
 
-/// What the loop should do for a container.
+/// A step the loop carries out for a container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Submit the container's job.
@@ -87,7 +87,7 @@ pub enum Action {
     Forget,
 }
 
-/// What the loop saw of a container in one tick.
+/// One tick's view of a container.
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
     /// The container's latest record; `None` if the controller no longer
@@ -117,22 +117,22 @@ pub struct Tracked {
     missing: u32,
     submit_attempts: u32,
     next_submit_at: Option<Instant>,
-    /// Why the batch system rejected the job, once it has.
+    /// The batch system's reason for rejecting the job, once it has.
     rejected: Option<String>,
     final_since: Option<Instant>,
     credentials_removed: bool,
-    /// What was submitted, and the batch system's answer.
+    /// The submitted command and script, and the batch system's output.
     submission: Option<Submission>,
 }
 
 impl Tracked {
-    /// A container this process has just locked.
+    /// Starts tracking a container this process has just locked.
     pub fn locked(generation: u64) -> Tracked {
         Tracked::new(Origin::Locked, generation)
     }
 
-    /// A container found locked by this dispatcher's token. The snapshot of
-    /// `generation` already counts towards its job's absence.
+    /// Starts tracking a container found locked by this dispatcher's token.
+    /// The snapshot of `generation` already counts towards its job's absence.
     pub fn adopted(generation: u64) -> Tracked {
         Tracked::new(Origin::Adopted, generation.saturating_sub(1))
     }
@@ -369,8 +369,8 @@ fn job_order(id: &JobId) -> (usize, &str) {
     (id.as_str().len(), id.as_str())
 }
 
-/// What to do once a job has vanished, given the container's record
-/// fetched afterwards (`None`: the controller no longer returns it).
+/// Decides what to do once a job has vanished, from the container's record
+/// fetched afterwards (`None` when the controller no longer returns it).
 pub fn resolve_vanished(
     record: Option<&Container>,
     token_uuid: &str,
@@ -556,7 +556,7 @@ mod tests {
     }
 
     #[test]
-    fn absence_counts_only_after_submission_and_must_be_consecutive() {
+    fn absence_counts_after_submission_consecutively() {
         let record = ours(ContainerState::Running, 5);
         let mut tracked = Tracked::locked(1);
         tracked.submitted(submission("42"), 4);
@@ -631,7 +631,7 @@ mod tests {
     }
 
     #[test]
-    fn rejected_submission_cancels_the_container_until_it_is_final() {
+    fn rejected_submission_cancels_container() {
         let record = ours(ContainerState::Locked, 5);
         let mut tracked = Tracked::locked(1);
         let expected = Action::CancelContainer {
@@ -649,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn final_container_job_gets_a_grace_period_then_a_cancel() {
+    fn final_container_job_cancelled_after_grace() {
         let record = ours(ContainerState::Complete, 5);
         let mut tracked = Tracked::locked(1);
         tracked.submitted(submission("42"), 1);
@@ -665,7 +665,7 @@ mod tests {
     }
 
     #[test]
-    fn container_unlocked_by_someone_else_has_its_job_cancelled() {
+    fn unlocked_by_another_cancels_job() {
         let record = container(ContainerState::Queued, 5, None);
         let mut tracked = Tracked::locked(1);
         tracked.submitted(submission("42"), 1);
@@ -686,7 +686,7 @@ mod tests {
     }
 
     #[test]
-    fn second_job_with_the_same_name_is_a_stray() {
+    fn same_name_second_job_is_stray() {
         let record = ours(ContainerState::Running, 5);
         let mut tracked = Tracked::locked(1);
         tracked.submitted(submission("42"), 1);
@@ -712,7 +712,7 @@ mod tests {
     }
 
     #[test]
-    fn adopted_running_without_a_job_is_resolved_after_two_snapshots() {
+    fn adopted_running_without_job_resolved() {
         let record = ours(ContainerState::Running, 5);
         let mut tracked = Tracked::adopted(1);
         assert_eq!(Step::new(Some(&record), &[], 1).run(&mut tracked), []);
@@ -720,7 +720,7 @@ mod tests {
     }
 
     #[test]
-    fn adopted_locked_without_a_job_resubmits_only_with_credentials() {
+    fn adopted_locked_resubmits_with_credentials() {
         let record = ours(ContainerState::Locked, 5);
         let mut with = Tracked::adopted(1);
         assert_eq!(Step::new(Some(&record), &[], 1).run(&mut with), []);
@@ -735,7 +735,7 @@ mod tests {
     }
 
     #[test]
-    fn adopted_locked_with_a_recorded_job_is_never_resubmitted() {
+    fn adopted_recorded_job_never_resubmitted() {
         let mut record = ours(ContainerState::Locked, 5);
         record.scheduler_job_id = Some("42".into());
         let mut tracked = Tracked::adopted(1);

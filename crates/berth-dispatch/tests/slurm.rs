@@ -2,7 +2,7 @@
 //! status, cancel, and a rejected submission.
 //!
 //! The job runs a stand-in for `berth` (a shell script that records its
-//! arguments and sleeps), installed under a directory whose name holds a
+//! arguments and sleeps), installed under a directory whose name contains a
 //! quote and a space, so the quoting of the job script is tested by a real
 //! shell. Runs only with `BERTH_INTEGRATION=1`.
 
@@ -98,7 +98,7 @@ async fn wait_for(
 }
 
 #[tokio::test]
-async fn running_job_is_listed_by_name_and_cancelled() {
+async fn running_job_listed_then_cancelled() {
     if !enabled() {
         return;
     }
@@ -139,7 +139,7 @@ async fn running_job_is_listed_by_name_and_cancelled() {
 }
 
 #[tokio::test]
-async fn pending_job_is_cancelled_before_it_starts() {
+async fn pending_job_cancelled_before_start() {
     if !enabled() {
         return;
     }
@@ -163,7 +163,7 @@ async fn pending_job_is_cancelled_before_it_starts() {
 }
 
 #[tokio::test]
-async fn unknown_partition_of_a_container_is_rejected_for_good() {
+async fn unknown_container_partition_is_permanent() {
     if !enabled() {
         return;
     }
