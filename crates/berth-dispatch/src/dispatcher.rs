@@ -3,9 +3,9 @@
 //!
 //! A tick, in order:
 //!
-//! 1. lists the containers locked by this dispatcher's token and the Queued
-//!    ones with priority > 0, and fetches any tracked container that
-//!    neither list returned;
+//! 1. lists the containers Locked or Running by this dispatcher's token and
+//!    the Queued ones with priority > 0, and fetches any tracked container
+//!    that neither list returned;
 //! 2. takes one snapshot of the batch system ([`Backend::status`]);
 //! 3. takes over containers locked by this token that it does not track
 //!    yet. On the first tick it also cancels orphaned jobs and removes
@@ -18,8 +18,9 @@
 //!
 //! If the listing or the snapshot fails, the tick ends before step 3: a
 //! failed query is never taken for an empty queue. Every error is logged
-//! once, where it is handled; a failure that repeats with the same message
-//! is logged at debug level until it changes or stops.
+//! once, where it is handled. A failure that repeats with the same message
+//! is logged at debug level until it changes or stops, and as a warning
+//! again every [`REPEAT_WARN_EVERY`] repeats.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -55,9 +56,9 @@ const REPEAT_WARN_EVERY: u64 = 100;
 /// Failure that ended a tick early.
 #[derive(Debug, thiserror::Error)]
 pub enum TickError {
-    #[error("failed to list {what}: {source}")]
+    #[error("failed to list {subject}: {source}")]
     List {
-        what: &'static str,
+        subject: &'static str,
         #[source]
         source: ClientError,
     },
@@ -73,9 +74,9 @@ struct Repeats {
 }
 
 impl Repeats {
-    /// Counts a failure of `key`; true when it should be logged as a
-    /// warning (the first time, a new message, or every
-    /// [`REPEAT_WARN_EVERY`] repeats).
+    /// Counts a failure of `key`. Returns true when it should be logged as
+    /// a warning: the first time, with a new message, or every
+    /// [`REPEAT_WARN_EVERY`] repeats.
     fn failed(&mut self, key: &str, message: &str) -> bool {
         match self.last.get_mut(key) {
             Some((last, count)) if last == message => {
@@ -117,7 +118,7 @@ pub struct Dispatcher<B> {
     token_uuid: String,
     tracked: BTreeMap<String, Tracked>,
     /// Containers not to lock before the given time.
-    holds: HashMap<String, Instant>,
+    relock_after: HashMap<String, Instant>,
     cancels: CancelLedger,
     /// Number of successful snapshots so far.
     generation: u64,
@@ -193,7 +194,7 @@ impl<B: Backend> Dispatcher<B> {
             store,
             token_uuid,
             tracked: BTreeMap::new(),
-            holds: HashMap::new(),
+            relock_after: HashMap::new(),
             cancels: CancelLedger::default(),
             generation: 0,
             reconciled: false,
@@ -237,18 +238,23 @@ impl<B: Backend> Dispatcher<B> {
     /// Runs one tick as of `now`. Stops between two containers when
     /// `shutdown` fires.
     pub async fn tick(&mut self, now: Instant, shutdown: &CancellationToken) -> Result<(), TickError> {
-        let mine_filter = [json!(["locked_by_uuid", "=", self.token_uuid])];
+        // Final containers may keep their locked_by_uuid. Tracked ones are
+        // fetched by UUID below, so the list need not grow with them.
+        let mine_filter = [
+            json!(["locked_by_uuid", "=", self.token_uuid]),
+            json!(["state", "in", ["Locked", "Running"]]),
+        ];
         let mine = list_all(self.api.as_ref(), &mine_filter)
             .await
             .map_err(|source| TickError::List {
-                what: "the containers locked by this dispatcher",
+                subject: "the containers locked by this dispatcher",
                 source,
             })?;
         let queued_filter = [json!(["state", "=", "Queued"]), json!(["priority", ">", 0])];
         let queued = list_all(self.api.as_ref(), &queued_filter)
             .await
             .map_err(|source| TickError::List {
-                what: "the queued containers",
+                subject: "the queued containers",
                 source,
             })?;
         let mut records: HashMap<String, Container> = HashMap::new();
@@ -266,7 +272,7 @@ impl<B: Backend> Dispatcher<B> {
             let fetched = list_all(self.api.as_ref(), &filter)
                 .await
                 .map_err(|source| TickError::List {
-                    what: "the tracked containers",
+                    subject: "the tracked containers",
                     source,
                 })?;
             for container in fetched {
@@ -300,11 +306,11 @@ impl<B: Backend> Dispatcher<B> {
             self.step(&uuid, record, jobs, now).instrument(span).await;
         }
 
-        self.holds.retain(|_, until| *until > now);
+        self.relock_after.retain(|_, until| *until > now);
         let mut candidates: Vec<&Container> = queued
             .iter()
             .filter(|c| c.state == ContainerState::Queued && c.priority > 0)
-            .filter(|c| !self.tracked.contains_key(&c.uuid) && !self.holds.contains_key(&c.uuid))
+            .filter(|c| !self.tracked.contains_key(&c.uuid) && !self.relock_after.contains_key(&c.uuid))
             .collect();
         candidates.sort_by(|a, b| {
             b.priority
@@ -446,28 +452,35 @@ impl<B: Backend> Dispatcher<B> {
                 Action::CancelContainer { error, detail } => {
                     self.cancel_container(uuid, record.as_ref(), &error, &detail).await
                 }
-                Action::Resolve => match self.api.get_container(uuid).await {
-                    Ok(container) => {
-                        let last_seen = self.tracked.get(uuid).and_then(|t| t.last_seen().cloned());
-                        tracing::warn!(
-                            state = %container.state.as_str(),
-                            job_id = last_seen.as_ref().map(|job| job.id.to_string()).unwrap_or_default(),
-                            "the container's job has left the batch system"
-                        );
-                        queue.extend(resolve_vanished(
-                            Some(&container),
-                            &self.token_uuid,
-                            self.backend.name(),
-                            last_seen.as_ref(),
-                        ));
-                        record = Some(container);
-                        self.repeats.succeeded(&format!("{uuid} get"));
-                    }
-                    Err(err) if status_code(&err) == Some(404) => {
-                        queue.extend(resolve_vanished(None, &self.token_uuid, self.backend.name(), None));
-                    }
-                    Err(err) => report!(self.repeats, format!("{uuid} get"), err, "failed to fetch the container"),
-                },
+                Action::Resolve => {
+                    let (job, last_seen) = self
+                        .tracked
+                        .get(uuid)
+                        .map(|t| (t.job().cloned(), t.last_seen().cloned()))
+                        .unwrap_or_default();
+                    let fetched = match self.api.get_container(uuid).await {
+                        Ok(container) => Some(container),
+                        Err(err) if status_code(&err) == Some(404) => None,
+                        Err(err) => {
+                            report!(self.repeats, format!("{uuid} get"), err, "failed to fetch the container");
+                            continue;
+                        }
+                    };
+                    self.repeats.succeeded(&format!("{uuid} get"));
+                    tracing::warn!(
+                        state = fetched.as_ref().map(|c| c.state.as_str()).unwrap_or("not found"),
+                        job_id = job.as_ref().map(|id| id.to_string()).unwrap_or_default(),
+                        "the container's job has left the batch system"
+                    );
+                    queue.extend(resolve_vanished(
+                        fetched.as_ref(),
+                        &self.token_uuid,
+                        self.backend.name(),
+                        job.as_ref(),
+                        last_seen.as_ref(),
+                    ));
+                    record = fetched;
+                }
                 Action::RemoveCredentials => {
                     if let Err(err) = self.store.remove(uuid) {
                         tracing::warn!(error = %err, "failed to remove the credentials file");
@@ -494,7 +507,7 @@ impl<B: Backend> Dispatcher<B> {
             }
             Err(err) => {
                 report!(self.repeats, "lock", err, "failed to lock the container");
-                self.holds.insert(uuid.to_string(), now + RELOCK_HOLD);
+                self.relock_after.insert(uuid.to_string(), now + RELOCK_HOLD);
                 return;
             }
         };
@@ -503,7 +516,7 @@ impl<B: Backend> Dispatcher<B> {
 
         if let Err(err) = self.store.write(uuid, &locked.credentials) {
             let unlock = self.api.unlock_container(uuid).await;
-            self.holds.insert(uuid.to_string(), now + RELOCK_HOLD);
+            self.relock_after.insert(uuid.to_string(), now + RELOCK_HOLD);
             match unlock {
                 Ok(_) => tracing::error!(error = %err, "failed to write the credentials file; unlocked the container"),
                 Err(unlock_err) => tracing::error!(
@@ -604,7 +617,7 @@ impl<B: Backend> Dispatcher<B> {
             Ok(_) => {
                 tracing::info!(reason, "unlocked the container");
                 self.release(uuid);
-                self.holds.insert(uuid.to_string(), now + RELOCK_HOLD);
+                self.relock_after.insert(uuid.to_string(), now + RELOCK_HOLD);
             }
             Err(err) if status_code(&err) == Some(422) => {
                 // It changed meanwhile, for example because its supervisor

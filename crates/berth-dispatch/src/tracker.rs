@@ -371,10 +371,13 @@ fn job_order(id: &JobId) -> (usize, &str) {
 
 /// Decides what to do once a job has vanished, from the container's record
 /// fetched afterwards (`None` when the controller no longer returns it).
+/// `job` is the job's id, and `last_seen` the job as the last snapshot that
+/// listed it saw it, when known.
 pub fn resolve_vanished(
     record: Option<&Container>,
     token_uuid: &str,
     backend: &str,
+    job: Option<&JobId>,
     last_seen: Option<&BatchJob>,
 ) -> Vec<Action> {
     let ours = record
@@ -382,19 +385,22 @@ pub fn resolve_vanished(
         .map(|c| c.state);
     match ours {
         Some(ContainerState::Running) => {
-            let detail = match last_seen {
-                Some(job) => {
-                    let reason = if job.reason.is_empty() {
+            let detail = match (last_seen, job) {
+                (Some(seen), _) => {
+                    let reason = if seen.reason.is_empty() {
                         String::new()
                     } else {
-                        format!(" ({})", job.reason)
+                        format!(" ({})", seen.reason)
                     };
                     format!(
                         "{backend} job {} was last seen {}{reason} and has left the queue",
-                        job.id, job.state
+                        seen.id, seen.state
                     )
                 }
-                None => format!("no {backend} job named after the container was found"),
+                (None, Some(id)) => {
+                    format!("{backend} job {id} left the queue before a status query listed it")
+                }
+                (None, None) => format!("no {backend} job named after the container was found"),
             };
             vec![Action::CancelContainer {
                 error: VANISHED_ERROR.to_string(),
@@ -761,7 +767,7 @@ mod tests {
             reason: "NodeFail".into(),
             ..job("42", JobState::Running)
         };
-        let actions = resolve_vanished(Some(&record), TOKEN, "slurm", Some(&last));
+        let actions = resolve_vanished(Some(&record), TOKEN, "slurm", Some(&last.id), Some(&last));
         assert_eq!(
             actions,
             [Action::CancelContainer {
@@ -772,24 +778,43 @@ mod tests {
     }
 
     #[test]
+    fn vanished_job_never_listed_is_named() {
+        let record = ours(ContainerState::Running, 5);
+        let id = JobId::new("42");
+        let actions = resolve_vanished(Some(&record), TOKEN, "local", Some(&id), None);
+        assert_eq!(
+            actions,
+            [Action::CancelContainer {
+                error: VANISHED_ERROR.into(),
+                detail: "local job 42 left the queue before a status query listed it".into(),
+            }]
+        );
+        let actions = resolve_vanished(Some(&record), TOKEN, "slurm", None, None);
+        assert!(
+            matches!(&actions[..], [Action::CancelContainer { detail, .. }] if detail == "no slurm job named after the container was found"),
+            "{actions:?}"
+        );
+    }
+
+    #[test]
     fn vanished_locked_container_is_unlocked_and_others_forgotten() {
         let locked = ours(ContainerState::Locked, 5);
         assert!(matches!(
-            resolve_vanished(Some(&locked), TOKEN, "slurm", None)[..],
+            resolve_vanished(Some(&locked), TOKEN, "slurm", None, None)[..],
             [Action::Unlock { .. }]
         ));
         let complete = ours(ContainerState::Complete, 5);
         assert_eq!(
-            resolve_vanished(Some(&complete), TOKEN, "slurm", None),
+            resolve_vanished(Some(&complete), TOKEN, "slurm", None, None),
             [Action::RemoveCredentials, Action::Forget]
         );
         let other = container(ContainerState::Running, 5, Some("zzzzz-gj3su-111111111111111"));
         assert_eq!(
-            resolve_vanished(Some(&other), TOKEN, "slurm", None),
+            resolve_vanished(Some(&other), TOKEN, "slurm", None, None),
             [Action::RemoveCredentials, Action::Forget]
         );
         assert_eq!(
-            resolve_vanished(None, TOKEN, "slurm", None),
+            resolve_vanished(None, TOKEN, "slurm", None, None),
             [Action::RemoveCredentials, Action::Forget]
         );
     }
