@@ -20,11 +20,18 @@ pub trait ControllerApi: Send + Sync {
     /// Returns the UUID of the token this client uses, which the controller
     /// records as `locked_by_uuid` on the containers it locks.
     async fn token_uuid(&self) -> Result<String, ClientError>;
-    async fn list_containers(&self, params: &ListParams) -> Result<ListPage<Container>, ClientError>;
+    async fn list_containers(
+        &self,
+        params: &ListParams,
+    ) -> Result<ListPage<Container>, ClientError>;
     async fn get_container(&self, uuid: &str) -> Result<Container, ClientError>;
     async fn lock_container(&self, uuid: &str) -> Result<Locked, ClientError>;
     async fn unlock_container(&self, uuid: &str) -> Result<Container, ClientError>;
-    async fn update_container(&self, uuid: &str, attributes: &Value) -> Result<Container, ClientError>;
+    async fn update_container(
+        &self,
+        uuid: &str,
+        attributes: &Value,
+    ) -> Result<Container, ClientError>;
 }
 
 #[async_trait]
@@ -43,7 +50,10 @@ impl ControllerApi for Client {
             })
     }
 
-    async fn list_containers(&self, params: &ListParams) -> Result<ListPage<Container>, ClientError> {
+    async fn list_containers(
+        &self,
+        params: &ListParams,
+    ) -> Result<ListPage<Container>, ClientError> {
         Client::list_containers(self, params).await
     }
 
@@ -59,7 +69,11 @@ impl ControllerApi for Client {
         Client::unlock_container(self, uuid).await
     }
 
-    async fn update_container(&self, uuid: &str, attributes: &Value) -> Result<Container, ClientError> {
+    async fn update_container(
+        &self,
+        uuid: &str,
+        attributes: &Value,
+    ) -> Result<Container, ClientError> {
         Client::update_container(self, uuid, attributes).await
     }
 }
@@ -86,7 +100,11 @@ pub async fn list_all(
         let page = api.list_containers(&params).await?;
         // The controller may cap the limit below the one asked for; a page
         // shorter than the cap is the last.
-        let limit = if page.limit > 0 { page.limit.min(PAGE_SIZE) } else { PAGE_SIZE };
+        let limit = if page.limit > 0 {
+            page.limit.min(PAGE_SIZE)
+        } else {
+            PAGE_SIZE
+        };
         let count = page.items.len() as u64;
         let before = containers.last().map(|c| c.uuid.clone());
         containers.extend(page.items);

@@ -112,11 +112,21 @@ impl JobRequest {
         let ram = u64::try_from(constraints.ram)
             .ok()
             .filter(|ram| *ram > 0)
-            .ok_or_else(|| invalid(format!("runtime_constraints.ram is {}, not a positive number of bytes", constraints.ram)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "runtime_constraints.ram is {}, not a positive number of bytes",
+                    constraints.ram
+                ))
+            })?;
         let vcpus = u64::try_from(constraints.vcpus)
             .ok()
             .filter(|vcpus| *vcpus > 0)
-            .ok_or_else(|| invalid(format!("runtime_constraints.vcpus is {}, not a positive number", constraints.vcpus)))?;
+            .ok_or_else(|| {
+                invalid(format!(
+                    "runtime_constraints.vcpus is {}, not a positive number",
+                    constraints.vcpus
+                ))
+            })?;
         let scheduling = &container.scheduling_parameters;
         let max_run_time = u64::try_from(scheduling.max_run_time).map_err(|_| {
             invalid(format!(

@@ -67,16 +67,8 @@ const RESERVED_SBATCH_OPTIONS: &[(&str, Option<char>, &str)] = &[
         None,
         "a requeued job would run a container that was already cancelled",
     ),
-    (
-        "--array",
-        Some('a'),
-        "one job runs one container",
-    ),
-    (
-        "--wrap",
-        None,
-        "the dispatcher supplies the job script",
-    ),
+    ("--array", Some('a'), "one job runs one container"),
+    ("--wrap", None, "the dispatcher supplies the job script"),
 ];
 
 /// A key whose value is invalid.
@@ -319,7 +311,10 @@ impl Config {
 
     /// Returns the directory of the local backend's log files.
     pub fn local_log_dir(&self) -> &Path {
-        self.local.log_dir.as_deref().unwrap_or(&self.credentials_dir)
+        self.local
+            .log_dir
+            .as_deref()
+            .unwrap_or(&self.credentials_dir)
     }
 }
 
@@ -341,7 +336,11 @@ impl SlurmConfig {
         if self.output.trim().is_empty() || self.output.contains(['\n', '\0']) {
             return Err(ConfigError::new(
                 "slurm.output",
-                format!("{:?} is not a file name pattern such as {}", self.output, defaults::SLURM_OUTPUT),
+                format!(
+                    "{:?} is not a file name pattern such as {}",
+                    self.output,
+                    defaults::SLURM_OUTPUT
+                ),
             ));
         }
         for (key, program) in [
@@ -350,11 +349,17 @@ impl SlurmConfig {
             ("slurm.scancel", &self.scancel),
         ] {
             if program.as_os_str().is_empty() {
-                return Err(ConfigError::new(key, "is empty: give a program name or path"));
+                return Err(ConfigError::new(
+                    key,
+                    "is empty: give a program name or path",
+                ));
             }
         }
         if self.command_timeout.is_zero() {
-            return Err(ConfigError::new("slurm.command_timeout", "must be longer than 0s"));
+            return Err(ConfigError::new(
+                "slurm.command_timeout",
+                "must be longer than 0s",
+            ));
         }
         Ok(())
     }
@@ -412,14 +417,20 @@ mod tests {
         assert_eq!(config.backend, BackendKind::Slurm);
         assert_eq!(config.backend, "slurm");
         assert_eq!(config.poll_interval, Duration::from_secs(2));
-        assert_eq!(config.credentials_dir, PathBuf::from("/var/lib/berth/credentials"));
+        assert_eq!(
+            config.credentials_dir,
+            PathBuf::from("/var/lib/berth/credentials")
+        );
         assert_eq!(config.slurm.reserve_ram, 256 << 20);
         assert_eq!(config.slurm.partition, None);
         assert!(config.slurm.sbatch_args.is_empty());
         assert_eq!(config.slurm.output, "/tmp/berth-%j.out");
         assert_eq!(config.slurm.sbatch, PathBuf::from("sbatch"));
         assert_eq!(config.slurm.command_timeout, Duration::from_secs(60));
-        assert_eq!(config.local_log_dir(), Path::new("/var/lib/berth/credentials"));
+        assert_eq!(
+            config.local_log_dir(),
+            Path::new("/var/lib/berth/credentials")
+        );
         config.validate().unwrap();
     }
 
@@ -448,7 +459,8 @@ mod tests {
 
     #[test]
     fn reserve_ram_accepts_plain_bytes() {
-        let config = parse("backend: slurm\napi_url: h:1\nslurm: {reserve_ram: 1048576}\n").unwrap();
+        let config =
+            parse("backend: slurm\napi_url: h:1\nslurm: {reserve_ram: 1048576}\n").unwrap();
         assert_eq!(config.slurm.reserve_ram, 1 << 20);
     }
 
@@ -472,32 +484,73 @@ mod tests {
     fn validation_names_the_key() {
         let cases: Vec<(&str, Change)> = vec![
             ("api_url", Box::new(|c| c.api_url = "ftp://x".into())),
-            ("poll_interval", Box::new(|c| c.poll_interval = Duration::from_millis(1))),
-            ("credentials_dir", Box::new(|c| c.credentials_dir = "relative/dir".into())),
-            ("local.log_dir", Box::new(|c| c.local.log_dir = Some("logs".into()))),
-            ("slurm.partition", Box::new(|c| c.slurm.partition = Some("a b".into()))),
-            ("slurm.sbatch_args[1]", Box::new(|c| {
-                c.slurm.sbatch_args = vec!["--account=x".into(), "--job-name=y".into()]
-            })),
+            (
+                "poll_interval",
+                Box::new(|c| c.poll_interval = Duration::from_millis(1)),
+            ),
+            (
+                "credentials_dir",
+                Box::new(|c| c.credentials_dir = "relative/dir".into()),
+            ),
+            (
+                "local.log_dir",
+                Box::new(|c| c.local.log_dir = Some("logs".into())),
+            ),
+            (
+                "slurm.partition",
+                Box::new(|c| c.slurm.partition = Some("a b".into())),
+            ),
+            (
+                "slurm.sbatch_args[1]",
+                Box::new(|c| {
+                    c.slurm.sbatch_args = vec!["--account=x".into(), "--job-name=y".into()]
+                }),
+            ),
             ("slurm.output", Box::new(|c| c.slurm.output = " ".into())),
-            ("slurm.squeue", Box::new(|c| c.slurm.squeue = PathBuf::new())),
-            ("slurm.command_timeout", Box::new(|c| c.slurm.command_timeout = Duration::ZERO)),
+            (
+                "slurm.squeue",
+                Box::new(|c| c.slurm.squeue = PathBuf::new()),
+            ),
+            (
+                "slurm.command_timeout",
+                Box::new(|c| c.slurm.command_timeout = Duration::ZERO),
+            ),
         ];
         for (key, change) in cases {
             let mut config = Config::new(BackendKind::Slurm, "http://127.0.0.1:8000");
             change(&mut config);
             let err = config.validate().unwrap_err();
             assert_eq!(err.key, key);
-            assert!(err.to_string().contains(&format!("dispatch.{key}")), "{err}");
+            assert!(
+                err.to_string().contains(&format!("dispatch.{key}")),
+                "{err}"
+            );
         }
     }
 
     #[test]
     fn reserved_sbatch_options_are_rejected() {
-        for bad in ["--job-name=x", "-J", "-Jname", "--parsable", "--output=/x", "-o", "--requeue", "--array=1-3", "--wrap=true"] {
+        for bad in [
+            "--job-name=x",
+            "-J",
+            "-Jname",
+            "--parsable",
+            "--output=/x",
+            "-o",
+            "--requeue",
+            "--array=1-3",
+            "--wrap=true",
+        ] {
             assert!(check_sbatch_arg(bad).is_err(), "{bad} accepted");
         }
-        for good in ["--account=x", "--qos=high", "--exclusive", "--constraint=intel", "--no-requeue", "--open-mode=append"] {
+        for good in [
+            "--account=x",
+            "--qos=high",
+            "--exclusive",
+            "--constraint=intel",
+            "--no-requeue",
+            "--open-mode=append",
+        ] {
             assert!(check_sbatch_arg(good).is_ok(), "{good} rejected");
         }
     }

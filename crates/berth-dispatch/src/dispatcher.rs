@@ -176,7 +176,9 @@ impl<B: Backend> Dispatcher<B> {
             credentials_dir = %store.dir().display(),
             "dispatcher started"
         );
-        Ok(Some(Dispatcher::new(api, backend, cluster_id, store, token_uuid)))
+        Ok(Some(Dispatcher::new(
+            api, backend, cluster_id, store, token_uuid,
+        )))
     }
 
     /// Creates a dispatcher whose token UUID is already known.
@@ -237,7 +239,11 @@ impl<B: Backend> Dispatcher<B> {
 
     /// Runs one tick as of `now`. Stops between two containers when
     /// `shutdown` fires.
-    pub async fn tick(&mut self, now: Instant, shutdown: &CancellationToken) -> Result<(), TickError> {
+    pub async fn tick(
+        &mut self,
+        now: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), TickError> {
         // Final containers may keep their locked_by_uuid. Tracked ones are
         // fetched by UUID below, so the list need not grow with them.
         let mine_filter = [
@@ -285,7 +291,10 @@ impl<B: Backend> Dispatcher<B> {
         self.cancels.retain_listed(&jobs);
         let mut by_name: HashMap<&str, Vec<BatchJob>> = HashMap::new();
         for job in &jobs {
-            by_name.entry(job.name.as_str()).or_default().push(job.clone());
+            by_name
+                .entry(job.name.as_str())
+                .or_default()
+                .push(job.clone());
         }
 
         self.adopt(&mine);
@@ -301,7 +310,10 @@ impl<B: Backend> Dispatcher<B> {
                 return Ok(());
             }
             let record = records.get(&uuid).cloned();
-            let jobs = by_name.get(uuid.as_str()).map(Vec::as_slice).unwrap_or_default();
+            let jobs = by_name
+                .get(uuid.as_str())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
             let span = tracing::info_span!("container", container = %uuid);
             self.step(&uuid, record, jobs, now).instrument(span).await;
         }
@@ -310,7 +322,9 @@ impl<B: Backend> Dispatcher<B> {
         let mut candidates: Vec<&Container> = queued
             .iter()
             .filter(|c| c.state == ContainerState::Queued && c.priority > 0)
-            .filter(|c| !self.tracked.contains_key(&c.uuid) && !self.relock_after.contains_key(&c.uuid))
+            .filter(|c| {
+                !self.tracked.contains_key(&c.uuid) && !self.relock_after.contains_key(&c.uuid)
+            })
             .collect();
         candidates.sort_by(|a, b| {
             b.priority
@@ -323,7 +337,10 @@ impl<B: Backend> Dispatcher<B> {
                 return Ok(());
             }
             let span = tracing::info_span!("container", container = %container.uuid);
-            let leftover = by_name.get(container.uuid.as_str()).cloned().unwrap_or_default();
+            let leftover = by_name
+                .get(container.uuid.as_str())
+                .cloned()
+                .unwrap_or_default();
             if leftover.is_empty() {
                 self.lock_and_submit(container, now).instrument(span).await;
             } else {
@@ -394,10 +411,17 @@ impl<B: Backend> Dispatcher<B> {
                 return;
             }
         };
-        for uuid in uuids.iter().filter(|uuid| !self.tracked.contains_key(*uuid)) {
+        for uuid in uuids
+            .iter()
+            .filter(|uuid| !self.tracked.contains_key(*uuid))
+        {
             match self.store.remove(uuid) {
-                Ok(()) => tracing::info!(container = %uuid, "removed the credentials file of a container this dispatcher does not hold"),
-                Err(err) => tracing::warn!(container = %uuid, error = %err, "failed to remove a stale credentials file"),
+                Ok(()) => {
+                    tracing::info!(container = %uuid, "removed the credentials file of a container this dispatcher does not hold")
+                }
+                Err(err) => {
+                    tracing::warn!(container = %uuid, error = %err, "failed to remove a stale credentials file")
+                }
             }
         }
         for path in temporary {
@@ -417,7 +441,13 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Lets one tracked container decide, and carries out its actions.
-    async fn step(&mut self, uuid: &str, record: Option<Container>, jobs: &[BatchJob], now: Instant) {
+    async fn step(
+        &mut self,
+        uuid: &str,
+        record: Option<Container>,
+        jobs: &[BatchJob],
+        now: Instant,
+    ) {
         let credentials_exist = self.store.exists(uuid);
         let Some(tracked) = self.tracked.get_mut(uuid) else {
             return;
@@ -434,7 +464,13 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Carries out actions in order; some produce further actions.
-    async fn execute(&mut self, uuid: &str, mut record: Option<Container>, actions: Vec<Action>, now: Instant) {
+    async fn execute(
+        &mut self,
+        uuid: &str,
+        mut record: Option<Container>,
+        actions: Vec<Action>,
+        now: Instant,
+    ) {
         let mut queue: VecDeque<Action> = actions.into();
         while let Some(action) = queue.pop_front() {
             if !self.tracked.contains_key(uuid) {
@@ -450,7 +486,8 @@ impl<B: Backend> Dispatcher<B> {
                 Action::Cancel(job) => self.cancel_job(&job, now).await,
                 Action::Unlock { reason } => self.unlock(uuid, &reason, now).await,
                 Action::CancelContainer { error, detail } => {
-                    self.cancel_container(uuid, record.as_ref(), &error, &detail).await
+                    self.cancel_container(uuid, record.as_ref(), &error, &detail)
+                        .await
                 }
                 Action::Resolve => {
                     let (job, last_seen) = self
@@ -462,13 +499,21 @@ impl<B: Backend> Dispatcher<B> {
                         Ok(container) => Some(container),
                         Err(err) if status_code(&err) == Some(404) => None,
                         Err(err) => {
-                            report!(self.repeats, format!("{uuid} get"), err, "failed to fetch the container");
+                            report!(
+                                self.repeats,
+                                format!("{uuid} get"),
+                                err,
+                                "failed to fetch the container"
+                            );
                             continue;
                         }
                     };
                     self.repeats.succeeded(&format!("{uuid} get"));
                     tracing::warn!(
-                        state = fetched.as_ref().map(|c| c.state.as_str()).unwrap_or("not found"),
+                        state = fetched
+                            .as_ref()
+                            .map(|c| c.state.as_str())
+                            .unwrap_or("not found"),
                         job_id = job.as_ref().map(|id| id.to_string()).unwrap_or_default(),
                         "the container's job has left the batch system"
                     );
@@ -507,18 +552,25 @@ impl<B: Backend> Dispatcher<B> {
             }
             Err(err) => {
                 report!(self.repeats, "lock", err, "failed to lock the container");
-                self.relock_after.insert(uuid.to_string(), now + RELOCK_HOLD);
+                self.relock_after
+                    .insert(uuid.to_string(), now + RELOCK_HOLD);
                 return;
             }
         };
         self.repeats.succeeded("lock");
-        tracing::info!(lock_count = locked.container.lock_count, "locked the container");
+        tracing::info!(
+            lock_count = locked.container.lock_count,
+            "locked the container"
+        );
 
         if let Err(err) = self.store.write(uuid, &locked.credentials) {
             let unlock = self.api.unlock_container(uuid).await;
-            self.relock_after.insert(uuid.to_string(), now + RELOCK_HOLD);
+            self.relock_after
+                .insert(uuid.to_string(), now + RELOCK_HOLD);
             match unlock {
-                Ok(_) => tracing::error!(error = %err, "failed to write the credentials file; unlocked the container"),
+                Ok(_) => {
+                    tracing::error!(error = %err, "failed to write the credentials file; unlocked the container")
+                }
                 Err(unlock_err) => tracing::error!(
                     error = %err,
                     unlock_error = %unlock_err,
@@ -531,12 +583,19 @@ impl<B: Backend> Dispatcher<B> {
         if record.scheduler_job_id.is_some() {
             // The id of a job from an earlier lock would make a restarted
             // dispatcher believe this lock's job was submitted.
-            match self.api.update_container(uuid, &json!({"scheduler_job_id": null})).await {
+            match self
+                .api
+                .update_container(uuid, &json!({"scheduler_job_id": null}))
+                .await
+            {
                 Ok(updated) => record = updated,
-                Err(err) => tracing::warn!(error = %err, "failed to clear the job id of an earlier lock"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "failed to clear the job id of an earlier lock")
+                }
             }
         }
-        self.tracked.insert(uuid.to_string(), Tracked::locked(self.generation));
+        self.tracked
+            .insert(uuid.to_string(), Tracked::locked(self.generation));
         self.step(uuid, Some(record), &[], now).await;
     }
 
@@ -546,7 +605,10 @@ impl<B: Backend> Dispatcher<B> {
         let credentials_file = self.store.path(uuid);
         if !credentials_file.is_file() {
             return vec![Action::Unlock {
-                reason: format!("its credentials file {} is missing", credentials_file.display()),
+                reason: format!(
+                    "its credentials file {} is missing",
+                    credentials_file.display()
+                ),
             }];
         }
         let result = match JobRequest::for_container(container, credentials_file) {
@@ -597,7 +659,13 @@ impl<B: Backend> Dispatcher<B> {
                     tracked.job_id_recorded();
                 }
             }
-            Err(err) => report!(self.repeats, key, err, job_id, "failed to record the job id on the container"),
+            Err(err) => report!(
+                self.repeats,
+                key,
+                err,
+                job_id,
+                "failed to record the job id on the container"
+            ),
         }
     }
 
@@ -617,18 +685,30 @@ impl<B: Backend> Dispatcher<B> {
             Ok(_) => {
                 tracing::info!(reason, "unlocked the container");
                 self.release(uuid);
-                self.relock_after.insert(uuid.to_string(), now + RELOCK_HOLD);
+                self.relock_after
+                    .insert(uuid.to_string(), now + RELOCK_HOLD);
             }
             Err(err) if status_code(&err) == Some(422) => {
                 // It changed meanwhile, for example because its supervisor
                 // started it. The next tick observes the new state.
                 tracing::info!(error = %err, "the container could not be unlocked");
             }
-            Err(err) => report!(self.repeats, format!("{uuid} unlock"), err, "failed to unlock the container"),
+            Err(err) => report!(
+                self.repeats,
+                format!("{uuid} unlock"),
+                err,
+                "failed to unlock the container"
+            ),
         }
     }
 
-    async fn cancel_container(&mut self, uuid: &str, record: Option<&Container>, error: &str, detail: &str) {
+    async fn cancel_container(
+        &mut self,
+        uuid: &str,
+        record: Option<&Container>,
+        error: &str,
+        detail: &str,
+    ) {
         let mut runtime_status = record.map(|c| c.runtime_status.clone()).unwrap_or_default();
         runtime_status.insert("error".into(), Value::from(error));
         runtime_status.insert("errorDetail".into(), Value::from(detail));
@@ -640,7 +720,12 @@ impl<B: Backend> Dispatcher<B> {
                     tracing::warn!(error = %err, "failed to remove the credentials file");
                 }
             }
-            Err(err) => report!(self.repeats, format!("{uuid} cancel"), err, "failed to cancel the container"),
+            Err(err) => report!(
+                self.repeats,
+                format!("{uuid} cancel"),
+                err,
+                "failed to cancel the container"
+            ),
         }
     }
 

@@ -27,8 +27,13 @@ struct Harness {
     shutdown: CancellationToken,
 }
 
-fn dispatcher(controller: &FakeController, backend: &FakeBackend, dir: &std::path::Path) -> Dispatcher<FakeBackend> {
-    let store = CredentialsStore::open(dir, Url::parse("http://127.0.0.1:8000/").unwrap(), false).unwrap();
+fn dispatcher(
+    controller: &FakeController,
+    backend: &FakeBackend,
+    dir: &std::path::Path,
+) -> Dispatcher<FakeBackend> {
+    let store =
+        CredentialsStore::open(dir, Url::parse("http://127.0.0.1:8000/").unwrap(), false).unwrap();
     Dispatcher::new(
         Box::new(controller.clone()),
         backend.clone(),
@@ -63,12 +68,18 @@ impl Harness {
 
     async fn tick(&mut self) {
         self.now += TICK;
-        self.dispatcher.tick(self.now, &self.shutdown).await.unwrap();
+        self.dispatcher
+            .tick(self.now, &self.shutdown)
+            .await
+            .unwrap();
     }
 
     async fn tick_error(&mut self) -> TickError {
         self.now += TICK;
-        self.dispatcher.tick(self.now, &self.shutdown).await.unwrap_err()
+        self.dispatcher
+            .tick(self.now, &self.shutdown)
+            .await
+            .unwrap_err()
     }
 
     fn credentials_file(&self, uuid: &str) -> std::path::PathBuf {
@@ -83,7 +94,8 @@ impl Harness {
     async fn start_running(&mut self, uuid: &str) {
         self.controller.add(queued_container(uuid, 1));
         self.tick().await;
-        self.controller.change(uuid, |c| c.state = ContainerState::Running);
+        self.controller
+            .change(uuid, |c| c.state = ContainerState::Running);
         self.backend.set_state(uuid, JobState::Running);
         self.tick().await;
     }
@@ -122,7 +134,12 @@ async fn listed_job_is_never_submitted_twice() {
     }
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(h.controller.count("lock"), 1);
-    assert_eq!(h.controller.count(&format!("update {A}")), 1, "{:?}", h.controller.calls());
+    assert_eq!(
+        h.controller.count(&format!("update {A}")),
+        1,
+        "{:?}",
+        h.controller.calls()
+    );
     assert_eq!(h.backend.status_calls(), 6, "one status query per tick");
 }
 
@@ -132,7 +149,12 @@ async fn higher_priority_is_locked_first() {
     h.controller.add(queued_container(A, 1));
     h.controller.add(queued_container(B, 9));
     h.tick().await;
-    let order: Vec<String> = h.backend.submits().into_iter().map(|r| r.container_uuid).collect();
+    let order: Vec<String> = h
+        .backend
+        .submits()
+        .into_iter()
+        .map(|r| r.container_uuid)
+        .collect();
     assert_eq!(order, [B, A]);
 }
 
@@ -145,7 +167,11 @@ async fn lock_conflict_is_skipped_quietly() {
     h.tick().await;
     assert!(h.backend.submits().is_empty());
     assert!(!h.dispatcher.is_tracked(A));
-    assert_eq!(h.controller.count("lock"), 2, "tried again on the next tick");
+    assert_eq!(
+        h.controller.count("lock"),
+        2,
+        "tried again on the next tick"
+    );
     assert!(!h.credentials_file(A).exists());
 }
 
@@ -167,7 +193,8 @@ async fn priority_zero_cancels_the_job_once() {
     assert_eq!(h.backend.cancels().len(), 2);
 
     // The supervisor stops the container and reports; the job leaves.
-    h.controller.change(A, |c| c.state = ContainerState::Cancelled);
+    h.controller
+        .change(A, |c| c.state = ContainerState::Cancelled);
     h.backend.end(A);
     h.tick().await;
     h.tick().await;
@@ -186,7 +213,11 @@ async fn priority_zero_pending_job_unlocks() {
     assert_eq!(h.backend.cancels()[0].state, JobState::Pending);
     h.backend.end(A);
     h.tick().await;
-    assert_eq!(h.state(A), ContainerState::Locked, "one snapshot without the job is not enough");
+    assert_eq!(
+        h.state(A),
+        ContainerState::Locked,
+        "one snapshot without the job is not enough"
+    );
     h.tick().await;
     assert_eq!(h.state(A), ContainerState::Queued);
     assert!(!h.credentials_file(A).exists());
@@ -206,7 +237,10 @@ async fn vanished_running_container_is_cancelled_with_a_reason() {
     assert_eq!(container.state, ContainerState::Cancelled);
     assert_eq!(container.runtime_status["error"], VANISHED_ERROR);
     let detail = container.runtime_status["errorDetail"].as_str().unwrap();
-    assert!(detail.contains("fake job 101 was last seen running"), "{detail}");
+    assert!(
+        detail.contains("fake job 101 was last seen running"),
+        "{detail}"
+    );
     assert!(!h.credentials_file(A).exists());
     h.tick().await;
     h.tick().await;
@@ -230,7 +264,10 @@ async fn vanished_locked_relocked_after_hold() {
     h.tick().await;
     assert_eq!(h.controller.count("lock"), 2);
     assert_eq!(h.backend.submits().len(), 2);
-    assert_eq!(h.controller.container(A).scheduler_job_id.as_deref(), Some("102"));
+    assert_eq!(
+        h.controller.container(A).scheduler_job_id.as_deref(),
+        Some("102")
+    );
 }
 
 #[tokio::test]
@@ -245,7 +282,11 @@ async fn failed_status_query_is_never_an_empty_queue() {
     }
     assert_eq!(h.state(A), ContainerState::Running);
     h.tick().await;
-    assert_eq!(h.state(A), ContainerState::Running, "one good snapshot is not enough");
+    assert_eq!(
+        h.state(A),
+        ContainerState::Running,
+        "one good snapshot is not enough"
+    );
     h.tick().await;
     assert_eq!(h.state(A), ContainerState::Cancelled);
 }
@@ -293,7 +334,10 @@ async fn rejected_job_cancels_the_container_with_the_reason() {
     assert_eq!(container.state, ContainerState::Cancelled);
     assert_eq!(container.runtime_status["error"], REJECTED_ERROR);
     let detail = container.runtime_status["errorDetail"].as_str().unwrap();
-    assert!(detail.contains("Memory specification can not be satisfied"), "{detail}");
+    assert!(
+        detail.contains("Memory specification can not be satisfied"),
+        "{detail}"
+    );
     assert!(!h.credentials_file(A).exists());
     h.tick().await;
     assert!(!h.dispatcher.is_tracked(A));
@@ -314,7 +358,10 @@ async fn failed_submissions_are_retried_then_unlocked() {
     for _ in 0..20 {
         h.tick().await;
     }
-    assert_eq!(h.backend.submits().len() as u32, crate::tracker::MAX_SUBMIT_ATTEMPTS);
+    assert_eq!(
+        h.backend.submits().len() as u32,
+        crate::tracker::MAX_SUBMIT_ATTEMPTS
+    );
     assert_eq!(h.state(A), ContainerState::Queued);
     assert!(!h.credentials_file(A).exists());
     assert!(!h.dispatcher.is_tracked(A));
@@ -332,7 +379,10 @@ async fn timed_out_submission_job_adopted() {
         h.tick().await;
     }
     assert_eq!(h.backend.submits().len(), 1);
-    assert_eq!(h.controller.container(A).scheduler_job_id.as_deref(), Some("555"));
+    assert_eq!(
+        h.controller.container(A).scheduler_job_id.as_deref(),
+        Some("555")
+    );
 }
 
 #[tokio::test]
@@ -347,7 +397,10 @@ async fn restart_tracks_running_job() {
     assert_eq!(h.backend.submits().len(), 1);
     assert!(h.backend.cancels().is_empty());
     assert_eq!(h.state(A), ContainerState::Running);
-    assert!(h.credentials_file(A).exists(), "kept while the container runs");
+    assert!(
+        h.credentials_file(A).exists(),
+        "kept while the container runs"
+    );
 
     // It still acts on the container afterwards.
     h.controller.change(A, |c| c.priority = 0);
@@ -364,10 +417,17 @@ async fn restart_submits_unsubmitted_lock() {
     assert_eq!(h.backend.submits().len(), 1);
     h.restart();
     h.tick().await;
-    assert_eq!(h.backend.submits().len(), 1, "waits for a second snapshot without a job");
+    assert_eq!(
+        h.backend.submits().len(),
+        1,
+        "waits for a second snapshot without a job"
+    );
     h.tick().await;
     assert_eq!(h.backend.submits().len(), 2);
-    assert_eq!(h.controller.container(A).scheduler_job_id.as_deref(), Some("101"));
+    assert_eq!(
+        h.controller.container(A).scheduler_job_id.as_deref(),
+        Some("101")
+    );
     h.tick().await;
     assert_eq!(h.backend.submits().len(), 2);
 }
@@ -396,7 +456,11 @@ async fn restart_unlocks_ended_recorded_job() {
     h.tick().await;
     h.tick().await;
     assert_eq!(h.state(A), ContainerState::Queued);
-    assert_eq!(h.backend.submits().len(), 1, "a recorded job is never submitted again");
+    assert_eq!(
+        h.backend.submits().len(),
+        1,
+        "a recorded job is never submitted again"
+    );
 }
 
 #[tokio::test]
@@ -416,12 +480,22 @@ async fn orphaned_jobs_are_cancelled_on_start() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.add_job("7", A, JobState::Running);
-    h.backend.add_job("8", "yyyyy-dz642-000000000000001", JobState::Running);
+    h.backend
+        .add_job("8", "yyyyy-dz642-000000000000001", JobState::Running);
     h.backend.add_job("9", "my own job", JobState::Pending);
     h.tick().await;
-    let cancelled: Vec<String> = h.backend.cancels().iter().map(|j| j.id.to_string()).collect();
+    let cancelled: Vec<String> = h
+        .backend
+        .cancels()
+        .iter()
+        .map(|j| j.id.to_string())
+        .collect();
     assert_eq!(cancelled, ["7"]);
-    assert_eq!(h.controller.count("lock"), 0, "not locked while its old job is listed");
+    assert_eq!(
+        h.controller.count("lock"),
+        0,
+        "not locked while its old job is listed"
+    );
     h.backend.end(A);
     h.tick().await;
     assert_eq!(h.backend.submits().len(), 1);
@@ -440,7 +514,10 @@ async fn stale_credentials_are_removed_on_start() {
     h.tick().await;
     assert!(!stale.exists());
     assert!(!temporary.exists());
-    assert!(h.credentials_file(A).exists(), "the file of a tracked lock stays");
+    assert!(
+        h.credentials_file(A).exists(),
+        "the file of a tracked lock stays"
+    );
 }
 
 #[tokio::test]
@@ -449,7 +526,12 @@ async fn stray_job_of_a_tracked_container_is_cancelled() {
     h.start_running(A).await;
     h.backend.add_job("999", A, JobState::Pending);
     h.tick().await;
-    let cancelled: Vec<String> = h.backend.cancels().iter().map(|j| j.id.to_string()).collect();
+    let cancelled: Vec<String> = h
+        .backend
+        .cancels()
+        .iter()
+        .map(|j| j.id.to_string())
+        .collect();
     assert_eq!(cancelled, ["999"]);
     assert_eq!(h.state(A), ContainerState::Running);
 }
@@ -493,7 +575,12 @@ async fn run_ends_on_shutdown_and_leaves_jobs_running() {
 #[tokio::test]
 async fn start_learns_the_token_uuid() {
     let h = Harness::new();
-    let store = CredentialsStore::open(h.dir.path(), Url::parse("http://127.0.0.1:8000/").unwrap(), false).unwrap();
+    let store = CredentialsStore::open(
+        h.dir.path(),
+        Url::parse("http://127.0.0.1:8000/").unwrap(),
+        false,
+    )
+    .unwrap();
     let started = Dispatcher::start(
         Box::new(h.controller.clone()),
         h.backend.clone(),

@@ -71,7 +71,9 @@ impl FakeController {
     }
 
     pub fn add(&self, container: Container) {
-        self.state().containers.insert(container.uuid.clone(), container);
+        self.state()
+            .containers
+            .insert(container.uuid.clone(), container);
     }
 
     pub fn container(&self, uuid: &str) -> Container {
@@ -94,7 +96,11 @@ impl FakeController {
 
     /// Calls whose text starts with `prefix`, such as `lock`.
     pub fn count(&self, prefix: &str) -> usize {
-        self.state().calls.iter().filter(|c| c.starts_with(prefix)).count()
+        self.state()
+            .calls
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .count()
     }
 
     /// Makes the next `n` list calls fail with 503.
@@ -121,7 +127,11 @@ fn matches_filter(container: &Container, filter: &Value) -> bool {
         "uuid" => Value::from(container.uuid.clone()),
         "state" => Value::from(container.state.as_str()),
         "priority" => Value::from(container.priority),
-        "locked_by_uuid" => container.locked_by_uuid.clone().map(Value::from).unwrap_or(Value::Null),
+        "locked_by_uuid" => container
+            .locked_by_uuid
+            .clone()
+            .map(Value::from)
+            .unwrap_or(Value::Null),
         other => panic!("unexpected filter attribute {other}"),
     };
     match operator {
@@ -141,7 +151,10 @@ impl ControllerApi for FakeController {
         Ok(TOKEN_UUID.to_string())
     }
 
-    async fn list_containers(&self, params: &ListParams) -> Result<ListPage<Container>, ClientError> {
+    async fn list_containers(
+        &self,
+        params: &ListParams,
+    ) -> Result<ListPage<Container>, ClientError> {
         let mut state = self.state();
         let filters = params.filters.clone().unwrap_or(Value::Array(vec![]));
         state.calls.push(format!("list {filters}"));
@@ -181,7 +194,10 @@ impl ControllerApi for FakeController {
         let mut state = self.state();
         state.calls.push(format!("lock {uuid}"));
         if state.lock_conflicts.contains(uuid) {
-            return Err(api_error(StatusCode::UNPROCESSABLE_ENTITY, "already locked".into()));
+            return Err(api_error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "already locked".into(),
+            ));
         }
         state.locks += 1;
         let n = state.locks;
@@ -189,7 +205,10 @@ impl ControllerApi for FakeController {
         if container.state != ContainerState::Queued || container.priority <= 0 {
             return Err(api_error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("cannot lock a container in state {}", container.state.as_str()),
+                format!(
+                    "cannot lock a container in state {}",
+                    container.state.as_str()
+                ),
             ));
         }
         container.state = ContainerState::Locked;
@@ -209,10 +228,15 @@ impl ControllerApi for FakeController {
         let mut state = self.state();
         state.calls.push(format!("unlock {uuid}"));
         let container = state.containers.get_mut(uuid).expect("known container");
-        if container.state != ContainerState::Locked || container.locked_by_uuid.as_deref() != Some(TOKEN_UUID) {
+        if container.state != ContainerState::Locked
+            || container.locked_by_uuid.as_deref() != Some(TOKEN_UUID)
+        {
             return Err(api_error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("cannot unlock a container in state {}", container.state.as_str()),
+                format!(
+                    "cannot unlock a container in state {}",
+                    container.state.as_str()
+                ),
             ));
         }
         container.state = ContainerState::Queued;
@@ -222,7 +246,11 @@ impl ControllerApi for FakeController {
         Ok(container.clone())
     }
 
-    async fn update_container(&self, uuid: &str, attributes: &Value) -> Result<Container, ClientError> {
+    async fn update_container(
+        &self,
+        uuid: &str,
+        attributes: &Value,
+    ) -> Result<Container, ClientError> {
         let mut state = self.state();
         state.calls.push(format!("update {uuid} {attributes}"));
         let container = state.containers.get_mut(uuid).expect("known container");
@@ -230,11 +258,11 @@ impl ControllerApi for FakeController {
         for (key, value) in attributes.as_object().expect("an object") {
             match key.as_str() {
                 "state" => {
-                    let to: ContainerState = serde_json::from_value(value.clone()).expect("a state");
-                    updated
-                        .state
-                        .check_transition(to)
-                        .map_err(|err| api_error(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()))?;
+                    let to: ContainerState =
+                        serde_json::from_value(value.clone()).expect("a state");
+                    updated.state.check_transition(to).map_err(|err| {
+                        api_error(StatusCode::UNPROCESSABLE_ENTITY, err.to_string())
+                    })?;
                     updated.state = to;
                 }
                 "scheduler_job_id" => updated.scheduler_job_id = value.as_str().map(str::to_string),

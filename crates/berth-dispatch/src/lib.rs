@@ -12,7 +12,7 @@
 //! supervisor as a child process.
 //!
 //! A job runs `berth supervise [--config FILE] --credentials FILE UUID`
-//! ([`SupervisorCommand`]); it is named after its container, so a restarted
+//! ([`SupervisorCommand`]). It is named after its container, so a restarted
 //! dispatcher finds its jobs again in the batch queue and submits nothing
 //! twice. Secrets travel only in the credentials file, never in a job's
 //! arguments, script or environment.
@@ -87,8 +87,9 @@ pub async fn run(
             drive(api, backend, cluster_id, store, &config, shutdown).await
         }
         BackendKind::Local => {
-            let backend = LocalBackend::new(supervisor, &config.credentials_dir, config.local_log_dir())
-                .context("failed to start the local backend")?;
+            let backend =
+                LocalBackend::new(supervisor, &config.credentials_dir, config.local_log_dir())
+                    .context("failed to start the local backend")?;
             drive(api, backend, cluster_id, store, &config, shutdown).await
         }
     }

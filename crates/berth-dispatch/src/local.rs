@@ -105,7 +105,8 @@ impl LocalBackend {
             match pid {
                 Some(pid) if process_runs(pid, uuid) => {
                     tracing::info!(container = %uuid, pid, "found a running supervisor from a previous dispatcher");
-                    self.jobs.insert(uuid.to_string(), LocalJob { pid, child: None });
+                    self.jobs
+                        .insert(uuid.to_string(), LocalJob { pid, child: None });
                 }
                 _ => remove_file(&path),
             }
@@ -117,9 +118,7 @@ impl LocalBackend {
 /// True when process `pid` runs with `uuid` as one of its arguments.
 fn process_runs(pid: i32, uuid: &str) -> bool {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => cmdline
-            .split(|b| *b == 0)
-            .any(|arg| arg == uuid.as_bytes()),
+        Ok(cmdline) => cmdline.split(|b| *b == 0).any(|arg| arg == uuid.as_bytes()),
         Err(_) => false,
     }
 }
@@ -148,6 +147,8 @@ impl Backend for LocalBackend {
     }
 
     async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError> {
+        // NOTE: `request.ram` and `request.vcpus` reserve nothing here; only
+        // the supervisor's limits on the container itself apply.
         let uuid = &request.container_uuid;
         if let Some(job) = self.jobs.get(uuid) {
             // The dispatch loop never submits a container twice; a second
@@ -280,7 +281,11 @@ impl Backend for LocalBackend {
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError> {
         // Signal only a process this backend tracks under that id, never a
         // pid taken from elsewhere.
-        let Some(known) = self.jobs.get(&job.name).filter(|known| known.id_matches(&job.id)) else {
+        let Some(known) = self
+            .jobs
+            .get(&job.name)
+            .filter(|known| known.id_matches(&job.id))
+        else {
             return Ok(());
         };
         match kill(Pid::from_raw(known.pid), Signal::SIGTERM) {
@@ -352,7 +357,10 @@ mod tests {
 
     async fn wait_for_log(path: &Path, text: &str) {
         for _ in 0..100 {
-            if std::fs::read_to_string(path).unwrap_or_default().contains(text) {
+            if std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .contains(text)
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -363,9 +371,13 @@ mod tests {
     #[tokio::test]
     async fn submit_status_and_cancel_a_child() {
         let dir = tempfile::tempdir().unwrap();
-        let mut backend = LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
+        let mut backend =
+            LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
         let submission = backend.submit(&request(dir.path())).await.unwrap();
-        assert!(submission.command.ends_with(&format!("supervise --credentials {}/{UUID}.json {UUID}", dir.path().display())));
+        assert!(submission.command.ends_with(&format!(
+            "supervise --credentials {}/{UUID}.json {UUID}",
+            dir.path().display()
+        )));
 
         let jobs = backend.status().await.unwrap();
         assert_eq!(jobs.len(), 1);
@@ -388,7 +400,8 @@ mod tests {
     #[tokio::test]
     async fn second_submit_for_a_running_container_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut backend = LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
+        let mut backend =
+            LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
         let first = backend.submit(&request(dir.path())).await.unwrap();
         let err = backend.submit(&request(dir.path())).await.unwrap_err();
         assert!(err.to_string().contains(first.job_id.as_str()), "{err}");
@@ -403,8 +416,16 @@ mod tests {
         let mut first = LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
         let submission = first.submit(&request(dir.path())).await.unwrap();
         // A stale pid file, and one whose process has another command line.
-        std::fs::write(dir.path().join("zzzzz-dz642-000000000000002.pid"), "999999999\n").unwrap();
-        std::fs::write(dir.path().join("zzzzz-dz642-000000000000003.pid"), format!("{}\n", std::process::id())).unwrap();
+        std::fs::write(
+            dir.path().join("zzzzz-dz642-000000000000002.pid"),
+            "999999999\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("zzzzz-dz642-000000000000003.pid"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
 
         let mut second = LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
         let jobs = second.status().await.unwrap();
@@ -422,7 +443,8 @@ mod tests {
     #[tokio::test]
     async fn cancel_ignores_an_unknown_pid() {
         let dir = tempfile::tempdir().unwrap();
-        let mut backend = LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
+        let mut backend =
+            LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
         let stranger = BatchJob {
             id: JobId::new(std::process::id().to_string()),
             name: UUID.into(),

@@ -29,7 +29,11 @@ fn utf8<'a>(what: &'static str, path: &'a Path) -> Result<&'a str, NotUtf8> {
 impl SupervisorCommand {
     /// Builds the argument vector that runs the supervisor of one
     /// container, starting with the program.
-    pub fn argv(&self, credentials_file: &Path, container_uuid: &str) -> Result<Vec<String>, NotUtf8> {
+    pub fn argv(
+        &self,
+        credentials_file: &Path,
+        container_uuid: &str,
+    ) -> Result<Vec<String>, NotUtf8> {
         let mut argv = vec![
             utf8("the berth program", &self.program)?.to_string(),
             "supervise".to_string(),
@@ -118,7 +122,8 @@ mod tests {
             config_file: Some("/etc/berth/berth.yml".into()),
         };
         assert_eq!(
-            with.argv(Path::new("/c/x.json"), "zzzzz-dz642-000000000000001").unwrap(),
+            with.argv(Path::new("/c/x.json"), "zzzzz-dz642-000000000000001")
+                .unwrap(),
             [
                 "/usr/bin/berth",
                 "supervise",

@@ -21,6 +21,9 @@
 //!   other job (suspended, configuring) with `scancel ID`. Slurm 22.05
 //!   refuses to signal a suspended job ("Job can not be altered now"), so a
 //!   suspended job is cancelled outright.
+//!
+//! TODO: map container priorities onto Slurm's (`scontrol update
+//! JobId=... Nice=...`); jobs now keep the priority Slurm gives them.
 
 use std::path::{Path, PathBuf};
 
@@ -187,11 +190,12 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
         let output = output
             .check(&spec)
             .map_err(|err| self.submit_error(request, err))?;
-        let job_id = parse_sbatch_output(&output.stdout).map_err(|message| BackendError::Parse {
-            command: spec.command_line(),
-            message,
-            output: output.stdout.clone(),
-        })?;
+        let job_id =
+            parse_sbatch_output(&output.stdout).map_err(|message| BackendError::Parse {
+                command: spec.command_line(),
+                message,
+                output: output.stdout.clone(),
+            })?;
         let script = spec
             .stdin
             .as_deref()
@@ -240,12 +244,16 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
 /// Computes the job's `--mem` in MiB: the container's RAM plus the
 /// reserve, rounded up. Returns `None` on overflow.
 pub fn memory_mib(ram: u64, reserve: u64) -> Option<u64> {
-    ram.checked_add(reserve).map(|bytes| bytes.div_ceil(1 << 20))
+    ram.checked_add(reserve)
+        .map(|bytes| bytes.div_ceil(1 << 20))
 }
 
 /// Parses `sbatch --parsable` output: `JOBID` or `JOBID;CLUSTER`.
 pub fn parse_sbatch_output(stdout: &str) -> Result<JobId, String> {
-    let mut lines = stdout.lines().map(str::trim).filter(|line| !line.is_empty());
+    let mut lines = stdout
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty());
     let (Some(line), None) = (lines.next(), lines.next()) else {
         return Err("expected one line with the job id".to_string());
     };
@@ -260,6 +268,9 @@ pub fn parse_sbatch_output(stdout: &str) -> Result<JobId, String> {
 /// lines are skipped. Any other line that does not read as a job is an
 /// error, so that garbage never looks like a queue without the dispatcher's
 /// jobs.
+// NOTE: a job name with a newline, on any job of the dispatcher's user,
+// splits into an unreadable line, so every status query fails until that
+// job ends.
 pub fn parse_squeue_output(stdout: &str) -> Result<Vec<BatchJob>, String> {
     let mut jobs = Vec::new();
     for (index, line) in stdout.lines().enumerate() {
@@ -484,12 +495,20 @@ mod tests {
         };
         let (backend, _) = backend(config);
         let default = backend.sbatch_command(&request(1, 1)).unwrap();
-        assert!(default.args.contains(&"--partition=batch".to_string()), "{:?}", default.args);
+        assert!(
+            default.args.contains(&"--partition=batch".to_string()),
+            "{:?}",
+            default.args
+        );
 
         let mut own = request(1, 1);
         own.partitions = vec!["blurb".into(), "b2".into()];
         let spec = backend.sbatch_command(&own).unwrap();
-        assert!(spec.args.contains(&"--partition=blurb,b2".to_string()), "{:?}", spec.args);
+        assert!(
+            spec.args.contains(&"--partition=blurb,b2".to_string()),
+            "{:?}",
+            spec.args
+        );
         assert!(!spec.args.contains(&"--partition=batch".to_string()));
     }
 
@@ -497,17 +516,31 @@ mod tests {
     fn no_partition_means_no_partition_argument() {
         let (backend, _) = backend(SlurmConfig::default());
         let spec = backend.sbatch_command(&request(1, 1)).unwrap();
-        assert!(!spec.args.iter().any(|a| a.starts_with("--partition")), "{:?}", spec.args);
+        assert!(
+            !spec.args.iter().any(|a| a.starts_with("--partition")),
+            "{:?}",
+            spec.args
+        );
     }
 
     #[test]
     fn max_run_time_becomes_whole_minutes() {
         let (backend, _) = backend(SlurmConfig::default());
-        for (seconds, expected) in [(1, Some(1)), (60, Some(1)), (61, Some(2)), (124, Some(3)), (0, None)] {
+        for (seconds, expected) in [
+            (1, Some(1)),
+            (60, Some(1)),
+            (61, Some(2)),
+            (124, Some(3)),
+            (0, None),
+        ] {
             let mut request = request(1, 1);
             request.max_run_time = seconds;
             let spec = backend.sbatch_command(&request).unwrap();
-            let time: Vec<&String> = spec.args.iter().filter(|a| a.starts_with("--time")).collect();
+            let time: Vec<&String> = spec
+                .args
+                .iter()
+                .filter(|a| a.starts_with("--time"))
+                .collect();
             match expected {
                 Some(minutes) => assert_eq!(time, [&format!("--time={minutes}")], "{seconds} s"),
                 None => assert!(time.is_empty(), "{seconds} s: {time:?}"),
@@ -525,7 +558,14 @@ mod tests {
         let (backend, _) = backend(config);
         let spec = backend.sbatch_command(&request(1, 1)).unwrap();
         let tail = &spec.args[spec.args.len() - 3..];
-        assert_eq!(tail, ["--output=/scratch/%x-%j.out", "--account=science", "--mem=100"]);
+        assert_eq!(
+            tail,
+            [
+                "--output=/scratch/%x-%j.out",
+                "--account=science",
+                "--mem=100"
+            ]
+        );
     }
 
     #[test]
@@ -534,7 +574,12 @@ mod tests {
             program: "/opt/it's here/berth".into(),
             config_file: Some("/etc/o'brien.yml".into()),
         };
-        let backend = SlurmBackend::with_user(SlurmConfig::default(), supervisor, RecordingRunner::new(), "0".into());
+        let backend = SlurmBackend::with_user(
+            SlurmConfig::default(),
+            supervisor,
+            RecordingRunner::new(),
+            "0".into(),
+        );
         let mut request = request(1, 1);
         request.credentials_file = "/creds/a b'c.json".into();
         let spec = backend.sbatch_command(&request).unwrap();
@@ -549,9 +594,19 @@ mod tests {
     #[test]
     fn sbatch_parsable_output() {
         assert_eq!(parse_sbatch_output("123\n"), Ok(JobId::new("123")));
-        assert_eq!(parse_sbatch_output("4567;cluster1\n"), Ok(JobId::new("4567")));
+        assert_eq!(
+            parse_sbatch_output("4567;cluster1\n"),
+            Ok(JobId::new("4567"))
+        );
         assert_eq!(parse_sbatch_output("\n  89  \n\n"), Ok(JobId::new("89")));
-        for bad in ["", "\n", "Submitted batch job 12\n", "12\n13\n", "abc;cluster", ";cluster"] {
+        for bad in [
+            "",
+            "\n",
+            "Submitted batch job 12\n",
+            "12\n13\n",
+            "abc;cluster",
+            ";cluster",
+        ] {
             assert!(parse_sbatch_output(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -615,7 +670,10 @@ mod tests {
         let calls = runner.calls();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].program, PathBuf::from("squeue"));
-        assert_eq!(calls[0].args, ["--noheader", "--user=1001", "--format=%i|%T|%r|%j"]);
+        assert_eq!(
+            calls[0].args,
+            ["--noheader", "--user=1001", "--format=%i|%T|%r|%j"]
+        );
     }
 
     #[tokio::test]
@@ -630,13 +688,20 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("squeue --noheader"), "{text}");
         assert!(text.contains("exit status: 1"), "{text}");
-        assert!(text.contains("Unable to contact slurm controller"), "{text}");
+        assert!(
+            text.contains("Unable to contact slurm controller"),
+            "{text}"
+        );
     }
 
     #[tokio::test]
     async fn squeue_empty_with_stderr_is_suspicious() {
         let (mut backend, runner) = backend(SlurmConfig::default());
-        runner.answer(CommandOutput::exited(0, "", "squeue: error: something odd\n"));
+        runner.answer(CommandOutput::exited(
+            0,
+            "",
+            "squeue: error: something odd\n",
+        ));
         assert!(backend.status().await.is_err());
         runner.answer(CommandOutput::ok(""));
         assert_eq!(backend.status().await.unwrap(), vec![]);
@@ -645,10 +710,20 @@ mod tests {
     #[tokio::test]
     async fn submit_keeps_what_was_submitted() {
         let (mut backend, runner) = backend(SlurmConfig::default());
-        runner.answer(CommandOutput::exited(0, "42\n", "sbatch: warning: something\n"));
+        runner.answer(CommandOutput::exited(
+            0,
+            "42\n",
+            "sbatch: warning: something\n",
+        ));
         let submission = backend.submit(&request(1 << 20, 1)).await.unwrap();
         assert_eq!(submission.job_id, JobId::new("42"));
-        assert!(submission.command.starts_with("sbatch --parsable --job-name="), "{}", submission.command);
+        assert!(
+            submission
+                .command
+                .starts_with("sbatch --parsable --job-name="),
+            "{}",
+            submission.command
+        );
         assert!(submission.script.unwrap().starts_with("#!/bin/sh\nexec "));
         assert_eq!(submission.stderr, "sbatch: warning: something\n");
         assert_eq!(runner.calls().len(), 1);
@@ -665,7 +740,10 @@ mod tests {
         ));
         let err = backend.submit(&request(100 << 30, 1)).await.unwrap_err();
         assert!(err.is_permanent(), "{err}");
-        assert!(err.to_string().contains("Requested node configuration"), "{err}");
+        assert!(
+            err.to_string().contains("Requested node configuration"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -712,9 +790,16 @@ mod tests {
     #[test]
     fn cancel_command_depends_on_the_job_state() {
         let (backend, _) = backend(SlurmConfig::default());
-        let args = |state| backend.scancel_command(&job("7", state)).map(|spec| spec.args);
+        let args = |state| {
+            backend
+                .scancel_command(&job("7", state))
+                .map(|spec| spec.args)
+        };
         assert_eq!(args(JobState::Pending).unwrap(), ["--state=PENDING", "7"]);
-        assert_eq!(args(JobState::Running).unwrap(), ["--batch", "--signal=TERM", "7"]);
+        assert_eq!(
+            args(JobState::Running).unwrap(),
+            ["--batch", "--signal=TERM", "7"]
+        );
         assert_eq!(args(JobState::Suspended).unwrap(), ["7"]);
         assert_eq!(args(JobState::Configuring).unwrap(), ["7"]);
         assert_eq!(args(JobState::Other("STOPPED".into())).unwrap(), ["7"]);
@@ -740,7 +825,10 @@ mod tests {
             "",
             "scancel: error: Kill job error on job id 15: Job can not be altered now, try again later\n",
         ));
-        let err = backend.cancel(&job("15", JobState::Running)).await.unwrap_err();
+        let err = backend
+            .cancel(&job("15", JobState::Running))
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("scancel --batch --signal=TERM 15"), "{text}");
         assert!(text.contains("can not be altered"), "{text}");
@@ -749,7 +837,10 @@ mod tests {
     #[tokio::test]
     async fn cancel_of_a_completing_job_runs_nothing() {
         let (mut backend, runner) = backend(SlurmConfig::default());
-        backend.cancel(&job("7", JobState::Completing)).await.unwrap();
+        backend
+            .cancel(&job("7", JobState::Completing))
+            .await
+            .unwrap();
         assert!(runner.calls().is_empty());
     }
 

@@ -277,7 +277,10 @@ impl Tracked {
         if own.is_some() {
             return actions;
         }
-        if self.job.is_none() && self.origin == Origin::Locked && container.state == ContainerState::Locked {
+        if self.job.is_none()
+            && self.origin == Origin::Locked
+            && container.state == ContainerState::Locked
+        {
             let due = self.next_submit_at.is_none_or(|at| observation.now >= at);
             if due {
                 actions.push(Action::Submit);
@@ -328,9 +331,9 @@ impl Tracked {
         }
         match own {
             Some(job) => {
-                let in_grace = self
-                    .final_since
-                    .is_some_and(|since| is_final && observation.now.duration_since(since) < FINAL_JOB_GRACE);
+                let in_grace = self.final_since.is_some_and(|since| {
+                    is_final && observation.now.duration_since(since) < FINAL_JOB_GRACE
+                });
                 if !in_grace {
                     actions.push(Action::Cancel(job.clone()));
                 }
@@ -385,6 +388,9 @@ pub fn resolve_vanished(
         .map(|c| c.state);
     match ours {
         Some(ContainerState::Running) => {
+            // NOTE: the batch system is not asked why the job ended (Slurm's
+            // sacct needs accounting, which may be off), so the detail only
+            // has the job's last listed state.
             let detail = match (last_seen, job) {
                 (Some(seen), _) => {
                     let reason = if seen.reason.is_empty() {
@@ -428,7 +434,9 @@ impl CancelLedger {
     pub fn should_send(&self, job: &BatchJob, now: Instant) -> bool {
         match self.sent.get(&job.id) {
             None => true,
-            Some((at, state)) => *state != job.state || now.duration_since(*at) >= CANCEL_RESEND_AFTER,
+            Some((at, state)) => {
+                *state != job.state || now.duration_since(*at) >= CANCEL_RESEND_AFTER
+            }
         }
     }
 
@@ -438,7 +446,8 @@ impl CancelLedger {
 
     /// Forgets jobs that the latest snapshot no longer lists.
     pub fn retain_listed(&mut self, jobs: &[BatchJob]) {
-        self.sent.retain(|id, _| jobs.iter().any(|job| &job.id == id));
+        self.sent
+            .retain(|id, _| jobs.iter().any(|job| &job.id == id));
     }
 }
 
@@ -529,7 +538,10 @@ mod tests {
     fn fresh_lock_is_submitted() {
         let record = ours(ContainerState::Locked, 5);
         let mut tracked = Tracked::locked(1);
-        assert_eq!(Step::new(Some(&record), &[], 1).run(&mut tracked), [Action::Submit]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 1).run(&mut tracked),
+            [Action::Submit]
+        );
     }
 
     #[test]
@@ -558,7 +570,10 @@ mod tests {
         tracked.submitted(submission("42"), 1);
         tracked.job_id_recorded();
         assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), []);
-        assert_eq!(Step::new(Some(&record), &[], 3).run(&mut tracked), [Action::Resolve]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 3).run(&mut tracked),
+            [Action::Resolve]
+        );
     }
 
     #[test]
@@ -573,7 +588,10 @@ mod tests {
         let jobs = [job("42", JobState::Running)];
         assert_eq!(Step::new(Some(&record), &jobs, 6).run(&mut tracked), []);
         assert_eq!(Step::new(Some(&record), &[], 7).run(&mut tracked), []);
-        assert_eq!(Step::new(Some(&record), &[], 8).run(&mut tracked), [Action::Resolve]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 8).run(&mut tracked),
+            [Action::Resolve]
+        );
     }
 
     #[test]
@@ -646,7 +664,10 @@ mod tests {
         };
         let actions = tracked.submit_failed(true, "Invalid partition", Instant::now());
         assert_eq!(actions, std::slice::from_ref(&expected));
-        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), [expected]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 2).run(&mut tracked),
+            [expected]
+        );
         let cancelled = ours(ContainerState::Cancelled, 5);
         assert_eq!(
             Step::new(Some(&cancelled), &[], 3).run(&mut tracked),
@@ -667,7 +688,10 @@ mod tests {
         assert_eq!(step.run(&mut tracked), [Action::Cancel(jobs[0].clone())]);
         // Forgotten once the job has left two snapshots.
         assert_eq!(Step::new(Some(&record), &[], 4).run(&mut tracked), []);
-        assert_eq!(Step::new(Some(&record), &[], 5).run(&mut tracked), [Action::Forget]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 5).run(&mut tracked),
+            [Action::Forget]
+        );
     }
 
     #[test]
@@ -722,7 +746,10 @@ mod tests {
         let record = ours(ContainerState::Running, 5);
         let mut tracked = Tracked::adopted(1);
         assert_eq!(Step::new(Some(&record), &[], 1).run(&mut tracked), []);
-        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), [Action::Resolve]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 2).run(&mut tracked),
+            [Action::Resolve]
+        );
     }
 
     #[test]
@@ -730,14 +757,20 @@ mod tests {
         let record = ours(ContainerState::Locked, 5);
         let mut with = Tracked::adopted(1);
         assert_eq!(Step::new(Some(&record), &[], 1).run(&mut with), []);
-        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut with), [Action::Submit]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 2).run(&mut with),
+            [Action::Submit]
+        );
 
         let mut without = Tracked::adopted(1);
         let mut step = Step::new(Some(&record), &[], 1);
         step.credentials_exist = false;
         assert_eq!(step.run(&mut without), []);
         step.generation = 2;
-        assert!(matches!(step.run(&mut without)[..], [Action::Unlock { .. }]));
+        assert!(matches!(
+            step.run(&mut without)[..],
+            [Action::Unlock { .. }]
+        ));
     }
 
     #[test]
@@ -746,7 +779,10 @@ mod tests {
         record.scheduler_job_id = Some("42".into());
         let mut tracked = Tracked::adopted(1);
         assert_eq!(Step::new(Some(&record), &[], 1).run(&mut tracked), []);
-        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), [Action::Resolve]);
+        assert_eq!(
+            Step::new(Some(&record), &[], 2).run(&mut tracked),
+            [Action::Resolve]
+        );
     }
 
     #[test]
@@ -756,7 +792,10 @@ mod tests {
         let mut tracked = Tracked::adopted(1);
         let jobs = [job("42", JobState::Running)];
         for generation in 1..5 {
-            assert_eq!(Step::new(Some(&record), &jobs, generation).run(&mut tracked), []);
+            assert_eq!(
+                Step::new(Some(&record), &jobs, generation).run(&mut tracked),
+                []
+            );
         }
     }
 
@@ -772,7 +811,8 @@ mod tests {
             actions,
             [Action::CancelContainer {
                 error: VANISHED_ERROR.into(),
-                detail: "slurm job 42 was last seen running (NodeFail) and has left the queue".into(),
+                detail: "slurm job 42 was last seen running (NodeFail) and has left the queue"
+                    .into(),
             }]
         );
     }
@@ -808,7 +848,11 @@ mod tests {
             resolve_vanished(Some(&complete), TOKEN, "slurm", None, None),
             [Action::RemoveCredentials, Action::Forget]
         );
-        let other = container(ContainerState::Running, 5, Some("zzzzz-gj3su-111111111111111"));
+        let other = container(
+            ContainerState::Running,
+            5,
+            Some("zzzzz-gj3su-111111111111111"),
+        );
         assert_eq!(
             resolve_vanished(Some(&other), TOKEN, "slurm", None, None),
             [Action::RemoveCredentials, Action::Forget]

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use berth_core::{ClusterId, ObjectType, Uuid};
 use berth_dispatch::command::ProcessRunner;
-use berth_dispatch::{Backend, BatchJob, JobId, JobRequest, JobState, SlurmBackend, SlurmConfig, SupervisorCommand};
+use berth_dispatch::{
+    Backend, BatchJob, JobId, JobRequest, JobState, SlurmBackend, SlurmConfig, SupervisorCommand,
+};
 
 /// How long a job may take to appear, start or leave the queue.
 const WAIT: Duration = Duration::from_secs(60);
@@ -33,7 +35,9 @@ struct JobGuard(Option<JobId>);
 impl Drop for JobGuard {
     fn drop(&mut self) {
         if let Some(id) = self.0.take() {
-            let _ = std::process::Command::new("scancel").arg(id.as_str()).status();
+            let _ = std::process::Command::new("scancel")
+                .arg(id.as_str())
+                .status();
         }
     }
 }
@@ -61,7 +65,11 @@ fn backend(dir: &Path, extra: &[&str]) -> SlurmBackend<ProcessRunner> {
         sbatch_args: extra.iter().map(|s| s.to_string()).collect(),
         ..SlurmConfig::default()
     };
-    SlurmBackend::new(config, fake_berth(dir), ProcessRunner::new(Duration::from_secs(30)))
+    SlurmBackend::new(
+        config,
+        fake_berth(dir),
+        ProcessRunner::new(Duration::from_secs(30)),
+    )
 }
 
 fn request(dir: &Path) -> JobRequest {
@@ -92,7 +100,10 @@ async fn wait_for(
         if done(job) {
             return job.cloned();
         }
-        assert!(Instant::now() < deadline, "timed out waiting until {what}; last status: {jobs:?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}; last status: {jobs:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -109,7 +120,11 @@ async fn running_job_listed_then_cancelled() {
 
     let submission = backend.submit(&request).await.unwrap();
     let mut guard = JobGuard(Some(submission.job_id.clone()));
-    assert!(submission.script.as_deref().unwrap().contains("it'\\''s here/fake-berth"));
+    assert!(submission
+        .script
+        .as_deref()
+        .unwrap()
+        .contains("it'\\''s here/fake-berth"));
 
     let job = wait_for(&mut backend, &name, "the job runs", |job| {
         job.is_some_and(|job| job.state == JobState::Running)
@@ -122,17 +137,28 @@ async fn running_job_listed_then_cancelled() {
     let args_file = dir.path().join("it's here/args.txt");
     let deadline = Instant::now() + WAIT;
     while !args_file.exists() {
-        assert!(Instant::now() < deadline, "the job script never ran the program");
+        assert!(
+            Instant::now() < deadline,
+            "the job script never ran the program"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let args = std::fs::read_to_string(&args_file).unwrap();
     let credentials = request.credentials_file.to_str().unwrap().to_string();
-    let expected: Vec<&str> = vec!["supervise", "--credentials", credentials.as_str(), name.as_str()];
+    let expected: Vec<&str> = vec![
+        "supervise",
+        "--credentials",
+        credentials.as_str(),
+        name.as_str(),
+    ];
     assert_eq!(args.lines().collect::<Vec<_>>(), expected);
 
     backend.cancel(&job).await.unwrap();
-    wait_for(&mut backend, &name, "the job leaves the queue", |job| job.is_none()).await;
+    wait_for(&mut backend, &name, "the job leaves the queue", |job| {
+        job.is_none()
+    })
+    .await;
     guard.0 = None;
     // Cancelling a job that has ended succeeds.
     backend.cancel(&job).await.unwrap();
@@ -150,16 +176,24 @@ async fn pending_job_cancelled_before_start() {
 
     let submission = backend.submit(&request).await.unwrap();
     let mut guard = JobGuard(Some(submission.job_id.clone()));
-    let job = wait_for(&mut backend, &name, "the held job is listed", |job| job.is_some())
-        .await
-        .unwrap();
+    let job = wait_for(&mut backend, &name, "the held job is listed", |job| {
+        job.is_some()
+    })
+    .await
+    .unwrap();
     assert_eq!(job.state, JobState::Pending);
     assert_eq!(job.reason, "JobHeldUser");
 
     backend.cancel(&job).await.unwrap();
-    wait_for(&mut backend, &name, "the job leaves the queue", |job| job.is_none()).await;
+    wait_for(&mut backend, &name, "the job leaves the queue", |job| {
+        job.is_none()
+    })
+    .await;
     guard.0 = None;
-    assert!(!dir.path().join("it's here/args.txt").exists(), "the job never ran");
+    assert!(
+        !dir.path().join("it's here/args.txt").exists(),
+        "the job never ran"
+    );
 }
 
 #[tokio::test]
