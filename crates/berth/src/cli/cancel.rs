@@ -123,7 +123,24 @@ async fn cancel_container(api: &Api, container_uuid: &str) -> anyhow::Result<()>
         .map_err(|err| api.explain(err))
         .context("failed to list your requests for the container")?;
     if requests.items.is_empty() {
-        anyhow::bail!("none of your committed container requests uses this container; nothing to cancel");
+        // Say why: the container ended, or it is not one of the caller's.
+        let container = api
+            .client
+            .get_container(container_uuid)
+            .await
+            .map_err(|err| api.explain(err))
+            .context("failed to get the container")?;
+        if container.state.is_final() {
+            println!(
+                "{container_uuid}: already ended ({}), nothing to cancel",
+                container.state
+            );
+            return Ok(());
+        }
+        anyhow::bail!(
+            "none of your committed container requests uses this {} container; nothing to cancel",
+            container.state
+        );
     }
     let mut failures = 0;
     for request in &requests.items {

@@ -1,12 +1,867 @@
-//! `berth dev`.
+//! `berth dev`: a controller and a dispatcher in one process, for one host.
+//!
+//! Everything lives in a *data directory* (mode 0700), kept across runs:
+//!
+//! | file | contents |
+//! | --- | --- |
+//! | `system-token` | the system token, made on the first run (0600) |
+//! | `user-token` | the token of the `dev` user, made on the first run (0600) |
+//! | `berth.db` | the SQLite database |
+//! | `config.yml` | the configuration, rewritten at each start; jobs read its `supervisor` section |
+//! | `credentials/` | the dispatcher's credentials files for its jobs |
+//! | `logs/` | the supervisors' own output: `<container uuid>.log` (local backend), `slurm-<job id>.out` (Slurm) |
+//! | `env` | the shell lines that point user commands at this controller (0600) |
+//!
+//! The cluster id is made on the first run and read back from `config.yml`
+//! afterwards, so that the database's UUIDs keep their prefix.
+//!
+//! `env` is removed at start. Once the controller listens and the
+//! dispatcher has started, it is written under a temporary name and
+//! renamed, so a script may wait for it to appear. Shutdown removes it.
+//! The same lines go to stdout, which carries nothing else.
+//!
+//! The dispatcher uses Slurm when `sbatch --version` and
+//! `squeue --noheader --user=$(id -un)` both succeed, and otherwise runs
+//! each container as a child process (the local backend).
 
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Args;
+use anyhow::{anyhow, bail, Context};
+use berth_client::{Client, Settings, Token};
+use berth_core::{ClusterId, Secret};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::daemon::{dispatch_client, init_logging, shutdown_on_signal};
+use crate::config::Config;
+
+/// The data directory when `--data-dir` is not given.
+const DEFAULT_DATA_DIR: &str = ".berth-dev";
+
+/// The controller's address when `--listen` is not given.
+const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+
+/// Name of the user `berth dev` creates, whose token it prints.
+const DEV_USER_NAME: &str = "dev";
+
+/// How long each Slurm probe (`sbatch --version`, `squeue`) may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the dispatcher may take to stop before it is abandoned and the
+/// controller stops anyway.
+const DISPATCHER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Time between two passes of the dispatcher: shorter than the dispatcher's
+/// default, so that a container submitted on one host starts without a
+/// noticeable wait.
+const DEV_POLL_INTERVAL: &str = "1s";
+
+/// Length of a generated system token, in characters.
+const SYSTEM_TOKEN_LEN: usize = 50;
+
+/// Characters of generated tokens and cluster ids.
+const ALPHANUMERIC: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
 #[derive(Debug, Args)]
-pub struct DevArgs {}
+pub struct DevArgs {
+    /// Directory for the database, tokens and configuration; made if
+    /// missing.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Address and port for the API; port 0 picks a free port.
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Batch system: slurm, local (child processes), or auto (slurm when
+    /// sbatch and squeue work here).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// Docker Engine API socket for the containers, such as
+    /// unix:///tmp/podman.sock; DOCKER_HOST when not given.
+    #[arg(long, value_name = "URL")]
+    docker_host: Option<String>,
+}
 
-pub async fn execute(_args: DevArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendChoice {
+    Auto,
+    Slurm,
+    Local,
+}
+
+/// A dispatcher backend, by its name in the `dispatch` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Slurm,
+    Local,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Slurm => "slurm",
+            Backend::Local => "local",
+        }
+    }
+}
+
+pub async fn execute(args: DevArgs) -> anyhow::Result<ExitCode> {
+    init_logging();
+    let shutdown = shutdown_on_signal()?;
+    let dir = DataDir::open(&args.data_dir)?;
+    remove_if_present(&dir.env_file())?;
+
+    let system_token = dir.system_token()?;
+    let cluster_id = dir.cluster_id()?;
+    let backend = choose_backend(args.backend).await;
+    let docker_host = args
+        .docker_host
+        .clone()
+        .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|value| !value.is_empty()));
+
+    let cluster = berth_controller::ClusterSettings {
+        cluster_id: cluster_id.clone(),
+        system_token: system_token.clone(),
+    };
+    let controller_config = berth_controller::Config::new(args.listen, dir.database_url()?);
+    let bound = berth_controller::bind(cluster.clone(), controller_config.clone())
+        .await
+        .with_context(|| format!("failed to start the controller on {}", args.listen))?;
+    let local_addr = bound.local_addr();
+    let api_url = api_url(local_addr);
+    tracing::info!(address = %local_addr, data_dir = %dir.root.display(), "controller listening");
+
+    let config_text = config_yaml(&DevConfig {
+        cluster_id: &cluster_id,
+        dir: &dir,
+        listen: local_addr,
+        backend,
+        api_url: &api_url,
+        docker_host: docker_host.as_deref(),
+    })?;
+    write_private_file(&dir.config_file(), config_text.as_bytes())?;
+    let config = Config::load(&dir.config_file())?;
+
+    let controller_stop = CancellationToken::new();
+    let controller = tokio::spawn(bound.run(controller_stop.clone().cancelled_owned()));
+    let mut services = Services {
+        controller: Some(controller),
+        controller_stop,
+        dispatcher: None,
+        dispatcher_stop: shutdown.clone(),
+    };
+
+    let started = start_dispatcher(&dir, &cluster, &controller_config, &config, &api_url, shutdown.clone())
+        .await;
+    let result = match started {
+        Ok((dispatcher, user_token)) => {
+            services.dispatcher = Some(dispatcher);
+            let env = EnvFile::publish(&dir.env_file(), &env_lines(&api_url, &user_token))?;
+            let result = services.wait(&shutdown).await;
+            drop(env);
+            result
+        }
+        Err(err) => Err(err),
+    };
+    let stopped = services.stop().await;
+    match (result, stopped) {
+        (Ok(()), Ok(())) => Ok(ExitCode::SUCCESS),
+        (Err(err), Ok(())) | (Ok(()), Err(err)) => Err(err),
+        (Err(err), Err(stop_err)) => Err(err.context(format!("and then failed to stop: {stop_err:#}"))),
+    }
+}
+
+/// Makes sure the dev user exists and starts the dispatcher. Returns the
+/// dispatcher's task and the dev user's token.
+async fn start_dispatcher(
+    dir: &DataDir,
+    cluster: &berth_controller::ClusterSettings,
+    controller_config: &berth_controller::Config,
+    config: &Config,
+    api_url: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, String)> {
+    let user_token = dev_user_token(dir, cluster, controller_config, api_url).await?;
+    let client = dispatch_client(config)?;
+    let supervisor = berth_dispatch::SupervisorCommand {
+        program: std::env::current_exe().context("failed to find the berth executable")?,
+        config_file: Some(dir.config_file()),
+    };
+    let dispatch = config.dispatch()?.clone();
+    let dispatcher = tokio::spawn(berth_dispatch::run(
+        cluster.cluster_id.clone(),
+        client,
+        dispatch,
+        supervisor,
+        shutdown,
+    ));
+    Ok((dispatcher, user_token))
+}
+
+/// The controller's and the dispatcher's tasks, stopped in order: the
+/// dispatcher first, because it calls the controller until it ends.
+#[derive(Debug)]
+struct Services {
+    controller: Option<JoinHandle<anyhow::Result<()>>>,
+    controller_stop: CancellationToken,
+    dispatcher: Option<JoinHandle<anyhow::Result<()>>>,
+    dispatcher_stop: CancellationToken,
+}
+
+impl Services {
+    /// Waits for SIGTERM or SIGINT (`shutdown`), or for a task that ends
+    /// on its own, which is an error.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let (Some(controller), Some(dispatcher)) = (&mut self.controller, &mut self.dispatcher) else {
+            return Ok(());
+        };
+        tokio::select! {
+            // The dispatcher ends by itself on the same signal, so check the
+            // signal first, and accept a clean end that follows it.
+            biased;
+            _ = shutdown.cancelled() => Ok(()),
+            result = controller => {
+                self.controller = None;
+                task_ended("the controller", result, shutdown)
+            }
+            result = dispatcher => {
+                self.dispatcher = None;
+                task_ended("the dispatcher", result, shutdown)
+            }
+        }
+    }
+
+    async fn stop(mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        self.dispatcher_stop.cancel();
+        if let Some(dispatcher) = self.dispatcher.take() {
+            let abort = dispatcher.abort_handle();
+            match tokio::time::timeout(DISPATCHER_STOP_TIMEOUT, dispatcher).await {
+                Ok(result) => {
+                    if let Err(err) = flatten(result) {
+                        errors.push(err.context("the dispatcher failed"));
+                    }
+                }
+                Err(_) => {
+                    abort.abort();
+                    tracing::warn!(
+                        timeout = ?DISPATCHER_STOP_TIMEOUT,
+                        "the dispatcher did not stop in time; stopping the controller anyway"
+                    );
+                }
+            }
+        }
+        self.controller_stop.cancel();
+        if let Some(controller) = self.controller.take() {
+            if let Err(err) = flatten(controller.await) {
+                errors.push(err.context("the controller failed"));
+            }
+        }
+        match errors.len() {
+            0 => Ok(()),
+            _ => Err(anyhow!(errors
+                .iter()
+                .map(|err| format!("{err:#}"))
+                .collect::<Vec<_>>()
+                .join("; "))),
+        }
+    }
+}
+
+fn flatten(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match result {
+        Ok(result) => result,
+        Err(err) => Err(anyhow!("the task panicked or was aborted: {err}")),
+    }
+}
+
+/// Checks how a task ended while `berth dev` waited: a clean end is an
+/// error unless a shutdown was under way.
+fn task_ended(
+    what: &str,
+    result: Result<anyhow::Result<()>, tokio::task::JoinError>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    match flatten(result) {
+        Ok(()) if shutdown.is_cancelled() => Ok(()),
+        Ok(()) => Err(anyhow!("{what} stopped unexpectedly")),
+        Err(err) => Err(err.context(format!("{what} failed"))),
+    }
+}
+
+/// The data directory and the paths of its files.
+#[derive(Debug)]
+struct DataDir {
+    /// Absolute path, because jobs and the database URL need one.
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// Creates the directory (mode 0700) if missing, and its `credentials`
+    /// and `logs` subdirectories.
+    fn open(path: &Path) -> anyhow::Result<DataDir> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("failed to create the data directory {}", path.display()))?;
+        let root = std::fs::canonicalize(path)
+            .with_context(|| format!("failed to resolve the data directory {}", path.display()))?;
+        let mode = std::fs::metadata(&root)
+            .with_context(|| format!("failed to read the data directory {}", root.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                data_dir = %root.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the data directory is open to other users; `chmod 700` it to keep them out"
+            );
+        }
+        let dir = DataDir { root };
+        for subdir in [dir.credentials_dir(), dir.logs_dir()] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&subdir)
+                .with_context(|| format!("failed to create {}", subdir.display()))?;
+        }
+        Ok(dir)
+    }
+
+    fn system_token_file(&self) -> PathBuf {
+        self.root.join("system-token")
+    }
+
+    fn user_token_file(&self) -> PathBuf {
+        self.root.join("user-token")
+    }
+
+    fn database_file(&self) -> PathBuf {
+        self.root.join("berth.db")
+    }
+
+    fn config_file(&self) -> PathBuf {
+        self.root.join("config.yml")
+    }
+
+    fn credentials_dir(&self) -> PathBuf {
+        self.root.join("credentials")
+    }
+
+    fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    fn env_file(&self) -> PathBuf {
+        self.root.join("env")
+    }
+
+    /// Returns the database URL, with the characters that URLs reserve in a path
+    /// (`%`, `?`, `#`) percent-encoded.
+    fn database_url(&self) -> anyhow::Result<String> {
+        let path = utf8(&self.database_file())?.to_string();
+        let encoded = path
+            .replace('%', "%25")
+            .replace('?', "%3F")
+            .replace('#', "%23");
+        Ok(format!("sqlite://{encoded}"))
+    }
+
+    /// Reads the system token, or makes it on the first run.
+    fn system_token(&self) -> anyhow::Result<Secret> {
+        let path = self.system_token_file();
+        if let Some(token) = read_token_file(&path)? {
+            return Ok(Secret::new(token));
+        }
+        let token = random_string(SYSTEM_TOKEN_LEN)?;
+        write_private_file(&path, format!("{token}\n").as_bytes())?;
+        Ok(Secret::new(token))
+    }
+
+    /// Reads the cluster id of an earlier run from `config.yml`, or makes a
+    /// new one.
+    fn cluster_id(&self) -> anyhow::Result<ClusterId> {
+        let path = self.config_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return new_cluster_id(),
+            Err(err) => {
+                return Err(err).with_context(|| format!("failed to read {}", path.display()))
+            }
+        };
+        let value: serde_yaml::Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("invalid configuration file {}", path.display()))?;
+        let id = value
+            .get("cluster_id")
+            .and_then(serde_yaml::Value::as_str)
+            .with_context(|| {
+                format!(
+                    "{} has no cluster_id; remove the file to get a new cluster id",
+                    path.display()
+                )
+            })?;
+        id.parse()
+            .with_context(|| format!("invalid cluster_id in {}", path.display()))
+    }
+}
+
+/// Returns the dev user's token: the one kept in `user-token` while the
+/// controller accepts it, else the token of a newly created user.
+async fn dev_user_token(
+    dir: &DataDir,
+    cluster: &berth_controller::ClusterSettings,
+    controller_config: &berth_controller::Config,
+    api_url: &str,
+) -> anyhow::Result<String> {
+    let path = dir.user_token_file();
+    if let Some(token) = read_token_file(&path)? {
+        let client = Client::new(Settings {
+            base_url: berth_client::parse_api_host(api_url)?,
+            token: Token::new(token.clone()),
+            insecure: false,
+        })?;
+        match client.current_user().await {
+            Ok(_) => return Ok(token),
+            Err(err) if err.status().is_some_and(|status| status.as_u16() == 401) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the controller rejects the kept user token (was the database replaced?); creating a new dev user"
+                );
+            }
+            Err(err) => return Err(err).context("failed to check the dev user's token"),
+        }
+    }
+    let token = berth_controller::create_user(cluster, controller_config, DEV_USER_NAME, false)
+        .await
+        .context("failed to create the dev user")?;
+    write_private_file(&path, format!("{token}\n").as_bytes())?;
+    tracing::info!(user = DEV_USER_NAME, file = %path.display(), "created the dev user");
+    Ok(token)
+}
+
+/// Chooses the dispatcher's backend and logs which and why.
+async fn choose_backend(choice: BackendChoice) -> Backend {
+    let (backend, reason) = match choice {
+        BackendChoice::Slurm => (Backend::Slurm, "chosen with --backend".to_string()),
+        BackendChoice::Local => (Backend::Local, "chosen with --backend".to_string()),
+        BackendChoice::Auto => match probe_slurm().await {
+            Ok(reason) => (Backend::Slurm, reason),
+            Err(reason) => (Backend::Local, reason),
+        },
+    };
+    tracing::info!(backend = backend.name(), reason = %reason, "dispatcher backend chosen");
+    backend
+}
+
+/// Checks that Slurm accepts commands from this user. Returns why Slurm is
+/// usable, or why not.
+async fn probe_slurm() -> Result<String, String> {
+    let user = run_probe("id", &["-un"]).await?;
+    let user = user.trim();
+    run_probe("sbatch", &["--version"]).await?;
+    let user_filter = format!("--user={user}");
+    run_probe("squeue", &["--noheader", &user_filter]).await?;
+    Ok(format!("`sbatch --version` and `squeue --noheader {user_filter}` succeed"))
+}
+
+/// Runs a probe command and returns its stdout, or a sentence saying how
+/// it failed.
+async fn run_probe(program: &str, args: &[&str]) -> Result<String, String> {
+    let shown = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let output = match tokio::time::timeout(PROBE_TIMEOUT, command.output()).await {
+        Err(_) => return Err(format!("`{shown}` timed out after {PROBE_TIMEOUT:?}")),
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("{program} is not installed (not found on PATH)"))
+        }
+        Ok(Err(err)) => return Err(format!("failed to run `{shown}`: {err}")),
+        Ok(Ok(output)) => output,
+    };
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let first_line = stderr.lines().next().unwrap_or("").trim();
+        return Err(format!("`{shown}` failed ({}): {first_line}", output.status));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Returns the API's URL for clients on this host: an unspecified listen address
+/// (`0.0.0.0`, `::`) is reached through loopback.
+fn api_url(local_addr: SocketAddr) -> String {
+    let ip = match local_addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, local_addr.port()))
+}
+
+/// The settings written to `config.yml`.
+#[derive(Debug)]
+struct DevConfig<'a> {
+    cluster_id: &'a ClusterId,
+    dir: &'a DataDir,
+    listen: SocketAddr,
+    backend: Backend,
+    api_url: &'a str,
+    docker_host: Option<&'a str>,
+}
+
+fn config_yaml(config: &DevConfig<'_>) -> anyhow::Result<String> {
+    let mut supervisor = serde_json::Map::new();
+    if let Some(docker_host) = config.docker_host {
+        supervisor.insert("docker_host".into(), json!(docker_host));
+    }
+    let value = json!({
+        "cluster_id": config.cluster_id.as_str(),
+        "system_token_file": utf8(&config.dir.system_token_file())?,
+        "controller": {
+            "listen": config.listen.to_string(),
+            "database_url": config.dir.database_url()?,
+        },
+        "dispatch": {
+            "backend": config.backend.name(),
+            "api_url": config.api_url,
+            "poll_interval": DEV_POLL_INTERVAL,
+            "credentials_dir": utf8(&config.dir.credentials_dir())?,
+            "local": { "log_dir": utf8(&config.dir.logs_dir())? },
+            "slurm": { "output": format!("{}/slurm-%j.out", utf8(&config.dir.logs_dir())?) },
+        },
+        "supervisor": Value::Object(supervisor),
+    });
+    let body = serde_yaml::to_string(&value).context("failed to write the configuration as YAML")?;
+    Ok(format!(
+        "# Written by `berth dev` at each start: edits are lost. The cluster id\n\
+         # is kept from one run to the next.\n{body}"
+    ))
+}
+
+/// Formats the shell lines that point user commands at this controller.
+fn env_lines(api_url: &str, user_token: &str) -> String {
+    format!(
+        "export BERTH_API_HOST={}\nexport BERTH_API_TOKEN={}\n",
+        shell_quote(api_url),
+        shell_quote(user_token)
+    )
+}
+
+/// Quotes a word for a POSIX shell, leaving words of safe characters bare.
+fn shell_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/_.:@%+=,-[]".contains(c));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The `env` file while it exists: written once everything runs, removed
+/// when dropped.
+#[derive(Debug)]
+struct EnvFile {
+    path: PathBuf,
+}
+
+impl EnvFile {
+    /// Prints `lines` on stdout and writes them to `path`.
+    fn publish(path: &Path, lines: &str) -> anyhow::Result<EnvFile> {
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(lines.as_bytes())
+            .and_then(|()| stdout.flush())
+            .context("failed to write to stdout")?;
+        write_private_file(path, lines.as_bytes())?;
+        tracing::info!(file = %path.display(), "ready; the env file contains the same export lines");
+        Ok(EnvFile {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for EnvFile {
+    fn drop(&mut self) {
+        if let Err(err) = remove_if_present(&self.path) {
+            tracing::warn!(error = %format!("{err:#}"), "failed to remove the env file");
+        }
+    }
+}
+
+/// Writes a file readable only by its owner (mode 0600), under a temporary
+/// name first and then renamed, so that a reader never sees half of it.
+fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(name);
+    temporary_name.push(".tmp");
+    let temporary = path.with_file_name(temporary_name);
+
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        // The mode given to open() applies only to a new file.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    };
+    write().with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Reads a token file, if it exists. A file that other users may read is an
+/// error, as is an empty one.
+fn read_token_file(path: &Path) -> anyhow::Result<Option<String>> {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("failed to read {}", path.display())),
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} is readable by other users (mode {mode:o}): run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("{} is empty: remove it and start again to get a new token", path.display());
+    }
+    Ok(Some(token.to_string()))
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("failed to remove {}", path.display())),
+    }
+}
+
+fn utf8(path: &Path) -> anyhow::Result<&str> {
+    path.to_str()
+        .with_context(|| format!("path {} is not valid UTF-8: choose another --data-dir", path.display()))
+}
+
+/// Makes a new cluster id: a letter, then four letters or digits, so that
+/// it never reads as a number.
+fn new_cluster_id() -> anyhow::Result<ClusterId> {
+    let letters = &ALPHANUMERIC[10..];
+    let first = random_from(letters, 1)?;
+    let rest = random_from(ALPHANUMERIC, 4)?;
+    Ok(format!("{first}{rest}").parse()?)
+}
+
+fn random_string(len: usize) -> anyhow::Result<String> {
+    random_from(ALPHANUMERIC, len)
+}
+
+/// `len` characters drawn uniformly from `alphabet`, from the kernel's
+/// random source. Bytes that would bias the draw are skipped.
+fn random_from(alphabet: &[u8], len: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let limit = 256 - 256 % alphabet.len();
+    let mut source = std::fs::File::open("/dev/urandom").context("failed to open /dev/urandom")?;
+    let mut text = String::with_capacity(len);
+    let mut buffer = [0u8; 64];
+    while text.len() < len {
+        source
+            .read_exact(&mut buffer)
+            .context("failed to read /dev/urandom")?;
+        for byte in buffer {
+            if text.len() < len && usize::from(byte) < limit {
+                text.push(char::from(alphabet[usize::from(byte) % alphabet.len()]));
+            }
+        }
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: DevArgs,
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let cli = Cli::try_parse_from(["dev"]).unwrap();
+        assert_eq!(cli.args.data_dir, PathBuf::from(".berth-dev"));
+        assert_eq!(cli.args.listen, "127.0.0.1:8000".parse::<SocketAddr>().unwrap());
+        assert_eq!(cli.args.backend, BackendChoice::Auto);
+        assert_eq!(cli.args.docker_host, None);
+    }
+
+    #[test]
+    fn listen_must_be_an_address_with_port() {
+        let err = Cli::try_parse_from(["dev", "--listen", "localhost"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("localhost"), "{err}");
+        let cli = Cli::try_parse_from(["dev", "--listen", "127.0.0.1:0", "--backend", "local"]).unwrap();
+        assert_eq!(cli.args.listen.port(), 0);
+        assert_eq!(cli.args.backend, BackendChoice::Local);
+    }
+
+    #[test]
+    fn unspecified_listen_address_is_reached_through_loopback() {
+        assert_eq!(api_url("0.0.0.0:8000".parse().unwrap()), "http://127.0.0.1:8000");
+        assert_eq!(api_url("[::]:9000".parse().unwrap()), "http://[::1]:9000");
+        assert_eq!(api_url("127.0.0.1:41234".parse().unwrap()), "http://127.0.0.1:41234");
+    }
+
+    #[test]
+    fn env_lines_are_export_lines() {
+        let token = "v2/x0dev-gj3su-0123456789abcde/secret";
+        assert_eq!(
+            env_lines("http://127.0.0.1:8000", token),
+            format!("export BERTH_API_HOST=http://127.0.0.1:8000\nexport BERTH_API_TOKEN={token}\n")
+        );
+    }
+
+    #[test]
+    fn unsafe_words_are_single_quoted() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+        assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn env_file_is_private_and_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("env");
+        std::fs::write(&path, "old content that is longer than the new\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+        let env = EnvFile::publish(&path, "export A=1\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "export A=1\n");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["env"], "no temporary file is left behind");
+
+        drop(env);
+        assert!(!path.exists(), "the env file is removed on drop");
+    }
+
+    #[test]
+    fn system_token_is_made_once_and_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(&parent.path().join("data")).unwrap();
+        let mode = std::fs::metadata(&dir.root).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let first = dir.system_token().unwrap();
+        assert_eq!(first.expose().len(), SYSTEM_TOKEN_LEN);
+        let second = dir.system_token().unwrap();
+        assert_eq!(first.expose(), second.expose());
+        let mode = std::fs::metadata(dir.system_token_file()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn token_file_open_to_others_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("user-token");
+        std::fs::write(&path, "token\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_token_file(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn config_is_valid_and_keeps_its_cluster_id() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(&parent.path().join("data")).unwrap();
+        let cluster_id = dir.cluster_id().unwrap();
+        let text = config_yaml(&DevConfig {
+            cluster_id: &cluster_id,
+            dir: &dir,
+            listen: "127.0.0.1:41234".parse().unwrap(),
+            backend: Backend::Local,
+            api_url: "http://127.0.0.1:41234",
+            docker_host: Some("unix:///tmp/podman.sock"),
+        })
+        .unwrap();
+        write_private_file(&dir.config_file(), text.as_bytes()).unwrap();
+
+        let config = Config::load(&dir.config_file()).unwrap();
+        assert_eq!(config.cluster_id, cluster_id);
+        assert_eq!(config.system_token_file, Some(dir.system_token_file()));
+        assert_eq!(config.supervisor.docker_host.as_deref(), Some("unix:///tmp/podman.sock"));
+        let dispatch = config.dispatch().unwrap();
+        assert_eq!(dispatch.backend, "local");
+        assert_eq!(dispatch.api_url, "http://127.0.0.1:41234");
+        assert_eq!(dispatch.poll_interval, Duration::from_secs(1));
+        assert_eq!(dispatch.credentials_dir, dir.credentials_dir());
+        assert_eq!(dispatch.local.log_dir, Some(dir.logs_dir()));
+        assert_eq!(
+            dispatch.slurm.output,
+            format!("{}/slurm-%j.out", dir.logs_dir().display())
+        );
+        let controller = config.controller().unwrap();
+        assert_eq!(
+            controller.database_url,
+            format!("sqlite://{}", dir.database_file().display())
+        );
+        assert_eq!(dir.cluster_id().unwrap(), cluster_id, "read back from config.yml");
+    }
+
+    #[test]
+    fn database_url_encodes_reserved_characters() {
+        let dir = DataDir {
+            root: PathBuf::from("/data/50%?#"),
+        };
+        assert_eq!(dir.database_url().unwrap(), "sqlite:///data/50%25%3F%23/berth.db");
+    }
+
+    #[test]
+    fn new_cluster_id_starts_with_letter() {
+        for _ in 0..50 {
+            let id = new_cluster_id().unwrap();
+            assert!(id.as_str().starts_with(|c: char| c.is_ascii_lowercase()), "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn probe_says_why_a_command_failed() {
+        let err = run_probe("berth-surely-not-installed", &[]).await.unwrap_err();
+        assert!(err.contains("not installed"), "{err}");
+        let err = run_probe("sh", &["-c", "echo broken >&2; exit 3"]).await.unwrap_err();
+        assert!(err.contains("broken"), "{err}");
+        assert!(err.contains("sh -c"), "{err}");
+        assert_eq!(run_probe("echo", &["ok"]).await.unwrap(), "ok\n");
+    }
 }

@@ -70,7 +70,7 @@ pub enum Event {
     /// The container's state, reported when it differs from the last one
     /// this follower reported.
     State(ContainerState),
-    /// A wait ended with no new bytes and no change of state.
+    /// A wait ended with no new bytes.
     Idle,
 }
 
@@ -142,7 +142,8 @@ pub async fn copy_stream(
         if last_state != Some(state) {
             last_state = Some(state);
             send(&events, Event::State(state));
-        } else if chunk.data.is_empty() && wait.is_some() {
+        }
+        if chunk.data.is_empty() && wait.is_some() {
             send(&events, Event::Idle);
         }
 

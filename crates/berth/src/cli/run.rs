@@ -266,6 +266,10 @@ impl Session {
     /// `None` when the request became Final while its container was still
     /// Queued, so that the container will never run for it.
     async fn follow(&mut self, container_uuid: &str) -> anyhow::Result<Option<Container>> {
+        // The first long-poll returns only after a change, so show the
+        // state the container starts from now.
+        self.show_progress(container_uuid).await?;
+
         let (events_sender, mut events) = mpsc::unbounded_channel();
         let api = self.api.clone();
         let streams = async {
@@ -289,7 +293,7 @@ impl Session {
         };
         tokio::pin!(streams);
 
-        let mut last_request_check = Instant::now();
+        let mut last_request_check: Option<Instant> = None;
         loop {
             tokio::select! {
                 result = &mut streams => {
@@ -301,10 +305,12 @@ impl Session {
                     Event::Idle => {
                         // A request set Final by someone else while its
                         // container is Queued leaves the container on hold
-                        // for good; look for that once per wait.
+                        // for good. Both streams go idle at each wait's end,
+                        // so check the request once per wait.
                         let queued = self.progress.state == Some(ContainerState::Queued);
-                        if queued && last_request_check.elapsed() >= LOG_WAIT {
-                            last_request_check = Instant::now();
+                        let due = last_request_check.is_none_or(|at| at.elapsed() >= LOG_WAIT / 2);
+                        if queued && due {
+                            last_request_check = Some(Instant::now());
                             if self.request_state().await? == RequestState::Final {
                                 return Ok(None);
                             }
@@ -408,7 +414,8 @@ impl Progress {
                 lines.push(container.state.to_string());
             }
         }
-        let error = runtime_error(container);
+        // The closing message of a final container carries its error.
+        let error = runtime_error(container).filter(|_| !container.state.is_final());
         if error.is_some() && error != self.error {
             if let Some(error) = &error {
                 lines.push(format!("runtime error: {error}"));
@@ -651,6 +658,8 @@ mod tests {
         running.runtime_status.insert("error".into(), json!("disk full"));
         assert_eq!(progress.update(&running), ["Running", "runtime error: disk full"]);
         assert!(progress.update(&running).is_empty());
-        assert!(progress.update(&container(ContainerState::Complete, Some(0))).is_empty());
+        let mut cancelled = container(ContainerState::Cancelled, None);
+        cancelled.runtime_status.insert("error".into(), json!("killed"));
+        assert!(progress.update(&cancelled).is_empty());
     }
 }
