@@ -46,7 +46,14 @@ impl Dev {
         let docker_host =
             std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///tmp/podman.sock".into());
         let mut child = Command::new(env!("CARGO_BIN_EXE_berth"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--backend", "local", "--data-dir"])
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--backend",
+                "local",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(["--docker-host", &docker_host])
             .stdout(Stdio::piped())
@@ -81,7 +88,10 @@ impl Dev {
         let deadline = Instant::now() + READY_TIMEOUT;
         while !self.env_file().exists() {
             if let Some(status) = self.child.try_wait().expect("failed to poll berth dev") {
-                panic!("berth dev exited ({status}) before it was ready; its log:\n{}", self.log_text());
+                panic!(
+                    "berth dev exited ({status}) before it was ready; its log:\n{}",
+                    self.log_text()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -183,18 +193,34 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     assert!(data_dir.join("berth.db").exists());
 
     let ls = berth(&host, &token, &["ls"]);
-    assert!(ls.status.success(), "berth ls failed: {}", String::from_utf8_lossy(&ls.stderr));
+    assert!(
+        ls.status.success(),
+        "berth ls failed: {}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
     let table = String::from_utf8_lossy(&ls.stdout);
     assert!(table.starts_with("REQUEST"), "{table}");
     assert_eq!(table.lines().count(), 1, "no requests yet: {table}");
 
-    let bad = berth(&host, &token, &["run", "--ram", "lots", &test_image(), "--", "true"]);
-    assert_eq!(bad.status.code(), Some(2), "exit status of berth run with a bad --ram");
+    let bad = berth(
+        &host,
+        &token,
+        &["run", "--ram", "lots", &test_image(), "--", "true"],
+    );
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "exit status of berth run with a bad --ram"
+    );
     let message = String::from_utf8_lossy(&bad.stderr);
     assert!(message.contains("\"lots\""), "{message}");
     assert!(message.contains("--ram"), "{message}");
 
-    let run = berth(&host, &token, &["run", "--ram", "64M", &test_image(), "--", "echo", "hello"]);
+    let run = berth(
+        &host,
+        &token,
+        &["run", "--ram", "64M", &test_image(), "--", "echo", "hello"],
+    );
     assert_eq!(
         run.status.code(),
         Some(0),
@@ -211,8 +237,15 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     assert!(table.contains("Complete"), "{table}");
 
     let status = dev.terminate();
-    assert!(status.success(), "berth dev exit status {status}; log:\n{}", dev.log_text());
-    assert!(!dev.env_file().exists(), "the env file is removed on shutdown");
+    assert!(
+        status.success(),
+        "berth dev exit status {status}; log:\n{}",
+        dev.log_text()
+    );
+    assert!(
+        !dev.env_file().exists(),
+        "the env file is removed on shutdown"
+    );
     drop(dev);
 
     // A second start reuses the data directory: same user, same token.
@@ -221,6 +254,10 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     assert_eq!(token_again, token);
     let ls = berth(&host_again, &token_again, &["ls"]);
     let table = String::from_utf8_lossy(&ls.stdout);
-    assert_eq!(table.lines().count(), 2, "the earlier request is still listed: {table}");
+    assert_eq!(
+        table.lines().count(),
+        2,
+        "the earlier request is still listed: {table}"
+    );
     assert!(again.terminate().success());
 }

@@ -34,7 +34,9 @@ fn parse_user_name(text: &str) -> Result<String, String> {
         return Err("the user name is empty".into());
     }
     if text.chars().any(char::is_control) {
-        return Err(format!("invalid user name {text:?}: it contains a control character"));
+        return Err(format!(
+            "invalid user name {text:?}: it contains a control character"
+        ));
     }
     Ok(text.to_string())
 }
@@ -51,9 +53,10 @@ async fn create_user(args: CreateUserArgs) -> anyhow::Result<ExitCode> {
         cluster_id: config.cluster_id.clone(),
         system_token: config.system_token()?,
     };
-    let token = berth_controller::create_user(&cluster, config.controller()?, &args.name, args.admin)
-        .await
-        .with_context(|| format!("failed to create user {:?}", args.name))?;
+    let token =
+        berth_controller::create_user(&cluster, config.controller()?, &args.name, args.admin)
+            .await
+            .with_context(|| format!("failed to create user {:?}", args.name))?;
     // The token alone on stdout, so that scripts can capture it.
     println!("{token}");
     Ok(ExitCode::SUCCESS)
@@ -72,8 +75,15 @@ mod tests {
 
     #[test]
     fn create_user_takes_name_flag_and_config() {
-        let cli = Cli::try_parse_from(["admin", "create-user", "alice", "--admin", "--config", "c.yml"])
-            .unwrap();
+        let cli = Cli::try_parse_from([
+            "admin",
+            "create-user",
+            "alice",
+            "--admin",
+            "--config",
+            "c.yml",
+        ])
+        .unwrap();
         let AdminCommand::CreateUser(args) = cli.command;
         assert_eq!(args.name, "alice");
         assert!(args.admin);
@@ -89,7 +99,8 @@ mod tests {
 
     #[test]
     fn empty_user_name_is_rejected() {
-        let err = Cli::try_parse_from(["admin", "create-user", " ", "--config", "c.yml"]).unwrap_err();
+        let err =
+            Cli::try_parse_from(["admin", "create-user", " ", "--config", "c.yml"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
     }
 }

@@ -48,9 +48,16 @@ impl Api {
     /// Converts a client error into one that names the cause and the next
     /// step, for a rejected token and an unreachable controller.
     pub fn explain(&self, err: ClientError) -> anyhow::Error {
-        let host = self.client.base_url().as_str().trim_end_matches('/').to_string();
+        let host = self
+            .client
+            .base_url()
+            .as_str()
+            .trim_end_matches('/')
+            .to_string();
         match &err {
-            ClientError::Api { status, message, .. } if status.as_u16() == 401 => anyhow!(
+            ClientError::Api {
+                status, message, ..
+            } if status.as_u16() == 401 => anyhow!(
                 "the controller at {host} rejected the token in {var} ({status}: {message}); \
                  set {var} to a valid API token (`berth dev` prints one for its user)",
                 var = self.token_variable,
@@ -188,7 +195,9 @@ mod tests {
 
     #[test]
     fn uuid_of_other_type_is_named_in_error() {
-        let err = Target::parse("zzzzz-tpzed-0123456789abcde").unwrap_err().to_string();
+        let err = Target::parse("zzzzz-tpzed-0123456789abcde")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("zzzzz-tpzed-0123456789abcde"), "{err}");
         assert!(err.contains("\"tpzed\""), "{err}");
     }
@@ -204,11 +213,17 @@ mod tests {
     #[tokio::test]
     async fn rejected_token_names_its_variable() {
         let host = serve_one_unauthorized().await;
-        let api = Api::from_lookup(lookup(&[("ARVADOS_API_HOST", &host), ("ARVADOS_API_TOKEN", "t")]))
-            .unwrap();
+        let api = Api::from_lookup(lookup(&[
+            ("ARVADOS_API_HOST", &host),
+            ("ARVADOS_API_TOKEN", "t"),
+        ]))
+        .unwrap();
         let err = api.client.current_user().await.unwrap_err();
         let text = api.explain(err).to_string();
-        assert!(text.contains("rejected the token in ARVADOS_API_TOKEN"), "{text}");
+        assert!(
+            text.contains("rejected the token in ARVADOS_API_TOKEN"),
+            "{text}"
+        );
         assert!(text.contains(&host), "{text}");
         assert!(text.contains("invalid token"), "{text}");
     }
@@ -220,11 +235,17 @@ mod tests {
         let address = listener.local_addr().unwrap();
         drop(listener);
         let host = format!("http://{address}");
-        let api = Api::from_lookup(lookup(&[("BERTH_API_HOST", &host), ("BERTH_API_TOKEN", "t")]))
-            .unwrap();
+        let api = Api::from_lookup(lookup(&[
+            ("BERTH_API_HOST", &host),
+            ("BERTH_API_TOKEN", "t"),
+        ]))
+        .unwrap();
         let err = api.client.current_user().await.unwrap_err();
         let text = api.explain(err).to_string();
-        assert!(text.contains(&format!("failed to connect to the controller at {host}")), "{text}");
+        assert!(
+            text.contains(&format!("failed to connect to the controller at {host}")),
+            "{text}"
+        );
         assert!(text.contains("from BERTH_API_HOST"), "{text}");
         assert!(text.contains("berth dev"), "{text}");
     }

@@ -36,11 +36,20 @@ pub enum CancelOutcome {
     Finalized { container_uuid: Option<String> },
     /// Priority 0 is set, but the request could not be set Final; its
     /// Queued container stays on hold.
-    OnHold { container_uuid: String, reason: String },
+    OnHold {
+        container_uuid: String,
+        reason: String,
+    },
     /// The container is Locked or Running; the dispatcher will stop it.
-    Stopping { container_uuid: String, state: ContainerState },
+    Stopping {
+        container_uuid: String,
+        state: ContainerState,
+    },
     /// The container had already ended; the request follows it to Final.
-    ContainerEnded { container_uuid: String, state: ContainerState },
+    ContainerEnded {
+        container_uuid: String,
+        state: ContainerState,
+    },
 }
 
 impl fmt::Display for CancelOutcome {
@@ -50,23 +59,34 @@ impl fmt::Display for CancelOutcome {
             CancelOutcome::NotCommitted => {
                 f.write_str("not committed, so nothing runs for it; nothing to cancel")
             }
-            CancelOutcome::Finalized { container_uuid: None } => {
-                f.write_str("cancelled; the request is final (it had no container)")
-            }
-            CancelOutcome::Finalized { container_uuid: Some(container) } => write!(
+            CancelOutcome::Finalized {
+                container_uuid: None,
+            } => f.write_str("cancelled; the request is final (it had no container)"),
+            CancelOutcome::Finalized {
+                container_uuid: Some(container),
+            } => write!(
                 f,
                 "cancelled before container {container} started; the request is final"
             ),
-            CancelOutcome::OnHold { container_uuid, reason } => write!(
+            CancelOutcome::OnHold {
+                container_uuid,
+                reason,
+            } => write!(
                 f,
                 "priority set to 0, so container {container_uuid} stays Queued on hold, \
                  but the request could not be set final: {reason}"
             ),
-            CancelOutcome::Stopping { container_uuid, state } => write!(
+            CancelOutcome::Stopping {
+                container_uuid,
+                state,
+            } => write!(
                 f,
                 "cancelled; container {container_uuid} is {state} and will be stopped"
             ),
-            CancelOutcome::ContainerEnded { container_uuid, state } => write!(
+            CancelOutcome::ContainerEnded {
+                container_uuid,
+                state,
+            } => write!(
                 f,
                 "container {container_uuid} had already ended ({state}); nothing to cancel"
             ),
@@ -100,7 +120,11 @@ pub async fn execute(args: CancelArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Cancels the caller's committed requests for a container, printing one
@@ -153,7 +177,10 @@ async fn cancel_container(api: &Api, container_uuid: &str) -> anyhow::Result<()>
         }
     }
     if failures > 0 {
-        anyhow::bail!("failed to cancel {failures} of {} requests", requests.items.len());
+        anyhow::bail!(
+            "failed to cancel {failures} of {} requests",
+            requests.items.len()
+        );
     }
     Ok(())
 }
@@ -185,7 +212,9 @@ pub async fn cancel_request(api: &Api, request_uuid: &str) -> anyhow::Result<Can
     // dispatcher locking it at this moment gets priority 0 and unlocks it.
     let Some(container_uuid) = request.container_uuid else {
         finalize(api, request_uuid).await?;
-        return Ok(CancelOutcome::Finalized { container_uuid: None });
+        return Ok(CancelOutcome::Finalized {
+            container_uuid: None,
+        });
     };
     let container = api
         .client
@@ -279,10 +308,15 @@ mod tests {
             state: ContainerState::Running,
         };
         let text = outcome.to_string();
-        assert!(text.contains("zzzzz-dz642-0123456789abcde is Running"), "{text}");
+        assert!(
+            text.contains("zzzzz-dz642-0123456789abcde is Running"),
+            "{text}"
+        );
         let finalized = CancelOutcome::Finalized {
             container_uuid: Some("zzzzz-dz642-0123456789abcde".into()),
         };
-        assert!(finalized.to_string().contains("before container zzzzz-dz642-0123456789abcde started"));
+        assert!(finalized
+            .to_string()
+            .contains("before container zzzzz-dz642-0123456789abcde started"));
     }
 }

@@ -26,20 +26,20 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use berth_client::{Client, Settings, Token};
-use berth_core::{ClusterId, Secret};
+use berth_core::ClusterId;
 use clap::{Args, ValueEnum};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::daemon::{dispatch_client, init_logging, shutdown_on_signal};
+use super::data_dir::{read_token_file, remove_if_present, utf8, write_private_file, DataDir};
 use crate::config::Config;
 
 /// The data directory when `--data-dir` is not given.
@@ -62,12 +62,6 @@ const DISPATCHER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// default, so that a container submitted on one host starts without a
 /// noticeable wait.
 const DEV_POLL_INTERVAL: &str = "1s";
-
-/// Length of a generated system token, in characters.
-const SYSTEM_TOKEN_LEN: usize = 50;
-
-/// Characters of generated tokens and cluster ids.
-const ALPHANUMERIC: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -120,10 +114,11 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<ExitCode> {
     let system_token = dir.system_token()?;
     let cluster_id = dir.cluster_id()?;
     let backend = choose_backend(args.backend).await;
-    let docker_host = args
-        .docker_host
-        .clone()
-        .or_else(|| std::env::var("DOCKER_HOST").ok().filter(|value| !value.is_empty()));
+    let docker_host = args.docker_host.clone().or_else(|| {
+        std::env::var("DOCKER_HOST")
+            .ok()
+            .filter(|value| !value.is_empty())
+    });
 
     let cluster = berth_controller::ClusterSettings {
         cluster_id: cluster_id.clone(),
@@ -157,8 +152,15 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<ExitCode> {
         dispatcher_stop: shutdown.clone(),
     };
 
-    let started = start_dispatcher(&dir, &cluster, &controller_config, &config, &api_url, shutdown.clone())
-        .await;
+    let started = start_dispatcher(
+        &dir,
+        &cluster,
+        &controller_config,
+        &config,
+        &api_url,
+        shutdown.clone(),
+    )
+    .await;
     let result = match started {
         Ok((dispatcher, user_token)) => {
             services.dispatcher = Some(dispatcher);
@@ -173,7 +175,9 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<ExitCode> {
     match (result, stopped) {
         (Ok(()), Ok(())) => Ok(ExitCode::SUCCESS),
         (Err(err), Ok(())) | (Ok(()), Err(err)) => Err(err),
-        (Err(err), Err(stop_err)) => Err(err.context(format!("and then failed to stop: {stop_err:#}"))),
+        (Err(err), Err(stop_err)) => {
+            Err(err.context(format!("and then failed to stop: {stop_err:#}")))
+        }
     }
 }
 
@@ -218,7 +222,8 @@ impl Services {
     /// Waits for SIGTERM or SIGINT (`shutdown`), or for a task that ends
     /// on its own, which is an error.
     async fn wait(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let (Some(controller), Some(dispatcher)) = (&mut self.controller, &mut self.dispatcher) else {
+        let (Some(controller), Some(dispatcher)) = (&mut self.controller, &mut self.dispatcher)
+        else {
             return Ok(());
         };
         tokio::select! {
@@ -284,131 +289,14 @@ fn flatten(result: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow
 /// Checks how a task ended while `berth dev` waited: a clean end is an
 /// error unless a shutdown was under way.
 fn task_ended(
-    what: &str,
+    service: &str,
     result: Result<anyhow::Result<()>, tokio::task::JoinError>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     match flatten(result) {
         Ok(()) if shutdown.is_cancelled() => Ok(()),
-        Ok(()) => Err(anyhow!("{what} stopped unexpectedly")),
-        Err(err) => Err(err.context(format!("{what} failed"))),
-    }
-}
-
-/// The data directory and the paths of its files.
-#[derive(Debug)]
-struct DataDir {
-    /// Absolute path, because jobs and the database URL need one.
-    root: PathBuf,
-}
-
-impl DataDir {
-    /// Creates the directory (mode 0700) if missing, and its `credentials`
-    /// and `logs` subdirectories.
-    fn open(path: &Path) -> anyhow::Result<DataDir> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .with_context(|| format!("failed to create the data directory {}", path.display()))?;
-        let root = std::fs::canonicalize(path)
-            .with_context(|| format!("failed to resolve the data directory {}", path.display()))?;
-        let mode = std::fs::metadata(&root)
-            .with_context(|| format!("failed to read the data directory {}", root.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                data_dir = %root.display(),
-                mode = format!("{:o}", mode & 0o777),
-                "the data directory is open to other users; `chmod 700` it to keep them out"
-            );
-        }
-        let dir = DataDir { root };
-        for subdir in [dir.credentials_dir(), dir.logs_dir()] {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&subdir)
-                .with_context(|| format!("failed to create {}", subdir.display()))?;
-        }
-        Ok(dir)
-    }
-
-    fn system_token_file(&self) -> PathBuf {
-        self.root.join("system-token")
-    }
-
-    fn user_token_file(&self) -> PathBuf {
-        self.root.join("user-token")
-    }
-
-    fn database_file(&self) -> PathBuf {
-        self.root.join("berth.db")
-    }
-
-    fn config_file(&self) -> PathBuf {
-        self.root.join("config.yml")
-    }
-
-    fn credentials_dir(&self) -> PathBuf {
-        self.root.join("credentials")
-    }
-
-    fn logs_dir(&self) -> PathBuf {
-        self.root.join("logs")
-    }
-
-    fn env_file(&self) -> PathBuf {
-        self.root.join("env")
-    }
-
-    /// Returns the database URL, with the characters that URLs reserve in a path
-    /// (`%`, `?`, `#`) percent-encoded.
-    fn database_url(&self) -> anyhow::Result<String> {
-        let path = utf8(&self.database_file())?.to_string();
-        let encoded = path
-            .replace('%', "%25")
-            .replace('?', "%3F")
-            .replace('#', "%23");
-        Ok(format!("sqlite://{encoded}"))
-    }
-
-    /// Reads the system token, or makes it on the first run.
-    fn system_token(&self) -> anyhow::Result<Secret> {
-        let path = self.system_token_file();
-        if let Some(token) = read_token_file(&path)? {
-            return Ok(Secret::new(token));
-        }
-        let token = random_string(SYSTEM_TOKEN_LEN)?;
-        write_private_file(&path, format!("{token}\n").as_bytes())?;
-        Ok(Secret::new(token))
-    }
-
-    /// Reads the cluster id of an earlier run from `config.yml`, or makes a
-    /// new one.
-    fn cluster_id(&self) -> anyhow::Result<ClusterId> {
-        let path = self.config_file();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return new_cluster_id(),
-            Err(err) => {
-                return Err(err).with_context(|| format!("failed to read {}", path.display()))
-            }
-        };
-        let value: serde_yaml::Value = serde_yaml::from_str(&text)
-            .with_context(|| format!("invalid configuration file {}", path.display()))?;
-        let id = value
-            .get("cluster_id")
-            .and_then(serde_yaml::Value::as_str)
-            .with_context(|| {
-                format!(
-                    "{} has no cluster_id; remove the file to get a new cluster id",
-                    path.display()
-                )
-            })?;
-        id.parse()
-            .with_context(|| format!("invalid cluster_id in {}", path.display()))
+        Ok(()) => Err(anyhow!("{service} stopped unexpectedly")),
+        Err(err) => Err(err.context(format!("{service} failed"))),
     }
 }
 
@@ -468,7 +356,9 @@ async fn probe_slurm() -> Result<String, String> {
     run_probe("sbatch", &["--version"]).await?;
     let user_filter = format!("--user={user}");
     run_probe("squeue", &["--noheader", &user_filter]).await?;
-    Ok(format!("`sbatch --version` and `squeue --noheader {user_filter}` succeed"))
+    Ok(format!(
+        "`sbatch --version` and `squeue --noheader {user_filter}` succeed"
+    ))
 }
 
 /// Runs a probe command and returns its stdout, or a sentence saying how
@@ -494,7 +384,10 @@ async fn run_probe(program: &str, args: &[&str]) -> Result<String, String> {
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let first_line = stderr.lines().next().unwrap_or("").trim();
-        return Err(format!("`{shown}` failed ({}): {first_line}", output.status));
+        return Err(format!(
+            "`{shown}` failed ({}): {first_line}",
+            output.status
+        ));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -543,7 +436,8 @@ fn config_yaml(config: &DevConfig<'_>) -> anyhow::Result<String> {
         },
         "supervisor": Value::Object(supervisor),
     });
-    let body = serde_yaml::to_string(&value).context("failed to write the configuration as YAML")?;
+    let body =
+        serde_yaml::to_string(&value).context("failed to write the configuration as YAML")?;
     Ok(format!(
         "# Written by `berth dev` at each start: edits are lost. The cluster id\n\
          # is kept from one run to the next.\n{body}"
@@ -603,109 +497,11 @@ impl Drop for EnvFile {
     }
 }
 
-/// Writes a file readable only by its owner (mode 0600), under a temporary
-/// name first and then renamed, so that a reader never sees half of it.
-fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let mut temporary_name = std::ffi::OsString::from(".");
-    temporary_name.push(name);
-    temporary_name.push(".tmp");
-    let temporary = path.with_file_name(temporary_name);
-
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        // The mode given to open() applies only to a new file.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    };
-    write().with_context(|| format!("failed to write {}", path.display()))
-}
-
-/// Reads a token file, if it exists. A file that other users may read is an
-/// error, as is an empty one.
-fn read_token_file(path: &Path) -> anyhow::Result<Option<String>> {
-    let metadata = match std::fs::metadata(path) {
-        Ok(metadata) => metadata,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(err).with_context(|| format!("failed to read {}", path.display())),
-    };
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        bail!(
-            "{} is readable by other users (mode {mode:o}): run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("failed to read {}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        bail!("{} is empty: remove it and start again to get a new token", path.display());
-    }
-    Ok(Some(token.to_string()))
-}
-
-fn remove_if_present(path: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(err).with_context(|| format!("failed to remove {}", path.display())),
-    }
-}
-
-fn utf8(path: &Path) -> anyhow::Result<&str> {
-    path.to_str()
-        .with_context(|| format!("path {} is not valid UTF-8: choose another --data-dir", path.display()))
-}
-
-/// Makes a new cluster id: a letter, then four letters or digits, so that
-/// it never reads as a number.
-fn new_cluster_id() -> anyhow::Result<ClusterId> {
-    let letters = &ALPHANUMERIC[10..];
-    let first = random_from(letters, 1)?;
-    let rest = random_from(ALPHANUMERIC, 4)?;
-    Ok(format!("{first}{rest}").parse()?)
-}
-
-fn random_string(len: usize) -> anyhow::Result<String> {
-    random_from(ALPHANUMERIC, len)
-}
-
-/// `len` characters drawn uniformly from `alphabet`, from the kernel's
-/// random source. Bytes that would bias the draw are skipped.
-fn random_from(alphabet: &[u8], len: usize) -> anyhow::Result<String> {
-    use std::io::Read;
-    let limit = 256 - 256 % alphabet.len();
-    let mut source = std::fs::File::open("/dev/urandom").context("failed to open /dev/urandom")?;
-    let mut text = String::with_capacity(len);
-    let mut buffer = [0u8; 64];
-    while text.len() < len {
-        source
-            .read_exact(&mut buffer)
-            .context("failed to read /dev/urandom")?;
-        for byte in buffer {
-            if text.len() < len && usize::from(byte) < limit {
-                text.push(char::from(alphabet[usize::from(byte) % alphabet.len()]));
-            }
-        }
-    }
-    Ok(text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;
+    use std::os::unix::fs::PermissionsExt;
 
     #[derive(Debug, Parser)]
     struct Cli {
@@ -717,7 +513,10 @@ mod tests {
     fn defaults_match_the_documentation() {
         let cli = Cli::try_parse_from(["dev"]).unwrap();
         assert_eq!(cli.args.data_dir, PathBuf::from(".berth-dev"));
-        assert_eq!(cli.args.listen, "127.0.0.1:8000".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            cli.args.listen,
+            "127.0.0.1:8000".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(cli.args.backend, BackendChoice::Auto);
         assert_eq!(cli.args.docker_host, None);
     }
@@ -727,16 +526,23 @@ mod tests {
         let err = Cli::try_parse_from(["dev", "--listen", "localhost"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(err.to_string().contains("localhost"), "{err}");
-        let cli = Cli::try_parse_from(["dev", "--listen", "127.0.0.1:0", "--backend", "local"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["dev", "--listen", "127.0.0.1:0", "--backend", "local"]).unwrap();
         assert_eq!(cli.args.listen.port(), 0);
         assert_eq!(cli.args.backend, BackendChoice::Local);
     }
 
     #[test]
     fn unspecified_listen_address_is_reached_through_loopback() {
-        assert_eq!(api_url("0.0.0.0:8000".parse().unwrap()), "http://127.0.0.1:8000");
+        assert_eq!(
+            api_url("0.0.0.0:8000".parse().unwrap()),
+            "http://127.0.0.1:8000"
+        );
         assert_eq!(api_url("[::]:9000".parse().unwrap()), "http://[::1]:9000");
-        assert_eq!(api_url("127.0.0.1:41234".parse().unwrap()), "http://127.0.0.1:41234");
+        assert_eq!(
+            api_url("127.0.0.1:41234".parse().unwrap()),
+            "http://127.0.0.1:41234"
+        );
     }
 
     #[test]
@@ -744,7 +550,9 @@ mod tests {
         let token = "v2/x0dev-gj3su-0123456789abcde/secret";
         assert_eq!(
             env_lines("http://127.0.0.1:8000", token),
-            format!("export BERTH_API_HOST=http://127.0.0.1:8000\nexport BERTH_API_TOKEN={token}\n")
+            format!(
+                "export BERTH_API_HOST=http://127.0.0.1:8000\nexport BERTH_API_TOKEN={token}\n"
+            )
         );
     }
 
@@ -778,30 +586,6 @@ mod tests {
     }
 
     #[test]
-    fn system_token_is_made_once_and_kept() {
-        let parent = tempfile::tempdir().unwrap();
-        let dir = DataDir::open(&parent.path().join("data")).unwrap();
-        let mode = std::fs::metadata(&dir.root).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
-        let first = dir.system_token().unwrap();
-        assert_eq!(first.expose().len(), SYSTEM_TOKEN_LEN);
-        let second = dir.system_token().unwrap();
-        assert_eq!(first.expose(), second.expose());
-        let mode = std::fs::metadata(dir.system_token_file()).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-    }
-
-    #[test]
-    fn token_file_open_to_others_is_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("user-token");
-        std::fs::write(&path, "token\n").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_token_file(&path).unwrap_err().to_string();
-        assert!(err.contains("chmod 600"), "{err}");
-    }
-
-    #[test]
     fn config_is_valid_and_keeps_its_cluster_id() {
         let parent = tempfile::tempdir().unwrap();
         let dir = DataDir::open(&parent.path().join("data")).unwrap();
@@ -820,7 +604,10 @@ mod tests {
         let config = Config::load(&dir.config_file()).unwrap();
         assert_eq!(config.cluster_id, cluster_id);
         assert_eq!(config.system_token_file, Some(dir.system_token_file()));
-        assert_eq!(config.supervisor.docker_host.as_deref(), Some("unix:///tmp/podman.sock"));
+        assert_eq!(
+            config.supervisor.docker_host.as_deref(),
+            Some("unix:///tmp/podman.sock")
+        );
         let dispatch = config.dispatch().unwrap();
         assert_eq!(dispatch.backend, "local");
         assert_eq!(dispatch.api_url, "http://127.0.0.1:41234");
@@ -836,30 +623,22 @@ mod tests {
             controller.database_url,
             format!("sqlite://{}", dir.database_file().display())
         );
-        assert_eq!(dir.cluster_id().unwrap(), cluster_id, "read back from config.yml");
-    }
-
-    #[test]
-    fn database_url_encodes_reserved_characters() {
-        let dir = DataDir {
-            root: PathBuf::from("/data/50%?#"),
-        };
-        assert_eq!(dir.database_url().unwrap(), "sqlite:///data/50%25%3F%23/berth.db");
-    }
-
-    #[test]
-    fn new_cluster_id_starts_with_letter() {
-        for _ in 0..50 {
-            let id = new_cluster_id().unwrap();
-            assert!(id.as_str().starts_with(|c: char| c.is_ascii_lowercase()), "{id}");
-        }
+        assert_eq!(
+            dir.cluster_id().unwrap(),
+            cluster_id,
+            "read back from config.yml"
+        );
     }
 
     #[tokio::test]
     async fn probe_says_why_a_command_failed() {
-        let err = run_probe("berth-surely-not-installed", &[]).await.unwrap_err();
+        let err = run_probe("berth-surely-not-installed", &[])
+            .await
+            .unwrap_err();
         assert!(err.contains("not installed"), "{err}");
-        let err = run_probe("sh", &["-c", "echo broken >&2; exit 3"]).await.unwrap_err();
+        let err = run_probe("sh", &["-c", "echo broken >&2; exit 3"])
+            .await
+            .unwrap_err();
         assert!(err.contains("broken"), "{err}");
         assert!(err.contains("sh -c"), "{err}");
         assert_eq!(run_probe("echo", &["ok"]).await.unwrap(), "ok\n");

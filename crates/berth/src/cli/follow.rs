@@ -9,7 +9,7 @@
 //! stops once the container is final and the stream has no more bytes,
 //! because the supervisor flushes its logs before it sets the final state.
 //!
-//! Each follower reports what it sees as [`Event`]s, so that `berth run`
+//! Each follower reports what it observes as [`Event`]s, so that `berth run`
 //! can show state changes while the container waits.
 
 use std::time::{Duration, Instant};
@@ -108,7 +108,9 @@ pub async fn copy_stream(
                 chunk
             }
             Err(err) if mode == Mode::Follow && err.is_transient() => {
-                let delay = retry.next_delay().ok_or_else(|| read_error(api, err, stream, container_uuid))?;
+                let delay = retry
+                    .next_delay()
+                    .ok_or_else(|| read_error(api, err, stream, container_uuid))?;
                 tokio::time::sleep(delay).await;
                 continue;
             }
@@ -162,8 +164,9 @@ fn send(events: &Option<UnboundedSender<Event>>, event: Event) {
 }
 
 fn read_error(api: &Api, err: ClientError, stream: Stream, container_uuid: &str) -> anyhow::Error {
-    api.explain(err)
-        .context(format!("failed to read the {stream} log of container {container_uuid}"))
+    api.explain(err).context(format!(
+        "failed to read the {stream} log of container {container_uuid}"
+    ))
 }
 
 /// Delays between attempts after transient failures: growing from

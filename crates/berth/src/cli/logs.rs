@@ -47,7 +47,11 @@ pub async fn execute(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let target = Target::parse(&args.uuid)?;
     let api = Api::from_env()?;
     let container_uuid = container_of(&api, &target).await?;
-    let mode = if args.follow { Mode::Follow } else { Mode::Snapshot };
+    let mode = if args.follow {
+        Mode::Follow
+    } else {
+        Mode::Snapshot
+    };
 
     let copies = args.selected_streams().into_iter().map(|stream| {
         let api = &api;
@@ -123,14 +127,20 @@ mod tests {
     fn chosen_streams_are_kept_once_in_order() {
         let args = parse(&[
             "-f",
-            "--stream", "supervisor",
-            "--stream", "stdout",
-            "--stream", "supervisor",
+            "--stream",
+            "supervisor",
+            "--stream",
+            "stdout",
+            "--stream",
+            "supervisor",
             "zzzzz-xvhdp-0123456789abcde",
         ])
         .unwrap();
         assert!(args.follow);
-        assert_eq!(args.selected_streams(), [Stream::Supervisor, Stream::Stdout]);
+        assert_eq!(
+            args.selected_streams(),
+            [Stream::Supervisor, Stream::Stdout]
+        );
     }
 
     #[test]

@@ -183,7 +183,9 @@ impl Row {
 }
 
 fn local_time(time: &Timestamp) -> String {
-    time.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S").to_string()
+    time.with_timezone(&Local)
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
 }
 
 /// Replaces control characters (newlines, tabs, escapes) in a name, so
@@ -245,8 +247,20 @@ mod tests {
     #[test]
     fn columns_are_as_wide_as_their_widest_cell() {
         let rows = [
-            row("zzzzz-xvhdp-0123456789abcde", "Committed", "Running", "-", "first job"),
-            row("zzzzz-xvhdp-edcba9876543210", "Final", "Cancelled", "137", "-"),
+            row(
+                "zzzzz-xvhdp-0123456789abcde",
+                "Committed",
+                "Running",
+                "-",
+                "first job",
+            ),
+            row(
+                "zzzzz-xvhdp-edcba9876543210",
+                "Final",
+                "Cancelled",
+                "137",
+                "-",
+            ),
         ];
         let table = format_table(&rows);
         let expected = "\

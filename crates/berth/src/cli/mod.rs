@@ -5,6 +5,7 @@ pub mod admin;
 pub mod api;
 pub mod cancel;
 pub mod daemon;
+pub mod data_dir;
 pub mod dev;
 pub mod follow;
 pub mod logs;

@@ -75,7 +75,12 @@ pub struct RunArgs {
     #[arg(value_name = "IMAGE", value_parser = parse_image)]
     image: String,
     /// The command to run and its arguments, after `--`.
-    #[arg(value_name = "CMD", required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "CMD",
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     command: Vec<String>,
 }
 
@@ -95,16 +100,22 @@ fn parse_env(text: &str) -> Result<EnvVar, String> {
         Some((key, value)) => (key.to_string(), value.to_string()),
         None => {
             let value = std::env::var(text).map_err(|_| {
-                format!("{text:?} has no '=' and no variable of that name is set here: write KEY=VALUE")
+                format!(
+                    "{text:?} has no '=' and no variable of that name is set here: write KEY=VALUE"
+                )
             })?;
             (text.to_string(), value)
         }
     };
     if key.is_empty() {
-        return Err(format!("invalid environment setting {text:?}: the name before '=' is empty"));
+        return Err(format!(
+            "invalid environment setting {text:?}: the name before '=' is empty"
+        ));
     }
     if key.contains('\0') || value.contains('\0') {
-        return Err(format!("invalid environment setting {text:?}: it contains a NUL byte"));
+        return Err(format!(
+            "invalid environment setting {text:?}: it contains a NUL byte"
+        ));
     }
     Ok(EnvVar { key, value })
 }
@@ -113,13 +124,17 @@ fn parse_workdir(text: &str) -> Result<String, String> {
     if is_clean_absolute_path(text) {
         Ok(text.to_string())
     } else {
-        Err(format!("invalid working directory {text:?}: give an absolute path without '..'"))
+        Err(format!(
+            "invalid working directory {text:?}: give an absolute path without '..'"
+        ))
     }
 }
 
 fn parse_image(text: &str) -> Result<String, String> {
     if text.is_empty() || text.contains(char::is_whitespace) {
-        Err(format!("invalid image name {text:?}: give a name such as localhost/busybox:latest"))
+        Err(format!(
+            "invalid image name {text:?}: give a name such as localhost/busybox:latest"
+        ))
     } else {
         Ok(text.to_string())
     }
@@ -429,7 +444,11 @@ impl Progress {
 /// `runtime_status.error` of a container, with `errorDetail` when present.
 fn runtime_error(container: &Container) -> Option<String> {
     let error = container.runtime_status.get("error")?.as_str()?;
-    match container.runtime_status.get("errorDetail").and_then(Value::as_str) {
+    match container
+        .runtime_status
+        .get("errorDetail")
+        .and_then(Value::as_str)
+    {
         Some(detail) if !detail.is_empty() => Some(format!("{error} ({detail})")),
         _ => Some(error.to_string()),
     }
@@ -456,7 +475,10 @@ impl RunEnd {
         let uuid = &container.uuid;
         match (container.state, container.exit_code) {
             (ContainerState::Complete, Some(code)) => match u8::try_from(code) {
-                Ok(code) => RunEnd { code, message: None },
+                Ok(code) => RunEnd {
+                    code,
+                    message: None,
+                },
                 Err(_) => RunEnd {
                     code: RUN_FAILURE_EXIT_CODE,
                     message: Some(format!(
@@ -520,10 +542,16 @@ mod tests {
         assert_eq!(body["state"], "Committed");
         assert_eq!(body["container_image"], "localhost/busybox:latest");
         assert_eq!(body["command"], json!(["echo", "hi"]));
-        assert_eq!(body["runtime_constraints"], json!({"ram": 256 << 20, "vcpus": 1}));
+        assert_eq!(
+            body["runtime_constraints"],
+            json!({"ram": 256 << 20, "vcpus": 1})
+        );
         assert_eq!(body["priority"], 500);
         assert_eq!(body["output_path"], "/out");
-        assert_eq!(body["mounts"], json!({"/out": {"kind": "tmp", "capacity": OUTPUT_CAPACITY}}));
+        assert_eq!(
+            body["mounts"],
+            json!({"/out": {"kind": "tmp", "capacity": OUTPUT_CAPACITY}})
+        );
         assert_eq!(body["environment"], json!({}));
         assert_eq!(body["use_existing"], false);
         assert!(body.get("name").is_none());
@@ -533,12 +561,32 @@ mod tests {
     #[test]
     fn options_reach_the_request() {
         let args = parse(&[
-            "--ram", "2G", "--vcpus", "4", "--name", "job one", "-e", "A=1", "--env", "B=x=y",
-            "--priority", "1000", "--workdir", "/tmp", "img", "--", "sh", "-c", "exit 3",
+            "--ram",
+            "2G",
+            "--vcpus",
+            "4",
+            "--name",
+            "job one",
+            "-e",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--priority",
+            "1000",
+            "--workdir",
+            "/tmp",
+            "img",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
         ])
         .unwrap();
         let body = request_body(&args);
-        assert_eq!(body["runtime_constraints"], json!({"ram": 2i64 << 30, "vcpus": 4}));
+        assert_eq!(
+            body["runtime_constraints"],
+            json!({"ram": 2i64 << 30, "vcpus": 4})
+        );
         assert_eq!(body["name"], "job one");
         assert_eq!(body["environment"], json!({"A": "1", "B": "x=y"}));
         assert_eq!(body["priority"], 1000);
@@ -604,7 +652,10 @@ mod tests {
     fn env_setting_parses_key_and_value() {
         assert_eq!(
             parse_env("K=v=w").unwrap(),
-            EnvVar { key: "K".into(), value: "v=w".into() }
+            EnvVar {
+                key: "K".into(),
+                value: "v=w".into()
+            }
         );
         assert_eq!(parse_env("EMPTY=").unwrap().value, "");
         assert!(parse_env("=v").unwrap_err().contains("\"=v\""));
@@ -613,7 +664,10 @@ mod tests {
     #[test]
     fn bare_env_name_copies_this_environment() {
         std::env::set_var("BERTH_RUN_TEST_COPIED", "copied value");
-        assert_eq!(parse_env("BERTH_RUN_TEST_COPIED").unwrap().value, "copied value");
+        assert_eq!(
+            parse_env("BERTH_RUN_TEST_COPIED").unwrap().value,
+            "copied value"
+        );
         let err = parse_env("BERTH_RUN_TEST_SURELY_UNSET").unwrap_err();
         assert!(err.contains("BERTH_RUN_TEST_SURELY_UNSET"), "{err}");
     }
@@ -621,7 +675,13 @@ mod tests {
     #[test]
     fn complete_container_gives_its_exit_code() {
         let end = RunEnd::of(&container(ContainerState::Complete, Some(3)), false);
-        assert_eq!(end, RunEnd { code: 3, message: None });
+        assert_eq!(
+            end,
+            RunEnd {
+                code: 3,
+                message: None
+            }
+        );
     }
 
     #[test]
@@ -651,15 +711,30 @@ mod tests {
     #[test]
     fn progress_shows_each_change_once() {
         let mut progress = Progress::default();
-        assert_eq!(progress.update(&container(ContainerState::Queued, None)), ["Queued"]);
-        assert!(progress.update(&container(ContainerState::Queued, None)).is_empty());
-        assert_eq!(progress.update(&container(ContainerState::Locked, None)), ["Locked"]);
+        assert_eq!(
+            progress.update(&container(ContainerState::Queued, None)),
+            ["Queued"]
+        );
+        assert!(progress
+            .update(&container(ContainerState::Queued, None))
+            .is_empty());
+        assert_eq!(
+            progress.update(&container(ContainerState::Locked, None)),
+            ["Locked"]
+        );
         let mut running = container(ContainerState::Running, None);
-        running.runtime_status.insert("error".into(), json!("disk full"));
-        assert_eq!(progress.update(&running), ["Running", "runtime error: disk full"]);
+        running
+            .runtime_status
+            .insert("error".into(), json!("disk full"));
+        assert_eq!(
+            progress.update(&running),
+            ["Running", "runtime error: disk full"]
+        );
         assert!(progress.update(&running).is_empty());
         let mut cancelled = container(ContainerState::Cancelled, None);
-        cancelled.runtime_status.insert("error".into(), json!("killed"));
+        cancelled
+            .runtime_status
+            .insert("error".into(), json!("killed"));
         assert!(progress.update(&cancelled).is_empty());
     }
 }

@@ -1,0 +1,297 @@
+//! The data directory of `berth dev` and its private files.
+//!
+//! [`DataDir`] names each file the directory contains; the table in the
+//! `dev` module describes each one. Secrets (the system token and
+//! the dev user's token) are made here from the kernel's random source and
+//! written with mode 0600, whole or not at all.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use berth_core::{ClusterId, Secret};
+
+/// Length of a generated system token, in characters.
+const SYSTEM_TOKEN_LEN: usize = 50;
+
+/// Characters of generated tokens and cluster ids.
+const ALPHANUMERIC: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+
+/// The data directory and the paths of its files.
+#[derive(Debug)]
+pub(super) struct DataDir {
+    /// Absolute path, because jobs and the database URL need one.
+    pub(super) root: PathBuf,
+}
+
+impl DataDir {
+    /// Creates the directory (mode 0700) if missing, and its `credentials`
+    /// and `logs` subdirectories.
+    pub(super) fn open(path: &Path) -> anyhow::Result<DataDir> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("failed to create the data directory {}", path.display()))?;
+        let root = std::fs::canonicalize(path)
+            .with_context(|| format!("failed to resolve the data directory {}", path.display()))?;
+        let mode = std::fs::metadata(&root)
+            .with_context(|| format!("failed to read the data directory {}", root.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                data_dir = %root.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the data directory is open to other users; `chmod 700` it to keep them out"
+            );
+        }
+        let dir = DataDir { root };
+        for subdir in [dir.credentials_dir(), dir.logs_dir()] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&subdir)
+                .with_context(|| format!("failed to create {}", subdir.display()))?;
+        }
+        Ok(dir)
+    }
+
+    pub(super) fn system_token_file(&self) -> PathBuf {
+        self.root.join("system-token")
+    }
+
+    pub(super) fn user_token_file(&self) -> PathBuf {
+        self.root.join("user-token")
+    }
+
+    pub(super) fn database_file(&self) -> PathBuf {
+        self.root.join("berth.db")
+    }
+
+    pub(super) fn config_file(&self) -> PathBuf {
+        self.root.join("config.yml")
+    }
+
+    pub(super) fn credentials_dir(&self) -> PathBuf {
+        self.root.join("credentials")
+    }
+
+    pub(super) fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    pub(super) fn env_file(&self) -> PathBuf {
+        self.root.join("env")
+    }
+
+    /// Returns the database URL, with the characters that URLs reserve in a path
+    /// (`%`, `?`, `#`) percent-encoded.
+    pub(super) fn database_url(&self) -> anyhow::Result<String> {
+        let path = utf8(&self.database_file())?.to_string();
+        let encoded = path
+            .replace('%', "%25")
+            .replace('?', "%3F")
+            .replace('#', "%23");
+        Ok(format!("sqlite://{encoded}"))
+    }
+
+    /// Reads the system token, or makes it on the first run.
+    pub(super) fn system_token(&self) -> anyhow::Result<Secret> {
+        let path = self.system_token_file();
+        if let Some(token) = read_token_file(&path)? {
+            return Ok(Secret::new(token));
+        }
+        let token = random_string(SYSTEM_TOKEN_LEN)?;
+        write_private_file(&path, format!("{token}\n").as_bytes())?;
+        Ok(Secret::new(token))
+    }
+
+    /// Reads the cluster id of an earlier run from `config.yml`, or makes a
+    /// new one.
+    pub(super) fn cluster_id(&self) -> anyhow::Result<ClusterId> {
+        let path = self.config_file();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return new_cluster_id(),
+            Err(err) => {
+                return Err(err).with_context(|| format!("failed to read {}", path.display()))
+            }
+        };
+        let value: serde_yaml::Value = serde_yaml::from_str(&text)
+            .with_context(|| format!("invalid configuration file {}", path.display()))?;
+        let id = value
+            .get("cluster_id")
+            .and_then(serde_yaml::Value::as_str)
+            .with_context(|| {
+                format!(
+                    "{} has no cluster_id; remove the file to get a new cluster id",
+                    path.display()
+                )
+            })?;
+        id.parse()
+            .with_context(|| format!("invalid cluster_id in {}", path.display()))
+    }
+}
+
+/// Writes a file readable only by its owner (mode 0600), under a temporary
+/// name first and then renamed, so that a reader never sees half of it.
+pub(super) fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let mut temporary_name = std::ffi::OsString::from(".");
+    temporary_name.push(name);
+    temporary_name.push(".tmp");
+    let temporary = path.with_file_name(temporary_name);
+
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        // The mode given to open() applies only to a new file.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    };
+    write().with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Reads a token file, if it exists. A file that other users may read is an
+/// error, as is an empty one.
+pub(super) fn read_token_file(path: &Path) -> anyhow::Result<Option<String>> {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).with_context(|| format!("failed to read {}", path.display())),
+    };
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        bail!(
+            "{} is readable by other users (mode {mode:o}): run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("failed to read {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        bail!(
+            "{} is empty: remove it and start again to get a new token",
+            path.display()
+        );
+    }
+    Ok(Some(token.to_string()))
+}
+
+pub(super) fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("failed to remove {}", path.display())),
+    }
+}
+
+pub(super) fn utf8(path: &Path) -> anyhow::Result<&str> {
+    path.to_str().with_context(|| {
+        format!(
+            "path {} is not valid UTF-8: choose another --data-dir",
+            path.display()
+        )
+    })
+}
+
+/// Makes a new cluster id: a letter, then four letters or digits, so that
+/// it never reads as a number.
+fn new_cluster_id() -> anyhow::Result<ClusterId> {
+    let letters = &ALPHANUMERIC[10..];
+    let first = random_from(letters, 1)?;
+    let rest = random_from(ALPHANUMERIC, 4)?;
+    Ok(format!("{first}{rest}").parse()?)
+}
+
+fn random_string(len: usize) -> anyhow::Result<String> {
+    random_from(ALPHANUMERIC, len)
+}
+
+/// `len` characters drawn uniformly from `alphabet`, from the kernel's
+/// random source. Bytes that would bias the draw are skipped.
+fn random_from(alphabet: &[u8], len: usize) -> anyhow::Result<String> {
+    use std::io::Read;
+    let limit = 256 - 256 % alphabet.len();
+    let mut source = std::fs::File::open("/dev/urandom").context("failed to open /dev/urandom")?;
+    let mut text = String::with_capacity(len);
+    let mut buffer = [0u8; 64];
+    while text.len() < len {
+        source
+            .read_exact(&mut buffer)
+            .context("failed to read /dev/urandom")?;
+        for byte in buffer {
+            if text.len() < len && usize::from(byte) < limit {
+                text.push(char::from(alphabet[usize::from(byte) % alphabet.len()]));
+            }
+        }
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn system_token_is_made_once_and_kept() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(&parent.path().join("data")).unwrap();
+        let mode = std::fs::metadata(&dir.root).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let first = dir.system_token().unwrap();
+        assert_eq!(first.expose().len(), SYSTEM_TOKEN_LEN);
+        let second = dir.system_token().unwrap();
+        assert_eq!(first.expose(), second.expose());
+        let mode = std::fs::metadata(dir.system_token_file())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn token_file_open_to_others_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("user-token");
+        std::fs::write(&path, "token\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_token_file(&path).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn database_url_encodes_reserved_characters() {
+        let dir = DataDir {
+            root: PathBuf::from("/data/50%?#"),
+        };
+        assert_eq!(
+            dir.database_url().unwrap(),
+            "sqlite:///data/50%25%3F%23/berth.db"
+        );
+    }
+
+    #[test]
+    fn new_cluster_id_starts_with_letter() {
+        for _ in 0..50 {
+            let id = new_cluster_id().unwrap();
+            assert!(
+                id.as_str().starts_with(|c: char| c.is_ascii_lowercase()),
+                "{id}"
+            );
+        }
+    }
+}
