@@ -26,7 +26,7 @@ pub struct Config {
     /// keeps the secret out of a file that compute nodes may read.
     #[serde(default)]
     pub system_token: Option<Secret>,
-    /// A file holding the system token (surrounding whitespace ignored).
+    /// A file that contains the system token (surrounding whitespace is ignored).
     #[serde(default)]
     pub system_token_file: Option<PathBuf>,
     #[serde(default)]
@@ -45,7 +45,7 @@ impl Config {
             .with_context(|| format!("invalid configuration file {}", path.display()))
     }
 
-    /// The system token, from `system_token` or `system_token_file`.
+    /// Reads the system token from `system_token` or `system_token_file`.
     pub fn system_token(&self) -> anyhow::Result<Secret> {
         match (&self.system_token, &self.system_token_file) {
             (Some(_), Some(_)) => {
@@ -62,7 +62,7 @@ impl Config {
                 }
                 Ok(Secret::new(token))
             }
-            (None, None) => bail!("system_token_file is not set: give the file that holds the system token"),
+            (None, None) => bail!("system_token_file is missing: set it to the file that holds the system token"),
         }
     }
 
@@ -76,5 +76,47 @@ impl Config {
         self.dispatch
             .as_ref()
             .context("the configuration has no dispatch section")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every example configuration shipped in docs/examples parses.
+    #[test]
+    fn shipped_example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(&dir).expect("docs/examples is missing") {
+            let path = entry.expect("unreadable entry in docs/examples").path();
+            if path.extension().and_then(|e| e.to_str()) != Some("yml") {
+                continue;
+            }
+            let config = Config::load(&path).unwrap_or_else(|err| panic!("{err:#}"));
+            assert!(config.controller.is_some(), "{}: no controller section", path.display());
+            assert!(config.dispatch.is_some(), "{}: no dispatch section", path.display());
+            parsed += 1;
+        }
+        assert!(parsed > 0, "no example configuration found in {}", dir.display());
+    }
+
+    #[test]
+    fn misspelt_key_is_rejected_with_its_name() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("config.yml");
+        std::fs::write(&path, "cluster_id: zzzzz\nsystem_tokn: x\n").expect("write config");
+        let err = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(err.contains("system_tokn"), "{err}");
+    }
+
+    #[test]
+    fn both_token_settings_are_rejected() {
+        let config: Config = serde_yaml::from_str(
+            "cluster_id: zzzzz\nsystem_token: a\nsystem_token_file: /nonexistent\n",
+        )
+        .expect("parse");
+        let err = config.system_token().unwrap_err().to_string();
+        assert!(err.contains("both set"), "{err}");
     }
 }
