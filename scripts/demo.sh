@@ -54,12 +54,36 @@ case "$command" in
 esac
 require_root "$@"
 
+# demo_pid: prints the pid of the `berth dev` this script started, if it is
+# still alive. The process is recognised by its arguments rather than its
+# name, since BERTH_DEMO_BIN may give the binary another name.
+demo_pid() {
+  local pid
+  [ -s "$PIDFILE" ] || return 1
+  pid=$(tr -dc '0-9' <"$PIDFILE")
+  [ -n "$pid" ] && [ -r "/proc/$pid/cmdline" ] || return 1
+  [ "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF " dev --data-dir $BERTH_DEMO_DIR " || return 1
+  printf '%s\n' "$pid"
+}
+
+# stop_demo: stops that `berth dev`, allowing it time to stop its dispatcher.
+stop_demo() {
+  local pid
+  if pid=$(demo_pid); then
+    stop_process "$pid" "berth dev" 20
+  else
+    log "berth dev is not running (pid file $PIDFILE)"
+  fi
+  rm -f "$PIDFILE"
+}
+
 if [ "$command" = stop ]; then
-  stop_by_pidfile "$PIDFILE" berth 20
+  stop_demo
   exit 0
 fi
 if [ "$command" = status ]; then
-  if pid=$(live_pid "$PIDFILE" berth); then
+  if pid=$(demo_pid); then
     echo "berth dev is running (pid $pid, log $LOGFILE); its settings: . $ENV_FILE"
     exit 0
   fi
@@ -122,14 +146,14 @@ show_log_tail() {
 
 log "=== berth dev"
 reused=0
-if pid=$(live_pid "$PIDFILE" berth); then
+if pid=$(demo_pid); then
   # After a rebuild, /proc/PID/exe of the old process ends in " (deleted)".
   if [ "$(readlink "/proc/$pid/exe")" = "$(readlink -f "$berth")" ] && api_responds; then
     log "berth dev is already running (pid $pid) with this binary; reusing it"
     reused=1
   else
     log "berth dev (pid $pid) runs another binary or does not respond; restarting it"
-    stop_by_pidfile "$PIDFILE" berth 20
+    stop_demo
   fi
 fi
 
@@ -140,22 +164,25 @@ if [ "$reused" = 0 ]; then
   # ready. Removing it here as well means a file left by an earlier run is
   # never taken for readiness.
   rm -f "$ENV_FILE"
+  # berth dev prints its env lines, token included, to the log too.
   mkdir -p "$(dirname "$LOGFILE")"
+  touch "$LOGFILE"
+  chmod 0600 "$LOGFILE"
   printf '\n=== %s: %s dev --data-dir %s --listen %s --backend %s --docker-host unix://%s\n' \
     "$(date -Is)" "$berth" "$BERTH_DEMO_DIR" "$BERTH_DEMO_LISTEN" "$BERTH_DEMO_BACKEND" "$BERTH_PODMAN_SOCK" >>"$LOGFILE"
+  t_dev=$(now_ms)
   start_detached "$PIDFILE" "$LOGFILE" "$berth" dev \
     --data-dir "$BERTH_DEMO_DIR" --listen "$BERTH_DEMO_LISTEN" \
     --backend "$BERTH_DEMO_BACKEND" --docker-host "unix://$BERTH_PODMAN_SOCK"
-  t_dev=$(now_ms)
   deadline=$(( $(date +%s) + BERTH_DEMO_WAIT ))
   until [ -s "$ENV_FILE" ]; do
-    if ! live_pid "$PIDFILE" berth >/dev/null; then
+    if ! demo_pid >/dev/null; then
       show_log_tail
       die "berth dev exited before it was ready; see $LOGFILE"
     fi
     if [ "$(date +%s)" -ge "$deadline" ]; then
       show_log_tail
-      stop_by_pidfile "$PIDFILE" berth 20
+      stop_demo
       die "berth dev did not write $ENV_FILE within ${BERTH_DEMO_WAIT} s (stopped it); see $LOGFILE"
     fi
     sleep 0.2

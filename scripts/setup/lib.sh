@@ -54,28 +54,34 @@ live_pid() {
   printf '%s\n' "$pid"
 }
 
-# stop_by_pidfile PIDFILE COMM [GRACE_SECONDS]: sends TERM to the process
-# named in PIDFILE (only if it is alive and named COMM), waits up to
-# GRACE_SECONDS (default 10), then sends KILL. Removes the pid file. A process
-# that is already gone counts as stopped.
-stop_by_pidfile() {
-  local file=$1 comm=$2 grace=${3:-10} pid
-  if ! pid=$(live_pid "$file" "$comm"); then
-    log "$comm is not running (pid file $file)"
-    rm -f "$file"
-    return 0
-  fi
+# stop_process PID NAME [GRACE_SECONDS]: sends TERM to PID, waits up to
+# GRACE_SECONDS (default 10) for it to exit, then sends KILL. NAME is only
+# for the log. A process that is already gone counts as stopped.
+stop_process() {
+  local pid=$1 name=$2 grace=${3:-10}
   kill -TERM "$pid" 2>/dev/null || true
   local deadline=$(( $(date +%s) + grace ))
   while kill -0 "$pid" 2>/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do
     sleep 0.1
   done
   if kill -0 "$pid" 2>/dev/null; then
-    log "$comm (pid $pid) still running ${grace} s after TERM; sending KILL"
+    log "$name (pid $pid) still running ${grace} s after TERM; sending KILL"
     kill -KILL "$pid" 2>/dev/null || true
   fi
+  log "stopped $name (pid $pid)"
+}
+
+# stop_by_pidfile PIDFILE COMM [GRACE_SECONDS]: stops the process named in
+# PIDFILE with stop_process, but only if it is alive and its command name is
+# COMM, and removes the pid file.
+stop_by_pidfile() {
+  local file=$1 comm=$2 grace=${3:-10} pid
+  if pid=$(live_pid "$file" "$comm"); then
+    stop_process "$pid" "$comm" "$grace"
+  else
+    log "$comm is not running (pid file $file)"
+  fi
   rm -f "$file"
-  log "stopped $comm (pid $pid)"
 }
 
 # A shell script that closes every file descriptor above 2, then execs its
