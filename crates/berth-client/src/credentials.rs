@@ -30,7 +30,9 @@ pub enum CredentialsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("credentials file {path} is readable by other users (mode {mode:o}): it must be mode 0600")]
+    #[error(
+        "credentials file {path} is readable by other users (mode {mode:o}): it must be mode 0600"
+    )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("credentials file {path} is not valid: {source}")]
     Parse {

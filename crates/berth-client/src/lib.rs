@@ -147,11 +147,17 @@ impl Settings {
         })?;
         let token = pick("API_TOKEN").ok_or_else(|| {
             ClientError::Settings(
-                "BERTH_API_TOKEN is not set: set it (or ARVADOS_API_TOKEN) to your API token".into(),
+                "BERTH_API_TOKEN is not set: set it (or ARVADOS_API_TOKEN) to your API token"
+                    .into(),
             )
         })?;
         let insecure = pick("API_HOST_INSECURE")
-            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "t" | "true" | "y" | "yes"))
+            .map(|v| {
+                matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "1" | "t" | "true" | "y" | "yes"
+                )
+            })
             .unwrap_or(false);
         Ok(Settings {
             base_url: parse_api_host(&host)?,
@@ -279,7 +285,9 @@ impl Client {
             .danger_accept_invalid_certs(settings.insecure)
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|err| ClientError::Settings(format!("failed to build the HTTP client: {err}")))?;
+            .map_err(|err| {
+                ClientError::Settings(format!("failed to build the HTTP client: {err}"))
+            })?;
         Ok(Client {
             http,
             base_url: settings.base_url,
@@ -328,11 +336,14 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.map_err(|source| ClientError::Transport {
-            method: method.clone(),
-            url: url.to_string(),
-            source,
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: method.clone(),
+                url: url.to_string(),
+                source,
+            })?;
         check_status(method, url, response).await
     }
 
@@ -347,11 +358,14 @@ impl Client {
             .send(method.clone(), path, query, body, REQUEST_TIMEOUT)
             .await?;
         let url = response.url().to_string();
-        let bytes = response.bytes().await.map_err(|source| ClientError::Transport {
-            method: method.clone(),
-            url: url.clone(),
-            source,
-        })?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: method.clone(),
+                url: url.clone(),
+                source,
+            })?;
         serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
             method,
             url,
@@ -378,8 +392,13 @@ impl Client {
 
     pub async fn create_container_request(&self, attributes: &Value) -> Result<ContainerRequest> {
         let body = serde_json::json!({ "container_request": attributes });
-        self.call(Method::POST, "arvados/v1/container_requests", &[], Some(&body))
-            .await
+        self.call(
+            Method::POST,
+            "arvados/v1/container_requests",
+            &[],
+            Some(&body),
+        )
+        .await
     }
 
     pub async fn get_container_request(&self, uuid: &str) -> Result<ContainerRequest> {
@@ -416,8 +435,13 @@ impl Client {
     }
 
     pub async fn list_containers(&self, params: &ListParams) -> Result<ListPage<Container>> {
-        self.call(Method::GET, "arvados/v1/containers", &params.to_query(), None)
-            .await
+        self.call(
+            Method::GET,
+            "arvados/v1/containers",
+            &params.to_query(),
+            None,
+        )
+        .await
     }
 
     pub async fn update_container(&self, uuid: &str, attributes: &Value) -> Result<Container> {
@@ -494,16 +518,33 @@ impl Client {
         offset: u64,
         wait: Option<Duration>,
     ) -> Result<LogChunk> {
+        self.read_log_since(container_uuid, stream, offset, wait, None)
+            .await
+    }
+
+    /// Like [`Client::read_log`], but the wait also ends at once when the
+    /// container is no longer in `seen_state`, the state the caller last
+    /// saw. A follower passes it so that a change between two of its reads
+    /// is not missed.
+    pub async fn read_log_since(
+        &self,
+        container_uuid: &str,
+        stream: &str,
+        offset: u64,
+        wait: Option<Duration>,
+        seen_state: Option<berth_core::ContainerState>,
+    ) -> Result<LogChunk> {
         let path = format!("arvados/v1/containers/{container_uuid}/log/{stream}");
         let mut query = vec![("offset", offset.to_string())];
+        if let Some(state) = seen_state {
+            query.push(("state", state.to_string()));
+        }
         let mut timeout = REQUEST_TIMEOUT;
         if let Some(wait) = wait {
             query.push(("wait", wait.as_secs_f64().to_string()));
             timeout = wait + LONG_POLL_MARGIN;
         }
-        let response = self
-            .send(Method::GET, &path, &query, None, timeout)
-            .await?;
+        let response = self.send(Method::GET, &path, &query, None, timeout).await?;
         let size = log_size(&response);
         let container_state = response
             .headers()
@@ -511,11 +552,14 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         let url = response.url().to_string();
-        let data = response.bytes().await.map_err(|source| ClientError::Transport {
-            method: Method::GET,
-            url,
-            source,
-        })?;
+        let data = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                url,
+                source,
+            })?;
         Ok(LogChunk {
             data,
             size,
@@ -535,7 +579,11 @@ fn log_size(response: &reqwest::Response) -> u64 {
 
 /// Turns an error status into [`ClientError::Api`] with the server's
 /// messages (`{"errors": [...]}`), or passes the response through.
-async fn check_status(method: Method, url: Url, response: reqwest::Response) -> Result<reqwest::Response> {
+async fn check_status(
+    method: Method,
+    url: Url,
+    response: reqwest::Response,
+) -> Result<reqwest::Response> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -547,7 +595,11 @@ async fn check_status(method: Method, url: Url, response: reqwest::Response) -> 
             v.get("errors").and_then(|e| e.as_array()).map(|errors| {
                 errors
                     .iter()
-                    .map(|e| e.as_str().map(str::to_string).unwrap_or_else(|| e.to_string()))
+                    .map(|e| {
+                        e.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| e.to_string())
+                    })
                     .collect::<Vec<_>>()
                     .join("; ")
             })

@@ -300,8 +300,7 @@ mod tests {
     fn parse_as_checks_type() {
         let ok = Uuid::parse_as("zzzzz-dz642-0123456789abcde", ObjectType::Container);
         assert!(ok.is_ok());
-        let err = Uuid::parse_as("zzzzz-xvhdp-0123456789abcde", ObjectType::Container)
-            .unwrap_err();
+        let err = Uuid::parse_as("zzzzz-xvhdp-0123456789abcde", ObjectType::Container).unwrap_err();
         assert!(err.to_string().contains("arvados#container"), "{err}");
     }
 

@@ -133,12 +133,9 @@ fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
             "container_image",
             "is missing: give an image name such as \"debian:12\"",
         )),
-        Some(image) if image.trim() != image || image.contains(char::is_whitespace) => {
-            errors.push(FieldError::new(
-                "container_image",
-                format!("{image:?} contains whitespace"),
-            ))
-        }
+        Some(image) if image.trim() != image || image.contains(char::is_whitespace) => errors.push(
+            FieldError::new("container_image", format!("{image:?} contains whitespace")),
+        ),
         Some(_) => {}
     }
     if request.command.is_empty() {
@@ -147,10 +144,16 @@ fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
             "is empty: give the program to run and its arguments",
         ));
     } else if request.command[0].is_empty() {
-        errors.push(FieldError::new("command", "the program name (first element) is empty"));
+        errors.push(FieldError::new(
+            "command",
+            "the program name (first element) is empty",
+        ));
     }
     if request.command.iter().any(|arg| arg.contains('\0')) {
-        errors.push(FieldError::new("command", "an argument contains a NUL byte"));
+        errors.push(FieldError::new(
+            "command",
+            "an argument contains a NUL byte",
+        ));
     }
     let rc = &request.runtime_constraints;
     if rc.ram <= 0 {
@@ -183,7 +186,9 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
     if !matches!(target, "stdin" | "stdout" | "stderr") && !is_clean_absolute_path(target) {
         errors.push(FieldError::new(
             &field,
-            format!("target {target:?} must be stdin, stdout, stderr or an absolute path without '..'"),
+            format!(
+                "target {target:?} must be stdin, stdout, stderr or an absolute path without '..'"
+            ),
         ));
     }
     if !MOUNT_KINDS.contains(&mount.kind.as_str()) {
@@ -207,10 +212,18 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
             format!("{field}.content"),
             "is missing: a json mount needs content",
         )),
-        "text" if !matches!(mount.content, Some(serde_json::Value::String(_))) => errors.push(
-            FieldError::new(format!("{field}.content"), "must be a string for a text mount"),
-        ),
-        "file" if mount.path.as_deref().is_none_or(|p| !is_clean_absolute_path(p)) => {
+        "text" if !matches!(mount.content, Some(serde_json::Value::String(_))) => {
+            errors.push(FieldError::new(
+                format!("{field}.content"),
+                "must be a string for a text mount",
+            ))
+        }
+        "file"
+            if mount
+                .path
+                .as_deref()
+                .is_none_or(|p| !is_clean_absolute_path(p)) =>
+        {
             errors.push(FieldError::new(
                 format!("{field}.path"),
                 "a file mount needs the absolute path of a file inside another mount",

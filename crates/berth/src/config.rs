@@ -62,7 +62,9 @@ impl Config {
                 }
                 Ok(Secret::new(token))
             }
-            (None, None) => bail!("system_token_file is missing: set it to the file that holds the system token"),
+            (None, None) => bail!(
+                "system_token_file is missing: set it to the file that holds the system token"
+            ),
         }
     }
 
@@ -94,11 +96,23 @@ mod tests {
                 continue;
             }
             let config = Config::load(&path).unwrap_or_else(|err| panic!("{err:#}"));
-            assert!(config.controller.is_some(), "{}: no controller section", path.display());
-            assert!(config.dispatch.is_some(), "{}: no dispatch section", path.display());
+            assert!(
+                config.controller.is_some(),
+                "{}: no controller section",
+                path.display()
+            );
+            assert!(
+                config.dispatch.is_some(),
+                "{}: no dispatch section",
+                path.display()
+            );
             parsed += 1;
         }
-        assert!(parsed > 0, "no example configuration found in {}", dir.display());
+        assert!(
+            parsed > 0,
+            "no example configuration found in {}",
+            dir.display()
+        );
     }
 
     #[test]

@@ -20,7 +20,11 @@ fn valid_body() -> Value {
     })
 }
 
-async fn post_request(cluster: &TestCluster, token: Option<&str>, body: &Value) -> (StatusCode, Value) {
+async fn post_request(
+    cluster: &TestCluster,
+    token: Option<&str>,
+    body: &Value,
+) -> (StatusCode, Value) {
     let mut request = reqwest::Client::new()
         .post(format!("{}/arvados/v1/container_requests", cluster.api_url))
         .json(&json!({ "container_request": body }));
@@ -57,7 +61,10 @@ async fn invalid_requests_name_the_field_and_store_nothing() {
     let mut negative_ram = valid_body();
     negative_ram["runtime_constraints"]["ram"] = json!(-1);
     let mut no_image = valid_body();
-    no_image.as_object_mut().expect("object").remove("container_image");
+    no_image
+        .as_object_mut()
+        .expect("object")
+        .remove("container_image");
     let mut empty_command = valid_body();
     empty_command["command"] = json!([]);
     let mut wrong_type = valid_body();
@@ -76,7 +83,10 @@ async fn invalid_requests_name_the_field_and_store_nothing() {
         let (status, value) = post_request(&cluster, Some(&token), &body).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{case}: {value}");
         let message = error_text(&value);
-        assert!(message.contains(field), "{case}: message {message:?} does not name {field}");
+        assert!(
+            message.contains(field),
+            "{case}: message {message:?} does not name {field}"
+        );
     }
 
     let frank = common::client(&cluster.api_url, &token);
@@ -90,7 +100,10 @@ async fn invalid_requests_name_the_field_and_store_nothing() {
         .list_containers(&Default::default())
         .await
         .expect("list containers");
-    assert!(containers.items.is_empty(), "rejected requests made containers");
+    assert!(
+        containers.items.is_empty(),
+        "rejected requests made containers"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,14 +127,20 @@ async fn missing_token_is_401_and_other_users_request_is_404() {
     let uuid = created["uuid"].as_str().expect("uuid").to_string();
 
     let response = reqwest::Client::new()
-        .get(format!("{}/arvados/v1/container_requests/{uuid}", cluster.api_url))
+        .get(format!(
+            "{}/arvados/v1/container_requests/{uuid}",
+            cluster.api_url
+        ))
         .bearer_auth(&mallory)
         .send()
         .await
         .expect("GET request");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
     let response = reqwest::Client::new()
-        .put(format!("{}/arvados/v1/container_requests/{uuid}", cluster.api_url))
+        .put(format!(
+            "{}/arvados/v1/container_requests/{uuid}",
+            cluster.api_url
+        ))
         .bearer_auth(&mallory)
         .json(&json!({"container_request": {"priority": 0}}))
         .send()
@@ -155,7 +174,10 @@ async fn forbidden_transition_names_both_states() {
     let uuid = created["uuid"].as_str().expect("uuid");
 
     let response = reqwest::Client::new()
-        .put(format!("{}/arvados/v1/container_requests/{uuid}", cluster.api_url))
+        .put(format!(
+            "{}/arvados/v1/container_requests/{uuid}",
+            cluster.api_url
+        ))
         .bearer_auth(&token)
         .json(&json!({"container_request": {"state": "Final"}}))
         .send()

@@ -53,21 +53,37 @@ async fn local_backend_cancel_stops_the_container() {
         .await
         .expect("create request");
     let container_uuid = request.container_uuid.clone().expect("container uuid");
-    wait_until(&cluster, Duration::from_secs(60), "the container to run", || async {
-        let container = iris.get_container(&container_uuid).await.ok()?;
-        (container.state == ContainerState::Running).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the container to run",
+        || async {
+            let container = iris.get_container(&container_uuid).await.ok()?;
+            (container.state == ContainerState::Running).then_some(())
+        },
+    )
     .await;
 
     iris.update_container_request(&request.uuid, &json!({"priority": 0}))
         .await
         .expect("set priority 0");
-    wait_until(&cluster, Duration::from_secs(15), "the container to be Cancelled", || async {
-        let container = iris.get_container(&container_uuid).await.ok()?;
-        (container.state == ContainerState::Cancelled).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(15),
+        "the container to be Cancelled",
+        || async {
+            let container = iris.get_container(&container_uuid).await.ok()?;
+            (container.state == ContainerState::Cancelled).then_some(())
+        },
+    )
     .await;
-    assert!(podman_containers_for(&container_uuid).is_empty(), "container left in Podman");
-    let request = iris.get_container_request(&request.uuid).await.expect("get request");
+    assert!(
+        podman_containers_for(&container_uuid).is_empty(),
+        "container left in Podman"
+    );
+    let request = iris
+        .get_container_request(&request.uuid)
+        .await
+        .expect("get request");
     assert_eq!(request.state, RequestState::Final);
 }

@@ -64,7 +64,10 @@ async fn known_text_is_logged_byte_exact_and_request_final() {
     let request = &requests.items[0];
     assert_eq!(request.state, RequestState::Final);
     let container_uuid = request.container_uuid.clone().expect("container uuid");
-    let container = alice.get_container(&container_uuid).await.expect("get container");
+    let container = alice
+        .get_container(&container_uuid)
+        .await
+        .expect("get container");
     assert_eq!(container.state, ContainerState::Complete);
     assert_eq!(container.exit_code, Some(0));
 
@@ -74,8 +77,15 @@ async fn known_text_is_logged_byte_exact_and_request_final() {
         .expect("read stdout log");
     assert_eq!(&log.data[..], expected, "stdout log in the controller");
     assert_eq!(log.size, expected.len() as u64);
-    assert_eq!(slurm_jobs_named(&container_uuid).len(), 1, "Slurm jobs for the container");
-    assert!(podman_containers_for(&container_uuid).is_empty(), "container left in Podman");
+    assert_eq!(
+        slurm_jobs_named(&container_uuid).len(),
+        1,
+        "Slurm jobs for the container"
+    );
+    assert!(
+        podman_containers_for(&container_uuid).is_empty(),
+        "container left in Podman"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -88,7 +98,14 @@ async fn exit_code_three_completes_and_run_exits_three() {
 
     let output = cluster.berth(
         &token,
-        &["run", &test_image(), "--", "sh", "-c", "echo to-stderr >&2; exit 3"],
+        &[
+            "run",
+            &test_image(),
+            "--",
+            "sh",
+            "-c",
+            "echo to-stderr >&2; exit 3",
+        ],
     );
     assert_eq!(
         output.status.code(),
@@ -98,15 +115,24 @@ async fn exit_code_three_completes_and_run_exits_three() {
         cluster.logs()
     );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("to-stderr"), "container stderr reached berth run's stderr: {stderr}");
+    assert!(
+        stderr.contains("to-stderr"),
+        "container stderr reached berth run's stderr: {stderr}"
+    );
 
     let bob = common::client(&cluster.api_url, &token);
     let requests = bob
         .list_container_requests(&Default::default())
         .await
         .expect("list requests");
-    let container_uuid = requests.items[0].container_uuid.clone().expect("container uuid");
-    let container = bob.get_container(&container_uuid).await.expect("get container");
+    let container_uuid = requests.items[0]
+        .container_uuid
+        .clone()
+        .expect("container uuid");
+    let container = bob
+        .get_container(&container_uuid)
+        .await
+        .expect("get container");
     assert_eq!(container.state, ContainerState::Complete);
     assert_eq!(container.exit_code, Some(3));
     assert_eq!(requests.items[0].state, RequestState::Final);
@@ -126,12 +152,21 @@ async fn cancelling_running_sleep_ends_job_and_container() {
         .await
         .expect("create request");
     let container_uuid = request.container_uuid.clone().expect("container uuid");
-    wait_until(&cluster, Duration::from_secs(60), "the container to run", || async {
-        let container = carol.get_container(&container_uuid).await.ok()?;
-        (container.state == ContainerState::Running).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the container to run",
+        || async {
+            let container = carol.get_container(&container_uuid).await.ok()?;
+            (container.state == ContainerState::Running).then_some(())
+        },
+    )
     .await;
-    assert_eq!(podman_containers_for(&container_uuid).len(), 1, "one container in Podman");
+    assert_eq!(
+        podman_containers_for(&container_uuid).len(),
+        1,
+        "one container in Podman"
+    );
 
     let output = cluster.berth(&token, &["cancel", &request.uuid]);
     assert!(
@@ -140,26 +175,42 @@ async fn cancelling_running_sleep_ends_job_and_container() {
         String::from_utf8_lossy(&output.stderr)
     );
     let cancelled_at = std::time::Instant::now();
-    wait_until(&cluster, Duration::from_secs(15), "the container to be Cancelled", || async {
-        let container = carol.get_container(&container_uuid).await.ok()?;
-        (container.state == ContainerState::Cancelled).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(15),
+        "the container to be Cancelled",
+        || async {
+            let container = carol.get_container(&container_uuid).await.ok()?;
+            (container.state == ContainerState::Cancelled).then_some(())
+        },
+    )
     .await;
     assert!(cancelled_at.elapsed() < Duration::from_secs(15));
 
-    wait_until(&cluster, Duration::from_secs(15), "the Slurm job to end", || async {
-        let output = std::process::Command::new("squeue")
-            .args(["--noheader", "--format=%T", "--name", &container_uuid])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&output.stdout).trim().is_empty().then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(15),
+        "the Slurm job to end",
+        || async {
+            let output = std::process::Command::new("squeue")
+                .args(["--noheader", "--format=%T", "--name", &container_uuid])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    )
     .await;
     assert!(
         podman_containers_for(&container_uuid).is_empty(),
         "Podman still holds a container for {container_uuid}"
     );
-    let request = carol.get_container_request(&request.uuid).await.expect("get request");
+    let request = carol
+        .get_container_request(&request.uuid)
+        .await
+        .expect("get request");
     assert_eq!(request.state, RequestState::Final);
 }
 
@@ -177,21 +228,36 @@ async fn dispatcher_restart_submits_nothing_twice() {
         .await
         .expect("create request");
     let container_uuid = request.container_uuid.clone().expect("container uuid");
-    wait_until(&cluster, Duration::from_secs(60), "the container to run", || async {
-        let container = dave.get_container(&container_uuid).await.ok()?;
-        (container.state == ContainerState::Running).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the container to run",
+        || async {
+            let container = dave.get_container(&container_uuid).await.ok()?;
+            (container.state == ContainerState::Running).then_some(())
+        },
+    )
     .await;
 
     cluster.kill_dispatcher();
     cluster.start_dispatcher();
 
-    let container = wait_until(&cluster, Duration::from_secs(60), "the container to complete", || async {
-        let container = dave.get_container(&container_uuid).await.ok()?;
-        container.state.is_final().then_some(container)
-    })
+    let container = wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the container to complete",
+        || async {
+            let container = dave.get_container(&container_uuid).await.ok()?;
+            container.state.is_final().then_some(container)
+        },
+    )
     .await;
-    assert_eq!(container.state, ContainerState::Complete, "{}", cluster.logs());
+    assert_eq!(
+        container.state,
+        ContainerState::Complete,
+        "{}",
+        cluster.logs()
+    );
     assert_eq!(container.exit_code, Some(0));
     let log = dave
         .read_log(&container_uuid, "stdout", 0, None)
@@ -222,23 +288,41 @@ async fn locked_container_survives_dispatcher_restart() {
         .await
         .expect("create request");
     let container_uuid = request.container_uuid.clone().expect("container uuid");
-    wait_until(&cluster, Duration::from_secs(60), "the container to be locked", || async {
-        let container = erin.get_container(&container_uuid).await.ok()?;
-        (container.state != ContainerState::Queued).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the container to be locked",
+        || async {
+            let container = erin.get_container(&container_uuid).await.ok()?;
+            (container.state != ContainerState::Queued).then_some(())
+        },
+    )
     .await;
-    wait_until(&cluster, Duration::from_secs(30), "the job to reach Slurm", || async {
-        (!slurm_jobs_named(&container_uuid).is_empty()).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(30),
+        "the job to reach Slurm",
+        || async { (!slurm_jobs_named(&container_uuid).is_empty()).then_some(()) },
+    )
     .await;
     cluster.kill_dispatcher();
     cluster.start_dispatcher();
 
-    let container = wait_until(&cluster, Duration::from_secs(60), "the container to complete", || async {
-        let container = erin.get_container(&container_uuid).await.ok()?;
-        container.state.is_final().then_some(container)
-    })
+    let container = wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the container to complete",
+        || async {
+            let container = erin.get_container(&container_uuid).await.ok()?;
+            container.state.is_final().then_some(container)
+        },
+    )
     .await;
-    assert_eq!(container.state, ContainerState::Complete, "{}", cluster.logs());
+    assert_eq!(
+        container.state,
+        ContainerState::Complete,
+        "{}",
+        cluster.logs()
+    );
     assert_eq!(slurm_jobs_named(&container_uuid).len(), 1, "one Slurm job");
 }

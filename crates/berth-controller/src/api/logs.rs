@@ -5,8 +5,9 @@
 //! response writes nothing twice. An offset past the end is a gap and is
 //! rejected.
 //!
-//! Readers `GET ...?offset=N&wait=SECONDS`. With a wait, the request is
-//! held until the stream has bytes past N, the container changes state,
+//! Readers `GET ...?offset=N&wait=SECONDS[&state=STATE]`. With a wait, the
+//! request is held until the stream has bytes past N, the container's state
+//! differs from STATE (by default, its state when the request arrived),
 //! the wait (at most [`MAX_WAIT`]) ends, or the server shuts down. Waiting
 //! uses the in-process [`Notifier`](crate::notify::Notifier), not polling.
 //!
@@ -106,7 +107,7 @@ pub async fn append(
     Ok(response)
 }
 
-/// `GET containers/{uuid}/log/{stream}?offset=N&wait=SECONDS`.
+/// `GET containers/{uuid}/log/{stream}?offset=N&wait=SECONDS&state=STATE`.
 pub async fn read(
     State(state): State<AppState>,
     caller: Caller,
@@ -128,8 +129,16 @@ pub async fn read(
     let mut changes = state.notifier().subscribe(&uuid);
     let mut shutdown = state.shutdown_receiver();
     let container = load_visible(&state, &caller, &uuid).await?;
-    let first_state = container.record.state;
-    let mut container_state = first_state;
+    // A reader that names the state it last saw is answered at once when
+    // the container has left that state since, even if the change came
+    // before this request subscribed.
+    let first_state = match params.text("state") {
+        Some(text) => text
+            .parse::<ContainerState>()
+            .map_err(|message| ApiError::invalid(format!("invalid state parameter: {message}")))?,
+        None => container.record.state,
+    };
+    let mut container_state = container.record.state;
     let mut size = log_size(&state, &uuid, stream).await?;
     if offset > size {
         return Err(ApiError::invalid(format!(
@@ -139,7 +148,7 @@ pub async fn read(
     }
 
     let deadline = Instant::now() + wait;
-    let may_wait = !wait.is_zero() && !first_state.is_final();
+    let may_wait = !wait.is_zero() && !container_state.is_final();
     while may_wait && size <= offset && container_state == first_state && !*shutdown.borrow() {
         tokio::select! {
             changed = changes.changed() => {

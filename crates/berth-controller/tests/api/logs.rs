@@ -257,7 +257,9 @@ async fn long_poll_is_woken_by_state_change() {
     let (api, alice, uuid, token) = locked_container().await;
     let reader = {
         let router = api.app.clone();
-        let path = format!("containers/{uuid}/log/stdout?offset=0&wait=30");
+        // Naming the state seen makes the test independent of whether the
+        // update lands before or after the reader subscribes.
+        let path = format!("containers/{uuid}/log/stdout?offset=0&wait=30&state=Locked");
         tokio::spawn(async move {
             use tower::ServiceExt;
             let request = TestApi::request(axum::http::Method::GET, &path, Some(&alice))
@@ -281,6 +283,33 @@ async fn long_poll_is_woken_by_state_change() {
         .unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(state.as_deref(), Some("Running"));
+}
+
+#[tokio::test]
+async fn wait_returns_at_once_when_state_already_differs() {
+    let (api, alice, uuid, token) = locked_container().await;
+    api.update_container(&uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+    let started = Instant::now();
+    let reply = api
+        .read_log(&uuid, "stdout", "offset=0&wait=30&state=Locked", &alice)
+        .await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(
+        reply.header("x-berth-container-state").as_deref(),
+        Some("Running")
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn invalid_state_parameter_is_rejected() {
+    let (api, alice, uuid, _token) = locked_container().await;
+    let reply = api
+        .read_log(&uuid, "stdout", "offset=0&wait=1&state=Sleeping", &alice)
+        .await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 #[tokio::test]

@@ -8,15 +8,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
-/// Sets up `tracing` for a service: human-readable lines on stderr, or JSON
-/// lines when `BERTH_LOG_FORMAT=json`. `RUST_LOG` sets the level (default
+/// Sets up `tracing` for a service: human-readable lines on stderr, coloured
+/// only when stderr is a terminal, or JSON lines when `BERTH_LOG_FORMAT=json`. `RUST_LOG` sets the level (default
 /// `info`).
 pub fn init_logging() {
+    use std::io::IsTerminal;
+
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = if std::env::var("BERTH_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().try_init()
     } else {
@@ -53,10 +56,11 @@ pub async fn controller(config_path: &Path) -> anyhow::Result<ExitCode> {
     let bound = berth_controller::bind(cluster, config.controller()?.clone()).await?;
     let shutdown = shutdown_on_signal()?;
     // The one line on stdout: tests and scripts read the bound address here.
-    println!("berth controller listening on http://{}", bound.local_addr());
-    bound
-        .run(async move { shutdown.cancelled().await })
-        .await?;
+    println!(
+        "berth controller listening on http://{}",
+        bound.local_addr()
+    );
+    bound.run(async move { shutdown.cancelled().await }).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -73,7 +77,14 @@ pub async fn dispatch(config_path: &Path) -> anyhow::Result<ExitCode> {
         ),
     };
     let shutdown = shutdown_on_signal()?;
-    berth_dispatch::run(config.cluster_id.clone(), client, dispatch, supervisor, shutdown).await?;
+    berth_dispatch::run(
+        config.cluster_id.clone(),
+        client,
+        dispatch,
+        supervisor,
+        shutdown,
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -100,7 +100,7 @@ pub async fn copy_stream(
         let wait = (mode == Mode::Follow && !final_seen).then_some(LOG_WAIT);
         let chunk = match api
             .client
-            .read_log(container_uuid, stream.name(), offset, wait)
+            .read_log_since(container_uuid, stream.name(), offset, wait, last_state)
             .await
         {
             Ok(chunk) => {

@@ -77,7 +77,14 @@ impl TestCluster {
         let stdout = controller.stdout.take().expect("controller stdout");
         let api_url = wait_for_address(stdout, dir.path());
 
-        write_config(&config, &cluster_id, &token_file, dir.path(), Some(&api_url), backend);
+        write_config(
+            &config,
+            &cluster_id,
+            &token_file,
+            dir.path(),
+            Some(&api_url),
+            backend,
+        );
         let mut cluster = TestCluster {
             dir,
             cluster_id,
@@ -93,7 +100,10 @@ impl TestCluster {
     }
 
     pub fn start_dispatcher(&mut self) {
-        assert!(self.dispatcher.is_none(), "the dispatcher is already running");
+        assert!(
+            self.dispatcher.is_none(),
+            "the dispatcher is already running"
+        );
         let child = Command::new(berth_bin())
             .args(["dispatch", "--config"])
             .arg(&self.config)
@@ -275,7 +285,12 @@ fn random_cluster_id() -> String {
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics after
 /// `timeout` with `what` and the cluster's logs.
-pub async fn wait_until<T, F, Fut>(cluster: &TestCluster, timeout: Duration, what: &str, mut check: F) -> T
+pub async fn wait_until<T, F, Fut>(
+    cluster: &TestCluster,
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -286,7 +301,10 @@ where
             return value;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}\n{}", cluster.logs());
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                cluster.logs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -298,7 +316,11 @@ pub fn slurm_jobs_named(name: &str) -> Vec<String> {
         .args(["--noheader", "--states=all", "--format=%i", "--name", name])
         .output()
         .expect("failed to run squeue");
-    assert!(output.status.success(), "squeue failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "squeue failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|l| l.trim().to_string())
@@ -319,7 +341,11 @@ pub fn podman_containers_for(uuid: &str) -> Vec<String> {
         ])
         .output()
         .expect("failed to run podman ps");
-    assert!(output.status.success(), "podman ps failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "podman ps failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(str::to_string)
