@@ -112,8 +112,11 @@ start_detached() {
   shift 2
   mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")"
   rm -f "$pidfile"
+  # The daemon runs from /: a daemon left in the caller's working directory
+  # breaks once that directory is deleted (podman's conmon then fails every
+  # container with "Failed to get working directory").
   # shellcheck disable=SC2016 # $$, $0 and $@ belong to the inner shell
-  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" \
+  setsid bash -c 'cd / && echo $$ >"$0" && exec "$@"' "$pidfile" \
     bash -c "$CLOSE_FDS_AND_EXEC" "$1" "$@" \
     </dev/null >>"$logfile" 2>&1 &
   local waited=0
