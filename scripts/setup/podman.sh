@@ -61,6 +61,12 @@ socket_responds() {
     && [ "$(curl -s --max-time 5 --unix-socket "$BERTH_PODMAN_SOCK" http://localhost/_ping 2>/dev/null)" = OK ]
 }
 
+# cwd_exists PID: true while the working directory of process PID exists.
+cwd_exists() {
+  local cwd
+  cwd=$(readlink "/proc/$1/cwd") && [ "${cwd% (deleted)}" = "$cwd" ]
+}
+
 if [ "$command" = service-stop ]; then
   stop_by_pidfile "$BERTH_PODMAN_PIDFILE" podman
   rm -f "$BERTH_PODMAN_SOCK"
@@ -118,12 +124,13 @@ log "$info"
 
 # ----------------------------------------------------------- API service
 if [ "$command" = service-start ]; then
-  if pid=$(live_pid "$BERTH_PODMAN_PIDFILE" podman) && socket_responds; then
+  if pid=$(live_pid "$BERTH_PODMAN_PIDFILE" podman) && socket_responds && cwd_exists "$pid"; then
     log "API service is already running (pid $pid) on unix://$BERTH_PODMAN_SOCK"
   elif socket_responds; then
     log "something already responds on $BERTH_PODMAN_SOCK without a live pid in $BERTH_PODMAN_PIDFILE; using it as it is"
   else
-    # A service whose socket stopped responding is restarted.
+    # A service whose socket stopped responding, or whose working directory
+    # was deleted (conmon then fails every container), is restarted.
     [ -n "${pid:-}" ] && stop_by_pidfile "$BERTH_PODMAN_PIDFILE" podman
     mkdir -p "$(dirname "$BERTH_PODMAN_SOCK")"
     rm -f "$BERTH_PODMAN_SOCK"

@@ -110,7 +110,7 @@ pub fn check_request(request: &ContainerRequest) -> Result<(), Vec<FieldError>> 
         if cwd != "." && !is_clean_absolute_path(cwd) {
             errors.push(FieldError::new(
                 "cwd",
-                format!("{cwd:?} is not an absolute path without '..'"),
+                format!("{cwd:?} is not an absolute path without '.', '..', '//' or a trailing '/'"),
             ));
         }
     }
@@ -233,9 +233,19 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
     }
 }
 
-/// True for an absolute path with no `..` component.
+/// True for an absolute path in its one normal form: no `.` or `..`
+/// component, no empty component (`//`), and no trailing `/` except for
+/// `/` itself. Two spellings of one directory, such as `/out` and `/out/`,
+/// would otherwise pass as two mounts.
 pub fn is_clean_absolute_path(path: &str) -> bool {
-    path.starts_with('/') && !path.contains('\0') && !path.split('/').any(|part| part == "..")
+    if path == "/" {
+        return true;
+    }
+    path.starts_with('/')
+        && !path.contains('\0')
+        && path[1..]
+            .split('/')
+            .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
 #[cfg(test)]
@@ -328,6 +338,29 @@ mod tests {
             },
         );
         assert_eq!(fields(check_request(&request)), vec!["mounts./out/../etc"]);
+    }
+
+    #[test]
+    fn mount_target_with_trailing_slash_is_rejected() {
+        let mut request = committed_request();
+        request.mounts.insert(
+            "/out/".into(),
+            Mount {
+                kind: "tmp".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(fields(check_request(&request)), vec!["mounts./out/"]);
+    }
+
+    #[test]
+    fn clean_absolute_paths() {
+        for good in ["/", "/out", "/var/lib/x", "/a.b/..c"] {
+            assert!(is_clean_absolute_path(good), "{good:?} rejected");
+        }
+        for bad in ["", "out", "/out/", "//out", "/a//b", "/a/./b", "/a/../b", "/.."] {
+            assert!(!is_clean_absolute_path(bad), "{bad:?} accepted");
+        }
     }
 
     #[test]

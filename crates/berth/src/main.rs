@@ -62,8 +62,68 @@ fn main() -> ExitCode {
     match runtime.block_on(cli::execute(args.command)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("berth: {err:#}");
+            eprintln!("berth: {}", error_chain(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Formats an error with its causes, `outer: cause: root cause`, printing
+/// each text once. Library errors often repeat their source in their own
+/// message, and a context often repeats the error it wraps, so `{:#}`
+/// would print such text twice.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if message.is_empty() || text.contains(message.as_str()) {
+            message = text;
+        } else if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed to read {path}: {source}")]
+    struct ReadError {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_chain_prints_repeated_cause_once() {
+        let inner = ReadError {
+            path: "/nonexistent".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        };
+        let err = anyhow::Error::new(inner).context("failed to load the credentials");
+        assert_eq!(
+            error_chain(&err),
+            "failed to load the credentials: failed to read /nonexistent: no such file"
+        );
+    }
+
+    #[test]
+    fn error_chain_drops_context_the_cause_repeats() {
+        let err = anyhow::anyhow!("failed to create user \"mallory\": it already exists")
+            .context("failed to create user \"mallory\"");
+        assert_eq!(
+            error_chain(&err),
+            "failed to create user \"mallory\": it already exists"
+        );
+    }
+
+    #[test]
+    fn error_chain_keeps_distinct_causes() {
+        let err = anyhow::anyhow!("root cause").context("middle").context("outer");
+        assert_eq!(error_chain(&err), "outer: middle: root cause");
     }
 }

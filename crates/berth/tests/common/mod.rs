@@ -63,7 +63,7 @@ impl TestCluster {
         let cluster_id = random_cluster_id();
         let system_token: String = random_alnum(40);
         let token_file = dir.path().join("system-token");
-        std::fs::write(&token_file, &system_token).expect("failed to write the system token");
+        write_private(&token_file, &system_token);
         let config = dir.path().join("config.yml");
         write_config(&config, &cluster_id, &token_file, dir.path(), None, backend);
 
@@ -208,6 +208,21 @@ pub fn client(api_url: &str, token: &str) -> Client {
         insecure: false,
     })
     .expect("failed to build a client")
+}
+
+/// Writes a file that only its owner may read, as secrets must be.
+fn write_private(path: &Path, content: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .expect("failed to create a private file");
+    file.write_all(content.as_bytes())
+        .expect("failed to write a private file");
 }
 
 fn log_file(dir: &Path, name: &str) -> Stdio {
