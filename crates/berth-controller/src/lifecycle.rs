@@ -535,6 +535,15 @@ pub fn update_container(
             return Err(ApiError::Unprocessable(errors));
         }
     }
+    // Only a process that ran has an exit code: it is reported while the
+    // container is Running, at the latest with the change to its final
+    // state.
+    if current.state != ContainerState::Running && changed.iter().any(|f| f == "exit_code") {
+        return Err(ApiError::invalid(format!(
+            "cannot set exit_code of a container in state {}: set it while the container is Running, or together with the change from Running to Complete or Cancelled",
+            current.state
+        )));
+    }
 
     let mut credentials = CredentialChange::Keep;
     let mut finalize_requests = false;

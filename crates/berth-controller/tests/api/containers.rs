@@ -172,6 +172,84 @@ async fn complete_needs_exit_code() {
 }
 
 #[tokio::test]
+async fn exit_code_before_running_is_422() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid");
+    let reply = api
+        .update_container(uuid, SYSTEM_TOKEN, json!({"exit_code": 0}))
+        .await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    let errors = reply.errors();
+    assert!(errors.contains("exit_code"), "{errors}");
+    assert!(errors.contains("state Queued"), "{errors}");
+
+    let token = api.lock(uuid).await;
+    for attributes in [
+        json!({"exit_code": 0}),
+        json!({"state": "Running", "exit_code": 0}),
+        json!({"state": "Cancelled", "exit_code": 1}),
+    ] {
+        let reply = api.update_container(uuid, &token, attributes.clone()).await;
+        reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+        let errors = reply.errors();
+        assert!(errors.contains("exit_code"), "{attributes}: {errors}");
+        assert!(errors.contains("state Locked"), "{attributes}: {errors}");
+    }
+    let stored = api
+        .get(&format!("containers/{uuid}"), SYSTEM_TOKEN)
+        .await
+        .json();
+    assert_eq!(stored["state"], "Locked");
+    assert!(stored["exit_code"].is_null());
+
+    // An unchanged null is no change and passes.
+    api.update_container(uuid, &token, json!({"exit_code": null}))
+        .await
+        .expect(StatusCode::OK);
+}
+
+#[tokio::test]
+async fn exit_code_is_set_while_running_or_at_the_end() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid");
+    let token = api.lock(uuid).await;
+    api.update_container(uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+    let reply = api
+        .update_container(uuid, &token, json!({"exit_code": 2}))
+        .await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["exit_code"], 2);
+    let reply = api
+        .update_container(uuid, &token, json!({"state": "Complete", "exit_code": 3}))
+        .await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["state"], "Complete");
+    assert_eq!(reply.json()["exit_code"], 3);
+
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid");
+    let token = api.lock(uuid).await;
+    api.update_container(uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+    let reply = api
+        .update_container(
+            uuid,
+            &token,
+            json!({"state": "Cancelled", "exit_code": 143}),
+        )
+        .await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["exit_code"], 143);
+}
+
+#[tokio::test]
 async fn final_container_fields_are_frozen() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
