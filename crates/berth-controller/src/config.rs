@@ -54,8 +54,9 @@ pub struct Config {
     /// Address and port to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
     /// Database URL, `sqlite://PATH` (for example
-    /// `sqlite:///var/lib/berth/berth.db`). The file and its directory are
-    /// created when missing.
+    /// `sqlite:///var/lib/berth/berth.db`). The file (mode 0600) and its
+    /// directories (mode 0700) are created when missing; an existing file
+    /// that group or others can read is logged as a warning.
     pub database_url: String,
     /// Times a container may be locked; an unlock once `lock_count` has
     /// reached this number cancels the container instead of queueing it

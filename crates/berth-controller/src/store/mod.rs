@@ -39,6 +39,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("failed to create the database file {path}: {source}")]
+    CreateFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to open the database {url}: {source}")]
     Open {
         url: String,

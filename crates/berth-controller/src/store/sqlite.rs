@@ -13,6 +13,7 @@
 //! JSON object, and each column takes the value of the field of its name;
 //! reading builds the object back from the columns and deserialises it.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -39,6 +40,13 @@ use super::{
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Mode of a database file the store creates: read and write for the
+/// owner only.
+const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// Mode of a directory the store creates for its database.
+const PRIVATE_DIRECTORY_MODE: u32 = 0o700;
 
 /// How long a connection waits for another's write lock before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -593,12 +601,7 @@ impl SqliteStore {
                 "only a plain file path is supported, without :memory: or query parameters",
             ));
         }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDirectory {
-                path: parent.to_path_buf(),
-                source,
-            })?;
-        }
+        prepare_database_file(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -630,6 +633,70 @@ impl SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::query("begin a write transaction"))
+    }
+}
+
+/// Creates the database file with mode 0600, and its missing directories
+/// with mode 0700, before SQLite opens it. SQLite gives the `-wal` and
+/// `-shm` files the mode of the database file, so they stay private too.
+/// The database holds users' commands, environments and logs.
+///
+/// An existing file keeps its mode; one that group or others may read is
+/// logged as a warning.
+fn prepare_database_file(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_DIRECTORY_MODE)
+            .create(parent)
+            .map_err(|source| StoreError::CreateDirectory {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+    }
+    let create_error = |source| StoreError::CreateFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE_MODE)
+        .open(path);
+    match created {
+        // The umask may have cleared bits of the mode: set it exactly.
+        Ok(file) => file
+            .set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
+            .map_err(create_error),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            warn_if_readable_by_others(path);
+            Ok(())
+        }
+        Err(err) => Err(create_error(err)),
+    }
+}
+
+/// Logs a warning for the database file and its `-wal` and `-shm` files
+/// when group or others may read them.
+fn warn_if_readable_by_others(path: &Path) {
+    let mut paths = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(suffix);
+        paths.push(name.into());
+    }
+    for path in paths {
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let mode = metadata.permissions().mode() & 0o7777;
+        if mode & 0o044 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = %format_args!("{mode:04o}"),
+                "group or others can read this database file, which holds users' commands, environments and logs: run chmod 600 on it"
+            );
+        }
     }
 }
 
@@ -966,6 +1033,57 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode_of(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[tokio::test]
+    async fn new_database_files_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data/db/berth.db");
+        let store = SqliteStore::open("sqlite://test", &path, 1).await.unwrap();
+        // The migrations wrote to the database, so the WAL files exist.
+        assert_eq!(mode_of(&path), 0o600, "database file");
+        assert_eq!(mode_of(&dir.path().join("data")), 0o700, "data directory");
+        assert_eq!(mode_of(&dir.path().join("data/db")), 0o700, "db directory");
+        let user = User {
+            uuid: "zzzzz-tpzed-0123456789abcde".into(),
+            username: "alice".into(),
+            is_admin: false,
+            is_active: true,
+            created_at: chrono::Utc::now(),
+            modified_at: chrono::Utc::now(),
+        };
+        let token = ApiToken {
+            uuid: "zzzzz-gj3su-0123456789abcde".into(),
+            owner_uuid: user.uuid.clone(),
+            secret_sha256: "0".repeat(64),
+            scopes: vec!["all".into()],
+            container_uuid: None,
+            created_at: chrono::Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+        };
+        store.insert_user(&user, &token).await.unwrap();
+        for suffix in ["-wal", "-shm"] {
+            let side = dir.path().join(format!("data/db/berth.db{suffix}"));
+            assert_eq!(mode_of(&side), 0o600, "{suffix} file");
+        }
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn existing_database_keeps_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.db");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let store = SqliteStore::open("sqlite://test", &path, 1).await.unwrap();
+        store.ping().await.unwrap();
+        assert_eq!(mode_of(&path), 0o640);
+        store.close().await;
+    }
 
     #[test]
     fn like_patterns_become_globs() {
