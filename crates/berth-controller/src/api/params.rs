@@ -9,6 +9,12 @@
 //! Create and update bodies are `{"<resource>": {attributes}}` or the bare
 //! attribute object; a form body carries the attributes as JSON text in
 //! the `<resource>` field.
+//!
+//! List parameters have limits ([`MAX_FILTERS`], [`MAX_LIST_OPERANDS`],
+//! [`MAX_TOTAL_OPERANDS`], [`MAX_PATTERN_BYTES`], [`MAX_ORDER_TERMS`],
+//! [`MAX_SELECT_ATTRIBUTES`], and [`MAX_LIMIT`] items per page) that keep
+//! every list query within SQLite's own limits. A call past one of them
+//! is rejected with 422, and the message names the limit.
 
 use std::collections::HashMap;
 
@@ -31,6 +37,34 @@ pub const DEFAULT_LIMIT: u64 = 100;
 
 /// Maximum items per page; a larger `limit` is lowered to it.
 pub const MAX_LIMIT: u64 = 1000;
+
+/// Maximum conditions of one list call, `filters` and `where` together.
+/// Every condition deepens SQLite's expression tree, whose depth SQLite
+/// limits to 1000 by default.
+pub const MAX_FILTERS: usize = 100;
+
+/// Maximum operands of one `in` or `not in` list.
+pub const MAX_LIST_OPERANDS: usize = 1000;
+
+/// Maximum operands of all conditions of one list call together. Each
+/// operand is one SQL parameter, and SQLite accepts at most 32766
+/// parameters in one statement by default (since SQLite 3.32).
+pub const MAX_TOTAL_OPERANDS: usize = 10_000;
+
+/// Maximum length, in bytes, of a `like` or `ilike` pattern. SQLite
+/// rejects patterns longer than 50000 bytes, and a `like` pattern grows up
+/// to three times when it is turned into a GLOB pattern.
+pub const MAX_PATTERN_BYTES: usize = 1000;
+
+/// Maximum sort terms in `order`. SQLite accepts at most 2000 by default.
+pub const MAX_ORDER_TERMS: usize = 10;
+
+/// Maximum attribute names in `select`. Each name is compared with every
+/// field of every record in the response, so the list stays short.
+pub const MAX_SELECT_ATTRIBUTES: usize = 100;
+
+/// Maximum characters of a caller's value quoted in an error message.
+const MAX_QUOTED_CHARS: usize = 200;
 
 /// The header that makes a `POST` count as another method.
 pub const METHOD_OVERRIDE_HEADER: &str = "x-http-method-override";
@@ -79,7 +113,8 @@ impl Params {
             Some(ParamValue::Json(value)) => Ok(Some(value.clone())),
             Some(ParamValue::Text(text)) => serde_json::from_str(text).map(Some).map_err(|err| {
                 ApiError::invalid(format!(
-                    "invalid {name} parameter {text:?}: it is not JSON: {err}"
+                    "invalid {name} parameter {}: it is not JSON: {err}",
+                    quote_text(text)
                 ))
             }),
         }
@@ -101,7 +136,8 @@ impl Params {
         };
         text.trim().parse::<u64>().map(Some).map_err(|_| {
             ApiError::invalid(format!(
-                "invalid {name} parameter {text:?}: expected a whole number of 0 or more"
+                "invalid {name} parameter {}: expected a whole number of 0 or more",
+                quote_text(&text)
             ))
         })
     }
@@ -114,7 +150,8 @@ impl Params {
         match text.trim().parse::<f64>() {
             Ok(value) if value.is_finite() && value >= 0.0 => Ok(Some(value)),
             _ => Err(ApiError::invalid(format!(
-                "invalid {name} parameter {text:?}: expected a number of seconds, 0 or more"
+                "invalid {name} parameter {}: expected a number of seconds, 0 or more",
+                quote_text(&text)
             ))),
         }
     }
@@ -272,7 +309,7 @@ fn parse_op(op: &str) -> Option<FilterOp> {
 
 /// Converts an operand to the column's kind.
 fn scalar(column: &Column, value: &Value) -> Result<Scalar, String> {
-    let mismatch = |expected: &str| format!("operand {value} is not {expected}");
+    let mismatch = |expected: &str| format!("operand {} is not {expected}", quote(value));
     match column.kind {
         ColumnKind::Text => match value {
             Value::String(text) => Ok(Scalar::Text(text.clone())),
@@ -321,28 +358,48 @@ fn parse_filter(columns: &'static [Column], table: &str, filter: &Value) -> Resu
     let attribute = attribute.as_str().ok_or("the attribute is not a string")?;
     let column = column_named(columns, table, attribute).ok_or_else(|| {
         format!(
-            "attribute {attribute:?} cannot be filtered: use one of {}",
+            "attribute {} cannot be filtered: use one of {}",
+            quote_text(attribute),
             scalar_names(columns)
         )
     })?;
     let op_text = op.as_str().ok_or("the operator is not a string")?;
     let op = parse_op(op_text).ok_or_else(|| {
-        format!("unknown operator {op_text:?}: use =, !=, <, <=, >, >=, in, not in, like or ilike")
+        format!(
+            "unknown operator {}: use =, !=, <, <=, >, >=, in, not in, like or ilike",
+            quote_text(op_text)
+        )
     })?;
     let operand = match (op, operand) {
         (FilterOp::Eq | FilterOp::NotEq, Value::Null) => Operand::Null,
         (_, Value::Null) => return Err(format!("operator {op_text:?} cannot take null")),
-        (FilterOp::In | FilterOp::NotIn, Value::Array(items)) => Operand::List(
-            items
-                .iter()
-                .map(|item| scalar(column, item))
-                .collect::<Result<_, _>>()?,
-        ),
+        (FilterOp::In | FilterOp::NotIn, Value::Array(items)) => {
+            if items.len() > MAX_LIST_OPERANDS {
+                return Err(format!(
+                    "operator {op_text:?} has {} operands, but the maximum is {MAX_LIST_OPERANDS}: split the list over several calls",
+                    items.len()
+                ));
+            }
+            Operand::List(
+                items
+                    .iter()
+                    .map(|item| scalar(column, item))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
         (FilterOp::In | FilterOp::NotIn, _) => {
             return Err(format!("operator {op_text:?} needs a list operand"))
         }
         (FilterOp::Like | FilterOp::ILike, _) if column.kind != ColumnKind::Text => {
             return Err(format!("operator {op_text:?} needs a text attribute"))
+        }
+        (FilterOp::Like | FilterOp::ILike, Value::String(pattern))
+            if pattern.len() > MAX_PATTERN_BYTES =>
+        {
+            return Err(format!(
+                "the {op_text} pattern is {} bytes long, but the maximum is {MAX_PATTERN_BYTES} bytes",
+                pattern.len()
+            ))
         }
         (_, value) => Operand::One(scalar(column, value)?),
     };
@@ -353,47 +410,91 @@ fn parse_filter(columns: &'static [Column], table: &str, filter: &Value) -> Resu
     })
 }
 
+/// Quotes a JSON value for an error message, shortened when it is long.
+fn quote(value: &Value) -> String {
+    shorten(value.to_string())
+}
+
+/// Quotes a text for an error message, shortened when it is long.
+fn quote_text(text: &str) -> String {
+    shorten(format!("{text:?}"))
+}
+
+fn shorten(text: String) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text,
+    }
+}
+
+/// Counts the SQL parameters a filter binds.
+fn operand_count(filter: &Filter) -> usize {
+    match &filter.operand {
+        Operand::Null => 0,
+        Operand::One(_) => 1,
+        Operand::List(items) => items.len(),
+    }
+}
+
+/// Parses `filters` and `where` into one list of conditions, within the
+/// limits above.
 fn parse_filters(
     columns: &'static [Column],
     table: &str,
     params: &Params,
 ) -> Result<Vec<Filter>, ApiError> {
-    let mut filters = Vec::new();
-    if let Some(value) = params.json("filters")? {
-        let list = match value {
-            Value::Array(list) if list.first().is_some_and(Value::is_string) => {
-                vec![Value::Array(list)]
-            }
-            Value::Array(list) => list,
-            Value::Null => Vec::new(),
-            other => {
-                return Err(ApiError::invalid(format!(
-                    "invalid filters {other}: expected a list of [attribute, operator, operand]"
-                )))
-            }
-        };
-        for filter in &list {
-            let parsed = parse_filter(columns, table, filter).map_err(|reason| {
-                ApiError::invalid(format!("invalid filter {filter}: {reason}"))
-            })?;
-            filters.push(parsed);
+    let filters = match params.json("filters")? {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) if list.first().is_some_and(Value::is_string) => {
+            vec![Value::Array(list)]
         }
-    }
-    if let Some(value) = params.json("where")? {
-        let Value::Object(conditions) = value else {
+        Some(Value::Array(list)) => list,
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "invalid filters {}: expected a list of [attribute, operator, operand]",
+                quote(&other)
+            )))
+        }
+    };
+    let conditions = match params.json("where")? {
+        None => Map::new(),
+        Some(Value::Object(conditions)) => conditions,
+        Some(_) => {
             return Err(ApiError::invalid(
                 "invalid where: expected an object of attribute: value",
-            ));
-        };
-        for (attribute, value) in conditions {
-            let op = if value.is_array() { "in" } else { "=" };
-            let filter = Value::Array(vec![Value::String(attribute), Value::from(op), value]);
-            let parsed = parse_filter(columns, table, &filter)
-                .map_err(|reason| ApiError::invalid(format!("invalid where {filter}: {reason}")))?;
-            filters.push(parsed);
+            ))
         }
+    };
+    let count = filters.len() + conditions.len();
+    if count > MAX_FILTERS {
+        return Err(ApiError::invalid(format!(
+            "invalid filters: {count} conditions given (filters and where together), but the maximum is {MAX_FILTERS}"
+        )));
     }
-    Ok(filters)
+
+    let mut parsed = Vec::with_capacity(count);
+    for filter in &filters {
+        let filter = parse_filter(columns, table, filter).map_err(|reason| {
+            ApiError::invalid(format!("invalid filter {}: {reason}", quote(filter)))
+        })?;
+        parsed.push(filter);
+    }
+    for (attribute, value) in conditions {
+        let op = if value.is_array() { "in" } else { "=" };
+        let filter = Value::Array(vec![Value::String(attribute), Value::from(op), value]);
+        let condition = parse_filter(columns, table, &filter).map_err(|reason| {
+            ApiError::invalid(format!("invalid where {}: {reason}", quote(&filter)))
+        })?;
+        parsed.push(condition);
+    }
+
+    let operands: usize = parsed.iter().map(operand_count).sum();
+    if operands > MAX_TOTAL_OPERANDS {
+        return Err(ApiError::invalid(format!(
+            "invalid filters: they have {operands} operands together, but the maximum is {MAX_TOTAL_OPERANDS}: split the query over several calls"
+        )));
+    }
+    Ok(parsed)
 }
 
 fn parse_order(
@@ -408,14 +509,16 @@ fn parse_order(
             .map(|item| match item {
                 Value::String(text) => Ok(text),
                 other => Err(ApiError::invalid(format!(
-                    "invalid order {other}: expected a string"
+                    "invalid order {}: expected a string",
+                    quote(&other)
                 ))),
             })
             .collect::<Result<_, _>>()?,
         Ok(Some(Value::String(text))) => text.split(',').map(str::to_string).collect(),
         Ok(Some(other)) => {
             return Err(ApiError::invalid(format!(
-                "invalid order {other}: expected a list such as [\"created_at desc\"]"
+                "invalid order {}: expected a list such as [\"created_at desc\"]",
+                quote(&other)
             )))
         }
         // Plain text such as `created_at desc, uuid`.
@@ -426,6 +529,12 @@ fn parse_order(
             .map(str::to_string)
             .collect(),
     };
+    let terms = keys.iter().filter(|key| !key.trim().is_empty()).count();
+    if terms > MAX_ORDER_TERMS {
+        return Err(ApiError::invalid(format!(
+            "invalid order: {terms} sort terms given, but the maximum is {MAX_ORDER_TERMS}"
+        )));
+    }
     let mut order = Vec::new();
     for key in keys {
         let mut words = key.split_whitespace();
@@ -435,13 +544,16 @@ fn parse_order(
             Some("desc") => true,
             Some(_) => {
                 return Err(ApiError::invalid(format!(
-                    "invalid order {key:?}: expected \"<attribute> asc\" or \"<attribute> desc\""
+                    "invalid order {}: expected \"<attribute> asc\" or \"<attribute> desc\"",
+                    quote_text(&key)
                 )))
             }
         };
         let column = column_named(columns, table, name).ok_or_else(|| {
             ApiError::invalid(format!(
-                "invalid order {key:?}: cannot sort by {name:?}; use one of {}",
+                "invalid order {}: cannot sort by {}; use one of {}",
+                quote_text(&key),
+                quote_text(name),
                 scalar_names(columns)
             ))
         })?;
@@ -489,16 +601,24 @@ pub fn select(
             "invalid select: expected a list of attribute names",
         ));
     };
+    if items.len() > MAX_SELECT_ATTRIBUTES {
+        return Err(ApiError::invalid(format!(
+            "invalid select: {} attributes given, but the maximum is {MAX_SELECT_ATTRIBUTES}",
+            items.len()
+        )));
+    }
     let mut names = Vec::new();
     for item in items {
         let name = item.as_str().ok_or_else(|| {
             ApiError::invalid(format!(
-                "invalid select entry {item}: expected an attribute name"
+                "invalid select entry {}: expected an attribute name",
+                quote(&item)
             ))
         })?;
         if find_column(columns, name).is_none() && name != "kind" && name != "etag" {
             return Err(ApiError::invalid(format!(
-                "invalid select: unknown attribute {name:?}"
+                "invalid select: unknown attribute {}",
+                quote_text(name)
             )));
         }
         names.push(name.to_string());

@@ -639,7 +639,7 @@ impl SqliteStore {
 /// Creates the database file with mode 0600, and its missing directories
 /// with mode 0700, before SQLite opens it. SQLite gives the `-wal` and
 /// `-shm` files the mode of the database file, so they stay private too.
-/// The database holds users' commands, environments and logs.
+/// The database contains users' commands, environments and logs.
 ///
 /// An existing file keeps its mode; one that group or others may read is
 /// logged as a warning.
@@ -664,7 +664,7 @@ fn prepare_database_file(path: &Path) -> Result<()> {
         .mode(PRIVATE_FILE_MODE)
         .open(path);
     match created {
-        // The umask may have cleared bits of the mode: set it exactly.
+        // The umask may have cleared bits of the mode, so set it exactly.
         Ok(file) => file
             .set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))
             .map_err(create_error),

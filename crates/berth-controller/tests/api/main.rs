@@ -7,6 +7,7 @@
 mod auth;
 mod common;
 mod containers;
+mod lists;
 mod logs;
 mod requests;
 mod socket;
