@@ -17,8 +17,10 @@ pub mod defaults {
     pub const MAX_DISPATCH_ATTEMPTS: i64 = 10;
     /// Database connections in the pool.
     pub const MAX_DATABASE_CONNECTIONS: u32 = 8;
-    /// Seconds one API request may take before it fails with 503. Longer
-    /// than the longest log wait (30 s), so a long poll ends by itself.
+    /// Seconds one API request may take before it fails: with 408 when the
+    /// client has not sent the whole body by then, otherwise with 503.
+    /// Longer than the longest log wait (30 s), so a long poll ends by
+    /// itself.
     pub const REQUEST_TIMEOUT_SECONDS: u64 = 60;
     /// Seconds in-flight requests get to finish after a shutdown signal.
     pub const SHUTDOWN_GRACE_PERIOD_SECONDS: u64 = 10;
@@ -66,8 +68,10 @@ pub struct Config {
     /// Connections in the database pool. Default 8.
     #[serde(default = "defaults::max_database_connections")]
     pub max_database_connections: u32,
-    /// Seconds one API request may take before it fails with 503 Service
-    /// Unavailable. Must exceed the 30 s log wait. Default 60.
+    /// Seconds one API request may take before it fails: 408 Request
+    /// Timeout when the client has not sent the whole body by then,
+    /// otherwise 503 Service Unavailable. Must exceed the 30 s log wait.
+    /// Default 60.
     #[serde(default = "defaults::request_timeout_seconds")]
     pub request_timeout_seconds: u64,
     /// Seconds in-flight requests get to finish after SIGTERM or SIGINT;

@@ -27,6 +27,9 @@ pub enum ApiError {
     /// 405: the path exists but not with this method.
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// 408: the client did not send the whole request body in time.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 409: the record kept changing while it was being updated.
     #[error("{0}")]
     Conflict(String),
@@ -46,6 +49,9 @@ pub enum ApiError {
     /// 500: a fault of the controller that is not the store's.
     #[error("internal error: {0}")]
     Internal(String),
+    /// 503: the controller did not finish the request in time.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ApiError {
@@ -68,10 +74,12 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Store { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -6,13 +6,14 @@
 //! reports Running, the exit code and the final state.
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use berth_core::Container;
 use serde_json::Value;
 
 use super::params::{self, Params};
+use super::rejection::PathParams;
 use super::{render, AppState, MAX_WRITE_ATTEMPTS};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -148,7 +149,7 @@ pub async fn post_list(
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
-    Path(uuid): Path<String>,
+    PathParams(uuid): PathParams<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let select = params::select(CONTAINER_COLUMNS, &Params::from_query(query.as_deref()))?;
@@ -211,7 +212,7 @@ fn conflict(uuid: &str) -> ApiError {
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
-    Path(uuid): Path<String>,
+    PathParams(uuid): PathParams<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Body,
@@ -263,7 +264,7 @@ pub async fn update(
 pub async fn lock(
     State(state): State<AppState>,
     caller: Caller,
-    Path(uuid): Path<String>,
+    PathParams(uuid): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = load_visible(&state, &caller, &uuid).await?;
@@ -296,7 +297,7 @@ pub async fn lock(
 pub async fn unlock(
     State(state): State<AppState>,
     caller: Caller,
-    Path(uuid): Path<String>,
+    PathParams(uuid): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = load_visible(&state, &caller, &uuid).await?;

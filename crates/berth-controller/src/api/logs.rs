@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use super::containers::load_visible;
 use super::params::{self, Params};
+use super::rejection::PathParams;
 use super::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -60,7 +61,7 @@ fn size_header(size: u64) -> HeaderValue {
 pub async fn append(
     State(state): State<AppState>,
     caller: Caller,
-    Path((uuid, stream)): Path<(String, String)>,
+    PathParams((uuid, stream)): PathParams<(String, String)>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Body,
@@ -111,7 +112,7 @@ pub async fn append(
 pub async fn read(
     State(state): State<AppState>,
     caller: Caller,
-    Path((uuid, stream)): Path<(String, String)>,
+    PathParams((uuid, stream)): PathParams<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let stream = parse_stream(&stream)?;

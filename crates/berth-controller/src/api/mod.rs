@@ -6,7 +6,9 @@
 //! authenticates its caller (the [`Caller`](crate::auth::Caller)
 //! extractor), checks what the caller may see and do, lets
 //! [`lifecycle`](crate::lifecycle) build the change, and hands it to the
-//! store. Errors are [`ApiError`]s, rendered as `{"errors": [...]}`.
+//! store. Errors are [`ApiError`]s, rendered as `{"errors": [...]}`, and
+//! [`rejection`] gives the errors that arise outside the handlers (bad path
+//! parameters, the request timeout, unknown routes) the same shape.
 //!
 //! Visibility: administrators and the system token read every record. A
 //! user reads their own requests and the containers of those requests, and
@@ -16,6 +18,7 @@
 pub mod containers;
 pub mod logs;
 pub mod params;
+pub mod rejection;
 pub mod render;
 pub mod requests;
 pub mod users;
@@ -26,11 +29,11 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::{MatchedPath, State};
 use axum::http::{Method, Request, StatusCode, Uri};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
@@ -182,9 +185,10 @@ pub fn app(state: AppState) -> Router {
         .route("/_health/ping", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
+        .layer(middleware::map_response(rejection::errors_as_json))
+        .layer(middleware::from_fn_with_state(
             timeout,
+            rejection::enforce_timeout,
         ))
         .layer(
             TraceLayer::new_for_http()

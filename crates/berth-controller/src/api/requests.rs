@@ -6,13 +6,14 @@
 //! every change recomputes that container's priority.
 
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use berth_core::ContainerRequest;
 use serde_json::{json, Value};
 
 use super::params::{self, Params};
+use super::rejection::PathParams;
 use super::{render, AppState, MAX_WRITE_ATTEMPTS};
 use crate::auth::{system_user_uuid, Caller};
 use crate::error::ApiError;
@@ -146,7 +147,7 @@ pub async fn create_or_list(
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
-    Path(uuid): Path<String>,
+    PathParams(uuid): PathParams<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let params = Params::from_query(query.as_deref());
@@ -163,7 +164,7 @@ pub async fn get(
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
-    Path(uuid): Path<String>,
+    PathParams(uuid): PathParams<String>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     body: Body,
@@ -232,7 +233,7 @@ pub async fn update(
 pub async fn container_status(
     State(state): State<AppState>,
     caller: Caller,
-    Path(uuid): Path<String>,
+    PathParams(uuid): PathParams<String>,
 ) -> Result<Json<Value>, ApiError> {
     let request = load_visible(&state, &caller, &uuid).await?.record;
     let container = match &request.container_uuid {
