@@ -231,6 +231,18 @@ pub trait Backend: Send {
     /// container and report. A job that has already ended counts as
     /// cancelled.
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError>;
+
+    /// Explains a [`BatchJob::reason`] to users in a few words, or returns
+    /// `None` for a reason without an explanation.
+    fn explain_reason(&self, _reason: &str) -> Option<&'static str> {
+        None
+    }
+
+    /// Returns the pending reasons that mean a job will never start, so
+    /// that the dispatcher cancels it together with its container.
+    fn cancel_pending_reasons(&self) -> &[String] {
+        &[]
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //!     partition: batch
 //!     sbatch_args: ["--account=science"]
 //!     output: /tmp/berth-%j.out
+//!     cancel_pending_reasons: [PartitionConfig]
 //! ```
 //!
 //! Every default lives in [`defaults`]. [`Config::validate`] runs at
@@ -165,9 +166,12 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct SlurmConfig {
     /// Memory added to the container's RAM in the job's `--mem`, for the
-    /// supervisor and the container runtime: bytes, or a size such as
-    /// `256MiB`.
-    #[serde(default = "default_reserve_ram", deserialize_with = "deserialize_size")]
+    /// supervisor and the container runtime: a number of bytes (0 or more),
+    /// or a size with a binary unit K, M, G or T, such as `256MiB`.
+    #[serde(
+        default = "default_reserve_ram",
+        deserialize_with = "deserialize_reserve_ram"
+    )]
     pub reserve_ram: u64,
     /// Partition for containers whose `scheduling_parameters.partitions` is
     /// empty; unset leaves the choice to Slurm's default partition.
@@ -180,11 +184,24 @@ pub struct SlurmConfig {
     #[serde(default)]
     pub sbatch_args: Vec<String>,
     /// The job's output file (`sbatch --output`), where the supervisor's own
-    /// log goes, on the compute node. Slurm replaces `%j` with the job id and
-    /// `%x` with the job name, which is the container UUID. Nothing removes
-    /// these files.
+    /// log goes, on the compute node: an absolute path, because jobs start
+    /// in `/`. Slurm replaces `%j` with the job id and `%x` with the job
+    /// name, which is the container UUID. Nothing removes these files.
     #[serde(default = "default_slurm_output")]
     pub output: String,
+    /// Slurm pending reasons (squeue's `%r`, such as `PartitionConfig`) for
+    /// which the dispatcher cancels the job and sets its container Cancelled,
+    /// with the reason in `runtime_status.errorDetail`. A job must be listed
+    /// pending with such a reason in two status queries in a row. Empty by
+    /// default: every pending job waits. With `EnforcePartLimits=NO` Slurm
+    /// queues a job that no node of its partition can run (too many CPUs, for
+    /// example) as pending with reason `PartitionConfig`, and a site may list
+    /// `[PartitionConfig, BadConstraints, PartitionTimeLimit]` so that such
+    /// containers end instead of waiting for good. Reasons such as
+    /// `Resources`, `Priority` or `ReqNodeNotAvail` also occur while a job
+    /// simply waits its turn, so they do not belong here.
+    #[serde(default)]
+    pub cancel_pending_reasons: Vec<String>,
     /// The `sbatch` program: a path, or a name looked up in `PATH`.
     #[serde(default = "default_sbatch")]
     pub sbatch: PathBuf,
@@ -250,6 +267,7 @@ impl Default for SlurmConfig {
             partition: None,
             sbatch_args: Vec::new(),
             output: default_slurm_output(),
+            cancel_pending_reasons: Vec::new(),
             sbatch: default_sbatch(),
             squeue: default_squeue(),
             scancel: default_scancel(),
@@ -258,20 +276,61 @@ impl Default for SlurmConfig {
     }
 }
 
-/// Reads a size given as a number of bytes or as text such as `256MiB`.
-fn deserialize_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Size {
-        Bytes(u64),
-        Text(String),
+/// The forms `reserve_ram` accepts, for its error messages.
+const RESERVE_RAM_FORMS: &str =
+    "a number of bytes (0 or more) or a size with a unit K, M, G or T, such as 256MiB";
+
+/// Reads `reserve_ram`: a number of bytes, or text such as `256MiB`. Every
+/// error names the value and the accepted forms; serde_yaml puts the key's
+/// path in front.
+fn deserialize_reserve_ram<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct ReserveRam;
+
+    fn invalid<E: serde::de::Error>(value: impl fmt::Display) -> E {
+        E::custom(format!(
+            "invalid size {value}: expected {RESERVE_RAM_FORMS}"
+        ))
     }
-    match Size::deserialize(deserializer)? {
-        Size::Bytes(bytes) => Ok(bytes),
-        Size::Text(text) => berth_core::units::parse_size(&text)
-            .map(|bytes| bytes.unsigned_abs())
-            .map_err(serde::de::Error::custom),
+
+    impl serde::de::Visitor<'_> for ReserveRam {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(RESERVE_RAM_FORMS)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<u64, E> {
+            Ok(bytes)
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<u64, E> {
+            u64::try_from(bytes).map_err(|_| invalid(bytes))
+        }
+
+        fn visit_u128<E: serde::de::Error>(self, bytes: u128) -> Result<u64, E> {
+            u64::try_from(bytes).map_err(|_| invalid(bytes))
+        }
+
+        fn visit_i128<E: serde::de::Error>(self, bytes: i128) -> Result<u64, E> {
+            u64::try_from(bytes).map_err(|_| invalid(bytes))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, number: f64) -> Result<u64, E> {
+            Err(invalid(number))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<u64, E> {
+            if let Ok(bytes) = text.trim().parse::<u64>() {
+                return Ok(bytes);
+            }
+            berth_core::units::parse_size(text)
+                .ok()
+                .and_then(|bytes| u64::try_from(bytes).ok())
+                .ok_or_else(|| invalid(format!("{text:?}")))
+        }
     }
+
+    deserializer.deserialize_any(ReserveRam)
 }
 
 impl Config {
@@ -333,15 +392,30 @@ impl SlurmConfig {
                 ConfigError::new(format!("slurm.sbatch_args[{index}]"), message)
             })?;
         }
-        if self.output.trim().is_empty() || self.output.contains(['\n', '\0']) {
+        if self.output.trim().is_empty()
+            || self.output.contains(['\n', '\0'])
+            || !self.output.starts_with('/')
+        {
             return Err(ConfigError::new(
                 "slurm.output",
                 format!(
-                    "{:?} is not a file name pattern such as {}",
+                    "{:?} is not an absolute file name pattern such as {}",
                     self.output,
                     defaults::SLURM_OUTPUT
                 ),
             ));
+        }
+        for (index, reason) in self.cancel_pending_reasons.iter().enumerate() {
+            let is_word = !reason.is_empty()
+                && reason
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !is_word {
+                return Err(ConfigError::new(
+                    format!("slurm.cancel_pending_reasons[{index}]"),
+                    format!("{reason:?} is not a Slurm pending reason: give a reason as squeue prints it, such as PartitionConfig"),
+                ));
+            }
         }
         for (key, program) in [
             ("slurm.sbatch", &self.sbatch),
@@ -465,6 +539,67 @@ mod tests {
     }
 
     #[test]
+    fn reserve_ram_accepts_zero_and_units() {
+        for (value, bytes) in [
+            ("0", 0),
+            ("\"0\"", 0),
+            ("256MiB", 256 << 20),
+            ("1G", 1 << 30),
+        ] {
+            let config = parse(&format!(
+                "backend: slurm\napi_url: h:1\nslurm: {{reserve_ram: {value}}}\n"
+            ))
+            .unwrap();
+            assert_eq!(config.slurm.reserve_ram, bytes, "{value}");
+        }
+    }
+
+    #[test]
+    fn bad_reserve_ram_names_key_value_and_forms() {
+        for (value, shown) in [
+            ("-5", "-5"),
+            ("\"-5\"", "\"-5\""),
+            ("-5MiB", "\"-5MiB\""),
+            ("lots", "\"lots\""),
+            ("1.5", "1.5"),
+            ("99999999999999999999", "99999999999999999999"),
+        ] {
+            let err = parse(&format!(
+                "backend: slurm\napi_url: h:1\nslurm: {{reserve_ram: {value}}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("slurm.reserve_ram: invalid size"),
+                "{value}: {err}"
+            );
+            assert!(err.contains(shown), "{value}: {err}");
+            assert!(err.contains("such as 256MiB"), "{value}: {err}");
+            assert!(!err.contains("untagged"), "{value}: {err}");
+        }
+        let err = parse("backend: slurm\napi_url: h:1\nslurm: {reserve_ram: true}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("slurm.reserve_ram: "), "{err}");
+        assert!(err.contains("expected a number of bytes"), "{err}");
+    }
+
+    #[test]
+    fn cancel_pending_reasons_parse() {
+        let config = parse(
+            "backend: slurm\napi_url: h:1\nslurm: {cancel_pending_reasons: [PartitionConfig, BadConstraints]}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.slurm.cancel_pending_reasons,
+            ["PartitionConfig", "BadConstraints"]
+        );
+        config.validate().unwrap();
+        let default = parse("backend: slurm\napi_url: h:1\n").unwrap();
+        assert!(default.slurm.cancel_pending_reasons.is_empty());
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let err = parse("backend: slurm\napi_url: h:1\npoll_intervall: 2s\n").unwrap_err();
         assert!(err.to_string().contains("poll_intervall"), "{err}");
@@ -507,6 +642,17 @@ mod tests {
                 }),
             ),
             ("slurm.output", Box::new(|c| c.slurm.output = " ".into())),
+            (
+                "slurm.output",
+                Box::new(|c| c.slurm.output = "berth-%j.out".into()),
+            ),
+            (
+                "slurm.cancel_pending_reasons[1]",
+                Box::new(|c| {
+                    c.slurm.cancel_pending_reasons =
+                        vec!["PartitionConfig".into(), "Bad Constraints".into()]
+                }),
+            ),
             (
                 "slurm.squeue",
                 Box::new(|c| c.slurm.squeue = PathBuf::new()),

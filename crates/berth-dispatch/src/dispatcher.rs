@@ -12,7 +12,8 @@
 //!    leftover credentials files. An orphaned job is named after a
 //!    container of this cluster that is not Locked or Running by this token;
 //! 4. lets each tracked container decide ([`Tracked::observe`]) and carries
-//!    out its actions;
+//!    out its actions, which include showing users why a job is pending in
+//!    its container's `runtime_status.schedulingStatus`;
 //! 5. locks each Queued container, highest priority first, writes its
 //!    credentials file and submits its job.
 //!
@@ -26,7 +27,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use berth_client::ClientError;
-use berth_core::{ClusterId, Container, ContainerState, ObjectType};
+use berth_core::{ClusterId, Container, ContainerState, ObjectType, Uuid};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -34,7 +35,10 @@ use tracing::Instrument;
 use crate::api::{list_all, ControllerApi};
 use crate::backend::{Backend, BackendError, BatchJob, JobRequest};
 use crate::credentials::CredentialsStore;
-use crate::tracker::{resolve_vanished, Action, CancelLedger, Observation, Tracked};
+use crate::tracker::{
+    resolve_vanished, Action, CancelLedger, Observation, Tracked, SCHEDULING_STATUS_KEY,
+    UNRUNNABLE_ERROR,
+};
 
 /// Time a container is left alone after the dispatcher gave up on it
 /// (unlocked it after failed submissions, or failed to lock it) before it
@@ -64,6 +68,27 @@ pub enum TickError {
     },
     #[error("failed to query the batch system: {0}")]
     Status(#[source] BackendError),
+}
+
+/// Failure to start the dispatch loop.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("failed to learn the dispatcher's token from GET api_client_authorizations/current (is the system token right?)")]
+    Token(#[source] ClientError),
+    #[error("the controller gave {token_uuid:?} as the uuid of the dispatcher's token, which is not an api_client_authorization UUID")]
+    TokenUuid {
+        token_uuid: String,
+        #[source]
+        source: berth_core::uuid::UuidError,
+    },
+    /// The token belongs to another cluster than the configured one, so
+    /// the orphan scan would look for jobs of the wrong cluster.
+    #[error("the dispatcher's token {token_uuid} belongs to cluster {token_cluster}, but the configuration key cluster_id is {cluster_id}: set cluster_id to {token_cluster}, or give the dispatcher the system token of cluster {cluster_id}")]
+    ClusterMismatch {
+        token_uuid: String,
+        token_cluster: String,
+        cluster_id: ClusterId,
+    },
 }
 
 /// Remembers the last message of each failing operation, so that a
@@ -140,15 +165,15 @@ impl<B> std::fmt::Debug for Dispatcher<B> {
 
 impl<B: Backend> Dispatcher<B> {
     /// Learns this dispatcher's token UUID from the controller, retrying
-    /// while the controller cannot be reached. Returns `None` if `shutdown`
-    /// fires first.
+    /// while the controller cannot be reached, and checks that the token
+    /// belongs to `cluster_id`. Returns `None` if `shutdown` fires first.
     pub async fn start(
         api: Box<dyn ControllerApi>,
         backend: B,
         cluster_id: ClusterId,
         store: CredentialsStore,
         shutdown: &CancellationToken,
-    ) -> Result<Option<Dispatcher<B>>, ClientError> {
+    ) -> Result<Option<Dispatcher<B>>, StartError> {
         let mut delay = STARTUP_RETRY_FIRST;
         let mut attempts = 0u32;
         let token_uuid = loop {
@@ -167,9 +192,10 @@ impl<B: Backend> Dispatcher<B> {
                     }
                     delay = (delay * 2).min(STARTUP_RETRY_MAX);
                 }
-                Err(err) => return Err(err),
+                Err(err) => return Err(StartError::Token(err)),
             }
         };
+        check_token_cluster(&token_uuid, &cluster_id)?;
         tracing::info!(
             backend = backend.name(),
             token = %token_uuid,
@@ -459,6 +485,7 @@ impl<B: Backend> Dispatcher<B> {
             now,
             token_uuid: &self.token_uuid,
             credentials_exist,
+            cancel_reasons: self.backend.cancel_pending_reasons(),
         });
         self.execute(uuid, record, actions, now).await;
     }
@@ -487,6 +514,20 @@ impl<B: Backend> Dispatcher<B> {
                 Action::Unlock { reason } => self.unlock(uuid, &reason, now).await,
                 Action::CancelContainer { error, detail } => {
                     self.cancel_container(uuid, record.as_ref(), &error, &detail)
+                        .await
+                }
+                Action::ShowPending(job) => self.show_pending(uuid, record.as_ref(), &job).await,
+                Action::ClearSchedulingStatus => {
+                    self.clear_scheduling_status(uuid, record.as_ref()).await
+                }
+                Action::CancelUnrunnable(job) => {
+                    let detail = self.pending_text(&job);
+                    tracing::warn!(
+                        job_id = %job.id,
+                        reason = %job.reason,
+                        "the job is pending for a reason listed in dispatch.slurm.cancel_pending_reasons"
+                    );
+                    self.cancel_container(uuid, record.as_ref(), UNRUNNABLE_ERROR, &detail)
                         .await
                 }
                 Action::Resolve => {
@@ -710,6 +751,7 @@ impl<B: Backend> Dispatcher<B> {
         detail: &str,
     ) {
         let mut runtime_status = record.map(|c| c.runtime_status.clone()).unwrap_or_default();
+        runtime_status.remove(SCHEDULING_STATUS_KEY);
         runtime_status.insert("error".into(), Value::from(error));
         runtime_status.insert("errorDetail".into(), Value::from(detail));
         let attributes = json!({"state": "Cancelled", "runtime_status": runtime_status});
@@ -729,6 +771,89 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
+    /// Describes why `job` is pending, for users.
+    fn pending_text(&self, job: &BatchJob) -> String {
+        let mut text = format!(
+            "{} job {} is pending: {}",
+            self.backend.name(),
+            job.id,
+            job.reason
+        );
+        if let Some(explanation) = self.backend.explain_reason(&job.reason) {
+            text.push_str(&format!(" ({explanation})"));
+        }
+        text
+    }
+
+    /// Records why the container's job is pending in its runtime_status,
+    /// unless the record already shows the same text.
+    async fn show_pending(&mut self, uuid: &str, record: Option<&Container>, job: &BatchJob) {
+        let Some(container) = record else {
+            return;
+        };
+        let text = self.pending_text(job);
+        let shown = container
+            .runtime_status
+            .get(SCHEDULING_STATUS_KEY)
+            .and_then(Value::as_str);
+        if shown != Some(text.as_str()) {
+            let mut runtime_status = container.runtime_status.clone();
+            runtime_status.insert(SCHEDULING_STATUS_KEY.into(), Value::from(text.as_str()));
+            let key = format!("{uuid} status");
+            let attributes = json!({ "runtime_status": runtime_status });
+            match self.api.update_container(uuid, &attributes).await {
+                Ok(_) => {
+                    self.repeats.succeeded(&key);
+                    tracing::info!(job_id = %job.id, status = %text, "recorded why the job is pending");
+                }
+                Err(err) => {
+                    report!(
+                        self.repeats,
+                        key,
+                        err,
+                        "failed to record why the job is pending"
+                    );
+                    return;
+                }
+            }
+        }
+        if let Some(tracked) = self.tracked.get_mut(uuid) {
+            tracked.pending_shown(Some(job));
+        }
+    }
+
+    /// Removes the scheduling status of a container whose job has started.
+    // NOTE: the update replaces runtime_status with the tick's copy minus
+    // the key, so a key written in between would be lost. The supervisor
+    // writes runtime_status only together with a final state, after which
+    // the controller rejects this update.
+    async fn clear_scheduling_status(&mut self, uuid: &str, record: Option<&Container>) {
+        let Some(container) = record else {
+            return;
+        };
+        let mut runtime_status = container.runtime_status.clone();
+        if runtime_status.remove(SCHEDULING_STATUS_KEY).is_none() {
+            return;
+        }
+        let key = format!("{uuid} status");
+        let attributes = json!({ "runtime_status": runtime_status });
+        match self.api.update_container(uuid, &attributes).await {
+            Ok(_) => {
+                self.repeats.succeeded(&key);
+                tracing::debug!("removed the scheduling status: the job has started");
+                if let Some(tracked) = self.tracked.get_mut(uuid) {
+                    tracked.pending_shown(None);
+                }
+            }
+            Err(err) => report!(
+                self.repeats,
+                key,
+                err,
+                "failed to remove the scheduling status"
+            ),
+        }
+    }
+
     /// Removes a container's credentials file and stops tracking it.
     fn release(&mut self, uuid: &str) {
         if let Err(err) = self.store.remove(uuid) {
@@ -741,6 +866,25 @@ impl<B: Backend> Dispatcher<B> {
     pub(crate) fn is_tracked(&self, uuid: &str) -> bool {
         self.tracked.contains_key(uuid)
     }
+}
+
+/// Checks that the token UUID has the configured cluster's prefix.
+fn check_token_cluster(token_uuid: &str, cluster_id: &ClusterId) -> Result<(), StartError> {
+    let uuid =
+        Uuid::parse_as(token_uuid, ObjectType::ApiClientAuthorization).map_err(|source| {
+            StartError::TokenUuid {
+                token_uuid: token_uuid.to_string(),
+                source,
+            }
+        })?;
+    if uuid.cluster_id() != cluster_id.as_str() {
+        return Err(StartError::ClusterMismatch {
+            token_uuid: token_uuid.to_string(),
+            token_cluster: uuid.cluster_id().to_string(),
+            cluster_id: cluster_id.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Returns the HTTP status of a controller error, as a number.

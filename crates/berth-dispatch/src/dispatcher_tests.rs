@@ -12,7 +12,7 @@ use url::Url;
 use super::*;
 use crate::backend::JobState;
 use crate::fake::{queued_container, FakeBackend, FakeController, SubmitFailure, TOKEN_UUID};
-use crate::tracker::{REJECTED_ERROR, VANISHED_ERROR};
+use crate::tracker::{REJECTED_ERROR, SCHEDULING_STATUS_KEY, UNRUNNABLE_ERROR, VANISHED_ERROR};
 
 const A: &str = "zzzzz-dz642-00000000000000a";
 const B: &str = "zzzzz-dz642-00000000000000b";
@@ -45,10 +45,13 @@ fn dispatcher(
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_backend(FakeBackend::default())
+    }
+
+    fn with_backend(backend: FakeBackend) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         let controller = FakeController::default();
-        let backend = FakeBackend::default();
         let dispatcher = dispatcher(&controller, &backend, dir.path());
         Harness {
             controller,
@@ -88,6 +91,24 @@ impl Harness {
 
     fn state(&self, uuid: &str) -> ContainerState {
         self.controller.container(uuid).state
+    }
+
+    fn scheduling_status(&self, uuid: &str) -> Option<String> {
+        self.controller
+            .container(uuid)
+            .runtime_status
+            .get(SCHEDULING_STATUS_KEY)
+            .and_then(|value| value.as_str())
+            .map(str::to_string)
+    }
+
+    /// Counts the updates of `uuid` that set its runtime_status.
+    fn status_updates(&self, uuid: &str) -> usize {
+        self.controller
+            .calls()
+            .iter()
+            .filter(|call| call.starts_with(&format!("update {uuid} {{\"runtime_status\"")))
+            .count()
     }
 
     /// Locks and submits `uuid` and lets the supervisor start it.
@@ -134,12 +155,14 @@ async fn listed_job_is_never_submitted_twice() {
     }
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(h.controller.count("lock"), 1);
+    // One update records the job id, one the job's pending reason.
     assert_eq!(
         h.controller.count(&format!("update {A}")),
-        1,
+        2,
         "{:?}",
         h.controller.calls()
     );
+    assert_eq!(h.status_updates(A), 1);
     assert_eq!(h.backend.status_calls(), 6, "one status query per tick");
 }
 
@@ -592,4 +615,163 @@ async fn start_learns_the_token_uuid() {
     .unwrap()
     .unwrap();
     assert_eq!(started.token_uuid, TOKEN_UUID);
+}
+
+#[tokio::test]
+async fn start_rejects_token_of_another_cluster() {
+    let h = Harness::new();
+    h.controller.set_token_uuid("yyyyy-gj3su-000000000000000");
+    let store = CredentialsStore::open(
+        h.dir.path(),
+        Url::parse("http://127.0.0.1:8000/").unwrap(),
+        false,
+    )
+    .unwrap();
+    let err = Dispatcher::start(
+        Box::new(h.controller.clone()),
+        h.backend.clone(),
+        "zzzzz".parse().unwrap(),
+        store,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StartError::ClusterMismatch { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("yyyyy-gj3su-000000000000000"), "{text}");
+    assert!(text.contains("cluster yyyyy"), "{text}");
+    assert!(text.contains("cluster_id is zzzzz"), "{text}");
+    assert_eq!(h.controller.count("list"), 0, "nothing dispatched");
+}
+
+#[tokio::test]
+async fn start_rejects_malformed_token_uuid() {
+    let h = Harness::new();
+    h.controller.set_token_uuid("zzzzz-tpzed-000000000000000");
+    let store = CredentialsStore::open(
+        h.dir.path(),
+        Url::parse("http://127.0.0.1:8000/").unwrap(),
+        false,
+    )
+    .unwrap();
+    let err = Dispatcher::start(
+        Box::new(h.controller.clone()),
+        h.backend.clone(),
+        "zzzzz".parse().unwrap(),
+        store,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, StartError::TokenUuid { .. }), "{err}");
+    assert!(
+        err.to_string().contains("zzzzz-tpzed-000000000000000"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn max_run_time_reaches_the_backend() {
+    let mut h = Harness::new();
+    let mut container = queued_container(A, 1);
+    container.scheduling_parameters.max_run_time = 1;
+    h.controller.add(container);
+    h.tick().await;
+    let submits = h.backend.submits();
+    assert_eq!(submits.len(), 1);
+    assert_eq!(submits[0].max_run_time, 1);
+}
+
+#[tokio::test]
+async fn pending_reason_recorded_once_per_change() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.tick().await;
+    assert_eq!(h.scheduling_status(A), None, "not listed yet");
+    for _ in 0..3 {
+        h.tick().await;
+    }
+    assert_eq!(
+        h.scheduling_status(A).as_deref(),
+        Some("fake job 101 is pending: Priority")
+    );
+    assert_eq!(h.status_updates(A), 1);
+
+    h.backend.set_reason(A, "PartitionConfig");
+    for _ in 0..3 {
+        h.tick().await;
+    }
+    assert_eq!(
+        h.scheduling_status(A).as_deref(),
+        Some("fake job 101 is pending: PartitionConfig (no node of the partition is big enough)")
+    );
+    assert_eq!(h.status_updates(A), 2);
+    assert_eq!(h.state(A), ContainerState::Locked, "waits: no cancel list");
+
+    // Once the job runs, the status goes, once.
+    h.backend.set_state(A, JobState::Running);
+    h.backend.set_reason(A, "");
+    for _ in 0..3 {
+        h.tick().await;
+    }
+    assert_eq!(h.scheduling_status(A), None);
+    assert_eq!(h.status_updates(A), 3);
+    assert_eq!(h.state(A), ContainerState::Locked);
+}
+
+#[tokio::test]
+async fn restart_keeps_the_recorded_reason_without_updates() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.tick().await;
+    h.tick().await;
+    assert_eq!(h.status_updates(A), 1);
+    h.restart();
+    for _ in 0..3 {
+        h.tick().await;
+    }
+    assert_eq!(h.status_updates(A), 1, "{:?}", h.controller.calls());
+}
+
+#[tokio::test]
+async fn listed_pending_reason_cancels_job_and_container() {
+    let mut backend = FakeBackend::default();
+    backend.set_cancel_reasons(&["PartitionConfig"]);
+    let mut h = Harness::with_backend(backend);
+    h.controller.add(queued_container(A, 1));
+    h.tick().await;
+    h.backend.set_reason(A, "PartitionConfig");
+    h.tick().await;
+    assert_eq!(
+        h.state(A),
+        ContainerState::Locked,
+        "one snapshot is not enough"
+    );
+    assert!(h.backend.cancels().is_empty());
+    h.tick().await;
+
+    let cancels = h.backend.cancels();
+    assert_eq!(cancels.len(), 1, "{cancels:?}");
+    assert_eq!(cancels[0].state, JobState::Pending);
+    let container = h.controller.container(A);
+    assert_eq!(container.state, ContainerState::Cancelled);
+    assert_eq!(container.runtime_status["error"], UNRUNNABLE_ERROR);
+    assert_eq!(
+        container.runtime_status["errorDetail"],
+        "fake job 101 is pending: PartitionConfig (no node of the partition is big enough)"
+    );
+    assert!(
+        !container.runtime_status.contains_key(SCHEDULING_STATUS_KEY),
+        "{:?}",
+        container.runtime_status
+    );
+    assert!(!h.credentials_file(A).exists());
+
+    h.backend.end(A);
+    for _ in 0..3 {
+        h.tick().await;
+    }
+    assert!(!h.dispatcher.is_tracked(A));
+    assert_eq!(h.backend.submits().len(), 1);
+    assert_eq!(h.controller.count("lock"), 1);
 }

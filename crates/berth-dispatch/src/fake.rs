@@ -63,6 +63,8 @@ struct ControllerState {
     failing_lists: u32,
     lock_conflicts: HashSet<String>,
     locks: u64,
+    /// The token UUID the controller returns, when not [`TOKEN_UUID`].
+    token_uuid: Option<String>,
 }
 
 impl FakeController {
@@ -108,6 +110,11 @@ impl FakeController {
         self.state().failing_lists = n;
     }
 
+    /// Makes `api_client_authorizations/current` return `uuid`.
+    pub fn set_token_uuid(&self, uuid: &str) {
+        self.state().token_uuid = Some(uuid.to_string());
+    }
+
     /// Makes every lock of `uuid` fail with 422, as when another
     /// dispatcher got there first.
     pub fn conflict_on_lock(&self, uuid: &str) {
@@ -148,7 +155,11 @@ fn matches_filter(container: &Container, filter: &Value) -> bool {
 #[async_trait]
 impl ControllerApi for FakeController {
     async fn token_uuid(&self) -> Result<String, ClientError> {
-        Ok(TOKEN_UUID.to_string())
+        Ok(self
+            .state()
+            .token_uuid
+            .clone()
+            .unwrap_or_else(|| TOKEN_UUID.to_string()))
     }
 
     async fn list_containers(
@@ -293,6 +304,9 @@ pub enum SubmitFailure {
 #[derive(Debug, Clone, Default)]
 pub struct FakeBackend {
     inner: Arc<Mutex<BackendState>>,
+    /// Pending reasons that mean a job never starts; each clone keeps its
+    /// own copy, so set them before handing a clone to a dispatcher.
+    cancel_reasons: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -335,6 +349,18 @@ impl FakeBackend {
             state,
             reason: String::new(),
         });
+    }
+
+    /// Sets the pending reason of every job named `name`.
+    pub fn set_reason(&self, name: &str, reason: &str) {
+        for job in self.state().jobs.iter_mut().filter(|job| job.name == name) {
+            job.reason = reason.to_string();
+        }
+    }
+
+    /// Sets the pending reasons that mean a job never starts.
+    pub fn set_cancel_reasons(&mut self, reasons: &[&str]) {
+        self.cancel_reasons = reasons.iter().map(|r| r.to_string()).collect();
     }
 
     pub fn set_state(&self, name: &str, job_state: JobState) {
@@ -422,5 +448,13 @@ impl Backend for FakeBackend {
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError> {
         self.state().cancels.push(job.clone());
         Ok(())
+    }
+
+    fn explain_reason(&self, reason: &str) -> Option<&'static str> {
+        (reason == "PartitionConfig").then_some("no node of the partition is big enough")
+    }
+
+    fn cancel_pending_reasons(&self) -> &[String] {
+        &self.cancel_reasons
     }
 }

@@ -43,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 pub use backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
 pub use config::{BackendKind, Config, ConfigError, LocalConfig, SlurmConfig};
 pub use credentials::CredentialsStore;
-pub use dispatcher::Dispatcher;
+pub use dispatcher::{Dispatcher, StartError};
 pub use local::LocalBackend;
 pub use slurm::SlurmBackend;
 
@@ -53,7 +53,8 @@ pub use slurm::SlurmBackend;
 pub struct SupervisorCommand {
     /// The `berth` executable, as the compute nodes see it.
     pub program: PathBuf,
-    /// The configuration file passed to `berth supervise --config`, if any.
+    /// The configuration file passed to `berth supervise --config`, if any:
+    /// an absolute path, because jobs start in `/`.
     pub config_file: Option<PathBuf>,
 }
 
@@ -72,6 +73,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     config.validate()?;
     supervisor.check()?;
+    if let Some(file) = supervisor.config_file.as_ref().filter(|f| f.is_relative()) {
+        anyhow::bail!(
+            "the configuration file {} for berth supervise is not an absolute path: jobs start in /, so give its absolute path",
+            file.display()
+        );
+    }
     let store = CredentialsStore::open(
         &config.credentials_dir,
         client.base_url().clone(),
@@ -103,9 +110,7 @@ async fn drive<B: Backend>(
     config: &Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let started = Dispatcher::start(api, backend, cluster_id, store, &shutdown)
-        .await
-        .context("failed to learn the dispatcher's token from GET api_client_authorizations/current (is the system token right?)")?;
+    let started = Dispatcher::start(api, backend, cluster_id, store, &shutdown).await?;
     let Some(mut dispatcher) = started else {
         return Ok(());
     };

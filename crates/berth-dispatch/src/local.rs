@@ -5,7 +5,9 @@
 //! id; its name is the container UUID. The process gets its own process
 //! group, so a Ctrl-C in the dispatcher's terminal does not reach it, and
 //! it keeps running when the dispatcher stops, as a Slurm job would. Its
-//! stdout and stderr are appended to `<log dir>/<uuid>.log`.
+//! stdout and stderr are appended to `<log dir>/<uuid>.log`. It starts in
+//! `/`, as Slurm jobs do, so that it never depends on the dispatcher's
+//! working directory.
 //!
 //! A pid file, `<state dir>/<uuid>.pid`, lets a restarted dispatcher find
 //! its processes again: a process counts as the container's job while
@@ -186,6 +188,7 @@ impl Backend for LocalBackend {
         let mut command = tokio::process::Command::new(&argv[0]);
         command
             .args(&argv[1..])
+            .current_dir("/")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -322,6 +325,7 @@ mod tests {
             &program,
             "#!/bin/sh\n\
              echo \"args: $*\"\n\
+             echo \"cwd: $(pwd)\"\n\
              trap 'echo got TERM; kill $pid 2>/dev/null; exit 143' TERM\n\
              sleep 60 & pid=$!\n\
              wait $pid\n",
@@ -389,6 +393,7 @@ mod tests {
 
         let log = backend.log_file(UUID);
         wait_for_log(&log, "args: supervise --credentials").await;
+        wait_for_log(&log, "cwd: /\n").await;
         backend.cancel(&jobs[0]).await.unwrap();
         wait_until_gone(&mut backend).await;
         wait_for_log(&log, "got TERM").await;

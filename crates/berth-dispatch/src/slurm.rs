@@ -5,10 +5,15 @@
 //! are pure functions. Running the commands is the [`CommandRunner`]'s job.
 //!
 //! - Submit: `sbatch --parsable --job-name=UUID --comment=UUID --no-requeue
-//!   --mem=MiB --cpus-per-task=N [--partition=P] [--time=MIN] --output=PATTERN
-//!   EXTRA...` with the job script on stdin. `--no-requeue` keeps Slurm from
-//!   running a job again after a node failure, when its container may
-//!   already be cancelled.
+//!   --chdir=/ --mem=MiB --cpus-per-task=N [--partition=P] [--time=MIN]
+//!   --output=PATTERN EXTRA...` with the job script on stdin. `--no-requeue`
+//!   keeps Slurm from running a job again after a node failure, when its
+//!   container may already be cancelled. `--chdir=/` starts the job in a
+//!   directory every node has: by default Slurm starts it in the
+//!   dispatcher's working directory, which a compute node may lack and
+//!   which may be removed while the dispatcher runs. The job needs no
+//!   other working directory, because every file it names (credentials,
+//!   configuration, output) is given by an absolute path.
 //! - Status: `squeue --noheader --user=UID --format=%i|%T|%r|%j` (job id,
 //!   long state, reason, name). The name comes last, so a name containing
 //!   `|` still parses. A non-zero exit or an unreadable line is an error;
@@ -21,6 +26,10 @@
 //!   other job (suspended, configuring) with `scancel ID`. Slurm 22.05
 //!   refuses to signal a suspended job ("Job can not be altered now"), so a
 //!   suspended job is cancelled outright.
+//! - Pending reasons: squeue's reason of a pending job (`Priority`,
+//!   `PartitionConfig`, ...) reaches users through the dispatch loop, with a
+//!   short explanation from [`explain_pending_reason`]; the reasons in
+//!   `cancel_pending_reasons` end the job and its container.
 //!
 //! TODO: map container priorities onto Slurm's (`scontrol update
 //! JobId=... Nice=...`); jobs now keep the priority Slurm gives them.
@@ -106,6 +115,7 @@ impl<R: CommandRunner> SlurmBackend<R> {
             format!("--job-name={uuid}"),
             format!("--comment={uuid}"),
             "--no-requeue".to_string(),
+            "--chdir=/".to_string(),
             format!("--mem={mem_mib}"),
             format!("--cpus-per-task={}", request.vcpus),
         ];
@@ -118,6 +128,10 @@ impl<R: CommandRunner> SlurmBackend<R> {
             args.push(format!("--partition={partition}"));
         }
         if request.max_run_time > 0 {
+            // NOTE: Slurm's time limit is in whole minutes, so a job may run
+            // up to 59 s past max_run_time (plus the cluster's OverTimeLimit).
+            // Enforcing max_run_time to the second is left to the supervisor,
+            // which does not do it yet.
             args.push(format!("--time={}", request.max_run_time.div_ceil(60)));
         }
         args.push(format!("--output={}", self.config.output));
@@ -239,6 +253,50 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
         output.check(&spec)?;
         Ok(())
     }
+
+    fn explain_reason(&self, reason: &str) -> Option<&'static str> {
+        explain_pending_reason(reason)
+    }
+
+    fn cancel_pending_reasons(&self) -> &[String] {
+        &self.config.cancel_pending_reasons
+    }
+}
+
+/// Explains common Slurm pending reasons (squeue's `%r`) in a few words,
+/// after the reason codes of Slurm's squeue(1) manual (slurm-wlm 22.05).
+/// That page omits `PartitionConfig`, which slurm-wlm 22.05 with
+/// `EnforcePartLimits=NO` shows for a job that requests more CPUs than any
+/// node of its partition has.
+pub fn explain_pending_reason(reason: &str) -> Option<&'static str> {
+    let text = match reason {
+        "Priority" => "jobs of higher priority are ahead of it",
+        "Resources" => "it waits for CPUs, memory or nodes to become free",
+        "PartitionConfig" => {
+            "its partition cannot satisfy the request, for example more CPUs or memory than the partition's nodes have"
+        }
+        "BadConstraints" => "no node satisfies its constraints",
+        "PartitionTimeLimit" => "its time limit is longer than its partition allows",
+        "PartitionNodeLimit" => {
+            "it needs more nodes than its partition allows, or the nodes it needs are down or drained"
+        }
+        "PartitionDown" => "its partition is down",
+        "PartitionInactive" => "its partition is inactive",
+        "ReqNodeNotAvail" => {
+            "a node it needs is unavailable: in use, reserved, down or drained"
+        }
+        "NodeDown" => "a node it needs is down",
+        "JobHeldUser" => "it is held by its user",
+        "JobHeldAdmin" => "it is held by an administrator",
+        "BeginTime" => "its earliest start time has not come yet",
+        "Dependency" => "it waits for another job",
+        "Reservation" => "it waits for its advanced reservation",
+        "Licenses" => "it waits for a license",
+        other if other.starts_with("QOS") => "a limit of its quality of service (QOS) holds it back",
+        other if other.starts_with("Assoc") => "a limit of its account holds it back",
+        _ => return None,
+    };
+    Some(text)
 }
 
 /// Computes the job's `--mem` in MiB: the container's RAM plus the
@@ -438,6 +496,7 @@ mod tests {
                 "--job-name=zzzzz-dz642-000000000000001",
                 "--comment=zzzzz-dz642-000000000000001",
                 "--no-requeue",
+                "--chdir=/",
                 "--mem=1280",
                 "--cpus-per-task=2",
                 "--output=/tmp/berth-%j.out",

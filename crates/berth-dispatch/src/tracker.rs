@@ -20,13 +20,23 @@
 //!   not lock it (after a restart, or when a lock's response was lost).
 //! - *stray*: a job named after the container that is not its job, such as
 //!   a second submission; it is cancelled.
+//! - *scheduling status*: why the container's job is pending, in the batch
+//!   system's words, kept in the container's
+//!   `runtime_status.`[`SCHEDULING_STATUS_KEY`] while the job waits so that
+//!   users see why their container does not start. It is written when the
+//!   job or its reason changes, and removed once the job has left the
+//!   pending state.
+//! - *unrunnable*: pending with a reason the backend lists as permanent
+//!   ([`crate::Backend::cancel_pending_reasons`]) in
+//!   [`UNRUNNABLE_SNAPSHOTS`] consecutive snapshots. The job is cancelled
+//!   and its container set Cancelled.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use berth_core::{Container, ContainerState};
 
-use crate::backend::{BatchJob, JobId, Submission};
+use crate::backend::{BatchJob, JobId, JobState, Submission};
 
 /// Consecutive snapshots without a job before the loop acts on its absence.
 pub const VANISH_SNAPSHOTS: u32 = 2;
@@ -56,6 +66,19 @@ pub const VANISHED_ERROR: &str =
 /// container's job.
 pub const REJECTED_ERROR: &str = "the batch system rejected the container's job";
 
+/// Message of `runtime_status.error` when the container's job was pending
+/// for a reason that means it will never start.
+pub const UNRUNNABLE_ERROR: &str = "the batch system will never start the container's job";
+
+/// The `runtime_status` key that tells users why a Locked container's job
+/// is pending, such as `slurm job 69 is pending: Priority (jobs of higher
+/// priority are ahead of it)`. Only the dispatcher writes it.
+pub const SCHEDULING_STATUS_KEY: &str = "schedulingStatus";
+
+/// Consecutive snapshots that must list a job pending for a reason in the
+/// backend's cancel list before the job and its container are cancelled.
+pub const UNRUNNABLE_SNAPSHOTS: u64 = 2;
+
 /// The reason a container is tracked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -78,6 +101,16 @@ pub enum Action {
     Unlock { reason: String },
     /// Set the container Cancelled with `runtime_status.error`.
     CancelContainer { error: String, detail: String },
+    /// Record in the container's runtime_status why this job is pending
+    /// ([`SCHEDULING_STATUS_KEY`]), then report back with
+    /// [`Tracked::pending_shown`].
+    ShowPending(BatchJob),
+    /// Remove [`SCHEDULING_STATUS_KEY`] from the container's runtime_status:
+    /// its job is no longer pending.
+    ClearSchedulingStatus,
+    /// Set the container Cancelled with [`UNRUNNABLE_ERROR`], because this
+    /// job is pending for a reason that means it will never start.
+    CancelUnrunnable(BatchJob),
     /// The job vanished: fetch the container again and decide with
     /// [`resolve_vanished`].
     Resolve,
@@ -101,6 +134,8 @@ pub struct Observation<'a> {
     pub token_uuid: &'a str,
     /// Whether the container's credentials file exists.
     pub credentials_exist: bool,
+    /// Pending reasons that mean a job will never start.
+    pub cancel_reasons: &'a [String],
 }
 
 /// One container this dispatcher is responsible for.
@@ -119,6 +154,13 @@ pub struct Tracked {
     next_submit_at: Option<Instant>,
     /// The batch system's reason for rejecting the job, once it has.
     rejected: Option<String>,
+    /// The job and reason that the container's scheduling status shows.
+    shown: Option<(JobId, String)>,
+    /// Generation of the first snapshot, of those in a row, that listed the
+    /// job pending for a reason in the cancel list.
+    unrunnable_since: Option<u64>,
+    /// The pending job that made the dispatcher give up on the container.
+    unrunnable: Option<BatchJob>,
     final_since: Option<Instant>,
     credentials_removed: bool,
     /// The submitted command and script, and the batch system's output.
@@ -148,6 +190,9 @@ impl Tracked {
             submit_attempts: 0,
             next_submit_at: None,
             rejected: None,
+            shown: None,
+            unrunnable_since: None,
+            unrunnable: None,
             final_since: None,
             credentials_removed: false,
             submission: None,
@@ -175,6 +220,12 @@ impl Tracked {
         self.job_id_recorded = true;
     }
 
+    /// Notes that the container's scheduling status shows why `job` is
+    /// pending, or, with `None`, that it shows nothing.
+    pub fn pending_shown(&mut self, job: Option<&BatchJob>) {
+        self.shown = job.map(|job| (job.id.clone(), job.reason.clone()));
+    }
+
     /// Notes a successful submission, made after the snapshot of
     /// `generation`.
     pub fn submitted(&mut self, submission: Submission, generation: u64) {
@@ -186,6 +237,7 @@ impl Tracked {
         self.watch_from = generation;
         self.missing = 0;
         self.next_submit_at = None;
+        self.unrunnable_since = None;
     }
 
     /// Notes a failed submission and returns what to do about it: cancel
@@ -247,6 +299,12 @@ impl Tracked {
             actions.push(self.reject_action());
             return actions;
         }
+        if let Some(pending) = &self.unrunnable {
+            // Repeated until the container is Cancelled.
+            actions.extend(own.cloned().map(Action::Cancel));
+            actions.push(Action::CancelUnrunnable(pending.clone()));
+            return actions;
+        }
         if let Some(job) = own {
             if container.scheduler_job_id.as_deref() == Some(job.id.as_str()) {
                 self.job_id_recorded = true;
@@ -274,7 +332,8 @@ impl Tracked {
             return actions;
         }
 
-        if own.is_some() {
+        if let Some(job) = own {
+            self.observe_scheduling(container, job, observation, &mut actions);
             return actions;
         }
         if self.job.is_none()
@@ -310,6 +369,46 @@ impl Tracked {
             actions.push(Action::Resolve);
         }
         actions
+    }
+
+    /// Decides what the container's scheduling status shows about its
+    /// listed job, and whether the job will never start.
+    fn observe_scheduling(
+        &mut self,
+        container: &Container,
+        job: &BatchJob,
+        observation: Observation<'_>,
+        actions: &mut Vec<Action>,
+    ) {
+        let waiting = job.state == JobState::Pending && container.state == ContainerState::Locked;
+        if !waiting {
+            self.unrunnable_since = None;
+            if job.state != JobState::Pending
+                && container.runtime_status.contains_key(SCHEDULING_STATUS_KEY)
+            {
+                actions.push(Action::ClearSchedulingStatus);
+            }
+            return;
+        }
+        if job.reason.is_empty() {
+            // Slurm lists no reason until its scheduler has looked at the
+            // job; the status keeps the last reason until a new one comes.
+            self.unrunnable_since = None;
+            return;
+        }
+        if self.shown.as_ref() != Some(&(job.id.clone(), job.reason.clone())) {
+            actions.push(Action::ShowPending(job.clone()));
+        }
+        if !observation.cancel_reasons.contains(&job.reason) {
+            self.unrunnable_since = None;
+            return;
+        }
+        let since = *self.unrunnable_since.get_or_insert(observation.generation);
+        if observation.generation.saturating_sub(since) + 1 >= UNRUNNABLE_SNAPSHOTS {
+            self.unrunnable = Some(job.clone());
+            actions.push(Action::Cancel(job.clone()));
+            actions.push(Action::CancelUnrunnable(job.clone()));
+        }
     }
 
     /// Decides for a container that is no longer Locked or Running by this
@@ -424,7 +523,7 @@ pub fn resolve_vanished(
 /// every tick.
 #[derive(Debug, Default)]
 pub struct CancelLedger {
-    sent: HashMap<JobId, (Instant, crate::backend::JobState)>,
+    sent: HashMap<JobId, (Instant, JobState)>,
 }
 
 impl CancelLedger {
@@ -454,7 +553,6 @@ impl CancelLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::JobState;
 
     const TOKEN: &str = "zzzzz-gj3su-000000000000000";
     const UUID: &str = "zzzzz-dz642-000000000000001";
@@ -509,6 +607,7 @@ mod tests {
         generation: u64,
         now: Instant,
         credentials_exist: bool,
+        cancel_reasons: &'a [String],
     }
 
     impl<'a> Step<'a> {
@@ -519,6 +618,7 @@ mod tests {
                 generation,
                 now: Instant::now(),
                 credentials_exist: true,
+                cancel_reasons: &[],
             }
         }
 
@@ -530,6 +630,7 @@ mod tests {
                 now: self.now,
                 token_uuid: TOKEN,
                 credentials_exist: self.credentials_exist,
+                cancel_reasons: self.cancel_reasons,
             })
         }
     }
@@ -861,6 +962,143 @@ mod tests {
             resolve_vanished(None, TOKEN, "slurm", None, None),
             [Action::RemoveCredentials, Action::Forget]
         );
+    }
+
+    fn pending(id: &str, reason: &str) -> BatchJob {
+        BatchJob {
+            reason: reason.into(),
+            ..job(id, JobState::Pending)
+        }
+    }
+
+    #[test]
+    fn pending_reason_shown_once_per_change() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let priority = [pending("42", "Priority")];
+        assert_eq!(
+            Step::new(Some(&record), &priority, 2).run(&mut tracked),
+            [Action::ShowPending(priority[0].clone())]
+        );
+        tracked.pending_shown(Some(&priority[0]));
+        assert_eq!(Step::new(Some(&record), &priority, 3).run(&mut tracked), []);
+
+        let resources = [pending("42", "Resources")];
+        assert_eq!(
+            Step::new(Some(&record), &resources, 4).run(&mut tracked),
+            [Action::ShowPending(resources[0].clone())]
+        );
+    }
+
+    #[test]
+    fn pending_without_reason_shows_nothing() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let jobs = [job("42", JobState::Pending)];
+        assert_eq!(Step::new(Some(&record), &jobs, 2).run(&mut tracked), []);
+    }
+
+    #[test]
+    fn scheduling_status_cleared_once_job_starts() {
+        let mut record = ours(ContainerState::Locked, 5);
+        record.runtime_status.insert(
+            SCHEDULING_STATUS_KEY.into(),
+            "slurm job 42 is pending: Priority".into(),
+        );
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let running = [job("42", JobState::Running)];
+        assert_eq!(
+            Step::new(Some(&record), &running, 2).run(&mut tracked),
+            [Action::ClearSchedulingStatus]
+        );
+        record.state = ContainerState::Running;
+        assert_eq!(
+            Step::new(Some(&record), &running, 3).run(&mut tracked),
+            [Action::ClearSchedulingStatus],
+            "also once the supervisor has set it Running"
+        );
+        record.runtime_status.clear();
+        assert_eq!(Step::new(Some(&record), &running, 4).run(&mut tracked), []);
+    }
+
+    #[test]
+    fn listed_reason_cancels_after_two_snapshots() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let reasons = ["PartitionConfig".to_string()];
+        let jobs = [pending("42", "PartitionConfig")];
+        let mut step = Step::new(Some(&record), &jobs, 2);
+        step.cancel_reasons = &reasons;
+        assert_eq!(
+            step.run(&mut tracked),
+            [Action::ShowPending(jobs[0].clone())]
+        );
+        tracked.pending_shown(Some(&jobs[0]));
+        step.generation = 3;
+        assert_eq!(
+            step.run(&mut tracked),
+            [
+                Action::Cancel(jobs[0].clone()),
+                Action::CancelUnrunnable(jobs[0].clone())
+            ]
+        );
+        // Repeated until the container is Cancelled, without the job once
+        // it has left.
+        let mut gone = Step::new(Some(&record), &[], 4);
+        gone.cancel_reasons = &reasons;
+        assert_eq!(
+            gone.run(&mut tracked),
+            [Action::CancelUnrunnable(jobs[0].clone())]
+        );
+        let cancelled = ours(ContainerState::Cancelled, 5);
+        assert_eq!(
+            Step::new(Some(&cancelled), &[], 5).run(&mut tracked),
+            [Action::RemoveCredentials, Action::Forget]
+        );
+    }
+
+    #[test]
+    fn unlisted_or_interrupted_reason_never_cancels() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let reasons = ["PartitionConfig".to_string()];
+        let config = [pending("42", "PartitionConfig")];
+        let resources = [pending("42", "Resources")];
+        for (generation, jobs) in [(2, &config), (3, &resources), (4, &config), (5, &resources)] {
+            let mut step = Step::new(Some(&record), jobs, generation);
+            step.cancel_reasons = &reasons;
+            let actions = step.run(&mut tracked);
+            assert!(
+                actions
+                    .iter()
+                    .all(|action| matches!(action, Action::ShowPending(_))),
+                "generation {generation}: {actions:?}"
+            );
+            tracked.pending_shown(Some(&jobs[0]));
+        }
+        // Without a cancel list the reason only shows.
+        let mut other = Tracked::locked(1);
+        other.submitted(submission("42"), 1);
+        other.job_id_recorded();
+        for generation in 2..6 {
+            let actions = Step::new(Some(&record), &config, generation).run(&mut other);
+            assert!(
+                !actions
+                    .iter()
+                    .any(|action| matches!(action, Action::CancelUnrunnable(_))),
+                "{actions:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The Slurm adapter against the real Slurm of this machine: submit,
-//! status, cancel, and a rejected submission.
+//! status, cancel, a rejected submission, the job's time limit and working
+//! directory, and a job Slurm keeps pending because it can never run.
 //!
 //! The job runs a stand-in for `berth` (a shell script that records its
 //! arguments and sleeps), installed under a directory whose name contains a
@@ -49,7 +50,7 @@ fn fake_berth(dir: &Path) -> SupervisorCommand {
     let program = bin.join("fake-berth");
     std::fs::write(
         &program,
-        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$(dirname \"$0\")/args.txt\"\nexec sleep 300\n",
+        "#!/bin/sh\npwd > \"$(dirname \"$0\")/cwd.txt\"\nprintf '%s\\n' \"$@\" > \"$(dirname \"$0\")/args.txt\"\nexec sleep 300\n",
     )
     .unwrap();
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -153,6 +154,11 @@ async fn running_job_listed_then_cancelled() {
         name.as_str(),
     ];
     assert_eq!(args.lines().collect::<Vec<_>>(), expected);
+    let cwd = std::fs::read_to_string(dir.path().join("it's here/cwd.txt")).unwrap();
+    assert_eq!(
+        cwd, "/\n",
+        "the job starts in /, not in the test's directory"
+    );
 
     backend.cancel(&job).await.unwrap();
     wait_for(&mut backend, &name, "the job leaves the queue", |job| {
@@ -171,7 +177,8 @@ async fn pending_job_cancelled_before_start() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut backend = backend(dir.path(), &["--hold"]);
-    let request = request(dir.path());
+    let mut request = request(dir.path());
+    request.max_run_time = 61;
     let name = request.container_uuid.clone();
 
     let submission = backend.submit(&request).await.unwrap();
@@ -183,6 +190,16 @@ async fn pending_job_cancelled_before_start() {
     .unwrap();
     assert_eq!(job.state, JobState::Pending);
     assert_eq!(job.reason, "JobHeldUser");
+    assert_eq!(
+        backend.explain_reason(&job.reason),
+        Some("it is held by its user")
+    );
+
+    // Slurm got max_run_time, rounded up to whole minutes, and `/` as the
+    // working directory.
+    let (time_limit, work_dir) = squeue_fields(&job.id, "%l|%Z");
+    assert_eq!(time_limit, "2:00");
+    assert_eq!(work_dir, "/");
 
     backend.cancel(&job).await.unwrap();
     wait_for(&mut backend, &name, "the job leaves the queue", |job| {
@@ -194,6 +211,53 @@ async fn pending_job_cancelled_before_start() {
         !dir.path().join("it's here/args.txt").exists(),
         "the job never ran"
     );
+}
+
+/// Asks squeue for two `|`-separated fields of one job.
+fn squeue_fields(id: &JobId, format: &str) -> (String, String) {
+    let output = std::process::Command::new("squeue")
+        .args(["--noheader", "--jobs", id.as_str(), "--format", format])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let text = String::from_utf8(output.stdout).unwrap();
+    let (first, second) = text.trim().split_once('|').unwrap();
+    (first.to_string(), second.to_string())
+}
+
+#[tokio::test]
+async fn too_many_cpus_pend_with_partition_config() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = backend(dir.path(), &[]);
+    let mut request = request(dir.path());
+    // More CPUs than any node has: with EnforcePartLimits=NO, as on this
+    // machine, Slurm queues the job and leaves it pending.
+    request.vcpus = 64;
+    let name = request.container_uuid.clone();
+
+    let submission = backend.submit(&request).await.unwrap();
+    let mut guard = JobGuard(Some(submission.job_id.clone()));
+    let job = wait_for(&mut backend, &name, "the job lists a reason", |job| {
+        job.is_some_and(|job| !job.reason.is_empty())
+    })
+    .await
+    .unwrap();
+    assert_eq!(job.state, JobState::Pending);
+    assert_eq!(job.reason, "PartitionConfig");
+    assert!(backend
+        .explain_reason(&job.reason)
+        .unwrap()
+        .contains("more CPUs or memory"));
+
+    backend.cancel(&job).await.unwrap();
+    wait_for(&mut backend, &name, "the job leaves the queue", |job| {
+        job.is_none()
+    })
+    .await;
+    guard.0 = None;
 }
 
 #[tokio::test]
