@@ -225,7 +225,7 @@ pub async fn update(
     )
     .await?;
     let params = params::params_with_body(&headers, query.as_deref(), &body)?;
-    let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
+    let attributes = params::attributes(&headers, &params, &body, WRAPPER, CONTAINER_COLUMNS)?;
     let select = params::select(CONTAINER_COLUMNS, &params)?;
 
     for _ in 0..MAX_WRITE_ATTEMPTS {

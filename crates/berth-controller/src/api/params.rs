@@ -7,8 +7,8 @@
 //! text in the query and form cases.
 //!
 //! Create and update bodies are `{"<resource>": {attributes}}` or the bare
-//! attribute object; a form body carries the attributes as JSON text in
-//! the `<resource>` field.
+//! attribute object. A form body carries the attributes as JSON text in
+//! the `<resource>` field, or each attribute in a field of its own.
 //!
 //! List parameters have limits ([`MAX_FILTERS`], [`MAX_LIST_OPERANDS`],
 //! [`MAX_TOTAL_OPERANDS`], [`MAX_PATTERN_BYTES`], [`MAX_ORDER_TERMS`],
@@ -62,6 +62,18 @@ pub const MAX_ORDER_TERMS: usize = 10;
 /// Maximum attribute names in `select`. Each name is compared with every
 /// field of every record in the response, so the list stays short.
 pub const MAX_SELECT_ATTRIBUTES: usize = 100;
+
+/// Parameters a create or update call may carry beside its attributes:
+/// `select` is used, and the others are accepted and ignored, as Arvados
+/// clients send them.
+pub const CALL_PARAMETERS: &[&str] = &[
+    "select",
+    "alt",
+    "_method",
+    "ensure_unique_name",
+    "cluster_id",
+    "bypass_federation",
+];
 
 /// Maximum characters of a caller's value quoted in an error message.
 const MAX_QUOTED_CHARS: usize = 200;
@@ -235,23 +247,36 @@ pub fn params_with_body(
     Ok(params)
 }
 
-/// Extracts the attributes of a create or update body, wrapped in
-/// `wrapper` or bare.
+/// Extracts the attributes of a create or update body.
+///
+/// A JSON body is `{"<wrapper>": {attributes}, ...parameters}` or the bare
+/// attribute object. A form body carries the attributes as JSON text in
+/// its `<wrapper>` field, or else each attribute as a field of its own.
+/// Outside the wrapper, the names of [`CALL_PARAMETERS`] are parameters.
+/// Every other key of a bare body is an attribute, so the record's checks
+/// reject an unknown key in a form just as in JSON.
 pub fn attributes(
     headers: &HeaderMap,
     params: &Params,
     body: &[u8],
     wrapper: &str,
+    columns: &'static [Column],
 ) -> Result<Map<String, Value>, ApiError> {
     let wrapped = if is_form(headers) {
-        params.json(wrapper)?
+        match params.json(wrapper)? {
+            Some(value) => Some(value),
+            None => return form_attributes(body, columns),
+        }
     } else if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
         match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(mut object)) => match object.remove(wrapper) {
                 Some(value) => Some(value),
-                None => return Ok(object),
+                None => {
+                    object.retain(|key, _| !CALL_PARAMETERS.contains(&key.as_str()));
+                    return Ok(object);
+                }
             },
             Ok(_) => return Err(ApiError::invalid("invalid body: expected a JSON object")),
             Err(err) => return Err(ApiError::invalid(format!("invalid JSON body: {err}"))),
@@ -270,6 +295,38 @@ pub fn attributes(
             "invalid {wrapper}: expected a JSON object"
         ))),
     }
+}
+
+/// Reads the attributes of a form body without a wrapper field, one
+/// attribute per field. Text and timestamp attributes take the field's
+/// text as it is; other attributes (numbers, booleans, lists, objects)
+/// take it as JSON.
+fn form_attributes(
+    body: &[u8],
+    columns: &'static [Column],
+) -> Result<Map<String, Value>, ApiError> {
+    let mut attributes = Map::new();
+    for (key, text) in url::form_urlencoded::parse(body) {
+        if CALL_PARAMETERS.contains(&key.as_ref()) {
+            continue;
+        }
+        let kind = find_column(columns, &key).map(|column| column.kind);
+        let value = match kind {
+            // An unknown attribute keeps its text, and the record's checks
+            // name it.
+            None | Some(ColumnKind::Text | ColumnKind::Timestamp) => {
+                Value::String(text.into_owned())
+            }
+            Some(_) => serde_json::from_str(&text).map_err(|err| {
+                ApiError::invalid(format!(
+                    "invalid value for {key}: {} is not JSON: {err}",
+                    quote_text(&text)
+                ))
+            })?,
+        };
+        attributes.insert(key.into_owned(), value);
+    }
+    Ok(attributes)
 }
 
 /// Finds the column a filter or order names, without a `table.` prefix.
@@ -719,13 +776,65 @@ mod tests {
             &none,
             br#"{"container_request": {"name": "a"}}"#,
             "container_request",
+            REQUEST_COLUMNS,
         )
         .unwrap();
         assert_eq!(wrapped["name"], "a");
-        let bare = attributes(&headers, &none, br#"{"name": "b"}"#, "container_request").unwrap();
+        let bare = attributes(
+            &headers,
+            &none,
+            br#"{"name": "b", "select": ["uuid"]}"#,
+            "container_request",
+            REQUEST_COLUMNS,
+        )
+        .unwrap();
         assert_eq!(bare["name"], "b");
-        let empty = attributes(&headers, &none, b"", "container_request").unwrap();
+        assert!(!bare.contains_key("select"));
+        let empty = attributes(&headers, &none, b"", "container_request", REQUEST_COLUMNS).unwrap();
         assert!(empty.is_empty());
-        assert!(attributes(&headers, &none, b"[1]", "container_request").is_err());
+        assert!(attributes(
+            &headers,
+            &none,
+            b"[1]",
+            "container_request",
+            REQUEST_COLUMNS
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn bare_form_fields_are_attributes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            "application/x-www-form-urlencoded".parse().unwrap(),
+        );
+        let body = b"name=1&priority=3&command=%5B%22true%22%5D&a=b&alt=json";
+        let params = params_with_body(&headers, None, body).unwrap();
+        let form = attributes(
+            &headers,
+            &params,
+            body,
+            "container_request",
+            REQUEST_COLUMNS,
+        )
+        .unwrap();
+        assert_eq!(form["name"], "1");
+        assert_eq!(form["priority"], 3);
+        assert_eq!(form["command"], serde_json::json!(["true"]));
+        assert_eq!(form["a"], "b");
+        assert!(!form.contains_key("alt"));
+
+        let body = b"priority=high";
+        let params = params_with_body(&headers, None, body).unwrap();
+        let err = attributes(
+            &headers,
+            &params,
+            body,
+            "container_request",
+            REQUEST_COLUMNS,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("priority"), "{err}");
     }
 }

@@ -108,7 +108,7 @@ pub async fn create_or_list(
         return list_with(&state, &caller, &params).await;
     }
     reject_container_token(&caller)?;
-    let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
+    let attributes = params::attributes(&headers, &params, &body, WRAPPER, REQUEST_COLUMNS)?;
     let select = params::select(REQUEST_COLUMNS, &params)?;
     let cluster = &state.cluster().cluster_id;
     let change = lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
@@ -177,7 +177,7 @@ pub async fn update(
     )
     .await?;
     let params = params::params_with_body(&headers, query.as_deref(), &body)?;
-    let attributes = params::attributes(&headers, &params, &body, WRAPPER)?;
+    let attributes = params::attributes(&headers, &params, &body, WRAPPER, REQUEST_COLUMNS)?;
     let select = params::select(REQUEST_COLUMNS, &params)?;
     let cluster = &state.cluster().cluster_id;
 

@@ -4,7 +4,7 @@ use axum::body::Body;
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::common::{runnable, str_of, TestApi, SYSTEM_TOKEN};
+use crate::common::{runnable, str_of, Reply, TestApi, SYSTEM_TOKEN};
 
 #[tokio::test]
 async fn create_fills_arvados_defaults() {
@@ -696,6 +696,134 @@ async fn form_encoded_create_is_accepted() {
     let reply = api.send(post).await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["state"], "Committed");
+}
+
+/// Sends a form-encoded body.
+async fn send_form(api: &TestApi, method: Method, path: &str, token: &str, body: &str) -> Reply {
+    let request = TestApi::request(method, path, Some(token))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    api.send(request).await
+}
+
+#[tokio::test]
+async fn form_unknown_key_is_422() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    for body in ["a=b", "name=x&a=b", "alt=json&a=b"] {
+        let reply = send_form(&api, Method::POST, "container_requests", &alice, body).await;
+        reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+        let errors = reply.errors();
+        assert!(
+            errors.contains(r#"unknown attribute "a""#),
+            "{body}: {errors}"
+        );
+    }
+    // The same key in JSON gets the same answer.
+    let reply = api
+        .call(
+            Method::POST,
+            "container_requests",
+            Some(&alice),
+            Some(json!({"a": "b"})),
+        )
+        .await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(reply.errors().contains(r#"unknown attribute "a""#));
+    assert_eq!(api.request_count().await, 0);
+
+    // Inside the wrapper, an unknown attribute is named too.
+    let body = format!("container_request={}", url_encode(r#"{"nope": 1}"#));
+    let reply = send_form(&api, Method::POST, "container_requests", &alice, &body).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(reply.errors().contains("nope"), "{}", reply.errors());
+    assert_eq!(api.request_count().await, 0);
+}
+
+#[tokio::test]
+async fn form_fields_are_checked_as_json() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let body = format!(
+        "name=123&priority=2&command={}&alt=json",
+        url_encode(r#"["echo", "hi"]"#)
+    );
+    let reply = send_form(&api, Method::POST, "container_requests", &alice, &body).await;
+    reply.expect(StatusCode::OK);
+    let request = reply.json();
+    assert_eq!(request["name"], "123");
+    assert_eq!(request["priority"], 2);
+    assert_eq!(request["command"], json!(["echo", "hi"]));
+    assert_eq!(request["state"], "Uncommitted");
+
+    for (body, field) in [
+        ("priority=high", "priority"),
+        (
+            "runtime_constraints=%7B%22ram%22%3A%22x%22%7D",
+            "runtime_constraints.ram",
+        ),
+        ("owner_uuid=zzzzz-tpzed-aaaaaaaaaaaaaaa", "owner_uuid"),
+        ("uuid=zzzzz-xvhdp-aaaaaaaaaaaaaaa", "uuid"),
+    ] {
+        let reply = send_form(&api, Method::POST, "container_requests", &alice, body).await;
+        reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+        let errors = reply.errors();
+        assert!(errors.contains(field), "{body}: {errors}");
+    }
+    assert_eq!(api.request_count().await, 1);
+}
+
+#[tokio::test]
+async fn form_update_uses_wrapper_or_fields() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let reply = api.create_request(&alice, json!({"name": "draft"})).await;
+    reply.expect(StatusCode::OK);
+    let path = format!("container_requests/{}", str_of(&reply.json(), "uuid"));
+
+    let body = format!("container_request={}", url_encode(r#"{"name": "renamed"}"#));
+    let reply = send_form(&api, Method::PUT, &path, &alice, &body).await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["name"], "renamed");
+
+    let reply = send_form(&api, Method::PATCH, &path, &alice, "description=more").await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["description"], "more");
+    assert_eq!(reply.json()["name"], "renamed");
+
+    let reply = send_form(&api, Method::PUT, &path, &alice, "a=b").await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(reply.errors().contains(r#"unknown attribute "a""#));
+
+    // A container update takes form fields through the same checks.
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid");
+    let path = format!("containers/{uuid}");
+    let reply = send_form(&api, Method::PUT, &path, SYSTEM_TOKEN, "a=b").await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(reply.errors().contains(r#"unknown attribute "a""#));
+    let reply = send_form(&api, Method::PUT, &path, SYSTEM_TOKEN, "priority=5").await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["priority"], 5);
+}
+
+#[tokio::test]
+async fn bare_json_body_may_carry_select() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let reply = api
+        .call(
+            Method::POST,
+            "container_requests",
+            Some(&alice),
+            Some(json!({"name": "x", "select": ["uuid", "name"], "ensure_unique_name": true})),
+        )
+        .await;
+    reply.expect(StatusCode::OK);
+    let mut keys: Vec<String> = reply.json().as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, vec!["etag", "kind", "name", "uuid"]);
 }
 
 #[tokio::test]
