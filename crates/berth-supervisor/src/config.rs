@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// `DOCKER_HOST` names one.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
+/// The directory `image_archive_dirs` lists by default.
+pub const DEFAULT_IMAGE_ARCHIVE_DIR: &str = "/var/lib/berth/images";
+
 /// The `supervisor` section of the configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -31,6 +34,19 @@ pub struct Config {
     /// When unset the runtime's default network is used. Containers
     /// without `API` always get network mode `none`.
     pub network_mode: Option<String>,
+    /// Absolute paths of the directories from which `docker save` archives
+    /// may be loaded. A `container_image` that is an absolute path is used
+    /// only if, with symlinks resolved, it is a regular file inside one of
+    /// them. Any other path cancels the container. An empty list turns
+    /// archives off. Default `["/var/lib/berth/images"]`.
+    #[serde(deserialize_with = "absolute_dirs::deserialize")]
+    pub image_archive_dirs: Vec<PathBuf>,
+    /// Whether an image name that the runtime's image store does not hold
+    /// is pulled from its registry. Pulling lets a container's owner make
+    /// the node contact any registry host and port, so it is off by
+    /// default, and images then come from the store or from an archive in
+    /// `image_archive_dirs`. Default false.
+    pub pull_images: bool,
     /// Directory under which the supervisor creates the host side of `tmp`
     /// mounts and the files of `json` and `text` mounts. When unset,
     /// `TMPDIR` is used, and then `/tmp`.
@@ -69,6 +85,8 @@ impl Default for Config {
             docker_host: None,
             stop_timeout: Duration::from_secs(10),
             network_mode: None,
+            image_archive_dirs: vec![PathBuf::from(DEFAULT_IMAGE_ARCHIVE_DIR)],
+            pull_images: false,
             temp_dir: None,
             api_retry_timeout: Duration::from_secs(120),
             final_update_timeout: Duration::from_secs(300),
@@ -103,6 +121,26 @@ fn resolve_docker_host(configured: Option<&str>, environment: Option<String>) ->
         .map(str::to_string)
         .or_else(|| environment.filter(|host| !host.is_empty()))
         .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string())
+}
+
+/// A list of directories, each of which must be an absolute path.
+mod absolute_dirs {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<PathBuf>, D::Error> {
+        let dirs = Vec::<PathBuf>::deserialize(deserializer)?;
+        if let Some(relative) = dirs.iter().find(|dir| !dir.is_absolute()) {
+            return Err(serde::de::Error::custom(format!(
+                "invalid directory {:?}: expected an absolute path such as /var/lib/berth/images",
+                relative.display().to_string()
+            )));
+        }
+        Ok(dirs)
+    }
 }
 
 /// Durations written as seconds or as a number with a unit.
@@ -162,6 +200,37 @@ mod tests {
         assert_eq!(config.stop_timeout, Duration::from_secs(10));
         assert_eq!(config.final_update_timeout, Duration::from_secs(300));
         assert_eq!(config.log_flush_bytes, 65536);
+        assert_eq!(
+            config.image_archive_dirs,
+            vec![PathBuf::from("/var/lib/berth/images")]
+        );
+        assert!(!config.pull_images);
+    }
+
+    #[test]
+    fn image_archive_dirs_and_pulls_are_read() {
+        let config: Config = serde_yaml::from_str(
+            "image_archive_dirs: [/srv/images, /scratch/images]\npull_images: true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.image_archive_dirs,
+            vec![
+                PathBuf::from("/srv/images"),
+                PathBuf::from("/scratch/images")
+            ]
+        );
+        assert!(config.pull_images);
+        let none: Config = serde_yaml::from_str("image_archive_dirs: []\n").unwrap();
+        assert!(none.image_archive_dirs.is_empty());
+    }
+
+    #[test]
+    fn relative_image_archive_dir_is_rejected() {
+        let err = serde_yaml::from_str::<Config>("image_archive_dirs: [images]\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("\"images\""), "{message}");
+        assert!(message.contains("absolute path"), "{message}");
     }
 
     #[test]

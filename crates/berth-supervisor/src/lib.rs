@@ -12,6 +12,8 @@
 //! - [`config`]: the `supervisor` section of the configuration file;
 //! - [`stop`]: the stop request that SIGTERM and SIGINT make;
 //! - [`mounts`]: the container's mounts, planned and created on the host;
+//! - [`archive`]: which `docker save` archives may be opened, and opening
+//!   them;
 //! - [`image`]: what a `docker save` archive holds;
 //! - [`spec`]: the container record turned into a runtime spec;
 //! - [`runtime`]: the runtime contract and the Docker Engine API runtime;
@@ -21,6 +23,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod archive;
 pub mod config;
 pub mod image;
 pub mod logs;

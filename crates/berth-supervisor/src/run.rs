@@ -2,7 +2,8 @@
 //!
 //! The steps, in order:
 //! 1. fetch the record and check that it is `Locked`;
-//! 2. plan the mounts, connect to the runtime and make the image available;
+//! 2. plan the mounts, open the image archive if the record names one,
+//!    connect to the runtime and make the image available;
 //! 3. create the mounts' host side and the runtime container, and attach
 //!    to its output;
 //! 4. start the container, set `Running` and wait for its exit.
@@ -34,6 +35,7 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::archive::ArchiveError;
 use crate::config::Config;
 use crate::logs::{ApiLogSink, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog};
 use crate::mounts::{plan_mounts, MountError, PreparedMounts};
@@ -66,6 +68,10 @@ enum RunError {
     #[error(transparent)]
     Mount(#[from] MountError),
     #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error("failed to open the image archive: {0}")]
+    ArchiveTask(#[source] JoinError),
+    #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -73,6 +79,23 @@ enum RunError {
     SetRunning(#[source] ClientError),
     #[error("failed to prepare the mounts: {0}")]
     Task(#[from] JoinError),
+}
+
+impl RunError {
+    /// Returns the message for `runtime_status.error`. It differs from
+    /// `Display`, which the supervisor log gets, only for an image archive
+    /// that is invalid or that the runtime failed to load. There it leaves
+    /// out the problem, because a parser's message may quote the file.
+    fn status_message(&self) -> String {
+        match self {
+            RunError::Archive(error) => error.status_message(),
+            RunError::Runtime(RuntimeError::LoadImage { path, .. }) => format!(
+                "failed to load image archive {}; the supervisor log has the container runtime's message",
+                path.display()
+            ),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// The end of a run.
@@ -155,9 +178,8 @@ async fn supervise_container(
             Outcome::Cancelled(reason)
         }
         Err(error) => {
-            let message = error.to_string();
-            log.error(&message);
-            Outcome::Cancelled(message)
+            log.error(error.to_string());
+            Outcome::Cancelled(error.status_message())
         }
     };
     run.cleanup().await;
@@ -283,12 +305,21 @@ impl Run<'_> {
     async fn execute(&mut self, container: &Container) -> Result<i64, RunError> {
         self.check_stop()?;
         let plan = plan_mounts(&container.mounts)?;
-        let source = ImageSource::from_container_image(&container.container_image);
+        let image = container.container_image.clone();
+        let archive_dirs = self.config.image_archive_dirs.clone();
+        let opening = tokio::task::spawn_blocking(move || {
+            ImageSource::from_container_image(&image, &archive_dirs)
+        });
+        let source = self
+            .until_stopped(opening)
+            .await?
+            .map_err(RunError::ArchiveTask)??;
 
         let endpoint = self.config.resolve_docker_host();
         let runtime: Arc<dyn Runtime> = Arc::new(
             self.until_stopped(DockerRuntime::connect(&endpoint))
-                .await??,
+                .await??
+                .with_image_pulls(self.config.pull_images),
         );
         self.runtime = Some(runtime.clone());
         self.log
@@ -659,6 +690,20 @@ mod tests {
             "first\nsecond"
         );
         assert_eq!(attributes["exit_code"], 0);
+    }
+
+    #[test]
+    fn archive_load_failure_status_leaves_out_the_runtime_message() {
+        let error = RunError::Runtime(RuntimeError::LoadImage {
+            path: "/var/lib/berth/images/broken.tar".into(),
+            source: "invalid character 'r' looking for beginning of value".into(),
+        });
+        let status = error.status_message();
+        assert_eq!(
+            status,
+            "failed to load image archive /var/lib/berth/images/broken.tar; the supervisor log has the container runtime's message"
+        );
+        assert!(error.to_string().contains("invalid character 'r'"));
     }
 
     #[test]

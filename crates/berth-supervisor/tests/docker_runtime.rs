@@ -10,6 +10,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use berth_supervisor::archive::ImageArchive;
 use berth_supervisor::mounts::plan_mounts;
 use berth_supervisor::runtime::{ContainerSpec, ImageSource, Runtime, RuntimeError, StdStream};
 use berth_supervisor::DockerRuntime;
@@ -17,7 +18,7 @@ use bollard::image::RemoveImageOptions;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
-use common::{containers_labelled, new_uuid, runtime, skip, spec};
+use common::{containers_labelled, new_uuid, runtime, skip, spec, Cleanup};
 
 /// What a container wrote and how it exited.
 struct Finished {
@@ -63,6 +64,7 @@ async fn output_streams_and_exit_code_are_exact() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let script = r#"printf "a\nb"; printf err >&2; printf '\377\000x'; printf '\376' >&2; exit 3"#;
     let finished = run_to_completion(&runtime, &spec(&uuid, &["sh", "-c", script])).await;
     assert_eq!(finished.exit_code, 3);
@@ -78,6 +80,7 @@ async fn large_output_arrives_whole_and_in_order() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     // 200000 numbered lines, about 1.3 MB, far more than one frame.
     let finished = run_to_completion(&runtime, &spec(&uuid, &["seq", "1", "200000"])).await;
     assert_eq!(finished.exit_code, 0);
@@ -97,6 +100,7 @@ async fn environment_workdir_and_mounts_reach_the_container() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let mounts = BTreeMap::from([
         (
             "/etc/note.txt".to_string(),
@@ -175,6 +179,7 @@ async fn stop_ends_a_sleeping_container() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let id = runtime
         .create(&spec(&uuid, &["sleep", "600"]))
         .await
@@ -211,6 +216,7 @@ async fn limits_and_network_are_visible_through_inspect() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let mut spec = spec(&uuid, &["true"]);
     spec.memory_bytes = Some(64 << 20);
     spec.nano_cpus = Some(500_000_000);
@@ -238,6 +244,7 @@ async fn leftover_container_with_the_same_name_is_replaced() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let spec = spec(&uuid, &["true"]);
     let first = runtime.create(&spec).await.unwrap();
     let second = runtime.create(&spec).await.unwrap();
@@ -264,6 +271,8 @@ async fn image_by_name_must_be_in_the_store() {
             .unwrap(),
         present
     );
+    // Pulls are off by default, so the runtime never contacts the
+    // registry this name gives.
     let missing = format!("localhost/berth-missing-{}:latest", new_uuid());
     let err = runtime
         .ensure_image(&ImageSource::Name(missing.clone()))
@@ -272,7 +281,34 @@ async fn image_by_name_must_be_in_the_store() {
     assert!(matches!(err, RuntimeError::ImageNotFound { .. }), "{err}");
     let message = err.to_string();
     assert!(message.contains(&missing), "{message}");
-    assert!(message.contains("podman load -i"), "{message}");
+    assert!(message.contains("podman load -i FILE"), "{message}");
+    assert!(message.contains("docker load -i FILE"), "{message}");
+    assert!(
+        message.contains("supervisor.image_archive_dirs"),
+        "{message}"
+    );
+    assert!(message.contains("supervisor.pull_images"), "{message}");
+}
+
+#[tokio::test]
+async fn failed_pull_carries_the_daemon_message() {
+    if skip("failed_pull_carries_the_daemon_message") {
+        return;
+    }
+    let runtime = runtime().await.with_image_pulls(true);
+    // Nothing listens on loopback port 1, so the pull fails at once and
+    // no traffic leaves the machine.
+    let missing = format!("127.0.0.1:1/berth-missing-{}:latest", new_uuid());
+    let err = runtime
+        .ensure_image(&ImageSource::Name(missing.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::PullFailed { .. }), "{err}");
+    let message = err.to_string();
+    println!("{message}");
+    assert!(message.contains(&missing), "{message}");
+    assert!(!message.contains("Docker stream error"), "{message}");
+    assert!(message.contains("127.0.0.1:1"), "{message}");
 }
 
 #[tokio::test]
@@ -281,8 +317,12 @@ async fn present_archive_image_is_not_reloaded() {
         return;
     }
     let runtime = runtime().await;
-    let archive = common::test_image_archive();
-    let archive_image = berth_supervisor::image::read_archive_image(&archive).unwrap();
+    let archive = ImageArchive::open(
+        &common::test_image_archive(),
+        &[common::test_image_archive_dir()],
+    )
+    .unwrap();
+    let archive_image = archive.image().clone();
     // Make sure the store contains the archive's image, then record where
     // its tags point, because a second load would move them.
     runtime
@@ -331,9 +371,12 @@ async fn archive_is_loaded_and_runs() {
     let runtime = runtime().await;
     let uuid = new_uuid();
     let tag = format!("localhost/berth-test-{uuid}:latest");
+    let mut cleanup = Cleanup::new(&uuid);
+    cleanup.image(&tag);
     let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("image.tar");
-    let image_id = write_variant_archive(&common::test_image_archive(), &archive, &tag, &uuid);
+    let path = dir.path().join("image.tar");
+    let image_id = write_variant_archive(&common::test_image_archive(), &path, &tag, &uuid);
+    let archive = ImageArchive::open(&path, &[dir.path().to_path_buf()]).unwrap();
 
     let reference = runtime
         .ensure_image(&ImageSource::Archive(archive.clone()))
@@ -342,8 +385,8 @@ async fn archive_is_loaded_and_runs() {
     assert_eq!(reference, tag);
     let inspected = runtime.docker().inspect_image(&tag).await.unwrap();
     assert_eq!(inspected.id.as_deref(), Some(image_id.as_str()));
-    // The second time the image is present and the archive is not read
-    // beyond its manifest.
+    // The second time the image is present, and the archive is not
+    // uploaded again.
     let again = runtime
         .ensure_image(&ImageSource::Archive(archive))
         .await
@@ -370,20 +413,37 @@ async fn archive_is_loaded_and_runs() {
 }
 
 #[tokio::test]
-async fn garbage_archive_fails_with_its_path() {
-    if skip("garbage_archive_fails_with_its_path") {
+async fn archive_the_runtime_rejects_fails_with_its_path() {
+    if skip("archive_the_runtime_rejects_fails_with_its_path") {
         return;
     }
     let runtime = runtime().await;
     let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("garbage.tar");
-    std::fs::write(&archive, b"this is not a tar file").unwrap();
+    let path = dir.path().join("broken.tar");
+    // The manifest names a config by digest, so the archive passes the
+    // supervisor's own reading, but its config and layer are missing.
+    let manifest = format!(
+        r#"[{{"Config":"{}.json","RepoTags":null,"Layers":["missing/layer.tar"]}}]"#,
+        "c".repeat(64)
+    );
+    let mut builder = tar::Builder::new(std::fs::File::create(&path).unwrap());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(manifest.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, "manifest.json", manifest.as_bytes())
+        .unwrap();
+    builder.into_inner().unwrap();
+
+    let archive = ImageArchive::open(&path, &[dir.path().to_path_buf()]).unwrap();
     let err = runtime
-        .ensure_image(&ImageSource::Archive(archive.clone()))
+        .ensure_image(&ImageSource::Archive(archive))
         .await
         .unwrap_err();
+    assert!(matches!(err, RuntimeError::LoadImage { .. }), "{err}");
     assert!(
-        err.to_string().contains(&archive.display().to_string()),
+        err.to_string().contains(&path.display().to_string()),
         "{err}"
     );
 }
@@ -395,6 +455,7 @@ async fn missing_command_fails_at_start() {
     }
     let runtime = runtime().await;
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let id = runtime
         .create(&spec(&uuid, &["/no/such/program"]))
         .await

@@ -28,7 +28,7 @@ use berth_supervisor::{supervise_until, Config, StopHandle, EXIT_NOT_RECORDED, E
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use common::{containers_labelled, new_uuid, skip};
+use common::{containers_labelled, new_uuid, skip, Cleanup};
 
 const TOKEN: &str = "v2/zzzzz-gj3su-000000000000001/secret";
 
@@ -370,6 +370,122 @@ async fn unreachable_runtime_cancels_naming_the_socket() {
     );
 }
 
+/// Runs the supervisor on a record whose `container_image` is `image`,
+/// with `allowed_dir` as the only archive directory and a runtime socket
+/// that does not exist, so a run that got past the archive would fail on
+/// the socket instead. Returns the `runtime_status.error` it recorded and
+/// the supervisor log.
+async fn cancelled_archive_run(image: &str, allowed_dir: &std::path::Path) -> (String, String) {
+    let uuid = new_uuid();
+    let server = Server::start(container_record(&uuid, "Locked", image, &["true"])).await;
+    let config = Config {
+        docker_host: Some("unix:///nonexistent/berth-test.sock".into()),
+        image_archive_dirs: vec![allowed_dir.to_path_buf()],
+        ..test_config()
+    };
+    let status = supervise_until(config, server.credentials.clone(), StopHandle::new())
+        .await
+        .unwrap();
+    assert_eq!(status, EXIT_RECORDED);
+    let updates = server.updates();
+    assert_eq!(updates.len(), 1, "{image}: {updates:#?}");
+    assert_eq!(updates[0]["state"], "Cancelled", "{image}");
+    let message = updates[0]["runtime_status"]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (message, server.supervisor_log())
+}
+
+/// Returns the lines of a file, at least 8 bytes long, that a message
+/// must not contain; none when the test cannot read the file.
+fn file_lines(path: &str) -> Vec<String> {
+    std::fs::read(path)
+        .map(|bytes| {
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter(|line| line.len() >= 8)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const SECRET_TEXT: &str = "berth-secret-marker:$6$salt$hash:20228:0:99999:7:::\n";
+
+#[tokio::test]
+async fn archive_outside_the_allowed_dirs_cancels() {
+    let root = tempfile::tempdir().unwrap();
+    let allowed = root.path().join("images");
+    let private = root.path().join("private");
+    std::fs::create_dir_all(allowed.join("subdir")).unwrap();
+    std::fs::create_dir(&private).unwrap();
+    std::fs::write(private.join("secret.tar"), SECRET_TEXT).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", allowed.join("shadow.tar")).unwrap();
+    std::os::unix::fs::symlink(private.join("secret.tar"), allowed.join("secret.tar")).unwrap();
+
+    let cases = [
+        "/etc/shadow".to_string(),
+        allowed.join("shadow.tar").display().to_string(),
+        allowed.join("secret.tar").display().to_string(),
+        format!("{}/../private/secret.tar", allowed.display()),
+        allowed.join("subdir").display().to_string(),
+        allowed.join("missing.tar").display().to_string(),
+        "/nonexistent/berth/image.tar".to_string(),
+    ];
+    let mut forbidden = file_lines("/etc/shadow");
+    forbidden.push("berth-secret-marker".to_string());
+    let mut templates = Vec::new();
+    for path in &cases {
+        let (message, supervisor_log) = cancelled_archive_run(path, &allowed).await;
+        assert!(message.contains(path.as_str()), "{message}");
+        assert!(
+            message.contains("supervisor.image_archive_dirs"),
+            "{message}"
+        );
+        assert!(!message.contains("berth-test.sock"), "{message}");
+        for line in &forbidden {
+            assert!(
+                !message.contains(line.as_str()),
+                "{path}: the message quotes the file"
+            );
+            assert!(
+                !supervisor_log.contains(line.as_str()),
+                "{path}: the supervisor log quotes the file"
+            );
+        }
+        templates.push(message.replacen(path.as_str(), "PATH", 1));
+    }
+    assert!(
+        templates.iter().all(|t| *t == templates[0]),
+        "the messages differ by path: {templates:#?}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_archive_cancels_with_a_generic_message() {
+    let allowed = tempfile::tempdir().unwrap();
+    let path = allowed.path().join("notes.tar");
+    std::fs::write(&path, SECRET_TEXT.repeat(40)).unwrap();
+    let path = path.display().to_string();
+
+    let (message, supervisor_log) = cancelled_archive_run(&path, allowed.path()).await;
+    assert_eq!(
+        message,
+        format!("image archive {path} is not a valid `docker save` archive")
+    );
+    // The supervisor log gets the kind of problem, never the file.
+    assert!(
+        supervisor_log.contains("reading it as a tar file failed"),
+        "{supervisor_log}"
+    );
+    assert!(
+        !supervisor_log.contains("berth-secret-marker"),
+        "{supervisor_log}"
+    );
+    assert!(!supervisor_log.contains("20228"), "{supervisor_log}");
+}
+
 #[tokio::test]
 async fn lost_final_update_is_retried() {
     let uuid = new_uuid();
@@ -394,6 +510,7 @@ async fn exit_code_and_logs_arrive_in_order() {
         return;
     }
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let script = r#"printf "a\nb"; printf err >&2; printf '\377'; echo "$GREETING" >&2; exit 3"#;
     let server = Server::start(container_record(
         &uuid,
@@ -461,6 +578,7 @@ async fn archive_image_runs_to_complete() {
         return;
     }
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let archive = common::test_image_archive();
     let record = container_record(
         &uuid,
@@ -469,7 +587,11 @@ async fn archive_image_runs_to_complete() {
         &["echo", "from archive"],
     );
     let server = Server::start(record).await;
-    let status = supervise_until(test_config(), server.credentials.clone(), StopHandle::new())
+    let config = Config {
+        image_archive_dirs: vec![common::test_image_archive_dir()],
+        ..test_config()
+    };
+    let status = supervise_until(config, server.credentials.clone(), StopHandle::new())
         .await
         .unwrap();
     assert_eq!(
@@ -491,6 +613,7 @@ async fn stop_request_cancels_a_running_container() {
         return;
     }
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let command = ["sh", "-c", "echo started; exec sleep 600"];
     let mut server = Server::start(container_record(
         &uuid,
@@ -552,6 +675,7 @@ async fn missing_image_cancels_before_running() {
         return;
     }
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let image = format!("localhost/berth-missing-{uuid}:latest");
     let server = Server::start(container_record(&uuid, "Locked", &image, &["true"])).await;
     let status = supervise_until(test_config(), server.credentials.clone(), StopHandle::new())
@@ -563,7 +687,13 @@ async fn missing_image_cancels_before_running() {
     assert_eq!(updates[0]["state"], "Cancelled");
     let message = updates[0]["runtime_status"]["error"].as_str().unwrap();
     assert!(message.contains(&image), "{message}");
-    assert!(message.contains("podman load"), "{message}");
+    assert!(message.contains("podman load -i FILE"), "{message}");
+    assert!(
+        message.contains("supervisor.image_archive_dirs"),
+        "{message}"
+    );
+    assert!(message.contains("supervisor.pull_images"), "{message}");
+    assert!(!message.contains("Docker stream error"), "{message}");
     let runtime = common::runtime().await;
     assert!(containers_labelled(&runtime, &uuid).await.is_empty());
 }
@@ -574,6 +704,7 @@ async fn failing_command_cancels_and_leaves_nothing() {
         return;
     }
     let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
     let server = Server::start(container_record(
         &uuid,
         "Locked",

@@ -7,9 +7,12 @@
 //! transfer: attach, wait, stop with its grace period, image load and
 //! pull. They use a client without bollard's per-request timeout, and
 //! every other call keeps it.
+//!
+//! An image name that the store does not hold is pulled only when
+//! [`DockerRuntime::with_image_pulls`] enabled pulls, because a pull makes
+//! the daemon contact whatever registry the name gives.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,7 +32,8 @@ use super::{
     BindMount, ContainerId, ContainerSpec, ImageSource, Network, OutputChunk, OutputStream,
     Runtime, RuntimeError, StdStream,
 };
-use crate::image::{read_archive_image, ArchiveImage};
+use crate::archive::ImageArchive;
+use crate::image::ArchiveImage;
 
 /// Time allowed for ordinary Docker API calls (inspect, create, start,
 /// remove).
@@ -47,6 +51,9 @@ pub struct DockerRuntime {
     /// The same connection without a request timeout.
     unbounded: Docker,
     description: String,
+    /// Whether a missing named image is pulled; off unless
+    /// [`DockerRuntime::with_image_pulls`] turns it on.
+    pull_images: bool,
 }
 
 impl std::fmt::Debug for DockerRuntime {
@@ -54,6 +61,7 @@ impl std::fmt::Debug for DockerRuntime {
         f.debug_struct("DockerRuntime")
             .field("endpoint", &self.endpoint)
             .field("description", &self.description)
+            .field("pull_images", &self.pull_images)
             .finish()
     }
 }
@@ -102,7 +110,15 @@ impl DockerRuntime {
             docker,
             unbounded,
             description,
+            pull_images: false,
         })
+    }
+
+    /// Sets whether an image name that the store does not hold is pulled
+    /// from its registry. Off by default.
+    pub fn with_image_pulls(mut self, enabled: bool) -> DockerRuntime {
+        self.pull_images = enabled;
+        self
     }
 
     /// Returns the underlying bollard client, for inspecting containers and
@@ -125,7 +141,12 @@ impl DockerRuntime {
         if self.image_id(name).await?.is_some() {
             return Ok(name.to_string());
         }
-        tracing::info!(image = name, "image not in the store; trying to pull it");
+        if !self.pull_images {
+            return Err(RuntimeError::ImageNotFound {
+                image: name.to_string(),
+            });
+        }
+        tracing::info!(image = name, "image not in the store; pulling it");
         let options = CreateImageOptions {
             from_image: name,
             ..Default::default()
@@ -135,37 +156,33 @@ impl DockerRuntime {
             .create_image(Some(options), None, None)
             .try_collect()
             .await;
-        let not_found = |source: BoxedSource| RuntimeError::ImageNotFound {
+        let pull_failed = |message: String| RuntimeError::PullFailed {
             image: name.to_string(),
-            source,
+            message,
         };
-        pulled.map_err(|error| not_found(Box::new(error)))?;
+        pulled.map_err(|error| pull_failed(daemon_message(&error)))?;
         match self.image_id(name).await? {
             Some(_) => Ok(name.to_string()),
-            None => Err(not_found("the pull ended without the image".into())),
+            None => Err(pull_failed(
+                "the pull ended without the image in the store".to_string(),
+            )),
         }
     }
 
-    async fn ensure_archive_image(&self, path: &Path) -> Result<String, RuntimeError> {
-        let archive_path = path.to_path_buf();
-        let image = tokio::task::spawn_blocking(move || read_archive_image(&archive_path))
-            .await
-            .map_err(|error| RuntimeError::LoadImage {
-                path: path.to_path_buf(),
-                source: Box::new(error),
-            })??;
-        if let Some(reference) = self.present_reference(&image).await? {
+    async fn ensure_archive_image(&self, archive: &ImageArchive) -> Result<String, RuntimeError> {
+        let path = archive.path();
+        if let Some(reference) = self.present_reference(archive.image()).await? {
             tracing::info!(image = %reference, archive = %path.display(), "image already loaded");
             return Ok(reference);
         }
-        self.load_archive(path).await?;
-        self.present_reference(&image)
+        self.load_archive(archive).await?;
+        self.present_reference(archive.image())
             .await?
             .ok_or_else(|| RuntimeError::LoadImage {
                 path: path.to_path_buf(),
                 source: format!(
                     "the runtime loaded the archive but does not hold image {}",
-                    image.id
+                    archive.image().id
                 )
                 .into(),
             })
@@ -190,13 +207,17 @@ impl DockerRuntime {
         }
     }
 
-    async fn load_archive(&self, path: &Path) -> Result<(), RuntimeError> {
+    /// Uploads the archive from the file [`ImageArchive::open`] checked,
+    /// never from its path again.
+    async fn load_archive(&self, archive: &ImageArchive) -> Result<(), RuntimeError> {
+        let path = archive.path();
         let load_error = |source: BoxedSource| RuntimeError::LoadImage {
             path: path.to_path_buf(),
             source,
         };
-        let file = tokio::fs::File::open(path)
-            .await
+        let file = archive
+            .reopen()
+            .map(tokio::fs::File::from_std)
             .map_err(|error| load_error(Box::new(error)))?;
 
         // bollard's upload stream carries bytes, not results: a read error
@@ -242,7 +263,7 @@ impl Runtime for DockerRuntime {
     async fn ensure_image(&self, source: &ImageSource) -> Result<String, RuntimeError> {
         match source {
             ImageSource::Name(name) => self.ensure_named_image(name).await,
-            ImageSource::Archive(path) => self.ensure_archive_image(path).await,
+            ImageSource::Archive(archive) => self.ensure_archive_image(archive).await,
         }
     }
 
@@ -409,6 +430,18 @@ fn is_not_found(error: &DockerError) -> bool {
     )
 }
 
+/// Returns the daemon's own message for a failed request.
+fn daemon_message(error: &DockerError) -> String {
+    match error {
+        DockerError::DockerStreamError { error } => error.clone(),
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => format!("{message} (HTTP status {status_code})"),
+        other => other.to_string(),
+    }
+}
+
 fn same_image_id(a: &str, b: &str) -> bool {
     let strip = |id: &str| {
         id.strip_prefix("sha256:")
@@ -505,6 +538,25 @@ mod tests {
         assert!(same_image_id("sha256:ABC", "abc"));
         assert!(!same_image_id("", ""));
         assert!(!same_image_id("sha256:abc", "sha256:abd"));
+    }
+
+    #[test]
+    fn daemon_message_is_the_daemon_text() {
+        let stream = DockerError::DockerStreamError {
+            error: "initializing source docker://localhost:1/x:latest: connection refused".into(),
+        };
+        assert_eq!(
+            daemon_message(&stream),
+            "initializing source docker://localhost:1/x:latest: connection refused"
+        );
+        let response = DockerError::DockerResponseServerError {
+            status_code: 500,
+            message: "manifest unknown".into(),
+        };
+        assert_eq!(
+            daemon_message(&response),
+            "manifest unknown (HTTP status 500)"
+        );
     }
 
     #[tokio::test]

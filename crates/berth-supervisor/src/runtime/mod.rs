@@ -16,14 +16,14 @@ pub mod docker;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::image::ArchiveError;
+use crate::archive::{ArchiveError, ImageArchive};
 
 /// A boxed error from the runtime's own client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -47,20 +47,18 @@ pub enum RuntimeError {
     },
     #[error("invalid Docker host {endpoint:?}: expected unix:///path/to.sock, tcp://host:port or http://host:port")]
     InvalidEndpoint { endpoint: String },
-    #[error("image {image} was not found in the runtime's image store, and pulling it failed: {source}; load it on the node first (`docker load -i FILE` or `podman load -i FILE`), or set container_image to the absolute path of a `docker save` archive")]
-    ImageNotFound {
-        image: String,
-        #[source]
-        source: BoxError,
-    },
+    #[error("image {image} is not in the container runtime's image store on this node, and supervisor.pull_images is off; load it on the node first (`podman load -i FILE` or `docker load -i FILE`), set container_image to the absolute path of a `docker save` archive inside a directory that supervisor.image_archive_dirs lists, or ask the administrator to set supervisor.pull_images to true")]
+    ImageNotFound { image: String },
+    /// The runtime's message is carried as text: bollard's own error for a
+    /// failure reported mid-stream says only "Docker stream error".
+    #[error("image {image} is not in the container runtime's image store on this node, and pulling it failed: {message}; check the image name and its registry, or load the image on the node first (`podman load -i FILE` or `docker load -i FILE`)")]
+    PullFailed { image: String, message: String },
     #[error("failed to load image archive {path}: {source}")]
     LoadImage {
         path: PathBuf,
         #[source]
         source: BoxError,
     },
-    #[error(transparent)]
-    Archive(#[from] ArchiveError),
     #[error("failed to {action} {target}: {source}")]
     Request {
         action: &'static str,
@@ -75,18 +73,24 @@ pub enum RuntimeError {
 pub enum ImageSource {
     /// An image name or ID that the runtime's image store should hold.
     Name(String),
-    /// The absolute path of a `docker save` archive on this node.
-    Archive(PathBuf),
+    /// A `docker save` archive on this node, opened from an allowed
+    /// directory.
+    Archive(ImageArchive),
 }
 
 impl ImageSource {
     /// Reads a record's `container_image`: an absolute path names a
-    /// `docker save` archive, anything else an image in the store.
-    pub fn from_container_image(image: &str) -> ImageSource {
+    /// `docker save` archive, which is opened if it lies inside one of
+    /// `allowed_dirs`, and anything else names an image in the store.
+    /// Blocking for a path: call it from a blocking task.
+    pub fn from_container_image(
+        image: &str,
+        allowed_dirs: &[PathBuf],
+    ) -> Result<ImageSource, ArchiveError> {
         if image.starts_with('/') {
-            ImageSource::Archive(PathBuf::from(image))
+            ImageArchive::open(Path::new(image), allowed_dirs).map(ImageSource::Archive)
         } else {
-            ImageSource::Name(image.to_string())
+            Ok(ImageSource::Name(image.to_string()))
         }
     }
 }
@@ -95,7 +99,9 @@ impl fmt::Display for ImageSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ImageSource::Name(name) => write!(f, "image {name}"),
-            ImageSource::Archive(path) => write!(f, "image archive {}", path.display()),
+            ImageSource::Archive(archive) => {
+                write!(f, "image archive {}", archive.path().display())
+            }
         }
     }
 }
