@@ -61,6 +61,13 @@ const REQUEST_ALWAYS_MUTABLE: &[&str] = &["name", "description", "properties", "
 /// Request fields that may also change while the request is Committed.
 const REQUEST_COMMITTED_MUTABLE: &[&str] = &["priority", "container_count_max"];
 
+/// Request fields that are short labels, at most [`MAX_LABEL_CHARS`]
+/// characters long.
+const REQUEST_LABEL_FIELDS: &[&str] = &["name", "output_name"];
+
+/// Maximum characters of a label field.
+pub const MAX_LABEL_CHARS: usize = 255;
+
 /// Container fields the container's own token may change.
 const CONTAINER_TOKEN_FIELDS: &[&str] = &[
     "state",
@@ -178,6 +185,30 @@ fn merge<T: Serialize + DeserializeOwned>(
         .cloned()
         .collect();
     Ok(Merged { record, changed })
+}
+
+/// Rejects a label field among `fields` that is longer than
+/// [`MAX_LABEL_CHARS`].
+fn check_labels(request: &ContainerRequest, fields: &[&str]) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    for field in fields {
+        let value = match *field {
+            "name" => request.name.as_deref(),
+            "output_name" => request.output_name.as_deref(),
+            _ => None,
+        };
+        let length = value.map_or(0, |text| text.chars().count());
+        if length > MAX_LABEL_CHARS {
+            errors.push(format!(
+                "{field}: is {length} characters long, but the maximum is {MAX_LABEL_CHARS}"
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Unprocessable(errors))
+    }
 }
 
 /// A request to store, with the container its commit created.
@@ -339,6 +370,7 @@ pub fn create_request(
         ));
     }
     check_request(&request)?;
+    check_labels(&request, REQUEST_LABEL_FIELDS)?;
     let new_container = (request.state == RequestState::Committed)
         .then(|| commit(cluster, &mut request, caller, now));
     Ok(RequestChange {
@@ -402,6 +434,13 @@ pub fn update_request(
         }
     }
     check_request(&request)?;
+    // Only labels this update sets: a stored one stays valid.
+    let labels: Vec<&str> = REQUEST_LABEL_FIELDS
+        .iter()
+        .copied()
+        .filter(|field| changed.iter().any(|name| name == field))
+        .collect();
+    check_labels(&request, &labels)?;
 
     request.modified_at = now;
     request.modified_by_user_uuid = Some(caller.user_uuid.clone());
@@ -870,6 +909,40 @@ mod tests {
         )
         .unwrap();
         assert!(!change.changed);
+    }
+
+    #[test]
+    fn long_label_is_rejected() {
+        let now = chrono::Utc::now();
+        let longest = "é".repeat(MAX_LABEL_CHARS);
+        let change = create_request(
+            &cluster(),
+            &user(),
+            attributes(json!({"name": longest, "output_name": longest})),
+            now,
+        )
+        .unwrap();
+        for field in ["name", "output_name"] {
+            let too_long = "x".repeat(MAX_LABEL_CHARS + 1);
+            let err = create_request(
+                &cluster(),
+                &user(),
+                attributes(json!({ field: too_long })),
+                now,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+            assert!(err.to_string().contains("maximum is 255"), "{err}");
+            let err = update_request(
+                &cluster(),
+                &user(),
+                &change.record,
+                attributes(json!({ field: too_long })),
+                now,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     #[test]
