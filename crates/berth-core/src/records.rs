@@ -14,6 +14,12 @@ use serde_json::{Map, Value};
 use crate::state::{ContainerState, RequestState};
 use crate::time::{serde_opt_ts, serde_ts, Timestamp};
 
+/// The `runtime_status` key that tells users why a Locked container's job
+/// is pending, such as `slurm job 69 is pending: Priority (jobs of higher
+/// priority are ahead of it)`. Only the dispatcher writes it; the
+/// controller shows it as a request's `scheduling_status`.
+pub const SCHEDULING_STATUS_KEY: &str = "schedulingStatus";
+
 /// Resources a container needs. Sizes are bytes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

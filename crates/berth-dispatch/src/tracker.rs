@@ -70,10 +70,7 @@ pub const REJECTED_ERROR: &str = "the batch system rejected the container's job"
 /// for a reason that means it will never start.
 pub const UNRUNNABLE_ERROR: &str = "the batch system will never start the container's job";
 
-/// The `runtime_status` key that tells users why a Locked container's job
-/// is pending, such as `slurm job 69 is pending: Priority (jobs of higher
-/// priority are ahead of it)`. Only the dispatcher writes it.
-pub const SCHEDULING_STATUS_KEY: &str = "schedulingStatus";
+pub use berth_core::records::SCHEDULING_STATUS_KEY;
 
 /// Consecutive snapshots that must list a job pending for a reason in the
 /// backend's cancel list before the job and its container are cancelled.

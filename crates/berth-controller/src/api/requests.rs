@@ -252,7 +252,7 @@ pub async fn container_status(
                 "state": container.state,
                 "container_state": container.state,
                 "exit_code": container.exit_code,
-                "scheduling_status": "",
+                "scheduling_status": scheduling_status(&container),
             })
         }
         None => json!({
@@ -264,4 +264,25 @@ pub async fn container_status(
         }),
     };
     Ok(Json(body))
+}
+
+/// A sentence that says why a container is not running yet, in Arvados's
+/// words where Arvados has them; empty once it runs or has ended.
+fn scheduling_status(container: &berth_core::Container) -> String {
+    use berth_core::records::SCHEDULING_STATUS_KEY;
+    use berth_core::ContainerState;
+
+    match container.state {
+        ContainerState::Queued if container.priority > 0 => "Waiting in queue.".into(),
+        ContainerState::Queued => "On hold: no request wants this container to run.".into(),
+        ContainerState::Locked => container
+            .runtime_status
+            .get(SCHEDULING_STATUS_KEY)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| "Submitted to the batch system.".into()),
+        ContainerState::Running | ContainerState::Complete | ContainerState::Cancelled => {
+            String::new()
+        }
+    }
 }

@@ -851,3 +851,34 @@ async fn admin_creates_request_for_existing_user_only() {
 fn url_encode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }
+
+#[tokio::test]
+async fn scheduling_status_says_why_container_waits() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (request, container) = api.committed(&alice).await;
+    let request_uuid = str_of(&request, "uuid");
+    let container_uuid = str_of(&container, "uuid").to_string();
+    let status_path = format!("container_requests/{request_uuid}/container_status");
+
+    let status = api.get(&status_path, &alice).await.json();
+    assert_eq!(status["scheduling_status"], "Waiting in queue.");
+
+    api.lock(&container_uuid).await;
+    let status = api.get(&status_path, &alice).await.json();
+    assert_eq!(
+        status["scheduling_status"],
+        "Submitted to the batch system."
+    );
+
+    let reason = "slurm job 69 is pending: Resources";
+    api.update_container(
+        &container_uuid,
+        SYSTEM_TOKEN,
+        json!({"runtime_status": {"schedulingStatus": reason}}),
+    )
+    .await
+    .expect(StatusCode::OK);
+    let status = api.get(&status_path, &alice).await.json();
+    assert_eq!(status["scheduling_status"], reason);
+}
