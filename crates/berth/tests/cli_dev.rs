@@ -5,6 +5,9 @@
 //! Runs only when `BERTH_INTEGRATION=1` (real Podman for the container
 //! run); elsewhere it prints "skipped" and passes.
 
+// A test may panic on a failed step.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -260,4 +263,65 @@ fn dev_serves_user_commands_and_keeps_its_user() {
         "the earlier request is still listed: {table}"
     );
     assert!(again.terminate().success());
+}
+
+#[test]
+fn second_dev_on_locked_dir_fails() {
+    if skip() {
+        return;
+    }
+    let temp = tempfile::tempdir().expect("failed to make a temporary directory");
+    let data_dir = temp.path().join("data");
+    let mut first = Dev::start(&data_dir, &temp.path().join("first.log"));
+    let (host, token) = first.wait_ready();
+    let config_before =
+        std::fs::read_to_string(data_dir.join("config.yml")).expect("failed to read config.yml");
+
+    let started = Instant::now();
+    let second = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .args([
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend",
+            "local",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .output()
+        .expect("failed to run the second berth dev");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the second berth dev took {:?} to fail",
+        started.elapsed()
+    );
+    assert!(!second.status.success(), "the second berth dev succeeded");
+    assert!(
+        second.stdout.is_empty(),
+        "no export lines: {:?}",
+        second.stdout
+    );
+    let message = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        message.contains("in use by another `berth dev`"),
+        "{message}"
+    );
+    let root = std::fs::canonicalize(&data_dir).expect("failed to resolve the data directory");
+    assert!(message.contains(&root.display().to_string()), "{message}");
+    assert!(message.contains(&host), "names the running API: {message}");
+
+    assert!(
+        first.env_file().exists(),
+        "the first one's env file is kept"
+    );
+    let config_after =
+        std::fs::read_to_string(data_dir.join("config.yml")).expect("failed to read config.yml");
+    assert_eq!(config_after, config_before, "config.yml is untouched");
+    let ls = berth(&host, &token, &["ls"]);
+    assert!(
+        ls.status.success(),
+        "the first berth dev still serves: {}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert!(first.terminate().success());
 }

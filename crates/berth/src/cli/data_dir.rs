@@ -4,30 +4,50 @@
 //! `dev` module describes each one. Secrets (the system token and
 //! the dev user's token) are made here from the kernel's random source and
 //! written with mode 0600, whole or not at all.
+//!
+//! One process at a time owns a data directory: [`DataDir::open`] takes an
+//! exclusive `flock` on its `.lock` file before it changes anything there,
+//! and the lock lasts as long as the [`DataDir`]. The kernel releases it
+//! when the process ends, however it ends, so a lock file left behind
+//! blocks no later start.
 
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use berth_core::{ClusterId, Secret};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 /// Length of a generated system token, in characters.
 const SYSTEM_TOKEN_LEN: usize = 50;
 
+// The controller and the dispatcher reject shorter system tokens.
+const _: () = assert!(SYSTEM_TOKEN_LEN >= crate::config::MIN_SYSTEM_TOKEN_LEN);
+
+/// Name of the file in the data directory that the running `berth dev`
+/// holds a lock on.
+const LOCK_FILE_NAME: &str = ".lock";
+
 /// Characters of generated tokens and cluster ids.
 const ALPHANUMERIC: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
-/// The data directory and the paths of its files.
+/// The data directory, locked for this process, and the paths of its
+/// files.
 #[derive(Debug)]
 pub(super) struct DataDir {
     /// Absolute path, because jobs and the database URL need one.
     pub(super) root: PathBuf,
+    /// The lock on `.lock`, released when the `DataDir` is dropped.
+    _lock: Flock<File>,
 }
 
 impl DataDir {
-    /// Creates the directory (mode 0700) if missing, and its `credentials`
-    /// and `logs` subdirectories.
+    /// Creates the directory (mode 0700) if missing, locks it, and creates
+    /// its `credentials` and `logs` subdirectories. Fails when another
+    /// process holds the lock.
     pub(super) fn open(path: &Path) -> anyhow::Result<DataDir> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -43,11 +63,12 @@ impl DataDir {
         if mode & 0o077 != 0 {
             tracing::warn!(
                 data_dir = %root.display(),
-                mode = format!("{:o}", mode & 0o777),
+                mode = format!("{:04o}", mode & 0o777),
                 "the data directory is open to other users; `chmod 700` it to keep them out"
             );
         }
-        let dir = DataDir { root };
+        let lock = lock_data_dir(&root)?;
+        let dir = DataDir { root, _lock: lock };
         for subdir in [dir.credentials_dir(), dir.logs_dir()] {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -135,6 +156,53 @@ impl DataDir {
     }
 }
 
+/// Takes the exclusive lock on a data directory's `.lock` file, without
+/// waiting. When another process holds it, the error names the directory
+/// and the API address from that process's `env` file, if it has one.
+fn lock_data_dir(root: &Path) -> anyhow::Result<Flock<File>> {
+    let path = root.join(LOCK_FILE_NAME);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("failed to open the lock file {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => {
+            let serving = match api_host_in_env_file(&root.join("env")) {
+                Some(url) => format!(", which serves the API at {url}"),
+                None => String::new(),
+            };
+            bail!(
+                "the data directory {} is in use by another `berth dev`{serving}: \
+                 stop that one first, or give this one another --data-dir",
+                root.display()
+            )
+        }
+        Err((_, errno)) => Err(anyhow::Error::new(errno))
+            .with_context(|| format!("failed to lock {}", path.display())),
+    }
+}
+
+/// Reads the value of `BERTH_API_HOST` from an `env` file that `berth dev`
+/// wrote, if the file exists and has that line.
+fn api_host_in_env_file(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix("export BERTH_API_HOST="))?;
+    // The file quotes only values with characters special to the shell,
+    // which an address does not have. Strip simple quotes all the same.
+    let value = value
+        .strip_prefix('\'')
+        .and_then(|rest| rest.strip_suffix('\''))
+        .unwrap_or(value);
+    Some(value.to_string())
+}
+
 /// Writes a file readable only by its owner (mode 0600), under a temporary
 /// name first and then renamed, so that a reader never sees half of it.
 pub(super) fn write_private_file(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
@@ -173,7 +241,7 @@ pub(super) fn read_token_file(path: &Path) -> anyhow::Result<Option<String>> {
     let mode = metadata.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         bail!(
-            "{} is readable by other users (mode {mode:o}): run `chmod 600 {}`",
+            "{} is open to other users (mode {mode:04o}): run `chmod 600 {}`",
             path.display(),
             path.display()
         );
@@ -271,17 +339,76 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = read_token_file(&path).unwrap_err().to_string();
         assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains("mode 0644"), "{err}");
     }
 
     #[test]
     fn database_url_encodes_reserved_characters() {
-        let dir = DataDir {
-            root: PathBuf::from("/data/50%?#"),
-        };
+        let parent = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(&parent.path().join("50%?#")).unwrap();
+        let parent = std::fs::canonicalize(parent.path()).unwrap();
         assert_eq!(
             dir.database_url().unwrap(),
-            "sqlite:///data/50%25%3F%23/berth.db"
+            format!("sqlite://{}/50%25%3F%23/berth.db", parent.display())
         );
+    }
+
+    #[test]
+    fn second_open_of_a_locked_dir_fails() {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("data");
+        let first = DataDir::open(&path).unwrap();
+
+        let err = format!("{:#}", DataDir::open(&path).unwrap_err());
+        assert!(err.contains(&first.root.display().to_string()), "{err}");
+        assert!(err.contains("in use by another `berth dev`"), "{err}");
+        assert!(!err.contains("serves the API"), "no env file yet: {err}");
+
+        std::fs::write(
+            first.env_file(),
+            "export BERTH_API_HOST=http://127.0.0.1:41234\nexport BERTH_API_TOKEN=t\n",
+        )
+        .unwrap();
+        let err = format!("{:#}", DataDir::open(&path).unwrap_err());
+        assert!(
+            err.contains("serves the API at http://127.0.0.1:41234"),
+            "{err}"
+        );
+
+        drop(first);
+        let again = DataDir::open(&path).unwrap();
+        let mode = std::fs::metadata(again.root.join(LOCK_FILE_NAME))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn locked_dir_is_left_untouched() {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("data");
+        let first = DataDir::open(&path).unwrap();
+        std::fs::remove_dir(first.logs_dir()).unwrap();
+
+        DataDir::open(&path).unwrap_err();
+        assert!(
+            !first.logs_dir().exists(),
+            "the second open made no subdirectory"
+        );
+    }
+
+    #[test]
+    fn quoted_api_host_is_unquoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("env");
+        std::fs::write(&path, "export BERTH_API_HOST='http://[::1]:8000'\n").unwrap();
+        assert_eq!(
+            api_host_in_env_file(&path).as_deref(),
+            Some("http://[::1]:8000")
+        );
+        assert_eq!(api_host_in_env_file(&dir.path().join("missing")), None);
     }
 
     #[test]
