@@ -8,9 +8,12 @@
 //! changes state, so following needs no polling loop here. A follower
 //! stops once the container is final and the stream has no more bytes,
 //! because the supervisor flushes its logs before it sets the final state.
+//! When the container will never run (it is back in the queue on hold),
+//! the caller cancels a [`CancellationToken`] to stop the followers early.
+//! Each one then reads the bytes left without waiting and returns.
 //!
-//! Each follower reports what it observes as [`Event`]s, so that `berth run`
-//! can show state changes while the container waits.
+//! Each follower reports the container states it observes as [`Event`]s,
+//! so that `berth run` can show state changes while the container waits.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +23,7 @@ use berth_core::ContainerState;
 use clap::ValueEnum;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
 
 use super::api::Api;
 
@@ -70,8 +74,6 @@ pub enum Event {
     /// The container's state, reported when it differs from the last one
     /// this follower reported.
     State(ContainerState),
-    /// A wait ended with no new bytes.
-    Idle,
 }
 
 /// How to read a stream.
@@ -79,11 +81,15 @@ pub enum Event {
 pub enum Mode {
     /// Read the bytes the stream contains now, then stop.
     Snapshot,
-    /// Read on as bytes arrive until the container is final.
+    /// Read on as bytes arrive until the container is final, or until the
+    /// follower's stop token is cancelled.
     Follow,
 }
 
 /// Copies one stream of a container to `output`, from byte 0.
+///
+/// When `stop` is cancelled, a follower ends its current wait, reads the
+/// bytes the stream has without waiting, and returns; a snapshot ignores it.
 pub async fn copy_stream(
     api: &Api,
     container_uuid: &str,
@@ -91,18 +97,28 @@ pub async fn copy_stream(
     mode: Mode,
     mut output: impl AsyncWrite + Unpin,
     events: Option<UnboundedSender<Event>>,
+    stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut offset: u64 = 0;
     let mut last_state: Option<ContainerState> = None;
     let mut retry = Retry::default();
     loop {
+        let stopping = mode == Mode::Follow && stop.is_cancelled();
         let final_seen = last_state.is_some_and(ContainerState::is_final);
-        let wait = (mode == Mode::Follow && !final_seen).then_some(LOG_WAIT);
-        let chunk = match api
-            .client
-            .read_log_since(container_uuid, stream.name(), offset, wait, last_state)
-            .await
-        {
+        let wait = (mode == Mode::Follow && !final_seen && !stopping).then_some(LOG_WAIT);
+        let read =
+            api.client
+                .read_log_since(container_uuid, stream.name(), offset, wait, last_state);
+        let result = if wait.is_some() {
+            tokio::select! {
+                result = read => result,
+                // Read again, this time without a wait.
+                () = stop.cancelled() => continue,
+            }
+        } else {
+            read.await
+        };
+        let chunk = match result {
             Ok(chunk) => {
                 retry.reset();
                 chunk
@@ -145,11 +161,9 @@ pub async fn copy_stream(
             last_state = Some(state);
             send(&events, Event::State(state));
         }
-        if chunk.data.is_empty() && wait.is_some() {
-            send(&events, Event::Idle);
-        }
 
-        let done = chunk.data.is_empty() && (mode == Mode::Snapshot || state.is_final());
+        let done =
+            chunk.data.is_empty() && (mode == Mode::Snapshot || state.is_final() || stopping);
         if done {
             return Ok(());
         }

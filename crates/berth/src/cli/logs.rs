@@ -3,16 +3,26 @@
 //! The UUID names a container, or a container request, whose container is
 //! shown. The container's stdout goes to stdout; its stderr and the
 //! supervisor's log go to stderr, byte for byte as stored. With `--follow`
-//! the command keeps printing new bytes until the container is final.
+//! the command keeps printing new bytes until the container is final, or
+//! until it is Queued with nothing to run it: the request named is Final,
+//! or the container named has priority 0.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
+use berth_core::ContainerState;
 use clap::Args;
 use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::api::{Api, Target};
-use super::follow::{copy_stream, Mode, Stream};
+use super::follow::{copy_stream, Event, Mode, Stream};
+
+/// The interval between two checks, while the container is Queued, of
+/// whether anything will still run it.
+const HELD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
@@ -53,22 +63,28 @@ pub async fn execute(args: LogsArgs) -> anyhow::Result<ExitCode> {
         Mode::Snapshot
     };
 
+    let (events_sender, events) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
     let copies = args.selected_streams().into_iter().map(|stream| {
         let api = &api;
         let container_uuid = container_uuid.as_str();
+        let events = (mode == Mode::Follow).then(|| events_sender.clone());
+        let stop = &stop;
         async move {
             let output: Box<dyn AsyncWrite + Unpin + Send> = match stream {
                 Stream::Stdout => Box::new(tokio::io::stdout()),
                 Stream::Stderr | Stream::Supervisor => Box::new(tokio::io::stderr()),
             };
-            copy_stream(api, container_uuid, stream, mode, output, None).await
+            copy_stream(api, container_uuid, stream, mode, output, events, stop).await
         }
     });
     match mode {
         // Followed streams run side by side, so each shows its bytes as
         // they arrive.
         Mode::Follow => {
-            futures::future::try_join_all(copies).await?;
+            let copies = futures::future::try_join_all(copies);
+            drop(events_sender);
+            follow_until_done(&api, &target, &container_uuid, copies, events, &stop).await?;
         }
         Mode::Snapshot => {
             for copy in copies {
@@ -77,6 +93,118 @@ pub async fn execute(args: LogsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Drives the followers of a container's streams until they end, and
+/// stops them when the container is Queued with nothing to run it.
+async fn follow_until_done<T>(
+    api: &Api,
+    target: &Target,
+    container_uuid: &str,
+    copies: impl std::future::Future<Output = anyhow::Result<T>>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::pin!(copies);
+    let mut held_checks = tokio::time::interval(HELD_CHECK_INTERVAL);
+    held_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut state: Option<ContainerState> = None;
+    let mut check_failing = false;
+    loop {
+        // The followers report no state until their first long-poll ends,
+        // which takes a whole wait on a held container, so the first tick
+        // checks at once.
+        let check_due = state.is_none() || state == Some(ContainerState::Queued);
+        let check = tokio::select! {
+            result = &mut copies => {
+                result?;
+                return Ok(());
+            }
+            Some(Event::State(new_state)) = events.recv() => {
+                state = Some(new_state);
+                new_state == ContainerState::Queued
+            }
+            _ = held_checks.tick(), if check_due => true,
+        };
+        if !check || stop.is_cancelled() {
+            continue;
+        }
+
+        // A failed check is shown once and tried again; the followers end
+        // the command if the controller stays unreachable.
+        match check_on_hold(api, target, container_uuid).await {
+            Ok(Held {
+                state: current,
+                reason,
+            }) => {
+                check_failing = false;
+                state = Some(current);
+                if let Some(reason) = reason {
+                    eprintln!("berth: {reason}; stopping");
+                    stop.cancel();
+                }
+            }
+            Err(err) => {
+                if !check_failing {
+                    eprintln!(
+                        "berth: failed to check container {container_uuid} (trying again): {err:#}"
+                    );
+                }
+                check_failing = true;
+            }
+        }
+    }
+}
+
+/// The result of [`check_on_hold`].
+#[derive(Debug)]
+struct Held {
+    /// The container's state at the check.
+    state: ContainerState,
+    /// Why nothing will run the container, if nothing will.
+    reason: Option<String>,
+}
+
+/// Checks whether the container is Queued with nothing to run it: the
+/// request named is Final, or the container named has priority 0.
+async fn check_on_hold(api: &Api, target: &Target, container_uuid: &str) -> anyhow::Result<Held> {
+    let container = api
+        .client
+        .get_container(container_uuid)
+        .await
+        .map_err(|err| api.explain(err))
+        .with_context(|| format!("failed to get container {container_uuid}"))?;
+    let mut held = Held {
+        state: container.state,
+        reason: None,
+    };
+    if container.state != ContainerState::Queued {
+        return Ok(held);
+    }
+    match target {
+        Target::Container(_) => {
+            if container.priority == 0 {
+                held.reason = Some(format!(
+                    "container {container_uuid} is Queued with priority 0, so nothing will run it"
+                ));
+            }
+        }
+        Target::Request(uuid) => {
+            let request = api
+                .client
+                .get_container_request(uuid.as_str())
+                .await
+                .map_err(|err| api.explain(err))
+                .with_context(|| format!("failed to get container request {uuid}"))?;
+            if request.state == berth_core::RequestState::Final {
+                held.reason = Some(format!(
+                    "request {uuid} is Final and its container {container_uuid} is Queued, \
+                     so it will not run for this request"
+                ));
+            }
+        }
+    }
+    Ok(held)
 }
 
 /// Resolves a target to a container UUID: the container itself, or a

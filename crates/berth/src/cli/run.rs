@@ -8,16 +8,20 @@
 //! command notices and shows `Queued`, `Locked` and `Running` while the
 //! container waits.
 //!
-//! Exit status: the container's exit code when it completes; 125 when it
-//! ends Cancelled or when `berth run` itself fails, as `docker run` does
-//! for failures of its own; 2 for invalid arguments.
+//! Exit status, as `docker run` gives it:
+//! - the container's exit code when it completes;
+//! - 130 (128 + SIGINT) when Ctrl-C cancelled it;
+//! - 125 when it ends Cancelled otherwise, or when `berth run` itself fails;
+//! - 2 for invalid arguments.
 //!
 //! The first Ctrl-C cancels the request (see `berth cancel`) and keeps
-//! following until the container is final; a second one exits at once.
+//! following until the container is final, or until it is back in the
+//! queue on hold because its job was stopped before it started; the
+//! command then sets the request Final. A second Ctrl-C exits at once.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use berth_core::priority::MAX_REQUEST_PRIORITY;
@@ -26,10 +30,11 @@ use berth_core::{Container, ContainerState, RequestState};
 use clap::Args;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::api::Api;
-use super::cancel::{cancel_request, CancelOutcome};
-use super::follow::{copy_stream, Event, Mode, Stream, LOG_WAIT};
+use super::cancel::{cancel_request, finalize_if_on_hold, CancelOutcome};
+use super::follow::{copy_stream, Event, Mode, Stream};
 
 /// Memory a container gets when `--ram` is not given.
 const DEFAULT_RAM: &str = "256M";
@@ -45,8 +50,13 @@ const OUTPUT_PATH: &str = "/out";
 /// `berth run` itself.
 const RUN_FAILURE_EXIT_CODE: u8 = 125;
 
-/// Exit status after a second Ctrl-C: 128 + SIGINT, as shells report it.
-const INTERRUPTED_EXIT_CODE: i32 = 130;
+/// Exit status after Ctrl-C: 128 + SIGINT, as shells report it.
+const INTERRUPTED_EXIT_CODE: u8 = 130;
+
+/// The interval between two checks of the request while its container is
+/// Queued. A cancel from another shell (priority 0, or state Final) leaves
+/// the container's state as it is, so only these checks notice it.
+const HELD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -91,8 +101,38 @@ struct EnvVar {
     value: String,
 }
 
+/// The largest `--ram` accepted, written with the largest unit: 2^63 bytes
+/// less one TiB, the largest whole number of TiB below the maximum of an
+/// i64 byte count.
+const MAX_RAM_TEXT: &str = "8388607T";
+
 fn parse_ram(text: &str) -> Result<i64, String> {
-    berth_core::units::parse_size(text)
+    berth_core::units::parse_size(text).map_err(|err| {
+        if is_too_large(text) {
+            format!("size {text:?} is too large: the maximum is {MAX_RAM_TEXT} (just under 8 EiB)")
+        } else {
+            err
+        }
+    })
+}
+
+/// Returns whether a size is a valid number and unit whose value is too
+/// large for an i64 byte count.
+fn is_too_large(text: &str) -> bool {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let Ok(number) = number.parse::<f64>() else {
+        return false;
+    };
+    // The size of one unit, from the same parser, so that both agree on
+    // the units.
+    let Ok(unit_bytes) = berth_core::units::parse_size(&format!("1{unit}")) else {
+        return false;
+    };
+    number * unit_bytes as f64 >= i64::MAX as f64
 }
 
 fn parse_env(text: &str) -> Result<EnvVar, String> {
@@ -212,6 +252,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         request_uuid: request.uuid,
         interrupt,
         cancel_requested: false,
+        check_failing: false,
         progress: Progress::default(),
     };
     let mut container_uuid = container_uuid;
@@ -222,7 +263,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 "berth: request {} was cancelled before its container started",
                 session.request_uuid
             );
-            return Ok(ExitCode::from(RUN_FAILURE_EXIT_CODE));
+            return Ok(ExitCode::from(cancelled_exit_code(
+                session.cancel_requested,
+            )));
         };
         if container.state == ContainerState::Cancelled {
             if let Some(next) = session.retry_container(&container).await? {
@@ -259,7 +302,7 @@ fn catch_interrupts() -> anyhow::Result<oneshot::Receiver<()>> {
         let _ = first.send(());
         if interrupts.recv().await.is_some() {
             eprintln!("berth: interrupted again; exiting without waiting for the container");
-            std::process::exit(INTERRUPTED_EXIT_CODE);
+            std::process::exit(i32::from(INTERRUPTED_EXIT_CODE));
         }
     });
     Ok(receiver)
@@ -273,19 +316,24 @@ struct Session {
     interrupt: oneshot::Receiver<()>,
     /// Whether this command has cancelled the request (first Ctrl-C).
     cancel_requested: bool,
+    /// Whether the last check in [`Session::check_on_hold`] failed.
+    check_failing: bool,
     progress: Progress,
 }
 
 impl Session {
     /// Follows a container until it is final and returns it, or returns
-    /// `None` when the request became Final while its container was still
-    /// Queued, so that the container will never run for it.
+    /// `None` when the request became Final while its container was
+    /// Queued, so that the container will never run for it. A request
+    /// cancelled here or elsewhere whose container is back in the queue is
+    /// set Final here.
     async fn follow(&mut self, container_uuid: &str) -> anyhow::Result<Option<Container>> {
         // The first long-poll returns only after a change, so show the
         // state the container starts from now.
         self.show_progress(container_uuid).await?;
 
         let (events_sender, mut events) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
         let api = self.api.clone();
         let streams = async {
             let stdout = copy_stream(
@@ -295,6 +343,7 @@ impl Session {
                 Mode::Follow,
                 tokio::io::stdout(),
                 Some(events_sender.clone()),
+                &stop,
             );
             let stderr = copy_stream(
                 &api,
@@ -303,35 +352,33 @@ impl Session {
                 Mode::Follow,
                 tokio::io::stderr(),
                 Some(events_sender),
+                &stop,
             );
             tokio::try_join!(stdout, stderr).map(|_| ())
         };
         tokio::pin!(streams);
 
-        let mut last_request_check: Option<Instant> = None;
+        let mut held_checks = tokio::time::interval(HELD_CHECK_INTERVAL);
+        held_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set once the request is Final and its container Queued: the
+        // streams then read what is left and end.
+        let mut on_hold = false;
         loop {
+            let queued = self.progress.state == Some(ContainerState::Queued);
             tokio::select! {
                 result = &mut streams => {
                     result?;
                     break;
                 }
-                Some(event) = events.recv() => match event {
-                    Event::State(_) => self.show_progress(container_uuid).await?,
-                    Event::Idle => {
-                        // A request set Final by someone else while its
-                        // container is Queued leaves the container on hold
-                        // for good. Both streams go idle at each wait's end,
-                        // so check the request once per wait.
-                        let queued = self.progress.state == Some(ContainerState::Queued);
-                        let due = last_request_check.is_none_or(|at| at.elapsed() >= LOG_WAIT / 2);
-                        if queued && due {
-                            last_request_check = Some(Instant::now());
-                            if self.request_state().await? == RequestState::Final {
-                                return Ok(None);
-                            }
-                        }
+                Some(Event::State(_)) = events.recv() => {
+                    self.show_progress(container_uuid).await?;
+                    if !on_hold && self.progress.state == Some(ContainerState::Queued) {
+                        on_hold = self.check_on_hold().await;
                     }
-                },
+                }
+                _ = held_checks.tick(), if queued && !on_hold => {
+                    on_hold = self.check_on_hold().await;
+                }
                 _ = &mut self.interrupt, if !self.cancel_requested => {
                     self.cancel_requested = true;
                     eprintln!(
@@ -341,13 +388,19 @@ impl Session {
                     match cancel_request(&self.api, &self.request_uuid).await {
                         Ok(outcome @ (CancelOutcome::Finalized { .. } | CancelOutcome::OnHold { .. })) => {
                             eprintln!("berth: {outcome}");
-                            return Ok(None);
+                            on_hold = true;
                         }
                         Ok(outcome) => eprintln!("berth: {outcome}"),
                         Err(err) => eprintln!("berth: failed to cancel request {}: {err:#}; still following", self.request_uuid),
                     }
                 }
             }
+            if on_hold {
+                stop.cancel();
+            }
+        }
+        if on_hold {
+            return Ok(None);
         }
 
         let container = self
@@ -358,6 +411,30 @@ impl Session {
             .map_err(|err| self.api.explain(err))
             .with_context(|| format!("failed to get container {container_uuid}"))?;
         Ok(Some(container))
+    }
+
+    /// Returns whether the request is Final while its container is Queued,
+    /// setting a cancelled request Final first. A failed check counts as
+    /// no, because the next one may succeed, and the log followers end the
+    /// run if the controller stays unreachable. Only the first of several
+    /// failures in a row is shown.
+    async fn check_on_hold(&mut self) -> bool {
+        match finalize_if_on_hold(&self.api, &self.request_uuid).await {
+            Ok(on_hold) => {
+                self.check_failing = false;
+                on_hold
+            }
+            Err(err) => {
+                if !self.check_failing {
+                    eprintln!(
+                        "berth: failed to check request {} (trying again): {err:#}",
+                        self.request_uuid
+                    );
+                }
+                self.check_failing = true;
+                false
+            }
+        }
     }
 
     /// Shows the container's state and runtime error when they change.
@@ -375,17 +452,6 @@ impl Session {
             eprintln!("berth: {line}");
         }
         Ok(())
-    }
-
-    async fn request_state(&self) -> anyhow::Result<RequestState> {
-        let request = self
-            .api
-            .client
-            .get_container_request(&self.request_uuid)
-            .await
-            .map_err(|err| self.api.explain(err))
-            .with_context(|| format!("failed to get request {}", self.request_uuid))?;
-        Ok(request.state)
     }
 
     /// Returns the container that replaces a cancelled one, when the
@@ -462,6 +528,16 @@ fn cancel_reason(container: &Container, cancel_requested: bool) -> String {
     }
 }
 
+/// Returns the exit status for a container that was cancelled, or that
+/// will never run: 130 when Ctrl-C cancelled it, else 125.
+fn cancelled_exit_code(cancel_requested: bool) -> u8 {
+    if cancel_requested {
+        INTERRUPTED_EXIT_CODE
+    } else {
+        RUN_FAILURE_EXIT_CODE
+    }
+}
+
 /// The exit status and closing message of `berth run` for a final
 /// container.
 #[derive(Debug, PartialEq, Eq)]
@@ -491,7 +567,11 @@ impl RunEnd {
                 message: Some(format!("container {uuid} is Complete but has no exit code")),
             },
             (state, _) => RunEnd {
-                code: RUN_FAILURE_EXIT_CODE,
+                code: if state == ContainerState::Cancelled {
+                    cancelled_exit_code(cancel_requested)
+                } else {
+                    RUN_FAILURE_EXIT_CODE
+                },
                 message: Some(format!(
                     "container {uuid} ended {state}: {}",
                     cancel_reason(container, cancel_requested)
@@ -619,6 +699,20 @@ mod tests {
     }
 
     #[test]
+    fn ram_too_large_names_value_and_maximum() {
+        for bad in ["99999999999999999999", "8388608T", "9999999999999G"] {
+            let err = parse(&["--ram", bad, "img", "--", "true"]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+            let text = err.to_string();
+            assert!(text.contains(&format!("{bad:?}")), "{text}");
+            assert!(text.contains("too large"), "{text}");
+            assert!(text.contains(MAX_RAM_TEXT), "{text}");
+        }
+        let args = parse(&["--ram", MAX_RAM_TEXT, "img", "--", "true"]).unwrap();
+        assert_eq!(args.ram, i64::MAX - (1 << 40) + 1);
+    }
+
+    #[test]
     fn zero_vcpus_is_a_usage_error() {
         let err = parse(&["--vcpus", "0", "img", "--", "true"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
@@ -695,9 +789,21 @@ mod tests {
         let message = end.message.unwrap();
         assert!(message.contains("ended Cancelled"), "{message}");
         assert!(message.contains("the batch job vanished"), "{message}");
+    }
 
+    #[test]
+    fn container_cancelled_by_ctrl_c_exits_130() {
         let end = RunEnd::of(&container(ContainerState::Cancelled, None), true);
+        assert_eq!(end.code, 130);
         assert!(end.message.unwrap().contains("at your request"));
+        assert_eq!(cancelled_exit_code(true), 130);
+        assert_eq!(cancelled_exit_code(false), 125);
+    }
+
+    #[test]
+    fn container_completed_despite_ctrl_c_keeps_its_exit_code() {
+        let end = RunEnd::of(&container(ContainerState::Complete, Some(0)), true);
+        assert_eq!(end.code, 0);
     }
 
     #[test]
