@@ -31,7 +31,7 @@ pub enum CredentialsError {
         source: std::io::Error,
     },
     #[error(
-        "credentials file {path} is readable by other users (mode {mode:o}): it must be mode 0600"
+        "credentials file {path} is readable by other users (mode {mode:04o}): it must be mode 0600"
     )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("credentials file {path} is not valid: {source}")]
@@ -158,6 +158,7 @@ mod tests {
         sample().write(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = JobCredentials::read(&path).unwrap_err();
+        assert!(err.to_string().contains("(mode 0644)"), "{err}");
         assert!(err.to_string().contains("0600"), "{err}");
     }
 
