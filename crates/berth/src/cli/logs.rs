@@ -133,7 +133,7 @@ async fn follow_until_done<T>(
         // A failed check is shown once and tried again; the followers end
         // the command if the controller stays unreachable.
         match check_on_hold(api, target, container_uuid).await {
-            Ok(Held {
+            Ok(HoldCheck {
                 state: current,
                 reason,
             }) => {
@@ -158,23 +158,27 @@ async fn follow_until_done<T>(
 
 /// The result of [`check_on_hold`].
 #[derive(Debug)]
-struct Held {
+struct HoldCheck {
     /// The container's state at the check.
     state: ContainerState,
-    /// Why nothing will run the container, if nothing will.
+    /// The reason nothing will run the container, when nothing will.
     reason: Option<String>,
 }
 
 /// Checks whether the container is Queued with nothing to run it: the
 /// request named is Final, or the container named has priority 0.
-async fn check_on_hold(api: &Api, target: &Target, container_uuid: &str) -> anyhow::Result<Held> {
+async fn check_on_hold(
+    api: &Api,
+    target: &Target,
+    container_uuid: &str,
+) -> anyhow::Result<HoldCheck> {
     let container = api
         .client
         .get_container(container_uuid)
         .await
         .map_err(|err| api.explain(err))
         .with_context(|| format!("failed to get container {container_uuid}"))?;
-    let mut held = Held {
+    let mut held = HoldCheck {
         state: container.state,
         reason: None,
     };
