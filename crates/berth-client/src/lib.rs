@@ -12,6 +12,9 @@
 //! from an offset and may wait on the server for new bytes
 //! ([`Client::read_log`]), so following a log needs no polling loop.
 
+// Tests may unwrap: a panic there is a test failure with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod credentials;
 
 use std::fmt;

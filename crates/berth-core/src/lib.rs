@@ -16,6 +16,9 @@
 //! here by [`ContainerState::check_transition`] and
 //! [`RequestState::check_transition`].
 
+// Tests may unwrap: a panic there is a test failure with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod priority;
 pub mod records;
 pub mod secret;

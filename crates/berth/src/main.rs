@@ -123,7 +123,9 @@ mod tests {
 
     #[test]
     fn error_chain_keeps_distinct_causes() {
-        let err = anyhow::anyhow!("root cause").context("middle").context("outer");
+        let err = anyhow::anyhow!("root cause")
+            .context("middle")
+            .context("outer");
         assert_eq!(error_chain(&err), "outer: middle: root cause");
     }
 }

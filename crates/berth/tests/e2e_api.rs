@@ -2,6 +2,8 @@
 //! authentication, ownership, and rejection of invalid requests with
 //! nothing stored.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{skip, test_image, TestCluster};

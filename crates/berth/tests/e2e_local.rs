@@ -1,6 +1,8 @@
 //! End to end with the local backend: the dispatcher runs `berth
 //! supervise` as a child process instead of a batch job.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

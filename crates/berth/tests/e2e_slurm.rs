@@ -2,6 +2,8 @@
 //! through the controller, the dispatcher, an sbatch job and
 //! `berth supervise`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

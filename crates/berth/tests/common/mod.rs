@@ -9,6 +9,7 @@
 //! dispatchers of tests that run at the same time never take each other's
 //! Slurm jobs for orphans.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
