@@ -19,7 +19,7 @@
 #   BERTH_TEST_IMAGE  image to run        [localhost/busybox:latest]
 # Needs Slurm and Podman running (scripts/setup/slurm.sh, podman.sh
 # service-start, test-image.sh). The dispatcher polls every second
-# (`berth dev`'s poll_interval), which bounds how soon it sees a request.
+# (`berth dev`'s poll_interval), which bounds how soon it picks up a request.
 set -euo pipefail
 SETUP_NAME=bench
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)

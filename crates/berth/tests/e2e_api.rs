@@ -109,7 +109,7 @@ async fn invalid_requests_name_the_field_and_store_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn missing_token_is_401_and_other_users_request_is_404() {
+async fn missing_token_and_other_owner() {
     if skip() {
         return;
     }

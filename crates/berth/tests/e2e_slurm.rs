@@ -12,7 +12,7 @@ use berth_core::{ContainerState, RequestState};
 use common::{podman_containers_for, skip, slurm_jobs_named, test_image, wait_until, TestCluster};
 use serde_json::json;
 
-/// A committed request for `command`, with small resources.
+/// Builds a committed request for `command`, with small resources.
 fn request_body(command: &[&str]) -> serde_json::Value {
     json!({
         "state": "Committed",
@@ -26,7 +26,7 @@ fn request_body(command: &[&str]) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn known_text_is_logged_byte_exact_and_request_final() {
+async fn known_text_log_is_byte_exact() {
     if skip() {
         return;
     }

@@ -88,8 +88,8 @@ pub async fn dispatch(config_path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The dispatcher's API client: the controller named in the dispatch
-/// section, with the system token.
+/// Builds the dispatcher's API client: the controller named in the
+/// dispatch section, with the system token.
 pub fn dispatch_client(config: &Config) -> anyhow::Result<berth_client::Client> {
     let dispatch = config.dispatch()?;
     let settings = berth_client::Settings {

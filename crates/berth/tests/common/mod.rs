@@ -123,7 +123,7 @@ impl TestCluster {
         }
     }
 
-    /// A client with the system token.
+    /// Returns a client that acts with the system token.
     pub fn system_client(&self) -> Client {
         client(&self.api_url, &self.system_token)
     }
@@ -162,7 +162,8 @@ impl TestCluster {
         command
     }
 
-    /// The controller's and dispatcher's logs, for failure messages.
+    /// Returns the last lines of the controller's and dispatcher's logs, for
+    /// failure messages.
     pub fn logs(&self) -> String {
         let mut text = String::new();
         for name in ["controller.log", "dispatch.log"] {
@@ -291,7 +292,7 @@ fn random_alnum(len: usize) -> String {
         .collect()
 }
 
-/// A random cluster id that starts with a letter, so it never looks like a
+/// Makes a random cluster id that starts with a letter, so it never looks like a
 /// number to a shell or YAML.
 fn random_cluster_id() -> String {
     let mut rng = rand::thread_rng();
