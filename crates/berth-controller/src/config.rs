@@ -85,6 +85,12 @@ pub struct Config {
     /// Largest body, in bytes, of any other request. Default 16 MiB.
     #[serde(default = "defaults::max_request_body_bytes")]
     pub max_request_body_bytes: usize,
+    /// The URL clients reach the controller at, such as
+    /// `https://berth.example.org:8443/`: the `rootUrl` of the discovery
+    /// document. Needed behind a proxy; without it, the URL is built from
+    /// each request's `Host` header and scheme. Default: none.
+    #[serde(default)]
+    pub external_url: Option<String>,
 }
 
 /// A configuration value that cannot work.
@@ -108,6 +114,7 @@ impl Config {
             shutdown_grace_period_seconds: defaults::SHUTDOWN_GRACE_PERIOD_SECONDS,
             max_log_chunk_bytes: defaults::MAX_LOG_CHUNK_BYTES,
             max_request_body_bytes: defaults::MAX_REQUEST_BODY_BYTES,
+            external_url: None,
         }
     }
 
@@ -155,6 +162,22 @@ impl Config {
                 &self.max_request_body_bytes,
                 "must be at least 1024",
             ));
+        }
+        if let Some(url) = &self.external_url {
+            let parsed = url::Url::parse(url);
+            let usable = parsed.as_ref().is_ok_and(|parsed| {
+                matches!(parsed.scheme(), "http" | "https")
+                    && parsed.has_host()
+                    && parsed.query().is_none()
+                    && parsed.fragment().is_none()
+            });
+            if !usable {
+                return Err(error(
+                    "external_url",
+                    url,
+                    "must be an http:// or https:// URL with a host and no query, such as https://berth.example.org:8443/",
+                ));
+            }
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! The HTTP API: the Arvados v1 routes Berth serves, under `/arvados/v1/`,
-//! plus `GET /_health/ping`.
+//! the discovery document clients build their methods from
+//! ([`discovery`]), and `GET /_health/ping`.
 //!
 //! [`app`] builds the router from an [`AppState`], so tests drive it with
 //! `tower::ServiceExt::oneshot` and need no socket. Each handler
@@ -16,6 +17,7 @@
 //! not see is answered 404, as if it did not exist.
 
 pub mod containers;
+pub mod discovery;
 pub mod logs;
 pub mod params;
 pub mod rejection;
@@ -79,6 +81,7 @@ struct Inner {
     max_log_chunk_bytes: usize,
     max_request_body_bytes: usize,
     request_timeout: Duration,
+    external_url: Option<String>,
 }
 
 impl AppState {
@@ -96,6 +99,7 @@ impl AppState {
                 max_log_chunk_bytes: config.max_log_chunk_bytes,
                 max_request_body_bytes: config.max_request_body_bytes,
                 request_timeout: config.request_timeout(),
+                external_url: config.external_url.clone(),
             }),
         }
     }
@@ -126,6 +130,10 @@ impl AppState {
 
     pub(crate) fn max_request_body_bytes(&self) -> usize {
         self.inner.max_request_body_bytes
+    }
+
+    pub(crate) fn external_url(&self) -> Option<&str> {
+        self.inner.external_url.as_deref()
     }
 
     /// Ends every log wait now, so a draining server is not held up by
@@ -182,6 +190,10 @@ pub fn app(state: AppState) -> Router {
     let timeout = state.inner.request_timeout;
     Router::new()
         .nest("/arvados/v1", v1)
+        .route(
+            "/discovery/v1/apis/arvados/v1/rest",
+            get(discovery::document),
+        )
         .route("/_health/ping", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -7,6 +7,7 @@
 mod auth;
 mod common;
 mod containers;
+mod discovery;
 mod errors;
 mod lists;
 mod logs;
