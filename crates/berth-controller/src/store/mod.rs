@@ -13,11 +13,12 @@
 //! This is how two dispatchers locking the same container at once end with
 //! exactly one lock.
 //!
-//! Everything SQL-dialect specific lives in the backend module
-//! ([`sqlite`]); this module holds what every backend shares: the trait, the
+//! Everything SQL-dialect specific lives in the backend modules
+//! ([`sqlite`], [`postgres`]); this module holds what every backend shares: the trait, the
 //! column lists of the two record tables, and the dialect-neutral list query
 //! ([`ListQuery`]).
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::str::FromStr;
@@ -491,7 +492,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 }
 
 /// Opens the store a database URL names, creating and migrating the
-/// database as needed. Only `sqlite://PATH` is supported so far.
+/// database as needed: `sqlite://PATH` for a SQLite file,
+/// `postgres://...` or `postgresql://...` for a PostgreSQL database (which
+/// must exist; its tables are created).
 pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn Store>> {
     if let Some(path) = url
         .strip_prefix("sqlite://")
@@ -501,14 +504,15 @@ pub async fn open(url: &str, max_connections: u32) -> Result<Arc<dyn Store>> {
             sqlite::SqliteStore::open(url, std::path::Path::new(path), max_connections).await?;
         return Ok(Arc::new(store));
     }
-    let reason = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        "PostgreSQL is not supported yet: use sqlite://PATH"
-    } else {
-        "expected sqlite://PATH, for example sqlite:///var/lib/berth/berth.db"
-    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = postgres::PostgresStore::open(url, max_connections).await?;
+        return Ok(Arc::new(store));
+    }
     Err(StoreError::InvalidUrl {
-        url: url.to_string(),
-        reason: reason.to_string(),
+        url: postgres::redact(url),
+        reason: "expected sqlite://PATH (for example sqlite:///var/lib/berth/berth.db) \
+                 or postgres://USER:PASSWORD@HOST:PORT/DATABASE"
+            .to_string(),
     })
 }
 
@@ -566,12 +570,9 @@ mod tests {
             .build()
             .unwrap();
         let err = runtime
-            .block_on(open("postgres://localhost/berth", 1))
+            .block_on(open("mysql://localhost/berth", 1))
             .unwrap_err();
-        assert!(
-            err.to_string().contains("postgres://localhost/berth"),
-            "{err}"
-        );
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        assert!(err.to_string().contains("mysql://localhost/berth"), "{err}");
+        assert!(err.to_string().contains("postgres://"), "{err}");
     }
 }

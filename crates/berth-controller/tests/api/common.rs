@@ -1,5 +1,10 @@
-//! The test harness: a controller router on a fresh SQLite file in a
-//! temporary directory, driven with `tower::ServiceExt::oneshot`.
+//! The test harness: a controller router on a fresh store, driven with
+//! `tower::ServiceExt::oneshot`.
+//!
+//! The store is a SQLite file in a temporary directory, or, when
+//! `BERTH_TEST_DATABASE_URL` names a PostgreSQL database, a schema of its
+//! own in that database, created for the test and dropped after it, so
+//! that tests run in parallel without seeing each other's rows.
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
@@ -64,11 +69,12 @@ impl Reply {
 }
 
 pub struct TestApi {
-    /// Holds the database until the test ends.
-    _dir: tempfile::TempDir,
     pub state: AppState,
     pub app: Router,
     pub cluster: ClusterSettings,
+    /// Holds the database until the test ends; last, so that it goes
+    /// after the store that uses it.
+    _database: TestDatabase,
 }
 
 pub fn cluster() -> ClusterSettings {
@@ -84,9 +90,8 @@ impl TestApi {
     }
 
     pub async fn with_config(adjust: impl FnOnce(&mut Config)) -> TestApi {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}/db/berth.db", dir.path().display());
-        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), url);
+        let database = TestDatabase::new().await;
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), database.url().to_string());
         adjust(&mut config);
         let store = berth_controller::store::open(&config.database_url, 4)
             .await
@@ -95,7 +100,7 @@ impl TestApi {
         let state = AppState::new(store, cluster.clone(), &config);
         TestApi {
             app: app(state.clone()),
-            _dir: dir,
+            _database: database,
             state,
             cluster,
         }
@@ -286,4 +291,95 @@ pub fn str_of<'a>(value: &'a Value, key: &str) -> &'a str {
     value[key]
         .as_str()
         .unwrap_or_else(|| panic!("{key} is not a string in {value}"))
+}
+
+/// The variable naming a PostgreSQL database for the tests; unset, they
+/// use SQLite.
+pub const DATABASE_URL_VARIABLE: &str = "BERTH_TEST_DATABASE_URL";
+
+/// A database for one test, removed when it is dropped.
+pub enum TestDatabase {
+    Sqlite {
+        url: String,
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        url: String,
+        /// The URL of the database that holds the schema.
+        base_url: String,
+        schema: String,
+    },
+}
+
+impl TestDatabase {
+    pub async fn new() -> TestDatabase {
+        match std::env::var(DATABASE_URL_VARIABLE) {
+            Ok(base_url) if !base_url.is_empty() => TestDatabase::postgres(base_url).await,
+            _ => {
+                let dir = tempfile::tempdir().unwrap();
+                TestDatabase::Sqlite {
+                    url: format!("sqlite://{}/db/berth.db", dir.path().display()),
+                    _dir: dir,
+                }
+            }
+        }
+    }
+
+    /// Creates a schema with a random name and returns a URL whose
+    /// connections use it.
+    async fn postgres(base_url: String) -> TestDatabase {
+        use sqlx::Connection;
+        let schema = format!("test_{:016x}", rand::random::<u64>());
+        let mut conn = sqlx::PgConnection::connect(&base_url)
+            .await
+            .unwrap_or_else(|err| panic!("cannot connect to {DATABASE_URL_VARIABLE}: {err}"));
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let separator = if base_url.contains('?') { '&' } else { '?' };
+        TestDatabase::Postgres {
+            url: format!("{base_url}{separator}options[search_path]={schema}"),
+            base_url,
+            schema,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        match self {
+            TestDatabase::Sqlite { url, .. } | TestDatabase::Postgres { url, .. } => url,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let TestDatabase::Postgres {
+            base_url, schema, ..
+        } = self
+        else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot block on a
+        // future, so the schema is dropped from a thread of its own.
+        let base_url = base_url.clone();
+        let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+        let dropped = std::thread::spawn(move || {
+            use sqlx::Connection;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&base_url).await?;
+                sqlx::query(&sql).execute(&mut conn).await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if let Ok(Err(err)) = dropped {
+            eprintln!("failed to drop the test schema {schema}: {err}");
+        }
+    }
 }

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::common::{cluster, runnable, SYSTEM_TOKEN};
+use crate::common::{cluster, runnable, TestDatabase, SYSTEM_TOKEN};
 
 struct Running {
     base_url: url::Url,
@@ -19,14 +19,14 @@ struct Running {
     stop: oneshot::Sender<()>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
     config: Config,
-    _dir: tempfile::TempDir,
+    _database: TestDatabase,
 }
 
 async fn start() -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    // A directory that does not exist yet: the store creates it.
-    let url = format!("sqlite://{}/state/sub/berth.db", dir.path().display());
-    let config = Config::new("127.0.0.1:0".parse().unwrap(), url);
+    // With SQLite, the file's directory does not exist yet: the store
+    // creates it.
+    let database = TestDatabase::new().await;
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), database.url());
     let bound = bind(cluster(), config.clone()).await.unwrap();
     let address = bound.local_addr();
     let state = bound.state().clone();
@@ -41,7 +41,7 @@ async fn start() -> Running {
         stop,
         server,
         config,
-        _dir: dir,
+        _database: database,
     }
 }
 
@@ -204,9 +204,8 @@ async fn shutdown_ends_a_long_poll() {
 
 #[tokio::test]
 async fn create_user_rejects_duplicate_name() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/berth.db", dir.path().display());
-    let config = Config::new("127.0.0.1:0".parse().unwrap(), url);
+    let database = TestDatabase::new().await;
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), database.url());
     let token = create_user(&cluster(), &config, "alice", true)
         .await
         .unwrap();

@@ -1,0 +1,978 @@
+//! The PostgreSQL backend of [`Store`]: an sqlx pool on a database that
+//! several controllers may share, with the migrations of
+//! `migrations/postgres` run at open.
+//!
+//! The tables match the SQLite backend's column for column, so records are
+//! mapped the same way: a record is serialised to a JSON object, each
+//! column takes the value of the field of its name, and reading builds the
+//! object back from the columns. Text columns use the "C" collation, so
+//! sorting and comparing (timestamps included) go by bytes as in SQLite.
+//!
+//! Transactions run at PostgreSQL's default isolation, READ COMMITTED. A
+//! conditional update (`WHERE uuid = $n AND version = $m`, see the parent
+//! module) that meets a concurrent writer waits for it and then matches
+//! no row, which the store reports as a conflict, so each read-check-write
+//! stays atomic. Appends to a log take a transaction-scoped advisory lock
+//! on the stream, so two appenders at the same offset run one after the
+//! other. A list reads its count and its page in one REPEATABLE READ
+//! snapshot.
+//!
+//! A URL may choose the schema through its connection options, for
+//! example `postgres://HOST/DB?options[search_path]=berth`.
+
+use std::sync::LazyLock;
+
+use async_trait::async_trait;
+use berth_core::priority::request_contribution;
+use berth_core::time::{self, Timestamp};
+use berth_core::{Container, ContainerRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{
+    PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, Postgres,
+};
+use sqlx::query::Query;
+use sqlx::Row;
+
+use super::{
+    ApiToken, AppendOutcome, Column, ColumnKind, ContainerWrite, CredentialChange, Filter,
+    FilterOp, ListQuery, LogStream, Operand, Page, RequestWrite, Result, Scalar, Store, StoreError,
+    User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+};
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Rewrites the `?` placeholders of a statement built from fragments into
+/// PostgreSQL's numbered `$1`, `$2`, ... in order. The fragments carry no
+/// string literal with a `?`: every value is bound.
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut next = 1;
+    for c in sql.chars() {
+        if c == '?' {
+            out.push('$');
+            out.push_str(&next.to_string());
+            next += 1;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A record table and the statements that read and write it.
+struct Table {
+    name: &'static str,
+    columns: &'static [Column],
+    select: String,
+    insert: String,
+    update: String,
+}
+
+impl Table {
+    fn new(name: &'static str, columns: &'static [Column]) -> Table {
+        let names: Vec<&str> = columns.iter().map(|c| c.name).collect();
+        let placeholders: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+        let assignments: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{n} = ${}", i + 1))
+            .collect();
+        let count = columns.len();
+        Table {
+            name,
+            columns,
+            select: format!("SELECT {}, version FROM {name}", names.join(", ")),
+            insert: format!(
+                "INSERT INTO {name} ({}, version) VALUES ({}, 1)",
+                names.join(", "),
+                placeholders.join(", ")
+            ),
+            update: format!(
+                "UPDATE {name} SET {}, version = version + 1 WHERE uuid = ${} AND version = ${}",
+                assignments.join(", "),
+                count + 1,
+                count + 2
+            ),
+        }
+    }
+}
+
+static REQUESTS: LazyLock<Table> =
+    LazyLock::new(|| Table::new("container_requests", REQUEST_COLUMNS));
+static CONTAINERS: LazyLock<Table> = LazyLock::new(|| Table::new("containers", CONTAINER_COLUMNS));
+
+/// A value bound to a statement parameter.
+#[derive(Debug, Clone)]
+enum Bound {
+    Text(Option<String>),
+    Integer(Option<i64>),
+    Real(Option<f64>),
+    Bool(Option<bool>),
+}
+
+impl From<&Scalar> for Bound {
+    fn from(scalar: &Scalar) -> Bound {
+        match scalar {
+            Scalar::Text(text) => Bound::Text(Some(text.clone())),
+            Scalar::Integer(value) => Bound::Integer(Some(*value)),
+            Scalar::Real(value) => Bound::Real(Some(*value)),
+            Scalar::Bool(value) => Bound::Bool(Some(*value)),
+        }
+    }
+}
+
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+fn bind_all<'q>(mut query: PgQuery<'q>, values: &[Bound]) -> PgQuery<'q> {
+    for value in values {
+        query = match value.clone() {
+            Bound::Text(value) => query.bind(value),
+            Bound::Integer(value) => query.bind(value),
+            Bound::Real(value) => query.bind(value),
+            Bound::Bool(value) => query.bind(value),
+        };
+    }
+    query
+}
+
+/// Encodes the column values of a record, in the table's column order.
+fn encode_record<T: Serialize>(table: &Table, uuid: &str, record: &T) -> Result<Vec<Bound>> {
+    let encode_error = |reason: String| StoreError::Encode {
+        table: table.name,
+        uuid: uuid.to_string(),
+        reason,
+    };
+    let value = serde_json::to_value(record).map_err(|err| encode_error(err.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(encode_error("the record is not a JSON object".into()));
+    };
+    table
+        .columns
+        .iter()
+        .map(|column| {
+            let value = fields.get(column.name).unwrap_or(&Value::Null);
+            encode_value(column, value).ok_or_else(|| {
+                encode_error(format!(
+                    "field {} has the unexpected value {value}",
+                    column.name
+                ))
+            })
+        })
+        .collect()
+}
+
+fn encode_value(column: &Column, value: &Value) -> Option<Bound> {
+    let bound = match (column.kind, value) {
+        (ColumnKind::Json, value) => Bound::Text(Some(value.to_string())),
+        (ColumnKind::Text | ColumnKind::Timestamp, Value::Null) => Bound::Text(None),
+        (ColumnKind::Text | ColumnKind::Timestamp, Value::String(text)) => {
+            Bound::Text(Some(text.clone()))
+        }
+        (ColumnKind::Integer, Value::Null) => Bound::Integer(None),
+        (ColumnKind::Integer, Value::Number(number)) => Bound::Integer(Some(number.as_i64()?)),
+        (ColumnKind::Real, Value::Null) => Bound::Real(None),
+        (ColumnKind::Real, Value::Number(number)) => Bound::Real(Some(number.as_f64()?)),
+        (ColumnKind::Bool, Value::Null) => Bound::Bool(None),
+        (ColumnKind::Bool, Value::Bool(value)) => Bound::Bool(Some(*value)),
+        _ => return None,
+    };
+    Some(bound)
+}
+
+fn decode_record<T: DeserializeOwned>(table: &Table, row: &PgRow) -> Result<Versioned<T>> {
+    let read_error = StoreError::query("read a row");
+    let mut fields = Map::new();
+    let mut json_errors = Vec::new();
+    for column in table.columns {
+        let name = column.name;
+        let value = match column.kind {
+            ColumnKind::Text | ColumnKind::Timestamp => row
+                .try_get::<Option<String>, _>(name)
+                .map_err(read_error)?
+                .map(Value::String),
+            ColumnKind::Integer => row
+                .try_get::<Option<i64>, _>(name)
+                .map_err(read_error)?
+                .map(Value::from),
+            ColumnKind::Real => row
+                .try_get::<Option<f64>, _>(name)
+                .map_err(read_error)?
+                .map(Value::from),
+            ColumnKind::Bool => row
+                .try_get::<Option<bool>, _>(name)
+                .map_err(read_error)?
+                .map(Value::Bool),
+            ColumnKind::Json => match row.try_get::<Option<String>, _>(name).map_err(read_error)? {
+                Some(text) => match serde_json::from_str(&text) {
+                    Ok(value) => Some(value),
+                    Err(err) => {
+                        json_errors.push(err);
+                        None
+                    }
+                },
+                None => None,
+            },
+        };
+        fields.insert(name.to_string(), value.unwrap_or(Value::Null));
+    }
+    let version: i64 = row.try_get("version").map_err(read_error)?;
+    let uuid = fields
+        .get("uuid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let decode_error = |source| StoreError::Decode {
+        table: table.name,
+        uuid: uuid.clone(),
+        source,
+    };
+    if let Some(err) = json_errors.pop() {
+        return Err(decode_error(err));
+    }
+    let record = serde_json::from_value(Value::Object(fields)).map_err(decode_error)?;
+    Ok(Versioned { record, version })
+}
+
+async fn insert_record<T: Serialize>(
+    conn: &mut PgConnection,
+    table: &Table,
+    uuid: &str,
+    record: &T,
+) -> Result<()> {
+    let values = encode_record(table, uuid, record)?;
+    bind_all(sqlx::query(&table.insert), &values)
+        .execute(conn)
+        .await
+        .map_err(StoreError::query("insert a record"))?;
+    Ok(())
+}
+
+/// Writes a record over the row at `expected_version`; returns the new
+/// version, or a conflict when the row has another version.
+async fn update_record<T: Serialize>(
+    conn: &mut PgConnection,
+    table: &Table,
+    uuid: &str,
+    record: &T,
+    expected_version: i64,
+) -> Result<i64> {
+    let mut values = encode_record(table, uuid, record)?;
+    values.push(Bound::Text(Some(uuid.to_string())));
+    values.push(Bound::Integer(Some(expected_version)));
+    let result = bind_all(sqlx::query(&table.update), &values)
+        .execute(conn)
+        .await
+        .map_err(StoreError::query("update a record"))?;
+    if result.rows_affected() == 0 {
+        return Err(StoreError::Conflict {
+            table: table.name,
+            uuid: uuid.to_string(),
+        });
+    }
+    Ok(expected_version + 1)
+}
+
+async fn get_record<T: DeserializeOwned>(
+    conn: &mut PgConnection,
+    table: &Table,
+    uuid: &str,
+) -> Result<Option<Versioned<T>>> {
+    let sql = format!("{} WHERE uuid = $1", table.select);
+    let row = sqlx::query(&sql)
+        .bind(uuid)
+        .fetch_optional(conn)
+        .await
+        .map_err(StoreError::query("read a record"))?;
+    row.map(|row| decode_record(table, &row)).transpose()
+}
+
+/// Recomputes a live container's priority from its Committed requests.
+async fn recompute_priority(conn: &mut PgConnection, container_uuid: &str) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT uuid, priority, created_at FROM container_requests \
+         WHERE container_uuid = $1 AND state = 'Committed' AND priority > 0",
+    )
+    .bind(container_uuid)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(StoreError::query("read the requests of a container"))?;
+    let mut priority = 0;
+    for row in rows {
+        let read_error = StoreError::query("read the requests of a container");
+        let uuid: String = row.try_get("uuid").map_err(read_error)?;
+        let request_priority: i64 = row.try_get("priority").map_err(read_error)?;
+        let created_at: String = row.try_get("created_at").map_err(read_error)?;
+        let created_at = time::parse(&created_at).map_err(|err| StoreError::Encode {
+            table: "container_requests",
+            uuid,
+            reason: format!("created_at {created_at:?} is not a timestamp: {err}"),
+        })?;
+        priority = priority.max(request_contribution(request_priority, &created_at));
+    }
+    sqlx::query(
+        "UPDATE containers SET priority = $1, modified_at = $2, version = version + 1 \
+         WHERE uuid = $3 AND priority != $1 AND state IN ('Queued', 'Locked', 'Running')",
+    )
+    .bind(priority)
+    .bind(time::format(&chrono::Utc::now()))
+    .bind(container_uuid)
+    .execute(conn)
+    .await
+    .map_err(StoreError::query("update a container's priority"))?;
+    Ok(())
+}
+
+/// Builds the SQL condition of a caller's visibility on a table.
+fn visibility_condition(
+    table: &Table,
+    visibility: &Visibility,
+    params: &mut Vec<Bound>,
+) -> Option<String> {
+    let is_containers = table.name == CONTAINERS.name;
+    match visibility {
+        Visibility::All => None,
+        Visibility::User(user) => {
+            params.push(Bound::Text(Some(user.clone())));
+            Some(if is_containers {
+                "uuid IN (SELECT container_uuid FROM container_requests \
+                 WHERE owner_uuid = ? AND container_uuid IS NOT NULL)"
+                    .to_string()
+            } else {
+                "owner_uuid = ?".to_string()
+            })
+        }
+        Visibility::Container(container) => {
+            if is_containers {
+                params.push(Bound::Text(Some(container.clone())));
+                Some("uuid = ?".to_string())
+            } else {
+                Some("FALSE".to_string())
+            }
+        }
+    }
+}
+
+fn filter_condition(filter: &Filter, params: &mut Vec<Bound>) -> String {
+    let name = filter.column.name;
+    let comparison = |symbol: &str| format!("{name} {symbol} ?");
+    match (&filter.op, &filter.operand) {
+        (FilterOp::Eq, Operand::Null) => format!("{name} IS NULL"),
+        (FilterOp::NotEq, Operand::Null) => format!("{name} IS NOT NULL"),
+        (_, Operand::Null) => "FALSE".to_string(),
+        (FilterOp::In | FilterOp::NotIn, Operand::List(items)) => {
+            let negate = filter.op == FilterOp::NotIn;
+            if items.is_empty() {
+                return if negate { "TRUE" } else { "FALSE" }.to_string();
+            }
+            params.extend(items.iter().map(Bound::from));
+            let placeholders = vec!["?"; items.len()].join(", ");
+            if negate {
+                format!("({name} IS NULL OR {name} NOT IN ({placeholders}))")
+            } else {
+                format!("{name} IN ({placeholders})")
+            }
+        }
+        (_, Operand::List(_)) => "FALSE".to_string(),
+        (op, Operand::One(scalar)) => {
+            let bound = match (op, scalar) {
+                (FilterOp::Like | FilterOp::ILike, Scalar::Text(pattern)) => {
+                    Bound::Text(Some(escape_trailing_backslash(pattern)))
+                }
+                _ => Bound::from(scalar),
+            };
+            params.push(bound);
+            match op {
+                FilterOp::Eq | FilterOp::In => comparison("="),
+                // Null-safe: a NULL field is "not equal" to any value.
+                FilterOp::NotEq | FilterOp::NotIn => comparison("IS DISTINCT FROM"),
+                FilterOp::Lt => comparison("<"),
+                FilterOp::Le => comparison("<="),
+                FilterOp::Gt => comparison(">"),
+                FilterOp::Ge => comparison(">="),
+                FilterOp::Like => comparison("LIKE"),
+                FilterOp::ILike => comparison("ILIKE"),
+            }
+        }
+    }
+}
+
+/// Makes a LIKE pattern that ends in its escape character `\\` match that
+/// character literally, as SQLite does; PostgreSQL rejects such a pattern.
+fn escape_trailing_backslash(pattern: &str) -> String {
+    let mut escaped = false;
+    for c in pattern.chars() {
+        escaped = !escaped && c == '\\';
+    }
+    if escaped {
+        format!("{pattern}\\")
+    } else {
+        pattern.to_string()
+    }
+}
+
+/// Builds the WHERE clause (possibly empty) of a list query and its
+/// parameters.
+fn where_clause(table: &Table, query: &ListQuery) -> (String, Vec<Bound>) {
+    let mut params = Vec::new();
+    let mut conditions = Vec::new();
+    if let Some(condition) = visibility_condition(table, &query.visibility, &mut params) {
+        conditions.push(condition);
+    }
+    for filter in &query.filters {
+        conditions.push(filter_condition(filter, &mut params));
+    }
+    if conditions.is_empty() {
+        (String::new(), params)
+    } else {
+        (format!(" WHERE {}", conditions.join(" AND ")), params)
+    }
+}
+
+fn order_clause(query: &ListQuery) -> String {
+    let mut keys: Vec<String> = query
+        .order
+        .iter()
+        .map(|order| {
+            format!(
+                "{} {}",
+                order.column.name,
+                if order.descending { "DESC" } else { "ASC" }
+            )
+        })
+        .collect();
+    if !query.order.iter().any(|order| order.column.name == "uuid") {
+        let descending = query.order.first().is_none_or(|order| order.descending);
+        keys.push(format!("uuid {}", if descending { "DESC" } else { "ASC" }));
+    }
+    if query.order.is_empty() {
+        keys.insert(0, "modified_at DESC".to_string());
+    }
+    format!(" ORDER BY {}", keys.join(", "))
+}
+
+async fn list_records<T: DeserializeOwned>(
+    pool: &PgPool,
+    table: &Table,
+    query: &ListQuery,
+) -> Result<Page<T>> {
+    let (condition, params) = where_clause(table, query);
+    let mut conn = pool
+        .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(StoreError::query("begin a read transaction"))?;
+    let items_available = if query.count {
+        let sql = format!("SELECT COUNT(*) FROM {}{condition}", table.name);
+        let sql = numbered(&sql);
+        let row = bind_all(sqlx::query(&sql), &params)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::query("count records"))?;
+        let count: i64 = row.try_get(0).map_err(StoreError::query("count records"))?;
+        Some(u64::try_from(count).unwrap_or(0))
+    } else {
+        None
+    };
+    let sql = format!(
+        "{}{condition}{} LIMIT ? OFFSET ?",
+        table.select,
+        order_clause(query)
+    );
+    let mut params = params;
+    params.push(Bound::Integer(Some(
+        i64::try_from(query.limit).unwrap_or(i64::MAX),
+    )));
+    params.push(Bound::Integer(Some(
+        i64::try_from(query.offset).unwrap_or(i64::MAX),
+    )));
+    let sql = numbered(&sql);
+    let rows = bind_all(sqlx::query(&sql), &params)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(StoreError::query("list records"))?;
+    conn.commit()
+        .await
+        .map_err(StoreError::query("end a read transaction"))?;
+    let items = rows
+        .iter()
+        .map(|row| decode_record(table, row))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Page {
+        items,
+        items_available,
+    })
+}
+
+async fn stream_size(
+    conn: &mut PgConnection,
+    container_uuid: &str,
+    stream: LogStream,
+) -> Result<u64> {
+    let end: Option<i64> = sqlx::query_scalar(
+        "SELECT byte_offset + octet_length(data) FROM container_logs \
+         WHERE container_uuid = $1 AND stream = $2 ORDER BY byte_offset DESC LIMIT 1",
+    )
+    .bind(container_uuid)
+    .bind(stream.as_str())
+    .fetch_optional(conn)
+    .await
+    .map_err(StoreError::query("read a log's size"))?;
+    Ok(end.and_then(|end| u64::try_from(end).ok()).unwrap_or(0))
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn decode_token(row: &PgRow) -> Result<ApiToken> {
+    let read_error = StoreError::query("read a token");
+    let uuid: String = row.try_get("uuid").map_err(read_error)?;
+    let scopes: String = row.try_get("scopes").map_err(read_error)?;
+    let scopes = serde_json::from_str(&scopes).map_err(|source| StoreError::Decode {
+        table: "api_client_authorizations",
+        uuid: uuid.clone(),
+        source,
+    })?;
+    let timestamp = |column: &'static str| -> Result<Option<Timestamp>> {
+        let text: Option<String> = row.try_get(column).map_err(read_error)?;
+        text.map(|text| {
+            time::parse(&text).map_err(|err| StoreError::Encode {
+                table: "api_client_authorizations",
+                uuid: uuid.clone(),
+                reason: format!("{column} {text:?} is not a timestamp: {err}"),
+            })
+        })
+        .transpose()
+    };
+    let created_at = timestamp("created_at")?.unwrap_or_default();
+    let expires_at = timestamp("expires_at")?;
+    let revoked_at = timestamp("revoked_at")?;
+    Ok(ApiToken {
+        owner_uuid: row.try_get("owner_uuid").map_err(read_error)?,
+        secret_sha256: row.try_get("secret_sha256").map_err(read_error)?,
+        container_uuid: row.try_get("container_uuid").map_err(read_error)?,
+        scopes,
+        created_at,
+        expires_at,
+        revoked_at,
+        uuid,
+    })
+}
+
+async fn insert_token(conn: &mut PgConnection, token: &ApiToken) -> Result<()> {
+    let scopes = serde_json::to_string(&token.scopes).map_err(|err| StoreError::Encode {
+        table: "api_client_authorizations",
+        uuid: token.uuid.clone(),
+        reason: err.to_string(),
+    })?;
+    sqlx::query(
+        "INSERT INTO api_client_authorizations \
+         (uuid, owner_uuid, secret_sha256, scopes, container_uuid, created_at, expires_at, revoked_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&token.uuid)
+    .bind(&token.owner_uuid)
+    .bind(&token.secret_sha256)
+    .bind(scopes)
+    .bind(&token.container_uuid)
+    .bind(time::format(&token.created_at))
+    .bind(token.expires_at.as_ref().map(time::format))
+    .bind(token.revoked_at.as_ref().map(time::format))
+    .execute(conn)
+    .await
+    .map_err(StoreError::query("insert a token"))?;
+    Ok(())
+}
+
+/// The PostgreSQL store. Cloning shares the pool.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to the database `url` names and runs the migrations. The
+    /// database must exist; its tables are created when missing.
+    pub async fn open(url: &str, max_connections: u32) -> Result<PostgresStore> {
+        let options: PgConnectOptions = url.parse().map_err(|err| StoreError::InvalidUrl {
+            url: redact(url),
+            reason: format!("{err}: expected postgres://USER:PASSWORD@HOST:PORT/DATABASE"),
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                url: redact(url),
+                source,
+            })?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|source| StoreError::Migrate {
+                url: redact(url),
+                source,
+            })?;
+        tracing::info!(url = %redact(url), "opened the PostgreSQL database");
+        Ok(PostgresStore { pool })
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'_, Postgres>> {
+        self.pool
+            .begin()
+            .await
+            .map_err(StoreError::query("begin a write transaction"))
+    }
+}
+
+/// Returns the URL with its password replaced by `***`, for messages and
+/// logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Setting a password fails only for URLs that cannot have one.
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) | Err(_) => url.to_string(),
+    }
+}
+
+async fn commit(tx: sqlx::Transaction<'_, Postgres>) -> Result<()> {
+    tx.commit()
+        .await
+        .map_err(StoreError::query("commit a transaction"))
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("reach the database"))?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn insert_user(&self, user: &User, token: &ApiToken) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (uuid, username, is_admin, is_active, created_at, modified_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&user.uuid)
+        .bind(&user.username)
+        .bind(user.is_admin)
+        .bind(user.is_active)
+        .bind(time::format(&user.created_at))
+        .bind(time::format(&user.modified_at))
+        .execute(&mut *tx)
+        .await;
+        match inserted {
+            Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {
+                return Err(StoreError::DuplicateUser {
+                    username: user.username.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(StoreError::Query {
+                    operation: "insert a user",
+                    source,
+                })
+            }
+            Ok(_) => {}
+        }
+        insert_token(&mut tx, token).await?;
+        commit(tx).await
+    }
+
+    async fn get_user(&self, uuid: &str) -> Result<Option<User>> {
+        let row = sqlx::query(
+            "SELECT uuid, username, is_admin, is_active, created_at, modified_at FROM users WHERE uuid = $1",
+        )
+        .bind(uuid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::query("read a user"))?;
+        let Some(row) = row else { return Ok(None) };
+        let read_error = StoreError::query("read a user");
+        let timestamp = |column: &str| -> Result<Timestamp> {
+            let text: String = row.try_get(column).map_err(read_error)?;
+            time::parse(&text).map_err(|err| StoreError::Encode {
+                table: "users",
+                uuid: uuid.to_string(),
+                reason: format!("{column} {text:?} is not a timestamp: {err}"),
+            })
+        };
+        Ok(Some(User {
+            uuid: row.try_get("uuid").map_err(read_error)?,
+            username: row.try_get("username").map_err(read_error)?,
+            is_admin: row.try_get("is_admin").map_err(read_error)?,
+            is_active: row.try_get("is_active").map_err(read_error)?,
+            created_at: timestamp("created_at")?,
+            modified_at: timestamp("modified_at")?,
+        }))
+    }
+
+    async fn get_token(&self, uuid: &str) -> Result<Option<ApiToken>> {
+        let row = sqlx::query(
+            "SELECT uuid, owner_uuid, secret_sha256, scopes, container_uuid, created_at, expires_at, revoked_at \
+             FROM api_client_authorizations WHERE uuid = $1",
+        )
+        .bind(uuid)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::query("read a token"))?;
+        row.as_ref().map(decode_token).transpose()
+    }
+
+    async fn insert_request(
+        &self,
+        request: &ContainerRequest,
+        container: Option<&Container>,
+    ) -> Result<Versioned<ContainerRequest>> {
+        let mut tx = self.begin_write().await?;
+        if let Some(container) = container {
+            insert_record(&mut tx, &CONTAINERS, &container.uuid, container).await?;
+        }
+        insert_record(&mut tx, &REQUESTS, &request.uuid, request).await?;
+        if let Some(container_uuid) = &request.container_uuid {
+            recompute_priority(&mut tx, container_uuid).await?;
+        }
+        commit(tx).await?;
+        Ok(Versioned {
+            record: request.clone(),
+            version: 1,
+        })
+    }
+
+    async fn get_request(&self, uuid: &str) -> Result<Option<Versioned<ContainerRequest>>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::query("connect to the database"))?;
+        get_record(&mut conn, &REQUESTS, uuid).await
+    }
+
+    async fn list_requests(&self, query: &ListQuery) -> Result<Page<ContainerRequest>> {
+        list_records(&self.pool, &REQUESTS, query).await
+    }
+
+    async fn update_request(&self, write: &RequestWrite) -> Result<Versioned<ContainerRequest>> {
+        let record = &write.record;
+        let mut tx = self.begin_write().await?;
+        if let Some(container) = &write.new_container {
+            insert_record(&mut tx, &CONTAINERS, &container.uuid, container).await?;
+        }
+        let version = update_record(
+            &mut tx,
+            &REQUESTS,
+            &record.uuid,
+            record,
+            write.expected_version,
+        )
+        .await?;
+        if let Some(container_uuid) = &record.container_uuid {
+            recompute_priority(&mut tx, container_uuid).await?;
+        }
+        commit(tx).await?;
+        Ok(Versioned {
+            record: record.clone(),
+            version,
+        })
+    }
+
+    async fn get_container(&self, uuid: &str) -> Result<Option<Versioned<Container>>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::query("connect to the database"))?;
+        get_record(&mut conn, &CONTAINERS, uuid).await
+    }
+
+    async fn list_containers(&self, query: &ListQuery) -> Result<Page<Container>> {
+        list_records(&self.pool, &CONTAINERS, query).await
+    }
+
+    async fn container_requested_by(&self, container_uuid: &str, user_uuid: &str) -> Result<bool> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM container_requests WHERE container_uuid = $1 AND owner_uuid = $2)",
+        )
+        .bind(container_uuid)
+        .bind(user_uuid)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(StoreError::query("check who requested a container"))
+    }
+
+    async fn update_container(&self, write: &ContainerWrite) -> Result<Versioned<Container>> {
+        let record = &write.record;
+        let now = time::format(&record.modified_at);
+        let mut tx = self.begin_write().await?;
+        let version = update_record(
+            &mut tx,
+            &CONTAINERS,
+            &record.uuid,
+            record,
+            write.expected_version,
+        )
+        .await?;
+        match &write.credentials {
+            CredentialChange::Keep => {}
+            CredentialChange::Mint(minted) => {
+                insert_token(&mut tx, &minted.token).await?;
+                sqlx::query("UPDATE containers SET gateway_secret_sha256 = $1 WHERE uuid = $2")
+                    .bind(&minted.gateway_secret_sha256)
+                    .bind(&record.uuid)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query("store a gateway secret"))?;
+            }
+            CredentialChange::Revoke { token_uuid } => {
+                if let Some(token_uuid) = token_uuid {
+                    sqlx::query(
+                        "UPDATE api_client_authorizations SET revoked_at = $1 \
+                         WHERE uuid = $2 AND revoked_at IS NULL",
+                    )
+                    .bind(&now)
+                    .bind(token_uuid)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query("revoke a container token"))?;
+                }
+                sqlx::query("UPDATE containers SET gateway_secret_sha256 = NULL WHERE uuid = $1")
+                    .bind(&record.uuid)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::query("forget a gateway secret"))?;
+            }
+        }
+        if write.finalize_requests {
+            sqlx::query(
+                "UPDATE container_requests SET state = 'Final', modified_at = $1, \
+                 modified_by_user_uuid = $2, version = version + 1 \
+                 WHERE container_uuid = $3 AND state = 'Committed'",
+            )
+            .bind(&now)
+            .bind(&record.modified_by_user_uuid)
+            .bind(&record.uuid)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("finalize a container's requests"))?;
+        }
+        commit(tx).await?;
+        Ok(Versioned {
+            record: record.clone(),
+            version,
+        })
+    }
+
+    async fn log_size(&self, container_uuid: &str, stream: LogStream) -> Result<u64> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::query("connect to the database"))?;
+        stream_size(&mut conn, container_uuid, stream).await
+    }
+
+    async fn append_log(
+        &self,
+        container_uuid: &str,
+        stream: LogStream,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<AppendOutcome> {
+        let mut tx = self.begin_write().await?;
+        // Serialises appends to one stream; released when the transaction
+        // ends.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            .bind(format!("{container_uuid}/{}", stream.as_str()))
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("lock a log for appending"))?;
+        let size = stream_size(&mut tx, container_uuid, stream).await?;
+        if offset > size {
+            return Ok(AppendOutcome::Gap { size });
+        }
+        // Bytes before `size` are already stored: a retried append sends
+        // them again, and they are skipped.
+        let skip = usize::try_from(size - offset).unwrap_or(usize::MAX);
+        if skip >= data.len() {
+            return Ok(AppendOutcome::Appended { size, added: 0 });
+        }
+        let new_bytes = &data[skip..];
+        sqlx::query(
+            "INSERT INTO container_logs (container_uuid, stream, byte_offset, data) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(container_uuid)
+        .bind(stream.as_str())
+        .bind(to_i64(size))
+        .bind(new_bytes)
+        .execute(&mut *tx)
+        .await
+        .map_err(StoreError::query("append to a log"))?;
+        commit(tx).await?;
+        let added = new_bytes.len() as u64;
+        Ok(AppendOutcome::Appended {
+            size: size + added,
+            added,
+        })
+    }
+
+    async fn read_log(
+        &self,
+        container_uuid: &str,
+        stream: LogStream,
+        offset: u64,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, u64)> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(StoreError::query("begin a read transaction"))?;
+        let size = stream_size(&mut tx, container_uuid, stream).await?;
+        let end = size.min(offset.saturating_add(max_bytes));
+        let mut data = Vec::new();
+        if offset < end {
+            let rows = sqlx::query(
+                "SELECT byte_offset, data FROM container_logs \
+                 WHERE container_uuid = $1 AND stream = $2 \
+                 AND byte_offset + octet_length(data) > $3 AND byte_offset < $4 ORDER BY byte_offset",
+            )
+            .bind(container_uuid)
+            .bind(stream.as_str())
+            .bind(to_i64(offset))
+            .bind(to_i64(end))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::query("read a log"))?;
+            for row in rows {
+                let read_error = StoreError::query("read a log");
+                let chunk_offset: i64 = row.try_get("byte_offset").map_err(read_error)?;
+                let chunk: Vec<u8> = row.try_get("data").map_err(read_error)?;
+                let chunk_start = u64::try_from(chunk_offset).unwrap_or(0);
+                let from =
+                    usize::try_from(offset.saturating_sub(chunk_start)).unwrap_or(usize::MAX);
+                let to = usize::try_from(end - chunk_start).unwrap_or(usize::MAX);
+                let to = to.min(chunk.len());
+                if from < to {
+                    data.extend_from_slice(&chunk[from..to]);
+                }
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(StoreError::query("end a read transaction"))?;
+        Ok((data, size))
+    }
+}
