@@ -6,9 +6,13 @@
 #   scripts/setup/slurm.sh                 Slurm: slurmctld, slurmd, munged
 #   scripts/setup/podman.sh service-start  Podman's Docker-compatible API
 #   scripts/setup/test-image.sh            localhost/busybox:latest, archive
+#   scripts/setup/postgres.sh start        PostgreSQL (unless BERTH_TEST_POSTGRES=0)
 # then builds the workspace's tests and runs them with cargo-nextest when it
-# is installed, else with `cargo test`, with --no-fail-fast. Extra arguments
-# go to that command, e.g. `scripts/test.sh -p berth-core` or a test filter.
+# is installed, else with `cargo test`, with --no-fail-fast, on SQLite; then
+# runs the controller's tests (its store and API suites) a second time on
+# PostgreSQL. Extra arguments go to both runs, e.g. `scripts/test.sh -p
+# berth-core` or a test filter; the second run then takes them in place of
+# `-p berth-controller`.
 # Each phase's duration is printed; the exit status is the test run's.
 #
 # Needs: root, Debian 12 with apt access (packages are installed when
@@ -19,12 +23,12 @@
 #   BERTH_INTEGRATION=1        run the tests that need Slurm and Podman
 #   BERTH_TEST_IMAGE           image tag loaded in Podman
 #   BERTH_TEST_IMAGE_ARCHIVE   the same image as a `docker save` archive
-#   BERTH_TEST_DATABASE_URL    PostgreSQL URL, only with BERTH_TEST_POSTGRES=1
+#   BERTH_TEST_DATABASE_URL    PostgreSQL URL, in the second run only
 #   SLURM_CONF                 only when BERTH_SLURM_CONF names another file
 #
 # Tunables (environment variables):
-#   BERTH_TEST_POSTGRES  1: also start PostgreSQL (scripts/setup/postgres.sh)
-#                        and export BERTH_TEST_DATABASE_URL               [0]
+#   BERTH_TEST_POSTGRES  1: start PostgreSQL (scripts/setup/postgres.sh) and
+#                        run the controller's tests on it too; 0: SQLite only [1]
 #   BERTH_TEST_RUNNER    nextest or cargo-test; default: nextest if installed
 #   and the tunables of the set-up scripts (BERTH_PODMAN_SOCK, ...), which
 #   this script passes on.
@@ -34,7 +38,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/setup/lib.sh
 . "$REPO_ROOT/scripts/setup/lib.sh"
 
-: "${BERTH_TEST_POSTGRES:=0}"
+: "${BERTH_TEST_POSTGRES:=1}"
 : "${BERTH_PODMAN_SOCK:=$BERTH_RUN_DIR/podman.sock}"
 : "${BERTH_TEST_IMAGE:=localhost/busybox:latest}"
 : "${BERTH_TEST_IMAGE_ARCHIVE:=$BERTH_STATE_DIR/test-image/busybox.tar}"
@@ -115,8 +119,8 @@ if [ "$BERTH_TEST_POSTGRES" = 1 ]; then
   rm -f "$postgres_output"
   [ -n "$BERTH_TEST_DATABASE_URL" ] || die "scripts/setup/postgres.sh printed no DATABASE_URL"
   # Deliberately not DATABASE_URL: sqlx's query macros would read that at
-  # compile time and check every query against this database.
-  export BERTH_TEST_DATABASE_URL
+  # compile time and check every query against this database. It is set
+  # only for the second run, so the first one tests SQLite.
 fi
 
 export DOCKER_HOST=unix://$BERTH_PODMAN_SOCK
@@ -142,5 +146,14 @@ else
   sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$test_output" \
     | awk '{ p += $1; f += $2; s += $3 } END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }'
   rm -f "$test_output"
+fi
+if [ "$BERTH_TEST_POSTGRES" = 1 ]; then
+  # The controller's tests again, each on a schema of its own in PostgreSQL.
+  pg_args=("$@")
+  [ "$#" -gt 0 ] || pg_args=(-p berth-controller)
+  pg_scope=("${scope[@]}")
+  [ "$#" -gt 0 ] || pg_scope=()
+  run_phase tests-postgres env BERTH_TEST_DATABASE_URL="$BERTH_TEST_DATABASE_URL" \
+    "${test_command[@]}" "${pg_scope[@]}" --no-fail-fast "${pg_args[@]}" || status=$?
 fi
 exit "$status"

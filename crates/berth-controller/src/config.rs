@@ -55,10 +55,14 @@ pub mod defaults {
 pub struct Config {
     /// Address and port to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Database URL, `sqlite://PATH` (for example
-    /// `sqlite:///var/lib/berth/berth.db`). The file (mode 0600) and its
-    /// directories (mode 0700) are created when missing; an existing file
-    /// that group or others can read is logged as a warning.
+    /// Database URL: `sqlite://PATH` (for example
+    /// `sqlite:///var/lib/berth/berth.db`), or
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` (also `postgresql://`)
+    /// for a PostgreSQL database that several controllers may share. A
+    /// SQLite file (mode 0600) and its directories (mode 0700) are created
+    /// when missing, and an existing file that group or others can read is
+    /// logged as a warning; a PostgreSQL database must exist, and its
+    /// tables are created.
     pub database_url: String,
     /// Times a container may be locked; an unlock once `lock_count` has
     /// reached this number cancels the container instead of queueing it
@@ -126,7 +130,11 @@ impl Config {
             reason,
         };
         if self.database_url.trim().is_empty() {
-            return Err(error("database_url", &"\"\"", "give sqlite://PATH"));
+            return Err(error(
+                "database_url",
+                &"\"\"",
+                "give sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE",
+            ));
         }
         if self.max_dispatch_attempts < 1 {
             return Err(error(

@@ -976,3 +976,192 @@ impl Store for PostgresStore {
         Ok((data, size))
     }
 }
+
+/// These tests need a PostgreSQL database: they run when
+/// `BERTH_TEST_DATABASE_URL` names one and pass without checking anything
+/// otherwise. Each works in a schema of its own, dropped at the end.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// A store on a fresh schema, and the schema's name.
+    async fn store() -> Option<(PostgresStore, String, String)> {
+        let base = std::env::var("BERTH_TEST_DATABASE_URL").ok()?;
+        let schema = format!("test_{:016x}", rand::random::<u64>());
+        let mut conn = PgConnection::connect(&base).await.unwrap();
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = format!("{base}?options[search_path]={schema}");
+        let store = PostgresStore::open(&url, 4).await.unwrap();
+        Some((store, base, schema))
+    }
+
+    async fn drop_schema(store: PostgresStore, base: &str, schema: &str) {
+        store.close().await;
+        let mut conn = PgConnection::connect(base).await.unwrap();
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    fn container(uuid: &str) -> Container {
+        serde_json::from_value(serde_json::json!({
+            "uuid": uuid,
+            "owner_uuid": "zzzzz-tpzed-000000000000000",
+            "created_at": "2024-01-01T00:00:00.000000000Z",
+            "modified_at": "2024-01-01T00:00:00.000000000Z",
+            "state": "Queued",
+            "cwd": ".",
+            "output_path": "/out",
+            "container_image": "busybox",
+        }))
+        .unwrap()
+    }
+
+    fn request(uuid: &str, name: &str, container_uuid: &str) -> ContainerRequest {
+        serde_json::from_value(serde_json::json!({
+            "uuid": uuid,
+            "owner_uuid": "zzzzz-tpzed-0123456789abcde",
+            "created_at": "2024-01-01T00:00:00.000000000Z",
+            "modified_at": "2024-01-01T00:00:00.000000000Z",
+            "state": "Committed",
+            "name": name,
+            "priority": 1,
+            "container_uuid": container_uuid,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn placeholders_are_numbered_in_order() {
+        assert_eq!(
+            numbered("a = ? AND b IN (?, ?)"),
+            "a = $1 AND b IN ($2, $3)"
+        );
+    }
+
+    #[test]
+    fn trailing_escape_matches_itself() {
+        assert_eq!(escape_trailing_backslash("a%\\"), "a%\\\\");
+        assert_eq!(escape_trailing_backslash("a\\\\"), "a\\\\");
+        assert_eq!(escape_trailing_backslash("a\\%"), "a\\%");
+    }
+
+    #[test]
+    fn passwords_are_hidden_in_messages() {
+        let shown = redact("postgres://berth:secret@127.0.0.1:5432/berth");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("127.0.0.1:5432/berth"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn stale_version_is_a_conflict() {
+        let Some((store, base, schema)) = store().await else {
+            return;
+        };
+        let uuid = "zzzzz-dz642-0123456789abcde";
+        let request = request("zzzzz-xvhdp-0123456789abcde", "one", uuid);
+        store
+            .insert_request(&request, Some(&container(uuid)))
+            .await
+            .unwrap();
+        let read = store.get_container(uuid).await.unwrap().unwrap();
+        // Inserting the request set the container's priority: version 2.
+        assert_eq!(read.version, 2);
+        assert!(read.record.priority > 0);
+        let write = ContainerWrite {
+            record: read.record.clone(),
+            expected_version: read.version,
+            credentials: CredentialChange::Keep,
+            finalize_requests: false,
+        };
+        let (first, second) = tokio::join!(
+            store.update_container(&write),
+            store.update_container(&write)
+        );
+        let conflicts = [&first, &second]
+            .iter()
+            .filter(|result| matches!(result, Err(StoreError::Conflict { .. })))
+            .count();
+        assert_eq!(conflicts, 1, "{first:?} {second:?}");
+        drop_schema(store, &base, &schema).await;
+    }
+
+    #[tokio::test]
+    async fn log_chunks_round_trip_bytes() {
+        let Some((store, base, schema)) = store().await else {
+            return;
+        };
+        let uuid = "zzzzz-dz642-0123456789abcde";
+        store
+            .insert_request(
+                &request("zzzzz-xvhdp-0123456789abcde", "one", uuid),
+                Some(&container(uuid)),
+            )
+            .await
+            .unwrap();
+        let stream = LogStream::Stdout;
+        let bytes: Vec<u8> = (0..=255).collect();
+        // The same chunk sent twice at once: one append adds it.
+        let (a, b) = tokio::join!(
+            store.append_log(uuid, stream, 0, &bytes),
+            store.append_log(uuid, stream, 0, &bytes)
+        );
+        let mut added = [a.unwrap(), b.unwrap()].map(|outcome| match outcome {
+            AppendOutcome::Appended { added, .. } => added,
+            AppendOutcome::Gap { .. } => panic!("unexpected gap"),
+        });
+        added.sort();
+        assert_eq!(added, [0, 256]);
+        store.append_log(uuid, stream, 200, &bytes).await.unwrap();
+        assert_eq!(store.log_size(uuid, stream).await.unwrap(), 456);
+        assert_eq!(
+            store.append_log(uuid, stream, 500, b"x").await.unwrap(),
+            AppendOutcome::Gap { size: 456 }
+        );
+        let (data, size) = store.read_log(uuid, stream, 250, 10).await.unwrap();
+        assert_eq!(size, 456);
+        // Offset 200 resent bytes 0..56 of the chunk: the store kept the rest.
+        let expected: Vec<u8> = bytes[250..].iter().chain(&bytes[56..60]).copied().collect();
+        assert_eq!(data, expected);
+        drop_schema(store, &base, &schema).await;
+    }
+
+    #[tokio::test]
+    async fn like_is_case_sensitive_and_ilike_is_not() {
+        let Some((store, base, schema)) = store().await else {
+            return;
+        };
+        let uuid = "zzzzz-dz642-0123456789abcde";
+        store
+            .insert_request(
+                &request("zzzzz-xvhdp-0123456789abcde", "Alpha", uuid),
+                Some(&container(uuid)),
+            )
+            .await
+            .unwrap();
+        let name = super::super::find_column(REQUEST_COLUMNS, "name").unwrap();
+        for (op, expected) in [(FilterOp::Like, 0), (FilterOp::ILike, 1)] {
+            let query = ListQuery {
+                visibility: Visibility::All,
+                filters: vec![Filter {
+                    column: name,
+                    op,
+                    operand: Operand::One(Scalar::Text("alp%".into())),
+                }],
+                order: Vec::new(),
+                limit: 10,
+                offset: 0,
+                count: true,
+            };
+            let page = store.list_requests(&query).await.unwrap();
+            assert_eq!(page.items.len(), expected, "{op:?}");
+            assert_eq!(page.items_available, Some(expected as u64), "{op:?}");
+        }
+        drop_schema(store, &base, &schema).await;
+    }
+}

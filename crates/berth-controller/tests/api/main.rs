@@ -1,6 +1,7 @@
-//! Tests of the controller's HTTP API against a real SQLite store in a
-//! temporary directory. Most drive the router with `oneshot`; `socket`
-//! serves on port 0 and uses berth-client.
+//! Tests of the controller's HTTP API against a real store: a SQLite file
+//! in a temporary directory, or a fresh schema in the PostgreSQL database
+//! `BERTH_TEST_DATABASE_URL` names (see `common`). Most drive the router
+//! with `oneshot`; `socket` serves on port 0 and uses berth-client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
