@@ -393,7 +393,15 @@ fn schemas() -> Value {
     let simple = |id: &str, names: &[(&str, &str)]| {
         let properties: Map<String, Value> = names
             .iter()
-            .map(|(name, kind)| ((*name).to_string(), json!({"type": kind})))
+            .map(|(name, kind)| {
+                // Clients that print a schema expect the items of every
+                // array to be described.
+                let spec = match *kind {
+                    "array" => json!({"type": "array", "items": {"type": "string"}}),
+                    _ => json!({"type": kind}),
+                };
+                ((*name).to_string(), spec)
+            })
             .collect();
         json!({"id": id, "type": "object", "properties": properties})
     };

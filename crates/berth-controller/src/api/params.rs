@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use axum::body::Body;
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::HeaderMap;
-use berth_core::time;
+use berth_core::{time, ObjectType};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::{Map, Value};
@@ -408,11 +408,26 @@ fn scalar(column: &Column, value: &Value) -> Result<Scalar, String> {
     }
 }
 
-fn parse_filter(columns: &'static [Column], table: &str, filter: &Value) -> Result<Filter, String> {
+/// Parses one `[attribute, operator, operand]` filter. `None` is a filter
+/// that every record meets (`is_a` on the table's own kind).
+fn parse_filter(
+    columns: &'static [Column],
+    table: &str,
+    filter: &Value,
+) -> Result<Option<Filter>, String> {
     let Some([attribute, op, operand]) = filter.as_array().map(Vec::as_slice) else {
         return Err("expected [attribute, operator, operand]".into());
     };
     let attribute = attribute.as_str().ok_or("the attribute is not a string")?;
+    match op
+        .as_str()
+        .map(|op| op.trim().to_ascii_lowercase())
+        .as_deref()
+    {
+        Some("is_a") => return parse_is_a(columns, table, attribute, operand),
+        Some("exists") => return Err(exists_error(columns, table, attribute)),
+        _ => {}
+    }
     let column = column_named(columns, table, attribute).ok_or_else(|| {
         format!(
             "attribute {} cannot be filtered: use one of {}",
@@ -423,7 +438,7 @@ fn parse_filter(columns: &'static [Column], table: &str, filter: &Value) -> Resu
     let op_text = op.as_str().ok_or("the operator is not a string")?;
     let op = parse_op(op_text).ok_or_else(|| {
         format!(
-            "unknown operator {}: use =, !=, <, <=, >, >=, in, not in, like or ilike",
+            "unknown operator {}: use =, !=, <, <=, >, >=, in, not in, like, ilike or is_a",
             quote_text(op_text)
         )
     })?;
@@ -460,11 +475,106 @@ fn parse_filter(columns: &'static [Column], table: &str, filter: &Value) -> Resu
         }
         (_, value) => Operand::One(scalar(column, value)?),
     };
-    Ok(Filter {
+    Ok(Some(Filter {
         column,
         op,
         operand,
-    })
+    }))
+}
+
+/// Returns the type of the records of a table.
+fn table_type(table: &str) -> Option<ObjectType> {
+    match table {
+        "container_requests" => Some(ObjectType::ContainerRequest),
+        "containers" => Some(ObjectType::Container),
+        _ => None,
+    }
+}
+
+/// Parses `[attribute, "is_a", kind]`, where kind is one kind such as
+/// `arvados#containerRequest` or a list of them: the attribute contains
+/// the uuid of a record of one of those kinds. As in Arvados, an unknown kind
+/// matches nothing, and on `uuid` the filter is true or false for the
+/// whole table.
+fn parse_is_a(
+    columns: &'static [Column],
+    table: &str,
+    attribute: &str,
+    operand: &Value,
+) -> Result<Option<Filter>, String> {
+    let not_kinds = "the is_a operand is not a kind or list of kinds";
+    let kinds: Vec<&str> = match operand {
+        Value::String(kind) => vec![kind.as_str()],
+        Value::Array(items) => items
+            .iter()
+            .map(|item| item.as_str().ok_or(not_kinds))
+            .collect::<Result<_, _>>()?,
+        _ => return Err(not_kinds.into()),
+    };
+    let column = column_named(columns, table, attribute)
+        .filter(|column| column.kind == ColumnKind::Text)
+        .ok_or_else(|| {
+            format!(
+                "attribute {} cannot be filtered with is_a: use a uuid attribute such as uuid or owner_uuid",
+                quote_text(attribute)
+            )
+        })?;
+    let types: Vec<ObjectType> = ObjectType::ALL
+        .into_iter()
+        .filter(|object_type| kinds.contains(&object_type.kind()))
+        .collect();
+
+    let uuid_column = find_column(columns, "uuid").ok_or("the table has no uuid attribute")?;
+    // No record has a null uuid, so this filter matches nothing.
+    let none = Filter {
+        column: uuid_column,
+        op: FilterOp::Eq,
+        operand: Operand::Null,
+    };
+    if column.name == "uuid" {
+        let own = table_type(table);
+        return Ok(if types.iter().any(|t| Some(*t) == own) {
+            None
+        } else {
+            Some(none)
+        });
+    }
+    match types.as_slice() {
+        [] => Ok(Some(none)),
+        // Any cluster prefix, this type's code, any 15 characters.
+        [one] => Ok(Some(Filter {
+            column,
+            op: FilterOp::Like,
+            operand: Operand::One(Scalar::Text(format!(
+                "_____-{}-_______________",
+                one.code()
+            ))),
+        })),
+        // NOTE: one condition cannot express "any of several kinds" with
+        // the store's operators, so this case is rejected.
+        _ => Err("is_a with several kinds is not supported: give one kind per filter".into()),
+    }
+}
+
+/// Explains why `exists` cannot be used on an attribute. In Arvados,
+/// `exists` tests a key of an object attribute such as `properties`.
+fn exists_error(columns: &'static [Column], table: &str, attribute: &str) -> String {
+    let name = attribute
+        .strip_prefix(table)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .unwrap_or(attribute);
+    let base = name.split('.').next().unwrap_or(name);
+    match find_column(columns, base) {
+        // NOTE: the store cannot filter on keys inside object attributes yet.
+        Some(column) if column.kind == ColumnKind::Json => format!(
+            "operator \"exists\" on {} is not supported: filtering on keys of object attributes is not implemented",
+            quote_text(attribute)
+        ),
+        _ => format!(
+            "operator \"exists\" applies only to object attributes such as properties, not to {}",
+            quote_text(attribute)
+        ),
+    }
 }
 
 /// Quotes a JSON value for an error message, shortened when it is long.
@@ -534,7 +644,7 @@ fn parse_filters(
         let filter = parse_filter(columns, table, filter).map_err(|reason| {
             ApiError::invalid(format!("invalid filter {}: {reason}", quote(filter)))
         })?;
-        parsed.push(filter);
+        parsed.extend(filter);
     }
     for (attribute, value) in conditions {
         let op = if value.is_array() { "in" } else { "=" };
@@ -542,7 +652,7 @@ fn parse_filters(
         let condition = parse_filter(columns, table, &filter).map_err(|reason| {
             ApiError::invalid(format!("invalid where {}: {reason}", quote(&filter)))
         })?;
-        parsed.push(condition);
+        parsed.extend(condition);
     }
 
     let operands: usize = parsed.iter().map(operand_count).sum();
@@ -755,6 +865,70 @@ mod tests {
             Visibility::All
         )
         .is_err());
+    }
+
+    #[test]
+    fn is_a_matches_the_type_code_of_a_uuid() {
+        let p = params(r#"filters=[["owner_uuid","is_a","arvados#user"]]"#);
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.filters.len(), 1);
+        assert_eq!(query.filters[0].column.name, "owner_uuid");
+        assert_eq!(query.filters[0].op, FilterOp::Like);
+        assert_eq!(
+            query.filters[0].operand,
+            Operand::One(Scalar::Text("_____-tpzed-_______________".into()))
+        );
+    }
+
+    #[test]
+    fn is_a_on_uuid_is_true_or_false_for_the_table() {
+        let own = params(r#"filters=[["uuid","is_a",["arvados#containerRequest"]]]"#);
+        let query =
+            list_query(REQUEST_COLUMNS, "container_requests", &own, Visibility::All).unwrap();
+        assert!(query.filters.is_empty());
+
+        let other = params(r#"filters=[["uuid","is_a","arvados#collection"]]"#);
+        let query = list_query(
+            REQUEST_COLUMNS,
+            "container_requests",
+            &other,
+            Visibility::All,
+        )
+        .unwrap();
+        assert_eq!(query.filters.len(), 1);
+        assert_eq!(query.filters[0].operand, Operand::Null);
+        assert_eq!(query.filters[0].op, FilterOp::Eq);
+    }
+
+    #[test]
+    fn is_a_with_unknown_kind_matches_nothing() {
+        let p = params(r#"filters=[["container_uuid","is_a","arvados#nothing"]]"#);
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.filters[0].column.name, "uuid");
+        assert_eq!(query.filters[0].operand, Operand::Null);
+    }
+
+    #[test]
+    fn is_a_with_several_kinds_is_rejected() {
+        let p = params(r#"filters=[["owner_uuid","is_a",["arvados#user","arvados#group"]]]"#);
+        let err =
+            list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
+        assert!(err.to_string().contains("one kind per filter"), "{err}");
+    }
+
+    #[test]
+    fn exists_is_rejected_with_reason() {
+        let p = params(r#"filters=[["properties","exists","a"]]"#);
+        let err =
+            list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
+        assert!(err.to_string().contains("not implemented"), "{err}");
+        let p = params(r#"filters=[["state","exists",true]]"#);
+        let err =
+            list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
+        assert!(
+            err.to_string().contains("only to object attributes"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! `users/current` and `api_client_authorizations/current`: who the
 //! caller's token acts as.
+//!
+//! A user record carries the fields Arvados clients read (`email`,
+//! `first_name`, `last_name`, `prefs` among them), even those Berth does
+//! not keep.
 
 use axum::extract::State;
 use axum::Json;
@@ -23,7 +27,11 @@ pub async fn current_user(
             "uuid": system_uuid,
             "owner_uuid": system_uuid,
             "username": "root",
+            "email": "",
             "full_name": "system user",
+            "first_name": "system",
+            "last_name": "user",
+            "prefs": {},
             "is_admin": true,
             "is_active": true,
             "created_at": Value::Null,
@@ -40,7 +48,13 @@ pub async fn current_user(
             "uuid": user.uuid,
             "owner_uuid": system_uuid,
             "username": user.username,
+            // Berth keeps no e-mail address or real name, so the
+            // username is used as the name.
+            "email": "",
             "full_name": user.username,
+            "first_name": user.username,
+            "last_name": "",
+            "prefs": {},
             "is_admin": user.is_admin,
             "is_active": user.is_active,
             "created_at": time::format(&user.created_at),
