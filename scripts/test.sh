@@ -7,6 +7,8 @@
 #   scripts/setup/podman.sh service-start  Podman's Docker-compatible API
 #   scripts/setup/test-image.sh            localhost/busybox:latest, archive
 #   scripts/setup/postgres.sh start        PostgreSQL (unless BERTH_TEST_POSTGRES=0)
+# and makes a Python virtual environment with the Arvados Python SDK
+# (`pip install arvados-python-client`, from PyPI) unless it exists,
 # then builds the workspace's tests and runs them with cargo-nextest when it
 # is installed, else with `cargo test`, with --no-fail-fast, on SQLite; then
 # runs the controller's tests (its store and API suites) a second time on
@@ -24,12 +26,14 @@
 #   BERTH_TEST_IMAGE           image tag loaded in Podman
 #   BERTH_TEST_IMAGE_ARCHIVE   the same image as a `docker save` archive
 #   BERTH_TEST_DATABASE_URL    PostgreSQL URL, in the second run only
+#   BERTH_TEST_PYTHON          the virtual environment's python, for the SDK test
 #   SLURM_CONF                 only when BERTH_SLURM_CONF names another file
 #
 # Tunables (environment variables):
 #   BERTH_TEST_POSTGRES  1: start PostgreSQL (scripts/setup/postgres.sh) and
 #                        run the controller's tests on it too; 0: SQLite only [1]
 #   BERTH_TEST_RUNNER    nextest or cargo-test; default: nextest if installed
+#   BERTH_TEST_VENV      the SDK's virtual environment   [$BERTH_STATE_DIR/venv]
 #   and the tunables of the set-up scripts (BERTH_PODMAN_SOCK, ...), which
 #   this script passes on.
 set -euo pipefail
@@ -42,6 +46,7 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 : "${BERTH_PODMAN_SOCK:=$BERTH_RUN_DIR/podman.sock}"
 : "${BERTH_TEST_IMAGE:=localhost/busybox:latest}"
 : "${BERTH_TEST_IMAGE_ARCHIVE:=$BERTH_STATE_DIR/test-image/busybox.tar}"
+: "${BERTH_TEST_VENV:=$BERTH_STATE_DIR/venv}"
 export BERTH_PODMAN_SOCK BERTH_TEST_IMAGE BERTH_TEST_IMAGE_ARCHIVE
 
 t_total=$(now_ms)
@@ -112,6 +117,22 @@ log "$(cargo --version), test runner: ${test_command[*]} ${scope[*]} --no-fail-f
 run_phase slurm scripts/setup/slurm.sh
 run_phase podman scripts/setup/podman.sh service-start
 run_phase test-image scripts/setup/test-image.sh
+
+# python_sdk_venv: makes $BERTH_TEST_VENV with the Arvados Python SDK, or
+# reuses it when its python already imports the SDK.
+python_sdk_venv() {
+  if "$BERTH_TEST_VENV/bin/python" -c 'import arvados' 2>/dev/null; then
+    log "reusing the Arvados Python SDK in $BERTH_TEST_VENV"
+    return 0
+  fi
+  command -v python3 >/dev/null || apt_install python3 || return
+  python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv || return
+  python3 -m venv --clear "$BERTH_TEST_VENV" || return
+  "$BERTH_TEST_VENV/bin/pip" install --quiet arvados-python-client
+}
+run_phase python-sdk python_sdk_venv
+export BERTH_TEST_PYTHON=$BERTH_TEST_VENV/bin/python
+
 if [ "$BERTH_TEST_POSTGRES" = 1 ]; then
   postgres_output=$(mktemp)
   run_phase postgres scripts/setup/postgres.sh start >"$postgres_output"

@@ -8,6 +8,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+// The API tests' harness, for its database: SQLite in a temporary
+// directory, or a fresh PostgreSQL schema when BERTH_TEST_DATABASE_URL is
+// set.
+#[allow(dead_code)]
+#[path = "api/common.rs"]
+mod common;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -16,9 +23,11 @@ use berth_controller::{bind, create_user, ClusterSettings, Config};
 use berth_core::Secret;
 use tokio::sync::oneshot;
 
+use common::TestDatabase;
+
 const SYSTEM_TOKEN: &str = "system-token-for-sdk-tests-0123456789";
 
-/// Time the script may take: it makes about 600 API calls.
+/// Time the script may take: it makes about 300 API calls.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn python() -> Option<String> {
@@ -38,15 +47,15 @@ fn python() -> Option<String> {
 #[tokio::test]
 async fn python_sdk_runs_its_calls() {
     let Some(python) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let database = TestDatabase::new().await;
     let cluster = ClusterSettings {
         cluster_id: "zzzzz".parse().unwrap(),
         system_token: Secret::new(SYSTEM_TOKEN),
     };
-    let database_url = format!("sqlite://{}", dir.path().join("berth.db").display());
     // NOTE: plain HTTP; the test moves to HTTPS once the controller
     // serves it.
-    let config = Config::new("127.0.0.1:0".parse().unwrap(), database_url);
+    let config = Config::new("127.0.0.1:0".parse().unwrap(), database.url());
     let user_token = create_user(&cluster, &config, "sdkuser", false)
         .await
         .unwrap();
@@ -64,7 +73,7 @@ async fn python_sdk_runs_its_calls() {
         .env("BERTH_SDK_DISCOVERY_URL", &discovery_url)
         .env("BERTH_SDK_USER_TOKEN", &user_token)
         .env("BERTH_SDK_SYSTEM_TOKEN", SYSTEM_TOKEN)
-        .env("HOME", dir.path())
+        .env("HOME", home.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
