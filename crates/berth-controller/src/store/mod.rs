@@ -14,10 +14,12 @@
 //! exactly one lock.
 //!
 //! Everything SQL-dialect specific lives in the backend modules
-//! ([`sqlite`], [`postgres`]); this module holds what every backend shares: the trait, the
-//! column lists of the two record tables, and the dialect-neutral list query
-//! ([`ListQuery`]).
+//! ([`sqlite`], [`postgres`]). This module holds what every backend shares:
+//! the trait, the column lists of the two record tables, and the
+//! dialect-neutral list query ([`ListQuery`]); `mapping` converts records
+//! to column values and back for both.
 
+mod mapping;
 pub mod postgres;
 pub mod sqlite;
 

@@ -2,11 +2,10 @@
 //! several controllers may share, with the migrations of
 //! `migrations/postgres` run at open.
 //!
-//! The tables match the SQLite backend's column for column, so records are
-//! mapped the same way: a record is serialised to a JSON object, each
-//! column takes the value of the field of its name, and reading builds the
-//! object back from the columns. Text columns use the "C" collation, so
-//! sorting and comparing (timestamps included) go by bytes as in SQLite.
+//! The tables match the SQLite backend's column for column, and records
+//! map to columns the same way (see `mapping`). Text columns use the "C"
+//! collation, so sorting and comparing (timestamps included) go by bytes as
+//! in SQLite.
 //!
 //! Transactions run at PostgreSQL's default isolation, READ COMMITTED. A
 //! conditional update (`WHERE uuid = $n AND version = $m`, see the parent
@@ -28,7 +27,6 @@ use berth_core::time::{self, Timestamp};
 use berth_core::{Container, ContainerRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::{Map, Value};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{
     PgArguments, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, Postgres,
@@ -36,10 +34,11 @@ use sqlx::postgres::{
 use sqlx::query::Query;
 use sqlx::Row;
 
+use super::mapping::{decode_record, encode_record, order_clause, to_i64, Bound};
 use super::{
-    ApiToken, AppendOutcome, Column, ColumnKind, ContainerWrite, CredentialChange, Filter,
-    FilterOp, ListQuery, LogStream, Operand, Page, RequestWrite, Result, Scalar, Store, StoreError,
-    User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
+    LogStream, Operand, Page, RequestWrite, Result, Scalar, Store, StoreError, User, Versioned,
+    Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -104,26 +103,6 @@ static REQUESTS: LazyLock<Table> =
     LazyLock::new(|| Table::new("container_requests", REQUEST_COLUMNS));
 static CONTAINERS: LazyLock<Table> = LazyLock::new(|| Table::new("containers", CONTAINER_COLUMNS));
 
-/// A value bound to a statement parameter.
-#[derive(Debug, Clone)]
-enum Bound {
-    Text(Option<String>),
-    Integer(Option<i64>),
-    Real(Option<f64>),
-    Bool(Option<bool>),
-}
-
-impl From<&Scalar> for Bound {
-    fn from(scalar: &Scalar) -> Bound {
-        match scalar {
-            Scalar::Text(text) => Bound::Text(Some(text.clone())),
-            Scalar::Integer(value) => Bound::Integer(Some(*value)),
-            Scalar::Real(value) => Bound::Real(Some(*value)),
-            Scalar::Bool(value) => Bound::Bool(Some(*value)),
-        }
-    }
-}
-
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
 fn bind_all<'q>(mut query: PgQuery<'q>, values: &[Bound]) -> PgQuery<'q> {
@@ -138,111 +117,13 @@ fn bind_all<'q>(mut query: PgQuery<'q>, values: &[Bound]) -> PgQuery<'q> {
     query
 }
 
-/// Encodes the column values of a record, in the table's column order.
-fn encode_record<T: Serialize>(table: &Table, uuid: &str, record: &T) -> Result<Vec<Bound>> {
-    let encode_error = |reason: String| StoreError::Encode {
-        table: table.name,
-        uuid: uuid.to_string(),
-        reason,
-    };
-    let value = serde_json::to_value(record).map_err(|err| encode_error(err.to_string()))?;
-    let Value::Object(fields) = value else {
-        return Err(encode_error("the record is not a JSON object".into()));
-    };
-    table
-        .columns
-        .iter()
-        .map(|column| {
-            let value = fields.get(column.name).unwrap_or(&Value::Null);
-            encode_value(column, value).ok_or_else(|| {
-                encode_error(format!(
-                    "field {} has the unexpected value {value}",
-                    column.name
-                ))
-            })
-        })
-        .collect()
-}
-
-fn encode_value(column: &Column, value: &Value) -> Option<Bound> {
-    let bound = match (column.kind, value) {
-        (ColumnKind::Json, value) => Bound::Text(Some(value.to_string())),
-        (ColumnKind::Text | ColumnKind::Timestamp, Value::Null) => Bound::Text(None),
-        (ColumnKind::Text | ColumnKind::Timestamp, Value::String(text)) => {
-            Bound::Text(Some(text.clone()))
-        }
-        (ColumnKind::Integer, Value::Null) => Bound::Integer(None),
-        (ColumnKind::Integer, Value::Number(number)) => Bound::Integer(Some(number.as_i64()?)),
-        (ColumnKind::Real, Value::Null) => Bound::Real(None),
-        (ColumnKind::Real, Value::Number(number)) => Bound::Real(Some(number.as_f64()?)),
-        (ColumnKind::Bool, Value::Null) => Bound::Bool(None),
-        (ColumnKind::Bool, Value::Bool(value)) => Bound::Bool(Some(*value)),
-        _ => return None,
-    };
-    Some(bound)
-}
-
-fn decode_record<T: DeserializeOwned>(table: &Table, row: &PgRow) -> Result<Versioned<T>> {
-    let read_error = StoreError::query("read a row");
-    let mut fields = Map::new();
-    let mut json_errors = Vec::new();
-    for column in table.columns {
-        let name = column.name;
-        let value = match column.kind {
-            ColumnKind::Text | ColumnKind::Timestamp => row
-                .try_get::<Option<String>, _>(name)
-                .map_err(read_error)?
-                .map(Value::String),
-            ColumnKind::Integer => row
-                .try_get::<Option<i64>, _>(name)
-                .map_err(read_error)?
-                .map(Value::from),
-            ColumnKind::Real => row
-                .try_get::<Option<f64>, _>(name)
-                .map_err(read_error)?
-                .map(Value::from),
-            ColumnKind::Bool => row
-                .try_get::<Option<bool>, _>(name)
-                .map_err(read_error)?
-                .map(Value::Bool),
-            ColumnKind::Json => match row.try_get::<Option<String>, _>(name).map_err(read_error)? {
-                Some(text) => match serde_json::from_str(&text) {
-                    Ok(value) => Some(value),
-                    Err(err) => {
-                        json_errors.push(err);
-                        None
-                    }
-                },
-                None => None,
-            },
-        };
-        fields.insert(name.to_string(), value.unwrap_or(Value::Null));
-    }
-    let version: i64 = row.try_get("version").map_err(read_error)?;
-    let uuid = fields
-        .get("uuid")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string();
-    let decode_error = |source| StoreError::Decode {
-        table: table.name,
-        uuid: uuid.clone(),
-        source,
-    };
-    if let Some(err) = json_errors.pop() {
-        return Err(decode_error(err));
-    }
-    let record = serde_json::from_value(Value::Object(fields)).map_err(decode_error)?;
-    Ok(Versioned { record, version })
-}
-
 async fn insert_record<T: Serialize>(
     conn: &mut PgConnection,
     table: &Table,
     uuid: &str,
     record: &T,
 ) -> Result<()> {
-    let values = encode_record(table, uuid, record)?;
+    let values = encode_record(table.name, table.columns, uuid, record)?;
     bind_all(sqlx::query(&table.insert), &values)
         .execute(conn)
         .await
@@ -259,7 +140,7 @@ async fn update_record<T: Serialize>(
     record: &T,
     expected_version: i64,
 ) -> Result<i64> {
-    let mut values = encode_record(table, uuid, record)?;
+    let mut values = encode_record(table.name, table.columns, uuid, record)?;
     values.push(Bound::Text(Some(uuid.to_string())));
     values.push(Bound::Integer(Some(expected_version)));
     let result = bind_all(sqlx::query(&table.update), &values)
@@ -286,7 +167,8 @@ async fn get_record<T: DeserializeOwned>(
         .fetch_optional(conn)
         .await
         .map_err(StoreError::query("read a record"))?;
-    row.map(|row| decode_record(table, &row)).transpose()
+    row.map(|row| decode_record(table.name, table.columns, &row))
+        .transpose()
 }
 
 /// Recomputes a live container's priority from its Committed requests.
@@ -431,28 +313,6 @@ fn where_clause(table: &Table, query: &ListQuery) -> (String, Vec<Bound>) {
     }
 }
 
-fn order_clause(query: &ListQuery) -> String {
-    let mut keys: Vec<String> = query
-        .order
-        .iter()
-        .map(|order| {
-            format!(
-                "{} {}",
-                order.column.name,
-                if order.descending { "DESC" } else { "ASC" }
-            )
-        })
-        .collect();
-    if !query.order.iter().any(|order| order.column.name == "uuid") {
-        let descending = query.order.first().is_none_or(|order| order.descending);
-        keys.push(format!("uuid {}", if descending { "DESC" } else { "ASC" }));
-    }
-    if query.order.is_empty() {
-        keys.insert(0, "modified_at DESC".to_string());
-    }
-    format!(" ORDER BY {}", keys.join(", "))
-}
-
 async fn list_records<T: DeserializeOwned>(
     pool: &PgPool,
     table: &Table,
@@ -497,7 +357,7 @@ async fn list_records<T: DeserializeOwned>(
         .map_err(StoreError::query("end a read transaction"))?;
     let items = rows
         .iter()
-        .map(|row| decode_record(table, row))
+        .map(|row| decode_record(table.name, table.columns, row))
         .collect::<Result<Vec<_>>>()?;
     Ok(Page {
         items,
@@ -520,10 +380,6 @@ async fn stream_size(
     .await
     .map_err(StoreError::query("read a log's size"))?;
     Ok(end.and_then(|end| u64::try_from(end).ok()).unwrap_or(0))
-}
-
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 fn decode_token(row: &PgRow) -> Result<ApiToken> {

@@ -1,0 +1,178 @@
+//! What the SQL backends share: how a record maps to the values of its
+//! columns and back, and the ORDER BY clause of a list.
+//!
+//! A record is serialised to a JSON object, and each column takes the
+//! value of the field of its name. Reading builds the object back from the
+//! columns and deserialises it. Structured fields are stored as JSON text.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sqlx::{ColumnIndex, Decode, Row, Type};
+
+use super::{Column, ColumnKind, ListQuery, Result, Scalar, StoreError, Versioned};
+
+/// A value bound to a statement parameter.
+#[derive(Debug, Clone)]
+pub(super) enum Bound {
+    Text(Option<String>),
+    Integer(Option<i64>),
+    Real(Option<f64>),
+    Bool(Option<bool>),
+}
+
+impl From<&Scalar> for Bound {
+    fn from(scalar: &Scalar) -> Bound {
+        match scalar {
+            Scalar::Text(text) => Bound::Text(Some(text.clone())),
+            Scalar::Integer(value) => Bound::Integer(Some(*value)),
+            Scalar::Real(value) => Bound::Real(Some(*value)),
+            Scalar::Bool(value) => Bound::Bool(Some(*value)),
+        }
+    }
+}
+
+/// Encodes the column values of a record, in the table's column order.
+pub(super) fn encode_record<T: Serialize>(
+    table: &'static str,
+    columns: &[Column],
+    uuid: &str,
+    record: &T,
+) -> Result<Vec<Bound>> {
+    let encode_error = |reason: String| StoreError::Encode {
+        table,
+        uuid: uuid.to_string(),
+        reason,
+    };
+    let value = serde_json::to_value(record).map_err(|err| encode_error(err.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(encode_error("the record is not a JSON object".into()));
+    };
+    columns
+        .iter()
+        .map(|column| {
+            let value = fields.get(column.name).unwrap_or(&Value::Null);
+            encode_value(column, value).ok_or_else(|| {
+                encode_error(format!(
+                    "field {} has the unexpected value {value}",
+                    column.name
+                ))
+            })
+        })
+        .collect()
+}
+
+fn encode_value(column: &Column, value: &Value) -> Option<Bound> {
+    let bound = match (column.kind, value) {
+        (ColumnKind::Json, value) => Bound::Text(Some(value.to_string())),
+        (ColumnKind::Text | ColumnKind::Timestamp, Value::Null) => Bound::Text(None),
+        (ColumnKind::Text | ColumnKind::Timestamp, Value::String(text)) => {
+            Bound::Text(Some(text.clone()))
+        }
+        (ColumnKind::Integer, Value::Null) => Bound::Integer(None),
+        (ColumnKind::Integer, Value::Number(number)) => Bound::Integer(Some(number.as_i64()?)),
+        (ColumnKind::Real, Value::Null) => Bound::Real(None),
+        (ColumnKind::Real, Value::Number(number)) => Bound::Real(Some(number.as_f64()?)),
+        (ColumnKind::Bool, Value::Null) => Bound::Bool(None),
+        (ColumnKind::Bool, Value::Bool(value)) => Bound::Bool(Some(*value)),
+        _ => return None,
+    };
+    Some(bound)
+}
+
+pub(super) fn decode_record<T, R>(
+    table: &'static str,
+    columns: &[Column],
+    row: &R,
+) -> Result<Versioned<T>>
+where
+    T: DeserializeOwned,
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<f64>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Option<bool>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let read_error = StoreError::query("read a row");
+    let mut fields = Map::new();
+    let mut json_errors = Vec::new();
+    for column in columns {
+        let name = column.name;
+        let value = match column.kind {
+            ColumnKind::Text | ColumnKind::Timestamp => row
+                .try_get::<Option<String>, _>(name)
+                .map_err(read_error)?
+                .map(Value::String),
+            ColumnKind::Integer => row
+                .try_get::<Option<i64>, _>(name)
+                .map_err(read_error)?
+                .map(Value::from),
+            ColumnKind::Real => row
+                .try_get::<Option<f64>, _>(name)
+                .map_err(read_error)?
+                .map(Value::from),
+            ColumnKind::Bool => row
+                .try_get::<Option<bool>, _>(name)
+                .map_err(read_error)?
+                .map(Value::Bool),
+            ColumnKind::Json => match row.try_get::<Option<String>, _>(name).map_err(read_error)? {
+                Some(text) => match serde_json::from_str(&text) {
+                    Ok(value) => Some(value),
+                    Err(err) => {
+                        json_errors.push(err);
+                        None
+                    }
+                },
+                None => None,
+            },
+        };
+        fields.insert(name.to_string(), value.unwrap_or(Value::Null));
+    }
+    let version: i64 = row.try_get("version").map_err(read_error)?;
+    let uuid = fields
+        .get("uuid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let decode_error = |source| StoreError::Decode {
+        table,
+        uuid: uuid.clone(),
+        source,
+    };
+    if let Some(err) = json_errors.pop() {
+        return Err(decode_error(err));
+    }
+    let record = serde_json::from_value(Value::Object(fields)).map_err(decode_error)?;
+    Ok(Versioned { record, version })
+}
+
+/// Builds the ORDER BY clause of a list query: the requested keys, then
+/// `uuid` for a total order.
+pub(super) fn order_clause(query: &ListQuery) -> String {
+    let mut keys: Vec<String> = query
+        .order
+        .iter()
+        .map(|order| {
+            format!(
+                "{} {}",
+                order.column.name,
+                if order.descending { "DESC" } else { "ASC" }
+            )
+        })
+        .collect();
+    if !query.order.iter().any(|order| order.column.name == "uuid") {
+        let descending = query.order.first().is_none_or(|order| order.descending);
+        keys.push(format!("uuid {}", if descending { "DESC" } else { "ASC" }));
+    }
+    if query.order.is_empty() {
+        keys.insert(0, "modified_at DESC".to_string());
+    }
+    format!(" ORDER BY {}", keys.join(", "))
+}
+
+/// Converts a byte count or offset to SQL's signed integer, saturating.
+pub(super) fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
