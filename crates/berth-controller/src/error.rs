@@ -77,7 +77,11 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unprocessable(_)
+            | ApiError::Store {
+                source: StoreError::NulCharacter { .. },
+                ..
+            } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Store { .. } | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -87,6 +91,10 @@ impl ApiError {
     fn messages(&self) -> Vec<String> {
         match self {
             ApiError::Unprocessable(messages) => messages.clone(),
+            ApiError::Store {
+                source: source @ StoreError::NulCharacter { .. },
+                ..
+            } => vec![source.to_string()],
             ApiError::Store { action, .. } => {
                 vec![format!(
                     "internal error: failed to {action}; the controller's log has the details"

@@ -10,7 +10,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
-use super::{Column, ColumnKind, ListQuery, Result, Scalar, StoreError, Versioned};
+use super::{
+    Column, ColumnKind, Filter, ListQuery, Operand, Result, Scalar, StoreError, Versioned,
+};
 
 /// A value bound to a statement parameter.
 #[derive(Debug, Clone)]
@@ -52,6 +54,11 @@ pub(super) fn encode_record<T: Serialize>(
         .iter()
         .map(|column| {
             let value = fields.get(column.name).unwrap_or(&Value::Null);
+            if column.kind != ColumnKind::Json && value.as_str().is_some_and(|t| t.contains('\0')) {
+                return Err(StoreError::NulCharacter {
+                    field: column.name.to_string(),
+                });
+            }
             encode_value(column, value).ok_or_else(|| {
                 encode_error(format!(
                     "field {} has the unexpected value {value}",
@@ -146,6 +153,27 @@ where
     }
     let record = serde_json::from_value(Value::Object(fields)).map_err(decode_error)?;
     Ok(Versioned { record, version })
+}
+
+/// Rejects a text operand that contains U+0000, which no stored text
+/// contains (see [`StoreError::NulCharacter`]).
+pub(super) fn check_filter_text(filters: &[Filter]) -> Result<()> {
+    for filter in filters {
+        let scalars: &[Scalar] = match &filter.operand {
+            Operand::One(scalar) => std::slice::from_ref(scalar),
+            Operand::List(items) => items,
+            Operand::Null => &[],
+        };
+        let has_nul = scalars
+            .iter()
+            .any(|scalar| matches!(scalar, Scalar::Text(text) if text.contains('\0')));
+        if has_nul {
+            return Err(StoreError::NulCharacter {
+                field: format!("the filter on {}", filter.column.name),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Builds the ORDER BY clause of a list query: the requested keys, then

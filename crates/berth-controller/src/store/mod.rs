@@ -84,6 +84,12 @@ pub enum StoreError {
     Conflict { table: &'static str, uuid: String },
     #[error("a user named {username:?} already exists")]
     DuplicateUser { username: String },
+    /// A text field or filter operand contains U+0000. PostgreSQL cannot
+    /// store it in text, so both stores reject it and behave the same.
+    #[error(
+        "{field} contains a NUL character (U+0000), which the store does not accept: remove it"
+    )]
+    NulCharacter { field: String },
 }
 
 impl StoreError {

@@ -34,7 +34,9 @@ use sqlx::postgres::{
 use sqlx::query::Query;
 use sqlx::Row;
 
-use super::mapping::{decode_record, encode_record, order_clause, to_i64, Bound};
+use super::mapping::{
+    check_filter_text, decode_record, encode_record, order_clause, to_i64, Bound,
+};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, Scalar, Store, StoreError, User, Versioned,
@@ -318,6 +320,7 @@ async fn list_records<T: DeserializeOwned>(
     table: &Table,
     query: &ListQuery,
 ) -> Result<Page<T>> {
+    check_filter_text(&query.filters)?;
     let (condition, params) = where_clause(table, query);
     let mut conn = pool
         .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

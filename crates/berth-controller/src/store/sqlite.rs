@@ -32,7 +32,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite};
 
-use super::mapping::{decode_record, encode_record, order_clause, to_i64, Bound};
+use super::mapping::{
+    check_filter_text, decode_record, encode_record, order_clause, to_i64, Bound,
+};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, Scalar, Store, StoreError, User, Versioned,
@@ -311,6 +313,7 @@ async fn list_records<T: DeserializeOwned>(
     table: &Table,
     query: &ListQuery,
 ) -> Result<Page<T>> {
+    check_filter_text(&query.filters)?;
     let (condition, params) = where_clause(table, query);
     let mut conn = pool
         .begin()
