@@ -7,11 +7,11 @@
 
 mod auth;
 mod common;
+mod compat;
 mod containers;
 mod discovery;
 mod errors;
 mod lists;
 mod logs;
-mod nul_characters;
 mod requests;
 mod socket;
