@@ -13,5 +13,6 @@ mod discovery;
 mod errors;
 mod lists;
 mod logs;
+mod nul_characters;
 mod requests;
 mod socket;
