@@ -6,6 +6,7 @@
 //! names the key of each bad one.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_core::{ClusterId, Secret};
@@ -64,6 +65,16 @@ pub struct Config {
     /// logged as a warning; a PostgreSQL database must exist, and its
     /// tables are created.
     pub database_url: String,
+    /// PEM file with the certificate chain of the API, the server's own
+    /// certificate first. With `tls_key` the API is served over HTTPS only;
+    /// with neither, over plain HTTP. Default: unset.
+    #[serde(default)]
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM file with the private key of `tls_certificate` (PKCS#8, PKCS#1 or
+    /// SEC1). A key file that group or others can read is logged as a
+    /// warning. Default: unset.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
     /// Times a container may be locked; an unlock once `lock_count` has
     /// reached this number cancels the container instead of queueing it
     /// again. Default 10.
@@ -112,6 +123,8 @@ impl Config {
         Config {
             listen,
             database_url: database_url.into(),
+            tls_certificate: None,
+            tls_key: None,
             max_dispatch_attempts: defaults::MAX_DISPATCH_ATTEMPTS,
             max_database_connections: defaults::MAX_DATABASE_CONNECTIONS,
             request_timeout_seconds: defaults::REQUEST_TIMEOUT_SECONDS,
@@ -135,6 +148,23 @@ impl Config {
                 &"\"\"",
                 "give sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DATABASE",
             ));
+        }
+        match (&self.tls_certificate, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(error(
+                    "tls_key",
+                    &"(unset)",
+                    "tls_certificate is set: give its key file too, or remove tls_certificate for plain HTTP",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(error(
+                    "tls_certificate",
+                    &"(unset)",
+                    "tls_key is set: give the certificate file too, or remove tls_key for plain HTTP",
+                ));
+            }
+            _ => {}
         }
         if self.max_dispatch_attempts < 1 {
             return Err(error(
@@ -190,6 +220,14 @@ impl Config {
         Ok(())
     }
 
+    /// The certificate and key files when the API is served over HTTPS.
+    pub fn tls_files(&self) -> Option<(&Path, &Path)> {
+        match (&self.tls_certificate, &self.tls_key) {
+            (Some(certificate), Some(key)) => Some((certificate, key)),
+            _ => None,
+        }
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds)
     }
@@ -224,6 +262,45 @@ mod tests {
             Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db")
         );
         assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn tls_keys_are_optional_and_parsed() {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "listen": "127.0.0.1:0",
+            "database_url": "sqlite:///tmp/x.db",
+            "tls_certificate": "/etc/berth/cert.pem",
+            "tls_key": "/etc/berth/key.pem",
+        }))
+        .unwrap();
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.tls_files(),
+            Some((
+                Path::new("/etc/berth/cert.pem"),
+                Path::new("/etc/berth/key.pem")
+            ))
+        );
+        let plain = Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db");
+        assert_eq!(plain.tls_files(), None);
+    }
+
+    #[test]
+    fn certificate_without_key_names_tls_key() {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db");
+        config.tls_certificate = Some("/etc/berth/cert.pem".into());
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "tls_key");
+        assert!(err.to_string().contains("tls_certificate is set"), "{err}");
+    }
+
+    #[test]
+    fn key_without_certificate_names_tls_certificate() {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db");
+        config.tls_key = Some("/etc/berth/key.pem".into());
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "tls_certificate");
+        assert!(err.to_string().contains("tls_key is set"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //!   [`AppState`].
 //! - [`notify`] wakes log readers that wait for new bytes.
 //! - [`server`] binds the listener, serves until shutdown and drains.
+//! - [`tls`] serves HTTPS when the configuration names a certificate and
+//!   key, and makes self-signed pairs for one-host set-ups.
 //!
 //! `berth controller` calls [`bind`] and [`BoundController::run`];
 //! `berth dev` does the same inside its own process; `berth admin
@@ -29,6 +31,7 @@ pub mod lifecycle;
 pub mod notify;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use api::{app, AppState};
 pub use config::{ClusterSettings, Config};

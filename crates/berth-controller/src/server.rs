@@ -1,6 +1,10 @@
 //! Running the controller: open the store, bind the listener, serve until
 //! a shutdown signal, then drain.
 //!
+//! The listener serves HTTPS when the configuration names a certificate
+//! and key ([`crate::tls`]), and plain HTTP otherwise; shutdown and
+//! draining are the same for both.
+//!
 //! Shutdown order: the signal stops accepting connections and ends every
 //! log wait at once ([`AppState::begin_shutdown`]). In-flight requests then
 //! get `shutdown_grace_period_seconds` to finish, and connections still open
@@ -19,21 +23,28 @@ use crate::api::{app, AppState};
 use crate::auth::{generate_secret, hash_secret};
 use crate::config::{ClusterSettings, Config};
 use crate::store::{self, ApiToken, Store, User};
+use crate::tls::{self, TlsListener};
 
 /// A controller whose listener is bound and whose store is open.
 #[derive(Debug)]
 pub struct BoundController {
     listener: TcpListener,
     local_addr: SocketAddr,
+    /// The TLS settings when the API is served over HTTPS.
+    tls: Option<Arc<rustls::ServerConfig>>,
     state: AppState,
     store: Arc<dyn Store>,
     grace_period: Duration,
 }
 
-/// Opens the store (creating and migrating the database) and binds the
-/// listener.
+/// Reads the TLS certificate and key (when configured), opens the store
+/// (creating and migrating the database) and binds the listener.
 pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<BoundController> {
     config.validate()?;
+    let tls = match config.tls_files() {
+        Some((certificate, key)) => Some(tls::load_server_config(certificate, key)?),
+        None => None,
+    };
     let store = store::open(&config.database_url, config.max_database_connections).await?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -45,6 +56,7 @@ pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<Bo
     Ok(BoundController {
         listener,
         local_addr,
+        tls,
         state,
         store,
         grace_period: config.shutdown_grace_period(),
@@ -55,6 +67,22 @@ impl BoundController {
     /// Returns the address the listener is bound to (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Returns `https` when the API is served over TLS, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// Returns the API's base URL on the bound address, such as
+    /// `https://127.0.0.1:8000`. An unspecified address (`0.0.0.0`) is
+    /// shown as it is.
+    pub fn url(&self) -> String {
+        format!("{}://{}", self.scheme(), self.local_addr)
     }
 
     /// Returns the state the router runs on, for callers that also need the
@@ -69,52 +97,75 @@ impl BoundController {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let scheme = self.scheme();
         let BoundController {
             listener,
             local_addr,
+            tls,
             state,
             store,
             grace_period,
         } = self;
-        tracing::info!(address = %local_addr, "controller started");
-        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-        let signal_state = state.clone();
-        let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!(
-                grace_period_s = grace_period.as_secs(),
-                "controller draining"
-            );
-            signal_state.begin_shutdown();
-            // The receiver is gone only when the server already ended.
-            let _ = draining_tx.send(());
-        });
-        let server = server.into_future();
-        tokio::pin!(server);
-
-        let result = tokio::select! {
-            result = &mut server => result,
-            signalled = draining_rx => {
-                if signalled.is_ok() {
-                    match tokio::time::timeout(grace_period, &mut server).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            tracing::warn!(
-                                grace_period_s = grace_period.as_secs(),
-                                "requests still in flight at the end of the grace period: closing their connections"
-                            );
-                            Ok(())
-                        }
-                    }
-                } else {
-                    server.await
-                }
-            }
+        tracing::info!(address = %local_addr, scheme, "controller started");
+        let result = match tls {
+            Some(config) => match TlsListener::new(listener, config) {
+                Ok(listener) => serve(listener, state, shutdown, grace_period).await,
+                Err(err) => Err(err),
+            },
+            None => serve(listener, state, shutdown, grace_period).await,
         };
         store.close().await;
         result.with_context(|| format!("the controller on {local_addr} failed"))?;
         tracing::info!("controller stopped");
         Ok(())
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains
+/// in-flight requests for at most `grace_period`.
+async fn serve<L>(
+    listener: L,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace_period: Duration,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal_state = state.clone();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!(
+            grace_period_s = grace_period.as_secs(),
+            "controller draining"
+        );
+        signal_state.begin_shutdown();
+        // The receiver is gone only when the server already ended.
+        let _ = draining_tx.send(());
+    });
+    let server = server.into_future();
+    tokio::pin!(server);
+
+    tokio::select! {
+        result = &mut server => result,
+        signalled = draining_rx => {
+            if signalled.is_ok() {
+                match tokio::time::timeout(grace_period, &mut server).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!(
+                            grace_period_s = grace_period.as_secs(),
+                            "requests still in flight at the end of the grace period: closing their connections"
+                        );
+                        Ok(())
+                    }
+                }
+            } else {
+                server.await
+            }
+        }
     }
 }
 

@@ -1,6 +1,7 @@
-//! `berth dev` as a user starts it: a controller and a local-backend
-//! dispatcher in one process, ready once its env file appears, and the user
-//! commands working against it with the settings from that file.
+//! `berth dev` as a user starts it: a controller (over HTTPS with a
+//! self-signed certificate) and a local-backend dispatcher in one process,
+//! ready once its env file appears, and the user commands working against it
+//! with the settings from that file.
 //!
 //! Runs only when `BERTH_INTEGRATION=1` (real Podman for the container
 //! run); elsewhere it prints "skipped" and passes.
@@ -86,8 +87,8 @@ impl Dev {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits for the env file and returns its (host, token) settings.
-    fn wait_ready(&mut self) -> (String, String) {
+    /// Waits for the env file and returns its variables.
+    fn wait_ready(&mut self) -> Env {
         let deadline = Instant::now() + READY_TIMEOUT;
         while !self.env_file().exists() {
             if let Some(status) = self.child.try_wait().expect("failed to poll berth dev") {
@@ -136,26 +137,59 @@ impl Drop for Dev {
     }
 }
 
-/// Reads `export BERTH_API_HOST=...` and `export BERTH_API_TOKEN=...`.
-fn parse_env_file(text: &str) -> (String, String) {
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 2, "env file: {text:?}");
-    let host = lines[0]
-        .strip_prefix("export BERTH_API_HOST=")
-        .unwrap_or_else(|| panic!("first line of the env file: {:?}", lines[0]));
-    let token = lines[1]
-        .strip_prefix("export BERTH_API_TOKEN=")
-        .unwrap_or_else(|| panic!("second line of the env file: {:?}", lines[1]));
-    (host.to_string(), token.to_string())
+/// The variables of the env file, in the file's order.
+struct Env {
+    lines: Vec<String>,
+    vars: Vec<(String, String)>,
 }
 
-fn berth(host: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_berth"))
-        .args(args)
-        .env_remove("ARVADOS_API_HOST")
-        .env_remove("ARVADOS_API_TOKEN")
-        .env("BERTH_API_HOST", host)
-        .env("BERTH_API_TOKEN", token)
+impl Env {
+    fn get(&self, name: &str) -> &str {
+        self.vars
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+            .unwrap_or_else(|| panic!("{name} is not in the env file: {:?}", self.lines))
+    }
+
+    fn host(&self) -> &str {
+        self.get("BERTH_API_HOST")
+    }
+
+    fn token(&self) -> &str {
+        self.get("BERTH_API_TOKEN")
+    }
+}
+
+/// Reads `export NAME=VALUE` lines; every line must be one.
+fn parse_env_file(text: &str) -> Env {
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let vars = lines
+        .iter()
+        .map(|line| {
+            let assignment = line
+                .strip_prefix("export ")
+                .unwrap_or_else(|| panic!("not an export line in the env file: {line:?}"));
+            let (name, value) = assignment
+                .split_once('=')
+                .unwrap_or_else(|| panic!("no value in the env file's line {line:?}"));
+            (name.to_string(), value.to_string())
+        })
+        .collect();
+    Env { lines, vars }
+}
+
+/// Runs berth with exactly the env file's API settings.
+fn berth(env: &Env, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_berth"));
+    command.args(args);
+    for prefix in ["BERTH", "ARVADOS"] {
+        for suffix in ["API_HOST", "API_TOKEN", "API_HOST_INSECURE"] {
+            command.env_remove(format!("{prefix}_{suffix}"));
+        }
+    }
+    command
+        .envs(env.vars.iter().map(|(name, value)| (name, value)))
         .output()
         .expect("failed to run berth")
 }
@@ -176,26 +210,66 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     let temp = tempfile::tempdir().expect("failed to make a temporary directory");
     let data_dir = temp.path().join("data");
     let mut dev = Dev::start(&data_dir, &temp.path().join("dev.log"));
-    let (host, token) = dev.wait_ready();
+    let env = dev.wait_ready();
+    let (host, token) = (env.host().to_string(), env.token().to_string());
 
-    assert!(host.starts_with("http://127.0.0.1:"), "{host}");
+    // host:port, which means HTTPS, with the self-signed certificate.
+    assert!(host.starts_with("127.0.0.1:"), "{host}");
     assert!(!host.ends_with(":0"), "the real port is printed: {host}");
-    let printed: Vec<String> = (0..2)
+    let names: Vec<&str> = env.vars.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "BERTH_API_HOST",
+            "BERTH_API_TOKEN",
+            "BERTH_API_HOST_INSECURE",
+            "ARVADOS_API_HOST",
+            "ARVADOS_API_TOKEN",
+            "ARVADOS_API_HOST_INSECURE"
+        ]
+    );
+    assert_eq!(env.get("BERTH_API_HOST_INSECURE"), "1");
+    assert_eq!(env.get("ARVADOS_API_HOST"), host);
+    assert_eq!(env.get("ARVADOS_API_TOKEN"), token);
+    assert_eq!(env.get("ARVADOS_API_HOST_INSECURE"), "1");
+    let printed: Vec<String> = (0..env.lines.len())
         .map(|_| {
             dev.stdout
                 .recv_timeout(Duration::from_secs(5))
                 .expect("berth dev printed its export lines on stdout")
         })
         .collect();
-    assert_eq!(printed[0], format!("export BERTH_API_HOST={host}"));
-    assert_eq!(printed[1], format!("export BERTH_API_TOKEN={token}"));
+    assert_eq!(printed, env.lines, "stdout repeats the env file");
     assert_eq!(mode(&data_dir), 0o700);
-    for file in ["env", "system-token", "user-token"] {
+    for file in [
+        "env",
+        "system-token",
+        "user-token",
+        "tls-certificate.pem",
+        "tls-key.pem",
+    ] {
         assert_eq!(mode(&data_dir.join(file)), 0o600, "{file}");
     }
     assert!(data_dir.join("berth.db").exists());
+    let certificate = std::fs::read(data_dir.join("tls-certificate.pem")).unwrap();
 
-    let ls = berth(&host, &token, &["ls"]);
+    // Plain HTTP to the HTTPS port gets no answer.
+    let plain = berth(
+        &Env {
+            lines: Vec::new(),
+            vars: vec![
+                ("BERTH_API_HOST".into(), format!("http://{host}")),
+                ("BERTH_API_TOKEN".into(), token.clone()),
+            ],
+        },
+        &["ls"],
+    );
+    assert!(
+        !plain.status.success(),
+        "berth ls over plain HTTP succeeded"
+    );
+
+    let ls = berth(&env, &["ls"]);
     assert!(
         ls.status.success(),
         "berth ls failed: {}",
@@ -205,11 +279,7 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     assert!(table.starts_with("REQUEST"), "{table}");
     assert_eq!(table.lines().count(), 1, "no requests yet: {table}");
 
-    let bad = berth(
-        &host,
-        &token,
-        &["run", "--ram", "lots", &test_image(), "--", "true"],
-    );
+    let bad = berth(&env, &["run", "--ram", "lots", &test_image(), "--", "true"]);
     assert_eq!(
         bad.status.code(),
         Some(2),
@@ -220,8 +290,7 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     assert!(message.contains("--ram"), "{message}");
 
     let run = berth(
-        &host,
-        &token,
+        &env,
         &["run", "--ram", "64M", &test_image(), "--", "echo", "hello"],
     );
     assert_eq!(
@@ -233,7 +302,7 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     );
     assert_eq!(run.stdout, b"hello\n");
 
-    let ls = berth(&host, &token, &["ls"]);
+    let ls = berth(&env, &["ls"]);
     let table = String::from_utf8_lossy(&ls.stdout);
     assert_eq!(table.lines().count(), 2, "{table}");
     assert!(table.contains("Final"), "{table}");
@@ -251,11 +320,16 @@ fn dev_serves_user_commands_and_keeps_its_user() {
     );
     drop(dev);
 
-    // A second start reuses the data directory: same user, same token.
+    // A second start reuses the data directory: same user, same token, same
+    // certificate.
     let mut again = Dev::start(&data_dir, &temp.path().join("dev-again.log"));
-    let (host_again, token_again) = again.wait_ready();
-    assert_eq!(token_again, token);
-    let ls = berth(&host_again, &token_again, &["ls"]);
+    let env_again = again.wait_ready();
+    assert_eq!(env_again.token(), token);
+    assert_eq!(
+        std::fs::read(data_dir.join("tls-certificate.pem")).unwrap(),
+        certificate
+    );
+    let ls = berth(&env_again, &["ls"]);
     let table = String::from_utf8_lossy(&ls.stdout);
     assert_eq!(
         table.lines().count(),
@@ -273,7 +347,8 @@ fn second_dev_on_locked_dir_fails() {
     let temp = tempfile::tempdir().expect("failed to make a temporary directory");
     let data_dir = temp.path().join("data");
     let mut first = Dev::start(&data_dir, &temp.path().join("first.log"));
-    let (host, token) = first.wait_ready();
+    let env = first.wait_ready();
+    let host = env.host().to_string();
     let config_before =
         std::fs::read_to_string(data_dir.join("config.yml")).expect("failed to read config.yml");
 
@@ -317,7 +392,7 @@ fn second_dev_on_locked_dir_fails() {
     let config_after =
         std::fs::read_to_string(data_dir.join("config.yml")).expect("failed to read config.yml");
     assert_eq!(config_after, config_before, "config.yml is untouched");
-    let ls = berth(&host, &token, &["ls"]);
+    let ls = berth(&env, &["ls"]);
     assert!(
         ls.status.success(),
         "the first berth dev still serves: {}",

@@ -16,3 +16,4 @@ mod logs;
 mod nul_characters;
 mod requests;
 mod socket;
+mod tls;

@@ -56,10 +56,7 @@ pub async fn controller(config_path: &Path) -> anyhow::Result<ExitCode> {
     let bound = berth_controller::bind(cluster, config.controller()?.clone()).await?;
     let shutdown = shutdown_on_signal()?;
     // The one line on stdout: tests and scripts read the bound address here.
-    println!(
-        "berth controller listening on http://{}",
-        bound.local_addr()
-    );
+    println!("berth controller listening on {}", bound.url());
     bound.run(async move { shutdown.cancelled().await }).await?;
     Ok(ExitCode::SUCCESS)
 }

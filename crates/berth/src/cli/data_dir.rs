@@ -31,6 +31,12 @@ const _: () = assert!(SYSTEM_TOKEN_LEN >= crate::config::MIN_SYSTEM_TOKEN_LEN);
 /// holds a lock on.
 const LOCK_FILE_NAME: &str = ".lock";
 
+/// The names the self-signed certificate is made for.
+const TLS_NAMES: [&str; 3] = ["127.0.0.1", "::1", "localhost"];
+
+/// The subject of the self-signed certificate.
+const TLS_COMMON_NAME: &str = "berth dev";
+
 /// Characters of generated tokens and cluster ids.
 const ALPHANUMERIC: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 
@@ -105,6 +111,38 @@ impl DataDir {
 
     pub(super) fn env_file(&self) -> PathBuf {
         self.root.join("env")
+    }
+
+    pub(super) fn tls_certificate_file(&self) -> PathBuf {
+        self.root.join("tls-certificate.pem")
+    }
+
+    pub(super) fn tls_key_file(&self) -> PathBuf {
+        self.root.join("tls-key.pem")
+    }
+
+    /// Returns the paths of the API's self-signed certificate and key,
+    /// made on the first run (or when either file is missing) for
+    /// 127.0.0.1, ::1 and localhost, both with mode 0600.
+    pub(super) fn tls_pair(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let certificate = self.tls_certificate_file();
+        let key = self.tls_key_file();
+        let exists = |path: &Path| {
+            path.try_exists()
+                .with_context(|| format!("failed to read {}", path.display()))
+        };
+        if !(exists(&certificate)? && exists(&key)?) {
+            let pair = berth_controller::tls::self_signed(&TLS_NAMES, TLS_COMMON_NAME)?;
+            // The key first: a certificate without its key is never left.
+            write_private_file(&key, pair.key_pem.as_bytes())?;
+            write_private_file(&certificate, pair.certificate_pem.as_bytes())?;
+            tracing::info!(
+                certificate = %certificate.display(),
+                names = ?TLS_NAMES,
+                "made a self-signed certificate for the API"
+            );
+        }
+        Ok((certificate, key))
     }
 
     /// Returns the database URL, with the characters that URLs reserve in a path
@@ -329,6 +367,36 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn tls_pair_is_made_once_and_private() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(&parent.path().join("data")).unwrap();
+        let (certificate, key) = dir.tls_pair().unwrap();
+        for path in [&certificate, &key] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        let first = std::fs::read_to_string(&certificate).unwrap();
+        assert!(first.starts_with("-----BEGIN CERTIFICATE-----"), "{first}");
+        berth_controller::tls::load_server_config(&certificate, &key).unwrap();
+
+        assert_eq!(dir.tls_pair().unwrap(), (certificate.clone(), key.clone()));
+        assert_eq!(
+            std::fs::read_to_string(&certificate).unwrap(),
+            first,
+            "kept"
+        );
+
+        std::fs::remove_file(&key).unwrap();
+        dir.tls_pair().unwrap();
+        assert_ne!(
+            std::fs::read_to_string(&certificate).unwrap(),
+            first,
+            "a pair missing its key is made again"
+        );
+        berth_controller::tls::load_server_config(&certificate, &key).unwrap();
     }
 
     #[test]

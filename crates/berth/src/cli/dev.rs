@@ -7,6 +7,8 @@
 //! | `system-token` | the system token, made on the first run (0600) |
 //! | `user-token` | the token of the `dev` user, made on the first run (0600) |
 //! | `berth.db` | the SQLite database |
+//! | `tls-certificate.pem` | the API's self-signed certificate for 127.0.0.1, ::1 and localhost, made on the first run (0600) |
+//! | `tls-key.pem` | its private key (0600) |
 //! | `config.yml` | the configuration, rewritten at each start; jobs read its `supervisor` section |
 //! | `credentials/` | the dispatcher's credentials files for its jobs |
 //! | `logs/` | the supervisors' own output: `<container uuid>.log` (local backend), `slurm-<job id>.out` (Slurm) |
@@ -19,6 +21,15 @@
 //! dispatcher has started, it is written under a temporary name and
 //! renamed, so a script may wait for it to appear. Shutdown removes it.
 //! The same lines go to stdout, which carries nothing else.
+//!
+//! The API is served over HTTPS with the self-signed certificate, so the
+//! `env` file sets `BERTH_API_HOST` to `host:port` (which means HTTPS) and
+//! `BERTH_API_HOST_INSECURE=1`, and the same three settings under their
+//! `ARVADOS_` names for Arvados's own clients. The dispatcher, and through
+//! their credentials files the supervisors, skip the certificate check too.
+//! `--plain-http` serves plain HTTP instead; the `env` file then gives an
+//! `http://` URL and no `ARVADOS_` lines, since Arvados's clients speak
+//! HTTPS only.
 //!
 //! The dispatcher uses Slurm when `sbatch --version` and
 //! `squeue --noheader --user=$(id -un)` both succeed, and otherwise runs
@@ -80,6 +91,10 @@ pub struct DevArgs {
     /// unix:///tmp/podman.sock; DOCKER_HOST when not given.
     #[arg(long, value_name = "URL")]
     docker_host: Option<String>,
+    /// Serve the API over plain HTTP instead of HTTPS with the data
+    /// directory's self-signed certificate.
+    #[arg(long)]
+    plain_http: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,18 +139,26 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<ExitCode> {
         cluster_id: cluster_id.clone(),
         system_token: system_token.clone(),
     };
-    let controller_config = berth_controller::Config::new(args.listen, dir.database_url()?);
+    let mut controller_config = berth_controller::Config::new(args.listen, dir.database_url()?);
+    let tls = !args.plain_http;
+    if tls {
+        let (certificate, key) = dir.tls_pair()?;
+        controller_config.tls_certificate = Some(certificate);
+        controller_config.tls_key = Some(key);
+    }
     let bound = berth_controller::bind(cluster.clone(), controller_config.clone())
         .await
         .with_context(|| format!("failed to start the controller on {}", args.listen))?;
     let local_addr = bound.local_addr();
-    let api_url = api_url(local_addr);
-    tracing::info!(address = %local_addr, data_dir = %dir.root.display(), "controller listening");
+    let endpoint = Endpoint::new(local_addr, tls);
+    let api_url = endpoint.url();
+    tracing::info!(address = %local_addr, url = %api_url, data_dir = %dir.root.display(), "controller listening");
 
     let config_text = config_yaml(&DevConfig {
         cluster_id: &cluster_id,
         dir: &dir,
         listen: local_addr,
+        tls,
         backend,
         api_url: &api_url,
         docker_host: docker_host.as_deref(),
@@ -157,14 +180,14 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<ExitCode> {
         &cluster,
         &controller_config,
         &config,
-        &api_url,
+        &endpoint,
         shutdown.clone(),
     )
     .await;
     let result = match started {
         Ok((dispatcher, user_token)) => {
             services.dispatcher = Some(dispatcher);
-            let env = EnvFile::publish(&dir.env_file(), &env_lines(&api_url, &user_token))?;
+            let env = EnvFile::publish(&dir.env_file(), &env_lines(&endpoint, &user_token))?;
             let result = services.wait(&shutdown).await;
             drop(env);
             result
@@ -188,10 +211,10 @@ async fn start_dispatcher(
     cluster: &berth_controller::ClusterSettings,
     controller_config: &berth_controller::Config,
     config: &Config,
-    api_url: &str,
+    endpoint: &Endpoint,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(JoinHandle<anyhow::Result<()>>, String)> {
-    let user_token = dev_user_token(dir, cluster, controller_config, api_url).await?;
+    let user_token = dev_user_token(dir, cluster, controller_config, endpoint).await?;
     let client = dispatch_client(config)?;
     let supervisor = berth_dispatch::SupervisorCommand {
         program: std::env::current_exe().context("failed to find the berth executable")?,
@@ -306,14 +329,14 @@ async fn dev_user_token(
     dir: &DataDir,
     cluster: &berth_controller::ClusterSettings,
     controller_config: &berth_controller::Config,
-    api_url: &str,
+    endpoint: &Endpoint,
 ) -> anyhow::Result<String> {
     let path = dir.user_token_file();
     if let Some(token) = read_token_file(&path)? {
         let client = Client::new(Settings {
-            base_url: berth_client::parse_api_host(api_url)?,
+            base_url: berth_client::parse_api_host(&endpoint.url())?,
             token: Token::new(token.clone()),
-            insecure: false,
+            insecure: endpoint.tls,
         })?;
         match client.current_user().await {
             Ok(_) => return Ok(token),
@@ -392,15 +415,44 @@ async fn run_probe(program: &str, args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Returns the API's URL for clients on this host: an unspecified listen address
-/// (`0.0.0.0`, `::`) is reached through loopback.
-fn api_url(local_addr: SocketAddr) -> String {
-    let ip = match local_addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    format!("http://{}", SocketAddr::new(ip, local_addr.port()))
+/// The API's address for clients on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Endpoint {
+    /// The listener's address, with an unspecified one (`0.0.0.0`, `::`)
+    /// replaced by loopback.
+    address: SocketAddr,
+    /// HTTPS with the self-signed certificate, which clients do not verify.
+    tls: bool,
+}
+
+impl Endpoint {
+    fn new(local_addr: SocketAddr, tls: bool) -> Endpoint {
+        let ip = match local_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        Endpoint {
+            address: SocketAddr::new(ip, local_addr.port()),
+            tls,
+        }
+    }
+
+    /// Returns the API's URL, such as `https://127.0.0.1:8000`.
+    fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.address)
+    }
+
+    /// Returns the value of `BERTH_API_HOST`: `host:port` for HTTPS, as
+    /// Arvados clients expect it, or the `http://` URL.
+    fn api_host(&self) -> String {
+        if self.tls {
+            self.address.to_string()
+        } else {
+            self.url()
+        }
+    }
 }
 
 /// The settings written to `config.yml`.
@@ -409,6 +461,8 @@ struct DevConfig<'a> {
     cluster_id: &'a ClusterId,
     dir: &'a DataDir,
     listen: SocketAddr,
+    /// Whether the API is served over HTTPS with the self-signed pair.
+    tls: bool,
     backend: Backend,
     api_url: &'a str,
     docker_host: Option<&'a str>,
@@ -419,16 +473,23 @@ fn config_yaml(config: &DevConfig<'_>) -> anyhow::Result<String> {
     if let Some(docker_host) = config.docker_host {
         supervisor.insert("docker_host".into(), json!(docker_host));
     }
+    let mut controller = json!({
+        "listen": config.listen.to_string(),
+        "database_url": config.dir.database_url()?,
+    });
+    if config.tls {
+        controller["tls_certificate"] = json!(utf8(&config.dir.tls_certificate_file())?);
+        controller["tls_key"] = json!(utf8(&config.dir.tls_key_file())?);
+    }
     let value = json!({
         "cluster_id": config.cluster_id.as_str(),
         "system_token_file": utf8(&config.dir.system_token_file())?,
-        "controller": {
-            "listen": config.listen.to_string(),
-            "database_url": config.dir.database_url()?,
-        },
+        "controller": controller,
         "dispatch": {
             "backend": config.backend.name(),
             "api_url": config.api_url,
+            // The certificate is self-signed.
+            "insecure": config.tls,
             "poll_interval": DEV_POLL_INTERVAL,
             "credentials_dir": utf8(&config.dir.credentials_dir())?,
             "local": { "log_dir": utf8(&config.dir.logs_dir())? },
@@ -444,13 +505,21 @@ fn config_yaml(config: &DevConfig<'_>) -> anyhow::Result<String> {
     ))
 }
 
-/// Formats the shell lines that point user commands at this controller.
-fn env_lines(api_url: &str, user_token: &str) -> String {
-    format!(
-        "export BERTH_API_HOST={}\nexport BERTH_API_TOKEN={}\n",
-        shell_quote(api_url),
-        shell_quote(user_token)
-    )
+/// Formats the shell lines that point user commands at this controller:
+/// Berth's variables, and over HTTPS Arvados's as well.
+fn env_lines(endpoint: &Endpoint, user_token: &str) -> String {
+    let host = shell_quote(&endpoint.api_host());
+    let token = shell_quote(user_token);
+    let mut lines = format!("export BERTH_API_HOST={host}\nexport BERTH_API_TOKEN={token}\n");
+    if endpoint.tls {
+        lines.push_str(&format!(
+            "export BERTH_API_HOST_INSECURE=1\n\
+             export ARVADOS_API_HOST={host}\n\
+             export ARVADOS_API_TOKEN={token}\n\
+             export ARVADOS_API_HOST_INSECURE=1\n"
+        ));
+    }
+    lines
 }
 
 /// Quotes a word for a POSIX shell, leaving words of safe characters bare.
@@ -519,6 +588,7 @@ mod tests {
         );
         assert_eq!(cli.args.backend, BackendChoice::Auto);
         assert_eq!(cli.args.docker_host, None);
+        assert!(!cli.args.plain_http, "HTTPS unless asked otherwise");
     }
 
     #[test]
@@ -534,25 +604,45 @@ mod tests {
 
     #[test]
     fn unspecified_listen_address_is_reached_through_loopback() {
-        assert_eq!(
-            api_url("0.0.0.0:8000".parse().unwrap()),
-            "http://127.0.0.1:8000"
-        );
-        assert_eq!(api_url("[::]:9000".parse().unwrap()), "http://[::1]:9000");
-        assert_eq!(
-            api_url("127.0.0.1:41234".parse().unwrap()),
-            "http://127.0.0.1:41234"
-        );
+        let url = |address: &str, tls| Endpoint::new(address.parse().unwrap(), tls).url();
+        assert_eq!(url("0.0.0.0:8000", false), "http://127.0.0.1:8000");
+        assert_eq!(url("[::]:9000", true), "https://[::1]:9000");
+        assert_eq!(url("127.0.0.1:41234", true), "https://127.0.0.1:41234");
     }
 
     #[test]
-    fn env_lines_are_export_lines() {
+    fn https_env_lines_set_berth_and_arvados_variables() {
         let token = "v2/x0dev-gj3su-0123456789abcde/secret";
+        let endpoint = Endpoint::new("127.0.0.1:8000".parse().unwrap(), true);
         assert_eq!(
-            env_lines("http://127.0.0.1:8000", token),
+            env_lines(&endpoint, token),
             format!(
-                "export BERTH_API_HOST=http://127.0.0.1:8000\nexport BERTH_API_TOKEN={token}\n"
+                "export BERTH_API_HOST=127.0.0.1:8000\n\
+                 export BERTH_API_TOKEN={token}\n\
+                 export BERTH_API_HOST_INSECURE=1\n\
+                 export ARVADOS_API_HOST=127.0.0.1:8000\n\
+                 export ARVADOS_API_TOKEN={token}\n\
+                 export ARVADOS_API_HOST_INSECURE=1\n"
             )
+        );
+        let settings = berth_client::Settings::from_lookup(|name| match name {
+            "BERTH_API_HOST" => Some("127.0.0.1:8000".into()),
+            "BERTH_API_TOKEN" => Some(token.into()),
+            "BERTH_API_HOST_INSECURE" => Some("1".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(settings.base_url.as_str(), "https://127.0.0.1:8000/");
+        assert!(settings.insecure);
+    }
+
+    #[test]
+    fn plain_http_env_lines_give_the_url_only() {
+        let token = "v2/x0dev-gj3su-0123456789abcde/secret";
+        let endpoint = Endpoint::new("[::1]:8000".parse().unwrap(), false);
+        assert_eq!(
+            env_lines(&endpoint, token),
+            format!("export BERTH_API_HOST=http://[::1]:8000\nexport BERTH_API_TOKEN={token}\n")
         );
     }
 
@@ -594,8 +684,9 @@ mod tests {
             cluster_id: &cluster_id,
             dir: &dir,
             listen: "127.0.0.1:41234".parse().unwrap(),
+            tls: true,
             backend: Backend::Local,
-            api_url: "http://127.0.0.1:41234",
+            api_url: "https://127.0.0.1:41234",
             docker_host: Some("unix:///tmp/podman.sock"),
         })
         .unwrap();
@@ -610,7 +701,8 @@ mod tests {
         );
         let dispatch = config.dispatch().unwrap();
         assert_eq!(dispatch.backend, "local");
-        assert_eq!(dispatch.api_url, "http://127.0.0.1:41234");
+        assert_eq!(dispatch.api_url, "https://127.0.0.1:41234");
+        assert!(dispatch.insecure, "the certificate is self-signed");
         assert_eq!(dispatch.poll_interval, Duration::from_secs(1));
         assert_eq!(dispatch.credentials_dir, dir.credentials_dir());
         assert_eq!(dispatch.local.log_dir, Some(dir.logs_dir()));
@@ -622,6 +714,13 @@ mod tests {
         assert_eq!(
             controller.database_url,
             format!("sqlite://{}", dir.database_file().display())
+        );
+        assert_eq!(
+            controller.tls_files(),
+            Some((
+                dir.tls_certificate_file().as_path(),
+                dir.tls_key_file().as_path()
+            ))
         );
         assert_eq!(
             dir.cluster_id().unwrap(),
