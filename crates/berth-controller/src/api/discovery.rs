@@ -29,14 +29,6 @@ use crate::store::{Column, ColumnKind, CONTAINER_COLUMNS, REQUEST_COLUMNS};
 /// with the dates of the features they use.
 pub const REVISION: &str = "20250402";
 
-/// The scheme a request arrived over, set as a request extension by the
-/// code that accepts connections. Without it, the request URI's scheme is
-/// used, and plain `http` when the URI has none.
-// NOTE: no listener sets this yet, so behind TLS without `external_url`
-// the document names an http:// rootUrl.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestScheme(pub &'static str);
-
 /// `GET /discovery/v1/apis/arvados/v1/rest`. Needs no token.
 pub async fn document(
     State(state): State<AppState>,
@@ -45,7 +37,7 @@ pub async fn document(
     let (parts, _) = request.into_parts();
     let root_url = match state.external_url() {
         Some(url) => with_trailing_slash(url),
-        None => root_url_of_request(&parts)?,
+        None => root_url_of_request(&parts, state.serves_tls())?,
     };
     Ok(Json(build(
         &root_url,
@@ -62,14 +54,11 @@ fn with_trailing_slash(url: &str) -> String {
     }
 }
 
-/// Builds `<scheme>://<host>/` from the request.
-fn root_url_of_request(parts: &Parts) -> Result<String, ApiError> {
-    let scheme = parts
-        .extensions
-        .get::<RequestScheme>()
-        .map(|scheme| scheme.0)
-        .or_else(|| parts.uri.scheme_str())
-        .unwrap_or("http");
+/// Builds `<scheme>://<host>/` from the request. The scheme is `https`
+/// when the controller serves TLS itself; behind a proxy that terminates
+/// TLS, `external_url` must be set.
+fn root_url_of_request(parts: &Parts, serves_tls: bool) -> Result<String, ApiError> {
+    let scheme = if serves_tls { "https" } else { "http" };
     let host = parts
         .headers
         .get(HOST)

@@ -82,6 +82,7 @@ struct Inner {
     max_request_body_bytes: usize,
     request_timeout: Duration,
     external_url: Option<String>,
+    serves_tls: bool,
 }
 
 impl AppState {
@@ -100,6 +101,7 @@ impl AppState {
                 max_request_body_bytes: config.max_request_body_bytes,
                 request_timeout: config.request_timeout(),
                 external_url: config.external_url.clone(),
+                serves_tls: config.tls_files().is_some(),
             }),
         }
     }
@@ -134,6 +136,12 @@ impl AppState {
 
     pub(crate) fn external_url(&self) -> Option<&str> {
         self.inner.external_url.as_deref()
+    }
+
+    /// True when the configuration names a TLS certificate and key, so
+    /// the API is served over HTTPS.
+    pub(crate) fn serves_tls(&self) -> bool {
+        self.inner.serves_tls
     }
 
     /// Ends every log wait now, so a draining server is not held up by

@@ -55,3 +55,19 @@ async fn discovery_rejects_a_malformed_host() {
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     assert!(reply.errors().contains("Host"), "{}", reply.errors());
 }
+
+#[tokio::test]
+async fn discovery_names_https_when_serving_tls() {
+    // The router never opens these files: only the listener loads them.
+    let api = TestApi::with_config(|config| {
+        config.tls_certificate = Some("/nonexistent/cert.pem".into());
+        config.tls_key = Some("/nonexistent/key.pem".into());
+    })
+    .await;
+    let request = TestApi::request(Method::GET, PATH, None)
+        .header("host", "127.0.0.1:9999")
+        .body(Body::empty())
+        .unwrap();
+    let doc = api.send(request).await.json();
+    assert_eq!(doc["rootUrl"], "https://127.0.0.1:9999/");
+}
