@@ -1,4 +1,5 @@
-//! The real Arvados Python SDK against a controller on a real socket.
+//! The real Arvados Python SDK against a controller on a real socket,
+//! over HTTPS.
 //!
 //! Runs only with `BERTH_INTEGRATION=1` and `BERTH_TEST_PYTHON` naming a
 //! Python that has `arvados-python-client` installed (scripts/test.sh
@@ -15,11 +16,12 @@
 #[path = "api/common.rs"]
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use berth_controller::{bind, create_user, ClusterSettings, Config};
+use berth_controller::{bind, create_user, tls, ClusterSettings, Config};
 use berth_core::Secret;
 use tokio::sync::oneshot;
 
@@ -53,9 +55,17 @@ async fn python_sdk_runs_its_calls() {
         cluster_id: "zzzzz".parse().unwrap(),
         system_token: Secret::new(SYSTEM_TOKEN),
     };
-    // NOTE: plain HTTP; the test moves to HTTPS once the controller
-    // serves it.
-    let config = Config::new("127.0.0.1:0".parse().unwrap(), database.url());
+    // HTTPS with a self-signed certificate, which the client accepts
+    // with insecure=True as with ARVADOS_API_HOST_INSECURE=1.
+    let pair = tls::self_signed(&["127.0.0.1"], "berth sdk test").unwrap();
+    let certificate = home.path().join("cert.pem");
+    let key = home.path().join("key.pem");
+    std::fs::write(&certificate, &pair.certificate_pem).unwrap();
+    std::fs::write(&key, &pair.key_pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut config = Config::new("127.0.0.1:0".parse().unwrap(), database.url());
+    config.tls_certificate = Some(certificate);
+    config.tls_key = Some(key);
     let user_token = create_user(&cluster, &config, "sdkuser", false)
         .await
         .unwrap();
@@ -67,10 +77,9 @@ async fn python_sdk_runs_its_calls() {
     }));
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/sdk_client.py");
-    let discovery_url = format!("http://{address}/discovery/v1/apis/{{api}}/{{apiVersion}}/rest");
     let child = tokio::process::Command::new(&python)
         .arg(&script)
-        .env("BERTH_SDK_DISCOVERY_URL", &discovery_url)
+        .env("BERTH_SDK_HOST", address.to_string())
         .env("BERTH_SDK_USER_TOKEN", &user_token)
         .env("BERTH_SDK_SYSTEM_TOKEN", SYSTEM_TOKEN)
         .env("HOME", home.path())

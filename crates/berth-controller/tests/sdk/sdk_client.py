@@ -1,7 +1,8 @@
 """Drive a Berth controller with the Arvados Python SDK (arvados-python-client).
 
 Run by the Rust test in tests/sdk.rs, which starts the controller and sets:
-  BERTH_SDK_DISCOVERY_URL  the discovery URL, with {api} and {apiVersion}
+  BERTH_SDK_HOST           the controller's host:port, served over HTTPS
+                           with a self-signed certificate
   BERTH_SDK_USER_TOKEN     a new non-admin user's token (user "sdkuser")
   BERTH_SDK_SYSTEM_TOKEN   the system token, to lock the container
 Tokens come from the environment, never from argv.
@@ -35,10 +36,12 @@ def check(condition, message):
 def client(token):
     # num_retries=0: a 5xx fails the test at once instead of after minutes
     # of retries. cache=False: nothing is written under ~/.cache.
+    # insecure=True accepts the self-signed certificate.
     return arvados.api(
         "v1",
-        discoveryServiceUrl=os.environ["BERTH_SDK_DISCOVERY_URL"],
+        host=os.environ["BERTH_SDK_HOST"],
         token=token,
+        insecure=True,
         num_retries=0,
         cache=False,
     )
