@@ -211,7 +211,7 @@ Berth is running in the background: pid $(cat "$PIDFILE"), log $LOGFILE
 (demo finished in $(seconds_since "$t_script") s).
 
 Use the CLI from another shell:
-  . $ENV_FILE          # sets BERTH_API_HOST and BERTH_API_TOKEN
+  . $ENV_FILE          # sets BERTH_API_* and ARVADOS_API_* (HTTPS, self-signed)
   $berth run --ram 64M $BERTH_TEST_IMAGE -- echo hi
   $berth ls
   $berth logs -f UUID
