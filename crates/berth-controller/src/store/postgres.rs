@@ -844,50 +844,27 @@ mod tests {
     use super::*;
     use sqlx::Connection;
 
-    /// A schema created for one test, dropped when the test ends, also when
-    /// it fails.
-    struct Schema {
-        base: String,
-        name: String,
-    }
-
-    impl Drop for Schema {
-        fn drop(&mut self) {
-            // The test's runtime cannot block on a future inside drop, so the
-            // schema is dropped from a thread with a runtime of its own.
-            let base = self.base.clone();
-            let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name);
-            let dropped = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async {
-                    let mut conn = PgConnection::connect(&base).await?;
-                    sqlx::query(&sql).execute(&mut conn).await?;
-                    conn.close().await?;
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-                })
-            })
-            .join();
-            if let Ok(Err(err)) = dropped {
-                eprintln!("failed to drop the test schema {}: {err}", self.name);
-            }
-        }
-    }
-
-    /// A store on a fresh schema, or None when no database is configured.
-    async fn store() -> Option<(PostgresStore, Schema)> {
+    /// A store on a fresh schema, and the schema's name.
+    async fn store() -> Option<(PostgresStore, String, String)> {
         let base = std::env::var("BERTH_TEST_DATABASE_URL").ok()?;
-        let name = format!("test_{:016x}", rand::random::<u64>());
+        let schema = format!("test_{:016x}", rand::random::<u64>());
         let mut conn = PgConnection::connect(&base).await.unwrap();
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
             .execute(&mut conn)
             .await
             .unwrap();
-        let url = format!("{base}?options[search_path]={name}");
-        let schema = Schema { base, name };
+        let url = format!("{base}?options[search_path]={schema}");
         let store = PostgresStore::open(&url, 4).await.unwrap();
-        Some((store, schema))
+        Some((store, base, schema))
+    }
+
+    async fn drop_schema(store: PostgresStore, base: &str, schema: &str) {
+        store.close().await;
+        let mut conn = PgConnection::connect(base).await.unwrap();
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut conn)
+            .await
+            .unwrap();
     }
 
     fn container(uuid: &str) -> Container {
@@ -942,7 +919,7 @@ mod tests {
 
     #[tokio::test]
     async fn stale_version_is_a_conflict() {
-        let Some((store, _schema)) = store().await else {
+        let Some((store, base, schema)) = store().await else {
             return;
         };
         let uuid = "zzzzz-dz642-0123456789abcde";
@@ -970,12 +947,12 @@ mod tests {
             .filter(|result| matches!(result, Err(StoreError::Conflict { .. })))
             .count();
         assert_eq!(conflicts, 1, "{first:?} {second:?}");
-        store.close().await;
+        drop_schema(store, &base, &schema).await;
     }
 
     #[tokio::test]
     async fn log_chunks_round_trip_bytes() {
-        let Some((store, _schema)) = store().await else {
+        let Some((store, base, schema)) = store().await else {
             return;
         };
         let uuid = "zzzzz-dz642-0123456789abcde";
@@ -1010,12 +987,12 @@ mod tests {
         // Offset 200 resent bytes 0..56 of the chunk: the store kept the rest.
         let expected: Vec<u8> = bytes[250..].iter().chain(&bytes[56..60]).copied().collect();
         assert_eq!(data, expected);
-        store.close().await;
+        drop_schema(store, &base, &schema).await;
     }
 
     #[tokio::test]
     async fn like_is_case_sensitive_and_ilike_is_not() {
-        let Some((store, _schema)) = store().await else {
+        let Some((store, base, schema)) = store().await else {
             return;
         };
         let uuid = "zzzzz-dz642-0123456789abcde";
@@ -1044,6 +1021,6 @@ mod tests {
             assert_eq!(page.items.len(), expected, "{op:?}");
             assert_eq!(page.items_available, Some(expected as u64), "{op:?}");
         }
-        store.close().await;
+        drop_schema(store, &base, &schema).await;
     }
 }

@@ -1,10 +1,10 @@
 //! The test harness: a controller router on a fresh store, driven with
 //! `tower::ServiceExt::oneshot`.
 //!
-//! The store is a SQLite file in a temporary directory. When
-//! `BERTH_TEST_DATABASE_URL` names a PostgreSQL database, it is instead a
-//! schema of its own in that database, created for the test and dropped
-//! after it, so that tests run in parallel without seeing each other's rows.
+//! The store is a SQLite file in a temporary directory, or, when
+//! `BERTH_TEST_DATABASE_URL` names a PostgreSQL database, a schema of its
+//! own in that database, created for the test and dropped after it, so
+//! that tests run in parallel without seeing each other's rows.
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
@@ -305,7 +305,7 @@ pub enum TestDatabase {
     },
     Postgres {
         url: String,
-        /// The URL of the database that contains the schema.
+        /// The URL of the database that holds the schema.
         base_url: String,
         schema: String,
     },

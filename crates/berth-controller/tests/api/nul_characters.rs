@@ -1,5 +1,5 @@
 //! Text with a NUL character (U+0000): PostgreSQL cannot store it in a text
-//! column, so both stores reply 422 naming the field, and store nothing.
+//! column, so both stores answer 422 naming the field, and store nothing.
 
 use axum::http::StatusCode;
 use serde_json::json;
