@@ -349,6 +349,21 @@ mod tests {
         }
     }
 
+    /// Waits until the child named in the container's pid file runs the
+    /// supervisor command, whose command line names the container.
+    async fn wait_until_execed(dir: &Path) {
+        let pid = std::fs::read_to_string(dir.join(format!("{UUID}.pid"))).unwrap();
+        let cmdline = format!("/proc/{}/cmdline", pid.trim());
+        for _ in 0..100 {
+            let text = std::fs::read(&cmdline).unwrap_or_default();
+            if String::from_utf8_lossy(&text).contains(UUID) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("the child in {cmdline} never ran the supervisor command");
+    }
+
     async fn wait_until_gone(backend: &mut LocalBackend) {
         for _ in 0..100 {
             if backend.status().await.unwrap().is_empty() {
@@ -420,6 +435,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut first = LocalBackend::new(fake_berth(dir.path()), dir.path(), dir.path()).unwrap();
         let submission = first.submit(&request(dir.path())).await.unwrap();
+        // A child that has not exec'd yet still shows the test's command
+        // line, so the second backend could not recognise it.
+        wait_until_execed(dir.path()).await;
         // A stale pid file, and one whose process has another command line.
         std::fs::write(
             dir.path().join("zzzzz-dz642-000000000000002.pid"),
