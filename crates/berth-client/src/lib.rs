@@ -1,6 +1,6 @@
 //! The REST client of the Berth API (the Arvados v1 API shape).
 //!
-//! [`Client`] holds the API's base URL and one bearer token. The CLI builds
+//! [`Client`] contains the API's base URL and one bearer token. The CLI builds
 //! it from the environment ([`Settings::from_env`]); the dispatcher uses the
 //! system token; the supervisor uses the container's own token.
 //!
@@ -34,13 +34,13 @@ pub use credentials::{CredentialsError, JobCredentials};
 /// Time allowed for an ordinary API call.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Extra time a long-poll read is allowed beyond the wait it asks for.
+/// Extra time a long-poll read is allowed beyond the wait it requests.
 const LONG_POLL_MARGIN: Duration = Duration::from_secs(15);
 
 /// Response header carrying a log stream's total size.
 pub const LOG_SIZE_HEADER: &str = "x-berth-log-size";
 
-/// Response header carrying the container's state at the time of the answer.
+/// Response header carrying the container's state when the response was made.
 pub const CONTAINER_STATE_HEADER: &str = "x-berth-container-state";
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The HTTP status, when the server answered.
+    /// Returns the HTTP status, when the server responded.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
@@ -79,7 +79,7 @@ impl ClientError {
         }
     }
 
-    /// True for failures another attempt may cure: no answer, a timeout, or
+    /// True for failures another attempt may cure: no response, a timeout, or
     /// a status that means the server is busy or failing (408, 429, 5xx).
     pub fn is_transient(&self) -> bool {
         match self {
@@ -116,7 +116,7 @@ impl fmt::Debug for Token {
     }
 }
 
-/// Where the API is and how to reach it.
+/// Connection settings: the API's URL, the token and TLS checking.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Base URL of the controller, such as `https://ctl.example:8443/`.
@@ -306,7 +306,7 @@ impl Client {
         &self.base_url
     }
 
-    /// The same controller, with another token.
+    /// Returns a client of the same controller with another token.
     pub fn with_token(&self, token: Token) -> Client {
         Client {
             http: self.http.clone(),
@@ -512,7 +512,7 @@ impl Client {
     }
 
     /// Reads a container's log stream from byte `offset`. With a `wait`, the
-    /// server holds the request until there are bytes past `offset`, the
+    /// server keeps the request open until there are bytes past `offset`, the
     /// container changes state, or the wait ends.
     pub async fn read_log(
         &self,

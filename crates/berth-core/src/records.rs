@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use crate::state::{ContainerState, RequestState};
 use crate::time::{serde_opt_ts, serde_ts, Timestamp};
 
-/// The `runtime_status` key that tells users why a Locked container's job
+/// The `runtime_status` key that explains to users why a Locked container's job
 /// is pending, such as `slurm job 69 is pending: Priority (jobs of higher
 /// priority are ahead of it)`. Only the dispatcher writes it; the
 /// controller shows it as a request's `scheduling_status`.
@@ -47,7 +47,7 @@ pub struct GpuConstraints {
     pub vram: i64,
 }
 
-/// How the batch system should schedule a container.
+/// Scheduling options the batch system applies to a container.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulingParameters {

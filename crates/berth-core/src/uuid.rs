@@ -30,7 +30,7 @@ pub enum UuidError {
     ClusterId { value: String },
 }
 
-/// The kinds of record Berth knows, with Arvados's type codes.
+/// The kinds of record Berth stores, with Arvados's type codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ObjectType {
     Container,
@@ -59,7 +59,7 @@ impl ObjectType {
         ObjectType::Workflow,
     ];
 
-    /// The five-character type code that sits in the middle of a UUID.
+    /// Returns the five-character type code in the middle of a UUID.
     pub fn code(self) -> &'static str {
         match self {
             ObjectType::Container => "dz642",
@@ -75,7 +75,8 @@ impl ObjectType {
         }
     }
 
-    /// The `kind` field of records of this type, as in `arvados#container`.
+    /// Returns the `kind` field of records of this type, as in
+    /// `arvados#container`.
     pub fn kind(self) -> &'static str {
         match self {
             ObjectType::Container => "arvados#container",
@@ -180,7 +181,7 @@ impl Uuid {
         &self.0[6..11]
     }
 
-    /// The record type, when the type code is one Berth knows.
+    /// Returns the record type, when Berth has a type with this code.
     pub fn object_type(&self) -> Option<ObjectType> {
         ObjectType::from_code(self.type_code())
     }
