@@ -29,6 +29,8 @@ pub mod config;
 pub mod error;
 pub mod lifecycle;
 pub mod notify;
+pub mod retry;
+pub mod reuse;
 pub mod server;
 pub mod store;
 pub mod tls;

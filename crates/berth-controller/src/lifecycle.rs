@@ -19,7 +19,7 @@ use berth_core::records::ContainerCredentials;
 use berth_core::state::{ContainerState, RequestState};
 use berth_core::time::Timestamp;
 use berth_core::validate::check_request;
-use berth_core::{ClusterId, Container, ContainerRequest, ObjectType, Uuid};
+use berth_core::{ClusterId, Container, ContainerRequest, ObjectType, SchedulingParameters, Uuid};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -27,8 +27,8 @@ use serde_json::{Map, Value};
 use crate::auth::{generate_secret, hash_secret, system_user_uuid, Caller};
 use crate::error::ApiError;
 use crate::store::{
-    find_column, ApiToken, Column, CredentialChange, MintedCredentials, CONTAINER_COLUMNS,
-    REQUEST_COLUMNS,
+    find_column, ApiToken, Column, CredentialChange, MintedCredentials, ReusedContainer, Versioned,
+    CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 
 /// `container_count_max` of a request that does not set it.
@@ -216,8 +216,27 @@ fn check_labels(request: &ContainerRequest, fields: &[&str]) -> Result<(), ApiEr
 pub struct RequestChange {
     pub record: ContainerRequest,
     pub new_container: Option<Container>,
+    /// The existing container the request takes instead of
+    /// `new_container` (see [`take_existing`]).
+    pub reused_container: Option<ReusedContainer>,
     /// False when the attributes changed nothing: nothing to write.
     pub changed: bool,
+}
+
+/// Makes a committing request take an existing container (chosen by
+/// [`crate::reuse::choose`]) instead of the new one built for it. A
+/// request that takes a Complete container is satisfied at once and
+/// becomes Final.
+pub fn take_existing(change: &mut RequestChange, existing: &Versioned<Container>) {
+    change.new_container = None;
+    change.record.container_uuid = Some(existing.record.uuid.clone());
+    change.reused_container = Some(ReusedContainer {
+        uuid: existing.record.uuid.clone(),
+        version: existing.version,
+    });
+    if existing.record.state == ContainerState::Complete {
+        change.record.state = RequestState::Final;
+    }
 }
 
 /// Builds a new, empty request of `owner_uuid` with the defaults.
@@ -266,10 +285,12 @@ fn request_template(
     }
 }
 
-/// Builds the container that runs a committed request.
-///
-/// NOTE: every commit creates a new container; reusing an equal container
-/// (`use_existing`) is not implemented yet.
+/// Program name of the Arvados workflow runner: a container that runs it
+/// is a workflow supervisor.
+const WORKFLOW_RUNNER: &str = "arvados-cwl-runner";
+
+/// Builds the container that runs a committed request. The API layer then
+/// looks for an existing container to reuse instead ([`take_existing`]).
 pub fn container_for(
     cluster: &ClusterId,
     request: &ContainerRequest,
@@ -294,7 +315,11 @@ pub fn container_for(
         mounts: request.mounts.clone(),
         runtime_constraints: request.runtime_constraints.clone(),
         runtime_status: Map::new(),
-        scheduling_parameters: request.scheduling_parameters.clone(),
+        scheduling_parameters: SchedulingParameters {
+            supervisor: request.scheduling_parameters.supervisor
+                || request.command.first().map(String::as_str) == Some(WORKFLOW_RUNNER),
+            ..request.scheduling_parameters.clone()
+        },
         output: None,
         container_image: request.container_image.clone().unwrap_or_default(),
         progress: None,
@@ -376,6 +401,7 @@ pub fn create_request(
     Ok(RequestChange {
         record: request,
         new_container,
+        reused_container: None,
         changed: true,
     })
 }
@@ -407,6 +433,7 @@ pub fn update_request(
         return Ok(RequestChange {
             record: current.clone(),
             new_container: None,
+            reused_container: None,
             changed: false,
         });
     }
@@ -450,6 +477,7 @@ pub fn update_request(
     Ok(RequestChange {
         record: request,
         new_container,
+        reused_container: None,
         changed: true,
     })
 }
@@ -479,10 +507,8 @@ impl ContainerChange {
 }
 
 /// Marks a container final: finish time, no priority, no lock, token
-/// revoked, requests finalised.
-///
-/// NOTE: a Cancelled container is not retried yet. Its requests become Final
-/// even when their `container_count_max` would allow another attempt.
+/// revoked, requests finalised (the API layer first moves the requests that
+/// retry a Cancelled container onto a new one, see [`crate::retry`]).
 fn finish(container: &mut Container, now: Timestamp) -> (CredentialChange, bool) {
     container.finished_at = Some(now);
     container.priority = 0;

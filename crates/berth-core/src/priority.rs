@@ -32,4 +32,16 @@ mod tests {
         assert_eq!(request_contribution(0, &old), 0);
         assert!(request_contribution(MAX_REQUEST_PRIORITY, &new) > 0);
     }
+
+    /// A container priority Arvados reports, 562948375092493200, is the
+    /// contribution of a priority-500 request created at this instant.
+    #[test]
+    fn matches_an_arvados_container_priority() {
+        let created = parse("2020-01-06T16:40:18.800Z").unwrap();
+        assert_eq!(request_contribution(500, &created), 562_948_375_092_493_200);
+        assert_eq!(
+            request_contribution(1, &created),
+            (1 << 50) - 1_578_328_818_800
+        );
+    }
 }

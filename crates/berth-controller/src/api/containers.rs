@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::HeaderMap;
 use axum::Json;
-use berth_core::Container;
+use berth_core::{Container, ContainerRequest, ContainerState, RequestState};
 use serde_json::Value;
 
 use super::params::{self, Params};
@@ -18,7 +18,11 @@ use super::{render, AppState, MAX_WRITE_ATTEMPTS};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::lifecycle::{self, ContainerChange};
-use crate::store::{ContainerWrite, StoreError, Versioned, Visibility, CONTAINER_COLUMNS};
+use crate::retry;
+use crate::store::{
+    find_column, ContainerWrite, Filter, FilterOp, ListQuery, Operand, Scalar, StoreError,
+    Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+};
 
 pub const KIND: &str = "arvados#container";
 const LIST_KIND: &str = "arvados#containerList";
@@ -175,18 +179,76 @@ pub async fn current(
     Ok(Json(render::record(KIND, &stored.record, None)?))
 }
 
+/// Page size when reading the requests of one container.
+const REQUEST_PAGE: u64 = 1000;
+
+/// Reads the Committed requests that point at a container.
+async fn committed_requests(
+    state: &AppState,
+    container_uuid: &str,
+) -> Result<Vec<Versioned<ContainerRequest>>, StoreError> {
+    let column = |name| find_column(REQUEST_COLUMNS, name);
+    let (Some(container_column), Some(state_column)) = (column("container_uuid"), column("state"))
+    else {
+        return Ok(Vec::new());
+    };
+    let mut query = ListQuery {
+        visibility: Visibility::All,
+        filters: vec![
+            Filter {
+                column: container_column,
+                op: FilterOp::Eq,
+                operand: Operand::One(Scalar::Text(container_uuid.to_string())),
+            },
+            Filter {
+                column: state_column,
+                op: FilterOp::Eq,
+                operand: Operand::One(Scalar::Text(RequestState::Committed.to_string())),
+            },
+        ],
+        order: Vec::new(),
+        limit: REQUEST_PAGE,
+        offset: 0,
+        count: false,
+    };
+    let mut requests = Vec::new();
+    loop {
+        let page = state.store().list_requests(&query).await?;
+        let full = page.items.len() as u64 == REQUEST_PAGE;
+        requests.extend(page.items);
+        if !full {
+            return Ok(requests);
+        }
+        query.offset += REQUEST_PAGE;
+    }
+}
+
 /// Stores a container change built from `current`; a conflict is returned
-/// for the caller's retry loop.
+/// for the caller's retry loop. A container that becomes Cancelled gets
+/// its retry planned here: the requests that may try again move to a new
+/// container in the same transaction.
 async fn store_change(
     state: &AppState,
     current: &Versioned<Container>,
     change: ContainerChange,
 ) -> Result<Versioned<Container>, StoreError> {
+    let retry = if change.finalize_requests && change.record.state == ContainerState::Cancelled {
+        let requests = committed_requests(state, &change.record.uuid).await?;
+        retry::plan_retry(
+            &state.cluster().cluster_id,
+            &change.record,
+            &requests,
+            change.record.modified_at,
+        )
+    } else {
+        None
+    };
     let write = ContainerWrite {
         record: change.record,
         expected_version: current.version,
         credentials: change.credentials,
         finalize_requests: change.finalize_requests,
+        retry,
     };
     let stored = state.store().update_container(&write).await?;
     if change.state_changed {
@@ -198,6 +260,14 @@ async fn store_change(
             "container changed state"
         );
         state.notifier().notify(&stored.record.uuid);
+    }
+    if let Some(retry) = &write.retry {
+        tracing::info!(
+            container = %stored.record.uuid,
+            retry = %retry.new_container.uuid,
+            requests = retry.requests.len(),
+            "queued a new container for the requests of a cancelled one"
+        );
     }
     Ok(stored)
 }

@@ -182,6 +182,11 @@ fn request_methods() -> Value {
             uuid_parameters(&["select", "include_trash"]), "ContainerRequest",
         ),
         "update": update,
+        "delete": method(
+            "arvados.container_requests.delete", "container_requests/{uuid}", "DELETE",
+            "Delete a container request; its container stops unless another request wants it.",
+            uuid_parameters(&[]), "ContainerRequest",
+        ),
         "container_status": method(
             "arvados.container_requests.container_status",
             "container_requests/{uuid}/container_status", "GET",

@@ -171,7 +171,8 @@ pub fn app(state: AppState) -> Router {
             "/container_requests/{uuid}",
             get(requests::get)
                 .put(requests::update)
-                .patch(requests::update),
+                .patch(requests::update)
+                .delete(requests::delete),
         )
         .route(
             "/container_requests/{uuid}/container_status",

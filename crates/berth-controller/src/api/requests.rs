@@ -1,9 +1,10 @@
-//! `container_requests`: create, get, list, update, and the status of a
-//! request's container.
+//! `container_requests`: create, get, list, update, delete, and the status
+//! of a request's container.
 //!
 //! Owners and administrators reach a request; container tokens reach none.
-//! A commit creates the request's container in the same transaction, and
-//! every change recomputes that container's priority.
+//! A commit takes an existing container that runs the same thing (when the
+//! request allows reuse, see [`crate::reuse`]) or creates one, in the same
+//! transaction, and every change recomputes that container's priority.
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -18,6 +19,7 @@ use super::{render, AppState, MAX_WRITE_ATTEMPTS};
 use crate::auth::{system_user_uuid, Caller};
 use crate::error::ApiError;
 use crate::lifecycle;
+use crate::reuse::{self, reuse_key};
 use crate::store::{RequestWrite, StoreError, Versioned, Visibility, REQUEST_COLUMNS};
 
 pub const KIND: &str = "arvados#containerRequest";
@@ -111,8 +113,8 @@ pub async fn create_or_list(
     let attributes = params::attributes(&headers, &params, &body, WRAPPER, REQUEST_COLUMNS)?;
     let select = params::select(REQUEST_COLUMNS, &params)?;
     let cluster = &state.cluster().cluster_id;
-    let change = lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
-    let owner = &change.record.owner_uuid;
+    let template = lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
+    let owner = &template.record.owner_uuid;
     if *owner != caller.user_uuid && *owner != system_user_uuid(cluster) {
         let exists = state
             .store()
@@ -126,22 +128,62 @@ pub async fn create_or_list(
             )));
         }
     }
-    let stored = state
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let mut change = template.clone();
+        reuse_if_possible(&state, &mut change).await?;
+        let inserted = state
+            .store()
+            .insert_request(
+                &change.record,
+                change.new_container.as_ref(),
+                change.reused_container.as_ref(),
+            )
+            .await;
+        let stored = match inserted {
+            Ok(stored) => stored,
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) => return Err(ApiError::store("store a container request")(err)),
+        };
+        tracing::info!(
+            request = %stored.record.uuid,
+            container = stored.record.container_uuid.as_deref().unwrap_or(""),
+            reused = change.reused_container.is_some(),
+            state = %stored.record.state,
+            "created a container request"
+        );
+        return Ok(Json(render::record(
+            KIND,
+            &stored.record,
+            select.as_deref(),
+        )?));
+    }
+    Err(ApiError::Conflict(
+        "the container this request would reuse kept changing: try again".into(),
+    ))
+}
+
+/// Lets a committing request with `use_existing` take an existing
+/// container that runs the same thing, instead of the new one built for
+/// it.
+async fn reuse_if_possible(
+    state: &AppState,
+    change: &mut lifecycle::RequestChange,
+) -> Result<(), ApiError> {
+    let Some(container) = &change.new_container else {
+        return Ok(());
+    };
+    if !change.record.use_existing {
+        return Ok(());
+    }
+    let candidates = state
         .store()
-        .insert_request(&change.record, change.new_container.as_ref())
+        .reusable_containers(&reuse_key(container))
         .await
-        .map_err(ApiError::store("store a container request"))?;
-    tracing::info!(
-        request = %stored.record.uuid,
-        container = stored.record.container_uuid.as_deref().unwrap_or(""),
-        state = %stored.record.state,
-        "created a container request"
-    );
-    Ok(Json(render::record(
-        KIND,
-        &stored.record,
-        select.as_deref(),
-    )?))
+        .map_err(ApiError::store("find a container to reuse"))?;
+    if let Some(existing) = reuse::choose(&change.record, &candidates) {
+        lifecycle::take_existing(change, existing);
+    }
+    Ok(())
 }
 
 pub async fn get(
@@ -183,13 +225,14 @@ pub async fn update(
 
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = load_visible(&state, &caller, &uuid).await?;
-        let change = lifecycle::update_request(
+        let mut change = lifecycle::update_request(
             cluster,
             &caller,
             &current.record,
             attributes.clone(),
             chrono::Utc::now(),
         )?;
+        reuse_if_possible(&state, &mut change).await?;
         if !change.changed {
             return Ok(Json(render::record(
                 KIND,
@@ -201,6 +244,7 @@ pub async fn update(
             record: change.record,
             expected_version: current.version,
             new_container: change.new_container,
+            reused_container: change.reused_container,
         };
         match state.store().update_request(&write).await {
             Ok(stored) => {
@@ -225,6 +269,37 @@ pub async fn update(
     }
     Err(ApiError::Conflict(format!(
         "container request {uuid} kept changing while it was being updated: try again"
+    )))
+}
+
+/// `DELETE container_requests/{uuid}`: sets the request's priority to 0
+/// (so its container stops unless another request wants it), then deletes
+/// it, in one transaction. Returns the request as it was last, with
+/// priority 0.
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParams(uuid): PathParams<String>,
+) -> Result<Json<Value>, ApiError> {
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let current = load_visible(&state, &caller, &uuid).await?;
+        match state.store().delete_request(&uuid, current.version).await {
+            Ok(()) => {
+                tracing::info!(
+                    request = %uuid,
+                    container = current.record.container_uuid.as_deref().unwrap_or(""),
+                    "deleted a container request"
+                );
+                let mut record = current.record;
+                record.priority = 0;
+                return Ok(Json(render::record(KIND, &record, None)?));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) => return Err(ApiError::store("delete a container request")(err)),
+        }
+    }
+    Err(ApiError::Conflict(format!(
+        "container request {uuid} kept changing while it was being deleted: try again"
     )))
 }
 

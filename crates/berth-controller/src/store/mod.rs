@@ -30,6 +30,8 @@ use async_trait::async_trait;
 use berth_core::time::Timestamp;
 use berth_core::{Container, ContainerRequest};
 
+use crate::retry::RetryPlan;
+
 /// A failure of the store. Callers' mistakes never show up here: the API
 /// layer checks input before it reaches the store.
 #[derive(Debug, thiserror::Error)]
@@ -342,6 +344,16 @@ pub struct Page<T> {
     pub items_available: Option<u64>,
 }
 
+/// An existing container a request takes as it is committed (reuse), with
+/// the version it was chosen at. The store checks the version in the
+/// write's transaction, so a container that changed meanwhile (it may have
+/// been cancelled) is a conflict and the caller chooses again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReusedContainer {
+    pub uuid: String,
+    pub version: i64,
+}
+
 /// An update of a container request, built from the version it names.
 #[derive(Debug, Clone)]
 pub struct RequestWrite {
@@ -350,6 +362,8 @@ pub struct RequestWrite {
     /// A container created for this request as it is committed, inserted
     /// in the same transaction.
     pub new_container: Option<Container>,
+    /// The existing container the request takes instead of a new one.
+    pub reused_container: Option<ReusedContainer>,
 }
 
 /// Secrets minted when a container is locked, as the store keeps them.
@@ -381,6 +395,10 @@ pub struct ContainerWrite {
     /// Move every Committed request of this container to Final (the
     /// container has reached a final state).
     pub finalize_requests: bool,
+    /// A new container for the requests that retry a cancelled one: it is
+    /// inserted and the requests are moved onto it (each at the version it
+    /// was read at) before the others are finalised.
+    pub retry: Option<RetryPlan>,
 }
 
 /// A live log stream of a container.
@@ -448,11 +466,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn get_token(&self, uuid: &str) -> Result<Option<ApiToken>>;
 
     /// Inserts a new request, and the container created for it when it is
-    /// created Committed, in one transaction.
+    /// created Committed (or checks the version of the container it
+    /// reuses), in one transaction.
     async fn insert_request(
         &self,
         request: &ContainerRequest,
         container: Option<&Container>,
+        reused: Option<&ReusedContainer>,
     ) -> Result<Versioned<ContainerRequest>>;
 
     async fn get_request(&self, uuid: &str) -> Result<Option<Versioned<ContainerRequest>>>;
@@ -463,7 +483,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// request's container, in one transaction.
     async fn update_request(&self, write: &RequestWrite) -> Result<Versioned<ContainerRequest>>;
 
+    /// Deletes a request written at `expected_version` and recomputes the
+    /// priority of its container, in one transaction.
+    async fn delete_request(&self, uuid: &str, expected_version: i64) -> Result<()>;
+
     async fn get_container(&self, uuid: &str) -> Result<Option<Versioned<Container>>>;
+
+    /// Returns the containers with this [reuse key](crate::reuse::reuse_key)
+    /// that may still serve a request: every Queued, Locked or Running
+    /// one, and the Complete one with exit code 0 that finished first.
+    async fn reusable_containers(&self, reuse_key: &str) -> Result<Vec<Versioned<Container>>>;
 
     async fn list_containers(&self, query: &ListQuery) -> Result<Page<Container>>;
 

@@ -37,9 +37,10 @@ use super::mapping::{
 };
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
-    LogStream, Operand, Page, RequestWrite, Result, Scalar, Store, StoreError, User, Versioned,
-    Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Store, StoreError,
+    User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
+use crate::reuse::reuse_key;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -155,6 +156,55 @@ async fn get_record<T: DeserializeOwned>(
         .transpose()
 }
 
+/// Records that a request has (had) a container, so that the request's
+/// owner keeps reading it after a retry moves the request on.
+async fn record_attempt(conn: &mut SqliteConnection, request: &ContainerRequest) -> Result<()> {
+    let Some(container_uuid) = &request.container_uuid else {
+        return Ok(());
+    };
+    sqlx::query(
+        "INSERT INTO request_attempts (request_uuid, container_uuid, owner_uuid) VALUES (?, ?, ?) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&request.uuid)
+    .bind(container_uuid)
+    .bind(&request.owner_uuid)
+    .execute(conn)
+    .await
+    .map_err(StoreError::query("record a request's container"))?;
+    Ok(())
+}
+
+/// Inserts a container with its reuse key.
+async fn insert_container(conn: &mut SqliteConnection, container: &Container) -> Result<()> {
+    insert_record(conn, &CONTAINERS, &container.uuid, container).await?;
+    sqlx::query("UPDATE containers SET reuse_key = ? WHERE uuid = ?")
+        .bind(reuse_key(container))
+        .bind(&container.uuid)
+        .execute(conn)
+        .await
+        .map_err(StoreError::query("store a container's reuse key"))?;
+    Ok(())
+}
+
+/// Fails with a conflict unless the reused container still has the
+/// version it was chosen at.
+async fn check_reused(conn: &mut SqliteConnection, reused: &ReusedContainer) -> Result<()> {
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM containers WHERE uuid = ?")
+        .bind(&reused.uuid)
+        .fetch_optional(conn)
+        .await
+        .map_err(StoreError::query("check a reused container"))?;
+    if version == Some(reused.version) {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict {
+            table: "containers",
+            uuid: reused.uuid.clone(),
+        })
+    }
+}
+
 /// Recomputes a live container's priority from its Committed requests.
 async fn recompute_priority(conn: &mut SqliteConnection, container_uuid: &str) -> Result<()> {
     let rows = sqlx::query(
@@ -204,8 +254,7 @@ fn visibility_condition(
         Visibility::User(user) => {
             params.push(Bound::Text(Some(user.clone())));
             Some(if is_containers {
-                "uuid IN (SELECT container_uuid FROM container_requests \
-                 WHERE owner_uuid = ? AND container_uuid IS NOT NULL)"
+                "uuid IN (SELECT container_uuid FROM request_attempts WHERE owner_uuid = ?)"
                     .to_string()
             } else {
                 "owner_uuid = ?".to_string()
@@ -656,12 +705,17 @@ impl Store for SqliteStore {
         &self,
         request: &ContainerRequest,
         container: Option<&Container>,
+        reused: Option<&ReusedContainer>,
     ) -> Result<Versioned<ContainerRequest>> {
         let mut tx = self.begin_write().await?;
         if let Some(container) = container {
-            insert_record(&mut tx, &CONTAINERS, &container.uuid, container).await?;
+            insert_container(&mut tx, container).await?;
+        }
+        if let Some(reused) = reused {
+            check_reused(&mut tx, reused).await?;
         }
         insert_record(&mut tx, &REQUESTS, &request.uuid, request).await?;
+        record_attempt(&mut tx, request).await?;
         if let Some(container_uuid) = &request.container_uuid {
             recompute_priority(&mut tx, container_uuid).await?;
         }
@@ -689,7 +743,10 @@ impl Store for SqliteStore {
         let record = &write.record;
         let mut tx = self.begin_write().await?;
         if let Some(container) = &write.new_container {
-            insert_record(&mut tx, &CONTAINERS, &container.uuid, container).await?;
+            insert_container(&mut tx, container).await?;
+        }
+        if let Some(reused) = &write.reused_container {
+            check_reused(&mut tx, reused).await?;
         }
         let version = update_record(
             &mut tx,
@@ -699,6 +756,7 @@ impl Store for SqliteStore {
             write.expected_version,
         )
         .await?;
+        record_attempt(&mut tx, record).await?;
         if let Some(container_uuid) = &record.container_uuid {
             recompute_priority(&mut tx, container_uuid).await?;
         }
@@ -707,6 +765,52 @@ impl Store for SqliteStore {
             record: record.clone(),
             version,
         })
+    }
+
+    async fn delete_request(&self, uuid: &str, expected_version: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let container_uuid: Option<Option<String>> = sqlx::query_scalar(
+            "DELETE FROM container_requests WHERE uuid = ? AND version = ? RETURNING container_uuid",
+        )
+        .bind(uuid)
+        .bind(expected_version)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::query("delete a container request"))?;
+        let Some(container_uuid) = container_uuid else {
+            return Err(StoreError::Conflict {
+                table: "container_requests",
+                uuid: uuid.to_string(),
+            });
+        };
+        sqlx::query("DELETE FROM request_attempts WHERE request_uuid = ?")
+            .bind(uuid)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("forget a request's containers"))?;
+        if let Some(container_uuid) = container_uuid {
+            recompute_priority(&mut tx, &container_uuid).await?;
+        }
+        commit(tx).await
+    }
+
+    async fn reusable_containers(&self, reuse_key: &str) -> Result<Vec<Versioned<Container>>> {
+        let sql = format!(
+            "{select} WHERE reuse_key = ? AND state IN ('Queued', 'Locked', 'Running') \
+             UNION ALL \
+             SELECT * FROM ({select} WHERE reuse_key = ? AND state = 'Complete' AND exit_code = 0 \
+             ORDER BY finished_at, uuid LIMIT 1)",
+            select = CONTAINERS.select
+        );
+        let rows = sqlx::query(&sql)
+            .bind(reuse_key)
+            .bind(reuse_key)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StoreError::query("find reusable containers"))?;
+        rows.iter()
+            .map(|row| decode_record(CONTAINERS.name, CONTAINERS.columns, row))
+            .collect()
     }
 
     async fn get_container(&self, uuid: &str) -> Result<Option<Versioned<Container>>> {
@@ -724,7 +828,7 @@ impl Store for SqliteStore {
 
     async fn container_requested_by(&self, container_uuid: &str, user_uuid: &str) -> Result<bool> {
         sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM container_requests WHERE container_uuid = ? AND owner_uuid = ?)",
+            "SELECT EXISTS (SELECT 1 FROM request_attempts WHERE container_uuid = ? AND owner_uuid = ?)",
         )
         .bind(container_uuid)
         .bind(user_uuid)
@@ -774,6 +878,21 @@ impl Store for SqliteStore {
                     .await
                     .map_err(StoreError::query("forget a gateway secret"))?;
             }
+        }
+        if let Some(retry) = &write.retry {
+            insert_container(&mut tx, &retry.new_container).await?;
+            for moved in &retry.requests {
+                update_record(
+                    &mut tx,
+                    &REQUESTS,
+                    &moved.record.uuid,
+                    &moved.record,
+                    moved.version,
+                )
+                .await?;
+                record_attempt(&mut tx, &moved.record).await?;
+            }
+            recompute_priority(&mut tx, &retry.new_container.uuid).await?;
         }
         if write.finalize_requests {
             sqlx::query(

@@ -179,7 +179,17 @@ impl TestApi {
 
     /// Creates a committed request; returns the request and its container.
     pub async fn committed(&self, token: &str) -> (Value, Value) {
-        let request = self.create_request(token, runnable()).await;
+        self.committed_with(token, json!({})).await
+    }
+
+    /// Creates a committed request with `extra` attributes over
+    /// [`runnable`]; returns the request and its container.
+    pub async fn committed_with(&self, token: &str, extra: Value) -> (Value, Value) {
+        let mut attributes = runnable();
+        for (key, value) in extra.as_object().unwrap() {
+            attributes[key] = value.clone();
+        }
+        let request = self.create_request(token, attributes).await;
         request.expect(StatusCode::OK);
         let request = request.json();
         let container_uuid = request["container_uuid"].as_str().unwrap().to_string();
@@ -256,9 +266,12 @@ impl TestApi {
     }
 }
 
-/// Attributes of a request that can run, committed.
+/// Attributes of a committed request that can run. It always gets a
+/// container of its own: reuse is off, so tests that create several see
+/// several containers.
 pub fn runnable() -> Value {
     json!({
+        "use_existing": false,
         "name": "test",
         "state": "Committed",
         "container_image": "localhost/busybox:latest",

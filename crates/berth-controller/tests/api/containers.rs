@@ -134,7 +134,10 @@ async fn container_transitions_follow_state_machine() {
 async fn state_changes_set_timestamps_and_finalize_requests() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
-    let (request, container) = api.committed(&alice).await;
+    // One attempt only: the cancel below ends the request.
+    let (request, container) = api
+        .committed_with(&alice, json!({"container_count_max": 1}))
+        .await;
     let uuid = str_of(&container, "uuid");
     assert!(container["started_at"].is_null());
     api.lock(uuid).await;
@@ -474,7 +477,9 @@ async fn unlock_requeues_and_revokes_token() {
 async fn unlock_at_max_dispatch_attempts_cancels() {
     let api = TestApi::with_config(|config| config.max_dispatch_attempts = 2).await;
     let alice = api.user("alice", false).await;
-    let (request, container) = api.committed(&alice).await;
+    let (request, container) = api
+        .committed_with(&alice, json!({"container_count_max": 1}))
+        .await;
     let uuid = str_of(&container, "uuid");
     let unlock = format!("containers/{uuid}/unlock");
     api.lock(uuid).await;

@@ -11,6 +11,7 @@ mod compat;
 mod containers;
 mod discovery;
 mod errors;
+mod lifecycle;
 mod lists;
 mod logs;
 mod nul_characters;
