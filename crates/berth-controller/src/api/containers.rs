@@ -197,11 +197,13 @@ async fn committed_requests(
         filters: vec![
             Filter {
                 column: container_column,
+                key: None,
                 op: FilterOp::Eq,
                 operand: Operand::One(Scalar::Text(container_uuid.to_string())),
             },
             Filter {
                 column: state_column,
+                key: None,
                 op: FilterOp::Eq,
                 operand: Operand::One(Scalar::Text(RequestState::Committed.to_string())),
             },

@@ -419,14 +419,19 @@ fn parse_filter(
         return Err("expected [attribute, operator, operand]".into());
     };
     let attribute = attribute.as_str().ok_or("the attribute is not a string")?;
-    match op
-        .as_str()
-        .map(|op| op.trim().to_ascii_lowercase())
-        .as_deref()
-    {
-        Some("is_a") => return parse_is_a(columns, table, attribute, operand),
-        Some("exists") => return Err(exists_error(columns, table, attribute)),
-        _ => {}
+    let op_name = op.as_str().map(|op| op.trim().to_ascii_lowercase());
+    if op_name.as_deref() == Some("is_a") {
+        return parse_is_a(columns, table, attribute, operand);
+    }
+    if let Some(target) = object_key(columns, table, attribute, operand, op_name.as_deref())? {
+        return parse_key_filter(target, op, operand).map(Some);
+    }
+    if op_name.as_deref() == Some("exists") {
+        return Err(format!(
+            "operator \"exists\" applies only to object attributes ({}), not to {}",
+            OBJECT_ATTRIBUTES.join(", "),
+            quote_text(attribute)
+        ));
     }
     let column = column_named(columns, table, attribute).ok_or_else(|| {
         format!(
@@ -477,6 +482,7 @@ fn parse_filter(
     };
     Ok(Some(Filter {
         column,
+        key: None,
         op,
         operand,
     }))
@@ -528,6 +534,7 @@ fn parse_is_a(
     // No record has a null uuid, so this filter matches nothing.
     let none = Filter {
         column: uuid_column,
+        key: None,
         op: FilterOp::Eq,
         operand: Operand::Null,
     };
@@ -539,42 +546,171 @@ fn parse_is_a(
             Some(none)
         });
     }
-    match types.as_slice() {
-        [] => Ok(Some(none)),
-        // Any cluster prefix, this type's code, any 15 characters.
-        [one] => Ok(Some(Filter {
-            column,
-            op: FilterOp::Like,
-            operand: Operand::One(Scalar::Text(format!(
-                "_____-{}-_______________",
-                one.code()
-            ))),
-        })),
-        // NOTE: one condition cannot express "any of several kinds" with
-        // the store's operators, so this case is rejected.
-        _ => Err("is_a with several kinds is not supported: give one kind per filter".into()),
+    if types.is_empty() {
+        return Ok(Some(none));
     }
+    // Any cluster prefix, the type's code, any 15 characters.
+    let patterns = types
+        .iter()
+        .map(|object_type| Scalar::Text(format!("_____-{}-_______________", object_type.code())))
+        .collect();
+    Ok(Some(Filter {
+        column,
+        key: None,
+        op: FilterOp::Like,
+        operand: Operand::List(patterns),
+    }))
 }
 
-/// Explains why `exists` cannot be used on an attribute. In Arvados,
-/// `exists` tests a key of an object attribute such as `properties`.
-fn exists_error(columns: &'static [Column], table: &str, attribute: &str) -> String {
+/// Attributes whose values are JSON objects, whose keys filters may test
+/// as `ATTRIBUTE.KEY`.
+const OBJECT_ATTRIBUTES: &[&str] = &[
+    "properties",
+    "output_properties",
+    "runtime_status",
+    "environment",
+    "mounts",
+    "runtime_constraints",
+    "scheduling_parameters",
+    "published_ports",
+];
+
+/// The key of an object column that a filter tests.
+struct KeyTarget<'a> {
+    column: &'static Column,
+    key: &'a str,
+    /// True for `ATTRIBUTE.KEY`, false for `[ATTRIBUTE, "exists", KEY]`.
+    in_attribute: bool,
+}
+
+/// Finds the object column and key a filter tests: `ATTRIBUTE.KEY` with
+/// any operator, or `[ATTRIBUTE, "exists", KEY]`. `None` for a filter on
+/// a whole column.
+fn object_key<'a>(
+    columns: &'static [Column],
+    table: &str,
+    attribute: &'a str,
+    operand: &'a Value,
+    op: Option<&str>,
+) -> Result<Option<KeyTarget<'a>>, String> {
     let name = attribute
         .strip_prefix(table)
         .and_then(|rest| rest.strip_prefix('.'))
         .unwrap_or(attribute);
-    let base = name.split('.').next().unwrap_or(name);
-    match find_column(columns, base) {
-        // NOTE: the store cannot filter on keys inside object attributes yet.
-        Some(column) if column.kind == ColumnKind::Json => format!(
-            "operator \"exists\" on {} is not supported: filtering on keys of object attributes is not implemented",
-            quote_text(attribute)
-        ),
-        _ => format!(
-            "operator \"exists\" applies only to object attributes such as properties, not to {}",
-            quote_text(attribute)
-        ),
+    let (base, key) = match name.split_once('.') {
+        Some((base, key)) => (base, Some(key)),
+        None => (name, None),
+    };
+    let Some(column) = find_column(columns, base).filter(|c| OBJECT_ATTRIBUTES.contains(&c.name))
+    else {
+        return Ok(None);
+    };
+    let key = match (key, op, operand) {
+        (Some(key), _, _) => key,
+        (None, Some("exists"), Value::String(key)) => key.as_str(),
+        (None, Some("exists"), _) => {
+            return Err(format!(
+                "operator \"exists\" on {} needs the key as a string operand, as in [{}, \"exists\", \"KEY\"]",
+                quote_text(attribute),
+                quote_text(base)
+            ))
+        }
+        (None, _, _) => return Ok(None),
+    };
+    if key.is_empty() || key.contains(['"', '\\']) || key.chars().any(char::is_control) {
+        return Err(format!(
+            "key {} of {base} cannot be filtered: a key must be non-empty, with no '\"', '\\' or control characters",
+            quote_text(key)
+        ));
     }
+    Ok(Some(KeyTarget {
+        column,
+        key,
+        in_attribute: name.contains('.'),
+    }))
+}
+
+/// Converts the operand of a filter on a key: strings, numbers and bools
+/// keep their JSON type.
+fn key_scalar(value: &Value) -> Result<Scalar, String> {
+    match value {
+        Value::String(text) => Ok(Scalar::Text(text.clone())),
+        Value::Bool(flag) => Ok(Scalar::Bool(*flag)),
+        Value::Number(number) => match number.as_i64() {
+            Some(integer) => Ok(Scalar::Integer(integer)),
+            None => number
+                .as_f64()
+                .map(Scalar::Real)
+                .ok_or_else(|| format!("operand {number} is not a number a filter can compare")),
+        },
+        other => Err(format!(
+            "operand {} is not a string, number or bool",
+            quote(other)
+        )),
+    }
+}
+
+/// Parses a filter on a key of an object column.
+fn parse_key_filter(target: KeyTarget<'_>, op: &Value, operand: &Value) -> Result<Filter, String> {
+    let KeyTarget {
+        column,
+        key,
+        in_attribute,
+    } = target;
+    let op_text = op.as_str().ok_or("the operator is not a string")?;
+    let op = match op_text.trim().to_ascii_lowercase().as_str() {
+        "exists" => FilterOp::Exists,
+        _ => parse_op(op_text).ok_or_else(|| {
+            format!(
+                "unknown operator {}: use =, !=, <, <=, >, >=, in, not in, like, ilike or exists",
+                quote_text(op_text)
+            )
+        })?,
+    };
+    let operand = match (op, operand) {
+        // `[ATTRIBUTE, "exists", KEY]` names the key in its operand.
+        (FilterOp::Exists, Value::String(_)) if !in_attribute => Operand::One(Scalar::Bool(true)),
+        (FilterOp::Exists, Value::Bool(present)) => Operand::One(Scalar::Bool(*present)),
+        (FilterOp::Exists, other) => {
+            return Err(format!(
+                "operator \"exists\" takes true or false, not {}",
+                quote(other)
+            ))
+        }
+        (FilterOp::Eq | FilterOp::NotEq, Value::Null) => Operand::Null,
+        (_, Value::Null) => return Err(format!("operator {op_text:?} cannot take null")),
+        (FilterOp::In | FilterOp::NotIn, Value::Array(items)) => {
+            if items.len() > MAX_LIST_OPERANDS {
+                return Err(format!(
+                    "operator {op_text:?} has {} operands, but the maximum is {MAX_LIST_OPERANDS}: split the list over several calls",
+                    items.len()
+                ));
+            }
+            Operand::List(items.iter().map(key_scalar).collect::<Result<_, _>>()?)
+        }
+        (FilterOp::In | FilterOp::NotIn, _) => {
+            return Err(format!("operator {op_text:?} needs a list operand"))
+        }
+        (FilterOp::Like | FilterOp::ILike, Value::String(pattern)) => {
+            if pattern.len() > MAX_PATTERN_BYTES {
+                return Err(format!(
+                    "the {op_text} pattern is {} bytes long, but the maximum is {MAX_PATTERN_BYTES} bytes",
+                    pattern.len()
+                ));
+            }
+            Operand::One(Scalar::Text(pattern.clone()))
+        }
+        (FilterOp::Like | FilterOp::ILike, _) => {
+            return Err(format!("operator {op_text:?} needs a string pattern"))
+        }
+        (_, value) => Operand::One(key_scalar(value)?),
+    };
+    Ok(Filter {
+        column,
+        key: Some(key.to_string()),
+        op,
+        operand,
+    })
 }
 
 /// Quotes a JSON value for an error message, shortened when it is long.
@@ -594,12 +730,18 @@ fn shorten(text: String) -> String {
     }
 }
 
-/// Counts the SQL parameters a filter binds.
+/// Counts the SQL parameters a filter binds: a filter on a key binds the
+/// key up to twice per operand besides the operand.
 fn operand_count(filter: &Filter) -> usize {
-    match &filter.operand {
+    let operands = match &filter.operand {
         Operand::Null => 0,
         Operand::One(_) => 1,
         Operand::List(items) => items.len(),
+    };
+    if filter.key.is_some() {
+        operands.max(1) * 3
+    } else {
+        operands
     }
 }
 
@@ -876,7 +1018,7 @@ mod tests {
         assert_eq!(query.filters[0].op, FilterOp::Like);
         assert_eq!(
             query.filters[0].operand,
-            Operand::One(Scalar::Text("_____-tpzed-_______________".into()))
+            Operand::List(vec![Scalar::Text("_____-tpzed-_______________".into())])
         );
     }
 
@@ -909,19 +1051,26 @@ mod tests {
     }
 
     #[test]
-    fn is_a_with_several_kinds_is_rejected() {
+    fn is_a_with_several_kinds_matches_any() {
         let p = params(r#"filters=[["owner_uuid","is_a",["arvados#user","arvados#group"]]]"#);
-        let err =
-            list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
-        assert!(err.to_string().contains("one kind per filter"), "{err}");
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(
+            query.filters[0].operand,
+            Operand::List(vec![
+                Scalar::Text("_____-tpzed-_______________".into()),
+                Scalar::Text("_____-j7d0g-_______________".into()),
+            ])
+        );
     }
 
     #[test]
-    fn exists_is_rejected_with_reason() {
+    fn exists_tests_keys_of_object_attributes() {
         let p = params(r#"filters=[["properties","exists","a"]]"#);
-        let err =
-            list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();
-        assert!(err.to_string().contains("not implemented"), "{err}");
+        let query = list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap();
+        assert_eq!(query.filters[0].column.name, "properties");
+        assert_eq!(query.filters[0].key.as_deref(), Some("a"));
+        assert_eq!(query.filters[0].op, FilterOp::Exists);
+        assert_eq!(query.filters[0].operand, Operand::One(Scalar::Bool(true)));
         let p = params(r#"filters=[["state","exists",true]]"#);
         let err =
             list_query(REQUEST_COLUMNS, "container_requests", &p, Visibility::All).unwrap_err();

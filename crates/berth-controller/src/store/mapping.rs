@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{
-    Column, ColumnKind, Filter, ListQuery, Operand, Result, Scalar, StoreError, Versioned,
+    Column, ColumnKind, Filter, FilterOp, ListQuery, Operand, Result, Scalar, StoreError, Versioned,
 };
 
 /// A value bound to a statement parameter.
@@ -159,6 +159,11 @@ where
 /// contains (see [`StoreError::NulCharacter`]).
 pub(super) fn check_filter_text(filters: &[Filter]) -> Result<()> {
     for filter in filters {
+        if filter.key.as_deref().is_some_and(|key| key.contains('\0')) {
+            return Err(StoreError::NulCharacter {
+                field: format!("the key of the filter on {}", filter.column.name),
+            });
+        }
         let scalars: &[Scalar] = match &filter.operand {
             Operand::One(scalar) => std::slice::from_ref(scalar),
             Operand::List(items) => items,
@@ -203,4 +208,154 @@ pub(super) fn order_clause(query: &ListQuery) -> String {
 /// Converts a byte count or offset to SQL's signed integer, saturating.
 pub(super) fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The SQL of each store for filters on a key of an object column. In
+/// each template, `{col}` is the column and every `?` is the key, bound as
+/// [`JsonSql::key_param`] makes it.
+pub(super) struct JsonSql {
+    /// True when the key is present (its value may be JSON null).
+    pub exists: &'static str,
+    /// The value at the key when it is a string, else NULL.
+    pub text: &'static str,
+    /// The value at the key when it is a number, else NULL.
+    pub number: &'static str,
+    /// The value at the key when it is a bool, else NULL.
+    pub boolean: &'static str,
+    /// The value at the key as text, NULL when the key is missing or its
+    /// value is JSON null.
+    pub any: &'static str,
+    /// The case-sensitive match of a LIKE pattern (`%`, `_`, `\`
+    /// escapes), with one `?` for the pattern as `like_param` makes it.
+    pub like: &'static str,
+    pub like_param: fn(&str) -> String,
+    /// The match that ignores ASCII case, and its pattern.
+    pub ilike: &'static str,
+    pub ilike_param: fn(&str) -> String,
+    /// Turns a key into the value bound to each `?` of a template.
+    pub key_param: fn(&str) -> String,
+    /// The literal of an always-false condition.
+    pub false_literal: &'static str,
+}
+
+impl JsonSql {
+    /// Expands a template for a column and key, binding the key for each
+    /// placeholder.
+    fn expand(&self, template: &str, column: &str, key: &str, params: &mut Vec<Bound>) -> String {
+        let placeholders = template.matches('?').count();
+        for _ in 0..placeholders {
+            params.push(Bound::Text(Some((self.key_param)(key))));
+        }
+        template.replace("{col}", column)
+    }
+
+    /// The expression of the value at the key that a scalar operand can
+    /// be compared with, and the operand as bound.
+    fn typed(
+        &self,
+        column: &str,
+        key: &str,
+        scalar: &Scalar,
+        params: &mut Vec<Bound>,
+    ) -> (String, Bound) {
+        match scalar {
+            Scalar::Text(text) => (
+                self.expand(self.text, column, key, params),
+                Bound::Text(Some(text.clone())),
+            ),
+            // Numbers compare as floating point, whatever their JSON form.
+            #[allow(clippy::cast_precision_loss)]
+            Scalar::Integer(value) => (
+                self.expand(self.number, column, key, params),
+                Bound::Real(Some(*value as f64)),
+            ),
+            Scalar::Real(value) => (
+                self.expand(self.number, column, key, params),
+                Bound::Real(Some(*value)),
+            ),
+            Scalar::Bool(value) => (
+                self.expand(self.boolean, column, key, params),
+                Bound::Bool(Some(*value)),
+            ),
+        }
+    }
+}
+
+/// Builds the condition of a filter on a key of an object column.
+pub(super) fn key_condition(
+    sql: &JsonSql,
+    filter: &Filter,
+    key: &str,
+    params: &mut Vec<Bound>,
+) -> String {
+    let column = filter.column.name;
+    match (filter.op, &filter.operand) {
+        (FilterOp::Exists, Operand::One(Scalar::Bool(present))) => {
+            let exists = sql.expand(sql.exists, column, key, params);
+            if *present {
+                exists
+            } else {
+                format!("NOT ({exists})")
+            }
+        }
+        (FilterOp::Eq, Operand::Null) => {
+            format!("{} IS NULL", sql.expand(sql.any, column, key, params))
+        }
+        (FilterOp::NotEq, Operand::Null) => {
+            format!("{} IS NOT NULL", sql.expand(sql.any, column, key, params))
+        }
+        (FilterOp::In | FilterOp::NotIn, Operand::List(items)) => {
+            let alternatives: Vec<String> = items
+                .iter()
+                .map(|item| {
+                    let (expr, bound) = sql.typed(column, key, item, params);
+                    params.push(bound);
+                    format!("{expr} = ?")
+                })
+                .collect();
+            let any = if alternatives.is_empty() {
+                sql.false_literal.to_string()
+            } else {
+                format!(
+                    "COALESCE({}, {})",
+                    alternatives.join(" OR "),
+                    sql.false_literal
+                )
+            };
+            if filter.op == FilterOp::NotIn {
+                format!("NOT ({any})")
+            } else {
+                any
+            }
+        }
+        (op @ (FilterOp::Like | FilterOp::ILike), Operand::One(Scalar::Text(pattern))) => {
+            let expr = sql.expand(sql.text, column, key, params);
+            let (operator, param) = if op == FilterOp::Like {
+                (sql.like, sql.like_param)
+            } else {
+                (sql.ilike, sql.ilike_param)
+            };
+            params.push(Bound::Text(Some(param(pattern))));
+            format!("{expr} {operator}")
+        }
+        (op, Operand::One(scalar)) => {
+            let symbol = match op {
+                FilterOp::Eq => "=",
+                FilterOp::Lt => "<",
+                FilterOp::Le => "<=",
+                FilterOp::Gt => ">",
+                FilterOp::Ge => ">=",
+                FilterOp::NotEq => {
+                    let (expr, bound) = sql.typed(column, key, scalar, params);
+                    params.push(bound);
+                    return format!("COALESCE({expr} = ?, {0}) = {0}", sql.false_literal);
+                }
+                _ => return sql.false_literal.to_string(),
+            };
+            let (expr, bound) = sql.typed(column, key, scalar, params);
+            params.push(bound);
+            format!("{expr} {symbol} ?")
+        }
+        _ => sql.false_literal.to_string(),
+    }
 }

@@ -287,6 +287,8 @@ pub enum FilterOp {
     Like,
     /// `LIKE`, ignoring ASCII case.
     ILike,
+    /// Whether a key is present in an object attribute (operand: a bool).
+    Exists,
 }
 
 /// A scalar operand, already converted to the column's kind.
@@ -303,7 +305,8 @@ pub enum Operand {
     /// `= null` and `!= null`: IS NULL and IS NOT NULL.
     Null,
     One(Scalar),
-    /// The operand of `in` and `not in`.
+    /// The operand of `in` and `not in`; for `like` and `ilike`, patterns
+    /// of which any may match.
     List(Vec<Scalar>),
 }
 
@@ -312,6 +315,11 @@ pub enum Operand {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Filter {
     pub column: &'static Column,
+    /// For an object column, the key whose value the filter tests
+    /// (`properties.KEY`). The operand's type then picks the values that
+    /// can match: a string matches strings, a number numbers, a bool
+    /// bools.
+    pub key: Option<String>,
     pub op: FilterOp,
     pub operand: Operand,
 }

@@ -35,7 +35,8 @@ use sqlx::query::Query;
 use sqlx::Row;
 
 use super::mapping::{
-    check_filter_text, decode_record, encode_record, order_clause, to_i64, Bound,
+    check_filter_text, decode_record, encode_record, key_condition, order_clause, to_i64, Bound,
+    JsonSql,
 };
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
@@ -291,13 +292,50 @@ fn visibility_condition(
     }
 }
 
+/// PostgreSQL's jsonb operators for filters on keys of object columns.
+/// Object columns hold JSON text, cast to jsonb where a filter reads
+/// them; `jsonb_exists` stands for the `?` operator, whose name would
+/// clash with the placeholders.
+static JSON_SQL: JsonSql = JsonSql {
+    exists: "jsonb_exists({col}::jsonb, ?)",
+    text: "(CASE WHEN jsonb_typeof({col}::jsonb -> ?) = 'string' \
+           THEN ({col}::jsonb ->> ?) END) COLLATE \"C\"",
+    number: "(CASE WHEN jsonb_typeof({col}::jsonb -> ?) = 'number' \
+             THEN ({col}::jsonb ->> ?)::double precision END)",
+    boolean: "(CASE WHEN jsonb_typeof({col}::jsonb -> ?) = 'boolean' \
+              THEN ({col}::jsonb ->> ?)::boolean END)",
+    any: "({col}::jsonb ->> ?)",
+    like: "LIKE ?",
+    like_param: escape_trailing_backslash,
+    ilike: "ILIKE ?",
+    ilike_param: escape_trailing_backslash,
+    key_param: str::to_string,
+    false_literal: "FALSE",
+};
+
 fn filter_condition(filter: &Filter, params: &mut Vec<Bound>) -> String {
+    if let Some(key) = &filter.key {
+        return key_condition(&JSON_SQL, filter, key, params);
+    }
     let name = filter.column.name;
     let comparison = |symbol: &str| format!("{name} {symbol} ?");
     match (&filter.op, &filter.operand) {
         (FilterOp::Eq, Operand::Null) => format!("{name} IS NULL"),
         (FilterOp::NotEq, Operand::Null) => format!("{name} IS NOT NULL"),
         (_, Operand::Null) => "FALSE".to_string(),
+        (FilterOp::Like, Operand::List(patterns)) if !patterns.is_empty() => {
+            let alternatives: Vec<String> = patterns
+                .iter()
+                .map(|pattern| {
+                    let Scalar::Text(pattern) = pattern else {
+                        return "FALSE".to_string();
+                    };
+                    params.push(Bound::Text(Some(escape_trailing_backslash(pattern))));
+                    format!("{name} LIKE ?")
+                })
+                .collect();
+            format!("({})", alternatives.join(" OR "))
+        }
         (FilterOp::In | FilterOp::NotIn, Operand::List(items)) => {
             let negate = filter.op == FilterOp::NotIn;
             if items.is_empty() {
@@ -330,6 +368,7 @@ fn filter_condition(filter: &Filter, params: &mut Vec<Bound>) -> String {
                 FilterOp::Ge => comparison(">="),
                 FilterOp::Like => comparison("LIKE"),
                 FilterOp::ILike => comparison("ILIKE"),
+                FilterOp::Exists => "FALSE".to_string(),
             }
         }
     }
@@ -1134,6 +1173,7 @@ mod tests {
                 visibility: Visibility::All,
                 filters: vec![Filter {
                     column: name,
+                    key: None,
                     op,
                     operand: Operand::One(Scalar::Text("alp%".into())),
                 }],

@@ -33,7 +33,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite};
 
 use super::mapping::{
-    check_filter_text, decode_record, encode_record, order_clause, to_i64, Bound,
+    check_filter_text, decode_record, encode_record, key_condition, order_clause, to_i64, Bound,
+    JsonSql,
 };
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
@@ -271,13 +272,47 @@ fn visibility_condition(
     }
 }
 
+/// SQLite's JSON functions for filters on keys of object columns. A key
+/// becomes the path `$."KEY"`; the API rejects keys with `"` or `\`.
+static JSON_SQL: JsonSql = JsonSql {
+    exists: "json_type({col}, ?) IS NOT NULL",
+    text: "(CASE WHEN json_type({col}, ?) = 'text' THEN json_extract({col}, ?) END)",
+    number: "(CASE WHEN json_type({col}, ?) IN ('integer', 'real') \
+             THEN json_extract({col}, ?) END)",
+    boolean: "(CASE WHEN json_type({col}, ?) IN ('true', 'false') \
+              THEN json_extract({col}, ?) END)",
+    any: "json_extract({col}, ?)",
+    like: "GLOB ?",
+    like_param: like_to_glob,
+    ilike: "LIKE ? ESCAPE '\\'",
+    ilike_param: str::to_string,
+    key_param: |key| format!("$.\"{key}\""),
+    false_literal: "0",
+};
+
 fn filter_condition(filter: &Filter, params: &mut Vec<Bound>) -> String {
+    if let Some(key) = &filter.key {
+        return key_condition(&JSON_SQL, filter, key, params);
+    }
     let name = filter.column.name;
     let comparison = |symbol: &str| format!("{name} {symbol} ?");
     match (&filter.op, &filter.operand) {
         (FilterOp::Eq, Operand::Null) => format!("{name} IS NULL"),
         (FilterOp::NotEq, Operand::Null) => format!("{name} IS NOT NULL"),
         (_, Operand::Null) => "0".to_string(),
+        (FilterOp::Like, Operand::List(patterns)) if !patterns.is_empty() => {
+            let alternatives: Vec<String> = patterns
+                .iter()
+                .map(|pattern| {
+                    let Scalar::Text(pattern) = pattern else {
+                        return "0".to_string();
+                    };
+                    params.push(Bound::Text(Some(like_to_glob(pattern))));
+                    format!("{name} GLOB ?")
+                })
+                .collect();
+            format!("({})", alternatives.join(" OR "))
+        }
         (FilterOp::In | FilterOp::NotIn, Operand::List(items)) => {
             let negate = filter.op == FilterOp::NotIn;
             if items.is_empty() {
@@ -308,6 +343,7 @@ fn filter_condition(filter: &Filter, params: &mut Vec<Bound>) -> String {
                 FilterOp::Ge => comparison(">="),
                 FilterOp::Like => comparison("GLOB"),
                 FilterOp::ILike => format!("{name} LIKE ? ESCAPE '\\'"),
+                FilterOp::Exists => "0".to_string(),
             }
         }
     }
