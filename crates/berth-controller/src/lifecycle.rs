@@ -18,7 +18,7 @@ use berth_core::priority::request_contribution;
 use berth_core::records::ContainerCredentials;
 use berth_core::state::{ContainerState, RequestState};
 use berth_core::time::Timestamp;
-use berth_core::validate::check_request;
+use berth_core::validate::{check_request, is_portable_data_hash};
 use berth_core::{ClusterId, Container, ContainerRequest, ObjectType, SchedulingParameters, Uuid};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -211,6 +211,85 @@ fn check_labels(request: &ContainerRequest, fields: &[&str]) -> Result<(), ApiEr
     }
 }
 
+/// Runtime constraints that older clients may send as a list, of which
+/// the first element counts.
+const LIST_CONSTRAINTS: &[&str] = &["ram", "vcpus", "keep_cache_ram", "keep_cache_disk"];
+
+/// Rewrites the legacy forms of request attributes before they are
+/// merged: a runtime constraint given as a list takes its first element.
+fn collapse_legacy_forms(attributes: &mut Map<String, Value>) {
+    let Some(Value::Object(constraints)) = attributes.get_mut("runtime_constraints") else {
+        return;
+    };
+    for key in LIST_CONSTRAINTS {
+        if let Some(Value::Array(items)) = constraints.get(*key) {
+            if let Some(first) = items.first().cloned() {
+                constraints.insert((*key).to_string(), first);
+            }
+        }
+    }
+}
+
+/// Keys of the deprecated `runtime_constraints.cuda` object.
+const CUDA_KEYS: &[&str] = &["device_count", "driver_version", "hardware_capability"];
+
+/// Brings a merged request to its stored form: the deprecated `cuda`
+/// constraint becomes `gpu`, and a `container_count_max` of 0 (what Go
+/// clients send for "unset") becomes the default.
+fn normalize_request(request: &mut ContainerRequest) -> Result<(), ApiError> {
+    if request.container_count_max == Some(0) {
+        request.container_count_max = Some(DEFAULT_CONTAINER_COUNT_MAX);
+    }
+    let Some(cuda) = request.runtime_constraints.cuda.take() else {
+        return Ok(());
+    };
+    let invalid =
+        |message: String| ApiError::invalid(format!("runtime_constraints.cuda: {message}"));
+    let fields = match cuda {
+        Value::Null => return Ok(()),
+        Value::Object(fields) => fields,
+        other => return Err(invalid(format!("{other} is not an object"))),
+    };
+    if let Some(key) = fields.keys().find(|key| !CUDA_KEYS.contains(&key.as_str())) {
+        return Err(invalid(format!(
+            "unknown key {key:?}: expected {}",
+            CUDA_KEYS.join(", ")
+        )));
+    }
+    let device_count = match fields.get("device_count") {
+        None | Some(Value::Null) => 0,
+        Some(value) => value
+            .as_i64()
+            .filter(|count| *count >= 0)
+            .ok_or_else(|| invalid(format!("device_count {value} is not a count of devices")))?,
+    };
+    let text = |key: &str| match fields.get(key) {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(other) => Err(invalid(format!("{key} {other} is not a string"))),
+    };
+    let driver_version = text("driver_version")?;
+    let capability = text("hardware_capability")?;
+    if device_count == 0 {
+        return Ok(());
+    }
+    let gpu = &mut request.runtime_constraints.gpu;
+    if gpu.device_count > 0 {
+        return Err(invalid(
+            "is set together with gpu: give the devices in gpu only".to_string(),
+        ));
+    }
+    gpu.stack = "cuda".into();
+    gpu.device_count = device_count;
+    gpu.driver_version = driver_version;
+    gpu.hardware_target = if capability.is_empty() {
+        Vec::new()
+    } else {
+        vec![capability]
+    };
+    Ok(())
+}
+
 /// A request to store, with the container its commit created.
 #[derive(Debug, Clone)]
 pub struct RequestChange {
@@ -388,7 +467,9 @@ pub fn create_request(
         REQUEST_SERVER_FIELDS,
         |field| format!("{field} cannot be set: the controller sets it"),
     )?;
+    collapse_legacy_forms(&mut attributes);
     let mut request = merge(&template, &attributes)?.record;
+    normalize_request(&mut request)?;
     if request.state == RequestState::Final {
         return Err(ApiError::invalid(
             "invalid state for a new container request: cannot create it in state Final; create it Uncommitted or Committed",
@@ -425,10 +506,15 @@ pub fn update_request(
         REQUEST_SERVER_FIELDS,
         |field| format!("{field} cannot be changed: the controller sets it"),
     )?;
+    collapse_legacy_forms(&mut attributes);
     let Merged {
         record: mut request,
-        changed,
+        mut changed,
     } = merge(current, &attributes)?;
+    normalize_request(&mut request)?;
+    if request.container_count_max == current.container_count_max {
+        changed.retain(|field| field != "container_count_max");
+    }
     if changed.is_empty() {
         return Ok(RequestChange {
             record: current.clone(),
@@ -533,8 +619,29 @@ fn check_container_values(container: &Container) -> Result<(), ApiError> {
         }
     }
     if let Some(progress) = container.progress {
-        if !progress.is_finite() {
-            errors.push("progress: expected a number between 0 and 1".into());
+        if !(0.0..=1.0).contains(&progress) {
+            errors.push(format!(
+                "progress: {progress} is out of range: expected a number from 0 to 1"
+            ));
+        }
+    }
+    for (field, value) in [("log", &container.log), ("output", &container.output)] {
+        if let Some(hash) = value.as_deref() {
+            if !is_portable_data_hash(hash) {
+                errors.push(format!(
+                    "{field}: {hash:?} is not a portable data hash: expected the MD5 of a collection's manifest, '+' and its length"
+                ));
+            }
+        }
+    }
+    for (field, value) in [
+        ("cost", container.cost),
+        ("subrequests_cost", container.subrequests_cost),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            errors.push(format!(
+                "{field}: {value} is not a cost: expected 0 or more"
+            ));
         }
     }
     if container.scheduler_job_id.as_deref() == Some("") {

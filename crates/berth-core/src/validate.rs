@@ -117,6 +117,11 @@ pub fn check_request(request: &ContainerRequest) -> Result<(), Vec<FieldError>> 
         }
     }
 
+    check_gpu(request, &mut errors);
+    check_output_glob(&request.output_glob, &mut errors);
+    check_ports(&request.published_ports, &mut errors);
+    check_details(request, &mut errors);
+
     if request.state == RequestState::Committed {
         check_runnable(request, &mut errors);
     }
@@ -175,11 +180,42 @@ fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
             "output_path",
             "is missing: give the absolute path of a mount, for example \"/out\"",
         )),
-        Some(path) if !request.mounts.contains_key(path) => errors.push(FieldError::new(
-            "output_path",
-            format!("{path:?} is not the target of any entry in mounts"),
-        )),
-        Some(_) => {}
+        Some(path) => match request.mounts.get(path) {
+            None => errors.push(FieldError::new(
+                "output_path",
+                format!("{path:?} is not the target of any entry in mounts"),
+            )),
+            Some(mount) if !(mount.kind == "tmp" || mount.kind == "collection" && mount.writable) => {
+                errors.push(FieldError::new(
+                    "output_path",
+                    format!(
+                        "{path:?} is a {} mount: the output directory must be a tmp mount or a writable collection mount",
+                        mount.kind
+                    ),
+                ))
+            }
+            Some(_) => {}
+        },
+    }
+    for stream in ["stdout", "stderr"] {
+        let Some(path) = request.mounts.get(stream).and_then(|m| m.path.as_deref()) else {
+            continue;
+        };
+        let inside = request.output_path.as_deref().is_some_and(|output| {
+            output == "/"
+                || path
+                    .strip_prefix(output)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        });
+        if !inside {
+            errors.push(FieldError::new(
+                format!("mounts.{stream}.path"),
+                format!(
+                    "{path:?} is not inside output_path {:?}: the file of {stream} must be written in the output directory",
+                    request.output_path.as_deref().unwrap_or_default()
+                ),
+            ));
+        }
     }
 }
 
@@ -209,6 +245,20 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
             format!("{} is negative", mount.capacity),
         ));
     }
+    check_mount_keys(&field, mount, errors);
+    match (target, mount.kind.as_str()) {
+        ("stdout" | "stderr", kind) if kind != "file" => errors.push(FieldError::new(
+            format!("{field}.kind"),
+            format!("{kind:?} cannot be the target {target}: it must be a file mount"),
+        )),
+        ("stdin", kind) if !matches!(kind, "collection" | "json" | "text") => {
+            errors.push(FieldError::new(
+                format!("{field}.kind"),
+                format!("{kind:?} cannot be stdin: it must be a collection, json or text mount"),
+            ))
+        }
+        _ => {}
+    }
     match mount.kind.as_str() {
         "json" if mount.content.is_none() => errors.push(FieldError::new(
             format!("{field}.content"),
@@ -232,6 +282,304 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
             ))
         }
         _ => {}
+    }
+}
+
+/// Keys of a mount that apply to each kind. Other keys must be absent or
+/// hold their zero value, which Go clients send for every key.
+fn allowed_mount_keys(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "collection" => &[
+            "portable_data_hash",
+            "uuid",
+            "path",
+            "writable",
+            "exclude_from_output",
+        ],
+        "tmp" => &["capacity", "device_type"],
+        "json" | "text" => &["content", "exclude_from_output"],
+        "file" => &["path", "exclude_from_output"],
+        _ => &[],
+    }
+}
+
+/// Device types a `tmp` mount may ask for.
+pub const TMP_DEVICE_TYPES: [&str; 4] = ["ram", "ssd", "disk", "network"];
+
+/// Checks the kind-specific keys of a mount.
+fn check_mount_keys(field: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
+    let allowed = allowed_mount_keys(&mount.kind);
+    let set: [(&str, bool); 8] = [
+        (
+            "portable_data_hash",
+            mount
+                .portable_data_hash
+                .as_deref()
+                .is_some_and(|v| !v.is_empty()),
+        ),
+        ("uuid", mount.uuid.as_deref().is_some_and(|v| !v.is_empty())),
+        ("path", mount.path.as_deref().is_some_and(|v| !v.is_empty())),
+        ("writable", mount.writable),
+        ("capacity", mount.capacity != 0),
+        (
+            "content",
+            mount.content.as_ref().is_some_and(|v| !v.is_null()),
+        ),
+        ("exclude_from_output", mount.exclude_from_output),
+        (
+            "device_type",
+            mount.device_type.as_deref().is_some_and(|v| !v.is_empty()),
+        ),
+    ];
+    for (key, present) in set {
+        if present && !allowed.contains(&key) && MOUNT_KINDS.contains(&mount.kind.as_str()) {
+            errors.push(FieldError::new(
+                format!("{field}.{key}"),
+                format!("is not a key of a {} mount: remove it", mount.kind),
+            ));
+        }
+    }
+    if mount.kind == "collection" {
+        if let Some(hash) = mount
+            .portable_data_hash
+            .as_deref()
+            .filter(|v| !v.is_empty())
+        {
+            if !is_portable_data_hash(hash) {
+                errors.push(FieldError::new(
+                    format!("{field}.portable_data_hash"),
+                    format!("{hash:?} is not a portable data hash: expected the MD5 of the manifest, '+' and its length, such as \"d41d8cd98f00b204e9800998ecf8427e+0\""),
+                ));
+            }
+        }
+        if let Some(uuid) = mount.uuid.as_deref().filter(|v| !v.is_empty()) {
+            let is_collection = uuid
+                .parse::<crate::Uuid>()
+                .is_ok_and(|parsed| parsed.object_type() == Some(crate::ObjectType::Collection));
+            if !is_collection {
+                errors.push(FieldError::new(
+                    format!("{field}.uuid"),
+                    format!("{uuid:?} is not the uuid of a collection (zzzzz-4zz18-...)"),
+                ));
+            }
+        }
+        if let Some(path) = mount.path.as_deref() {
+            if path.split('/').any(|part| part == "..") || path.contains('\0') {
+                errors.push(FieldError::new(
+                    format!("{field}.path"),
+                    format!("{path:?} must be a path inside the collection, without '..'"),
+                ));
+            }
+        }
+    }
+    if let Some(device) = mount.device_type.as_deref().filter(|v| !v.is_empty()) {
+        if !TMP_DEVICE_TYPES.contains(&device) {
+            errors.push(FieldError::new(
+                format!("{field}.device_type"),
+                format!(
+                    "{device:?} is not a device type: expected one of {}",
+                    TMP_DEVICE_TYPES.join(", ")
+                ),
+            ));
+        }
+    }
+}
+
+/// True for a portable data hash: 32 lowercase hex digits, `+`, and a
+/// decimal length.
+pub fn is_portable_data_hash(text: &str) -> bool {
+    let Some((hash, size)) = text.split_once('+') else {
+        return false;
+    };
+    hash.len() == 32
+        && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && !size.is_empty()
+        && size.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// GPU stacks a request may ask for.
+pub const GPU_STACKS: [&str; 2] = ["cuda", "rocm"];
+
+/// Checks `runtime_constraints.gpu`.
+fn check_gpu(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
+    let gpu = &request.runtime_constraints.gpu;
+    if !gpu.stack.is_empty() && !GPU_STACKS.contains(&gpu.stack.as_str()) {
+        errors.push(FieldError::new(
+            "runtime_constraints.gpu.stack",
+            format!(
+                "{:?} is not a GPU stack: expected \"cuda\" or \"rocm\"",
+                gpu.stack
+            ),
+        ));
+    }
+    if gpu.device_count > 0 && gpu.stack.is_empty() {
+        errors.push(FieldError::new(
+            "runtime_constraints.gpu.stack",
+            format!(
+                "is empty, but device_count is {}: set the stack to \"cuda\" or \"rocm\"",
+                gpu.device_count
+            ),
+        ));
+    }
+    if gpu.device_count == 0 && !gpu.stack.is_empty() {
+        errors.push(FieldError::new(
+            "runtime_constraints.gpu.device_count",
+            format!(
+                "is 0, but the stack is {:?}: ask for at least one device, or clear the stack",
+                gpu.stack
+            ),
+        ));
+    }
+    let version = &gpu.driver_version;
+    let is_version = version.split('.').count() >= 2
+        && version
+            .split('.')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()));
+    if !version.is_empty() && !is_version {
+        errors.push(FieldError::new(
+            "runtime_constraints.gpu.driver_version",
+            format!("{version:?} is not a version: expected numbers such as \"12.4\""),
+        ));
+    }
+    for target in &gpu.hardware_target {
+        if target.is_empty() || target.contains(char::is_whitespace) {
+            errors.push(FieldError::new(
+                "runtime_constraints.gpu.hardware_target",
+                format!("{target:?} is not a hardware target such as \"8.6\" or \"gfx1100\""),
+            ));
+        }
+    }
+}
+
+/// Maximum number of `output_glob` patterns.
+pub const MAX_OUTPUT_GLOBS: usize = 1000;
+
+/// Checks the patterns of `output_glob`: relative, inside the output
+/// directory, with balanced brackets.
+fn check_output_glob(patterns: &[String], errors: &mut Vec<FieldError>) {
+    if patterns.len() > MAX_OUTPUT_GLOBS {
+        errors.push(FieldError::new(
+            "output_glob",
+            format!(
+                "has {} patterns, but the maximum is {MAX_OUTPUT_GLOBS}",
+                patterns.len()
+            ),
+        ));
+    }
+    for pattern in patterns {
+        let problem = if pattern.is_empty() {
+            Some("is empty")
+        } else if pattern.starts_with('/') {
+            Some("is absolute: patterns are relative to output_path")
+        } else if pattern.split('/').any(|part| part == "..") {
+            Some("contains '..': patterns match inside output_path only")
+        } else if pattern.contains('\0') {
+            Some("contains a NUL byte")
+        } else if !brackets_balance(pattern) {
+            Some("has a '[' without its ']'")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            errors.push(FieldError::new(
+                "output_glob",
+                format!("pattern {pattern:?} {problem}"),
+            ));
+        }
+    }
+}
+
+/// True when every `[` of a glob pattern is closed by a `]` in the same
+/// path segment.
+fn brackets_balance(pattern: &str) -> bool {
+    let mut open = false;
+    for c in pattern.chars() {
+        match c {
+            '[' if !open => open = true,
+            ']' if open => open = false,
+            '/' if open => return false,
+            _ => {}
+        }
+    }
+    !open
+}
+
+/// Checks `published_ports`: port numbers mapped to an access level.
+fn check_ports(ports: &serde_json::Map<String, serde_json::Value>, errors: &mut Vec<FieldError>) {
+    for (port, spec) in ports {
+        let field = format!("published_ports.{port}");
+        if !port.parse::<u16>().is_ok_and(|number| number > 0) || port.starts_with('0') {
+            errors.push(FieldError::new(
+                &field,
+                format!("{port:?} is not a port number from 1 to 65535"),
+            ));
+        }
+        let Some(spec) = spec.as_object() else {
+            errors.push(FieldError::new(
+                &field,
+                format!("{spec} is not an object with access, label and initial_path"),
+            ));
+            continue;
+        };
+        for (key, value) in spec {
+            let valid = match key.as_str() {
+                "access" => matches!(value.as_str(), Some("public" | "private")),
+                "label" | "initial_path" => value.is_string(),
+                _ => {
+                    errors.push(FieldError::new(
+                        format!("{field}.{key}"),
+                        "is not a key of a published port: use access, label and initial_path",
+                    ));
+                    continue;
+                }
+            };
+            if !valid {
+                errors.push(FieldError::new(
+                    format!("{field}.{key}"),
+                    format!("{value} is invalid: access is \"public\" or \"private\", label and initial_path are strings"),
+                ));
+            }
+        }
+    }
+}
+
+/// Checks the remaining scalar fields of a request.
+fn check_details(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
+    if request.output_ttl < 0 {
+        errors.push(FieldError::new(
+            "output_ttl",
+            format!(
+                "{} is negative: expected seconds, or 0 to keep the output",
+                request.output_ttl
+            ),
+        ));
+    }
+    if request
+        .filters
+        .as_deref()
+        .is_some_and(|filters| !filters.is_empty())
+    {
+        errors.push(FieldError::new(
+            "filters",
+            format!(
+                "{:?} is set, but request filters are not implemented: leave it null",
+                request.filters.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
+    if request.service && request.use_existing {
+        errors.push(FieldError::new(
+            "use_existing",
+            "is true for a service container, which must not be reused: set use_existing to false",
+        ));
+    }
+    for class in &request.output_storage_classes {
+        if class.is_empty() || class.contains(char::is_whitespace) {
+            errors.push(FieldError::new(
+                "output_storage_classes",
+                format!("{class:?} is not a storage class name"),
+            ));
+        }
     }
 }
 
@@ -392,5 +740,48 @@ mod tests {
         let mut request = committed_request();
         request.environment.insert("A=B".into(), "x".into());
         assert_eq!(fields(check_request(&request)), vec!["environment"]);
+    }
+
+    #[test]
+    fn portable_data_hash_format() {
+        assert!(is_portable_data_hash("d41d8cd98f00b204e9800998ecf8427e+0"));
+        assert!(is_portable_data_hash(
+            "0cc175b9c0f1b6a831c399e269772661+12345"
+        ));
+        for bad in [
+            "d41d8cd98f00b204e9800998ecf8427e",
+            "d41d8cd98f00b204e9800998ecf8427e+",
+            "D41D8CD98F00B204E9800998ECF8427E+0",
+            "d41d8cd98f00b204e9800998ecf8427+0",
+            "d41d8cd98f00b204e9800998ecf8427e+0x",
+            "zzzzz-4zz18-0123456789abcde",
+        ] {
+            assert!(!is_portable_data_hash(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn glob_brackets_close_within_a_segment() {
+        assert!(brackets_balance("*.txt"));
+        assert!(brackets_balance("[a-e]/**/[!x].dat"));
+        assert!(!brackets_balance("[ab"));
+        assert!(!brackets_balance("[a/b]"));
+    }
+
+    #[test]
+    fn stdout_file_must_be_in_the_output_directory() {
+        let mut request = committed_request();
+        request.mounts.insert(
+            "stdout".into(),
+            serde_json::from_value(serde_json::json!({"kind": "file", "path": "/out/log.txt"}))
+                .unwrap(),
+        );
+        assert!(check_request(&request).is_ok());
+        request.mounts.insert(
+            "stdout".into(),
+            serde_json::from_value(serde_json::json!({"kind": "file", "path": "/output.txt"}))
+                .unwrap(),
+        );
+        assert_eq!(fields(check_request(&request)), ["mounts.stdout.path"]);
     }
 }

@@ -550,12 +550,16 @@ async fn container_token_runs_its_container() {
             Method::PATCH,
             &format!("containers/{uuid}"),
             Some(&token),
-            Some(json!({"progress": 0.5, "output": "abc+1", "log": "def+2"})),
+            Some(json!({
+                "progress": 0.5,
+                "output": "d41d8cd98f00b204e9800998ecf8427e+0",
+                "log": "0cc175b9c0f1b6a831c399e269772661+1",
+            })),
         )
         .await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["progress"], 0.5);
-    assert_eq!(reply.json()["output"], "abc+1");
+    assert_eq!(reply.json()["output"], "d41d8cd98f00b204e9800998ecf8427e+0");
     // The token may not take the container back to Locked or Queued.
     let reply = api
         .update_container(uuid, &token, json!({"state": "Locked"}))

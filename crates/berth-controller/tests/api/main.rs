@@ -15,6 +15,8 @@ mod lifecycle;
 mod lists;
 mod logs;
 mod nul_characters;
+mod permissions;
 mod requests;
 mod socket;
 mod tls;
+mod validation;
