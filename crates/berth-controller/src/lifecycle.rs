@@ -75,12 +75,63 @@ const CONTAINER_TOKEN_FIELDS: &[&str] = &[
     "runtime_status",
     "progress",
     "output",
+    "output_properties",
     "log",
     "gateway_address",
+    "cost",
+    "subrequests_cost",
 ];
 
 /// Container fields administrators may change besides the token's.
-const CONTAINER_ADMIN_FIELDS: &[&str] = &["priority", "scheduler_job_id"];
+const CONTAINER_ADMIN_FIELDS: &[&str] = &[
+    "priority",
+    "scheduler_job_id",
+    "interactive_session_started",
+];
+
+/// Fields a run reports while it runs and as it ends.
+const RUN_FIELDS: &[&str] = &[
+    "runtime_status",
+    "log",
+    "progress",
+    "output",
+    "output_properties",
+    "exit_code",
+    "cost",
+    "subrequests_cost",
+];
+
+/// The fields besides `state` that an update may change, by the state it
+/// starts from and the state it ends in (the same state for an update that
+/// changes no state).
+fn state_fields(from: ContainerState, to: ContainerState) -> Vec<&'static str> {
+    use ContainerState::{Cancelled, Complete, Locked, Queued, Running};
+    match (from, to) {
+        (Queued, Queued) => vec!["priority"],
+        (Queued, Cancelled) => vec!["runtime_status", "log", "cost"],
+        (Locked, Locked) => vec!["priority", "runtime_status", "log", "scheduler_job_id"],
+        (Locked, Running) => vec![
+            "runtime_status",
+            "log",
+            "progress",
+            "gateway_address",
+            "scheduler_job_id",
+        ],
+        (Locked, Cancelled) => vec!["runtime_status", "log", "cost", "scheduler_job_id"],
+        (Running, Running) => [
+            RUN_FIELDS,
+            &[
+                "priority",
+                "gateway_address",
+                "scheduler_job_id",
+                "interactive_session_started",
+            ],
+        ]
+        .concat(),
+        (Running, Complete | Cancelled) => RUN_FIELDS.to_vec(),
+        _ => Vec::new(),
+    }
+}
 
 /// `runtime_status` keys whose values must be strings.
 const RUNTIME_STATUS_TEXT_KEYS: &[&str] = &[
@@ -692,21 +743,6 @@ pub fn update_container(
     if state_changed {
         current.state.check_transition(container.state)?;
     }
-    if current.state.is_final() {
-        let errors: Vec<String> = changed
-            .iter()
-            .filter(|field| *field != "state")
-            .map(|field| {
-                format!(
-                    "cannot change {field} of a container in state {}",
-                    current.state
-                )
-            })
-            .collect();
-        if !errors.is_empty() {
-            return Err(ApiError::Unprocessable(errors));
-        }
-    }
     // Only a process that ran has an exit code: it is reported while the
     // container is Running, at the latest with the change to its final
     // state.
@@ -717,6 +753,34 @@ pub fn update_container(
         )));
     }
 
+    let allowed = state_fields(current.state, container.state);
+    let errors: Vec<String> = changed
+        .iter()
+        .filter(|field| *field != "state" && !allowed.contains(&field.as_str()))
+        .map(|field| {
+            let when = if state_changed {
+                format!("from {} to {}", current.state, container.state)
+            } else {
+                format!("in state {}", current.state)
+            };
+            if allowed.is_empty() {
+                format!("cannot change {field} of a container {when}")
+            } else {
+                format!(
+                    "cannot change {field} of a container {when}: only {} may change",
+                    allowed.join(", ")
+                )
+            }
+        })
+        .collect();
+    if !errors.is_empty() {
+        return Err(ApiError::Unprocessable(errors));
+    }
+    if current.interactive_session_started && !container.interactive_session_started {
+        return Err(ApiError::invalid(
+            "interactive_session_started cannot change from true back to false",
+        ));
+    }
     let mut credentials = CredentialChange::Keep;
     let mut finalize_requests = false;
     if state_changed {

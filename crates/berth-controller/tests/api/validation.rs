@@ -474,3 +474,75 @@ async fn invalid_container_values_are_422() {
         .json();
     assert_eq!(after, before);
 }
+
+#[tokio::test]
+async fn container_fields_change_only_in_their_states() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid").to_string();
+    let update = |attributes: Value| {
+        let api = &api;
+        let uuid = uuid.clone();
+        async move { api.update_container(&uuid, SYSTEM_TOKEN, attributes).await }
+    };
+
+    let reply = update(json!({"runtime_status": {"activity": "x"}})).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("in state Queued"),
+        "{}",
+        reply.errors()
+    );
+    update(json!({"priority": 5})).await.expect(StatusCode::OK);
+
+    api.lock(&uuid).await;
+    let reply = update(json!({"output": "d41d8cd98f00b204e9800998ecf8427e+0"})).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(reply.errors().contains("output"), "{}", reply.errors());
+    assert!(
+        reply.errors().contains("in state Locked"),
+        "{}",
+        reply.errors()
+    );
+    update(json!({"state": "Running", "gateway_address": "127.0.0.1:1"}))
+        .await
+        .expect(StatusCode::OK);
+
+    let running = json!({
+        "cost": 1.25,
+        "subrequests_cost": 0.5,
+        "output_properties": {"k": "v"},
+        "interactive_session_started": true,
+    });
+    let reply = update(running).await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["cost"], 1.25);
+    assert_eq!(reply.json()["interactive_session_started"], true);
+    let reply = update(json!({"interactive_session_started": false})).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("back to false"),
+        "{}",
+        reply.errors()
+    );
+
+    let reply =
+        update(json!({"state": "Complete", "exit_code": 0, "gateway_address": "x:2"})).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("from Running to Complete"),
+        "{}",
+        reply.errors()
+    );
+    update(json!({"state": "Complete", "exit_code": 0}))
+        .await
+        .expect(StatusCode::OK);
+    let reply = update(json!({"progress": 0.5})).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("in state Complete"),
+        "{}",
+        reply.errors()
+    );
+}
