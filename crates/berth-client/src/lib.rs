@@ -821,7 +821,8 @@ mod tests {
 
     #[tokio::test]
     async fn container_changes_without_cursor_sends_no_after() {
-        let body = r#"{"kind": "berth#containerChangeList", "cursor": "40", "items": [], "more": false}"#;
+        let body =
+            r#"{"kind": "berth#containerChangeList", "cursor": "40", "items": [], "more": false}"#;
         let (url, head) = serve_once("200 OK", body.to_string()).await;
         let changes = client(url)
             .container_changes(None, Duration::ZERO)
