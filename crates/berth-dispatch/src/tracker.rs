@@ -63,6 +63,9 @@ pub const MAX_SUBMIT_ATTEMPTS: u32 = 5;
 
 /// Delay before the second submission attempt; it doubles with each
 /// further attempt.
+// NOTE: an attempt is made at the first observation after its delay. While
+// the change feed reports nothing about the container, that is the next
+// full pass, so the delays stretch to the resynchronisation interval.
 pub const SUBMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Message of `runtime_status.error` when a Running container's job left
