@@ -18,8 +18,9 @@
 #   BERTH_PODMAN_SOCK Podman API socket   [/run/berth/podman.sock]
 #   BERTH_TEST_IMAGE  image to run        [localhost/busybox:latest]
 # Needs Slurm and Podman running (scripts/setup/slurm.sh, podman.sh
-# service-start, test-image.sh). The dispatcher polls every second
-# (`berth dev`'s poll_interval), which bounds how soon it picks up a request.
+# service-start, test-image.sh). The dispatcher hears of a request through
+# the controller's change feed, or at its next full pass (every second in
+# `berth dev`) when the controller has no feed.
 set -euo pipefail
 SETUP_NAME=bench
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)

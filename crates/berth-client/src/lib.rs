@@ -11,6 +11,11 @@
 //! ([`Client::append_log`]), so a retried append is harmless; readers fetch
 //! from an offset and may wait on the server for new bytes
 //! ([`Client::read_log`]), so following a log needs no polling loop.
+//!
+//! Change feed: [`Client::container_changes`] reads the containers changed
+//! after a cursor, in commit order, and may wait on the server until one
+//! changes. A caller takes a cursor first (no `after`), then lists, then
+//! follows from the cursor, so that no change falls between the two.
 
 // Tests may unwrap: a panic there is a test failure with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
@@ -264,6 +269,19 @@ pub struct Locked {
     pub credentials: ContainerCredentials,
 }
 
+/// One page of the container change feed.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContainerChanges {
+    /// The position after the last item: pass it as `after` next time.
+    pub cursor: String,
+    /// The containers changed after the cursor that was passed, each once,
+    /// with its latest record, in commit order.
+    pub items: Vec<Container>,
+    /// True when the page was cut at its size limit: call again at once.
+    #[serde(default)]
+    pub more: bool,
+}
+
 /// Bytes read from a log stream.
 #[derive(Debug, Clone)]
 pub struct LogChunk {
@@ -357,8 +375,20 @@ impl Client {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<T> {
+        self.call_with_timeout(method, path, query, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    async fn call_with_timeout<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<T> {
         let response = self
-            .send(method.clone(), path, query, body, REQUEST_TIMEOUT)
+            .send(method.clone(), path, query, body, timeout)
             .await?;
         let url = response.url().to_string();
         let bytes = response
@@ -478,6 +508,40 @@ impl Client {
     pub async fn unlock_container(&self, uuid: &str) -> Result<Container> {
         let path = format!("arvados/v1/containers/{uuid}/unlock");
         self.call(Method::POST, &path, &[], None).await
+    }
+
+    /// Reads the containers changed after the cursor `after`, each with its
+    /// latest record, in commit order (`GET containers/changes`, a Berth
+    /// extension of the API). Without `after`, the server returns at once
+    /// with no items and the current cursor. With `after` and no change past
+    /// it, the server keeps the request open until a change commits or `wait`
+    /// ends. The wait goes to the server in whole seconds, rounded up, and
+    /// the server caps it at 30 s; the request's timeout is longer than the
+    /// wait. The server rejects a cursor it cannot use with 422: then take a
+    /// new cursor without `after`, and list again.
+    pub async fn container_changes(
+        &self,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> Result<ContainerChanges> {
+        let mut query = Vec::new();
+        if let Some(after) = after {
+            query.push(("after", after.to_string()));
+        }
+        let mut wait_seconds = wait.as_secs();
+        if wait.subsec_nanos() > 0 {
+            wait_seconds += 1;
+        }
+        query.push(("wait", wait_seconds.to_string()));
+        let timeout = Duration::from_secs(wait_seconds) + LONG_POLL_MARGIN;
+        self.call_with_timeout(
+            Method::GET,
+            "arvados/v1/containers/changes",
+            &query,
+            None,
+            timeout,
+        )
+        .await
     }
 
     /// Appends `data` to a container's log stream at byte `offset`. The
@@ -665,6 +729,138 @@ mod tests {
     #[test]
     fn bad_scheme_is_rejected() {
         assert!(parse_api_host("ftp://host").is_err());
+    }
+
+    /// Serves one request on a loopback port with `status` and `body`, and
+    /// returns the base URL and the request's head (request line and
+    /// headers) once it has been read.
+    async fn serve_once(
+        status: &'static str,
+        body: String,
+    ) -> (Url, tokio::sync::oneshot::Receiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut buffer).await.unwrap();
+                assert!(n > 0, "the client closed the connection early");
+                head.extend_from_slice(&buffer[..n]);
+            }
+            let response = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(response.as_bytes()).await.unwrap();
+            stream.shutdown().await.unwrap();
+            let _ = sender.send(String::from_utf8(head).unwrap());
+        });
+        (Url::parse(&format!("http://{address}/")).unwrap(), receiver)
+    }
+
+    fn client(base_url: Url) -> Client {
+        Client::new(Settings {
+            base_url,
+            token: Token::new("system-token"),
+            insecure: false,
+        })
+        .unwrap()
+    }
+
+    fn container_json(uuid: &str) -> Value {
+        serde_json::json!({
+            "uuid": uuid,
+            "owner_uuid": "zzzzz-tpzed-000000000000001",
+            "created_at": "2024-01-01T00:00:00Z",
+            "modified_at": "2024-01-01T00:00:00Z",
+            "modified_by_user_uuid": null,
+            "state": "Queued",
+            "priority": 7,
+            "log": null, "cwd": "/", "output_path": "/out", "output": null,
+            "container_image": "busybox", "progress": null, "exit_code": null,
+            "auth_uuid": null, "locked_by_uuid": null, "runtime_user_uuid": null,
+            "gateway_address": null,
+            "runtime_constraints": {"ram": 1048576, "vcpus": 1},
+        })
+    }
+
+    #[tokio::test]
+    async fn container_changes_sends_cursor_and_wait() {
+        let body = serde_json::json!({
+            "kind": "berth#containerChangeList",
+            "cursor": "17",
+            "items": [container_json("zzzzz-dz642-000000000000001")],
+            "more": true,
+        });
+        let (url, head) = serve_once("200 OK", body.to_string()).await;
+        let changes = client(url)
+            .container_changes(Some("12"), Duration::from_secs(25))
+            .await
+            .unwrap();
+        let head = head.await.unwrap();
+        assert!(
+            head.starts_with("GET /arvados/v1/containers/changes?after=12&wait=25 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("authorization: bearer system-token\r\n"),
+            "{head}"
+        );
+        assert_eq!(changes.cursor, "17");
+        assert!(changes.more);
+        assert_eq!(changes.items.len(), 1);
+        assert_eq!(changes.items[0].uuid, "zzzzz-dz642-000000000000001");
+        assert_eq!(changes.items[0].priority, 7);
+    }
+
+    #[tokio::test]
+    async fn container_changes_without_cursor_sends_no_after() {
+        let body =
+            r#"{"kind": "berth#containerChangeList", "cursor": "40", "items": [], "more": false}"#;
+        let (url, head) = serve_once("200 OK", body.to_string()).await;
+        let changes = client(url)
+            .container_changes(None, Duration::ZERO)
+            .await
+            .unwrap();
+        let head = head.await.unwrap();
+        assert!(
+            head.starts_with("GET /arvados/v1/containers/changes?wait=0 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert_eq!(changes.cursor, "40");
+        assert!(changes.items.is_empty());
+        assert!(!changes.more);
+    }
+
+    #[tokio::test]
+    async fn container_changes_rounds_the_wait_up() {
+        let body = r#"{"cursor": "1", "items": [], "more": false}"#;
+        let (url, head) = serve_once("200 OK", body.to_string()).await;
+        client(url)
+            .container_changes(Some("1"), Duration::from_millis(1500))
+            .await
+            .unwrap();
+        let head = head.await.unwrap();
+        assert!(head.contains("&wait=2 HTTP/1.1"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn container_changes_rejected_cursor_is_422() {
+        let body = r#"{"errors": ["invalid cursor \"zz\": not a cursor this server issued; take a new cursor by calling without after"]}"#;
+        let (url, _head) = serve_once("422 Unprocessable Entity", body.to_string()).await;
+        let err = client(url)
+            .container_changes(Some("zz"), Duration::from_secs(25))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::UNPROCESSABLE_ENTITY));
+        assert!(!err.is_transient());
+        assert!(err.to_string().contains("invalid cursor"), "{err}");
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! the loop's decisions can be tested against an in-memory controller.
 //!
 //! [`berth_client::Client`] implements it for the real controller.
+//! [`ControllerApi::container_changes`] is the change feed, through which
+//! the loop hears of changed containers between two full passes.
 //! [`list_all`] pages through a container list by UUID (keyset paging), so
 //! that records created or changed during the walk neither shift nor
 //! repeat the pages.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
-use berth_client::{Client, ClientError, ListPage, ListParams, Locked};
+use berth_client::{Client, ClientError, ContainerChanges, ListPage, ListParams, Locked};
 use berth_core::Container;
 use serde_json::{json, Value};
 
@@ -32,6 +36,15 @@ pub trait ControllerApi: Send + Sync {
         uuid: &str,
         attributes: &Value,
     ) -> Result<Container, ClientError>;
+    /// Reads the containers changed after the cursor `after`, waiting up to
+    /// `wait` for one; without `after`, returns the current cursor and no
+    /// items ([`Client::container_changes`]). A cursor the controller cannot
+    /// use is a 422.
+    async fn container_changes(
+        &self,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> Result<ContainerChanges, ClientError>;
 }
 
 #[async_trait]
@@ -75,6 +88,14 @@ impl ControllerApi for Client {
         attributes: &Value,
     ) -> Result<Container, ClientError> {
         Client::update_container(self, uuid, attributes).await
+    }
+
+    async fn container_changes(
+        &self,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> Result<ContainerChanges, ClientError> {
+        Client::container_changes(self, after, wait).await
     }
 }
 

@@ -4,7 +4,8 @@
 //! dispatch:
 //!   backend: slurm                  # or local
 //!   api_url: https://ctl.example:8443
-//!   poll_interval: 2s
+//!   resync_interval: 30s
+//!   watch: true                     # follow the controller's change feed
 //!   credentials_dir: /var/lib/berth/credentials
 //!   slurm:
 //!     reserve_ram: 256MiB
@@ -17,6 +18,13 @@
 //! Every default lives in [`defaults`]. [`Config::validate`] runs at
 //! start-up and names the offending key in each error, so a bad file stops
 //! the dispatcher before it locks anything.
+//!
+//! `poll_interval`, the key of the time between two passes before the
+//! dispatcher followed the change feed, is rejected with a message that
+//! names `resync_interval`. It is not read as `resync_interval`: its values
+//! were chosen for how quickly the dispatcher noticed a new container, and
+//! kept as they are they would list the whole queue every few seconds,
+//! which the feed makes unnecessary.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -28,8 +36,11 @@ use serde::{Deserialize, Deserializer};
 pub mod defaults {
     use std::time::Duration;
 
-    /// How often the dispatcher looks at the queue and the batch system.
-    pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+    /// How often the dispatcher makes a full pass over the queue and the
+    /// batch system.
+    pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+    /// Whether the dispatcher follows the controller's change feed.
+    pub const WATCH: bool = true;
     /// Directory of the credentials files.
     pub const CREDENTIALS_DIR: &str = "/var/lib/berth/credentials";
     /// Memory added to each container's RAM for the supervisor and the
@@ -41,9 +52,9 @@ pub mod defaults {
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
-/// Shortest poll interval accepted: faster polling only loads the
-/// controller and the batch system.
-const MIN_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Shortest resynchronisation interval accepted: more frequent passes only
+/// load the controller and the batch system.
+const MIN_RESYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `sbatch` options the dispatcher sets itself and that `sbatch_args` must
 /// not override, each with the reason.
@@ -137,14 +148,29 @@ pub struct Config {
     /// the setting through their credentials file.
     #[serde(default)]
     pub insecure: bool,
-    /// Time between two passes over the queue and the batch system, such as
-    /// `2s` or `500ms`. It bounds how quickly the dispatcher notices a new
-    /// container, a container whose priority dropped to 0 (whose job it
-    /// then cancels) and a job that left the batch system. Each pass costs
-    /// two or three list calls to the controller and one status query to the
-    /// batch system.
-    #[serde(default = "default_poll_interval", with = "humantime_serde")]
-    pub poll_interval: Duration,
+    /// Time between two full passes over the queue and the batch system
+    /// (resynchronisations), such as `30s` or `500ms`. Each pass costs two
+    /// or three list calls to the controller and one status query to the
+    /// batch system. It bounds how quickly the dispatcher notices what only
+    /// the batch system shows: a job that left it (after two passes), why a
+    /// job is pending, and a job that will never start. New containers and
+    /// priority changes come through the change feed at once. With `watch:
+    /// false`, or while the feed fails, this interval bounds how quickly
+    /// those are noticed too.
+    #[serde(default = "default_resync_interval", with = "humantime_serde")]
+    pub resync_interval: Duration,
+    /// Follow the controller's change feed (`GET containers/changes`), so
+    /// that a new container is locked and submitted, and the job of a
+    /// container whose priority dropped to 0 is cancelled, as soon as the
+    /// controller commits the change. `false` leaves only the full passes,
+    /// for a controller without the feed.
+    #[serde(default = "default_watch")]
+    pub watch: bool,
+    /// The key `poll_interval`, replaced by `resync_interval`. A file that
+    /// sets it fails to parse with an error that names the replacement.
+    #[serde(default, rename = "poll_interval")]
+    #[allow(dead_code, reason = "parsed only to reject the key")]
+    removed_poll_interval: RemovedPollInterval,
     /// Directory of the credentials files, one `<container uuid>.json` per
     /// locked container (mode 0600), made with mode 0700 if missing. Jobs
     /// read their file at this same path, so with Slurm it must be on a file
@@ -228,8 +254,75 @@ pub struct LocalConfig {
     pub log_dir: Option<PathBuf>,
 }
 
-fn default_poll_interval() -> Duration {
-    defaults::POLL_INTERVAL
+/// Stands for the key `poll_interval`, which no file may set any more.
+#[derive(Debug, Clone, Copy, Default)]
+struct RemovedPollInterval;
+
+/// The error for a file that sets `poll_interval`.
+const POLL_INTERVAL_RENAMED: &str = "the key was renamed resync_interval: rename it. New containers now come through the controller's change feed at once, and resync_interval (30s by default) sets only how often the dispatcher also lists the whole queue and queries the batch system, so a value of a few seconds is needed only with watch: false";
+
+impl<'de> Deserialize<'de> for RemovedPollInterval {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RemovedPollInterval, D::Error> {
+        // The error comes from inside the value's visitor, so that
+        // serde_yaml puts the key's path in front of it.
+        struct Reject;
+
+        impl<'de> serde::de::Visitor<'de> for Reject {
+            type Value = RemovedPollInterval;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("no value")
+            }
+
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Err(E::custom(POLL_INTERVAL_RENAMED))
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Err(E::custom(POLL_INTERVAL_RENAMED))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Err(E::custom(POLL_INTERVAL_RENAMED))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Err(E::custom(POLL_INTERVAL_RENAMED))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Err(E::custom(POLL_INTERVAL_RENAMED))
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Err(E::custom(POLL_INTERVAL_RENAMED))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                _: A,
+            ) -> Result<Self::Value, A::Error> {
+                Err(serde::de::Error::custom(POLL_INTERVAL_RENAMED))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                _: A,
+            ) -> Result<Self::Value, A::Error> {
+                Err(serde::de::Error::custom(POLL_INTERVAL_RENAMED))
+            }
+        }
+
+        deserializer.deserialize_any(Reject)
+    }
+}
+
+fn default_resync_interval() -> Duration {
+    defaults::RESYNC_INTERVAL
+}
+
+fn default_watch() -> bool {
+    defaults::WATCH
 }
 
 fn default_credentials_dir() -> PathBuf {
@@ -340,7 +433,9 @@ impl Config {
             backend,
             api_url: api_url.into(),
             insecure: false,
-            poll_interval: defaults::POLL_INTERVAL,
+            resync_interval: defaults::RESYNC_INTERVAL,
+            watch: defaults::WATCH,
+            removed_poll_interval: RemovedPollInterval,
             credentials_dir: default_credentials_dir(),
             slurm: SlurmConfig::default(),
             local: LocalConfig::default(),
@@ -351,13 +446,13 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         berth_client::parse_api_host(&self.api_url)
             .map_err(|err| ConfigError::new("api_url", err.to_string()))?;
-        if self.poll_interval < MIN_POLL_INTERVAL {
+        if self.resync_interval < MIN_RESYNC_INTERVAL {
             return Err(ConfigError::new(
-                "poll_interval",
+                "resync_interval",
                 format!(
                     "{} is too short: it must be at least {}",
-                    humantime_serde::re::humantime::format_duration(self.poll_interval),
-                    humantime_serde::re::humantime::format_duration(MIN_POLL_INTERVAL)
+                    humantime_serde::re::humantime::format_duration(self.resync_interval),
+                    humantime_serde::re::humantime::format_duration(MIN_RESYNC_INTERVAL)
                 ),
             ));
         }
@@ -490,7 +585,8 @@ mod tests {
         let config = parse("backend: slurm\napi_url: https://ctl:8443\n").unwrap();
         assert_eq!(config.backend, BackendKind::Slurm);
         assert_eq!(config.backend, "slurm");
-        assert_eq!(config.poll_interval, Duration::from_secs(2));
+        assert_eq!(config.resync_interval, Duration::from_secs(30));
+        assert!(config.watch);
         assert_eq!(
             config.credentials_dir,
             PathBuf::from("/var/lib/berth/credentials")
@@ -514,7 +610,8 @@ mod tests {
             "backend: local\n\
              api_url: 127.0.0.1:8000\n\
              insecure: true\n\
-             poll_interval: 500ms\n\
+             resync_interval: 500ms\n\
+             watch: false\n\
              credentials_dir: /srv/berth/credentials\n\
              slurm:\n  reserve_ram: 1GiB\n  partition: batch\n  sbatch_args: [\"--account=x\"]\n  output: /scratch/%x.out\n  sbatch: /opt/slurm/bin/sbatch\n  command_timeout: 2m\n\
              local:\n  log_dir: /var/log/berth\n",
@@ -522,7 +619,8 @@ mod tests {
         .unwrap();
         assert_eq!(config.backend, BackendKind::Local);
         assert!(config.insecure);
-        assert_eq!(config.poll_interval, Duration::from_millis(500));
+        assert_eq!(config.resync_interval, Duration::from_millis(500));
+        assert!(!config.watch);
         assert_eq!(config.slurm.reserve_ram, 1 << 30);
         assert_eq!(config.slurm.partition.as_deref(), Some("batch"));
         assert_eq!(config.slurm.sbatch_args, vec!["--account=x".to_string()]);
@@ -601,10 +699,26 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected() {
-        let err = parse("backend: slurm\napi_url: h:1\npoll_intervall: 2s\n").unwrap_err();
-        assert!(err.to_string().contains("poll_intervall"), "{err}");
+        let err = parse("backend: slurm\napi_url: h:1\nresync_intervall: 2s\n").unwrap_err();
+        assert!(err.to_string().contains("resync_intervall"), "{err}");
         let err = parse("backend: slurm\napi_url: h:1\nslurm: {partitions: a}\n").unwrap_err();
         assert!(err.to_string().contains("partitions"), "{err}");
+    }
+
+    #[test]
+    fn poll_interval_names_its_successor() {
+        for value in ["2s", "2", "", "[1]", "{a: 1}", "true"] {
+            let err = parse(&format!(
+                "backend: slurm\napi_url: h:1\npoll_interval: {value}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("poll_interval: the key was renamed resync_interval: rename it."),
+                "{value}: {err}"
+            );
+            assert!(err.contains("change feed"), "{value}: {err}");
+        }
     }
 
     #[test]
@@ -620,8 +734,8 @@ mod tests {
         let cases: Vec<(&str, Change)> = vec![
             ("api_url", Box::new(|c| c.api_url = "ftp://x".into())),
             (
-                "poll_interval",
-                Box::new(|c| c.poll_interval = Duration::from_millis(1)),
+                "resync_interval",
+                Box::new(|c| c.resync_interval = Duration::from_millis(1)),
             ),
             (
                 "credentials_dir",

@@ -1,5 +1,7 @@
-//! The dispatch loop: one task that owns every tracked container and runs
-//! one tick per poll interval.
+//! The dispatch loop: one task that owns every tracked container. It hears
+//! of changed containers through the controller's change feed
+//! ([`crate::feed`]), and runs a full pass, a *tick*, once per
+//! resynchronisation interval as a safety net.
 //!
 //! A tick, in order:
 //!
@@ -18,12 +20,36 @@
 //!    credentials file and submits its job.
 //!
 //! If the listing or the snapshot fails, the tick ends before step 3: a
-//! failed query is never taken for an empty queue. Every error is logged
-//! once, where it is handled. A failure that repeats with the same message
-//! is logged at debug level until it changes or stops, and as a warning
-//! again every [`REPEAT_WARN_EVERY`] repeats.
+//! failed query is never taken for an empty queue. When the loop has no
+//! feed cursor, a tick takes one before it lists, so that a change made
+//! between the list and the feed's first read is not missed.
+//!
+//! Between ticks the loop keeps one long-poll read of the feed open. It
+//! applies each page of changed containers at once
+//! ([`Dispatcher::apply_changes`]) with the latest snapshot instead of a new
+//! one. A tracked container decides on its new record, so the job of a
+//! container whose priority dropped to 0 is cancelled at once. A Queued
+//! container with priority > 0 is locked and submitted unless that snapshot
+//! lists a job named after it. These observations reuse the snapshot, and
+//! count towards no rule that needs several snapshots in a row. The loop
+//! drops the read in flight before each tick and reads again from the same
+//! cursor afterwards, because a response made before the tick's writes
+//! could show a record older than the loop's own lock.
+//!
+//! A failed read, or a 422 for the cursor, drops the cursor. The loop then
+//! runs a tick at once, which takes a new cursor, and waits longer before
+//! each further attempt while the feed keeps failing
+//! ([`ChangeFeed::retry_delay`]). With `watch: false` the loop runs ticks
+//! only.
+//!
+//! Every error is logged once, where it is handled. A failure that repeats
+//! with the same message is logged at debug level until it changes or
+//! stops, and as a warning again every [`REPEAT_WARN_EVERY`] repeats. Feed
+//! failures share one key, so a feed that keeps failing warns once.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_client::ClientError;
@@ -34,7 +60,9 @@ use tracing::Instrument;
 
 use crate::api::{list_all, ControllerApi};
 use crate::backend::{Backend, BackendError, BatchJob, JobRequest};
+use crate::config::Config;
 use crate::credentials::CredentialsStore;
+use crate::feed::{self, ChangeFeed, CHANGE_FEED_WAIT, RETRY_FIRST};
 use crate::tracker::{
     resolve_vanished, Action, CancelLedger, Observation, Tracked, SCHEDULING_STATUS_KEY,
     UNRUNNABLE_ERROR,
@@ -56,6 +84,28 @@ const STARTUP_RETRY_MAX: Duration = Duration::from_secs(30);
 /// A repeated failure is logged at warning level again after this many
 /// repeats.
 const REPEAT_WARN_EVERY: u64 = 100;
+
+/// How often the loop runs a tick, and whether it follows the change feed.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopOptions {
+    /// Time between two ticks (`dispatch.resync_interval`).
+    pub resync_interval: Duration,
+    /// Whether to follow the controller's change feed (`dispatch.watch`).
+    pub watch: bool,
+    /// Maximum time the controller may keep one feed read open.
+    pub feed_wait: Duration,
+}
+
+impl LoopOptions {
+    /// Takes the options from the `dispatch` section.
+    pub fn from_config(config: &Config) -> LoopOptions {
+        LoopOptions {
+            resync_interval: config.resync_interval,
+            watch: config.watch,
+            feed_wait: CHANGE_FEED_WAIT,
+        }
+    }
+}
 
 /// Failure that ended a tick early.
 #[derive(Debug, thiserror::Error)]
@@ -134,19 +184,33 @@ macro_rules! report {
     }};
 }
 
+/// The reason the loop leaves a container it gave up on alone for a while.
+#[derive(Debug, Clone, Copy)]
+struct RelockHold {
+    /// No lock before this time.
+    until: Instant,
+    /// The generation of the latest snapshot when the hold began. A change
+    /// reported by the feed locks the container only with a later snapshot,
+    /// which would list a job submitted just before the release.
+    generation: u64,
+}
+
 /// The dispatch loop's state.
 pub struct Dispatcher<B> {
-    api: Box<dyn ControllerApi>,
+    api: Arc<dyn ControllerApi>,
     backend: B,
     cluster_id: ClusterId,
     store: CredentialsStore,
     token_uuid: String,
     tracked: BTreeMap<String, Tracked>,
-    /// Containers not to lock before the given time.
-    relock_after: HashMap<String, Instant>,
+    /// Containers not to lock again yet, after the dispatcher gave up on
+    /// them.
+    relock_holds: HashMap<String, RelockHold>,
     cancels: CancelLedger,
     /// Number of successful snapshots so far.
     generation: u64,
+    /// The latest snapshot's jobs, by name.
+    latest_jobs: HashMap<String, Vec<BatchJob>>,
     /// Whether the first successful tick (with its orphan scan) has run.
     reconciled: bool,
     repeats: Repeats,
@@ -216,46 +280,123 @@ impl<B: Backend> Dispatcher<B> {
         token_uuid: String,
     ) -> Dispatcher<B> {
         Dispatcher {
-            api,
+            api: Arc::from(api),
             backend,
             cluster_id,
             store,
             token_uuid,
             tracked: BTreeMap::new(),
-            relock_after: HashMap::new(),
+            relock_holds: HashMap::new(),
             cancels: CancelLedger::default(),
             generation: 0,
+            latest_jobs: HashMap::new(),
             reconciled: false,
             repeats: Repeats::default(),
         }
     }
 
-    /// Runs ticks every `poll_interval` until `shutdown` fires. The first
-    /// tick runs at once. Jobs keep running after the loop ends: they
-    /// belong to the batch system, and a restarted dispatcher takes them
-    /// over.
-    pub async fn run(&mut self, poll_interval: Duration, shutdown: &CancellationToken) {
-        let mut interval = tokio::time::interval(poll_interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Runs until `shutdown` fires: a tick at once and then every
+    /// `options.resync_interval`, and with `options.watch` the changes the
+    /// feed reports, as they come. Shutdown drops the feed read in flight.
+    /// Jobs keep running after the loop ends: they belong to the batch
+    /// system, and a restarted dispatcher takes them over.
+    pub async fn run(&mut self, options: LoopOptions, shutdown: &CancellationToken) {
+        let mut feed = options
+            .watch
+            .then(|| ChangeFeed::new(Arc::clone(&self.api), options.feed_wait));
+        let mut next_tick = tokio::time::Instant::now();
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break,
-                _ = interval.tick() => {}
-            }
-            match self.tick(Instant::now(), shutdown).await {
-                Ok(()) => {
-                    let failures = self.repeats.succeeded("tick");
-                    if failures > 0 {
-                        tracing::info!(failures, "dispatch tick succeeded again");
-                    }
+                _ = tokio::time::sleep_until(next_tick) => {
+                    let delay = self
+                        .resynchronise(feed.as_mut(), options.resync_interval, shutdown)
+                        .await;
+                    next_tick = tokio::time::Instant::now() + delay;
                 }
-                Err(err) => report!(self.repeats, "tick", err, "dispatch tick failed"),
+                page = feed::next_page(feed.as_mut()) => match page {
+                    Ok(page) => {
+                        let failures = self.repeats.succeeded("feed");
+                        if failures > 0 {
+                            tracing::info!(failures, "reading the change feed again");
+                        }
+                        self.apply_changes(&page.items, clock_now(), shutdown).await;
+                    }
+                    Err(err) => {
+                        self.report_feed_error(&err);
+                        let delay = feed
+                            .as_ref()
+                            .map(|feed| feed.retry_delay(options.resync_interval))
+                            .unwrap_or_default();
+                        next_tick = next_tick.min(tokio::time::Instant::now() + delay);
+                    }
+                },
+            }
+            if let Some(feed) = feed.as_mut() {
+                feed.resume();
             }
         }
         tracing::info!(
             tracked = self.tracked.len(),
             "dispatcher stopped; its batch jobs keep running"
         );
+    }
+
+    /// Runs a tick, after taking a feed cursor when the feed has none.
+    /// Returns the time until the next tick: the resynchronisation interval,
+    /// or less while the feed cannot be read.
+    async fn resynchronise(
+        &mut self,
+        feed: Option<&mut ChangeFeed>,
+        interval: Duration,
+        shutdown: &CancellationToken,
+    ) -> Duration {
+        let mut delay = interval;
+        if let Some(feed) = feed {
+            feed.pause();
+            if !feed.has_cursor() {
+                if let Err(err) = feed.take_cursor().await {
+                    report!(
+                        self.repeats,
+                        "feed",
+                        err,
+                        "failed to start reading the controller's change feed; relying on full passes until it works"
+                    );
+                    // This tick runs now, so the next one waits at least
+                    // the first retry delay.
+                    delay = feed.retry_delay(interval).max(RETRY_FIRST).min(interval);
+                }
+            }
+        }
+        match self.tick(clock_now(), shutdown).await {
+            Ok(()) => {
+                let failures = self.repeats.succeeded("tick");
+                if failures > 0 {
+                    tracing::info!(failures, "dispatch tick succeeded again");
+                }
+            }
+            Err(err) => report!(self.repeats, "tick", err, "dispatch tick failed"),
+        }
+        delay
+    }
+
+    fn report_feed_error(&mut self, err: &ClientError) {
+        if status_code(err) == Some(422) {
+            report!(
+                self.repeats,
+                "feed",
+                err,
+                "the controller rejected the change feed's cursor; resynchronising"
+            );
+        } else {
+            report!(
+                self.repeats,
+                "feed",
+                err,
+                "failed to read the controller's change feed; resynchronising"
+            );
+        }
     }
 
     /// Returns the tracked containers, by UUID.
@@ -315,13 +456,14 @@ impl<B: Backend> Dispatcher<B> {
         let jobs = self.backend.status().await.map_err(TickError::Status)?;
         self.generation += 1;
         self.cancels.retain_listed(&jobs);
-        let mut by_name: HashMap<&str, Vec<BatchJob>> = HashMap::new();
+        let mut by_name: HashMap<String, Vec<BatchJob>> = HashMap::new();
         for job in &jobs {
             by_name
-                .entry(job.name.as_str())
+                .entry(job.name.clone())
                 .or_default()
                 .push(job.clone());
         }
+        self.latest_jobs = by_name;
 
         self.adopt(&mine);
         if !self.reconciled {
@@ -336,46 +478,111 @@ impl<B: Backend> Dispatcher<B> {
                 return Ok(());
             }
             let record = records.get(&uuid).cloned();
-            let jobs = by_name
-                .get(uuid.as_str())
-                .map(Vec::as_slice)
-                .unwrap_or_default();
+            let jobs = self.latest_jobs.get(&uuid).cloned().unwrap_or_default();
             let span = tracing::info_span!("container", container = %uuid);
-            self.step(&uuid, record, jobs, now).instrument(span).await;
+            self.step(&uuid, record, &jobs, now, true)
+                .instrument(span)
+                .await;
         }
 
-        self.relock_after.retain(|_, until| *until > now);
+        self.relock_holds.retain(|_, hold| hold.until > now);
         let mut candidates: Vec<&Container> = queued
             .iter()
             .filter(|c| c.state == ContainerState::Queued && c.priority > 0)
             .filter(|c| {
-                !self.tracked.contains_key(&c.uuid) && !self.relock_after.contains_key(&c.uuid)
+                !self.tracked.contains_key(&c.uuid) && !self.relock_holds.contains_key(&c.uuid)
             })
             .collect();
-        candidates.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then(a.created_at.cmp(&b.created_at))
-                .then(a.uuid.cmp(&b.uuid))
-        });
+        candidates.sort_by(|a, b| lock_order(a, b));
         for container in candidates {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let span = tracing::info_span!("container", container = %container.uuid);
-            let leftover = by_name
-                .get(container.uuid.as_str())
-                .cloned()
-                .unwrap_or_default();
-            if leftover.is_empty() {
-                self.lock_and_submit(container, now).instrument(span).await;
-            } else {
-                // A job of an earlier lock is still listed: it must leave
-                // before the container gets another.
-                self.cancel_leftovers(&leftover, now).instrument(span).await;
-            }
+            self.lock_unless_leftover(container, now).await;
         }
         Ok(())
+    }
+
+    /// Applies the containers that the change feed reported, with the
+    /// latest snapshot. Each tracked container decides on its new record.
+    /// Then the Queued ones with priority > 0 that are neither tracked nor
+    /// on hold are locked and submitted, highest priority first. Does nothing
+    /// before the first successful tick, which takes the first snapshot and
+    /// cancels orphaned jobs. Stops between two containers when `shutdown`
+    /// fires.
+    pub async fn apply_changes(
+        &mut self,
+        changed: &[Container],
+        now: Instant,
+        shutdown: &CancellationToken,
+    ) {
+        if !self.reconciled {
+            return;
+        }
+        let mut candidates: Vec<&Container> = Vec::new();
+        for container in changed {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let uuid = container.uuid.as_str();
+            if self.tracked.contains_key(uuid) {
+                let jobs = self.latest_jobs.get(uuid).cloned().unwrap_or_default();
+                let span = tracing::info_span!("container", container = %uuid);
+                self.step(uuid, Some(container.clone()), &jobs, now, false)
+                    .instrument(span)
+                    .await;
+            } else if self.may_lock_on_change(container, now) {
+                candidates.push(container);
+            }
+        }
+        candidates.sort_by(|a, b| lock_order(a, b));
+        for container in candidates {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            self.lock_unless_leftover(container, now).await;
+        }
+    }
+
+    /// True for a Queued container with priority > 0 that this dispatcher
+    /// neither tracks nor keeps on hold, and that it released, if at all,
+    /// before the latest snapshot.
+    fn may_lock_on_change(&self, container: &Container, now: Instant) -> bool {
+        let free = self
+            .relock_holds
+            .get(&container.uuid)
+            .is_none_or(|hold| hold.until <= now && hold.generation < self.generation);
+        container.state == ContainerState::Queued
+            && container.priority > 0
+            && !self.tracked.contains_key(&container.uuid)
+            && free
+    }
+
+    /// Locks and submits a Queued container, unless the latest snapshot
+    /// lists a job named after it. Such a job is left from an earlier lock
+    /// and must leave before the container gets another, so it is
+    /// cancelled instead.
+    async fn lock_unless_leftover(&mut self, container: &Container, now: Instant) {
+        let span = tracing::info_span!("container", container = %container.uuid);
+        let leftover = self
+            .latest_jobs
+            .get(&container.uuid)
+            .cloned()
+            .unwrap_or_default();
+        if leftover.is_empty() {
+            self.lock_and_submit(container, now).instrument(span).await;
+        } else {
+            self.cancel_leftovers(&leftover, now).instrument(span).await;
+        }
+    }
+
+    /// Keeps the dispatcher from locking `uuid` again for [`RELOCK_HOLD`].
+    fn hold(&mut self, uuid: &str, now: Instant) {
+        let hold = RelockHold {
+            until: now + RELOCK_HOLD,
+            generation: self.generation,
+        };
+        self.relock_holds.insert(uuid.to_string(), hold);
     }
 
     /// Starts tracking containers locked by this token that are not
@@ -467,12 +674,15 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Lets one tracked container decide, and carries out its actions.
+    /// `new_snapshot` is true only for the tick that took the snapshot
+    /// `jobs` come from.
     async fn step(
         &mut self,
         uuid: &str,
         record: Option<Container>,
         jobs: &[BatchJob],
         now: Instant,
+        new_snapshot: bool,
     ) {
         let credentials_exist = self.store.exists(uuid);
         let Some(tracked) = self.tracked.get_mut(uuid) else {
@@ -482,6 +692,7 @@ impl<B: Backend> Dispatcher<B> {
             record: record.as_ref(),
             jobs,
             generation: self.generation,
+            new_snapshot,
             now,
             token_uuid: &self.token_uuid,
             credentials_exist,
@@ -593,8 +804,7 @@ impl<B: Backend> Dispatcher<B> {
             }
             Err(err) => {
                 report!(self.repeats, "lock", err, "failed to lock the container");
-                self.relock_after
-                    .insert(uuid.to_string(), now + RELOCK_HOLD);
+                self.hold(uuid, now);
                 return;
             }
         };
@@ -606,8 +816,7 @@ impl<B: Backend> Dispatcher<B> {
 
         if let Err(err) = self.store.write(uuid, &locked.credentials) {
             let unlock = self.api.unlock_container(uuid).await;
-            self.relock_after
-                .insert(uuid.to_string(), now + RELOCK_HOLD);
+            self.hold(uuid, now);
             match unlock {
                 Ok(_) => {
                     tracing::error!(error = %err, "failed to write the credentials file; unlocked the container")
@@ -637,7 +846,7 @@ impl<B: Backend> Dispatcher<B> {
         }
         self.tracked
             .insert(uuid.to_string(), Tracked::locked(self.generation));
-        self.step(uuid, Some(record), &[], now).await;
+        self.step(uuid, Some(record), &[], now, false).await;
     }
 
     /// Submits a container's job; returns the follow-up actions.
@@ -726,8 +935,7 @@ impl<B: Backend> Dispatcher<B> {
             Ok(_) => {
                 tracing::info!(reason, "unlocked the container");
                 self.release(uuid);
-                self.relock_after
-                    .insert(uuid.to_string(), now + RELOCK_HOLD);
+                self.hold(uuid, now);
             }
             Err(err) if status_code(&err) == Some(422) => {
                 // It changed meanwhile, for example because its supervisor
@@ -866,6 +1074,20 @@ impl<B: Backend> Dispatcher<B> {
     pub(crate) fn is_tracked(&self, uuid: &str) -> bool {
         self.tracked.contains_key(uuid)
     }
+}
+
+/// Orders containers to lock: highest priority first, then oldest.
+fn lock_order(a: &Container, b: &Container) -> Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then(a.created_at.cmp(&b.created_at))
+        .then(a.uuid.cmp(&b.uuid))
+}
+
+/// Returns the loop's clock: tokio's, so that tests with a paused clock
+/// drive it.
+fn clock_now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// Checks that the token UUID has the configured cluster's prefix.

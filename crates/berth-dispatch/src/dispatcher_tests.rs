@@ -1,8 +1,17 @@
 //! Tests of the dispatch loop's decisions against the in-memory controller
 //! and batch system of [`crate::fake`].
+//!
+//! Most tests drive the loop's steps by hand: [`Harness::tick`] runs a full
+//! pass and [`Harness::apply_changes`] applies what the controller's change
+//! feed would report, each at a time the test sets. The tests of
+//! [`Dispatcher::run`] run on tokio's paused clock: [`settle`] lets the loop
+//! work without moving the clock, and only `tokio::time::advance` moves it,
+//! so "at once" means "before any timer fired".
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
 
 use berth_client::JobCredentials;
 use berth_core::ContainerState;
@@ -12,6 +21,7 @@ use url::Url;
 use super::*;
 use crate::backend::JobState;
 use crate::fake::{queued_container, FakeBackend, FakeController, SubmitFailure, TOKEN_UUID};
+use crate::feed::CHANGE_FEED_WAIT;
 use crate::tracker::{REJECTED_ERROR, SCHEDULING_STATUS_KEY, UNRUNNABLE_ERROR, VANISHED_ERROR};
 
 const A: &str = "zzzzz-dz642-00000000000000a";
@@ -25,6 +35,9 @@ struct Harness {
     dispatcher: Dispatcher<FakeBackend>,
     now: Instant,
     shutdown: CancellationToken,
+    /// The controller's change number up to which [`Harness::apply_changes`]
+    /// has applied the changes.
+    cursor: u64,
 }
 
 fn dispatcher(
@@ -60,6 +73,7 @@ impl Harness {
             dispatcher,
             now: Instant::now(),
             shutdown: CancellationToken::new(),
+            cursor: 0,
         }
     }
 
@@ -83,6 +97,16 @@ impl Harness {
             .tick(self.now, &self.shutdown)
             .await
             .unwrap_err()
+    }
+
+    /// Applies the containers changed since the last call, as the loop
+    /// does with a page of the change feed, without moving the time.
+    async fn apply_changes(&mut self) {
+        let changed = self.controller.changes_after(self.cursor);
+        self.cursor = self.controller.change_seq();
+        self.dispatcher
+            .apply_changes(&changed, self.now, &self.shutdown)
+            .await;
     }
 
     fn credentials_file(&self, uuid: &str) -> std::path::PathBuf {
@@ -571,31 +595,6 @@ async fn shutdown_stops_between_containers() {
 }
 
 #[tokio::test]
-async fn run_ends_on_shutdown_and_leaves_jobs_running() {
-    let h = Harness::new();
-    h.controller.add(queued_container(A, 1));
-    let mut dispatcher = dispatcher(&h.controller, &h.backend, h.dir.path());
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    let backend = h.backend.clone();
-    let run = tokio::spawn(async move {
-        dispatcher.run(Duration::from_millis(10), &shutdown).await;
-    });
-    // The first tick runs at once; wait for its submission.
-    for _ in 0..500 {
-        if !backend.submits().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    stop.cancel();
-    run.await.unwrap();
-    assert_eq!(h.backend.submits().len(), 1);
-    assert!(h.backend.cancels().is_empty());
-    assert_eq!(h.backend.jobs().len(), 1);
-}
-
-#[tokio::test]
 async fn start_learns_the_token_uuid() {
     let h = Harness::new();
     let store = CredentialsStore::open(
@@ -774,4 +773,431 @@ async fn listed_pending_reason_cancels_job_and_container() {
     assert!(!h.dispatcher.is_tracked(A));
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(h.controller.count("lock"), 1);
+}
+
+#[tokio::test]
+async fn queued_container_is_submitted_on_its_change() {
+    let mut h = Harness::new();
+    h.tick().await;
+    let lists = h.controller.count("list");
+    h.controller.add(queued_container(A, 1));
+    h.apply_changes().await;
+
+    let container = h.controller.container(A);
+    assert_eq!(container.state, ContainerState::Locked);
+    assert_eq!(container.scheduler_job_id.as_deref(), Some("101"));
+    assert_eq!(h.backend.submits().len(), 1);
+    assert!(h.credentials_file(A).exists());
+    assert_eq!(h.backend.status_calls(), 1, "no new snapshot");
+    assert_eq!(h.controller.count("list"), lists, "no new list");
+
+    // The feed then reports the dispatcher's own writes, which change
+    // nothing.
+    h.apply_changes().await;
+    assert_eq!(h.backend.submits().len(), 1);
+    assert_eq!(h.controller.count("lock"), 1);
+}
+
+#[tokio::test]
+async fn change_before_the_first_tick_waits_for_it() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.apply_changes().await;
+    assert_eq!(h.controller.count("lock"), 0, "no snapshot yet");
+    h.tick().await;
+    assert_eq!(h.backend.submits().len(), 1);
+}
+
+#[tokio::test]
+async fn priority_zero_cancels_running_job_on_its_change() {
+    let mut h = Harness::new();
+    h.start_running(A).await;
+    h.apply_changes().await;
+    let snapshots = h.backend.status_calls();
+    h.controller.change(A, |c| c.priority = 0);
+    h.apply_changes().await;
+
+    let cancels = h.backend.cancels();
+    assert_eq!(cancels.len(), 1, "{cancels:?}");
+    assert_eq!(cancels[0].id.as_str(), "101");
+    assert_eq!(cancels[0].state, JobState::Running);
+    assert_eq!(h.backend.status_calls(), snapshots, "no new snapshot");
+}
+
+#[tokio::test]
+async fn priority_zero_cancels_job_submitted_since_the_snapshot() {
+    let mut h = Harness::new();
+    h.tick().await;
+    h.controller.add(queued_container(A, 1));
+    h.apply_changes().await;
+    h.controller.change(A, |c| c.priority = 0);
+    h.apply_changes().await;
+
+    let cancels = h.backend.cancels();
+    assert_eq!(cancels.len(), 1, "{cancels:?}");
+    assert_eq!(cancels[0].id.as_str(), "101");
+    assert_eq!(cancels[0].state, JobState::Pending);
+
+    // Two snapshots without the job release the lock.
+    h.backend.end(A);
+    h.tick().await;
+    assert_eq!(h.state(A), ContainerState::Locked);
+    h.tick().await;
+    assert_eq!(h.state(A), ContainerState::Queued);
+    assert!(!h.dispatcher.is_tracked(A));
+}
+
+#[tokio::test]
+async fn cancelled_container_pending_job_cancelled_on_its_change() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.tick().await;
+    h.tick().await;
+    h.controller
+        .change(A, |c| c.state = ContainerState::Cancelled);
+    h.apply_changes().await;
+
+    let cancels = h.backend.cancels();
+    assert_eq!(cancels.len(), 1, "{cancels:?}");
+    assert_eq!(cancels[0].state, JobState::Pending);
+    assert!(!h.credentials_file(A).exists());
+}
+
+#[tokio::test]
+async fn reused_snapshot_never_advances_vanishing() {
+    let mut h = Harness::new();
+    h.start_running(A).await;
+    h.backend.end(A);
+    h.tick().await;
+    for priority in 2..6 {
+        h.controller.change(A, |c| c.priority = priority);
+        h.apply_changes().await;
+    }
+    assert_eq!(h.state(A), ContainerState::Running);
+    assert_eq!(h.controller.count("get"), 0, "nothing resolved yet");
+
+    h.tick().await;
+    assert_eq!(h.state(A), ContainerState::Cancelled);
+}
+
+#[tokio::test]
+async fn released_container_waits_for_a_new_snapshot() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.tick().await;
+    h.backend.end(A);
+    h.tick().await;
+    h.tick().await;
+    assert_eq!(h.state(A), ContainerState::Queued);
+
+    // A job submitted just before the release could be missing from the
+    // snapshot the loop has, so a change alone never locks it again.
+    h.now += RELOCK_HOLD;
+    h.controller.change(A, |c| c.priority = 2);
+    h.apply_changes().await;
+    assert_eq!(h.controller.count("lock"), 1);
+    h.tick().await;
+    assert_eq!(h.controller.count("lock"), 2);
+    assert_eq!(h.backend.submits().len(), 2);
+}
+
+#[tokio::test]
+async fn leftover_job_blocks_the_lock_on_a_change() {
+    let mut h = Harness::new();
+    h.tick().await;
+    h.backend.add_job("7", A, JobState::Running);
+    h.tick().await;
+    h.controller.add(queued_container(A, 1));
+    h.apply_changes().await;
+    let cancelled: Vec<String> = h
+        .backend
+        .cancels()
+        .iter()
+        .map(|j| j.id.to_string())
+        .collect();
+    assert_eq!(cancelled, ["7"]);
+    assert_eq!(h.controller.count("lock"), 0);
+
+    h.backend.end(A);
+    h.tick().await;
+    assert_eq!(h.backend.submits().len(), 1);
+}
+
+/// A dispatch loop running in a task on the harness's controller, batch
+/// system and credentials directory.
+struct Loop {
+    shutdown: CancellationToken,
+    task: JoinHandle<Dispatcher<FakeBackend>>,
+}
+
+impl Loop {
+    fn spawn(h: &Harness, options: LoopOptions) -> Loop {
+        let mut dispatcher = dispatcher(&h.controller, &h.backend, h.dir.path());
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            dispatcher.run(options, &stop).await;
+            dispatcher
+        });
+        Loop { shutdown, task }
+    }
+
+    /// Stops the loop and returns its dispatcher.
+    async fn stop(self) -> Dispatcher<FakeBackend> {
+        self.shutdown.cancel();
+        self.task.await.unwrap()
+    }
+}
+
+fn options(resync_interval: Duration, watch: bool) -> LoopOptions {
+    LoopOptions {
+        resync_interval,
+        watch,
+        feed_wait: CHANGE_FEED_WAIT,
+    }
+}
+
+/// Lets the other tasks run, without moving the paused clock, until `done`
+/// holds.
+async fn settle(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("{what} did not happen before a timer fired");
+}
+
+/// Lets the other tasks run for a while without moving the paused clock.
+async fn idle() {
+    for _ in 0..1_000 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// True once the loop's feed read from `cursor` is in flight.
+fn reading(h: &Harness, cursor: u64, times: usize) -> bool {
+    h.controller.count(&format!("changes {cursor}")) >= times
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_submits_queued_container_at_once() {
+    let h = Harness::new();
+    let start = tokio::time::Instant::now();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    settle("the first tick and feed read", || {
+        h.backend.status_calls() == 1 && reading(&h, 0, 1)
+    })
+    .await;
+
+    h.controller.add(queued_container(A, 1));
+    settle("the submission", || {
+        h.controller.container(A).scheduler_job_id.is_some()
+    })
+    .await;
+    assert_eq!(tokio::time::Instant::now(), start, "no timer fired");
+    assert_eq!(h.backend.status_calls(), 1, "no second tick");
+    assert_eq!(h.backend.submits().len(), 1);
+    assert_eq!(h.state(A), ContainerState::Locked);
+
+    // The supervisor starts it; then the user cancels it.
+    h.controller
+        .change(A, |c| c.state = ContainerState::Running);
+    h.controller.change(A, |c| c.priority = 0);
+    settle("the cancel", || !h.backend.cancels().is_empty()).await;
+    let cancels = h.backend.cancels();
+    assert_eq!(cancels[0].id.as_str(), "101");
+    assert_eq!(
+        cancels[0].state,
+        JobState::Running,
+        "a TERM for the supervisor, although no snapshot listed the job"
+    );
+    assert_eq!(tokio::time::Instant::now(), start);
+    assert_eq!(h.backend.status_calls(), 1);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_reads_the_next_page_at_once() {
+    let h = Harness::new();
+    h.controller.set_change_page_limit(1);
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+    h.controller.add(queued_container(A, 1));
+    h.controller.add(queued_container(B, 1));
+    settle("both submissions", || h.backend.submits().len() == 2).await;
+    assert_eq!(h.backend.status_calls(), 1);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_resynchronises_after_a_failed_read() {
+    let h = Harness::new();
+    let start = tokio::time::Instant::now();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+
+    h.controller.fail_feed_reads(1);
+    settle("a tick after the failure", || h.backend.status_calls() == 2).await;
+    assert_eq!(h.controller.count("changes (none)"), 2, "a new cursor");
+    settle("the next feed read", || reading(&h, 0, 2)).await;
+
+    h.controller.add(queued_container(A, 1));
+    settle("the submission", || h.backend.submits().len() == 1).await;
+    assert_eq!(h.backend.status_calls(), 2, "the feed works again");
+    assert_eq!(tokio::time::Instant::now(), start, "no timer fired");
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_backs_off_while_the_feed_fails() {
+    let h = Harness::new();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+
+    // The read fails, and so does each new cursor: ticks come at once, then
+    // after 1 s, 2 s and 4 s.
+    h.controller.fail_feed_reads(u32::MAX);
+    settle("a tick at once", || h.backend.status_calls() == 2).await;
+    for (delay, snapshots) in [(1, 3), (2, 4), (4, 5)] {
+        tokio::time::advance(Duration::from_secs(delay) - Duration::from_millis(1)).await;
+        idle().await;
+        assert_eq!(
+            h.backend.status_calls(),
+            snapshots - 1,
+            "before the {delay} s delay"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        settle("the next tick", || h.backend.status_calls() == snapshots).await;
+    }
+
+    // The loop keeps dispatching meanwhile.
+    h.controller.add(queued_container(A, 1));
+    tokio::time::advance(Duration::from_secs(8)).await;
+    settle("a submission by a tick", || h.backend.submits().len() == 1).await;
+
+    let dispatcher = running.stop().await;
+    let (_, failures) = &dispatcher.repeats.last["feed"];
+    assert_eq!(*failures, 6, "one read and five cursors, logged as repeats");
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_resynchronises_on_a_rejected_cursor() {
+    let h = Harness::new();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+    h.controller.add(queued_container(A, 1));
+    settle("the submission", || {
+        h.controller.container(A).scheduler_job_id.is_some()
+    })
+    .await;
+    let cursor = h.controller.change_seq();
+    settle("the feed read past the dispatcher's writes", || {
+        reading(&h, cursor, 1)
+    })
+    .await;
+
+    // The controller's database is replaced by an older copy: the cursor
+    // is ahead of it.
+    h.controller.replace_database();
+    settle("a tick after the rejection", || {
+        h.backend.status_calls() == 2
+    })
+    .await;
+    assert_eq!(h.controller.count("changes (none)"), 2, "a new cursor");
+
+    h.controller.add(queued_container(B, 1));
+    settle("the submission", || h.backend.submits().len() == 2).await;
+    assert_eq!(h.backend.status_calls(), 2);
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_drops_feed_response_made_before_a_tick() {
+    let h = Harness::new();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+
+    // The feed finds A Queued, but its response arrives only after the
+    // next tick has locked A and submitted its job.
+    h.controller.hold_feed_responses();
+    h.controller.add(queued_container(A, 1));
+    idle().await;
+    tokio::time::advance(Duration::from_secs(30)).await;
+    settle("the tick's submission", || h.backend.submits().len() == 1).await;
+    h.controller.release_feed_responses();
+    let cursor = h.controller.change_seq();
+    settle("a read past the tick's writes", || reading(&h, cursor, 1)).await;
+    idle().await;
+
+    assert!(
+        h.credentials_file(A).exists(),
+        "the old record must not look like a lost lock"
+    );
+    assert!(h.backend.cancels().is_empty());
+    assert_eq!(h.state(A), ContainerState::Locked);
+    let dispatcher = running.stop().await;
+    assert!(dispatcher.is_tracked(A));
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_without_watch_waits_for_the_next_tick() {
+    let h = Harness::new();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), false));
+    settle("the first tick", || h.backend.status_calls() == 1).await;
+    h.controller.add(queued_container(A, 1));
+    idle().await;
+    assert!(h.backend.submits().is_empty());
+
+    tokio::time::advance(Duration::from_secs(30)).await;
+    settle("the submission", || h.backend.submits().len() == 1).await;
+    assert_eq!(h.backend.status_calls(), 2);
+    assert_eq!(h.controller.count("changes"), 0, "the feed is off");
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_stops_during_a_feed_read() {
+    let h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    let start = tokio::time::Instant::now();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    let cursor = || h.controller.change_seq();
+    settle("the submission and the feed read", || {
+        h.backend.submits().len() == 1 && reading(&h, cursor(), 1)
+    })
+    .await;
+
+    running.shutdown.cancel();
+    settle("the end of the loop", || running.task.is_finished()).await;
+    assert_eq!(tokio::time::Instant::now(), start, "no wait for the read");
+    let dispatcher = running.task.await.unwrap();
+    assert!(dispatcher.is_tracked(A));
+    assert!(h.backend.cancels().is_empty());
+    assert_eq!(h.backend.jobs().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_after_restart_adopts_and_follows_changes() {
+    let mut h = Harness::new();
+    h.start_running(A).await;
+    let snapshots = h.backend.status_calls();
+    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    settle("the first tick", || {
+        h.backend.status_calls() == snapshots + 1 && h.controller.count("changes") >= 2
+    })
+    .await;
+
+    h.controller.change(A, |c| c.priority = 0);
+    settle("the cancel", || !h.backend.cancels().is_empty()).await;
+    assert_eq!(h.backend.cancels()[0].state, JobState::Running);
+    assert_eq!(h.backend.status_calls(), snapshots + 1);
+    let dispatcher = running.stop().await;
+    assert!(dispatcher.is_tracked(A));
+    assert_eq!(
+        h.backend.submits().len(),
+        1,
+        "adopted, never submitted again"
+    );
 }

@@ -3,22 +3,33 @@
 //! receive. The real Slurm adapter and the real controller are tested
 //! elsewhere: the adapter in `tests/slurm.rs`, the whole system in the
 //! `berth` crate's end-to-end tests.
+//!
+//! The controller numbers its changes like the real one. Every write to a
+//! container takes the next *change sequence* number, and the cursor of
+//! its change feed is the number of the last change it returned. A waiting
+//! feed read wakes on the next write.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use berth_client::{ClientError, ListPage, ListParams, Locked};
+use berth_client::{ClientError, ContainerChanges, ListPage, ListParams, Locked};
 use berth_core::records::ContainerCredentials;
 use berth_core::{Container, ContainerState};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+use tokio::sync::Notify;
 
 use crate::api::ControllerApi;
 use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
 use crate::command::CommandError;
 
 pub const TOKEN_UUID: &str = "zzzzz-gj3su-000000000000000";
+
+/// Most containers one change feed page returns, like the controller's
+/// default limit.
+const CHANGE_PAGE_LIMIT: usize = 1000;
 
 fn api_error(status: StatusCode, message: String) -> ClientError {
     ClientError::Api {
@@ -54,6 +65,10 @@ pub fn queued_container(uuid: &str, priority: i64) -> Container {
 #[derive(Debug, Clone, Default)]
 pub struct FakeController {
     inner: Arc<Mutex<ControllerState>>,
+    /// Wakes waiting change feed reads after each write.
+    changed: Arc<Notify>,
+    /// Wakes held change feed responses.
+    released: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +80,49 @@ struct ControllerState {
     locks: u64,
     /// The token UUID the controller returns, when not [`TOKEN_UUID`].
     token_uuid: Option<String>,
+    /// Number of the latest change.
+    change_seq: u64,
+    /// Number of each container's latest change.
+    change_seqs: BTreeMap<String, u64>,
+    failing_feed_reads: u32,
+    /// Page size of the change feed, when not [`CHANGE_PAGE_LIMIT`].
+    change_page_limit: Option<usize>,
+    holding_feed_responses: bool,
+}
+
+impl ControllerState {
+    /// Gives the container's latest write the next change number.
+    fn record_change(&mut self, uuid: &str) {
+        self.change_seq += 1;
+        self.change_seqs.insert(uuid.to_string(), self.change_seq);
+    }
+
+    /// Returns the page of changes after `after`, or `None` when there
+    /// are none yet.
+    fn changes_after(&self, after: u64) -> Option<ContainerChanges> {
+        let limit = self.change_page_limit.unwrap_or(CHANGE_PAGE_LIMIT);
+        let mut changed: Vec<(u64, &String)> = self
+            .change_seqs
+            .iter()
+            .filter(|(_, seq)| **seq > after)
+            .map(|(uuid, seq)| (*seq, uuid))
+            .collect();
+        if changed.is_empty() {
+            return None;
+        }
+        changed.sort();
+        let more = changed.len() > limit;
+        changed.truncate(limit);
+        let cursor = changed.last().map(|(seq, _)| *seq).unwrap_or(after);
+        Some(ContainerChanges {
+            cursor: cursor.to_string(),
+            items: changed
+                .iter()
+                .map(|(_, uuid)| self.containers[*uuid].clone())
+                .collect(),
+            more,
+        })
+    }
 }
 
 impl FakeController {
@@ -73,9 +131,10 @@ impl FakeController {
     }
 
     pub fn add(&self, container: Container) {
-        self.state()
-            .containers
-            .insert(container.uuid.clone(), container);
+        let uuid = container.uuid.clone();
+        let mut state = self.state();
+        state.containers.insert(uuid.clone(), container);
+        self.written(state, &uuid);
     }
 
     pub fn container(&self, uuid: &str) -> Container {
@@ -90,6 +149,7 @@ impl FakeController {
         if container.state.is_final() {
             container.locked_by_uuid = None;
         }
+        self.written(state, uuid);
     }
 
     pub fn calls(&self) -> Vec<String> {
@@ -119,6 +179,121 @@ impl FakeController {
     /// dispatcher got there first.
     pub fn conflict_on_lock(&self, uuid: &str) {
         self.state().lock_conflicts.insert(uuid.to_string());
+    }
+
+    /// Makes the next `n` change feed reads fail with 503, and wakes a
+    /// waiting read so that it fails at once.
+    pub fn fail_feed_reads(&self, n: u32) {
+        self.state().failing_feed_reads = n;
+        self.changed.notify_waiters();
+    }
+
+    /// Restarts the change numbering, as a controller whose database was
+    /// replaced by an older copy does: every cursor issued before is ahead
+    /// of the new numbering, which the feed rejects with 422. Wakes a
+    /// waiting read.
+    pub fn replace_database(&self) {
+        let mut state = self.state();
+        state.change_seq = 0;
+        state.change_seqs.clear();
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Sets the most containers one change feed page returns.
+    pub fn set_change_page_limit(&self, limit: usize) {
+        self.state().change_page_limit = Some(limit);
+    }
+
+    /// Reads the changes after `cursor` at once, as a test's own view of
+    /// the feed; records no call.
+    pub fn changes_after(&self, cursor: u64) -> Vec<Container> {
+        self.state()
+            .changes_after(cursor)
+            .map(|page| page.items)
+            .unwrap_or_default()
+    }
+
+    /// Returns the number of the latest change.
+    pub fn change_seq(&self) -> u64 {
+        self.state().change_seq
+    }
+
+    /// Makes change feed reads that found changes wait before they return,
+    /// until [`FakeController::release_feed_responses`]. The page they return
+    /// is the one they found, however the containers change meanwhile, like
+    /// a response still on its way from a real controller.
+    pub fn hold_feed_responses(&self) {
+        self.state().holding_feed_responses = true;
+    }
+
+    /// Lets the held change feed responses return.
+    pub fn release_feed_responses(&self) {
+        self.state().holding_feed_responses = false;
+        self.released.notify_waiters();
+    }
+
+    /// Serves a change feed read, as `GET containers/changes` does.
+    async fn read_changes(
+        &self,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> Result<ContainerChanges, ClientError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let page = loop {
+            // Registered before the state is read, so that a write between
+            // the read and the wait still wakes this one.
+            let woken = self.changed.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            {
+                let mut state = self.state();
+                if state.failing_feed_reads > 0 {
+                    state.failing_feed_reads -= 1;
+                    return Err(api_error(StatusCode::SERVICE_UNAVAILABLE, "busy".into()));
+                }
+                let Some(after) = after else {
+                    return Ok(ContainerChanges {
+                        cursor: state.change_seq.to_string(),
+                        items: Vec::new(),
+                        more: false,
+                    });
+                };
+                let cursor = after.parse::<u64>().ok().filter(|c| *c <= state.change_seq);
+                let Some(cursor) = cursor else {
+                    return Err(api_error(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("invalid cursor {after:?}: it is not one this server issued, or it is ahead of the database; take a new cursor by calling without after"),
+                    ));
+                };
+                if let Some(page) = state.changes_after(cursor) {
+                    break page;
+                }
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return Ok(ContainerChanges {
+                    cursor: after.unwrap_or_default().to_string(),
+                    items: Vec::new(),
+                    more: false,
+                });
+            }
+        };
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if !self.state().holding_feed_responses {
+                return Ok(page);
+            }
+            released.await;
+        }
+    }
+
+    /// Records a write to `uuid` and wakes waiting feed reads.
+    fn written(&self, mut state: MutexGuard<'_, ControllerState>, uuid: &str) {
+        state.record_change(uuid);
+        drop(state);
+        self.changed.notify_waiters();
     }
 }
 
@@ -226,13 +401,15 @@ impl ControllerApi for FakeController {
         container.locked_by_uuid = Some(TOKEN_UUID.into());
         container.auth_uuid = Some(format!("zzzzz-gj3su-lock{n:011}"));
         container.lock_count += 1;
-        Ok(Locked {
+        let locked = Locked {
             container: container.clone(),
             credentials: ContainerCredentials {
                 api_token: format!("v2/zzzzz-gj3su-lock{n:011}/secret{n}/{uuid}"),
                 gateway_secret: format!("gateway{n}"),
             },
-        })
+        };
+        self.written(state, uuid);
+        Ok(locked)
     }
 
     async fn unlock_container(&self, uuid: &str) -> Result<Container, ClientError> {
@@ -254,7 +431,9 @@ impl ControllerApi for FakeController {
         container.locked_by_uuid = None;
         container.auth_uuid = None;
         container.runtime_status.clear();
-        Ok(container.clone())
+        let unlocked = container.clone();
+        self.written(state, uuid);
+        Ok(unlocked)
     }
 
     async fn update_container(
@@ -287,7 +466,25 @@ impl ControllerApi for FakeController {
             updated.locked_by_uuid = None;
         }
         *container = updated.clone();
+        self.written(state, uuid);
         Ok(updated)
+    }
+
+    async fn container_changes(
+        &self,
+        after: Option<&str>,
+        wait: Duration,
+    ) -> Result<ContainerChanges, ClientError> {
+        self.state()
+            .calls
+            .push(format!("changes {}", after.unwrap_or("(none)")));
+        // Served by a task of its own, like a server that responds while
+        // the caller is busy with something else.
+        let controller = self.clone();
+        let after = after.map(str::to_string);
+        tokio::spawn(async move { controller.read_changes(after.as_deref(), wait).await })
+            .await
+            .expect("the change feed read panicked")
     }
 }
 

@@ -1,12 +1,14 @@
 //! The dispatcher: locks queued containers and runs each as one batch job.
 //!
-//! One task, the dispatch loop ([`dispatcher`]), owns all state. Each tick
-//! it reads the container queue from the controller and one snapshot of
-//! the batch system, and lets each container's pure state ([`tracker`])
-//! decide. The loop then carries out the decisions: lock, write the
-//! credentials file ([`credentials`]), submit, record the job id, cancel a
-//! job whose container's priority dropped to 0, and cancel or unlock a
-//! container whose job vanished. Batch systems sit behind the [`Backend`] trait with
+//! One task, the dispatch loop ([`dispatcher`]), owns all state. It hears
+//! of changed containers through the controller's change feed ([`feed`]),
+//! and once per resynchronisation interval it reads the whole container
+//! queue and one snapshot of the batch system. Each container's pure state
+//! ([`tracker`]) decides. The loop then carries out the decisions: lock,
+//! write the credentials file ([`credentials`]), submit, record the job id,
+//! cancel a job whose container's priority dropped to 0, and cancel or
+//! unlock a container whose job vanished. Batch systems sit behind the
+//! [`Backend`] trait with
 //! three verbs (submit, status, cancel): [`slurm`] builds and parses Slurm's
 //! commands, run through a [`command::CommandRunner`]; [`local`] runs each
 //! supervisor as a child process.
@@ -25,6 +27,7 @@ pub mod command;
 pub mod config;
 pub mod credentials;
 pub mod dispatcher;
+pub mod feed;
 pub mod local;
 pub mod script;
 pub mod slurm;
@@ -43,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 pub use backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
 pub use config::{BackendKind, Config, ConfigError, LocalConfig, SlurmConfig};
 pub use credentials::CredentialsStore;
-pub use dispatcher::{Dispatcher, StartError};
+pub use dispatcher::{Dispatcher, LoopOptions, StartError};
 pub use local::LocalBackend;
 pub use slurm::SlurmBackend;
 
@@ -114,6 +117,8 @@ async fn drive<B: Backend>(
     let Some(mut dispatcher) = started else {
         return Ok(());
     };
-    dispatcher.run(config.poll_interval, &shutdown).await;
+    dispatcher
+        .run(LoopOptions::from_config(config), &shutdown)
+        .await;
     Ok(())
 }

@@ -2,16 +2,24 @@
 //! I/O.
 //!
 //! A [`Tracked`] container is one this dispatcher has locked, or found
-//! locked by its token after a restart. Each tick the loop hands it an
-//! [`Observation`] (the container's latest record and the jobs named after
-//! it in the batch system's latest snapshot) and gets back the
-//! [`Action`]s to carry out. Results of those actions come back through
-//! [`Tracked::submitted`] and [`Tracked::submit_failed`].
+//! locked by its token after a restart. The loop hands it an
+//! [`Observation`] in each full pass and each time the change feed reports
+//! the container. An observation is the container's latest record and the
+//! jobs named after it in the batch system's latest snapshot, and the
+//! tracked container returns the [`Action`]s to carry out.
+//! Results of those actions come back through [`Tracked::submitted`] and
+//! [`Tracked::submit_failed`].
 //!
 //! Words used here:
 //!
 //! - *snapshot*: the job list of one successful status query, numbered by a
 //!   *generation* that grows by one per snapshot.
+//! - *new* or *reused* snapshot: an observation made right after its
+//!   snapshot was taken is the snapshot's one observation that counts
+//!   ([`Observation::new_snapshot`]). Observations made later with the same
+//!   snapshot, on a change reported by the feed, reuse it: they act on the
+//!   new record, but never count towards a rule that needs several
+//!   snapshots in a row (vanished, unrunnable).
 //! - *vanished*: the container's job is missing from [`VANISH_SNAPSHOTS`]
 //!   consecutive snapshots taken after its submission. Only then does the
 //!   loop act on its absence, so one odd snapshot never ends a container.
@@ -55,6 +63,9 @@ pub const MAX_SUBMIT_ATTEMPTS: u32 = 5;
 
 /// Delay before the second submission attempt; it doubles with each
 /// further attempt.
+// NOTE: an attempt is made at the first observation after its delay. While
+// the change feed reports nothing about the container, that is the next
+// full pass, so the delays stretch to the resynchronisation interval.
 pub const SUBMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Message of `runtime_status.error` when a Running container's job left
@@ -117,7 +128,7 @@ pub enum Action {
     Forget,
 }
 
-/// One tick's view of a container.
+/// One view of a container: its record and the latest snapshot's jobs.
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
     /// The container's latest record; `None` if the controller no longer
@@ -125,7 +136,12 @@ pub struct Observation<'a> {
     pub record: Option<&'a Container>,
     /// The snapshot's jobs named after the container.
     pub jobs: &'a [BatchJob],
+    /// The snapshot's generation.
     pub generation: u64,
+    /// True for the one observation made right after the snapshot was
+    /// taken; false when a change reported by the feed reuses it. Only a
+    /// new snapshot counts towards the vanished and unrunnable rules.
+    pub new_snapshot: bool,
     pub now: Instant,
     /// This dispatcher's token UUID.
     pub token_uuid: &'a str,
@@ -263,7 +279,7 @@ impl Tracked {
         }
     }
 
-    /// Decides what to do after one tick's observation.
+    /// Decides what to do after one observation.
     pub fn observe(&mut self, observation: Observation<'_>) -> Vec<Action> {
         let mut actions = Vec::new();
         let (own, strays) = self.match_jobs(observation.jobs, observation.record);
@@ -278,7 +294,9 @@ impl Tracked {
                 self.last_seen = Some(job.clone());
                 self.missing = 0;
             }
-            None if observation.generation > self.watch_from => self.missing += 1,
+            None if observation.new_snapshot && observation.generation > self.watch_from => {
+                self.missing += 1
+            }
             None => {}
         }
         let vanished = own.is_none() && self.missing >= VANISH_SNAPSHOTS;
@@ -311,9 +329,13 @@ impl Tracked {
         }
 
         if container.priority <= 0 {
+            let unlisted = self.unlisted_job(container, observation.generation);
             match own {
-                Some(job) => actions.push(Action::Cancel(job.clone())),
+                Some(job) => actions.push(Action::Cancel(job_as_recorded(job, container))),
                 None if vanished => actions.push(Action::Resolve),
+                // Submitted after the latest snapshot: cancelled by its id,
+                // without waiting for a snapshot that lists it.
+                None if unlisted.is_some() => actions.extend(unlisted.map(Action::Cancel)),
                 // Nothing was submitted (or a submission is being retried):
                 // no job can be running, so the lock is simply released.
                 None if self.job.is_none()
@@ -379,24 +401,36 @@ impl Tracked {
     ) {
         let waiting = job.state == JobState::Pending && container.state == ContainerState::Locked;
         if !waiting {
-            self.unrunnable_since = None;
             if job.state != JobState::Pending
                 && container.runtime_status.contains_key(SCHEDULING_STATUS_KEY)
             {
                 actions.push(Action::ClearSchedulingStatus);
             }
-            return;
-        }
-        if job.reason.is_empty() {
+        } else if !job.reason.is_empty()
+            && self.shown.as_ref() != Some(&(job.id.clone(), job.reason.clone()))
+        {
             // Slurm lists no reason until its scheduler has looked at the
             // job; the status keeps the last reason until a new one comes.
-            self.unrunnable_since = None;
-            return;
-        }
-        if self.shown.as_ref() != Some(&(job.id.clone(), job.reason.clone())) {
             actions.push(Action::ShowPending(job.clone()));
         }
-        if !observation.cancel_reasons.contains(&job.reason) {
+        if observation.new_snapshot {
+            self.count_unrunnable(waiting, job, observation, actions);
+        }
+    }
+
+    /// Counts the snapshots in a row that list the job pending for a reason
+    /// in the cancel list, and gives up on the container at
+    /// [`UNRUNNABLE_SNAPSHOTS`].
+    fn count_unrunnable(
+        &mut self,
+        waiting: bool,
+        job: &BatchJob,
+        observation: Observation<'_>,
+        actions: &mut Vec<Action>,
+    ) {
+        let listed =
+            waiting && !job.reason.is_empty() && observation.cancel_reasons.contains(&job.reason);
+        if !listed {
             self.unrunnable_since = None;
             return;
         }
@@ -427,9 +461,12 @@ impl Tracked {
         }
         match own {
             Some(job) => {
-                let in_grace = self.final_since.is_some_and(|since| {
-                    is_final && observation.now.duration_since(since) < FINAL_JOB_GRACE
-                });
+                // A pending job has no supervisor that may still be
+                // reporting, so it gets no grace.
+                let in_grace = job.state != JobState::Pending
+                    && self.final_since.is_some_and(|since| {
+                        is_final && observation.now.duration_since(since) < FINAL_JOB_GRACE
+                    });
                 if !in_grace {
                     actions.push(Action::Cancel(job.clone()));
                 }
@@ -437,6 +474,23 @@ impl Tracked {
             None if self.job.is_none() || vanished => actions.push(Action::Forget),
             None => {}
         }
+    }
+
+    /// Returns the job this dispatcher submitted after the snapshot of
+    /// `generation` was taken, so that no snapshot has listed it yet, with
+    /// the state its container's record implies.
+    fn unlisted_job(&self, container: &Container, generation: u64) -> Option<BatchJob> {
+        let id = self.job.as_ref()?;
+        if self.last_seen.is_some() || generation > self.watch_from {
+            return None;
+        }
+        let job = BatchJob {
+            id: id.clone(),
+            name: container.uuid.clone(),
+            state: JobState::Pending,
+            reason: String::new(),
+        };
+        Some(job_as_recorded(&job, container))
     }
 
     /// Splits the jobs named after the container into its own job and
@@ -461,6 +515,19 @@ impl Tracked {
             .collect();
         (own, strays)
     }
+}
+
+/// Returns the job with the state its container's record implies when the
+/// snapshot is older: the job of a Running container has started, even if
+/// the snapshot still lists it pending. A cancel then stops the supervisor
+/// politely instead of aiming at a pending job.
+fn job_as_recorded(job: &BatchJob, container: &Container) -> BatchJob {
+    let mut job = job.clone();
+    let not_started = matches!(job.state, JobState::Pending | JobState::Configuring);
+    if container.state == ContainerState::Running && not_started {
+        job.state = JobState::Running;
+    }
+    job
 }
 
 /// Orders job ids by submission: numeric ids by value, others after them.
@@ -602,6 +669,7 @@ mod tests {
         record: Option<&'a Container>,
         jobs: &'a [BatchJob],
         generation: u64,
+        new_snapshot: bool,
         now: Instant,
         credentials_exist: bool,
         cancel_reasons: &'a [String],
@@ -613,9 +681,23 @@ mod tests {
                 record,
                 jobs,
                 generation,
+                new_snapshot: true,
                 now: Instant::now(),
                 credentials_exist: true,
                 cancel_reasons: &[],
+            }
+        }
+
+        /// Makes a step that reuses the snapshot of `generation`, as on a
+        /// change reported by the feed.
+        fn reused(
+            record: Option<&'a Container>,
+            jobs: &'a [BatchJob],
+            generation: u64,
+        ) -> Step<'a> {
+            Step {
+                new_snapshot: false,
+                ..Step::new(record, jobs, generation)
             }
         }
 
@@ -624,6 +706,7 @@ mod tests {
                 record: self.record,
                 jobs: self.jobs,
                 generation: self.generation,
+                new_snapshot: self.new_snapshot,
                 now: self.now,
                 token_uuid: TOKEN,
                 credentials_exist: self.credentials_exist,
@@ -702,6 +785,84 @@ mod tests {
         assert_eq!(
             Step::new(Some(&record), &jobs, 2).run(&mut tracked),
             [Action::Cancel(jobs[0].clone())]
+        );
+    }
+
+    #[test]
+    fn reused_snapshot_never_counts_towards_vanishing() {
+        let record = ours(ContainerState::Running, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        assert_eq!(Step::new(Some(&record), &[], 2).run(&mut tracked), []);
+        for _ in 0..5 {
+            assert_eq!(
+                Step::reused(Some(&record), &[], 2).run(&mut tracked),
+                [],
+                "a change reported by the feed is no second snapshot"
+            );
+        }
+        assert_eq!(
+            Step::new(Some(&record), &[], 3).run(&mut tracked),
+            [Action::Resolve]
+        );
+    }
+
+    #[test]
+    fn reused_snapshot_of_submission_counts_nothing() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(4);
+        tracked.submitted(submission("42"), 4);
+        tracked.job_id_recorded();
+        for _ in 0..3 {
+            assert_eq!(Step::reused(Some(&record), &[], 4).run(&mut tracked), []);
+        }
+        assert_eq!(Step::new(Some(&record), &[], 5).run(&mut tracked), []);
+        assert_eq!(
+            Step::new(Some(&record), &[], 6).run(&mut tracked),
+            [Action::Resolve]
+        );
+    }
+
+    #[test]
+    fn priority_zero_cancels_job_submitted_after_snapshot() {
+        let mut record = ours(ContainerState::Locked, 0);
+        let mut tracked = Tracked::locked(3);
+        tracked.submitted(submission("42"), 3);
+        tracked.job_id_recorded();
+        let expected = BatchJob {
+            id: JobId::new("42"),
+            name: UUID.into(),
+            state: JobState::Pending,
+            reason: String::new(),
+        };
+        assert_eq!(
+            Step::reused(Some(&record), &[], 3).run(&mut tracked),
+            [Action::Cancel(expected.clone())]
+        );
+        record.state = ContainerState::Running;
+        assert_eq!(
+            Step::reused(Some(&record), &[], 3).run(&mut tracked),
+            [Action::Cancel(BatchJob {
+                state: JobState::Running,
+                ..expected
+            })],
+            "the supervisor has started: the job runs"
+        );
+        // Once a later snapshot has missed it, only the vanished rule acts.
+        assert_eq!(Step::new(Some(&record), &[], 4).run(&mut tracked), []);
+    }
+
+    #[test]
+    fn priority_zero_cancel_follows_the_running_record() {
+        let record = ours(ContainerState::Running, 0);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let jobs = [job("42", JobState::Pending)];
+        assert_eq!(
+            Step::reused(Some(&record), &jobs, 2).run(&mut tracked),
+            [Action::Cancel(job("42", JobState::Running))]
         );
     }
 
@@ -789,6 +950,18 @@ mod tests {
         assert_eq!(
             Step::new(Some(&record), &[], 5).run(&mut tracked),
             [Action::Forget]
+        );
+    }
+
+    #[test]
+    fn final_container_pending_job_cancelled_at_once() {
+        let record = ours(ContainerState::Cancelled, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        let jobs = [job("42", JobState::Pending)];
+        assert_eq!(
+            Step::reused(Some(&record), &jobs, 2).run(&mut tracked),
+            [Action::RemoveCredentials, Action::Cancel(jobs[0].clone())]
         );
     }
 
@@ -1059,6 +1232,36 @@ mod tests {
         assert_eq!(
             Step::new(Some(&cancelled), &[], 5).run(&mut tracked),
             [Action::RemoveCredentials, Action::Forget]
+        );
+    }
+
+    #[test]
+    fn reused_snapshot_never_counts_as_unrunnable() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submitted(submission("42"), 1);
+        tracked.job_id_recorded();
+        let reasons = ["PartitionConfig".to_string()];
+        let jobs = [pending("42", "PartitionConfig")];
+        let mut step = Step::new(Some(&record), &jobs, 2);
+        step.cancel_reasons = &reasons;
+        assert_eq!(
+            step.run(&mut tracked),
+            [Action::ShowPending(jobs[0].clone())]
+        );
+        tracked.pending_shown(Some(&jobs[0]));
+        step.new_snapshot = false;
+        for _ in 0..5 {
+            assert_eq!(step.run(&mut tracked), [], "the same snapshot again");
+        }
+        step.generation = 3;
+        step.new_snapshot = true;
+        assert_eq!(
+            step.run(&mut tracked),
+            [
+                Action::Cancel(jobs[0].clone()),
+                Action::CancelUnrunnable(jobs[0].clone())
+            ]
         );
     }
 

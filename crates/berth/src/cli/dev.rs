@@ -69,10 +69,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// controller stops anyway.
 const DISPATCHER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Time between two passes of the dispatcher: shorter than the dispatcher's
-/// default, so that a container submitted on one host starts without a
-/// noticeable wait.
-const DEV_POLL_INTERVAL: &str = "1s";
+/// Time between two full passes of the dispatcher, much shorter than the
+/// dispatcher's default. What only a pass notices (a job that left the batch
+/// system, why a job is pending) then shows within seconds, and a container
+/// starts without a noticeable wait even without the change feed.
+const DEV_RESYNC_INTERVAL: &str = "1s";
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -490,7 +491,7 @@ fn config_yaml(config: &DevConfig<'_>) -> anyhow::Result<String> {
             "api_url": config.api_url,
             // The certificate is self-signed.
             "insecure": config.tls,
-            "poll_interval": DEV_POLL_INTERVAL,
+            "resync_interval": DEV_RESYNC_INTERVAL,
             "credentials_dir": utf8(&config.dir.credentials_dir())?,
             "local": { "log_dir": utf8(&config.dir.logs_dir())? },
             "slurm": { "output": format!("{}/slurm-%j.out", utf8(&config.dir.logs_dir())?) },
@@ -703,7 +704,8 @@ mod tests {
         assert_eq!(dispatch.backend, "local");
         assert_eq!(dispatch.api_url, "https://127.0.0.1:41234");
         assert!(dispatch.insecure, "the certificate is self-signed");
-        assert_eq!(dispatch.poll_interval, Duration::from_secs(1));
+        assert_eq!(dispatch.resync_interval, Duration::from_secs(1));
+        assert!(dispatch.watch);
         assert_eq!(dispatch.credentials_dir, dir.credentials_dir());
         assert_eq!(dispatch.local.log_dir, Some(dir.logs_dir()));
         assert_eq!(

@@ -251,7 +251,7 @@ fn write_config(
     );
     if let Some(api_url) = api_url {
         text.push_str(&format!(
-            "dispatch:\n  backend: {backend}\n  api_url: {api_url}\n  poll_interval: 1s\n  credentials_dir: {creds}\n",
+            "dispatch:\n  backend: {backend}\n  api_url: {api_url}\n  resync_interval: 1s\n  credentials_dir: {creds}\n",
             creds = dir.join("credentials").display(),
         ));
         if backend == "slurm" {
