@@ -2,7 +2,7 @@
 //! on one container, and change-feed readers, which wait for a change of
 //! any container.
 //!
-//! Each waiter holds a `tokio::sync::watch` receiver whose value is a
+//! Each waiter has a `tokio::sync::watch` receiver whose value is a
 //! counter. A notification bumps the counter and so wakes every waiter of
 //! the channel, which then reads the store again. A waiter subscribes
 //! *before* it reads the store, so a change made between its read and its
@@ -107,6 +107,12 @@ impl Notifier {
     /// Containers with a channel; for tests of the clean-up.
     pub fn channel_count(&self) -> usize {
         self.lock_channels().len()
+    }
+
+    /// Receivers of the change-feed channel; for tests that need a waiter
+    /// to be waiting.
+    pub fn change_waiter_count(&self) -> usize {
+        self.changes.receiver_count()
     }
 }
 

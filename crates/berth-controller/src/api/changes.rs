@@ -9,8 +9,8 @@
 //! record, and the cursor to pass as `after` next time.
 //!
 //! Parameters:
-//! - `after`: the cursor. Without it (or empty), the answer is immediate,
-//!   with no items and the current cursor: a client takes a cursor, lists,
+//! - `after`: the cursor. Without it (or empty), the response comes at
+//!   once, with no items and the current cursor: a client takes a cursor, lists,
 //!   then follows the feed from the cursor and misses no change.
 //! - `wait`: seconds, a whole number. A call that finds no change is held
 //!   until a change commits, the wait (at most [`MAX_WAIT`]) ends, or the
@@ -102,7 +102,7 @@ pub async fn changes(
         tokio::select! {
             changed = changes.changed() => {
                 // The notifier lives as long as the state, so this does not
-                // happen; answer rather than spin.
+                // happen. Return the page rather than spin.
                 if changed.is_err() {
                     return render_page(page);
                 }

@@ -2,8 +2,8 @@
 //! of one page and the decoding of its rows.
 //!
 //! A page reads the counter and the changed rows in one snapshot, so the
-//! counter's value covers every change the rows show. It asks for one row
-//! more than the limit, which tells whether more changes follow.
+//! counter's value covers every change the rows show. It reads one row
+//! more than the limit, which shows whether more changes follow.
 
 use std::sync::LazyLock;
 
@@ -40,7 +40,7 @@ pub(super) fn page_query(visibility: Option<&str>) -> String {
 }
 
 /// Returns the row limit of a page of `limit` items: one more, so that the
-/// page tells whether more follow.
+/// page shows whether more follow.
 pub(super) fn row_limit(limit: u64) -> i64 {
     to_i64(limit).saturating_add(1)
 }

@@ -18,6 +18,10 @@
 //!
 //! A URL may choose the schema through its connection options, for
 //! example `postgres://HOST/DB?options[search_path]=berth`.
+//!
+//! Each controller keeps one more connection, outside the pool, that
+//! LISTENs for the notifications the migration's triggers send at every
+//! container write and log append (see `listener`).
 
 use std::sync::Arc;
 use std::sync::LazyLock;

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod auth;
+mod changes;
 mod common;
 mod compat;
 mod containers;
@@ -17,3 +18,4 @@ mod nul_characters;
 mod requests;
 mod socket;
 mod tls;
+mod two_controllers;

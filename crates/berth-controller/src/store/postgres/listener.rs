@@ -13,6 +13,10 @@
 //! waiter once, and each re-reads the store. A lost connection is
 //! reopened at once after a stable period, or else after a delay that
 //! grows from [`FIRST_RETRY_DELAY`] to [`MAX_RETRY_DELAY`].
+//!
+//! NOTE: payloads name no schema, so the writes of controllers that use
+//! another schema of the same database wake these waiters for nothing:
+//! each reads the store once more.
 
 use std::sync::Arc;
 use std::time::Duration;
