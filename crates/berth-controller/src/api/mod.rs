@@ -1,6 +1,7 @@
 //! The HTTP API: the Arvados v1 routes Berth serves, under `/arvados/v1/`,
-//! the discovery document clients build their methods from
-//! ([`discovery`]), and `GET /_health/ping`.
+//! Berth's container change feed ([`changes`]), the discovery document
+//! clients build their methods from ([`discovery`]), and
+//! `GET /_health/ping`.
 //!
 //! [`app`] builds the router from an [`AppState`], so tests drive it with
 //! `tower::ServiceExt::oneshot` and need no socket. Each handler
@@ -15,6 +16,11 @@
 //! user reads their own requests and the containers of those requests, and
 //! a container token reads only its own container. A record the caller may
 //! not see is answered 404, as if it did not exist.
+//!
+//! Wake-ups: after every successful write to the request and container
+//! routes, a route layer wakes the change feed's waiters
+//! ([`Notifier::notify_changes`]). Handlers that change a container's
+//! state or append to its logs also wake that container's log readers.
 
 pub mod changes;
 pub mod containers;
@@ -91,8 +97,9 @@ struct Inner {
 
 impl AppState {
     /// Builds the state, and starts the store's listener for other
-    /// controllers' writes when the store has one (PostgreSQL), so it must
-    /// run inside a Tokio runtime for that.
+    /// controllers' writes when the store has one (PostgreSQL). The
+    /// listener runs on the current Tokio runtime: outside one, the store
+    /// logs a warning and runs without it.
     pub fn new(store: Arc<dyn Store>, cluster: ClusterSettings, config: &Config) -> AppState {
         let system_token_digest = secret_digest(cluster.system_token.expose());
         let (shutdown, _) = watch::channel(false);

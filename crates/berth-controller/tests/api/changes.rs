@@ -545,3 +545,88 @@ async fn migration_numbers_existing_containers_by_last_change() {
     );
     store.close().await;
 }
+
+/// Two transactions that write the same two containers in opposite orders
+/// take the change counter's lock before any row lock, so one waits for
+/// the other instead of deadlocking. SQLite has one writer at a time, so
+/// this runs on PostgreSQL only.
+#[tokio::test]
+async fn opposite_order_writers_do_not_deadlock() {
+    let api = TestApi::new().await;
+    if !api.database_url().starts_with("postgres") {
+        return;
+    }
+    let alice = api.user("alice", false).await;
+    let (_, first) = api.committed(&alice).await;
+    let (_, second) = api.committed(&alice).await;
+    let (x, y) = (
+        str_of(&first, "uuid").to_string(),
+        str_of(&second, "uuid").to_string(),
+    );
+    let pool = sqlx::PgPool::connect(api.database_url()).await.unwrap();
+    let update = "UPDATE containers SET progress = 0.5 WHERE uuid = $1";
+
+    let mut early = pool.begin().await.unwrap();
+    sqlx::query(update)
+        .bind(&x)
+        .execute(&mut *early)
+        .await
+        .unwrap();
+
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel();
+    let late = {
+        let pool = pool.clone();
+        let (x, y) = (x.clone(), y.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await?;
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *tx)
+                .await?;
+            let _ = pid_tx.send(pid);
+            for uuid in [&y, &x] {
+                sqlx::query(update).bind(uuid).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        })
+    };
+    let late_pid = pid_rx.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = $1 AND NOT granted)",
+            )
+            .bind(late_pid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if waiting {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the second writer never waited for the first");
+
+    sqlx::query(update)
+        .bind(&y)
+        .execute(&mut *early)
+        .await
+        .unwrap();
+    early.commit().await.unwrap();
+    late.await
+        .unwrap()
+        .expect("the second writer failed instead of waiting");
+
+    let store = api.state.store();
+    let page = store
+        .container_changes(0, &Visibility::All, 10)
+        .await
+        .unwrap();
+    let last_two: Vec<&str> = page.items[page.items.len() - 2..]
+        .iter()
+        .map(|item| item.container.record.uuid.as_str())
+        .collect();
+    assert_eq!(last_two, [y.as_str(), x.as_str()]);
+    pool.close().await;
+}

@@ -55,7 +55,13 @@ pub(super) fn spawn(options: PgConnectOptions, notifier: Arc<Notifier>) -> Optio
         .max_lifetime(None)
         .idle_timeout(None)
         .connect_lazy_with(options);
-    ChangeListener::spawn(move |stop| run(pool, notifier, stop))
+    let listener = ChangeListener::spawn(move |stop| run(pool, notifier, stop));
+    if listener.is_none() {
+        tracing::warn!(
+            "no Tokio runtime to run the listener on: waiters on this controller hear of other controllers' writes only when their wait ends"
+        );
+    }
+    listener
 }
 
 /// Listens until `stop` resolves, reconnecting after failures.
