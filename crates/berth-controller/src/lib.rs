@@ -11,7 +11,8 @@
 //! - [`auth`] turns a bearer token into a [`Caller`](auth::Caller).
 //! - [`api`] is the HTTP layer: [`app`] builds the router from an
 //!   [`AppState`].
-//! - [`notify`] wakes log readers that wait for new bytes.
+//! - [`notify`] wakes log readers that wait for new bytes and change-feed
+//!   readers that wait for a container change.
 //! - [`server`] binds the listener, serves until shutdown and drains.
 //! - [`tls`] serves HTTPS when the configuration names a certificate and
 //!   key, and makes self-signed pairs for one-host set-ups.

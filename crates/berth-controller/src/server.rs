@@ -8,7 +8,8 @@
 //! Shutdown order: the signal stops accepting connections and ends every
 //! log wait at once ([`AppState::begin_shutdown`]). In-flight requests then
 //! get `shutdown_grace_period_seconds` to finish, and connections still open
-//! after that are dropped. Last, the store's connections close.
+//! after that are dropped. Then the store's listener for other controllers'
+//! writes stops, and last, the store's connections close.
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -107,6 +108,7 @@ impl BoundController {
             grace_period,
         } = self;
         tracing::info!(address = %local_addr, scheme, "controller started");
+        let listener_state = state.clone();
         let result = match tls {
             Some(config) => match TlsListener::new(listener, config) {
                 Ok(listener) => serve(listener, state, shutdown, grace_period).await,
@@ -114,6 +116,7 @@ impl BoundController {
             },
             None => serve(listener, state, shutdown, grace_period).await,
         };
+        listener_state.stop_change_listener().await;
         store.close().await;
         result.with_context(|| format!("the controller on {local_addr} failed"))?;
         tracing::info!("controller stopped");

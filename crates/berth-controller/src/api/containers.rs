@@ -88,6 +88,16 @@ fn check_may_dispatch(caller: &Caller, action: &str) -> Result<(), ApiError> {
     }
 }
 
+/// Returns the containers a caller may list: all for administrators, its
+/// own for a container token, and those of their requests for a user.
+pub(crate) fn visibility(caller: &Caller) -> Visibility {
+    match (&caller.container_uuid, caller.is_admin) {
+        (Some(own), _) => Visibility::Container(own.clone()),
+        (None, true) => Visibility::All,
+        (None, false) => Visibility::User(caller.user_uuid.clone()),
+    }
+}
+
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -101,12 +111,7 @@ async fn list_with(
     caller: &Caller,
     params: &Params,
 ) -> Result<Json<Value>, ApiError> {
-    let visibility = match (&caller.container_uuid, caller.is_admin) {
-        (Some(own), _) => Visibility::Container(own.clone()),
-        (None, true) => Visibility::All,
-        (None, false) => Visibility::User(caller.user_uuid.clone()),
-    };
-    let query = params::list_query(CONTAINER_COLUMNS, TABLE, params, visibility)?;
+    let query = params::list_query(CONTAINER_COLUMNS, TABLE, params, visibility(caller))?;
     let select = params::select(CONTAINER_COLUMNS, params)?;
     let page = state
         .store()

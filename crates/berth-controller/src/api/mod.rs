@@ -1,6 +1,7 @@
 //! The HTTP API: the Arvados v1 routes Berth serves, under `/arvados/v1/`,
-//! the discovery document clients build their methods from
-//! ([`discovery`]), and `GET /_health/ping`.
+//! Berth's container change feed ([`changes`]), the discovery document
+//! clients build their methods from ([`discovery`]), and
+//! `GET /_health/ping`.
 //!
 //! [`app`] builds the router from an [`AppState`], so tests drive it with
 //! `tower::ServiceExt::oneshot` and need no socket. Each handler
@@ -15,7 +16,13 @@
 //! user reads their own requests and the containers of those requests, and
 //! a container token reads only its own container. A record the caller may
 //! not see is answered 404, as if it did not exist.
+//!
+//! Wake-ups: after every successful write to the request and container
+//! routes, a route layer wakes the change feed's waiters
+//! ([`Notifier::notify_changes`]). Handlers that change a container's
+//! state or append to its logs also wake that container's log readers.
 
+pub mod changes;
 pub mod containers;
 pub mod discovery;
 pub mod logs;
@@ -25,13 +32,13 @@ pub mod render;
 pub mod requests;
 pub mod users;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, State};
 use axum::http::{Method, Request, StatusCode, Uri};
-use axum::middleware;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -42,7 +49,7 @@ use tracing::Span;
 use crate::auth::secret_digest;
 use crate::config::{ClusterSettings, Config};
 use crate::error::{error_chain, ApiError};
-use crate::notify::Notifier;
+use crate::notify::{ChangeListener, Notifier};
 use crate::store::Store;
 
 /// Attempts at a read-check-write before a conflict is reported to the
@@ -75,7 +82,10 @@ struct Inner {
     store: Arc<dyn Store>,
     cluster: ClusterSettings,
     system_token_digest: [u8; 32],
-    notifier: Notifier,
+    notifier: Arc<Notifier>,
+    /// The store's listener for other controllers' writes, if it has one;
+    /// taken by [`AppState::stop_change_listener`].
+    change_listener: Mutex<Option<ChangeListener>>,
     shutdown: watch::Sender<bool>,
     max_dispatch_attempts: i64,
     max_log_chunk_bytes: usize,
@@ -86,15 +96,22 @@ struct Inner {
 }
 
 impl AppState {
+    /// Builds the state, and starts the store's listener for other
+    /// controllers' writes when the store has one (PostgreSQL). The
+    /// listener runs on the current Tokio runtime: outside one, the store
+    /// logs a warning and runs without it.
     pub fn new(store: Arc<dyn Store>, cluster: ClusterSettings, config: &Config) -> AppState {
         let system_token_digest = secret_digest(cluster.system_token.expose());
         let (shutdown, _) = watch::channel(false);
+        let notifier = Arc::new(Notifier::new());
+        let change_listener = store.spawn_change_listener(notifier.clone());
         AppState {
             inner: Arc::new(Inner {
                 store,
                 cluster,
                 system_token_digest,
-                notifier: Notifier::new(),
+                notifier,
+                change_listener: Mutex::new(change_listener),
                 shutdown,
                 max_dispatch_attempts: config.max_dispatch_attempts,
                 max_log_chunk_bytes: config.max_log_chunk_bytes,
@@ -153,16 +170,28 @@ impl AppState {
     pub(crate) fn shutdown_receiver(&self) -> watch::Receiver<bool> {
         self.inner.shutdown.subscribe()
     }
+
+    /// Stops the store's listener for other controllers' writes and waits
+    /// for its end. Dropping the last clone of the state also stops it.
+    pub async fn stop_change_listener(&self) {
+        let listener = self
+            .inner
+            .change_listener
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(listener) = listener {
+            listener.stop().await;
+        }
+    }
 }
 
 /// Builds the controller's router.
 pub fn app(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/users/current", get(users::current_user))
-        .route(
-            "/api_client_authorizations/current",
-            get(users::current_token),
-        )
+    // A successful write through these routes may have changed containers:
+    // committing a request creates one, every request change recomputes its
+    // container's priority, and the container routes write containers.
+    let container_writes = Router::new()
         .route(
             "/container_requests",
             get(requests::list).post(requests::create_or_list),
@@ -175,14 +204,9 @@ pub fn app(state: AppState) -> Router {
                 .delete(requests::delete),
         )
         .route(
-            "/container_requests/{uuid}/container_status",
-            get(requests::container_status),
-        )
-        .route(
             "/containers",
             get(containers::list).post(containers::post_list),
         )
-        .route("/containers/current", get(containers::current))
         .route(
             "/containers/{uuid}",
             get(containers::get)
@@ -191,10 +215,29 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/containers/{uuid}/lock", post(containers::lock))
         .route("/containers/{uuid}/unlock", post(containers::unlock))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            wake_change_waiters,
+        ));
+    let v1 = Router::new()
+        .route("/users/current", get(users::current_user))
+        .route(
+            "/api_client_authorizations/current",
+            get(users::current_token),
+        )
+        .route(
+            "/container_requests/{uuid}/container_status",
+            get(requests::container_status),
+        )
+        // Static segments take precedence over `{uuid}`, so `changes` and
+        // `current` are never read as a container's UUID.
+        .route("/containers/changes", get(changes::changes))
+        .route("/containers/current", get(containers::current))
         .route(
             "/containers/{uuid}/log/{stream}",
             get(logs::read).post(logs::append),
-        );
+        )
+        .merge(container_writes);
 
     let timeout = state.inner.request_timeout;
     Router::new()
@@ -241,6 +284,22 @@ pub fn app(state: AppState) -> Router {
                 .on_failure(()),
         )
         .with_state(state)
+}
+
+/// Wakes the change feed's waiters after a successful call that is not a
+/// read. A `POST` that is a list (`X-Http-Method-Override: GET`) wakes
+/// them for nothing, and they read the store once more.
+async fn wake_change_waiters(
+    State(state): State<AppState>,
+    request: Request<Body>,
+    next: Next,
+) -> Response {
+    let reads = matches!(*request.method(), Method::GET | Method::HEAD);
+    let response = next.run(request).await;
+    if !reads && response.status().is_success() {
+        state.notifier().notify_changes();
+    }
+    response
 }
 
 async fn health(State(state): State<AppState>) -> Response {

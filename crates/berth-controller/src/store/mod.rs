@@ -13,12 +13,19 @@
 //! This is how two dispatchers locking the same container at once end with
 //! exactly one lock.
 //!
+//! Change sequence: every insert or update of a container also sets the
+//! row's `change_seq` (not a record field) to the next value of one
+//! counter, in commit order, through triggers of the migrations. The
+//! change feed reads the containers whose `change_seq` is above a cursor
+//! ([`Store::container_changes`]).
+//!
 //! Everything SQL-dialect specific lives in the backend modules
 //! ([`sqlite`], [`postgres`]). This module holds what every backend shares:
 //! the trait, the column lists of the two record tables, and the
 //! dialect-neutral list query ([`ListQuery`]); `mapping` converts records
 //! to column values and back for both.
 
+mod changes;
 mod mapping;
 pub mod postgres;
 pub mod sqlite;
@@ -30,6 +37,7 @@ use async_trait::async_trait;
 use berth_core::time::Timestamp;
 use berth_core::{Container, ContainerRequest};
 
+use crate::notify::{ChangeListener, Notifier};
 use crate::retry::RetryPlan;
 
 /// A failure of the store. Callers' mistakes never show up here: the API
@@ -456,6 +464,27 @@ pub enum AppendOutcome {
     Gap { size: u64 },
 }
 
+/// A container whose latest change is on a page of the change feed.
+#[derive(Debug, Clone)]
+pub struct ChangedContainer {
+    /// The change sequence number of the container's latest change.
+    pub change_seq: i64,
+    pub container: Versioned<Container>,
+}
+
+/// One page of the container change feed, read in one snapshot.
+#[derive(Debug, Clone)]
+pub struct ChangePage {
+    /// Containers in change order, each at its latest change.
+    pub items: Vec<ChangedContainer>,
+    /// True when more containers changed after the last item than the
+    /// page's limit allowed.
+    pub more: bool,
+    /// The change sequence number of the latest change the snapshot
+    /// contains, visible to the caller or not.
+    pub latest_change_seq: i64,
+}
+
 /// The controller's durable state. See the module documentation for the
 /// concurrency contract.
 #[async_trait]
@@ -534,6 +563,27 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         offset: u64,
         max_bytes: u64,
     ) -> Result<(Vec<u8>, u64)>;
+
+    /// Returns the change sequence number of the latest committed container
+    /// change (0 before the first).
+    async fn latest_change_seq(&self) -> Result<i64>;
+
+    /// Reads the containers `visibility` shows whose latest change has a
+    /// sequence number above `after`, at most `limit` of them, in change
+    /// order.
+    async fn container_changes(
+        &self,
+        after: i64,
+        visibility: &Visibility,
+        limit: u64,
+    ) -> Result<ChangePage>;
+
+    /// Starts a task that wakes `notifier`'s waiters whenever any process
+    /// writes a container or a log, for a database that several
+    /// controllers share. Returns `None` for a store only one controller
+    /// uses (SQLite), whose waiters the API's own notifications reach, and
+    /// when called outside a Tokio runtime.
+    fn spawn_change_listener(&self, notifier: Arc<Notifier>) -> Option<ChangeListener>;
 }
 
 /// Opens the store a database URL names, creating and migrating the

@@ -18,7 +18,12 @@
 //!
 //! A URL may choose the schema through its connection options, for
 //! example `postgres://HOST/DB?options[search_path]=berth`.
+//!
+//! Each controller keeps one more connection, outside the pool, that
+//! LISTENs for the notifications the migration's triggers send at every
+//! container write and log append (see `listener`).
 
+use std::sync::Arc;
 use std::sync::LazyLock;
 
 use async_trait::async_trait;
@@ -38,12 +43,16 @@ use super::mapping::{
     check_filter_text, decode_record, encode_record, key_condition, order_clause, to_i64, Bound,
     JsonSql,
 };
+use super::{changes, ChangePage};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Store, StoreError,
     User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
+use crate::notify::{ChangeListener, Notifier};
 use crate::reuse::reuse_key;
+
+mod listener;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -994,6 +1003,50 @@ impl Store for PostgresStore {
             .await
             .map_err(StoreError::query("end a read transaction"))?;
         Ok((data, size))
+    }
+
+    async fn latest_change_seq(&self) -> Result<i64> {
+        sqlx::query_scalar(changes::LATEST_CHANGE_SEQ)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::query("read the latest container change"))
+    }
+
+    async fn container_changes(
+        &self,
+        after: i64,
+        visibility: &Visibility,
+        limit: u64,
+    ) -> Result<ChangePage> {
+        let mut params = vec![Bound::Integer(Some(after))];
+        let condition = visibility_condition(&CONTAINERS, visibility, &mut params);
+        params.push(Bound::Integer(Some(changes::row_limit(limit))));
+        let sql = numbered(&changes::page_query(condition.as_deref()));
+        // One snapshot for the counter and the rows. Writers commit in
+        // counter order (see the migration), so the snapshot holds every
+        // change up to the counter's value and none after it.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(StoreError::query("begin a read transaction"))?;
+        let latest: i64 = sqlx::query_scalar(changes::LATEST_CHANGE_SEQ)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::query("read the latest container change"))?;
+        let rows = bind_all(sqlx::query(&sql), &params)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::query("read container changes"))?;
+        tx.commit()
+            .await
+            .map_err(StoreError::query("end a read transaction"))?;
+        changes::decode_page(&rows, limit, latest)
+    }
+
+    fn spawn_change_listener(&self, notifier: Arc<Notifier>) -> Option<ChangeListener> {
+        let options = (*self.pool.connect_options()).clone();
+        listener::spawn(options, notifier)
     }
 }
 

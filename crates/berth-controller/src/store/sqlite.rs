@@ -15,6 +15,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -36,11 +37,13 @@ use super::mapping::{
     check_filter_text, decode_record, encode_record, key_condition, order_clause, to_i64, Bound,
     JsonSql,
 };
+use super::{changes, ChangePage};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Store, StoreError,
     User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
+use crate::notify::{ChangeListener, Notifier};
 use crate::reuse::reuse_key;
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -1042,6 +1045,50 @@ impl Store for SqliteStore {
             .await
             .map_err(StoreError::query("end a read transaction"))?;
         Ok((data, size))
+    }
+
+    async fn latest_change_seq(&self) -> Result<i64> {
+        sqlx::query_scalar(changes::LATEST_CHANGE_SEQ)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::query("read the latest container change"))
+    }
+
+    async fn container_changes(
+        &self,
+        after: i64,
+        visibility: &Visibility,
+        limit: u64,
+    ) -> Result<ChangePage> {
+        let mut params = vec![Bound::Integer(Some(after))];
+        let condition = visibility_condition(&CONTAINERS, visibility, &mut params);
+        params.push(Bound::Integer(Some(changes::row_limit(limit))));
+        let sql = changes::page_query(condition.as_deref());
+        // One read transaction: the counter and the rows come from the
+        // same snapshot.
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(StoreError::query("begin a read transaction"))?;
+        let latest: i64 = sqlx::query_scalar(changes::LATEST_CHANGE_SEQ)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(StoreError::query("read the latest container change"))?;
+        let rows = bind_all(sqlx::query(&sql), &params)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::query("read container changes"))?;
+        tx.commit()
+            .await
+            .map_err(StoreError::query("end a read transaction"))?;
+        changes::decode_page(&rows, limit, latest)
+    }
+
+    /// Only this controller writes a SQLite database's containers, and the
+    /// API notifies after each of its writes.
+    fn spawn_change_listener(&self, _notifier: Arc<Notifier>) -> Option<ChangeListener> {
+        None
     }
 }
 

@@ -106,6 +106,12 @@ impl TestApi {
         }
     }
 
+    /// Returns the URL of the test's database, for a second controller on
+    /// the same database.
+    pub fn database_url(&self) -> &str {
+        self._database.url()
+    }
+
     /// Creates a user and returns the user's token.
     pub async fn user(&self, name: &str, admin: bool) -> String {
         berth_controller::create_user_in(self.state.store(), &self.cluster, name, admin)

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod auth;
+mod changes;
 mod common;
 mod compat;
 mod containers;
@@ -19,4 +20,5 @@ mod permissions;
 mod requests;
 mod socket;
 mod tls;
+mod two_controllers;
 mod validation;
