@@ -223,6 +223,11 @@ fn container_methods() -> Value {
             "arvados.containers.current", "containers/current", "GET",
             "Return the container a container token belongs to.", Map::new(), "Container",
         ),
+        "changes": method(
+            "arvados.containers.changes", "containers/changes", "GET",
+            "Return the containers changed after a cursor, waiting for a change if asked (a Berth extension).",
+            change_parameters(), "ContainerChangeList",
+        ),
         "lock": method(
             "arvados.containers.lock", "containers/{uuid}/lock", "POST",
             "Lock a queued container for a dispatcher.", uuid_parameters(&[]), "Container",
@@ -321,6 +326,27 @@ fn list_parameters() -> Map<String, Value> {
     .collect()
 }
 
+/// The parameters of the change feed.
+fn change_parameters() -> Map<String, Value> {
+    let mut parameters = Map::new();
+    parameters.insert(
+        "after".into(),
+        query(
+            "string",
+            "The cursor of the last call; omit it to get the current cursor at once.",
+        ),
+    );
+    parameters.insert(
+        "wait".into(),
+        query(
+            "integer",
+            "Seconds to hold the call while nothing changed, at most 30.",
+        ),
+    );
+    parameters.insert("limit".into(), shared_parameter("limit"));
+    parameters
+}
+
 /// The declaration of a parameter by name, the same in every method.
 fn shared_parameter(name: &str) -> Value {
     match name {
@@ -404,6 +430,16 @@ fn schemas() -> Value {
         "ContainerRequestList": list("ContainerRequestList", "ContainerRequest"),
         "Container": record_schema("Container", CONTAINER_COLUMNS),
         "ContainerList": list("ContainerList", "Container"),
+        "ContainerChangeList": {
+            "id": "ContainerChangeList",
+            "type": "object",
+            "properties": {
+                "kind": {"type": "string"},
+                "cursor": {"type": "string"},
+                "items": {"type": "array", "items": {"$ref": "Container"}},
+                "more": {"type": "boolean"},
+            },
+        },
         "ContainerStatus": simple("ContainerStatus", &[
             ("uuid", "string"),
             ("state", "string"),
