@@ -23,6 +23,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::api::{Api, Target};
+use super::watch::ContainerWatch;
 
 /// The maximum number of attempts of a request update that gets 409
 /// Conflict.
@@ -36,7 +37,8 @@ const CONFLICT_FIRST_DELAY: Duration = Duration::from_millis(100);
 /// Locked container and unlock it, so that it can set the request Final.
 const LOCKED_STOP_WAIT: Duration = Duration::from_secs(60);
 
-/// The interval between two looks at a Locked container while waiting.
+/// The interval between two looks at a Locked container while waiting,
+/// when the controller has no change feed.
 const LOCKED_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Args)]
@@ -248,6 +250,10 @@ async fn wait_while_locked(
     limit: Duration,
 ) -> anyhow::Result<ContainerState> {
     let deadline = Instant::now() + limit;
+    let mut watch = ContainerWatch::new(container_uuid).with_fallback_delay(LOCKED_POLL_INTERVAL);
+    // The watch's first call takes a cursor before the first look, so a
+    // change after that look wakes the wait below.
+    watch.changed(api).await;
     loop {
         let container = api
             .client
@@ -255,10 +261,12 @@ async fn wait_while_locked(
             .await
             .map_err(|err| api.explain(err))
             .with_context(|| format!("failed to get container {container_uuid}"))?;
-        if container.state != ContainerState::Locked || Instant::now() >= deadline {
+        let now = Instant::now();
+        if container.state != ContainerState::Locked || now >= deadline {
             return Ok(container.state);
         }
-        tokio::time::sleep(LOCKED_POLL_INTERVAL).await;
+        // Either the container changed, or the wait ran out: look again.
+        let _ = tokio::time::timeout(deadline - now, watch.changed(api)).await;
     }
 }
 

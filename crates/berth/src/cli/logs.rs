@@ -8,7 +8,6 @@
 //! or the container named has priority 0.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use berth_core::ContainerState;
@@ -19,10 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::api::{Api, Target};
 use super::follow::{copy_stream, Event, Mode, Stream};
-
-/// The interval between two checks, while the container is Queued, of
-/// whether anything will still run it.
-const HELD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+use super::watch::ContainerWatch;
 
 #[derive(Debug, Args)]
 pub struct LogsArgs {
@@ -106,14 +102,14 @@ async fn follow_until_done<T>(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     tokio::pin!(copies);
-    let mut held_checks = tokio::time::interval(HELD_CHECK_INTERVAL);
-    held_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watch = ContainerWatch::new(container_uuid);
     let mut state: Option<ContainerState> = None;
     let mut check_failing = false;
     loop {
         // The followers report no state until their first long-poll ends,
-        // which takes a whole wait on a held container, so the first tick
-        // checks at once.
+        // which takes a whole wait on a held container, so the watch's
+        // first call returns at once. Later it returns when the container
+        // changes (its priority, for one) or the feed's wait ends.
         let check_due = state.is_none() || state == Some(ContainerState::Queued);
         let check = tokio::select! {
             result = &mut copies => {
@@ -124,7 +120,7 @@ async fn follow_until_done<T>(
                 state = Some(new_state);
                 new_state == ContainerState::Queued
             }
-            _ = held_checks.tick(), if check_due => true,
+            () = watch.changed(api), if check_due => true,
         };
         if !check || stop.is_cancelled() {
             continue;

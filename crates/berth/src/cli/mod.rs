@@ -15,6 +15,7 @@ pub mod logs;
 pub mod ls;
 pub mod run;
 pub mod supervise;
+pub mod watch;
 
 use std::process::ExitCode;
 

@@ -21,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use berth_core::priority::MAX_REQUEST_PRIORITY;
@@ -35,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use super::api::Api;
 use super::cancel::{cancel_request, finalize_if_on_hold, CancelOutcome};
 use super::follow::{copy_stream, Event, Mode, Stream};
+use super::watch::ContainerWatch;
 
 /// Memory a container gets when `--ram` is not given.
 const DEFAULT_RAM: &str = "256M";
@@ -52,11 +52,6 @@ const RUN_FAILURE_EXIT_CODE: u8 = 125;
 
 /// Exit status after Ctrl-C: 128 + SIGINT, as shells report it.
 const INTERRUPTED_EXIT_CODE: u8 = 130;
-
-/// The interval between two checks of the request while its container is
-/// Queued. A cancel from another shell (priority 0, or state Final) leaves
-/// the container's state as it is, so only these checks notice it.
-const HELD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -358,8 +353,11 @@ impl Session {
         };
         tokio::pin!(streams);
 
-        let mut held_checks = tokio::time::interval(HELD_CHECK_INTERVAL);
-        held_checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A cancel from another shell (priority 0, or state Final) leaves
+        // the container's state as it is, so the log followers do not see
+        // it. It changes the container's priority, which the change feed
+        // reports, so the request is checked again then.
+        let mut watch = ContainerWatch::new(container_uuid);
         // Set once the request is Final and its container Queued: the
         // streams then read what is left and end.
         let mut on_hold = false;
@@ -376,7 +374,7 @@ impl Session {
                         on_hold = self.check_on_hold().await;
                     }
                 }
-                _ = held_checks.tick(), if queued && !on_hold => {
+                () = watch.changed(&api), if queued && !on_hold => {
                     on_hold = self.check_on_hold().await;
                 }
                 _ = &mut self.interrupt, if !self.cancel_requested => {
