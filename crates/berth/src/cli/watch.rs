@@ -33,7 +33,7 @@ const FALLBACK_DELAY: Duration = Duration::from_secs(5);
 pub struct ContainerWatch {
     container_uuid: String,
     cursor: Option<String>,
-    /// Set once the controller answered that it has no feed.
+    /// Set once the controller has shown that it has no feed.
     no_feed: bool,
     /// Set after the first call, which returns at once.
     started: bool,
@@ -102,8 +102,8 @@ impl ContainerWatch {
         }
     }
 
-    /// Handles a failed read: a controller without the feed is not asked
-    /// again; any other failure drops the cursor, so the next call waits,
+    /// Handles a failed read. A controller without the feed is not called
+    /// again. Any other failure drops the cursor, so the next call waits,
     /// then takes a new one.
     fn fall_back(&mut self, err: &ClientError) {
         if matches!(err.status().map(|status| status.as_u16()), Some(404 | 405)) {
