@@ -294,16 +294,15 @@ pub async fn update(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = params::read_body(
+    let params::UpdateInput { attributes, select } = params::update_input(
         &headers,
+        query.as_deref(),
         body,
         state.max_request_body_bytes(),
-        "the request body",
+        WRAPPER,
+        CONTAINER_COLUMNS,
     )
     .await?;
-    let params = params::params_with_body(&headers, query.as_deref(), &body)?;
-    let attributes = params::attributes(&headers, &params, &body, WRAPPER, CONTAINER_COLUMNS)?;
-    let select = params::select(CONTAINER_COLUMNS, &params)?;
 
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = load_visible(&state, &caller, &uuid).await?;

@@ -898,6 +898,32 @@ pub fn list_query(
 }
 
 /// The `select` parameter: the attributes a response should keep.
+/// What an update call sends: the attributes to change, and the `select`
+/// of the response.
+#[derive(Debug)]
+pub struct UpdateInput {
+    pub attributes: Map<String, Value>,
+    pub select: Option<Vec<String>>,
+}
+
+/// Reads the body and query of an update call (`PUT` or `PATCH`) of a
+/// record whose attributes may come wrapped in `wrapper`.
+pub async fn update_input(
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    body: Body,
+    max_body_bytes: usize,
+    wrapper: &str,
+    columns: &'static [Column],
+) -> Result<UpdateInput, ApiError> {
+    let body = read_body(headers, body, max_body_bytes, "the request body").await?;
+    let params = params_with_body(headers, raw_query, &body)?;
+    Ok(UpdateInput {
+        attributes: attributes(headers, &params, &body, wrapper, columns)?,
+        select: select(columns, &params)?,
+    })
+}
+
 pub fn select(
     columns: &'static [Column],
     params: &Params,

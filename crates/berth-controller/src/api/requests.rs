@@ -211,16 +211,15 @@ pub async fn update(
     RawQuery(query): RawQuery,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let body = params::read_body(
+    let params::UpdateInput { attributes, select } = params::update_input(
         &headers,
+        query.as_deref(),
         body,
         state.max_request_body_bytes(),
-        "the request body",
+        WRAPPER,
+        REQUEST_COLUMNS,
     )
     .await?;
-    let params = params::params_with_body(&headers, query.as_deref(), &body)?;
-    let attributes = params::attributes(&headers, &params, &body, WRAPPER, REQUEST_COLUMNS)?;
-    let select = params::select(REQUEST_COLUMNS, &params)?;
     let cluster = &state.cluster().cluster_id;
 
     for _ in 0..MAX_WRITE_ATTEMPTS {
