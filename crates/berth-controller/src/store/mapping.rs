@@ -1,5 +1,6 @@
 //! What the SQL backends share: how a record maps to the values of its
-//! columns and back, and the ORDER BY clause of a list.
+//! columns and back, how secrets map to their two columns, and the ORDER
+//! BY clause of a list.
 //!
 //! A record is serialised to a JSON object, and each column takes the
 //! value of the field of its name. Reading builds the object back from the
@@ -10,9 +11,62 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
+use berth_core::Secret;
+
 use super::{
-    Column, ColumnKind, Filter, FilterOp, ListQuery, Operand, Result, Scalar, StoreError, Versioned,
+    Column, ColumnKind, Filter, FilterOp, ListQuery, Operand, Result, Scalar, Secrets, StoreError,
+    Versioned,
 };
+
+/// Encodes secrets as the values of the columns `secret_mounts` (JSON
+/// text) and `runtime_token` (text), in that order, each NULL when there
+/// is none.
+pub(super) fn encode_secrets(
+    table: &'static str,
+    uuid: &str,
+    secrets: &Secrets,
+) -> Result<[Option<String>; 2]> {
+    let secret_mounts = if secrets.secret_mounts.is_empty() {
+        None
+    } else {
+        let text = serde_json::to_string(&secrets.secret_mounts).map_err(|_| StoreError::Encode {
+            table,
+            uuid: uuid.to_string(),
+            reason: "the secret mounts do not serialise to JSON".into(),
+        })?;
+        Some(text)
+    };
+    let runtime_token = secrets
+        .runtime_token
+        .as_ref()
+        .map(|token| token.expose().to_string());
+    Ok([secret_mounts, runtime_token])
+}
+
+/// Decodes the values of the columns `secret_mounts` and `runtime_token`
+/// read from a row.
+pub(super) fn decode_secrets(
+    table: &'static str,
+    uuid: &str,
+    secret_mounts: Option<String>,
+    runtime_token: Option<String>,
+) -> Result<Secrets> {
+    let secret_mounts = match secret_mounts {
+        None => Default::default(),
+        Some(text) => {
+            serde_json::from_str(&text).map_err(|err| StoreError::DecodeSecrets {
+                table,
+                uuid: uuid.to_string(),
+                line: err.line(),
+                column: err.column(),
+            })?
+        }
+    };
+    Ok(Secrets {
+        secret_mounts,
+        runtime_token: runtime_token.map(Secret::new),
+    })
+}
 
 /// A value bound to a statement parameter.
 #[derive(Debug, Clone)]
