@@ -526,7 +526,7 @@ impl Client {
     /// Reads a container's secret mounts (`GET containers/{uuid}/secret_mounts`):
     /// json and text mounts to add to `mounts`, keyed by target. Only the
     /// container's own token may call it, while the container is Locked or
-    /// Running; the server answers 403 to other callers who may read the
+    /// Running. The server returns 403 to other callers who may read the
     /// container. Keep the result out of logs.
     pub async fn container_secret_mounts(&self, uuid: &str) -> Result<BTreeMap<String, Mount>> {
         #[derive(Deserialize)]
@@ -546,12 +546,13 @@ impl Client {
                 url: url.clone(),
                 source,
             })?;
-        let body: Body = serde_json::from_slice(&bytes).map_err(|err| ClientError::DecodeSecret {
-            method: Method::GET,
-            url,
-            line: err.line(),
-            column: err.column(),
-        })?;
+        let body: Body =
+            serde_json::from_slice(&bytes).map_err(|err| ClientError::DecodeSecret {
+                method: Method::GET,
+                url,
+                line: err.line(),
+                column: err.column(),
+            })?;
         Ok(body.secret_mounts)
     }
 
@@ -915,7 +916,8 @@ mod tests {
 
     #[tokio::test]
     async fn container_secret_mounts_reads_the_mounts() {
-        let body = r#"{"secret_mounts": {"/etc/secret.txt": {"kind": "text", "content": "hunter2"}}}"#;
+        let body =
+            r#"{"secret_mounts": {"/etc/secret.txt": {"kind": "text", "content": "hunter2"}}}"#;
         let (url, head) = serve_once("200 OK", body.to_string()).await;
         let mounts = client(url)
             .container_secret_mounts("zzzzz-dz642-000000000000001")
@@ -935,7 +937,8 @@ mod tests {
 
     #[tokio::test]
     async fn container_secret_mounts_decode_error_hides_the_value() {
-        let body = r#"{"secret_mounts": {"/etc/secret.txt": {"kind": "text", "capacity": "hunter2"}}}"#;
+        let body =
+            r#"{"secret_mounts": {"/etc/secret.txt": {"kind": "text", "capacity": "hunter2"}}}"#;
         let (url, _head) = serve_once("200 OK", body.to_string()).await;
         let err = client(url)
             .container_secret_mounts("zzzzz-dz642-000000000000001")

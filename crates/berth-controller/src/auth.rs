@@ -30,6 +30,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::AppState;
 use crate::error::ApiError;
+use crate::store::ApiToken;
 
 /// Length of a generated secret.
 const SECRET_LEN: usize = 50;
@@ -141,6 +142,20 @@ fn parse_v2(token: &str) -> Option<V2Token<'_>> {
     })
 }
 
+/// Looks up the stored token of a v2 token and checks its secret in
+/// constant time. `None` when the store has no token with that uuid and
+/// secret.
+async fn find_token(state: &AppState, parsed: &V2Token<'_>) -> Result<Option<ApiToken>, ApiError> {
+    let stored = state
+        .store()
+        .get_token(parsed.uuid)
+        .await
+        .map_err(ApiError::store("look up a token"))?;
+    let presented = hex::encode(secret_digest(parsed.secret));
+    Ok(stored
+        .filter(|stored| constant_time_eq(presented.as_bytes(), stored.secret_sha256.as_bytes())))
+}
+
 fn invalid_token() -> ApiError {
     ApiError::Unauthorized("invalid or revoked API token".into())
 }
@@ -166,16 +181,9 @@ pub async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Call
     }
 
     let parsed = parse_v2(token).ok_or_else(invalid_token)?;
-    let stored = state
-        .store()
-        .get_token(parsed.uuid)
-        .await
-        .map_err(ApiError::store("look up a token"))?
+    let stored = find_token(state, &parsed)
+        .await?
         .ok_or_else(invalid_token)?;
-    let presented = hex::encode(secret_digest(parsed.secret));
-    if !constant_time_eq(presented.as_bytes(), stored.secret_sha256.as_bytes()) {
-        return Err(invalid_token());
-    }
     if !stored.is_valid_at(&chrono::Utc::now()) {
         return Err(invalid_token());
     }
@@ -260,17 +268,8 @@ pub async fn check_runtime_token(
             "is not a token of this cluster: check that you copied the whole token",
         )
     };
-    let stored = state
-        .store()
-        .get_token(parsed.uuid)
-        .await
-        .map_err(ApiError::store("look up a token"))?
-        .ok_or_else(unknown)?;
-    let presented = hex::encode(secret_digest(parsed.secret));
-    if !constant_time_eq(presented.as_bytes(), stored.secret_sha256.as_bytes()) {
-        return Err(unknown());
-    }
-    // Only a caller who holds the secret gets past this point, so the
+    let stored = find_token(state, &parsed).await?.ok_or_else(unknown)?;
+    // Only a caller who has the secret gets past this point, so the
     // messages below tell nothing to anyone who guesses.
     if stored.container_uuid.is_some() {
         return Err(invalid_runtime_token(
@@ -283,9 +282,7 @@ pub async fn check_runtime_token(
         ));
     }
     if !stored.is_valid_at(&chrono::Utc::now()) {
-        return Err(invalid_runtime_token(
-            "has expired: give a current token",
-        ));
+        return Err(invalid_runtime_token("has expired: give a current token"));
     }
     let user = state
         .store()

@@ -19,8 +19,8 @@
 //! ([`Secrets`]). They may be set while the request is new or
 //! Uncommitted, a commit gives the new container the same, and a request
 //! that becomes Final loses them. No error message shows their values.
-//! Checking a runtime token needs the store, so the API layer does it
-//! when [`RequestChange::check_runtime_token`] says so.
+//! Checking a runtime token needs the store, so the API layer checks it
+//! when [`RequestChange::check_runtime_token`] is set.
 
 use std::collections::BTreeMap;
 
@@ -607,7 +607,7 @@ pub fn create_request(
     mut attributes: Map<String, Value>,
     now: Timestamp,
 ) -> Result<RequestChange, ApiError> {
-    let given = take_secret_attributes(&mut attributes)?;
+    let secret_attributes = take_secret_attributes(&mut attributes)?;
     check_known("container request", REQUEST_COLUMNS, &mut attributes)?;
     let owner_uuid = match attributes.remove("owner_uuid") {
         None | Some(Value::Null) => caller.user_uuid.clone(),
@@ -643,8 +643,8 @@ pub fn create_request(
     check_request(&request)?;
     check_labels(&request, REQUEST_LABEL_FIELDS)?;
     let secrets = Secrets {
-        secret_mounts: given.secret_mounts.unwrap_or_default(),
-        runtime_token: given.runtime_token.flatten(),
+        secret_mounts: secret_attributes.secret_mounts.unwrap_or_default(),
+        runtime_token: secret_attributes.runtime_token.flatten(),
     };
     check_secret_mounts(&secrets.secret_mounts, &request.mounts)?;
     let new_container = (request.state == RequestState::Committed)
@@ -668,7 +668,7 @@ pub fn update_request(
     mut attributes: Map<String, Value>,
     now: Timestamp,
 ) -> Result<RequestChange, ApiError> {
-    let given = take_secret_attributes(&mut attributes)?;
+    let secret_attributes = take_secret_attributes(&mut attributes)?;
     check_known("container request", REQUEST_COLUMNS, &mut attributes)?;
     let current_fields = to_object(current)?;
     drop_unchanged(&mut attributes, &current_fields, &["owner_uuid"], |_| {
@@ -690,7 +690,7 @@ pub fn update_request(
         changed.retain(|field| field != "container_count_max");
     }
     let (mut secrets, secrets_changed) =
-        apply_secret_attributes(current.state, current_secrets, given);
+        apply_secret_attributes(current.state, current_secrets, secret_attributes);
     changed.extend(secrets_changed);
     if changed.is_empty() {
         return Ok(RequestChange {

@@ -223,7 +223,14 @@ mod tests {
             request("zzzzz-xvhdp-aaaaaaaaaaaaaaa", 500, 1, Some(3)),
             request("zzzzz-xvhdp-bbbbbbbbbbbbbbb", 1, 2, None),
         ];
-        let plan = plan_retry(&cluster(), &cancelled(), &Secrets::default(), &requests, now).unwrap();
+        let plan = plan_retry(
+            &cluster(),
+            &cancelled(),
+            &Secrets::default(),
+            &requests,
+            now,
+        )
+        .unwrap();
         let fresh = &plan.new_container;
         assert_ne!(fresh.uuid, cancelled().uuid);
         assert_eq!(fresh.state, ContainerState::Queued);
@@ -258,17 +265,28 @@ mod tests {
                 json!({"/etc/secret": {"kind": "text", "content": "hunter2"}}),
             )
             .unwrap(),
-            runtime_token: Some(berth_core::Secret::new("v2/zzzzz-gj3su-0123456789abcde/abc")),
+            runtime_token: Some(berth_core::Secret::new(
+                "v2/zzzzz-gj3su-0123456789abcde/abc",
+            )),
         };
         let requests = [request("zzzzz-xvhdp-aaaaaaaaaaaaaaa", 500, 1, Some(3))];
-        let plan = plan_retry(&cluster(), &cancelled(), &secrets, &requests, chrono::Utc::now())
-            .unwrap();
+        let plan = plan_retry(
+            &cluster(),
+            &cancelled(),
+            &secrets,
+            &requests,
+            chrono::Utc::now(),
+        )
+        .unwrap();
         assert_eq!(plan.secrets.secret_mounts, secrets.secret_mounts);
         assert!(plan
             .secrets
             .runtime_token
             .is_some_and(|token| token.matches("v2/zzzzz-gj3su-0123456789abcde/abc")));
-        assert_eq!(plan.new_container.runtime_user_uuid, cancelled().runtime_user_uuid);
+        assert_eq!(
+            plan.new_container.runtime_user_uuid,
+            cancelled().runtime_user_uuid
+        );
     }
 
     #[test]
@@ -280,7 +298,14 @@ mod tests {
             request("zzzzz-xvhdp-ccccccccccccccc", 500, 1, Some(1)),
             request("zzzzz-xvhdp-ddddddddddddddd", 500, 3, None),
         ];
-        assert!(plan_retry(&cluster(), &cancelled(), &Secrets::default(), &requests, now).is_none());
+        assert!(plan_retry(
+            &cluster(),
+            &cancelled(),
+            &Secrets::default(),
+            &requests,
+            now
+        )
+        .is_none());
         let plan = plan_retry(
             &cluster(),
             &cancelled(),

@@ -60,9 +60,9 @@ pub fn reuse_key(container: &Container, secret_mounts: &BTreeMap<String, Mount>)
     canonical_sha256(&fields)
 }
 
-/// The digest of secret mounts that enters the reuse key: lowercase hex
-/// SHA-256 of their canonical JSON. Equal secret mounts give equal
-/// digests whatever the order of their keys.
+/// Computes the digest of secret mounts that enters the reuse key:
+/// lowercase hex SHA-256 of their canonical JSON. Equal secret mounts give
+/// equal digests whatever the order of their keys.
 pub fn secret_mounts_digest(secret_mounts: &BTreeMap<String, Mount>) -> String {
     canonical_sha256(&json!(secret_mounts))
 }
@@ -228,7 +228,10 @@ mod tests {
         content.insert("y".into(), json!(2));
         content.insert("x".into(), json!(1));
         reordered.mounts.get_mut("/out").unwrap().content = Some(Value::Object(content));
-        assert_eq!(reuse_key(&with_json, &none()), reuse_key(&reordered, &none()));
+        assert_eq!(
+            reuse_key(&with_json, &none()),
+            reuse_key(&reordered, &none())
+        );
     }
 
     /// A named change of one field.
@@ -262,7 +265,11 @@ mod tests {
         for (name, change) in changes {
             let mut other = base.clone();
             change(&mut other);
-            assert_ne!(reuse_key(&base, &none()), reuse_key(&other, &none()), "{name}");
+            assert_ne!(
+                reuse_key(&base, &none()),
+                reuse_key(&other, &none()),
+                "{name}"
+            );
         }
     }
 

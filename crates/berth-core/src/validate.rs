@@ -420,14 +420,14 @@ pub fn check_secret_mounts(
         if !SECRET_MOUNT_KINDS.contains(&mount.kind.as_str()) {
             // A known kind is safe to show; anything else might be a
             // secret typed in the wrong place.
-            let shown = if MOUNT_KINDS.contains(&mount.kind.as_str()) {
+            let problem = if MOUNT_KINDS.contains(&mount.kind.as_str()) {
                 format!("{:?} is not a secret mount kind", mount.kind)
             } else {
                 "is not a mount kind".to_string()
             };
             errors.push(FieldError::new(
                 format!("{field}.kind"),
-                format!("{shown}: secret mounts must be json or text mounts"),
+                format!("{problem}: secret mounts must be json or text mounts"),
             ));
             continue;
         }
@@ -446,7 +446,10 @@ fn check_secret_mount_keys(field: &str, mount: &Mount, errors: &mut Vec<FieldErr
     let other_keys = [
         (
             "portable_data_hash",
-            mount.portable_data_hash.as_deref().is_some_and(|v| !v.is_empty()),
+            mount
+                .portable_data_hash
+                .as_deref()
+                .is_some_and(|v| !v.is_empty()),
         ),
         ("uuid", mount.uuid.as_deref().is_some_and(|v| !v.is_empty())),
         ("path", mount.path.as_deref().is_some_and(|v| !v.is_empty())),
@@ -894,7 +897,7 @@ mod tests {
     }
 
     #[test]
-    fn secret_mount_errors_name_the_target_but_no_value() {
+    fn secret_mount_errors_hide_values() {
         let mounts = mounts_of(serde_json::json!({"/out": {"kind": "tmp"}}));
         let secret = mounts_of(serde_json::json!({
             "/out": {"kind": "text", "content": "hunter2"},
@@ -926,7 +929,11 @@ mod tests {
         for error in &errors {
             assert!(!error.message.contains("hunter2"), "{error}");
         }
-        assert!(errors[5].message.contains("also a key of mounts"), "{}", errors[5]);
+        assert!(
+            errors[5].message.contains("also a key of mounts"),
+            "{}",
+            errors[5]
+        );
         assert!(errors[6].message.contains("\"tmp\""), "{}", errors[6]);
     }
 }

@@ -28,8 +28,8 @@ use crate::error::ApiError;
 use crate::lifecycle::{self, ContainerChange};
 use crate::retry;
 use crate::store::{
-    find_column, ContainerWrite, Filter, FilterOp, ListQuery, Operand, Scalar, Secrets,
-    StoreError, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    find_column, ContainerWrite, Filter, FilterOp, ListQuery, Operand, Scalar, Secrets, StoreError,
+    Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 
 pub const KIND: &str = "arvados#container";
@@ -423,12 +423,12 @@ async fn load_own_secrets(
     state: &AppState,
     caller: &Caller,
     uuid: &str,
-    what: &str,
+    secret_name: &str,
 ) -> Result<(Container, Secrets), ApiError> {
     let container = load_visible(state, caller, uuid).await?.record;
     if caller.container_uuid.as_deref() != Some(uuid) {
         return Err(ApiError::Forbidden(format!(
-            "only the token of container {uuid} may read its {what}"
+            "only the token of container {uuid} may read its {secret_name}"
         )));
     }
     if !matches!(
@@ -450,7 +450,7 @@ async fn load_own_secrets(
     Ok((container, secrets))
 }
 
-/// A JSON response that no cache may keep.
+/// Builds a JSON response that no cache may keep.
 fn uncached(body: Value) -> Response {
     let mut response = Json(body).into_response();
     response

@@ -118,8 +118,7 @@ pub async fn create_or_list(
     let attributes = params::attributes(&headers, &params, &body, WRAPPER, REQUEST_COLUMNS)?;
     let select = params::select(REQUEST_COLUMNS, &params)?;
     let cluster = &state.cluster().cluster_id;
-    let mut template =
-        lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
+    let mut template = lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
     apply_runtime_token(&state, &caller, &mut template).await?;
     let owner = &template.record.owner_uuid;
     if *owner != caller.user_uuid && *owner != system_user_uuid(cluster) {
@@ -192,8 +191,9 @@ async fn apply_runtime_token(
     Ok(())
 }
 
-/// Reads the secrets of a request at the version its record was read at;
-/// `None` when the request changed in between, and the caller reads again.
+/// Reads the secrets of a request at the version its record was read at.
+/// Returns `None` when the request changed in between, so that the caller
+/// reads both again.
 async fn load_secrets(
     state: &AppState,
     current: &Versioned<ContainerRequest>,

@@ -29,11 +29,12 @@ pub(super) fn encode_secrets(
     let secret_mounts = if secrets.secret_mounts.is_empty() {
         None
     } else {
-        let text = serde_json::to_string(&secrets.secret_mounts).map_err(|_| StoreError::Encode {
-            table,
-            uuid: uuid.to_string(),
-            reason: "the secret mounts do not serialise to JSON".into(),
-        })?;
+        let text =
+            serde_json::to_string(&secrets.secret_mounts).map_err(|_| StoreError::Encode {
+                table,
+                uuid: uuid.to_string(),
+                reason: "the secret mounts do not serialise to JSON".into(),
+            })?;
         Some(text)
     };
     let runtime_token = secrets
@@ -43,28 +44,39 @@ pub(super) fn encode_secrets(
     Ok([secret_mounts, runtime_token])
 }
 
-/// Decodes the values of the columns `secret_mounts` and `runtime_token`
-/// read from a row.
-pub(super) fn decode_secrets(
+/// Decodes the columns `secret_mounts`, `runtime_token` and `version` of
+/// a row of `table`.
+pub(super) fn decode_secrets<R>(
     table: &'static str,
     uuid: &str,
-    secret_mounts: Option<String>,
-    runtime_token: Option<String>,
-) -> Result<Secrets> {
+    row: &R,
+) -> Result<Versioned<Secrets>>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let read_error = StoreError::query("read secrets");
+    let secret_mounts: Option<String> = row.try_get("secret_mounts").map_err(read_error)?;
+    let runtime_token: Option<String> = row.try_get("runtime_token").map_err(read_error)?;
+    let version: i64 = row.try_get("version").map_err(read_error)?;
     let secret_mounts = match secret_mounts {
         None => Default::default(),
-        Some(text) => {
-            serde_json::from_str(&text).map_err(|err| StoreError::DecodeSecrets {
-                table,
-                uuid: uuid.to_string(),
-                line: err.line(),
-                column: err.column(),
-            })?
-        }
+        Some(text) => serde_json::from_str(&text).map_err(|err| StoreError::DecodeSecrets {
+            table,
+            uuid: uuid.to_string(),
+            line: err.line(),
+            column: err.column(),
+        })?,
     };
-    Ok(Secrets {
+    let secrets = Secrets {
         secret_mounts,
         runtime_token: runtime_token.map(Secret::new),
+    };
+    Ok(Versioned {
+        record: secrets,
+        version,
     })
 }
 

@@ -40,8 +40,8 @@ use sqlx::query::Query;
 use sqlx::Row;
 
 use super::mapping::{
-    check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets,
-    key_condition, order_clause, to_i64, Bound, JsonSql,
+    check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets, key_condition,
+    order_clause, to_i64, Bound, JsonSql,
 };
 use super::{changes, ChangePage};
 use super::{
@@ -211,8 +211,7 @@ async fn insert_container(
     secrets: &Secrets,
 ) -> Result<()> {
     insert_record(conn, &CONTAINERS, &container.uuid, container).await?;
-    let [secret_mounts, runtime_token] =
-        encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
+    let [secret_mounts, runtime_token] = encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
     sqlx::query(
         "UPDATE containers SET reuse_key = $1, secret_mounts = $2, runtime_token = $3 \
          WHERE uuid = $4",
@@ -223,12 +222,18 @@ async fn insert_container(
     .bind(&container.uuid)
     .execute(conn)
     .await
-    .map_err(StoreError::query("store a container's secrets and reuse key"))?;
+    .map_err(StoreError::query(
+        "store a container's secrets and reuse key",
+    ))?;
     Ok(())
 }
 
 /// Replaces the secrets of a request.
-async fn write_request_secrets(conn: &mut PgConnection, uuid: &str, secrets: &Secrets) -> Result<()> {
+async fn write_request_secrets(
+    conn: &mut PgConnection,
+    uuid: &str,
+    secrets: &Secrets,
+) -> Result<()> {
     let [secret_mounts, runtime_token] = encode_secrets(REQUESTS.name, uuid, secrets)?;
     sqlx::query(
         "UPDATE container_requests SET secret_mounts = $1, runtime_token = $2 WHERE uuid = $3",
@@ -244,7 +249,11 @@ async fn write_request_secrets(conn: &mut PgConnection, uuid: &str, secrets: &Se
 
 /// Reads the secrets of a request or container row, with the row's
 /// version.
-async fn get_secrets(pool: &PgPool, table: &Table, uuid: &str) -> Result<Option<Versioned<Secrets>>> {
+async fn get_secrets(
+    pool: &PgPool,
+    table: &Table,
+    uuid: &str,
+) -> Result<Option<Versioned<Secrets>>> {
     let sql = format!(
         "SELECT secret_mounts, runtime_token, version FROM {} WHERE uuid = $1",
         table.name
@@ -254,19 +263,8 @@ async fn get_secrets(pool: &PgPool, table: &Table, uuid: &str) -> Result<Option<
         .fetch_optional(pool)
         .await
         .map_err(StoreError::query("read secrets"))?;
-    let Some(row) = row else { return Ok(None) };
-    let read_error = StoreError::query("read secrets");
-    let secrets = decode_secrets(
-        table.name,
-        uuid,
-        row.try_get("secret_mounts").map_err(read_error)?,
-        row.try_get("runtime_token").map_err(read_error)?,
-    )?;
-    let version = row.try_get("version").map_err(read_error)?;
-    Ok(Some(Versioned {
-        record: secrets,
-        version,
-    }))
+    row.map(|row| decode_secrets(table.name, uuid, &row))
+        .transpose()
 }
 
 /// Fails with a conflict unless the reused container still has the
@@ -1214,12 +1212,7 @@ mod tests {
         let uuid = "zzzzz-dz642-0123456789abcde";
         let request = request("zzzzz-xvhdp-0123456789abcde", "one", uuid);
         store
-            .insert_request(
-                &request,
-                &Secrets::default(),
-                Some(&container(uuid)),
-                None,
-            )
+            .insert_request(&request, &Secrets::default(), Some(&container(uuid)), None)
             .await
             .unwrap();
         let read = store.get_container(uuid).await.unwrap().unwrap();

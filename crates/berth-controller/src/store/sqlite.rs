@@ -34,8 +34,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite};
 
 use super::mapping::{
-    check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets,
-    key_condition, order_clause, to_i64, Bound, JsonSql,
+    check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets, key_condition,
+    order_clause, to_i64, Bound, JsonSql,
 };
 use super::{changes, ChangePage};
 use super::{
@@ -186,8 +186,7 @@ async fn insert_container(
     secrets: &Secrets,
 ) -> Result<()> {
     insert_record(conn, &CONTAINERS, &container.uuid, container).await?;
-    let [secret_mounts, runtime_token] =
-        encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
+    let [secret_mounts, runtime_token] = encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
     sqlx::query(
         "UPDATE containers SET reuse_key = ?, secret_mounts = ?, runtime_token = ? WHERE uuid = ?",
     )
@@ -197,7 +196,9 @@ async fn insert_container(
     .bind(&container.uuid)
     .execute(conn)
     .await
-    .map_err(StoreError::query("store a container's secrets and reuse key"))?;
+    .map_err(StoreError::query(
+        "store a container's secrets and reuse key",
+    ))?;
     Ok(())
 }
 
@@ -236,19 +237,8 @@ async fn get_secrets(
         .fetch_optional(pool)
         .await
         .map_err(StoreError::query("read secrets"))?;
-    let Some(row) = row else { return Ok(None) };
-    let read_error = StoreError::query("read secrets");
-    let secrets = decode_secrets(
-        table.name,
-        uuid,
-        row.try_get("secret_mounts").map_err(read_error)?,
-        row.try_get("runtime_token").map_err(read_error)?,
-    )?;
-    let version = row.try_get("version").map_err(read_error)?;
-    Ok(Some(Versioned {
-        record: secrets,
-        version,
-    }))
+    row.map(|row| decode_secrets(table.name, uuid, &row))
+        .transpose()
 }
 
 /// Fails with a conflict unless the reused container still has the
