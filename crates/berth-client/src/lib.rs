@@ -12,6 +12,10 @@
 //! from an offset and may wait on the server for new bytes
 //! ([`Client::read_log`]), so following a log needs no polling loop.
 //!
+//! Secrets: [`Client::container_secret_mounts`] reads a container's secret
+//! mounts with the container's own token. Errors about them never show a
+//! value.
+//!
 //! Change feed: [`Client::container_changes`] reads the containers changed
 //! after a cursor, in commit order, and may wait on the server until one
 //! changes. A caller takes a cursor first (no `after`), then lists, then
@@ -22,11 +26,12 @@
 
 pub mod credentials;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use berth_core::records::ContainerCredentials;
-use berth_core::{Container, ContainerRequest};
+use berth_core::{Container, ContainerRequest, Mount};
 use bytes::Bytes;
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -73,6 +78,17 @@ pub enum ClientError {
         #[source]
         source: serde_json::Error,
     },
+    /// A response that carries secrets did not decode. Only the position
+    /// is given, because serde's message may quote the secret.
+    #[error(
+        "failed to decode the secrets returned by {method} {url}: invalid at line {line}, column {column}"
+    )]
+    DecodeSecret {
+        method: Method,
+        url: String,
+        line: usize,
+        column: usize,
+    },
 }
 
 impl ClientError {
@@ -94,7 +110,9 @@ impl ClientError {
                     || *status == StatusCode::TOO_MANY_REQUESTS
                     || status.is_server_error()
             }
-            ClientError::Settings(_) | ClientError::Decode { .. } => false,
+            ClientError::Settings(_)
+            | ClientError::Decode { .. }
+            | ClientError::DecodeSecret { .. } => false,
         }
     }
 }
@@ -505,6 +523,39 @@ impl Client {
         })
     }
 
+    /// Reads a container's secret mounts (`GET containers/{uuid}/secret_mounts`):
+    /// json and text mounts to add to `mounts`, keyed by target. Only the
+    /// container's own token may call it, while the container is Locked or
+    /// Running. The server returns 403 to other callers who may read the
+    /// container. Keep the result out of logs.
+    pub async fn container_secret_mounts(&self, uuid: &str) -> Result<BTreeMap<String, Mount>> {
+        #[derive(Deserialize)]
+        struct Body {
+            secret_mounts: BTreeMap<String, Mount>,
+        }
+        let path = format!("arvados/v1/containers/{uuid}/secret_mounts");
+        let response = self
+            .send(Method::GET, &path, &[], None, REQUEST_TIMEOUT)
+            .await?;
+        let url = response.url().to_string();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                url: url.clone(),
+                source,
+            })?;
+        let body: Body =
+            serde_json::from_slice(&bytes).map_err(|err| ClientError::DecodeSecret {
+                method: Method::GET,
+                url,
+                line: err.line(),
+                column: err.column(),
+            })?;
+        Ok(body.secret_mounts)
+    }
+
     pub async fn unlock_container(&self, uuid: &str) -> Result<Container> {
         let path = format!("arvados/v1/containers/{uuid}/unlock");
         self.call(Method::POST, &path, &[], None).await
@@ -861,6 +912,53 @@ mod tests {
         assert_eq!(err.status(), Some(StatusCode::UNPROCESSABLE_ENTITY));
         assert!(!err.is_transient());
         assert!(err.to_string().contains("invalid cursor"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn container_secret_mounts_reads_the_mounts() {
+        let body =
+            r#"{"secret_mounts": {"/etc/secret.txt": {"kind": "text", "content": "hunter2"}}}"#;
+        let (url, head) = serve_once("200 OK", body.to_string()).await;
+        let mounts = client(url)
+            .container_secret_mounts("zzzzz-dz642-000000000000001")
+            .await
+            .unwrap();
+        let head = head.await.unwrap();
+        assert!(
+            head.starts_with(
+                "GET /arvados/v1/containers/zzzzz-dz642-000000000000001/secret_mounts HTTP/1.1\r\n"
+            ),
+            "{head}"
+        );
+        let mount = &mounts["/etc/secret.txt"];
+        assert_eq!(mount.kind, "text");
+        assert_eq!(mount.content, Some(Value::from("hunter2")));
+    }
+
+    #[tokio::test]
+    async fn container_secret_mounts_decode_error_hides_the_value() {
+        let body =
+            r#"{"secret_mounts": {"/etc/secret.txt": {"kind": "text", "capacity": "hunter2"}}}"#;
+        let (url, _head) = serve_once("200 OK", body.to_string()).await;
+        let err = client(url)
+            .container_secret_mounts("zzzzz-dz642-000000000000001")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::DecodeSecret { .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn container_secret_mounts_forbidden_is_403() {
+        let body = r#"{"errors": ["only the token of container zzzzz-dz642-000000000000001 may read its secret mounts"]}"#;
+        let (url, _head) = serve_once("403 Forbidden", body.to_string()).await;
+        let err = client(url)
+            .container_secret_mounts("zzzzz-dz642-000000000000001")
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::FORBIDDEN));
+        assert!(!err.is_transient());
     }
 
     #[test]

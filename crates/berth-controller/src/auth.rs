@@ -15,17 +15,22 @@
 //! The store keeps only the SHA-256 of each secret. Every comparison of a
 //! secret is made on SHA-256 digests in constant time, so neither the
 //! content nor the length of a secret leaks through timing.
+//!
+//! A request's `runtime_token` is a user token that its container runs as;
+//! [`check_runtime_token`] checks it like an `Authorization` token, with
+//! errors that name the field and never show the token.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use berth_core::secret::constant_time_eq;
-use berth_core::{ClusterId, ObjectType, Uuid};
+use berth_core::{ClusterId, ObjectType, Secret, Uuid};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
 use crate::api::AppState;
 use crate::error::ApiError;
+use crate::store::ApiToken;
 
 /// Length of a generated secret.
 const SECRET_LEN: usize = 50;
@@ -137,6 +142,20 @@ fn parse_v2(token: &str) -> Option<V2Token<'_>> {
     })
 }
 
+/// Looks up the stored token of a v2 token and checks its secret in
+/// constant time. `None` when the store has no token with that uuid and
+/// secret.
+async fn find_token(state: &AppState, parsed: &V2Token<'_>) -> Result<Option<ApiToken>, ApiError> {
+    let stored = state
+        .store()
+        .get_token(parsed.uuid)
+        .await
+        .map_err(ApiError::store("look up a token"))?;
+    let presented = hex::encode(secret_digest(parsed.secret));
+    Ok(stored
+        .filter(|stored| constant_time_eq(presented.as_bytes(), stored.secret_sha256.as_bytes())))
+}
+
 fn invalid_token() -> ApiError {
     ApiError::Unauthorized("invalid or revoked API token".into())
 }
@@ -162,16 +181,9 @@ pub async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Call
     }
 
     let parsed = parse_v2(token).ok_or_else(invalid_token)?;
-    let stored = state
-        .store()
-        .get_token(parsed.uuid)
-        .await
-        .map_err(ApiError::store("look up a token"))?
+    let stored = find_token(state, &parsed)
+        .await?
         .ok_or_else(invalid_token)?;
-    let presented = hex::encode(secret_digest(parsed.secret));
-    if !constant_time_eq(presented.as_bytes(), stored.secret_sha256.as_bytes()) {
-        return Err(invalid_token());
-    }
     if !stored.is_valid_at(&chrono::Utc::now()) {
         return Err(invalid_token());
     }
@@ -206,6 +218,91 @@ pub async fn authenticate(state: &AppState, header: Option<&str>) -> Result<Call
         // administrator owns it.
         is_admin: is_admin && stored.container_uuid.is_none(),
         container_uuid: stored.container_uuid,
+        scopes: stored.scopes,
+    })
+}
+
+/// The user and scopes a container runs as, from a request's runtime
+/// token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeIdentity {
+    pub user_uuid: String,
+    pub scopes: Vec<String>,
+}
+
+/// Maximum length of the secret part of a runtime token, far above the 50
+/// characters of the tokens Berth mints.
+const MAX_RUNTIME_SECRET_LEN: usize = 512;
+
+fn invalid_runtime_token(reason: &str) -> ApiError {
+    ApiError::invalid(format!("runtime_token: {reason}"))
+}
+
+/// Checks a request's runtime token for `caller`, who sets it or commits
+/// the request: a user token (`v2/UUID/SECRET`, not a container token)
+/// that the store has, with that secret, neither revoked nor expired, of
+/// an active user. Only administrators may give another user's token.
+/// Returns the user and scopes the container then runs as.
+pub async fn check_runtime_token(
+    state: &AppState,
+    caller: &Caller,
+    token: &Secret,
+) -> Result<RuntimeIdentity, ApiError> {
+    let parsed = parse_v2(token.expose()).ok_or_else(|| {
+        invalid_runtime_token("is not a user token: give a token of the form v2/UUID/SECRET")
+    })?;
+    if parsed.container_uuid.is_some() {
+        return Err(invalid_runtime_token(
+            "is a container token: give a user token of the form v2/UUID/SECRET",
+        ));
+    }
+    let secret_is_plain = parsed.secret.len() <= MAX_RUNTIME_SECRET_LEN
+        && parsed.secret.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !secret_is_plain {
+        return Err(invalid_runtime_token(
+            "is not a user token: its secret part must be letters and digits",
+        ));
+    }
+    let unknown = || {
+        invalid_runtime_token(
+            "is not a token of this cluster: check that you copied the whole token",
+        )
+    };
+    let stored = find_token(state, &parsed).await?.ok_or_else(unknown)?;
+    // Only a caller who has the secret gets past this point, so the
+    // messages below tell nothing to anyone who guesses.
+    if stored.container_uuid.is_some() {
+        return Err(invalid_runtime_token(
+            "is a container token: give a user token of the form v2/UUID/SECRET",
+        ));
+    }
+    if stored.revoked_at.is_some() {
+        return Err(invalid_runtime_token(
+            "has been revoked: give a current token",
+        ));
+    }
+    if !stored.is_valid_at(&chrono::Utc::now()) {
+        return Err(invalid_runtime_token("has expired: give a current token"));
+    }
+    let user = state
+        .store()
+        .get_user(&stored.owner_uuid)
+        .await
+        .map_err(ApiError::store("look up a user"))?
+        .ok_or_else(unknown)?;
+    if !user.is_active {
+        return Err(invalid_runtime_token(&format!(
+            "belongs to user {}, who is not active",
+            user.username
+        )));
+    }
+    if user.uuid != caller.user_uuid && !caller.is_admin {
+        return Err(invalid_runtime_token(
+            "belongs to another user: give a token of your own, or ask an administrator to set it",
+        ));
+    }
+    Ok(RuntimeIdentity {
+        user_uuid: user.uuid,
         scopes: stored.scopes,
     })
 }

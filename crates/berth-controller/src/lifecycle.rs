@@ -13,13 +13,25 @@
 //! of the wrong type is rejected with the path of the field
 //! (`runtime_constraints.ram`), and only fields whose value really changes
 //! count as changes.
+//!
+//! A request's write-only attributes, `secret_mounts` and `runtime_token`,
+//! are taken out of the attributes first and kept apart from the record
+//! ([`Secrets`]). They may be set while the request is new or
+//! Uncommitted, a commit gives the new container the same, and a request
+//! that becomes Final loses them. No error message shows their values.
+//! Checking a runtime token needs the store, so the API layer checks it
+//! when [`RequestChange::check_runtime_token`] is set.
+
+use std::collections::BTreeMap;
 
 use berth_core::priority::request_contribution;
 use berth_core::records::ContainerCredentials;
 use berth_core::state::{ContainerState, RequestState};
 use berth_core::time::Timestamp;
-use berth_core::validate::{check_request, is_portable_data_hash};
-use berth_core::{ClusterId, Container, ContainerRequest, ObjectType, SchedulingParameters, Uuid};
+use berth_core::validate::{check_request, check_secret_mounts, is_portable_data_hash};
+use berth_core::{
+    ClusterId, Container, ContainerRequest, Mount, ObjectType, SchedulingParameters, Secret, Uuid,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -27,8 +39,8 @@ use serde_json::{Map, Value};
 use crate::auth::{generate_secret, hash_secret, system_user_uuid, Caller};
 use crate::error::ApiError;
 use crate::store::{
-    find_column, ApiToken, Column, CredentialChange, MintedCredentials, ReusedContainer, Versioned,
-    CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    find_column, ApiToken, Column, CredentialChange, MintedCredentials, ReusedContainer, Secrets,
+    Versioned, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 
 /// `container_count_max` of a request that does not set it.
@@ -262,6 +274,99 @@ fn check_labels(request: &ContainerRequest, fields: &[&str]) -> Result<(), ApiEr
     }
 }
 
+/// The write-only attributes of a call, taken out of its attributes
+/// before they are merged into the record.
+#[derive(Debug, Default)]
+struct SecretAttributes {
+    /// `secret_mounts`, when the call gives it; null gives none.
+    secret_mounts: Option<BTreeMap<String, Mount>>,
+    /// `runtime_token`, when the call gives it; null and "" give none.
+    runtime_token: Option<Option<Secret>>,
+}
+
+/// Takes `secret_mounts` and `runtime_token` out of a call's attributes.
+fn take_secret_attributes(
+    attributes: &mut Map<String, Value>,
+) -> Result<SecretAttributes, ApiError> {
+    let secret_mounts = attributes
+        .remove("secret_mounts")
+        .map(parse_secret_mounts)
+        .transpose()?;
+    let runtime_token = match attributes.remove("runtime_token") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::String(token)) if token.is_empty() => Some(None),
+        Some(Value::String(token)) => Some(Some(Secret::new(token))),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "runtime_token: is not a string: give a user token v2/UUID/SECRET, or null",
+            ))
+        }
+    };
+    Ok(SecretAttributes {
+        secret_mounts,
+        runtime_token,
+    })
+}
+
+/// Reads the value of `secret_mounts`. Errors give the path and what was
+/// expected, never serde's whole message, which may quote the secret.
+fn parse_secret_mounts(value: Value) -> Result<BTreeMap<String, Mount>, ApiError> {
+    let value = match value {
+        Value::Null => return Ok(BTreeMap::new()),
+        // A form body carries the object as JSON text.
+        Value::String(text) => serde_json::from_str(&text).map_err(|_| {
+            ApiError::invalid("secret_mounts: is not a JSON object that maps targets to mounts")
+        })?,
+        other => other,
+    };
+    if !value.is_object() {
+        return Err(ApiError::invalid(
+            "secret_mounts: is not an object: give an object that maps targets to mounts",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let inner = err.inner().to_string();
+        let reason = if inner.starts_with("unknown field") {
+            inner
+        } else {
+            match inner.rfind(", expected ") {
+                Some(at) => format!("invalid value: {}", &inner[at + 2..]),
+                None => "invalid value".to_string(),
+            }
+        };
+        ApiError::invalid(format!("secret_mounts.{}: {reason}", err.path()))
+    })
+}
+
+/// Applies the secret attributes of an update to a request's secrets, and
+/// returns them with the names of the attributes that change. Outside
+/// Uncommitted, an empty value changes nothing, so clients that send every
+/// attribute empty are accepted.
+fn apply_secret_attributes(
+    state: RequestState,
+    current: &Secrets,
+    given: SecretAttributes,
+) -> (Secrets, Vec<String>) {
+    let uncommitted = state == RequestState::Uncommitted;
+    let mut secrets = current.clone();
+    let mut changed = Vec::new();
+    if let Some(secret_mounts) = given.secret_mounts {
+        if uncommitted || !secret_mounts.is_empty() {
+            secrets.secret_mounts = secret_mounts;
+            changed.push("secret_mounts".to_string());
+        }
+    }
+    if let Some(runtime_token) = given.runtime_token {
+        let clears = runtime_token.is_none() && current.runtime_token.is_some();
+        if runtime_token.is_some() || uncommitted && clears {
+            secrets.runtime_token = runtime_token;
+            changed.push("runtime_token".to_string());
+        }
+    }
+    (secrets, changed)
+}
+
 /// Runtime constraints that older clients may send as a list, of which
 /// the first element counts.
 const LIST_CONSTRAINTS: &[&str] = &["ram", "vcpus", "keep_cache_ram", "keep_cache_disk"];
@@ -351,6 +456,13 @@ pub struct RequestChange {
     pub reused_container: Option<ReusedContainer>,
     /// False when the attributes changed nothing: nothing to write.
     pub changed: bool,
+    /// The request's secrets after the change; a new container gets the
+    /// same.
+    pub secrets: Secrets,
+    /// True when the API layer must check `secrets.runtime_token` with the
+    /// store and make the new container run as its user: the call sets
+    /// the token or commits the request.
+    pub check_runtime_token: bool,
 }
 
 /// Makes a committing request take an existing container (chosen by
@@ -366,6 +478,7 @@ pub fn take_existing(change: &mut RequestChange, existing: &Versioned<Container>
     });
     if existing.record.state == ContainerState::Complete {
         change.record.state = RequestState::Final;
+        change.secrets = Secrets::default();
     }
 }
 
@@ -494,6 +607,7 @@ pub fn create_request(
     mut attributes: Map<String, Value>,
     now: Timestamp,
 ) -> Result<RequestChange, ApiError> {
+    let secret_attributes = take_secret_attributes(&mut attributes)?;
     check_known("container request", REQUEST_COLUMNS, &mut attributes)?;
     let owner_uuid = match attributes.remove("owner_uuid") {
         None | Some(Value::Null) => caller.user_uuid.clone(),
@@ -528,6 +642,11 @@ pub fn create_request(
     }
     check_request(&request)?;
     check_labels(&request, REQUEST_LABEL_FIELDS)?;
+    let secrets = Secrets {
+        secret_mounts: secret_attributes.secret_mounts.unwrap_or_default(),
+        runtime_token: secret_attributes.runtime_token.flatten(),
+    };
+    check_secret_mounts(&secrets.secret_mounts, &request.mounts)?;
     let new_container = (request.state == RequestState::Committed)
         .then(|| commit(cluster, &mut request, caller, now));
     Ok(RequestChange {
@@ -535,17 +654,21 @@ pub fn create_request(
         new_container,
         reused_container: None,
         changed: true,
+        check_runtime_token: secrets.runtime_token.is_some(),
+        secrets,
     })
 }
 
-/// Applies a caller's attributes to a stored request.
+/// Applies a caller's attributes to a stored request and its secrets.
 pub fn update_request(
     cluster: &ClusterId,
     caller: &Caller,
     current: &ContainerRequest,
+    current_secrets: &Secrets,
     mut attributes: Map<String, Value>,
     now: Timestamp,
 ) -> Result<RequestChange, ApiError> {
+    let secret_attributes = take_secret_attributes(&mut attributes)?;
     check_known("container request", REQUEST_COLUMNS, &mut attributes)?;
     let current_fields = to_object(current)?;
     drop_unchanged(&mut attributes, &current_fields, &["owner_uuid"], |_| {
@@ -566,12 +689,17 @@ pub fn update_request(
     if request.container_count_max == current.container_count_max {
         changed.retain(|field| field != "container_count_max");
     }
+    let (mut secrets, secrets_changed) =
+        apply_secret_attributes(current.state, current_secrets, secret_attributes);
+    changed.extend(secrets_changed);
     if changed.is_empty() {
         return Ok(RequestChange {
             record: current.clone(),
             new_container: None,
             reused_container: None,
             changed: false,
+            secrets: current_secrets.clone(),
+            check_runtime_token: false,
         });
     }
 
@@ -598,6 +726,7 @@ pub fn update_request(
         }
     }
     check_request(&request)?;
+    check_secret_mounts(&secrets.secret_mounts, &request.mounts)?;
     // Only labels this update sets: a stored one stays valid.
     let labels: Vec<&str> = REQUEST_LABEL_FIELDS
         .iter()
@@ -611,11 +740,17 @@ pub fn update_request(
     let commits =
         current.state == RequestState::Uncommitted && request.state == RequestState::Committed;
     let new_container = commits.then(|| commit(cluster, &mut request, caller, now));
+    if request.state == RequestState::Final {
+        secrets = Secrets::default();
+    }
+    let sets_token = changed.iter().any(|field| field == "runtime_token");
     Ok(RequestChange {
         record: request,
         new_container,
         reused_container: None,
         changed: true,
+        check_runtime_token: secrets.runtime_token.is_some() && (commits || sets_token),
+        secrets,
     })
 }
 
@@ -1084,6 +1219,7 @@ mod tests {
             &cluster(),
             &user(),
             &current,
+            &Secrets::default(),
             attributes(json!({"uuid": current.uuid, "container_count": 0, "name": "x"})),
             now,
         )
@@ -1101,6 +1237,7 @@ mod tests {
             &cluster(),
             &user(),
             &current,
+            &Secrets::default(),
             attributes(json!({"state": "Uncommitted", "kind": "arvados#containerRequest"})),
             now,
         )
@@ -1134,6 +1271,7 @@ mod tests {
                 &cluster(),
                 &user(),
                 &change.record,
+                &Secrets::default(),
                 attributes(json!({ field: too_long })),
                 now,
             )
@@ -1178,5 +1316,150 @@ mod tests {
         let change = unlock_container(&admin, &locked.change.record, 4, now).unwrap();
         assert_eq!(change.record.state, ContainerState::Queued);
         assert!(change.record.auth_uuid.is_none());
+    }
+
+    fn with_secrets(mut value: Value) -> Value {
+        value["secret_mounts"] = json!({"/etc/secret": {"kind": "text", "content": "hunter2"}});
+        value["runtime_token"] = json!("v2/zzzzz-gj3su-0123456789abcde/hunter2");
+        value
+    }
+
+    #[test]
+    fn secrets_stay_out_of_the_record() {
+        let change = create_request(
+            &cluster(),
+            &user(),
+            attributes(with_secrets(committed())),
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        let shown = serde_json::to_string(&change.record).unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let shown = serde_json::to_string(&change.new_container).unwrap();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!format!("{change:?}").contains("hunter2"));
+        assert_eq!(change.secrets.secret_mounts.len(), 1);
+        assert!(change.secrets.runtime_token.is_some());
+        assert!(change.check_runtime_token);
+    }
+
+    #[test]
+    fn bad_secret_mounts_are_named_without_their_content() {
+        for secret_mounts in [
+            json!({"/etc/secret": {"kind": "text", "content": ["hunter2"]}}),
+            json!({"/etc/secret": {"kind": "text", "content": "x", "capacity": "hunter2"}}),
+            json!({"/etc/secret": {"kind": "text", "content": "x", "hunter2": 1}}),
+            json!({"/etc/secret": "hunter2"}),
+            json!("hunter2"),
+            json!(["hunter2"]),
+        ] {
+            let mut value = runnable();
+            value["secret_mounts"] = secret_mounts.clone();
+            let err = create_request(&cluster(), &user(), attributes(value), chrono::Utc::now())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("secret_mounts"), "{secret_mounts}: {err}");
+            // An unknown key is named, since keys are not secret.
+            if !err.contains("unknown field") {
+                assert!(!err.contains("hunter2"), "{secret_mounts}: {err}");
+            }
+        }
+        let mut value = runnable();
+        value["runtime_token"] = json!(["hunter2"]);
+        let err = create_request(&cluster(), &user(), attributes(value), chrono::Utc::now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runtime_token"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn secrets_change_only_while_uncommitted() {
+        let now = chrono::Utc::now();
+        let draft = create_request(&cluster(), &user(), attributes(runnable()), now).unwrap();
+        let change = update_request(
+            &cluster(),
+            &user(),
+            &draft.record,
+            &draft.secrets,
+            attributes(with_secrets(json!({}))),
+            now,
+        )
+        .unwrap();
+        assert!(change.changed);
+        assert!(change.check_runtime_token);
+        assert_eq!(change.secrets.secret_mounts.len(), 1);
+
+        let commit = update_request(
+            &cluster(),
+            &user(),
+            &change.record,
+            &change.secrets,
+            attributes(json!({"state": "Committed"})),
+            now,
+        )
+        .unwrap();
+        assert!(commit.new_container.is_some());
+        assert!(commit.check_runtime_token);
+        assert_eq!(commit.secrets.secret_mounts.len(), 1);
+
+        let err = update_request(
+            &cluster(),
+            &user(),
+            &commit.record,
+            &commit.secrets,
+            attributes(with_secrets(json!({}))),
+            now,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot change secret_mounts"), "{err}");
+        assert!(err.contains("cannot change runtime_token"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+
+        let empty = update_request(
+            &cluster(),
+            &user(),
+            &commit.record,
+            &commit.secrets,
+            attributes(json!({"secret_mounts": {}, "runtime_token": null})),
+            now,
+        )
+        .unwrap();
+        assert!(!empty.changed);
+
+        let priority = update_request(
+            &cluster(),
+            &user(),
+            &commit.record,
+            &commit.secrets,
+            attributes(json!({"priority": 2})),
+            now,
+        )
+        .unwrap();
+        assert!(!priority.check_runtime_token);
+        assert_eq!(priority.secrets.secret_mounts.len(), 1);
+
+        let finished = update_request(
+            &cluster(),
+            &user(),
+            &commit.record,
+            &commit.secrets,
+            attributes(json!({"state": "Final"})),
+            now,
+        )
+        .unwrap();
+        assert!(finished.secrets.is_empty());
+    }
+
+    #[test]
+    fn secret_mount_on_a_mount_target_is_rejected() {
+        let mut value = runnable();
+        value["secret_mounts"] = json!({"/out": {"kind": "text", "content": "hunter2"}});
+        let err = create_request(&cluster(), &user(), attributes(value), chrono::Utc::now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("secret_mounts./out"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
     }
 }

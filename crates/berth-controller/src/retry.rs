@@ -9,7 +9,8 @@
 //! Complete container is never retried, whatever its exit code.
 //!
 //! All retried requests share one new container, a copy of the cancelled
-//! one's specification. Their scheduling parameters are merged: partitions
+//! one's specification with the same secrets (secret mounts and runtime
+//! token). Their scheduling parameters are merged: partitions
 //! are the union (or any partition when one request allows any),
 //! `preemptible` only if every request allows it, `supervisor` if any
 //! request sets it, and `max_run_time` the longest (or no limit when one
@@ -25,13 +26,14 @@ use berth_core::{ClusterId, Container, ContainerRequest, ObjectType, SchedulingP
 use serde_json::Map;
 
 use crate::lifecycle::DEFAULT_CONTAINER_COUNT_MAX;
-use crate::store::Versioned;
+use crate::store::{Secrets, Versioned};
 
-/// The retry of a cancelled container: a new container and the requests
-/// moved onto it, each with the version it was read at.
+/// The retry of a cancelled container: a new container with its secrets,
+/// and the requests moved onto it, each with the version it was read at.
 #[derive(Debug, Clone)]
 pub struct RetryPlan {
     pub new_container: Container,
+    pub secrets: Secrets,
     pub requests: Vec<Versioned<ContainerRequest>>,
 }
 
@@ -87,12 +89,13 @@ pub fn merge_scheduling<'a>(
     merged
 }
 
-/// Plans the retry of a container that is being Cancelled, given the
-/// Committed requests that point at it. `None` when no request is
-/// retried: they all become Final with the container.
+/// Plans the retry of a container that is being Cancelled, given its
+/// secrets and the Committed requests that point at it. `None` when no
+/// request is retried: they all become Final with the container.
 pub fn plan_retry(
     cluster: &ClusterId,
     cancelled: &Container,
+    secrets: &Secrets,
     requests: &[Versioned<ContainerRequest>],
     now: Timestamp,
 ) -> Option<RetryPlan> {
@@ -153,6 +156,7 @@ pub fn plan_retry(
         .collect();
     Some(RetryPlan {
         new_container,
+        secrets: secrets.clone(),
         requests,
     })
 }
@@ -219,7 +223,14 @@ mod tests {
             request("zzzzz-xvhdp-aaaaaaaaaaaaaaa", 500, 1, Some(3)),
             request("zzzzz-xvhdp-bbbbbbbbbbbbbbb", 1, 2, None),
         ];
-        let plan = plan_retry(&cluster(), &cancelled(), &requests, now).unwrap();
+        let plan = plan_retry(
+            &cluster(),
+            &cancelled(),
+            &Secrets::default(),
+            &requests,
+            now,
+        )
+        .unwrap();
         let fresh = &plan.new_container;
         assert_ne!(fresh.uuid, cancelled().uuid);
         assert_eq!(fresh.state, ContainerState::Queued);
@@ -248,6 +259,37 @@ mod tests {
     }
 
     #[test]
+    fn retry_container_keeps_the_secrets() {
+        let secrets = Secrets {
+            secret_mounts: serde_json::from_value(
+                json!({"/etc/secret": {"kind": "text", "content": "hunter2"}}),
+            )
+            .unwrap(),
+            runtime_token: Some(berth_core::Secret::new(
+                "v2/zzzzz-gj3su-0123456789abcde/abc",
+            )),
+        };
+        let requests = [request("zzzzz-xvhdp-aaaaaaaaaaaaaaa", 500, 1, Some(3))];
+        let plan = plan_retry(
+            &cluster(),
+            &cancelled(),
+            &secrets,
+            &requests,
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        assert_eq!(plan.secrets.secret_mounts, secrets.secret_mounts);
+        assert!(plan
+            .secrets
+            .runtime_token
+            .is_some_and(|token| token.matches("v2/zzzzz-gj3su-0123456789abcde/abc")));
+        assert_eq!(
+            plan.new_container.runtime_user_uuid,
+            cancelled().runtime_user_uuid
+        );
+    }
+
+    #[test]
     fn no_retry_at_count_max_or_priority_zero() {
         let now = chrono::Utc::now();
         let requests = [
@@ -256,10 +298,18 @@ mod tests {
             request("zzzzz-xvhdp-ccccccccccccccc", 500, 1, Some(1)),
             request("zzzzz-xvhdp-ddddddddddddddd", 500, 3, None),
         ];
-        assert!(plan_retry(&cluster(), &cancelled(), &requests, now).is_none());
+        assert!(plan_retry(
+            &cluster(),
+            &cancelled(),
+            &Secrets::default(),
+            &requests,
+            now
+        )
+        .is_none());
         let plan = plan_retry(
             &cluster(),
             &cancelled(),
+            &Secrets::default(),
             &[
                 requests[0].clone(),
                 request("zzzzz-xvhdp-eeeeeeeeeeeeeee", 2, 2, Some(3)),

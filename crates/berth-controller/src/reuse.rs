@@ -3,10 +3,14 @@
 //!
 //! Two containers run the same thing when they agree on everything that
 //! shapes the result: image, command, working directory, environment,
-//! output path and globs, mounts, runtime constraints, and the user and
-//! scopes the container runs as. The store keeps, for each container, the
-//! [`reuse_key`] of these fields (a SHA-256 of their canonical JSON), so
-//! candidates are found with one indexed lookup.
+//! output path and globs, mounts, secret mounts, runtime constraints, and
+//! the user and scopes the container runs as. The store keeps, for each
+//! container, the [`reuse_key`] of these fields (a SHA-256 of their
+//! canonical JSON), so candidates are found with one indexed lookup. The
+//! key takes the secret mounts as a digest of their own
+//! ([`secret_mounts_digest`]), and only when there are some, so that
+//! containers without secret mounts keep the keys they had before secret
+//! mounts existed.
 //!
 //! The user is part of the key: a container is reused only by requests of
 //! the user it runs as. Berth lets a user read a container only through
@@ -24,17 +28,19 @@
 //! A request that is not preemptible never takes a preemptible container.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 
-use berth_core::{Container, ContainerRequest, ContainerState};
+use berth_core::{Container, ContainerRequest, ContainerState, Mount};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::store::Versioned;
 
-/// The reuse key of a container: lowercase hex SHA-256 of the canonical
-/// JSON of the fields two containers must share to be interchangeable.
-pub fn reuse_key(container: &Container) -> String {
-    let fields = json!([
+/// The reuse key of a container with its secret mounts: lowercase hex
+/// SHA-256 of the canonical JSON of the fields two containers must share
+/// to be interchangeable.
+pub fn reuse_key(container: &Container, secret_mounts: &BTreeMap<String, Mount>) -> String {
+    let mut fields = json!([
         container.container_image,
         container.command,
         container.cwd,
@@ -46,8 +52,24 @@ pub fn reuse_key(container: &Container) -> String {
         container.runtime_user_uuid,
         container.runtime_auth_scopes,
     ]);
+    if !secret_mounts.is_empty() {
+        if let Value::Array(items) = &mut fields {
+            items.push(Value::String(secret_mounts_digest(secret_mounts)));
+        }
+    }
+    canonical_sha256(&fields)
+}
+
+/// Computes the digest of secret mounts that enters the reuse key:
+/// lowercase hex SHA-256 of their canonical JSON. Equal secret mounts give
+/// equal digests whatever the order of their keys.
+pub fn secret_mounts_digest(secret_mounts: &BTreeMap<String, Mount>) -> String {
+    canonical_sha256(&json!(secret_mounts))
+}
+
+fn canonical_sha256(value: &Value) -> String {
     let mut canonical = String::new();
-    write_canonical(&fields, &mut canonical);
+    write_canonical(value, &mut canonical);
     hex::encode(Sha256::digest(canonical.as_bytes()))
 }
 
@@ -167,6 +189,15 @@ mod tests {
         .unwrap()
     }
 
+    fn none() -> BTreeMap<String, Mount> {
+        BTreeMap::new()
+    }
+
+    fn secret(content: &str) -> BTreeMap<String, Mount> {
+        serde_json::from_value(json!({"/etc/secret": {"kind": "text", "content": content}}))
+            .unwrap()
+    }
+
     fn versioned(record: Container) -> Versioned<Container> {
         Versioned { record, version: 1 }
     }
@@ -188,7 +219,7 @@ mod tests {
         let mut b = container("zzzzz-dz642-bbbbbbbbbbbbbbb", ContainerState::Complete);
         b.priority = 0;
         b.exit_code = Some(0);
-        assert_eq!(reuse_key(&a), reuse_key(&b));
+        assert_eq!(reuse_key(&a, &none()), reuse_key(&b, &none()));
 
         let mut with_json = a.clone();
         with_json.mounts.get_mut("/out").unwrap().content = Some(json!({"x": 1, "y": 2}));
@@ -197,7 +228,10 @@ mod tests {
         content.insert("y".into(), json!(2));
         content.insert("x".into(), json!(1));
         reordered.mounts.get_mut("/out").unwrap().content = Some(Value::Object(content));
-        assert_eq!(reuse_key(&with_json), reuse_key(&reordered));
+        assert_eq!(
+            reuse_key(&with_json, &none()),
+            reuse_key(&reordered, &none())
+        );
     }
 
     /// A named change of one field.
@@ -231,8 +265,36 @@ mod tests {
         for (name, change) in changes {
             let mut other = base.clone();
             change(&mut other);
-            assert_ne!(reuse_key(&base), reuse_key(&other), "{name}");
+            assert_ne!(
+                reuse_key(&base, &none()),
+                reuse_key(&other, &none()),
+                "{name}"
+            );
         }
+    }
+
+    #[test]
+    fn key_distinguishes_secret_mounts_by_digest() {
+        let base = container("zzzzz-dz642-aaaaaaaaaaaaaaa", ContainerState::Queued);
+        let plain = reuse_key(&base, &none());
+        let first = reuse_key(&base, &secret("one"));
+        assert_ne!(plain, first);
+        assert_ne!(first, reuse_key(&base, &secret("two")));
+        assert_eq!(first, reuse_key(&base, &secret("one")));
+        let digest = secret_mounts_digest(&secret("one"));
+        assert_eq!(digest.len(), 64);
+        assert!(!digest.contains("one"));
+    }
+
+    /// Keys stored before secret mounts existed stay valid for containers
+    /// without them: this is the key the earlier computation gave.
+    #[test]
+    fn key_without_secret_mounts_is_unchanged() {
+        let base = container("zzzzz-dz642-aaaaaaaaaaaaaaa", ContainerState::Queued);
+        assert_eq!(
+            reuse_key(&base, &none()),
+            "e03f4dd96a8bf3f0e3a90d84663cfc107a28a7751735a388f18982fc3f16c034"
+        );
     }
 
     #[test]

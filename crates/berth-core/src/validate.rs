@@ -2,6 +2,7 @@
 //! committed. Each failure names the field and says what is expected, so
 //! the controller can answer 422 with a message the user can act on.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::priority::MAX_REQUEST_PRIORITY;
@@ -382,6 +383,101 @@ fn check_mount_keys(field: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
                 ),
             ));
         }
+    }
+}
+
+/// Mount kinds `secret_mounts` may use: files whose content the request
+/// gives.
+pub const SECRET_MOUNT_KINDS: [&str; 2] = ["json", "text"];
+
+/// Checks a request's `secret_mounts` against its `mounts`. Targets are
+/// clean absolute paths that are no key of `mounts`; kinds are `json` and
+/// `text`, each with only its own keys. Messages name the target and the
+/// key, never a value, because the content is secret.
+pub fn check_secret_mounts(
+    secret_mounts: &BTreeMap<String, Mount>,
+    mounts: &BTreeMap<String, Mount>,
+) -> Result<(), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    for (target, mount) in secret_mounts {
+        let field = format!("secret_mounts.{target}");
+        if target == "/" || !is_clean_absolute_path(target) {
+            errors.push(FieldError::new(
+                &field,
+                format!(
+                    "target {target:?} must be an absolute path below / without '.', '..', '//' or a trailing '/'"
+                ),
+            ));
+        }
+        if mounts.contains_key(target) {
+            errors.push(FieldError::new(
+                &field,
+                format!(
+                    "target {target:?} is also a key of mounts: give each target in mounts or in secret_mounts, not in both"
+                ),
+            ));
+        }
+        if !SECRET_MOUNT_KINDS.contains(&mount.kind.as_str()) {
+            // A known kind is safe to show; anything else might be a
+            // secret typed in the wrong place.
+            let problem = if MOUNT_KINDS.contains(&mount.kind.as_str()) {
+                format!("{:?} is not a secret mount kind", mount.kind)
+            } else {
+                "is not a mount kind".to_string()
+            };
+            errors.push(FieldError::new(
+                format!("{field}.kind"),
+                format!("{problem}: secret mounts must be json or text mounts"),
+            ));
+            continue;
+        }
+        check_secret_mount_keys(&field, mount, &mut errors);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
+/// Checks the keys of a `json` or `text` secret mount without showing any
+/// value.
+fn check_secret_mount_keys(field: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
+    let other_keys = [
+        (
+            "portable_data_hash",
+            mount
+                .portable_data_hash
+                .as_deref()
+                .is_some_and(|v| !v.is_empty()),
+        ),
+        ("uuid", mount.uuid.as_deref().is_some_and(|v| !v.is_empty())),
+        ("path", mount.path.as_deref().is_some_and(|v| !v.is_empty())),
+        ("writable", mount.writable),
+        ("capacity", mount.capacity != 0),
+        (
+            "device_type",
+            mount.device_type.as_deref().is_some_and(|v| !v.is_empty()),
+        ),
+    ];
+    for (key, present) in other_keys {
+        if present {
+            errors.push(FieldError::new(
+                format!("{field}.{key}"),
+                format!("is not a key of a {} mount: remove it", mount.kind),
+            ));
+        }
+    }
+    match (mount.kind.as_str(), &mount.content) {
+        ("json", None | Some(serde_json::Value::Null)) => errors.push(FieldError::new(
+            format!("{field}.content"),
+            "is missing: a json mount needs content",
+        )),
+        ("text", Some(serde_json::Value::String(_))) | ("json", _) => {}
+        _ => errors.push(FieldError::new(
+            format!("{field}.content"),
+            "must be a string for a text mount",
+        )),
     }
 }
 
@@ -783,5 +879,61 @@ mod tests {
                 .unwrap(),
         );
         assert_eq!(fields(check_request(&request)), ["mounts.stdout.path"]);
+    }
+
+    fn mounts_of(value: serde_json::Value) -> BTreeMap<String, Mount> {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn secret_mounts_take_json_and_text_files() {
+        let mounts = mounts_of(serde_json::json!({"/out": {"kind": "tmp"}}));
+        let secret = mounts_of(serde_json::json!({
+            "/etc/secret.json": {"kind": "json", "content": {"password": "hunter2"}},
+            "/etc/secret.txt": {"kind": "text", "content": "hunter2"},
+            "/out/secret.txt": {"kind": "text", "content": "", "exclude_from_output": true},
+        }));
+        assert_eq!(check_secret_mounts(&secret, &mounts), Ok(()));
+    }
+
+    #[test]
+    fn secret_mount_errors_hide_values() {
+        let mounts = mounts_of(serde_json::json!({"/out": {"kind": "tmp"}}));
+        let secret = mounts_of(serde_json::json!({
+            "/out": {"kind": "text", "content": "hunter2"},
+            "relative": {"kind": "text", "content": "hunter2"},
+            "/": {"kind": "text", "content": "hunter2"},
+            "/a/../b": {"kind": "text", "content": "hunter2"},
+            "/tmp": {"kind": "tmp"},
+            "/typo": {"kind": "hunter2"},
+            "/number": {"kind": "text", "content": 5},
+            "/empty": {"kind": "json"},
+            "/keyed": {"kind": "json", "content": 1, "path": "/hunter2"},
+        }));
+        let errors = check_secret_mounts(&secret, &mounts).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "secret_mounts./",
+                "secret_mounts./a/../b",
+                "secret_mounts./empty.content",
+                "secret_mounts./keyed.path",
+                "secret_mounts./number.content",
+                "secret_mounts./out",
+                "secret_mounts./tmp.kind",
+                "secret_mounts./typo.kind",
+                "secret_mounts.relative",
+            ]
+        );
+        for error in &errors {
+            assert!(!error.message.contains("hunter2"), "{error}");
+        }
+        assert!(
+            errors[5].message.contains("also a key of mounts"),
+            "{}",
+            errors[5]
+        );
+        assert!(errors[6].message.contains("\"tmp\""), "{}", errors[6]);
     }
 }

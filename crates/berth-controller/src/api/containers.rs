@@ -1,13 +1,21 @@
-//! `containers`: get, list, update, lock, unlock and `containers/current`.
+//! `containers`: get, list, update, lock, unlock, `containers/current`,
+//! and the container's secrets.
 //!
 //! Users read the containers of their requests and never change them.
 //! The dispatcher (an administrator, usually the system token) locks,
 //! unlocks and cancels. The supervisor, with the container's own token,
-//! reports Running, the exit code and the final state.
+//! reports Running, the exit code and the final state, and reads the
+//! container's secret mounts (`containers/{uuid}/secret_mounts`) and, for a
+//! container with API access, its runtime token
+//! (`containers/{uuid}/runtime_token`). Only that token reads them, and
+//! only while the container is Locked or Running; the store clears them
+//! when the container reaches a final state.
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use berth_core::{Container, ContainerRequest, ContainerState, RequestState};
 use serde_json::Value;
@@ -20,7 +28,7 @@ use crate::error::ApiError;
 use crate::lifecycle::{self, ContainerChange};
 use crate::retry;
 use crate::store::{
-    find_column, ContainerWrite, Filter, FilterOp, ListQuery, Operand, Scalar, StoreError,
+    find_column, ContainerWrite, Filter, FilterOp, ListQuery, Operand, Scalar, Secrets, StoreError,
     Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 
@@ -241,9 +249,22 @@ async fn store_change(
 ) -> Result<Versioned<Container>, StoreError> {
     let retry = if change.finalize_requests && change.record.state == ContainerState::Cancelled {
         let requests = committed_requests(state, &change.record.uuid).await?;
+        // Read only when a request is retried. A container whose secrets
+        // change meanwhile reached a final state, so the write conflicts.
+        let secrets = if requests.is_empty() {
+            Secrets::default()
+        } else {
+            state
+                .store()
+                .get_container_secrets(&change.record.uuid)
+                .await?
+                .map(|stored| stored.record)
+                .unwrap_or_default()
+        };
         retry::plan_retry(
             &state.cluster().cluster_id,
             &change.record,
+            &secrets,
             &requests,
             change.record.modified_at,
         )
@@ -251,6 +272,7 @@ async fn store_change(
         None
     };
     let write = ContainerWrite {
+        clear_secrets: change.record.state.is_final(),
         record: change.record,
         expected_version: current.version,
         credentials: change.credentials,
@@ -391,4 +413,92 @@ pub async fn unlock(
         }
     }
     Err(conflict(&uuid))
+}
+
+/// Loads a container's secrets for its own token while it is Locked or
+/// Running. Other callers who may read the container get 403, and the rest
+/// 404.
+async fn load_own_secrets(
+    state: &AppState,
+    caller: &Caller,
+    uuid: &str,
+    secret_name: &str,
+) -> Result<(Container, Secrets), ApiError> {
+    let container = load_visible(state, caller, uuid).await?.record;
+    if caller.container_uuid.as_deref() != Some(uuid) {
+        return Err(ApiError::Forbidden(format!(
+            "only the token of container {uuid} may read its {secret_name}"
+        )));
+    }
+    if !matches!(
+        container.state,
+        ContainerState::Locked | ContainerState::Running
+    ) {
+        return Err(ApiError::Forbidden(format!(
+            "container {uuid} is {}: a container's secrets are given only while it is Locked or Running",
+            container.state
+        )));
+    }
+    let secrets = state
+        .store()
+        .get_container_secrets(uuid)
+        .await
+        .map_err(ApiError::store("read a container's secrets"))?
+        .ok_or_else(|| ApiError::not_found("container", uuid))?
+        .record;
+    Ok((container, secrets))
+}
+
+/// Builds a JSON response that no cache may keep.
+fn uncached(body: Value) -> Response {
+    let mut response = Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `GET containers/{uuid}/secret_mounts`: `{"secret_mounts": {...}}`, for
+/// the container's own token while it is Locked or Running.
+pub async fn secret_mounts(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParams(uuid): PathParams<String>,
+) -> Result<Response, ApiError> {
+    let (_, secrets) = load_own_secrets(&state, &caller, &uuid, "secret mounts").await?;
+    let body = serde_json::json!({ "secret_mounts": secrets.secret_mounts });
+    tracing::info!(
+        container = %uuid,
+        secret_mounts = secrets.secret_mounts.len(),
+        "gave a container its secret mounts"
+    );
+    Ok(uncached(body))
+}
+
+/// `GET containers/{uuid}/runtime_token`: `{"runtime_token": TOKEN}` (null
+/// when the request gave none), for the container's own token while it is
+/// Locked or Running, and only when the container has API access
+/// (`runtime_constraints.API`): its processes then use this token instead
+/// of the container's own. A Berth route.
+pub async fn runtime_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParams(uuid): PathParams<String>,
+) -> Result<Response, ApiError> {
+    let (container, secrets) = load_own_secrets(&state, &caller, &uuid, "runtime token").await?;
+    if !container.runtime_constraints.api {
+        return Err(ApiError::Forbidden(format!(
+            "container {uuid} has no API access (runtime_constraints.API is false), so its runtime token is not given out"
+        )));
+    }
+    let token = secrets
+        .runtime_token
+        .as_ref()
+        .map(|token| token.expose().to_string());
+    tracing::info!(
+        container = %uuid,
+        has_runtime_token = token.is_some(),
+        "gave a container its runtime token"
+    );
+    Ok(uncached(serde_json::json!({ "runtime_token": token })))
 }

@@ -228,6 +228,16 @@ fn container_methods() -> Value {
             "Return the containers changed after a cursor, waiting for a change if asked (a Berth extension).",
             change_parameters(), "ContainerChangeList",
         ),
+        "secret_mounts": method(
+            "arvados.containers.secret_mounts", "containers/{uuid}/secret_mounts", "GET",
+            "Return the secret mounts of a Locked or Running container to its own token.",
+            uuid_parameters(&[]), "ContainerSecretMounts",
+        ),
+        "runtime_token": method(
+            "arvados.containers.runtime_token", "containers/{uuid}/runtime_token", "GET",
+            "Return the runtime token of a Locked or Running container with API access to its own token (a Berth extension).",
+            uuid_parameters(&[]), "ContainerRuntimeToken",
+        ),
         "lock": method(
             "arvados.containers.lock", "containers/{uuid}/lock", "POST",
             "Lock a queued container for a dispatcher.", uuid_parameters(&[]), "Container",
@@ -440,6 +450,8 @@ fn schemas() -> Value {
                 "more": {"type": "boolean"},
             },
         },
+        "ContainerSecretMounts": simple("ContainerSecretMounts", &[("secret_mounts", "object")]),
+        "ContainerRuntimeToken": simple("ContainerRuntimeToken", &[("runtime_token", "string")]),
         "ContainerStatus": simple("ContainerStatus", &[
             ("uuid", "string"),
             ("state", "string"),
@@ -573,6 +585,21 @@ mod tests {
                 assert!(parameters[name].is_object(), "{resource}.list lacks {name}");
             }
         }
+    }
+
+    #[test]
+    fn record_schemas_list_no_secret() {
+        let doc = document();
+        for schema in ["ContainerRequest", "Container"] {
+            let properties = doc["schemas"][schema]["properties"].as_object().unwrap();
+            assert!(properties.contains_key("mounts"), "{schema}");
+            for secret in ["secret_mounts", "runtime_token"] {
+                assert!(!properties.contains_key(secret), "{schema} lists {secret}");
+            }
+        }
+        let method = &doc["resources"]["containers"]["methods"]["secret_mounts"];
+        assert_eq!(method["path"], "containers/{uuid}/secret_mounts");
+        assert_eq!(method["httpMethod"], "GET");
     }
 
     #[test]

@@ -237,6 +237,14 @@ pub fn app(state: AppState) -> Router {
             "/containers/{uuid}/log/{stream}",
             get(logs::read).post(logs::append),
         )
+        .route(
+            "/containers/{uuid}/secret_mounts",
+            get(containers::secret_mounts),
+        )
+        .route(
+            "/containers/{uuid}/runtime_token",
+            get(containers::runtime_token),
+        )
         .merge(container_writes);
 
     let timeout = state.inner.request_timeout;

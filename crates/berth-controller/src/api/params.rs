@@ -897,6 +897,9 @@ pub fn list_query(
     })
 }
 
+/// Attributes a request accepts but no response returns.
+const WRITE_ONLY_ATTRIBUTES: &[&str] = &["secret_mounts", "runtime_token"];
+
 /// The `select` parameter: the attributes a response should keep.
 /// What an update call sends: the attributes to change, and the `select`
 /// of the response.
@@ -950,6 +953,11 @@ pub fn select(
                 quote(&item)
             ))
         })?;
+        if WRITE_ONLY_ATTRIBUTES.contains(&name) {
+            return Err(ApiError::invalid(format!(
+                "invalid select: {name} is write-only and never returned"
+            )));
+        }
         if find_column(columns, name).is_none() && name != "kind" && name != "etag" {
             return Err(ApiError::invalid(format!(
                 "invalid select: unknown attribute {}",

@@ -5,6 +5,11 @@
 //! A commit takes an existing container that runs the same thing (when the
 //! request allows reuse, see [`crate::reuse`]) or creates one, in the same
 //! transaction, and every change recomputes that container's priority.
+//!
+//! `secret_mounts` and `runtime_token` are accepted on create and update
+//! and never returned: responses render the record, which does not carry
+//! them. A runtime token is checked with the store when it is set and when
+//! the request commits, and the new container then runs as its user.
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -16,11 +21,11 @@ use serde_json::{json, Value};
 use super::params::{self, Params};
 use super::rejection::PathParams;
 use super::{render, AppState, MAX_WRITE_ATTEMPTS};
-use crate::auth::{system_user_uuid, Caller};
+use crate::auth::{check_runtime_token, system_user_uuid, Caller};
 use crate::error::ApiError;
 use crate::lifecycle;
 use crate::reuse::{self, reuse_key};
-use crate::store::{RequestWrite, StoreError, Versioned, Visibility, REQUEST_COLUMNS};
+use crate::store::{RequestWrite, Secrets, StoreError, Versioned, Visibility, REQUEST_COLUMNS};
 
 pub const KIND: &str = "arvados#containerRequest";
 const LIST_KIND: &str = "arvados#containerRequestList";
@@ -113,7 +118,8 @@ pub async fn create_or_list(
     let attributes = params::attributes(&headers, &params, &body, WRAPPER, REQUEST_COLUMNS)?;
     let select = params::select(REQUEST_COLUMNS, &params)?;
     let cluster = &state.cluster().cluster_id;
-    let template = lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
+    let mut template = lifecycle::create_request(cluster, &caller, attributes, chrono::Utc::now())?;
+    apply_runtime_token(&state, &caller, &mut template).await?;
     let owner = &template.record.owner_uuid;
     if *owner != caller.user_uuid && *owner != system_user_uuid(cluster) {
         let exists = state
@@ -135,6 +141,7 @@ pub async fn create_or_list(
             .store()
             .insert_request(
                 &change.record,
+                &change.secrets,
                 change.new_container.as_ref(),
                 change.reused_container.as_ref(),
             )
@@ -162,6 +169,45 @@ pub async fn create_or_list(
     ))
 }
 
+/// Checks the runtime token of a change when it is set or the request
+/// commits, and makes the new container run as the token's user with the
+/// token's scopes.
+async fn apply_runtime_token(
+    state: &AppState,
+    caller: &Caller,
+    change: &mut lifecycle::RequestChange,
+) -> Result<(), ApiError> {
+    if !change.check_runtime_token {
+        return Ok(());
+    }
+    let Some(token) = &change.secrets.runtime_token else {
+        return Ok(());
+    };
+    let identity = check_runtime_token(state, caller, token).await?;
+    if let Some(container) = &mut change.new_container {
+        container.runtime_user_uuid = Some(identity.user_uuid);
+        container.runtime_auth_scopes = identity.scopes;
+    }
+    Ok(())
+}
+
+/// Reads the secrets of a request at the version its record was read at.
+/// Returns `None` when the request changed in between, so that the caller
+/// reads both again.
+async fn load_secrets(
+    state: &AppState,
+    current: &Versioned<ContainerRequest>,
+) -> Result<Option<Secrets>, ApiError> {
+    let uuid = &current.record.uuid;
+    let stored = state
+        .store()
+        .get_request_secrets(uuid)
+        .await
+        .map_err(ApiError::store("read a container request's secrets"))?
+        .ok_or_else(|| ApiError::not_found("container request", uuid))?;
+    Ok((stored.version == current.version).then_some(stored.record))
+}
+
 /// Lets a committing request with `use_existing` take an existing
 /// container that runs the same thing, instead of the new one built for
 /// it.
@@ -177,7 +223,7 @@ async fn reuse_if_possible(
     }
     let candidates = state
         .store()
-        .reusable_containers(&reuse_key(container))
+        .reusable_containers(&reuse_key(container, &change.secrets.secret_mounts))
         .await
         .map_err(ApiError::store("find a container to reuse"))?;
     if let Some(existing) = reuse::choose(&change.record, &candidates) {
@@ -224,13 +270,18 @@ pub async fn update(
 
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = load_visible(&state, &caller, &uuid).await?;
+        let Some(secrets) = load_secrets(&state, &current).await? else {
+            continue;
+        };
         let mut change = lifecycle::update_request(
             cluster,
             &caller,
             &current.record,
+            &secrets,
             attributes.clone(),
             chrono::Utc::now(),
         )?;
+        apply_runtime_token(&state, &caller, &mut change).await?;
         reuse_if_possible(&state, &mut change).await?;
         if !change.changed {
             return Ok(Json(render::record(
@@ -244,6 +295,7 @@ pub async fn update(
             expected_version: current.version,
             new_container: change.new_container,
             reused_container: change.reused_container,
+            secrets: change.secrets,
         };
         match state.store().update_request(&write).await {
             Ok(stored) => {

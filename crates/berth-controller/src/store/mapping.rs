@@ -1,5 +1,6 @@
 //! What the SQL backends share: how a record maps to the values of its
-//! columns and back, and the ORDER BY clause of a list.
+//! columns and back, how secrets map to their two columns, and the ORDER
+//! BY clause of a list.
 //!
 //! A record is serialised to a JSON object, and each column takes the
 //! value of the field of its name. Reading builds the object back from the
@@ -10,9 +11,74 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
+use berth_core::Secret;
+
 use super::{
-    Column, ColumnKind, Filter, FilterOp, ListQuery, Operand, Result, Scalar, StoreError, Versioned,
+    Column, ColumnKind, Filter, FilterOp, ListQuery, Operand, Result, Scalar, Secrets, StoreError,
+    Versioned,
 };
+
+/// Encodes secrets as the values of the columns `secret_mounts` (JSON
+/// text) and `runtime_token` (text), in that order, each NULL when there
+/// is none.
+pub(super) fn encode_secrets(
+    table: &'static str,
+    uuid: &str,
+    secrets: &Secrets,
+) -> Result<[Option<String>; 2]> {
+    let secret_mounts = if secrets.secret_mounts.is_empty() {
+        None
+    } else {
+        let text =
+            serde_json::to_string(&secrets.secret_mounts).map_err(|_| StoreError::Encode {
+                table,
+                uuid: uuid.to_string(),
+                reason: "the secret mounts do not serialise to JSON".into(),
+            })?;
+        Some(text)
+    };
+    let runtime_token = secrets
+        .runtime_token
+        .as_ref()
+        .map(|token| token.expose().to_string());
+    Ok([secret_mounts, runtime_token])
+}
+
+/// Decodes the columns `secret_mounts`, `runtime_token` and `version` of
+/// a row of `table`.
+pub(super) fn decode_secrets<R>(
+    table: &'static str,
+    uuid: &str,
+    row: &R,
+) -> Result<Versioned<Secrets>>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'r> Option<String>: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let read_error = StoreError::query("read secrets");
+    let secret_mounts: Option<String> = row.try_get("secret_mounts").map_err(read_error)?;
+    let runtime_token: Option<String> = row.try_get("runtime_token").map_err(read_error)?;
+    let version: i64 = row.try_get("version").map_err(read_error)?;
+    let secret_mounts = match secret_mounts {
+        None => Default::default(),
+        Some(text) => serde_json::from_str(&text).map_err(|err| StoreError::DecodeSecrets {
+            table,
+            uuid: uuid.to_string(),
+            line: err.line(),
+            column: err.column(),
+        })?,
+    };
+    let secrets = Secrets {
+        secret_mounts,
+        runtime_token: runtime_token.map(Secret::new),
+    };
+    Ok(Versioned {
+        record: secrets,
+        version,
+    })
+}
 
 /// A value bound to a statement parameter.
 #[derive(Debug, Clone)]

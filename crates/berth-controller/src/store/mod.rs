@@ -13,6 +13,14 @@
 //! This is how two dispatchers locking the same container at once end with
 //! exactly one lock.
 //!
+//! Secrets: `secret_mounts` and `runtime_token` of requests and containers
+//! ([`Secrets`]) live in columns of their own, outside the column lists
+//! and the record mapping, so no list, get or change feed can return them.
+//! They are written in the same transaction as the record they belong to,
+//! read only through [`Store::get_request_secrets`] and
+//! [`Store::get_container_secrets`], and cleared when the record reaches a
+//! final state.
+//!
 //! Change sequence: every insert or update of a container also sets the
 //! row's `change_seq` (not a record field) to the next value of one
 //! counter, in commit order, through triggers of the migrations. The
@@ -30,12 +38,13 @@ mod mapping;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use berth_core::time::Timestamp;
-use berth_core::{Container, ContainerRequest};
+use berth_core::{Container, ContainerRequest, Mount, Secret};
 
 use crate::notify::{ChangeListener, Notifier};
 use crate::retry::RetryPlan;
@@ -83,6 +92,18 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The stored secrets of a row are not what the store wrote. The
+    /// message gives the position only, because serde's message may quote
+    /// the secret.
+    #[error(
+        "failed to decode the secrets of {table} row {uuid}: invalid JSON at line {line}, column {column}"
+    )]
+    DecodeSecrets {
+        table: &'static str,
+        uuid: String,
+        line: usize,
+        column: usize,
+    },
     #[error("failed to encode {table} record {uuid}: {reason}")]
     Encode {
         table: &'static str,
@@ -109,6 +130,34 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The write-only attributes of a request or a container: never part of
+/// the record, never returned by a list or get (see the module
+/// documentation). `Debug` shows the targets of the secret mounts and
+/// whether a runtime token is set, never a value.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    /// `secret_mounts`: json and text mounts whose content is secret.
+    pub secret_mounts: BTreeMap<String, Mount>,
+    /// `runtime_token`: the user token (`v2/UUID/SECRET`) the container
+    /// runs as.
+    pub runtime_token: Option<Secret>,
+}
+
+impl Secrets {
+    pub fn is_empty(&self) -> bool {
+        self.secret_mounts.is_empty() && self.runtime_token.is_none()
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("secret_mount_targets", &self.secret_mounts.keys())
+            .field("has_runtime_token", &self.runtime_token.is_some())
+            .finish()
+    }
+}
 
 /// A record with its version in the store.
 #[derive(Debug, Clone, PartialEq)]
@@ -380,6 +429,9 @@ pub struct RequestWrite {
     pub new_container: Option<Container>,
     /// The existing container the request takes instead of a new one.
     pub reused_container: Option<ReusedContainer>,
+    /// The request's secrets after the write, stored in place of the old
+    /// ones. A new container gets the same.
+    pub secrets: Secrets,
 }
 
 /// Secrets minted when a container is locked, as the store keeps them.
@@ -415,6 +467,8 @@ pub struct ContainerWrite {
     /// inserted and the requests are moved onto it (each at the version it
     /// was read at) before the others are finalised.
     pub retry: Option<RetryPlan>,
+    /// Clear the container's secrets (it has reached a final state).
+    pub clear_secrets: bool,
 }
 
 /// A live log stream of a container.
@@ -502,21 +556,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     async fn get_token(&self, uuid: &str) -> Result<Option<ApiToken>>;
 
-    /// Inserts a new request, and the container created for it when it is
-    /// created Committed (or checks the version of the container it
-    /// reuses), in one transaction.
+    /// Inserts a new request with its secrets, and the container created
+    /// for it when it is created Committed (or checks the version of the
+    /// container it reuses), in one transaction. The new container gets
+    /// the request's secrets.
     async fn insert_request(
         &self,
         request: &ContainerRequest,
+        secrets: &Secrets,
         container: Option<&Container>,
         reused: Option<&ReusedContainer>,
     ) -> Result<Versioned<ContainerRequest>>;
 
     async fn get_request(&self, uuid: &str) -> Result<Option<Versioned<ContainerRequest>>>;
 
+    /// Reads a request's secrets, with the version of the row they were
+    /// read from.
+    async fn get_request_secrets(&self, uuid: &str) -> Result<Option<Versioned<Secrets>>>;
+
     async fn list_requests(&self, query: &ListQuery) -> Result<Page<ContainerRequest>>;
 
-    /// Applies a request update and recomputes the priority of the
+    /// Applies a request update with its secrets (and inserts the new
+    /// container with the same secrets) and recomputes the priority of the
     /// request's container, in one transaction.
     async fn update_request(&self, write: &RequestWrite) -> Result<Versioned<ContainerRequest>>;
 
@@ -525,6 +586,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn delete_request(&self, uuid: &str, expected_version: i64) -> Result<()>;
 
     async fn get_container(&self, uuid: &str) -> Result<Option<Versioned<Container>>>;
+
+    /// Reads a container's secrets, with the version of the row they were
+    /// read from.
+    async fn get_container_secrets(&self, uuid: &str) -> Result<Option<Versioned<Secrets>>>;
 
     /// Returns the containers with this [reuse key](crate::reuse::reuse_key)
     /// that may still serve a request: every Queued, Locked or Running
@@ -536,8 +601,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// True if a request owned by `user_uuid` names the container.
     async fn container_requested_by(&self, container_uuid: &str, user_uuid: &str) -> Result<bool>;
 
-    /// Applies a container update with its credential change and request
-    /// finalisation, in one transaction.
+    /// Applies a container update with its credential change, request
+    /// finalisation (which clears the requests' secrets) and retry, in one
+    /// transaction.
     async fn update_container(&self, write: &ContainerWrite) -> Result<Versioned<Container>>;
 
     /// Returns the size in bytes of a log stream (0 when nothing was

@@ -40,14 +40,14 @@ use sqlx::query::Query;
 use sqlx::Row;
 
 use super::mapping::{
-    check_filter_text, decode_record, encode_record, key_condition, order_clause, to_i64, Bound,
-    JsonSql,
+    check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets, key_condition,
+    order_clause, to_i64, Bound, JsonSql,
 };
 use super::{changes, ChangePage};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
-    LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Store, StoreError,
-    User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Secrets, Store,
+    StoreError, User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 use crate::notify::{ChangeListener, Notifier};
 use crate::reuse::reuse_key;
@@ -204,16 +204,67 @@ async fn record_attempt(conn: &mut PgConnection, request: &ContainerRequest) -> 
     Ok(())
 }
 
-/// Inserts a container with its reuse key.
-async fn insert_container(conn: &mut PgConnection, container: &Container) -> Result<()> {
+/// Inserts a container with its secrets and its reuse key.
+async fn insert_container(
+    conn: &mut PgConnection,
+    container: &Container,
+    secrets: &Secrets,
+) -> Result<()> {
     insert_record(conn, &CONTAINERS, &container.uuid, container).await?;
-    sqlx::query("UPDATE containers SET reuse_key = $1 WHERE uuid = $2")
-        .bind(reuse_key(container))
-        .bind(&container.uuid)
-        .execute(conn)
-        .await
-        .map_err(StoreError::query("store a container's reuse key"))?;
+    let [secret_mounts, runtime_token] = encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
+    sqlx::query(
+        "UPDATE containers SET reuse_key = $1, secret_mounts = $2, runtime_token = $3 \
+         WHERE uuid = $4",
+    )
+    .bind(reuse_key(container, &secrets.secret_mounts))
+    .bind(secret_mounts)
+    .bind(runtime_token)
+    .bind(&container.uuid)
+    .execute(conn)
+    .await
+    .map_err(StoreError::query(
+        "store a container's secrets and reuse key",
+    ))?;
     Ok(())
+}
+
+/// Replaces the secrets of a request.
+async fn write_request_secrets(
+    conn: &mut PgConnection,
+    uuid: &str,
+    secrets: &Secrets,
+) -> Result<()> {
+    let [secret_mounts, runtime_token] = encode_secrets(REQUESTS.name, uuid, secrets)?;
+    sqlx::query(
+        "UPDATE container_requests SET secret_mounts = $1, runtime_token = $2 WHERE uuid = $3",
+    )
+    .bind(secret_mounts)
+    .bind(runtime_token)
+    .bind(uuid)
+    .execute(conn)
+    .await
+    .map_err(StoreError::query("store a container request's secrets"))?;
+    Ok(())
+}
+
+/// Reads the secrets of a request or container row, with the row's
+/// version.
+async fn get_secrets(
+    pool: &PgPool,
+    table: &Table,
+    uuid: &str,
+) -> Result<Option<Versioned<Secrets>>> {
+    let sql = format!(
+        "SELECT secret_mounts, runtime_token, version FROM {} WHERE uuid = $1",
+        table.name
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid)
+        .fetch_optional(pool)
+        .await
+        .map_err(StoreError::query("read secrets"))?;
+    row.map(|row| decode_secrets(table.name, uuid, &row))
+        .transpose()
 }
 
 /// Fails with a conflict unless the reused container still has the
@@ -694,17 +745,19 @@ impl Store for PostgresStore {
     async fn insert_request(
         &self,
         request: &ContainerRequest,
+        secrets: &Secrets,
         container: Option<&Container>,
         reused: Option<&ReusedContainer>,
     ) -> Result<Versioned<ContainerRequest>> {
         let mut tx = self.begin_write().await?;
         if let Some(container) = container {
-            insert_container(&mut tx, container).await?;
+            insert_container(&mut tx, container, secrets).await?;
         }
         if let Some(reused) = reused {
             check_reused(&mut tx, reused).await?;
         }
         insert_record(&mut tx, &REQUESTS, &request.uuid, request).await?;
+        write_request_secrets(&mut tx, &request.uuid, secrets).await?;
         record_attempt(&mut tx, request).await?;
         if let Some(container_uuid) = &request.container_uuid {
             recompute_priority(&mut tx, container_uuid).await?;
@@ -725,6 +778,10 @@ impl Store for PostgresStore {
         get_record(&mut conn, &REQUESTS, uuid).await
     }
 
+    async fn get_request_secrets(&self, uuid: &str) -> Result<Option<Versioned<Secrets>>> {
+        get_secrets(&self.pool, &REQUESTS, uuid).await
+    }
+
     async fn list_requests(&self, query: &ListQuery) -> Result<Page<ContainerRequest>> {
         list_records(&self.pool, &REQUESTS, query).await
     }
@@ -733,7 +790,7 @@ impl Store for PostgresStore {
         let record = &write.record;
         let mut tx = self.begin_write().await?;
         if let Some(container) = &write.new_container {
-            insert_container(&mut tx, container).await?;
+            insert_container(&mut tx, container, &write.secrets).await?;
         }
         if let Some(reused) = &write.reused_container {
             check_reused(&mut tx, reused).await?;
@@ -746,6 +803,7 @@ impl Store for PostgresStore {
             write.expected_version,
         )
         .await?;
+        write_request_secrets(&mut tx, &record.uuid, &write.secrets).await?;
         record_attempt(&mut tx, record).await?;
         if let Some(container_uuid) = &record.container_uuid {
             recompute_priority(&mut tx, container_uuid).await?;
@@ -812,6 +870,10 @@ impl Store for PostgresStore {
         get_record(&mut conn, &CONTAINERS, uuid).await
     }
 
+    async fn get_container_secrets(&self, uuid: &str) -> Result<Option<Versioned<Secrets>>> {
+        get_secrets(&self.pool, &CONTAINERS, uuid).await
+    }
+
     async fn list_containers(&self, query: &ListQuery) -> Result<Page<Container>> {
         list_records(&self.pool, &CONTAINERS, query).await
     }
@@ -869,8 +931,18 @@ impl Store for PostgresStore {
                     .map_err(StoreError::query("forget a gateway secret"))?;
             }
         }
+        if write.clear_secrets {
+            sqlx::query(
+                "UPDATE containers SET secret_mounts = NULL, runtime_token = NULL \
+                 WHERE uuid = $1 AND (secret_mounts IS NOT NULL OR runtime_token IS NOT NULL)",
+            )
+            .bind(&record.uuid)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("clear a container's secrets"))?;
+        }
         if let Some(retry) = &write.retry {
-            insert_container(&mut tx, &retry.new_container).await?;
+            insert_container(&mut tx, &retry.new_container, &retry.secrets).await?;
             for moved in &retry.requests {
                 update_record(
                     &mut tx,
@@ -887,7 +959,8 @@ impl Store for PostgresStore {
         if write.finalize_requests {
             sqlx::query(
                 "UPDATE container_requests SET state = 'Final', modified_at = $1, \
-                 modified_by_user_uuid = $2, version = version + 1 \
+                 modified_by_user_uuid = $2, secret_mounts = NULL, runtime_token = NULL, \
+                 version = version + 1 \
                  WHERE container_uuid = $3 AND state = 'Committed'",
             )
             .bind(&now)
@@ -1139,7 +1212,7 @@ mod tests {
         let uuid = "zzzzz-dz642-0123456789abcde";
         let request = request("zzzzz-xvhdp-0123456789abcde", "one", uuid);
         store
-            .insert_request(&request, Some(&container(uuid)), None)
+            .insert_request(&request, &Secrets::default(), Some(&container(uuid)), None)
             .await
             .unwrap();
         let read = store.get_container(uuid).await.unwrap().unwrap();
@@ -1152,6 +1225,7 @@ mod tests {
             credentials: CredentialChange::Keep,
             finalize_requests: false,
             retry: None,
+            clear_secrets: false,
         };
         let (first, second) = tokio::join!(
             store.update_container(&write),
@@ -1174,6 +1248,7 @@ mod tests {
         store
             .insert_request(
                 &request("zzzzz-xvhdp-0123456789abcde", "one", uuid),
+                &Secrets::default(),
                 Some(&container(uuid)),
                 None,
             )
@@ -1215,6 +1290,7 @@ mod tests {
         store
             .insert_request(
                 &request("zzzzz-xvhdp-0123456789abcde", "Alpha", uuid),
+                &Secrets::default(),
                 Some(&container(uuid)),
                 None,
             )

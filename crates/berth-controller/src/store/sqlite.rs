@@ -34,14 +34,14 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite};
 
 use super::mapping::{
-    check_filter_text, decode_record, encode_record, key_condition, order_clause, to_i64, Bound,
-    JsonSql,
+    check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets, key_condition,
+    order_clause, to_i64, Bound, JsonSql,
 };
 use super::{changes, ChangePage};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
-    LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Store, StoreError,
-    User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Secrets, Store,
+    StoreError, User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 use crate::notify::{ChangeListener, Notifier};
 use crate::reuse::reuse_key;
@@ -179,16 +179,66 @@ async fn record_attempt(conn: &mut SqliteConnection, request: &ContainerRequest)
     Ok(())
 }
 
-/// Inserts a container with its reuse key.
-async fn insert_container(conn: &mut SqliteConnection, container: &Container) -> Result<()> {
+/// Inserts a container with its secrets and its reuse key.
+async fn insert_container(
+    conn: &mut SqliteConnection,
+    container: &Container,
+    secrets: &Secrets,
+) -> Result<()> {
     insert_record(conn, &CONTAINERS, &container.uuid, container).await?;
-    sqlx::query("UPDATE containers SET reuse_key = ? WHERE uuid = ?")
-        .bind(reuse_key(container))
-        .bind(&container.uuid)
-        .execute(conn)
-        .await
-        .map_err(StoreError::query("store a container's reuse key"))?;
+    let [secret_mounts, runtime_token] = encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
+    sqlx::query(
+        "UPDATE containers SET reuse_key = ?, secret_mounts = ?, runtime_token = ? WHERE uuid = ?",
+    )
+    .bind(reuse_key(container, &secrets.secret_mounts))
+    .bind(secret_mounts)
+    .bind(runtime_token)
+    .bind(&container.uuid)
+    .execute(conn)
+    .await
+    .map_err(StoreError::query(
+        "store a container's secrets and reuse key",
+    ))?;
     Ok(())
+}
+
+/// Replaces the secrets of a request.
+async fn write_request_secrets(
+    conn: &mut SqliteConnection,
+    uuid: &str,
+    secrets: &Secrets,
+) -> Result<()> {
+    let [secret_mounts, runtime_token] = encode_secrets(REQUESTS.name, uuid, secrets)?;
+    sqlx::query(
+        "UPDATE container_requests SET secret_mounts = ?, runtime_token = ? WHERE uuid = ?",
+    )
+    .bind(secret_mounts)
+    .bind(runtime_token)
+    .bind(uuid)
+    .execute(conn)
+    .await
+    .map_err(StoreError::query("store a container request's secrets"))?;
+    Ok(())
+}
+
+/// Reads the secrets of a request or container row, with the row's
+/// version.
+async fn get_secrets(
+    pool: &SqlitePool,
+    table: &Table,
+    uuid: &str,
+) -> Result<Option<Versioned<Secrets>>> {
+    let sql = format!(
+        "SELECT secret_mounts, runtime_token, version FROM {} WHERE uuid = ?",
+        table.name
+    );
+    let row = sqlx::query(&sql)
+        .bind(uuid)
+        .fetch_optional(pool)
+        .await
+        .map_err(StoreError::query("read secrets"))?;
+    row.map(|row| decode_secrets(table.name, uuid, &row))
+        .transpose()
 }
 
 /// Fails with a conflict unless the reused container still has the
@@ -743,17 +793,19 @@ impl Store for SqliteStore {
     async fn insert_request(
         &self,
         request: &ContainerRequest,
+        secrets: &Secrets,
         container: Option<&Container>,
         reused: Option<&ReusedContainer>,
     ) -> Result<Versioned<ContainerRequest>> {
         let mut tx = self.begin_write().await?;
         if let Some(container) = container {
-            insert_container(&mut tx, container).await?;
+            insert_container(&mut tx, container, secrets).await?;
         }
         if let Some(reused) = reused {
             check_reused(&mut tx, reused).await?;
         }
         insert_record(&mut tx, &REQUESTS, &request.uuid, request).await?;
+        write_request_secrets(&mut tx, &request.uuid, secrets).await?;
         record_attempt(&mut tx, request).await?;
         if let Some(container_uuid) = &request.container_uuid {
             recompute_priority(&mut tx, container_uuid).await?;
@@ -774,6 +826,10 @@ impl Store for SqliteStore {
         get_record(&mut conn, &REQUESTS, uuid).await
     }
 
+    async fn get_request_secrets(&self, uuid: &str) -> Result<Option<Versioned<Secrets>>> {
+        get_secrets(&self.pool, &REQUESTS, uuid).await
+    }
+
     async fn list_requests(&self, query: &ListQuery) -> Result<Page<ContainerRequest>> {
         list_records(&self.pool, &REQUESTS, query).await
     }
@@ -782,7 +838,7 @@ impl Store for SqliteStore {
         let record = &write.record;
         let mut tx = self.begin_write().await?;
         if let Some(container) = &write.new_container {
-            insert_container(&mut tx, container).await?;
+            insert_container(&mut tx, container, &write.secrets).await?;
         }
         if let Some(reused) = &write.reused_container {
             check_reused(&mut tx, reused).await?;
@@ -795,6 +851,7 @@ impl Store for SqliteStore {
             write.expected_version,
         )
         .await?;
+        write_request_secrets(&mut tx, &record.uuid, &write.secrets).await?;
         record_attempt(&mut tx, record).await?;
         if let Some(container_uuid) = &record.container_uuid {
             recompute_priority(&mut tx, container_uuid).await?;
@@ -861,6 +918,10 @@ impl Store for SqliteStore {
         get_record(&mut conn, &CONTAINERS, uuid).await
     }
 
+    async fn get_container_secrets(&self, uuid: &str) -> Result<Option<Versioned<Secrets>>> {
+        get_secrets(&self.pool, &CONTAINERS, uuid).await
+    }
+
     async fn list_containers(&self, query: &ListQuery) -> Result<Page<Container>> {
         list_records(&self.pool, &CONTAINERS, query).await
     }
@@ -918,8 +979,18 @@ impl Store for SqliteStore {
                     .map_err(StoreError::query("forget a gateway secret"))?;
             }
         }
+        if write.clear_secrets {
+            sqlx::query(
+                "UPDATE containers SET secret_mounts = NULL, runtime_token = NULL \
+                 WHERE uuid = ? AND (secret_mounts IS NOT NULL OR runtime_token IS NOT NULL)",
+            )
+            .bind(&record.uuid)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("clear a container's secrets"))?;
+        }
         if let Some(retry) = &write.retry {
-            insert_container(&mut tx, &retry.new_container).await?;
+            insert_container(&mut tx, &retry.new_container, &retry.secrets).await?;
             for moved in &retry.requests {
                 update_record(
                     &mut tx,
@@ -936,7 +1007,8 @@ impl Store for SqliteStore {
         if write.finalize_requests {
             sqlx::query(
                 "UPDATE container_requests SET state = 'Final', modified_at = ?, \
-                 modified_by_user_uuid = ?, version = version + 1 \
+                 modified_by_user_uuid = ?, secret_mounts = NULL, runtime_token = NULL, \
+                 version = version + 1 \
                  WHERE container_uuid = ? AND state = 'Committed'",
             )
             .bind(&now)

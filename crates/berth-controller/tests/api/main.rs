@@ -18,6 +18,7 @@ mod logs;
 mod nul_characters;
 mod permissions;
 mod requests;
+mod secrets;
 mod socket;
 mod tls;
 mod two_controllers;

@@ -145,6 +145,49 @@ async fn client_runs_a_container_over_a_socket() {
 }
 
 #[tokio::test]
+async fn supervisor_client_reads_secret_mounts() {
+    let running = start().await;
+    let alice_token = create_user(&cluster(), &running.config, "alice", false)
+        .await
+        .unwrap();
+    let alice = client(&running.base_url, &alice_token);
+    let system = client(&running.base_url, SYSTEM_TOKEN);
+    let mut attributes = runnable();
+    attributes["secret_mounts"] = json!({
+        "/etc/secret.json": {"kind": "json", "content": {"password": "hunter2"}},
+    });
+    let request = alice.create_container_request(&attributes).await.unwrap();
+    let container_uuid = request.container_uuid.unwrap();
+    let locked = system.lock_container(&container_uuid).await.unwrap();
+
+    let supervisor = client(&running.base_url, &locked.credentials.api_token);
+    let mounts = supervisor
+        .container_secret_mounts(&container_uuid)
+        .await
+        .unwrap();
+    assert_eq!(mounts.len(), 1);
+    let mount = &mounts["/etc/secret.json"];
+    assert_eq!(mount.kind, "json");
+    assert_eq!(mount.content, Some(json!({"password": "hunter2"})));
+
+    for other in [&alice, &system] {
+        let err = other
+            .container_secret_mounts(&container_uuid)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::FORBIDDEN), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    running.stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), running.server)
+        .await
+        .expect("the controller did not stop")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
 async fn shutdown_ends_a_long_poll() {
     let running = start().await;
     let alice_token = create_user(&cluster(), &running.config, "alice", false)

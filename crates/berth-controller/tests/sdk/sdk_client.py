@@ -195,6 +195,35 @@ def container_and_cancel(api, created):
     check(held["priority"] == 0, f"cancelled request's container priority: {held['priority']}")
 
 
+def secrets_reach_only_the_container(api):
+    secret = "sdk-secret-value-0123"
+    request = runnable("sdk-secrets")
+    request["secret_mounts"] = {"/etc/secret.txt": {"kind": "text", "content": secret}}
+    request["runtime_token"] = os.environ["BERTH_SDK_USER_TOKEN"]
+    created = api.container_requests().create(body={"container_request": request}).execute()
+    fetched = api.container_requests().get(uuid=created["uuid"]).execute()
+    container = api.containers().get(uuid=created["container_uuid"]).execute()
+    for name, record in (("create", created), ("get", fetched), ("container", container)):
+        check("secret_mounts" not in record and "runtime_token" not in record,
+              f"{name} returned a write-only attribute")
+        check(secret not in repr(record), f"{name} returned the secret")
+
+    system = client(os.environ["BERTH_SDK_SYSTEM_TOKEN"])
+    locked = system.containers().lock(uuid=container["uuid"]).execute()
+    own = client(locked["credentials"]["api_token"])
+    mounts = own.containers().secret_mounts(uuid=container["uuid"]).execute()
+    check(mounts == {"secret_mounts": request["secret_mounts"]}, "containers.secret_mounts: "
+          f"{sorted(mounts.get('secret_mounts', {}))}")
+    try:
+        api.containers().secret_mounts(uuid=container["uuid"]).execute()
+        fail("containers.secret_mounts answered the request's owner")
+    except arvados.errors.ApiError as err:
+        check(err.resp.status == 403, f"secret_mounts for the owner: status {err.resp.status}")
+    system.containers().unlock(uuid=container["uuid"]).execute()
+    api.container_requests().update(
+        uuid=created["uuid"], body={"container_request": {"priority": 0}}).execute()
+
+
 def missing_request_is_404(api):
     try:
         api.container_requests().get(uuid="zzzzz-xvhdp-000000000000000").execute()
@@ -211,6 +240,7 @@ def main():
     uuids = page_with_keyset(api)
     list_with_long_url(api, uuids)
     container_and_cancel(api, created)
+    secrets_reach_only_the_container(api)
     missing_request_is_404(api)
     check_current_user(api)
     print("sdk_client: all checks passed")
