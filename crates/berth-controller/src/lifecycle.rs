@@ -454,6 +454,9 @@ pub struct RequestChange {
     /// The existing container the request takes instead of
     /// `new_container` (see [`take_existing`]).
     pub reused_container: Option<ReusedContainer>,
+    /// The reusable containers seen and not taken when the request, which
+    /// allows reuse, gets a new container (see [`crate::store::RequestWrite`]).
+    pub passed_over: Option<Vec<String>>,
     /// False when the attributes changed nothing: nothing to write.
     pub changed: bool,
     /// The request's secrets after the change; a new container gets the
@@ -653,6 +656,7 @@ pub fn create_request(
         record: request,
         new_container,
         reused_container: None,
+        passed_over: None,
         changed: true,
         check_runtime_token: secrets.runtime_token.is_some(),
         secrets,
@@ -697,6 +701,7 @@ pub fn update_request(
             record: current.clone(),
             new_container: None,
             reused_container: None,
+            passed_over: None,
             changed: false,
             secrets: current_secrets.clone(),
             check_runtime_token: false,
@@ -748,6 +753,7 @@ pub fn update_request(
         record: request,
         new_container,
         reused_container: None,
+        passed_over: None,
         changed: true,
         check_runtime_token: secrets.runtime_token.is_some() && (commits || sets_token),
         secrets,

@@ -350,7 +350,7 @@ pub async fn update(
                     select.as_deref(),
                 )?))
             }
-            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) if err.is_conflict() => continue,
             Err(err) => return Err(ApiError::store("update a container")(err)),
         }
     }
@@ -384,7 +384,7 @@ pub async fn lock(
                 }
                 return Ok(Json(body));
             }
-            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) if err.is_conflict() => continue,
             Err(err) => return Err(ApiError::store("lock a container")(err)),
         }
     }
@@ -408,7 +408,7 @@ pub async fn unlock(
         )?;
         match store_change(&state, &current, change).await {
             Ok(stored) => return Ok(Json(render::record(KIND, &stored.record, None)?)),
-            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) if err.is_conflict() => continue,
             Err(err) => return Err(ApiError::store("unlock a container")(err)),
         }
     }

@@ -25,7 +25,7 @@ use crate::auth::{check_runtime_token, system_user_uuid, Caller};
 use crate::error::ApiError;
 use crate::lifecycle;
 use crate::reuse::{self, reuse_key};
-use crate::store::{RequestWrite, Secrets, StoreError, Versioned, Visibility, REQUEST_COLUMNS};
+use crate::store::{RequestWrite, Secrets, Versioned, Visibility, REQUEST_COLUMNS};
 
 pub const KIND: &str = "arvados#containerRequest";
 const LIST_KIND: &str = "arvados#containerRequestList";
@@ -144,11 +144,12 @@ pub async fn create_or_list(
                 &change.secrets,
                 change.new_container.as_ref(),
                 change.reused_container.as_ref(),
+                change.passed_over.as_deref(),
             )
             .await;
         let stored = match inserted {
             Ok(stored) => stored,
-            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) if err.is_conflict() => continue,
             Err(err) => return Err(ApiError::store("store a container request")(err)),
         };
         tracing::info!(
@@ -226,8 +227,16 @@ async fn reuse_if_possible(
         .reusable_containers(&reuse_key(container, &change.secrets.secret_mounts))
         .await
         .map_err(ApiError::store("find a container to reuse"))?;
-    if let Some(existing) = reuse::choose(&change.record, &candidates) {
-        lifecycle::take_existing(change, existing);
+    match reuse::choose(&change.record, &candidates) {
+        Some(existing) => lifecycle::take_existing(change, existing),
+        None => {
+            change.passed_over = Some(
+                candidates
+                    .iter()
+                    .map(|candidate| candidate.record.uuid.clone())
+                    .collect(),
+            )
+        }
     }
     Ok(())
 }
@@ -295,6 +304,7 @@ pub async fn update(
             expected_version: current.version,
             new_container: change.new_container,
             reused_container: change.reused_container,
+            passed_over: change.passed_over,
             secrets: change.secrets,
         };
         match state.store().update_request(&write).await {
@@ -314,7 +324,7 @@ pub async fn update(
                     select.as_deref(),
                 )?));
             }
-            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) if err.is_conflict() => continue,
             Err(err) => return Err(ApiError::store("update a container request")(err)),
         }
     }
@@ -345,7 +355,7 @@ pub async fn delete(
                 record.priority = 0;
                 return Ok(Json(render::record(KIND, &record, None)?));
             }
-            Err(StoreError::Conflict { .. }) => continue,
+            Err(err) if err.is_conflict() => continue,
             Err(err) => return Err(ApiError::store("delete a container request")(err)),
         }
     }

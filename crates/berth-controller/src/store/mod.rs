@@ -110,6 +110,10 @@ pub enum StoreError {
         uuid: String,
         reason: String,
     },
+    /// The database failed the transaction because of a concurrent one
+    /// (a deadlock or a serialization failure); run it again.
+    #[error("failed to {operation}: a concurrent transaction got in the way")]
+    Retry { operation: &'static str },
     /// The record changed since the writer read it; read again and retry.
     #[error("{table} record {uuid} changed while it was being updated")]
     Conflict { table: &'static str, uuid: String },
@@ -124,10 +128,34 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True for a failure that a new read and another attempt cure.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict { .. } | StoreError::Retry { .. })
+    }
+
+    /// Wraps a database error of `operation`. A deadlock or a
+    /// serialization failure, which another attempt cures, becomes a
+    /// [`StoreError::Conflict`], so the API layer tries again.
     pub(crate) fn query(operation: &'static str) -> impl Fn(sqlx::Error) -> StoreError + Copy {
-        move |source| StoreError::Query { operation, source }
+        move |source| {
+            let code = source
+                .as_database_error()
+                .and_then(|error| error.code().map(|code| code.into_owned()));
+            match code.as_deref() {
+                Some(DEADLOCK_DETECTED | SERIALIZATION_FAILURE) => StoreError::Retry { operation },
+                _ => StoreError::Query { operation, source },
+            }
+        }
     }
 }
+
+/// PostgreSQL's error code for a deadlock the server broke by failing one
+/// of the transactions.
+const DEADLOCK_DETECTED: &str = "40P01";
+
+/// PostgreSQL's error code for a transaction that could not be serialized
+/// with a concurrent one.
+const SERIALIZATION_FAILURE: &str = "40001";
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -429,6 +457,11 @@ pub struct RequestWrite {
     pub new_container: Option<Container>,
     /// The existing container the request takes instead of a new one.
     pub reused_container: Option<ReusedContainer>,
+    /// For a new container of a request that allows reuse: the reusable
+    /// containers the caller saw and did not take. The store fails with a
+    /// conflict when another has appeared since, so that the caller looks
+    /// again and identical requests committed at once share a container.
+    pub passed_over: Option<Vec<String>>,
     /// The request's secrets after the write, stored in place of the old
     /// ones. A new container gets the same.
     pub secrets: Secrets,
@@ -558,14 +591,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Inserts a new request with its secrets, and the container created
     /// for it when it is created Committed (or checks the version of the
-    /// container it reuses), in one transaction. The new container gets
-    /// the request's secrets.
+    /// container it reuses, or that no other reusable container appeared),
+    /// in one transaction. The new container gets the request's secrets.
     async fn insert_request(
         &self,
         request: &ContainerRequest,
         secrets: &Secrets,
         container: Option<&Container>,
         reused: Option<&ReusedContainer>,
+        passed_over: Option<&[String]>,
     ) -> Result<Versioned<ContainerRequest>>;
 
     async fn get_request(&self, uuid: &str) -> Result<Option<Versioned<ContainerRequest>>>;

@@ -204,6 +204,49 @@ async fn record_attempt(conn: &mut PgConnection, request: &ContainerRequest) -> 
     Ok(())
 }
 
+/// Reads the containers with a reuse key that may serve a request (see
+/// [`Store::reusable_containers`]).
+async fn reusable_rows(conn: &mut PgConnection, key: &str) -> Result<Vec<Versioned<Container>>> {
+    let sql = format!(
+        "({select} WHERE reuse_key = $1 AND state IN ('Queued', 'Locked', 'Running')) \
+         UNION ALL \
+         ({select} WHERE reuse_key = $1 AND state = 'Complete' AND exit_code = 0 \
+         ORDER BY finished_at, uuid LIMIT 1)",
+        select = CONTAINERS.select
+    );
+    let rows = sqlx::query(&sql)
+        .bind(key)
+        .fetch_all(conn)
+        .await
+        .map_err(StoreError::query("find reusable containers"))?;
+    rows.iter()
+        .map(|row| decode_record(CONTAINERS.name, CONTAINERS.columns, row))
+        .collect()
+}
+
+/// Fails with a conflict when a container that a request allowing reuse
+/// could take has appeared since the caller chose to create `container`,
+/// passing over the reusable containers it saw. Writers run one at a time,
+/// so identical requests committed at once end up sharing one container.
+async fn check_passed_over(
+    conn: &mut PgConnection,
+    container: &Container,
+    secrets: &Secrets,
+    passed_over: &[String],
+) -> Result<()> {
+    let rows = reusable_rows(conn, &reuse_key(container, &secrets.secret_mounts)).await?;
+    if rows
+        .iter()
+        .any(|row| !passed_over.contains(&row.record.uuid))
+    {
+        return Err(StoreError::Conflict {
+            table: "containers",
+            uuid: container.uuid.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Inserts a container with its secrets and its reuse key.
 async fn insert_container(
     conn: &mut PgConnection,
@@ -635,6 +678,22 @@ impl PostgresStore {
             .await
             .map_err(StoreError::query("begin a write transaction"))
     }
+
+    /// Begins a transaction that writes records, holding the change
+    /// counter's lock from its first statement to its end. Record writers
+    /// therefore run one at a time, like SQLite's: each one reads what the
+    /// one before it committed (a recomputed priority counts every request
+    /// that changed), and no two of them can wait for each other's row
+    /// locks. The counter is locked anyway by every container write, until
+    /// commit, so this costs little more than taking it first.
+    async fn begin_record_write(&self) -> Result<sqlx::Transaction<'_, Postgres>> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("SELECT 1 FROM container_change_counter WHERE id = 1 FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("lock the change counter"))?;
+        Ok(tx)
+    }
 }
 
 /// Returns the URL with its password replaced by `***`, for messages and
@@ -671,7 +730,7 @@ impl Store for PostgresStore {
     }
 
     async fn insert_user(&self, user: &User, token: &ApiToken) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_record_write().await?;
         let inserted = sqlx::query(
             "INSERT INTO users (uuid, username, is_admin, is_active, created_at, modified_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -748,9 +807,13 @@ impl Store for PostgresStore {
         secrets: &Secrets,
         container: Option<&Container>,
         reused: Option<&ReusedContainer>,
+        passed_over: Option<&[String]>,
     ) -> Result<Versioned<ContainerRequest>> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_record_write().await?;
         if let Some(container) = container {
+            if let Some(passed_over) = passed_over {
+                check_passed_over(&mut tx, container, secrets, passed_over).await?;
+            }
             insert_container(&mut tx, container, secrets).await?;
         }
         if let Some(reused) = reused {
@@ -788,8 +851,11 @@ impl Store for PostgresStore {
 
     async fn update_request(&self, write: &RequestWrite) -> Result<Versioned<ContainerRequest>> {
         let record = &write.record;
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_record_write().await?;
         if let Some(container) = &write.new_container {
+            if let Some(passed_over) = &write.passed_over {
+                check_passed_over(&mut tx, container, &write.secrets, passed_over).await?;
+            }
             insert_container(&mut tx, container, &write.secrets).await?;
         }
         if let Some(reused) = &write.reused_container {
@@ -816,7 +882,7 @@ impl Store for PostgresStore {
     }
 
     async fn delete_request(&self, uuid: &str, expected_version: i64) -> Result<()> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_record_write().await?;
         let container_uuid: Option<Option<String>> = sqlx::query_scalar(
             "DELETE FROM container_requests WHERE uuid = $1 AND version = $2 \
              RETURNING container_uuid",
@@ -844,21 +910,12 @@ impl Store for PostgresStore {
     }
 
     async fn reusable_containers(&self, reuse_key: &str) -> Result<Vec<Versioned<Container>>> {
-        let sql = format!(
-            "({select} WHERE reuse_key = $1 AND state IN ('Queued', 'Locked', 'Running')) \
-             UNION ALL \
-             ({select} WHERE reuse_key = $1 AND state = 'Complete' AND exit_code = 0 \
-             ORDER BY finished_at, uuid LIMIT 1)",
-            select = CONTAINERS.select
-        );
-        let rows = sqlx::query(&sql)
-            .bind(reuse_key)
-            .fetch_all(&self.pool)
+        let mut conn = self
+            .pool
+            .acquire()
             .await
-            .map_err(StoreError::query("find reusable containers"))?;
-        rows.iter()
-            .map(|row| decode_record(CONTAINERS.name, CONTAINERS.columns, row))
-            .collect()
+            .map_err(StoreError::query("connect to the database"))?;
+        reusable_rows(&mut conn, reuse_key).await
     }
 
     async fn get_container(&self, uuid: &str) -> Result<Option<Versioned<Container>>> {
@@ -892,7 +949,7 @@ impl Store for PostgresStore {
     async fn update_container(&self, write: &ContainerWrite) -> Result<Versioned<Container>> {
         let record = &write.record;
         let now = time::format(&record.modified_at);
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.begin_record_write().await?;
         let version = update_record(
             &mut tx,
             &CONTAINERS,
@@ -1212,7 +1269,13 @@ mod tests {
         let uuid = "zzzzz-dz642-0123456789abcde";
         let request = request("zzzzz-xvhdp-0123456789abcde", "one", uuid);
         store
-            .insert_request(&request, &Secrets::default(), Some(&container(uuid)), None)
+            .insert_request(
+                &request,
+                &Secrets::default(),
+                Some(&container(uuid)),
+                None,
+                None,
+            )
             .await
             .unwrap();
         let read = store.get_container(uuid).await.unwrap().unwrap();
@@ -1250,6 +1313,7 @@ mod tests {
                 &request("zzzzz-xvhdp-0123456789abcde", "one", uuid),
                 &Secrets::default(),
                 Some(&container(uuid)),
+                None,
                 None,
             )
             .await
@@ -1292,6 +1356,7 @@ mod tests {
                 &request("zzzzz-xvhdp-0123456789abcde", "Alpha", uuid),
                 &Secrets::default(),
                 Some(&container(uuid)),
+                None,
                 None,
             )
             .await

@@ -179,6 +179,53 @@ async fn record_attempt(conn: &mut SqliteConnection, request: &ContainerRequest)
     Ok(())
 }
 
+/// Reads the containers with a reuse key that may serve a request (see
+/// [`Store::reusable_containers`]).
+async fn reusable_rows(
+    conn: &mut SqliteConnection,
+    key: &str,
+) -> Result<Vec<Versioned<Container>>> {
+    let sql = format!(
+        "{select} WHERE reuse_key = ? AND state IN ('Queued', 'Locked', 'Running') \
+         UNION ALL \
+         SELECT * FROM ({select} WHERE reuse_key = ? AND state = 'Complete' AND exit_code = 0 \
+         ORDER BY finished_at, uuid LIMIT 1)",
+        select = CONTAINERS.select
+    );
+    let rows = sqlx::query(&sql)
+        .bind(key)
+        .bind(key)
+        .fetch_all(conn)
+        .await
+        .map_err(StoreError::query("find reusable containers"))?;
+    rows.iter()
+        .map(|row| decode_record(CONTAINERS.name, CONTAINERS.columns, row))
+        .collect()
+}
+
+/// Fails with a conflict when a container that a request allowing reuse
+/// could take has appeared since the caller chose to create `container`,
+/// passing over the reusable containers it saw. Writers run one at a time,
+/// so identical requests committed at once end up sharing one container.
+async fn check_passed_over(
+    conn: &mut SqliteConnection,
+    container: &Container,
+    secrets: &Secrets,
+    passed_over: &[String],
+) -> Result<()> {
+    let rows = reusable_rows(conn, &reuse_key(container, &secrets.secret_mounts)).await?;
+    if rows
+        .iter()
+        .any(|row| !passed_over.contains(&row.record.uuid))
+    {
+        return Err(StoreError::Conflict {
+            table: "containers",
+            uuid: container.uuid.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Inserts a container with its secrets and its reuse key.
 async fn insert_container(
     conn: &mut SqliteConnection,
@@ -796,9 +843,13 @@ impl Store for SqliteStore {
         secrets: &Secrets,
         container: Option<&Container>,
         reused: Option<&ReusedContainer>,
+        passed_over: Option<&[String]>,
     ) -> Result<Versioned<ContainerRequest>> {
         let mut tx = self.begin_write().await?;
         if let Some(container) = container {
+            if let Some(passed_over) = passed_over {
+                check_passed_over(&mut tx, container, secrets, passed_over).await?;
+            }
             insert_container(&mut tx, container, secrets).await?;
         }
         if let Some(reused) = reused {
@@ -838,6 +889,9 @@ impl Store for SqliteStore {
         let record = &write.record;
         let mut tx = self.begin_write().await?;
         if let Some(container) = &write.new_container {
+            if let Some(passed_over) = &write.passed_over {
+                check_passed_over(&mut tx, container, &write.secrets, passed_over).await?;
+            }
             insert_container(&mut tx, container, &write.secrets).await?;
         }
         if let Some(reused) = &write.reused_container {
@@ -891,22 +945,12 @@ impl Store for SqliteStore {
     }
 
     async fn reusable_containers(&self, reuse_key: &str) -> Result<Vec<Versioned<Container>>> {
-        let sql = format!(
-            "{select} WHERE reuse_key = ? AND state IN ('Queued', 'Locked', 'Running') \
-             UNION ALL \
-             SELECT * FROM ({select} WHERE reuse_key = ? AND state = 'Complete' AND exit_code = 0 \
-             ORDER BY finished_at, uuid LIMIT 1)",
-            select = CONTAINERS.select
-        );
-        let rows = sqlx::query(&sql)
-            .bind(reuse_key)
-            .bind(reuse_key)
-            .fetch_all(&self.pool)
+        let mut conn = self
+            .pool
+            .acquire()
             .await
-            .map_err(StoreError::query("find reusable containers"))?;
-        rows.iter()
-            .map(|row| decode_record(CONTAINERS.name, CONTAINERS.columns, row))
-            .collect()
+            .map_err(StoreError::query("connect to the database"))?;
+        reusable_rows(&mut conn, reuse_key).await
     }
 
     async fn get_container(&self, uuid: &str) -> Result<Option<Versioned<Container>>> {

@@ -395,3 +395,112 @@ async fn delete_request_releases_container() {
     assert_eq!(get_container(&api, uuid).await["priority"], 0);
     assert_eq!(api.request_count().await, 0);
 }
+
+#[tokio::test]
+async fn identical_requests_committed_at_once_share_a_container() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    for _ in 0..5 {
+        let creates = (0..4).map(|_| {
+            api.committed_with(
+                &alice,
+                json!({"use_existing": true, "command": ["echo", "at once"]}),
+            )
+        });
+        let results = futures::future::join_all(creates).await;
+        let containers: std::collections::BTreeSet<String> = results
+            .iter()
+            .map(|(request, _)| str_of(request, "container_uuid").to_string())
+            .collect();
+        assert_eq!(containers.len(), 1, "{containers:?}");
+        // Finish it, so that the next round starts afresh with a new one.
+        let uuid = containers.into_iter().next().unwrap();
+        finish(&api, &uuid, "Cancelled", None).await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_request_changes_keep_the_priority_formula() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    for round in 0..10 {
+        let command = json!(["echo", round.to_string()]);
+        let (a, container) = api
+            .committed_with(&alice, json!({"use_existing": true, "command": command}))
+            .await;
+        let (b, _) = api
+            .committed_with(
+                &alice,
+                json!({"use_existing": true, "command": command, "priority": 7}),
+            )
+            .await;
+        let uuid = str_of(&container, "uuid");
+        assert_eq!(b["container_uuid"], uuid);
+
+        let path_a = format!("container_requests/{}", str_of(&a, "uuid"));
+        let path_b = format!("container_requests/{}", str_of(&b, "uuid"));
+        // Both cancel at once: nothing wants the container any more.
+        let (first, second) = tokio::join!(
+            api.call(
+                Method::PUT,
+                &path_a,
+                Some(&alice),
+                Some(json!({"priority": 0}))
+            ),
+            api.call(
+                Method::PUT,
+                &path_b,
+                Some(&alice),
+                Some(json!({"priority": 0}))
+            ),
+        );
+        first.expect(StatusCode::OK);
+        second.expect(StatusCode::OK);
+        assert_eq!(
+            get_container(&api, uuid).await["priority"],
+            0,
+            "round {round}"
+        );
+
+        // One raises its priority while the system cancels the container
+        // and an identical request commits: no call fails with a 5xx, and
+        // the survivors' container has the formula's priority.
+        let (raise, cancel, third) = tokio::join!(
+            api.call(
+                Method::PUT,
+                &path_a,
+                Some(&alice),
+                Some(json!({"priority": 3}))
+            ),
+            api.update_container(uuid, SYSTEM_TOKEN, json!({"state": "Cancelled"})),
+            api.create_request(&alice, {
+                let mut attributes = crate::common::runnable();
+                attributes["use_existing"] = json!(true);
+                attributes["command"] = command.clone();
+                attributes
+            }),
+        );
+        cancel.expect(StatusCode::OK);
+        third.expect(StatusCode::OK);
+        // The raise loses the race when the cancel made the request Final
+        // first; then it is a 422 that names the state.
+        if raise.status != StatusCode::OK {
+            raise.expect(StatusCode::UNPROCESSABLE_ENTITY);
+            assert!(raise.errors().contains("Final"), "{}", raise.errors());
+        }
+        let third = third.json();
+        let third_container = get_container(&api, str_of(&third, "container_uuid")).await;
+        if third_container["state"] != "Cancelled" {
+            let mut wanted = vec![contribution(&third)];
+            let a = get_request(&api, str_of(&a, "uuid"), &alice).await;
+            if a["container_uuid"] == third["container_uuid"] && a["state"] == "Committed" {
+                wanted.push(contribution(&a));
+            }
+            assert_eq!(
+                third_container["priority"],
+                wanted.into_iter().max().unwrap(),
+                "round {round}"
+            );
+        }
+    }
+}
