@@ -23,12 +23,13 @@
 //! whatever the steps returned, and a `Drop` guard also removes the
 //! runtime container should the run itself be dropped half-way.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use berth_client::{Client, ClientError};
-use berth_core::{Container, ContainerState};
+use berth_core::{Container, ContainerState, Mount};
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::task::{JoinError, JoinHandle};
@@ -79,6 +80,10 @@ enum RunError {
     SetRunning(#[source] ClientError),
     #[error("failed to prepare the mounts: {0}")]
     Task(#[from] JoinError),
+    #[error("failed to fetch the container's secret mounts: {0}")]
+    SecretMounts(#[source] ClientError),
+    #[error("secret mount {0} has the target of a mount")]
+    SecretMountTarget(String),
 }
 
 impl RunError {
@@ -300,11 +305,39 @@ struct Output {
 }
 
 impl Run<'_> {
+    /// Returns the container's mounts with its secret mounts, which only
+    /// its own token may fetch. A controller without the route has none.
+    async fn all_mounts(&self, container: &Container) -> Result<BTreeMap<String, Mount>, RunError> {
+        let fetched = retry(
+            "fetching the secret mounts",
+            self.config.api_retry_timeout,
+            API_BACKOFF,
+            ClientError::is_transient,
+            || self.client.container_secret_mounts(self.uuid),
+        )
+        .await;
+        let secret = match fetched {
+            Ok(secret) => secret,
+            Err(error) if error.status().map(|status| status.as_u16()) == Some(404) => {
+                BTreeMap::new()
+            }
+            Err(error) => return Err(RunError::SecretMounts(error)),
+        };
+        let mut mounts = container.mounts.clone();
+        for (target, mount) in secret {
+            if mounts.contains_key(&target) {
+                return Err(RunError::SecretMountTarget(target));
+            }
+            mounts.insert(target, mount);
+        }
+        Ok(mounts)
+    }
+
     /// Runs the steps up to the container's exit and returns its exit
     /// status. Leaves cleaning up to [`Run::cleanup`].
     async fn execute(&mut self, container: &Container) -> Result<i64, RunError> {
         self.check_stop()?;
-        let plan = plan_mounts(&container.mounts)?;
+        let plan = plan_mounts(&self.all_mounts(container).await?)?;
         let image = container.container_image.clone();
         let archive_dirs = self.config.image_archive_dirs.clone();
         let opening = tokio::task::spawn_blocking(move || {
