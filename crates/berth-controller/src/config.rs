@@ -77,7 +77,8 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// Times a container may be locked; an unlock once `lock_count` has
     /// reached this number cancels the container instead of queueing it
-    /// again. Default 10.
+    /// again; its requests then get a new container while their
+    /// `container_count_max` allows. Default 10.
     #[serde(default = "defaults::max_dispatch_attempts")]
     pub max_dispatch_attempts: i64,
     /// Connections in the database pool. Default 8.

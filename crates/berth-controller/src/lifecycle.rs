@@ -95,11 +95,7 @@ const CONTAINER_TOKEN_FIELDS: &[&str] = &[
 ];
 
 /// Container fields administrators may change besides the token's.
-const CONTAINER_ADMIN_FIELDS: &[&str] = &[
-    "priority",
-    "scheduler_job_id",
-    "interactive_session_started",
-];
+const CONTAINER_ADMIN_FIELDS: &[&str] = &["scheduler_job_id", "interactive_session_started"];
 
 /// Fields a run reports while it runs and as it ends.
 const RUN_FIELDS: &[&str] = &[
@@ -111,6 +107,19 @@ const RUN_FIELDS: &[&str] = &[
     "exit_code",
     "cost",
     "subrequests_cost",
+];
+
+/// Fields that report a run's progress and result. While the container
+/// is locked, only the token that locked it and the container's own token
+/// may change them.
+const RUN_REPORT_FIELDS: &[&str] = &[
+    "progress",
+    "output",
+    "output_properties",
+    "exit_code",
+    "cost",
+    "subrequests_cost",
+    "log",
 ];
 
 /// The fields besides `state` that an update may change, by the state it
@@ -239,7 +248,11 @@ fn merge<T: Serialize + DeserializeOwned>(
         merged.insert(key.clone(), value);
     }
     let record: T = serde_path_to_error::deserialize(Value::Object(merged)).map_err(|err| {
-        ApiError::invalid(format!("invalid value for {}: {}", err.path(), err.inner()))
+        ApiError::invalid(format!(
+            "invalid value for {}: {}",
+            err.path(),
+            plain_type_names(&err.inner().to_string())
+        ))
     })?;
     let new_fields = to_object(&record)?;
     let changed = attributes
@@ -248,6 +261,79 @@ fn merge<T: Serialize + DeserializeOwned>(
         .cloned()
         .collect();
     Ok(Merged { record, changed })
+}
+
+/// Replaces the Rust type names in a deserialisation message with the
+/// JSON words a client knows.
+fn plain_type_names(message: &str) -> String {
+    let mut text = message.to_string();
+    for (rust, plain) in [
+        ("expected i64", "expected an integer"),
+        ("expected i32", "expected an integer"),
+        ("expected u64", "expected an integer of 0 or more"),
+        ("expected u32", "expected an integer of 0 or more"),
+        ("expected f64", "expected a number"),
+        ("expected a boolean", "expected true or false"),
+        ("expected string or map", "expected a string"),
+    ] {
+        text = text.replace(rust, plain);
+    }
+    match text.find("expected struct ") {
+        Some(start) => format!("{}expected an object", &text[..start]),
+        None => text,
+    }
+}
+
+/// Object-valued attributes of a request, whose values must be JSON
+/// objects: a list would otherwise fill their fields by position.
+const OBJECT_ATTRIBUTES: &[&str] = &["runtime_constraints", "scheduling_parameters", "mounts"];
+
+/// Rejects a list, or any other non-object, where an object is expected:
+/// `runtime_constraints`, its `gpu` and `cuda`, `scheduling_parameters`,
+/// and `mounts` with each of its entries.
+fn check_object_shapes(attributes: &Map<String, Value>) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    let mut expect_object = |path: String, value: &Value| {
+        if !matches!(value, Value::Object(_) | Value::Null) {
+            errors.push(format!(
+                "invalid value for {path}: {value} is not an object"
+            ));
+            false
+        } else {
+            true
+        }
+    };
+    for name in OBJECT_ATTRIBUTES {
+        let Some(value) = attributes.get(*name) else {
+            continue;
+        };
+        if !expect_object((*name).to_string(), value) {
+            continue;
+        }
+        let Some(fields) = value.as_object() else {
+            continue;
+        };
+        match *name {
+            "runtime_constraints" => {
+                for key in ["gpu", "cuda"] {
+                    if let Some(inner) = fields.get(key) {
+                        expect_object(format!("runtime_constraints.{key}"), inner);
+                    }
+                }
+            }
+            "mounts" => {
+                for (target, mount) in fields {
+                    expect_object(format!("mounts.{target}"), mount);
+                }
+            }
+            _ => {}
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Unprocessable(errors))
+    }
 }
 
 /// Rejects a label field among `fields` that is longer than
@@ -395,6 +481,20 @@ const CUDA_KEYS: &[&str] = &["device_count", "driver_version", "hardware_capabil
 fn normalize_request(request: &mut ContainerRequest) -> Result<(), ApiError> {
     if request.container_count_max == Some(0) {
         request.container_count_max = Some(DEFAULT_CONTAINER_COUNT_MAX);
+    }
+    // Go clients send every key of a mount, with "" for the unused ones:
+    // an empty text is no value, so equal mounts compare equal for reuse.
+    for mount in request.mounts.values_mut() {
+        for key in [
+            &mut mount.portable_data_hash,
+            &mut mount.uuid,
+            &mut mount.path,
+            &mut mount.device_type,
+        ] {
+            if key.as_deref() == Some("") {
+                *key = None;
+            }
+        }
     }
     let Some(cuda) = request.runtime_constraints.cuda.take() else {
         return Ok(());
@@ -635,6 +735,7 @@ pub fn create_request(
         REQUEST_SERVER_FIELDS,
         |field| format!("{field} cannot be set: the controller sets it"),
     )?;
+    check_object_shapes(&attributes)?;
     collapse_legacy_forms(&mut attributes);
     let mut request = merge(&template, &attributes)?.record;
     normalize_request(&mut request)?;
@@ -684,6 +785,7 @@ pub fn update_request(
         REQUEST_SERVER_FIELDS,
         |field| format!("{field} cannot be changed: the controller sets it"),
     )?;
+    check_object_shapes(&attributes)?;
     collapse_legacy_forms(&mut attributes);
     let Merged {
         record: mut request,
@@ -868,6 +970,8 @@ pub fn update_container(
     drop_unchanged(&mut attributes, &current_fields, &fixed, |field| {
         if CONTAINER_ADMIN_FIELDS.contains(&field) {
             format!("{field} cannot be changed with a container token: only administrators may change it")
+        } else if field == "priority" {
+            "priority cannot be changed: the controller computes it from the priorities of the container's requests; change a request's priority instead".to_string()
         } else {
             format!("{field} cannot be changed: the controller sets it")
         }
@@ -894,6 +998,23 @@ pub fn update_container(
         )));
     }
 
+    let reported: Vec<&str> = changed
+        .iter()
+        .map(String::as_str)
+        .filter(|field| RUN_REPORT_FIELDS.contains(field))
+        .collect();
+    let locked_by_caller = current.locked_by_uuid.as_deref() == Some(caller.token_uuid.as_str());
+    if current.state.is_locked()
+        && !caller.is_container_token()
+        && !locked_by_caller
+        && !reported.is_empty()
+    {
+        return Err(ApiError::Forbidden(format!(
+            "cannot change {} of container {}: it is locked by another token, and only that token and the container's own token may report its run",
+            reported.join(", "),
+            current.uuid
+        )));
+    }
     let allowed = state_fields(current.state, container.state);
     let errors: Vec<String> = changed
         .iter()

@@ -22,9 +22,16 @@ pub mod serde_ts {
         s.serialize_str(&format(t))
     }
 
+    /// The error for a text that is no timestamp.
+    pub(super) fn not_a_timestamp<E: serde::de::Error>(text: &str) -> E {
+        E::custom(format!(
+            "{text:?} is not a timestamp: expected RFC 3339 such as \"2026-12-04T12:00:00Z\""
+        ))
+    }
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
         let text = String::deserialize(d)?;
-        parse(&text).map_err(serde::de::Error::custom)
+        parse(&text).map_err(|_| not_a_timestamp(&text))
     }
 }
 
@@ -41,7 +48,7 @@ pub mod serde_opt_ts {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
         let text = Option::<String>::deserialize(d)?;
-        text.map(|t| parse(&t).map_err(serde::de::Error::custom))
+        text.map(|t| parse(&t).map_err(|_| super::serde_ts::not_a_timestamp(&t)))
             .transpose()
     }
 }

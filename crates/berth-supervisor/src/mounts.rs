@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::runtime::BindMount;
 
 /// The mount kinds this supervisor can set up.
-pub const SUPPORTED_KINDS: &[&str] = &["tmp", "json", "text"];
+pub const SUPPORTED_KINDS: &[&str] = berth_core::validate::RUNNABLE_MOUNT_KINDS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {

@@ -1017,12 +1017,13 @@ impl Store for PostgresStore {
             sqlx::query(
                 "UPDATE container_requests SET state = 'Final', modified_at = $1, \
                  modified_by_user_uuid = $2, secret_mounts = NULL, runtime_token = NULL, \
-                 version = version + 1 \
+                 cumulative_cost = cumulative_cost + $4, version = version + 1 \
                  WHERE container_uuid = $3 AND state = 'Committed'",
             )
             .bind(&now)
             .bind(&record.modified_by_user_uuid)
             .bind(&record.uuid)
+            .bind(record.cost)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::query("finalize a container's requests"))?;

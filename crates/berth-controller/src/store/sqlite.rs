@@ -1052,11 +1052,12 @@ impl Store for SqliteStore {
             sqlx::query(
                 "UPDATE container_requests SET state = 'Final', modified_at = ?, \
                  modified_by_user_uuid = ?, secret_mounts = NULL, runtime_token = NULL, \
-                 version = version + 1 \
+                 cumulative_cost = cumulative_cost + ?, version = version + 1 \
                  WHERE container_uuid = ? AND state = 'Committed'",
             )
             .bind(&now)
             .bind(&record.modified_by_user_uuid)
+            .bind(record.cost)
             .bind(&record.uuid)
             .execute(&mut *tx)
             .await

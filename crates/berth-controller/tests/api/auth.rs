@@ -317,17 +317,22 @@ async fn container_token_cannot_set_admin_fields() {
     )
     .await
     .expect(StatusCode::FORBIDDEN);
-    // The system token may set both.
+    // The system token may set the job id; nobody sets the priority,
+    // which the controller computes from the requests.
     let reply = api
-        .update_container(
-            uuid,
-            SYSTEM_TOKEN,
-            json!({"scheduler_job_id": "12", "priority": 7}),
-        )
+        .update_container(uuid, SYSTEM_TOKEN, json!({"scheduler_job_id": "12"}))
         .await;
     reply.expect(StatusCode::OK);
     assert_eq!(reply.json()["scheduler_job_id"], "12");
-    assert_eq!(reply.json()["priority"], 7);
+    let reply = api
+        .update_container(uuid, SYSTEM_TOKEN, json!({"priority": 7}))
+        .await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("change a request's priority"),
+        "{}",
+        reply.errors()
+    );
 }
 
 #[tokio::test]

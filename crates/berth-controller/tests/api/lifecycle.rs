@@ -504,3 +504,94 @@ async fn concurrent_request_changes_keep_the_priority_formula() {
         }
     }
 }
+
+#[tokio::test]
+async fn go_style_empty_mount_keys_still_reuse() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (first, _) = api.committed_with(&alice, reusable()).await;
+    let go_style = json!({
+        "/out": {
+            "kind": "tmp", "capacity": 1048576, "device_type": "", "path": "",
+            "portable_data_hash": "", "uuid": "", "writable": false,
+            "exclude_from_output": false, "content": null,
+        },
+    });
+    let (second, _) = api
+        .committed_with(&alice, json!({"use_existing": true, "mounts": go_style}))
+        .await;
+    assert_eq!(second["container_uuid"], first["container_uuid"]);
+    assert_eq!(
+        second["mounts"]["/out"],
+        json!({"kind": "tmp", "capacity": 1048576})
+    );
+}
+
+#[tokio::test]
+async fn cumulative_cost_adds_every_attempt() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (request, first) = api.committed(&alice).await;
+    let first_uuid = str_of(&first, "uuid").to_string();
+    let token = api.lock(&first_uuid).await;
+    api.update_container(&first_uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+    api.update_container(&first_uuid, &token, json!({"cost": 1.5}))
+        .await
+        .expect(StatusCode::OK);
+    api.update_container(&first_uuid, SYSTEM_TOKEN, json!({"state": "Cancelled"}))
+        .await
+        .expect(StatusCode::OK);
+
+    let retried = get_request(&api, str_of(&request, "uuid"), &alice).await;
+    assert_eq!(retried["cumulative_cost"], 1.5);
+    let second_uuid = str_of(&retried, "container_uuid").to_string();
+    let token = api.lock(&second_uuid).await;
+    api.update_container(&second_uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+    api.update_container(
+        &second_uuid,
+        &token,
+        json!({"state": "Complete", "exit_code": 0, "cost": 2.0}),
+    )
+    .await
+    .expect(StatusCode::OK);
+    let done = get_request(&api, str_of(&request, "uuid"), &alice).await;
+    assert_eq!(done["state"], "Final");
+    assert_eq!(done["cumulative_cost"], 3.5);
+}
+
+#[tokio::test]
+async fn only_the_locking_token_reports_a_run() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let admin = api.user("root", true).await;
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid");
+    let token = api.lock(uuid).await;
+    api.update_container(uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+    let reply = api
+        .update_container(uuid, &admin, json!({"progress": 0.5}))
+        .await;
+    reply.expect(StatusCode::FORBIDDEN);
+    assert!(
+        reply.errors().contains("locked by another token"),
+        "{}",
+        reply.errors()
+    );
+    // The locking token (the system token here) and the container's own
+    // token may; another administrator may still cancel.
+    api.update_container(uuid, SYSTEM_TOKEN, json!({"progress": 0.25}))
+        .await
+        .expect(StatusCode::OK);
+    api.update_container(uuid, &token, json!({"progress": 0.5}))
+        .await
+        .expect(StatusCode::OK);
+    api.update_container(uuid, &admin, json!({"state": "Cancelled"}))
+        .await
+        .expect(StatusCode::OK);
+}

@@ -803,9 +803,10 @@ async fn form_update_uses_wrapper_or_fields() {
     let reply = send_form(&api, Method::PUT, &path, SYSTEM_TOKEN, "a=b").await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
     assert!(reply.errors().contains(r#"unknown attribute "a""#));
-    let reply = send_form(&api, Method::PUT, &path, SYSTEM_TOKEN, "priority=5").await;
+    api.lock(uuid).await;
+    let reply = send_form(&api, Method::PUT, &path, SYSTEM_TOKEN, "scheduler_job_id=5").await;
     reply.expect(StatusCode::OK);
-    assert_eq!(reply.json()["priority"], 5);
+    assert_eq!(reply.json()["scheduler_job_id"], "5");
 }
 
 #[tokio::test]

@@ -305,6 +305,61 @@ fn cases() -> Vec<Case> {
             &["name", "256 characters"],
         ),
         case(with(json!({"colour": "blue"})), &["colour"]),
+        case(
+            with(json!({"scheduling_parameters": {"partitions": ["de\u{0}bug"]}})),
+            &["scheduling_parameters.partitions", "de\\0bug"],
+        ),
+        case(
+            with(json!({"scheduling_parameters": {"partitions": ["de\tbug"]}})),
+            &["scheduling_parameters.partitions", "de\\tbug"],
+        ),
+        case(
+            with(json!({"output_storage_classes": ["hot\u{0}"]})),
+            &["output_storage_classes", "hot\\0"],
+        ),
+        case(
+            with(json!({"runtime_constraints": [67108864, 2]})),
+            &["runtime_constraints", "not an object"],
+        ),
+        case(
+            with(json!({"runtime_constraints": {"ram": 1000000, "vcpus": 1, "gpu": ["cuda", 1]}})),
+            &["runtime_constraints.gpu", "not an object"],
+        ),
+        case(
+            with(json!({"scheduling_parameters": [["debug"], false, 60]})),
+            &["scheduling_parameters", "not an object"],
+        ),
+        case(
+            with(json!({"mounts": {"/out": ["tmp"]}})),
+            &["mounts./out", "not an object"],
+        ),
+        case(
+            with(json!({"mounts": mounts(json!({"/data": {"capacity": 10}}))})),
+            &["mounts./data.kind", "is missing"],
+        ),
+        case(
+            with(
+                json!({"mounts": mounts(json!({"/data": {"kind": "collection",
+                "portable_data_hash": "d41d8cd98f00b204e9800998ecf8427e+0"}}))}),
+            ),
+            &["mounts./data.kind", "not supported yet"],
+        ),
+        case(
+            with(json!({"runtime_constraints": {"ram": 1000000, "vcpus": 1,
+                "gpu": {"stack": "cuda", "device_count": 2}}})),
+            &[
+                "runtime_constraints.gpu.device_count",
+                "does not schedule GPUs",
+            ],
+        ),
+        case(
+            with(json!({"expires_at": "tomorrow"})),
+            &["expires_at", "tomorrow", "RFC 3339"],
+        ),
+        case(
+            with(json!({"priority": "5"})),
+            &["priority", "expected an integer"],
+        ),
         create_only(with(json!({"state": "Final"})), &["state", "Final"]),
         create_only(with(json!({"container_count": 5})), &["container_count"]),
         create_only(
@@ -387,6 +442,7 @@ async fn legacy_forms_are_normalised() {
             &alice,
             with(json!({
                 "container_count_max": 0,
+                "state": "Uncommitted",
                 "runtime_constraints": {
                     "ram": [67108864, 134217728],
                     "vcpus": [2],
@@ -442,7 +498,11 @@ async fn invalid_container_values_are_422() {
             json!({"runtime_status": {"error": 5}}),
             &["runtime_status.error", "5"],
         ),
-        (SYSTEM_TOKEN, json!({"priority": -4}), &["priority", "-4"]),
+        (
+            SYSTEM_TOKEN,
+            json!({"progress": -0.5}),
+            &["progress", "-0.5"],
+        ),
         (
             SYSTEM_TOKEN,
             json!({"scheduler_job_id": ""}),
@@ -494,7 +554,9 @@ async fn container_fields_change_only_in_their_states() {
         "{}",
         reply.errors()
     );
-    update(json!({"priority": 5})).await.expect(StatusCode::OK);
+    let reply = update(json!({"priority": 5})).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(reply.errors().contains("computes it"), "{}", reply.errors());
 
     api.lock(&uuid).await;
     let reply = update(json!({"output": "d41d8cd98f00b204e9800998ecf8427e+0"})).await;
