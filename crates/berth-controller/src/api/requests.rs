@@ -411,6 +411,9 @@ fn scheduling_status(container: &berth_core::Container) -> String {
     match container.state {
         ContainerState::Queued if container.priority > 0 => "Waiting in queue.".into(),
         ContainerState::Queued => "On hold: no request wants this container to run.".into(),
+        ContainerState::Locked if container.priority == 0 => {
+            "Being returned to the queue: no request wants this container to run any more.".into()
+        }
         ContainerState::Locked => container
             .runtime_status
             .get(SCHEDULING_STATUS_KEY)
