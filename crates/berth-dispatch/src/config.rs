@@ -154,14 +154,15 @@ pub struct Config {
     /// Time between two polls of the batch system, such as `10s` or
     /// `500ms`. A poll takes one snapshot of the batch system (one `squeue`
     /// with Slurm) and lets each container the dispatcher has locked decide
-    /// on it, with the container's latest record from the change feed. So this
-    /// interval bounds how quickly the dispatcher notices what only the
-    /// batch system shows: why a job is pending, a job that left the batch
-    /// system (after two polls without it) and a job that will never start
-    /// (after two polls). A failed submission is also tried again at a
-    /// poll. While the feed is not followed (`watch: false`) or cannot be
-    /// read, each poll also lists the queue from the controller, so this
-    /// interval then also bounds how quickly a new container is locked.
+    /// on it, with the container's latest record from the change feed. So
+    /// this interval bounds how quickly the dispatcher notices what only
+    /// the batch system shows. That is why a job is pending, a job that
+    /// left the batch system (after two polls without it), and a job that
+    /// will never start (after two polls). A failed submission is also
+    /// tried again at a poll. While the feed is not followed (`watch:
+    /// false`) or cannot be read, each poll also lists the queue from the
+    /// controller, so this interval then also bounds how quickly a new
+    /// container is locked.
     ///
     /// The default, 10 s, is the poll period of Arvados's Slurm dispatcher
     /// (`crunch-dispatch-slurm` uses 10 s for its `squeue` check when its
@@ -170,7 +171,10 @@ pub struct Config {
     /// 10 s: each call makes `slurmctld` list the jobs, so polling much
     /// faster loads it on a busy cluster for news that users rarely need
     /// sooner.
-    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    #[serde(
+        default = "default_poll_interval",
+        deserialize_with = "deserialize_interval"
+    )]
     pub poll_interval: Duration,
     /// Time between two full resynchronisations, such as `5m`; at least
     /// `poll_interval`. A resynchronisation lists from the controller the
@@ -180,9 +184,12 @@ pub struct Config {
     /// those records current in between: a change the feed failed to
     /// report is noticed within this interval. Each costs two list calls,
     /// and one more per 100 locked containers that the lists did not
-    /// return. The default, 5 min, keeps that load negligible and
-    /// still repairs a missed change within minutes.
-    #[serde(default = "default_resync_interval", with = "humantime_serde")]
+    /// return. The default, 5 min, keeps that load negligible and still
+    /// repairs a missed change within minutes.
+    #[serde(
+        default = "default_resync_interval",
+        deserialize_with = "deserialize_interval"
+    )]
     pub resync_interval: Duration,
     /// Follow the controller's change feed (`GET containers/changes`), so
     /// that a new container is locked and submitted, and the job of a
@@ -385,6 +392,46 @@ fn deserialize_reserve_ram<'de, D: Deserializer<'de>>(deserializer: D) -> Result
     }
 
     deserializer.deserialize_any(ReserveRam)
+}
+
+/// Reads `poll_interval` or `resync_interval`: text such as `10s`, `5m` or
+/// `500ms`. Every error names the value and an example; serde_yaml puts the
+/// key's path in front.
+fn deserialize_interval<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    struct Interval;
+
+    fn invalid<E: serde::de::Error>(value: impl fmt::Display, reason: &str) -> E {
+        E::custom(format!(
+            "invalid duration {value}: {reason} (give a number with a unit, such as 10s, 5m or 500ms)"
+        ))
+    }
+
+    impl serde::de::Visitor<'_> for Interval {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration with a unit, such as 10s")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime_serde::re::humantime::parse_duration(text)
+                .map_err(|err| invalid(format!("{text:?}"), &err.to_string()))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, number: u64) -> Result<Duration, E> {
+            Err(invalid(number, "the unit is missing"))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, number: i64) -> Result<Duration, E> {
+            Err(invalid(number, "the unit is missing"))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, number: f64) -> Result<Duration, E> {
+            Err(invalid(number, "the unit is missing"))
+        }
+    }
+
+    deserializer.deserialize_any(Interval)
 }
 
 impl Config {
@@ -690,14 +737,36 @@ mod tests {
     }
 
     #[test]
+    fn intervals_accept_humantime_units() {
+        let config =
+            parse("backend: slurm\napi_url: h:1\npoll_interval: 1m 30s\nresync_interval: 1h\n")
+                .unwrap();
+        assert_eq!(config.poll_interval, Duration::from_secs(90));
+        assert_eq!(config.resync_interval, Duration::from_secs(3600));
+    }
+
+    #[test]
     fn bad_interval_names_the_key_and_the_value() {
         for key in ["poll_interval", "resync_interval"] {
-            for value in ["2", "soon", "-1s", "[1]"] {
+            for (value, shown) in [
+                ("2", "invalid duration 2: the unit is missing"),
+                ("2.5", "invalid duration 2.5: the unit is missing"),
+                ("soon", "invalid duration \"soon\""),
+                ("-1s", "invalid duration \"-1s\""),
+                ("10 parsecs", "invalid duration \"10 parsecs\""),
+            ] {
                 let err = parse(&format!("backend: slurm\napi_url: h:1\n{key}: {value}\n"))
                     .unwrap_err()
                     .to_string();
                 assert!(err.starts_with(&format!("{key}: ")), "{value}: {err}");
+                assert!(err.contains(shown), "{value}: {err}");
+                assert!(err.contains("such as 10s"), "{value}: {err}");
             }
+            let err = parse(&format!("backend: slurm\napi_url: h:1\n{key}: [1]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{err}");
+            assert!(err.contains("such as 10s"), "{err}");
         }
     }
 

@@ -22,16 +22,17 @@
 //!    only the tracked containers it has no record of, which normally
 //!    means none.
 //! 2. It takes one snapshot of the batch system ([`Backend::status`]).
-//! 3. It takes over containers locked by this token that it does not track
-//!    yet. The first pass, always a resynchronisation, also cancels
-//!    orphaned jobs and removes leftover credentials files. An orphaned job
-//!    is named after a container of this cluster that is not Locked or
-//!    Running by this token.
+//! 3. It takes over the containers that its cached records show locked by
+//!    this token and that it does not track yet. The first pass, always a
+//!    resynchronisation, also cancels orphaned jobs and removes leftover
+//!    credentials files. An orphaned job is named after a container of this
+//!    cluster that is not Locked or Running by this token.
 //! 4. It lets each tracked container decide ([`Tracked::observe`]) and
 //!    carries out its actions, which include showing users why a job is
 //!    pending in its container's `runtime_status.schedulingStatus`.
-//! 5. It locks each Queued container, highest priority first, writes its
-//!    credentials file and submits its job.
+//! 5. It locks each Queued container with priority > 0 among its cached
+//!    records, highest priority first, writes its credentials file and
+//!    submits its job.
 //!
 //! If the listing or the snapshot fails, the pass ends before step 3: a
 //! failed query is never taken for an empty queue. When the loop has no
