@@ -1,33 +1,43 @@
 #!/usr/bin/env bash
-# Measure how soon the dispatcher locks a new container: from the commit of
-# a container request until its container leaves the Queued state, with the
-# controller's change feed against full passes alone.
+# Measure how soon the dispatcher acts on a new container with the
+# controller's change feed, against the same dispatcher without it, and
+# how many list calls an idle dispatcher makes each way.
 #
-# Two ways, interleaved round by round so that the machine's noise falls on
-# both alike:
-#   feed     the dispatcher follows the change feed (`watch: true`)
-#   resync   the dispatcher only makes its full passes (`watch: false`),
-#            which is how it heard of new containers before the feed
-# Both use the same `resync_interval`. Each round and way starts
-# `berth dispatch` on one controller (SQLite, local backend) and commits one
-# request at a random point of the pass interval. It then reads the
-# container every 5 ms until it has left Queued, and cancels the request
-# and stops the dispatcher. The 5 ms reads bound the resolution. The lock
-# comes right before the job's submission, so the time is also the
-# dispatcher's share of queue-to-sbatch latency.
+# Two ways, with the same poll_interval and resync_interval:
+#   feed      the dispatcher follows the change feed (`watch: true`)
+#   no-feed   it does not (`watch: false`), so it lists the queue at each
+#             poll: how it heard of new containers before the feed
+# Each round runs both ways in random order. A way starts `berth
+# dispatch`, waits until the controller's request log shows its first
+# pass's two list calls, sleeps a random part of the poll interval, and
+# commits one request for `sleep 1` with `use_existing: false`. It
+# follows the container through the change feed (a long-poll, so waiting
+# adds no load) and records when a feed response first shows the
+# container Locked and Running, counted from the commit's response. Once
+# the container is Complete it stops the dispatcher.
 #
-# It prints the median, minimum and maximum of each way in seconds, and the
-# ratio of the resync way's median to the feed's.
+# Then each way's dispatcher runs idle (no container) for
+# BERTH_BENCH_IDLE seconds after its first pass, and the script counts the
+# list calls (`GET /arvados/v1/containers`) and feed reads in the
+# controller's request log over that window.
 #
-# Usage: scripts/bench/run-dispatch-latency.sh [ROUNDS]      (default 10)
+# It prints two Markdown tables: the median and 95th percentile (nearest
+# rank) of commit-to-Locked and commit-to-Running per way, each median
+# divided by the no-feed way's; and the idle calls per minute.
+#
+# Usage: scripts/bench/run-dispatch-latency.sh [ROUNDS]  (as root; default 10)
 # Tunables (environment variables):
-#   BERTH_BENCH_BIN     berth binary                  [target/release/berth, built if missing]
-#   BERTH_BENCH_RESYNC  resync_interval, whole seconds [2]
-# Needs python3. It needs no Slurm and no container runtime: the local
-# backend's supervisors fail at once without a Docker API socket, after the
-# lock, which is all this measures. The controller must serve
-# GET /arvados/v1/containers/changes; without it the feed way falls back to
-# full passes, and the two ways measure the same thing.
+#   BERTH_BENCH_BIN      berth binary        [target/release/berth, built if missing]
+#   BERTH_BENCH_BACKEND  slurm or local                                  [slurm]
+#   BERTH_BENCH_POLL     poll_interval, whole seconds                      [10]
+#   BERTH_BENCH_RESYNC   resync_interval, whole seconds                   [300]
+#   BERTH_BENCH_IDLE     idle window per way, seconds; 0 skips it
+#                        [resync + 10, so that it holds one resynchronisation]
+#   BERTH_PODMAN_SOCK    Podman API socket                [/run/berth/podman.sock]
+#   BERTH_TEST_IMAGE     image to run                  [localhost/busybox:latest]
+# Needs python3, Podman's API socket with the test image (scripts/setup/
+# podman.sh service-start, test-image.sh) and, for the Slurm backend,
+# Slurm (scripts/setup/slurm.sh).
 set -euo pipefail
 SETUP_NAME=bench
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -36,9 +46,24 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 ROUNDS=${1:-10}
 : "${BERTH_BENCH_BIN:=$REPO_ROOT/target/release/berth}"
-: "${BERTH_BENCH_RESYNC:=2}"
+: "${BERTH_BENCH_BACKEND:=slurm}"
+: "${BERTH_BENCH_POLL:=10}"
+: "${BERTH_BENCH_RESYNC:=300}"
+: "${BERTH_BENCH_IDLE:=$((BERTH_BENCH_RESYNC + 10))}"
+: "${BERTH_PODMAN_SOCK:=$BERTH_RUN_DIR/podman.sock}"
+: "${BERTH_TEST_IMAGE:=localhost/busybox:latest}"
+require_root "$@"
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "invalid ROUNDS '$ROUNDS': give a positive whole number"
+[[ "$BERTH_BENCH_POLL" =~ ^[1-9][0-9]*$ ]] || die "invalid BERTH_BENCH_POLL '$BERTH_BENCH_POLL': give a positive whole number of seconds"
 [[ "$BERTH_BENCH_RESYNC" =~ ^[1-9][0-9]*$ ]] || die "invalid BERTH_BENCH_RESYNC '$BERTH_BENCH_RESYNC': give a positive whole number of seconds"
+[ "$BERTH_BENCH_RESYNC" -ge "$BERTH_BENCH_POLL" ] || die "invalid BERTH_BENCH_RESYNC '$BERTH_BENCH_RESYNC': it must be at least BERTH_BENCH_POLL ($BERTH_BENCH_POLL)"
+[[ "$BERTH_BENCH_IDLE" =~ ^[0-9]+$ ]] || die "invalid BERTH_BENCH_IDLE '$BERTH_BENCH_IDLE': give a whole number of seconds, 0 to skip"
+case "$BERTH_BENCH_BACKEND" in
+  slurm) command -v sbatch >/dev/null || die "sbatch not found: run scripts/setup/slurm.sh first" ;;
+  local) ;;
+  *) die "invalid BERTH_BENCH_BACKEND '$BERTH_BENCH_BACKEND': use slurm or local" ;;
+esac
+[ -S "$BERTH_PODMAN_SOCK" ] || die "no Podman socket at $BERTH_PODMAN_SOCK: run scripts/setup/podman.sh service-start"
 command -v python3 >/dev/null || die "python3 not found: install it"
 
 if [ ! -x "$BERTH_BENCH_BIN" ]; then
@@ -48,9 +73,7 @@ fi
 
 work=$(mktemp -d /tmp/berth-dispatch-bench.XXXXXX)
 controller_pid=""
-dispatcher_pid=""
 cleanup() {
-  [ -n "$dispatcher_pid" ] && kill "$dispatcher_pid" 2>/dev/null && wait "$dispatcher_pid" 2>/dev/null
   [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && wait "$controller_pid" 2>/dev/null
   [ -n "${BERTH_BENCH_KEEP:-}" ] && log "kept $work" || rm -rf "$work"
 }
@@ -60,22 +83,32 @@ trap cleanup EXIT
 (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(24))' >"$work/system-token")
 mkdir -m 0700 "$work/credentials"
 
-# write_config FILE [WATCH]: the controller's section, and with WATCH the
-# dispatcher's, which needs the controller's address.
+# write_config FILE [WATCH]: the controller's and supervisor's sections,
+# and with WATCH the dispatcher's, which needs the controller's address.
 write_config() {
   {
     printf 'cluster_id: bench\nsystem_token_file: %s\n' "$work/system-token"
     printf 'controller:\n  listen: 127.0.0.1:0\n  database_url: sqlite://%s\n' "$work/berth.db"
-    printf 'supervisor:\n  docker_host: unix://%s\n' "$work/no-docker.sock"
+    printf 'supervisor:\n  docker_host: unix://%s\n' "$BERTH_PODMAN_SOCK"
     if [ $# -gt 1 ]; then
-      printf 'dispatch:\n  backend: local\n  api_url: %s\n  resync_interval: %ss\n  watch: %s\n  credentials_dir: %s\n' \
-        "$api_url" "$BERTH_BENCH_RESYNC" "$2" "$work/credentials"
+      printf 'dispatch:\n  backend: %s\n  api_url: %s\n' "$BERTH_BENCH_BACKEND" "$api_url"
+      printf '  poll_interval: %ss\n  resync_interval: %ss\n  watch: %s\n' \
+        "$BERTH_BENCH_POLL" "$BERTH_BENCH_RESYNC" "$2"
+      printf '  credentials_dir: %s\n  slurm:\n    output: %s/slurm-%%j.out\n' \
+        "$work/credentials" "$work"
+      printf '  local:\n    log_dir: %s\n' "$work"
     fi
   } >"$1"
 }
 
+# The controller logs each request it completes, with its method and
+# route, at debug level: that log is what the script counts.
 write_config "$work/controller.yml"
-"$BERTH_BENCH_BIN" controller --config "$work/controller.yml" >"$work/controller.out" 2>"$work/controller.log" &
+# Made here, so that the loop below never reads it before the controller
+# has opened it.
+: >"$work/controller.out"
+RUST_LOG=info,berth_controller::api=debug \
+  "$BERTH_BENCH_BIN" controller --config "$work/controller.yml" >"$work/controller.out" 2>"$work/controller.log" &
 controller_pid=$!
 api_url=""
 for _ in $(seq 300); do
@@ -87,81 +120,170 @@ done
 [ -n "$api_url" ] || die "berth controller did not print its address; see $work/controller.log"
 user_token=$("$BERTH_BENCH_BIN" admin create-user bench --config "$work/controller.yml")
 write_config "$work/feed.yml" true
-write_config "$work/resync.yml" false
+write_config "$work/no-feed.yml" false
 
-# One request: commit it after a random part of the pass interval, and
-# read its container every 5 ms until it leaves Queued. Print the seconds
-# from the commit's response to the first read that saw it locked. Then
-# cancel the request, and wait up to 5 s for its container to end.
-cat >"$work/one.py" <<'EOF'
-import json, random, sys, time, urllib.request
+cat >"$work/bench.py" <<'EOF'
+import json, math, os, random, signal, statistics, subprocess, sys, time
+import urllib.request
 
-api_url, token, interval = sys.argv[1].rstrip("/"), sys.argv[2], float(sys.argv[3])
+berth, work, api_url, token, image = sys.argv[1:6]
+rounds, poll, idle = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
+api_url = api_url.rstrip("/")
+WAYS = ("feed", "no-feed")
+LIST_SPAN = 'route="/arvados/v1/containers"}'
+FEED_SPAN = 'route="/arvados/v1/containers/changes"}'
 
-def call(method, path, body=None):
+
+def fail(message):
+    sys.exit("error: " + message)
+
+
+def count(span):
+    """Counts the requests on `span`'s route in the controller's log."""
+    with open(os.path.join(work, "controller.log"), errors="replace") as log:
+        return sum(1 for line in log if span in line and " answered " in line)
+
+
+def call(method, path, body=None, timeout=60):
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(api_url + path, data=data, method=method)
     request.add_header("Authorization", "Bearer " + token)
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
 
-time.sleep(random.uniform(0, interval))
-request = call("POST", "/arvados/v1/container_requests", {"container_request": {
-    "state": "Committed", "priority": 1, "container_image": "busybox",
-    "command": ["true"], "output_path": "/out",
-    "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
-    "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
-}})
-committed = time.monotonic()
-container = "/arvados/v1/containers/" + request["container_uuid"]
-deadline = committed + 10 * interval + 30
-while call("GET", container)["state"] == "Queued":
-    if time.monotonic() > deadline:
-        sys.exit("the container was not locked within %.0f s" % (deadline - committed))
-    time.sleep(0.005)
-print("%.3f" % (time.monotonic() - committed))
-call("PUT", "/arvados/v1/container_requests/" + request["uuid"],
-     {"container_request": {"priority": 0}})
-end = time.monotonic() + 5
-while call("GET", container)["state"] not in ("Complete", "Cancelled") and time.monotonic() < end:
-    time.sleep(0.05)
+
+def start_dispatcher(way):
+    """Starts `berth dispatch` and returns once its first pass has listed."""
+    lists = count(LIST_SPAN)
+    with open(os.path.join(work, way + ".log"), "a") as log:
+        process = subprocess.Popen(
+            [berth, "dispatch", "--config", os.path.join(work, way + ".yml")],
+            stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.monotonic() + 60
+    while count(LIST_SPAN) < lists + 2:
+        if process.poll() is not None:
+            fail("berth dispatch (%s) exited; see %s/%s.log" % (way, work, way))
+        if time.monotonic() > deadline:
+            stop(process)
+            fail("berth dispatch (%s) made no first pass within 60 s" % way)
+        time.sleep(0.05)
+    return process
+
+
+def stop(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def one_round(way):
+    """Returns the seconds from commit to Locked and to Running."""
+    process = start_dispatcher(way)
+    try:
+        time.sleep(random.uniform(0, poll))
+        cursor = call("GET", "/arvados/v1/containers/changes")["cursor"]
+        request = call("POST", "/arvados/v1/container_requests", {"container_request": {
+            "state": "Committed", "priority": 1, "use_existing": False,
+            "container_image": image, "command": ["sleep", "1"], "output_path": "/out",
+            "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
+            "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
+        }})
+        committed = time.monotonic()
+        uuid = request["container_uuid"]
+        if request["state"] != "Committed":
+            fail("request %s is %s, not Committed" % (request["uuid"], request["state"]))
+        locked = running = final = None
+        deadline = committed + 3 * poll + 120
+        while final is None:
+            if time.monotonic() > deadline:
+                fail("container %s did not finish within %.0f s" % (uuid, deadline - committed))
+            page = call("GET", "/arvados/v1/containers/changes?after=%s&wait=30" % cursor)
+            seen = time.monotonic()
+            cursor = page["cursor"]
+            for container in page["items"]:
+                if container["uuid"] != uuid:
+                    continue
+                state = container["state"]
+                if state != "Queued" and locked is None:
+                    locked = seen
+                if state == "Running" and running is None:
+                    running = seen
+                if state in ("Complete", "Cancelled"):
+                    final = state
+        if final != "Complete":
+            fail("container %s ended %s; see %s/%s.log" % (uuid, final, work, way))
+        if running is None:
+            fail("container %s went from Locked to Complete between two feed reads" % uuid)
+        return locked - committed, running - committed
+    finally:
+        stop(process)
+
+
+def idle_load(way):
+    """Returns list calls and feed reads per minute of an idle dispatcher."""
+    process = start_dispatcher(way)
+    try:
+        time.sleep(1)
+        lists, reads = count(LIST_SPAN), count(FEED_SPAN)
+        start = time.monotonic()
+        time.sleep(idle)
+        minutes = (time.monotonic() - start) / 60
+        lists, reads = count(LIST_SPAN) - lists, count(FEED_SPAN) - reads
+    finally:
+        stop(process)
+    return lists, lists / minutes, reads / minutes
+
+
+def p95(values):
+    ordered = sorted(values)
+    return ordered[math.ceil(0.95 * len(ordered)) - 1]
+
+
+print("warming up: one round each, not counted", file=sys.stderr)
+for way in WAYS:
+    one_round(way)
+times = {way: {"locked": [], "running": []} for way in WAYS}
+for number in range(1, rounds + 1):
+    order = list(WAYS)
+    random.shuffle(order)
+    for way in order:
+        locked, running = one_round(way)
+        times[way]["locked"].append(locked)
+        times[way]["running"].append(running)
+    print("round %d of %d: %s" % (number, rounds, ", ".join(
+        "%s %.3f/%.3f s" % (way, times[way]["locked"][-1], times[way]["running"][-1])
+        for way in WAYS)), file=sys.stderr)
+
+medians = {way: {kind: statistics.median(times[way][kind]) for kind in ("locked", "running")}
+           for way in WAYS}
+print()
+print("| way | rounds | to Locked, median (s) | to Locked, p95 (s) | to Running, median (s) "
+      "| to Running, p95 (s) | Locked median / no-feed's | Running median / no-feed's |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for way in WAYS:
+    row = [way, str(rounds)]
+    for kind in ("locked", "running"):
+        row += ["%.3f" % medians[way][kind], "%.3f" % p95(times[way][kind])]
+    for kind in ("locked", "running"):
+        row.append("%.4f" % (medians[way][kind] / medians["no-feed"][kind]))
+    print("| " + " | ".join(row) + " |")
+
+if idle > 0:
+    print("\nidle dispatchers, %d s each after the first pass" % idle, file=sys.stderr)
+    print()
+    print("| way | window (s) | list calls | list calls per minute | feed reads per minute |")
+    print("| --- | --- | --- | --- | --- |")
+    for way in WAYS:
+        lists, lists_per_minute, reads_per_minute = idle_load(way)
+        print("| %s | %d | %d | %.2f | %.2f |" % (way, idle, lists, lists_per_minute, reads_per_minute))
 EOF
 
-# time_one WAY: starts a dispatcher with WAY's configuration, times one
-# request and stops the dispatcher.
-time_one() {
-  "$BERTH_BENCH_BIN" dispatch --config "$work/$1.yml" >/dev/null 2>>"$work/$1.log" &
-  dispatcher_pid=$!
-  # Its first pass starts at once; give it a moment to end.
-  sleep 1
-  kill -0 "$dispatcher_pid" 2>/dev/null || { tail -n 20 "$work/$1.log" >&2; die "berth dispatch ($1) exited"; }
-  python3 "$work/one.py" "$api_url" "$user_token" "$BERTH_BENCH_RESYNC" >>"$work/$1.times" \
-    || die "the $1 round failed; see $work/$1.log"
-  kill -TERM "$dispatcher_pid"
-  wait "$dispatcher_pid" || true
-  dispatcher_pid=""
-}
-
-log "warming up (one round each, not counted)"
-time_one feed
-time_one resync
-: >"$work/feed.times"
-: >"$work/resync.times"
-log "measuring $ROUNDS rounds (resync_interval ${BERTH_BENCH_RESYNC}s)"
-for _ in $(seq "$ROUNDS"); do
-  for way in feed resync; do time_one "$way"; done
-done
-
-median() { sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-feed_median=$(median "$work/feed.times")
-printf '\n%-8s %8s %8s %8s %14s\n' way median min max "this/feed"
-for way in feed resync; do
-  m=$(median "$work/$way.times")
-  lo=$(sort -n "$work/$way.times" | head -n1)
-  hi=$(sort -n "$work/$way.times" | tail -n1)
-  ratio=$(awk -v a="$m" -v b="$feed_median" 'BEGIN { if (b > 0) printf "%.1f", a / b; else print "inf" }')
-  printf '%-8s %8s %8s %8s %14s\n' "$way" "$m" "$lo" "$hi" "$ratio"
-done
-printf '\n%s rounds; seconds from request commit to Locked; resync_interval %ss; %s CPUs\n' \
-  "$ROUNDS" "$BERTH_BENCH_RESYNC" "$(nproc)"
+log "$ROUNDS rounds on $BERTH_BENCH_BACKEND, poll_interval ${BERTH_BENCH_POLL}s, resync_interval ${BERTH_BENCH_RESYNC}s, then ${BERTH_BENCH_IDLE} s idle per way"
+python3 "$work/bench.py" "$BERTH_BENCH_BIN" "$work" "$api_url" "$user_token" "$BERTH_TEST_IMAGE" \
+  "$ROUNDS" "$BERTH_BENCH_POLL" "$BERTH_BENCH_IDLE"
+printf '\n%s backend, poll_interval %ss, resync_interval %ss, %s CPUs\n' \
+  "$BERTH_BENCH_BACKEND" "$BERTH_BENCH_POLL" "$BERTH_BENCH_RESYNC" "$(nproc)"

@@ -3,7 +3,7 @@
 //!
 //! [`berth_client::Client`] implements it for the real controller.
 //! [`ControllerApi::container_changes`] is the change feed, through which
-//! the loop hears of changed containers between two full passes.
+//! the loop hears of changed containers between two listings of the queue.
 //! [`list_all`] pages through a container list by UUID (keyset paging), so
 //! that records created or changed during the walk neither shift nor
 //! repeat the pages.

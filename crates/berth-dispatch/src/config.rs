@@ -4,7 +4,8 @@
 //! dispatch:
 //!   backend: slurm                  # or local
 //!   api_url: https://ctl.example:8443
-//!   resync_interval: 30s
+//!   poll_interval: 10s              # one squeue per poll
+//!   resync_interval: 5m             # one listing of the queue per resync
 //!   watch: true                     # follow the controller's change feed
 //!   credentials_dir: /var/lib/berth/credentials
 //!   slurm:
@@ -19,12 +20,12 @@
 //! start-up and names the offending key in each error, so a bad file stops
 //! the dispatcher before it locks anything.
 //!
-//! `poll_interval`, the key of the time between two passes before the
-//! dispatcher followed the change feed, is rejected with a message that
-//! names `resync_interval`. It is not read as `resync_interval`: its values
-//! were chosen for how quickly the dispatcher noticed a new container, and
-//! kept as they are they would list the whole queue every few seconds,
-//! which the feed makes unnecessary.
+//! Two intervals set the dispatcher's periodic work. `poll_interval` is for
+//! the batch system, which has no way to push its changes: each poll takes
+//! one snapshot of it. `resync_interval` is for the controller, whose
+//! changes come through the change feed: each resynchronisation lists the
+//! queue again, as a safety net. While the feed is off or failing, every
+//! poll lists the queue too.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -36,9 +37,11 @@ use serde::{Deserialize, Deserializer};
 pub mod defaults {
     use std::time::Duration;
 
-    /// How often the dispatcher makes a full pass over the queue and the
-    /// batch system.
-    pub const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+    /// How often the dispatcher takes a snapshot of the batch system.
+    pub const POLL_INTERVAL: Duration = Duration::from_secs(10);
+    /// How often the dispatcher lists the queue from the controller while
+    /// it follows the change feed.
+    pub const RESYNC_INTERVAL: Duration = Duration::from_secs(300);
     /// Whether the dispatcher follows the controller's change feed.
     pub const WATCH: bool = true;
     /// Directory of the credentials files.
@@ -52,9 +55,9 @@ pub mod defaults {
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 }
 
-/// Shortest resynchronisation interval accepted: more frequent passes only
-/// load the controller and the batch system.
-const MIN_RESYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// Shortest `poll_interval` and `resync_interval` accepted: more frequent
+/// passes only load the controller and the batch system.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `sbatch` options the dispatcher sets itself and that `sbatch_args` must
 /// not override, each with the reason.
@@ -148,29 +151,53 @@ pub struct Config {
     /// the setting through their credentials file.
     #[serde(default)]
     pub insecure: bool,
-    /// Time between two full passes over the queue and the batch system
-    /// (resynchronisations), such as `30s` or `500ms`. Each pass costs two
-    /// or three list calls to the controller and one status query to the
-    /// batch system. It bounds how quickly the dispatcher notices what only
-    /// the batch system shows: a job that left it (after two passes), why a
-    /// job is pending, and a job that will never start. New containers and
-    /// priority changes come through the change feed at once. With `watch:
-    /// false`, or while the feed fails, this interval bounds how quickly
-    /// those are noticed too.
-    #[serde(default = "default_resync_interval", with = "humantime_serde")]
+    /// Time between two polls of the batch system, such as `10s` or
+    /// `500ms`. A poll takes one snapshot of the batch system (one `squeue`
+    /// with Slurm) and lets each container the dispatcher has locked decide
+    /// on it, with the container's latest record from the change feed. So
+    /// this interval bounds how quickly the dispatcher notices what only
+    /// the batch system shows. That is why a job is pending, a job that
+    /// left the batch system (after two polls without it), and a job that
+    /// will never start (after two polls). A failed submission is also
+    /// tried again at a poll. While the feed is not followed (`watch:
+    /// false`) or cannot be read, each poll also lists the queue from the
+    /// controller, so this interval then also bounds how quickly a new
+    /// container is locked.
+    ///
+    /// The default, 10 s, is the poll period of Arvados's Slurm dispatcher
+    /// (`crunch-dispatch-slurm` uses 10 s for its `squeue` check when its
+    /// `PollPeriod` is unset). A pending reason then shows within 10 s and
+    /// a vanished job is acted on within 20 s, for one `squeue` call every
+    /// 10 s: each call makes `slurmctld` list the jobs, so polling much
+    /// faster loads it on a busy cluster for news that users rarely need
+    /// sooner.
+    #[serde(
+        default = "default_poll_interval",
+        deserialize_with = "deserialize_interval"
+    )]
+    pub poll_interval: Duration,
+    /// Time between two full resynchronisations, such as `5m`; at least
+    /// `poll_interval`. A resynchronisation lists from the controller the
+    /// Queued containers with priority above 0 and those locked by this
+    /// dispatcher, replaces the records the dispatcher keeps with the list,
+    /// and then polls. It is the safety net of the change feed, which keeps
+    /// those records current in between: a change the feed failed to
+    /// report is noticed within this interval. Each costs two list calls,
+    /// and one more per 100 locked containers that the lists did not
+    /// return. The default, 5 min, keeps that load negligible and still
+    /// repairs a missed change within minutes.
+    #[serde(
+        default = "default_resync_interval",
+        deserialize_with = "deserialize_interval"
+    )]
     pub resync_interval: Duration,
     /// Follow the controller's change feed (`GET containers/changes`), so
     /// that a new container is locked and submitted, and the job of a
     /// container whose priority dropped to 0 is cancelled, as soon as the
-    /// controller commits the change. `false` leaves only the full passes,
-    /// for a controller without the feed.
+    /// controller commits the change. `false` makes every poll list the
+    /// queue from the controller, for a controller without the feed.
     #[serde(default = "default_watch")]
     pub watch: bool,
-    /// The key `poll_interval`, replaced by `resync_interval`. A file that
-    /// sets it fails to parse with an error that names the replacement.
-    #[serde(default, rename = "poll_interval")]
-    #[allow(dead_code, reason = "parsed only to reject the key")]
-    removed_poll_interval: RemovedPollInterval,
     /// Directory of the credentials files, one `<container uuid>.json` per
     /// locked container (mode 0600), made with mode 0700 if missing. Jobs
     /// read their file at this same path, so with Slurm it must be on a file
@@ -254,67 +281,8 @@ pub struct LocalConfig {
     pub log_dir: Option<PathBuf>,
 }
 
-/// Stands for the key `poll_interval`, which no file may set any more.
-#[derive(Debug, Clone, Copy, Default)]
-struct RemovedPollInterval;
-
-/// The error for a file that sets `poll_interval`.
-const POLL_INTERVAL_RENAMED: &str = "the key was renamed resync_interval: rename it. New containers now come through the controller's change feed at once, and resync_interval (30s by default) sets only how often the dispatcher also lists the whole queue and queries the batch system, so a value of a few seconds is needed only with watch: false";
-
-impl<'de> Deserialize<'de> for RemovedPollInterval {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RemovedPollInterval, D::Error> {
-        // The error comes from inside the value's visitor, so that
-        // serde_yaml puts the key's path in front of it.
-        struct Reject;
-
-        impl<'de> serde::de::Visitor<'de> for Reject {
-            type Value = RemovedPollInterval;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("no value")
-            }
-
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Err(E::custom(POLL_INTERVAL_RENAMED))
-            }
-
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Err(E::custom(POLL_INTERVAL_RENAMED))
-            }
-
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Err(E::custom(POLL_INTERVAL_RENAMED))
-            }
-
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Err(E::custom(POLL_INTERVAL_RENAMED))
-            }
-
-            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Err(E::custom(POLL_INTERVAL_RENAMED))
-            }
-
-            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-                Err(E::custom(POLL_INTERVAL_RENAMED))
-            }
-
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                _: A,
-            ) -> Result<Self::Value, A::Error> {
-                Err(serde::de::Error::custom(POLL_INTERVAL_RENAMED))
-            }
-
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                _: A,
-            ) -> Result<Self::Value, A::Error> {
-                Err(serde::de::Error::custom(POLL_INTERVAL_RENAMED))
-            }
-        }
-
-        deserializer.deserialize_any(Reject)
-    }
+fn default_poll_interval() -> Duration {
+    defaults::POLL_INTERVAL
 }
 
 fn default_resync_interval() -> Duration {
@@ -426,6 +394,46 @@ fn deserialize_reserve_ram<'de, D: Deserializer<'de>>(deserializer: D) -> Result
     deserializer.deserialize_any(ReserveRam)
 }
 
+/// Reads `poll_interval` or `resync_interval`: text such as `10s`, `5m` or
+/// `500ms`. Every error names the value and an example; serde_yaml puts the
+/// key's path in front.
+fn deserialize_interval<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    struct Interval;
+
+    fn invalid<E: serde::de::Error>(value: impl fmt::Display, reason: &str) -> E {
+        E::custom(format!(
+            "invalid duration {value}: {reason} (give a number with a unit, such as 10s, 5m or 500ms)"
+        ))
+    }
+
+    impl serde::de::Visitor<'_> for Interval {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration with a unit, such as 10s")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime_serde::re::humantime::parse_duration(text)
+                .map_err(|err| invalid(format!("{text:?}"), &err.to_string()))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, number: u64) -> Result<Duration, E> {
+            Err(invalid(number, "the unit is missing"))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, number: i64) -> Result<Duration, E> {
+            Err(invalid(number, "the unit is missing"))
+        }
+
+        fn visit_f64<E: serde::de::Error>(self, number: f64) -> Result<Duration, E> {
+            Err(invalid(number, "the unit is missing"))
+        }
+    }
+
+    deserializer.deserialize_any(Interval)
+}
+
 impl Config {
     /// Creates a configuration with every optional key at its default.
     pub fn new(backend: BackendKind, api_url: impl Into<String>) -> Config {
@@ -433,9 +441,9 @@ impl Config {
             backend,
             api_url: api_url.into(),
             insecure: false,
+            poll_interval: defaults::POLL_INTERVAL,
             resync_interval: defaults::RESYNC_INTERVAL,
             watch: defaults::WATCH,
-            removed_poll_interval: RemovedPollInterval,
             credentials_dir: default_credentials_dir(),
             slurm: SlurmConfig::default(),
             local: LocalConfig::default(),
@@ -446,13 +454,28 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         berth_client::parse_api_host(&self.api_url)
             .map_err(|err| ConfigError::new("api_url", err.to_string()))?;
-        if self.resync_interval < MIN_RESYNC_INTERVAL {
+        for (key, interval) in [
+            ("poll_interval", self.poll_interval),
+            ("resync_interval", self.resync_interval),
+        ] {
+            if interval < MIN_INTERVAL {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "{} is too short: it must be at least {}",
+                        format_duration(interval),
+                        format_duration(MIN_INTERVAL)
+                    ),
+                ));
+            }
+        }
+        if self.resync_interval < self.poll_interval {
             return Err(ConfigError::new(
                 "resync_interval",
                 format!(
-                    "{} is too short: it must be at least {}",
-                    humantime_serde::re::humantime::format_duration(self.resync_interval),
-                    humantime_serde::re::humantime::format_duration(MIN_RESYNC_INTERVAL)
+                    "{} is shorter than poll_interval ({}): each resynchronisation also polls the batch system, so set resync_interval to at least poll_interval",
+                    format_duration(self.resync_interval),
+                    format_duration(self.poll_interval)
                 ),
             ));
         }
@@ -534,6 +557,11 @@ impl SlurmConfig {
     }
 }
 
+/// Formats a duration as the configuration file writes it, such as `1m 30s`.
+fn format_duration(duration: Duration) -> humantime_serde::re::humantime::FormattedDuration {
+    humantime_serde::re::humantime::format_duration(duration)
+}
+
 fn check_absolute_utf8(key: &str, path: &Path) -> Result<(), ConfigError> {
     if !path.is_absolute() {
         return Err(ConfigError::new(
@@ -585,7 +613,8 @@ mod tests {
         let config = parse("backend: slurm\napi_url: https://ctl:8443\n").unwrap();
         assert_eq!(config.backend, BackendKind::Slurm);
         assert_eq!(config.backend, "slurm");
-        assert_eq!(config.resync_interval, Duration::from_secs(30));
+        assert_eq!(config.poll_interval, Duration::from_secs(10));
+        assert_eq!(config.resync_interval, Duration::from_secs(300));
         assert!(config.watch);
         assert_eq!(
             config.credentials_dir,
@@ -610,7 +639,8 @@ mod tests {
             "backend: local\n\
              api_url: 127.0.0.1:8000\n\
              insecure: true\n\
-             resync_interval: 500ms\n\
+             poll_interval: 500ms\n\
+             resync_interval: 1m\n\
              watch: false\n\
              credentials_dir: /srv/berth/credentials\n\
              slurm:\n  reserve_ram: 1GiB\n  partition: batch\n  sbatch_args: [\"--account=x\"]\n  output: /scratch/%x.out\n  sbatch: /opt/slurm/bin/sbatch\n  command_timeout: 2m\n\
@@ -619,7 +649,8 @@ mod tests {
         .unwrap();
         assert_eq!(config.backend, BackendKind::Local);
         assert!(config.insecure);
-        assert_eq!(config.resync_interval, Duration::from_millis(500));
+        assert_eq!(config.poll_interval, Duration::from_millis(500));
+        assert_eq!(config.resync_interval, Duration::from_secs(60));
         assert!(!config.watch);
         assert_eq!(config.slurm.reserve_ram, 1 << 30);
         assert_eq!(config.slurm.partition.as_deref(), Some("batch"));
@@ -706,19 +737,59 @@ mod tests {
     }
 
     #[test]
-    fn poll_interval_names_its_successor() {
-        for value in ["2s", "2", "", "[1]", "{a: 1}", "true"] {
-            let err = parse(&format!(
-                "backend: slurm\napi_url: h:1\npoll_interval: {value}\n"
-            ))
-            .unwrap_err()
-            .to_string();
-            assert!(
-                err.starts_with("poll_interval: the key was renamed resync_interval: rename it."),
-                "{value}: {err}"
-            );
-            assert!(err.contains("change feed"), "{value}: {err}");
+    fn intervals_accept_humantime_units() {
+        let config =
+            parse("backend: slurm\napi_url: h:1\npoll_interval: 1m 30s\nresync_interval: 1h\n")
+                .unwrap();
+        assert_eq!(config.poll_interval, Duration::from_secs(90));
+        assert_eq!(config.resync_interval, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn bad_interval_names_the_key_and_the_value() {
+        for key in ["poll_interval", "resync_interval"] {
+            for (value, shown) in [
+                ("2", "invalid duration 2: the unit is missing"),
+                ("2.5", "invalid duration 2.5: the unit is missing"),
+                ("soon", "invalid duration \"soon\""),
+                ("-1s", "invalid duration \"-1s\""),
+                ("10 parsecs", "invalid duration \"10 parsecs\""),
+            ] {
+                let err = parse(&format!("backend: slurm\napi_url: h:1\n{key}: {value}\n"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.starts_with(&format!("{key}: ")), "{value}: {err}");
+                assert!(err.contains(shown), "{value}: {err}");
+                assert!(err.contains("such as 10s"), "{value}: {err}");
+            }
+            let err = parse(&format!("backend: slurm\napi_url: h:1\n{key}: [1]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(&format!("{key}: ")), "{err}");
+            assert!(err.contains("such as 10s"), "{err}");
         }
+    }
+
+    #[test]
+    fn resync_shorter_than_poll_is_rejected() {
+        let config =
+            parse("backend: slurm\napi_url: h:1\npoll_interval: 30s\nresync_interval: 10s\n")
+                .unwrap();
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "resync_interval");
+        let text = err.to_string();
+        assert!(
+            text.contains("10s is shorter than poll_interval (30s)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("set resync_interval to at least poll_interval"),
+            "{text}"
+        );
+        let equal =
+            parse("backend: slurm\napi_url: h:1\npoll_interval: 30s\nresync_interval: 30s\n")
+                .unwrap();
+        equal.validate().unwrap();
     }
 
     #[test]
@@ -734,8 +805,16 @@ mod tests {
         let cases: Vec<(&str, Change)> = vec![
             ("api_url", Box::new(|c| c.api_url = "ftp://x".into())),
             (
+                "poll_interval",
+                Box::new(|c| c.poll_interval = Duration::from_millis(1)),
+            ),
+            (
                 "resync_interval",
                 Box::new(|c| c.resync_interval = Duration::from_millis(1)),
+            ),
+            (
+                "resync_interval",
+                Box::new(|c| c.resync_interval = Duration::from_secs(5)),
             ),
             (
                 "credentials_dir",

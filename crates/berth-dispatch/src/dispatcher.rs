@@ -1,46 +1,64 @@
 //! The dispatch loop: one task that owns every tracked container. It hears
 //! of changed containers through the controller's change feed
-//! ([`crate::feed`]), and runs a full pass, a *tick*, once per
-//! resynchronisation interval as a safety net.
+//! ([`crate::feed`]) and keeps the latest record of each container it may
+//! act on, its *cached records*. Two timers drive its periodic work:
 //!
-//! A tick, in order:
+//! - a *poll*, once per poll interval, takes a snapshot of the batch
+//!   system, which has no way to report its changes, and lets each tracked
+//!   container decide on it with its cached record;
+//! - a *resynchronisation*, once per resynchronisation interval, lists the
+//!   queue from the controller, replaces the cached records with the list,
+//!   and then does what a poll does. It is the feed's safety net.
 //!
-//! 1. lists the containers Locked or Running by this dispatcher's token and
-//!    the Queued ones with priority > 0, and fetches any tracked container
-//!    that neither list returned;
-//! 2. takes one snapshot of the batch system ([`Backend::status`]);
-//! 3. takes over containers locked by this token that it does not track
-//!    yet. On the first tick it also cancels orphaned jobs and removes
-//!    leftover credentials files. An orphaned job is named after a
-//!    container of this cluster that is not Locked or Running by this token;
-//! 4. lets each tracked container decide ([`Tracked::observe`]) and carries
-//!    out its actions, which include showing users why a job is pending in
-//!    its container's `runtime_status.schedulingStatus`;
-//! 5. locks each Queued container, highest priority first, writes its
-//!    credentials file and submits its job.
+//! While the loop has no feed cursor (`watch: false`, or after a failed
+//! read or a rejected cursor), each poll is a resynchronisation, so no
+//! decision rests on records that the feed may have failed to update.
 //!
-//! If the listing or the snapshot fails, the tick ends before step 3: a
+//! A *pass*, poll or resynchronisation, in order:
+//!
+//! 1. A resynchronisation lists the containers Locked or Running by this
+//!    dispatcher's token and the Queued ones with priority > 0, and fetches
+//!    any tracked container that neither list returned. A poll fetches
+//!    only the tracked containers it has no record of, which normally
+//!    means none.
+//! 2. It takes one snapshot of the batch system ([`Backend::status`]).
+//! 3. It takes over the containers that its cached records show locked by
+//!    this token and that it does not track yet. The first pass, always a
+//!    resynchronisation, also cancels orphaned jobs and removes leftover
+//!    credentials files. An orphaned job is named after a container of this
+//!    cluster that is not Locked or Running by this token.
+//! 4. It lets each tracked container decide ([`Tracked::observe`]) and
+//!    carries out its actions, which include showing users why a job is
+//!    pending in its container's `runtime_status.schedulingStatus`.
+//! 5. It locks each Queued container with priority > 0 among its cached
+//!    records, highest priority first, writes its credentials file and
+//!    submits its job.
+//!
+//! If the listing or the snapshot fails, the pass ends before step 3: a
 //! failed query is never taken for an empty queue. When the loop has no
-//! feed cursor, a tick takes one before it lists, so that a change made
-//! between the list and the feed's first read is not missed.
+//! feed cursor, a resynchronisation takes one before it lists, so that a
+//! change made between the list and the feed's first read is not missed.
 //!
-//! Between ticks the loop keeps one long-poll read of the feed open. It
+//! Between passes the loop keeps one long-poll read of the feed open. It
 //! applies each page of changed containers at once
 //! ([`Dispatcher::apply_changes`]) with the latest snapshot instead of a new
 //! one. A tracked container decides on its new record, so the job of a
 //! container whose priority dropped to 0 is cancelled at once. A Queued
 //! container with priority > 0 is locked and submitted unless that snapshot
 //! lists a job named after it. These observations reuse the snapshot, and
-//! count towards no rule that needs several snapshots in a row. The loop
-//! drops the read in flight before each tick and reads again from the same
-//! cursor afterwards, because a response made before the tick's writes
-//! could show a record older than the loop's own lock.
+//! count towards no rule that needs several snapshots in a row.
+//!
+//! The cached records change with each page, and with the controller's
+//! response to each of the loop's own calls (a listing, a lock, an update).
+//! The loop drops a feed response that may have been made before such a
+//! call and reads again from the same cursor. Such a response could carry a
+//! record older than the call's result, and a container still Queued after
+//! the loop's own lock would look like a lost lock.
 //!
 //! A failed read, or a 422 for the cursor, drops the cursor. The loop then
-//! runs a tick at once, which takes a new cursor, and waits longer before
-//! each further attempt while the feed keeps failing
-//! ([`ChangeFeed::retry_delay`]). With `watch: false` the loop runs ticks
-//! only.
+//! resynchronises at once, which takes a new cursor, and waits longer
+//! before each further attempt while the feed keeps failing
+//! ([`ChangeFeed::retry_delay`]), but never longer than the poll interval.
 //!
 //! Every error is logged once, where it is handled. A failure that repeats
 //! with the same message is logged at debug level until it changes or
@@ -85,10 +103,15 @@ const STARTUP_RETRY_MAX: Duration = Duration::from_secs(30);
 /// repeats.
 const REPEAT_WARN_EVERY: u64 = 100;
 
-/// How often the loop runs a tick, and whether it follows the change feed.
+/// How often the loop polls and resynchronises, and whether it follows the
+/// change feed.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopOptions {
-    /// Time between two ticks (`dispatch.resync_interval`).
+    /// Time between two snapshots of the batch system
+    /// (`dispatch.poll_interval`).
+    pub poll_interval: Duration,
+    /// Time between two listings of the queue while the feed works
+    /// (`dispatch.resync_interval`).
     pub resync_interval: Duration,
     /// Whether to follow the controller's change feed (`dispatch.watch`).
     pub watch: bool,
@@ -100,6 +123,7 @@ impl LoopOptions {
     /// Takes the options from the `dispatch` section.
     pub fn from_config(config: &Config) -> LoopOptions {
         LoopOptions {
+            poll_interval: config.poll_interval,
             resync_interval: config.resync_interval,
             watch: config.watch,
             feed_wait: CHANGE_FEED_WAIT,
@@ -107,9 +131,9 @@ impl LoopOptions {
     }
 }
 
-/// Failure that ended a tick early.
+/// Failure that ended a pass early.
 #[derive(Debug, thiserror::Error)]
-pub enum TickError {
+pub enum PassError {
     #[error("failed to list {subject}: {source}")]
     List {
         subject: &'static str,
@@ -142,7 +166,7 @@ pub enum StartError {
 }
 
 /// Remembers the last message of each failing operation, so that a
-/// failure repeated every tick is not logged at warning level every tick.
+/// failure repeated every pass is not logged at warning level every pass.
 #[derive(Debug, Default)]
 struct Repeats {
     last: HashMap<String, (String, u64)>,
@@ -195,6 +219,13 @@ struct RelockHold {
     generation: u64,
 }
 
+/// The kind of pass the loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassKind {
+    Poll,
+    Resync,
+}
+
 /// The dispatch loop's state.
 pub struct Dispatcher<B> {
     api: Arc<dyn ControllerApi>,
@@ -203,6 +234,13 @@ pub struct Dispatcher<B> {
     store: CredentialsStore,
     token_uuid: String,
     tracked: BTreeMap<String, Tracked>,
+    /// The latest known record of each tracked container, each Queued
+    /// container with priority > 0 and each container Locked or Running by
+    /// this token, by UUID.
+    records: HashMap<String, Container>,
+    /// Number of calls to the controller outside the change feed. A feed
+    /// response that may have been made before one of them is dropped.
+    calls: u64,
     /// Containers not to lock again yet, after the dispatcher gave up on
     /// them.
     relock_holds: HashMap<String, RelockHold>,
@@ -211,7 +249,7 @@ pub struct Dispatcher<B> {
     generation: u64,
     /// The latest snapshot's jobs, by name.
     latest_jobs: HashMap<String, Vec<BatchJob>>,
-    /// Whether the first successful tick (with its orphan scan) has run.
+    /// Whether the first successful pass (with its orphan scan) has run.
     reconciled: bool,
     repeats: Repeats,
 }
@@ -222,6 +260,7 @@ impl<B> std::fmt::Debug for Dispatcher<B> {
             .field("cluster_id", &self.cluster_id)
             .field("token_uuid", &self.token_uuid)
             .field("tracked", &self.tracked.len())
+            .field("records", &self.records.len())
             .field("generation", &self.generation)
             .finish()
     }
@@ -286,6 +325,8 @@ impl<B: Backend> Dispatcher<B> {
             store,
             token_uuid,
             tracked: BTreeMap::new(),
+            records: HashMap::new(),
+            calls: 0,
             relock_holds: HashMap::new(),
             cancels: CancelLedger::default(),
             generation: 0,
@@ -295,25 +336,48 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
-    /// Runs until `shutdown` fires: a tick at once and then every
-    /// `options.resync_interval`, and with `options.watch` the changes the
-    /// feed reports, as they come. Shutdown drops the feed read in flight.
-    /// Jobs keep running after the loop ends: they belong to the batch
-    /// system, and a restarted dispatcher takes them over.
+    /// Returns the controller for a call outside the change feed, and
+    /// counts the call.
+    fn controller(&mut self) -> &dyn ControllerApi {
+        self.calls += 1;
+        self.api.as_ref()
+    }
+
+    /// Runs until `shutdown` fires: a resynchronisation at once and then
+    /// every `options.resync_interval`, a poll every
+    /// `options.poll_interval` after the latest pass, and with
+    /// `options.watch` the changes the feed reports, as they come.
+    /// Shutdown drops the feed read in flight. Jobs keep running after the
+    /// loop ends: they belong to the batch system, and a restarted
+    /// dispatcher takes them over.
     pub async fn run(&mut self, options: LoopOptions, shutdown: &CancellationToken) {
         let mut feed = options
             .watch
             .then(|| ChangeFeed::new(Arc::clone(&self.api), options.feed_wait));
-        let mut next_tick = tokio::time::Instant::now();
+        let mut next_resync = tokio::time::Instant::now();
+        let mut next_poll = next_resync + options.poll_interval;
         loop {
+            let calls = self.calls;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(next_tick) => {
-                    let delay = self
-                        .resynchronise(feed.as_mut(), options.resync_interval, shutdown)
-                        .await;
-                    next_tick = tokio::time::Instant::now() + delay;
+                _ = tokio::time::sleep_until(next_resync) => {
+                    let delay = self.resynchronise(feed.as_mut(), options, shutdown).await;
+                    let now = tokio::time::Instant::now();
+                    next_resync = now + options.resync_interval;
+                    next_poll = now + delay;
+                }
+                _ = tokio::time::sleep_until(next_poll) => {
+                    let following = feed.as_ref().is_some_and(ChangeFeed::has_cursor);
+                    let delay = if following {
+                        self.run_pass(PassKind::Poll, shutdown).await;
+                        options.poll_interval
+                    } else {
+                        let delay = self.resynchronise(feed.as_mut(), options, shutdown).await;
+                        next_resync = tokio::time::Instant::now() + options.resync_interval;
+                        delay
+                    };
+                    next_poll = tokio::time::Instant::now() + delay;
                 }
                 page = feed::next_page(feed.as_mut()) => match page {
                     Ok(page) => {
@@ -327,13 +391,19 @@ impl<B: Backend> Dispatcher<B> {
                         self.report_feed_error(&err);
                         let delay = feed
                             .as_ref()
-                            .map(|feed| feed.retry_delay(options.resync_interval))
+                            .map(|feed| feed.retry_delay(options.poll_interval))
                             .unwrap_or_default();
-                        next_tick = next_tick.min(tokio::time::Instant::now() + delay);
+                        next_poll = next_poll.min(tokio::time::Instant::now() + delay);
                     }
                 },
             }
             if let Some(feed) = feed.as_mut() {
+                // The response to a read still in flight may have been made
+                // before these calls, so it is read again. An idle poll
+                // makes no call and leaves the read open.
+                if self.calls != calls {
+                    feed.pause();
+                }
                 feed.resume();
             }
         }
@@ -343,42 +413,57 @@ impl<B: Backend> Dispatcher<B> {
         );
     }
 
-    /// Runs a tick, after taking a feed cursor when the feed has none.
-    /// Returns the time until the next tick: the resynchronisation interval,
-    /// or less while the feed cannot be read.
+    /// Resynchronises, after taking a feed cursor when the feed has none.
+    /// Returns the time until the next poll: the poll interval, or less
+    /// while the feed cannot be read.
     async fn resynchronise(
         &mut self,
         feed: Option<&mut ChangeFeed>,
-        interval: Duration,
+        options: LoopOptions,
         shutdown: &CancellationToken,
     ) -> Duration {
+        let interval = options.poll_interval;
         let mut delay = interval;
         if let Some(feed) = feed {
-            feed.pause();
             if !feed.has_cursor() {
                 if let Err(err) = feed.take_cursor().await {
                     report!(
                         self.repeats,
                         "feed",
                         err,
-                        "failed to start reading the controller's change feed; relying on full passes until it works"
+                        "failed to start reading the controller's change feed; listing the queue at each poll until it works"
                     );
-                    // This tick runs now, so the next one waits at least
+                    // This pass runs now, so the next one waits at least
                     // the first retry delay.
                     delay = feed.retry_delay(interval).max(RETRY_FIRST).min(interval);
                 }
             }
         }
-        match self.tick(clock_now(), shutdown).await {
+        self.run_pass(PassKind::Resync, shutdown).await;
+        delay
+    }
+
+    /// Runs a poll or a resynchronisation as of now and logs its failure.
+    async fn run_pass(&mut self, kind: PassKind, shutdown: &CancellationToken) {
+        let now = clock_now();
+        let result = match kind {
+            PassKind::Poll => self.poll(now, shutdown).await,
+            PassKind::Resync => self.resync(now, shutdown).await,
+        };
+        match result {
             Ok(()) => {
-                let failures = self.repeats.succeeded("tick");
+                let failures = self.repeats.succeeded("pass");
                 if failures > 0 {
-                    tracing::info!(failures, "dispatch tick succeeded again");
+                    tracing::info!(failures, "the dispatcher's pass succeeded again");
                 }
             }
-            Err(err) => report!(self.repeats, "tick", err, "dispatch tick failed"),
+            Err(err) => match kind {
+                PassKind::Poll => report!(self.repeats, "pass", err, "the poll failed"),
+                PassKind::Resync => {
+                    report!(self.repeats, "pass", err, "the resynchronisation failed")
+                }
+            },
         }
-        delay
     }
 
     fn report_feed_error(&mut self, err: &ClientError) {
@@ -404,35 +489,36 @@ impl<B: Backend> Dispatcher<B> {
         &self.tracked
     }
 
-    /// Runs one tick as of `now`. Stops between two containers when
-    /// `shutdown` fires.
-    pub async fn tick(
+    /// Resynchronises as of `now`: lists the queue, replaces the cached
+    /// records with the list, and runs a pass. Stops between two
+    /// containers when `shutdown` fires.
+    pub async fn resync(
         &mut self,
         now: Instant,
         shutdown: &CancellationToken,
-    ) -> Result<(), TickError> {
+    ) -> Result<(), PassError> {
         // Final containers may keep their locked_by_uuid. Tracked ones are
         // fetched by UUID below, so the list need not grow with them.
         let mine_filter = [
             json!(["locked_by_uuid", "=", self.token_uuid]),
             json!(["state", "in", ["Locked", "Running"]]),
         ];
-        let mine = list_all(self.api.as_ref(), &mine_filter)
+        let mine = list_all(self.controller(), &mine_filter)
             .await
-            .map_err(|source| TickError::List {
+            .map_err(|source| PassError::List {
                 subject: "the containers locked by this dispatcher",
                 source,
             })?;
         let queued_filter = [json!(["state", "=", "Queued"]), json!(["priority", ">", 0])];
-        let queued = list_all(self.api.as_ref(), &queued_filter)
+        let queued = list_all(self.controller(), &queued_filter)
             .await
-            .map_err(|source| TickError::List {
+            .map_err(|source| PassError::List {
                 subject: "the queued containers",
                 source,
             })?;
         let mut records: HashMap<String, Container> = HashMap::new();
-        for container in mine.iter().chain(queued.iter()) {
-            records.insert(container.uuid.clone(), container.clone());
+        for container in mine.into_iter().chain(queued) {
+            records.insert(container.uuid.clone(), container);
         }
         let unlisted: Vec<String> = self
             .tracked
@@ -440,20 +526,55 @@ impl<B: Backend> Dispatcher<B> {
             .filter(|uuid| !records.contains_key(*uuid))
             .cloned()
             .collect();
-        for batch in unlisted.chunks(FETCH_BATCH) {
+        records.extend(self.fetch(&unlisted).await?);
+        self.records = records;
+        self.pass(now, shutdown).await
+    }
+
+    /// Polls as of `now`: runs a pass with the cached records, after
+    /// fetching the tracked containers that have none. Before the first
+    /// successful pass it resynchronises instead, because the orphan scan
+    /// needs a listing. Stops between two containers when `shutdown` fires.
+    pub async fn poll(
+        &mut self,
+        now: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PassError> {
+        if !self.reconciled {
+            return self.resync(now, shutdown).await;
+        }
+        let uncached: Vec<String> = self
+            .tracked
+            .keys()
+            .filter(|uuid| !self.records.contains_key(*uuid))
+            .cloned()
+            .collect();
+        let fetched = self.fetch(&uncached).await?;
+        self.records.extend(fetched);
+        self.pass(now, shutdown).await
+    }
+
+    /// Fetches containers by UUID, [`FETCH_BATCH`] per call. A container
+    /// the controller does not return is missing from the result.
+    async fn fetch(&mut self, uuids: &[String]) -> Result<Vec<(String, Container)>, PassError> {
+        let mut fetched = Vec::new();
+        for batch in uuids.chunks(FETCH_BATCH) {
             let filter = [json!(["uuid", "in", batch])];
-            let fetched = list_all(self.api.as_ref(), &filter)
+            let containers = list_all(self.controller(), &filter)
                 .await
-                .map_err(|source| TickError::List {
+                .map_err(|source| PassError::List {
                     subject: "the tracked containers",
                     source,
                 })?;
-            for container in fetched {
-                records.insert(container.uuid.clone(), container);
-            }
+            fetched.extend(containers.into_iter().map(|c| (c.uuid.clone(), c)));
         }
+        Ok(fetched)
+    }
 
-        let jobs = self.backend.status().await.map_err(TickError::Status)?;
+    /// Takes a snapshot and acts on it with the cached records: steps 2 to
+    /// 5 of a pass.
+    async fn pass(&mut self, now: Instant, shutdown: &CancellationToken) -> Result<(), PassError> {
+        let jobs = self.backend.status().await.map_err(PassError::Status)?;
         self.generation += 1;
         self.cancels.retain_listed(&jobs);
         let mut by_name: HashMap<String, Vec<BatchJob>> = HashMap::new();
@@ -465,7 +586,7 @@ impl<B: Backend> Dispatcher<B> {
         }
         self.latest_jobs = by_name;
 
-        self.adopt(&mine);
+        self.adopt();
         if !self.reconciled {
             self.reconciled = true;
             self.cancel_orphans(&jobs, now).await;
@@ -477,7 +598,7 @@ impl<B: Backend> Dispatcher<B> {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            let record = records.get(&uuid).cloned();
+            let record = self.records.get(&uuid).cloned();
             let jobs = self.latest_jobs.get(&uuid).cloned().unwrap_or_default();
             let span = tracing::info_span!("container", container = %uuid);
             self.step(&uuid, record, &jobs, now, true)
@@ -486,20 +607,23 @@ impl<B: Backend> Dispatcher<B> {
         }
 
         self.relock_holds.retain(|_, hold| hold.until > now);
-        let mut candidates: Vec<&Container> = queued
-            .iter()
+        let mut candidates: Vec<Container> = self
+            .records
+            .values()
             .filter(|c| c.state == ContainerState::Queued && c.priority > 0)
             .filter(|c| {
                 !self.tracked.contains_key(&c.uuid) && !self.relock_holds.contains_key(&c.uuid)
             })
+            .cloned()
             .collect();
-        candidates.sort_by(|a, b| lock_order(a, b));
+        candidates.sort_by(lock_order);
         for container in candidates {
             if shutdown.is_cancelled() {
                 return Ok(());
             }
-            self.lock_unless_leftover(container, now).await;
+            self.lock_unless_leftover(&container, now).await;
         }
+        self.prune_records();
         Ok(())
     }
 
@@ -507,7 +631,7 @@ impl<B: Backend> Dispatcher<B> {
     /// latest snapshot. Each tracked container decides on its new record.
     /// Then the Queued ones with priority > 0 that are neither tracked nor
     /// on hold are locked and submitted, highest priority first. Does nothing
-    /// before the first successful tick, which takes the first snapshot and
+    /// before the first successful pass, which takes the first snapshot and
     /// cancels orphaned jobs. Stops between two containers when `shutdown`
     /// fires.
     pub async fn apply_changes(
@@ -518,6 +642,10 @@ impl<B: Backend> Dispatcher<B> {
     ) {
         if !self.reconciled {
             return;
+        }
+        for container in changed {
+            self.records
+                .insert(container.uuid.clone(), container.clone());
         }
         let mut candidates: Vec<&Container> = Vec::new();
         for container in changed {
@@ -542,6 +670,25 @@ impl<B: Backend> Dispatcher<B> {
             }
             self.lock_unless_leftover(container, now).await;
         }
+        self.prune_records();
+    }
+
+    /// Stores a container's record from the controller's response to one
+    /// of the loop's calls.
+    fn remember(&mut self, container: Container) {
+        self.records.insert(container.uuid.clone(), container);
+    }
+
+    /// Drops the cached records the loop can no longer act on: neither
+    /// tracked, nor Queued with priority > 0, nor locked by this token.
+    fn prune_records(&mut self) {
+        let tracked = &self.tracked;
+        let token_uuid = self.token_uuid.as_str();
+        self.records.retain(|uuid, container| {
+            tracked.contains_key(uuid)
+                || (container.state == ContainerState::Queued && container.priority > 0)
+                || is_locked_by(container, token_uuid)
+        });
     }
 
     /// True for a Queued container with priority > 0 that this dispatcher
@@ -585,22 +732,26 @@ impl<B: Backend> Dispatcher<B> {
         self.relock_holds.insert(uuid.to_string(), hold);
     }
 
-    /// Starts tracking containers locked by this token that are not
-    /// tracked yet.
-    fn adopt(&mut self, mine: &[Container]) {
-        for container in mine {
-            let ours = container.locked_by_uuid.as_deref() == Some(self.token_uuid.as_str());
-            if !ours || !container.state.is_locked() || self.tracked.contains_key(&container.uuid) {
-                continue;
-            }
+    /// Starts tracking the containers whose cached records show them locked
+    /// by this token, and that are not tracked yet.
+    fn adopt(&mut self) {
+        let found: Vec<&Container> = self
+            .records
+            .values()
+            .filter(|c| is_locked_by(c, &self.token_uuid) && !self.tracked.contains_key(&c.uuid))
+            .collect();
+        let mut adopted = Vec::new();
+        for container in found {
             tracing::info!(
                 container = %container.uuid,
                 state = %container.state.as_str(),
                 job_id = container.scheduler_job_id.as_deref().unwrap_or(""),
                 "taking over a container locked by this dispatcher's token"
             );
-            self.tracked
-                .insert(container.uuid.clone(), Tracked::adopted(self.generation));
+            adopted.push(container.uuid.clone());
+        }
+        for uuid in adopted {
+            self.tracked.insert(uuid, Tracked::adopted(self.generation));
         }
     }
 
@@ -674,7 +825,7 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Lets one tracked container decide, and carries out its actions.
-    /// `new_snapshot` is true only for the tick that took the snapshot
+    /// `new_snapshot` is true only for the pass that took the snapshot
     /// `jobs` come from.
     async fn step(
         &mut self,
@@ -747,7 +898,7 @@ impl<B: Backend> Dispatcher<B> {
                         .get(uuid)
                         .map(|t| (t.job().cloned(), t.last_seen().cloned()))
                         .unwrap_or_default();
-                    let fetched = match self.api.get_container(uuid).await {
+                    let fetched = match self.controller().get_container(uuid).await {
                         Ok(container) => Some(container),
                         Err(err) if status_code(&err) == Some(404) => None,
                         Err(err) => {
@@ -761,6 +912,12 @@ impl<B: Backend> Dispatcher<B> {
                         }
                     };
                     self.repeats.succeeded(&format!("{uuid} get"));
+                    match &fetched {
+                        Some(container) => self.remember(container.clone()),
+                        None => {
+                            self.records.remove(uuid);
+                        }
+                    }
                     tracing::warn!(
                         state = fetched
                             .as_ref()
@@ -795,7 +952,7 @@ impl<B: Backend> Dispatcher<B> {
     /// its job.
     async fn lock_and_submit(&mut self, container: &Container, now: Instant) {
         let uuid = container.uuid.as_str();
-        let locked = match self.api.lock_container(uuid).await {
+        let locked = match self.controller().lock_container(uuid).await {
             Ok(locked) => locked,
             Err(err) if matches!(status_code(&err), Some(404 | 422)) => {
                 // Another dispatcher locked it, or it changed since the list.
@@ -809,16 +966,18 @@ impl<B: Backend> Dispatcher<B> {
             }
         };
         self.repeats.succeeded("lock");
+        self.remember(locked.container.clone());
         tracing::info!(
             lock_count = locked.container.lock_count,
             "locked the container"
         );
 
         if let Err(err) = self.store.write(uuid, &locked.credentials) {
-            let unlock = self.api.unlock_container(uuid).await;
+            let unlock = self.controller().unlock_container(uuid).await;
             self.hold(uuid, now);
             match unlock {
-                Ok(_) => {
+                Ok(unlocked) => {
+                    self.remember(unlocked);
                     tracing::error!(error = %err, "failed to write the credentials file; unlocked the container")
                 }
                 Err(unlock_err) => tracing::error!(
@@ -834,11 +993,14 @@ impl<B: Backend> Dispatcher<B> {
             // The id of a job from an earlier lock would make a restarted
             // dispatcher believe this lock's job was submitted.
             match self
-                .api
+                .controller()
                 .update_container(uuid, &json!({"scheduler_job_id": null}))
                 .await
             {
-                Ok(updated) => record = updated,
+                Ok(updated) => {
+                    self.remember(updated.clone());
+                    record = updated;
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, "failed to clear the job id of an earlier lock")
                 }
@@ -899,11 +1061,12 @@ impl<B: Backend> Dispatcher<B> {
     async fn record_job_id(&mut self, uuid: &str, job_id: &str) {
         let key = format!("{uuid} record");
         match self
-            .api
+            .controller()
             .update_container(uuid, &json!({"scheduler_job_id": job_id}))
             .await
         {
-            Ok(_) => {
+            Ok(updated) => {
+                self.remember(updated);
                 self.repeats.succeeded(&key);
                 if let Some(tracked) = self.tracked.get_mut(uuid) {
                     tracked.job_id_recorded();
@@ -931,15 +1094,16 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     async fn unlock(&mut self, uuid: &str, reason: &str, now: Instant) {
-        match self.api.unlock_container(uuid).await {
-            Ok(_) => {
+        match self.controller().unlock_container(uuid).await {
+            Ok(unlocked) => {
+                self.remember(unlocked);
                 tracing::info!(reason, "unlocked the container");
                 self.release(uuid);
                 self.hold(uuid, now);
             }
             Err(err) if status_code(&err) == Some(422) => {
                 // It changed meanwhile, for example because its supervisor
-                // started it. The next tick observes the new state.
+                // started it. The feed reports the new state.
                 tracing::info!(error = %err, "the container could not be unlocked");
             }
             Err(err) => report!(
@@ -963,8 +1127,9 @@ impl<B: Backend> Dispatcher<B> {
         runtime_status.insert("error".into(), Value::from(error));
         runtime_status.insert("errorDetail".into(), Value::from(detail));
         let attributes = json!({"state": "Cancelled", "runtime_status": runtime_status});
-        match self.api.update_container(uuid, &attributes).await {
-            Ok(_) => {
+        match self.controller().update_container(uuid, &attributes).await {
+            Ok(cancelled) => {
+                self.remember(cancelled);
                 tracing::warn!(error, detail, "cancelled the container");
                 if let Err(err) = self.store.remove(uuid) {
                     tracing::warn!(error = %err, "failed to remove the credentials file");
@@ -1009,8 +1174,9 @@ impl<B: Backend> Dispatcher<B> {
             runtime_status.insert(SCHEDULING_STATUS_KEY.into(), Value::from(text.as_str()));
             let key = format!("{uuid} status");
             let attributes = json!({ "runtime_status": runtime_status });
-            match self.api.update_container(uuid, &attributes).await {
-                Ok(_) => {
+            match self.controller().update_container(uuid, &attributes).await {
+                Ok(updated) => {
+                    self.remember(updated);
                     self.repeats.succeeded(&key);
                     tracing::info!(job_id = %job.id, status = %text, "recorded why the job is pending");
                 }
@@ -1031,7 +1197,7 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Removes the scheduling status of a container whose job has started.
-    // NOTE: the update replaces runtime_status with the tick's copy minus
+    // NOTE: the update replaces runtime_status with the cached copy minus
     // the key, so a key written in between would be lost. The supervisor
     // writes runtime_status only together with a final state, after which
     // the controller rejects this update.
@@ -1045,8 +1211,9 @@ impl<B: Backend> Dispatcher<B> {
         }
         let key = format!("{uuid} status");
         let attributes = json!({ "runtime_status": runtime_status });
-        match self.api.update_container(uuid, &attributes).await {
-            Ok(_) => {
+        match self.controller().update_container(uuid, &attributes).await {
+            Ok(updated) => {
+                self.remember(updated);
                 self.repeats.succeeded(&key);
                 tracing::debug!("removed the scheduling status: the job has started");
                 if let Some(tracked) = self.tracked.get_mut(uuid) {
@@ -1082,6 +1249,11 @@ fn lock_order(a: &Container, b: &Container) -> Ordering {
         .cmp(&a.priority)
         .then(a.created_at.cmp(&b.created_at))
         .then(a.uuid.cmp(&b.uuid))
+}
+
+/// True for a container Locked or Running by the token `token_uuid`.
+fn is_locked_by(container: &Container, token_uuid: &str) -> bool {
+    container.state.is_locked() && container.locked_by_uuid.as_deref() == Some(token_uuid)
 }
 
 /// Returns the loop's clock: tokio's, so that tests with a paused clock

@@ -1,9 +1,10 @@
 //! Tests of the dispatch loop's decisions against the in-memory controller
 //! and batch system of [`crate::fake`].
 //!
-//! Most tests drive the loop's steps by hand: [`Harness::tick`] runs a full
-//! pass and [`Harness::apply_changes`] applies what the controller's change
-//! feed would report, each at a time the test sets. The tests of
+//! Most tests drive the loop's steps by hand: [`Harness::resync`] runs a
+//! resynchronisation, [`Harness::poll`] a poll, and
+//! [`Harness::apply_changes`] applies what the controller's change feed
+//! would report, each at a time the test sets. The tests of
 //! [`Dispatcher::run`] run on tokio's paused clock: [`settle`] lets the loop
 //! work without moving the clock, and only `tokio::time::advance` moves it,
 //! so "at once" means "before any timer fired".
@@ -26,7 +27,8 @@ use crate::tracker::{REJECTED_ERROR, SCHEDULING_STATUS_KEY, UNRUNNABLE_ERROR, VA
 
 const A: &str = "zzzzz-dz642-00000000000000a";
 const B: &str = "zzzzz-dz642-00000000000000b";
-const TICK: Duration = Duration::from_secs(2);
+/// Time between two passes of the harness.
+const PASS: Duration = Duration::from_secs(2);
 
 struct Harness {
     controller: FakeController,
@@ -83,20 +85,42 @@ impl Harness {
         self.dispatcher = dispatcher(&self.controller, &self.backend, self.dir.path());
     }
 
-    async fn tick(&mut self) {
-        self.now += TICK;
+    async fn resync(&mut self) {
+        self.now += PASS;
         self.dispatcher
-            .tick(self.now, &self.shutdown)
+            .resync(self.now, &self.shutdown)
             .await
             .unwrap();
     }
 
-    async fn tick_error(&mut self) -> TickError {
-        self.now += TICK;
+    async fn resync_error(&mut self) -> PassError {
+        self.now += PASS;
         self.dispatcher
-            .tick(self.now, &self.shutdown)
+            .resync(self.now, &self.shutdown)
             .await
             .unwrap_err()
+    }
+
+    async fn poll(&mut self) {
+        self.now += PASS;
+        self.dispatcher
+            .poll(self.now, &self.shutdown)
+            .await
+            .unwrap();
+    }
+
+    /// Returns the ids of the jobs the dispatcher cancelled, in order.
+    fn cancelled_job_ids(&self) -> Vec<String> {
+        self.backend
+            .cancels()
+            .iter()
+            .map(|job| job.id.to_string())
+            .collect()
+    }
+
+    /// Counts the container list calls the dispatcher made.
+    fn lists(&self) -> usize {
+        self.controller.count("list")
     }
 
     /// Applies the containers changed since the last call, as the loop
@@ -138,11 +162,11 @@ impl Harness {
     /// Locks and submits `uuid` and lets the supervisor start it.
     async fn start_running(&mut self, uuid: &str) {
         self.controller.add(queued_container(uuid, 1));
-        self.tick().await;
+        self.resync().await;
         self.controller
             .change(uuid, |c| c.state = ContainerState::Running);
         self.backend.set_state(uuid, JobState::Running);
-        self.tick().await;
+        self.resync().await;
     }
 }
 
@@ -150,7 +174,7 @@ impl Harness {
 async fn queued_container_is_locked_submitted_and_recorded() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
 
     let container = h.controller.container(A);
     assert_eq!(container.state, ContainerState::Locked);
@@ -175,7 +199,7 @@ async fn listed_job_is_never_submitted_twice() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     for _ in 0..6 {
-        h.tick().await;
+        h.resync().await;
     }
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(h.controller.count("lock"), 1);
@@ -187,7 +211,7 @@ async fn listed_job_is_never_submitted_twice() {
         h.controller.calls()
     );
     assert_eq!(h.status_updates(A), 1);
-    assert_eq!(h.backend.status_calls(), 6, "one status query per tick");
+    assert_eq!(h.backend.status_calls(), 6, "one status query per pass");
 }
 
 #[tokio::test]
@@ -195,7 +219,7 @@ async fn higher_priority_is_locked_first() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.controller.add(queued_container(B, 9));
-    h.tick().await;
+    h.resync().await;
     let order: Vec<String> = h
         .backend
         .submits()
@@ -210,14 +234,14 @@ async fn lock_conflict_is_skipped_quietly() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.controller.conflict_on_lock(A);
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     assert!(h.backend.submits().is_empty());
     assert!(!h.dispatcher.is_tracked(A));
     assert_eq!(
         h.controller.count("lock"),
         2,
-        "tried again on the next tick"
+        "tried again on the next pass"
     );
     assert!(!h.credentials_file(A).exists());
 }
@@ -227,8 +251,8 @@ async fn priority_zero_cancels_the_job_once() {
     let mut h = Harness::new();
     h.start_running(A).await;
     h.controller.change(A, |c| c.priority = 0);
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     let cancels = h.backend.cancels();
     assert_eq!(cancels.len(), 1, "{cancels:?}");
     assert_eq!(cancels[0].id.as_str(), "101");
@@ -236,16 +260,16 @@ async fn priority_zero_cancels_the_job_once() {
 
     // Sent again only when the job is still listed much later.
     h.now += crate::tracker::CANCEL_RESEND_AFTER;
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.cancels().len(), 2);
 
     // The supervisor stops the container and reports; the job leaves.
     h.controller
         .change(A, |c| c.state = ContainerState::Cancelled);
     h.backend.end(A);
-    h.tick().await;
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
+    h.resync().await;
     assert!(!h.dispatcher.is_tracked(A));
     assert!(!h.credentials_file(A).exists());
 }
@@ -254,18 +278,18 @@ async fn priority_zero_cancels_the_job_once() {
 async fn priority_zero_pending_job_unlocks() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
     h.controller.change(A, |c| c.priority = 0);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.cancels()[0].state, JobState::Pending);
     h.backend.end(A);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(
         h.state(A),
         ContainerState::Locked,
         "one snapshot without the job is not enough"
     );
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Queued);
     assert!(!h.credentials_file(A).exists());
     assert!(!h.dispatcher.is_tracked(A));
@@ -276,9 +300,9 @@ async fn vanished_running_container_is_cancelled_with_a_reason() {
     let mut h = Harness::new();
     h.start_running(A).await;
     h.backend.end(A);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Running);
-    h.tick().await;
+    h.resync().await;
 
     let container = h.controller.container(A);
     assert_eq!(container.state, ContainerState::Cancelled);
@@ -289,8 +313,8 @@ async fn vanished_running_container_is_cancelled_with_a_reason() {
         "{detail}"
     );
     assert!(!h.credentials_file(A).exists());
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     assert!(!h.dispatcher.is_tracked(A));
 }
 
@@ -298,17 +322,17 @@ async fn vanished_running_container_is_cancelled_with_a_reason() {
 async fn vanished_locked_relocked_after_hold() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
     h.backend.end(A);
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Queued);
     assert!(!h.credentials_file(A).exists());
 
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.controller.count("lock"), 1, "held after the unlock");
     h.now += RELOCK_HOLD;
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.controller.count("lock"), 2);
     assert_eq!(h.backend.submits().len(), 2);
     assert_eq!(
@@ -324,30 +348,30 @@ async fn failed_status_query_is_never_an_empty_queue() {
     h.backend.end(A);
     h.backend.fail_statuses(5);
     for _ in 0..5 {
-        let err = h.tick_error().await;
-        assert!(matches!(err, TickError::Status(_)), "{err}");
+        let err = h.resync_error().await;
+        assert!(matches!(err, PassError::Status(_)), "{err}");
     }
     assert_eq!(h.state(A), ContainerState::Running);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(
         h.state(A),
         ContainerState::Running,
         "one good snapshot is not enough"
     );
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Cancelled);
 }
 
 #[tokio::test]
-async fn failed_listing_skips_the_tick() {
+async fn failed_listing_skips_the_resync() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.controller.fail_lists(1);
-    let err = h.tick_error().await;
+    let err = h.resync_error().await;
     assert!(err.to_string().contains("failed to list"), "{err}");
     assert_eq!(h.backend.status_calls(), 0);
     assert_eq!(h.controller.count("lock"), 0);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 1);
 }
 
@@ -362,7 +386,7 @@ async fn complete_container_is_forgotten_without_updates() {
     });
     h.backend.end(A);
     for _ in 0..3 {
-        h.tick().await;
+        h.resync().await;
     }
     assert!(!h.dispatcher.is_tracked(A));
     assert!(!h.credentials_file(A).exists());
@@ -376,7 +400,7 @@ async fn rejected_job_cancels_the_container_with_the_reason() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.fail_next_submit(SubmitFailure::Rejected);
-    h.tick().await;
+    h.resync().await;
     let container = h.controller.container(A);
     assert_eq!(container.state, ContainerState::Cancelled);
     assert_eq!(container.runtime_status["error"], REJECTED_ERROR);
@@ -386,7 +410,7 @@ async fn rejected_job_cancels_the_container_with_the_reason() {
         "{detail}"
     );
     assert!(!h.credentials_file(A).exists());
-    h.tick().await;
+    h.resync().await;
     assert!(!h.dispatcher.is_tracked(A));
     assert_eq!(h.backend.submits().len(), 1);
 }
@@ -398,12 +422,12 @@ async fn failed_submissions_are_retried_then_unlocked() {
     for _ in 0..crate::tracker::MAX_SUBMIT_ATTEMPTS {
         h.backend.fail_next_submit(SubmitFailure::Transient);
     }
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(h.state(A), ContainerState::Locked);
     // Retries wait 2 s, 4 s, 8 s and 16 s.
     for _ in 0..20 {
-        h.tick().await;
+        h.resync().await;
     }
     assert_eq!(
         h.backend.submits().len() as u32,
@@ -419,11 +443,11 @@ async fn timed_out_submission_job_adopted() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.fail_next_submit(SubmitFailure::Transient);
-    h.tick().await;
+    h.resync().await;
     // sbatch timed out, but Slurm had queued the job.
     h.backend.add_job("555", A, JobState::Pending);
     for _ in 0..4 {
-        h.tick().await;
+        h.resync().await;
     }
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(
@@ -438,7 +462,7 @@ async fn restart_tracks_running_job() {
     h.start_running(A).await;
     h.restart();
     for _ in 0..4 {
-        h.tick().await;
+        h.resync().await;
     }
     assert!(h.dispatcher.is_tracked(A));
     assert_eq!(h.backend.submits().len(), 1);
@@ -451,7 +475,7 @@ async fn restart_tracks_running_job() {
 
     // It still acts on the container afterwards.
     h.controller.change(A, |c| c.priority = 0);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.cancels().len(), 1);
 }
 
@@ -460,22 +484,22 @@ async fn restart_submits_unsubmitted_lock() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.fail_next_submit(SubmitFailure::Transient);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 1);
     h.restart();
-    h.tick().await;
+    h.resync().await;
     assert_eq!(
         h.backend.submits().len(),
         1,
         "waits for a second snapshot without a job"
     );
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 2);
     assert_eq!(
         h.controller.container(A).scheduler_job_id.as_deref(),
         Some("101")
     );
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 2);
 }
 
@@ -484,11 +508,11 @@ async fn restart_unlocks_lock_without_credentials() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.backend.fail_next_submit(SubmitFailure::Transient);
-    h.tick().await;
+    h.resync().await;
     std::fs::remove_file(h.credentials_file(A)).unwrap();
     h.restart();
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Queued);
     assert_eq!(h.backend.submits().len(), 1);
 }
@@ -497,11 +521,11 @@ async fn restart_unlocks_lock_without_credentials() {
 async fn restart_unlocks_ended_recorded_job() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
     h.backend.end(A);
     h.restart();
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Queued);
     assert_eq!(
         h.backend.submits().len(),
@@ -516,9 +540,9 @@ async fn restart_cancels_running_without_job() {
     h.start_running(A).await;
     h.backend.end(A);
     h.restart();
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Running);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Cancelled);
 }
 
@@ -530,7 +554,7 @@ async fn orphaned_jobs_are_cancelled_on_start() {
     h.backend
         .add_job("8", "yyyyy-dz642-000000000000001", JobState::Running);
     h.backend.add_job("9", "my own job", JobState::Pending);
-    h.tick().await;
+    h.resync().await;
     let cancelled: Vec<String> = h
         .backend
         .cancels()
@@ -544,7 +568,7 @@ async fn orphaned_jobs_are_cancelled_on_start() {
         "not locked while its old job is listed"
     );
     h.backend.end(A);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 1);
 }
 
@@ -552,13 +576,13 @@ async fn orphaned_jobs_are_cancelled_on_start() {
 async fn stale_credentials_are_removed_on_start() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
     let stale = h.credentials_file(B);
     std::fs::write(&stale, "{}").unwrap();
     let temporary = h.dir.path().join(format!("{B}.tmp"));
     std::fs::write(&temporary, "{}").unwrap();
     h.restart();
-    h.tick().await;
+    h.resync().await;
     assert!(!stale.exists());
     assert!(!temporary.exists());
     assert!(
@@ -572,7 +596,7 @@ async fn stray_job_of_a_tracked_container_is_cancelled() {
     let mut h = Harness::new();
     h.start_running(A).await;
     h.backend.add_job("999", A, JobState::Pending);
-    h.tick().await;
+    h.resync().await;
     let cancelled: Vec<String> = h
         .backend
         .cancels()
@@ -589,7 +613,7 @@ async fn shutdown_stops_between_containers() {
     h.controller.add(queued_container(A, 1));
     h.controller.add(queued_container(B, 1));
     h.shutdown.cancel();
-    h.tick().await;
+    h.resync().await;
     assert!(h.backend.submits().is_empty());
     assert!(h.backend.cancels().is_empty());
 }
@@ -675,7 +699,7 @@ async fn max_run_time_reaches_the_backend() {
     let mut container = queued_container(A, 1);
     container.scheduling_parameters.max_run_time = 1;
     h.controller.add(container);
-    h.tick().await;
+    h.resync().await;
     let submits = h.backend.submits();
     assert_eq!(submits.len(), 1);
     assert_eq!(submits[0].max_run_time, 1);
@@ -685,10 +709,10 @@ async fn max_run_time_reaches_the_backend() {
 async fn pending_reason_recorded_once_per_change() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.scheduling_status(A), None, "not listed yet");
     for _ in 0..3 {
-        h.tick().await;
+        h.resync().await;
     }
     assert_eq!(
         h.scheduling_status(A).as_deref(),
@@ -698,7 +722,7 @@ async fn pending_reason_recorded_once_per_change() {
 
     h.backend.set_reason(A, "PartitionConfig");
     for _ in 0..3 {
-        h.tick().await;
+        h.resync().await;
     }
     assert_eq!(
         h.scheduling_status(A).as_deref(),
@@ -711,7 +735,7 @@ async fn pending_reason_recorded_once_per_change() {
     h.backend.set_state(A, JobState::Running);
     h.backend.set_reason(A, "");
     for _ in 0..3 {
-        h.tick().await;
+        h.resync().await;
     }
     assert_eq!(h.scheduling_status(A), None);
     assert_eq!(h.status_updates(A), 3);
@@ -722,12 +746,12 @@ async fn pending_reason_recorded_once_per_change() {
 async fn restart_keeps_the_recorded_reason_without_updates() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     assert_eq!(h.status_updates(A), 1);
     h.restart();
     for _ in 0..3 {
-        h.tick().await;
+        h.resync().await;
     }
     assert_eq!(h.status_updates(A), 1, "{:?}", h.controller.calls());
 }
@@ -738,16 +762,16 @@ async fn listed_pending_reason_cancels_job_and_container() {
     backend.set_cancel_reasons(&["PartitionConfig"]);
     let mut h = Harness::with_backend(backend);
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
     h.backend.set_reason(A, "PartitionConfig");
-    h.tick().await;
+    h.resync().await;
     assert_eq!(
         h.state(A),
         ContainerState::Locked,
         "one snapshot is not enough"
     );
     assert!(h.backend.cancels().is_empty());
-    h.tick().await;
+    h.resync().await;
 
     let cancels = h.backend.cancels();
     assert_eq!(cancels.len(), 1, "{cancels:?}");
@@ -768,7 +792,7 @@ async fn listed_pending_reason_cancels_job_and_container() {
 
     h.backend.end(A);
     for _ in 0..3 {
-        h.tick().await;
+        h.resync().await;
     }
     assert!(!h.dispatcher.is_tracked(A));
     assert_eq!(h.backend.submits().len(), 1);
@@ -778,7 +802,7 @@ async fn listed_pending_reason_cancels_job_and_container() {
 #[tokio::test]
 async fn queued_container_is_submitted_on_its_change() {
     let mut h = Harness::new();
-    h.tick().await;
+    h.resync().await;
     let lists = h.controller.count("list");
     h.controller.add(queued_container(A, 1));
     h.apply_changes().await;
@@ -799,12 +823,12 @@ async fn queued_container_is_submitted_on_its_change() {
 }
 
 #[tokio::test]
-async fn change_before_the_first_tick_waits_for_it() {
+async fn change_before_the_first_pass_waits_for_it() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
     h.apply_changes().await;
     assert_eq!(h.controller.count("lock"), 0, "no snapshot yet");
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 1);
 }
 
@@ -827,7 +851,7 @@ async fn priority_zero_cancels_running_job_on_its_change() {
 #[tokio::test]
 async fn priority_zero_cancels_job_submitted_since_the_snapshot() {
     let mut h = Harness::new();
-    h.tick().await;
+    h.resync().await;
     h.controller.add(queued_container(A, 1));
     h.apply_changes().await;
     h.controller.change(A, |c| c.priority = 0);
@@ -840,9 +864,9 @@ async fn priority_zero_cancels_job_submitted_since_the_snapshot() {
 
     // Two snapshots without the job release the lock.
     h.backend.end(A);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Locked);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Queued);
     assert!(!h.dispatcher.is_tracked(A));
 }
@@ -851,8 +875,8 @@ async fn priority_zero_cancels_job_submitted_since_the_snapshot() {
 async fn cancelled_container_pending_job_cancelled_on_its_change() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     h.controller
         .change(A, |c| c.state = ContainerState::Cancelled);
     h.apply_changes().await;
@@ -868,7 +892,7 @@ async fn reused_snapshot_never_advances_vanishing() {
     let mut h = Harness::new();
     h.start_running(A).await;
     h.backend.end(A);
-    h.tick().await;
+    h.resync().await;
     for priority in 2..6 {
         h.controller.change(A, |c| c.priority = priority);
         h.apply_changes().await;
@@ -876,7 +900,7 @@ async fn reused_snapshot_never_advances_vanishing() {
     assert_eq!(h.state(A), ContainerState::Running);
     assert_eq!(h.controller.count("get"), 0, "nothing resolved yet");
 
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Cancelled);
 }
 
@@ -884,10 +908,10 @@ async fn reused_snapshot_never_advances_vanishing() {
 async fn released_container_waits_for_a_new_snapshot() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));
-    h.tick().await;
+    h.resync().await;
     h.backend.end(A);
-    h.tick().await;
-    h.tick().await;
+    h.resync().await;
+    h.resync().await;
     assert_eq!(h.state(A), ContainerState::Queued);
 
     // A job submitted just before the release could be missing from the
@@ -896,7 +920,7 @@ async fn released_container_waits_for_a_new_snapshot() {
     h.controller.change(A, |c| c.priority = 2);
     h.apply_changes().await;
     assert_eq!(h.controller.count("lock"), 1);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.controller.count("lock"), 2);
     assert_eq!(h.backend.submits().len(), 2);
 }
@@ -904,9 +928,9 @@ async fn released_container_waits_for_a_new_snapshot() {
 #[tokio::test]
 async fn leftover_job_blocks_the_lock_on_a_change() {
     let mut h = Harness::new();
-    h.tick().await;
+    h.resync().await;
     h.backend.add_job("7", A, JobState::Running);
-    h.tick().await;
+    h.resync().await;
     h.controller.add(queued_container(A, 1));
     h.apply_changes().await;
     let cancelled: Vec<String> = h
@@ -919,8 +943,178 @@ async fn leftover_job_blocks_the_lock_on_a_change() {
     assert_eq!(h.controller.count("lock"), 0);
 
     h.backend.end(A);
-    h.tick().await;
+    h.resync().await;
     assert_eq!(h.backend.submits().len(), 1);
+}
+
+#[tokio::test]
+async fn poll_takes_a_snapshot_without_listing() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.resync().await;
+    let lists = h.lists();
+    assert_eq!(lists, 2, "the containers of this token, then the queue");
+    for _ in 0..3 {
+        h.poll().await;
+    }
+    assert_eq!(h.backend.status_calls(), 4);
+    assert_eq!(h.lists(), lists, "no list call in a poll");
+    assert_eq!(
+        h.scheduling_status(A).as_deref(),
+        Some("fake job 101 is pending: Priority"),
+        "a poll shows the pending reason"
+    );
+}
+
+#[tokio::test]
+async fn poll_before_the_first_resync_resynchronises() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.backend.add_job("7", B, JobState::Running);
+    h.poll().await;
+    assert_eq!(h.lists(), 2, "the orphan scan needs a listing");
+    assert_eq!(h.cancelled_job_ids(), ["7"]);
+    assert_eq!(h.backend.submits().len(), 1);
+}
+
+#[tokio::test]
+async fn poll_notices_vanished_job_without_listing() {
+    let mut h = Harness::new();
+    h.resync().await;
+    h.controller.add(queued_container(A, 1));
+    h.apply_changes().await;
+    h.controller
+        .change(A, |c| c.state = ContainerState::Running);
+    h.apply_changes().await;
+    let lists = h.lists();
+
+    h.backend.end(A);
+    h.poll().await;
+    assert_eq!(
+        h.state(A),
+        ContainerState::Running,
+        "one snapshot without the job"
+    );
+    h.poll().await;
+    let container = h.controller.container(A);
+    assert_eq!(container.state, ContainerState::Cancelled);
+    assert_eq!(container.runtime_status["error"], VANISHED_ERROR);
+    assert_eq!(h.lists(), lists, "no list call in a poll");
+    assert_eq!(
+        h.controller.count(&format!("get {A}")),
+        1,
+        "fetched once to resolve"
+    );
+}
+
+#[tokio::test]
+async fn poll_retries_failed_submission() {
+    let mut h = Harness::new();
+    h.resync().await;
+    h.backend.fail_next_submit(SubmitFailure::Transient);
+    h.controller.add(queued_container(A, 1));
+    h.apply_changes().await;
+    assert_eq!(h.backend.submits().len(), 1);
+    assert_eq!(h.controller.container(A).scheduler_job_id, None);
+
+    h.poll().await;
+    assert_eq!(h.backend.submits().len(), 2, "tried again at the poll");
+    assert_eq!(
+        h.controller.container(A).scheduler_job_id.as_deref(),
+        Some("101")
+    );
+    assert_eq!(h.lists(), 2, "only the resynchronisation listed");
+}
+
+#[tokio::test]
+async fn poll_locks_released_container_after_its_hold() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.resync().await;
+    h.backend.end(A);
+    h.poll().await;
+    h.poll().await;
+    assert_eq!(h.state(A), ContainerState::Queued);
+
+    h.poll().await;
+    assert_eq!(h.controller.count("lock"), 1, "held after the unlock");
+    h.now += RELOCK_HOLD;
+    h.poll().await;
+    assert_eq!(h.controller.count("lock"), 2);
+    assert_eq!(h.backend.submits().len(), 2);
+    assert_eq!(h.lists(), 2, "only the resynchronisation listed");
+}
+
+#[tokio::test]
+async fn poll_adopts_lock_reported_by_the_feed() {
+    let mut h = Harness::new();
+    h.resync().await;
+    // The lock succeeded, but its response never reached the dispatcher.
+    h.controller.add(queued_container(A, 1));
+    h.controller.change(A, |c| {
+        c.state = ContainerState::Locked;
+        c.locked_by_uuid = Some(TOKEN_UUID.into());
+    });
+    h.apply_changes().await;
+    assert!(!h.dispatcher.is_tracked(A), "adopted only with a snapshot");
+
+    h.poll().await;
+    assert!(h.dispatcher.is_tracked(A));
+    h.poll().await;
+    assert_eq!(
+        h.state(A),
+        ContainerState::Queued,
+        "no job and no credentials file: unlocked"
+    );
+    assert!(h.backend.submits().is_empty());
+    assert_eq!(h.lists(), 2, "only the resynchronisation listed");
+}
+
+#[tokio::test]
+async fn poll_fetches_tracked_container_without_a_record() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.resync().await;
+    h.dispatcher.records.remove(A);
+    h.poll().await;
+    let fetches: Vec<String> = h
+        .controller
+        .calls()
+        .into_iter()
+        .filter(|call| call.starts_with("list") && call.contains("\"uuid\",\"in\""))
+        .collect();
+    assert_eq!(fetches.len(), 1, "{fetches:?}");
+    assert!(fetches[0].contains(A), "{fetches:?}");
+    assert!(h.dispatcher.is_tracked(A));
+    assert!(h.credentials_file(A).exists(), "still held");
+    assert!(h.backend.cancels().is_empty());
+}
+
+#[tokio::test]
+async fn cached_records_are_pruned() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.controller.add(queued_container(B, 0));
+    h.resync().await;
+    h.apply_changes().await;
+    assert!(h.dispatcher.records.contains_key(A), "tracked");
+    assert!(!h.dispatcher.records.contains_key(B), "priority 0");
+
+    h.controller.change(B, |c| c.priority = 3);
+    h.controller.conflict_on_lock(B);
+    h.apply_changes().await;
+    assert!(h.dispatcher.records.contains_key(B), "a lock candidate");
+
+    h.controller.change(A, |c| {
+        c.state = ContainerState::Complete;
+        c.exit_code = Some(0);
+    });
+    h.backend.end(A);
+    h.apply_changes().await;
+    h.poll().await;
+    h.poll().await;
+    assert!(!h.dispatcher.is_tracked(A));
+    assert!(!h.dispatcher.records.contains_key(A), "forgotten");
 }
 
 /// A dispatch loop running in a task on the harness's controller, batch
@@ -949,9 +1143,12 @@ impl Loop {
     }
 }
 
-fn options(resync_interval: Duration, watch: bool) -> LoopOptions {
+/// Loop options with the default intervals: a poll every 10 s, a
+/// resynchronisation every 5 min.
+fn options(watch: bool) -> LoopOptions {
     LoopOptions {
-        resync_interval,
+        poll_interval: Duration::from_secs(10),
+        resync_interval: Duration::from_secs(300),
         watch,
         feed_wait: CHANGE_FEED_WAIT,
     }
@@ -985,8 +1182,8 @@ fn reading(h: &Harness, cursor: u64, times: usize) -> bool {
 async fn run_submits_queued_container_at_once() {
     let h = Harness::new();
     let start = tokio::time::Instant::now();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
-    settle("the first tick and feed read", || {
+    let running = Loop::spawn(&h, options(true));
+    settle("the first pass and feed read", || {
         h.backend.status_calls() == 1 && reading(&h, 0, 1)
     })
     .await;
@@ -997,7 +1194,7 @@ async fn run_submits_queued_container_at_once() {
     })
     .await;
     assert_eq!(tokio::time::Instant::now(), start, "no timer fired");
-    assert_eq!(h.backend.status_calls(), 1, "no second tick");
+    assert_eq!(h.backend.status_calls(), 1, "no second pass");
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(h.state(A), ContainerState::Locked);
 
@@ -1022,8 +1219,8 @@ async fn run_submits_queued_container_at_once() {
 async fn run_reads_the_next_page_at_once() {
     let h = Harness::new();
     h.controller.set_change_page_limit(1);
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
-    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+    let running = Loop::spawn(&h, options(true));
+    settle("the first pass and feed read", || reading(&h, 0, 1)).await;
     h.controller.add(queued_container(A, 1));
     h.controller.add(queued_container(B, 1));
     settle("both submissions", || h.backend.submits().len() == 2).await;
@@ -1032,35 +1229,133 @@ async fn run_reads_the_next_page_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn run_polls_without_listing_while_following_the_feed() {
+    let h = Harness::new();
+    let mut options = options(true);
+    options.feed_wait = Duration::from_secs(3600);
+    let running = Loop::spawn(&h, options);
+    settle("the first pass and feed read", || {
+        h.backend.status_calls() == 1 && reading(&h, 0, 1)
+    })
+    .await;
+    assert_eq!(h.lists(), 2);
+
+    for polls in 1..30 {
+        tokio::time::advance(Duration::from_secs(10)).await;
+        settle("the next poll", || h.backend.status_calls() == 1 + polls).await;
+    }
+    idle().await;
+    assert_eq!(h.lists(), 2, "29 polls without a list call");
+    assert_eq!(
+        h.controller.count("changes"),
+        2,
+        "a cursor and one read, which the polls left open"
+    );
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle("the resynchronisation", || h.lists() == 4).await;
+    assert_eq!(h.backend.status_calls(), 31, "one snapshot, not two");
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_notices_vanished_job_at_the_polls() {
+    let h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    let running = Loop::spawn(&h, options(true));
+    let cursor = || h.controller.change_seq();
+    settle("the submission and the feed read", || {
+        h.backend.submits().len() == 1 && reading(&h, cursor(), 1)
+    })
+    .await;
+    h.controller
+        .change(A, |c| c.state = ContainerState::Running);
+    h.backend.set_state(A, JobState::Running);
+    let cursor = h.controller.change_seq();
+    settle("the feed read past the change", || reading(&h, cursor, 1)).await;
+
+    h.backend.end(A);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle("the first poll", || h.backend.status_calls() == 2).await;
+    idle().await;
+    assert_eq!(h.state(A), ContainerState::Running);
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle("the cancel", || h.state(A) == ContainerState::Cancelled).await;
+    assert_eq!(
+        h.controller.container(A).runtime_status["error"],
+        VANISHED_ERROR
+    );
+    assert_eq!(h.lists(), 2, "only the first pass listed");
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_retries_submission_and_shows_reason_at_polls() {
+    let h = Harness::new();
+    h.backend.fail_next_submit(SubmitFailure::Transient);
+    let running = Loop::spawn(&h, options(true));
+    settle("the first pass and feed read", || reading(&h, 0, 1)).await;
+    h.controller.add(queued_container(A, 1));
+    settle("the failed submission", || h.backend.submits().len() == 1).await;
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle("the second attempt", || h.backend.submits().len() == 2).await;
+    settle("the job id", || {
+        h.controller.container(A).scheduler_job_id.is_some()
+    })
+    .await;
+    assert_eq!(
+        h.scheduling_status(A),
+        None,
+        "no snapshot lists the job yet"
+    );
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle("the pending reason", || h.scheduling_status(A).is_some()).await;
+    assert_eq!(
+        h.scheduling_status(A).as_deref(),
+        Some("fake job 101 is pending: Priority")
+    );
+    assert_eq!(h.lists(), 2, "only the first pass listed");
+    running.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn run_resynchronises_after_a_failed_read() {
     let h = Harness::new();
     let start = tokio::time::Instant::now();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
-    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+    let running = Loop::spawn(&h, options(true));
+    settle("the first pass and feed read", || reading(&h, 0, 1)).await;
 
     h.controller.fail_feed_reads(1);
-    settle("a tick after the failure", || h.backend.status_calls() == 2).await;
+    settle("a pass after the failure", || h.backend.status_calls() == 2).await;
     assert_eq!(h.controller.count("changes (none)"), 2, "a new cursor");
+    assert_eq!(h.lists(), 4, "the pass listed the queue");
     settle("the next feed read", || reading(&h, 0, 2)).await;
 
     h.controller.add(queued_container(A, 1));
     settle("the submission", || h.backend.submits().len() == 1).await;
     assert_eq!(h.backend.status_calls(), 2, "the feed works again");
     assert_eq!(tokio::time::Instant::now(), start, "no timer fired");
+
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle("the next poll", || h.backend.status_calls() == 3).await;
+    assert_eq!(h.lists(), 4, "a poll without a list call");
     running.stop().await;
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_backs_off_while_the_feed_fails() {
+async fn run_lists_at_polls_while_feed_fails() {
     let h = Harness::new();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
-    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+    let running = Loop::spawn(&h, options(true));
+    settle("the first pass and feed read", || reading(&h, 0, 1)).await;
 
-    // The read fails, and so does each new cursor: ticks come at once, then
-    // after 1 s, 2 s and 4 s.
+    // The read fails, and so does each new cursor: passes come at once,
+    // then after 1, 2, 4 and 8 s, then every poll interval, and each lists
+    // the queue.
     h.controller.fail_feed_reads(u32::MAX);
-    settle("a tick at once", || h.backend.status_calls() == 2).await;
-    for (delay, snapshots) in [(1, 3), (2, 4), (4, 5)] {
+    settle("a pass at once", || h.backend.status_calls() == 2).await;
+    for (delay, snapshots) in [(1, 3), (2, 4), (4, 5), (8, 6), (10, 7), (10, 8)] {
         tokio::time::advance(Duration::from_secs(delay) - Duration::from_millis(1)).await;
         idle().await;
         assert_eq!(
@@ -1069,24 +1364,28 @@ async fn run_backs_off_while_the_feed_fails() {
             "before the {delay} s delay"
         );
         tokio::time::advance(Duration::from_millis(1)).await;
-        settle("the next tick", || h.backend.status_calls() == snapshots).await;
+        settle("the next pass", || h.backend.status_calls() == snapshots).await;
+        assert_eq!(h.lists(), 2 * snapshots as usize, "each pass lists");
     }
 
     // The loop keeps dispatching meanwhile.
     h.controller.add(queued_container(A, 1));
-    tokio::time::advance(Duration::from_secs(8)).await;
-    settle("a submission by a tick", || h.backend.submits().len() == 1).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    settle("a submission by a pass", || h.backend.submits().len() == 1).await;
 
     let dispatcher = running.stop().await;
     let (_, failures) = &dispatcher.repeats.last["feed"];
-    assert_eq!(*failures, 6, "one read and five cursors, logged as repeats");
+    assert_eq!(
+        *failures, 9,
+        "one read and eight cursors, logged as repeats"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn run_resynchronises_on_a_rejected_cursor() {
     let h = Harness::new();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
-    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+    let running = Loop::spawn(&h, options(true));
+    settle("the first pass and feed read", || reading(&h, 0, 1)).await;
     h.controller.add(queued_container(A, 1));
     settle("the submission", || {
         h.controller.container(A).scheduler_job_id.is_some()
@@ -1101,7 +1400,7 @@ async fn run_resynchronises_on_a_rejected_cursor() {
     // The controller's database is replaced by an older copy: the cursor
     // is ahead of it.
     h.controller.replace_database();
-    settle("a tick after the rejection", || {
+    settle("a pass after the rejection", || {
         h.backend.status_calls() == 2
     })
     .await;
@@ -1114,21 +1413,28 @@ async fn run_resynchronises_on_a_rejected_cursor() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_drops_feed_response_made_before_a_tick() {
+async fn run_drops_feed_response_made_before_a_resync() {
     let h = Harness::new();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
-    settle("the first tick and feed read", || reading(&h, 0, 1)).await;
+    let mut options = options(true);
+    options.poll_interval = Duration::from_secs(30);
+    options.resync_interval = Duration::from_secs(30);
+    let running = Loop::spawn(&h, options);
+    settle("the first pass and feed read", || reading(&h, 0, 1)).await;
 
     // The feed finds A Queued, but its response arrives only after the
-    // next tick has locked A and submitted its job.
+    // next resynchronisation has locked A and submitted its job.
     h.controller.hold_feed_responses();
     h.controller.add(queued_container(A, 1));
     idle().await;
     tokio::time::advance(Duration::from_secs(30)).await;
-    settle("the tick's submission", || h.backend.submits().len() == 1).await;
+    settle("the resynchronisation's submission", || {
+        h.backend.submits().len() == 1
+    })
+    .await;
+    assert_eq!(h.lists(), 4);
     h.controller.release_feed_responses();
     let cursor = h.controller.change_seq();
-    settle("a read past the tick's writes", || reading(&h, cursor, 1)).await;
+    settle("a read past the submission", || reading(&h, cursor, 1)).await;
     idle().await;
 
     assert!(
@@ -1142,17 +1448,18 @@ async fn run_drops_feed_response_made_before_a_tick() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_without_watch_waits_for_the_next_tick() {
+async fn run_without_watch_lists_at_each_poll() {
     let h = Harness::new();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), false));
-    settle("the first tick", || h.backend.status_calls() == 1).await;
+    let running = Loop::spawn(&h, options(false));
+    settle("the first pass", || h.backend.status_calls() == 1).await;
     h.controller.add(queued_container(A, 1));
     idle().await;
     assert!(h.backend.submits().is_empty());
 
-    tokio::time::advance(Duration::from_secs(30)).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
     settle("the submission", || h.backend.submits().len() == 1).await;
     assert_eq!(h.backend.status_calls(), 2);
+    assert_eq!(h.lists(), 4, "the poll listed the queue");
     assert_eq!(h.controller.count("changes"), 0, "the feed is off");
     running.stop().await;
 }
@@ -1162,7 +1469,7 @@ async fn run_stops_during_a_feed_read() {
     let h = Harness::new();
     h.controller.add(queued_container(A, 1));
     let start = tokio::time::Instant::now();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
+    let running = Loop::spawn(&h, options(true));
     let cursor = || h.controller.change_seq();
     settle("the submission and the feed read", || {
         h.backend.submits().len() == 1 && reading(&h, cursor(), 1)
@@ -1183,8 +1490,8 @@ async fn run_after_restart_adopts_and_follows_changes() {
     let mut h = Harness::new();
     h.start_running(A).await;
     let snapshots = h.backend.status_calls();
-    let running = Loop::spawn(&h, options(Duration::from_secs(30), true));
-    settle("the first tick", || {
+    let running = Loop::spawn(&h, options(true));
+    settle("the first pass", || {
         h.backend.status_calls() == snapshots + 1 && h.controller.count("changes") >= 2
     })
     .await;

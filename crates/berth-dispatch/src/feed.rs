@@ -92,8 +92,8 @@ impl ChangeFeed {
     }
 
     /// Drops the read in flight. Its response may have been made before the
-    /// loop's next writes, and a record older than the loop's own lock
-    /// would look like a lost lock. The cursor stays, so the next read
+    /// loop's latest calls to the controller, and a record older than the
+    /// loop's own lock would look like a lost lock. The cursor stays, so the next read
     /// returns the same changes with their latest records.
     pub fn pause(&mut self) {
         self.read = None;

@@ -1,10 +1,10 @@
 //! The dispatcher: locks queued containers and runs each as one batch job.
 //!
 //! One task, the dispatch loop ([`dispatcher`]), owns all state. It hears
-//! of changed containers through the controller's change feed ([`feed`]),
-//! and once per resynchronisation interval it reads the whole container
-//! queue and one snapshot of the batch system. Each container's pure state
-//! ([`tracker`]) decides. The loop then carries out the decisions: lock,
+//! of changed containers through the controller's change feed ([`feed`]).
+//! Once per poll interval it takes one snapshot of the batch system, and
+//! once per resynchronisation interval it also reads the whole container
+//! queue again. Each container's pure state ([`tracker`]) decides. The loop then carries out the decisions: lock,
 //! write the credentials file ([`credentials`]), submit, record the job id,
 //! cancel a job whose container's priority dropped to 0, and cancel or
 //! unlock a container whose job vanished. Batch systems sit behind the

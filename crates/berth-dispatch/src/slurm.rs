@@ -1,4 +1,4 @@
-//! The Slurm backend: `sbatch` to submit, one `squeue` per tick for status,
+//! The Slurm backend: `sbatch` to submit, one `squeue` per poll for status,
 //! `scancel` to cancel.
 //!
 //! The adapter only builds commands and parses their output; the parsers
@@ -19,7 +19,7 @@
 //!   `|` still parses. A non-zero exit or an unreadable line is an error;
 //!   empty output from a successful run is an empty queue.
 //! - Cancel: a pending job with `scancel --state=PENDING ID`, which does
-//!   nothing if the job has started meanwhile (the next tick lists it as
+//!   nothing if the job has started meanwhile (the next poll lists it as
 //!   running and cancels it as such); a running job with `scancel --batch
 //!   --signal=TERM ID`, which signals only the batch shell, that is the
 //!   supervisor, so that it can stop its container and keep the logs; any

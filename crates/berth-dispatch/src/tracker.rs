@@ -3,8 +3,8 @@
 //!
 //! A [`Tracked`] container is one this dispatcher has locked, or found
 //! locked by its token after a restart. The loop hands it an
-//! [`Observation`] in each full pass and each time the change feed reports
-//! the container. An observation is the container's latest record and the
+//! [`Observation`] in each pass (poll or resynchronisation) and each time
+//! the change feed reports the container. An observation is the container's latest record and the
 //! jobs named after it in the batch system's latest snapshot, and the
 //! tracked container returns the [`Action`]s to carry out.
 //! Results of those actions come back through [`Tracked::submitted`] and
@@ -62,10 +62,10 @@ pub const FINAL_JOB_GRACE: Duration = Duration::from_secs(30);
 pub const MAX_SUBMIT_ATTEMPTS: u32 = 5;
 
 /// Delay before the second submission attempt; it doubles with each
-/// further attempt.
-// NOTE: an attempt is made at the first observation after its delay. While
-// the change feed reports nothing about the container, that is the next
-// full pass, so the delays stretch to the resynchronisation interval.
+/// further attempt. An attempt is made at the first observation after its
+/// delay, which is at the latest the next poll, so each delay ends at a
+/// poll: with the default poll interval of 10 s, the five attempts spread
+/// over about 50 s.
 pub const SUBMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Message of `runtime_status.error` when a Running container's job left
@@ -584,7 +584,7 @@ pub fn resolve_vanished(
 }
 
 /// The cancels sent to jobs still listed, so that a cancel is not repeated
-/// every tick.
+/// every poll.
 #[derive(Debug, Default)]
 pub struct CancelLedger {
     sent: HashMap<JobId, (Instant, JobState)>,

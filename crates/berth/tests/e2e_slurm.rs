@@ -10,19 +10,13 @@ use std::time::Duration;
 
 use berth_core::{ContainerState, RequestState};
 use common::{podman_containers_for, skip, slurm_jobs_named, test_image, wait_until, TestCluster};
-use serde_json::json;
+
+/// Priority of the tests' requests.
+const PRIORITY: i64 = 500;
 
 /// Builds a committed request for `command`, with small resources.
 fn request_body(command: &[&str]) -> serde_json::Value {
-    json!({
-        "state": "Committed",
-        "priority": 500,
-        "container_image": test_image(),
-        "command": command,
-        "output_path": "/out",
-        "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
-        "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
-    })
+    common::request_body(command, PRIORITY)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -41,6 +41,35 @@ pub fn berth_bin() -> &'static str {
     env!("CARGO_BIN_EXE_berth")
 }
 
+/// The dispatcher's intervals and whether it follows the change feed.
+#[derive(Debug, Clone)]
+pub struct DispatchSettings {
+    pub poll_interval: Duration,
+    pub resync_interval: Duration,
+    pub watch: bool,
+}
+
+impl Default for DispatchSettings {
+    /// Short intervals, so that what only a poll notices (a vanished job)
+    /// shows within seconds.
+    fn default() -> DispatchSettings {
+        DispatchSettings {
+            poll_interval: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(10),
+            watch: true,
+        }
+    }
+}
+
+/// How a test cluster is set up.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    pub dispatch: DispatchSettings,
+    /// Log every request the controller completes, with its method and
+    /// route, for [`TestCluster::count_requests`].
+    pub log_requests: bool,
+}
+
 /// A running controller and dispatcher.
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
@@ -57,6 +86,12 @@ impl TestCluster {
     /// Starts a controller and a dispatcher with the given backend
     /// (`slurm` or `local`).
     pub fn start(backend: &str) -> TestCluster {
+        TestCluster::start_with(backend, &ClusterOptions::default())
+    }
+
+    /// Starts a controller and a dispatcher with the given backend and
+    /// options.
+    pub fn start_with(backend: &str, options: &ClusterOptions) -> TestCluster {
         let dir = tempfile::Builder::new()
             .prefix("berth-e2e-")
             .tempdir()
@@ -68,9 +103,13 @@ impl TestCluster {
         let config = dir.path().join("config.yml");
         write_config(&config, &cluster_id, &token_file, dir.path(), None, backend);
 
-        let mut controller = Command::new(berth_bin())
-            .args(["controller", "--config"])
-            .arg(&config)
+        let mut command = Command::new(berth_bin());
+        command.args(["controller", "--config"]).arg(&config);
+        if options.log_requests {
+            // The controller logs each completed request at debug level.
+            command.env("RUST_LOG", "info,berth_controller::api=debug");
+        }
+        let mut controller = command
             .stdout(Stdio::piped())
             .stderr(log_file(dir.path(), "controller.log"))
             .spawn()
@@ -83,7 +122,7 @@ impl TestCluster {
             &cluster_id,
             &token_file,
             dir.path(),
-            Some(&api_url),
+            Some((&api_url, &options.dispatch)),
             backend,
         );
         let mut cluster = TestCluster {
@@ -162,6 +201,18 @@ impl TestCluster {
         command
     }
 
+    /// Counts the requests with `method` to `route` (such as
+    /// `/arvados/v1/containers`, a list) that the controller has completed.
+    /// Needs [`ClusterOptions::log_requests`].
+    pub fn count_requests(&self, method: &str, route: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("controller.log"))
+            .expect("failed to read the controller's log");
+        let span = format!("http{{method={method} route=\"{route}\"}}:");
+        log.lines()
+            .filter(|line| line.contains(&span) && line.contains(" answered "))
+            .count()
+    }
+
     /// Returns the last lines of the controller's and dispatcher's logs, for
     /// failure messages.
     pub fn logs(&self) -> String {
@@ -236,7 +287,7 @@ fn write_config(
     cluster_id: &str,
     token_file: &Path,
     dir: &Path,
-    api_url: Option<&str>,
+    dispatch: Option<(&str, &DispatchSettings)>,
     backend: &str,
 ) {
     let docker_host =
@@ -249,9 +300,12 @@ fn write_config(
         token = token_file.display(),
         db = dir.join("berth.db").display(),
     );
-    if let Some(api_url) = api_url {
+    if let Some((api_url, settings)) = dispatch {
         text.push_str(&format!(
-            "dispatch:\n  backend: {backend}\n  api_url: {api_url}\n  resync_interval: 1s\n  credentials_dir: {creds}\n",
+            "dispatch:\n  backend: {backend}\n  api_url: {api_url}\n  poll_interval: {poll}ms\n  resync_interval: {resync}ms\n  watch: {watch}\n  credentials_dir: {creds}\n",
+            poll = settings.poll_interval.as_millis(),
+            resync = settings.resync_interval.as_millis(),
+            watch = settings.watch,
             creds = dir.join("credentials").display(),
         ));
         if backend == "slurm" {
@@ -298,6 +352,20 @@ fn random_cluster_id() -> String {
     let mut rng = rand::thread_rng();
     let first = (b'a' + rng.gen_range(0..26)) as char;
     format!("{first}{}", random_alnum(4))
+}
+
+/// Builds a committed request for `command` at `priority`, with small
+/// resources.
+pub fn request_body(command: &[&str], priority: i64) -> serde_json::Value {
+    serde_json::json!({
+        "state": "Committed",
+        "priority": priority,
+        "container_image": test_image(),
+        "command": command,
+        "output_path": "/out",
+        "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
+        "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
+    })
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, or panics after
