@@ -71,6 +71,15 @@ pub enum ClientError {
         status: StatusCode,
         message: String,
     },
+    /// A log append whose bytes differ from those the stream already has
+    /// at the same offsets (409 Conflict); the server wrote none of them.
+    /// `size` is the stream's size in bytes, where an append may go instead.
+    #[error("POST {url} returned 409 Conflict: {message}")]
+    LogConflict {
+        url: String,
+        size: u64,
+        message: String,
+    },
     #[error("failed to decode the response of {method} {url}: {source}")]
     Decode {
         method: Method,
@@ -96,6 +105,7 @@ impl ClientError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             ClientError::Api { status, .. } => Some(*status),
+            ClientError::LogConflict { .. } => Some(StatusCode::CONFLICT),
             _ => None,
         }
     }
@@ -111,6 +121,7 @@ impl ClientError {
                     || status.is_server_error()
             }
             ClientError::Settings(_)
+            | ClientError::LogConflict { .. }
             | ClientError::Decode { .. }
             | ClientError::DecodeSecret { .. } => false,
         }
@@ -597,7 +608,9 @@ impl Client {
 
     /// Appends `data` to a container's log stream at byte `offset`. The
     /// server ignores bytes it already has, so a retry after a lost answer
-    /// writes nothing twice. Returns the stream's new size.
+    /// writes nothing twice. Returns the stream's new size. Bytes that
+    /// differ from the stored ones at the same offsets are
+    /// [`ClientError::LogConflict`], with the stream's size.
     pub async fn append_log(
         &self,
         container_uuid: &str,
@@ -622,8 +635,22 @@ impl Client {
                 url: url.to_string(),
                 source,
             })?;
-        let response = check_status(Method::POST, url, response).await?;
-        Ok(log_size(&response))
+        // Only a 409 that gives the stream's size is a log conflict.
+        let conflict_size = if response.status() == StatusCode::CONFLICT {
+            header_log_size(&response)
+        } else {
+            None
+        };
+        match (
+            check_status(Method::POST, url, response).await,
+            conflict_size,
+        ) {
+            (Ok(response), _) => Ok(log_size(&response)),
+            (Err(ClientError::Api { url, message, .. }), Some(size)) => {
+                Err(ClientError::LogConflict { url, size, message })
+            }
+            (Err(err), _) => Err(err),
+        }
     }
 
     /// Reads a container's log stream from byte `offset`. With a `wait`, the
@@ -687,12 +714,15 @@ impl Client {
 }
 
 fn log_size(response: &reqwest::Response) -> u64 {
+    header_log_size(response).unwrap_or(0)
+}
+
+fn header_log_size(response: &reqwest::Response) -> Option<u64> {
     response
         .headers()
         .get(LOG_SIZE_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Turns an error status into [`ClientError::Api`] with the server's

@@ -25,6 +25,9 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT_SECONDS: u64 = 60;
     /// Seconds in-flight requests get to finish after a shutdown signal.
     pub const SHUTDOWN_GRACE_PERIOD_SECONDS: u64 = 10;
+    /// Seconds a connection may take to send a request's whole header, and
+    /// may stay idle between requests, before it is closed.
+    pub const HEADER_READ_TIMEOUT_SECONDS: u64 = 30;
     /// Largest log chunk one append may carry: 4 MiB.
     pub const MAX_LOG_CHUNK_BYTES: usize = 4 << 20;
     /// Largest JSON or form body of other requests: 16 MiB.
@@ -41,6 +44,9 @@ pub mod defaults {
     }
     pub(super) fn shutdown_grace_period_seconds() -> u64 {
         SHUTDOWN_GRACE_PERIOD_SECONDS
+    }
+    pub(super) fn header_read_timeout_seconds() -> u64 {
+        HEADER_READ_TIMEOUT_SECONDS
     }
     pub(super) fn max_log_chunk_bytes() -> usize {
         MAX_LOG_CHUNK_BYTES
@@ -94,6 +100,14 @@ pub struct Config {
     /// connections still open then are closed. Default 10.
     #[serde(default = "defaults::shutdown_grace_period_seconds")]
     pub shutdown_grace_period_seconds: u64,
+    /// Seconds a client may take to send the header of a request (the
+    /// request line and header fields). The time counts from the
+    /// connection's start, or from the end of the previous response on a
+    /// kept-alive connection. A connection that has not sent a whole header
+    /// by then is closed without a response. The request body has
+    /// `request_timeout_seconds`. Default 30.
+    #[serde(default = "defaults::header_read_timeout_seconds")]
+    pub header_read_timeout_seconds: u64,
     /// Largest log chunk, in bytes, one append may carry; a larger one is
     /// rejected with 413. Default 4 MiB.
     #[serde(default = "defaults::max_log_chunk_bytes")]
@@ -130,6 +144,7 @@ impl Config {
             max_database_connections: defaults::MAX_DATABASE_CONNECTIONS,
             request_timeout_seconds: defaults::REQUEST_TIMEOUT_SECONDS,
             shutdown_grace_period_seconds: defaults::SHUTDOWN_GRACE_PERIOD_SECONDS,
+            header_read_timeout_seconds: defaults::HEADER_READ_TIMEOUT_SECONDS,
             max_log_chunk_bytes: defaults::MAX_LOG_CHUNK_BYTES,
             max_request_body_bytes: defaults::MAX_REQUEST_BODY_BYTES,
             external_url: None,
@@ -188,6 +203,13 @@ impl Config {
                 "must be more than 30, the longest log wait",
             ));
         }
+        if self.header_read_timeout_seconds < 1 {
+            return Err(error(
+                "header_read_timeout_seconds",
+                &self.header_read_timeout_seconds,
+                "must be 1 or more",
+            ));
+        }
         if self.max_log_chunk_bytes < 1 {
             return Err(error(
                 "max_log_chunk_bytes",
@@ -235,6 +257,10 @@ impl Config {
 
     pub fn shutdown_grace_period(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_period_seconds)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_seconds)
     }
 }
 

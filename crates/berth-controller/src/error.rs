@@ -30,7 +30,8 @@ pub enum ApiError {
     /// 408: the client did not send the whole request body in time.
     #[error("{0}")]
     RequestTimeout(String),
-    /// 409: the record kept changing while it was being updated.
+    /// 409: the record kept changing while it was being updated, or a log
+    /// append sent bytes that differ from the stored ones.
     #[error("{0}")]
     Conflict(String),
     /// 413: a body larger than the limit.

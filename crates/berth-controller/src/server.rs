@@ -3,7 +3,10 @@
 //!
 //! The listener serves HTTPS when the configuration names a certificate
 //! and key ([`crate::tls`]), and plain HTTP otherwise; shutdown and
-//! draining are the same for both.
+//! draining are the same for both. Each connection has a task of its own,
+//! served by hyper's HTTP/1.1 server. A connection that does not send a
+//! request's whole header within `header_read_timeout_seconds`, counted
+//! from its start or from the end of its previous response, is closed.
 //!
 //! Shutdown order: the signal stops accepting connections and ends every
 //! log wait at once ([`AppState::begin_shutdown`]). In-flight requests then
@@ -11,14 +14,18 @@
 //! after that are dropped. Then the store's listener for other controllers'
 //! writes stops, and last, the store's connections close.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use berth_core::{ObjectType, Uuid};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::api::{app, AppState};
 use crate::auth::{generate_secret, hash_secret};
@@ -36,6 +43,7 @@ pub struct BoundController {
     state: AppState,
     store: Arc<dyn Store>,
     grace_period: Duration,
+    header_read_timeout: Duration,
 }
 
 /// Reads the TLS certificate and key (when configured), opens the store
@@ -61,6 +69,7 @@ pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<Bo
         state,
         store,
         grace_period: config.shutdown_grace_period(),
+        header_read_timeout: config.header_read_timeout(),
     })
 }
 
@@ -106,15 +115,18 @@ impl BoundController {
             state,
             store,
             grace_period,
+            header_read_timeout,
         } = self;
         tracing::info!(address = %local_addr, scheme, "controller started");
         let listener_state = state.clone();
         let result = match tls {
             Some(config) => match TlsListener::new(listener, config) {
-                Ok(listener) => serve(listener, state, shutdown, grace_period).await,
+                Ok(listener) => {
+                    serve(listener, state, shutdown, grace_period, header_read_timeout).await
+                }
                 Err(err) => Err(err),
             },
-            None => serve(listener, state, shutdown, grace_period).await,
+            None => serve(listener, state, shutdown, grace_period, header_read_timeout).await,
         };
         listener_state.stop_change_listener().await;
         store.close().await;
@@ -125,51 +137,82 @@ impl BoundController {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains
-/// in-flight requests for at most `grace_period`.
+/// in-flight requests for at most `grace_period`. Each connection is
+/// served by a task of its own with hyper's HTTP/1.1 server, which closes
+/// a connection that has not sent a request's whole header within
+/// `header_read_timeout`.
 async fn serve<L>(
-    listener: L,
+    mut listener: L,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace_period: Duration,
+    header_read_timeout: Duration,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal_state = state.clone();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!(
-            grace_period_s = grace_period.as_secs(),
-            "controller draining"
-        );
-        signal_state.begin_shutdown();
-        // The receiver is gone only when the server already ended.
-        let _ = draining_tx.send(());
-    });
-    let server = server.into_future();
-    tokio::pin!(server);
+    let router = app(state.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    // NOTE: hyper itself responds to a request line over 65,534 bytes (414)
+    // and to a header over its buffer size or 100 fields (431) with an empty
+    // body, not `{"errors": [...]}`, and has no hook to replace the body.
+    let (draining, _) = watch::channel(false);
+    let mut connections = JoinSet::new();
 
-    tokio::select! {
-        result = &mut server => result,
-        signalled = draining_rx => {
-            if signalled.is_ok() {
-                match tokio::time::timeout(grace_period, &mut server).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        tracing::warn!(
-                            grace_period_s = grace_period.as_secs(),
-                            "requests still in flight at the end of the grace period: closing their connections"
-                        );
-                        Ok(())
-                    }
+    tokio::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // Reaps finished connection tasks, so the set stays small.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            () = &mut shutdown => break,
+        };
+        // NOTE: there is no cap yet on connections or held reads per peer or
+        // user; one client can use up the process's file descriptors.
+        let connection =
+            http.serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
+        let mut draining = draining.subscribe();
+        connections.spawn(async move {
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = draining.changed() => {
+                    // Ends the connection after its current response, or at
+                    // once when it is idle.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
                 }
-            } else {
-                server.await
+            };
+            if let Err(err) = result {
+                tracing::debug!(peer = ?peer, error = %err, "connection ended with an error");
             }
-        }
+        });
     }
+
+    // Closes the port.
+    drop(listener);
+    tracing::info!(
+        grace_period_s = grace_period.as_secs(),
+        "controller draining"
+    );
+    state.begin_shutdown();
+    draining.send_replace(true);
+    let drained = tokio::time::timeout(grace_period, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            grace_period_s = grace_period.as_secs(),
+            connections = connections.len(),
+            "requests still in flight at the end of the grace period: closing their connections"
+        );
+        connections.shutdown().await;
+    }
+    Ok(())
 }
 
 /// Maximum length of a user name.

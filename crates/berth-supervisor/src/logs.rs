@@ -10,7 +10,13 @@
 //!
 //! Appends name their byte offset, and the controller ignores bytes it
 //! already has, so an append whose response was lost is simply sent
-//! again.
+//! again. The stream may already have other bytes at those offsets, written
+//! by an earlier supervisor of the same container. The controller then
+//! rejects the append with a conflict, or reports a size past the append's
+//! end when the bytes happen to be the same. Either way the writer logs a
+//! warning and appends after the stored bytes, so neither writer's bytes
+//! are lost. A stream that has to move more than [`MAX_REALIGNMENTS`]
+//! times for one append gives up.
 //! Transient failures are retried with backoff until `retry_timeout`; a
 //! stream whose append fails for good stops sending, keeps consuming (so
 //! the container never blocks on it) and counts the bytes it dropped.
@@ -309,29 +315,31 @@ impl Writer {
                 || sink.append(stream, offset, data.clone()),
             )
             .await;
-            match result {
-                // The stream already had bytes past ours, written by an
-                // earlier supervisor of this container, which may be locked
-                // more than once. The server ignored ours, so they are sent
-                // again after the existing bytes.
-                Ok(size) if size > offset + length && realignments < MAX_REALIGNMENTS => {
+            // The stream already had bytes at our offsets, written by an
+            // earlier supervisor of this container, which may be locked
+            // more than once. The server wrote none of ours: either they
+            // differ from the stored ones (a conflict), or they are the same
+            // but more bytes follow. Ours are sent again after the stored
+            // bytes.
+            let stored_size = match result {
+                Err(ClientError::LogConflict { size, message, .. }) => {
+                    tracing::warn!(
+                        stream,
+                        offset,
+                        size,
+                        error = %message,
+                        "the log stream already contains other bytes at this offset; appending after them"
+                    );
+                    size
+                }
+                Ok(size) if size > offset + length => {
                     tracing::warn!(
                         stream,
                         offset,
                         size,
                         "the log stream already contains bytes from an earlier writer; appending after them"
                     );
-                    offset = size;
-                    realignments += 1;
-                }
-                Ok(size) if size > offset + length => {
-                    let error = format!(
-                        "another writer keeps appending to the {stream} log (now {size} bytes)"
-                    );
-                    tracing::error!(stream, "{error}; dropping the rest of this stream");
-                    self.error = Some(error);
-                    self.dropped += length;
-                    return;
+                    size
                 }
                 Ok(_) => {
                     self.offset = offset + length;
@@ -348,7 +356,18 @@ impl Writer {
                     self.dropped += length;
                     return;
                 }
+            };
+            if realignments == MAX_REALIGNMENTS {
+                let error = format!(
+                    "another writer keeps appending to the {stream} log (now {stored_size} bytes)"
+                );
+                tracing::error!(stream, "{error}; dropping the rest of this stream");
+                self.error = Some(error);
+                self.dropped += length;
+                return;
             }
+            offset = stored_size;
+            realignments += 1;
         }
     }
 }
@@ -474,8 +493,9 @@ mod tests {
     }
 
     /// A sink that keeps each stream's bytes as the controller does (bytes
-    /// it already has are ignored, a gap is rejected with 422), records
-    /// every call, and fails the first `failures` calls with `status`.
+    /// it already has are ignored, different bytes at stored offsets are a
+    /// conflict, a gap is rejected with 422), records every call, and fails
+    /// the first `failures` calls with `status`.
     #[derive(Default)]
     struct RecordingSink {
         streams: Mutex<HashMap<String, Vec<u8>>>,
@@ -528,6 +548,14 @@ mod tests {
                 return Err(api_error(422));
             }
             let already = stored.len() - offset;
+            let overlap = already.min(data.len());
+            if stored[offset..offset + overlap] != data[..overlap] {
+                return Err(ClientError::LogConflict {
+                    url: "http://127.0.0.1/arvados/v1/containers/x/log/stdout".into(),
+                    size: stored.len() as u64,
+                    message: "test conflict".into(),
+                });
+            }
             if data.len() > already {
                 stored.extend_from_slice(&data[already..]);
             }
@@ -698,6 +726,27 @@ mod tests {
             b"earlier attempt\nthis attempt\n"
         );
         assert_eq!(summary.bytes_sent, 29);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn different_earlier_bytes_are_not_merged() {
+        let sink = Arc::new(RecordingSink::default());
+        sink.streams
+            .lock()
+            .unwrap()
+            .insert("stdout".into(), b"old\n".to_vec());
+        let writer = LogWriter::spawn(sink.clone(), "stdout", settings(1024));
+        writer
+            .input()
+            .send(Bytes::from_static(b"new output\n"))
+            .await;
+        writer.input().send(Bytes::from_static(b"more\n")).await;
+        let summary = writer.close().await;
+        assert_eq!(sink.stored("stdout"), b"old\nnew output\nmore\n");
+        assert_eq!(summary.error, None);
+        assert_eq!(summary.bytes_dropped, 0);
+        let offsets: Vec<u64> = sink.calls().iter().map(|call| call.1).collect();
+        assert_eq!(offsets, vec![0, 4]);
     }
 
     /// A sink where another writer adds more bytes than ours before each of

@@ -17,9 +17,11 @@
 //!   server shuts down. The handler subscribes to the
 //!   [`Notifier`](crate::notify::Notifier) before it reads the store, so a
 //!   change that commits between the read and the wait still wakes it.
-//! - `limit`: items per page, 1 to [`MAX_LIMIT`] (larger values are
-//!   lowered), [`MAX_LIMIT`] by default. `more: true` says the page was cut
-//!   at the limit, and the caller should call again at once.
+//! - `limit`: items per page, a whole number from 1 to [`MAX_LIMIT`],
+//!   [`MAX_LIMIT`] by default. Any other value is rejected with 422, so a
+//!   caller never gets a page size other than the one it requested. `more:
+//!   true` means the page was cut at the limit, and the caller should call
+//!   again at once.
 //!
 //! A cursor the server did not issue, or one ahead of the database's
 //! latest change (the database was replaced), is rejected with 422, and
@@ -49,8 +51,8 @@ pub const MAX_WAIT: Duration = super::logs::MAX_WAIT;
 /// Maximum items per page, and the default.
 pub const MAX_LIMIT: u64 = 1000;
 
-/// Maximum characters of a rejected cursor quoted in an error message.
-const MAX_QUOTED_CURSOR_CHARS: usize = 100;
+/// Maximum characters of a rejected parameter quoted in an error message.
+const MAX_QUOTED_CHARS: usize = 100;
 
 /// `GET containers/changes?after=CURSOR&wait=SECONDS&limit=N`.
 pub async fn changes(
@@ -64,7 +66,7 @@ pub async fn changes(
     let wait = params.u64("wait")?.map_or(Duration::ZERO, |seconds| {
         Duration::from_secs(seconds.min(MAX_WAIT.as_secs()))
     });
-    let limit = parse_limit(params.u64("limit")?)?;
+    let limit = parse_limit(params.text("limit").as_deref())?;
 
     let Some((after, after_text)) = after else {
         let latest = state
@@ -127,22 +129,32 @@ fn parse_cursor(text: &str) -> Result<(i64, String), ApiError> {
 }
 
 fn invalid_cursor(text: &str, reason: &str) -> ApiError {
-    let quoted = match text.char_indices().nth(MAX_QUOTED_CURSOR_CHARS) {
-        Some((end, _)) => format!("{:?}...", &text[..end]),
-        None => format!("{text:?}"),
-    };
     ApiError::invalid(format!(
-        "invalid cursor {quoted}: {reason}; take a new cursor by calling without after"
+        "invalid cursor {}: {reason}; take a new cursor by calling without after",
+        quote(text)
     ))
 }
 
-fn parse_limit(limit: Option<u64>) -> Result<u64, ApiError> {
-    match limit {
-        None => Ok(MAX_LIMIT),
-        Some(0) => Err(ApiError::invalid(format!(
-            "invalid limit parameter \"0\": expected a whole number from 1 to {MAX_LIMIT}"
+/// Quotes a parameter's text for a message, shortened when it is long.
+fn quote(text: &str) -> String {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((end, _)) => format!("{:?}...", &text[..end]),
+        None => format!("{text:?}"),
+    }
+}
+
+/// Parses `limit`: a whole number from 1 to [`MAX_LIMIT`], the maximum when
+/// absent.
+fn parse_limit(text: Option<&str>) -> Result<u64, ApiError> {
+    let Some(text) = text else {
+        return Ok(MAX_LIMIT);
+    };
+    match text.trim().parse::<u64>() {
+        Ok(limit) if (1..=MAX_LIMIT).contains(&limit) => Ok(limit),
+        Ok(_) | Err(_) => Err(ApiError::invalid(format!(
+            "invalid limit parameter {}: expected a whole number from 1 to {MAX_LIMIT}",
+            quote(text)
         ))),
-        Some(limit) => Ok(limit.min(MAX_LIMIT)),
     }
 }
 
@@ -198,11 +210,16 @@ mod tests {
     }
 
     #[test]
-    fn limits_are_checked_and_capped() {
+    fn limits_outside_the_range_are_rejected() {
         assert_eq!(parse_limit(None).unwrap(), MAX_LIMIT);
-        assert_eq!(parse_limit(Some(7)).unwrap(), 7);
-        assert_eq!(parse_limit(Some(5000)).unwrap(), MAX_LIMIT);
-        let err = message(parse_limit(Some(0)).unwrap_err());
-        assert!(err.contains("invalid limit parameter \"0\""), "{err}");
+        assert_eq!(parse_limit(Some("7")).unwrap(), 7);
+        assert_eq!(parse_limit(Some("1000")).unwrap(), MAX_LIMIT);
+        for bad in ["0", "-1", "1001", "100000", "1.5", "", "abc"] {
+            let err = message(parse_limit(Some(bad)).unwrap_err());
+            assert_eq!(
+                err,
+                format!("invalid limit parameter {bad:?}: expected a whole number from 1 to 1000")
+            );
+        }
     }
 }

@@ -1,9 +1,13 @@
 //! Live container logs: `containers/{uuid}/log/{stream}`.
 //!
 //! The supervisor appends each stream's raw bytes with `POST ...?offset=N`.
-//! Bytes the store already has are skipped, so a retry after a lost
-//! response writes nothing twice. An offset past the end is a gap and is
-//! rejected.
+//! Bytes the store already has are skipped when they are the same, so a
+//! retry after a lost response writes nothing twice. An offset past the end
+//! is a gap and is rejected with 422. Sent bytes that differ from the
+//! stored bytes at the same offsets are rejected with 409 Conflict, and
+//! nothing is written: the message names the first differing byte, and
+//! `X-Berth-Log-Size` gives the stream's size, where the writer can append
+//! instead.
 //!
 //! Readers `GET ...?offset=N&wait=SECONDS[&state=STATE]`. With a wait, the
 //! request is held until the stream has bytes past N, the container's state
@@ -11,8 +15,9 @@
 //! the wait (at most [`MAX_WAIT`]) ends, or the server shuts down. Waiting
 //! uses the in-process [`Notifier`](crate::notify::Notifier), not polling.
 //!
-//! Both answers carry the stream's size in `X-Berth-Log-Size`; reads also
-//! carry the container's state in `X-Berth-Container-State`.
+//! Successful responses and the 409 response carry the stream's size in
+//! `X-Berth-Log-Size`. Reads also carry the container's state in
+//! `X-Berth-Container-State`.
 
 use std::time::Duration;
 
@@ -93,6 +98,17 @@ pub async fn append(
                 "offset {offset} is past the end of the {} log of container {uuid}, which has {size} bytes: append from offset {size}",
                 stream.as_str()
             )))
+        }
+        AppendOutcome::Mismatch { size, position } => {
+            let mut response = ApiError::Conflict(format!(
+                "the bytes sent for the {} log of container {uuid} at offset {offset} differ from the stored bytes, first at byte {position}: nothing was written; the log has {size} bytes, so append new bytes from offset {size}",
+                stream.as_str()
+            ))
+            .into_response();
+            response
+                .headers_mut()
+                .insert(LOG_SIZE_HEADER, size_header(size));
+            return Ok(response);
         }
         AppendOutcome::Appended { size, added } => {
             if added > 0 {

@@ -10,7 +10,8 @@
 //! [`lifecycle`](crate::lifecycle) build the change, and hands it to the
 //! store. Errors are [`ApiError`]s, rendered as `{"errors": [...]}`, and
 //! [`rejection`] gives the errors that arise outside the handlers (bad path
-//! parameters, the request timeout, unknown routes) the same shape.
+//! parameters, the request timeout, unknown routes) the same shape. Every
+//! response carries the call's `X-Request-Id` ([`request_id`]).
 //!
 //! Visibility: administrators and the system token read every record. A
 //! user reads their own requests and the containers of those requests, and
@@ -29,6 +30,7 @@ pub mod logs;
 pub mod params;
 pub mod rejection;
 pub mod render;
+pub mod request_id;
 pub mod requests;
 pub mod users;
 
@@ -265,14 +267,19 @@ pub fn app(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<Body>| {
-                    // The matched route, never the URI or headers: no token
-                    // or query string reaches the log.
+                    // The matched route and the request id, never the URI or
+                    // other headers: no token or query string reaches the log.
                     let route = request
                         .extensions()
                         .get::<MatchedPath>()
                         .map(MatchedPath::as_str)
                         .unwrap_or("unmatched");
-                    tracing::info_span!("http", method = %request.method(), route)
+                    let request_id = request
+                        .headers()
+                        .get(request_id::REQUEST_ID_HEADER)
+                        .and_then(|id| id.to_str().ok())
+                        .unwrap_or("");
+                    tracing::info_span!("http", method = %request.method(), route, request_id)
                 })
                 .on_request(())
                 .on_response(|response: &Response, latency: Duration, _span: &Span| {
@@ -291,6 +298,7 @@ pub fn app(state: AppState) -> Router {
                 // ApiError logs server errors once, with their details.
                 .on_failure(()),
         )
+        .layer(middleware::from_fn(request_id::set_request_id))
         .with_state(state)
 }
 

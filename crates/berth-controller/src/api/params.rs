@@ -347,6 +347,9 @@ fn scalar_names(columns: &[Column]) -> String {
         .join(", ")
 }
 
+/// The comparison operators [`parse_op`] accepts, for messages.
+const COMPARISON_OPERATORS: &str = "=, ==, !=, <>, <, <=, >, >=, in, not in, like, ilike";
+
 fn parse_op(op: &str) -> Option<FilterOp> {
     let op = match op.trim().to_ascii_lowercase().as_str() {
         "=" | "==" => FilterOp::Eq,
@@ -443,8 +446,9 @@ fn parse_filter(
     let op_text = op.as_str().ok_or("the operator is not a string")?;
     let op = parse_op(op_text).ok_or_else(|| {
         format!(
-            "unknown operator {}: use =, !=, <, <=, >, >=, in, not in, like, ilike or is_a",
-            quote_text(op_text)
+            "unknown operator {}: use {COMPARISON_OPERATORS} or is_a, or exists on an object attribute ({})",
+            quote_text(op_text),
+            OBJECT_ATTRIBUTES.join(", ")
         )
     })?;
     let operand = match (op, operand) {
@@ -662,7 +666,7 @@ fn parse_key_filter(target: KeyTarget<'_>, op: &Value, operand: &Value) -> Resul
         "exists" => FilterOp::Exists,
         _ => parse_op(op_text).ok_or_else(|| {
             format!(
-                "unknown operator {}: use =, !=, <, <=, >, >=, in, not in, like, ilike or exists",
+                "unknown operator {}: use {COMPARISON_OPERATORS} or exists",
                 quote_text(op_text)
             )
         })?,

@@ -549,6 +549,33 @@ pub enum AppendOutcome {
     Appended { size: u64, added: u64 },
     /// The offset is past the end of the stream, which has `size` bytes.
     Gap { size: u64 },
+    /// Some sent bytes fall on offsets the stream already has and differ
+    /// from the stored ones, first at byte `position` of the stream. Nothing
+    /// was written; the stream has `size` bytes.
+    Mismatch { size: u64, position: u64 },
+}
+
+impl AppendOutcome {
+    /// Compares the stored bytes of an append's overlap with the bytes sent
+    /// for it, both starting at byte `offset` of a stream of `size` bytes.
+    /// Returns the mismatch, or `None` when they are the same. Stored bytes
+    /// shorter than the sent ones differ at their end.
+    pub(crate) fn compare_overlap(
+        size: u64,
+        offset: u64,
+        stored: &[u8],
+        sent: &[u8],
+    ) -> Option<AppendOutcome> {
+        let index = stored
+            .iter()
+            .zip(sent)
+            .position(|(stored, sent)| stored != sent)
+            .or((stored.len() < sent.len()).then_some(stored.len()))?;
+        Some(AppendOutcome::Mismatch {
+            size,
+            position: offset + index as u64,
+        })
+    }
 }
 
 /// A container whose latest change is on a page of the change feed.
@@ -645,7 +672,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn log_size(&self, container_uuid: &str, stream: LogStream) -> Result<u64>;
 
     /// Appends `data` at byte `offset`: bytes the store already has are
-    /// skipped, the rest is added at the end.
+    /// skipped when they are the same, the rest is added at the end. Sent
+    /// bytes that differ from stored ones write nothing
+    /// ([`AppendOutcome::Mismatch`]).
     async fn append_log(
         &self,
         container_uuid: &str,
@@ -769,5 +798,27 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("mysql://localhost/berth"), "{err}");
         assert!(err.to_string().contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn overlap_mismatch_names_first_differing_byte() {
+        assert_eq!(
+            AppendOutcome::compare_overlap(11, 0, b"hello", b"hello"),
+            None
+        );
+        assert_eq!(
+            AppendOutcome::compare_overlap(11, 4, b"o world", b"o World"),
+            Some(AppendOutcome::Mismatch {
+                size: 11,
+                position: 6
+            })
+        );
+        assert_eq!(
+            AppendOutcome::compare_overlap(11, 9, b"d", b"dd"),
+            Some(AppendOutcome::Mismatch {
+                size: 11,
+                position: 10
+            })
+        );
     }
 }

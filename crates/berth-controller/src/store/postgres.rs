@@ -1063,10 +1063,35 @@ impl Store for PostgresStore {
         if offset > size {
             return Ok(AppendOutcome::Gap { size });
         }
-        // Bytes before `size` are already stored: a retried append sends
-        // them again, and they are skipped.
-        let skip = usize::try_from(size - offset).unwrap_or(usize::MAX);
-        if skip >= data.len() {
+        // Bytes before `size` are already stored. A retried append sends
+        // the same bytes again, and they are skipped; different bytes are a
+        // writer's mistake, and nothing is written. Only the overlap is
+        // read, which is empty for an append at the end.
+        let skip = usize::try_from(size - offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        if skip > 0 {
+            let end = offset + skip as u64;
+            let parts: Vec<Vec<u8>> = sqlx::query_scalar(
+                "SELECT substring(data FROM (GREATEST($1 - byte_offset, 0) + 1)::integer \
+                 FOR (LEAST(byte_offset + octet_length(data), $2) - GREATEST(byte_offset, $1))::integer) \
+                 FROM container_logs WHERE container_uuid = $3 AND stream = $4 \
+                 AND byte_offset + octet_length(data) > $1 AND byte_offset < $2 ORDER BY byte_offset",
+            )
+            .bind(to_i64(offset))
+            .bind(to_i64(end))
+            .bind(container_uuid)
+            .bind(stream.as_str())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::query("read a log"))?;
+            if let Some(mismatch) =
+                AppendOutcome::compare_overlap(size, offset, &parts.concat(), &data[..skip])
+            {
+                return Ok(mismatch);
+            }
+        }
+        if skip == data.len() {
             return Ok(AppendOutcome::Appended { size, added: 0 });
         }
         let new_bytes = &data[skip..];
@@ -1329,10 +1354,19 @@ mod tests {
         let mut added = [a.unwrap(), b.unwrap()].map(|outcome| match outcome {
             AppendOutcome::Appended { added, .. } => added,
             AppendOutcome::Gap { .. } => panic!("unexpected gap"),
+            AppendOutcome::Mismatch { .. } => panic!("unexpected mismatch"),
         });
         added.sort();
         assert_eq!(added, [0, 256]);
-        store.append_log(uuid, stream, 200, &bytes).await.unwrap();
+        assert_eq!(
+            store.append_log(uuid, stream, 200, &bytes).await.unwrap(),
+            AppendOutcome::Mismatch {
+                size: 256,
+                position: 200
+            }
+        );
+        let resent: Vec<u8> = bytes[200..].iter().chain(&bytes[..200]).copied().collect();
+        store.append_log(uuid, stream, 200, &resent).await.unwrap();
         assert_eq!(store.log_size(uuid, stream).await.unwrap(), 456);
         assert_eq!(
             store.append_log(uuid, stream, 500, b"x").await.unwrap(),
@@ -1340,8 +1374,9 @@ mod tests {
         );
         let (data, size) = store.read_log(uuid, stream, 250, 10).await.unwrap();
         assert_eq!(size, 456);
-        // Offset 200 resent bytes 0..56 of the chunk: the store kept the rest.
-        let expected: Vec<u8> = bytes[250..].iter().chain(&bytes[56..60]).copied().collect();
+        // The append at offset 200 resent 56 stored bytes: the store kept
+        // only the 200 after them.
+        let expected: Vec<u8> = bytes[250..].iter().chain(&bytes[..4]).copied().collect();
         assert_eq!(data, expected);
         drop_schema(store, &base, &schema).await;
     }

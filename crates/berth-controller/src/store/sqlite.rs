@@ -1091,10 +1091,38 @@ impl Store for SqliteStore {
         if offset > size {
             return Ok(AppendOutcome::Gap { size });
         }
-        // Bytes before `size` are already stored: a retried append sends
-        // them again, and they are skipped.
-        let skip = usize::try_from(size - offset).unwrap_or(usize::MAX);
-        if skip >= data.len() {
+        // Bytes before `size` are already stored. A retried append sends
+        // the same bytes again, and they are skipped; different bytes are a
+        // writer's mistake, and nothing is written. Only the overlap is
+        // read, which is empty for an append at the end.
+        let skip = usize::try_from(size - offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        if skip > 0 {
+            let end = offset + skip as u64;
+            let parts: Vec<Vec<u8>> = sqlx::query_scalar(
+                "SELECT substr(data, max(? - byte_offset, 0) + 1, \
+                 min(byte_offset + length(data), ?) - max(byte_offset, ?)) \
+                 FROM container_logs WHERE container_uuid = ? AND stream = ? \
+                 AND byte_offset + length(data) > ? AND byte_offset < ? ORDER BY byte_offset",
+            )
+            .bind(to_i64(offset))
+            .bind(to_i64(end))
+            .bind(to_i64(offset))
+            .bind(container_uuid)
+            .bind(stream.as_str())
+            .bind(to_i64(offset))
+            .bind(to_i64(end))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(StoreError::query("read a log"))?;
+            if let Some(mismatch) =
+                AppendOutcome::compare_overlap(size, offset, &parts.concat(), &data[..skip])
+            {
+                return Ok(mismatch);
+            }
+        }
+        if skip == data.len() {
             return Ok(AppendOutcome::Appended { size, added: 0 });
         }
         let new_bytes = &data[skip..];

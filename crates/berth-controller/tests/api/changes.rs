@@ -210,8 +210,7 @@ async fn pages_follow_limit_and_more() {
     assert_eq!(uuids(&third), Vec::<String>::new());
     assert_eq!(third["more"], false);
 
-    // A limit above the maximum is lowered, not rejected.
-    let all = changes(&api, SYSTEM_TOKEN, &format!("after={start}&limit=5000")).await;
+    let all = changes(&api, SYSTEM_TOKEN, &format!("after={start}&limit=1000")).await;
     assert_eq!(uuids(&all), created);
 }
 
@@ -359,9 +358,26 @@ async fn bad_parameters_are_named_in_422() {
             &format!("after={ahead}"),
             &format!("invalid cursor \"{ahead}\""),
         ),
-        ("limit=0", "invalid limit parameter \"0\""),
-        ("limit=ten", "invalid limit parameter \"ten\""),
-        ("limit=-3", "invalid limit parameter \"-3\""),
+        (
+            "limit=0",
+            "invalid limit parameter \"0\": expected a whole number from 1 to 1000",
+        ),
+        (
+            "limit=ten",
+            "invalid limit parameter \"ten\": expected a whole number from 1 to 1000",
+        ),
+        (
+            "limit=-3",
+            "invalid limit parameter \"-3\": expected a whole number from 1 to 1000",
+        ),
+        (
+            "limit=1001",
+            "invalid limit parameter \"1001\": expected a whole number from 1 to 1000",
+        ),
+        (
+            "limit=100000",
+            "invalid limit parameter \"100000\": expected a whole number from 1 to 1000",
+        ),
         ("wait=soon", "invalid wait parameter \"soon\""),
         ("wait=-1", "invalid wait parameter \"-1\""),
         ("wait=2.5", "invalid wait parameter \"2.5\""),

@@ -1,9 +1,12 @@
 //! Errors that arise outside the handlers' own checks still come as
 //! `{"errors": [...]}` with a fitting status: undecodable paths, unknown
-//! routes and methods, and the request timeout.
+//! routes and methods, and the request timeout. Every response carries the
+//! call's `X-Request-Id`, and the message for an unknown filter operator
+//! lists every operator that works.
 
 use std::convert::Infallible;
 use std::future::IntoFuture;
+use std::io::{Read, Seek};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -172,4 +175,167 @@ async fn stalled_body_on_socket_is_408_json() {
         .is_some_and(|message| message.contains("request body")));
     assert_eq!(api.request_count().await, 0);
     server.abort();
+}
+
+/// Returns the `X-Request-Id` of a reply.
+#[track_caller]
+fn request_id(reply: &Reply) -> String {
+    reply
+        .header("x-request-id")
+        .expect("no X-Request-Id header")
+}
+
+#[track_caller]
+fn assert_generated_id(id: &str) {
+    let suffix = id.strip_prefix("req-").unwrap_or_else(|| panic!("{id:?}"));
+    assert_eq!(suffix.len(), 20, "{id:?}");
+    assert!(
+        suffix
+            .bytes()
+            .all(|byte| byte.is_ascii_digit() || byte.is_ascii_lowercase()),
+        "{id:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_request_id_is_echoed() {
+    let api = TestApi::new().await;
+    let sent = "req-0123456789abcdefghij";
+    for (path, token, status) in [
+        ("users/current", Some(SYSTEM_TOKEN), StatusCode::OK),
+        ("users/current", None, StatusCode::UNAUTHORIZED),
+        ("no/such/route", Some(SYSTEM_TOKEN), StatusCode::NOT_FOUND),
+    ] {
+        let request = TestApi::request(Method::GET, path, token)
+            .header("x-request-id", sent)
+            .body(Body::empty())
+            .unwrap();
+        let reply = api.send(request).await;
+        reply.expect(status);
+        assert_eq!(request_id(&reply), sent, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn missing_or_unusable_request_id_is_generated() {
+    let api = TestApi::new().await;
+    let first = api.get("users/current", SYSTEM_TOKEN).await;
+    let second = api.get("users/current", SYSTEM_TOKEN).await;
+    assert_generated_id(&request_id(&first));
+    assert_generated_id(&request_id(&second));
+    assert_ne!(request_id(&first), request_id(&second));
+
+    let too_long = "x".repeat(256);
+    for unusable in ["", "two words", "quote\"d", too_long.as_str()] {
+        let request = TestApi::request(Method::GET, "users/current", Some(SYSTEM_TOKEN))
+            .header("x-request-id", unusable)
+            .body(Body::empty())
+            .unwrap();
+        let reply = api.send(request).await;
+        assert_generated_id(&request_id(&reply));
+    }
+}
+
+#[tokio::test]
+async fn request_id_is_in_the_request_span() {
+    let mut log_file = tempfile::tempfile().unwrap();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(log_file.try_clone().unwrap())
+        .finish();
+    // While only one subscriber exists, tracing decides whether a callsite
+    // is enabled with the subscriber of the thread that reaches it first,
+    // which may be another test's thread without one. With two, it
+    // consults both.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let api = TestApi::new().await;
+    let request = TestApi::request(Method::GET, "users/current", Some(SYSTEM_TOKEN))
+        .header("x-request-id", "req-inthelog0000000000")
+        .body(Body::empty())
+        .unwrap();
+    api.send(request).await.expect(StatusCode::OK);
+    let generated = request_id(&api.get("users/current", SYSTEM_TOKEN).await);
+
+    let mut log = String::new();
+    log_file.rewind().unwrap();
+    log_file.read_to_string(&mut log).unwrap();
+    assert!(
+        log.contains(r#"request_id="req-inthelog0000000000""#),
+        "{log}"
+    );
+    assert!(log.contains(&format!("request_id={generated:?}")), "{log}");
+}
+
+/// Returns each operator that filters take, with a filter that uses it:
+/// on a text attribute, on `uuid`, or on an object attribute's keys.
+fn operator_cases() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    vec![
+        ("=", json!(["name", "=", "x"])),
+        ("==", json!(["name", "==", "x"])),
+        ("!=", json!(["name", "!=", "x"])),
+        ("<>", json!(["name", "<>", "x"])),
+        ("<", json!(["name", "<", "x"])),
+        ("<=", json!(["name", "<=", "x"])),
+        (">", json!(["name", ">", "x"])),
+        (">=", json!(["name", ">=", "x"])),
+        ("in", json!(["name", "in", ["x"]])),
+        ("not in", json!(["name", "not in", ["x"]])),
+        ("like", json!(["name", "like", "x%"])),
+        ("ilike", json!(["name", "ilike", "x%"])),
+        ("is_a", json!(["uuid", "is_a", "arvados#containerRequest"])),
+        ("exists", json!(["properties", "exists", "key"])),
+    ]
+}
+
+/// True when `message` lists `operator` as an item of a list.
+fn lists_operator(message: &str, operator: &str) -> bool {
+    message.contains(&format!(" {operator},"))
+        || message.contains(&format!(" {operator} "))
+        || message.ends_with(&format!(" {operator}"))
+}
+
+#[tokio::test]
+async fn unknown_operator_message_lists_every_working_operator() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let filtered = |filter: serde_json::Value| {
+        format!("container_requests?filters={}", serde_json::json!([filter]))
+    };
+
+    let reply = api
+        .get(&filtered(serde_json::json!(["name", "~", "x"])), &alice)
+        .await;
+    let on_attribute = assert_error(&reply, StatusCode::UNPROCESSABLE_ENTITY);
+    let reply = api
+        .get(
+            &filtered(serde_json::json!(["properties.key", "~", "x"])),
+            &alice,
+        )
+        .await;
+    let on_key = assert_error(&reply, StatusCode::UNPROCESSABLE_ENTITY);
+
+    for (operator, filter) in operator_cases() {
+        api.get(&filtered(filter.clone()), &alice)
+            .await
+            .expect(StatusCode::OK);
+        assert!(
+            lists_operator(&on_attribute, operator),
+            "{operator}: {on_attribute}"
+        );
+        if operator != "is_a" {
+            let on_key_filter = serde_json::json!(["properties.key", operator, filter[2]]);
+            let on_key_filter = match operator {
+                "exists" => serde_json::json!(["properties.key", "exists", true]),
+                _ => on_key_filter,
+            };
+            api.get(&filtered(on_key_filter), &alice)
+                .await
+                .expect(StatusCode::OK);
+            assert!(lists_operator(&on_key, operator), "{operator}: {on_key}");
+        }
+    }
 }

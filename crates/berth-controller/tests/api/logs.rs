@@ -1,8 +1,10 @@
 //! Live logs: append at an offset, read from an offset, wait for more.
 
+use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use bytes::Bytes;
 use serde_json::json;
 
 use crate::common::{str_of, Reply, TestApi, SYSTEM_TOKEN};
@@ -98,6 +100,107 @@ async fn append_with_gap_is_422() {
     assert!(errors.contains("append from offset 3"), "{errors}");
     let read = api.read_log(&uuid, "stdout", "offset=0", &alice).await;
     assert_eq!(read.body.as_ref(), b"abc");
+}
+
+#[tokio::test]
+async fn append_with_different_bytes_is_409() {
+    let (api, alice, uuid, token) = locked_container().await;
+    api.append_log(&uuid, "stdout", 0, &token, b"hello world")
+        .await
+        .expect(StatusCode::OK);
+
+    let reply = api
+        .append_log(&uuid, "stdout", 0, &token, b"HELLO WORLD!!")
+        .await;
+    reply.expect(StatusCode::CONFLICT);
+    let errors = reply.errors();
+    assert!(errors.contains(&uuid), "{errors}");
+    assert!(errors.contains("stdout log"), "{errors}");
+    assert!(errors.contains("at offset 0"), "{errors}");
+    assert!(errors.contains("first at byte 0"), "{errors}");
+    assert!(
+        errors.contains("append new bytes from offset 11"),
+        "{errors}"
+    );
+    assert_eq!(size_of(&reply), 11);
+
+    let read = api.read_log(&uuid, "stdout", "offset=0", &alice).await;
+    assert_eq!(read.body.as_ref(), b"hello world");
+}
+
+#[tokio::test]
+async fn append_mismatch_inside_later_chunk_is_found() {
+    let (api, alice, uuid, token) = locked_container().await;
+    for (offset, chunk) in [(0, b"abc"), (3, b"def"), (6, b"ghi")] {
+        api.append_log(&uuid, "stderr", offset, &token, chunk)
+            .await
+            .expect(StatusCode::OK);
+    }
+
+    // Offsets 2 to 7 are stored as "cdefgh"; the fourth sent byte differs.
+    let reply = api
+        .append_log(&uuid, "stderr", 2, &token, b"cdeXghij")
+        .await;
+    reply.expect(StatusCode::CONFLICT);
+    let errors = reply.errors();
+    assert!(errors.contains("at offset 2"), "{errors}");
+    assert!(errors.contains("first at byte 5"), "{errors}");
+    assert_eq!(size_of(&reply), 9);
+
+    // The last stored byte differs.
+    let reply = api.append_log(&uuid, "stderr", 7, &token, b"hXjk").await;
+    reply.expect(StatusCode::CONFLICT);
+    assert!(
+        reply.errors().contains("first at byte 8"),
+        "{}",
+        reply.errors()
+    );
+
+    // Bytes that match every chunk they cover add only their tail.
+    let reply = api
+        .append_log(&uuid, "stderr", 1, &token, b"bcdefghiJK")
+        .await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(size_of(&reply), 11);
+    let read = api.read_log(&uuid, "stderr", "offset=0", &alice).await;
+    assert_eq!(read.body.as_ref(), b"abcdefghiJK");
+}
+
+/// berth-client, as the supervisor uses it, gets the conflict with the
+/// stream's size.
+#[tokio::test]
+async fn client_gets_log_conflict_with_size() {
+    let (api, _alice, uuid, token) = locked_container().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(axum::serve(listener, api.app.clone()).into_future());
+    let client = berth_client::Client::new(berth_client::Settings {
+        base_url: format!("http://{address}/").parse().unwrap(),
+        token: berth_client::Token::new(&token),
+        insecure: false,
+    })
+    .unwrap();
+
+    let stored = Bytes::from_static(b"hello world");
+    let size = client
+        .append_log(&uuid, "stdout", 0, stored.clone())
+        .await
+        .unwrap();
+    assert_eq!(size, 11);
+    let err = client
+        .append_log(&uuid, "stdout", 0, Bytes::from_static(b"HELLO WORLD!!"))
+        .await
+        .unwrap_err();
+    match &err {
+        berth_client::ClientError::LogConflict { size, message, .. } => {
+            assert_eq!(*size, 11);
+            assert!(message.contains("first at byte 0"), "{message}");
+        }
+        other => panic!("expected a log conflict, got {other:?}"),
+    }
+    assert_eq!(err.status(), Some(StatusCode::CONFLICT));
+    assert!(!err.is_transient());
+    server.abort();
 }
 
 #[tokio::test]

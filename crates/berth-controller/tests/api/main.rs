@@ -1,7 +1,8 @@
 //! Tests of the controller's HTTP API against a real store: a SQLite file
 //! in a temporary directory, or a fresh schema in the PostgreSQL database
 //! `BERTH_TEST_DATABASE_URL` names (see `common`). Most drive the router
-//! with `oneshot`; `socket` serves on port 0 and uses berth-client.
+//! with `oneshot`; `socket` serves on port 0 and uses berth-client, and
+//! `connections` sends raw bytes to a server on port 0.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,6 +10,7 @@ mod auth;
 mod changes;
 mod common;
 mod compat;
+mod connections;
 mod containers;
 mod discovery;
 mod errors;
