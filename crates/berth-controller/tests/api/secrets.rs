@@ -767,6 +767,10 @@ async fn secrets_never_reach_the_log() {
         .with_max_level(tracing::Level::TRACE)
         .with_writer(move || writer.clone())
         .finish();
+    // With a single subscriber, tracing may decide a callsite's interest
+    // from another test's thread, which has none, and capture nothing. A
+    // second one makes it ask each thread's own.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let api = TestApi::new().await;
