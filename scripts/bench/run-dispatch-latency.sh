@@ -130,8 +130,10 @@ berth, work, api_url, token, image = sys.argv[1:6]
 rounds, poll, idle = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
 api_url = api_url.rstrip("/")
 WAYS = ("feed", "no-feed")
-LIST_SPAN = 'route="/arvados/v1/containers"}'
-FEED_SPAN = 'route="/arvados/v1/containers/changes"}'
+# The route field ends with '"' and is followed by '}' or by more fields
+# of the span (the request id).
+LIST_SPAN = 'route="/arvados/v1/containers" '
+FEED_SPAN = 'route="/arvados/v1/containers/changes" '
 
 
 def fail(message):
@@ -141,7 +143,12 @@ def fail(message):
 def count(span):
     """Counts the requests on `span`'s route in the controller's log."""
     with open(os.path.join(work, "controller.log"), errors="replace") as log:
-        return sum(1 for line in log if span in line and " answered " in line)
+        return sum(
+            1
+            for line in log
+            if " answered " in line
+            and (span in line or span.rstrip() + "}" in line)
+        )
 
 
 def call(method, path, body=None, timeout=60):

@@ -207,9 +207,16 @@ impl TestCluster {
     pub fn count_requests(&self, method: &str, route: &str) -> usize {
         let log = std::fs::read_to_string(self.dir.path().join("controller.log"))
             .expect("failed to read the controller's log");
-        let span = format!("http{{method={method} route=\"{route}\"}}:");
+        // The span may carry more fields after the route (the request id).
+        let span = format!("http{{method={method} route=\"{route}\"");
         log.lines()
-            .filter(|line| line.contains(&span) && line.contains(" answered "))
+            .filter(|line| {
+                line.contains(" answered ")
+                    && line
+                        .split(&span)
+                        .nth(1)
+                        .is_some_and(|rest| rest.starts_with('}') || rest.starts_with(' '))
+            })
             .count()
     }
 
