@@ -195,10 +195,16 @@ impl MountPlan {
                 dir: base.to_path_buf(),
                 source,
             })?;
-        // The directory stays private (0700): a bind mount is reached
-        // inside the container without walking its host parents, and
-        // other users of the node must not read the mounts' content.
+        // The directory is private (0700): a bind mount is reached inside
+        // the container without walking its host parents, and other users
+        // of the node must not read the mounts' content, secrets included.
+        // The temporary directory is created with the umask's mode, so
+        // set it.
         let root_path = root.path().to_path_buf();
+        set_mode(&root_path, 0o700).map_err(|source| MountError::TempDir {
+            dir: base.to_path_buf(),
+            source,
+        })?;
         let mut binds = Vec::with_capacity(self.mounts.len());
         for (index, mount) in self.mounts.iter().enumerate() {
             let container_path = mount.container_path().to_string();
@@ -358,6 +364,9 @@ mod tests {
         let root = prepared.root().unwrap().to_path_buf();
         assert!(root.starts_with(base.path()));
         assert_eq!(prepared.binds.len(), 2);
+        // Other users of the node cannot reach the mounts' content.
+        let root_mode = std::fs::metadata(&root).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(root_mode, 0o700);
 
         let note = &prepared.binds[0];
         assert_eq!(note.container_path, "/etc/note.txt");

@@ -11,8 +11,11 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_core::ContainerState;
-use common::{skip, test_image, TestCluster};
+use common::{skip, test_image, ClusterOptions, TestCluster};
 use serde_json::json;
+
+/// The route of the change feed, as the controller's request log names it.
+const FEED_ROUTE: &str = "/arvados/v1/containers/changes";
 
 /// Longest a command may take to notice the cancel: more than the CLI's
 /// feed wait (10 s), far less than a test timeout.
@@ -129,4 +132,70 @@ async fn run_stops_when_cancelled_from_another_shell() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("cancel"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_follow_goes_on_into_a_retried_container() {
+    if skip() {
+        return;
+    }
+    let mut cluster = TestCluster::start_with(
+        "local",
+        &ClusterOptions {
+            log_requests: true,
+            ..ClusterOptions::default()
+        },
+    );
+    cluster.kill_dispatcher();
+    let token = cluster.create_user("mona");
+    let mona = common::client(&cluster.api_url, &token);
+    let mut attributes = committed();
+    attributes["container_count_max"] = json!(2);
+    let request = mona
+        .create_container_request(&attributes)
+        .await
+        .expect("create request");
+    let first = request.container_uuid.clone().unwrap();
+
+    let follower = cluster
+        .berth_command(&token, &["logs", "-f", &request.uuid])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("failed to start berth logs -f");
+    // The follower has found the request's container once it takes a
+    // cursor of the change feed.
+    common::wait_until(
+        &cluster,
+        Duration::from_secs(20),
+        "the follower to start",
+        || {
+            let calls = cluster.count_requests("GET", FEED_ROUTE);
+            async move { (calls > 0).then_some(()) }
+        },
+    )
+    .await;
+
+    // The system cancels the container: the request gets a second one,
+    // its last, which the system cancels too.
+    let system = cluster.system_client();
+    system
+        .update_container(&first, &json!({"state": "Cancelled"}))
+        .await
+        .expect("cancel the first container");
+    let retried = mona.get_container_request(&request.uuid).await.unwrap();
+    let second = retried.container_uuid.clone().unwrap();
+    assert_ne!(second, first);
+    system
+        .update_container(&second, &json!({"state": "Cancelled"}))
+        .await
+        .expect("cancel the second container");
+
+    let output = wait_for_exit(follower, NOTICE_LIMIT, "berth logs -f");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("runs it again as container {second}")),
+        "{stderr}"
+    );
 }

@@ -5,7 +5,9 @@
 //! supervisor's log go to stderr, byte for byte as stored. With `--follow`
 //! the command keeps printing new bytes until the container is final, or
 //! until it is Queued with nothing to run it: the request named is Final,
-//! or the container named has priority 0.
+//! or the container named has priority 0. A followed request whose
+//! container was cancelled and retried is followed on into its new
+//! container.
 
 use std::process::ExitCode;
 
@@ -52,18 +54,42 @@ impl LogsArgs {
 pub async fn execute(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let target = Target::parse(&args.uuid)?;
     let api = Api::from_env()?;
-    let container_uuid = container_of(&api, &target).await?;
+    let mut container_uuid = container_of(&api, &target).await?;
     let mode = if args.follow {
         Mode::Follow
     } else {
         Mode::Snapshot
     };
+    loop {
+        show_container(&api, &args, &target, &container_uuid, mode).await?;
+        // A followed request whose container was cancelled and retried
+        // goes on with its new container, as `berth run` does.
+        let (Mode::Follow, Target::Request(request_uuid)) = (mode, &target) else {
+            break;
+        };
+        let next = container_of(&api, &target).await?;
+        if next == container_uuid {
+            break;
+        }
+        eprintln!(
+            "berth: container {container_uuid} ended; request {request_uuid} runs it again as container {next}"
+        );
+        container_uuid = next;
+    }
+    Ok(ExitCode::SUCCESS)
+}
 
+/// Prints (or follows) the selected streams of one container.
+async fn show_container(
+    api: &Api,
+    args: &LogsArgs,
+    target: &Target,
+    container_uuid: &str,
+    mode: Mode,
+) -> anyhow::Result<()> {
     let (events_sender, events) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
     let copies = args.selected_streams().into_iter().map(|stream| {
-        let api = &api;
-        let container_uuid = container_uuid.as_str();
         let events = (mode == Mode::Follow).then(|| events_sender.clone());
         let stop = &stop;
         async move {
@@ -80,7 +106,7 @@ pub async fn execute(args: LogsArgs) -> anyhow::Result<ExitCode> {
         Mode::Follow => {
             let copies = futures::future::try_join_all(copies);
             drop(events_sender);
-            follow_until_done(&api, &target, &container_uuid, copies, events, &stop).await?;
+            follow_until_done(api, target, container_uuid, copies, events, &stop).await?;
         }
         Mode::Snapshot => {
             for copy in copies {
@@ -88,7 +114,7 @@ pub async fn execute(args: LogsArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Drives the followers of a container's streams until they end, and
