@@ -48,6 +48,10 @@ pub const LIST_KIND: &str = "berth#containerChangeList";
 /// which `request_timeout_seconds` must exceed.
 pub const MAX_WAIT: Duration = super::logs::MAX_WAIT;
 
+/// List parameters that the change feed does not take; a call that
+/// sends one is rejected rather than answered unfiltered.
+const LIST_ONLY_PARAMETERS: &[&str] = &["filters", "where", "order", "select", "offset", "count"];
+
 /// Maximum items per page, and the default.
 pub const MAX_LIMIT: u64 = 1000;
 
@@ -61,6 +65,13 @@ pub async fn changes(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let params = Params::from_query(query.as_deref());
+    for name in LIST_ONLY_PARAMETERS {
+        if params.text(name).is_some() {
+            return Err(ApiError::invalid(format!(
+                "the change feed takes no {name} parameter: it returns every container you may see that changed; filter the items yourself, or list with GET containers"
+            )));
+        }
+    }
     let after = params.text("after").filter(|text| !text.is_empty());
     let after = after.as_deref().map(parse_cursor).transpose()?;
     let wait = params.u64("wait")?.map_or(Duration::ZERO, |seconds| {

@@ -646,3 +646,26 @@ async fn opposite_order_writers_do_not_deadlock() {
     assert_eq!(last_two, [y.as_str(), x.as_str()]);
     pool.close().await;
 }
+
+#[tokio::test]
+async fn list_parameters_are_rejected() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    for query in [
+        r#"filters=[["state","=","Complete"]]"#,
+        r#"select=["uuid"]"#,
+        "order=uuid",
+        r#"where={"state":"Queued"}"#,
+    ] {
+        let reply = api
+            .get(&format!("containers/changes?after=0&{query}"), &alice)
+            .await;
+        reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+        let name = query.split('=').next().unwrap();
+        assert!(
+            reply.errors().contains(&format!("takes no {name} parameter")),
+            "{query}: {}",
+            reply.errors()
+        );
+    }
+}
