@@ -70,6 +70,10 @@ pub const SUBMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Message of `runtime_status.error` when a Running container's job left
 /// the batch system.
+///
+/// NOTE: when the supervisor was killed outright (SIGKILL), its runtime
+/// container and mount directory stay on the node: Podman's containers
+/// live outside the job, and nothing on the node removes them yet.
 pub const VANISHED_ERROR: &str =
     "the batch job ended without the supervisor reporting a final state";
 
