@@ -416,8 +416,10 @@ fn parse_secret_mounts(value: Value) -> Result<BTreeMap<String, Mount>, ApiError
         let reason = if inner.starts_with("unknown field") {
             inner
         } else {
+            // The rest of serde's message may quote the secret, so only
+            // the expected type is kept.
             match inner.rfind(", expected ") {
-                Some(at) => format!("invalid value: {}", &inner[at + 2..]),
+                Some(at) => format!("invalid value: {}", plain_type_names(&inner[at + 2..])),
                 None => "invalid value".to_string(),
             }
         };

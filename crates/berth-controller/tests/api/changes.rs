@@ -663,7 +663,9 @@ async fn list_parameters_are_rejected() {
         reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
         let name = query.split('=').next().unwrap();
         assert!(
-            reply.errors().contains(&format!("takes no {name} parameter")),
+            reply
+                .errors()
+                .contains(&format!("takes no {name} parameter")),
             "{query}: {}",
             reply.errors()
         );
