@@ -17,7 +17,7 @@ use serde_json::json;
 /// The route of the change feed, as the controller's request log names it.
 const FEED_ROUTE: &str = "/arvados/v1/containers/changes";
 
-/// Longest a command may take to notice the cancel: more than the CLI's
+/// Maximum time a command may take to notice the cancel: more than the CLI's
 /// feed wait (10 s), far less than a test timeout.
 const NOTICE_LIMIT: Duration = Duration::from_secs(20);
 

@@ -69,7 +69,7 @@ async fn secret_mount_reaches_the_container_only() {
     assert!(!supervisor_log.contains(marker), "{supervisor_log}");
 
     let stored = lena.get_container_request(&request.uuid).await.unwrap();
-    let shown = serde_json::to_string(&stored).unwrap();
-    assert!(!shown.contains(marker), "{shown}");
+    let stored_json = serde_json::to_string(&stored).unwrap();
+    assert!(!stored_json.contains(marker), "{stored_json}");
     assert!(!cluster.logs().contains(marker));
 }

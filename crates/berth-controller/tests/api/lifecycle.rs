@@ -199,9 +199,9 @@ async fn container_priority_follows_the_formula_over_its_requests() {
     // With no request wanting it, the Queued container is on hold: it
     // stays Queued, with priority 0, and cannot be locked.
     update_request(&api, str_of(&low, "uuid"), &alice, json!({"priority": 0})).await;
-    let held = get_container(&api, uuid).await;
-    assert_eq!(held["priority"], 0);
-    assert_eq!(held["state"], "Queued");
+    let on_hold = get_container(&api, uuid).await;
+    assert_eq!(on_hold["priority"], 0);
+    assert_eq!(on_hold["state"], "Queued");
     let status = api
         .get(
             &format!(
@@ -491,14 +491,14 @@ async fn concurrent_request_changes_keep_the_priority_formula() {
         let third = third.json();
         let third_container = get_container(&api, str_of(&third, "container_uuid")).await;
         if third_container["state"] != "Cancelled" {
-            let mut wanted = vec![contribution(&third)];
+            let mut expected = vec![contribution(&third)];
             let a = get_request(&api, str_of(&a, "uuid"), &alice).await;
             if a["container_uuid"] == third["container_uuid"] && a["state"] == "Committed" {
-                wanted.push(contribution(&a));
+                expected.push(contribution(&a));
             }
             assert_eq!(
                 third_container["priority"],
-                wanted.into_iter().max().unwrap(),
+                expected.into_iter().max().unwrap(),
                 "round {round}"
             );
         }
