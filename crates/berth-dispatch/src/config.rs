@@ -53,6 +53,11 @@ pub mod defaults {
     pub const SLURM_OUTPUT: &str = "/tmp/berth-%j.out";
     /// How long one Slurm command may run before it is killed.
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `slurm.nice_base`: the nice value of the most important pending job.
+    pub const NICE_BASE: i64 = 0;
+    /// `slurm.priority_spread`: the step between the nice values of jobs
+    /// next to each other in the order.
+    pub const PRIORITY_SPREAD: i64 = 10;
 }
 
 /// Shortest `poll_interval` and `resync_interval` accepted: more frequent
@@ -268,6 +273,25 @@ pub struct SlurmConfig {
     /// as failed, such as `60s`.
     #[serde(default = "default_command_timeout", with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// The nice value of the dispatcher's most important pending job. Less
+    /// important jobs get higher values, so that Slurm starts them later.
+    /// Slurm lets only privileged users set a negative nice value, so a
+    /// dispatcher that does not run as root or SlurmUser keeps this at 0
+    /// or more. From -2147483645 to 2147483645.
+    #[serde(default = "default_nice_base")]
+    pub nice_base: i64,
+    /// The step between the nice values of pending jobs next to each other
+    /// in the order of their containers' priorities, so that Slurm's own
+    /// factors (age, fair share) do not swap them; 0 leaves the nice values
+    /// of jobs alone. A job keeps its nice value while it stays within 10
+    /// steps after the job before it, so most changes of the queue renice
+    /// few jobs. A larger step means fewer `scontrol` calls, a smaller one
+    /// keeps the last jobs closer to other users' jobs.
+    #[serde(default = "default_priority_spread")]
+    pub priority_spread: i64,
+    /// The `scontrol` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_scontrol")]
+    pub scontrol: PathBuf,
 }
 
 /// The `dispatch.local` section.
@@ -317,6 +341,18 @@ fn default_scancel() -> PathBuf {
     PathBuf::from("scancel")
 }
 
+fn default_nice_base() -> i64 {
+    defaults::NICE_BASE
+}
+
+fn default_priority_spread() -> i64 {
+    defaults::PRIORITY_SPREAD
+}
+
+fn default_scontrol() -> PathBuf {
+    PathBuf::from("scontrol")
+}
+
 fn default_command_timeout() -> Duration {
     defaults::COMMAND_TIMEOUT
 }
@@ -333,6 +369,9 @@ impl Default for SlurmConfig {
             squeue: default_squeue(),
             scancel: default_scancel(),
             command_timeout: default_command_timeout(),
+            nice_base: default_nice_base(),
+            priority_spread: default_priority_spread(),
+            scontrol: default_scontrol(),
         }
     }
 }
@@ -535,10 +574,31 @@ impl SlurmConfig {
                 ));
             }
         }
+        if !(-crate::slurm::MAX_NICE..=crate::slurm::MAX_NICE).contains(&self.nice_base) {
+            return Err(ConfigError::new(
+                "slurm.nice_base",
+                format!(
+                    "{} is outside Slurm's nice range: give a number from 0 to {} (negative values need a privileged user)",
+                    self.nice_base,
+                    crate::slurm::MAX_NICE
+                ),
+            ));
+        }
+        if !(0..=crate::slurm::MAX_NICE).contains(&self.priority_spread) {
+            return Err(ConfigError::new(
+                "slurm.priority_spread",
+                format!(
+                    "{} is not a step between nice values: give a number from 1 to {}, or 0 to leave nice values alone",
+                    self.priority_spread,
+                    crate::slurm::MAX_NICE
+                ),
+            ));
+        }
         for (key, program) in [
             ("slurm.sbatch", &self.sbatch),
             ("slurm.squeue", &self.squeue),
             ("slurm.scancel", &self.scancel),
+            ("slurm.scontrol", &self.scontrol),
         ] {
             if program.as_os_str().is_empty() {
                 return Err(ConfigError::new(
