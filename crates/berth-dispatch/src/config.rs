@@ -14,6 +14,8 @@
 //!     sbatch_args: ["--account=science"]
 //!     output: /tmp/berth-%j.out
 //!     cancel_pending_reasons: [PartitionConfig]
+//!     nice_base: 0                  # nice of the most important pending job
+//!     priority_spread: 10           # nice step between jobs in Berth's order
 //! ```
 //!
 //! Every default lives in [`defaults`]. [`Config::validate`] runs at
@@ -718,6 +720,35 @@ mod tests {
         assert_eq!(config.slurm.command_timeout, Duration::from_secs(120));
         assert_eq!(config.local_log_dir(), Path::new("/var/log/berth"));
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn nice_keys_default_and_parse() {
+        let config = parse("backend: slurm\napi_url: h:1\n").unwrap();
+        assert_eq!(config.slurm.nice_base, 0);
+        assert_eq!(config.slurm.priority_spread, 10);
+        assert_eq!(config.slurm.scontrol, Path::new("scontrol"));
+        let config = parse(
+            "backend: slurm\napi_url: h:1\nslurm: {nice_base: 1000, priority_spread: 0, scontrol: /opt/slurm/bin/scontrol}\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.slurm.nice_base, 1000);
+        assert_eq!(config.slurm.priority_spread, 0);
+    }
+
+    #[test]
+    fn nice_keys_out_of_range_are_rejected() {
+        for (yaml, key, value) in [
+            ("{nice_base: 2147483646}", "slurm.nice_base", "2147483646"),
+            ("{nice_base: -2147483646}", "slurm.nice_base", "-2147483646"),
+            ("{priority_spread: -1}", "slurm.priority_spread", "-1"),
+        ] {
+            let config = parse(&format!("backend: slurm\napi_url: h:1\nslurm: {yaml}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, key, "{yaml}");
+            assert!(err.to_string().contains(value), "{err}");
+        }
     }
 
     #[test]

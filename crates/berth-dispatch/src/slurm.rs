@@ -488,15 +488,19 @@ fn parse_squeue_line(line: &str) -> Result<(BatchJob, i64), &'static str> {
     Ok((job, nice))
 }
 
+/// Fragments of `scontrol update` errors about a job that has ended or
+/// that Slurm no longer knows (slurm-wlm 22.05: `Job has already finished
+/// for job 196`, `Invalid job id specified for job 999`).
+const RENICE_ENDED: &[&str] = &["Job has already finished", "Invalid job id specified"];
+
 /// True when every line of a failed `scontrol update`'s stderr is about a
-/// job id Slurm no longer knows, such as `Invalid job id specified for job
-/// 999` (slurm-wlm 22.05): the jobs it does know were updated.
+/// job that has ended: the other jobs of the call were updated.
 fn renices_only_ended_jobs(stderr: &str) -> bool {
     let mut lines = stderr
         .lines()
         .filter(|line| !line.trim().is_empty())
         .peekable();
-    lines.peek().is_some() && lines.all(|line| line.contains("Invalid job id specified"))
+    lines.peek().is_some() && lines.all(|line| RENICE_ENDED.iter().any(|text| line.contains(text)))
 }
 
 /// One pending job, as [`plan_nice`] sees it.
