@@ -1510,7 +1510,7 @@ async fn run_after_restart_adopts_and_follows_changes() {
 }
 
 #[tokio::test]
-async fn pending_tracked_jobs_are_reprioritised_at_each_poll() {
+async fn poll_reprioritises_pending_tracked_jobs() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 5));
     h.controller.add(queued_container(B, 9));
@@ -1537,7 +1537,7 @@ async fn pending_tracked_jobs_are_reprioritised_at_each_poll() {
 }
 
 #[tokio::test]
-async fn failed_reprioritise_cancels_nothing_and_is_retried() {
+async fn failed_reprioritise_cancels_nothing() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 5));
     h.resync().await;

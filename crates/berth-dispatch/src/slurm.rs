@@ -6,7 +6,7 @@
 //!
 //! - Submit: `sbatch --parsable --job-name=UUID --comment=UUID --no-requeue
 //!   --chdir=/ --mem=MiB --cpus-per-task=N [--partition=P] [--time=MIN]
-//!   --output=PATTERN EXTRA...` with the job script on stdin. `--no-requeue`
+//!   [--nice=N] --output=PATTERN EXTRA...` with the job script on stdin. `--no-requeue`
 //!   keeps Slurm from running a job again after a node failure, when its
 //!   container may already be cancelled. `--chdir=/` starts the job in a
 //!   directory every node has: by default Slurm starts it in the
@@ -39,6 +39,8 @@
 //!   changes are reniced with one `scontrol update JobId=A,B,... Nice=N` per
 //!   new value. A failed `scontrol` is returned to the loop, which logs it;
 //!   the next poll computes the changes again from what squeue then shows.
+//!   A new job starts one spread above the highest listed nice value, so it
+//!   waits behind the listed jobs until a poll places it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -61,7 +63,7 @@ pub const MAX_NICE: i64 = 2_147_483_645;
 /// still be kept: room for the order to change without renicing.
 pub const KEEP_STEPS: i64 = 10;
 
-/// Most job ids in one `scontrol update`, to keep its argument short.
+/// Maximum number of job ids in one `scontrol update`, to keep its argument short.
 const RENICE_BATCH: usize = 500;
 
 /// Fragments of `sbatch` errors that reject the job itself, so that another
@@ -155,6 +157,9 @@ impl<R: CommandRunner> SlurmBackend<R> {
             // which does not do it yet.
             args.push(format!("--time={}", request.max_run_time.div_ceil(60)));
         }
+        if let Some(nice) = self.new_job_nice() {
+            args.push(format!("--nice={nice}"));
+        }
         args.push(format!("--output={}", self.config.output));
         args.extend(self.config.sbatch_args.iter().cloned());
 
@@ -167,6 +172,19 @@ impl<R: CommandRunner> SlurmBackend<R> {
             })?;
         let script = exec_script(&argv);
         Ok(CommandSpec::new(&self.config.sbatch, args).with_stdin(script.into_bytes()))
+    }
+
+    /// Returns the nice value of a new job: one spread above the highest
+    /// value of the listed jobs, so that it waits behind them until the
+    /// next poll places it, or `None` when renicing is off.
+    fn new_job_nice(&self) -> Option<i64> {
+        let spread = self.config.priority_spread;
+        if spread <= 0 {
+            return None;
+        }
+        let highest = self.nices.values().copied().max();
+        let nice = highest.map_or(self.config.nice_base, |nice| nice.saturating_add(spread));
+        Some(nice.clamp(self.config.nice_base.min(MAX_NICE), MAX_NICE))
     }
 
     /// Builds the one status query.
@@ -698,8 +716,36 @@ mod tests {
                 "--chdir=/",
                 "--mem=1280",
                 "--cpus-per-task=2",
+                "--nice=0",
                 "--output=/tmp/berth-%j.out",
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn new_job_waits_behind_listed_jobs() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        runner.answer(CommandOutput::ok(
+            "21|PENDING|0|Priority|a\n22|PENDING|70|Priority|b\n23|RUNNING|5|None|c\n",
+        ));
+        backend.status().await.unwrap();
+        let spec = backend.sbatch_command(&request(1, 1)).unwrap();
+        assert!(
+            spec.args.contains(&"--nice=80".to_string()),
+            "{:?}",
+            spec.args
+        );
+
+        let config = SlurmConfig {
+            priority_spread: 0,
+            ..SlurmConfig::default()
+        };
+        let (backend, _) = self::backend(config);
+        let spec = backend.sbatch_command(&request(1, 1)).unwrap();
+        assert!(
+            !spec.args.iter().any(|arg| arg.starts_with("--nice")),
+            "{:?}",
+            spec.args
         );
     }
 
@@ -1236,7 +1282,7 @@ mod tests {
     }
 
     #[test]
-    fn plan_nice_renices_few_jobs_as_the_queue_drains() {
+    fn plan_nice_draining_queue_renices_few() {
         // 1,000 pending jobs; each round the most important one starts and
         // the remaining ones are planned again.
         let count = 1000;
@@ -1317,7 +1363,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_renice_is_an_error_and_is_tried_again() {
+    async fn failed_renice_retried_next_poll() {
         let (mut backend, runner) = backend(SlurmConfig::default());
         let listing = "21|PENDING|0|Priority|a\n22|PENDING|0|Priority|b\n";
         let jobs = [(JobId::new("21"), 2), (JobId::new("22"), 1)];
@@ -1346,7 +1392,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn renice_of_a_job_that_ended_is_not_an_error() {
+    async fn renice_ignores_ended_jobs() {
         let (mut backend, runner) = backend(SlurmConfig::default());
         runner.answer(CommandOutput::ok(
             "21|PENDING|0|Priority|a\n22|PENDING|0|Priority|b\n23|PENDING|0|Priority|c\n",

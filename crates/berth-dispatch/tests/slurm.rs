@@ -320,7 +320,7 @@ fn nice_and_priority(ids: &[JobId]) -> Vec<(i64, u64)> {
 }
 
 #[tokio::test]
-async fn pending_jobs_reniced_in_container_priority_order() {
+async fn pending_jobs_follow_container_priorities() {
     if !enabled() {
         return;
     }
@@ -360,10 +360,16 @@ async fn pending_jobs_reniced_in_container_priority_order() {
     assert_eq!(nices, [40, 20, 30, 40], "{seen:?}");
     let slurm: Vec<u64> = seen.iter().map(|(_, priority)| *priority).collect();
     assert!(slurm[1] > slurm[2] && slurm[2] > slurm[0], "{seen:?}");
+
+    // A new job waits behind the listed ones until a poll places it.
+    let submission = backend.submit(&request(dir.path())).await.unwrap();
+    let _guard = JobGuard(Some(submission.job_id.clone()));
+    let (nice, _) = nice_and_priority(&[submission.job_id])[0];
+    assert!(nice >= 50, "new job's nice {nice}");
 }
 
 #[tokio::test]
-async fn renice_of_an_ended_job_still_renices_the_others() {
+async fn ended_job_leaves_others_reniced() {
     if !enabled() {
         return;
     }
