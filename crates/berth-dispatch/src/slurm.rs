@@ -6,9 +6,9 @@
 //!
 //! - Submit: `sbatch --parsable --job-name=UUID --comment=UUID --no-requeue
 //!   --chdir=/ --mem=MiB --cpus-per-task=N [--partition=P] [--time=MIN]
-//!   [--nice=N] --output=PATTERN EXTRA...` with the job script on stdin. `--no-requeue`
-//!   keeps Slurm from running a job again after a node failure, when its
-//!   container may already be cancelled. `--chdir=/` starts the job in a
+//!   [--nice=N] --output=PATTERN EXTRA...` with the job script on stdin.
+//!   `--no-requeue` keeps Slurm from running a job again after a node
+//!   failure, when its container may already be cancelled. `--chdir=/` starts the job in a
 //!   directory every node has: by default Slurm starts it in the
 //!   dispatcher's working directory, which a compute node may lack and
 //!   which may be removed while the dispatcher runs. The job needs no
@@ -542,8 +542,8 @@ pub struct NiceJob {
 /// [`KEEP_STEPS`] spreads above it; otherwise it gets the previous value
 /// plus `spread`. The first jobs keep theirs from `base` up to one spread
 /// per job (at least [`KEEP_STEPS`] spreads) above it, so that jobs leaving
-/// the head of the queue rarely move the others. So the result is
-/// stable (planning again on its own output changes nothing), and a job
+/// the head of the queue rarely move the others. The result is stable
+/// (planning again on its own output changes nothing), and a job
 /// moves only when the jobs around it no longer leave it room. Values are
 /// capped at [`MAX_NICE`]; `spread` below 1 counts as 1.
 pub fn plan_nice(jobs: &[NiceJob], base: i64, spread: i64) -> Vec<i64> {
@@ -556,7 +556,8 @@ pub fn plan_nice(jobs: &[NiceJob], base: i64, spread: i64) -> Vec<i64> {
     let head_room =
         spread.saturating_mul(KEEP_STEPS.max(i64::try_from(jobs.len()).unwrap_or(i64::MAX)));
     let mut planned = Vec::with_capacity(jobs.len());
-    // The highest value of the previous priority, and that priority.
+    // The highest value given to the previous priority, then the current
+    // priority and the highest value given to it so far.
     let mut previous: Option<i64> = None;
     let mut group_priority: Option<i64> = None;
     let mut group_max: Option<i64> = None;
