@@ -232,6 +232,15 @@ pub trait Backend: Send {
     /// cancelled.
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError>;
 
+    /// Orders the batch system's pending jobs after their containers'
+    /// priorities, higher first. The loop calls it after each successful
+    /// status query with the pending jobs it tracks and their containers'
+    /// priorities. The default does nothing; a backend that can reorder
+    /// jobs changes only the jobs whose place in the order needs it.
+    async fn reprioritise(&mut self, _jobs: &[(JobId, i64)]) -> Result<(), BackendError> {
+        Ok(())
+    }
+
     /// Explains a [`BatchJob::reason`] to users in a few words, or returns
     /// `None` for a reason without an explanation.
     fn explain_reason(&self, _reason: &str) -> Option<&'static str> {

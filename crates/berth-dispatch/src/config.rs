@@ -14,6 +14,8 @@
 //!     sbatch_args: ["--account=science"]
 //!     output: /tmp/berth-%j.out
 //!     cancel_pending_reasons: [PartitionConfig]
+//!     nice_base: 0                  # nice of the most important pending job
+//!     priority_spread: 10           # nice step between jobs in Berth's order
 //! ```
 //!
 //! Every default lives in [`defaults`]. [`Config::validate`] runs at
@@ -53,6 +55,11 @@ pub mod defaults {
     pub const SLURM_OUTPUT: &str = "/tmp/berth-%j.out";
     /// How long one Slurm command may run before it is killed.
     pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+    /// `slurm.nice_base`: the nice value of the most important pending job.
+    pub const NICE_BASE: i64 = 0;
+    /// `slurm.priority_spread`: the step between the nice values of jobs
+    /// next to each other in the order.
+    pub const PRIORITY_SPREAD: i64 = 10;
 }
 
 /// Shortest `poll_interval` and `resync_interval` accepted: more frequent
@@ -268,6 +275,25 @@ pub struct SlurmConfig {
     /// as failed, such as `60s`.
     #[serde(default = "default_command_timeout", with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// The nice value of the dispatcher's most important pending job. Less
+    /// important jobs get higher values, so that Slurm starts them later.
+    /// Slurm lets only privileged users set a negative nice value, so a
+    /// dispatcher that does not run as root or SlurmUser keeps this at 0
+    /// or more. From -2147483645 to 2147483645.
+    #[serde(default = "default_nice_base")]
+    pub nice_base: i64,
+    /// The step between the nice values of pending jobs next to each other
+    /// in the order of their containers' priorities, so that Slurm's own
+    /// factors (age, fair share) do not swap them; 0 leaves the nice values
+    /// of jobs alone. A job keeps its nice value while it stays within 10
+    /// steps after the job before it, so most changes of the queue renice
+    /// few jobs. A larger step means fewer `scontrol` calls, a smaller one
+    /// keeps the last jobs closer to other users' jobs.
+    #[serde(default = "default_priority_spread")]
+    pub priority_spread: i64,
+    /// The `scontrol` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_scontrol")]
+    pub scontrol: PathBuf,
 }
 
 /// The `dispatch.local` section.
@@ -317,6 +343,18 @@ fn default_scancel() -> PathBuf {
     PathBuf::from("scancel")
 }
 
+fn default_nice_base() -> i64 {
+    defaults::NICE_BASE
+}
+
+fn default_priority_spread() -> i64 {
+    defaults::PRIORITY_SPREAD
+}
+
+fn default_scontrol() -> PathBuf {
+    PathBuf::from("scontrol")
+}
+
 fn default_command_timeout() -> Duration {
     defaults::COMMAND_TIMEOUT
 }
@@ -333,6 +371,9 @@ impl Default for SlurmConfig {
             squeue: default_squeue(),
             scancel: default_scancel(),
             command_timeout: default_command_timeout(),
+            nice_base: default_nice_base(),
+            priority_spread: default_priority_spread(),
+            scontrol: default_scontrol(),
         }
     }
 }
@@ -535,10 +576,31 @@ impl SlurmConfig {
                 ));
             }
         }
+        if !(-crate::slurm::MAX_NICE..=crate::slurm::MAX_NICE).contains(&self.nice_base) {
+            return Err(ConfigError::new(
+                "slurm.nice_base",
+                format!(
+                    "{} is outside Slurm's nice range: give a number from 0 to {} (negative values need a privileged user)",
+                    self.nice_base,
+                    crate::slurm::MAX_NICE
+                ),
+            ));
+        }
+        if !(0..=crate::slurm::MAX_NICE).contains(&self.priority_spread) {
+            return Err(ConfigError::new(
+                "slurm.priority_spread",
+                format!(
+                    "{} is not a step between nice values: give a number from 1 to {}, or 0 to leave nice values alone",
+                    self.priority_spread,
+                    crate::slurm::MAX_NICE
+                ),
+            ));
+        }
         for (key, program) in [
             ("slurm.sbatch", &self.sbatch),
             ("slurm.squeue", &self.squeue),
             ("slurm.scancel", &self.scancel),
+            ("slurm.scontrol", &self.scontrol),
         ] {
             if program.as_os_str().is_empty() {
                 return Err(ConfigError::new(
@@ -658,6 +720,35 @@ mod tests {
         assert_eq!(config.slurm.command_timeout, Duration::from_secs(120));
         assert_eq!(config.local_log_dir(), Path::new("/var/log/berth"));
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn nice_keys_default_and_parse() {
+        let config = parse("backend: slurm\napi_url: h:1\n").unwrap();
+        assert_eq!(config.slurm.nice_base, 0);
+        assert_eq!(config.slurm.priority_spread, 10);
+        assert_eq!(config.slurm.scontrol, Path::new("scontrol"));
+        let config = parse(
+            "backend: slurm\napi_url: h:1\nslurm: {nice_base: 1000, priority_spread: 0, scontrol: /opt/slurm/bin/scontrol}\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.slurm.nice_base, 1000);
+        assert_eq!(config.slurm.priority_spread, 0);
+    }
+
+    #[test]
+    fn nice_keys_out_of_range_are_rejected() {
+        for (yaml, key, value) in [
+            ("{nice_base: 2147483646}", "slurm.nice_base", "2147483646"),
+            ("{nice_base: -2147483646}", "slurm.nice_base", "-2147483646"),
+            ("{priority_spread: -1}", "slurm.priority_spread", "-1"),
+        ] {
+            let config = parse(&format!("backend: slurm\napi_url: h:1\nslurm: {yaml}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, key, "{yaml}");
+            assert!(err.to_string().contains(value), "{err}");
+        }
     }
 
     #[test]

@@ -77,7 +77,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::api::{list_all, ControllerApi};
-use crate::backend::{Backend, BackendError, BatchJob, JobRequest};
+use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState};
 use crate::config::Config;
 use crate::credentials::CredentialsStore;
 use crate::feed::{self, ChangeFeed, CHANGE_FEED_WAIT, RETRY_FIRST};
@@ -605,6 +605,7 @@ impl<B: Backend> Dispatcher<B> {
                 .instrument(span)
                 .await;
         }
+        self.reprioritise().await;
 
         self.relock_holds.retain(|_, hold| hold.until > now);
         let mut candidates: Vec<Container> = self
@@ -625,6 +626,38 @@ impl<B: Backend> Dispatcher<B> {
         }
         self.prune_records();
         Ok(())
+    }
+
+    /// Hands the backend the pending jobs of tracked containers with their
+    /// priorities, so that the batch system starts them in Berth's order. A
+    /// failure is logged once while it repeats; the next poll tries again
+    /// with a fresh snapshot, and nothing is cancelled because of it.
+    async fn reprioritise(&mut self) {
+        let pending: Vec<(JobId, i64)> = self
+            .tracked
+            .iter()
+            .filter_map(|(uuid, tracked)| {
+                let priority = self.records.get(uuid)?.priority;
+                let id = tracked.job()?;
+                let job = self
+                    .latest_jobs
+                    .get(uuid)?
+                    .iter()
+                    .find(|job| &job.id == id && job.state == JobState::Pending)?;
+                (priority > 0).then(|| (job.id.clone(), priority))
+            })
+            .collect();
+        match self.backend.reprioritise(&pending).await {
+            Ok(()) => {
+                self.repeats.succeeded("reprioritise");
+            }
+            Err(err) => report!(
+                self.repeats,
+                "reprioritise",
+                err,
+                "failed to reorder the pending jobs; trying again at the next poll"
+            ),
+        }
     }
 
     /// Applies the containers that the change feed reported, with the

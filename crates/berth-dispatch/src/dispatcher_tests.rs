@@ -1508,3 +1508,50 @@ async fn run_after_restart_adopts_and_follows_changes() {
         "adopted, never submitted again"
     );
 }
+
+#[tokio::test]
+async fn poll_reprioritises_pending_tracked_jobs() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 5));
+    h.controller.add(queued_container(B, 9));
+    h.backend.add_job("7", "someone-else", JobState::Pending);
+    h.resync().await;
+    assert_eq!(h.backend.submits().len(), 2);
+
+    h.poll().await;
+    // B, with the higher priority, was locked and submitted first.
+    let expected = vec![(JobId::new("101"), 9), (JobId::new("102"), 5)];
+    assert_eq!(h.backend.reprioritised().last(), Some(&expected));
+
+    // A running job has no place in the order; a new priority shows.
+    h.controller
+        .change(A, |c| c.state = ContainerState::Running);
+    h.backend.set_state(A, JobState::Running);
+    h.controller.change(B, |c| c.priority = 3);
+    h.resync().await;
+    h.poll().await;
+    assert_eq!(
+        h.backend.reprioritised().last(),
+        Some(&vec![(JobId::new("101"), 3)])
+    );
+}
+
+#[tokio::test]
+async fn failed_reprioritise_cancels_nothing() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 5));
+    h.resync().await;
+    h.backend.fail_reprioritises(2);
+    h.poll().await;
+    h.poll().await;
+    h.poll().await;
+    let calls = h.backend.reprioritised();
+    let expected = vec![(JobId::new("101"), 5)];
+    assert_eq!(
+        calls[calls.len() - 3..],
+        [expected.clone(), expected.clone(), expected]
+    );
+    assert!(h.backend.cancels().is_empty());
+    assert_eq!(h.state(A), ContainerState::Locked);
+    assert_eq!(h.backend.submits().len(), 1);
+}

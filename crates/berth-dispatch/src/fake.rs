@@ -515,6 +515,9 @@ struct BackendState {
     status_calls: u64,
     failing_statuses: u32,
     submit_failures: VecDeque<SubmitFailure>,
+    /// The jobs of each reprioritise call, sorted by job id.
+    reprioritised: Vec<Vec<(JobId, i64)>>,
+    failing_reprioritises: u32,
 }
 
 impl FakeBackend {
@@ -574,6 +577,16 @@ impl FakeBackend {
     /// Makes the next `n` status queries fail.
     pub fn fail_statuses(&self, n: u32) {
         self.state().failing_statuses = n;
+    }
+
+    /// The jobs and priorities of each reprioritise call, sorted by job id.
+    pub fn reprioritised(&self) -> Vec<Vec<(JobId, i64)>> {
+        self.state().reprioritised.clone()
+    }
+
+    /// Makes the next `n` reprioritise calls fail.
+    pub fn fail_reprioritises(&self, n: u32) {
+        self.state().failing_reprioritises = n;
     }
 
     pub fn fail_next_submit(&self, failure: SubmitFailure) {
@@ -644,6 +657,23 @@ impl Backend for FakeBackend {
 
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError> {
         self.state().cancels.push(job.clone());
+        Ok(())
+    }
+
+    async fn reprioritise(&mut self, jobs: &[(JobId, i64)]) -> Result<(), BackendError> {
+        let mut state = self.state();
+        let mut jobs = jobs.to_vec();
+        jobs.sort();
+        state.reprioritised.push(jobs);
+        if state.failing_reprioritises > 0 {
+            state.failing_reprioritises -= 1;
+            return Err(BackendError::Command(CommandError::Failed {
+                command: "scontrol update JobId=101 Nice=10".into(),
+                status: "exit status: 1".into(),
+                stdout: String::new(),
+                stderr: "slurm_update error: Socket timed out on send/recv operation".into(),
+            }));
+        }
         Ok(())
     }
 

@@ -6,9 +6,9 @@
 //!
 //! - Submit: `sbatch --parsable --job-name=UUID --comment=UUID --no-requeue
 //!   --chdir=/ --mem=MiB --cpus-per-task=N [--partition=P] [--time=MIN]
-//!   --output=PATTERN EXTRA...` with the job script on stdin. `--no-requeue`
-//!   keeps Slurm from running a job again after a node failure, when its
-//!   container may already be cancelled. `--chdir=/` starts the job in a
+//!   [--nice=N] --output=PATTERN EXTRA...` with the job script on stdin.
+//!   `--no-requeue` keeps Slurm from running a job again after a node
+//!   failure, when its container may already be cancelled. `--chdir=/` starts the job in a
 //!   directory every node has: by default Slurm starts it in the
 //!   dispatcher's working directory, which a compute node may lack and
 //!   which may be removed while the dispatcher runs. The job needs no
@@ -31,9 +31,18 @@
 //!   short explanation from [`explain_pending_reason`]; the reasons in
 //!   `cancel_pending_reasons` end the job and its container.
 //!
-//! TODO: map container priorities onto Slurm's (`scontrol update
-//! JobId=... Nice=...`); jobs now keep the priority Slurm gives them.
+//! - Priorities: after each status query the dispatcher hands over its
+//!   pending jobs with their containers' priorities. [`plan_nice`] maps
+//!   that order onto nice values from `slurm.nice_base` upwards, about
+//!   `slurm.priority_spread` apart, keeping each job's current nice value
+//!   (squeue's `%y`) while it still fits its place. The jobs whose value
+//!   changes are reniced with one `scontrol update JobId=A,B,... Nice=N` per
+//!   new value. A failed `scontrol` is returned to the loop, which logs it;
+//!   the next poll computes the changes again from what squeue then shows.
+//!   A new job starts one spread above the highest listed nice value, so it
+//!   waits behind the listed jobs until a poll places it.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -44,8 +53,18 @@ use crate::config::{ConfigError, SlurmConfig};
 use crate::script::exec_script;
 use crate::SupervisorCommand;
 
-/// `squeue`'s output format: job id, long state, reason, name.
-pub const SQUEUE_FORMAT: &str = "%i|%T|%r|%j";
+/// `squeue`'s output format: job id, long state, nice, reason, name.
+pub const SQUEUE_FORMAT: &str = "%i|%T|%y|%r|%j";
+
+/// The largest nice value Slurm accepts; the smallest is its negative.
+pub const MAX_NICE: i64 = 2_147_483_645;
+
+/// How many spreads after the job before it a job's nice value may be and
+/// still be kept: room for the order to change without renicing.
+pub const KEEP_STEPS: i64 = 10;
+
+/// Maximum number of job ids in one `scontrol update`, to keep its argument short.
+const RENICE_BATCH: usize = 500;
 
 /// Fragments of `sbatch` errors that reject the job itself, so that another
 /// try fails the same way. Errors about the dispatcher's own arguments
@@ -75,6 +94,9 @@ pub struct SlurmBackend<R> {
     runner: R,
     /// The `squeue --user` value: the dispatcher's numeric user id.
     user: String,
+    /// Each listed job's nice value, from the latest status query and the
+    /// `scontrol` calls that succeeded since.
+    nices: HashMap<JobId, i64>,
 }
 
 impl<R: CommandRunner> SlurmBackend<R> {
@@ -98,6 +120,7 @@ impl<R: CommandRunner> SlurmBackend<R> {
             supervisor,
             runner,
             user,
+            nices: HashMap::new(),
         }
     }
 
@@ -134,6 +157,9 @@ impl<R: CommandRunner> SlurmBackend<R> {
             // which does not do it yet.
             args.push(format!("--time={}", request.max_run_time.div_ceil(60)));
         }
+        if let Some(nice) = self.new_job_nice() {
+            args.push(format!("--nice={nice}"));
+        }
         args.push(format!("--output={}", self.config.output));
         args.extend(self.config.sbatch_args.iter().cloned());
 
@@ -148,6 +174,19 @@ impl<R: CommandRunner> SlurmBackend<R> {
         Ok(CommandSpec::new(&self.config.sbatch, args).with_stdin(script.into_bytes()))
     }
 
+    /// Returns the nice value of a new job: one spread above the highest
+    /// value of the listed jobs, so that it waits behind them until the
+    /// next poll places it, or `None` when renicing is off.
+    fn new_job_nice(&self) -> Option<i64> {
+        let spread = self.config.priority_spread;
+        if spread <= 0 {
+            return None;
+        }
+        let highest = self.nices.values().copied().max();
+        let nice = highest.map_or(self.config.nice_base, |nice| nice.saturating_add(spread));
+        Some(nice.clamp(self.config.nice_base.min(MAX_NICE), MAX_NICE))
+    }
+
     /// Builds the one status query.
     pub fn squeue_command(&self) -> CommandSpec {
         CommandSpec::new(
@@ -158,6 +197,50 @@ impl<R: CommandRunner> SlurmBackend<R> {
                 format!("--format={SQUEUE_FORMAT}"),
             ],
         )
+    }
+
+    /// Builds the command that sets the nice value of the jobs `ids`.
+    pub fn renice_command(&self, nice: i64, ids: &[JobId]) -> CommandSpec {
+        let ids: Vec<&str> = ids.iter().map(JobId::as_str).collect();
+        CommandSpec::new(
+            &self.config.scontrol,
+            vec![
+                "update".to_string(),
+                format!("JobId={}", ids.join(",")),
+                format!("Nice={nice}"),
+            ],
+        )
+    }
+
+    /// Plans the renicing of `jobs` (job ids with their containers'
+    /// priorities): the jobs to change, by their new nice value. Ties in
+    /// priority are ordered by job id, so the plan does not depend on the
+    /// order of `jobs`.
+    pub fn renice_plan(&self, jobs: &[(JobId, i64)]) -> BTreeMap<i64, Vec<JobId>> {
+        let mut changes: BTreeMap<i64, Vec<JobId>> = BTreeMap::new();
+        if self.config.priority_spread <= 0 {
+            return changes;
+        }
+        let mut sorted: Vec<&(JobId, i64)> = jobs.iter().collect();
+        sorted.sort_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| a.0.as_str().len().cmp(&b.0.as_str().len()))
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        let inputs: Vec<NiceJob> = sorted
+            .iter()
+            .map(|(id, priority)| NiceJob {
+                priority: *priority,
+                nice: self.nices.get(id).copied(),
+            })
+            .collect();
+        let planned = plan_nice(&inputs, self.config.nice_base, self.config.priority_spread);
+        for ((id, _), (input, nice)) in sorted.iter().zip(inputs.iter().zip(planned)) {
+            if input.nice != Some(nice) {
+                changes.entry(nice).or_default().push(id.clone());
+            }
+        }
+        changes
     }
 
     /// Builds the command that cancels `job` in its state, or `None` for a
@@ -235,11 +318,17 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
                 output: output.stdout,
             });
         }
-        parse_squeue_output(&output.stdout).map_err(|message| BackendError::Parse {
-            command: spec.command_line(),
-            message,
-            output: output.stdout.clone(),
-        })
+        let listed =
+            parse_squeue_listing(&output.stdout).map_err(|message| BackendError::Parse {
+                command: spec.command_line(),
+                message,
+                output: output.stdout.clone(),
+            })?;
+        self.nices = listed
+            .iter()
+            .map(|(job, nice)| (job.id.clone(), *nice))
+            .collect();
+        Ok(listed.into_iter().map(|(job, _)| job).collect())
     }
 
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError> {
@@ -252,6 +341,36 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
         }
         output.check(&spec)?;
         Ok(())
+    }
+
+    async fn reprioritise(&mut self, jobs: &[(JobId, i64)]) -> Result<(), BackendError> {
+        let mut first_error = None;
+        for (nice, ids) in self.renice_plan(jobs) {
+            for chunk in ids.chunks(RENICE_BATCH) {
+                let spec = self.renice_command(nice, chunk);
+                let result = match self.runner.run(&spec).await {
+                    // A job that ended since the status query makes
+                    // scontrol fail after it has updated the others.
+                    Ok(output) if !output.success() && renices_only_ended_jobs(&output.stderr) => {
+                        Ok(())
+                    }
+                    Ok(output) => output.check(&spec).map(|_| ()),
+                    Err(err) => Err(err),
+                };
+                match result {
+                    Ok(()) => {
+                        for id in chunk {
+                            self.nices.insert(id.clone(), nice);
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "failed to renice jobs");
+                        first_error.get_or_insert(BackendError::Command(err));
+                    }
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     fn explain_reason(&self, reason: &str) -> Option<&'static str> {
@@ -330,6 +449,12 @@ pub fn parse_sbatch_output(stdout: &str) -> Result<JobId, String> {
 // splits into an unreadable line, so every status query fails until that
 // job ends.
 pub fn parse_squeue_output(stdout: &str) -> Result<Vec<BatchJob>, String> {
+    parse_squeue_listing(stdout).map(|jobs| jobs.into_iter().map(|(job, _)| job).collect())
+}
+
+/// Parses `squeue` output like [`parse_squeue_output`], with each job's
+/// nice value.
+pub fn parse_squeue_listing(stdout: &str) -> Result<Vec<(BatchJob, i64)>, String> {
     let mut jobs = Vec::new();
     for (index, line) in stdout.lines().enumerate() {
         if line.trim().is_empty() {
@@ -342,13 +467,21 @@ pub fn parse_squeue_output(stdout: &str) -> Result<Vec<BatchJob>, String> {
     Ok(jobs)
 }
 
-fn parse_squeue_line(line: &str) -> Result<BatchJob, &'static str> {
-    let mut fields = line.splitn(4, '|');
-    let (Some(id), Some(state), Some(reason), Some(name)) =
-        (fields.next(), fields.next(), fields.next(), fields.next())
-    else {
-        return Err("expected 4 fields separated by |");
+fn parse_squeue_line(line: &str) -> Result<(BatchJob, i64), &'static str> {
+    let mut fields = line.splitn(5, '|');
+    let (Some(id), Some(state), Some(nice), Some(reason), Some(name)) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) else {
+        return Err("expected 5 fields separated by |");
     };
+    let nice: i64 = nice
+        .trim()
+        .parse()
+        .map_err(|_| "the nice value is not a number")?;
     let id = id.trim();
     // Plain ids, and the forms of array (`12_3`, `12_[1-5%2]`) and
     // heterogeneous (`12+0`) jobs that other jobs of the same user may have.
@@ -364,12 +497,95 @@ fn parse_squeue_line(line: &str) -> Result<BatchJob, &'static str> {
         "None" | "(null)" => "",
         other => other,
     };
-    Ok(BatchJob {
+    let job = BatchJob {
         id: JobId::new(id),
         name: name.to_string(),
         state: parse_state(state),
         reason: reason.to_string(),
-    })
+    };
+    Ok((job, nice))
+}
+
+/// Fragments of `scontrol update` errors about a job that has ended or
+/// that Slurm no longer knows (slurm-wlm 22.05: `Job has already finished
+/// for job 196`, `Invalid job id specified for job 999`).
+const RENICE_ENDED: &[&str] = &["Job has already finished", "Invalid job id specified"];
+
+/// True when every line of a failed `scontrol update`'s stderr is about a
+/// job that has ended: the other jobs of the call were updated.
+fn renices_only_ended_jobs(stderr: &str) -> bool {
+    let mut lines = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .peekable();
+    lines.peek().is_some() && lines.all(|line| RENICE_ENDED.iter().any(|text| line.contains(text)))
+}
+
+/// One pending job, as [`plan_nice`] sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NiceJob {
+    /// The container's priority: higher runs first.
+    pub priority: i64,
+    /// The job's current nice value, if known.
+    pub nice: Option<i64>,
+}
+
+/// Maps jobs in order of priority (highest first, as given) onto nice
+/// values, so that a job of higher priority always has a lower nice value
+/// than one of lower priority, and jobs of equal priority fit between the
+/// jobs before and after them. Returns one value per job, in the same
+/// order.
+///
+/// The first jobs get `base`; each later priority gets values above the
+/// highest value of the priority before it. A job keeps its current value
+/// while that is above the previous priority's highest value and at most
+/// [`KEEP_STEPS`] spreads above it; otherwise it gets the previous value
+/// plus `spread`. The first jobs keep theirs from `base` up to one spread
+/// per job (at least [`KEEP_STEPS`] spreads) above it, so that jobs leaving
+/// the head of the queue rarely move the others. The result is stable
+/// (planning again on its own output changes nothing), and a job
+/// moves only when the jobs around it no longer leave it room. Values are
+/// capped at [`MAX_NICE`]; `spread` below 1 counts as 1.
+pub fn plan_nice(jobs: &[NiceJob], base: i64, spread: i64) -> Vec<i64> {
+    let spread = spread.max(1);
+    let window = spread.saturating_mul(KEEP_STEPS);
+    let base = base.clamp(-MAX_NICE, MAX_NICE);
+    // The first jobs may drift up by a spread per queued job before they
+    // go back to the base, so a draining queue is compacted (every job
+    // reniced) only about once per queue length of started jobs.
+    let head_room =
+        spread.saturating_mul(KEEP_STEPS.max(i64::try_from(jobs.len()).unwrap_or(i64::MAX)));
+    let mut planned = Vec::with_capacity(jobs.len());
+    // The highest value given to the previous priority, then the current
+    // priority and the highest value given to it so far.
+    let mut previous: Option<i64> = None;
+    let mut group_priority: Option<i64> = None;
+    let mut group_max: Option<i64> = None;
+    for job in jobs {
+        if group_priority != Some(job.priority) {
+            if group_max.is_some() {
+                previous = group_max;
+            }
+            group_priority = Some(job.priority);
+            group_max = None;
+        }
+        let (low, high, fresh) = match previous {
+            None => (base, base.saturating_add(head_room), base),
+            Some(before) => (
+                before.saturating_add(1),
+                before.saturating_add(window),
+                before.saturating_add(spread),
+            ),
+        };
+        let nice = match job.nice {
+            Some(nice) if (low..=high).contains(&nice) => nice,
+            _ => fresh,
+        }
+        .min(MAX_NICE);
+        group_max = Some(group_max.map_or(nice, |max| max.max(nice)));
+        planned.push(nice);
+    }
+    planned
 }
 
 /// Maps Slurm's long state names (`squeue %T`).
@@ -391,6 +607,7 @@ pub fn check_programs(config: &SlurmConfig) -> Result<(), ConfigError> {
         ("slurm.sbatch", &config.sbatch),
         ("slurm.squeue", &config.squeue),
         ("slurm.scancel", &config.scancel),
+        ("slurm.scontrol", &config.scontrol),
     ] {
         if find_program(program).is_none() {
             return Err(ConfigError {
@@ -435,20 +652,21 @@ mod tests {
     /// 22.05.8 (one node, partition `debug` with OverSubscribe=FORCE:4),
     /// with jobs pending for resources, behind others, on hold and on an
     /// impossible CPU count, running (one named with spaces and a `|`) and
-    /// suspended.
+    /// suspended. The nice column (`%y`) was added by hand in the form the
+    /// same squeue prints it (`188|PENDING|5|JobHeldUser|nicetest`).
     const SQUEUE_REAL: &str = "\
-9|PENDING|Resources|zzzzz-dz642-bbbbbbbbbbbbbb4
-10|PENDING|Priority|zzzzz-dz642-bbbbbbbbbbbbbb5
-11|PENDING|Priority|zzzzz-dz642-bbbbbbbbbbbbbb6
-12|PENDING|Priority|zzzzz-dz642-bbbbbbbbbbbbbb7
-14|PENDING|PartitionConfig|sbatch
-5|PENDING|JobHeldUser|held
-3|RUNNING|None|a name with spaces|and pipe
-4|RUNNING|None|pend
-6|RUNNING|None|zzzzz-dz642-bbbbbbbbbbbbbb1
-7|RUNNING|None|zzzzz-dz642-bbbbbbbbbbbbbb2
-8|RUNNING|None|zzzzz-dz642-bbbbbbbbbbbbbb3
-2|SUSPENDED|None|zzzzz-dz642-aaaaaaaaaaaaaaa
+9|PENDING|0|Resources|zzzzz-dz642-bbbbbbbbbbbbbb4
+10|PENDING|10|Priority|zzzzz-dz642-bbbbbbbbbbbbbb5
+11|PENDING|20|Priority|zzzzz-dz642-bbbbbbbbbbbbbb6
+12|PENDING|20|Priority|zzzzz-dz642-bbbbbbbbbbbbbb7
+14|PENDING|0|PartitionConfig|sbatch
+5|PENDING|0|JobHeldUser|held
+3|RUNNING|0|None|a name with spaces|and pipe
+4|RUNNING|0|None|pend
+6|RUNNING|0|None|zzzzz-dz642-bbbbbbbbbbbbbb1
+7|RUNNING|0|None|zzzzz-dz642-bbbbbbbbbbbbbb2
+8|RUNNING|0|None|zzzzz-dz642-bbbbbbbbbbbbbb3
+2|SUSPENDED|0|None|zzzzz-dz642-aaaaaaaaaaaaaaa
 ";
 
     fn supervisor() -> SupervisorCommand {
@@ -499,8 +717,36 @@ mod tests {
                 "--chdir=/",
                 "--mem=1280",
                 "--cpus-per-task=2",
+                "--nice=0",
                 "--output=/tmp/berth-%j.out",
             ]
+        );
+    }
+
+    #[tokio::test]
+    async fn new_job_waits_behind_listed_jobs() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        runner.answer(CommandOutput::ok(
+            "21|PENDING|0|Priority|a\n22|PENDING|70|Priority|b\n23|RUNNING|5|None|c\n",
+        ));
+        backend.status().await.unwrap();
+        let spec = backend.sbatch_command(&request(1, 1)).unwrap();
+        assert!(
+            spec.args.contains(&"--nice=80".to_string()),
+            "{:?}",
+            spec.args
+        );
+
+        let config = SlurmConfig {
+            priority_spread: 0,
+            ..SlurmConfig::default()
+        };
+        let (backend, _) = self::backend(config);
+        let spec = backend.sbatch_command(&request(1, 1)).unwrap();
+        assert!(
+            !spec.args.iter().any(|arg| arg.starts_with("--nice")),
+            "{:?}",
+            spec.args
         );
     }
 
@@ -701,12 +947,14 @@ mod tests {
     fn squeue_garbage_is_an_error() {
         for bad in [
             "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n",
-            "9|PENDING|Resources\n",
-            "x9|PENDING|Resources|name\n",
-            "9|pending|Resources|name\n",
-            "9||Resources|name\n",
+            "9|PENDING|0|Resources\n",
+            "9|PENDING|Resources|name\n",
+            "x9|PENDING|0|Resources|name\n",
+            "9|pending|0|Resources|name\n",
+            "9||0|Resources|name\n",
+            "9|PENDING|N/A|Resources|name\n",
         ] {
-            let text = format!("{}{bad}", "1|RUNNING|None|ok\n");
+            let text = format!("{}{bad}", "1|RUNNING|0|None|ok\n");
             let err = parse_squeue_output(&text).unwrap_err();
             assert!(err.starts_with("line 2:"), "{bad:?}: {err}");
         }
@@ -714,7 +962,7 @@ mod tests {
 
     #[test]
     fn squeue_array_and_other_states_parse() {
-        let jobs = parse_squeue_output("12_[1-5%2]|PENDING|JobArrayTaskLimit|arr\n13+0|COMPLETING|None|het\n14|REQUEUE_HOLD|None|x\n").unwrap();
+        let jobs = parse_squeue_output("12_[1-5%2]|PENDING|0|JobArrayTaskLimit|arr\n13+0|COMPLETING|0|None|het\n14|REQUEUE_HOLD|-5|None|x\n").unwrap();
         assert_eq!(jobs[0].id, JobId::new("12_[1-5%2]"));
         assert_eq!(jobs[1].state, JobState::Completing);
         assert_eq!(jobs[2].state, JobState::Other("REQUEUE_HOLD".into()));
@@ -731,7 +979,7 @@ mod tests {
         assert_eq!(calls[0].program, PathBuf::from("squeue"));
         assert_eq!(
             calls[0].args,
-            ["--noheader", "--user=1001", "--format=%i|%T|%r|%j"]
+            ["--noheader", "--user=1001", "--format=%i|%T|%y|%r|%j"]
         );
     }
 
@@ -920,5 +1168,256 @@ mod tests {
         let err = check_programs(&config).unwrap_err();
         assert_eq!(err.key, "slurm.sbatch");
         assert!(err.to_string().contains("in PATH"), "{err}");
+    }
+
+    fn nice_jobs(jobs: &[(i64, Option<i64>)]) -> Vec<NiceJob> {
+        jobs.iter()
+            .map(|&(priority, nice)| NiceJob { priority, nice })
+            .collect()
+    }
+
+    #[test]
+    fn plan_nice_of_no_jobs_is_empty() {
+        assert_eq!(plan_nice(&[], 0, 10), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn plan_nice_puts_one_job_at_the_base() {
+        assert_eq!(plan_nice(&nice_jobs(&[(5, None)]), 0, 10), [0]);
+        assert_eq!(plan_nice(&nice_jobs(&[(5, Some(10_000))]), 0, 10), [0]);
+        assert_eq!(plan_nice(&nice_jobs(&[(5, Some(-4))]), 0, 10), [0]);
+        assert_eq!(plan_nice(&nice_jobs(&[(5, None)]), 100, 10), [100]);
+        // Close enough to the base: left alone.
+        assert_eq!(plan_nice(&nice_jobs(&[(5, Some(30))]), 0, 10), [30]);
+    }
+
+    #[test]
+    fn plan_nice_spreads_new_jobs_in_priority_order() {
+        let jobs = nice_jobs(&[(9, None), (7, None), (4, None), (1, None)]);
+        assert_eq!(plan_nice(&jobs, 0, 10), [0, 10, 20, 30]);
+        assert_eq!(plan_nice(&jobs, 0, 100), [0, 100, 200, 300]);
+        // A spread below 1 counts as 1.
+        assert_eq!(plan_nice(&jobs, 5, 0), [5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn plan_nice_gives_ties_room_between_their_neighbours() {
+        let jobs = nice_jobs(&[(9, None), (5, None), (5, None), (1, None)]);
+        assert_eq!(plan_nice(&jobs, 0, 10), [0, 10, 10, 20]);
+        // Tied jobs may keep different values; the next priority goes
+        // above the highest of them.
+        let jobs = nice_jobs(&[(9, Some(0)), (5, Some(12)), (5, Some(40)), (1, Some(45))]);
+        assert_eq!(plan_nice(&jobs, 0, 10), [0, 12, 40, 45]);
+        let jobs = nice_jobs(&[(9, Some(0)), (5, Some(12)), (5, Some(40)), (1, Some(30))]);
+        assert_eq!(plan_nice(&jobs, 0, 10), [0, 12, 40, 50]);
+    }
+
+    #[test]
+    fn plan_nice_keeps_an_order_that_is_already_right() {
+        for current in [vec![0, 10, 20, 30], vec![0, 1, 2, 99], vec![3, 50, 51, 140]] {
+            let jobs: Vec<NiceJob> = current
+                .iter()
+                .enumerate()
+                .map(|(rank, &nice)| NiceJob {
+                    priority: 100 - rank as i64,
+                    nice: Some(nice),
+                })
+                .collect();
+            assert_eq!(plan_nice(&jobs, 0, 10), current);
+        }
+    }
+
+    #[test]
+    fn plan_nice_is_stable_on_its_own_output() {
+        let cases: [&[(i64, Option<i64>)]; 4] = [
+            &[(3, Some(20)), (2, Some(10)), (1, Some(0))],
+            &[
+                (5, None),
+                (5, Some(7)),
+                (4, Some(500)),
+                (1, None),
+                (1, Some(0)),
+            ],
+            &[(8, Some(1000)), (7, Some(-20)), (6, Some(999))],
+            &[(1, Some(3)), (1, Some(2)), (1, Some(1))],
+        ];
+        for case in cases {
+            let jobs = nice_jobs(case);
+            let first = plan_nice(&jobs, 0, 10);
+            let again: Vec<NiceJob> = jobs
+                .iter()
+                .zip(&first)
+                .map(|(job, &nice)| NiceJob {
+                    nice: Some(nice),
+                    ..*job
+                })
+                .collect();
+            assert_eq!(plan_nice(&again, 0, 10), first, "{case:?}");
+            // Higher priority, lower nice value.
+            for pair in jobs.iter().zip(&first).collect::<Vec<_>>().windows(2) {
+                let ((a, a_nice), (b, b_nice)) = (pair[0], pair[1]);
+                if a.priority > b.priority {
+                    assert!(a_nice < b_nice, "{case:?} -> {first:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plan_nice_reorders_a_reversed_queue() {
+        let jobs = nice_jobs(&[(3, Some(200)), (2, Some(100)), (1, Some(0))]);
+        assert_eq!(plan_nice(&jobs, 0, 10), [0, 100, 110]);
+        let jobs = nice_jobs(&[(3, Some(20)), (2, Some(10)), (1, Some(0))]);
+        assert_eq!(plan_nice(&jobs, 0, 10), [20, 30, 40]);
+    }
+
+    #[test]
+    fn plan_nice_stays_within_slurm_range() {
+        let jobs = nice_jobs(&[(3, None), (2, None), (1, None)]);
+        assert_eq!(
+            plan_nice(&jobs, MAX_NICE - 10, 10),
+            [MAX_NICE - 10, MAX_NICE, MAX_NICE]
+        );
+        assert_eq!(plan_nice(&jobs, -50, 10), [-50, -40, -30]);
+        assert_eq!(plan_nice(&jobs, i64::MIN, 10)[0], -MAX_NICE);
+    }
+
+    #[test]
+    fn plan_nice_draining_queue_renices_few() {
+        // 1,000 pending jobs; each round the most important one starts and
+        // the remaining ones are planned again.
+        let count = 1000;
+        let mut jobs: Vec<NiceJob> = (0..count)
+            .map(|rank| NiceJob {
+                priority: count - rank,
+                nice: None,
+            })
+            .collect();
+        let mut changes = 0;
+        while !jobs.is_empty() {
+            let planned = plan_nice(&jobs, 0, 10);
+            for pair in planned.windows(2) {
+                assert!(pair[0] < pair[1], "{planned:?}");
+            }
+            for (job, nice) in jobs.iter_mut().zip(planned) {
+                if job.nice != Some(nice) {
+                    changes += 1;
+                    job.nice = Some(nice);
+                }
+            }
+            jobs.remove(0);
+        }
+        // The first plan sets every job once; later rounds move about one
+        // job each.
+        assert!(changes <= 3 * count, "{changes} changes");
+    }
+
+    #[tokio::test]
+    async fn reprioritise_renices_changed_jobs_in_one_call_per_value() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        runner.answer(CommandOutput::ok(
+            "21|PENDING|0|Priority|a\n22|PENDING|0|Priority|b\n23|PENDING|0|Priority|c\n24|PENDING|0|Priority|d\n",
+        ));
+        backend.status().await.unwrap();
+        let jobs = [
+            (JobId::new("21"), 10),
+            (JobId::new("22"), 30),
+            (JobId::new("23"), 20),
+            (JobId::new("24"), 20),
+        ];
+        runner.answer(CommandOutput::ok(""));
+        runner.answer(CommandOutput::ok(""));
+        backend.reprioritise(&jobs).await.unwrap();
+        let calls = runner.calls();
+        let renices: Vec<&Vec<String>> = calls[1..].iter().map(|c| &c.args).collect();
+        // 22 stays at 0; 23 and 24 tie at 10; 21 goes to 20.
+        assert_eq!(
+            renices,
+            [
+                &vec!["update".to_string(), "JobId=23,24".into(), "Nice=10".into()],
+                &vec!["update".to_string(), "JobId=21".into(), "Nice=20".into()],
+            ]
+        );
+        assert_eq!(calls[1].program, PathBuf::from("scontrol"));
+
+        // The same order again: nothing to change.
+        backend.reprioritise(&jobs).await.unwrap();
+        assert_eq!(runner.calls().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn reprioritise_does_nothing_with_spread_zero() {
+        let config = SlurmConfig {
+            priority_spread: 0,
+            ..SlurmConfig::default()
+        };
+        let (mut backend, runner) = backend(config);
+        runner.answer(CommandOutput::ok(
+            "21|PENDING|7|Priority|a\n22|PENDING|3|Priority|b\n",
+        ));
+        backend.status().await.unwrap();
+        backend
+            .reprioritise(&[(JobId::new("21"), 2), (JobId::new("22"), 1)])
+            .await
+            .unwrap();
+        assert_eq!(runner.calls().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn failed_renice_retried_next_poll() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        let listing = "21|PENDING|0|Priority|a\n22|PENDING|0|Priority|b\n";
+        let jobs = [(JobId::new("21"), 2), (JobId::new("22"), 1)];
+        runner.answer(CommandOutput::ok(listing));
+        backend.status().await.unwrap();
+        runner.answer(CommandOutput::exited(
+            1,
+            "",
+            "slurm_update error: Unable to contact slurm controller (connect failure)\n",
+        ));
+        let err = backend.reprioritise(&jobs).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("scontrol update JobId=22 Nice=10"), "{text}");
+        assert!(text.contains("Unable to contact"), "{text}");
+        assert!(!err.is_permanent());
+
+        // The next poll lists the job unchanged and the renice runs again.
+        runner.answer(CommandOutput::ok(listing));
+        backend.status().await.unwrap();
+        runner.answer(CommandOutput::ok(""));
+        backend.reprioritise(&jobs).await.unwrap();
+        let calls = runner.calls();
+        assert_eq!(calls.len(), 4);
+        assert_eq!(calls[3].args, calls[1].args);
+        assert!(calls.iter().all(|c| c.program != Path::new("scancel")));
+    }
+
+    #[tokio::test]
+    async fn renice_ignores_ended_jobs() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        runner.answer(CommandOutput::ok(
+            "21|PENDING|0|Priority|a\n22|PENDING|0|Priority|b\n23|PENDING|0|Priority|c\n",
+        ));
+        backend.status().await.unwrap();
+        runner.answer(CommandOutput::exited(
+            1,
+            "",
+            "Invalid job id specified for job 23\n",
+        ));
+        backend
+            .reprioritise(&[
+                (JobId::new("21"), 3),
+                (JobId::new("22"), 3),
+                (JobId::new("23"), 1),
+            ])
+            .await
+            .unwrap();
+        assert!(renices_only_ended_jobs(
+            "Invalid job id specified for job 23\n"
+        ));
+        assert!(!renices_only_ended_jobs(""));
+        assert!(!renices_only_ended_jobs(
+            "Invalid job id specified for job 23\nAccess/permission denied\n"
+        ));
     }
 }

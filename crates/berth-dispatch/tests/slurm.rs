@@ -1,6 +1,7 @@
 //! The Slurm adapter against the real Slurm of this machine: submit,
 //! status, cancel, a rejected submission, the job's time limit and working
-//! directory, and a job Slurm keeps pending because it can never run.
+//! directory, a job Slurm keeps pending because it can never run, and the
+//! nice values that order pending jobs after their containers' priorities.
 //!
 //! The job runs a stand-in for `berth` (a shell script that records its
 //! arguments and sleeps), installed under a directory whose name contains a
@@ -274,4 +275,119 @@ async fn unknown_container_partition_is_permanent() {
     let text = err.to_string();
     assert!(text.contains("Invalid partition name specified"), "{text}");
     assert!(text.contains("--partition=no-such-partition"), "{text}");
+}
+
+/// Submits `count` jobs that stay pending (`extra` holds them back) and
+/// waits until the status query lists them all.
+async fn pending_jobs(
+    backend: &mut SlurmBackend<ProcessRunner>,
+    dir: &Path,
+    count: usize,
+) -> (Vec<JobId>, Vec<JobGuard>) {
+    let mut ids = Vec::new();
+    let mut guards = Vec::new();
+    for _ in 0..count {
+        let submission = backend.submit(&request(dir)).await.unwrap();
+        guards.push(JobGuard(Some(submission.job_id.clone())));
+        ids.push(submission.job_id);
+    }
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let jobs = backend.status().await.unwrap();
+        let listed = ids.iter().all(|id| {
+            jobs.iter()
+                .any(|job| &job.id == id && job.state == JobState::Pending)
+        });
+        if listed {
+            return (ids, guards);
+        }
+        assert!(Instant::now() < deadline, "jobs not listed: {jobs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Each job's nice value and Slurm priority, as squeue shows them.
+fn nice_and_priority(ids: &[JobId]) -> Vec<(i64, u64)> {
+    ids.iter()
+        .map(|id| {
+            let (nice, priority) = squeue_fields(id, "%y|%Q");
+            (
+                nice.trim().parse().unwrap(),
+                priority.trim().parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pending_jobs_follow_container_priorities() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A begin time an hour ahead keeps the jobs pending with a real Slurm
+    // priority (a held job's is 0).
+    let mut backend = backend(dir.path(), &["--begin=now+3600"]);
+    let (ids, _guards) = pending_jobs(&mut backend, dir.path(), 4).await;
+
+    // Container priorities: the third job first, the first and fourth tied,
+    // the second last.
+    let priorities = [20, 10, 30, 20];
+    let jobs: Vec<(JobId, i64)> = ids.iter().cloned().zip(priorities).collect();
+    backend.reprioritise(&jobs).await.unwrap();
+    let seen = nice_and_priority(&ids);
+    let nices: Vec<i64> = seen.iter().map(|(nice, _)| *nice).collect();
+    assert_eq!(nices, [10, 20, 0, 10], "{seen:?}");
+    // Slurm's own order follows: higher container priority, higher Slurm
+    // priority.
+    let slurm: Vec<u64> = seen.iter().map(|(_, priority)| *priority).collect();
+    assert!(slurm[2] > slurm[0] && slurm[2] > slurm[3], "{seen:?}");
+    assert!(slurm[0] > slurm[1] && slurm[3] > slurm[1], "{seen:?}");
+
+    // The next poll, same order: nothing changes.
+    backend.status().await.unwrap();
+    backend.reprioritise(&jobs).await.unwrap();
+    assert_eq!(nice_and_priority(&ids), seen);
+
+    // The second job becomes the most important. Its value is still close
+    // enough to the base to keep; the jobs after it move above it.
+    let priorities = [20, 40, 30, 20];
+    let jobs: Vec<(JobId, i64)> = ids.iter().cloned().zip(priorities).collect();
+    backend.status().await.unwrap();
+    backend.reprioritise(&jobs).await.unwrap();
+    let seen = nice_and_priority(&ids);
+    let nices: Vec<i64> = seen.iter().map(|(nice, _)| *nice).collect();
+    assert_eq!(nices, [40, 20, 30, 40], "{seen:?}");
+    let slurm: Vec<u64> = seen.iter().map(|(_, priority)| *priority).collect();
+    assert!(slurm[1] > slurm[2] && slurm[2] > slurm[0], "{seen:?}");
+
+    // A new job waits behind the listed ones until a poll places it.
+    let submission = backend.submit(&request(dir.path())).await.unwrap();
+    let _guard = JobGuard(Some(submission.job_id.clone()));
+    let (nice, _) = nice_and_priority(&[submission.job_id])[0];
+    assert!(nice >= 50, "new job's nice {nice}");
+}
+
+#[tokio::test]
+async fn ended_job_leaves_others_reniced() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = backend(dir.path(), &["--hold"]);
+    let (ids, _guards) = pending_jobs(&mut backend, dir.path(), 3).await;
+    // The last job ends between the status query and the renice, which
+    // names it in the same call as the second job (the two tie).
+    let status = std::process::Command::new("scancel")
+        .arg(ids[2].as_str())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let jobs: Vec<(JobId, i64)> = ids.iter().cloned().zip([3, 1, 1]).collect();
+    backend.reprioritise(&jobs).await.unwrap();
+    let seen = nice_and_priority(&ids[..2]);
+    assert_eq!(
+        seen.iter().map(|(nice, _)| *nice).collect::<Vec<_>>(),
+        [0, 10]
+    );
 }
