@@ -25,77 +25,16 @@ use berth_dispatch::{
 const UUID: &str = "zzzzz-dz642-000000000000042";
 
 /// The stand-in `bsub`: accepts the queues `normal` and `short`, saves the
-/// job script from stdin and the arguments, and queues the job as `PEND`.
-const BSUB: &str = r#"#!/bin/sh
-state="@STATE@"
-name=""
-queue="normal"
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -J) name="$2"; shift ;;
-    -q) queue="$2"; shift ;;
-  esac
-  shift
-done
-for q in $queue; do
-  case "$q" in
-    normal|short) ;;
-    *) echo "$q: No such queue. Job not submitted." >&2; exit 255 ;;
-  esac
-done
-id=$(( $(cat "$state/next") ))
-echo $(( id + 1 )) > "$state/next"
-cat > "$state/$id.script"
-printf 'PEND %s\n' "$name" > "$state/$id.job"
-echo "Job <$id> is submitted to queue <${queue%% *}>."
-"#;
+/// job script from stdin, and queues the job as `PEND`.
+const BSUB: &str = include_str!("lsf-stand-ins/bsub");
 
 /// The stand-in `bjobs -json -o "jobid job_name stat pend_reason" -u USER`:
 /// lists unfinished jobs, or prints `No unfinished job found`; fails as LSF
 /// does while the file `down` exists.
-const BJOBS: &str = r#"#!/bin/sh
-state="@STATE@"
-if [ -e "$state/down" ]; then
-  echo "LSF is down. Please wait ..." >&2
-  exit 255
-fi
-records=""
-count=0
-for file in "$state"/*.job; do
-  [ -e "$file" ] || continue
-  id=$(basename "$file" .job)
-  read stat name < "$file"
-  case "$stat" in DONE|EXIT) continue ;; esac
-  reason=""
-  [ "$stat" = PEND ] && reason="New job is waiting for scheduling;"
-  record="{\"JOBID\":\"$id\",\"JOB_NAME\":\"$name\",\"STAT\":\"$stat\",\"PEND_REASON\":\"$reason\"}"
-  if [ -n "$records" ]; then records="$records,$record"; else records="$record"; fi
-  count=$(( count + 1 ))
-done
-if [ "$count" -eq 0 ]; then
-  echo "No unfinished job found" >&2
-  exit 255
-fi
-printf '{"COMMAND":"bjobs","JOBS":%d,"RECORDS":[%s]}\n' "$count" "$records"
-"#;
+const BJOBS: &str = include_str!("lsf-stand-ins/bjobs");
 
 /// The stand-in `bkill [-s SIGNAL] ID`: records the call and ends the job.
-const BKILL: &str = r#"#!/bin/sh
-state="@STATE@"
-echo "$*" >> "$state/bkill.log"
-[ "$1" = "-s" ] && shift 2
-file="$state/$1.job"
-if [ ! -e "$file" ]; then
-  echo "Job <$1>: No matching job found" >&2
-  exit 255
-fi
-read stat name < "$file"
-case "$stat" in
-  DONE|EXIT) echo "Job <$1>: Job has already finished" >&2; exit 255 ;;
-esac
-printf 'EXIT %s\n' "$name" > "$file"
-echo "Job <$1> is being terminated"
-"#;
+const BKILL: &str = include_str!("lsf-stand-ins/bkill");
 
 /// Writes the stand-ins into `dir/bin` and puts that directory first on
 /// `PATH`. Returns the state directory.
@@ -107,7 +46,7 @@ fn install_stand_ins(dir: &Path) -> PathBuf {
     std::fs::write(state.join("next"), "101\n").unwrap();
     for (name, text) in [("bsub", BSUB), ("bjobs", BJOBS), ("bkill", BKILL)] {
         let path = bin.join(name);
-        std::fs::write(&path, text.replace("@STATE@", state.to_str().unwrap())).unwrap();
+        std::fs::write(&path, text).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
