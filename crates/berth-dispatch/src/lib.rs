@@ -37,6 +37,8 @@ pub mod tracker;
 
 #[cfg(test)]
 mod fake;
+#[cfg(test)]
+mod lsf_loop_tests;
 
 use std::path::PathBuf;
 
