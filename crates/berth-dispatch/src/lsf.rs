@@ -21,6 +21,9 @@
 //!   (exit status 0, or 255 on some versions) and nothing on stdout: that
 //!   exact output, and only it, is an empty queue. Any other failure, empty
 //!   output or unreadable JSON is an error.
+//!   NOTE: the stand-ins print that message for an empty queue; a version
+//!   that prints an empty `RECORDS` array instead is read as empty too, but
+//!   one that exits 255 with such JSON would be taken for a failure.
 //! - States: `PEND` is pending; `PSUSP` (held before it started) is
 //!   pending as well, so that cancelling it removes it; `RUN` is running;
 //!   `USUSP` and `SSUSP` are suspended; `DONE` and `EXIT` have ended and are
@@ -32,7 +35,9 @@
 //! - Cancel: a pending job with `bkill ID`; a running one with `bkill -s
 //!   TERM ID`, so that its supervisor can stop the container and keep the
 //!   logs; any other with `bkill ID`. `Job has already finished` and `No
-//!   matching job found` count as cancelled.
+//!   matching job found` count as cancelled. LSF sends the signal to every
+//!   process of the job; the job's main process is the supervisor, which
+//!   the job script starts with `exec`.
 //!
 //! TODO: map container priorities onto LSF's with `bmod -sp` where the site
 //! sets `MAX_USER_PRIORITY`; jobs now keep the priority LSF gives them.
