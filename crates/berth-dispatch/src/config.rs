@@ -2,7 +2,7 @@
 //!
 //! ```yaml
 //! dispatch:
-//!   backend: slurm                  # or local
+//!   backend: slurm                  # or lsf, or local
 //!   api_url: https://ctl.example:8443
 //!   poll_interval: 10s              # one squeue per poll
 //!   resync_interval: 5m             # one listing of the queue per resync
@@ -16,6 +16,10 @@
 //!     cancel_pending_reasons: [PartitionConfig]
 //!     nice_base: 0                  # nice of the most important pending job
 //!     priority_spread: 10           # nice step between jobs in Berth's order
+//!   lsf:                            # with backend: lsf
+//!     queue: normal
+//!     bsub_args: ["-P", "science"]
+//!     output: /tmp/berth-%J.out
 //! ```
 //!
 //! Every default lives in [`defaults`]. [`Config::validate`] runs at
@@ -60,7 +64,25 @@ pub mod defaults {
     /// `slurm.priority_spread`: the step between the nice values of jobs
     /// next to each other in the order.
     pub const PRIORITY_SPREAD: i64 = 10;
+    /// LSF's output file for each job; `%J` is the job id.
+    pub const LSF_OUTPUT: &str = "/tmp/berth-%J.out";
 }
+
+/// `bsub` options the dispatcher sets itself or that would break tracking,
+/// each with the reason.
+const RESERVED_BSUB_OPTIONS: &[(&str, &str)] = &[
+    (
+        "-J",
+        "the job name is the container UUID, by which the dispatcher finds the job again",
+    ),
+    ("-o", "set the output file with dispatch.lsf.output"),
+    ("-K", "bsub would wait for the job to end"),
+    ("-I", "the job would be interactive"),
+    (
+        "-r",
+        "a rerun job would run a container that was already cancelled",
+    ),
+];
 
 /// Shortest `poll_interval` and `resync_interval` accepted: more frequent
 /// passes only load the controller and the batch system.
@@ -117,6 +139,8 @@ impl ConfigError {
 pub enum BackendKind {
     /// One Slurm job per container, through `sbatch`, `squeue` and `scancel`.
     Slurm,
+    /// One LSF job per container, through `bsub`, `bjobs` and `bkill`.
+    Lsf,
     /// One child process of the dispatcher per container, on its own host.
     Local,
 }
@@ -126,6 +150,7 @@ impl BackendKind {
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Slurm => "slurm",
+            BackendKind::Lsf => "lsf",
             BackendKind::Local => "local",
         }
     }
@@ -148,7 +173,7 @@ impl PartialEq<&str> for BackendKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The batch system: `slurm` or `local`.
+    /// The batch system: `slurm`, `lsf` or `local`.
     pub backend: BackendKind,
     /// The controller's URL, as the dispatcher and the compute nodes reach
     /// it: `https://host:port` or `host:port` (which means HTTPS). Jobs get
@@ -216,9 +241,57 @@ pub struct Config {
     /// Settings of the Slurm backend.
     #[serde(default)]
     pub slurm: SlurmConfig,
+    /// Settings of the LSF backend.
+    #[serde(default)]
+    pub lsf: LsfConfig,
     /// Settings of the local backend.
     #[serde(default)]
     pub local: LocalConfig,
+}
+
+/// The `dispatch.lsf` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LsfConfig {
+    /// Memory added to the container's RAM in the job's
+    /// `-R "rusage[mem=...]"`, as for `slurm.reserve_ram`: a number of bytes,
+    /// or a size with a binary unit, such as `256MiB`.
+    #[serde(
+        default = "default_reserve_ram",
+        deserialize_with = "deserialize_reserve_ram"
+    )]
+    pub reserve_ram: u64,
+    /// Queue (`bsub -q`) for containers whose
+    /// `scheduling_parameters.partitions` is empty; unset leaves the choice
+    /// to LSF's default queue. A container's partitions are its queues.
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Extra `bsub` arguments, placed after the dispatcher's own. Options
+    /// that would break tracking (`-J`, `-o`, `-K`, `-I`, `-r`) are rejected.
+    #[serde(default)]
+    pub bsub_args: Vec<String>,
+    /// The job's output file (`bsub -o`), where the supervisor's own log
+    /// goes: an absolute path. LSF replaces `%J` with the job id. Nothing
+    /// removes these files.
+    #[serde(default = "default_lsf_output")]
+    pub output: String,
+    /// The LSF user whose jobs `bjobs -u` lists; the name of the user the
+    /// dispatcher runs as when unset.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The `bsub` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_bsub")]
+    pub bsub: PathBuf,
+    /// The `bjobs` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_bjobs")]
+    pub bjobs: PathBuf,
+    /// The `bkill` program: a path, or a name looked up in `PATH`.
+    #[serde(default = "default_bkill")]
+    pub bkill: PathBuf,
+    /// How long one LSF command may run before it is killed and counted as
+    /// failed, such as `60s`.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
 }
 
 /// The `dispatch.slurm` section.
@@ -355,6 +428,38 @@ fn default_scontrol() -> PathBuf {
     PathBuf::from("scontrol")
 }
 
+fn default_lsf_output() -> String {
+    defaults::LSF_OUTPUT.to_string()
+}
+
+fn default_bsub() -> PathBuf {
+    PathBuf::from("bsub")
+}
+
+fn default_bjobs() -> PathBuf {
+    PathBuf::from("bjobs")
+}
+
+fn default_bkill() -> PathBuf {
+    PathBuf::from("bkill")
+}
+
+impl Default for LsfConfig {
+    fn default() -> LsfConfig {
+        LsfConfig {
+            reserve_ram: default_reserve_ram(),
+            queue: None,
+            bsub_args: Vec::new(),
+            output: default_lsf_output(),
+            user: None,
+            bsub: default_bsub(),
+            bjobs: default_bjobs(),
+            bkill: default_bkill(),
+            command_timeout: default_command_timeout(),
+        }
+    }
+}
+
 fn default_command_timeout() -> Duration {
     defaults::COMMAND_TIMEOUT
 }
@@ -487,6 +592,7 @@ impl Config {
             watch: defaults::WATCH,
             credentials_dir: default_credentials_dir(),
             slurm: SlurmConfig::default(),
+            lsf: LsfConfig::default(),
             local: LocalConfig::default(),
         }
     }
@@ -524,7 +630,8 @@ impl Config {
         if let Some(log_dir) = &self.local.log_dir {
             check_absolute_utf8("local.log_dir", log_dir)?;
         }
-        self.slurm.validate()
+        self.slurm.validate()?;
+        self.lsf.validate()
     }
 
     /// Returns the directory of the local backend's log files.
@@ -619,6 +726,77 @@ impl SlurmConfig {
     }
 }
 
+impl LsfConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(queue) = &self.queue {
+            if queue.is_empty() || queue.contains(char::is_whitespace) {
+                return Err(ConfigError::new(
+                    "lsf.queue",
+                    format!("{queue:?} is not a queue name: give a name without spaces, or remove the key"),
+                ));
+            }
+        }
+        if let Some(user) = &self.user {
+            if user.is_empty() || user.contains(char::is_whitespace) {
+                return Err(ConfigError::new(
+                    "lsf.user",
+                    format!("{user:?} is not a user name: give a name without spaces, or remove the key"),
+                ));
+            }
+        }
+        for (index, arg) in self.bsub_args.iter().enumerate() {
+            let key = || format!("lsf.bsub_args[{index}]");
+            if arg.is_empty() || arg.contains(['\n', '\0']) {
+                return Err(ConfigError::new(
+                    key(),
+                    format!("{arg:?} is empty or contains a newline or NUL byte"),
+                ));
+            }
+            if let Some((option, reason)) = RESERVED_BSUB_OPTIONS
+                .iter()
+                .find(|(option, _)| arg == option)
+            {
+                return Err(ConfigError::new(
+                    key(),
+                    format!("{option} is not allowed: {reason}"),
+                ));
+            }
+        }
+        if self.output.trim().is_empty()
+            || self.output.contains(['\n', '\0'])
+            || !self.output.starts_with('/')
+        {
+            return Err(ConfigError::new(
+                "lsf.output",
+                format!(
+                    "{:?} is not an absolute file name pattern such as {}",
+                    self.output,
+                    defaults::LSF_OUTPUT
+                ),
+            ));
+        }
+        for (key, program) in [
+            ("lsf.bsub", &self.bsub),
+            ("lsf.bjobs", &self.bjobs),
+            ("lsf.bkill", &self.bkill),
+        ] {
+            if program.as_os_str().is_empty() {
+                return Err(ConfigError::new(
+                    key,
+                    "is empty: give a program name or path",
+                ));
+            }
+        }
+        if self.command_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "lsf.command_timeout",
+                "must be longer than 0s",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Formats a duration as the configuration file writes it, such as `1m 30s`.
 fn format_duration(duration: Duration) -> humantime_serde::re::humantime::FormattedDuration {
     humantime_serde::re::humantime::format_duration(duration)
@@ -693,6 +871,48 @@ mod tests {
             Path::new("/var/lib/berth/credentials")
         );
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn lsf_section_parses_with_defaults() {
+        let config = parse("backend: lsf\napi_url: https://ctl:8443\n").unwrap();
+        assert_eq!(config.backend, BackendKind::Lsf);
+        assert_eq!(config.backend, "lsf");
+        assert_eq!(config.lsf.reserve_ram, 256 << 20);
+        assert_eq!(config.lsf.queue, None);
+        assert_eq!(config.lsf.output, "/tmp/berth-%J.out");
+        assert_eq!(config.lsf.bsub, PathBuf::from("bsub"));
+        config.validate().unwrap();
+
+        let config = parse(
+            "backend: lsf\napi_url: https://ctl:8443\nlsf:\n  reserve_ram: 1GiB\n  queue: normal\n  bsub_args: [-P, science]\n  user: berth\n  bjobs: /opt/lsf/bin/bjobs\n  command_timeout: 30s\n",
+        )
+        .unwrap();
+        assert_eq!(config.lsf.reserve_ram, 1 << 30);
+        assert_eq!(config.lsf.queue.as_deref(), Some("normal"));
+        assert_eq!(config.lsf.bsub_args, ["-P", "science"]);
+        assert_eq!(config.lsf.user.as_deref(), Some("berth"));
+        assert_eq!(config.lsf.bjobs, PathBuf::from("/opt/lsf/bin/bjobs"));
+        assert_eq!(config.lsf.command_timeout, Duration::from_secs(30));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_lsf_values_name_their_key() {
+        let base = "backend: lsf\napi_url: https://ctl:8443\nlsf:\n";
+        for (entry, key) in [
+            ("  queue: \"a b\"\n", "lsf.queue"),
+            ("  user: \"\"\n", "lsf.user"),
+            ("  bsub_args: [-q, x, -J, name]\n", "lsf.bsub_args[2]"),
+            ("  output: relative-%J.out\n", "lsf.output"),
+            ("  bkill: \"\"\n", "lsf.bkill"),
+            ("  command_timeout: 0s\n", "lsf.command_timeout"),
+        ] {
+            let config = parse(&format!("{base}{entry}")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, key, "{entry}: {err}");
+        }
+        assert!(parse(&format!("{base}  partition: x\n")).is_err());
     }
 
     #[test]
@@ -885,8 +1105,8 @@ mod tests {
 
     #[test]
     fn unknown_backend_is_rejected() {
-        let err = parse("backend: lsf\napi_url: h:1\n").unwrap_err();
-        assert!(err.to_string().contains("lsf"), "{err}");
+        let err = parse("backend: pbs\napi_url: h:1\n").unwrap_err();
+        assert!(err.to_string().contains("pbs"), "{err}");
     }
 
     type Change = Box<dyn Fn(&mut Config)>;

@@ -10,7 +10,8 @@
 //! unlock a container whose job vanished. Batch systems sit behind the
 //! [`Backend`] trait with
 //! three verbs (submit, status, cancel): [`slurm`] builds and parses Slurm's
-//! commands, run through a [`command::CommandRunner`]; [`local`] runs each
+//! commands, run through a [`command::CommandRunner`], and [`lsf`] LSF's;
+//! [`local`] runs each
 //! supervisor as a child process.
 //!
 //! A job runs `berth supervise [--config FILE] --credentials FILE UUID`
@@ -29,12 +30,15 @@ pub mod credentials;
 pub mod dispatcher;
 pub mod feed;
 pub mod local;
+pub mod lsf;
 pub mod script;
 pub mod slurm;
 pub mod tracker;
 
 #[cfg(test)]
 mod fake;
+#[cfg(test)]
+mod lsf_loop_tests;
 
 use std::path::PathBuf;
 
@@ -44,10 +48,11 @@ use berth_core::ClusterId;
 use tokio_util::sync::CancellationToken;
 
 pub use backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
-pub use config::{BackendKind, Config, ConfigError, LocalConfig, SlurmConfig};
+pub use config::{BackendKind, Config, ConfigError, LocalConfig, LsfConfig, SlurmConfig};
 pub use credentials::CredentialsStore;
 pub use dispatcher::{Dispatcher, LoopOptions, StartError};
 pub use local::LocalBackend;
+pub use lsf::LsfBackend;
 pub use slurm::SlurmBackend;
 
 /// How jobs start the supervisor: the program and the arguments that come
@@ -94,6 +99,16 @@ pub async fn run(
             slurm::check_programs(&config.slurm)?;
             let runner = command::ProcessRunner::new(config.slurm.command_timeout);
             let backend = SlurmBackend::new(config.slurm.clone(), supervisor, runner);
+            drive(api, backend, cluster_id, store, &config, shutdown).await
+        }
+        BackendKind::Lsf => {
+            lsf::check_programs(&config.lsf)?;
+            let user = match &config.lsf.user {
+                Some(user) => user.clone(),
+                None => lsf::current_user()?,
+            };
+            let runner = command::ProcessRunner::new(config.lsf.command_timeout);
+            let backend = LsfBackend::new(config.lsf.clone(), supervisor, runner, user);
             drive(api, backend, cluster_id, store, &config, shutdown).await
         }
         BackendKind::Local => {

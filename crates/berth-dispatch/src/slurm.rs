@@ -625,7 +625,7 @@ pub fn check_programs(config: &SlurmConfig) -> Result<(), ConfigError> {
 
 /// Finds the executable that `program` names: itself if it has a
 /// directory part, else the first match in `PATH`.
-fn find_program(program: &Path) -> Option<PathBuf> {
+pub(crate) fn find_program(program: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |path: &Path| {
         path.metadata()
