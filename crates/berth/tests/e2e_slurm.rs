@@ -322,3 +322,42 @@ async fn locked_container_survives_dispatcher_restart() {
     );
     assert_eq!(slurm_jobs_named(&container_uuid).len(), 1, "one Slurm job");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_partition_cancels_with_slurms_message() {
+    if skip() {
+        return;
+    }
+    let cluster = TestCluster::start("slurm");
+    let token = cluster.create_user("nora");
+    let nora = common::client(&cluster.api_url, &token);
+
+    let mut body = request_body(&["true"]);
+    body["scheduling_parameters"] = serde_json::json!({"partitions": ["no-such-partition"]});
+    body["container_count_max"] = serde_json::json!(1);
+    let request = nora
+        .create_container_request(&body)
+        .await
+        .expect("create request");
+    let container_uuid = request.container_uuid.clone().expect("container uuid");
+    let container = wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the container to be cancelled",
+        || async {
+            let container = nora.get_container(&container_uuid).await.ok()?;
+            container.state.is_final().then_some(container)
+        },
+    )
+    .await;
+    assert_eq!(container.state, ContainerState::Cancelled);
+    let status = serde_json::to_string(&container.runtime_status).unwrap();
+    assert!(
+        status.contains("Invalid partition name specified"),
+        "{status}\n{}",
+        cluster.logs()
+    );
+    assert!(slurm_jobs_named(&container_uuid).is_empty());
+    let request = nora.get_container_request(&request.uuid).await.unwrap();
+    assert_eq!(request.state, RequestState::Final);
+}
