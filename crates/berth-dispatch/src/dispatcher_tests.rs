@@ -363,6 +363,28 @@ async fn failed_status_query_is_never_an_empty_queue() {
 }
 
 #[tokio::test]
+async fn one_empty_status_answer_cancels_nothing() {
+    let mut h = Harness::new();
+    h.start_running(A).await;
+    h.controller.add(queued_container(B, 1));
+    h.resync().await;
+    assert_eq!(h.state(B), ContainerState::Locked);
+    let submits = h.backend.submits().len();
+
+    // The batch system answers once with no jobs at all, then lists them
+    // again: nothing is cancelled, unlocked or submitted again.
+    h.backend.empty_statuses(1);
+    h.resync().await;
+    h.resync().await;
+    h.resync().await;
+    assert_eq!(h.state(A), ContainerState::Running);
+    assert_eq!(h.state(B), ContainerState::Locked);
+    assert!(h.backend.cancels().is_empty());
+    assert_eq!(h.backend.submits().len(), submits);
+    assert_eq!(h.controller.count("unlock"), 0);
+}
+
+#[tokio::test]
 async fn failed_listing_skips_the_resync() {
     let mut h = Harness::new();
     h.controller.add(queued_container(A, 1));

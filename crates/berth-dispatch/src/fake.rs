@@ -514,6 +514,9 @@ struct BackendState {
     cancels: Vec<BatchJob>,
     status_calls: u64,
     failing_statuses: u32,
+    /// Status queries still to answer with an empty list, as a batch
+    /// system that lost its job table for a moment would.
+    empty_statuses: u32,
     submit_failures: VecDeque<SubmitFailure>,
     /// The jobs of each reprioritise call, sorted by job id.
     reprioritised: Vec<Vec<(JobId, i64)>>,
@@ -577,6 +580,12 @@ impl FakeBackend {
     /// Makes the next `n` status queries fail.
     pub fn fail_statuses(&self, n: u32) {
         self.state().failing_statuses = n;
+    }
+
+    /// Makes the next `n` status queries succeed with no jobs listed,
+    /// while the jobs go on.
+    pub fn empty_statuses(&self, n: u32) {
+        self.state().empty_statuses = n;
     }
 
     /// The jobs and priorities of each reprioritise call, sorted by job id.
@@ -651,6 +660,10 @@ impl Backend for FakeBackend {
                 stdout: String::new(),
                 stderr: "slurm_load_jobs error: Socket timed out on send/recv operation".into(),
             }));
+        }
+        if state.empty_statuses > 0 {
+            state.empty_statuses -= 1;
+            return Ok(Vec::new());
         }
         Ok(state.jobs.clone())
     }
