@@ -7,7 +7,8 @@
 //! backend's own id for the job ([`JobId`]) is kept as well.
 //!
 //! A failed status query is an error, never an empty queue: the loop acts on
-//! a job's absence only after successful queries.
+//! a job's absence only after successful queries. A backend that can say
+//! why a job ended answers [`Backend::end_reason`] as well.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -239,6 +240,15 @@ pub trait Backend: Send {
     /// jobs changes only the jobs whose place in the order needs it.
     async fn reprioritise(&mut self, _jobs: &[(JobId, i64)]) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    /// Asks the batch system why `job`, which has left its queue, ended,
+    /// and returns the answer as a sentence for users, or `None` when the
+    /// batch system no longer knows the job. The loop calls it only for a
+    /// job whose container was still running; an error costs the sentence
+    /// and nothing else. The default knows nothing.
+    async fn end_reason(&mut self, _job: &JobId) -> Result<Option<String>, BackendError> {
+        Ok(None)
     }
 
     /// Explains a [`BatchJob::reason`] to users in a few words, or returns

@@ -367,6 +367,12 @@ pub struct SlurmConfig {
     /// The `scontrol` program: a path, or a name looked up in `PATH`.
     #[serde(default = "default_scontrol")]
     pub scontrol: PathBuf,
+    /// The `sacct` program: a path, or a name looked up in `PATH`. It is
+    /// asked why a job ended only when `scontrol` no longer knows the job;
+    /// without Slurm accounting it fails, and the reason is left out. Its
+    /// absence is not an error.
+    #[serde(default = "default_sacct")]
+    pub sacct: PathBuf,
 }
 
 /// The `dispatch.local` section.
@@ -428,6 +434,10 @@ fn default_scontrol() -> PathBuf {
     PathBuf::from("scontrol")
 }
 
+fn default_sacct() -> PathBuf {
+    PathBuf::from("sacct")
+}
+
 fn default_lsf_output() -> String {
     defaults::LSF_OUTPUT.to_string()
 }
@@ -479,6 +489,7 @@ impl Default for SlurmConfig {
             nice_base: default_nice_base(),
             priority_spread: default_priority_spread(),
             scontrol: default_scontrol(),
+            sacct: default_sacct(),
         }
     }
 }
@@ -708,6 +719,7 @@ impl SlurmConfig {
             ("slurm.squeue", &self.squeue),
             ("slurm.scancel", &self.scancel),
             ("slurm.scontrol", &self.scontrol),
+            ("slurm.sacct", &self.sacct),
         ] {
             if program.as_os_str().is_empty() {
                 return Err(ConfigError::new(

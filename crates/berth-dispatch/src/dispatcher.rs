@@ -959,13 +959,22 @@ impl<B: Backend> Dispatcher<B> {
                         job_id = job.as_ref().map(|id| id.to_string()).unwrap_or_default(),
                         "the container's job has left the batch system"
                     );
-                    queue.extend(resolve_vanished(
+                    let resolved = resolve_vanished(
                         fetched.as_ref(),
                         &self.token_uuid,
                         self.backend.name(),
                         job.as_ref(),
                         last_seen.as_ref(),
-                    ));
+                    );
+                    for action in resolved {
+                        queue.push_back(match (action, &job) {
+                            (Action::CancelContainer { error, detail }, Some(id)) => {
+                                let detail = self.end_reason(id).await.unwrap_or(detail);
+                                Action::CancelContainer { error, detail }
+                            }
+                            (action, _) => action,
+                        });
+                    }
                     record = fetched;
                 }
                 Action::RemoveCredentials => {
@@ -1112,6 +1121,18 @@ impl<B: Backend> Dispatcher<B> {
                 job_id,
                 "failed to record the job id on the container"
             ),
+        }
+    }
+
+    /// Asks the backend why a job that left the queue ended. A failure
+    /// only loses the answer: the container is cancelled all the same.
+    async fn end_reason(&mut self, job: &JobId) -> Option<String> {
+        match self.backend.end_reason(job).await {
+            Ok(reason) => reason,
+            Err(err) => {
+                tracing::warn!(job_id = %job, error = %err, "failed to ask the batch system why the job ended");
+                None
+            }
         }
     }
 

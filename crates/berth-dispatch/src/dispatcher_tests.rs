@@ -296,6 +296,44 @@ async fn priority_zero_pending_job_unlocks() {
 }
 
 #[tokio::test]
+async fn vanished_job_end_reason_becomes_the_error_detail() {
+    let mut h = Harness::new();
+    h.start_running(A).await;
+    h.backend
+        .set_end_reason("101", Some("slurm job 101 ended OUT_OF_MEMORY"));
+    h.backend.end(A);
+    h.resync().await;
+    h.resync().await;
+
+    let container = h.controller.container(A);
+    assert_eq!(container.state, ContainerState::Cancelled);
+    assert_eq!(container.runtime_status["error"], VANISHED_ERROR);
+    assert_eq!(
+        container.runtime_status["errorDetail"],
+        "slurm job 101 ended OUT_OF_MEMORY"
+    );
+}
+
+#[tokio::test]
+async fn failed_end_reason_query_still_cancels_the_container() {
+    let mut h = Harness::new();
+    h.start_running(A).await;
+    h.backend.set_end_reason("101", None);
+    h.backend.end(A);
+    h.resync().await;
+    h.resync().await;
+
+    let container = h.controller.container(A);
+    assert_eq!(container.state, ContainerState::Cancelled);
+    assert_eq!(container.runtime_status["error"], VANISHED_ERROR);
+    let detail = container.runtime_status["errorDetail"].as_str().unwrap();
+    assert!(
+        detail.contains("fake job 101 was last seen running"),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
 async fn vanished_running_container_is_cancelled_with_a_reason() {
     let mut h = Harness::new();
     h.start_running(A).await;

@@ -9,7 +9,7 @@
 //! its change feed is the number of the last change it returned. A waiting
 //! feed read wakes on the next write.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -521,6 +521,9 @@ struct BackendState {
     /// The jobs of each reprioritise call, sorted by job id.
     reprioritised: Vec<Vec<(JobId, i64)>>,
     failing_reprioritises: u32,
+    /// Answers to [`Backend::end_reason`] by job id: a sentence, or `None`
+    /// for a query that fails.
+    end_reasons: HashMap<JobId, Option<String>>,
 }
 
 impl FakeBackend {
@@ -596,6 +599,14 @@ impl FakeBackend {
     /// Makes the next `n` reprioritise calls fail.
     pub fn fail_reprioritises(&self, n: u32) {
         self.state().failing_reprioritises = n;
+    }
+
+    /// Sets the answer to why job `id` ended: `Some` sentence, or `None`
+    /// for a failing query. A job without an answer is unknown.
+    pub fn set_end_reason(&self, id: &str, reason: Option<&str>) {
+        self.state()
+            .end_reasons
+            .insert(JobId::new(id), reason.map(str::to_string));
     }
 
     pub fn fail_next_submit(&self, failure: SubmitFailure) {
@@ -688,6 +699,17 @@ impl Backend for FakeBackend {
             }));
         }
         Ok(())
+    }
+
+    async fn end_reason(&mut self, job: &JobId) -> Result<Option<String>, BackendError> {
+        match self.state().end_reasons.get(job) {
+            None => Ok(None),
+            Some(Some(reason)) => Ok(Some(reason.clone())),
+            Some(None) => Err(BackendError::Command(CommandError::TimedOut {
+                command: format!("scontrol show job -o {job}"),
+                timeout: std::time::Duration::from_secs(60),
+            })),
+        }
     }
 
     fn explain_reason(&self, reason: &str) -> Option<&'static str> {

@@ -30,6 +30,13 @@
 //!   `PartitionConfig`, ...) reaches users through the dispatch loop, with a
 //!   short explanation from [`explain_pending_reason`]; the reasons in
 //!   `cancel_pending_reasons` end the job and its container.
+//! - End reasons: for a job that left the queue while its container was
+//!   running, `scontrol show job -o ID` (one line of `Key=Value` fields)
+//!   gives its `JobState` (`OUT_OF_MEMORY`, `TIMEOUT`, `NODE_FAIL`, ...),
+//!   `Reason` and `ExitCode`, which [`describe_job_end`] turns into a
+//!   sentence. Slurm keeps an ended job for `MinJobAge` seconds; after
+//!   that, `sacct -j ID -n -P -o State,ExitCode,Reason` answers where
+//!   accounting is on, and nothing answers where it is off.
 //!
 //! - Priorities: after each status query the dispatcher hands over its
 //!   pending jobs with their containers' priorities. [`plan_nice`] maps
@@ -85,6 +92,9 @@ const ALREADY_GONE: &[&str] = &[
     "Invalid job id specified",
     "Job/step already completing or completed",
 ];
+
+/// The `scontrol` and `sacct` error of a job Slurm does not know.
+const UNKNOWN_JOB: &str = "Invalid job id specified";
 
 /// Jobs submitted, listed and cancelled with Slurm's commands.
 #[derive(Debug)]
@@ -256,6 +266,52 @@ impl<R: CommandRunner> SlurmBackend<R> {
         Some(CommandSpec::new(&self.config.scancel, args))
     }
 
+    /// Builds the command that shows one job as one line of fields.
+    pub fn show_job_command(&self, job: &JobId) -> CommandSpec {
+        CommandSpec::new(
+            &self.config.scontrol,
+            vec![
+                "show".to_string(),
+                "job".to_string(),
+                "-o".to_string(),
+                job.to_string(),
+            ],
+        )
+    }
+
+    /// Builds the accounting query for one job that Slurm no longer keeps.
+    pub fn sacct_command(&self, job: &JobId) -> CommandSpec {
+        CommandSpec::new(
+            &self.config.sacct,
+            vec![
+                "-j".to_string(),
+                job.to_string(),
+                "-n".to_string(),
+                "-P".to_string(),
+                "-o".to_string(),
+                "State,ExitCode,Reason".to_string(),
+            ],
+        )
+    }
+
+    /// Asks accounting how a job ended; `None` when accounting is off,
+    /// fails or has no record of the job.
+    async fn accounted_end(&self, job: &JobId) -> Option<JobEnd> {
+        let spec = self.sacct_command(job);
+        let output = match self.runner.run(&spec).await {
+            Ok(output) if output.success() => output,
+            Ok(output) => {
+                tracing::debug!(job_id = %job, stderr = %output.stderr.trim(), "sacct has no record of the job");
+                return None;
+            }
+            Err(err) => {
+                tracing::debug!(job_id = %job, error = %err, "failed to run sacct");
+                return None;
+            }
+        };
+        parse_sacct_end(&output.stdout)
+    }
+
     /// Classifies a failed `sbatch`: a rejection of the job itself is
     /// permanent; anything else may pass on another try.
     fn submit_error(&self, request: &JobRequest, error: CommandError) -> BackendError {
@@ -373,6 +429,28 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
         first_error.map_or(Ok(()), Err)
     }
 
+    async fn end_reason(&mut self, job: &JobId) -> Result<Option<String>, BackendError> {
+        let spec = self.show_job_command(job);
+        let output = self.runner.run(&spec).await?;
+        if output.success() {
+            let end =
+                parse_show_job(job, &output.stdout).map_err(|message| BackendError::Parse {
+                    command: spec.command_line(),
+                    message,
+                    output: output.stdout.clone(),
+                })?;
+            return Ok(Some(describe_job_end(job, &end)));
+        }
+        if !output.stderr.contains(UNKNOWN_JOB) {
+            output.check(&spec)?;
+            return Ok(None);
+        }
+        Ok(self
+            .accounted_end(job)
+            .await
+            .map(|end| describe_job_end(job, &end)))
+    }
+
     fn explain_reason(&self, reason: &str) -> Option<&'static str> {
         explain_pending_reason(reason)
     }
@@ -380,6 +458,162 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
     fn cancel_pending_reasons(&self) -> &[String] {
         &self.config.cancel_pending_reasons
     }
+}
+
+/// How a job ended, as Slurm recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEnd {
+    /// Slurm's state name, such as `OUT_OF_MEMORY` or `CANCELLED`.
+    pub state: String,
+    /// The user id that cancelled the job, when Slurm names one
+    /// (`CANCELLED by 1000`).
+    pub cancelled_by: Option<String>,
+    /// Slurm's reason, such as `NodeDown`; empty for `None`.
+    pub reason: String,
+    /// The exit code and signal, as `CODE:SIGNAL`; empty when unknown.
+    pub exit_code: String,
+}
+
+/// Splits one line of `scontrol show job -o` into its fields. A word
+/// without `=` belongs to the value before it, as in `JobState=CANCELLED
+/// by 1000`; the first of two fields with the same key wins.
+fn show_job_fields(line: &str) -> HashMap<&str, String> {
+    let mut fields: HashMap<&str, String> = HashMap::new();
+    let mut current: Option<&str> = None;
+    for word in line.split_whitespace() {
+        match word.split_once('=') {
+            Some((key, value)) if !key.is_empty() => {
+                if fields.contains_key(key) {
+                    current = None;
+                } else {
+                    fields.insert(key, value.to_string());
+                    current = Some(key);
+                }
+            }
+            _ => {
+                if let Some(value) = current.and_then(|key| fields.get_mut(key)) {
+                    value.push(' ');
+                    value.push_str(word);
+                }
+            }
+        }
+    }
+    fields
+}
+
+/// Splits a state such as `CANCELLED by 1000` into the state and the user.
+fn split_cancelled_by(state: &str) -> (String, Option<String>) {
+    let mut words = state.split_whitespace();
+    let name = words.next().unwrap_or_default().to_string();
+    let by = match (words.next(), words.next()) {
+        (Some("by"), Some(user)) => Some(user.to_string()),
+        _ => None,
+    };
+    (name, by)
+}
+
+/// A field's value, empty for Slurm's `None` and `(null)`.
+fn none_as_empty(value: &str) -> String {
+    let value = value.trim();
+    if value == "None" || value == "(null)" {
+        String::new()
+    } else {
+        value.to_string()
+    }
+}
+
+/// Parses the output of `scontrol show job -o ID`: the line of job `id`
+/// (the first line when none has its `JobId`), which must have a
+/// `JobState`.
+pub fn parse_show_job(id: &JobId, stdout: &str) -> Result<JobEnd, String> {
+    let lines: Vec<HashMap<&str, String>> = stdout
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(show_job_fields)
+        .collect();
+    let fields = lines
+        .iter()
+        .find(|fields| fields.get("JobId").map(String::as_str) == Some(id.as_str()))
+        .or_else(|| lines.first())
+        .ok_or_else(|| "no job listed".to_string())?;
+    let state = fields
+        .get("JobState")
+        .filter(|state| !state.trim().is_empty())
+        .ok_or_else(|| "no JobState field".to_string())?;
+    let (state, cancelled_by) = split_cancelled_by(state);
+    Ok(JobEnd {
+        state,
+        cancelled_by,
+        reason: fields
+            .get("Reason")
+            .map(|r| none_as_empty(r))
+            .unwrap_or_default(),
+        exit_code: fields
+            .get("ExitCode")
+            .map(|c| none_as_empty(c))
+            .unwrap_or_default(),
+    })
+}
+
+/// Parses the output of `sacct -j ID -n -P -o State,ExitCode,Reason`: the
+/// first line is the job itself, the others its steps. `None` when there
+/// is no line or its state is empty.
+pub fn parse_sacct_end(stdout: &str) -> Option<JobEnd> {
+    let line = stdout.lines().find(|line| !line.trim().is_empty())?;
+    let mut fields = line.split('|');
+    let (state, cancelled_by) = split_cancelled_by(fields.next()?);
+    if state.is_empty() {
+        return None;
+    }
+    let exit_code = none_as_empty(fields.next().unwrap_or_default());
+    let reason = none_as_empty(fields.next().unwrap_or_default());
+    Some(JobEnd {
+        state,
+        cancelled_by,
+        reason,
+        exit_code,
+    })
+}
+
+/// Explains an end state of a Slurm job in a few words, or returns `None`
+/// for a state without an explanation.
+pub fn explain_end_state(state: &str) -> Option<&'static str> {
+    Some(match state {
+        "OUT_OF_MEMORY" => "it ran out of memory",
+        "TIMEOUT" => "it reached its time limit",
+        "NODE_FAIL" => "its node failed",
+        "PREEMPTED" => "a job of higher priority preempted it",
+        "CANCELLED" => "it was cancelled",
+        "FAILED" => "its script exited with an error",
+        "COMPLETED" => "its script exited",
+        "BOOT_FAIL" => "its node failed to boot",
+        "DEADLINE" => "it reached its deadline",
+        _ => return None,
+    })
+}
+
+/// Describes how job `id` ended, for users: `slurm job 42 ended
+/// OUT_OF_MEMORY: it ran out of memory (exit code 0:9)`.
+pub fn describe_job_end(id: &JobId, end: &JobEnd) -> String {
+    let mut text = format!("slurm job {id} ended {}", end.state);
+    if let Some(user) = &end.cancelled_by {
+        text.push_str(&format!(" by user {user}"));
+    }
+    if let Some(explanation) = explain_end_state(&end.state) {
+        text.push_str(": ");
+        text.push_str(explanation);
+    }
+    let mut details = Vec::new();
+    if !end.reason.is_empty() {
+        details.push(format!("reason {}", end.reason));
+    }
+    if !end.exit_code.is_empty() {
+        details.push(format!("exit code {}", end.exit_code));
+    }
+    if !details.is_empty() {
+        text.push_str(&format!(" ({})", details.join(", ")));
+    }
+    text
 }
 
 /// Explains common Slurm pending reasons (squeue's `%r`) in a few words,
@@ -1419,5 +1653,157 @@ mod tests {
         assert!(!renices_only_ended_jobs(
             "Invalid job id specified for job 23\nAccess/permission denied\n"
         ));
+    }
+
+    /// `scontrol show job -o 309` on slurm-wlm 22.05, for a `sleep 60` job
+    /// cancelled with `scancel` a second after it started.
+    const SHOW_JOB_CANCELLED: &str = "JobId=309 JobName=wrap UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901500 Nice=0 Account=(null) QOS=(null) JobState=CANCELLED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:15 RunTime=00:00:01 TimeLimit=365-00:00:00 TimeMin=N/A SubmitTime=2026-12-05T00:48:03 EligibleTime=2026-12-05T00:48:03 AccrueTime=2026-12-05T00:48:03 StartTime=2026-12-05T00:48:04 EndTime=2026-12-05T00:48:05 Deadline=N/A SuspendTime=None SecsPreSuspend=0 LastSchedEval=2026-12-05T00:48:04 Scheduler=Backfill Partition=debug AllocNode:Sid=localhost:14304 ReqNodeList=(null) ExcNodeList=(null) NodeList=vm BatchHost=vm NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 ReqB:S:C:T=0:0:*:* TRES=cpu=1,node=1,billing=1 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* MinCPUsNode=1 MinMemoryNode=0 MinTmpDiskNode=0 Features=(null) DelayBoot=00:00:00 OverSubscribe=YES Contiguous=0 Licenses=(null) Network=(null) Command=(null) WorkDir=/tmp StdErr=/tmp/slurm-309.out StdIn=/dev/null StdOut=/tmp/slurm-309.out Power= \n";
+
+    /// The same command for a `sleep 1` job that ended by itself.
+    const SHOW_JOB_COMPLETED: &str = "JobId=308 JobName=wrap UserId=root(0) GroupId=root(0) MCS_label=N/A Priority=4294901501 Nice=0 Account=(null) QOS=(null) JobState=COMPLETED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 Reboot=0 ExitCode=0:0 RunTime=00:00:01 TimeLimit=365-00:00:00 TimeMin=N/A SubmitTime=2026-12-05T00:48:03 EligibleTime=2026-12-05T00:48:03 AccrueTime=2026-12-05T00:48:03 StartTime=2026-12-05T00:48:04 EndTime=2026-12-05T00:48:05 Deadline=N/A SuspendTime=None SecsPreSuspend=0 LastSchedEval=2026-12-05T00:48:04 Scheduler=Backfill Partition=debug AllocNode:Sid=localhost:14304 ReqNodeList=(null) ExcNodeList=(null) NodeList=vm BatchHost=vm NumNodes=1 NumCPUs=1 NumTasks=1 CPUs/Task=1 ReqB:S:C:T=0:0:*:* TRES=cpu=1,node=1,billing=1 Socks/Node=* NtasksPerN:B:S:C=0:0:*:* CoreSpec=* MinCPUsNode=1 MinMemoryNode=0 MinTmpDiskNode=0 Features=(null) DelayBoot=00:00:00 OverSubscribe=YES Contiguous=0 Licenses=(null) Network=(null) Command=(null) WorkDir=/tmp StdErr=/tmp/slurm-308.out StdIn=/dev/null StdOut=/tmp/slurm-308.out Power= \n";
+
+    #[test]
+    fn show_job_of_a_cancelled_job_parses() {
+        let end = parse_show_job(&JobId::new("309"), SHOW_JOB_CANCELLED).unwrap();
+        assert_eq!(
+            end,
+            JobEnd {
+                state: "CANCELLED".into(),
+                cancelled_by: None,
+                reason: String::new(),
+                exit_code: "0:15".into(),
+            }
+        );
+        assert_eq!(
+            describe_job_end(&JobId::new("309"), &end),
+            "slurm job 309 ended CANCELLED: it was cancelled (exit code 0:15)"
+        );
+    }
+
+    #[test]
+    fn show_job_of_a_completed_job_parses() {
+        let end = parse_show_job(&JobId::new("308"), SHOW_JOB_COMPLETED).unwrap();
+        assert_eq!(end.state, "COMPLETED");
+        assert_eq!(
+            describe_job_end(&JobId::new("308"), &end),
+            "slurm job 308 ended COMPLETED: its script exited (exit code 0:0)"
+        );
+    }
+
+    #[test]
+    fn show_job_names_the_end_states_and_who_cancelled() {
+        // The real line with its state, reason and exit code edited, as
+        // Slurm prints them for these ends.
+        let edit =
+            |fields: &str| SHOW_JOB_CANCELLED.replace("JobState=CANCELLED Reason=None", fields);
+        let id = JobId::new("309");
+        for (fields, expected) in [
+            (
+                "JobState=OUT_OF_MEMORY Reason=OutOfMemory",
+                "slurm job 309 ended OUT_OF_MEMORY: it ran out of memory (reason OutOfMemory, exit code 0:15)",
+            ),
+            (
+                "JobState=TIMEOUT Reason=TimeLimit",
+                "slurm job 309 ended TIMEOUT: it reached its time limit (reason TimeLimit, exit code 0:15)",
+            ),
+            (
+                "JobState=NODE_FAIL Reason=NodeDown",
+                "slurm job 309 ended NODE_FAIL: its node failed (reason NodeDown, exit code 0:15)",
+            ),
+            (
+                "JobState=PREEMPTED Reason=None",
+                "slurm job 309 ended PREEMPTED: a job of higher priority preempted it (exit code 0:15)",
+            ),
+            (
+                "JobState=CANCELLED by 1000 Reason=None",
+                "slurm job 309 ended CANCELLED by user 1000: it was cancelled (exit code 0:15)",
+            ),
+            (
+                "JobState=SPECIAL_EXIT Reason=None",
+                "slurm job 309 ended SPECIAL_EXIT (exit code 0:15)",
+            ),
+        ] {
+            let end = parse_show_job(&id, &edit(fields)).unwrap();
+            assert_eq!(describe_job_end(&id, &end), expected);
+        }
+    }
+
+    #[test]
+    fn show_job_without_a_state_is_an_error() {
+        let id = JobId::new("5");
+        assert!(parse_show_job(&id, "").is_err());
+        assert!(parse_show_job(&id, "JobId=5 JobName=x\n").is_err());
+        assert!(parse_show_job(&id, "garbage\n").is_err());
+    }
+
+    #[test]
+    fn sacct_first_line_is_the_job() {
+        let end = parse_sacct_end("CANCELLED by 0|0:15|None\nCANCELLED|0:15|\n").unwrap();
+        assert_eq!(end.state, "CANCELLED");
+        assert_eq!(end.cancelled_by.as_deref(), Some("0"));
+        assert_eq!(end.exit_code, "0:15");
+        assert_eq!(end.reason, "");
+        assert_eq!(parse_sacct_end(""), None);
+        assert_eq!(parse_sacct_end("|0:0|None\n"), None);
+    }
+
+    #[tokio::test]
+    async fn end_reason_asks_scontrol_for_one_job() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        runner.answer(CommandOutput::ok(SHOW_JOB_CANCELLED));
+        let reason = backend.end_reason(&JobId::new("309")).await.unwrap();
+        assert_eq!(
+            reason.as_deref(),
+            Some("slurm job 309 ended CANCELLED: it was cancelled (exit code 0:15)")
+        );
+        let calls = runner.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].program, PathBuf::from("scontrol"));
+        assert_eq!(calls[0].args, ["show", "job", "-o", "309"]);
+    }
+
+    #[tokio::test]
+    async fn end_reason_of_a_forgotten_job_falls_back_to_sacct() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        let unknown =
+            || CommandOutput::exited(1, "", "slurm_load_jobs error: Invalid job id specified\n");
+        runner.answer(unknown()).answer(CommandOutput::ok(
+            "TIMEOUT|0:0|TimeLimit\nCANCELLED|0:15|\n",
+        ));
+        let reason = backend.end_reason(&JobId::new("7")).await.unwrap();
+        assert_eq!(
+            reason.as_deref(),
+            Some("slurm job 7 ended TIMEOUT: it reached its time limit (reason TimeLimit, exit code 0:0)")
+        );
+        assert_eq!(
+            runner.calls()[1].args,
+            ["-j", "7", "-n", "-P", "-o", "State,ExitCode,Reason"]
+        );
+
+        // Without accounting, as on this machine, there is no answer.
+        runner.answer(unknown()).answer(CommandOutput::exited(
+            1,
+            "",
+            "Slurm accounting storage is disabled\n",
+        ));
+        assert_eq!(backend.end_reason(&JobId::new("7")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn end_reason_failure_is_an_error() {
+        let (mut backend, runner) = backend(SlurmConfig::default());
+        runner.answer(CommandOutput::exited(
+            1,
+            "",
+            "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n",
+        ));
+        assert!(backend.end_reason(&JobId::new("7")).await.is_err());
+        runner.answer(CommandOutput::ok("nonsense\n"));
+        assert!(backend.end_reason(&JobId::new("7")).await.is_err());
+        assert_eq!(
+            runner.calls().len(),
+            2,
+            "sacct is only for a job Slurm forgot"
+        );
     }
 }

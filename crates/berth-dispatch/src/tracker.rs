@@ -555,9 +555,8 @@ pub fn resolve_vanished(
         .map(|c| c.state);
     match ours {
         Some(ContainerState::Running) => {
-            // NOTE: the batch system is not asked why the job ended (Slurm's
-            // sacct needs accounting, which may be off), so the detail only
-            // has the job's last listed state.
+            // The loop replaces this detail with the batch system's own
+            // account of the job's end when it has one.
             let detail = match (last_seen, job) {
                 (Some(seen), _) => {
                     let reason = if seen.reason.is_empty() {

@@ -1,7 +1,8 @@
 //! The Slurm adapter against the real Slurm of this machine: submit,
 //! status, cancel, a rejected submission, the job's time limit and working
 //! directory, a job Slurm keeps pending because it can never run, and the
-//! nice values that order pending jobs after their containers' priorities.
+//! nice values that order pending jobs after their containers' priorities,
+//! and the reason Slurm gives for a job cancelled with `scancel`.
 //!
 //! The job runs a stand-in for `berth` (a shell script that records its
 //! arguments and sleeps), installed under a directory whose name contains a
@@ -389,5 +390,47 @@ async fn ended_job_leaves_others_reniced() {
     assert_eq!(
         seen.iter().map(|(nice, _)| *nice).collect::<Vec<_>>(),
         [0, 10]
+    );
+}
+
+#[tokio::test]
+async fn scancelled_job_end_reason_names_the_cancel() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = backend(dir.path(), &[]);
+    let request = request(dir.path());
+    let name = request.container_uuid.clone();
+    let submission = backend.submit(&request).await.unwrap();
+    let mut guard = JobGuard(Some(submission.job_id.clone()));
+    wait_for(&mut backend, &name, "the job runs", |job| {
+        job.is_some_and(|job| job.state == JobState::Running)
+    })
+    .await;
+
+    // Cancelled from outside, as an administrator would.
+    let status = std::process::Command::new("scancel")
+        .arg(submission.job_id.as_str())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for(&mut backend, &name, "the job leaves the queue", |job| {
+        job.is_none()
+    })
+    .await;
+    guard.0 = None;
+
+    let reason = backend.end_reason(&submission.job_id).await.unwrap();
+    let expected = format!("slurm job {} ended CANCELLED", submission.job_id);
+    let reason = reason.expect("Slurm keeps an ended job for MinJobAge");
+    assert!(reason.starts_with(&expected), "{reason}");
+    assert!(reason.contains("exit code "), "{reason}");
+
+    // A job Slurm never had keeps no reason; without accounting, sacct
+    // cannot answer either.
+    assert_eq!(
+        backend.end_reason(&JobId::new("999999999")).await.unwrap(),
+        None
     );
 }
