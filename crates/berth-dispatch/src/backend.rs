@@ -8,7 +8,7 @@
 //!
 //! A failed status query is an error, never an empty queue: the loop acts on
 //! a job's absence only after successful queries. A backend that can say
-//! why a job ended answers [`Backend::end_reason`] as well.
+//! why a job ended implements [`Backend::end_reason`] as well.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -243,7 +243,7 @@ pub trait Backend: Send {
     }
 
     /// Asks the batch system why `job`, which has left its queue, ended,
-    /// and returns the answer as a sentence for users, or `None` when the
+    /// and returns the cause as a sentence for users, or `None` when the
     /// batch system no longer knows the job. The loop calls it only for a
     /// job whose container was still running; an error costs the sentence
     /// and nothing else. The default knows nothing.
