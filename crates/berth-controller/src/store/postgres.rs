@@ -231,10 +231,10 @@ async fn reusable_rows(conn: &mut PgConnection, key: &str) -> Result<Vec<Version
 async fn check_passed_over(
     conn: &mut PgConnection,
     container: &Container,
-    secrets: &Secrets,
+    key: &str,
     passed_over: &[String],
 ) -> Result<()> {
-    let rows = reusable_rows(conn, &reuse_key(container, &secrets.secret_mounts)).await?;
+    let rows = reusable_rows(conn, key).await?;
     if rows
         .iter()
         .any(|row| !passed_over.contains(&row.record.uuid))
@@ -252,6 +252,7 @@ async fn insert_container(
     conn: &mut PgConnection,
     container: &Container,
     secrets: &Secrets,
+    key: &str,
 ) -> Result<()> {
     insert_record(conn, &CONTAINERS, &container.uuid, container).await?;
     let [secret_mounts, runtime_token] = encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
@@ -259,7 +260,7 @@ async fn insert_container(
         "UPDATE containers SET reuse_key = $1, secret_mounts = $2, runtime_token = $3 \
          WHERE uuid = $4",
     )
-    .bind(reuse_key(container, &secrets.secret_mounts))
+    .bind(key)
     .bind(secret_mounts)
     .bind(runtime_token)
     .bind(&container.uuid)
@@ -811,10 +812,11 @@ impl Store for PostgresStore {
     ) -> Result<Versioned<ContainerRequest>> {
         let mut tx = self.begin_record_write().await?;
         if let Some(container) = container {
+            let key = reuse_key(container, &secrets.secret_mounts);
             if let Some(passed_over) = passed_over {
-                check_passed_over(&mut tx, container, secrets, passed_over).await?;
+                check_passed_over(&mut tx, container, &key, passed_over).await?;
             }
-            insert_container(&mut tx, container, secrets).await?;
+            insert_container(&mut tx, container, secrets, &key).await?;
         }
         if let Some(reused) = reused {
             check_reused(&mut tx, reused).await?;
@@ -853,10 +855,11 @@ impl Store for PostgresStore {
         let record = &write.record;
         let mut tx = self.begin_record_write().await?;
         if let Some(container) = &write.new_container {
+            let key = reuse_key(container, &write.secrets.secret_mounts);
             if let Some(passed_over) = &write.passed_over {
-                check_passed_over(&mut tx, container, &write.secrets, passed_over).await?;
+                check_passed_over(&mut tx, container, &key, passed_over).await?;
             }
-            insert_container(&mut tx, container, &write.secrets).await?;
+            insert_container(&mut tx, container, &write.secrets, &key).await?;
         }
         if let Some(reused) = &write.reused_container {
             check_reused(&mut tx, reused).await?;
@@ -999,7 +1002,8 @@ impl Store for PostgresStore {
             .map_err(StoreError::query("clear a container's secrets"))?;
         }
         if let Some(retry) = &write.retry {
-            insert_container(&mut tx, &retry.new_container, &retry.secrets).await?;
+            let key = reuse_key(&retry.new_container, &retry.secrets.secret_mounts);
+            insert_container(&mut tx, &retry.new_container, &retry.secrets, &key).await?;
             for moved in &retry.requests {
                 update_record(
                     &mut tx,
@@ -1179,7 +1183,7 @@ impl Store for PostgresStore {
         params.push(Bound::Integer(Some(changes::row_limit(limit))));
         let sql = numbered(&changes::page_query(condition.as_deref()));
         // One snapshot for the counter and the rows. Writers commit in
-        // counter order (see the migration), so the snapshot holds every
+        // counter order (see the migration), so the snapshot contains every
         // change up to the counter's value and none after it.
         let mut tx = self
             .pool

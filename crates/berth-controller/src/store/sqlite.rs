@@ -210,10 +210,10 @@ async fn reusable_rows(
 async fn check_passed_over(
     conn: &mut SqliteConnection,
     container: &Container,
-    secrets: &Secrets,
+    key: &str,
     passed_over: &[String],
 ) -> Result<()> {
-    let rows = reusable_rows(conn, &reuse_key(container, &secrets.secret_mounts)).await?;
+    let rows = reusable_rows(conn, key).await?;
     if rows
         .iter()
         .any(|row| !passed_over.contains(&row.record.uuid))
@@ -231,13 +231,14 @@ async fn insert_container(
     conn: &mut SqliteConnection,
     container: &Container,
     secrets: &Secrets,
+    key: &str,
 ) -> Result<()> {
     insert_record(conn, &CONTAINERS, &container.uuid, container).await?;
     let [secret_mounts, runtime_token] = encode_secrets(CONTAINERS.name, &container.uuid, secrets)?;
     sqlx::query(
         "UPDATE containers SET reuse_key = ?, secret_mounts = ?, runtime_token = ? WHERE uuid = ?",
     )
-    .bind(reuse_key(container, &secrets.secret_mounts))
+    .bind(key)
     .bind(secret_mounts)
     .bind(runtime_token)
     .bind(&container.uuid)
@@ -847,10 +848,11 @@ impl Store for SqliteStore {
     ) -> Result<Versioned<ContainerRequest>> {
         let mut tx = self.begin_write().await?;
         if let Some(container) = container {
+            let key = reuse_key(container, &secrets.secret_mounts);
             if let Some(passed_over) = passed_over {
-                check_passed_over(&mut tx, container, secrets, passed_over).await?;
+                check_passed_over(&mut tx, container, &key, passed_over).await?;
             }
-            insert_container(&mut tx, container, secrets).await?;
+            insert_container(&mut tx, container, secrets, &key).await?;
         }
         if let Some(reused) = reused {
             check_reused(&mut tx, reused).await?;
@@ -889,10 +891,11 @@ impl Store for SqliteStore {
         let record = &write.record;
         let mut tx = self.begin_write().await?;
         if let Some(container) = &write.new_container {
+            let key = reuse_key(container, &write.secrets.secret_mounts);
             if let Some(passed_over) = &write.passed_over {
-                check_passed_over(&mut tx, container, &write.secrets, passed_over).await?;
+                check_passed_over(&mut tx, container, &key, passed_over).await?;
             }
-            insert_container(&mut tx, container, &write.secrets).await?;
+            insert_container(&mut tx, container, &write.secrets, &key).await?;
         }
         if let Some(reused) = &write.reused_container {
             check_reused(&mut tx, reused).await?;
@@ -1034,7 +1037,8 @@ impl Store for SqliteStore {
             .map_err(StoreError::query("clear a container's secrets"))?;
         }
         if let Some(retry) = &write.retry {
-            insert_container(&mut tx, &retry.new_container, &retry.secrets).await?;
+            let key = reuse_key(&retry.new_container, &retry.secrets.secret_mounts);
+            insert_container(&mut tx, &retry.new_container, &retry.secrets, &key).await?;
             for moved in &retry.requests {
                 update_record(
                     &mut tx,
