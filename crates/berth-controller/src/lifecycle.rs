@@ -122,7 +122,7 @@ const RUN_REPORT_FIELDS: &[&str] = &[
     "log",
 ];
 
-/// The fields besides `state` that an update may change, by the state it
+/// Returns the fields besides `state` that an update may change, by the state it
 /// starts from and the state it ends in (the same state for an update that
 /// changes no state).
 fn state_fields(from: ContainerState, to: ContainerState) -> Vec<&'static str> {
@@ -264,7 +264,7 @@ fn merge<T: Serialize + DeserializeOwned>(
 }
 
 /// Replaces the Rust type names in a deserialisation message with the
-/// JSON words a client knows.
+/// JSON words clients use.
 fn plain_type_names(message: &str) -> String {
     let mut text = message.to_string();
     for (rust, plain) in [

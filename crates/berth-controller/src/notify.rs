@@ -24,8 +24,8 @@
 //!
 //! NOTE: every change wakes every change-feed waiter, and each then runs
 //! one store query, so wake-ups slow down with thousands of waiters (a
-//! median of about 2 s with 3,000 measured); waking only the waiters that
-//! may see the changed container would fix it.
+//! median of about 2 s was measured with 3,000). Waking only the waiters
+//! that may see the changed container would fix it.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -7,7 +7,7 @@
 //! backend's own id for the job ([`JobId`]) is kept as well.
 //!
 //! A failed status query is an error, never an empty queue: the loop acts on
-//! a job's absence only after successful queries. A backend that can say
+//! a job's absence only after successful queries. A backend that can tell
 //! why a job ended implements [`Backend::end_reason`] as well.
 
 use std::fmt;
@@ -244,7 +244,7 @@ pub trait Backend: Send {
 
     /// Asks the batch system why `job`, which has left its queue, ended,
     /// and returns the cause as a sentence for users, or `None` when the
-    /// batch system no longer knows the job. The loop calls it only for a
+    /// batch system no longer keeps the job. The loop calls it only for a
     /// job whose container was still running; an error costs the sentence
     /// and nothing else. The default knows nothing.
     async fn end_reason(&mut self, _job: &JobId) -> Result<Option<String>, BackendError> {

@@ -368,7 +368,7 @@ pub struct SlurmConfig {
     #[serde(default = "default_scontrol")]
     pub scontrol: PathBuf,
     /// The `sacct` program: a path, or a name looked up in `PATH`. It is
-    /// asked why a job ended only when `scontrol` no longer knows the job;
+    /// queried for why a job ended only when `scontrol` no longer keeps the job;
     /// without Slurm accounting it fails, and the reason is left out. Its
     /// absence is not an error.
     #[serde(default = "default_sacct")]

@@ -1125,7 +1125,7 @@ impl<B: Backend> Dispatcher<B> {
     }
 
     /// Asks the backend why a job that left the queue ended. A failure
-    /// only loses the answer: the container is cancelled all the same.
+    /// only loses the reason, because the container is cancelled all the same.
     async fn end_reason(&mut self, job: &JobId) -> Option<String> {
         match self.backend.end_reason(job).await {
             Ok(reason) => reason,

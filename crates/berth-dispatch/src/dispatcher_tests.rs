@@ -409,7 +409,7 @@ async fn one_empty_status_answer_cancels_nothing() {
     assert_eq!(h.state(B), ContainerState::Locked);
     let submits = h.backend.submits().len();
 
-    // The batch system answers once with no jobs at all, then lists them
+    // The batch system returns no jobs at all once, then lists them
     // again: nothing is cancelled, unlocked or submitted again.
     h.backend.empty_statuses(1);
     h.resync().await;

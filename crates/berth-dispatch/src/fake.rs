@@ -514,14 +514,14 @@ struct BackendState {
     cancels: Vec<BatchJob>,
     status_calls: u64,
     failing_statuses: u32,
-    /// Status queries still to answer with an empty list, as a batch
+    /// Status queries still to return an empty list, as a batch
     /// system that lost its job table for a moment would.
     empty_statuses: u32,
     submit_failures: VecDeque<SubmitFailure>,
     /// The jobs of each reprioritise call, sorted by job id.
     reprioritised: Vec<Vec<(JobId, i64)>>,
     failing_reprioritises: u32,
-    /// Answers to [`Backend::end_reason`] by job id: a sentence, or `None`
+    /// Results of [`Backend::end_reason`] by job id: a sentence, or `None`
     /// for a query that fails.
     end_reasons: HashMap<JobId, Option<String>>,
 }
@@ -591,7 +591,7 @@ impl FakeBackend {
         self.state().empty_statuses = n;
     }
 
-    /// The jobs and priorities of each reprioritise call, sorted by job id.
+    /// Returns the jobs and priorities of each reprioritise call, sorted by job id.
     pub fn reprioritised(&self) -> Vec<Vec<(JobId, i64)>> {
         self.state().reprioritised.clone()
     }
@@ -601,8 +601,8 @@ impl FakeBackend {
         self.state().failing_reprioritises = n;
     }
 
-    /// Sets the answer to why job `id` ended: `Some` sentence, or `None`
-    /// for a failing query. A job without an answer is unknown.
+    /// Sets the reason why job `id` ended: `Some` sentence, or `None`
+    /// for a failing query. A job without one is unknown.
     pub fn set_end_reason(&self, id: &str, reason: Option<&str>) {
         self.state()
             .end_reasons

@@ -171,8 +171,8 @@ impl<R: CommandRunner> LsfBackend<R> {
         CommandSpec::new(&self.config.bkill, args)
     }
 
-    /// Classifies a failed `bsub`: a rejection of the job itself is
-    /// permanent; anything else (LSF down, a busy mbatchd, a timeout) may
+    /// Classifies a failed `bsub`. A rejection of the job itself is
+    /// permanent. Anything else (LSF down, a busy mbatchd, a timeout) may
     /// pass on another try.
     fn submit_error(&self, request: &JobRequest, error: CommandError) -> BackendError {
         let stderr = error.stderr().unwrap_or_default();
@@ -625,7 +625,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_or_empty_bjobs_is_never_an_empty_queue() {
+    async fn failed_bjobs_is_no_empty_queue() {
         let (mut backend, runner) = backend(LsfConfig::default());
         let answers = [
             CommandOutput::exited(255, "", "LSF is down. Please wait ...\n"),

@@ -460,7 +460,7 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
     }
 }
 
-/// How a job ended, as Slurm recorded it.
+/// The end of a job, as Slurm recorded it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEnd {
     /// Slurm's state name, such as `OUT_OF_MEMORY` or `CANCELLED`.
@@ -512,7 +512,7 @@ fn split_cancelled_by(state: &str) -> (String, Option<String>) {
     (name, by)
 }
 
-/// A field's value, empty for Slurm's `None` and `(null)`.
+/// Returns a field's value, empty for Slurm's `None` and `(null)`.
 fn none_as_empty(value: &str) -> String {
     let value = value.trim();
     if value == "None" || value == "(null)" {
@@ -741,7 +741,7 @@ fn parse_squeue_line(line: &str) -> Result<(BatchJob, i64), &'static str> {
 }
 
 /// Fragments of `scontrol update` errors about a job that has ended or
-/// that Slurm no longer knows (slurm-wlm 22.05: `Job has already finished
+/// that Slurm no longer keeps (slurm-wlm 22.05: `Job has already finished
 /// for job 196`, `Invalid job id specified for job 999`).
 const RENICE_ENDED: &[&str] = &["Job has already finished", "Invalid job id specified"];
 
@@ -755,7 +755,7 @@ fn renices_only_ended_jobs(stderr: &str) -> bool {
     lines.peek().is_some() && lines.all(|line| RENICE_ENDED.iter().any(|text| line.contains(text)))
 }
 
-/// One pending job, as [`plan_nice`] sees it.
+/// One pending job, as [`plan_nice`] takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NiceJob {
     /// The container's priority: higher runs first.
@@ -765,10 +765,9 @@ pub struct NiceJob {
 }
 
 /// Maps jobs in order of priority (highest first, as given) onto nice
-/// values, so that a job of higher priority always has a lower nice value
-/// than one of lower priority, and jobs of equal priority fit between the
-/// jobs before and after them. Returns one value per job, in the same
-/// order.
+/// values. A job of higher priority always gets a lower nice value than
+/// one of lower priority, and jobs of equal priority fit between the jobs
+/// before and after them. Returns one value per job, in the same order.
 ///
 /// The first jobs get `base`; each later priority gets values above the
 /// highest value of the priority before it. A job keeps its current value
@@ -1447,7 +1446,7 @@ mod tests {
     }
 
     #[test]
-    fn plan_nice_keeps_an_order_that_is_already_right() {
+    fn plan_nice_keeps_right_order() {
         for current in [vec![0, 10, 20, 30], vec![0, 1, 2, 99], vec![3, 50, 51, 140]] {
             let jobs: Vec<NiceJob> = current
                 .iter()
@@ -1547,7 +1546,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reprioritise_renices_changed_jobs_in_one_call_per_value() {
+    async fn reprioritise_batches_by_value() {
         let (mut backend, runner) = backend(SlurmConfig::default());
         runner.answer(CommandOutput::ok(
             "21|PENDING|0|Priority|a\n22|PENDING|0|Priority|b\n23|PENDING|0|Priority|c\n24|PENDING|0|Priority|d\n",
@@ -1691,7 +1690,7 @@ mod tests {
     }
 
     #[test]
-    fn show_job_names_the_end_states_and_who_cancelled() {
+    fn show_job_end_states() {
         // The real line with its state, reason and exit code edited, as
         // Slurm prints them for these ends.
         let edit =
@@ -1763,7 +1762,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn end_reason_of_a_forgotten_job_falls_back_to_sacct() {
+    async fn end_reason_falls_back_to_sacct() {
         let (mut backend, runner) = backend(SlurmConfig::default());
         let unknown =
             || CommandOutput::exited(1, "", "slurm_load_jobs error: Invalid job id specified\n");
@@ -1780,7 +1779,7 @@ mod tests {
             ["-j", "7", "-n", "-P", "-o", "State,ExitCode,Reason"]
         );
 
-        // Without accounting, as on this machine, there is no answer.
+        // Without accounting, as on this machine, no reason is found.
         runner.answer(unknown()).answer(CommandOutput::exited(
             1,
             "",

@@ -278,7 +278,7 @@ async fn unknown_container_partition_is_permanent() {
     assert!(text.contains("--partition=no-such-partition"), "{text}");
 }
 
-/// Submits `count` jobs that stay pending (`extra` holds them back) and
+/// Submits `count` jobs that stay pending (`extra` keeps them back) and
 /// waits until the status query lists them all.
 async fn pending_jobs(
     backend: &mut SlurmBackend<ProcessRunner>,
@@ -307,7 +307,7 @@ async fn pending_jobs(
     }
 }
 
-/// Each job's nice value and Slurm priority, as squeue shows them.
+/// Returns each job's nice value and Slurm priority, as squeue lists them.
 fn nice_and_priority(ids: &[JobId]) -> Vec<(i64, u64)> {
     ids.iter()
         .map(|id| {
@@ -342,8 +342,10 @@ async fn pending_jobs_follow_container_priorities() {
     // Slurm's own order follows: higher container priority, higher Slurm
     // priority.
     let slurm: Vec<u64> = seen.iter().map(|(_, priority)| *priority).collect();
-    assert!(slurm[2] > slurm[0] && slurm[2] > slurm[3], "{seen:?}");
-    assert!(slurm[0] > slurm[1] && slurm[3] > slurm[1], "{seen:?}");
+    assert!(slurm[2] > slurm[0], "{seen:?}");
+    assert!(slurm[2] > slurm[3], "{seen:?}");
+    assert!(slurm[0] > slurm[1], "{seen:?}");
+    assert!(slurm[3] > slurm[1], "{seen:?}");
 
     // The next poll, same order: nothing changes.
     backend.status().await.unwrap();
@@ -360,7 +362,8 @@ async fn pending_jobs_follow_container_priorities() {
     let nices: Vec<i64> = seen.iter().map(|(nice, _)| *nice).collect();
     assert_eq!(nices, [40, 20, 30, 40], "{seen:?}");
     let slurm: Vec<u64> = seen.iter().map(|(_, priority)| *priority).collect();
-    assert!(slurm[1] > slurm[2] && slurm[2] > slurm[0], "{seen:?}");
+    assert!(slurm[1] > slurm[2], "{seen:?}");
+    assert!(slurm[2] > slurm[0], "{seen:?}");
 
     // A new job waits behind the listed ones until a poll places it.
     let submission = backend.submit(&request(dir.path())).await.unwrap();
@@ -428,7 +431,7 @@ async fn scancelled_job_end_reason_names_the_cancel() {
     assert!(reason.contains("exit code "), "{reason}");
 
     // A job Slurm never had keeps no reason; without accounting, sacct
-    // cannot answer either.
+    // finds none either.
     assert_eq!(
         backend.end_reason(&JobId::new("999999999")).await.unwrap(),
         None

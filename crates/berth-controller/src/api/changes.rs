@@ -49,7 +49,7 @@ pub const LIST_KIND: &str = "berth#containerChangeList";
 pub const MAX_WAIT: Duration = super::logs::MAX_WAIT;
 
 /// List parameters that the change feed does not take; a call that
-/// sends one is rejected rather than answered unfiltered.
+/// sends one is rejected rather than served unfiltered.
 const LIST_ONLY_PARAMETERS: &[&str] = &["filters", "where", "order", "select", "offset", "count"];
 
 /// Maximum items per page, and the default.

@@ -905,8 +905,8 @@ pub fn list_query(
 const WRITE_ONLY_ATTRIBUTES: &[&str] = &["secret_mounts", "runtime_token"];
 
 /// The `select` parameter: the attributes a response should keep.
-/// What an update call sends: the attributes to change, and the `select`
-/// of the response.
+/// The input of an update call: the attributes to change, and the
+/// `select` of the response.
 #[derive(Debug)]
 pub struct UpdateInput {
     pub attributes: Map<String, Value>,

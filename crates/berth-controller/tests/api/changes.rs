@@ -292,7 +292,7 @@ async fn waiter_returns_promptly_after_change() {
 }
 
 #[tokio::test]
-async fn waiter_is_not_answered_for_changes_it_cannot_see() {
+async fn waiter_ignores_invisible_changes() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
     let bob = api.user("bob", false).await;

@@ -5,7 +5,7 @@
 //! A [`ContainerWatch`] keeps a cursor of the feed. Its first
 //! [`changed`](ContainerWatch::changed) takes the cursor and returns at
 //! once, so the caller looks at the container right away; each later call
-//! holds a long-poll until the container changes, or the feed's wait ends
+//! keeps a long-poll open until the container changes, or the feed's wait ends
 //! (then the caller looks once more, which covers changes the feed does not
 //! carry, such as a request becoming Final).
 //!
@@ -19,7 +19,7 @@ use berth_client::ClientError;
 
 use super::api::Api;
 
-/// How long one read of the feed asks the server to wait. When it ends
+/// Time one read of the feed requests the server to wait. When it ends
 /// the caller looks again, which catches what the feed does not carry (a
 /// request set Final while its container's priority was already 0) within
 /// this time.
