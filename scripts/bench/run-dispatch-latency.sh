@@ -43,6 +43,8 @@ SETUP_NAME=bench
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 # shellcheck source=scripts/setup/lib.sh
 . "$REPO_ROOT/scripts/setup/lib.sh"
+# shellcheck source=scripts/bench/lib.sh
+. "$REPO_ROOT/scripts/bench/lib.sh"
 
 ROUNDS=${1:-10}
 : "${BERTH_BENCH_BIN:=$REPO_ROOT/target/release/berth}"
@@ -66,61 +68,13 @@ esac
 [ -S "$BERTH_PODMAN_SOCK" ] || die "no Podman socket at $BERTH_PODMAN_SOCK: run scripts/setup/podman.sh service-start"
 command -v python3 >/dev/null || die "python3 not found: install it"
 
-if [ ! -x "$BERTH_BENCH_BIN" ]; then
-  log "building $BERTH_BENCH_BIN"
-  (cd "$REPO_ROOT" && cargo build --release -p berth)
-fi
-
-work=$(mktemp -d /tmp/berth-dispatch-bench.XXXXXX)
-controller_pid=""
-cleanup() {
-  [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && wait "$controller_pid" 2>/dev/null
-  [ -n "${BERTH_BENCH_KEEP:-}" ] && log "kept $work" || rm -rf "$work"
-}
-trap cleanup EXIT
-
-# The system token, in a file only its owner can read.
-(umask 077 && python3 -c 'import secrets; print(secrets.token_hex(24))' >"$work/system-token")
-mkdir -m 0700 "$work/credentials"
-
-# write_config FILE [WATCH]: the controller's and supervisor's sections,
-# and with WATCH the dispatcher's, which needs the controller's address.
-write_config() {
-  {
-    printf 'cluster_id: bench\nsystem_token_file: %s\n' "$work/system-token"
-    printf 'controller:\n  listen: 127.0.0.1:0\n  database_url: sqlite://%s\n' "$work/berth.db"
-    printf 'supervisor:\n  docker_host: unix://%s\n' "$BERTH_PODMAN_SOCK"
-    if [ $# -gt 1 ]; then
-      printf 'dispatch:\n  backend: %s\n  api_url: %s\n' "$BERTH_BENCH_BACKEND" "$api_url"
-      printf '  poll_interval: %ss\n  resync_interval: %ss\n  watch: %s\n' \
-        "$BERTH_BENCH_POLL" "$BERTH_BENCH_RESYNC" "$2"
-      printf '  credentials_dir: %s\n  slurm:\n    output: %s/slurm-%%j.out\n' \
-        "$work/credentials" "$work"
-      printf '  local:\n    log_dir: %s\n' "$work"
-    fi
-  } >"$1"
-}
-
-# The controller logs each request it completes, with its method and
-# route, at debug level: that log is what the script counts.
-write_config "$work/controller.yml"
-# Made here, so that the loop below never reads it before the controller
-# has opened it.
-: >"$work/controller.out"
-RUST_LOG=info,berth_controller::api=debug \
-  "$BERTH_BENCH_BIN" controller --config "$work/controller.yml" >"$work/controller.out" 2>"$work/controller.log" &
-controller_pid=$!
-api_url=""
-for _ in $(seq 300); do
-  api_url=$(sed -n 's/^berth controller listening on //p' "$work/controller.out")
-  [ -n "$api_url" ] && break
-  kill -0 "$controller_pid" 2>/dev/null || { tail -n 20 "$work/controller.log" >&2; die "berth controller exited"; }
-  sleep 0.1
+bench_build "$BERTH_BENCH_BIN"
+bench_start_controller "$BERTH_BENCH_BIN" berth-dispatch-bench
+for way in feed no-feed; do
+  watch=true
+  [ "$way" = feed ] || watch=false
+  bench_write_config "$work/$way.yml" "$BERTH_BENCH_BACKEND" "$watch" "$BERTH_BENCH_POLL" "$BERTH_BENCH_RESYNC"
 done
-[ -n "$api_url" ] || die "berth controller did not print its address; see $work/controller.log"
-user_token=$("$BERTH_BENCH_BIN" admin create-user bench --config "$work/controller.yml")
-write_config "$work/feed.yml" true
-write_config "$work/no-feed.yml" false
 
 cat >"$work/bench.py" <<'EOF'
 import json, math, os, random, signal, statistics, subprocess, sys, time
