@@ -201,9 +201,9 @@ where
     F: FnMut(CancellationToken, Option<LeaseFence>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let mut first_attempt = true;
+    let mut never_held = true;
     loop {
-        let tenure = match wait_for_lease(api, settings, shutdown, first_attempt).await {
+        let tenure = match wait_for_lease(api, settings, shutdown, never_held).await {
             Wait::Acquired(tenure) => tenure,
             Wait::Shutdown => return Ok(()),
             Wait::Unsupported if settings.required => anyhow::bail!(
@@ -218,7 +218,7 @@ where
                 return active(shutdown.child_token(), None).await;
             }
         };
-        first_attempt = false;
+        never_held = false;
         tracing::info!(lease = %settings.name, holder = %settings.holder, epoch = tenure.epoch, "took the dispatch lease");
 
         let token = shutdown.child_token();
@@ -249,12 +249,14 @@ where
     }
 }
 
-/// Tries to acquire the lease every renew interval until it is held.
+/// Tries to acquire the lease every renew interval until it is held. A
+/// 404 before this process ever held the lease means that the controller
+/// does not serve the lease routes.
 async fn wait_for_lease(
     api: &dyn LeaseApi,
     settings: &LeaseSettings,
     shutdown: &CancellationToken,
-    mut first_attempt: bool,
+    never_held: bool,
 ) -> Wait {
     let mut waiting_logged = false;
     let mut failures = 0u64;
@@ -284,7 +286,7 @@ async fn wait_for_lease(
                 failures = 0;
             }
             Ok(Err(err))
-                if first_attempt && err.status().map(|status| status.as_u16()) == Some(404) =>
+                if never_held && err.status().map(|status| status.as_u16()) == Some(404) =>
             {
                 return Wait::Unsupported;
             }
@@ -305,7 +307,6 @@ async fn wait_for_lease(
                 );
             }
         }
-        first_attempt = false;
         tokio::select! {
             _ = shutdown.cancelled() => return Wait::Shutdown,
             _ = tokio::time::sleep(settings.renew_interval) => {}
@@ -728,6 +729,32 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(runs.events()[0].1, "start None");
+
+        // A controller that was unreachable at first, then answers 404.
+        let api = ScriptedLeases::default();
+        api.acquire.lock().unwrap().extend([
+            Err(api_error(StatusCode::SERVICE_UNAVAILABLE)),
+            Err(api_error(StatusCode::NOT_FOUND)),
+        ]);
+        let shutdown = CancellationToken::new();
+        let stopper = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            stopper.cancel();
+        });
+        let runs = Runs::default();
+        run_with_lease(
+            &api,
+            &settings(false),
+            &shutdown,
+            recording_loop(&runs, Instant::now()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            runs.events()[0],
+            (Duration::from_secs(2), "start None".to_string())
+        );
 
         let api = ScriptedLeases::default();
         api.acquire

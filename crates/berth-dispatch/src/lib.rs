@@ -14,6 +14,10 @@
 //! [`local`] runs each
 //! supervisor as a child process.
 //!
+//! One dispatcher per lease name is active: [`lease`] wraps the loop,
+//! holds a leader lease in the controller's database, and stops the loop
+//! when the lease is lost, while other dispatchers wait as standbys.
+//!
 //! A job runs `berth supervise [--config FILE] --credentials FILE UUID`
 //! ([`SupervisorCommand`]). It is named after its container, so a restarted
 //! dispatcher finds its jobs again in the batch queue and submits nothing
