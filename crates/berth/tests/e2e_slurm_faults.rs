@@ -34,18 +34,22 @@ const BURST: usize = 200;
 /// Requests created at once while the burst is queued.
 const CREATE_CONCURRENCY: usize = 16;
 
-/// Number of SIGKILLs during the burst, and the range of the dispatcher's
-/// run time before each.
+/// Maximum number of SIGKILLs during the burst, the minimum number that
+/// must hit it while containers are unfinished, and the range of the
+/// dispatcher's run time before each.
 const KILLS: usize = 6;
-const RUN_BEFORE_KILL_MS: std::ops::Range<u64> = 500..6000;
+const KILLS_DURING_BURST: usize = 3;
+const RUN_BEFORE_KILL_MS: std::ops::Range<u64> = 300..3000;
 
 /// How long slurmctld stays stopped.
 const SLURMCTLD_DOWN: Duration = Duration::from_secs(30);
 
 /// Creates `count` committed requests running `command`, several at a
-/// time; returns their containers' UUIDs.
+/// time; returns their containers' UUIDs. Reuse is off, so each request
+/// gets a container of its own.
 async fn create_containers(client: &Client, command: &[&str], count: usize) -> Vec<String> {
-    let body = common::request_body(command, 500);
+    let mut body = common::request_body(command, 500);
+    body["use_existing"] = serde_json::json!(false);
     let mut uuids = Vec::with_capacity(count);
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..count {
@@ -63,7 +67,25 @@ async fn create_containers(client: &Client, command: &[&str], count: usize) -> V
     while let Some(uuid) = tasks.join_next().await {
         uuids.push(uuid.unwrap());
     }
+    let distinct: std::collections::HashSet<&String> = uuids.iter().collect();
+    assert_eq!(distinct.len(), count, "requests shared containers");
     uuids
+}
+
+/// Counts the caller's containers that are not final yet.
+async fn unfinished_count(client: &Client) -> u64 {
+    let params = berth_client::ListParams {
+        filters: Some(serde_json::json!([[
+            "state",
+            "in",
+            ["Queued", "Locked", "Running"]
+        ]])),
+        limit: Some(0),
+        count: Some("exact".to_string()),
+        ..Default::default()
+    };
+    let page = client.list_containers(&params).await.unwrap();
+    page.items_available.expect("the list has no count")
 }
 
 /// Counts the jobs per job name that `squeue --states=all` lists, for the
@@ -221,6 +243,7 @@ async fn sigkilled_dispatcher_burst_one_job_each() {
     eprintln!("created {BURST} requests in {:?}", started.elapsed());
 
     let mut rng = rand::thread_rng();
+    let mut kills_during_burst = 0;
     for kill in 0..KILLS {
         // Let the dispatcher take the lease (once per start so far), then
         // kill it at a random moment of its run.
@@ -239,14 +262,23 @@ async fn sigkilled_dispatcher_burst_one_job_each() {
         .await;
         let run_for = Duration::from_millis(rng.gen_range(RUN_BEFORE_KILL_MS));
         tokio::time::sleep(run_for).await;
+        let unfinished = unfinished_count(&client).await;
+        if unfinished == 0 {
+            break;
+        }
         cluster.kill_dispatcher();
+        kills_during_burst += 1;
         eprintln!(
-            "SIGKILL {} at {:?}, after {run_for:?} of dispatching",
+            "SIGKILL {} at {:?}, after {run_for:?} of dispatching, with {unfinished} containers unfinished",
             kill + 1,
             started.elapsed()
         );
         cluster.start_dispatcher();
     }
+    assert!(
+        kills_during_burst >= KILLS_DURING_BURST,
+        "only {kills_during_burst} SIGKILLs hit the burst"
+    );
 
     let failed = wait_all_final(&cluster, &client, &uuids, Duration::from_secs(600)).await;
     eprintln!(
