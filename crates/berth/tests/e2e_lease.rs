@@ -1,7 +1,7 @@
 //! End to end on real Slurm and real Podman: two `berth dispatch`
 //! processes share one controller's dispatch lease. The standby takes over
 //! when the leader is killed with SIGKILL, adopts its jobs, and submits
-//! nothing twice. Takes about 20 s.
+//! nothing twice. Takes about 60 s.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,6 +20,13 @@ const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 /// Containers queued before and after the leader's death.
 const BEFORE_KILL: usize = 3;
 const AFTER_KILL: usize = 3;
+
+/// Builds a request for `command` with a container of its own (no reuse).
+fn own_container_request(command: &[&str]) -> serde_json::Value {
+    let mut body = common::request_body(command, 500);
+    body["use_existing"] = serde_json::json!(false);
+    body
+}
 
 async fn wait_for_log_line(cluster: &TestCluster, log: &dyn Fn() -> String, line: &str) {
     wait_until(cluster, Duration::from_secs(60), line, || async {
@@ -61,7 +68,7 @@ async fn standby_takes_over_killed_leader() {
     // Containers running under the leader when it dies.
     let mut containers = Vec::new();
     for _ in 0..BEFORE_KILL {
-        let body = common::request_body(&["sh", "-c", "sleep 8; echo done"], 500);
+        let body = own_container_request(&["sh", "-c", "sleep 8; echo done"]);
         let request = user.create_container_request(&body).await.unwrap();
         containers.push(request.container_uuid.unwrap());
     }
@@ -75,13 +82,22 @@ async fn standby_takes_over_killed_leader() {
         .await;
     }
 
+    let distinct: std::collections::HashSet<&String> = containers.iter().collect();
+    assert_eq!(distinct.len(), BEFORE_KILL, "requests shared containers");
+
     cluster.kill_dispatcher();
     let killed_at = Instant::now();
     for _ in 0..AFTER_KILL {
-        let body = common::request_body(&["sh", "-c", "echo after"], 500);
+        let body = own_container_request(&["sh", "-c", "echo after"]);
         let request = user.create_container_request(&body).await.unwrap();
         containers.push(request.container_uuid.unwrap());
     }
+    let distinct: std::collections::HashSet<&String> = containers.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        BEFORE_KILL + AFTER_KILL,
+        "requests shared containers"
+    );
     wait_for_log_line(&cluster, &|| standby.log_text(), "took the dispatch lease").await;
     let takeover = killed_at.elapsed();
     eprintln!("the standby took the lease {takeover:?} after the leader's SIGKILL");
