@@ -16,9 +16,10 @@
 //! host's Slurm shares, so it runs only with `BERTH_TEST_STOP_SLURMCTLD=1`.
 //!
 //! On a 2-core host whose Slurm runs 8 jobs at once (2 cores, each shared
-//! by 4 jobs), the burst took about 5 min and the outage about 55 s.
-//! Each trivial container's job takes about 10 s there, so the burst's
-//! time is set by the number of job slots.
+//! by 4 jobs), the burst took about 5 min and the outage about 55 s. The
+//! burst's time works out at about 12 s per trivial container's job in
+//! each of the 8 slots (an estimate from the total), so the number of job
+//! slots sets it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -201,6 +202,7 @@ fn assert_one_job_each(cluster: &TestCluster, uuids: &[String], jobcomp: &str) {
         std::thread::sleep(Duration::from_millis(500));
         completed = jobcomp_job_counts(jobcomp, &prefix);
     }
+
     let listed = squeue_job_counts(&prefix);
     let twice_listed: Vec<_> = uuids
         .iter()
@@ -211,6 +213,7 @@ fn assert_one_job_each(cluster: &TestCluster, uuids: &[String], jobcomp: &str) {
         twice_listed.is_empty(),
         "containers without exactly one job in squeue --states=all: {twice_listed:?}"
     );
+
     let twice_completed: Vec<_> = uuids
         .iter()
         .filter(|uuid| completed.get(*uuid).copied().unwrap_or(0) != 1)
@@ -220,6 +223,7 @@ fn assert_one_job_each(cluster: &TestCluster, uuids: &[String], jobcomp: &str) {
         twice_completed.is_empty(),
         "containers without exactly one job in {jobcomp}: {twice_completed:?}"
     );
+
     let strays: Vec<_> = listed.keys().filter(|name| !uuids.contains(name)).collect();
     assert!(strays.is_empty(), "jobs of no container: {strays:?}");
 }
