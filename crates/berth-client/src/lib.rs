@@ -298,6 +298,29 @@ pub struct Locked {
     pub credentials: ContainerCredentials,
 }
 
+/// A dispatch lease as the controller returns it
+/// (`POST dispatch_leases/{name}/acquire`, `renew` or `release`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DispatchLease {
+    pub name: String,
+    /// The holder id of the dispatcher that holds the lease, if any.
+    pub holder: Option<String>,
+    /// The number of times the lease changed holder.
+    pub epoch: i64,
+    /// True when the holder named in the call holds the lease.
+    pub held: bool,
+    /// Seconds until the lease expires, by the controller's clock.
+    pub expires_in: f64,
+}
+
+/// A lease epoch that a lock call carries, so that the controller rejects
+/// the lock once another dispatcher took the lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseFence {
+    pub name: String,
+    pub epoch: i64,
+}
+
 /// One page of the container change feed.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ContainerChanges {
@@ -515,8 +538,26 @@ impl Client {
     /// Locks a queued container. The answer carries the container's
     /// credentials, which the controller shows only this once.
     pub async fn lock_container(&self, uuid: &str) -> Result<Locked> {
+        self.lock_container_fenced(uuid, None).await
+    }
+
+    /// Locks a queued container, as [`Client::lock_container`]. With a
+    /// fence, the controller locks it only while that lease epoch is
+    /// current, and returns 409 Conflict otherwise.
+    pub async fn lock_container_fenced(
+        &self,
+        uuid: &str,
+        fence: Option<&LeaseFence>,
+    ) -> Result<Locked> {
         let path = format!("arvados/v1/containers/{uuid}/lock");
-        let mut value: Value = self.call(Method::POST, &path, &[], None).await?;
+        let query: Vec<(&str, String)> = match fence {
+            Some(fence) => vec![
+                ("lease", fence.name.clone()),
+                ("lease_epoch", fence.epoch.to_string()),
+            ],
+            None => Vec::new(),
+        };
+        let mut value: Value = self.call(Method::POST, &path, &query, None).await?;
         let decode = |source| ClientError::Decode {
             method: Method::POST,
             url: path.clone(),
@@ -532,6 +573,49 @@ impl Client {
             container,
             credentials,
         })
+    }
+
+    /// Takes the dispatch lease `name` for `holder` for `ttl`, if it is
+    /// free, expired or already the holder's. The result's `held` tells
+    /// whether it was taken.
+    pub async fn acquire_dispatch_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<DispatchLease> {
+        let body = serde_json::json!({"holder": holder, "ttl": ttl.as_secs_f64()});
+        self.lease_call(name, "acquire", &body).await
+    }
+
+    /// Extends the dispatch lease `name` by `ttl` from now, if `holder`
+    /// still holds it at `epoch`. The result's `held` is false when the
+    /// lease was lost.
+    pub async fn renew_dispatch_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+        ttl: Duration,
+    ) -> Result<DispatchLease> {
+        let body = serde_json::json!({"holder": holder, "epoch": epoch, "ttl": ttl.as_secs_f64()});
+        self.lease_call(name, "renew", &body).await
+    }
+
+    /// Frees the dispatch lease `name` if `holder` holds it at `epoch`.
+    pub async fn release_dispatch_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+    ) -> Result<DispatchLease> {
+        let body = serde_json::json!({"holder": holder, "epoch": epoch});
+        self.lease_call(name, "release", &body).await
+    }
+
+    async fn lease_call(&self, name: &str, verb: &str, body: &Value) -> Result<DispatchLease> {
+        let path = format!("arvados/v1/dispatch_leases/{name}/{verb}");
+        self.call(Method::POST, &path, &[], Some(body)).await
     }
 
     /// Reads a container's secret mounts (`GET containers/{uuid}/secret_mounts`):

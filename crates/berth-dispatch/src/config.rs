@@ -8,6 +8,9 @@
 //!   resync_interval: 5m             # one listing of the queue per resync
 //!   watch: true                     # follow the controller's change feed
 //!   credentials_dir: /var/lib/berth/credentials
+//!   lease: auto                     # one active dispatcher, standbys wait
+//!   lease_ttl: 10s
+//!   lease_renew_interval: 2s
 //!   slurm:
 //!     reserve_ram: 256MiB
 //!     partition: batch
@@ -66,6 +69,11 @@ pub mod defaults {
     pub const PRIORITY_SPREAD: i64 = 10;
     /// LSF's output file for each job; `%J` is the job id.
     pub const LSF_OUTPUT: &str = "/tmp/berth-%J.out";
+    /// How long a dispatch lease lasts after each renewal.
+    pub const LEASE_TTL: Duration = Duration::from_secs(10);
+    /// How often the active dispatcher renews its lease, and a standby
+    /// tries to take it.
+    pub const LEASE_RENEW_INTERVAL: Duration = Duration::from_secs(2);
 }
 
 /// `bsub` options the dispatcher sets itself or that would break tracking,
@@ -87,6 +95,11 @@ const RESERVED_BSUB_OPTIONS: &[(&str, &str)] = &[
 /// Shortest `poll_interval` and `resync_interval` accepted: more frequent
 /// passes only load the controller and the batch system.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Shortest and longest `lease_ttl` accepted; the controller accepts the
+/// same range.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(1);
+const MAX_LEASE_TTL: Duration = Duration::from_secs(300);
 
 /// `sbatch` options the dispatcher sets itself and that `sbatch_args` must
 /// not override, each with the reason.
@@ -238,6 +251,43 @@ pub struct Config {
     /// here.
     #[serde(default = "default_credentials_dir")]
     pub credentials_dir: PathBuf,
+    /// Whether the dispatcher holds a leader lease in the controller's
+    /// database, so that one dispatcher per lease name is active and the
+    /// others wait as standbys: `auto` (the default), `true` or `false`.
+    /// `auto` uses the lease with the Slurm and LSF backends when the
+    /// controller serves the lease routes, and runs without it otherwise.
+    /// `true` requires it. The local backend runs its jobs as child
+    /// processes that a standby could not adopt, so it never uses the lease
+    /// (`true` is an error there). Every dispatcher sharing a lease must use
+    /// the same token (the system token), because a new leader adopts the
+    /// containers locked by its own token, and the same `credentials_dir`
+    /// on a shared file system.
+    #[serde(default, deserialize_with = "deserialize_lease_mode")]
+    pub lease: LeaseMode,
+    /// The lease's name: dispatchers with the same name exclude each other.
+    /// The backend's name (`slurm` or `lsf`) when unset.
+    #[serde(default)]
+    pub lease_name: Option<String>,
+    /// How long the lease lasts after each renewal, such as `10s`. A
+    /// standby takes over at most `lease_ttl` plus `lease_renew_interval`
+    /// after the active dispatcher died. The active one stops dispatching
+    /// when it could not renew before the lease's expiry minus a fifth of
+    /// `lease_ttl`, so it stops before a standby can start.
+    #[serde(
+        default = "default_lease_ttl",
+        deserialize_with = "deserialize_interval"
+    )]
+    pub lease_ttl: Duration,
+    /// Time between two renewals of the lease by the active dispatcher,
+    /// and between two attempts of a standby to take it, such as `2s`. At
+    /// most half of the part of `lease_ttl` before its fencing margin (4 s
+    /// with a `lease_ttl` of 10 s), so that a renewal can fail once and be
+    /// tried again before the dispatcher must stop.
+    #[serde(
+        default = "default_lease_renew_interval",
+        deserialize_with = "deserialize_interval"
+    )]
+    pub lease_renew_interval: Duration,
     /// Settings of the Slurm backend.
     #[serde(default)]
     pub slurm: SlurmConfig,
@@ -247,6 +297,18 @@ pub struct Config {
     /// Settings of the local backend.
     #[serde(default)]
     pub local: LocalConfig,
+}
+
+/// The `dispatch.lease` setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LeaseMode {
+    /// Use the lease when the backend and the controller support it.
+    #[default]
+    Auto,
+    /// Require the lease.
+    On,
+    /// Never use the lease.
+    Off,
 }
 
 /// The `dispatch.lsf` section.
@@ -396,6 +458,34 @@ fn default_resync_interval() -> Duration {
 
 fn default_watch() -> bool {
     defaults::WATCH
+}
+
+fn default_lease_ttl() -> Duration {
+    defaults::LEASE_TTL
+}
+
+fn default_lease_renew_interval() -> Duration {
+    defaults::LEASE_RENEW_INTERVAL
+}
+
+/// Reads `lease`: `true`, `false` or `auto`.
+fn deserialize_lease_mode<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<LeaseMode, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Setting {
+        Bool(bool),
+        Word(String),
+    }
+    match Setting::deserialize(deserializer)? {
+        Setting::Bool(true) => Ok(LeaseMode::On),
+        Setting::Bool(false) => Ok(LeaseMode::Off),
+        Setting::Word(word) if word == "auto" => Ok(LeaseMode::Auto),
+        Setting::Word(word) => Err(serde::de::Error::custom(format!(
+            "invalid lease setting {word:?}: expected true, false or auto"
+        ))),
+    }
 }
 
 fn default_credentials_dir() -> PathBuf {
@@ -602,6 +692,10 @@ impl Config {
             resync_interval: defaults::RESYNC_INTERVAL,
             watch: defaults::WATCH,
             credentials_dir: default_credentials_dir(),
+            lease: LeaseMode::Auto,
+            lease_name: None,
+            lease_ttl: defaults::LEASE_TTL,
+            lease_renew_interval: defaults::LEASE_RENEW_INTERVAL,
             slurm: SlurmConfig::default(),
             lsf: LsfConfig::default(),
             local: LocalConfig::default(),
@@ -638,11 +732,72 @@ impl Config {
             ));
         }
         check_absolute_utf8("credentials_dir", &self.credentials_dir)?;
+        self.validate_lease()?;
         if let Some(log_dir) = &self.local.log_dir {
             check_absolute_utf8("local.log_dir", log_dir)?;
         }
         self.slurm.validate()?;
         self.lsf.validate()
+    }
+
+    fn validate_lease(&self) -> Result<(), ConfigError> {
+        if self.lease == LeaseMode::On && self.backend == BackendKind::Local {
+            return Err(ConfigError::new(
+                "lease",
+                "the local backend runs its jobs as child processes, which a standby could not adopt: remove the key or set it to false",
+            ));
+        }
+        if let Some(name) = &self.lease_name {
+            let valid = !name.is_empty()
+                && name.len() <= 100
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                return Err(ConfigError::new(
+                    "lease_name",
+                    format!("invalid lease name {name:?}: use 1 to 100 letters, digits, '.', '_' or '-'"),
+                ));
+            }
+        }
+        if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&self.lease_ttl) {
+            return Err(ConfigError::new(
+                "lease_ttl",
+                format!(
+                    "{} is out of range: it must be from {} to {}",
+                    format_duration(self.lease_ttl),
+                    format_duration(MIN_LEASE_TTL),
+                    format_duration(MAX_LEASE_TTL)
+                ),
+            ));
+        }
+        let longest = (self.lease_ttl - self.lease_fence_margin()) / 2;
+        if self.lease_renew_interval < MIN_INTERVAL || self.lease_renew_interval > longest {
+            return Err(ConfigError::new(
+                "lease_renew_interval",
+                format!(
+                    "{} is out of range: with lease_ttl {} it must be from {} to {}, so that a failed renewal is tried again before the dispatcher must stop",
+                    format_duration(self.lease_renew_interval),
+                    format_duration(self.lease_ttl),
+                    format_duration(MIN_INTERVAL),
+                    format_duration(longest)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Returns the time before the lease's expiry at which a dispatcher
+    /// that could not renew it stops dispatching: a fifth of `lease_ttl`.
+    pub fn lease_fence_margin(&self) -> Duration {
+        self.lease_ttl / 5
+    }
+
+    /// Returns the lease's name: `lease_name`, or the backend's name.
+    pub fn lease_name(&self) -> String {
+        self.lease_name
+            .clone()
+            .unwrap_or_else(|| self.backend.name().to_string())
     }
 
     /// Returns the directory of the local backend's log files.
@@ -1215,5 +1370,49 @@ mod tests {
         ] {
             assert!(check_sbatch_arg(good).is_ok(), "{good} rejected");
         }
+    }
+
+    #[test]
+    fn lease_defaults_and_settings() {
+        let config = parse("backend: slurm\napi_url: h:1\n").unwrap();
+        assert_eq!(config.lease, LeaseMode::Auto);
+        assert_eq!(config.lease_ttl, defaults::LEASE_TTL);
+        assert_eq!(config.lease_renew_interval, defaults::LEASE_RENEW_INTERVAL);
+        assert_eq!(config.lease_name(), "slurm");
+        assert_eq!(config.lease_fence_margin(), Duration::from_secs(2));
+        config.validate().unwrap();
+        for (value, mode) in [
+            ("true", LeaseMode::On),
+            ("false", LeaseMode::Off),
+            ("auto", LeaseMode::Auto),
+        ] {
+            let config = parse(&format!("backend: lsf\napi_url: h:1\nlease: {value}\n")).unwrap();
+            assert_eq!(config.lease, mode, "{value}");
+        }
+        let err = parse("backend: slurm\napi_url: h:1\nlease: sometimes\n").unwrap_err();
+        assert!(
+            err.to_string().contains("expected true, false or auto"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_lease_settings_name_the_key() {
+        for (extra, key) in [
+            ("lease_ttl: 500ms", "lease_ttl"),
+            ("lease_ttl: 10m", "lease_ttl"),
+            ("lease_renew_interval: 5s", "lease_renew_interval"),
+            ("lease_renew_interval: 50ms", "lease_renew_interval"),
+            ("lease_name: 'a b'", "lease_name"),
+        ] {
+            let config = parse(&format!("backend: slurm\napi_url: h:1\n{extra}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, key, "{extra}: {err}");
+        }
+        let config = parse("backend: local\napi_url: h:1\nlease: true\n").unwrap();
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "lease", "{err}");
+        let config = parse("backend: local\napi_url: h:1\n").unwrap();
+        config.validate().unwrap();
     }
 }

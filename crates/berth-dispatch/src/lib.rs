@@ -14,6 +14,10 @@
 //! [`local`] runs each
 //! supervisor as a child process.
 //!
+//! One dispatcher per lease name is active: [`lease`] wraps the loop,
+//! holds a leader lease in the controller's database, and stops the loop
+//! when the lease is lost, while other dispatchers wait as standbys.
+//!
 //! A job runs `berth supervise [--config FILE] --credentials FILE UUID`
 //! ([`SupervisorCommand`]). It is named after its container, so a restarted
 //! dispatcher finds its jobs again in the batch queue and submits nothing
@@ -29,6 +33,7 @@ pub mod config;
 pub mod credentials;
 pub mod dispatcher;
 pub mod feed;
+pub mod lease;
 pub mod local;
 pub mod lsf;
 pub mod script;
@@ -93,13 +98,18 @@ pub async fn run(
         config.insecure,
     )
     .context("invalid configuration key dispatch.credentials_dir")?;
-    let api: Box<dyn api::ControllerApi> = Box::new(client);
     match config.backend {
         BackendKind::Slurm => {
             slurm::check_programs(&config.slurm)?;
-            let runner = command::ProcessRunner::new(config.slurm.command_timeout);
-            let backend = SlurmBackend::new(config.slurm.clone(), supervisor, runner);
-            drive(api, backend, cluster_id, store, &config, shutdown).await
+            let new_backend = || {
+                let runner = command::ProcessRunner::new(config.slurm.command_timeout);
+                Ok(SlurmBackend::new(
+                    config.slurm.clone(),
+                    supervisor.clone(),
+                    runner,
+                ))
+            };
+            dispatch(new_backend, &client, cluster_id, store, &config, shutdown).await
         }
         BackendKind::Lsf => {
             lsf::check_programs(&config.lsf)?;
@@ -107,17 +117,55 @@ pub async fn run(
                 Some(user) => user.clone(),
                 None => lsf::current_user()?,
             };
-            let runner = command::ProcessRunner::new(config.lsf.command_timeout);
-            let backend = LsfBackend::new(config.lsf.clone(), supervisor, runner, user);
-            drive(api, backend, cluster_id, store, &config, shutdown).await
+            let new_backend = || {
+                let runner = command::ProcessRunner::new(config.lsf.command_timeout);
+                Ok(LsfBackend::new(
+                    config.lsf.clone(),
+                    supervisor.clone(),
+                    runner,
+                    user.clone(),
+                ))
+            };
+            dispatch(new_backend, &client, cluster_id, store, &config, shutdown).await
         }
         BackendKind::Local => {
-            let backend =
-                LocalBackend::new(supervisor, &config.credentials_dir, config.local_log_dir())
-                    .context("failed to start the local backend")?;
-            drive(api, backend, cluster_id, store, &config, shutdown).await
+            let new_backend = || {
+                LocalBackend::new(
+                    supervisor.clone(),
+                    &config.credentials_dir,
+                    config.local_log_dir(),
+                )
+                .context("failed to start the local backend")
+            };
+            dispatch(new_backend, &client, cluster_id, store, &config, shutdown).await
         }
     }
+}
+
+/// Runs the dispatch loop, under the leader lease unless the
+/// configuration turns it off ([`lease::run_with_lease`]). Each time this
+/// dispatcher takes the lease, the loop starts afresh with a new backend
+/// from `new_backend`, and adopts what the previous leader left.
+async fn dispatch<B: Backend>(
+    new_backend: impl Fn() -> anyhow::Result<B>,
+    client: &Client,
+    cluster_id: ClusterId,
+    store: CredentialsStore,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(settings) = lease::LeaseSettings::from_config(config) else {
+        let api = Box::new(client.clone());
+        return drive(api, new_backend()?, cluster_id, store, config, shutdown).await;
+    };
+    lease::run_with_lease(client, &settings, &shutdown, |token, fence| {
+        let api = Box::new(lease::FencedApi::new(client.clone(), fence));
+        let backend = new_backend();
+        let cluster_id = cluster_id.clone();
+        let store = store.clone();
+        async move { drive(api, backend?, cluster_id, store, config, token).await }
+    })
+    .await
 }
 
 async fn drive<B: Backend>(

@@ -51,6 +51,7 @@ impl FeedCluster {
                 poll_interval: POLL_INTERVAL,
                 resync_interval: RESYNC_INTERVAL,
                 watch: true,
+                ..DispatchSettings::default()
             },
             log_requests: true,
         };

@@ -28,8 +28,8 @@ use crate::error::ApiError;
 use crate::lifecycle::{self, ContainerChange};
 use crate::retry;
 use crate::store::{
-    find_column, ContainerWrite, Filter, FilterOp, ListQuery, Operand, Scalar, Secrets, StoreError,
-    Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    find_column, ContainerWrite, Filter, FilterOp, LeaseFence, ListQuery, Operand, Scalar, Secrets,
+    StoreError, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
 };
 
 pub const KIND: &str = "arvados#container";
@@ -246,6 +246,7 @@ async fn store_change(
     state: &AppState,
     current: &Versioned<Container>,
     change: ContainerChange,
+    lease_fence: Option<LeaseFence>,
 ) -> Result<Versioned<Container>, StoreError> {
     let retry = if change.finalize_requests && change.record.state == ContainerState::Cancelled {
         let requests = committed_requests(state, &change.record.uuid).await?;
@@ -278,6 +279,7 @@ async fn store_change(
         credentials: change.credentials,
         finalize_requests: change.finalize_requests,
         retry,
+        lease_fence,
     };
     let stored = state.store().update_container(&write).await?;
     if change.state_changed {
@@ -342,7 +344,7 @@ pub async fn update(
                 select.as_deref(),
             )?));
         }
-        match store_change(&state, &current, change).await {
+        match store_change(&state, &current, change, None).await {
             Ok(stored) => {
                 return Ok(Json(render::record(
                     KIND,
@@ -363,7 +365,9 @@ pub async fn lock(
     State(state): State<AppState>,
     caller: Caller,
     PathParams(uuid): PathParams<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
+    let fence = super::leases::fence_params(&Params::from_query(query.as_deref()))?;
     for _ in 0..MAX_WRITE_ATTEMPTS {
         let current = load_visible(&state, &caller, &uuid).await?;
         check_may_dispatch(&caller, "lock")?;
@@ -373,7 +377,12 @@ pub async fn lock(
             &current.record,
             chrono::Utc::now(),
         )?;
-        match store_change(&state, &current, lock.change).await {
+        let lease_fence = fence.as_ref().map(|(name, epoch)| LeaseFence {
+            name: name.clone(),
+            epoch: *epoch,
+            now_ms: chrono::Utc::now().timestamp_millis(),
+        });
+        match store_change(&state, &current, lock.change, lease_fence).await {
             Ok(stored) => {
                 let mut body = render::record(KIND, &stored.record, None)?;
                 let credentials = serde_json::to_value(&lock.credentials).map_err(|err| {
@@ -385,6 +394,12 @@ pub async fn lock(
                 return Ok(Json(body));
             }
             Err(err) if err.is_conflict() => continue,
+            Err(err @ StoreError::StaleLease { .. }) => {
+                tracing::warn!(container = %uuid, error = %err, "rejected a lock from a dispatcher that lost its lease");
+                return Err(ApiError::Conflict(format!(
+                    "cannot lock container {uuid}: {err}; another dispatcher is active, so this one must stop dispatching"
+                )));
+            }
             Err(err) => return Err(ApiError::store("lock a container")(err)),
         }
     }
@@ -406,7 +421,7 @@ pub async fn unlock(
             state.max_dispatch_attempts(),
             chrono::Utc::now(),
         )?;
-        match store_change(&state, &current, change).await {
+        match store_change(&state, &current, change, None).await {
             Ok(stored) => return Ok(Json(render::record(KIND, &stored.record, None)?)),
             Err(err) if err.is_conflict() => continue,
             Err(err) => return Err(ApiError::store("unlock a container")(err)),

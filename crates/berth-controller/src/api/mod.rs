@@ -1,5 +1,6 @@
 //! The HTTP API: the Arvados v1 routes Berth serves, under `/arvados/v1/`,
-//! Berth's container change feed ([`changes`]), the discovery document
+//! Berth's container change feed ([`changes`]) and dispatch leases
+//! ([`leases`]), the discovery document
 //! clients build their methods from ([`discovery`]), and
 //! `GET /_health/ping`.
 //!
@@ -26,6 +27,7 @@
 pub mod changes;
 pub mod containers;
 pub mod discovery;
+pub mod leases;
 pub mod logs;
 pub mod params;
 pub mod rejection;
@@ -247,6 +249,7 @@ pub fn app(state: AppState) -> Router {
             "/containers/{uuid}/runtime_token",
             get(containers::runtime_token),
         )
+        .route("/dispatch_leases/{name}/{call}", post(leases::call))
         .merge(container_writes);
 
     let timeout = state.inner.request_timeout;

@@ -34,6 +34,7 @@
 //! to column values and back for both.
 
 mod changes;
+mod leases;
 mod mapping;
 pub mod postgres;
 pub mod sqlite;
@@ -48,6 +49,8 @@ use berth_core::{Container, ContainerRequest, Mount, Secret};
 
 use crate::notify::{ChangeListener, Notifier};
 use crate::retry::RetryPlan;
+
+pub use leases::{DispatchLease, LeaseFence};
 
 /// A failure of the store. Callers' mistakes never show up here: the API
 /// layer checks input before it reaches the store.
@@ -117,6 +120,14 @@ pub enum StoreError {
     /// The record changed since the writer read it; read again and retry.
     #[error("{table} record {uuid} changed while it was being updated")]
     Conflict { table: &'static str, uuid: String },
+    /// A fenced write named a dispatch lease epoch that is no longer
+    /// current: another dispatcher took the lease, or it expired.
+    #[error("the dispatch lease {name:?} is no longer held at epoch {epoch} (current epoch: {})", current_epoch.map_or_else(|| "none".to_string(), |epoch| epoch.to_string()))]
+    StaleLease {
+        name: String,
+        epoch: i64,
+        current_epoch: Option<i64>,
+    },
     #[error("a user named {username:?} already exists")]
     DuplicateUser { username: String },
     /// A text field or filter operand contains U+0000. PostgreSQL cannot
@@ -502,6 +513,8 @@ pub struct ContainerWrite {
     pub retry: Option<RetryPlan>,
     /// Clear the container's secrets (it has reached a final state).
     pub clear_secrets: bool,
+    /// Apply the write only while this dispatch lease is current.
+    pub lease_fence: Option<LeaseFence>,
 }
 
 /// A live log stream of a container.
@@ -706,6 +719,38 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         visibility: &Visibility,
         limit: u64,
     ) -> Result<ChangePage>;
+
+    /// Takes the dispatch lease `name` for `holder` until `expires_at_ms`,
+    /// if it is free, expired at `now_ms`, or already `holder`'s, in one
+    /// atomic statement. Returns the lease as it is afterwards: held by
+    /// `holder` on success, by its current holder otherwise.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<DispatchLease>;
+
+    /// Extends the dispatch lease `name` to `expires_at_ms` if `holder`
+    /// still holds it at `epoch`. Returns the lease as it is afterwards
+    /// (`None` if it never existed).
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+        expires_at_ms: i64,
+    ) -> Result<Option<DispatchLease>>;
+
+    /// Frees the dispatch lease `name` if `holder` holds it at `epoch`.
+    /// Returns the lease as it is afterwards (`None` if it never existed).
+    async fn release_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+    ) -> Result<Option<DispatchLease>>;
 
     /// Starts a task that wakes `notifier`'s waiters whenever any process
     /// writes a container or a log, for a database that several

@@ -43,7 +43,7 @@ use super::mapping::{
     check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets, key_condition,
     order_clause, to_i64, Bound, JsonSql,
 };
-use super::{changes, ChangePage};
+use super::{changes, leases, ChangePage, DispatchLease, LeaseFence};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Secrets, Store,
@@ -673,6 +673,24 @@ impl PostgresStore {
         Ok(PostgresStore { pool })
     }
 
+    /// Runs one statement that changes the dispatch lease `name`, and
+    /// reads the lease back, in one transaction.
+    async fn change_lease(
+        &self,
+        name: &str,
+        operation: &'static str,
+        statement: PgQuery<'_>,
+    ) -> Result<Option<DispatchLease>> {
+        let mut tx = self.begin_write().await?;
+        statement
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(operation))?;
+        let lease = read_lease(&mut tx, name).await?;
+        commit(tx).await?;
+        Ok(lease)
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'_, Postgres>> {
         self.pool
             .begin()
@@ -708,6 +726,38 @@ pub fn redact(url: &str) -> String {
         }
         Ok(_) | Err(_) => url.to_string(),
     }
+}
+
+fn decode_lease(row: &PgRow) -> Result<DispatchLease> {
+    let read_error = StoreError::query("read a dispatch lease");
+    Ok(DispatchLease {
+        name: row.try_get("name").map_err(read_error)?,
+        holder: row.try_get("holder").map_err(read_error)?,
+        epoch: row.try_get("epoch").map_err(read_error)?,
+        expires_at_ms: row.try_get("expires_at_ms").map_err(read_error)?,
+    })
+}
+
+async fn read_lease(conn: &mut PgConnection, name: &str) -> Result<Option<DispatchLease>> {
+    let row = sqlx::query(&numbered(leases::SELECT))
+        .bind(name)
+        .fetch_optional(conn)
+        .await
+        .map_err(StoreError::query("read a dispatch lease"))?;
+    row.as_ref().map(decode_lease).transpose()
+}
+
+/// Reads the fence's lease and keeps it from changing until the
+/// transaction ends (`FOR SHARE`), then checks the fence.
+async fn check_fence(conn: &mut PgConnection, fence: &LeaseFence) -> Result<()> {
+    let sql = numbered(&format!("{} FOR SHARE", leases::SELECT));
+    let row = sqlx::query(&sql)
+        .bind(&fence.name)
+        .fetch_optional(conn)
+        .await
+        .map_err(StoreError::query("read a dispatch lease"))?;
+    let lease = row.as_ref().map(decode_lease).transpose()?;
+    fence.check(lease.as_ref())
 }
 
 async fn commit(tx: sqlx::Transaction<'_, Postgres>) -> Result<()> {
@@ -953,6 +1003,14 @@ impl Store for PostgresStore {
         let record = &write.record;
         let now = time::format(&record.modified_at);
         let mut tx = self.begin_record_write().await?;
+        if let Some(fence) = &write.lease_fence {
+            if let Err(err) = check_fence(&mut tx, fence).await {
+                // Rolled back now rather than when the connection is next
+                // used, so the transaction releases its locks at once.
+                drop(tx.rollback().await);
+                return Err(err);
+            }
+        }
         let version = update_record(
             &mut tx,
             &CONTAINERS,
@@ -1204,6 +1262,58 @@ impl Store for PostgresStore {
         changes::decode_page(&rows, limit, latest)
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<DispatchLease> {
+        let sql = numbered(leases::ACQUIRE);
+        let statement = sqlx::query(&sql)
+            .bind(name)
+            .bind(holder)
+            .bind(expires_at_ms)
+            .bind(now_ms);
+        let lease = self
+            .change_lease(name, "acquire a dispatch lease", statement)
+            .await?;
+        // The statement inserts the row when it is missing.
+        lease.ok_or(StoreError::Conflict {
+            table: "dispatch_leases",
+            uuid: name.to_string(),
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+        expires_at_ms: i64,
+    ) -> Result<Option<DispatchLease>> {
+        let sql = numbered(leases::RENEW);
+        let statement = sqlx::query(&sql)
+            .bind(expires_at_ms)
+            .bind(name)
+            .bind(holder)
+            .bind(epoch);
+        self.change_lease(name, "renew a dispatch lease", statement)
+            .await
+    }
+
+    async fn release_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+    ) -> Result<Option<DispatchLease>> {
+        let sql = numbered(leases::RELEASE);
+        let statement = sqlx::query(&sql).bind(name).bind(holder).bind(epoch);
+        self.change_lease(name, "release a dispatch lease", statement)
+            .await
+    }
+
     fn spawn_change_listener(&self, notifier: Arc<Notifier>) -> Option<ChangeListener> {
         let options = (*self.pool.connect_options()).clone();
         listener::spawn(options, notifier)
@@ -1319,6 +1429,7 @@ mod tests {
             finalize_requests: false,
             retry: None,
             clear_secrets: false,
+            lease_fence: None,
         };
         let (first, second) = tokio::join!(
             store.update_container(&write),

@@ -37,7 +37,7 @@ use super::mapping::{
     check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets, key_condition,
     order_clause, to_i64, Bound, JsonSql,
 };
-use super::{changes, ChangePage};
+use super::{changes, leases, ChangePage, DispatchLease, LeaseFence};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Secrets, Store,
@@ -674,6 +674,24 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// Runs one statement that changes the dispatch lease `name`, and
+    /// reads the lease back, in one transaction.
+    async fn change_lease(
+        &self,
+        name: &str,
+        operation: &'static str,
+        statement: SqliteQuery<'_>,
+    ) -> Result<Option<DispatchLease>> {
+        let mut tx = self.begin_write().await?;
+        statement
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query(operation))?;
+        let lease = read_lease(&mut tx, name).await?;
+        commit(tx).await?;
+        Ok(lease)
+    }
+
     async fn begin_write(&self) -> Result<sqlx::Transaction<'_, Sqlite>> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
@@ -744,6 +762,32 @@ fn warn_if_readable_by_others(path: &Path) {
             );
         }
     }
+}
+
+fn decode_lease(row: &SqliteRow) -> Result<DispatchLease> {
+    let read_error = StoreError::query("read a dispatch lease");
+    Ok(DispatchLease {
+        name: row.try_get("name").map_err(read_error)?,
+        holder: row.try_get("holder").map_err(read_error)?,
+        epoch: row.try_get("epoch").map_err(read_error)?,
+        expires_at_ms: row.try_get("expires_at_ms").map_err(read_error)?,
+    })
+}
+
+async fn read_lease(conn: &mut SqliteConnection, name: &str) -> Result<Option<DispatchLease>> {
+    let row = sqlx::query(leases::SELECT)
+        .bind(name)
+        .fetch_optional(conn)
+        .await
+        .map_err(StoreError::query("read a dispatch lease"))?;
+    row.as_ref().map(decode_lease).transpose()
+}
+
+/// Checks the fence against its lease. The write transaction holds
+/// SQLite's write lock, so the lease cannot change before the commit.
+async fn check_fence(conn: &mut SqliteConnection, fence: &LeaseFence) -> Result<()> {
+    let lease = read_lease(conn, &fence.name).await?;
+    fence.check(lease.as_ref())
 }
 
 async fn commit(tx: sqlx::Transaction<'_, Sqlite>) -> Result<()> {
@@ -988,6 +1032,14 @@ impl Store for SqliteStore {
         let record = &write.record;
         let now = time::format(&record.modified_at);
         let mut tx = self.begin_write().await?;
+        if let Some(fence) = &write.lease_fence {
+            if let Err(err) = check_fence(&mut tx, fence).await {
+                // Rolled back now rather than when the connection is next
+                // used, so the transaction releases its locks at once.
+                drop(tx.rollback().await);
+                return Err(err);
+            }
+        }
         let version = update_record(
             &mut tx,
             &CONTAINERS,
@@ -1236,6 +1288,58 @@ impl Store for SqliteStore {
 
     /// Only this controller writes a SQLite database's containers, and the
     /// API notifies after each of its writes.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<DispatchLease> {
+        let statement = sqlx::query(leases::ACQUIRE)
+            .bind(name)
+            .bind(holder)
+            .bind(expires_at_ms)
+            .bind(now_ms);
+        let lease = self
+            .change_lease(name, "acquire a dispatch lease", statement)
+            .await?;
+        // The statement inserts the row when it is missing.
+        lease.ok_or(StoreError::Conflict {
+            table: "dispatch_leases",
+            uuid: name.to_string(),
+        })
+    }
+
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+        expires_at_ms: i64,
+    ) -> Result<Option<DispatchLease>> {
+        let statement = sqlx::query(leases::RENEW)
+            .bind(expires_at_ms)
+            .bind(name)
+            .bind(holder)
+            .bind(epoch);
+        self.change_lease(name, "renew a dispatch lease", statement)
+            .await
+    }
+
+    async fn release_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        epoch: i64,
+    ) -> Result<Option<DispatchLease>> {
+        let statement = sqlx::query(leases::RELEASE)
+            .bind(name)
+            .bind(holder)
+            .bind(epoch);
+        self.change_lease(name, "release a dispatch lease", statement)
+            .await
+    }
+
     fn spawn_change_listener(&self, _notifier: Arc<Notifier>) -> Option<ChangeListener> {
         None
     }

@@ -14,6 +14,7 @@ mod connections;
 mod containers;
 mod discovery;
 mod errors;
+mod leases;
 mod lifecycle;
 mod lists;
 mod logs;

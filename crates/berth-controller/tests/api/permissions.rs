@@ -148,6 +148,26 @@ async fn each_caller_gets_what_its_token_allows() {
             None,
             [403, 404, 422, 422, 403, 404, 401, 401, 401],
         ),
+        // Only administrators and the system token, which may lock, hold
+        // dispatch leases.
+        row(
+            Method::POST,
+            "dispatch_leases/slurm/acquire".into(),
+            Some(json!({"holder": "host:1:abc", "ttl": 10})),
+            [403, 403, 200, 200, 403, 403, 401, 401, 401],
+        ),
+        row(
+            Method::POST,
+            "dispatch_leases/slurm/renew".into(),
+            Some(json!({"holder": "host:1:abc", "epoch": 1, "ttl": 10})),
+            [403, 403, 200, 200, 403, 403, 401, 401, 401],
+        ),
+        row(
+            Method::POST,
+            "dispatch_leases/slurm/release".into(),
+            Some(json!({"holder": "host:1:abc", "epoch": 1})),
+            [403, 403, 200, 200, 403, 403, 401, 401, 401],
+        ),
         // Logs: the container's token and administrators write, readers
         // of the container read.
         row(

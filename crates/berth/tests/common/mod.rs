@@ -41,23 +41,68 @@ pub fn berth_bin() -> &'static str {
     env!("CARGO_BIN_EXE_berth")
 }
 
-/// The dispatcher's intervals and whether it follows the change feed.
+/// The dispatcher's intervals, whether it follows the change feed, and
+/// its lease timing.
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
     pub poll_interval: Duration,
     pub resync_interval: Duration,
     pub watch: bool,
+    /// `lease_ttl` and `lease_renew_interval`; `None` keeps the
+    /// dispatcher's defaults.
+    pub lease: Option<(Duration, Duration)>,
 }
 
 impl Default for DispatchSettings {
     /// Short intervals, so that what only a poll notices (a vanished job)
-    /// shows within seconds.
+    /// shows within seconds, and a short lease, so that a dispatcher
+    /// restarted after a SIGKILL takes the lease back within seconds.
     fn default() -> DispatchSettings {
         DispatchSettings {
             poll_interval: Duration::from_secs(1),
             resync_interval: Duration::from_secs(10),
             watch: true,
+            lease: Some((Duration::from_secs(3), Duration::from_secs(1))),
         }
+    }
+}
+
+/// A dispatcher process besides the cluster's own, killed with SIGKILL
+/// when dropped.
+pub struct DispatcherProcess {
+    child: Option<Child>,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl DispatcherProcess {
+    /// Kills it with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("failed to kill a dispatcher");
+            child.wait().expect("failed to reap a dispatcher");
+        }
+    }
+
+    /// Stops it with SIGTERM and waits for its exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+                .expect("failed to send SIGTERM to a dispatcher");
+            child.wait().expect("failed to reap a dispatcher");
+        }
+    }
+
+    /// Returns its log.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for DispatcherProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -148,10 +193,31 @@ impl TestCluster {
             .args(["dispatch", "--config"])
             .arg(&self.config)
             .stdout(Stdio::null())
-            .stderr(log_file(self.dir.path(), "dispatch.log"))
+            .stderr(append_log_file(self.dir.path(), "dispatch.log"))
             .spawn()
             .expect("failed to start berth dispatch");
         self.dispatcher = Some(child);
+    }
+
+    /// Starts one more dispatcher on the cluster's configuration, logging
+    /// to `log_name` in the cluster's directory.
+    pub fn spawn_dispatcher(&self, log_name: &str) -> DispatcherProcess {
+        let child = Command::new(berth_bin())
+            .args(["dispatch", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log_file(self.dir.path(), log_name))
+            .spawn()
+            .expect("failed to start berth dispatch");
+        DispatcherProcess {
+            child: Some(child),
+            log: self.dir.path().join(log_name),
+        }
+    }
+
+    /// Returns the log of the cluster's own dispatcher (all its runs).
+    pub fn dispatcher_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dispatch.log")).unwrap_or_default()
     }
 
     /// Kills the dispatcher with SIGKILL, as a crash would.
@@ -289,6 +355,17 @@ fn log_file(dir: &Path, name: &str) -> Stdio {
     Stdio::from(std::fs::File::create(dir.join(name)).expect("failed to create a log file"))
 }
 
+/// Opens a log file for appending, so a restarted process keeps the
+/// earlier runs' lines.
+fn append_log_file(dir: &Path, name: &str) -> Stdio {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .expect("failed to open a log file");
+    Stdio::from(file)
+}
+
 fn write_config(
     path: &Path,
     cluster_id: &str,
@@ -315,6 +392,13 @@ fn write_config(
             watch = settings.watch,
             creds = dir.join("credentials").display(),
         ));
+        if let Some((ttl, renew)) = settings.lease {
+            text.push_str(&format!(
+                "  lease_ttl: {}ms\n  lease_renew_interval: {}ms\n",
+                ttl.as_millis(),
+                renew.as_millis()
+            ));
+        }
         if backend == "slurm" {
             text.push_str(&format!(
                 "  slurm:\n    output: {}/slurm-%j.out\n",
