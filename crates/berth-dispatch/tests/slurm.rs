@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use berth_core::{ClusterId, ObjectType, Uuid};
 use berth_dispatch::command::ProcessRunner;
 use berth_dispatch::{
-    Backend, BatchJob, JobId, JobRequest, JobState, SlurmBackend, SlurmConfig, SupervisorCommand,
+    Backend, BatchJob, GpuRequest, JobId, JobRequest, JobState, SlurmBackend, SlurmConfig,
+    SupervisorCommand,
 };
 
 /// How long a job may take to appear, start or leave the queue.
@@ -85,6 +86,9 @@ fn request(dir: &Path) -> JobRequest {
         vcpus: 1,
         partitions: Vec::new(),
         max_run_time: 600,
+        tmp: 0,
+        gpu: GpuRequest::default(),
+        priority: 1,
     }
 }
 
