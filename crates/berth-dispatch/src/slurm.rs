@@ -89,6 +89,10 @@ const REJECTIONS: &[&str] = &[
 /// The `sbatch` error of a partition Slurm does not know.
 const INVALID_PARTITION: &str = "Invalid partition name specified";
 
+/// The `sbatch` error of a generic resource (such as `gpu`) that no node
+/// of the cluster has (slurm-wlm 22.05).
+const INVALID_GRES: &str = "Invalid generic resource (gres) specification";
+
 /// Fragments of `scancel` errors that mean the job has already ended.
 const ALREADY_GONE: &[&str] = &[
     "Invalid job id specified",
@@ -337,7 +341,11 @@ impl<R: CommandRunner> SlurmBackend<R> {
         // container named it; the configured default is the operator's.
         let partition_rejected =
             stderr.contains(INVALID_PARTITION) && !request.partitions.is_empty();
-        if partition_rejected || REJECTIONS.iter().any(|text| stderr.contains(text)) {
+        // Only a container with GPUs gets `slurm.gpu_args`, so a gres
+        // error is its request's fault; without GPUs it is the operator's.
+        let gres_rejected = stderr.contains(INVALID_GRES) && request.gpu.count > 0;
+        let rejected = partition_rejected || gres_rejected;
+        if rejected || REJECTIONS.iter().any(|text| stderr.contains(text)) {
             BackendError::Rejected {
                 container: request.container_uuid.clone(),
                 source: error,
