@@ -79,12 +79,12 @@ pub struct Config {
     /// the container exited. Default 60 s.
     #[serde(deserialize_with = "duration::deserialize")]
     pub output_drain_timeout: Duration,
-    /// How the container runtime is asked for a container's GPUs: `docker`
-    /// (Docker's `--gpus` request with the NVIDIA Container Toolkit for
-    /// CUDA, the `/dev/kfd` and `/dev/dri` device files for ROCm), `cdi`
-    /// (CDI device names in a `DeviceRequests` entry, Docker Engine 25 and
-    /// later) or `podman_cdi` (CDI device names as devices, as `podman run
-    /// --device nvidia.com/gpu=all` gives them). Default `docker`.
+    /// The form of the container runtime's GPU request. `docker`, the
+    /// default, sends Docker's `--gpus` request (NVIDIA Container Toolkit)
+    /// for CUDA and binds the `/dev/kfd` and `/dev/dri` device files for
+    /// ROCm. `cdi` sends CDI device names in a `DeviceRequests` entry
+    /// (Docker Engine 25 and later). `podman_cdi` sends them as devices, as
+    /// `podman run --device nvidia.com/gpu=all` does.
     pub gpu_devices: GpuDevices,
 }
 

@@ -8,9 +8,8 @@
 //! ROCm's counterpart is `ROCR_VISIBLE_DEVICES`. The container runtime's
 //! daemon runs outside the job, so it needs the global indices:
 //! [`assign_gpus`] takes `SLURM_JOB_GPUS` first, then the stack's own
-//! variable. Without either, the container asks the runtime for the
-//! requested number of devices (Docker's `--gpus N`) or for all of them
-//! (CDI's `=all`).
+//! variable. Without either, the runtime gets a request for the number of
+//! devices (Docker's `--gpus N`) or for all of them (CDI's `=all`).
 //!
 //! [`GpuDevices`] chooses how the request reaches the runtime:
 //!
@@ -34,8 +33,8 @@ use serde::Deserialize;
 
 use berth_core::records::GpuConstraints;
 
-/// How the container runtime is asked for GPUs: the `supervisor.gpu_devices`
-/// key.
+/// The form of the container runtime's GPU request: the
+/// `supervisor.gpu_devices` key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GpuDevices {

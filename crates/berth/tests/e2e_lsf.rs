@@ -266,8 +266,8 @@ async fn wrong_bjobs_answers_cancel_nothing() {
     )
     .await;
 
-    // One wrong answer at a time, while every job still exists: LSF's
-    // empty-queue message, empty output, and a failure.
+    // One wrong bjobs output at a time, while every job still exists:
+    // LSF's empty-queue message, empty output, and a failure.
     for answer in ["none", "empty", "fail"] {
         std::fs::write(state.join("bjobs-once"), answer).unwrap();
         wait_until(
