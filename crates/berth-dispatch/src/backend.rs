@@ -399,4 +399,61 @@ mod tests {
             assert!(err.to_string().contains(field), "{err}");
         }
     }
+
+    #[test]
+    fn job_request_sums_tmp_mounts() {
+        let mut container = container(1 << 30, 1);
+        let mount = |kind: &str, capacity: i64| berth_core::Mount {
+            kind: kind.into(),
+            capacity,
+            ..berth_core::Mount::default()
+        };
+        container
+            .mounts
+            .insert("/tmp".into(), mount("tmp", 3 << 30));
+        container
+            .mounts
+            .insert("/scratch".into(), mount("tmp", 1 << 20));
+        container.mounts.insert("/in.json".into(), mount("json", 0));
+        let request = JobRequest::for_container(&container, "/c".into()).unwrap();
+        assert_eq!(request.tmp, (3 << 30) + (1 << 20));
+
+        container.mounts.insert("/bad".into(), mount("tmp", -1));
+        let err = JobRequest::for_container(&container, "/c".into()).unwrap_err();
+        assert!(err.is_permanent());
+        assert!(err.to_string().contains("mounts./bad.capacity"), "{err}");
+    }
+
+    #[test]
+    fn job_request_takes_the_gpus() {
+        let mut container = container(1 << 30, 1);
+        container.priority = 77;
+        container.runtime_constraints.gpu = GpuConstraints {
+            stack: "rocm".into(),
+            device_count: 2,
+            driver_version: "6.1".into(),
+            hardware_target: vec!["gfx1100".into()],
+            vram: 16 << 30,
+        };
+        let request = JobRequest::for_container(&container, "/c".into()).unwrap();
+        assert_eq!(
+            request.gpu,
+            GpuRequest {
+                stack: "rocm".into(),
+                count: 2,
+                driver_version: "6.1".into(),
+                hardware_target: vec!["gfx1100".into()],
+                vram: 16 << 30,
+            }
+        );
+        assert_eq!(request.priority, 77);
+
+        container.runtime_constraints.gpu.stack = "opencl".into();
+        let err = JobRequest::for_container(&container, "/c".into()).unwrap_err();
+        assert!(err.to_string().contains("opencl"), "{err}");
+
+        container.runtime_constraints.gpu.device_count = 0;
+        let request = JobRequest::for_container(&container, "/c".into()).unwrap();
+        assert_eq!(request.gpu, GpuRequest::default(), "no devices, no GPUs");
+    }
 }

@@ -54,7 +54,26 @@ pub enum GpuStack {
     Rocm,
 }
 
+impl GpuDevices {
+    /// Returns the value of `supervisor.gpu_devices` that selects this form.
+    pub fn key(self) -> &'static str {
+        match self {
+            GpuDevices::Docker => "docker",
+            GpuDevices::Cdi => "cdi",
+            GpuDevices::PodmanCdi => "podman_cdi",
+        }
+    }
+}
+
 impl GpuStack {
+    /// Returns the stack's name in `runtime_constraints.gpu.stack`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GpuStack::Cuda => "cuda",
+            GpuStack::Rocm => "rocm",
+        }
+    }
+
     /// Returns the CDI vendor and class of the stack's GPUs.
     pub fn cdi_kind(self) -> &'static str {
         match self {

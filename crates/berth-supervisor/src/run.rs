@@ -388,13 +388,15 @@ impl Run<'_> {
         .map_err(SpecError::from)?;
         if let Some(gpus) = &spec.gpus {
             let devices = if gpus.device_ids.is_empty() {
-                "any".to_string()
+                "not named by the batch system".to_string()
             } else {
                 gpus.device_ids.join(",")
             };
             self.log.info(format!(
-                "{} {:?} GPUs (devices {devices}, passed as {:?})",
-                gpus.count, gpus.stack, gpus.devices
+                "{} {} GPUs, devices {devices}, requested in the form {}",
+                gpus.count,
+                gpus.stack.name(),
+                gpus.devices.key()
             ));
         }
         self.check_stop()?;

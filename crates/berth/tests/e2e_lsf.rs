@@ -77,14 +77,24 @@ fn submitted_names(state: &Path) -> Vec<String> {
     std::fs::read_to_string(state.join("bsub.log"))
         .unwrap_or_default()
         .lines()
-        .filter_map(|line| line.split_once(' ').map(|(_, name)| name.to_string()))
+        .filter_map(|line| line.split(' ').nth(1).map(str::to_string))
         .collect()
 }
 
 /// Creates `count` requests at once, each with a container of its own, and
 /// returns their containers' UUIDs.
 async fn create_requests(client: &Client, count: usize, command: &[&str]) -> Vec<String> {
-    let mut body = common::request_body(command, PRIORITY);
+    create_requests_at(client, count, command, PRIORITY).await
+}
+
+/// Creates `count` requests at `priority` like [`create_requests`].
+async fn create_requests_at(
+    client: &Client,
+    count: usize,
+    command: &[&str],
+    priority: i64,
+) -> Vec<String> {
+    let mut body = common::request_body(command, priority);
     body["use_existing"] = serde_json::json!(false);
     let creations = (0..count).map(|_| client.create_container_request(&body));
     futures::future::join_all(creations)
@@ -134,9 +144,52 @@ fn assert_completed_once(cluster: &TestCluster, containers: &[Container]) {
         );
         assert_eq!(container.exit_code, Some(0), "{}", container.uuid);
         let jobs = names.iter().filter(|name| **name == container.uuid).count();
-        assert_eq!(jobs, 1, "bsub calls for container {}", container.uuid);
+        assert_eq!(
+            jobs,
+            1,
+            "bsub calls for container {}; the logs about it:\n{}",
+            container.uuid,
+            logs_about(cluster, &container.uuid)
+        );
     }
     assert_eq!(names.len(), containers.len(), "bsub calls: {names:?}");
+}
+
+/// Returns the user priority (`-sp`) the stand-ins hold for each job name.
+fn user_priorities(state: &Path) -> std::collections::HashMap<String, u32> {
+    let log = std::fs::read_to_string(state.join("bsub.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let (id, name) = (fields.next()?, fields.next()?);
+            let priority = std::fs::read_to_string(state.join(format!("{id}.sp"))).ok()?;
+            Some((name.to_string(), priority.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// Returns the lines of the dispatchers' log and of the stand-in `bsub`'s
+/// log that name `uuid`, for a failure message.
+fn logs_about(cluster: &TestCluster, uuid: &str) -> String {
+    let mut text = String::new();
+    // The dispatchers' start lines show when each one started.
+    for (path, also) in [
+        (
+            cluster.dir.path().join("dispatch.log"),
+            Some("dispatcher started"),
+        ),
+        (state_dir(cluster).join("bsub.log"), None),
+    ] {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str(&format!("--- {} ---\n", path.display()));
+        for line in log.lines() {
+            if line.contains(uuid) || also.is_some_and(|also| line.contains(also)) {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    text
 }
 
 /// Counts the containers that are Locked or Running.
@@ -285,6 +338,76 @@ async fn wrong_bjobs_answers_cancel_nothing() {
     assert_completed_once(&cluster, &containers);
     let bkills = std::fs::read_to_string(state.join("bkill.log")).unwrap_or_default();
     assert!(bkills.is_empty(), "bkill calls: {bkills}");
+}
+
+/// Takes about 15 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn user_priorities_follow_container_priorities() {
+    if skip() {
+        return;
+    }
+    let cluster = TestCluster::start("lsf");
+    let token = cluster.create_user("pia");
+    let pia = common::client(&cluster.api_url, &token);
+    let state = state_dir(&cluster);
+
+    // No job runs yet: three low-priority jobs wait, then a high one comes.
+    let mut uuids = create_requests_at(&pia, 3, &["true"], 100).await;
+    wait_until(
+        &cluster,
+        Duration::from_secs(30),
+        "three bsub calls",
+        || async { (submitted_names(&state).len() == 3).then_some(()) },
+    )
+    .await;
+    let urgent = create_requests_at(&pia, 1, &["true"], 900).await.remove(0);
+    uuids.push(urgent.clone());
+
+    // bsub gives the new job -sp below the others, so it waits behind them
+    // until a poll moves it first with bmod.
+    let priorities = wait_until(
+        &cluster,
+        Duration::from_secs(30),
+        "the urgent job to get the highest user priority",
+        || async {
+            let priorities = user_priorities(&state);
+            let top = priorities.get(&urgent)?;
+            let first = uuids
+                .iter()
+                .filter(|uuid| **uuid != urgent)
+                .all(|uuid| priorities.get(uuid).is_some_and(|other| other < top));
+            first.then_some(priorities)
+        },
+    )
+    .await;
+    assert_eq!(priorities.len(), 4, "{priorities:?}");
+    let bmods = std::fs::read_to_string(state.join("bmod.log")).unwrap_or_default();
+    assert!(!bmods.is_empty(), "no bmod call");
+
+    // With one slot, the stand-in scheduler starts the highest -sp first.
+    let scheduler = Scheduler::start(&cluster, 1);
+    let first = wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "a container to start",
+        || async {
+            for uuid in &uuids {
+                let container = pia.get_container(uuid).await.ok()?;
+                if container.started_at.is_some() {
+                    return Some(uuid.clone());
+                }
+            }
+            None
+        },
+    )
+    .await;
+    assert_eq!(
+        first, urgent,
+        "user priorities: {priorities:?}\nbmod calls:\n{bmods}"
+    );
+    let containers = wait_all_final(&cluster, &pia, &uuids, Duration::from_secs(60)).await;
+    drop(scheduler);
+    assert_completed_once(&cluster, &containers);
 }
 
 /// Takes about 5 s.

@@ -157,7 +157,7 @@ impl TestCluster {
             .args(["dispatch", "--config"])
             .arg(&self.config)
             .stdout(Stdio::null())
-            .stderr(log_file(self.dir.path(), "dispatch.log"))
+            .stderr(appended_log_file(self.dir.path(), "dispatch.log"))
             .spawn()
             .expect("failed to start berth dispatch");
         self.dispatcher = Some(child);
@@ -295,6 +295,17 @@ fn write_private(path: &Path, content: &str) {
         .expect("failed to create a private file");
     file.write_all(content.as_bytes())
         .expect("failed to write a private file");
+}
+
+/// Opens a log file for appending, so that a restarted process keeps the
+/// lines of the one before.
+fn appended_log_file(dir: &Path, name: &str) -> Stdio {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .expect("failed to open a log file");
+    Stdio::from(file)
 }
 
 fn log_file(dir: &Path, name: &str) -> Stdio {
