@@ -14,7 +14,7 @@ use common::{skip, slurm_jobs_named, wait_until, TestCluster};
 
 /// Takes under a second.
 #[tokio::test(flavor = "multi_thread")]
-async fn gpu_request_on_a_cluster_without_gpus_is_cancelled() {
+async fn gpu_request_without_cluster_gpus_cancelled() {
     if skip() {
         return;
     }
