@@ -5,8 +5,12 @@
 //! are pure functions. Running the commands is the [`CommandRunner`]'s job.
 //!
 //! - Submit: `sbatch --parsable --job-name=UUID --comment=UUID --no-requeue
-//!   --chdir=/ --mem=MiB --cpus-per-task=N [--partition=P] [--time=MIN]
-//!   [--nice=N] --output=PATTERN EXTRA...` with the job script on stdin.
+//!   --chdir=/ --mem=MiB --cpus-per-task=N [--tmp=MiB] [--partition=P]
+//!   [--time=MIN] [--nice=N] --output=PATTERN EXTRA... [GPU...]` with the
+//!   job script on stdin. `--tmp` is the container's `tmp` mounts plus
+//!   `slurm.reserve_tmp`, left out when 0. `EXTRA` is `slurm.sbatch_args`
+//!   and `GPU` is `slurm.gpu_args` (only for a container with GPUs), both
+//!   argument templates ([`crate::template`]).
 //!   `--no-requeue` keeps Slurm from running a job again after a node
 //!   failure, when its container may already be cancelled. `--chdir=/` starts the job in a
 //!   directory every node has: by default Slurm starts it in the
