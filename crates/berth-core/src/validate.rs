@@ -155,13 +155,6 @@ fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
             ));
         }
     }
-    let gpus = request.runtime_constraints.gpu.device_count;
-    if gpus > 0 {
-        errors.push(FieldError::new(
-            "runtime_constraints.gpu.device_count",
-            format!("{gpus} GPUs requested, but Berth does not schedule GPUs yet: remove the gpu constraint"),
-        ));
-    }
     match request.container_image.as_deref() {
         None | Some("") => errors.push(FieldError::new(
             "container_image",

@@ -14,6 +14,8 @@ use std::fmt;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
+use berth_core::records::GpuConstraints;
+use berth_core::validate::GPU_STACKS;
 use berth_core::Container;
 
 use crate::command::CommandError;
@@ -94,8 +96,32 @@ pub struct JobRequest {
     pub partitions: Vec<String>,
     /// Maximum run time in seconds; 0 means no limit.
     pub max_run_time: u64,
+    /// Scratch space the container's `tmp` mounts request: the sum of
+    /// their `capacity`, in bytes. The backend adds its configured reserve.
+    pub tmp: u64,
+    /// The GPUs the container requests; `count` 0 means none.
+    pub gpu: GpuRequest,
+    /// The container's priority when the job was built: higher runs first.
+    pub priority: i64,
     /// The credentials file the supervisor reads.
     pub credentials_file: PathBuf,
+}
+
+/// The GPUs of a job, from the container's `runtime_constraints.gpu` (the
+/// controller has already turned the deprecated `cuda` form into it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuRequest {
+    /// `cuda` or `rocm`; empty when no GPU is requested.
+    pub stack: String,
+    /// Number of devices.
+    pub count: u64,
+    /// Minimum driver version, such as `12.4`; empty for any.
+    pub driver_version: String,
+    /// Acceptable hardware targets: CUDA compute capabilities such as
+    /// `8.6`, or ROCm targets such as `gfx1100`; empty for any.
+    pub hardware_target: Vec<String>,
+    /// Minimum memory per device, in bytes; 0 for any.
+    pub vram: u64,
 }
 
 impl JobRequest {
@@ -141,15 +167,73 @@ impl JobRequest {
             .map(|p| p.trim().to_string())
             .filter(|p| !p.is_empty())
             .collect();
+        let tmp = tmp_capacity(container).map_err(invalid)?;
+        let gpu = gpu_request(&constraints.gpu).map_err(invalid)?;
         Ok(JobRequest {
             container_uuid: container.uuid.clone(),
             ram,
             vcpus,
             partitions,
             max_run_time,
+            tmp,
+            gpu,
+            priority: container.priority,
             credentials_file,
         })
     }
+}
+
+/// Sums the capacities of the container's `tmp` mounts, in bytes.
+fn tmp_capacity(container: &Container) -> Result<u64, String> {
+    let mut total: u64 = 0;
+    for (target, mount) in &container.mounts {
+        if mount.kind != "tmp" {
+            continue;
+        }
+        let capacity = u64::try_from(mount.capacity).map_err(|_| {
+            format!(
+                "mounts.{target}.capacity is {}, not a number of bytes",
+                mount.capacity
+            )
+        })?;
+        total = total.checked_add(capacity).ok_or_else(|| {
+            "the tmp mounts' capacities add up to more than 2^64 bytes".to_string()
+        })?;
+    }
+    Ok(total)
+}
+
+/// Reads `runtime_constraints.gpu` into a [`GpuRequest`].
+fn gpu_request(gpu: &GpuConstraints) -> Result<GpuRequest, String> {
+    let count = u64::try_from(gpu.device_count).map_err(|_| {
+        format!(
+            "runtime_constraints.gpu.device_count is {}, not a number of devices",
+            gpu.device_count
+        )
+    })?;
+    if count == 0 {
+        return Ok(GpuRequest::default());
+    }
+    let vram = u64::try_from(gpu.vram).map_err(|_| {
+        format!(
+            "runtime_constraints.gpu.vram is {}, not a number of bytes",
+            gpu.vram
+        )
+    })?;
+    if !GPU_STACKS.contains(&gpu.stack.as_str()) {
+        return Err(format!(
+            "runtime_constraints.gpu.stack is {:?}: expected {}",
+            gpu.stack,
+            GPU_STACKS.join(" or ")
+        ));
+    }
+    Ok(GpuRequest {
+        stack: gpu.stack.clone(),
+        count,
+        driver_version: gpu.driver_version.clone(),
+        hardware_target: gpu.hardware_target.clone(),
+        vram,
+    })
 }
 
 /// A submitted job, with the submitted command and script and the batch
@@ -169,6 +253,10 @@ pub struct Submission {
 pub enum BackendError {
     #[error(transparent)]
     Command(#[from] CommandError),
+    /// The backend's configuration is invalid; the container waits until
+    /// the operator fixes it.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The batch system refused the job for a reason another try will not
     /// change (an unknown partition, more memory than any node has).
     #[error("the batch system rejected the job of container {container}: {source}")]
@@ -310,5 +398,62 @@ mod tests {
             assert!(err.is_permanent());
             assert!(err.to_string().contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn job_request_sums_tmp_mounts() {
+        let mut container = container(1 << 30, 1);
+        let mount = |kind: &str, capacity: i64| berth_core::Mount {
+            kind: kind.into(),
+            capacity,
+            ..berth_core::Mount::default()
+        };
+        container
+            .mounts
+            .insert("/tmp".into(), mount("tmp", 3 << 30));
+        container
+            .mounts
+            .insert("/scratch".into(), mount("tmp", 1 << 20));
+        container.mounts.insert("/in.json".into(), mount("json", 0));
+        let request = JobRequest::for_container(&container, "/c".into()).unwrap();
+        assert_eq!(request.tmp, (3 << 30) + (1 << 20));
+
+        container.mounts.insert("/bad".into(), mount("tmp", -1));
+        let err = JobRequest::for_container(&container, "/c".into()).unwrap_err();
+        assert!(err.is_permanent());
+        assert!(err.to_string().contains("mounts./bad.capacity"), "{err}");
+    }
+
+    #[test]
+    fn job_request_takes_the_gpus() {
+        let mut container = container(1 << 30, 1);
+        container.priority = 77;
+        container.runtime_constraints.gpu = GpuConstraints {
+            stack: "rocm".into(),
+            device_count: 2,
+            driver_version: "6.1".into(),
+            hardware_target: vec!["gfx1100".into()],
+            vram: 16 << 30,
+        };
+        let request = JobRequest::for_container(&container, "/c".into()).unwrap();
+        assert_eq!(
+            request.gpu,
+            GpuRequest {
+                stack: "rocm".into(),
+                count: 2,
+                driver_version: "6.1".into(),
+                hardware_target: vec!["gfx1100".into()],
+                vram: 16 << 30,
+            }
+        );
+        assert_eq!(request.priority, 77);
+
+        container.runtime_constraints.gpu.stack = "opencl".into();
+        let err = JobRequest::for_container(&container, "/c".into()).unwrap_err();
+        assert!(err.to_string().contains("opencl"), "{err}");
+
+        container.runtime_constraints.gpu.device_count = 0;
+        let request = JobRequest::for_container(&container, "/c".into()).unwrap();
+        assert_eq!(request.gpu, GpuRequest::default(), "no devices, no GPUs");
     }
 }

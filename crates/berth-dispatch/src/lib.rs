@@ -27,6 +27,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod api;
+pub mod arguments;
 pub mod backend;
 pub mod command;
 pub mod config;
@@ -38,6 +39,7 @@ pub mod local;
 pub mod lsf;
 pub mod script;
 pub mod slurm;
+pub mod template;
 pub mod tracker;
 
 #[cfg(test)]
@@ -52,7 +54,9 @@ use berth_client::Client;
 use berth_core::ClusterId;
 use tokio_util::sync::CancellationToken;
 
-pub use backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
+pub use backend::{
+    Backend, BackendError, BatchJob, GpuRequest, JobId, JobRequest, JobState, Submission,
+};
 pub use config::{BackendKind, Config, ConfigError, LocalConfig, LsfConfig, SlurmConfig};
 pub use credentials::CredentialsStore;
 pub use dispatcher::{Dispatcher, LoopOptions, StartError};

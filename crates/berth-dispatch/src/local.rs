@@ -314,6 +314,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::backend::GpuRequest;
 
     const UUID: &str = "zzzzz-dz642-000000000000001";
 
@@ -345,6 +346,9 @@ mod tests {
             vcpus: 1,
             partitions: vec![],
             max_run_time: 0,
+            tmp: 0,
+            gpu: GpuRequest::default(),
+            priority: 1,
             credentials_file: dir.join(format!("{UUID}.json")),
         }
     }

@@ -4,12 +4,16 @@
 //! Like the Slurm adapter, this one only builds commands and parses their
 //! output with pure functions; a [`CommandRunner`] runs the commands.
 //!
-//! - Submit: `bsub -J UUID -n N -R "rusage[mem=MiB MB] span[hosts=1]"
-//!   -cwd / [-q "Q1 Q2"] [-W MIN] -o PATTERN EXTRA...` with the job script on
-//!   stdin. Memory is the container's RAM plus the reserve, in MiB, with an
-//!   explicit `MB` unit so that the site's `LSF_UNIT_FOR_LIMITS` does not
-//!   change its meaning. Several queues go in one `-q` value, from which
-//!   LSF picks one. `-W` is LSF's hard run limit, in whole minutes. bsub
+//! - Submit: `bsub -J UUID -n N -R "rusage[mem=MiBMB:tmp=MiBMB]
+//!   span[hosts=1]" -cwd / [-q "Q1 Q2"] [-W MIN] [-sp P] -o PATTERN
+//!   EXTRA... [GPU...]` with the job script on stdin. Memory is the
+//!   container's RAM plus the reserve, in MiB, with an explicit `MB` unit
+//!   so that the site's `LSF_UNIT_FOR_LIMITS` does not change its meaning.
+//!   `tmp` (left out when 0) is the `tmp` mounts plus the scratch reserve.
+//!   Several queues go in one `-q` value, from which LSF picks one. `-W` is
+//!   LSF's hard run limit, in whole minutes. `EXTRA` is `lsf.bsub_args` and
+//!   `GPU` is `lsf.gpu_args` (by default `-gpu num=N`, only for a container
+//!   with GPUs), both argument templates ([`crate::template`]). bsub
 //!   prints `Job <ID> is submitted to queue <Q>.` (or `to default queue
 //!   <Q>`), read by [`parse_bsub_output`].
 //! - Status: `bjobs -json -o "jobid job_name stat pend_reason" -u USER`.
@@ -38,17 +42,28 @@
 //!   matching job found` count as cancelled. LSF sends the signal to every
 //!   process of the job; the job's main process is the supervisor, which
 //!   the job script starts with `exec`.
-//!
-//! TODO: map container priorities onto LSF's with `bmod -sp` where the site
-//! sets `MAX_USER_PRIORITY`; jobs now keep the priority LSF gives them.
+//! - Priorities, with `lsf.user_priority` only (LSF accepts `-sp` only
+//!   where `lsb.params` sets `MAX_USER_PRIORITY`): after each status query
+//!   the dispatcher hands over its pending jobs with their containers'
+//!   priorities. [`plan_nice`] orders them as it orders Slurm's nice
+//!   values, counted down from `lsf.max_user_priority` in steps of
+//!   `lsf.priority_spread` and floored at 1, and each job whose value
+//!   changes gets one `bmod -sp P ID`. A new job is submitted with `-sp`
+//!   one step below the lowest known value, so it waits behind the others
+//!   until a poll places it. The known values are the ones the dispatcher
+//!   set; after a restart it sets each pending job's value once again.
 
 use async_trait::async_trait;
 
 use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
 use crate::command::{CommandError, CommandOutput, CommandRunner, CommandSpec};
+use std::collections::HashMap;
+
+use crate::arguments;
 use crate::config::{ConfigError, LsfConfig};
 use crate::script::exec_script;
-use crate::slurm::{find_program, memory_mib};
+use crate::slurm::{find_program, memory_mib, plan_nice, sort_by_priority, NiceJob};
+use crate::template::{expand_all, ArgTemplate, TemplateValues};
 use crate::SupervisorCommand;
 
 /// `bjobs -o` fields: job id, name, state, pending reason.
@@ -69,7 +84,8 @@ const REJECTIONS: &[&str] = &[
 /// the container named its queues; the configured queue is the operator's.
 const QUEUE_REJECTIONS: &[&str] = &["No such queue", "User cannot use the queue"];
 
-/// Fragments of `bkill` output that mean the job has already ended.
+/// Fragments of `bkill` and `bmod` output that mean the job has already
+/// ended.
 const ALREADY_GONE: &[&str] = &["Job has already finished", "No matching job found"];
 
 /// Jobs submitted, listed and cancelled with LSF's commands.
@@ -80,6 +96,12 @@ pub struct LsfBackend<R> {
     runner: R,
     /// The `bjobs -u` value: the dispatcher's user name.
     user: String,
+    /// The `-sp` value of each listed job that the dispatcher set, at
+    /// submission or with `bmod`.
+    priorities: HashMap<JobId, u32>,
+    /// `bsub_args` and `gpu_args`, parsed; an error of a configuration
+    /// that skipped [`crate::Config::validate`] fails each submission.
+    templates: Result<(Vec<ArgTemplate>, Vec<ArgTemplate>), ConfigError>,
 }
 
 impl<R: CommandRunner> LsfBackend<R> {
@@ -90,30 +112,42 @@ impl<R: CommandRunner> LsfBackend<R> {
         runner: R,
         user: String,
     ) -> LsfBackend<R> {
+        let templates = parse_templates(&config);
         LsfBackend {
             config,
             supervisor,
             runner,
             user,
+            priorities: HashMap::new(),
+            templates,
         }
     }
 
     /// Builds the `bsub` command, with the job script on its stdin.
     pub fn bsub_command(&self, request: &JobRequest) -> Result<CommandSpec, BackendError> {
         let uuid = &request.container_uuid;
+        let (extra, gpu_extra) = self.templates.as_ref().map_err(|err| err.clone())?;
+        let too_large = |what: String| BackendError::InvalidRequest {
+            container: uuid.clone(),
+            reason: format!("{what} too large"),
+        };
         let mem_mib = memory_mib(request.ram, self.config.reserve_ram).ok_or_else(|| {
-            BackendError::InvalidRequest {
-                container: uuid.clone(),
-                reason: format!("runtime_constraints.ram {} bytes is too large", request.ram),
-            }
+            too_large(format!("runtime_constraints.ram {} bytes is", request.ram))
         })?;
+        let tmp_mib = memory_mib(request.tmp, self.config.reserve_tmp)
+            .ok_or_else(|| too_large(format!("the tmp mounts' {} bytes are", request.tmp)))?;
+        let rusage = if tmp_mib > 0 {
+            format!("rusage[mem={mem_mib}MB:tmp={tmp_mib}MB] span[hosts=1]")
+        } else {
+            format!("rusage[mem={mem_mib}MB] span[hosts=1]")
+        };
         let mut args = vec![
             "-J".to_string(),
             uuid.clone(),
             "-n".to_string(),
             request.vcpus.to_string(),
             "-R".to_string(),
-            format!("rusage[mem={mem_mib}MB] span[hosts=1]"),
+            rusage,
             "-cwd".to_string(),
             "/".to_string(),
         ];
@@ -122,9 +156,9 @@ impl<R: CommandRunner> LsfBackend<R> {
         } else {
             Some(request.partitions.join(" "))
         };
-        if let Some(queue) = queue {
+        if let Some(queue) = &queue {
             args.push("-q".to_string());
-            args.push(queue);
+            args.push(queue.clone());
         }
         if request.max_run_time > 0 {
             // NOTE: LSF's run limit is in whole minutes, so a job may run up
@@ -132,9 +166,17 @@ impl<R: CommandRunner> LsfBackend<R> {
             args.push("-W".to_string());
             args.push(request.max_run_time.div_ceil(60).to_string());
         }
+        if let Some(priority) = self.new_job_priority() {
+            args.push("-sp".to_string());
+            args.push(priority.to_string());
+        }
         args.push("-o".to_string());
         args.push(self.config.output.clone());
-        args.extend(self.config.bsub_args.iter().cloned());
+        let values = TemplateValues::for_job(request, mem_mib, tmp_mib, queue.unwrap_or_default());
+        args.extend(expand_all(extra, &values));
+        if request.gpu.count > 0 {
+            args.extend(expand_all(gpu_extra, &values));
+        }
 
         let argv = self
             .supervisor
@@ -145,6 +187,61 @@ impl<R: CommandRunner> LsfBackend<R> {
             })?;
         let script = exec_script(&argv);
         Ok(CommandSpec::new(&self.config.bsub, args).with_stdin(script.into_bytes()))
+    }
+
+    /// Returns the `-sp` value of a new job: one step below the lowest
+    /// known value, so that it waits behind the listed jobs until the next
+    /// poll places it, or `None` when user priorities are off.
+    fn new_job_priority(&self) -> Option<u32> {
+        if !self.config.user_priority {
+            return None;
+        }
+        let max = self.config.max_user_priority.max(1);
+        let lowest = self.priorities.values().copied().min();
+        let priority = lowest.map_or(max, |lowest| {
+            lowest.saturating_sub(self.config.priority_spread)
+        });
+        Some(priority.clamp(1, max))
+    }
+
+    /// Builds the command that sets the user priority of one job.
+    pub fn bmod_command(&self, priority: u32, job: &JobId) -> CommandSpec {
+        CommandSpec::new(
+            &self.config.bmod,
+            vec!["-sp".to_string(), priority.to_string(), job.to_string()],
+        )
+    }
+
+    /// Plans the user priorities of `jobs` (job ids with their containers'
+    /// priorities): the jobs whose value changes, with the new value, in
+    /// the order of the containers' priorities. Ties are ordered by job id.
+    pub fn priority_plan(&self, jobs: &[(JobId, i64)]) -> Vec<(JobId, u32)> {
+        if !self.config.user_priority {
+            return Vec::new();
+        }
+        let max = self.config.max_user_priority.max(1);
+        let sorted = sort_by_priority(jobs);
+        // A higher -sp runs first, so -sp is counted down from the maximum
+        // as Slurm's nice values are counted up from the base.
+        let inputs: Vec<NiceJob> = sorted
+            .iter()
+            .map(|(id, priority)| NiceJob {
+                priority: *priority,
+                nice: self
+                    .priorities
+                    .get(id)
+                    .map(|sp| i64::from(max) - i64::from(*sp)),
+            })
+            .collect();
+        let planned = plan_nice(&inputs, 0, i64::from(self.config.priority_spread));
+        let mut changes = Vec::new();
+        for ((id, _), nice) in sorted.iter().zip(planned) {
+            let sp = u32::try_from((i64::from(max) - nice).max(1)).unwrap_or(1);
+            if self.priorities.get(id) != Some(&sp) {
+                changes.push((id.clone(), sp));
+            }
+        }
+        changes
     }
 
     /// Builds the one status query.
@@ -206,6 +303,9 @@ impl<R: CommandRunner> Backend for LsfBackend<R> {
             message,
             output: output.stdout.clone(),
         })?;
+        if let Some(priority) = submitted_priority(&spec.args) {
+            self.priorities.insert(job_id.clone(), priority);
+        }
         let script = spec
             .stdin
             .as_deref()
@@ -223,14 +323,18 @@ impl<R: CommandRunner> Backend for LsfBackend<R> {
         let spec = self.bjobs_command();
         let output = self.runner.run(&spec).await?;
         if is_no_unfinished_job(&output) {
+            self.priorities.clear();
             return Ok(Vec::new());
         }
         let output = output.check(&spec)?;
-        parse_bjobs_json(&output.stdout).map_err(|message| BackendError::Parse {
+        let jobs = parse_bjobs_json(&output.stdout).map_err(|message| BackendError::Parse {
             command: spec.command_line(),
             message,
             output: output.stdout.clone(),
-        })
+        })?;
+        self.priorities
+            .retain(|id, _| jobs.iter().any(|job| &job.id == id));
+        Ok(jobs)
     }
 
     async fn cancel(&mut self, job: &BatchJob) -> Result<(), BackendError> {
@@ -245,6 +349,53 @@ impl<R: CommandRunner> Backend for LsfBackend<R> {
         output.check(&spec)?;
         Ok(())
     }
+
+    async fn reprioritise(&mut self, jobs: &[(JobId, i64)]) -> Result<(), BackendError> {
+        let mut first_error = None;
+        for (id, priority) in self.priority_plan(jobs) {
+            let spec = self.bmod_command(priority, &id);
+            let result = match self.runner.run(&spec).await {
+                Ok(output) if output.success() => Ok(true),
+                // A job that ended since the status query needs no order.
+                Ok(output) if ALREADY_GONE.iter().any(|text| output.stderr.contains(text)) => {
+                    Ok(false)
+                }
+                Ok(output) => output.check(&spec).map(|_| true),
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(true) => {
+                    self.priorities.insert(id, priority);
+                }
+                Ok(false) => {
+                    self.priorities.remove(&id);
+                }
+                Err(err) => {
+                    tracing::debug!(job_id = %id, error = %err, "failed to set the job's user priority");
+                    first_error.get_or_insert(BackendError::Command(err));
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Returns the `-sp` value of a `bsub` command line.
+fn submitted_priority(args: &[String]) -> Option<u32> {
+    let index = args.iter().position(|arg| arg == "-sp")?;
+    args.get(index + 1)?.parse().ok()
+}
+
+/// Parses the configured argument templates. The error names the key of
+/// the bad entry, as [`crate::Config::validate`] does.
+fn parse_templates(
+    config: &LsfConfig,
+) -> Result<(Vec<ArgTemplate>, Vec<ArgTemplate>), ConfigError> {
+    let extra = arguments::bsub_templates(&config.bsub_args, false)
+        .map_err(|(index, message)| ConfigError::new(format!("lsf.bsub_args[{index}]"), message))?;
+    let gpu = arguments::bsub_templates(&config.gpu_args, true)
+        .map_err(|(index, message)| ConfigError::new(format!("lsf.gpu_args[{index}]"), message))?;
+    Ok((extra, gpu))
 }
 
 /// Returns true for the output of bjobs when the user has no unfinished job: nothing on
@@ -357,11 +508,13 @@ fn parse_state(stat: &str) -> Result<Option<JobState>, String> {
 /// Checks that each LSF program exists. The error names the key of a
 /// missing program.
 pub fn check_programs(config: &LsfConfig) -> Result<(), ConfigError> {
-    for (key, program) in [
+    let bmod = config.user_priority.then_some(("lsf.bmod", &config.bmod));
+    let programs = [
         ("lsf.bsub", &config.bsub),
         ("lsf.bjobs", &config.bjobs),
         ("lsf.bkill", &config.bkill),
-    ] {
+    ];
+    for (key, program) in programs.into_iter().chain(bmod) {
         if find_program(program).is_none() {
             return Err(ConfigError {
                 key: key.to_string(),
@@ -397,6 +550,7 @@ pub fn current_user() -> Result<String, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::GpuRequest;
     use std::path::PathBuf;
 
     use crate::command::recording::RecordingRunner;
@@ -471,6 +625,9 @@ mod tests {
             vcpus,
             partitions: Vec::new(),
             max_run_time: 0,
+            tmp: 0,
+            gpu: GpuRequest::default(),
+            priority: 1,
             credentials_file: PathBuf::from(format!("/creds/{UUID}.json")),
         }
     }
@@ -718,5 +875,194 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("Permission denied"), "{err}");
+    }
+
+    #[test]
+    fn bsub_scratch_gpus_and_templates() {
+        let config = LsfConfig {
+            reserve_tmp: 1 << 30,
+            bsub_args: vec![
+                "-R".into(),
+                "select[tmp>={tmp_mib}]".into(),
+                "-Jd".into(),
+                "{uuid} at {priority}".into(),
+                "-q2".into(),
+                "{partitions}".into(),
+            ],
+            gpu_args: vec!["-gpu".into(), "num={gpus}:gmem={gpu_vram_mib}M".into()],
+            ..LsfConfig::default()
+        };
+        let (backend, _) = backend(config);
+        let mut own = request(1 << 30, 2);
+        own.tmp = 2 << 30;
+        own.gpu = GpuRequest {
+            stack: "cuda".into(),
+            count: 2,
+            vram: 8 << 30,
+            ..GpuRequest::default()
+        };
+        let spec = backend.bsub_command(&own).unwrap();
+        assert!(
+            spec.args
+                .contains(&"rusage[mem=1280MB:tmp=3072MB] span[hosts=1]".to_string()),
+            "{:?}",
+            spec.args
+        );
+        let tail = &spec.args[spec.args.len() - 6..];
+        assert_eq!(
+            tail,
+            [
+                "-R",
+                "select[tmp>=3072]",
+                "-Jd",
+                &format!("{UUID} at 1"),
+                "-gpu",
+                "num=2:gmem=8192M"
+            ],
+            "-q2 goes with its empty value"
+        );
+
+        let (backend, _) = self::backend(LsfConfig::default());
+        let spec = backend.bsub_command(&own).unwrap();
+        assert_eq!(&spec.args[spec.args.len() - 2..], ["-gpu", "num=2"]);
+        let spec = backend.bsub_command(&request(1, 1)).unwrap();
+        assert!(!spec.args.contains(&"-gpu".to_string()), "{:?}", spec.args);
+        assert!(!spec.args.contains(&"-sp".to_string()), "{:?}", spec.args);
+    }
+
+    fn priority_config() -> LsfConfig {
+        LsfConfig {
+            user_priority: true,
+            max_user_priority: 100,
+            priority_spread: 2,
+            ..LsfConfig::default()
+        }
+    }
+
+    #[test]
+    fn priority_plan_counts_down_from_the_maximum() {
+        let (backend, _) = backend(priority_config());
+        let jobs = [
+            (JobId::new("11"), 5),
+            (JobId::new("10"), 500),
+            (JobId::new("12"), 5),
+            (JobId::new("13"), 1),
+        ];
+        assert_eq!(
+            backend.priority_plan(&jobs),
+            [
+                (JobId::new("10"), 100),
+                (JobId::new("11"), 98),
+                (JobId::new("12"), 98),
+                (JobId::new("13"), 96),
+            ]
+        );
+        let (backend, _) = self::backend(LsfConfig::default());
+        assert!(backend.priority_plan(&jobs).is_empty(), "off by default");
+    }
+
+    #[test]
+    fn priority_plan_floors_at_one() {
+        let config = LsfConfig {
+            max_user_priority: 3,
+            priority_spread: 1,
+            ..priority_config()
+        };
+        let (backend, _) = backend(config);
+        let jobs: Vec<(JobId, i64)> = (0..5)
+            .map(|i| (JobId::new(format!("{i}")), 10 - i))
+            .collect();
+        let planned: Vec<u32> = backend
+            .priority_plan(&jobs)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(planned, [3, 2, 1, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn bmod_runs_only_when_the_order_changes() {
+        let (mut backend, runner) = backend(priority_config());
+        let ok = || CommandOutput::ok("Parameters of job <N> are being changed\n");
+        let jobs = vec![(JobId::new("10"), 500), (JobId::new("11"), 5)];
+        runner.answer(ok());
+        runner.answer(ok());
+        backend.reprioritise(&jobs).await.unwrap();
+        let calls = runner.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].program, PathBuf::from("bmod"));
+        assert_eq!(calls[0].args, ["-sp", "100", "10"]);
+        assert_eq!(calls[1].args, ["-sp", "98", "11"]);
+
+        backend.reprioritise(&jobs).await.unwrap();
+        assert_eq!(runner.calls().len(), 2, "same order, no bmod");
+
+        // Job 11 overtakes job 10: only what no longer fits moves.
+        let swapped = vec![(JobId::new("10"), 5), (JobId::new("11"), 500)];
+        runner.answer(ok());
+        backend.reprioritise(&swapped).await.unwrap();
+        let calls = runner.calls();
+        assert_eq!(calls.len(), 3, "{calls:?}");
+        assert_eq!(calls[2].args, ["-sp", "96", "10"]);
+    }
+
+    #[tokio::test]
+    async fn failed_bmod_is_retried_next_poll() {
+        let (mut backend, runner) = backend(priority_config());
+        let jobs = vec![(JobId::new("10"), 500)];
+        runner.answer(CommandOutput::exited(
+            255,
+            "",
+            "LSF is down. Please wait ...\n",
+        ));
+        let err = backend.reprioritise(&jobs).await.unwrap_err();
+        assert!(err.to_string().contains("LSF is down"), "{err}");
+        runner.answer(CommandOutput::ok(
+            "Parameters of job <10> are being changed\n",
+        ));
+        backend.reprioritise(&jobs).await.unwrap();
+        assert_eq!(runner.calls().len(), 2);
+
+        runner.answer(CommandOutput::exited(
+            255,
+            "",
+            "Job <11>: Job has already finished\n",
+        ));
+        backend
+            .reprioritise(&[(JobId::new("11"), 1)])
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn new_job_starts_below_the_known_jobs() {
+        let (mut backend, runner) = backend(priority_config());
+        let spec = backend.bsub_command(&request(1, 1)).unwrap();
+        assert!(
+            spec.args.windows(2).any(|w| w == ["-sp", "100"]),
+            "{:?}",
+            spec.args
+        );
+
+        runner.answer(CommandOutput::ok(
+            "Job <42> is submitted to queue <normal>.\n",
+        ));
+        backend.submit(&request(1, 1)).await.unwrap();
+        let spec = backend.bsub_command(&request(1, 1)).unwrap();
+        assert!(
+            spec.args.windows(2).any(|w| w == ["-sp", "98"]),
+            "{:?}",
+            spec.args
+        );
+
+        // A status query without job 42 drops its value.
+        runner.answer(CommandOutput::exited(255, "", "No unfinished job found\n"));
+        backend.status().await.unwrap();
+        let spec = backend.bsub_command(&request(1, 1)).unwrap();
+        assert!(
+            spec.args.windows(2).any(|w| w == ["-sp", "100"]),
+            "{:?}",
+            spec.args
+        );
     }
 }

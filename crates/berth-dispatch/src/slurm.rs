@@ -5,8 +5,12 @@
 //! are pure functions. Running the commands is the [`CommandRunner`]'s job.
 //!
 //! - Submit: `sbatch --parsable --job-name=UUID --comment=UUID --no-requeue
-//!   --chdir=/ --mem=MiB --cpus-per-task=N [--partition=P] [--time=MIN]
-//!   [--nice=N] --output=PATTERN EXTRA...` with the job script on stdin.
+//!   --chdir=/ --mem=MiB --cpus-per-task=N [--tmp=MiB] [--partition=P]
+//!   [--time=MIN] [--nice=N] --output=PATTERN EXTRA... [GPU...]` with the
+//!   job script on stdin. `--tmp` is the container's `tmp` mounts plus
+//!   `slurm.reserve_tmp`, left out when 0. `EXTRA` is `slurm.sbatch_args`
+//!   and `GPU` is `slurm.gpu_args` (only for a container with GPUs), both
+//!   argument templates ([`crate::template`]).
 //!   `--no-requeue` keeps Slurm from running a job again after a node
 //!   failure, when its container may already be cancelled. `--chdir=/` starts the job in a
 //!   directory every node has: by default Slurm starts it in the
@@ -54,10 +58,12 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
+use crate::arguments;
 use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
 use crate::command::{CommandError, CommandRunner, CommandSpec};
 use crate::config::{ConfigError, SlurmConfig};
 use crate::script::exec_script;
+use crate::template::{expand_all, ArgTemplate, TemplateValues};
 use crate::SupervisorCommand;
 
 /// `squeue`'s output format: job id, long state, nice, reason, name.
@@ -87,6 +93,10 @@ const REJECTIONS: &[&str] = &[
 /// The `sbatch` error of a partition Slurm does not know.
 const INVALID_PARTITION: &str = "Invalid partition name specified";
 
+/// The `sbatch` error of a generic resource (such as `gpu`) that no node
+/// of the cluster has (slurm-wlm 22.05).
+const INVALID_GRES: &str = "Invalid generic resource (gres) specification";
+
 /// Fragments of `scancel` errors that mean the job has already ended.
 const ALREADY_GONE: &[&str] = &[
     "Invalid job id specified",
@@ -107,6 +117,9 @@ pub struct SlurmBackend<R> {
     /// Each listed job's nice value, from the latest status query and the
     /// `scontrol` calls that succeeded since.
     nices: HashMap<JobId, i64>,
+    /// `sbatch_args` and `gpu_args`, parsed; an error of a configuration
+    /// that skipped [`crate::Config::validate`] fails each submission.
+    templates: Result<(Vec<ArgTemplate>, Vec<ArgTemplate>), ConfigError>,
 }
 
 impl<R: CommandRunner> SlurmBackend<R> {
@@ -125,22 +138,31 @@ impl<R: CommandRunner> SlurmBackend<R> {
         runner: R,
         user: String,
     ) -> SlurmBackend<R> {
+        let templates = parse_templates(&config);
         SlurmBackend {
             config,
             supervisor,
             runner,
             user,
             nices: HashMap::new(),
+            templates,
         }
     }
 
     /// Builds the `sbatch` command, with the job script on its stdin.
     pub fn sbatch_command(&self, request: &JobRequest) -> Result<CommandSpec, BackendError> {
         let uuid = &request.container_uuid;
+        let (extra, gpu_extra) = self.templates.as_ref().map_err(|err| err.clone())?;
         let mem_mib = memory_mib(request.ram, self.config.reserve_ram).ok_or_else(|| {
             BackendError::InvalidRequest {
                 container: uuid.clone(),
                 reason: format!("runtime_constraints.ram {} bytes is too large", request.ram),
+            }
+        })?;
+        let tmp_mib = memory_mib(request.tmp, self.config.reserve_tmp).ok_or_else(|| {
+            BackendError::InvalidRequest {
+                container: uuid.clone(),
+                reason: format!("the tmp mounts' {} bytes are too large", request.tmp),
             }
         })?;
         let mut args = vec![
@@ -152,12 +174,15 @@ impl<R: CommandRunner> SlurmBackend<R> {
             format!("--mem={mem_mib}"),
             format!("--cpus-per-task={}", request.vcpus),
         ];
+        if tmp_mib > 0 {
+            args.push(format!("--tmp={tmp_mib}"));
+        }
         let partition = if request.partitions.is_empty() {
             self.config.partition.clone()
         } else {
             Some(request.partitions.join(","))
         };
-        if let Some(partition) = partition {
+        if let Some(partition) = &partition {
             args.push(format!("--partition={partition}"));
         }
         if request.max_run_time > 0 {
@@ -171,7 +196,12 @@ impl<R: CommandRunner> SlurmBackend<R> {
             args.push(format!("--nice={nice}"));
         }
         args.push(format!("--output={}", self.config.output));
-        args.extend(self.config.sbatch_args.iter().cloned());
+        let values =
+            TemplateValues::for_job(request, mem_mib, tmp_mib, partition.unwrap_or_default());
+        args.extend(expand_all(extra, &values));
+        if request.gpu.count > 0 {
+            args.extend(expand_all(gpu_extra, &values));
+        }
 
         let argv = self
             .supervisor
@@ -231,12 +261,7 @@ impl<R: CommandRunner> SlurmBackend<R> {
         if self.config.priority_spread <= 0 {
             return changes;
         }
-        let mut sorted: Vec<&(JobId, i64)> = jobs.iter().collect();
-        sorted.sort_by(|a, b| {
-            b.1.cmp(&a.1)
-                .then_with(|| a.0.as_str().len().cmp(&b.0.as_str().len()))
-                .then_with(|| a.0.cmp(&b.0))
-        });
+        let sorted = sort_by_priority(jobs);
         let inputs: Vec<NiceJob> = sorted
             .iter()
             .map(|(id, priority)| NiceJob {
@@ -320,7 +345,11 @@ impl<R: CommandRunner> SlurmBackend<R> {
         // container named it; the configured default is the operator's.
         let partition_rejected =
             stderr.contains(INVALID_PARTITION) && !request.partitions.is_empty();
-        if partition_rejected || REJECTIONS.iter().any(|text| stderr.contains(text)) {
+        // Only a container with GPUs gets `slurm.gpu_args`, so a gres
+        // error is its request's fault; without GPUs it is the operator's.
+        let gres_rejected = stderr.contains(INVALID_GRES) && request.gpu.count > 0;
+        let rejected = partition_rejected || gres_rejected;
+        if rejected || REJECTIONS.iter().any(|text| stderr.contains(text)) {
             BackendError::Rejected {
                 container: request.container_uuid.clone(),
                 source: error,
@@ -652,8 +681,24 @@ pub fn explain_pending_reason(reason: &str) -> Option<&'static str> {
     Some(text)
 }
 
-/// Computes the job's `--mem` in MiB: the container's RAM plus the
-/// reserve, rounded up. Returns `None` on overflow.
+/// Parses the configured argument templates. The error names the key of
+/// the bad entry, as [`crate::Config::validate`] does.
+fn parse_templates(
+    config: &SlurmConfig,
+) -> Result<(Vec<ArgTemplate>, Vec<ArgTemplate>), ConfigError> {
+    let extra =
+        arguments::sbatch_templates(&config.sbatch_args, false).map_err(|(index, message)| {
+            ConfigError::new(format!("slurm.sbatch_args[{index}]"), message)
+        })?;
+    let gpu = arguments::sbatch_templates(&config.gpu_args, true).map_err(|(index, message)| {
+        ConfigError::new(format!("slurm.gpu_args[{index}]"), message)
+    })?;
+    Ok((extra, gpu))
+}
+
+/// Computes a size in MiB from bytes plus a reserve, rounded up: the
+/// job's `--mem` from the container's RAM, or its `--tmp` from the `tmp`
+/// mounts. Returns `None` on overflow.
 pub fn memory_mib(ram: u64, reserve: u64) -> Option<u64> {
     ram.checked_add(reserve)
         .map(|bytes| bytes.div_ceil(1 << 20))
@@ -753,6 +798,19 @@ fn renices_only_ended_jobs(stderr: &str) -> bool {
         .filter(|line| !line.trim().is_empty())
         .peekable();
     lines.peek().is_some() && lines.all(|line| RENICE_ENDED.iter().any(|text| line.contains(text)))
+}
+
+/// Sorts jobs (job ids with their containers' priorities) highest
+/// priority first. Ties go by job id (numerically for numeric ids), so the
+/// result does not depend on the order of `jobs`.
+pub(crate) fn sort_by_priority(jobs: &[(JobId, i64)]) -> Vec<&(JobId, i64)> {
+    let mut sorted: Vec<&(JobId, i64)> = jobs.iter().collect();
+    sorted.sort_by(|a, b| {
+        b.1.cmp(&a.1)
+            .then_with(|| a.0.as_str().len().cmp(&b.0.as_str().len()))
+            .then_with(|| a.0.cmp(&b.0))
+    });
+    sorted
 }
 
 /// One pending job, as [`plan_nice`] takes it.
@@ -876,6 +934,7 @@ pub(crate) fn find_program(program: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::GpuRequest;
     use crate::command::recording::RecordingRunner;
     use crate::command::CommandOutput;
 
@@ -922,6 +981,9 @@ mod tests {
             vcpus,
             partitions: Vec::new(),
             max_run_time: 0,
+            tmp: 0,
+            gpu: GpuRequest::default(),
+            priority: 1,
             credentials_file: PathBuf::from(format!("/var/lib/berth/credentials/{UUID}.json")),
         }
     }
@@ -1087,9 +1149,13 @@ mod tests {
     }
 
     #[test]
-    fn extra_arguments_come_last() {
+    fn extra_arguments_come_last_with_substitutions() {
         let config = SlurmConfig {
-            sbatch_args: vec!["--account=science".into(), "--mem=100".into()],
+            sbatch_args: vec![
+                "--account=science".into(),
+                "--extra=mem={ram_mib},cpus={vcpus},tmp={tmp_mib},prio={priority}".into(),
+                "--licenses=scratch:{time_minutes}".into(),
+            ],
             output: "/scratch/%x-%j.out".into(),
             ..SlurmConfig::default()
         };
@@ -1101,9 +1167,118 @@ mod tests {
             [
                 "--output=/scratch/%x-%j.out",
                 "--account=science",
-                "--mem=100"
+                "--extra=mem=257,cpus=1,tmp=0,prio=1",
+            ],
+            "the argument with an empty {{time_minutes}} is left out"
+        );
+    }
+
+    #[test]
+    fn tmp_comes_from_tmp_mounts_and_reserve() {
+        let config = SlurmConfig {
+            reserve_tmp: 1 << 30,
+            ..SlurmConfig::default()
+        };
+        let (backend, _) = backend(config);
+        let mut with_mounts = request(1 << 30, 1);
+        with_mounts.tmp = 3 * (1 << 30) + 1;
+        let spec = backend.sbatch_command(&with_mounts).unwrap();
+        assert!(
+            spec.args.contains(&"--tmp=4097".to_string()),
+            "{:?}",
+            spec.args
+        );
+
+        let (backend, _) = self::backend(SlurmConfig::default());
+        let spec = backend.sbatch_command(&request(1 << 30, 1)).unwrap();
+        assert!(
+            !spec.args.iter().any(|arg| arg.starts_with("--tmp")),
+            "no scratch space asked: {:?}",
+            spec.args
+        );
+        let mut huge = request(1, 1);
+        huge.tmp = u64::MAX;
+        let config = SlurmConfig {
+            reserve_tmp: 1,
+            ..SlurmConfig::default()
+        };
+        let (backend, _) = self::backend(config);
+        let err = backend.sbatch_command(&huge).unwrap_err();
+        assert!(err.is_permanent(), "{err}");
+    }
+
+    fn gpus(count: u64) -> GpuRequest {
+        GpuRequest {
+            stack: "cuda".into(),
+            count,
+            driver_version: "12.4".into(),
+            hardware_target: vec!["8.6".into(), "9.0".into()],
+            vram: 10_000_000_000,
+        }
+    }
+
+    #[test]
+    fn gpus_use_the_gpu_arguments() {
+        let (backend, _) = backend(SlurmConfig::default());
+        let mut with_gpus = request(1, 1);
+        with_gpus.gpu = gpus(2);
+        let spec = backend.sbatch_command(&with_gpus).unwrap();
+        assert_eq!(spec.args.last().map(String::as_str), Some("--gres=gpu:2"));
+        let spec = backend.sbatch_command(&request(1, 1)).unwrap();
+        assert!(
+            !spec.args.iter().any(|arg| arg.contains("gpu")),
+            "{:?}",
+            spec.args
+        );
+
+        let config = SlurmConfig {
+            sbatch_args: vec!["--constraint=cc{gpu_hardware_target}".into()],
+            gpu_args: vec![
+                "--gpus={gpus}".into(),
+                "--extra=stack={gpu_stack},driver={gpu_driver_version},vram={gpu_vram_mib}".into(),
+            ],
+            ..SlurmConfig::default()
+        };
+        let (backend, _) = self::backend(config);
+        let spec = backend.sbatch_command(&with_gpus).unwrap();
+        let tail = &spec.args[spec.args.len() - 3..];
+        assert_eq!(
+            tail,
+            [
+                "--constraint=cc8.6,9.0",
+                "--gpus=2",
+                "--extra=stack=cuda,driver=12.4,vram=9537"
             ]
         );
+    }
+
+    #[test]
+    fn partitions_placeholder_has_the_partition_used() {
+        let config = SlurmConfig {
+            partition: Some("batch".into()),
+            sbatch_args: vec!["--extra=part={partitions}".into()],
+            ..SlurmConfig::default()
+        };
+        let (backend, _) = backend(config);
+        let spec = backend.sbatch_command(&request(1, 1)).unwrap();
+        assert_eq!(spec.args.last().unwrap(), "--extra=part=batch");
+        let mut own = request(1, 1);
+        own.partitions = vec!["a".into(), "b".into()];
+        let spec = backend.sbatch_command(&own).unwrap();
+        assert_eq!(spec.args.last().unwrap(), "--extra=part=a,b");
+    }
+
+    #[tokio::test]
+    async fn unvalidated_bad_template_fails_submission_only() {
+        let config = SlurmConfig {
+            sbatch_args: vec!["--extra={nope}".into()],
+            ..SlurmConfig::default()
+        };
+        let (mut backend, runner) = backend(config);
+        let err = backend.submit(&request(1, 1)).await.unwrap_err();
+        assert!(!err.is_permanent(), "the container waits for a fix: {err}");
+        assert!(err.to_string().contains("slurm.sbatch_args[0]"), "{err}");
+        assert!(runner.calls().is_empty());
     }
 
     #[test]

@@ -19,7 +19,8 @@ use std::time::Duration;
 use berth_dispatch::command::ProcessRunner;
 use berth_dispatch::lsf::check_programs;
 use berth_dispatch::{
-    Backend, BatchJob, JobId, JobRequest, JobState, LsfBackend, LsfConfig, SupervisorCommand,
+    Backend, BatchJob, GpuRequest, JobId, JobRequest, JobState, LsfBackend, LsfConfig,
+    SupervisorCommand,
 };
 
 const UUID: &str = "zzzzz-dz642-000000000000042";
@@ -64,6 +65,9 @@ fn request(partitions: &[&str]) -> JobRequest {
         vcpus: 2,
         partitions: partitions.iter().map(|p| p.to_string()).collect(),
         max_run_time: 3600,
+        tmp: 0,
+        gpu: GpuRequest::default(),
+        priority: 1,
         credentials_file: PathBuf::from(format!("/creds/{UUID}.json")),
     }
 }

@@ -2,7 +2,8 @@
 //! status, cancel, a rejected submission, the job's time limit and working
 //! directory, a job Slurm keeps pending because it can never run, and the
 //! nice values that order pending jobs after their containers' priorities,
-//! and the reason Slurm gives for a job cancelled with `scancel`.
+//! the reason Slurm gives for a job cancelled with `scancel`, the scratch
+//! space (`--tmp`) of `tmp` mounts, and GPUs on a cluster without them.
 //!
 //! The job runs a stand-in for `berth` (a shell script that records its
 //! arguments and sleeps), installed under a directory whose name contains a
@@ -18,7 +19,8 @@ use std::time::{Duration, Instant};
 use berth_core::{ClusterId, ObjectType, Uuid};
 use berth_dispatch::command::ProcessRunner;
 use berth_dispatch::{
-    Backend, BatchJob, JobId, JobRequest, JobState, SlurmBackend, SlurmConfig, SupervisorCommand,
+    Backend, BatchJob, GpuRequest, JobId, JobRequest, JobState, SlurmBackend, SlurmConfig,
+    SupervisorCommand,
 };
 
 /// How long a job may take to appear, start or leave the queue.
@@ -85,6 +87,9 @@ fn request(dir: &Path) -> JobRequest {
         vcpus: 1,
         partitions: Vec::new(),
         max_run_time: 600,
+        tmp: 0,
+        gpu: GpuRequest::default(),
+        priority: 1,
     }
 }
 
@@ -276,6 +281,87 @@ async fn unknown_container_partition_is_permanent() {
     let text = err.to_string();
     assert!(text.contains("Invalid partition name specified"), "{text}");
     assert!(text.contains("--partition=no-such-partition"), "{text}");
+}
+
+#[tokio::test]
+async fn gpus_on_a_cluster_without_gpus_are_permanent() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut backend = backend(dir.path(), &[]);
+    let mut request = request(dir.path());
+    request.gpu = GpuRequest {
+        stack: "cuda".into(),
+        count: 1,
+        ..GpuRequest::default()
+    };
+    let err = backend.submit(&request).await.unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("Invalid generic resource (gres) specification"),
+        "{text}"
+    );
+    assert!(text.contains("--gres=gpu:1"), "{text}");
+}
+
+/// Returns the largest `TmpDisk` of the nodes, in MiB.
+fn node_tmp_disk_mib() -> u64 {
+    let output = std::process::Command::new("scontrol")
+        .args(["show", "node", "-o"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .filter_map(|field| field.strip_prefix("TmpDisk="))
+        .map(|mib| mib.parse::<u64>().unwrap())
+        .max()
+        .expect("scontrol show node lists no TmpDisk")
+}
+
+#[tokio::test]
+async fn tmp_mounts_request_node_scratch_space() {
+    if !enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    // More scratch space than the node's TmpDisk (the free space of
+    // Slurm's TmpFS): sbatch rejects the job. A held job would be queued
+    // instead, so this one is not held.
+    let mut huge = request(dir.path());
+    huge.tmp = (node_tmp_disk_mib() + 1024) << 20;
+    let result = backend(dir.path(), &[]).submit(&huge).await;
+    let _huge_guard = JobGuard(result.as_ref().ok().map(|s| s.job_id.clone()));
+    let err = result.unwrap_err();
+    assert!(err.is_permanent(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("Temporary disk specification can not be satisfied"),
+        "{err}"
+    );
+
+    // 1 GiB fits; the job is held, so it never runs, and is cancelled.
+    let held_dir = tempfile::tempdir().unwrap();
+    let mut small = request(held_dir.path());
+    small.tmp = 1 << 30;
+    let submission = backend(held_dir.path(), &["--hold"])
+        .submit(&small)
+        .await
+        .unwrap();
+    let _guard = JobGuard(Some(submission.job_id.clone()));
+    assert!(
+        submission.command.contains("--tmp=1024"),
+        "{}",
+        submission.command
+    );
+    let output = std::process::Command::new("scontrol")
+        .args(["show", "job", "-o", submission.job_id.as_str()])
+        .output()
+        .unwrap();
+    let fields = String::from_utf8_lossy(&output.stdout);
+    assert!(fields.contains("MinTmpDiskNode=1G"), "{fields}");
 }
 
 /// Submits `count` jobs that stay pending (`extra` keeps them back) and

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::gpu::GpuDevices;
+
 /// The Docker Engine API socket used when neither the configuration nor
 /// `DOCKER_HOST` names one.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -77,6 +79,13 @@ pub struct Config {
     /// the container exited. Default 60 s.
     #[serde(deserialize_with = "duration::deserialize")]
     pub output_drain_timeout: Duration,
+    /// The form of the container runtime's GPU request. `docker`, the
+    /// default, sends Docker's `--gpus` request (NVIDIA Container Toolkit)
+    /// for CUDA and binds the `/dev/kfd` and `/dev/dri` device files for
+    /// ROCm. `cdi` sends CDI device names in a `DeviceRequests` entry
+    /// (Docker Engine 25 and later). `podman_cdi` sends them as devices, as
+    /// `podman run --device nvidia.com/gpu=all` does.
+    pub gpu_devices: GpuDevices,
 }
 
 impl Default for Config {
@@ -94,6 +103,7 @@ impl Default for Config {
             log_flush_interval: Duration::from_millis(250),
             log_retry_timeout: Duration::from_secs(300),
             output_drain_timeout: Duration::from_secs(60),
+            gpu_devices: GpuDevices::default(),
         }
     }
 }
@@ -192,6 +202,20 @@ pub mod duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_devices_parse() {
+        for (text, expected) in [
+            ("docker", GpuDevices::Docker),
+            ("cdi", GpuDevices::Cdi),
+            ("podman_cdi", GpuDevices::PodmanCdi),
+        ] {
+            let config: Config = serde_yaml::from_str(&format!("gpu_devices: {text}")).unwrap();
+            assert_eq!(config.gpu_devices, expected);
+        }
+        let err = serde_yaml::from_str::<Config>("gpu_devices: nvidia").unwrap_err();
+        assert!(err.to_string().contains("podman_cdi"), "{err}");
+    }
 
     #[test]
     fn empty_section_gives_defaults() {

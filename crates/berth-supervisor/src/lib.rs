@@ -25,6 +25,7 @@
 
 pub mod archive;
 pub mod config;
+pub mod gpu;
 pub mod image;
 pub mod logs;
 pub mod mounts;

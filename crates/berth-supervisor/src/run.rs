@@ -38,6 +38,7 @@ use tracing::Instrument;
 
 use crate::archive::ArchiveError;
 use crate::config::Config;
+use crate::gpu::assign_gpus;
 use crate::logs::{ApiLogSink, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog};
 use crate::mounts::{plan_mounts, MountError, PreparedMounts};
 use crate::retry::{retry, API_BACKOFF};
@@ -377,7 +378,27 @@ impl Run<'_> {
                 .info(format!("mount {} ({mode})", bind.container_path));
         }
 
-        let spec = container_spec(container, image, binds, self.config.network_mode.as_deref())?;
+        let mut spec =
+            container_spec(container, image, binds, self.config.network_mode.as_deref())?;
+        spec.gpus = assign_gpus(
+            &container.runtime_constraints.gpu,
+            self.config.gpu_devices,
+            |name| std::env::var(name).ok(),
+        )
+        .map_err(SpecError::from)?;
+        if let Some(gpus) = &spec.gpus {
+            let devices = if gpus.device_ids.is_empty() {
+                "not named by the batch system".to_string()
+            } else {
+                gpus.device_ids.join(",")
+            };
+            self.log.info(format!(
+                "{} {} GPUs, devices {devices}, requested in the form {}",
+                gpus.count,
+                gpus.stack.name(),
+                gpus.devices.key()
+            ));
+        }
         self.check_stop()?;
         let id = runtime.create(&spec).await?;
         self.container = Some(id.clone());

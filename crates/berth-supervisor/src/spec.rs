@@ -2,7 +2,8 @@
 //!
 //! The container gets only what its record requests. Its environment is
 //! the record's `environment` and nothing of the supervisor's own (no API
-//! host, no token). Its network is `none` unless `runtime_constraints.API`
+//! host, no token). The one addition is `ROCR_VISIBLE_DEVICES` for ROCm
+//! GPUs passed as device files (see [`crate::gpu`]). Its network is `none` unless `runtime_constraints.API`
 //! is true, and its memory and CPU limits come from
 //! `runtime_constraints`.
 
@@ -20,6 +21,8 @@ pub enum SpecError {
     InvalidEnvName { name: String },
     #[error("environment variable {name} contains a NUL byte")]
     InvalidEnvValue { name: String },
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
     #[error("invalid runtime_constraints.{field} {value}: {reason}")]
     InvalidConstraint {
         field: &'static str,
@@ -70,6 +73,7 @@ pub fn container_spec(
         nano_cpus,
         network,
         binds,
+        gpus: None,
     })
 }
 

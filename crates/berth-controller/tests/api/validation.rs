@@ -346,11 +346,8 @@ fn cases() -> Vec<Case> {
         ),
         case(
             with(json!({"runtime_constraints": {"ram": 1000000, "vcpus": 1,
-                "gpu": {"stack": "cuda", "device_count": 2}}})),
-            &[
-                "runtime_constraints.gpu.device_count",
-                "does not schedule GPUs",
-            ],
+                "gpu": {"stack": "opencl", "device_count": 2}}})),
+            &["runtime_constraints.gpu.stack", "opencl"],
         ),
         case(
             with(json!({"expires_at": "tomorrow"})),
@@ -442,7 +439,6 @@ async fn legacy_forms_are_normalised() {
             &alice,
             with(json!({
                 "container_count_max": 0,
-                "state": "Uncommitted",
                 "runtime_constraints": {
                     "ram": [67108864, 134217728],
                     "vcpus": [2],
@@ -458,11 +454,17 @@ async fn legacy_forms_are_normalised() {
     assert_eq!(constraints["ram"], 67108864);
     assert_eq!(constraints["vcpus"], 2);
     assert!(constraints.get("cuda").is_none(), "{constraints}");
-    assert_eq!(
-        constraints["gpu"],
-        json!({"stack": "cuda", "device_count": 1, "driver_version": "11.0",
-               "hardware_target": ["8.6"], "vram": 0})
-    );
+    let gpu = json!({"stack": "cuda", "device_count": 1, "driver_version": "11.0",
+                     "hardware_target": ["8.6"], "vram": 0});
+    assert_eq!(constraints["gpu"], gpu);
+
+    // The committed request's container carries the GPUs to the dispatcher.
+    let container_uuid = str_of(&request, "container_uuid");
+    let container = api
+        .get(&format!("containers/{container_uuid}"), &alice)
+        .await;
+    container.expect(StatusCode::OK);
+    assert_eq!(container.json()["runtime_constraints"]["gpu"], gpu);
 }
 
 #[tokio::test]

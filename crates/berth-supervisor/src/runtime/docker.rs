@@ -23,7 +23,7 @@ use bollard::container::{
 };
 use bollard::errors::Error as DockerError;
 use bollard::image::{CreateImageOptions, ImportImageOptions};
-use bollard::models::HostConfig;
+use bollard::models::{DeviceMapping, DeviceRequest, HostConfig};
 use bollard::{Docker, API_DEFAULT_VERSION};
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::io::ReaderStream;
@@ -33,6 +33,7 @@ use super::{
     Runtime, RuntimeError, StdStream,
 };
 use crate::archive::ImageArchive;
+use crate::gpu::{GpuAssignment, GpuDevices, GpuStack};
 use crate::image::ArchiveImage;
 
 /// Time allowed for ordinary Docker API calls (inspect, create, start,
@@ -384,7 +385,8 @@ fn create_config(spec: &ContainerSpec) -> CreateConfig<String> {
         Network::None => Some("none".to_string()),
         Network::Enabled { mode } => mode.clone(),
     };
-    let host_config = HostConfig {
+    let mut env = spec.env.clone();
+    let mut host_config = HostConfig {
         binds: Some(spec.binds.iter().map(bind_string).collect()),
         memory: spec.memory_bytes,
         memory_swap: spec.memory_bytes,
@@ -393,10 +395,13 @@ fn create_config(spec: &ContainerSpec) -> CreateConfig<String> {
         auto_remove: Some(false),
         ..Default::default()
     };
+    if let Some(gpus) = &spec.gpus {
+        add_gpus(&mut host_config, &mut env, gpus);
+    }
     CreateConfig {
         image: Some(spec.image.clone()),
         cmd: Some(spec.command.clone()),
-        env: Some(spec.env.clone()),
+        env: Some(env),
         working_dir: spec.working_dir.clone(),
         labels: Some(
             spec.labels
@@ -411,6 +416,59 @@ fn create_config(spec: &ContainerSpec) -> CreateConfig<String> {
         tty: Some(false),
         host_config: Some(host_config),
         ..Default::default()
+    }
+}
+
+/// Adds the container's GPUs to the create request, in the form
+/// [`GpuDevices`] names (the module [`crate::gpu`] describes each).
+fn add_gpus(host_config: &mut HostConfig, env: &mut Vec<String>, gpus: &GpuAssignment) {
+    let ids = (!gpus.device_ids.is_empty()).then(|| gpus.device_ids.clone());
+    match (gpus.devices, gpus.stack) {
+        (GpuDevices::Docker, GpuStack::Cuda) => {
+            host_config.device_requests = Some(vec![DeviceRequest {
+                driver: Some("nvidia".to_string()),
+                // Docker's `--gpus N` sends a count, `--gpus device=0,1` ids.
+                count: ids
+                    .is_none()
+                    .then(|| i64::try_from(gpus.count).unwrap_or(i64::MAX)),
+                device_ids: ids,
+                capabilities: Some(vec![vec!["gpu".to_string()]]),
+                options: None,
+            }]);
+        }
+        (GpuDevices::Docker, GpuStack::Rocm) => {
+            host_config.devices = Some(
+                ["/dev/kfd", "/dev/dri"]
+                    .into_iter()
+                    .map(|path| DeviceMapping {
+                        path_on_host: Some(path.to_string()),
+                        path_in_container: Some(path.to_string()),
+                        cgroup_permissions: Some("rwm".to_string()),
+                    })
+                    .collect(),
+            );
+            if let Some(ids) = ids {
+                env.push(format!("ROCR_VISIBLE_DEVICES={}", ids.join(",")));
+            }
+        }
+        (GpuDevices::Cdi, _) => {
+            host_config.device_requests = Some(vec![DeviceRequest {
+                driver: Some("cdi".to_string()),
+                device_ids: Some(gpus.cdi_names()),
+                ..Default::default()
+            }]);
+        }
+        (GpuDevices::PodmanCdi, _) => {
+            host_config.devices = Some(
+                gpus.cdi_names()
+                    .into_iter()
+                    .map(|name| DeviceMapping {
+                        path_on_host: Some(name),
+                        ..Default::default()
+                    })
+                    .collect(),
+            );
+        }
     }
 }
 
@@ -491,7 +549,84 @@ mod tests {
                     read_only: false,
                 },
             ],
+            gpus: None,
         }
+    }
+
+    fn with_gpus(stack: GpuStack, devices: GpuDevices, ids: &[&str]) -> CreateConfig<String> {
+        let mut spec = spec(Network::None);
+        spec.gpus = Some(GpuAssignment {
+            stack,
+            count: 2,
+            device_ids: ids.iter().map(|id| id.to_string()).collect(),
+            devices,
+        });
+        create_config(&spec)
+    }
+
+    /// Serialises the create request's `HostConfig` as the Docker Engine
+    /// API receives it.
+    fn host_json(config: &CreateConfig<String>) -> serde_json::Value {
+        serde_json::to_value(config.host_config.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn cuda_gpus_become_an_nvidia_device_request() {
+        let config = with_gpus(GpuStack::Cuda, GpuDevices::Docker, &[]);
+        assert_eq!(
+            host_json(&config)["DeviceRequests"],
+            serde_json::json!([{"Driver": "nvidia", "Count": 2, "Capabilities": [["gpu"]]}])
+        );
+        let config = with_gpus(GpuStack::Cuda, GpuDevices::Docker, &["1", "3"]);
+        assert_eq!(
+            host_json(&config)["DeviceRequests"],
+            serde_json::json!([{"Driver": "nvidia", "DeviceIDs": ["1", "3"], "Capabilities": [["gpu"]]}])
+        );
+        assert_eq!(config.env, Some(vec!["A=1".to_string()]));
+    }
+
+    #[test]
+    fn rocm_gpus_become_amd_device_files() {
+        let config = with_gpus(GpuStack::Rocm, GpuDevices::Docker, &["0", "1"]);
+        let host = host_json(&config);
+        assert_eq!(
+            host["Devices"],
+            serde_json::json!([
+                {"PathOnHost": "/dev/kfd", "PathInContainer": "/dev/kfd", "CgroupPermissions": "rwm"},
+                {"PathOnHost": "/dev/dri", "PathInContainer": "/dev/dri", "CgroupPermissions": "rwm"},
+            ])
+        );
+        assert!(host.get("DeviceRequests").is_none(), "{host}");
+        assert_eq!(
+            config.env,
+            Some(vec![
+                "A=1".to_string(),
+                "ROCR_VISIBLE_DEVICES=0,1".to_string()
+            ])
+        );
+    }
+
+    #[test]
+    fn cdi_gpus_become_named_devices() {
+        let config = with_gpus(GpuStack::Cuda, GpuDevices::Cdi, &["0", "1"]);
+        assert_eq!(
+            host_json(&config)["DeviceRequests"],
+            serde_json::json!([{"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]}])
+        );
+        let config = with_gpus(GpuStack::Rocm, GpuDevices::PodmanCdi, &[]);
+        let host = host_json(&config);
+        assert_eq!(
+            host["Devices"],
+            serde_json::json!([{"PathOnHost": "amd.com/gpu=all"}])
+        );
+        assert!(host.get("DeviceRequests").is_none(), "{host}");
+    }
+
+    #[test]
+    fn no_gpus_no_devices() {
+        let host = host_json(&create_config(&spec(Network::None)));
+        assert!(host.get("DeviceRequests").is_none(), "{host}");
+        assert!(host.get("Devices").is_none(), "{host}");
     }
 
     #[test]

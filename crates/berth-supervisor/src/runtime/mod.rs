@@ -24,6 +24,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::archive::{ArchiveError, ImageArchive};
+use crate::gpu::GpuAssignment;
 
 /// A boxed error from the runtime's own client library.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -143,6 +144,8 @@ pub struct ContainerSpec {
     pub nano_cpus: Option<i64>,
     pub network: Network,
     pub binds: Vec<BindMount>,
+    /// The container's GPUs, or `None` for a container without GPUs.
+    pub gpus: Option<GpuAssignment>,
 }
 
 /// The output stream a chunk came from. The names are the log stream

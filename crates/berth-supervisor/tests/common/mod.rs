@@ -88,6 +88,7 @@ pub fn spec(uuid: &str, command: &[&str]) -> ContainerSpec {
         nano_cpus: None,
         network: Network::None,
         binds: Vec::new(),
+        gpus: None,
     }
 }
 

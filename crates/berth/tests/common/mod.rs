@@ -1,7 +1,13 @@
 //! A whole Berth cluster for end-to-end tests: a controller and a
 //! dispatcher as separate `berth` processes, on real Slurm (or the local
-//! backend) and real Podman, with a SQLite database in a temporary
-//! directory.
+//! backend, or the LSF stand-ins) and real Podman, with a SQLite database
+//! in a temporary directory.
+//!
+//! LSF cannot be installed here. With the backend `lsf`, the cluster
+//! installs the stand-in `bsub`, `bjobs`, `bkill` and `bmod` scripts of
+//! `berth-dispatch/tests/lsf-stand-ins` in `DIR/lsf/bin`. They print LSF's
+//! output formats and keep the jobs' state in `DIR/lsf/state`; a test
+//! starts pending jobs with the stand-in scheduler `lsf-run-pending`.
 //!
 //! These tests run only when `BERTH_INTEGRATION=1`, which `scripts/test.sh`
 //! sets after it has started Slurm and Podman; elsewhere they print
@@ -13,6 +19,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -129,7 +136,7 @@ pub struct TestCluster {
 
 impl TestCluster {
     /// Starts a controller and a dispatcher with the given backend
-    /// (`slurm` or `local`).
+    /// (`slurm`, `lsf` or `local`).
     pub fn start(backend: &str) -> TestCluster {
         TestCluster::start_with(backend, &ClusterOptions::default())
     }
@@ -146,6 +153,9 @@ impl TestCluster {
         let token_file = dir.path().join("system-token");
         write_private(&token_file, &system_token);
         let config = dir.path().join("config.yml");
+        if backend == "lsf" {
+            install_lsf_stand_ins(&dir.path().join("lsf"));
+        }
         write_config(&config, &cluster_id, &token_file, dir.path(), None, backend);
 
         let mut command = Command::new(berth_bin());
@@ -189,9 +199,12 @@ impl TestCluster {
             self.dispatcher.is_none(),
             "the dispatcher is already running"
         );
+        // Its own process group, so that kill_dispatcher_group reaches the
+        // commands it runs.
         let child = Command::new(berth_bin())
             .args(["dispatch", "--config"])
             .arg(&self.config)
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(append_log_file(self.dir.path(), "dispatch.log"))
             .spawn()
@@ -224,6 +237,21 @@ impl TestCluster {
     pub fn kill_dispatcher(&mut self) {
         if let Some(mut child) = self.dispatcher.take() {
             child.kill().expect("failed to kill the dispatcher");
+            child.wait().expect("failed to reap the dispatcher");
+        }
+    }
+
+    /// Kills the dispatcher and the batch commands it runs (its process
+    /// group) with SIGKILL, as a service manager does when the dispatcher
+    /// dies.
+    pub fn kill_dispatcher_group(&mut self) {
+        if let Some(mut child) = self.dispatcher.take() {
+            let group = format!("-{}", child.id());
+            let status = Command::new("kill")
+                .args(["-KILL", "--", &group])
+                .status()
+                .expect("failed to run kill");
+            assert!(status.success(), "kill -KILL -- {group} failed: {status}");
             child.wait().expect("failed to reap the dispatcher");
         }
     }
@@ -308,6 +336,9 @@ impl Drop for TestCluster {
         self.kill_dispatcher();
         let _ = self.controller.kill();
         let _ = self.controller.wait();
+        if self.backend == "lsf" {
+            stop_lsf_jobs(&self.dir.path().join("lsf/state"));
+        }
         // Cancel whatever Slurm jobs this cluster left, by name prefix.
         if self.backend == "slurm" {
             if let Ok(output) = Command::new("squeue")
@@ -351,6 +382,8 @@ fn write_private(path: &Path, content: &str) {
         .expect("failed to write a private file");
 }
 
+/// Opens a log file for appending, so that a restarted process keeps the
+/// lines of the one before.
 fn log_file(dir: &Path, name: &str) -> Stdio {
     Stdio::from(std::fs::File::create(dir.join(name)).expect("failed to create a log file"))
 }
@@ -403,6 +436,14 @@ fn write_config(
             text.push_str(&format!(
                 "  slurm:\n    output: {}/slurm-%j.out\n",
                 dir.display()
+            ));
+        }
+        if backend == "lsf" {
+            let bin = dir.join("lsf/bin");
+            text.push_str(&format!(
+                "  lsf:\n    output: {dir}/lsf-%J.out\n    user_priority: true\n    max_user_priority: 100\n    bsub: {bin}/bsub\n    bjobs: {bin}/bjobs\n    bkill: {bin}/bkill\n    bmod: {bin}/bmod\n",
+                dir = dir.display(),
+                bin = bin.display(),
             ));
         }
     }
@@ -527,4 +568,64 @@ pub fn podman_containers_for(uuid: &str) -> Vec<String> {
         .map(str::to_string)
         .filter(|l| !l.is_empty())
         .collect()
+}
+
+/// The LSF stand-ins, by name.
+const LSF_STAND_INS: &[(&str, &str)] = &[
+    (
+        "bsub",
+        include_str!("../../../berth-dispatch/tests/lsf-stand-ins/bsub"),
+    ),
+    (
+        "bjobs",
+        include_str!("../../../berth-dispatch/tests/lsf-stand-ins/bjobs"),
+    ),
+    (
+        "bkill",
+        include_str!("../../../berth-dispatch/tests/lsf-stand-ins/bkill"),
+    ),
+    (
+        "bmod",
+        include_str!("../../../berth-dispatch/tests/lsf-stand-ins/bmod"),
+    ),
+    (
+        "lsf-run-pending",
+        include_str!("../../../berth-dispatch/tests/lsf-stand-ins/lsf-run-pending"),
+    ),
+];
+
+/// Writes the LSF stand-ins into `dir/bin`, with an empty job state in
+/// `dir/state`.
+fn install_lsf_stand_ins(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+
+    let bin = dir.join("bin");
+    let state = dir.join("state");
+    std::fs::create_dir_all(&bin).expect("failed to make the stand-ins' directory");
+    std::fs::create_dir_all(&state).expect("failed to make the stand-ins' state directory");
+    std::fs::write(state.join("next"), "101\n").expect("failed to write the next job id");
+    for (name, text) in LSF_STAND_INS {
+        let path = bin.join(name);
+        std::fs::write(&path, text).expect("failed to write a stand-in");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .expect("failed to make a stand-in executable");
+    }
+}
+
+/// Kills the processes of the stand-in LSF jobs that still run.
+fn stop_lsf_jobs(state: &Path) {
+    let Ok(entries) = std::fs::read_dir(state) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+            continue;
+        }
+        let job = path.with_extension("job");
+        let running = std::fs::read_to_string(&job).is_ok_and(|text| text.starts_with("RUN "));
+        if let (true, Ok(pid)) = (running, std::fs::read_to_string(&path)) {
+            let _ = Command::new("kill").args(["-TERM", pid.trim()]).status();
+        }
+    }
 }
