@@ -19,6 +19,8 @@
 // Tests may unwrap: a panic there is a test failure with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod locator;
+pub mod manifest;
 pub mod priority;
 pub mod records;
 pub mod secret;
