@@ -30,7 +30,9 @@ pub mod units;
 pub mod uuid;
 pub mod validate;
 
-pub use records::{Container, ContainerRequest, Mount, RuntimeConstraints, SchedulingParameters};
+pub use records::{
+    Collection, Container, ContainerRequest, Mount, RuntimeConstraints, SchedulingParameters,
+};
 pub use secret::Secret;
 pub use state::{ContainerState, RequestState, TransitionError};
 pub use uuid::{ClusterId, ObjectType, Uuid, UuidError};
