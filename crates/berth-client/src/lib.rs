@@ -24,6 +24,7 @@
 // Tests may unwrap: a panic there is a test failure with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod collections;
 pub mod credentials;
 
 use std::collections::BTreeMap;
