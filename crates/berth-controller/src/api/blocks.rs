@@ -11,7 +11,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use berth_core::locator::{is_md5_hex, Locator, EMPTY_BLOCK_HASH};
@@ -20,7 +20,7 @@ use berth_core::manifest::hex_md5;
 use super::params;
 use super::rejection::PathParams;
 use super::AppState;
-use crate::auth::Caller;
+use crate::auth::{self, Caller};
 use crate::blocks::BlockError;
 use crate::error::{error_chain, ApiError};
 
@@ -46,15 +46,29 @@ fn block_error(action: &'static str, err: BlockError) -> ApiError {
     ApiError::Internal(format!("failed to {action}"))
 }
 
+/// Authenticates the caller of a block route. The path is checked first,
+/// so that a path that is no block is not found, with or without a token.
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let header = headers
+        .get(AUTHORIZATION)
+        .map(|value| {
+            value
+                .to_str()
+                .map_err(|_| ApiError::Unauthorized("the Authorization header is not ASCII".into()))
+        })
+        .transpose()?;
+    auth::authenticate(state, header).await
+}
+
 /// `PUT /<md5>` or `PUT /<md5>+<size>`: stores the body as a block.
 pub async fn put(
     State(state): State<AppState>,
-    caller: Caller,
     PathParams(path): PathParams<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let named = parse_path(&path)?;
+    let caller = authenticate(&state, &headers).await?;
     let limit = state.max_block_bytes();
     let data = params::read_body(&headers, body, limit, "the block").await?;
 
@@ -100,10 +114,11 @@ pub async fn put(
 /// `GET /<locator>` (and `HEAD`): returns a block's bytes.
 pub async fn get(
     State(state): State<AppState>,
-    caller: Caller,
     PathParams(path): PathParams<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let locator = parse_path(&path)?;
+    let caller = authenticate(&state, &headers).await?;
     state
         .signer()
         .verify(&locator, &caller.token_uuid, unix_now())

@@ -118,14 +118,20 @@ fn signed_for(
     Ok(record)
 }
 
-/// Renders a collection with its locators signed for the caller.
+/// Renders a collection with its locators signed for the caller. The etag
+/// is that of the stored record, so it does not change with each
+/// signature.
 fn render_signed(
     state: &AppState,
     caller: &Caller,
     collection: &Collection,
     select: Option<&[String]>,
 ) -> Result<Value, ApiError> {
-    render::record(KIND, &signed_for(state, caller, collection)?, select)
+    let mut rendered = render::record(KIND, collection, select)?;
+    if let Some(text) = rendered.get_mut("manifest_text") {
+        *text = Value::String(signed_for(state, caller, collection)?.manifest_text);
+    }
+    Ok(rendered)
 }
 
 /// Validates a manifest text and checks its locators for the caller:

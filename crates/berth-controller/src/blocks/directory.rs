@@ -61,8 +61,11 @@ fn io_error(
 /// Writes a block through a temporary file and a rename (see the module
 /// documentation).
 fn write_block(shard: &Path, path: &Path, hash: &str, data: &[u8]) -> Result<(), BlockError> {
-    if path.exists() {
-        return Ok(());
+    // An intact copy stays; a damaged one is replaced by this write.
+    match read_block(path, hash) {
+        Ok(Some(_)) => return Ok(()),
+        Ok(None) => {}
+        Err(err) => tracing::warn!(block = hash, error = %err, "replacing a stored block"),
     }
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -197,6 +200,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DirectoryBlockStore::new(dir.path());
         assert!(store.get(FOO_HASH).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn put_replaces_corrupt_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DirectoryBlockStore::new(dir.path());
+        store
+            .put(FOO_HASH, Bytes::from_static(b"foo"))
+            .await
+            .unwrap();
+        std::fs::write(dir.path().join("acb").join(FOO_HASH), b"fox").unwrap();
+        store
+            .put(FOO_HASH, Bytes::from_static(b"foo"))
+            .await
+            .unwrap();
+        let data = store.get(FOO_HASH).await.unwrap().unwrap();
+        assert_eq!(&data[..], b"foo");
     }
 
     #[tokio::test]

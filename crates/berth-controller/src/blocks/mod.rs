@@ -4,9 +4,10 @@
 //! A block is at most `blocks.max_block_bytes` (64 MiB by default, as in
 //! Arvados Keep). Collections refer to blocks by locator (`<md5>+<size>`);
 //! the store itself keeps only hashes and bytes. Writing a block that is
-//! already stored is a no-op that succeeds, so clients may write the same
-//! block twice. Every implementation checks the MD5 of what it writes and
-//! of what it reads back, so a corrupt block is an error, never data.
+//! already stored intact succeeds without writing, so clients may write
+//! the same block twice, and a damaged copy is replaced. Every
+//! implementation checks the MD5 of what it writes and of what it reads
+//! back, so a corrupt block is an error, never data.
 //!
 //! [`DirectoryBlockStore`] keeps each block in a file of a local
 //! directory. Another backend, such as an S3-compatible object store,
@@ -58,7 +59,7 @@ pub enum BlockError {
 #[async_trait]
 pub trait BlockStore: Send + Sync + std::fmt::Debug {
     /// Stores `data` under `hash`, after checking that `hash` is its MD5.
-    /// Storing a block that exists already succeeds without writing.
+    /// Storing a block that exists intact succeeds without writing.
     async fn put(&self, hash: &str, data: Bytes) -> Result<(), BlockError>;
 
     /// Reads a block, checking its MD5; `None` when it is not stored.

@@ -142,3 +142,23 @@ async fn paths_that_are_not_blocks_are_not_found() {
     let reply = get_block(&api, Some(&token), &format!("{FOO_HASH}+x")).await;
     reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+#[tokio::test]
+async fn unknown_root_path_without_token_is_not_found() {
+    let api = TestApi::new().await;
+    let reply = api.call(Method::GET, "/favicon.ico", None, None).await;
+    reply.expect(StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn head_returns_no_body() {
+    let api = TestApi::new().await;
+    let token = api.user("alice", false).await;
+    let locator = signed_locator(&api, &token, b"foo").await;
+    let reply = api
+        .call(Method::HEAD, &format!("/{locator}"), Some(&token), None)
+        .await;
+    reply.expect(StatusCode::OK);
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("content-length").as_deref(), Some("3"));
+}
