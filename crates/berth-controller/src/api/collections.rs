@@ -32,7 +32,7 @@ use super::rejection::PathParams;
 use super::{render, AppState, MAX_WRITE_ATTEMPTS};
 use crate::auth::{system_user_uuid, Caller};
 use crate::error::ApiError;
-use crate::store::{Page, Versioned, Visibility, COLLECTION_COLUMNS};
+use crate::store::{Versioned, Visibility, COLLECTION_COLUMNS};
 
 pub const KIND: &str = "arvados#collection";
 const LIST_KIND: &str = "arvados#collectionList";
@@ -303,25 +303,18 @@ async fn list_with(
         .list_collections(&query)
         .await
         .map_err(ApiError::store("list collections"))?;
-    let mut signed = Vec::with_capacity(page.items.len());
-    for item in page.items {
-        signed.push(Versioned {
-            record: signed_for(state, caller, &item.record)?,
-            version: item.version,
-        });
-    }
-    let page = Page {
-        items: signed,
-        items_available: page.items_available,
-    };
-    let body = render::list(
+    let items = page
+        .items
+        .iter()
+        .map(|item| render_signed(state, caller, &item.record, select.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let body = render::list_of(
         LIST_KIND,
-        KIND,
-        &page,
+        items,
+        page.items_available,
         query.offset,
         query.limit,
-        select.as_deref(),
-    )?;
+    );
     Ok(Json(body))
 }
 

@@ -260,6 +260,9 @@ async fn list_filters_by_pdh() {
     assert_eq!(body["items"][0]["name"], "foo");
     let listed = str_of(&body["items"][0], "manifest_text");
     assert!(listed.contains("+A"), "{listed}");
+    let uuid = str_of(&body["items"][0], "uuid");
+    let fetched = api.get(&format!("collections/{uuid}"), &token).await.json();
+    assert_eq!(body["items"][0]["etag"], fetched["etag"]);
 }
 
 #[tokio::test]
