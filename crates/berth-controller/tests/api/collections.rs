@@ -371,3 +371,33 @@ async fn etag_is_the_same_for_every_reader() {
     assert_ne!(owner_view["manifest_text"], admin_view["manifest_text"]);
     assert_eq!(owner_view["etag"], admin_view["etag"]);
 }
+
+#[tokio::test]
+async fn container_token_writes_for_its_user() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let bob = api.user("bob", false).await;
+    let (_, container) = api.committed(&alice).await;
+    let container_token = api.lock(str_of(&container, "uuid")).await;
+
+    let foo = signed_locator(&api, &container_token, b"foo").await;
+    let created = create(
+        &api,
+        &container_token,
+        json!({"name": "output", "manifest_text": format!(". {foo} 0:3:foo\n")}),
+    )
+    .await;
+    created.expect(StatusCode::OK);
+    let created = created.json();
+    let alice_uuid = str_of(&api.get("users/current", &alice).await.json(), "uuid").to_string();
+    assert_eq!(created["owner_uuid"], alice_uuid.as_str());
+
+    // The container's user reads it; other users do not.
+    let uuid = str_of(&created, "uuid");
+    api.get(&format!("collections/{uuid}"), &alice)
+        .await
+        .expect(StatusCode::OK);
+    api.get(&format!("collections/{uuid}"), &bob)
+        .await
+        .expect(StatusCode::NOT_FOUND);
+}
