@@ -8,6 +8,9 @@
 //! `blocks.max_block_bytes` (413) and its MD5 against the path (422). A
 //! read needs a locator signed for the caller's token (403 otherwise): the
 //! one a write returned, or one from a collection the caller read.
+//!
+//! NOTE: `request_timeout_seconds` (60 s by default) also bounds a block
+//! write, so a client must send a 64 MiB block at about 1.1 MB/s or more.
 
 use axum::body::Body;
 use axum::extract::State;
