@@ -401,3 +401,55 @@ async fn container_token_writes_for_its_user() {
         .await
         .expect(StatusCode::NOT_FOUND);
 }
+
+/// The store's collection calls, on whichever store the tests use.
+#[tokio::test]
+async fn store_detects_stale_versions() {
+    use berth_controller::store::{StoreError, Visibility};
+
+    let api = TestApi::new().await;
+    let token = api.user("alice", false).await;
+    let created = create(&api, &token, json!({"name": "v1"})).await.json();
+    let uuid = str_of(&created, "uuid");
+    let owner = str_of(&created, "owner_uuid").to_string();
+    let store = api.state.store();
+    let read = store.get_collection(uuid).await.unwrap().unwrap();
+    assert_eq!(read.version, 1);
+
+    let mut renamed = read.record.clone();
+    renamed.name = Some("v2".into());
+    let (first, second) = tokio::join!(
+        store.update_collection(&renamed, read.version),
+        store.update_collection(&renamed, read.version)
+    );
+    let conflicts = [&first, &second]
+        .iter()
+        .filter(|result| matches!(result, Err(StoreError::Conflict { .. })))
+        .count();
+    assert_eq!(conflicts, 1, "{first:?} {second:?}");
+    let stale_delete = store.delete_collection(uuid, read.version).await;
+    assert!(
+        matches!(stale_delete, Err(StoreError::Conflict { .. })),
+        "{stale_delete:?}"
+    );
+
+    let pdh = "d41d8cd98f00b204e9800998ecf8427e+0";
+    let found = store
+        .find_collection_by_pdh(pdh, &Visibility::User(owner))
+        .await
+        .unwrap();
+    assert_eq!(
+        found.map(|found| found.record.name),
+        Some(Some("v2".to_string()))
+    );
+    let hidden = store
+        .find_collection_by_pdh(pdh, &Visibility::User("zzzzz-tpzed-000000000000009".into()))
+        .await
+        .unwrap();
+    assert!(hidden.is_none());
+    store
+        .delete_collection(uuid, read.version + 1)
+        .await
+        .unwrap();
+    assert!(store.get_collection(uuid).await.unwrap().is_none());
+}
