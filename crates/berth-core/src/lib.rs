@@ -10,6 +10,10 @@
 //!   through [`ContainerState`].
 //! - a *UUID* ([`Uuid`]) names every record: `<cluster id>-<type code>-<15
 //!   characters>`, where the type code says what kind of record it is.
+//! - a *collection* ([`Collection`]) is a set of files whose bytes live in
+//!   content-addressed blocks. Its [`manifest`] lists the files as
+//!   segments of blocks named by [`locator`]s (`<md5>+<size>`), and its
+//!   *portable data hash* names its content.
 //!
 //! The controller owns all records; the dispatcher and the supervisor change
 //! containers only through the API, and every change of state is checked
