@@ -4,11 +4,12 @@
 //! Each PATH becomes an entry of the collection named after its last
 //! component: a file at the root, or a directory with everything below
 //! it. Files are read in blocks of `--block-size` bytes (64 MiB, the
-//! block size of Arvados Keep, by default), one block in memory at a time,
-//! and each block is written to the controller, which returns its signed
-//! locator. Empty directories are kept. Symbolic links below a named
-//! directory, sockets, FIFOs and device files are rejected before anything
-//! is uploaded, so a collection never silently misses a file.
+//! block size of Arvados Keep, by default), and each block is written to
+//! the controller, which returns its signed locator. The next block is
+//! read while the previous one uploads, so at most two are in memory.
+//! Empty directories are kept. Symbolic links below a named directory,
+//! sockets, FIFOs and device files are rejected before anything is
+//! uploaded, so a collection never silently misses a file.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -181,36 +182,72 @@ fn explain(api: &Api, err: ClientError) -> anyhow::Error {
     api.explain(err).context("failed to write a block")
 }
 
-/// Uploads one file block by block and returns its segments.
+/// Reads up to `block_size` bytes; fewer only at the end of the file.
+async fn read_block(
+    file: &mut tokio::fs::File,
+    source: &Path,
+    block_size: usize,
+) -> anyhow::Result<Bytes> {
+    let mut buffer = BytesMut::with_capacity(block_size);
+    while buffer.len() < block_size {
+        let read = (&mut *file)
+            .take((block_size - buffer.len()) as u64)
+            .read_buf(&mut buffer)
+            .await
+            .with_context(|| format!("failed to read {}", source.display()))?;
+        if read == 0 {
+            break;
+        }
+    }
+    Ok(buffer.freeze())
+}
+
+/// A block upload in flight and the length of its block.
+type Upload = (tokio::task::JoinHandle<anyhow::Result<Locator>>, u64);
+
+/// Waits for an upload and returns its segment.
+async fn finish_upload((handle, length): Upload) -> anyhow::Result<Segment> {
+    let locator = handle
+        .await
+        .map_err(|err| anyhow!("a block upload task failed: {err}"))??;
+    Ok(Segment {
+        locator,
+        offset: 0,
+        length,
+    })
+}
+
+/// Uploads one file block by block and returns its segments. The next
+/// block is read, and its upload started, while the previous one is still
+/// uploading, so at most two blocks are in memory.
 async fn upload_file(api: &Api, source: &Path, block_size: usize) -> anyhow::Result<Vec<Segment>> {
     let mut file = tokio::fs::File::open(source)
         .await
         .with_context(|| format!("failed to open {}", source.display()))?;
     let mut segments = Vec::new();
+    let mut previous: Option<Upload> = None;
     loop {
-        let mut buffer = BytesMut::with_capacity(block_size);
-        while buffer.len() < block_size {
-            let read = (&mut file)
-                .take((block_size - buffer.len()) as u64)
-                .read_buf(&mut buffer)
-                .await
-                .with_context(|| format!("failed to read {}", source.display()))?;
-            if read == 0 {
-                break;
+        let data = read_block(&mut file, source, block_size).await?;
+        let length = data.len() as u64;
+        let current = if data.is_empty() {
+            None
+        } else {
+            let api = api.clone();
+            Some((
+                tokio::spawn(async move { put_block(&api, data).await }),
+                length,
+            ))
+        };
+        if let Some(upload) = previous.take() {
+            segments.push(finish_upload(upload).await?);
+        }
+        match current {
+            Some(upload) if length == block_size as u64 => previous = Some(upload),
+            Some(upload) => {
+                segments.push(finish_upload(upload).await?);
+                return Ok(segments);
             }
-        }
-        if buffer.is_empty() {
-            return Ok(segments);
-        }
-        let length = buffer.len() as u64;
-        let locator = put_block(api, buffer.freeze()).await?;
-        segments.push(Segment {
-            locator,
-            offset: 0,
-            length,
-        });
-        if length < block_size as u64 {
-            return Ok(segments);
+            None => return Ok(segments),
         }
     }
 }
