@@ -41,6 +41,7 @@ bench_write_config() {
   {
     printf 'cluster_id: bench\nsystem_token_file: %s\n' "$work/system-token"
     printf 'controller:\n  listen: 127.0.0.1:0\n  database_url: sqlite://%s\n' "$work/berth.db"
+    printf '  blocks:\n    directory: %s\n' "$work/blocks"
     printf 'supervisor:\n  docker_host: unix://%s\n' "$BERTH_PODMAN_SOCK"
     if [ $# -gt 1 ]; then
       printf 'dispatch:\n  backend: %s\n  api_url: %s\n' "$2" "$api_url"

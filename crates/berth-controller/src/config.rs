@@ -33,6 +33,24 @@ pub mod defaults {
     /// Largest JSON or form body of other requests: 16 MiB.
     pub const MAX_REQUEST_BODY_BYTES: usize = 16 << 20;
 
+    /// Directory of the local block store.
+    pub const BLOCK_DIRECTORY: &str = "/var/lib/berth/blocks";
+    /// Largest block, in bytes: 64 MiB, Arvados Keep's block size, which
+    /// clients split files into.
+    pub const MAX_BLOCK_BYTES: usize = 64 << 20;
+    /// Seconds a permission signature stays valid: two weeks, as in
+    /// Arvados.
+    pub const SIGNATURE_TTL_SECONDS: u64 = 14 * 24 * 3600;
+
+    pub(super) fn block_directory() -> std::path::PathBuf {
+        BLOCK_DIRECTORY.into()
+    }
+    pub(super) fn max_block_bytes() -> usize {
+        MAX_BLOCK_BYTES
+    }
+    pub(super) fn signature_ttl_seconds() -> u64 {
+        SIGNATURE_TTL_SECONDS
+    }
     pub(super) fn max_dispatch_attempts() -> i64 {
         MAX_DISPATCH_ATTEMPTS
     }
@@ -121,6 +139,49 @@ pub struct Config {
     /// each request's `Host` header and scheme. Default: none.
     #[serde(default)]
     pub external_url: Option<String>,
+    /// The block store of collection data and the signing of its
+    /// locators. Default: every key of [`BlockConfig`] at its default.
+    #[serde(default)]
+    pub blocks: BlockConfig,
+}
+
+/// The `controller.blocks` section: the block store and the permission
+/// signatures of its locators.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    /// Directory of the local block store, created (mode 0700) at the first
+    /// write. Every controller of a cluster must see the same blocks, so
+    /// several controllers need a shared file system here. Default
+    /// `/var/lib/berth/blocks`.
+    #[serde(default = "defaults::block_directory")]
+    pub directory: PathBuf,
+    /// Largest block, in bytes, a write may carry; a larger one is rejected
+    /// with 413. At most 64 MiB, which is also the default and the size
+    /// clients split files into.
+    #[serde(default = "defaults::max_block_bytes")]
+    pub max_block_bytes: usize,
+    /// File whose content (surrounding whitespace removed, at least 32
+    /// bytes) is the HMAC key of permission signatures. Every controller
+    /// of a cluster needs the same key. Default: unset, and the key is
+    /// derived from the system token, which every controller shares.
+    #[serde(default)]
+    pub signing_key_file: Option<PathBuf>,
+    /// Seconds a permission signature stays valid after the controller
+    /// makes it. Default 1209600 (two weeks).
+    #[serde(default = "defaults::signature_ttl_seconds")]
+    pub signature_ttl_seconds: u64,
+}
+
+impl Default for BlockConfig {
+    fn default() -> BlockConfig {
+        BlockConfig {
+            directory: defaults::block_directory(),
+            max_block_bytes: defaults::MAX_BLOCK_BYTES,
+            signing_key_file: None,
+            signature_ttl_seconds: defaults::SIGNATURE_TTL_SECONDS,
+        }
+    }
 }
 
 /// A configuration value that cannot work.
@@ -148,6 +209,7 @@ impl Config {
             max_log_chunk_bytes: defaults::MAX_LOG_CHUNK_BYTES,
             max_request_body_bytes: defaults::MAX_REQUEST_BODY_BYTES,
             external_url: None,
+            blocks: BlockConfig::default(),
         }
     }
 
@@ -222,6 +284,20 @@ impl Config {
                 "max_request_body_bytes",
                 &self.max_request_body_bytes,
                 "must be at least 1024",
+            ));
+        }
+        if !(1..=defaults::MAX_BLOCK_BYTES).contains(&self.blocks.max_block_bytes) {
+            return Err(error(
+                "blocks.max_block_bytes",
+                &self.blocks.max_block_bytes,
+                "must be between 1 and 67108864 (64 MiB)",
+            ));
+        }
+        if self.blocks.signature_ttl_seconds < 60 {
+            return Err(error(
+                "blocks.signature_ttl_seconds",
+                &self.blocks.signature_ttl_seconds,
+                "must be at least 60",
             ));
         }
         if let Some(url) = &self.external_url {

@@ -9,6 +9,9 @@
 //!   pure functions: what a caller may set, which state changes are
 //!   allowed, and what each change brings with it.
 //! - [`auth`] turns a bearer token into a [`Caller`](auth::Caller).
+//! - [`blocks`] keeps collection data as content-addressed blocks behind
+//!   the [`BlockStore`](blocks::BlockStore) trait, and signs their
+//!   locators.
 //! - [`api`] is the HTTP layer: [`app`] builds the router from an
 //!   [`AppState`].
 //! - [`notify`] wakes log readers that wait for new bytes and change-feed
@@ -26,6 +29,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod blocks;
 pub mod config;
 pub mod error;
 pub mod lifecycle;

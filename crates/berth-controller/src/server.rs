@@ -61,7 +61,7 @@ pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<Bo
     let local_addr = listener
         .local_addr()
         .context("failed to read the listener's address")?;
-    let state = AppState::new(store.clone(), cluster, &config);
+    let state = AppState::new(store.clone(), cluster, &config)?;
     Ok(BoundController {
         listener,
         local_addr,

@@ -66,6 +66,7 @@ async fn python_sdk_runs_its_calls() {
     let mut config = Config::new("127.0.0.1:0".parse().unwrap(), database.url());
     config.tls_certificate = Some(certificate);
     config.tls_key = Some(key);
+    config.blocks.directory = home.path().join("blocks");
     let user_token = create_user(&cluster, &config, "sdkuser", false)
         .await
         .unwrap();

@@ -10,6 +10,10 @@
 //!   through [`ContainerState`].
 //! - a *UUID* ([`Uuid`]) names every record: `<cluster id>-<type code>-<15
 //!   characters>`, where the type code says what kind of record it is.
+//! - a *collection* ([`Collection`]) is a set of files whose bytes live in
+//!   content-addressed blocks. Its [`manifest`] lists the files as
+//!   segments of blocks named by [`locator`]s (`<md5>+<size>`), and its
+//!   *portable data hash* names its content.
 //!
 //! The controller owns all records; the dispatcher and the supervisor change
 //! containers only through the API, and every change of state is checked
@@ -19,6 +23,8 @@
 // Tests may unwrap: a panic there is a test failure with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod locator;
+pub mod manifest;
 pub mod priority;
 pub mod records;
 pub mod secret;
@@ -28,7 +34,9 @@ pub mod units;
 pub mod uuid;
 pub mod validate;
 
-pub use records::{Container, ContainerRequest, Mount, RuntimeConstraints, SchedulingParameters};
+pub use records::{
+    Collection, Container, ContainerRequest, Mount, RuntimeConstraints, SchedulingParameters,
+};
 pub use secret::Secret;
 pub use state::{ContainerState, RequestState, TransitionError};
 pub use uuid::{ClusterId, ObjectType, Uuid, UuidError};

@@ -274,3 +274,35 @@ mod tests {
         assert!(!shown.contains("v2/"), "{shown}");
     }
 }
+
+/// A collection: a named set of files whose content lives in blocks,
+/// described by a manifest.
+///
+/// `manifest_text` is stored normalised and without permission signatures;
+/// the controller signs its locators for each caller that reads it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Collection {
+    pub uuid: String,
+    pub owner_uuid: String,
+    #[serde(with = "serde_ts")]
+    pub created_at: Timestamp,
+    #[serde(with = "serde_ts")]
+    pub modified_at: Timestamp,
+    pub modified_by_user_uuid: Option<String>,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    #[serde(default)]
+    pub properties: Map<String, Value>,
+    /// The MD5 of the manifest without hints, `+`, and that text's length.
+    pub portable_data_hash: String,
+    pub manifest_text: String,
+    /// Copies of each block the owner wants; Berth keeps one and records
+    /// the wish. `None` means the cluster's default.
+    pub replication_desired: Option<i64>,
+    #[serde(default)]
+    pub storage_classes_desired: Vec<String>,
+    /// Files in the manifest.
+    pub file_count: i64,
+    /// Sum of the files' sizes in bytes.
+    pub file_size_total: i64,
+}

@@ -42,6 +42,11 @@ enum Command {
     Logs(cli::logs::LogsArgs),
     /// Cancel a container request.
     Cancel(cli::cancel::CancelArgs),
+    /// Upload files and directories as a new collection; print its UUID and
+    /// portable data hash.
+    Put(cli::put::PutArgs),
+    /// Download a collection, or one file or directory of it.
+    Get(cli::get::GetArgs),
     /// Administrative commands.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),

@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use super::params::{CALL_PARAMETERS, MAX_LIMIT};
 use super::AppState;
 use crate::error::ApiError;
-use crate::store::{Column, ColumnKind, CONTAINER_COLUMNS, REQUEST_COLUMNS};
+use crate::store::{Column, ColumnKind, COLLECTION_COLUMNS, CONTAINER_COLUMNS, REQUEST_COLUMNS};
 
 /// The API revision Berth follows: the `revision` of the Arvados discovery
 /// document whose behaviour it matches. Clients compare it, as a string,
@@ -35,15 +35,22 @@ pub async fn document(
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
     let (parts, _) = request.into_parts();
-    let root_url = match state.external_url() {
-        Some(url) => with_trailing_slash(url),
-        None => root_url_of_request(&parts, state.serves_tls())?,
-    };
+    let root_url = root_url(&state, &parts)?;
     Ok(Json(build(
         &root_url,
         &state.cluster().cluster_id.to_string(),
         state.max_request_body_bytes(),
+        state.signer().ttl_seconds(),
     )))
+}
+
+/// Returns the URL clients reach the controller at, with a trailing `/`:
+/// `external_url` when it is set, otherwise one built from the request.
+pub(crate) fn root_url(state: &AppState, parts: &Parts) -> Result<String, ApiError> {
+    match state.external_url() {
+        Some(url) => Ok(with_trailing_slash(url)),
+        None => root_url_of_request(parts, state.serves_tls()),
+    }
 }
 
 fn with_trailing_slash(url: &str) -> String {
@@ -84,7 +91,12 @@ fn root_url_of_request(parts: &Parts, serves_tls: bool) -> Result<String, ApiErr
 }
 
 /// Builds the whole document.
-pub fn build(root_url: &str, cluster_id: &str, max_request_bytes: usize) -> Value {
+pub fn build(
+    root_url: &str,
+    cluster_id: &str,
+    max_request_bytes: usize,
+    blob_signature_ttl_seconds: u64,
+) -> Value {
     json!({
         "kind": "discovery#restDescription",
         "discoveryVersion": "v1",
@@ -103,9 +115,11 @@ pub fn build(root_url: &str, cluster_id: &str, max_request_bytes: usize) -> Valu
         "uuidPrefix": cluster_id,
         "maxItemsPerResponse": MAX_LIMIT,
         "maxRequestSize": max_request_bytes,
-        "defaultCollectionReplication": 2,
+        // The block store keeps one copy of each block, so clients must
+        // not wait for a second.
+        "defaultCollectionReplication": 1,
         "defaultTrashLifetime": 1_209_600,
-        "blobSignatureTtl": 1_209_600,
+        "blobSignatureTtl": blob_signature_ttl_seconds,
         "crunchLogUpdatePeriod": 1800,
         "crunchLogUpdateSize": 33_554_432,
         "dockerImageFormats": ["v2"],
@@ -127,6 +141,14 @@ pub fn build(root_url: &str, cluster_id: &str, max_request_bytes: usize) -> Valu
         "resources": {
             "container_requests": {"methods": request_methods()},
             "containers": {"methods": container_methods()},
+            "collections": {"methods": collection_methods()},
+            "keep_services": {"methods": {
+                "accessible": method(
+                    "arvados.keep_services.accessible", "keep_services/accessible", "GET",
+                    "List the block services the caller may use: the controller itself, as a proxy.",
+                    Map::new(), "KeepServiceList",
+                ),
+            }},
             "users": {"methods": {
                 "current": method(
                     "arvados.users.current", "users/current", "GET",
@@ -192,6 +214,51 @@ fn request_methods() -> Value {
             "container_requests/{uuid}/container_status", "GET",
             "Return the state and scheduling status of the request's container.",
             uuid_parameters(&[]), "ContainerStatus",
+        ),
+    })
+}
+
+fn collection_methods() -> Value {
+    let create = with_request(
+        method(
+            "arvados.collections.create",
+            "collections",
+            "POST",
+            "Create a new collection; every locator of its manifest must be signed for the caller.",
+            create_parameters(),
+            "Collection",
+        ),
+        "collection",
+        "Collection",
+    );
+    let update = with_request(
+        method(
+            "arvados.collections.update",
+            "collections/{uuid}",
+            "PUT",
+            "Update attributes of an existing collection.",
+            uuid_parameters(&["select"]),
+            "Collection",
+        ),
+        "collection",
+        "Collection",
+    );
+    json!({
+        "create": create,
+        "list": method(
+            "arvados.collections.list", "collections", "GET",
+            "Retrieve a collection list.", list_parameters(), "CollectionList",
+        ),
+        "get": method(
+            "arvados.collections.get", "collections/{uuid}", "GET",
+            "Get a collection record by UUID or portable data hash.",
+            uuid_parameters(&["select", "include_trash"]), "Collection",
+        ),
+        "update": update,
+        "delete": method(
+            "arvados.collections.delete", "collections/{uuid}", "DELETE",
+            "Delete a collection record; its blocks stay stored.",
+            uuid_parameters(&[]), "Collection",
         ),
     })
 }
@@ -450,6 +517,17 @@ fn schemas() -> Value {
                 "more": {"type": "boolean"},
             },
         },
+        "Collection": record_schema("Collection", COLLECTION_COLUMNS),
+        "CollectionList": list("CollectionList", "Collection"),
+        "KeepServiceList": list("KeepServiceList", "KeepService"),
+        "KeepService": simple("KeepService", &[
+            ("uuid", "string"),
+            ("service_host", "string"),
+            ("service_port", "integer"),
+            ("service_ssl_flag", "boolean"),
+            ("service_type", "string"),
+            ("read_only", "boolean"),
+        ]),
         "ContainerSecretMounts": simple("ContainerSecretMounts", &[("secret_mounts", "object")]),
         "ContainerRuntimeToken": simple("ContainerRuntimeToken", &[("runtime_token", "string")]),
         "ContainerStatus": simple("ContainerStatus", &[
@@ -504,7 +582,7 @@ mod tests {
     use super::*;
 
     fn document() -> Value {
-        build("http://127.0.0.1:8000/", "zzzzz", 1 << 20)
+        build("http://127.0.0.1:8000/", "zzzzz", 1 << 20, 1_209_600)
     }
 
     #[test]

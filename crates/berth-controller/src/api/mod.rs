@@ -1,8 +1,8 @@
 //! The HTTP API: the Arvados v1 routes Berth serves, under `/arvados/v1/`,
 //! Berth's container change feed ([`changes`]) and dispatch leases
-//! ([`leases`]), the discovery document
-//! clients build their methods from ([`discovery`]), and
-//! `GET /_health/ping`.
+//! ([`leases`]), the discovery document clients build their methods from
+//! ([`discovery`]), the block routes of Keep's protocol at the root
+//! (`PUT /<md5>`, `GET /<locator>`, see [`blocks`]), and `GET /_health/ping`.
 //!
 //! [`app`] builds the router from an [`AppState`], so tests drive it with
 //! `tower::ServiceExt::oneshot` and need no socket. Each handler
@@ -24,9 +24,12 @@
 //! ([`Notifier::notify_changes`]). Handlers that change a container's
 //! state or append to its logs also wake that container's log readers.
 
+pub mod blocks;
 pub mod changes;
+pub mod collections;
 pub mod containers;
 pub mod discovery;
+pub mod keep_services;
 pub mod leases;
 pub mod logs;
 pub mod params;
@@ -51,6 +54,8 @@ use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::auth::secret_digest;
+use crate::blocks::signing::{BlobSigner, SigningKeyError};
+use crate::blocks::{BlockStore, DirectoryBlockStore};
 use crate::config::{ClusterSettings, Config};
 use crate::error::{error_chain, ApiError};
 use crate::notify::{ChangeListener, Notifier};
@@ -73,6 +78,8 @@ impl std::fmt::Debug for AppState {
         let inner = &self.inner;
         f.debug_struct("AppState")
             .field("store", &inner.store)
+            .field("blocks", &inner.blocks)
+            .field("max_block_bytes", &inner.max_block_bytes)
             .field("cluster_id", &inner.cluster.cluster_id)
             .field("max_dispatch_attempts", &inner.max_dispatch_attempts)
             .field("max_log_chunk_bytes", &inner.max_log_chunk_bytes)
@@ -84,6 +91,9 @@ impl std::fmt::Debug for AppState {
 
 struct Inner {
     store: Arc<dyn Store>,
+    blocks: Arc<dyn BlockStore>,
+    signer: BlobSigner,
+    max_block_bytes: usize,
     cluster: ClusterSettings,
     system_token_digest: [u8; 32],
     notifier: Arc<Notifier>,
@@ -103,15 +113,26 @@ impl AppState {
     /// Builds the state, and starts the store's listener for other
     /// controllers' writes when the store has one (PostgreSQL). The
     /// listener runs on the current Tokio runtime: outside one, the store
-    /// logs a warning and runs without it.
-    pub fn new(store: Arc<dyn Store>, cluster: ClusterSettings, config: &Config) -> AppState {
+    /// logs a warning and runs without it. Fails when the blob signing key
+    /// file cannot be used.
+    pub fn new(
+        store: Arc<dyn Store>,
+        cluster: ClusterSettings,
+        config: &Config,
+    ) -> Result<AppState, SigningKeyError> {
+        let signer = BlobSigner::from_config(&config.blocks, &cluster.system_token)?;
+        let blocks: Arc<dyn BlockStore> =
+            Arc::new(DirectoryBlockStore::new(config.blocks.directory.clone()));
         let system_token_digest = secret_digest(cluster.system_token.expose());
         let (shutdown, _) = watch::channel(false);
         let notifier = Arc::new(Notifier::new());
         let change_listener = store.spawn_change_listener(notifier.clone());
-        AppState {
+        Ok(AppState {
             inner: Arc::new(Inner {
                 store,
+                blocks,
+                signer,
+                max_block_bytes: config.blocks.max_block_bytes,
                 cluster,
                 system_token_digest,
                 notifier,
@@ -124,11 +145,23 @@ impl AppState {
                 external_url: config.external_url.clone(),
                 serves_tls: config.tls_files().is_some(),
             }),
-        }
+        })
     }
 
     pub fn store(&self) -> &dyn Store {
         self.inner.store.as_ref()
+    }
+
+    pub fn blocks(&self) -> &dyn BlockStore {
+        self.inner.blocks.as_ref()
+    }
+
+    pub(crate) fn signer(&self) -> &BlobSigner {
+        &self.inner.signer
+    }
+
+    pub(crate) fn max_block_bytes(&self) -> usize {
+        self.inner.max_block_bytes
     }
 
     pub fn cluster(&self) -> &ClusterSettings {
@@ -250,6 +283,18 @@ pub fn app(state: AppState) -> Router {
             get(containers::runtime_token),
         )
         .route("/dispatch_leases/{name}/{call}", post(leases::call))
+        .route(
+            "/collections",
+            get(collections::list).post(collections::create_or_list),
+        )
+        .route(
+            "/collections/{uuid}",
+            get(collections::get)
+                .put(collections::update)
+                .patch(collections::update)
+                .delete(collections::delete),
+        )
+        .route("/keep_services/accessible", get(keep_services::accessible))
         .merge(container_writes);
 
     let timeout = state.inner.request_timeout;
@@ -260,6 +305,8 @@ pub fn app(state: AppState) -> Router {
             get(discovery::document),
         )
         .route("/_health/ping", get(health))
+        // Blocks, at the root as in Keep's protocol: `/<md5>[+<size>...]`.
+        .route("/{locator}", get(blocks::get).put(blocks::put))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::map_response(rejection::errors_as_json))

@@ -53,6 +53,23 @@ pub fn list<T: Serialize>(
         .iter()
         .map(|item| record(item_kind, &item.record, select))
         .collect::<Result<Vec<_>, _>>()?;
+    Ok(list_of(
+        list_kind,
+        items,
+        page.items_available,
+        offset,
+        limit,
+    ))
+}
+
+/// Builds a list's body around items already rendered.
+pub fn list_of(
+    list_kind: &str,
+    items: Vec<Value>,
+    items_available: Option<u64>,
+    offset: u64,
+    limit: u64,
+) -> Value {
     let mut body = Map::new();
     body.insert("kind".into(), Value::from(list_kind));
     body.insert("etag".into(), Value::from(""));
@@ -60,8 +77,8 @@ pub fn list<T: Serialize>(
     body.insert("offset".into(), Value::from(offset));
     body.insert("limit".into(), Value::from(limit));
     body.insert("items".into(), Value::Array(items));
-    if let Some(available) = page.items_available {
+    if let Some(available) = items_available {
         body.insert("items_available".into(), Value::from(available));
     }
-    Ok(Value::Object(body))
+    Value::Object(body)
 }

@@ -45,7 +45,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use berth_core::time::Timestamp;
-use berth_core::{Container, ContainerRequest, Mount, Secret};
+use berth_core::{Collection, Container, ContainerRequest, Mount, Secret};
 
 use crate::notify::{ChangeListener, Notifier};
 use crate::retry::RetryPlan;
@@ -361,6 +361,24 @@ pub const CONTAINER_COLUMNS: &[Column] = &[
     column("service", Bool),
     column("published_ports", Json),
     column("scheduler_job_id", Text),
+];
+
+/// The fields of a collection, in the order of the table.
+pub const COLLECTION_COLUMNS: &[Column] = &[
+    column("uuid", Text),
+    column("owner_uuid", Text),
+    column("created_at", Ts),
+    column("modified_at", Ts),
+    column("modified_by_user_uuid", Text),
+    column("name", Text),
+    column("description", Text),
+    column("properties", Json),
+    column("portable_data_hash", Text),
+    column("manifest_text", Text),
+    column("replication_desired", Integer),
+    column("storage_classes_desired", Json),
+    column("file_count", Integer),
+    column("file_size_total", Integer),
 ];
 
 /// Finds a column by name in one of the column lists.
@@ -758,6 +776,32 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// uses (SQLite), whose waiters the API's own notifications reach, and
     /// when called outside a Tokio runtime.
     fn spawn_change_listener(&self, notifier: Arc<Notifier>) -> Option<ChangeListener>;
+
+    async fn insert_collection(&self, collection: &Collection) -> Result<Versioned<Collection>>;
+
+    async fn get_collection(&self, uuid: &str) -> Result<Option<Versioned<Collection>>>;
+
+    /// Returns the most recently modified collection with this portable
+    /// data hash among those `visibility` lets the caller read.
+    async fn find_collection_by_pdh(
+        &self,
+        portable_data_hash: &str,
+        visibility: &Visibility,
+    ) -> Result<Option<Versioned<Collection>>>;
+
+    async fn list_collections(&self, query: &ListQuery) -> Result<Page<Collection>>;
+
+    /// Writes a collection over the row at `expected_version`, or returns a
+    /// conflict when the row has another version.
+    async fn update_collection(
+        &self,
+        collection: &Collection,
+        expected_version: i64,
+    ) -> Result<Versioned<Collection>>;
+
+    /// Deletes a collection at `expected_version`, or returns a conflict.
+    /// Its blocks stay in the block store.
+    async fn delete_collection(&self, uuid: &str, expected_version: i64) -> Result<()>;
 }
 
 /// Opens the store a database URL names, creating and migrating the

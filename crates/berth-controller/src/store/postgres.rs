@@ -29,7 +29,7 @@ use std::sync::LazyLock;
 use async_trait::async_trait;
 use berth_core::priority::request_contribution;
 use berth_core::time::{self, Timestamp};
-use berth_core::{Container, ContainerRequest};
+use berth_core::{Collection, Container, ContainerRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sqlx::migrate::Migrator;
@@ -47,7 +47,8 @@ use super::{changes, leases, ChangePage, DispatchLease, LeaseFence};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Secrets, Store,
-    StoreError, User, Versioned, Visibility, CONTAINER_COLUMNS, REQUEST_COLUMNS,
+    StoreError, User, Versioned, Visibility, COLLECTION_COLUMNS, CONTAINER_COLUMNS,
+    REQUEST_COLUMNS,
 };
 use crate::notify::{ChangeListener, Notifier};
 use crate::reuse::reuse_key;
@@ -115,6 +116,8 @@ impl Table {
 static REQUESTS: LazyLock<Table> =
     LazyLock::new(|| Table::new("container_requests", REQUEST_COLUMNS));
 static CONTAINERS: LazyLock<Table> = LazyLock::new(|| Table::new("containers", CONTAINER_COLUMNS));
+static COLLECTIONS: LazyLock<Table> =
+    LazyLock::new(|| Table::new("collections", COLLECTION_COLUMNS));
 
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
 
@@ -1317,6 +1320,92 @@ impl Store for PostgresStore {
     fn spawn_change_listener(&self, notifier: Arc<Notifier>) -> Option<ChangeListener> {
         let options = (*self.pool.connect_options()).clone();
         listener::spawn(options, notifier)
+    }
+
+    async fn insert_collection(&self, collection: &Collection) -> Result<Versioned<Collection>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::query("connect to the database"))?;
+        insert_record(&mut conn, &COLLECTIONS, &collection.uuid, collection).await?;
+        Ok(Versioned {
+            record: collection.clone(),
+            version: 1,
+        })
+    }
+
+    async fn get_collection(&self, uuid: &str) -> Result<Option<Versioned<Collection>>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::query("connect to the database"))?;
+        get_record(&mut conn, &COLLECTIONS, uuid).await
+    }
+
+    async fn find_collection_by_pdh(
+        &self,
+        portable_data_hash: &str,
+        visibility: &Visibility,
+    ) -> Result<Option<Versioned<Collection>>> {
+        let mut params = vec![Bound::Text(Some(portable_data_hash.to_string()))];
+        let mut sql = format!("{} WHERE portable_data_hash = ?", COLLECTIONS.select);
+        if let Some(condition) = visibility_condition(&COLLECTIONS, visibility, &mut params) {
+            sql.push_str(" AND ");
+            sql.push_str(&condition);
+        }
+        sql.push_str(" ORDER BY modified_at DESC, uuid DESC LIMIT 1");
+        let row = bind_all(sqlx::query(&numbered(&sql)), &params)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::query("find a collection by portable data hash"))?;
+        row.map(|row| decode_record(COLLECTIONS.name, COLLECTIONS.columns, &row))
+            .transpose()
+    }
+
+    async fn list_collections(&self, query: &ListQuery) -> Result<Page<Collection>> {
+        list_records(&self.pool, &COLLECTIONS, query).await
+    }
+
+    async fn update_collection(
+        &self,
+        collection: &Collection,
+        expected_version: i64,
+    ) -> Result<Versioned<Collection>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::query("connect to the database"))?;
+        let version = update_record(
+            &mut conn,
+            &COLLECTIONS,
+            &collection.uuid,
+            collection,
+            expected_version,
+        )
+        .await?;
+        Ok(Versioned {
+            record: collection.clone(),
+            version,
+        })
+    }
+
+    async fn delete_collection(&self, uuid: &str, expected_version: i64) -> Result<()> {
+        let result = sqlx::query("DELETE FROM collections WHERE uuid = $1 AND version = $2")
+            .bind(uuid)
+            .bind(expected_version)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("delete a collection"))?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::Conflict {
+                table: "collections",
+                uuid: uuid.to_string(),
+            });
+        }
+        Ok(())
     }
 }
 

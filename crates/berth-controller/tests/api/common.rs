@@ -72,6 +72,8 @@ pub struct TestApi {
     pub state: AppState,
     pub app: Router,
     pub cluster: ClusterSettings,
+    /// The block store's directory, removed when the test ends.
+    pub blocks: tempfile::TempDir,
     /// Holds the database until the test ends; last, so that it goes
     /// after the store that uses it.
     _database: TestDatabase,
@@ -91,15 +93,18 @@ impl TestApi {
 
     pub async fn with_config(adjust: impl FnOnce(&mut Config)) -> TestApi {
         let database = TestDatabase::new().await;
+        let blocks = tempfile::tempdir().unwrap();
         let mut config = Config::new("127.0.0.1:0".parse().unwrap(), database.url().to_string());
+        config.blocks.directory = blocks.path().join("blocks");
         adjust(&mut config);
         let store = berth_controller::store::open(&config.database_url, 4)
             .await
             .unwrap();
         let cluster = cluster();
-        let state = AppState::new(store, cluster.clone(), &config);
+        let state = AppState::new(store, cluster.clone(), &config).unwrap();
         TestApi {
             app: app(state.clone()),
+            blocks,
             _database: database,
             state,
             cluster,

@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod auth;
+mod blocks;
 mod changes;
+mod collections;
 mod common;
 mod compat;
 mod connections;

@@ -35,7 +35,7 @@ impl OtherController {
         let url = format!("{}&application_name={application_name}", api.database_url());
         let config = Config::new("127.0.0.1:0".parse().unwrap(), url.clone());
         let store = berth_controller::store::open(&url, 4).await.unwrap();
-        let state = AppState::new(store, cluster(), &config);
+        let state = AppState::new(store, cluster(), &config).unwrap();
         let other = OtherController {
             app: app(state.clone()),
             state,

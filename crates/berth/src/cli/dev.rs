@@ -148,6 +148,7 @@ pub async fn execute(args: DevArgs) -> anyhow::Result<ExitCode> {
         system_token: system_token.clone(),
     };
     let mut controller_config = berth_controller::Config::new(args.listen, dir.database_url()?);
+    controller_config.blocks.directory = dir.root.join("blocks");
     let tls = !args.plain_http;
     if tls {
         let (certificate, key) = dir.tls_pair()?;

@@ -11,8 +11,10 @@ pub mod daemon;
 pub mod data_dir;
 pub mod dev;
 pub mod follow;
+pub mod get;
 pub mod logs;
 pub mod ls;
+pub mod put;
 pub mod run;
 pub mod supervise;
 pub mod watch;
@@ -31,6 +33,8 @@ pub async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ls(args) => ls::execute(args).await,
         Command::Logs(args) => logs::execute(args).await,
         Command::Cancel(args) => cancel::execute(args).await,
+        Command::Put(args) => put::execute(args).await,
+        Command::Get(args) => get::execute(args).await,
         Command::Admin(command) => admin::execute(command).await,
     }
 }

@@ -413,9 +413,11 @@ fn write_config(
         "cluster_id: {cluster_id}\n\
          system_token_file: {token}\n\
          controller:\n  listen: 127.0.0.1:0\n  database_url: sqlite://{db}\n\
+         \x20 blocks:\n    directory: {blocks}\n\
          supervisor:\n  docker_host: {docker_host}\n",
         token = token_file.display(),
         db = dir.join("berth.db").display(),
+        blocks = dir.join("blocks").display(),
     );
     if let Some((api_url, settings)) = dispatch {
         text.push_str(&format!(
