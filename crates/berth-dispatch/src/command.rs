@@ -131,6 +131,16 @@ pub enum CommandError {
     },
     #[error("{command} timed out after {timeout:?} and was killed")]
     TimedOut { command: String, timeout: Duration },
+    /// The command was not run, because calls to the batch system are
+    /// backing off after failed or slow calls
+    /// ([`crate::limiter::CallLimiter`]).
+    #[error(
+        "{command} was not run: calls to the batch system are backing off for {remaining:?} more"
+    )]
+    BackingOff {
+        command: String,
+        remaining: Duration,
+    },
     #[error("{command} failed with {status}; stderr: {stderr:?}; stdout: {stdout:?}", stderr = .stderr.trim(), stdout = .stdout.trim())]
     Failed {
         command: String,

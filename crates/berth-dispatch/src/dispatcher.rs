@@ -70,20 +70,23 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_client::ClientError;
+use berth_client::{ClientError, Locked};
 use berth_core::{ClusterId, Container, ContainerState, ObjectType, Uuid};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::api::{list_all, ControllerApi};
-use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState};
-use crate::config::Config;
+use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
+use crate::config::{Config, SubmitRetryConfig};
 use crate::credentials::CredentialsStore;
 use crate::feed::{self, ChangeFeed, CHANGE_FEED_WAIT, RETRY_FIRST};
+use crate::limiter::{format_delay, CallLimiter};
+use crate::metrics::{FailureClass, Metrics};
 use crate::tracker::{
-    resolve_vanished, Action, CancelLedger, Observation, Tracked, SCHEDULING_STATUS_KEY,
-    UNRUNNABLE_ERROR,
+    resolve_vanished, Action, CancelLedger, Observation, RetryNotice, Tracked,
+    SCHEDULING_STATUS_KEY, UNRUNNABLE_ERROR,
 };
 
 /// Time a container is left alone after the dispatcher gave up on it
@@ -93,6 +96,12 @@ pub const RELOCK_HOLD: Duration = Duration::from_secs(60);
 
 /// Number of UUIDs per `uuid in [...]` list call.
 const FETCH_BATCH: usize = 100;
+
+/// Maximum number of queued containers locked before their jobs are
+/// submitted. A burst is locked and submitted in groups of this size, so a
+/// dispatcher stopped in the middle leaves few containers locked without a
+/// job (a restarted one submits them).
+const LOCK_GROUP: usize = 100;
 
 /// First and longest delay between attempts to reach the controller at
 /// start-up.
@@ -252,6 +261,12 @@ pub struct Dispatcher<B> {
     /// Whether the first successful pass (with its orphan scan) has run.
     reconciled: bool,
     repeats: Repeats,
+    /// The limit on calls to the batch system, shared with the backend's
+    /// command runner. The loop neither locks nor submits while it backs
+    /// off.
+    limiter: Arc<CallLimiter>,
+    metrics: Arc<Metrics>,
+    retry: SubmitRetryConfig,
 }
 
 impl<B> std::fmt::Debug for Dispatcher<B> {
@@ -333,7 +348,26 @@ impl<B: Backend> Dispatcher<B> {
             latest_jobs: HashMap::new(),
             reconciled: false,
             repeats: Repeats::default(),
+            limiter: CallLimiter::unlimited(),
+            metrics: Metrics::new(),
+            retry: SubmitRetryConfig::default(),
         }
+    }
+
+    /// Sets the limiter of calls to the batch system (the one the
+    /// backend's command runner uses), the metrics to update and the
+    /// backoff of failed submissions. Without it, calls are not limited
+    /// and the retries follow the defaults.
+    pub fn with_limits(
+        mut self,
+        limiter: Arc<CallLimiter>,
+        metrics: Arc<Metrics>,
+        retry: SubmitRetryConfig,
+    ) -> Dispatcher<B> {
+        self.limiter = limiter;
+        self.metrics = metrics;
+        self.retry = retry;
+        self
     }
 
     /// Returns the controller for a call outside the change feed, and
@@ -618,13 +652,9 @@ impl<B: Backend> Dispatcher<B> {
             .cloned()
             .collect();
         candidates.sort_by(lock_order);
-        for container in candidates {
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            self.lock_unless_leftover(&container, now).await;
-        }
+        self.lock_and_submit_all(candidates, now, shutdown).await;
         self.prune_records();
+        self.update_metrics(now);
         Ok(())
     }
 
@@ -697,13 +727,10 @@ impl<B: Backend> Dispatcher<B> {
             }
         }
         candidates.sort_by(|a, b| lock_order(a, b));
-        for container in candidates {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            self.lock_unless_leftover(container, now).await;
-        }
+        let candidates = candidates.into_iter().cloned().collect();
+        self.lock_and_submit_all(candidates, now, shutdown).await;
         self.prune_records();
+        self.update_metrics(now);
     }
 
     /// Stores a container's record from the controller's response to one
@@ -738,22 +765,204 @@ impl<B: Backend> Dispatcher<B> {
             && free
     }
 
-    /// Locks and submits a Queued container, unless the latest snapshot
-    /// lists a job named after it. Such a job is left from an earlier lock
-    /// and must leave before the container gets another, so it is
-    /// cancelled instead.
-    async fn lock_unless_leftover(&mut self, container: &Container, now: Instant) {
-        let span = tracing::info_span!("container", container = %container.uuid);
-        let leftover = self
-            .latest_jobs
-            .get(&container.uuid)
-            .cloned()
-            .unwrap_or_default();
-        if leftover.is_empty() {
-            self.lock_and_submit(container, now).instrument(span).await;
-        } else {
-            self.cancel_leftovers(&leftover, now).instrument(span).await;
+    /// Locks and submits Queued containers, in the given order, except
+    /// those whose job the latest snapshot lists. Such a job is left from
+    /// an earlier lock and must leave before the container gets another,
+    /// so it is cancelled instead. The containers are locked
+    /// [`LOCK_GROUP`] at a time, with as many lock calls and then
+    /// submissions in flight as the limiter allows calls to the batch
+    /// system. Nothing is locked while calls to the batch system back off,
+    /// and nothing more after `shutdown` fires.
+    async fn lock_and_submit_all(
+        &mut self,
+        candidates: Vec<Container>,
+        now: Instant,
+        shutdown: &CancellationToken,
+    ) {
+        let mut free = Vec::with_capacity(candidates.len());
+        for container in candidates {
+            let leftover = self
+                .latest_jobs
+                .get(&container.uuid)
+                .cloned()
+                .unwrap_or_default();
+            if leftover.is_empty() {
+                free.push(container);
+            } else {
+                let span = tracing::info_span!("container", container = %container.uuid);
+                self.cancel_leftovers(&leftover, now).instrument(span).await;
+            }
         }
+        for group in free.chunks(LOCK_GROUP) {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Some(remaining) = self.limiter.backoff_remaining() {
+                tracing::debug!(
+                    queued = free.len(),
+                    "not locking queued containers while calls to the batch system back off for {}",
+                    format_delay(remaining)
+                );
+                return;
+            }
+            let locked = self.lock_group(group).await;
+            let mut ready = Vec::with_capacity(locked.len());
+            for (container, result) in locked {
+                let span = tracing::info_span!("container", container = %container.uuid);
+                if let Some(record) = self
+                    .after_lock(&container, result, now)
+                    .instrument(span)
+                    .await
+                {
+                    ready.push(record);
+                }
+            }
+            self.submit_locked(ready, now).await;
+        }
+    }
+
+    /// Sends the lock calls of a group of containers, as many at once as
+    /// the limiter allows calls to the batch system, and returns each
+    /// container with its result, in the group's order.
+    async fn lock_group(
+        &mut self,
+        group: &[Container],
+    ) -> Vec<(Container, Result<Locked, ClientError>)> {
+        self.calls += group.len() as u64;
+        let api = Arc::clone(&self.api);
+        futures::stream::iter(group.iter().cloned())
+            .map(|container| {
+                let api = Arc::clone(&api);
+                async move {
+                    let result = api.lock_container(&container.uuid).await;
+                    (container, result)
+                }
+            })
+            .buffered(self.limiter.max_concurrent())
+            .collect()
+            .await
+    }
+
+    /// Handles the result of a lock call: on success, writes the
+    /// container's credentials file, clears the job id of an earlier lock,
+    /// starts tracking the container and returns its record for
+    /// submission.
+    async fn after_lock(
+        &mut self,
+        container: &Container,
+        result: Result<Locked, ClientError>,
+        now: Instant,
+    ) -> Option<Container> {
+        let uuid = container.uuid.as_str();
+        let locked = match result {
+            Ok(locked) => locked,
+            Err(err) if matches!(status_code(&err), Some(404 | 422)) => {
+                // Another dispatcher locked it, or it changed since the list.
+                tracing::debug!(error = %err, "the container could not be locked; skipping it");
+                return None;
+            }
+            Err(err) => {
+                report!(self.repeats, "lock", err, "failed to lock the container");
+                self.hold(uuid, now);
+                return None;
+            }
+        };
+        self.repeats.succeeded("lock");
+        self.remember(locked.container.clone());
+        tracing::info!(
+            lock_count = locked.container.lock_count,
+            "locked the container"
+        );
+
+        if let Err(err) = self.store.write(uuid, &locked.credentials) {
+            let unlock = self.controller().unlock_container(uuid).await;
+            self.hold(uuid, now);
+            match unlock {
+                Ok(unlocked) => {
+                    self.remember(unlocked);
+                    tracing::error!(error = %err, "failed to write the credentials file; unlocked the container")
+                }
+                Err(unlock_err) => tracing::error!(
+                    error = %err,
+                    unlock_error = %unlock_err,
+                    "failed to write the credentials file, and then to unlock the container"
+                ),
+            }
+            return None;
+        }
+        let mut record = locked.container;
+        if record.scheduler_job_id.is_some() {
+            // The id of a job from an earlier lock would make a restarted
+            // dispatcher believe this lock's job was submitted.
+            match self
+                .controller()
+                .update_container(uuid, &json!({"scheduler_job_id": null}))
+                .await
+            {
+                Ok(updated) => {
+                    self.remember(updated.clone());
+                    record = updated;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "failed to clear the job id of an earlier lock")
+                }
+            }
+        }
+        self.tracked
+            .insert(uuid.to_string(), Tracked::locked(self.generation));
+        Some(record)
+    }
+
+    /// Lets each just-locked container decide, submits the jobs of those
+    /// that want one with a single [`Backend::submit_many`] call, and
+    /// records the job ids with concurrent calls. Every other action is
+    /// carried out one container at a time.
+    async fn submit_locked(&mut self, records: Vec<Container>, now: Instant) {
+        let mut batch: Vec<(Container, JobRequest)> = Vec::new();
+        for record in records {
+            let uuid = record.uuid.clone();
+            let span = tracing::info_span!("container", container = %uuid);
+            let actions = self.observe(&uuid, Some(&record), &[], now, false);
+            if actions != [Action::Submit] || self.limiter.backoff_remaining().is_some() {
+                self.execute(&uuid, Some(record), actions, now)
+                    .instrument(span)
+                    .await;
+                continue;
+            }
+            match self.job_request(&record, now) {
+                Ok(request) => batch.push((record, request)),
+                Err(actions) => {
+                    self.execute(&uuid, Some(record), actions, now)
+                        .instrument(span)
+                        .await
+                }
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let requests: Vec<JobRequest> = batch.iter().map(|(_, request)| request.clone()).collect();
+        let results = self.backend.submit_many(&requests).await;
+        let mut job_ids = Vec::new();
+        for ((record, _), result) in batch.into_iter().zip(results) {
+            let uuid = record.uuid.clone();
+            let span = tracing::info_span!("container", container = %uuid);
+            let _entered = span.enter();
+            let mut rest = Vec::new();
+            for action in self.submitted(&uuid, result, now) {
+                match action {
+                    Action::RecordJobId(job_id) => job_ids.push((uuid.clone(), job_id)),
+                    other => rest.push(other),
+                }
+            }
+            drop(_entered);
+            if !rest.is_empty() {
+                self.execute(&uuid, Some(record), rest, now)
+                    .instrument(span)
+                    .await;
+            }
+        }
+        self.record_job_ids(job_ids).await;
     }
 
     /// Keeps the dispatcher from locking `uuid` again for [`RELOCK_HOLD`].
@@ -868,12 +1077,25 @@ impl<B: Backend> Dispatcher<B> {
         now: Instant,
         new_snapshot: bool,
     ) {
+        let actions = self.observe(uuid, record.as_ref(), jobs, now, new_snapshot);
+        self.execute(uuid, record, actions, now).await;
+    }
+
+    /// Lets one tracked container decide; returns its actions.
+    fn observe(
+        &mut self,
+        uuid: &str,
+        record: Option<&Container>,
+        jobs: &[BatchJob],
+        now: Instant,
+        new_snapshot: bool,
+    ) -> Vec<Action> {
         let credentials_exist = self.store.exists(uuid);
         let Some(tracked) = self.tracked.get_mut(uuid) else {
-            return;
+            return Vec::new();
         };
-        let actions = tracked.observe(Observation {
-            record: record.as_ref(),
+        tracked.observe(Observation {
+            record,
             jobs,
             generation: self.generation,
             new_snapshot,
@@ -881,8 +1103,7 @@ impl<B: Backend> Dispatcher<B> {
             token_uuid: &self.token_uuid,
             credentials_exist,
             cancel_reasons: self.backend.cancel_pending_reasons(),
-        });
-        self.execute(uuid, record, actions, now).await;
+        })
     }
 
     /// Carries out actions in order; some produce further actions.
@@ -912,6 +1133,7 @@ impl<B: Backend> Dispatcher<B> {
                         .await
                 }
                 Action::ShowPending(job) => self.show_pending(uuid, record.as_ref(), &job).await,
+                Action::ShowRetry(notice) => self.show_retry(uuid, record.as_ref(), &notice).await,
                 Action::ClearSchedulingStatus => {
                     self.clear_scheduling_status(uuid, record.as_ref()).await
                 }
@@ -990,91 +1212,65 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
-    /// Locks a queued container, writes its credentials file and submits
-    /// its job.
-    async fn lock_and_submit(&mut self, container: &Container, now: Instant) {
-        let uuid = container.uuid.as_str();
-        let locked = match self.controller().lock_container(uuid).await {
-            Ok(locked) => locked,
-            Err(err) if matches!(status_code(&err), Some(404 | 422)) => {
-                // Another dispatcher locked it, or it changed since the list.
-                tracing::debug!(error = %err, "the container could not be locked; skipping it");
-                return;
-            }
-            Err(err) => {
-                report!(self.repeats, "lock", err, "failed to lock the container");
-                self.hold(uuid, now);
-                return;
-            }
+    /// Submits a container's job; returns the follow-up actions. While
+    /// calls to the batch system back off, submits nothing and counts no
+    /// attempt: the container stays due and is submitted at a later pass.
+    async fn submit(&mut self, container: &Container, now: Instant) -> Vec<Action> {
+        if self.limiter.backoff_remaining().is_some() {
+            tracing::debug!("not submitting while calls to the batch system back off");
+            return Vec::new();
+        }
+        let request = match self.job_request(container, now) {
+            Ok(request) => request,
+            Err(actions) => return actions,
         };
-        self.repeats.succeeded("lock");
-        self.remember(locked.container.clone());
-        tracing::info!(
-            lock_count = locked.container.lock_count,
-            "locked the container"
-        );
-
-        if let Err(err) = self.store.write(uuid, &locked.credentials) {
-            let unlock = self.controller().unlock_container(uuid).await;
-            self.hold(uuid, now);
-            match unlock {
-                Ok(unlocked) => {
-                    self.remember(unlocked);
-                    tracing::error!(error = %err, "failed to write the credentials file; unlocked the container")
-                }
-                Err(unlock_err) => tracing::error!(
-                    error = %err,
-                    unlock_error = %unlock_err,
-                    "failed to write the credentials file, and then to unlock the container"
-                ),
-            }
-            return;
-        }
-        let mut record = locked.container;
-        if record.scheduler_job_id.is_some() {
-            // The id of a job from an earlier lock would make a restarted
-            // dispatcher believe this lock's job was submitted.
-            match self
-                .controller()
-                .update_container(uuid, &json!({"scheduler_job_id": null}))
-                .await
-            {
-                Ok(updated) => {
-                    self.remember(updated.clone());
-                    record = updated;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "failed to clear the job id of an earlier lock")
-                }
-            }
-        }
-        self.tracked
-            .insert(uuid.to_string(), Tracked::locked(self.generation));
-        self.step(uuid, Some(record), &[], now, false).await;
+        let result = self.backend.submit(&request).await;
+        self.submitted(&container.uuid, result, now)
     }
 
-    /// Submits a container's job; returns the follow-up actions.
-    async fn submit(&mut self, container: &Container, now: Instant) -> Vec<Action> {
+    /// Returns the job request of a locked container, or the actions to
+    /// take when it cannot have one: unlock it when its credentials file is
+    /// missing, cancel it when its record asks for what no job can have.
+    fn job_request(
+        &mut self,
+        container: &Container,
+        now: Instant,
+    ) -> Result<JobRequest, Vec<Action>> {
         let uuid = container.uuid.as_str();
         let credentials_file = self.store.path(uuid);
         if !credentials_file.is_file() {
-            return vec![Action::Unlock {
+            return Err(vec![Action::Unlock {
                 reason: format!(
                     "its credentials file {} is missing",
                     credentials_file.display()
                 ),
-            }];
+            }]);
         }
-        let result = match JobRequest::for_container(container, credentials_file) {
-            Ok(request) => self.backend.submit(&request).await,
-            Err(err) => Err(err),
-        };
+        JobRequest::for_container(container, credentials_file)
+            .map_err(|err| self.submitted(uuid, Err(err), now))
+    }
+
+    /// Notes the result of a submission and returns the follow-up actions.
+    fn submitted(
+        &mut self,
+        uuid: &str,
+        result: Result<Submission, BackendError>,
+        now: Instant,
+    ) -> Vec<Action> {
+        if let Err(err) = &result {
+            if err.is_backing_off() {
+                // The limiter stopped the call: no attempt was made.
+                tracing::debug!(error = %err, "the submission waits for the backoff to end");
+                return Vec::new();
+            }
+        }
         let generation = self.generation;
         let Some(tracked) = self.tracked.get_mut(uuid) else {
             return Vec::new();
         };
         match result {
             Ok(submission) => {
+                self.metrics.submitted();
                 tracing::info!(job_id = %submission.job_id, "submitted the job");
                 tracing::debug!(
                     job_id = %submission.job_id,
@@ -1090,23 +1286,66 @@ impl<B: Backend> Dispatcher<B> {
             }
             Err(err) => {
                 let permanent = err.is_permanent();
+                let actions = tracked.submit_failed(permanent, &err.to_string(), now, &self.retry);
                 if permanent {
+                    self.metrics.submit_failed(FailureClass::Permanent);
                     tracing::warn!(error = %err, "the batch system rejected the job; cancelling the container");
                 } else {
-                    tracing::warn!(error = %err, "failed to submit the job; will retry");
+                    self.metrics.submit_failed(FailureClass::Transient);
+                    match actions.first() {
+                        Some(Action::ShowRetry(notice)) => tracing::warn!(
+                            error = %err,
+                            attempt = notice.attempt,
+                            max_attempts = notice.max_attempts,
+                            "failed to submit the job; backing off for {}",
+                            format_delay(notice.delay)
+                        ),
+                        _ => {
+                            tracing::warn!(error = %err, "failed to submit the job; giving up on this lock")
+                        }
+                    }
                 }
-                tracked.submit_failed(permanent, &err.to_string(), now)
+                actions
             }
         }
     }
 
+    /// Records job ids on their containers, with as many calls in flight
+    /// as the limiter allows calls to the batch system.
+    async fn record_job_ids(&mut self, job_ids: Vec<(String, JobId)>) {
+        self.calls += job_ids.len() as u64;
+        let api = Arc::clone(&self.api);
+        let results: Vec<_> = futures::stream::iter(job_ids)
+            .map(|(uuid, job_id)| {
+                let api = Arc::clone(&api);
+                async move {
+                    let attributes = json!({"scheduler_job_id": job_id.as_str()});
+                    let result = api.update_container(&uuid, &attributes).await;
+                    (uuid, job_id, result)
+                }
+            })
+            .buffer_unordered(self.limiter.max_concurrent())
+            .collect()
+            .await;
+        for (uuid, job_id, result) in results {
+            let span = tracing::info_span!("container", container = %uuid);
+            let _entered = span.enter();
+            self.job_id_written(&uuid, job_id.as_str(), result);
+        }
+    }
+
     async fn record_job_id(&mut self, uuid: &str, job_id: &str) {
-        let key = format!("{uuid} record");
-        match self
+        let result = self
             .controller()
             .update_container(uuid, &json!({"scheduler_job_id": job_id}))
-            .await
-        {
+            .await;
+        self.job_id_written(uuid, job_id, result);
+    }
+
+    /// Handles the controller's response to recording a job id.
+    fn job_id_written(&mut self, uuid: &str, job_id: &str, result: Result<Container, ClientError>) {
+        let key = format!("{uuid} record");
+        match result {
             Ok(updated) => {
                 self.remember(updated);
                 self.repeats.succeeded(&key);
@@ -1215,39 +1454,98 @@ impl<B: Backend> Dispatcher<B> {
     /// Records why the container's job is pending in its runtime_status,
     /// unless the record already shows the same text.
     async fn show_pending(&mut self, uuid: &str, record: Option<&Container>, job: &BatchJob) {
-        let Some(container) = record else {
-            return;
-        };
         let text = self.pending_text(job);
+        if self.set_scheduling_status(uuid, record, &text).await {
+            tracing::info!(job_id = %job.id, status = %text, "recorded why the job is pending");
+            if let Some(tracked) = self.tracked.get_mut(uuid) {
+                tracked.pending_shown(Some(job));
+            }
+        }
+    }
+
+    /// Records in the container's runtime_status that a submission failed
+    /// and when the next attempt is.
+    async fn show_retry(&mut self, uuid: &str, record: Option<&Container>, notice: &RetryNotice) {
+        let retry_at = std::time::SystemTime::now() + notice.delay;
+        let retry_at = humantime_serde::re::humantime::format_rfc3339_seconds(retry_at);
+        let text = notice.status_text(&retry_at.to_string());
+        if self.set_scheduling_status(uuid, record, &text).await {
+            tracing::debug!(status = %text, "recorded the failed submission");
+            if let Some(tracked) = self.tracked.get_mut(uuid) {
+                tracked.retry_shown();
+            }
+        }
+    }
+
+    /// Sets the container's scheduling status to `text`, unless the record
+    /// already shows it. Returns false when the record is unknown or the
+    /// update failed (which is logged).
+    async fn set_scheduling_status(
+        &mut self,
+        uuid: &str,
+        record: Option<&Container>,
+        text: &str,
+    ) -> bool {
+        let Some(container) = record else {
+            return false;
+        };
         let shown = container
             .runtime_status
             .get(SCHEDULING_STATUS_KEY)
             .and_then(Value::as_str);
-        if shown != Some(text.as_str()) {
-            let mut runtime_status = container.runtime_status.clone();
-            runtime_status.insert(SCHEDULING_STATUS_KEY.into(), Value::from(text.as_str()));
-            let key = format!("{uuid} status");
-            let attributes = json!({ "runtime_status": runtime_status });
-            match self.controller().update_container(uuid, &attributes).await {
-                Ok(updated) => {
-                    self.remember(updated);
-                    self.repeats.succeeded(&key);
-                    tracing::info!(job_id = %job.id, status = %text, "recorded why the job is pending");
-                }
-                Err(err) => {
-                    report!(
-                        self.repeats,
-                        key,
-                        err,
-                        "failed to record why the job is pending"
-                    );
-                    return;
-                }
+        if shown == Some(text) {
+            return true;
+        }
+        let mut runtime_status = container.runtime_status.clone();
+        runtime_status.insert(SCHEDULING_STATUS_KEY.into(), Value::from(text));
+        let key = format!("{uuid} status");
+        let attributes = json!({ "runtime_status": runtime_status });
+        match self.controller().update_container(uuid, &attributes).await {
+            Ok(updated) => {
+                self.remember(updated);
+                self.repeats.succeeded(&key);
+                true
+            }
+            Err(err) => {
+                report!(
+                    self.repeats,
+                    key,
+                    err,
+                    "failed to record the scheduling status"
+                );
+                false
             }
         }
-        if let Some(tracked) = self.tracked.get_mut(uuid) {
-            tracked.pending_shown(Some(job));
+    }
+
+    /// Updates the gauges that describe the dispatcher's view: containers
+    /// by state, jobs by state, and containers waiting out their backoff.
+    fn update_metrics(&self, now: Instant) {
+        let (mut queued, mut locked, mut running) = (0, 0, 0);
+        for container in self.records.values() {
+            match container.state {
+                ContainerState::Queued if container.priority > 0 => queued += 1,
+                ContainerState::Locked if is_locked_by(container, &self.token_uuid) => locked += 1,
+                ContainerState::Running if is_locked_by(container, &self.token_uuid) => {
+                    running += 1
+                }
+                _ => {}
+            }
         }
+        self.metrics.set_containers(queued, locked, running);
+        let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
+        for job in self.latest_jobs.values().flatten() {
+            if self.is_container_job(job) {
+                *jobs.entry(job.state.to_string()).or_default() += 1;
+            }
+        }
+        self.metrics.set_jobs(jobs);
+        let waiting = self
+            .tracked
+            .values()
+            .filter(|tracked| tracked.retry_at().is_some_and(|at| at > now))
+            .count();
+        self.metrics.set_submit_backoffs(waiting as u64);
     }
 
     /// Removes the scheduling status of a container whose job has started.

@@ -29,8 +29,10 @@ pub mod config;
 pub mod credentials;
 pub mod dispatcher;
 pub mod feed;
+pub mod limiter;
 pub mod local;
 pub mod lsf;
+pub mod metrics;
 pub mod script;
 pub mod slurm;
 pub mod tracker;
@@ -41,6 +43,7 @@ mod fake;
 mod lsf_loop_tests;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use berth_client::Client;
@@ -51,8 +54,10 @@ pub use backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, 
 pub use config::{BackendKind, Config, ConfigError, LocalConfig, LsfConfig, SlurmConfig};
 pub use credentials::CredentialsStore;
 pub use dispatcher::{Dispatcher, LoopOptions, StartError};
+pub use limiter::{CallLimiter, LimitedRunner};
 pub use local::LocalBackend;
 pub use lsf::LsfBackend;
+pub use metrics::Metrics;
 pub use slurm::SlurmBackend;
 
 /// How jobs start the supervisor: the program and the arguments that come
@@ -94,12 +99,33 @@ pub async fn run(
     )
     .context("invalid configuration key dispatch.credentials_dir")?;
     let api: Box<dyn api::ControllerApi> = Box::new(client);
-    match config.backend {
+    let metrics = Metrics::new();
+    let limiter = CallLimiter::new(
+        config.scheduler_calls.limiter_settings(),
+        Arc::clone(&metrics),
+    );
+    let server_shutdown = shutdown.child_token();
+    let server = start_metrics(&config, Arc::clone(&metrics), &server_shutdown).await?;
+    let limits = Limits {
+        limiter: Arc::clone(&limiter),
+        metrics,
+    };
+    let result = match config.backend {
         BackendKind::Slurm => {
             slurm::check_programs(&config.slurm)?;
             let runner = command::ProcessRunner::new(config.slurm.command_timeout);
+            let runner = LimitedRunner::new(runner, limiter);
             let backend = SlurmBackend::new(config.slurm.clone(), supervisor, runner);
-            drive(api, backend, cluster_id, store, &config, shutdown).await
+            drive(
+                api,
+                backend,
+                cluster_id,
+                store,
+                &config,
+                limits,
+                shutdown.clone(),
+            )
+            .await
         }
         BackendKind::Lsf => {
             lsf::check_programs(&config.lsf)?;
@@ -108,16 +134,73 @@ pub async fn run(
                 None => lsf::current_user()?,
             };
             let runner = command::ProcessRunner::new(config.lsf.command_timeout);
+            let runner = LimitedRunner::new(runner, limiter);
             let backend = LsfBackend::new(config.lsf.clone(), supervisor, runner, user);
-            drive(api, backend, cluster_id, store, &config, shutdown).await
+            drive(
+                api,
+                backend,
+                cluster_id,
+                store,
+                &config,
+                limits,
+                shutdown.clone(),
+            )
+            .await
         }
         BackendKind::Local => {
+            // The local backend runs no batch system commands, so its calls
+            // are not limited.
+            let limits = Limits {
+                limiter: CallLimiter::unlimited(),
+                ..limits
+            };
             let backend =
                 LocalBackend::new(supervisor, &config.credentials_dir, config.local_log_dir())
                     .context("failed to start the local backend")?;
-            drive(api, backend, cluster_id, store, &config, shutdown).await
+            drive(
+                api,
+                backend,
+                cluster_id,
+                store,
+                &config,
+                limits,
+                shutdown.clone(),
+            )
+            .await
+        }
+    };
+    if let Some(server) = server {
+        server_shutdown.cancel();
+        if let Err(err) = server.await {
+            tracing::warn!(error = %err, "the metrics server task failed");
         }
     }
+    result
+}
+
+/// The limiter of calls to the batch system and the metrics, shared by
+/// the dispatch loop and the backend.
+#[derive(Debug)]
+struct Limits {
+    limiter: Arc<CallLimiter>,
+    metrics: Arc<Metrics>,
+}
+
+/// Starts the metrics server when `metrics_listen` is set.
+async fn start_metrics(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let token = match &config.metrics_token_file {
+        Some(path) => Some(metrics::read_token_file(path)?),
+        None => None,
+    };
+    let (_, task) = metrics::serve(addr, metrics, token, shutdown.clone()).await?;
+    Ok(Some(task))
 }
 
 async fn drive<B: Backend>(
@@ -126,12 +209,15 @@ async fn drive<B: Backend>(
     cluster_id: ClusterId,
     store: CredentialsStore,
     config: &Config,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let started = Dispatcher::start(api, backend, cluster_id, store, &shutdown).await?;
-    let Some(mut dispatcher) = started else {
+    let Some(dispatcher) = started else {
         return Ok(());
     };
+    let mut dispatcher =
+        dispatcher.with_limits(limits.limiter, limits.metrics, config.submit_retry.clone());
     dispatcher
         .run(LoopOptions::from_config(config), &shutdown)
         .await;
