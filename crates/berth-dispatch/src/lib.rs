@@ -40,6 +40,8 @@ pub mod tracker;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
 mod lsf_loop_tests;
 
 use std::path::PathBuf;
