@@ -73,13 +73,14 @@ pub mod defaults {
     /// submissions one at a time under its job write lock, stays the
     /// limit.
     pub const MAX_CONCURRENT_CALLS: usize = 8;
-    /// `scheduler_calls.max_rate`, in calls per second: far below the
-    /// roughly 500 submissions per second that Slurm's high-throughput
-    /// guide reports for a tuned controller, and above what a burst of
-    /// `sbatch` processes reaches, so that only a runaway loop meets it.
-    pub const MAX_CALL_RATE: f64 = 100.0;
-    /// `scheduler_calls.burst`, in calls.
-    pub const CALL_BURST: u32 = 100;
+    /// `scheduler_calls.max_rate`, in calls per second: the roughly 500
+    /// submissions per second that Slurm's high-throughput guide reports
+    /// for a tuned controller. More calls than a controller can take gain
+    /// nothing, and the concurrency cap and the backoff on slow calls
+    /// protect a smaller one.
+    pub const MAX_CALL_RATE: f64 = 500.0;
+    /// `scheduler_calls.burst`, in calls: one second at `max_rate`.
+    pub const CALL_BURST: u32 = 500;
     /// `scheduler_calls.slow_call`: a sixth of the command timeout.
     pub const SLOW_CALL: Duration = Duration::from_secs(10);
     /// `scheduler_calls.backoff_first`.

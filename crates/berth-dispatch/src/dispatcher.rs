@@ -768,11 +768,14 @@ impl<B: Backend> Dispatcher<B> {
     /// Locks and submits Queued containers, in the given order, except
     /// those whose job the latest snapshot lists. Such a job is left from
     /// an earlier lock and must leave before the container gets another,
-    /// so it is cancelled instead. The containers are locked
-    /// [`LOCK_GROUP`] at a time, with as many lock calls and then
-    /// submissions in flight as the limiter allows calls to the batch
-    /// system. Nothing is locked while calls to the batch system back off,
-    /// and nothing more after `shutdown` fires.
+    /// so it is cancelled instead.
+    ///
+    /// The containers go in groups of [`LOCK_GROUP`], through a pipeline:
+    /// while one group's jobs are submitted ([`Backend::submit_many`]),
+    /// the next group is locked and the previous group's job ids are
+    /// recorded. Each step has as many calls in flight as the limiter
+    /// allows calls to the batch system. No group is locked while calls to
+    /// the batch system back off, nor after `shutdown` fires.
     async fn lock_and_submit_all(
         &mut self,
         candidates: Vec<Container>,
@@ -793,54 +796,87 @@ impl<B: Backend> Dispatcher<B> {
                 self.cancel_leftovers(&leftover, now).instrument(span).await;
             }
         }
-        for group in free.chunks(LOCK_GROUP) {
-            if shutdown.is_cancelled() {
-                return;
+        let groups: Vec<&[Container]> = free.chunks(LOCK_GROUP).collect();
+        let api = Arc::clone(&self.api);
+        let concurrency = self.limiter.max_concurrent();
+        let mut locked = Vec::new();
+        if let Some(first) = groups
+            .first()
+            .filter(|_| self.may_lock_group(shutdown, free.len()))
+        {
+            self.calls += first.len() as u64;
+            locked = lock_calls(Arc::clone(&api), first, concurrency).await;
+        }
+        let mut unrecorded = Vec::new();
+        for index in 0..groups.len() {
+            if locked.is_empty() {
+                break;
             }
-            if let Some(remaining) = self.limiter.backoff_remaining() {
+            let ready = self.after_locks(std::mem::take(&mut locked), now).await;
+            let batch = self.prepare_submissions(ready, now).await;
+            let next: &[Container] = match groups.get(index + 1) {
+                Some(next) if self.may_lock_group(shutdown, free.len()) => next,
+                _ => &[],
+            };
+            self.calls += (next.len() + unrecorded.len()) as u64;
+            let requests: Vec<JobRequest> =
+                batch.iter().map(|(_, request)| request.clone()).collect();
+            let (results, next_locked, written) = tokio::join!(
+                self.backend.submit_many(&requests),
+                lock_calls(Arc::clone(&api), next, concurrency),
+                job_id_calls(
+                    Arc::clone(&api),
+                    std::mem::take(&mut unrecorded),
+                    concurrency
+                ),
+            );
+            self.job_ids_written(written);
+            unrecorded = self.finish_submissions(batch, results, now).await;
+            locked = next_locked;
+        }
+        self.calls += unrecorded.len() as u64;
+        let written = job_id_calls(api, unrecorded, concurrency).await;
+        self.job_ids_written(written);
+    }
+
+    /// True unless `shutdown` has fired or calls to the batch system back
+    /// off, which is logged with the number of containers left `queued`.
+    fn may_lock_group(&self, shutdown: &CancellationToken, queued: usize) -> bool {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        match self.limiter.backoff_remaining() {
+            Some(remaining) => {
                 tracing::debug!(
-                    queued = free.len(),
+                    queued,
                     "not locking queued containers while calls to the batch system back off for {}",
                     format_delay(remaining)
                 );
-                return;
+                false
             }
-            let locked = self.lock_group(group).await;
-            let mut ready = Vec::with_capacity(locked.len());
-            for (container, result) in locked {
-                let span = tracing::info_span!("container", container = %container.uuid);
-                if let Some(record) = self
-                    .after_lock(&container, result, now)
-                    .instrument(span)
-                    .await
-                {
-                    ready.push(record);
-                }
-            }
-            self.submit_locked(ready, now).await;
+            None => true,
         }
     }
 
-    /// Sends the lock calls of a group of containers, as many at once as
-    /// the limiter allows calls to the batch system, and returns each
-    /// container with its result, in the group's order.
-    async fn lock_group(
+    /// Handles the results of a group's lock calls; returns the records of
+    /// the containers now locked and tracked.
+    async fn after_locks(
         &mut self,
-        group: &[Container],
-    ) -> Vec<(Container, Result<Locked, ClientError>)> {
-        self.calls += group.len() as u64;
-        let api = Arc::clone(&self.api);
-        futures::stream::iter(group.iter().cloned())
-            .map(|container| {
-                let api = Arc::clone(&api);
-                async move {
-                    let result = api.lock_container(&container.uuid).await;
-                    (container, result)
-                }
-            })
-            .buffered(self.limiter.max_concurrent())
-            .collect()
-            .await
+        locked: Vec<(Container, Result<Locked, ClientError>)>,
+        now: Instant,
+    ) -> Vec<Container> {
+        let mut ready = Vec::with_capacity(locked.len());
+        for (container, result) in locked {
+            let span = tracing::info_span!("container", container = %container.uuid);
+            if let Some(record) = self
+                .after_lock(&container, result, now)
+                .instrument(span)
+                .await
+            {
+                ready.push(record);
+            }
+        }
+        ready
     }
 
     /// Handles the result of a lock call: on success, writes the
@@ -913,12 +949,15 @@ impl<B: Backend> Dispatcher<B> {
         Some(record)
     }
 
-    /// Lets each just-locked container decide, submits the jobs of those
-    /// that want one with a single [`Backend::submit_many`] call, and
-    /// records the job ids with concurrent calls. Every other action is
-    /// carried out one container at a time.
-    async fn submit_locked(&mut self, records: Vec<Container>, now: Instant) {
-        let mut batch: Vec<(Container, JobRequest)> = Vec::new();
+    /// Lets each just-locked container decide, and returns those that
+    /// want their job submitted, with their job requests. Every other
+    /// action is carried out here, one container at a time.
+    async fn prepare_submissions(
+        &mut self,
+        records: Vec<Container>,
+        now: Instant,
+    ) -> Vec<(Container, JobRequest)> {
+        let mut batch = Vec::new();
         for record in records {
             let uuid = record.uuid.clone();
             let span = tracing::info_span!("container", container = %uuid);
@@ -938,31 +977,37 @@ impl<B: Backend> Dispatcher<B> {
                 }
             }
         }
-        if batch.is_empty() {
-            return;
-        }
-        let requests: Vec<JobRequest> = batch.iter().map(|(_, request)| request.clone()).collect();
-        let results = self.backend.submit_many(&requests).await;
+        batch
+    }
+
+    /// Notes the results of [`Backend::submit_many`] and carries out the
+    /// follow-up actions, except recording the job ids: those it returns,
+    /// for the caller to send with concurrent calls ([`job_id_calls`]).
+    async fn finish_submissions(
+        &mut self,
+        batch: Vec<(Container, JobRequest)>,
+        results: Vec<Result<Submission, BackendError>>,
+        now: Instant,
+    ) -> Vec<(String, JobId)> {
         let mut job_ids = Vec::new();
         for ((record, _), result) in batch.into_iter().zip(results) {
             let uuid = record.uuid.clone();
             let span = tracing::info_span!("container", container = %uuid);
-            let _entered = span.enter();
+            let actions = span.in_scope(|| self.submitted(&uuid, result, now));
             let mut rest = Vec::new();
-            for action in self.submitted(&uuid, result, now) {
+            for action in actions {
                 match action {
                     Action::RecordJobId(job_id) => job_ids.push((uuid.clone(), job_id)),
                     other => rest.push(other),
                 }
             }
-            drop(_entered);
             if !rest.is_empty() {
                 self.execute(&uuid, Some(record), rest, now)
                     .instrument(span)
                     .await;
             }
         }
-        self.record_job_ids(job_ids).await;
+        job_ids
     }
 
     /// Keeps the dispatcher from locking `uuid` again for [`RELOCK_HOLD`].
@@ -1310,27 +1355,11 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
-    /// Records job ids on their containers, with as many calls in flight
-    /// as the limiter allows calls to the batch system.
-    async fn record_job_ids(&mut self, job_ids: Vec<(String, JobId)>) {
-        self.calls += job_ids.len() as u64;
-        let api = Arc::clone(&self.api);
-        let results: Vec<_> = futures::stream::iter(job_ids)
-            .map(|(uuid, job_id)| {
-                let api = Arc::clone(&api);
-                async move {
-                    let attributes = json!({"scheduler_job_id": job_id.as_str()});
-                    let result = api.update_container(&uuid, &attributes).await;
-                    (uuid, job_id, result)
-                }
-            })
-            .buffer_unordered(self.limiter.max_concurrent())
-            .collect()
-            .await;
-        for (uuid, job_id, result) in results {
+    /// Handles the controller's responses to recording job ids.
+    fn job_ids_written(&mut self, written: Vec<(String, JobId, Result<Container, ClientError>)>) {
+        for (uuid, job_id, result) in written {
             let span = tracing::info_span!("container", container = %uuid);
-            let _entered = span.enter();
-            self.job_id_written(&uuid, job_id.as_str(), result);
+            span.in_scope(|| self.job_id_written(&uuid, job_id.as_str(), result));
         }
     }
 
@@ -1593,6 +1622,47 @@ impl<B: Backend> Dispatcher<B> {
     pub(crate) fn is_tracked(&self, uuid: &str) -> bool {
         self.tracked.contains_key(uuid)
     }
+}
+
+/// Sends the lock calls of a group of containers, `concurrency` at a time,
+/// and returns each container with its result, in the group's order.
+async fn lock_calls(
+    api: Arc<dyn ControllerApi>,
+    group: &[Container],
+    concurrency: usize,
+) -> Vec<(Container, Result<Locked, ClientError>)> {
+    futures::stream::iter(group.iter().cloned())
+        .map(|container| {
+            let api = Arc::clone(&api);
+            async move {
+                let result = api.lock_container(&container.uuid).await;
+                (container, result)
+            }
+        })
+        .buffered(concurrency)
+        .collect()
+        .await
+}
+
+/// Records job ids on their containers, `concurrency` calls at a time, and
+/// returns each with the controller's response.
+async fn job_id_calls(
+    api: Arc<dyn ControllerApi>,
+    job_ids: Vec<(String, JobId)>,
+    concurrency: usize,
+) -> Vec<(String, JobId, Result<Container, ClientError>)> {
+    futures::stream::iter(job_ids)
+        .map(|(uuid, job_id)| {
+            let api = Arc::clone(&api);
+            async move {
+                let attributes = json!({"scheduler_job_id": job_id.as_str()});
+                let result = api.update_container(&uuid, &attributes).await;
+                (uuid, job_id, result)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
 }
 
 /// Orders containers to lock: highest priority first, then oldest.
