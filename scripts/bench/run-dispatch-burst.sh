@@ -15,9 +15,11 @@
 # Each way ends when `squeue` lists all COUNT jobs; the script polls it
 # every 0.1 s in both ways.
 #
-# No job runs: the dispatcher's sbatch_args add `--hold` and so does the
-# loop, so the jobs wait in Slurm's queue (reason JobHeldUser) until the
-# script cancels them at the end of each way. A fresh controller (SQLite
+# No job runs: the dispatcher's sbatch_args add `--begin=now+1hour` and so
+# does the loop, so the jobs wait in Slurm's queue (reason BeginTime) until
+# the script cancels them at the end of each way. (`--hold` would not do:
+# the dispatcher's renicing with `scontrol update ... Nice=N` releases a
+# held job.) A fresh controller (SQLite
 # database) serves each berth round, and every job is cancelled on exit.
 #
 # It prints a Markdown table: per way, the median, minimum and maximum
@@ -83,6 +85,8 @@ stop_children() {
     name=${name%%:*}
     if pid=$(live_pid "$work/$name.pid" "$comm"); then
       kill "$pid" 2>/dev/null || true
+      # Wait, so that no sbatch it runs lands after the cancel below.
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
   done
 }
@@ -142,16 +146,20 @@ def cancel(name_prefix):
         time.sleep(0.5)
 
 
-def wait_listed(name_prefix, start, process=None, what=""):
+def wait_listed(name_prefix, start, process, what, done_ok=False):
     """Polls squeue every 0.1 s until `count` jobs named name_prefix* are
-    listed; returns the seconds since `start`."""
+    listed; returns the seconds since `start`. Fails when `process` exits
+    first, unless it exits with 0 and `done_ok` (a loop that has finished
+    submitting)."""
     deadline = start + 600
     while True:
         n = listed(name_prefix)
         if n is not None and n >= count:
             return time.monotonic() - start
-        if process is not None and process.poll() is not None:
-            fail("%s exited with %s before %d jobs were listed (%s)" % (what, process.returncode, count, n))
+        code = process.poll()
+        if code is not None and not (done_ok and code == 0):
+            fail("%s exited with %s before %d jobs were listed (%s listed); "
+                 "was slurmctld restarted meanwhile?" % (what, code, count, n))
         if time.monotonic() > deadline:
             fail("only %s of %d jobs listed after 600 s" % (n, count))
         time.sleep(0.1)
@@ -181,13 +189,13 @@ def sbatch_round(round_no):
         f.write("  printf '#!/bin/sh\\nexec %%s %%s %%s %%s %%s\\n' \"'%s'\" \"'supervise'\" \"'--credentials'\" "
                 "\"'%s/x.json'\" \"'%s$i'\" |\n" % (berth, credentials, name))
         f.write("    sbatch --parsable --job-name=%s$i --comment=%s$i --no-requeue --chdir=/ "
-                "--mem=%d --cpus-per-task=1 --nice=0 --output=%s/slurm-%%j.out --hold >/dev/null\n"
+                "--mem=%d --cpus-per-task=1 --nice=0 --output=%s/slurm-%%j.out --begin=now+1hour >/dev/null\n"
                 % (name, name, MEM_MIB, work))
         f.write("done\n")
     start = time.monotonic()
     process = subprocess.Popen(["bash", loop])
     write_pid("loop", process)
-    seconds = wait_listed(name, start, None)
+    seconds = wait_listed(name, start, process, "the sbatch loop", done_ok=True)
     if process.wait() != 0:
         fail("the sbatch loop failed")
     cancel(name)
@@ -212,7 +220,7 @@ def write_config(path, round_dir, api_url=None):
             f.write("dispatch:\n  backend: slurm\n  api_url: %s\n" % api_url)
             f.write("  credentials_dir: %s\n" % os.path.join(round_dir, "credentials"))
             f.write("  scheduler_calls:\n    max_concurrent: %d\n" % concurrent)
-            f.write("  slurm:\n    output: %s/slurm-%%j.out\n    sbatch_args: [\"--hold\"]\n" % work)
+            f.write("  slurm:\n    output: %s/slurm-%%j.out\n    sbatch_args: [\"--begin=now+1hour\"]\n" % work)
 
 
 def berth_round(round_no):

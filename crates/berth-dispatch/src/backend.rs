@@ -231,7 +231,7 @@ pub trait Backend: Send {
     async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError>;
 
     /// Submits one job per request and returns the results in the
-    /// requests' order. The default submits one after the other; a backend
+    /// requests' order. The default submits one after the other. A backend
     /// whose submissions are independent processes runs them concurrently,
     /// as many at once as its command runner allows.
     async fn submit_many(

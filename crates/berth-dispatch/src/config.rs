@@ -8,6 +8,13 @@
 //!   resync_interval: 5m             # one listing of the queue per resync
 //!   watch: true                     # follow the controller's change feed
 //!   credentials_dir: /var/lib/berth/credentials
+//!   metrics_listen: 127.0.0.1:9464  # Prometheus metrics; unset: off
+//!   scheduler_calls:                # one limit on every sbatch, squeue, ...
+//!     max_concurrent: 8
+//!     max_rate: 500                 # calls per second
+//!   submit_retry:                   # one container's failed submissions
+//!     first_delay: 2s
+//!     max_delay: 5m
 //!   slurm:
 //!     reserve_ram: 256MiB
 //!     partition: batch
@@ -68,16 +75,15 @@ pub mod defaults {
     /// LSF's output file for each job; `%J` is the job id.
     pub const LSF_OUTPUT: &str = "/tmp/berth-%J.out";
     /// `scheduler_calls.max_concurrent`. Arvados's Slurm dispatcher runs at
-    /// most 3 of its mutating commands at once; 8 lets a burst of `sbatch`
-    /// processes overlap their start-up while slurmctld, which handles job
-    /// submissions one at a time under its job write lock, stays the
-    /// limit.
+    /// most 3 of its mutating commands at once. 8 lets a burst of `sbatch`
+    /// processes overlap their start-up, so that slurmctld's own pace
+    /// stays the limit (see docs/BENCHMARKS.md).
     pub const MAX_CONCURRENT_CALLS: usize = 8;
-    /// `scheduler_calls.max_rate`, in calls per second: the roughly 500
-    /// submissions per second that Slurm's high-throughput guide reports
-    /// for a tuned controller. More calls than a controller can take gain
-    /// nothing, and the concurrency cap and the backoff on slow calls
-    /// protect a smaller one.
+    /// `scheduler_calls.max_rate`, in calls per second: about the 500
+    /// submissions per second that Slurm's high-throughput guide gives as
+    /// what a tuned controller sustains. More calls than that gain
+    /// nothing. The concurrency cap and the backoff on slow calls protect
+    /// a smaller controller.
     pub const MAX_CALL_RATE: f64 = 500.0;
     /// `scheduler_calls.burst`, in calls: one second at `max_rate`.
     pub const CALL_BURST: u32 = 500;
@@ -86,14 +92,14 @@ pub mod defaults {
     /// `scheduler_calls.backoff_first`.
     pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
     /// `scheduler_calls.backoff_max`: at most a minute without a call once
-    /// the batch system answers again.
+    /// the batch system responds again.
     pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
     /// `submit_retry.first_delay`.
     pub const SUBMIT_RETRY_FIRST: Duration = Duration::from_secs(2);
     /// `submit_retry.max_delay`.
     pub const SUBMIT_RETRY_MAX: Duration = Duration::from_secs(300);
-    /// `submit_retry.max_attempts`: with the default delays, about 15
-    /// minutes of attempts per lock.
+    /// `submit_retry.max_attempts`: with the default delays, up to about
+    /// 13 minutes of attempts per lock.
     pub const SUBMIT_RETRY_ATTEMPTS: u32 = 10;
 }
 
@@ -1146,6 +1152,71 @@ mod tests {
             Path::new("/var/lib/berth/credentials")
         );
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn limits_and_metrics_keys_parse() {
+        let config = parse(
+            "backend: slurm\napi_url: https://ctl:8443\nmetrics_listen: 127.0.0.1:0\n\
+             metrics_token_file: /etc/berth/metrics-token\n\
+             scheduler_calls: {max_concurrent: 3, max_rate: 2, burst: 30, slow_call: 5s, backoff_first: 2s, backoff_max: 1m}\n\
+             submit_retry: {first_delay: 1s, max_delay: 30s, max_attempts: 4}\n",
+        )
+        .unwrap();
+        assert_eq!(config.metrics_listen, Some("127.0.0.1:0".parse().unwrap()));
+        let calls = &config.scheduler_calls;
+        assert_eq!(calls.max_concurrent, 3);
+        assert_eq!(calls.max_rate, 2.0);
+        assert_eq!(calls.burst, 30);
+        assert_eq!(calls.backoff_max, Duration::from_secs(60));
+        assert_eq!(config.submit_retry.max_attempts, 4);
+        config.validate().unwrap();
+
+        let defaults = parse("backend: slurm\napi_url: https://ctl:8443\n").unwrap();
+        assert_eq!(defaults.metrics_listen, None);
+        assert_eq!(defaults.scheduler_calls, SchedulerCallsConfig::default());
+        assert_eq!(defaults.submit_retry, SubmitRetryConfig::default());
+    }
+
+    #[test]
+    fn limits_out_of_range_name_the_key() {
+        let base = "backend: slurm\napi_url: https://ctl:8443\n";
+        for (extra, key) in [
+            (
+                "scheduler_calls: {max_concurrent: 0}",
+                "scheduler_calls.max_concurrent",
+            ),
+            ("scheduler_calls: {max_rate: 0}", "scheduler_calls.max_rate"),
+            (
+                "scheduler_calls: {max_rate: -1.5}",
+                "scheduler_calls.max_rate",
+            ),
+            ("scheduler_calls: {burst: 0}", "scheduler_calls.burst"),
+            (
+                "scheduler_calls: {slow_call: 0s}",
+                "scheduler_calls.slow_call",
+            ),
+            (
+                "scheduler_calls: {backoff_first: 10s, backoff_max: 5s}",
+                "scheduler_calls.backoff_max",
+            ),
+            (
+                "submit_retry: {first_delay: 0s}",
+                "submit_retry.first_delay",
+            ),
+            ("submit_retry: {max_delay: 1s}", "submit_retry.max_delay"),
+            (
+                "submit_retry: {max_attempts: 0}",
+                "submit_retry.max_attempts",
+            ),
+            ("metrics_token_file: token", "metrics_token_file"),
+        ] {
+            let config = parse(&format!("{base}{extra}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, key, "{extra}: {err}");
+        }
+        let err = parse(&format!("{base}metrics_listen: localhost\n")).unwrap_err();
+        assert!(err.to_string().contains("metrics_listen"), "{err}");
     }
 
     #[test]

@@ -796,6 +796,7 @@ impl<B: Backend> Dispatcher<B> {
                 self.cancel_leftovers(&leftover, now).instrument(span).await;
             }
         }
+
         let groups: Vec<&[Container]> = free.chunks(LOCK_GROUP).collect();
         let api = Arc::clone(&self.api);
         let concurrency = self.limiter.max_concurrent();
@@ -807,6 +808,7 @@ impl<B: Backend> Dispatcher<B> {
             self.calls += first.len() as u64;
             locked = lock_calls(Arc::clone(&api), first, concurrency).await;
         }
+
         let mut unrecorded = Vec::new();
         for index in 0..groups.len() {
             if locked.is_empty() {
@@ -818,6 +820,7 @@ impl<B: Backend> Dispatcher<B> {
                 Some(next) if self.may_lock_group(shutdown, free.len()) => next,
                 _ => &[],
             };
+
             self.calls += (next.len() + unrecorded.len()) as u64;
             let requests: Vec<JobRequest> =
                 batch.iter().map(|(_, request)| request.clone()).collect();
@@ -834,6 +837,7 @@ impl<B: Backend> Dispatcher<B> {
             unrecorded = self.finish_submissions(batch, results, now).await;
             locked = next_locked;
         }
+
         self.calls += unrecorded.len() as u64;
         let written = job_id_calls(api, unrecorded, concurrency).await;
         self.job_ids_written(written);
@@ -1275,7 +1279,7 @@ impl<B: Backend> Dispatcher<B> {
 
     /// Returns the job request of a locked container, or the actions to
     /// take when it cannot have one: unlock it when its credentials file is
-    /// missing, cancel it when its record asks for what no job can have.
+    /// missing, cancel it when its record requests what no job can have.
     fn job_request(
         &mut self,
         container: &Container,

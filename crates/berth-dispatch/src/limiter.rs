@@ -6,7 +6,7 @@
 //!
 //! - a maximum number of calls in flight at once;
 //! - a maximum call rate, as a token bucket that refills at `max_rate`
-//!   calls per second and holds at most `burst` calls;
+//!   calls per second and contains at most `burst` calls;
 //! - a global backoff. A call that fails transiently (it timed out, or the
 //!   controller was unreachable or busy) or that took longer than
 //!   `slow_call` starts a backoff, which doubles with each further such
@@ -62,7 +62,7 @@ pub struct LimiterSettings {
     pub max_concurrent: usize,
     /// Calls per second the token bucket refills; above 0.
     pub max_rate: f64,
-    /// Maximum calls the bucket holds, so the largest burst; at least 1.
+    /// Capacity of the bucket, so the largest burst; at least 1.
     pub burst: u32,
     /// A call that takes longer than this starts or extends the backoff,
     /// even when it succeeds.
@@ -88,14 +88,14 @@ impl LimiterSettings {
     }
 }
 
-/// How one call ended, as the limiter counts it.
+/// The outcome of one call, as the limiter counts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallOutcome {
     Succeeded,
     /// Failed for a reason another try will not change soon, or one the
     /// limiter cannot judge.
     Failed,
-    /// Failed in a way that says the batch system is down or overloaded.
+    /// Failed in a way that shows the batch system is down or overloaded.
     Transient(String),
 }
 
@@ -150,7 +150,7 @@ impl CallLimiter {
         })
     }
 
-    /// A limiter that never delays a call.
+    /// Creates a limiter that never delays a call.
     pub fn unlimited() -> Arc<CallLimiter> {
         CallLimiter::new(LimiterSettings::unlimited(), Metrics::new())
     }

@@ -31,7 +31,7 @@ const C: &str = "zzzzz-dz642-00000000000000c";
 
 /// What every Slurm command prints while slurmctld is down (slurm-wlm 22.05).
 const UNREACHABLE: &str = "error: Unable to contact slurm controller (connect failure)";
-/// What sbatch prints when slurmctld does not answer in time.
+/// What sbatch prints when slurmctld does not respond in time.
 const SOCKET_TIMEOUT: &str =
     "sbatch: error: Batch job submission failed: Socket timed out on send/recv operation";
 
@@ -180,6 +180,7 @@ impl Setup {
             false,
         )
         .unwrap();
+
         let controller = FakeController::default();
         let slurm = ScriptedSlurm::default();
         let metrics = Metrics::new();
@@ -188,6 +189,7 @@ impl Setup {
             program: "/usr/local/bin/berth".into(),
             config_file: None,
         };
+
         let runner = LimitedRunner::new(slurm.clone(), Arc::clone(&limiter));
         let backend =
             SlurmBackend::with_user(SlurmConfig::default(), supervisor, runner, "1001".into());
@@ -224,7 +226,7 @@ impl Setup {
     }
 }
 
-/// The loop's clock: tokio's, paused in these tests.
+/// Returns the loop's clock: tokio's, paused in these tests.
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }

@@ -36,7 +36,7 @@ const DURATION_BUCKETS: &[f64] = &[
 /// The content type of the text exposition format.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// How a failed call or submission is classified.
+/// The class of a failed call or submission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FailureClass {
     /// Another try may succeed: a timeout, an unreachable or busy
@@ -68,7 +68,7 @@ struct CallStats {
 
 #[derive(Debug, Default)]
 struct MetricsState {
-    /// Containers the dispatcher knows, by state name.
+    /// Containers the dispatcher tracks or may lock, by state name.
     containers: BTreeMap<&'static str, u64>,
     /// The dispatcher's jobs in the latest snapshot, by job state.
     jobs: BTreeMap<String, u64>,
@@ -101,7 +101,8 @@ impl Metrics {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Sets the number of containers the dispatcher knows in each state.
+    /// Sets the number of containers the dispatcher tracks or may lock, by
+    /// state.
     pub fn set_containers(&self, queued: u64, locked: u64, running: u64) {
         let mut state = self.state();
         state.containers =
