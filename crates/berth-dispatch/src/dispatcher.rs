@@ -379,7 +379,8 @@ impl<B: Backend> Dispatcher<B> {
 
     /// Runs until `shutdown` fires: a resynchronisation at once and then
     /// every `options.resync_interval`, a poll every
-    /// `options.poll_interval` after the latest pass, and with
+    /// `options.poll_interval` after the latest pass (or as soon as a
+    /// backoff of calls to the batch system ends, if sooner), and with
     /// `options.watch` the changes the feed reports, as they come.
     /// Shutdown drops the feed read in flight. Jobs keep running after the
     /// loop ends: they belong to the batch system, and a restarted
@@ -430,6 +431,12 @@ impl<B: Backend> Dispatcher<B> {
                         next_poll = next_poll.min(tokio::time::Instant::now() + delay);
                     }
                 },
+            }
+            if let Some(remaining) = self.limiter.backoff_remaining() {
+                // The pass after the backoff probes the batch system and
+                // submits what the backoff held back, without waiting for
+                // the rest of the poll interval.
+                next_poll = next_poll.min(tokio::time::Instant::now() + remaining);
             }
             if let Some(feed) = feed.as_mut() {
                 // The response to a read still in flight may have been made

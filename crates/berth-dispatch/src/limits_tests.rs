@@ -434,3 +434,35 @@ async fn metrics_follow_submissions_and_failures() {
     shutdown.cancel();
     server.await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn run_polls_when_the_backoff_ends() {
+    let mut s = Setup::new();
+    s.slurm.state().down = true;
+    let options = crate::LoopOptions {
+        poll_interval: Duration::from_secs(10),
+        resync_interval: Duration::from_secs(300),
+        watch: false,
+        feed_wait: Duration::from_secs(25),
+    };
+    let slurm = s.slurm.clone();
+    let controller = s.controller.clone();
+    let shutdown = s.shutdown.clone();
+    let running = tokio::spawn(async move {
+        s.dispatcher.run(options, &s.shutdown).await;
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(slurm.count("squeue"), 1, "the first pass");
+
+    // slurmctld is back before the backoff (at most 1 s) ends: the next
+    // pass comes when it ends, not at the poll 10 s later.
+    slurm.state().down = false;
+    controller.add(queued_container(A, 1));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(slurm.count("squeue"), 2, "no pass when the backoff ended");
+    assert_eq!(slurm.count("sbatch"), 1);
+    assert_eq!(controller.container(A).state, ContainerState::Locked);
+
+    shutdown.cancel();
+    running.await.unwrap();
+}
