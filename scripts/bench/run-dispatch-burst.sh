@@ -15,6 +15,10 @@
 # Each way ends when `squeue` lists all COUNT jobs; the script polls it
 # every 0.1 s in both ways.
 #
+# Before each way the script waits until slurmctld's job table (MaxJobCount
+# records, ended jobs included for MinJobAge) has room for twice COUNT
+# jobs, because a full table makes sbatch wait and retry.
+#
 # No job runs: the dispatcher's sbatch_args add `--begin=now+1hour` and so
 # does the loop, so the jobs wait in Slurm's queue (reason BeginTime) until
 # the script cancels them at the end of each way. (`--hold` would not do:
@@ -179,6 +183,29 @@ def write_pid(name, process):
         f.write("%d\n" % process.pid)
 
 
+def wait_for_room():
+    """Waits until slurmctld's job table has room for `count` more jobs and
+    as many again. The table also keeps ended and cancelled jobs for
+    MinJobAge (300 s by default), and at MaxJobCount records sbatch only
+    prints "Slurm temporarily unable to accept job" and retries, which
+    would time that round's submissions instead of the submitting."""
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True)
+    limit = next((int(line.split("=")[1]) for line in config.stdout.splitlines()
+                  if line.split("=")[0].strip() == "MaxJobCount"), 10000)
+    deadline = time.monotonic() + 900
+    while True:
+        out = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i"],
+                             capture_output=True, text=True, check=True)
+        records = len(out.stdout.split())
+        if limit - records >= 2 * count:
+            return
+        if time.monotonic() > deadline:
+            fail("slurmctld keeps %d job records of MaxJobCount %d after 900 s" % (records, limit))
+        print("waiting for ended jobs to leave slurmctld's job table (%d of %d records)"
+              % (records, limit), file=sys.stderr)
+        time.sleep(15)
+
+
 def sbatch_round(round_no):
     """Times a plain loop of sbatch calls of the dispatcher's job script."""
     name = "%s%d-" % (prefix, round_no)
@@ -314,6 +341,7 @@ for round_no in range(1, rounds + 1):
     order = list(WAYS)
     random.shuffle(order)
     for way in order:
+        wait_for_room()
         if way == "sbatch":
             seconds = sbatch_round(round_no)
         else:

@@ -813,7 +813,7 @@ impl<B: Backend> Dispatcher<B> {
             .filter(|_| self.may_lock_group(shutdown, free.len()))
         {
             self.calls += first.len() as u64;
-            locked = lock_calls(Arc::clone(&api), first, concurrency).await;
+            locked = lock_calls(Arc::clone(&api), &self.store, first, concurrency).await;
         }
 
         let mut unrecorded = Vec::new();
@@ -833,7 +833,7 @@ impl<B: Backend> Dispatcher<B> {
                 batch.iter().map(|(_, request)| request.clone()).collect();
             let (results, next_locked, written) = tokio::join!(
                 self.backend.submit_many(&requests),
-                lock_calls(Arc::clone(&api), next, concurrency),
+                lock_calls(Arc::clone(&api), &self.store, next, concurrency),
                 job_id_calls(
                     Arc::clone(&api),
                     std::mem::take(&mut unrecorded),
@@ -871,16 +871,12 @@ impl<B: Backend> Dispatcher<B> {
 
     /// Handles the results of a group's lock calls; returns the records of
     /// the containers now locked and tracked.
-    async fn after_locks(
-        &mut self,
-        locked: Vec<(Container, Result<Locked, ClientError>)>,
-        now: Instant,
-    ) -> Vec<Container> {
+    async fn after_locks(&mut self, locked: Vec<LockOutcome>, now: Instant) -> Vec<Container> {
         let mut ready = Vec::with_capacity(locked.len());
-        for (container, result) in locked {
-            let span = tracing::info_span!("container", container = %container.uuid);
+        for outcome in locked {
+            let span = tracing::info_span!("container", container = %outcome.container.uuid);
             if let Some(record) = self
-                .after_lock(&container, result, now)
+                .after_lock(&outcome.container, outcome.lock, outcome.written, now)
                 .instrument(span)
                 .await
             {
@@ -890,14 +886,16 @@ impl<B: Backend> Dispatcher<B> {
         ready
     }
 
-    /// Handles the result of a lock call: on success, writes the
-    /// container's credentials file, clears the job id of an earlier lock,
-    /// starts tracking the container and returns its record for
-    /// submission.
+    /// Handles the result of a lock call and of writing the container's
+    /// credentials file (`written`, made after a successful lock): on
+    /// success, clears the job id of an earlier lock, starts tracking the
+    /// container and returns its record for submission. A failed write
+    /// unlocks the container.
     async fn after_lock(
         &mut self,
         container: &Container,
         result: Result<Locked, ClientError>,
+        written: Result<(), String>,
         now: Instant,
     ) -> Option<Container> {
         let uuid = container.uuid.as_str();
@@ -921,7 +919,7 @@ impl<B: Backend> Dispatcher<B> {
             "locked the container"
         );
 
-        if let Err(err) = self.store.write(uuid, &locked.credentials) {
+        if let Err(err) = written {
             let unlock = self.controller().unlock_container(uuid).await;
             self.hold(uuid, now);
             match unlock {
@@ -1635,19 +1633,48 @@ impl<B: Backend> Dispatcher<B> {
     }
 }
 
+/// One container's lock call and the writing of its credentials file.
+struct LockOutcome {
+    container: Container,
+    lock: Result<Locked, ClientError>,
+    /// The result of writing the credentials file; `Ok` when the lock
+    /// failed, since nothing was written.
+    written: Result<(), String>,
+}
+
 /// Sends the lock calls of a group of containers, `concurrency` at a time,
-/// and returns each container with its result, in the group's order.
+/// and writes the credentials file of each container locked, on tokio's
+/// blocking threads because each write ends with an fsync. Returns the
+/// outcomes in the group's order.
 async fn lock_calls(
     api: Arc<dyn ControllerApi>,
+    store: &CredentialsStore,
     group: &[Container],
     concurrency: usize,
-) -> Vec<(Container, Result<Locked, ClientError>)> {
+) -> Vec<LockOutcome> {
     futures::stream::iter(group.iter().cloned())
         .map(|container| {
             let api = Arc::clone(&api);
+            let store = store.clone();
             async move {
-                let result = api.lock_container(&container.uuid).await;
-                (container, result)
+                let lock = api.lock_container(&container.uuid).await;
+                let written = match &lock {
+                    Ok(locked) => {
+                        let uuid = container.uuid.clone();
+                        let credentials = locked.credentials.clone();
+                        let write = move || store.write(&uuid, &credentials).map(|_| ());
+                        match tokio::task::spawn_blocking(write).await {
+                            Ok(result) => result.map_err(|err| err.to_string()),
+                            Err(err) => Err(format!("the write task failed: {err}")),
+                        }
+                    }
+                    Err(_) => Ok(()),
+                };
+                LockOutcome {
+                    container,
+                    lock,
+                    written,
+                }
             }
         })
         .buffered(concurrency)
