@@ -1,6 +1,7 @@
 //! What the dispatch loop needs from a batch system, whatever it is.
 //!
-//! A backend has three verbs: [`Backend::submit`] one job for one container,
+//! A backend has three verbs: [`Backend::submit`] one job for one container
+//! (or several at once with [`Backend::submit_many`]),
 //! [`Backend::status`] of all the dispatcher's jobs in one query, and
 //! [`Backend::cancel`] one job. Each job is named after its container's
 //! UUID, so a restarted dispatcher finds its jobs again by name. The
@@ -300,6 +301,12 @@ impl BackendError {
             BackendError::Rejected { .. } | BackendError::InvalidRequest { .. }
         )
     }
+
+    /// True when the command was not run because calls to the batch
+    /// system are backing off, so that no attempt was made.
+    pub fn is_backing_off(&self) -> bool {
+        matches!(self, BackendError::Command(CommandError::BackingOff { .. }))
+    }
 }
 
 /// A batch system, seen through its three verbs.
@@ -310,6 +317,21 @@ pub trait Backend: Send {
 
     /// Submits one job that runs the container's supervisor.
     async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError>;
+
+    /// Submits one job per request and returns the results in the
+    /// requests' order. The default submits one after the other. A backend
+    /// whose submissions are independent processes runs them concurrently,
+    /// as many at once as its command runner allows.
+    async fn submit_many(
+        &mut self,
+        requests: &[JobRequest],
+    ) -> Vec<Result<Submission, BackendError>> {
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            results.push(self.submit(request).await);
+        }
+        results
+    }
 
     /// Lists the dispatcher's jobs that the batch system still has, in one
     /// query.

@@ -131,6 +131,17 @@ pub enum CommandError {
     },
     #[error("{command} timed out after {timeout:?} and was killed")]
     TimedOut { command: String, timeout: Duration },
+    /// The command was not run, because calls to the batch system are
+    /// backing off after failed or slow calls
+    /// ([`crate::limiter::CallLimiter`]). The message leaves out the time
+    /// left, so that a pass that fails this way at every poll repeats one
+    /// message, which the loop logs as a warning once.
+    #[error("{command} was not run: calls to the batch system are backing off")]
+    BackingOff {
+        command: String,
+        /// Time left of the backoff.
+        remaining: Duration,
+    },
     #[error("{command} failed with {status}; stderr: {stderr:?}; stdout: {stdout:?}", stderr = .stderr.trim(), stdout = .stdout.trim())]
     Failed {
         command: String,

@@ -11,6 +11,13 @@
 //!   lease: auto                     # one active dispatcher, standbys wait
 //!   lease_ttl: 10s
 //!   lease_renew_interval: 2s
+//!   metrics_listen: 127.0.0.1:9464  # Prometheus metrics; unset: off
+//!   scheduler_calls:                # one limit on every sbatch, squeue, ...
+//!     max_concurrent: 8
+//!     max_rate: 500                 # calls per second
+//!   submit_retry:                   # one container's failed submissions
+//!     first_delay: 2s
+//!     max_delay: 5m
 //!   slurm:
 //!     reserve_ram: 256MiB
 //!     partition: batch
@@ -42,6 +49,7 @@
 //! poll lists the queue too.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -94,7 +102,37 @@ pub mod defaults {
     /// How often the active dispatcher renews its lease, and a standby
     /// tries to take it.
     pub const LEASE_RENEW_INTERVAL: Duration = Duration::from_secs(2);
+    /// `scheduler_calls.max_concurrent`. Arvados's Slurm dispatcher runs at
+    /// most 3 of its mutating commands at once. 8 lets a burst of `sbatch`
+    /// processes overlap their start-up, so that slurmctld's own pace
+    /// stays the limit (see docs/BENCHMARKS.md).
+    pub const MAX_CONCURRENT_CALLS: usize = 8;
+    /// `scheduler_calls.max_rate`, in calls per second: about the 500
+    /// submissions per second that Slurm's high-throughput guide gives as
+    /// what a tuned controller sustains. More calls than that gain
+    /// nothing. The concurrency cap and the backoff on slow calls protect
+    /// a smaller controller.
+    pub const MAX_CALL_RATE: f64 = 500.0;
+    /// `scheduler_calls.burst`, in calls: one second at `max_rate`.
+    pub const CALL_BURST: u32 = 500;
+    /// `scheduler_calls.slow_call`: a sixth of the command timeout.
+    pub const SLOW_CALL: Duration = Duration::from_secs(10);
+    /// `scheduler_calls.backoff_first`.
+    pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+    /// `scheduler_calls.backoff_max`: at most a minute without a call once
+    /// the batch system responds again.
+    pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+    /// `submit_retry.first_delay`.
+    pub const SUBMIT_RETRY_FIRST: Duration = Duration::from_secs(2);
+    /// `submit_retry.max_delay`.
+    pub const SUBMIT_RETRY_MAX: Duration = Duration::from_secs(300);
+    /// `submit_retry.max_attempts`: with the default delays, up to about
+    /// 13 minutes of attempts per lock.
+    pub const SUBMIT_RETRY_ATTEMPTS: u32 = 10;
 }
+
+/// Largest `scheduler_calls.max_concurrent` accepted.
+const MAX_CONCURRENT_CALLS_LIMIT: usize = 1000;
 
 /// Shortest `poll_interval` and `resync_interval` accepted: more frequent
 /// passes only load the controller and the batch system.
@@ -274,6 +312,78 @@ pub struct Config {
     /// Settings of the local backend.
     #[serde(default)]
     pub local: LocalConfig,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`), such
+    /// as `127.0.0.1:9464`; port 0 picks a free port. Unset turns the
+    /// endpoint off. It has no authentication unless `metrics_token_file`
+    /// is set, so keep it on a loopback or private address. The metrics
+    /// carry counts and durations, never container UUIDs or secrets.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// File whose first line is a bearer token that scrapers must send
+    /// (`Authorization: Bearer <token>`); unset accepts every scrape.
+    #[serde(default)]
+    pub metrics_token_file: Option<PathBuf>,
+    /// Limits on the dispatcher's own calls to the batch system.
+    #[serde(default)]
+    pub scheduler_calls: SchedulerCallsConfig,
+    /// Retries of a container's submission after a transient failure.
+    #[serde(default)]
+    pub submit_retry: SubmitRetryConfig,
+}
+
+/// The `dispatch.scheduler_calls` section: one limit shared by every call
+/// to the batch system's programs (`sbatch`, `squeue`, `scancel`,
+/// `scontrol`, `sacct`, `bsub`, `bjobs`, `bkill`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerCallsConfig {
+    /// Maximum calls in flight at once, from 1 to 1000. A burst of queued
+    /// containers is also locked and submitted this many at a time.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
+    /// Maximum sustained calls per second (a token bucket's refill rate).
+    /// A site with Slurm's RPC rate limit (`SlurmctldParameters=rl_enable`,
+    /// 2 calls per second per user by default) sets 2.
+    #[serde(default = "default_max_rate")]
+    pub max_rate: f64,
+    /// Calls that may start at once after a quiet spell (the bucket's
+    /// size), at least 1. With Slurm's RPC rate limit, 30 by default.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// A call slower than this, such as `10s`, counts as a sign of an
+    /// overloaded controller and starts the global backoff.
+    #[serde(default = "default_slow_call", with = "humantime_serde")]
+    pub slow_call: Duration,
+    /// First delay of the global backoff, which starts when a call fails
+    /// transiently (a timeout, an unreachable or busy controller) or is
+    /// slow, and doubles with each further such call. No call is made
+    /// while it lasts; the first call after it ends it if it succeeds.
+    #[serde(default = "default_backoff_first", with = "humantime_serde")]
+    pub backoff_first: Duration,
+    /// Maximum delay of the global backoff.
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+/// The `dispatch.submit_retry` section: the backoff of one container
+/// whose submission failed transiently. It lasts while the container stays
+/// locked; a restarted dispatcher starts afresh.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRetryConfig {
+    /// Delay before the second attempt, such as `2s`. It doubles with each
+    /// further failure, less up to a fifth at random. An attempt is made at
+    /// the first poll or change after its delay.
+    #[serde(default = "default_retry_first", with = "humantime_serde")]
+    pub first_delay: Duration,
+    /// Maximum delay between two attempts, such as `5m`.
+    #[serde(default = "default_retry_max", with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Failed attempts after which the container is unlocked, so that it
+    /// returns to the queue and is locked again later (after 60 s), with
+    /// its attempts counted afresh.
+    #[serde(default = "default_retry_attempts")]
+    pub max_attempts: u32,
 }
 
 /// The `dispatch.lease` setting.
@@ -492,6 +602,156 @@ pub struct LocalConfig {
     /// when unset. Nothing removes these files.
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
+}
+
+fn default_max_concurrent() -> usize {
+    defaults::MAX_CONCURRENT_CALLS
+}
+
+fn default_max_rate() -> f64 {
+    defaults::MAX_CALL_RATE
+}
+
+fn default_burst() -> u32 {
+    defaults::CALL_BURST
+}
+
+fn default_slow_call() -> Duration {
+    defaults::SLOW_CALL
+}
+
+fn default_backoff_first() -> Duration {
+    defaults::BACKOFF_FIRST
+}
+
+fn default_backoff_max() -> Duration {
+    defaults::BACKOFF_MAX
+}
+
+fn default_retry_first() -> Duration {
+    defaults::SUBMIT_RETRY_FIRST
+}
+
+fn default_retry_max() -> Duration {
+    defaults::SUBMIT_RETRY_MAX
+}
+
+fn default_retry_attempts() -> u32 {
+    defaults::SUBMIT_RETRY_ATTEMPTS
+}
+
+impl Default for SchedulerCallsConfig {
+    fn default() -> SchedulerCallsConfig {
+        SchedulerCallsConfig {
+            max_concurrent: default_max_concurrent(),
+            max_rate: default_max_rate(),
+            burst: default_burst(),
+            slow_call: default_slow_call(),
+            backoff_first: default_backoff_first(),
+            backoff_max: default_backoff_max(),
+        }
+    }
+}
+
+impl SchedulerCallsConfig {
+    /// Returns the limiter's settings.
+    pub fn limiter_settings(&self) -> crate::limiter::LimiterSettings {
+        crate::limiter::LimiterSettings {
+            max_concurrent: self.max_concurrent,
+            max_rate: self.max_rate,
+            burst: self.burst,
+            slow_call: self.slow_call,
+            backoff_first: self.backoff_first,
+            backoff_max: self.backoff_max,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_CONCURRENT_CALLS_LIMIT).contains(&self.max_concurrent) {
+            return Err(ConfigError::new(
+                "scheduler_calls.max_concurrent",
+                format!(
+                    "{} is out of range: give a number of calls from 1 to {MAX_CONCURRENT_CALLS_LIMIT}",
+                    self.max_concurrent
+                ),
+            ));
+        }
+        if !(self.max_rate.is_finite() && self.max_rate > 0.0) {
+            return Err(ConfigError::new(
+                "scheduler_calls.max_rate",
+                format!(
+                    "{} is not a rate: give a number of calls per second above 0, such as 2 or 0.5",
+                    self.max_rate
+                ),
+            ));
+        }
+        if self.burst == 0 {
+            return Err(ConfigError::new(
+                "scheduler_calls.burst",
+                "0 allows no call: give a number of calls of at least 1",
+            ));
+        }
+        for (key, delay) in [
+            ("scheduler_calls.slow_call", self.slow_call),
+            ("scheduler_calls.backoff_first", self.backoff_first),
+        ] {
+            if delay.is_zero() {
+                return Err(ConfigError::new(
+                    key,
+                    "0s is too short: give a duration such as 1s",
+                ));
+            }
+        }
+        if self.backoff_max < self.backoff_first {
+            return Err(ConfigError::new(
+                "scheduler_calls.backoff_max",
+                format!(
+                    "{} is shorter than backoff_first ({}): set it to at least backoff_first",
+                    format_duration(self.backoff_max),
+                    format_duration(self.backoff_first)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for SubmitRetryConfig {
+    fn default() -> SubmitRetryConfig {
+        SubmitRetryConfig {
+            first_delay: default_retry_first(),
+            max_delay: default_retry_max(),
+            max_attempts: default_retry_attempts(),
+        }
+    }
+}
+
+impl SubmitRetryConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.first_delay.is_zero() {
+            return Err(ConfigError::new(
+                "submit_retry.first_delay",
+                "0s is too short: give a duration such as 2s",
+            ));
+        }
+        if self.max_delay < self.first_delay {
+            return Err(ConfigError::new(
+                "submit_retry.max_delay",
+                format!(
+                    "{} is shorter than first_delay ({}): set it to at least first_delay",
+                    format_duration(self.max_delay),
+                    format_duration(self.first_delay)
+                ),
+            ));
+        }
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new(
+                "submit_retry.max_attempts",
+                "0 allows no submission: give a number of attempts of at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn default_poll_interval() -> Duration {
@@ -783,6 +1043,10 @@ impl Config {
             slurm: SlurmConfig::default(),
             lsf: LsfConfig::default(),
             local: LocalConfig::default(),
+            metrics_listen: None,
+            metrics_token_file: None,
+            scheduler_calls: SchedulerCallsConfig::default(),
+            submit_retry: SubmitRetryConfig::default(),
         }
     }
 
@@ -820,6 +1084,11 @@ impl Config {
         if let Some(log_dir) = &self.local.log_dir {
             check_absolute_utf8("local.log_dir", log_dir)?;
         }
+        if let Some(file) = &self.metrics_token_file {
+            check_absolute_utf8("metrics_token_file", file)?;
+        }
+        self.scheduler_calls.validate()?;
+        self.submit_retry.validate()?;
         self.slurm.validate()?;
         self.lsf.validate()
     }
@@ -1102,6 +1371,71 @@ mod tests {
             Path::new("/var/lib/berth/credentials")
         );
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn limits_and_metrics_keys_parse() {
+        let config = parse(
+            "backend: slurm\napi_url: https://ctl:8443\nmetrics_listen: 127.0.0.1:0\n\
+             metrics_token_file: /etc/berth/metrics-token\n\
+             scheduler_calls: {max_concurrent: 3, max_rate: 2, burst: 30, slow_call: 5s, backoff_first: 2s, backoff_max: 1m}\n\
+             submit_retry: {first_delay: 1s, max_delay: 30s, max_attempts: 4}\n",
+        )
+        .unwrap();
+        assert_eq!(config.metrics_listen, Some("127.0.0.1:0".parse().unwrap()));
+        let calls = &config.scheduler_calls;
+        assert_eq!(calls.max_concurrent, 3);
+        assert_eq!(calls.max_rate, 2.0);
+        assert_eq!(calls.burst, 30);
+        assert_eq!(calls.backoff_max, Duration::from_secs(60));
+        assert_eq!(config.submit_retry.max_attempts, 4);
+        config.validate().unwrap();
+
+        let defaults = parse("backend: slurm\napi_url: https://ctl:8443\n").unwrap();
+        assert_eq!(defaults.metrics_listen, None);
+        assert_eq!(defaults.scheduler_calls, SchedulerCallsConfig::default());
+        assert_eq!(defaults.submit_retry, SubmitRetryConfig::default());
+    }
+
+    #[test]
+    fn limits_out_of_range_name_the_key() {
+        let base = "backend: slurm\napi_url: https://ctl:8443\n";
+        for (extra, key) in [
+            (
+                "scheduler_calls: {max_concurrent: 0}",
+                "scheduler_calls.max_concurrent",
+            ),
+            ("scheduler_calls: {max_rate: 0}", "scheduler_calls.max_rate"),
+            (
+                "scheduler_calls: {max_rate: -1.5}",
+                "scheduler_calls.max_rate",
+            ),
+            ("scheduler_calls: {burst: 0}", "scheduler_calls.burst"),
+            (
+                "scheduler_calls: {slow_call: 0s}",
+                "scheduler_calls.slow_call",
+            ),
+            (
+                "scheduler_calls: {backoff_first: 10s, backoff_max: 5s}",
+                "scheduler_calls.backoff_max",
+            ),
+            (
+                "submit_retry: {first_delay: 0s}",
+                "submit_retry.first_delay",
+            ),
+            ("submit_retry: {max_delay: 1s}", "submit_retry.max_delay"),
+            (
+                "submit_retry: {max_attempts: 0}",
+                "submit_retry.max_attempts",
+            ),
+            ("metrics_token_file: token", "metrics_token_file"),
+        ] {
+            let config = parse(&format!("{base}{extra}\n")).unwrap();
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, key, "{extra}: {err}");
+        }
+        let err = parse(&format!("{base}metrics_listen: localhost\n")).unwrap_err();
+        assert!(err.to_string().contains("metrics_listen"), "{err}");
     }
 
     #[test]

@@ -77,13 +77,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::api::{list_all, ControllerApi};
-use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState};
-use crate::config::Config;
+use crate::backend::{Backend, BackendError, BatchJob, JobId, JobRequest, JobState, Submission};
+use crate::config::{Config, SubmitRetryConfig};
 use crate::credentials::CredentialsStore;
 use crate::feed::{self, ChangeFeed, CHANGE_FEED_WAIT, RETRY_FIRST};
+use crate::limiter::{format_delay, CallLimiter};
+use crate::metrics::{FailureClass, Metrics};
 use crate::tracker::{
-    resolve_vanished, Action, CancelLedger, Observation, Tracked, SCHEDULING_STATUS_KEY,
-    UNRUNNABLE_ERROR,
+    resolve_vanished, Action, CancelLedger, Observation, RetryNotice, Tracked,
+    SCHEDULING_STATUS_KEY, UNRUNNABLE_ERROR,
 };
 
 /// Time a container is left alone after the dispatcher gave up on it
@@ -252,6 +254,12 @@ pub struct Dispatcher<B> {
     /// Whether the first successful pass (with its orphan scan) has run.
     reconciled: bool,
     repeats: Repeats,
+    /// The limit on calls to the batch system, shared with the backend's
+    /// command runner. The loop neither locks nor submits while it backs
+    /// off.
+    limiter: Arc<CallLimiter>,
+    metrics: Arc<Metrics>,
+    retry: SubmitRetryConfig,
 }
 
 impl<B> std::fmt::Debug for Dispatcher<B> {
@@ -333,7 +341,26 @@ impl<B: Backend> Dispatcher<B> {
             latest_jobs: HashMap::new(),
             reconciled: false,
             repeats: Repeats::default(),
+            limiter: CallLimiter::unlimited(),
+            metrics: Metrics::new(),
+            retry: SubmitRetryConfig::default(),
         }
+    }
+
+    /// Sets the limiter of calls to the batch system (the one the
+    /// backend's command runner uses), the metrics to update and the
+    /// backoff of failed submissions. Without it, calls are not limited
+    /// and the retries follow the defaults.
+    pub fn with_limits(
+        mut self,
+        limiter: Arc<CallLimiter>,
+        metrics: Arc<Metrics>,
+        retry: SubmitRetryConfig,
+    ) -> Dispatcher<B> {
+        self.limiter = limiter;
+        self.metrics = metrics;
+        self.retry = retry;
+        self
     }
 
     /// Returns the controller for a call outside the change feed, and
@@ -345,7 +372,8 @@ impl<B: Backend> Dispatcher<B> {
 
     /// Runs until `shutdown` fires: a resynchronisation at once and then
     /// every `options.resync_interval`, a poll every
-    /// `options.poll_interval` after the latest pass, and with
+    /// `options.poll_interval` after the latest pass (or as soon as a
+    /// backoff of calls to the batch system ends, if sooner), and with
     /// `options.watch` the changes the feed reports, as they come.
     /// Shutdown drops the feed read in flight. Jobs keep running after the
     /// loop ends: they belong to the batch system, and a restarted
@@ -396,6 +424,12 @@ impl<B: Backend> Dispatcher<B> {
                         next_poll = next_poll.min(tokio::time::Instant::now() + delay);
                     }
                 },
+            }
+            if let Some(remaining) = self.limiter.backoff_remaining() {
+                // The pass after the backoff probes the batch system and
+                // submits what the backoff held back, without waiting for
+                // the rest of the poll interval.
+                next_poll = next_poll.min(tokio::time::Instant::now() + remaining);
             }
             if let Some(feed) = feed.as_mut() {
                 // The response to a read still in flight may have been made
@@ -618,13 +652,9 @@ impl<B: Backend> Dispatcher<B> {
             .cloned()
             .collect();
         candidates.sort_by(lock_order);
-        for container in candidates {
-            if shutdown.is_cancelled() {
-                return Ok(());
-            }
-            self.lock_unless_leftover(&container, now).await;
-        }
+        self.lock_and_submit_all(candidates, now, shutdown).await;
         self.prune_records();
+        self.update_metrics(now);
         Ok(())
     }
 
@@ -697,13 +727,10 @@ impl<B: Backend> Dispatcher<B> {
             }
         }
         candidates.sort_by(|a, b| lock_order(a, b));
-        for container in candidates {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            self.lock_unless_leftover(container, now).await;
-        }
+        let candidates = candidates.into_iter().cloned().collect();
+        self.lock_and_submit_all(candidates, now, shutdown).await;
         self.prune_records();
+        self.update_metrics(now);
     }
 
     /// Stores a container's record from the controller's response to one
@@ -736,24 +763,6 @@ impl<B: Backend> Dispatcher<B> {
             && container.priority > 0
             && !self.tracked.contains_key(&container.uuid)
             && free
-    }
-
-    /// Locks and submits a Queued container, unless the latest snapshot
-    /// lists a job named after it. Such a job is left from an earlier lock
-    /// and must leave before the container gets another, so it is
-    /// cancelled instead.
-    async fn lock_unless_leftover(&mut self, container: &Container, now: Instant) {
-        let span = tracing::info_span!("container", container = %container.uuid);
-        let leftover = self
-            .latest_jobs
-            .get(&container.uuid)
-            .cloned()
-            .unwrap_or_default();
-        if leftover.is_empty() {
-            self.lock_and_submit(container, now).instrument(span).await;
-        } else {
-            self.cancel_leftovers(&leftover, now).instrument(span).await;
-        }
     }
 
     /// Keeps the dispatcher from locking `uuid` again for [`RELOCK_HOLD`].
@@ -868,12 +877,25 @@ impl<B: Backend> Dispatcher<B> {
         now: Instant,
         new_snapshot: bool,
     ) {
+        let actions = self.observe(uuid, record.as_ref(), jobs, now, new_snapshot);
+        self.execute(uuid, record, actions, now).await;
+    }
+
+    /// Lets one tracked container decide; returns its actions.
+    fn observe(
+        &mut self,
+        uuid: &str,
+        record: Option<&Container>,
+        jobs: &[BatchJob],
+        now: Instant,
+        new_snapshot: bool,
+    ) -> Vec<Action> {
         let credentials_exist = self.store.exists(uuid);
         let Some(tracked) = self.tracked.get_mut(uuid) else {
-            return;
+            return Vec::new();
         };
-        let actions = tracked.observe(Observation {
-            record: record.as_ref(),
+        tracked.observe(Observation {
+            record,
             jobs,
             generation: self.generation,
             new_snapshot,
@@ -881,8 +903,7 @@ impl<B: Backend> Dispatcher<B> {
             token_uuid: &self.token_uuid,
             credentials_exist,
             cancel_reasons: self.backend.cancel_pending_reasons(),
-        });
-        self.execute(uuid, record, actions, now).await;
+        })
     }
 
     /// Carries out actions in order; some produce further actions.
@@ -912,6 +933,7 @@ impl<B: Backend> Dispatcher<B> {
                         .await
                 }
                 Action::ShowPending(job) => self.show_pending(uuid, record.as_ref(), &job).await,
+                Action::ShowRetry(notice) => self.show_retry(uuid, record.as_ref(), &notice).await,
                 Action::ClearSchedulingStatus => {
                     self.clear_scheduling_status(uuid, record.as_ref()).await
                 }
@@ -990,91 +1012,65 @@ impl<B: Backend> Dispatcher<B> {
         }
     }
 
-    /// Locks a queued container, writes its credentials file and submits
-    /// its job.
-    async fn lock_and_submit(&mut self, container: &Container, now: Instant) {
-        let uuid = container.uuid.as_str();
-        let locked = match self.controller().lock_container(uuid).await {
-            Ok(locked) => locked,
-            Err(err) if matches!(status_code(&err), Some(404 | 422)) => {
-                // Another dispatcher locked it, or it changed since the list.
-                tracing::debug!(error = %err, "the container could not be locked; skipping it");
-                return;
-            }
-            Err(err) => {
-                report!(self.repeats, "lock", err, "failed to lock the container");
-                self.hold(uuid, now);
-                return;
-            }
+    /// Submits a container's job; returns the follow-up actions. While
+    /// calls to the batch system back off, submits nothing and counts no
+    /// attempt: the container stays due and is submitted at a later pass.
+    async fn submit(&mut self, container: &Container, now: Instant) -> Vec<Action> {
+        if self.limiter.backoff_remaining().is_some() {
+            tracing::debug!("not submitting while calls to the batch system back off");
+            return Vec::new();
+        }
+        let request = match self.job_request(container, now) {
+            Ok(request) => request,
+            Err(actions) => return actions,
         };
-        self.repeats.succeeded("lock");
-        self.remember(locked.container.clone());
-        tracing::info!(
-            lock_count = locked.container.lock_count,
-            "locked the container"
-        );
-
-        if let Err(err) = self.store.write(uuid, &locked.credentials) {
-            let unlock = self.controller().unlock_container(uuid).await;
-            self.hold(uuid, now);
-            match unlock {
-                Ok(unlocked) => {
-                    self.remember(unlocked);
-                    tracing::error!(error = %err, "failed to write the credentials file; unlocked the container")
-                }
-                Err(unlock_err) => tracing::error!(
-                    error = %err,
-                    unlock_error = %unlock_err,
-                    "failed to write the credentials file, and then to unlock the container"
-                ),
-            }
-            return;
-        }
-        let mut record = locked.container;
-        if record.scheduler_job_id.is_some() {
-            // The id of a job from an earlier lock would make a restarted
-            // dispatcher believe this lock's job was submitted.
-            match self
-                .controller()
-                .update_container(uuid, &json!({"scheduler_job_id": null}))
-                .await
-            {
-                Ok(updated) => {
-                    self.remember(updated.clone());
-                    record = updated;
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "failed to clear the job id of an earlier lock")
-                }
-            }
-        }
-        self.tracked
-            .insert(uuid.to_string(), Tracked::locked(self.generation));
-        self.step(uuid, Some(record), &[], now, false).await;
+        let result = self.backend.submit(&request).await;
+        self.submitted(&container.uuid, result, now)
     }
 
-    /// Submits a container's job; returns the follow-up actions.
-    async fn submit(&mut self, container: &Container, now: Instant) -> Vec<Action> {
+    /// Returns the job request of a locked container, or the actions to
+    /// take when it cannot have one: unlock it when its credentials file is
+    /// missing, cancel it when its record requests what no job can have.
+    fn job_request(
+        &mut self,
+        container: &Container,
+        now: Instant,
+    ) -> Result<JobRequest, Vec<Action>> {
         let uuid = container.uuid.as_str();
         let credentials_file = self.store.path(uuid);
         if !credentials_file.is_file() {
-            return vec![Action::Unlock {
+            return Err(vec![Action::Unlock {
                 reason: format!(
                     "its credentials file {} is missing",
                     credentials_file.display()
                 ),
-            }];
+            }]);
         }
-        let result = match JobRequest::for_container(container, credentials_file) {
-            Ok(request) => self.backend.submit(&request).await,
-            Err(err) => Err(err),
-        };
+        JobRequest::for_container(container, credentials_file)
+            .map_err(|err| self.submitted(uuid, Err(err), now))
+    }
+
+    /// Notes the result of a submission and returns the follow-up actions.
+    fn submitted(
+        &mut self,
+        uuid: &str,
+        result: Result<Submission, BackendError>,
+        now: Instant,
+    ) -> Vec<Action> {
+        if let Err(err) = &result {
+            if err.is_backing_off() {
+                // The limiter stopped the call: no attempt was made.
+                tracing::debug!(error = %err, "the submission waits for the backoff to end");
+                return Vec::new();
+            }
+        }
         let generation = self.generation;
         let Some(tracked) = self.tracked.get_mut(uuid) else {
             return Vec::new();
         };
         match result {
             Ok(submission) => {
+                self.metrics.submitted();
                 tracing::info!(job_id = %submission.job_id, "submitted the job");
                 tracing::debug!(
                     job_id = %submission.job_id,
@@ -1090,23 +1086,42 @@ impl<B: Backend> Dispatcher<B> {
             }
             Err(err) => {
                 let permanent = err.is_permanent();
+                let actions = tracked.submit_failed(permanent, &err.to_string(), now, &self.retry);
                 if permanent {
+                    self.metrics.submit_failed(FailureClass::Permanent);
                     tracing::warn!(error = %err, "the batch system rejected the job; cancelling the container");
                 } else {
-                    tracing::warn!(error = %err, "failed to submit the job; will retry");
+                    self.metrics.submit_failed(FailureClass::Transient);
+                    match actions.first() {
+                        Some(Action::ShowRetry(notice)) => tracing::warn!(
+                            error = %err,
+                            attempt = notice.attempt,
+                            max_attempts = notice.max_attempts,
+                            "failed to submit the job; backing off for {}",
+                            format_delay(notice.delay)
+                        ),
+                        _ => {
+                            tracing::warn!(error = %err, "failed to submit the job; giving up on this lock")
+                        }
+                    }
                 }
-                tracked.submit_failed(permanent, &err.to_string(), now)
+                actions
             }
         }
     }
 
     async fn record_job_id(&mut self, uuid: &str, job_id: &str) {
-        let key = format!("{uuid} record");
-        match self
+        let result = self
             .controller()
             .update_container(uuid, &json!({"scheduler_job_id": job_id}))
-            .await
-        {
+            .await;
+        self.job_id_written(uuid, job_id, result);
+    }
+
+    /// Handles the controller's response to recording a job id.
+    fn job_id_written(&mut self, uuid: &str, job_id: &str, result: Result<Container, ClientError>) {
+        let key = format!("{uuid} record");
+        match result {
             Ok(updated) => {
                 self.remember(updated);
                 self.repeats.succeeded(&key);
@@ -1215,39 +1230,98 @@ impl<B: Backend> Dispatcher<B> {
     /// Records why the container's job is pending in its runtime_status,
     /// unless the record already shows the same text.
     async fn show_pending(&mut self, uuid: &str, record: Option<&Container>, job: &BatchJob) {
-        let Some(container) = record else {
-            return;
-        };
         let text = self.pending_text(job);
+        if self.set_scheduling_status(uuid, record, &text).await {
+            tracing::info!(job_id = %job.id, status = %text, "recorded why the job is pending");
+            if let Some(tracked) = self.tracked.get_mut(uuid) {
+                tracked.pending_shown(Some(job));
+            }
+        }
+    }
+
+    /// Records in the container's runtime_status that a submission failed
+    /// and when the next attempt is.
+    async fn show_retry(&mut self, uuid: &str, record: Option<&Container>, notice: &RetryNotice) {
+        let retry_at = std::time::SystemTime::now() + notice.delay;
+        let retry_at = humantime_serde::re::humantime::format_rfc3339_seconds(retry_at);
+        let text = notice.status_text(&retry_at.to_string());
+        if self.set_scheduling_status(uuid, record, &text).await {
+            tracing::debug!(status = %text, "recorded the failed submission");
+            if let Some(tracked) = self.tracked.get_mut(uuid) {
+                tracked.retry_shown();
+            }
+        }
+    }
+
+    /// Sets the container's scheduling status to `text`, unless the record
+    /// already shows it. Returns false when the record is unknown or the
+    /// update failed (which is logged).
+    async fn set_scheduling_status(
+        &mut self,
+        uuid: &str,
+        record: Option<&Container>,
+        text: &str,
+    ) -> bool {
+        let Some(container) = record else {
+            return false;
+        };
         let shown = container
             .runtime_status
             .get(SCHEDULING_STATUS_KEY)
             .and_then(Value::as_str);
-        if shown != Some(text.as_str()) {
-            let mut runtime_status = container.runtime_status.clone();
-            runtime_status.insert(SCHEDULING_STATUS_KEY.into(), Value::from(text.as_str()));
-            let key = format!("{uuid} status");
-            let attributes = json!({ "runtime_status": runtime_status });
-            match self.controller().update_container(uuid, &attributes).await {
-                Ok(updated) => {
-                    self.remember(updated);
-                    self.repeats.succeeded(&key);
-                    tracing::info!(job_id = %job.id, status = %text, "recorded why the job is pending");
-                }
-                Err(err) => {
-                    report!(
-                        self.repeats,
-                        key,
-                        err,
-                        "failed to record why the job is pending"
-                    );
-                    return;
-                }
+        if shown == Some(text) {
+            return true;
+        }
+        let mut runtime_status = container.runtime_status.clone();
+        runtime_status.insert(SCHEDULING_STATUS_KEY.into(), Value::from(text));
+        let key = format!("{uuid} status");
+        let attributes = json!({ "runtime_status": runtime_status });
+        match self.controller().update_container(uuid, &attributes).await {
+            Ok(updated) => {
+                self.remember(updated);
+                self.repeats.succeeded(&key);
+                true
+            }
+            Err(err) => {
+                report!(
+                    self.repeats,
+                    key,
+                    err,
+                    "failed to record the scheduling status"
+                );
+                false
             }
         }
-        if let Some(tracked) = self.tracked.get_mut(uuid) {
-            tracked.pending_shown(Some(job));
+    }
+
+    /// Updates the gauges that describe the dispatcher's view: containers
+    /// by state, jobs by state, and containers waiting out their backoff.
+    fn update_metrics(&self, now: Instant) {
+        let (mut queued, mut locked, mut running) = (0, 0, 0);
+        for container in self.records.values() {
+            match container.state {
+                ContainerState::Queued if container.priority > 0 => queued += 1,
+                ContainerState::Locked if is_locked_by(container, &self.token_uuid) => locked += 1,
+                ContainerState::Running if is_locked_by(container, &self.token_uuid) => {
+                    running += 1
+                }
+                _ => {}
+            }
         }
+        self.metrics.set_containers(queued, locked, running);
+        let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
+        for job in self.latest_jobs.values().flatten() {
+            if self.is_container_job(job) {
+                *jobs.entry(job.state.to_string()).or_default() += 1;
+            }
+        }
+        self.metrics.set_jobs(jobs);
+        let waiting = self
+            .tracked
+            .values()
+            .filter(|tracked| tracked.retry_at().is_some_and(|at| at > now))
+            .count();
+        self.metrics.set_submit_backoffs(waiting as u64);
     }
 
     /// Removes the scheduling status of a container whose job has started.
@@ -1339,6 +1413,9 @@ fn check_token_cluster(token_uuid: &str, cluster_id: &ClusterId) -> Result<(), S
 fn status_code(err: &ClientError) -> Option<u16> {
     err.status().map(|status| status.as_u16())
 }
+
+#[path = "dispatcher_burst.rs"]
+mod burst;
 
 #[cfg(test)]
 #[path = "dispatcher_tests.rs"]

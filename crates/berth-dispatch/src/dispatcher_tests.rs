@@ -79,6 +79,18 @@ impl Harness {
         }
     }
 
+    /// Gives the dispatcher a call limiter, metrics and submission
+    /// retries; call before the first pass.
+    fn set_limits(
+        &mut self,
+        limiter: Arc<CallLimiter>,
+        metrics: Arc<Metrics>,
+        retry: SubmitRetryConfig,
+    ) {
+        self.dispatcher = dispatcher(&self.controller, &self.backend, self.dir.path())
+            .with_limits(limiter, metrics, retry);
+    }
+
     /// Replaces the dispatcher with a new one, as after a restart; the
     /// controller, the batch system and the credentials directory stay.
     fn restart(&mut self) {
@@ -475,27 +487,56 @@ async fn rejected_job_cancels_the_container_with_the_reason() {
     assert_eq!(h.backend.submits().len(), 1);
 }
 
+/// Retries 2 s, 4 s and then 8 s apart, and unlocks after 5 failures.
+fn short_retry() -> SubmitRetryConfig {
+    SubmitRetryConfig {
+        first_delay: Duration::from_secs(2),
+        max_delay: Duration::from_secs(8),
+        max_attempts: 5,
+    }
+}
+
 #[tokio::test]
 async fn failed_submissions_are_retried_then_unlocked() {
     let mut h = Harness::new();
+    h.set_limits(CallLimiter::unlimited(), Metrics::new(), short_retry());
     h.controller.add(queued_container(A, 1));
-    for _ in 0..crate::tracker::MAX_SUBMIT_ATTEMPTS {
+    for _ in 0..5 {
         h.backend.fail_next_submit(SubmitFailure::Transient);
     }
     h.resync().await;
     assert_eq!(h.backend.submits().len(), 1);
     assert_eq!(h.state(A), ContainerState::Locked);
-    // Retries wait 2 s, 4 s, 8 s and 16 s.
-    for _ in 0..20 {
+    let status = h.scheduling_status(A).unwrap();
+    assert!(
+        status.starts_with("submission attempt 1 of 5 failed; the next attempt is at 20"),
+        "{status}"
+    );
+    assert!(status.contains("timed out"), "{status}");
+    // Retries wait at most 2 s, 4 s, 8 s and 8 s; passes are 2 s apart.
+    for _ in 0..11 {
         h.resync().await;
     }
-    assert_eq!(
-        h.backend.submits().len() as u32,
-        crate::tracker::MAX_SUBMIT_ATTEMPTS
-    );
+    assert_eq!(h.backend.submits().len(), 5);
     assert_eq!(h.state(A), ContainerState::Queued);
     assert!(!h.credentials_file(A).exists());
     assert!(!h.dispatcher.is_tracked(A));
+}
+
+#[tokio::test]
+async fn retried_submission_clears_its_status() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 1));
+    h.backend.fail_next_submit(SubmitFailure::Transient);
+    h.resync().await;
+    assert!(h.scheduling_status(A).is_some());
+    h.resync().await;
+    assert_eq!(h.backend.submits().len(), 2, "retried after 2 s");
+    // The fake lists new jobs pending for reason Priority, which replaces
+    // the retry status.
+    h.resync().await;
+    let status = h.scheduling_status(A).unwrap();
+    assert!(status.contains("is pending: Priority"), "{status}");
 }
 
 #[tokio::test]
@@ -1364,14 +1405,18 @@ async fn run_retries_submission_and_shows_reason_at_polls() {
         h.controller.container(A).scheduler_job_id.is_some()
     })
     .await;
-    assert_eq!(
-        h.scheduling_status(A),
-        None,
-        "no snapshot lists the job yet"
+    let status = h.scheduling_status(A).unwrap_or_default();
+    assert!(
+        status.starts_with("submission attempt 1 of 10 failed"),
+        "no snapshot lists the job yet, so the failure shows: {status}"
     );
 
     tokio::time::advance(Duration::from_secs(10)).await;
-    settle("the pending reason", || h.scheduling_status(A).is_some()).await;
+    settle("the pending reason", || {
+        h.scheduling_status(A)
+            .is_some_and(|status| status.contains("pending"))
+    })
+    .await;
     assert_eq!(
         h.scheduling_status(A).as_deref(),
         Some("fake job 101 is pending: Priority")

@@ -35,8 +35,10 @@ pub mod credentials;
 pub mod dispatcher;
 pub mod feed;
 pub mod lease;
+pub mod limiter;
 pub mod local;
 pub mod lsf;
+pub mod metrics;
 pub mod script;
 pub mod slurm;
 pub mod template;
@@ -45,9 +47,12 @@ pub mod tracker;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod limits_tests;
+#[cfg(test)]
 mod lsf_loop_tests;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use berth_client::Client;
@@ -60,8 +65,10 @@ pub use backend::{
 pub use config::{BackendKind, Config, ConfigError, LocalConfig, LsfConfig, SlurmConfig};
 pub use credentials::CredentialsStore;
 pub use dispatcher::{Dispatcher, LoopOptions, StartError};
+pub use limiter::{CallLimiter, LimitedRunner};
 pub use local::LocalBackend;
 pub use lsf::LsfBackend;
+pub use metrics::Metrics;
 pub use slurm::SlurmBackend;
 
 /// How jobs start the supervisor: the program and the arguments that come
@@ -102,18 +109,30 @@ pub async fn run(
         config.insecure,
     )
     .context("invalid configuration key dispatch.credentials_dir")?;
-    match config.backend {
+    let metrics = Metrics::new();
+    let limiter = CallLimiter::new(
+        config.scheduler_calls.limiter_settings(),
+        Arc::clone(&metrics),
+    );
+    let server_shutdown = shutdown.child_token();
+    let server = start_metrics(&config, Arc::clone(&metrics), &server_shutdown).await?;
+    let limits = Limits {
+        limiter: Arc::clone(&limiter),
+        metrics,
+    };
+    let result = match config.backend {
         BackendKind::Slurm => {
             slurm::check_programs(&config.slurm)?;
             let new_backend = || {
                 let runner = command::ProcessRunner::new(config.slurm.command_timeout);
+                let runner = LimitedRunner::new(runner, Arc::clone(&limiter));
                 Ok(SlurmBackend::new(
                     config.slurm.clone(),
                     supervisor.clone(),
                     runner,
                 ))
             };
-            dispatch(new_backend, &client, cluster_id, store, &config, shutdown).await
+            dispatch(new_backend, &client, cluster_id, store, &config, limits, shutdown).await
         }
         BackendKind::Lsf => {
             lsf::check_programs(&config.lsf)?;
@@ -123,6 +142,7 @@ pub async fn run(
             };
             let new_backend = || {
                 let runner = command::ProcessRunner::new(config.lsf.command_timeout);
+                let runner = LimitedRunner::new(runner, Arc::clone(&limiter));
                 Ok(LsfBackend::new(
                     config.lsf.clone(),
                     supervisor.clone(),
@@ -130,9 +150,15 @@ pub async fn run(
                     user.clone(),
                 ))
             };
-            dispatch(new_backend, &client, cluster_id, store, &config, shutdown).await
+            dispatch(new_backend, &client, cluster_id, store, &config, limits, shutdown).await
         }
         BackendKind::Local => {
+            // The local backend runs no batch system commands, so its calls
+            // are not limited.
+            let limits = Limits {
+                limiter: CallLimiter::unlimited(),
+                ..limits
+            };
             let new_backend = || {
                 LocalBackend::new(
                     supervisor.clone(),
@@ -141,9 +167,41 @@ pub async fn run(
                 )
                 .context("failed to start the local backend")
             };
-            dispatch(new_backend, &client, cluster_id, store, &config, shutdown).await
+            dispatch(new_backend, &client, cluster_id, store, &config, limits, shutdown).await
+        }
+    };
+    if let Some(server) = server {
+        server_shutdown.cancel();
+        if let Err(err) = server.await {
+            tracing::warn!(error = %err, "the metrics server task failed");
         }
     }
+    result
+}
+
+/// The limiter of calls to the batch system and the metrics, shared by
+/// the dispatch loop and the backend.
+#[derive(Debug, Clone)]
+struct Limits {
+    limiter: Arc<CallLimiter>,
+    metrics: Arc<Metrics>,
+}
+
+/// Starts the metrics server when `metrics_listen` is set.
+async fn start_metrics(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = config.metrics_listen else {
+        return Ok(None);
+    };
+    let token = match &config.metrics_token_file {
+        Some(path) => Some(metrics::read_token_file(path)?),
+        None => None,
+    };
+    let (_, task) = metrics::serve(addr, metrics, token, shutdown.clone()).await?;
+    Ok(Some(task))
 }
 
 /// Runs the dispatch loop, under the leader lease unless the
@@ -156,18 +214,20 @@ async fn dispatch<B: Backend>(
     cluster_id: ClusterId,
     store: CredentialsStore,
     config: &Config,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Some(settings) = lease::LeaseSettings::from_config(config) else {
         let api = Box::new(client.clone());
-        return drive(api, new_backend()?, cluster_id, store, config, shutdown).await;
+        return drive(api, new_backend()?, cluster_id, store, config, limits, shutdown).await;
     };
     lease::run_with_lease(client, &settings, &shutdown, |token, fence| {
         let api = Box::new(lease::FencedApi::new(client.clone(), fence));
         let backend = new_backend();
         let cluster_id = cluster_id.clone();
         let store = store.clone();
-        async move { drive(api, backend?, cluster_id, store, config, token).await }
+        let limits = limits.clone();
+        async move { drive(api, backend?, cluster_id, store, config, limits, token).await }
     })
     .await
 }
@@ -178,12 +238,15 @@ async fn drive<B: Backend>(
     cluster_id: ClusterId,
     store: CredentialsStore,
     config: &Config,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let started = Dispatcher::start(api, backend, cluster_id, store, &shutdown).await?;
-    let Some(mut dispatcher) = started else {
+    let Some(dispatcher) = started else {
         return Ok(());
     };
+    let mut dispatcher =
+        dispatcher.with_limits(limits.limiter, limits.metrics, config.submit_retry.clone());
     dispatcher
         .run(LoopOptions::from_config(config), &shutdown)
         .await;

@@ -268,6 +268,38 @@ impl<R: CommandRunner> LsfBackend<R> {
         CommandSpec::new(&self.config.bkill, args)
     }
 
+    /// Submits one job; takes `&self` so that submissions can overlap.
+    /// Runs `bsub` for one container. Returns the submission and the user
+    /// priority it was submitted with, if any.
+    async fn submit_one(
+        &self,
+        request: &JobRequest,
+    ) -> Result<(Submission, Option<u32>), BackendError> {
+        let spec = self.bsub_command(request)?;
+        let output = self.runner.run(&spec).await?;
+        let output = output
+            .check(&spec)
+            .map_err(|err| self.submit_error(request, err))?;
+        let job_id = parse_bsub_output(&output.stdout).map_err(|message| BackendError::Parse {
+            command: spec.command_line(),
+            message,
+            output: output.stdout.clone(),
+        })?;
+        let script = spec
+            .stdin
+            .as_deref()
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+        let priority = submitted_priority(&spec.args);
+        let submission = Submission {
+            job_id,
+            command: spec.command_line(),
+            script,
+            stdout: output.stdout,
+            stderr: output.stderr,
+        };
+        Ok((submission, priority))
+    }
+
     /// Classifies a failed `bsub`. A rejection of the job itself is
     /// permanent. Anything else (LSF down, a busy mbatchd, a timeout) may
     /// pass on another try.
@@ -293,30 +325,33 @@ impl<R: CommandRunner> Backend for LsfBackend<R> {
     }
 
     async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError> {
-        let spec = self.bsub_command(request)?;
-        let output = self.runner.run(&spec).await?;
-        let output = output
-            .check(&spec)
-            .map_err(|err| self.submit_error(request, err))?;
-        let job_id = parse_bsub_output(&output.stdout).map_err(|message| BackendError::Parse {
-            command: spec.command_line(),
-            message,
-            output: output.stdout.clone(),
-        })?;
-        if let Some(priority) = submitted_priority(&spec.args) {
-            self.priorities.insert(job_id.clone(), priority);
+        let (submission, priority) = self.submit_one(request).await?;
+        if let Some(priority) = priority {
+            self.priorities.insert(submission.job_id.clone(), priority);
         }
-        let script = spec
-            .stdin
-            .as_deref()
-            .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
-        Ok(Submission {
-            job_id,
-            command: spec.command_line(),
-            script,
-            stdout: output.stdout,
-            stderr: output.stderr,
-        })
+        Ok(submission)
+    }
+
+    /// Runs the submissions concurrently; the command runner bounds how
+    /// many processes run at once.
+    async fn submit_many(
+        &mut self,
+        requests: &[JobRequest],
+    ) -> Vec<Result<Submission, BackendError>> {
+        let backend = &*self;
+        let results =
+            futures::future::join_all(requests.iter().map(|request| backend.submit_one(request)))
+                .await;
+        results
+            .into_iter()
+            .map(|result| {
+                let (submission, priority) = result?;
+                if let Some(priority) = priority {
+                    self.priorities.insert(submission.job_id.clone(), priority);
+                }
+                Ok(submission)
+            })
+            .collect()
     }
 
     async fn status(&mut self) -> Result<Vec<BatchJob>, BackendError> {

@@ -337,6 +337,32 @@ impl<R: CommandRunner> SlurmBackend<R> {
         parse_sacct_end(&output.stdout)
     }
 
+    /// Submits one job; takes `&self` so that submissions can overlap.
+    async fn submit_one(&self, request: &JobRequest) -> Result<Submission, BackendError> {
+        let spec = self.sbatch_command(request)?;
+        let output = self.runner.run(&spec).await?;
+        let output = output
+            .check(&spec)
+            .map_err(|err| self.submit_error(request, err))?;
+        let job_id =
+            parse_sbatch_output(&output.stdout).map_err(|message| BackendError::Parse {
+                command: spec.command_line(),
+                message,
+                output: output.stdout.clone(),
+            })?;
+        let script = spec
+            .stdin
+            .as_deref()
+            .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
+        Ok(Submission {
+            job_id,
+            command: spec.command_line(),
+            script,
+            stdout: output.stdout,
+            stderr: output.stderr,
+        })
+    }
+
     /// Classifies a failed `sbatch`: a rejection of the job itself is
     /// permanent; anything else may pass on another try.
     fn submit_error(&self, request: &JobRequest, error: CommandError) -> BackendError {
@@ -367,28 +393,17 @@ impl<R: CommandRunner> Backend for SlurmBackend<R> {
     }
 
     async fn submit(&mut self, request: &JobRequest) -> Result<Submission, BackendError> {
-        let spec = self.sbatch_command(request)?;
-        let output = self.runner.run(&spec).await?;
-        let output = output
-            .check(&spec)
-            .map_err(|err| self.submit_error(request, err))?;
-        let job_id =
-            parse_sbatch_output(&output.stdout).map_err(|message| BackendError::Parse {
-                command: spec.command_line(),
-                message,
-                output: output.stdout.clone(),
-            })?;
-        let script = spec
-            .stdin
-            .as_deref()
-            .map(|bytes| String::from_utf8_lossy(bytes).into_owned());
-        Ok(Submission {
-            job_id,
-            command: spec.command_line(),
-            script,
-            stdout: output.stdout,
-            stderr: output.stderr,
-        })
+        self.submit_one(request).await
+    }
+
+    /// Runs the submissions concurrently; the command runner bounds how
+    /// many processes run at once.
+    async fn submit_many(
+        &mut self,
+        requests: &[JobRequest],
+    ) -> Vec<Result<Submission, BackendError>> {
+        let backend = &*self;
+        futures::future::join_all(requests.iter().map(|request| backend.submit_one(request))).await
     }
 
     async fn status(&mut self) -> Result<Vec<BatchJob>, BackendError> {

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use berth_core::{Container, ContainerState};
 
 use crate::backend::{BatchJob, JobId, JobState, Submission};
+use crate::config::SubmitRetryConfig;
 
 /// Consecutive snapshots without a job before the loop acts on its absence.
 pub const VANISH_SNAPSHOTS: u32 = 2;
@@ -56,17 +57,6 @@ pub const CANCEL_RESEND_AFTER: Duration = Duration::from_secs(30);
 /// Time a job may stay listed after its container became final before it
 /// is cancelled: the supervisor reports the final state, then exits.
 pub const FINAL_JOB_GRACE: Duration = Duration::from_secs(30);
-
-/// Submission attempts for one lock that may fail before the container is
-/// unlocked.
-pub const MAX_SUBMIT_ATTEMPTS: u32 = 5;
-
-/// Delay before the second submission attempt; it doubles with each
-/// further attempt. An attempt is made at the first observation after its
-/// delay, which is at the latest the next poll, so each delay ends at a
-/// poll: with the default poll interval of 10 s, the five attempts spread
-/// over about 50 s.
-pub const SUBMIT_RETRY_DELAY: Duration = Duration::from_secs(2);
 
 /// Message of `runtime_status.error` when a Running container's job left
 /// the batch system.
@@ -113,6 +103,9 @@ pub enum Action {
     Unlock { reason: String },
     /// Set the container Cancelled with `runtime_status.error`.
     CancelContainer { error: String, detail: String },
+    /// Record in the container's runtime_status that a submission failed
+    /// and when the next attempt is due.
+    ShowRetry(RetryNotice),
     /// Record in the container's runtime_status why this job is pending
     /// ([`SCHEDULING_STATUS_KEY`]), then report back with
     /// [`Tracked::pending_shown`].
@@ -130,6 +123,41 @@ pub enum Action {
     RemoveCredentials,
     /// Stop tracking the container.
     Forget,
+}
+
+/// A failed submission that will be tried again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryNotice {
+    /// Number of the failed attempt, from 1.
+    pub attempt: u32,
+    /// Failed attempts after which the container is unlocked.
+    pub max_attempts: u32,
+    /// Time until the next attempt, jitter included.
+    pub delay: Duration,
+    /// The failure's message.
+    pub error: String,
+}
+
+impl RetryNotice {
+    /// Describes the failure for the container's scheduling status, with
+    /// the time of the next attempt (`retry_at`, already formatted).
+    pub fn status_text(&self, retry_at: &str) -> String {
+        format!(
+            "submission attempt {} of {} failed; the next attempt is at {retry_at}: {}",
+            self.attempt, self.max_attempts, self.error
+        )
+    }
+}
+
+/// Returns the delay before the attempt after `failures` failed ones:
+/// `first_delay` doubled for each failure after the first, at most
+/// `max_delay`, before jitter.
+pub fn retry_delay(retry: &SubmitRetryConfig, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(31);
+    retry
+        .first_delay
+        .saturating_mul(1u32 << doublings)
+        .min(retry.max_delay)
 }
 
 /// One view of a container: its record and the latest snapshot's jobs.
@@ -169,6 +197,8 @@ pub struct Tracked {
     missing: u32,
     submit_attempts: u32,
     next_submit_at: Option<Instant>,
+    /// Whether the scheduling status shows a failed submission.
+    retry_shown: bool,
     /// The batch system's reason for rejecting the job, once it has.
     rejected: Option<String>,
     /// The job and reason that the container's scheduling status shows.
@@ -206,6 +236,7 @@ impl Tracked {
             missing: 0,
             submit_attempts: 0,
             next_submit_at: None,
+            retry_shown: false,
             rejected: None,
             shown: None,
             unrunnable_since: None,
@@ -232,6 +263,17 @@ impl Tracked {
         self.origin == Origin::Adopted
     }
 
+    /// Returns the time of the next submission attempt while the container
+    /// waits out its backoff after a failed one.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.next_submit_at.filter(|_| self.job.is_none())
+    }
+
+    /// Notes that the scheduling status shows a failed submission.
+    pub fn retry_shown(&mut self) {
+        self.retry_shown = true;
+    }
+
     /// Notes that the job id is on the container record.
     pub fn job_id_recorded(&mut self) {
         self.job_id_recorded = true;
@@ -241,6 +283,7 @@ impl Tracked {
     /// pending, or, with `None`, that it shows nothing.
     pub fn pending_shown(&mut self, job: Option<&BatchJob>) {
         self.shown = job.map(|job| (job.id.clone(), job.reason.clone()));
+        self.retry_shown = false;
     }
 
     /// Notes a successful submission, made after the snapshot of
@@ -259,21 +302,34 @@ impl Tracked {
 
     /// Notes a failed submission and returns what to do about it: cancel
     /// the container when the batch system rejected the job, unlock it when
-    /// the attempts are used up, else nothing until the next attempt.
-    pub fn submit_failed(&mut self, permanent: bool, message: &str, now: Instant) -> Vec<Action> {
+    /// `retry.max_attempts` attempts have failed, else show the failure
+    /// and wait out a delay that doubles with each failure
+    /// ([`retry_delay`]), less up to a fifth at random.
+    pub fn submit_failed(
+        &mut self,
+        permanent: bool,
+        message: &str,
+        now: Instant,
+        retry: &SubmitRetryConfig,
+    ) -> Vec<Action> {
         if permanent {
             self.rejected = Some(message.to_string());
             return vec![self.reject_action()];
         }
         self.submit_attempts += 1;
-        if self.submit_attempts >= MAX_SUBMIT_ATTEMPTS {
+        if self.submit_attempts >= retry.max_attempts {
             return vec![Action::Unlock {
                 reason: format!("{} submission attempts failed", self.submit_attempts),
             }];
         }
-        let factor = 1u32 << (self.submit_attempts - 1).min(16);
-        self.next_submit_at = Some(now + SUBMIT_RETRY_DELAY.saturating_mul(factor));
-        Vec::new()
+        let delay = crate::limiter::jitter(retry_delay(retry, self.submit_attempts));
+        self.next_submit_at = Some(now + delay);
+        vec![Action::ShowRetry(RetryNotice {
+            attempt: self.submit_attempts,
+            max_attempts: retry.max_attempts,
+            delay,
+            error: message.to_string(),
+        })]
     }
 
     fn reject_action(&self) -> Action {
@@ -404,7 +460,14 @@ impl Tracked {
         actions: &mut Vec<Action>,
     ) {
         let waiting = job.state == JobState::Pending && container.state == ContainerState::Locked;
-        if !waiting {
+        if self.retry_shown && (!waiting || job.reason.is_empty()) {
+            // The job exists, so the failed submission the status shows is
+            // history. A pending reason would replace it anyway.
+            self.retry_shown = false;
+            if container.runtime_status.contains_key(SCHEDULING_STATUS_KEY) {
+                actions.push(Action::ClearSchedulingStatus);
+            }
+        } else if !waiting {
             if job.state != JobState::Pending
                 && container.runtime_status.contains_key(SCHEDULING_STATUS_KEY)
             {
@@ -881,33 +944,99 @@ mod tests {
         );
     }
 
+    fn retry() -> SubmitRetryConfig {
+        SubmitRetryConfig {
+            first_delay: Duration::from_secs(2),
+            max_delay: Duration::from_secs(20),
+            max_attempts: 6,
+        }
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_cap() {
+        let delays: Vec<u64> = (1..=6)
+            .map(|failures| retry_delay(&retry(), failures).as_secs())
+            .collect();
+        assert_eq!(delays, [2, 4, 8, 16, 20, 20]);
+        assert_eq!(
+            retry_delay(&retry(), u32::MAX),
+            Duration::from_secs(20),
+            "no overflow"
+        );
+    }
+
     #[test]
     fn failed_submissions_back_off_then_unlock() {
         let record = ours(ContainerState::Locked, 5);
         let mut tracked = Tracked::locked(1);
         let start = Instant::now();
-        assert!(tracked.submit_failed(false, "timed out", start).is_empty());
+        let actions = tracked.submit_failed(false, "timed out", start, &retry());
+        let [Action::ShowRetry(notice)] = actions.as_slice() else {
+            panic!("expected a retry notice: {actions:?}");
+        };
+        assert_eq!(notice.attempt, 1);
+        assert_eq!(notice.max_attempts, 6);
+        assert_eq!(notice.error, "timed out");
+        assert!(notice.delay <= Duration::from_secs(2), "{:?}", notice.delay);
+        assert!(
+            notice.delay >= Duration::from_millis(1600),
+            "{:?}",
+            notice.delay
+        );
+        assert_eq!(tracked.retry_at(), Some(start + notice.delay));
+
         let mut step = Step::new(Some(&record), &[], 2);
         step.now = start + Duration::from_secs(1);
         assert_eq!(step.run(&mut tracked), [], "before the retry delay");
-        step.now = start + SUBMIT_RETRY_DELAY;
+        step.now = start + notice.delay;
         assert_eq!(step.run(&mut tracked), [Action::Submit]);
-        for _ in 2..MAX_SUBMIT_ATTEMPTS {
-            assert!(tracked.submit_failed(false, "timed out", start).is_empty());
+
+        let mut last = notice.delay;
+        for attempt in 2..6 {
+            let actions = tracked.submit_failed(false, "timed out", start, &retry());
+            let [Action::ShowRetry(notice)] = actions.as_slice() else {
+                panic!("expected a retry notice: {actions:?}");
+            };
+            assert_eq!(notice.attempt, attempt);
+            assert!(notice.delay > last, "attempt {attempt}: {:?}", notice.delay);
+            assert!(notice.delay <= retry_delay(&retry(), attempt));
+            last = notice.delay;
         }
         assert_eq!(
-            tracked.submit_failed(false, "timed out", start),
+            tracked.submit_failed(false, "timed out", start, &retry()),
             [Action::Unlock {
-                reason: format!("{MAX_SUBMIT_ATTEMPTS} submission attempts failed")
+                reason: "6 submission attempts failed".into()
             }]
         );
+    }
+
+    #[test]
+    fn retry_status_cleared_once_job_listed() {
+        let mut record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::locked(1);
+        tracked.submit_failed(false, "timed out", Instant::now(), &retry());
+        tracked.retry_shown();
+        record.runtime_status.insert(
+            SCHEDULING_STATUS_KEY.into(),
+            "submission attempt 1 failed".into(),
+        );
+        tracked.submitted(submission("12"), 1);
+        let jobs = [job("12", JobState::Pending)];
+        assert_eq!(
+            Step::new(Some(&record), &jobs, 2).run(&mut tracked),
+            [
+                Action::RecordJobId(JobId::new("12")),
+                Action::ClearSchedulingStatus
+            ]
+        );
+        assert_eq!(tracked.retry_at(), None);
     }
 
     #[test]
     fn job_found_after_a_failed_submission_is_taken() {
         let record = ours(ContainerState::Locked, 5);
         let mut tracked = Tracked::locked(1);
-        tracked.submit_failed(false, "timed out", Instant::now());
+        tracked.submit_failed(false, "timed out", Instant::now(), &retry());
         let jobs = [job("77", JobState::Pending)];
         assert_eq!(
             Step::new(Some(&record), &jobs, 2).run(&mut tracked),
@@ -924,7 +1053,7 @@ mod tests {
             error: REJECTED_ERROR.into(),
             detail: "Invalid partition".into(),
         };
-        let actions = tracked.submit_failed(true, "Invalid partition", Instant::now());
+        let actions = tracked.submit_failed(true, "Invalid partition", Instant::now(), &retry());
         assert_eq!(actions, std::slice::from_ref(&expected));
         assert_eq!(
             Step::new(Some(&record), &[], 2).run(&mut tracked),
