@@ -10,8 +10,10 @@
 # and makes a Python virtual environment with the Arvados Python SDK
 # (`pip install arvados-python-client`, from PyPI) unless it exists,
 # then builds the workspace's tests and runs them with cargo-nextest when it
-# is installed, else with `cargo test`, with --no-fail-fast, on SQLite; then
-# runs the controller's tests (its store and API suites) a second time on
+# is installed, else with `cargo test`, with --no-fail-fast, on SQLite; then,
+# without extra arguments, runs the test that stops slurmctld for 30 s on its
+# own (BERTH_TEST_STOP_SLURMCTLD=1), since it would disturb the other Slurm
+# tests; then runs the controller's tests (its store and API suites) a second time on
 # PostgreSQL. Extra arguments go to both runs, e.g. `scripts/test.sh -p
 # berth-core` or a test filter; the second run then takes them in place of
 # `-p berth-controller`.
@@ -167,6 +169,12 @@ else
   sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed; \([0-9]*\) ignored.*/\1 \2 \3/p' "$test_output" \
     | awk '{ p += $1; f += $2; s += $3 } END { printf "total: %d passed, %d failed, %d skipped\n", p, f, s }'
   rm -f "$test_output"
+fi
+if [ "$#" -eq 0 ]; then
+  # The slurmctld outage test stops the Slurm controller that the other
+  # Slurm tests share, so it runs alone, after them.
+  run_phase tests-slurmctld-outage env BERTH_TEST_STOP_SLURMCTLD=1 \
+    cargo test -p berth --test e2e_slurm_faults slurmctld_outage || status=$?
 fi
 if [ "$BERTH_TEST_POSTGRES" = 1 ]; then
   # The controller's tests again, each on a schema of its own in PostgreSQL.

@@ -12,6 +12,7 @@
 use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use berth_client::{CredentialsError, JobCredentials};
 use berth_core::records::ContainerCredentials;
@@ -116,6 +117,22 @@ impl CredentialsStore {
 
     pub fn exists(&self, container_uuid: &str) -> bool {
         self.path(container_uuid).is_file()
+    }
+
+    /// Returns how long ago a container's file was last written, or `None`
+    /// when it does not exist. A modification time in the future counts
+    /// as just written.
+    pub fn age(&self, container_uuid: &str) -> Option<Duration> {
+        let metadata = std::fs::metadata(self.path(container_uuid)).ok()?;
+        if !metadata.is_file() {
+            return None;
+        }
+        let modified = metadata.modified().ok()?;
+        Some(
+            SystemTime::now()
+                .duration_since(modified)
+                .unwrap_or(Duration::ZERO),
+        )
     }
 
     /// Writes a container's file (mode 0600, atomically) and returns its

@@ -674,7 +674,11 @@ impl<B: Backend> Dispatcher<B> {
                     .get(uuid)?
                     .iter()
                     .find(|job| &job.id == id && job.state == JobState::Pending)?;
-                (priority > 0).then(|| (job.id.clone(), priority))
+                // Slurm releases a held job when its nice value changes, so
+                // a job someone holds (reason JobHeldUser or JobHeldAdmin)
+                // keeps its place until it is released.
+                let held = job.reason.starts_with("JobHeld");
+                (priority > 0 && !held).then(|| (job.id.clone(), priority))
             })
             .collect();
         match self.backend.reprioritise(&pending).await {
@@ -890,7 +894,7 @@ impl<B: Backend> Dispatcher<B> {
         now: Instant,
         new_snapshot: bool,
     ) -> Vec<Action> {
-        let credentials_exist = self.store.exists(uuid);
+        let credentials_age = self.store.age(uuid);
         let Some(tracked) = self.tracked.get_mut(uuid) else {
             return Vec::new();
         };
@@ -901,7 +905,7 @@ impl<B: Backend> Dispatcher<B> {
             new_snapshot,
             now,
             token_uuid: &self.token_uuid,
-            credentials_exist,
+            credentials_age,
             cancel_reasons: self.backend.cancel_pending_reasons(),
         })
     }

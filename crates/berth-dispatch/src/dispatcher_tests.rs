@@ -23,7 +23,9 @@ use super::*;
 use crate::backend::JobState;
 use crate::fake::{queued_container, FakeBackend, FakeController, SubmitFailure, TOKEN_UUID};
 use crate::feed::CHANGE_FEED_WAIT;
-use crate::tracker::{REJECTED_ERROR, SCHEDULING_STATUS_KEY, UNRUNNABLE_ERROR, VANISHED_ERROR};
+use crate::tracker::{
+    ORPHAN_SUBMIT_GRACE, REJECTED_ERROR, SCHEDULING_STATUS_KEY, UNRUNNABLE_ERROR, VANISHED_ERROR,
+};
 
 const A: &str = "zzzzz-dz642-00000000000000a";
 const B: &str = "zzzzz-dz642-00000000000000b";
@@ -594,6 +596,18 @@ async fn restart_submits_unsubmitted_lock() {
         1,
         "waits for a second snapshot without a job"
     );
+    h.resync().await;
+    assert_eq!(
+        h.backend.submits().len(),
+        1,
+        "waits while a killed dispatcher's submit call may still run"
+    );
+    let file = std::fs::File::options()
+        .write(true)
+        .open(h.credentials_file(A))
+        .unwrap();
+    file.set_modified(std::time::SystemTime::now() - ORPHAN_SUBMIT_GRACE)
+        .unwrap();
     h.resync().await;
     assert_eq!(h.backend.submits().len(), 2);
     assert_eq!(
@@ -1638,6 +1652,20 @@ async fn poll_reprioritises_pending_tracked_jobs() {
     assert_eq!(
         h.backend.reprioritised().last(),
         Some(&vec![(JobId::new("101"), 3)])
+    );
+}
+
+#[tokio::test]
+async fn held_job_left_out_of_the_order() {
+    let mut h = Harness::new();
+    h.controller.add(queued_container(A, 5));
+    h.controller.add(queued_container(B, 9));
+    h.resync().await;
+    h.backend.set_reason(A, "JobHeldUser");
+    h.poll().await;
+    assert_eq!(
+        h.backend.reprioritised().last(),
+        Some(&vec![(JobId::new("101"), 9)])
     );
 }
 

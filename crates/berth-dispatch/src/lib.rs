@@ -132,7 +132,16 @@ pub async fn run(
                     runner,
                 ))
             };
-            dispatch(new_backend, &client, cluster_id, store, &config, limits, shutdown).await
+            dispatch(
+                new_backend,
+                &client,
+                cluster_id,
+                store,
+                &config,
+                limits,
+                shutdown,
+            )
+            .await
         }
         BackendKind::Lsf => {
             lsf::check_programs(&config.lsf)?;
@@ -150,7 +159,16 @@ pub async fn run(
                     user.clone(),
                 ))
             };
-            dispatch(new_backend, &client, cluster_id, store, &config, limits, shutdown).await
+            dispatch(
+                new_backend,
+                &client,
+                cluster_id,
+                store,
+                &config,
+                limits,
+                shutdown,
+            )
+            .await
         }
         BackendKind::Local => {
             // The local backend runs no batch system commands, so its calls
@@ -167,7 +185,16 @@ pub async fn run(
                 )
                 .context("failed to start the local backend")
             };
-            dispatch(new_backend, &client, cluster_id, store, &config, limits, shutdown).await
+            dispatch(
+                new_backend,
+                &client,
+                cluster_id,
+                store,
+                &config,
+                limits,
+                shutdown,
+            )
+            .await
         }
     };
     if let Some(server) = server {
@@ -219,7 +246,16 @@ async fn dispatch<B: Backend>(
 ) -> anyhow::Result<()> {
     let Some(settings) = lease::LeaseSettings::from_config(config) else {
         let api = Box::new(client.clone());
-        return drive(api, new_backend()?, cluster_id, store, config, limits, shutdown).await;
+        return drive(
+            api,
+            new_backend()?,
+            cluster_id,
+            store,
+            config,
+            limits,
+            shutdown,
+        )
+        .await;
     };
     lease::run_with_lease(client, &settings, &shutdown, |token, fence| {
         let api = Box::new(lease::FencedApi::new(client.clone(), fence));

@@ -53,6 +53,7 @@ const TRANSIENT_ERRORS: &[&str] = &[
     "lsf daemon (lim) not responding",
     "lsf is processing your request",
     "cannot connect to lsf",
+    "lsf is down",
 ];
 
 /// The settings of a [`CallLimiter`], from `dispatch.scheduler_calls`.

@@ -58,6 +58,12 @@ pub const CANCEL_RESEND_AFTER: Duration = Duration::from_secs(30);
 /// is cancelled: the supervisor reports the final state, then exits.
 pub const FINAL_JOB_GRACE: Duration = Duration::from_secs(30);
 
+/// How old an adopted container's credentials file must be before the
+/// container is submitted again without a job in sight: the default
+/// `command_timeout` of `sbatch` and `bsub`, past which no submit call of
+/// a killed dispatcher is expected to create a job.
+pub const ORPHAN_SUBMIT_GRACE: Duration = Duration::from_secs(60);
+
 /// Message of `runtime_status.error` when a Running container's job left
 /// the batch system.
 ///
@@ -177,8 +183,9 @@ pub struct Observation<'a> {
     pub now: Instant,
     /// This dispatcher's token UUID.
     pub token_uuid: &'a str,
-    /// Whether the container's credentials file exists.
-    pub credentials_exist: bool,
+    /// How long ago the container's credentials file was written; `None`
+    /// when it does not exist.
+    pub credentials_age: Option<Duration>,
     /// Pending reasons that mean a job will never start.
     pub cancel_reasons: &'a [String],
 }
@@ -434,11 +441,17 @@ impl Tracked {
                 // A job was submitted and recorded; it has ended without
                 // starting the container.
                 actions.push(Action::Resolve);
-            } else if observation.credentials_exist {
+            } else if let Some(age) = observation.credentials_age {
                 // The previous dispatcher stopped between lock and submit.
-                // From here on the container is retried like a fresh lock.
-                self.origin = Origin::Locked;
-                actions.push(Action::Submit);
+                // It writes the credentials file just before its submit
+                // call, and a dispatcher killed during that call leaves the
+                // call running: its job may still appear. So the container
+                // is retried like a fresh lock only once the file is older
+                // than any submit call lasts.
+                if age >= ORPHAN_SUBMIT_GRACE {
+                    self.origin = Origin::Locked;
+                    actions.push(Action::Submit);
+                }
             } else {
                 actions.push(Action::Unlock {
                     reason: "no job was found and its credentials file is gone".to_string(),
@@ -737,7 +750,7 @@ mod tests {
         generation: u64,
         new_snapshot: bool,
         now: Instant,
-        credentials_exist: bool,
+        credentials_age: Option<Duration>,
         cancel_reasons: &'a [String],
     }
 
@@ -749,7 +762,7 @@ mod tests {
                 generation,
                 new_snapshot: true,
                 now: Instant::now(),
-                credentials_exist: true,
+                credentials_age: Some(ORPHAN_SUBMIT_GRACE),
                 cancel_reasons: &[],
             }
         }
@@ -775,7 +788,7 @@ mod tests {
                 new_snapshot: self.new_snapshot,
                 now: self.now,
                 token_uuid: TOKEN,
-                credentials_exist: self.credentials_exist,
+                credentials_age: self.credentials_age,
                 cancel_reasons: self.cancel_reasons,
             })
         }
@@ -1167,13 +1180,28 @@ mod tests {
 
         let mut without = Tracked::adopted(1);
         let mut step = Step::new(Some(&record), &[], 1);
-        step.credentials_exist = false;
+        step.credentials_age = None;
         assert_eq!(step.run(&mut without), []);
         step.generation = 2;
         assert!(matches!(
             step.run(&mut without)[..],
             [Action::Unlock { .. }]
         ));
+    }
+
+    #[test]
+    fn adopted_locked_waits_for_a_recent_submit() {
+        let record = ours(ContainerState::Locked, 5);
+        let mut tracked = Tracked::adopted(1);
+        let mut step = Step::new(Some(&record), &[], 1);
+        step.credentials_age = Some(Duration::from_secs(5));
+        assert_eq!(step.run(&mut tracked), []);
+        step.generation = 2;
+        assert_eq!(step.run(&mut tracked), []);
+
+        step.generation = 3;
+        step.credentials_age = Some(ORPHAN_SUBMIT_GRACE);
+        assert_eq!(step.run(&mut tracked), [Action::Submit]);
     }
 
     #[test]

@@ -289,8 +289,11 @@ async fn lsf_down_cancels_and_resubmits_nothing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert_eq!(submitted_names(&state).len(), 4, "no bsub got through");
-    // TODO: assert that the dispatcher logs "backing off" with the delay
-    // once its calls to the batch system back off while it is down.
+    assert!(
+        cluster.dispatcher_log().contains("backing off for "),
+        "the dispatcher did not log its backoff while LSF was down\n{}",
+        cluster.logs()
+    );
     std::fs::remove_file(state.join("down")).unwrap();
 
     let containers = wait_all_final(&cluster, &mike, &uuids, Duration::from_secs(120)).await;
