@@ -173,8 +173,14 @@ fi
 if [ "$#" -eq 0 ]; then
   # The slurmctld outage test stops the Slurm controller that the other
   # Slurm tests share, so it runs alone, after them.
+  # The same scope as the run above, so that nothing is built again.
+  if [ "$runner" = nextest ]; then
+    outage_filter=(-E 'binary(e2e_slurm_faults) & test(slurmctld_outage)')
+  else
+    outage_filter=(--test e2e_slurm_faults -- slurmctld_outage)
+  fi
   run_phase tests-slurmctld-outage env BERTH_TEST_STOP_SLURMCTLD=1 \
-    cargo test -p berth --test e2e_slurm_faults slurmctld_outage || status=$?
+    "${test_command[@]}" "${scope[@]}" "${outage_filter[@]}" || status=$?
 fi
 if [ "$BERTH_TEST_POSTGRES" = 1 ]; then
   # The controller's tests again, each on a schema of its own in PostgreSQL.
