@@ -207,8 +207,7 @@ impl LogCollection {
             )
             .await
             .map_err(LogSaveError::Upload)?;
-            let locator =
-                Locator::parse(&text).map_err(|_| LogSaveError::Locator(text.clone()))?;
+            let locator = Locator::parse(&text).map_err(|_| LogSaveError::Locator(text.clone()))?;
             let segment = Segment {
                 locator,
                 offset: 0,
@@ -302,7 +301,13 @@ mod tests {
     fn node_info_has_every_section() {
         let dir = tempfile::tempdir().unwrap();
         let info = node_info(dir.path());
-        for heading in ["## uname -a", "## /proc/cpuinfo", "## /proc/meminfo", "## df -m", "## df -i"] {
+        for heading in [
+            "## uname -a",
+            "## /proc/cpuinfo",
+            "## /proc/meminfo",
+            "## df -m",
+            "## df -i",
+        ] {
             assert!(info.contains(heading), "{heading} missing from {info}");
         }
         assert!(info.contains("MemTotal"), "{info}");

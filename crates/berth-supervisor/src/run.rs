@@ -275,14 +275,13 @@ struct LogCopies {
 }
 
 /// Creates the log collection's local files, `node-info.txt` among them.
-fn create_log_collection(config: &Config, uuid: &str) -> std::io::Result<(LogCollection, LogCopies)> {
+fn create_log_collection(
+    config: &Config,
+    uuid: &str,
+) -> std::io::Result<(LogCollection, LogCopies)> {
     let temp_dir = config.resolve_temp_dir();
-    let mut logs = LogCollection::create(
-        &temp_dir,
-        uuid,
-        config.block_size,
-        config.api_retry_timeout,
-    )?;
+    let mut logs =
+        LogCollection::create(&temp_dir, uuid, config.block_size, config.api_retry_timeout)?;
     logs.add_file("node-info.txt", node_info(&temp_dir).as_bytes())?;
     let copies = LogCopies {
         supervisor: logs.add_stream(SUPERVISOR_LOG_FILE)?,

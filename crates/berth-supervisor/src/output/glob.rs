@@ -33,7 +33,9 @@ impl Globs {
             };
             let trimmed = pattern.trim_start_matches("./").trim_matches('/');
             if trimmed.is_empty() {
-                return Err(error("it is empty: give a path such as `*.txt` or `dir/**`"));
+                return Err(error(
+                    "it is empty: give a path such as `*.txt` or `dir/**`",
+                ));
             }
             let segments: Vec<String> = trimmed.split('/').map(str::to_string).collect();
             for segment in &segments {
@@ -157,9 +159,7 @@ fn match_chars(pattern: &[char], name: &[char]) -> bool {
                 None => c == '[' && match_chars(rest, name_rest),
             }
         }
-        Some((literal, rest)) => {
-            name.first() == Some(literal) && match_chars(rest, &name[1..])
-        }
+        Some((literal, rest)) => name.first() == Some(literal) && match_chars(rest, &name[1..]),
     }
 }
 

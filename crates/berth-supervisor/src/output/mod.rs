@@ -50,7 +50,9 @@ pub enum OutputError {
         #[source]
         source: std::io::Error,
     },
-    #[error("output file {path} changed size while it was read: expected {expected} bytes, read {read}")]
+    #[error(
+        "output file {path} changed size while it was read: expected {expected} bytes, read {read}"
+    )]
     SizeChanged {
         path: String,
         expected: u64,

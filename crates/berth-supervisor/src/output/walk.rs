@@ -258,7 +258,10 @@ mod tests {
         symlink("data", dir.path().join("dirlink")).unwrap();
         let result = walk_output(dir.path(), &Globs::default()).unwrap();
         assert_eq!(names(&result), vec!["alias", "data/x", "dirlink/x"]);
-        assert_eq!(result.files[0].source, dir.path().canonicalize().unwrap().join("data/x"));
+        assert_eq!(
+            result.files[0].source,
+            dir.path().canonicalize().unwrap().join("data/x")
+        );
     }
 
     #[test]
@@ -279,7 +282,11 @@ mod tests {
         let _listener = std::os::unix::net::UnixListener::bind(dir.path().join("sock")).unwrap();
         let result = walk_output(dir.path(), &Globs::default()).unwrap();
         assert!(result.files.is_empty());
-        assert!(result.skipped[0].contains("a socket"), "{:?}", result.skipped);
+        assert!(
+            result.skipped[0].contains("a socket"),
+            "{:?}",
+            result.skipped
+        );
     }
 
     #[test]
