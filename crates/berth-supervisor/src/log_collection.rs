@@ -1,7 +1,7 @@
 //! The container's log collection.
 //!
 //! Each log stream's writer appends what it sends to a local file
-//! ([`LogCopy`]), so the collection holds the bytes the live log API
+//! ([`LogCopy`]), so the collection contains the bytes the live log API
 //! returned, in the same order. The files are `stdout.txt`, `stderr.txt`,
 //! `crunch-run.txt` (the supervisor's own log, under the name Arvados
 //! clients read) and `node-info.txt`.

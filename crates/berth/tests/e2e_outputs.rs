@@ -110,7 +110,7 @@ fn request(command: &str, output_glob: serde_json::Value) -> serde_json::Value {
     })
 }
 
-/// The numbers 1 to 2000, one a line: 8893 bytes, nine blocks here.
+/// Returns what `seq 1 2000` prints: 8893 bytes, nine 1 KiB blocks.
 fn numbers() -> Vec<u8> {
     (1..=2000)
         .map(|i| format!("{i}\n"))

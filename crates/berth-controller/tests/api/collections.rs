@@ -455,7 +455,7 @@ async fn store_detects_stale_versions() {
 }
 
 #[tokio::test]
-async fn container_output_must_be_readable_by_its_user() {
+async fn container_output_needs_readable_collection() {
     let api = TestApi::new().await;
     let alice = api.user("alice", false).await;
     let bob = api.user("bob", false).await;

@@ -1,11 +1,11 @@
 //! Saving the container's output directory as a collection.
 //!
-//! After the container exits, the host directory of the `tmp` mount at
-//! `output_path` is walked as the supervisor's user, files are kept or
-//! dropped by `output_glob` ([`glob`]), and the kept files are packed into
-//! blocks of `block_size` bytes, written through the controller's block
-//! API one block at a time, and described by one manifest. Small files
-//! share blocks, and a file larger than a block spans several.
+//! After the container exits, the supervisor walks the host directory of
+//! the `tmp` mount at `output_path` as its own user and keeps the files
+//! that `output_glob` matches ([`glob`]). It packs them into blocks of
+//! `block_size` bytes, writes the blocks one at a time through the
+//! controller's block API, and describes them in one manifest. Small
+//! files share blocks, and a file larger than a block spans several.
 //!
 //! Symbolic links are resolved on the host and followed only when the
 //! final target is inside the output directory. A link to anywhere else
@@ -58,7 +58,7 @@ pub enum OutputError {
         expected: u64,
         read: u64,
     },
-    #[error("the output holds {size} bytes, more than supervisor.max_output_bytes ({limit}); write less output or raise the limit")]
+    #[error("the output is too large: {size} bytes, more than supervisor.max_output_bytes ({limit}); write less output or raise the limit")]
     TooLarge { size: u64, limit: u64 },
     #[error("output file name {path} is invalid in a collection: {reason}")]
     Name { path: String, reason: &'static str },
@@ -72,7 +72,7 @@ pub enum OutputError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// What output capture needs from the configuration.
+/// Configuration values that output capture uses.
 #[derive(Debug, Clone, Copy)]
 pub struct OutputSettings {
     pub block_size: usize,

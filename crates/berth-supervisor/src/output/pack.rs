@@ -66,10 +66,12 @@ impl<'a> BlockPacker<'a> {
                 "it is no longer a regular file",
             )));
         }
+
         let mut reader = tokio::fs::File::from_std(opened);
         let index = self.files.len();
         self.files.push((file.path.clone(), Vec::new()));
         let mut read_total = 0u64;
+
         loop {
             let room = self.block_size - self.buffer.len();
             let start = self.buffer.len();
@@ -91,6 +93,7 @@ impl<'a> BlockPacker<'a> {
                 self.write_block().await?;
             }
         }
+
         if read_total != file.size {
             return Err(OutputError::SizeChanged {
                 path: file.path.clone(),
