@@ -313,6 +313,31 @@ mod tests {
     }
 
     #[test]
+    fn collection_keys_are_read() {
+        let config: Config = serde_yaml::from_str(
+            "block_size: 1024\nlog_checkpoint_interval: 5s\nmax_output_bytes: 1000000",
+        )
+        .unwrap();
+        assert_eq!(config.block_size, 1024);
+        assert_eq!(config.log_checkpoint_interval, Duration::from_secs(5));
+        assert_eq!(config.max_output_bytes, 1_000_000);
+        assert_eq!(Config::default().block_size, 64 << 20);
+    }
+
+    #[test]
+    fn block_size_out_of_range_is_rejected() {
+        for bad in ["0", "67108865"] {
+            let error = serde_yaml::from_str::<Config>(&format!("block_size: {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("invalid block_size {bad}")),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_key_is_rejected() {
         let err = serde_yaml::from_str::<Config>("stop_timeot: 3\n").unwrap_err();
         assert!(err.to_string().contains("stop_timeot"), "{err}");
