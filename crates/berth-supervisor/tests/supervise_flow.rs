@@ -850,3 +850,44 @@ async fn failing_command_cancels_and_leaves_nothing() {
     let runtime = common::runtime().await;
     assert!(containers_labelled(&runtime, &uuid).await.is_empty());
 }
+
+#[tokio::test]
+async fn output_over_the_limit_cancels() {
+    if skip("output_over_the_limit_cancels") {
+        return;
+    }
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    // `seq 1 1000` prints 3893 bytes.
+    let server = Server::start(container_record(
+        &uuid,
+        "Locked",
+        &common::test_image(),
+        &["sh", "-c", "seq 1 1000 > /out/numbers"],
+    ))
+    .await;
+    let config = Config {
+        max_output_bytes: 100,
+        ..test_config()
+    };
+    let status = supervise_until(config, server.credentials.clone(), StopHandle::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        EXIT_RECORDED,
+        "supervisor log:\n{}",
+        server.supervisor_log()
+    );
+
+    let last = server.updates().last().unwrap().clone();
+    assert_eq!(last["state"], "Cancelled", "{last}");
+    assert!(last.get("output").is_none(), "{last}");
+    let error = last["runtime_status"]["error"].as_str().unwrap();
+    assert!(error.contains("3893 bytes"), "{error}");
+    assert!(error.contains("max_output_bytes (100)"), "{error}");
+    assert!(
+        server.log_collection_file("crunch-run.txt") == server.supervisor_log().as_bytes(),
+        "the log collection is saved after a failed output too"
+    );
+}
