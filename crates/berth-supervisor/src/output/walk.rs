@@ -150,6 +150,10 @@ impl Walker<'_> {
                     "skipped symbolic link {path}: it points to a directory that contains it, a loop"
                 ));
             } else if self.globs.may_keep_below(path) {
+                // NOTE: only links back to an ancestor count as loops, so
+                // links that fan out to the same directories list their
+                // files once per path; supervisor.max_output_bytes bounds
+                // the bytes read, when it is set.
                 self.visit(&target, path)?;
             }
         } else if metadata.is_file() {
