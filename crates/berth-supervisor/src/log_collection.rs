@@ -40,7 +40,7 @@ pub enum LogSaveError {
     #[error("the controller returned an invalid locator {0:?}")]
     Locator(String),
     #[error("failed to build the log manifest: {0}")]
-    Manifest(String),
+    Manifest(#[source] berth_core::manifest::PathError),
     #[error("failed to save the log collection: {0}")]
     Save(#[source] ClientError),
 }
@@ -122,11 +122,9 @@ impl LogCollection {
             let segments = self.write_file(client, index).await?;
             builder
                 .add_file(&self.files[index].name, segments)
-                .map_err(|error| LogSaveError::Manifest(error.to_string()))?;
+                .map_err(LogSaveError::Manifest)?;
         }
-        let manifest = builder
-            .finish()
-            .map_err(|error| LogSaveError::Manifest(error.to_string()))?;
+        let manifest = builder.finish().map_err(LogSaveError::Manifest)?;
         let text = manifest.to_text();
         let saved = match &self.uuid {
             None => {

@@ -60,8 +60,8 @@ pub enum OutputError {
     },
     #[error("the output is too large: {size} bytes, more than supervisor.max_output_bytes ({limit}); write less output or raise the limit")]
     TooLarge { size: u64, limit: u64 },
-    #[error("output file name {path} is invalid in a collection: {reason}")]
-    Name { path: String, reason: &'static str },
+    #[error("failed to describe the output: {0}")]
+    Name(#[from] berth_core::manifest::PathError),
     #[error("failed to write an output block: {0}")]
     Upload(#[source] ClientError),
     #[error("the controller returned an invalid locator {0:?}")]
@@ -116,25 +116,12 @@ pub async fn save_output(
 
     let mut builder = ManifestBuilder::new();
     for (path, segments) in files {
-        builder
-            .add_file(&path, segments)
-            .map_err(|error| OutputError::Name {
-                path: error.path,
-                reason: error.reason,
-            })?;
+        builder.add_file(&path, segments)?;
     }
     for directory in &walked.empty_directories {
-        builder
-            .add_directory(directory)
-            .map_err(|error| OutputError::Name {
-                path: error.path,
-                reason: error.reason,
-            })?;
+        builder.add_directory(directory)?;
     }
-    let manifest = builder.finish().map_err(|error| OutputError::Name {
-        path: error.path,
-        reason: error.reason,
-    })?;
+    let manifest = builder.finish()?;
 
     let attributes = json!({
         "name": format!("output for {container_uuid}"),
