@@ -86,6 +86,21 @@ pub struct Config {
     /// (Docker Engine 25 and later). `podman_cdi` sends them as devices, as
     /// `podman run --device nvidia.com/gpu=all` does.
     pub gpu_devices: GpuDevices,
+    /// Size in bytes of the blocks that the output and log collections
+    /// are written in, from 1 to 67108864 (64 MiB, Keep's block size).
+    /// Smaller blocks cost more requests. Default 67108864.
+    #[serde(deserialize_with = "block_size::deserialize")]
+    pub block_size: usize,
+    /// How often the log collection is saved and the container's `log`
+    /// field updated while the container runs, so a lost node keeps its
+    /// logs up to then. The last save comes just before the final state.
+    /// Default 60 s.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub log_checkpoint_interval: Duration,
+    /// Largest total size in bytes of the files saved as the output. A
+    /// larger output cancels the container with an error naming both
+    /// sizes, before any block is written. 0 means no limit. Default 0.
+    pub max_output_bytes: u64,
 }
 
 impl Default for Config {
@@ -104,6 +119,9 @@ impl Default for Config {
             log_retry_timeout: Duration::from_secs(300),
             output_drain_timeout: Duration::from_secs(60),
             gpu_devices: GpuDevices::default(),
+            block_size: crate::output::MAX_BLOCK_SIZE,
+            log_checkpoint_interval: Duration::from_secs(60),
+            max_output_bytes: 0,
         }
     }
 }
@@ -131,6 +149,23 @@ fn resolve_docker_host(configured: Option<&str>, environment: Option<String>) ->
         .map(str::to_string)
         .or_else(|| environment.filter(|host| !host.is_empty()))
         .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string())
+}
+
+/// A block size from 1 byte to 64 MiB.
+mod block_size {
+    use serde::{Deserialize, Deserializer};
+
+    use crate::output::MAX_BLOCK_SIZE;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+        let size = usize::deserialize(deserializer)?;
+        if size == 0 || size > MAX_BLOCK_SIZE {
+            return Err(serde::de::Error::custom(format!(
+                "invalid block_size {size}: expected a number of bytes from 1 to {MAX_BLOCK_SIZE}"
+            )));
+        }
+        Ok(size)
+    }
 }
 
 /// A list of directories, each of which must be an absolute path.
@@ -275,6 +310,31 @@ mod tests {
         assert!(err.to_string().contains("10 parsecs"), "{err}");
         assert!(duration::parse("-1s").is_err());
         assert!(duration::parse("").is_err());
+    }
+
+    #[test]
+    fn collection_keys_are_read() {
+        let config: Config = serde_yaml::from_str(
+            "block_size: 1024\nlog_checkpoint_interval: 5s\nmax_output_bytes: 1000000",
+        )
+        .unwrap();
+        assert_eq!(config.block_size, 1024);
+        assert_eq!(config.log_checkpoint_interval, Duration::from_secs(5));
+        assert_eq!(config.max_output_bytes, 1_000_000);
+        assert_eq!(Config::default().block_size, 64 << 20);
+    }
+
+    #[test]
+    fn block_size_out_of_range_is_rejected() {
+        for bad in ["0", "67108865"] {
+            let error = serde_yaml::from_str::<Config>(&format!("block_size: {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("invalid block_size {bad}")),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -144,6 +144,58 @@ impl LogInput {
     }
 }
 
+/// A local copy of a log stream: the bytes its writer sends, appended to
+/// a file in the same order, for the log collection.
+#[derive(Debug, Clone)]
+pub struct LogCopy {
+    file: Arc<Mutex<Option<std::fs::File>>>,
+    path: std::path::PathBuf,
+}
+
+impl LogCopy {
+    /// Creates (or truncates) the file at `path`.
+    pub fn create(path: &std::path::Path) -> std::io::Result<LogCopy> {
+        let file = std::fs::File::create(path)?;
+        Ok(LogCopy {
+            file: Arc::new(Mutex::new(Some(file))),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Refers to a file that nothing appends to.
+    pub fn open_existing(path: &std::path::Path) -> LogCopy {
+        LogCopy {
+            file: Arc::new(Mutex::new(None)),
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Appends `data`. After a write error the copy stops, and the error
+    /// is logged once: the live stream goes on without it.
+    fn append(&self, stream: &str, data: &[u8]) {
+        use std::io::Write;
+        let mut guard = match self.file.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(file) = guard.as_mut() {
+            if let Err(error) = file.write_all(data) {
+                tracing::error!(
+                    stream,
+                    path = %self.path.display(),
+                    error = %error,
+                    "failed to write the local copy of the log; the log collection will miss the rest of this stream"
+                );
+                *guard = None;
+            }
+        }
+    }
+}
+
 /// One log stream's writer task.
 #[derive(Debug)]
 pub struct LogWriter {
@@ -156,7 +208,19 @@ pub struct LogWriter {
 impl LogWriter {
     /// Starts a writer for `stream`. Must be called within a Tokio runtime.
     pub fn spawn(sink: Arc<dyn LogSink>, stream: &'static str, settings: LogSettings) -> LogWriter {
-        LogWriter::start(sink, stream, settings, None)
+        LogWriter::start(sink, stream, settings, None, None)
+    }
+
+    /// Starts a writer that also appends every byte it sends to `copy`,
+    /// held until `release` is cancelled if one is given.
+    pub fn spawn_copied(
+        sink: Arc<dyn LogSink>,
+        stream: &'static str,
+        settings: LogSettings,
+        release: Option<CancellationToken>,
+        copy: LogCopy,
+    ) -> LogWriter {
+        LogWriter::start(sink, stream, settings, release, Some(copy))
     }
 
     /// Starts a held writer for `stream`: it sends nothing until `release`
@@ -167,7 +231,7 @@ impl LogWriter {
         settings: LogSettings,
         release: CancellationToken,
     ) -> LogWriter {
-        LogWriter::start(sink, stream, settings, Some(release))
+        LogWriter::start(sink, stream, settings, Some(release), None)
     }
 
     fn start(
@@ -175,6 +239,7 @@ impl LogWriter {
         stream: &'static str,
         settings: LogSettings,
         release: Option<CancellationToken>,
+        copy: Option<LogCopy>,
     ) -> LogWriter {
         let (sender, receiver) = mpsc::channel(CHANNEL_CHUNKS);
         let writer = Writer {
@@ -182,6 +247,7 @@ impl LogWriter {
             stream,
             settings,
             release: release.clone(),
+            copy,
             offset: 0,
             dropped: 0,
             error: None,
@@ -232,6 +298,8 @@ struct Writer {
     settings: LogSettings,
     /// Cancelled when a held writer may send.
     release: Option<CancellationToken>,
+    /// Receives each byte as it is sent, dropped ones included.
+    copy: Option<LogCopy>,
     offset: u64,
     dropped: u64,
     error: Option<String>,
@@ -285,6 +353,9 @@ impl Writer {
         }
         if let Some(release) = &self.release {
             release.cancelled().await;
+        }
+        if let Some(copy) = &self.copy {
+            copy.append(self.stream, &data);
         }
         while !data.is_empty() {
             let piece = data.split_to(data.len().min(MAX_APPEND_BYTES));

@@ -39,8 +39,12 @@ use tracing::Instrument;
 use crate::archive::ArchiveError;
 use crate::config::Config;
 use crate::gpu::assign_gpus;
-use crate::logs::{ApiLogSink, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog};
+use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
+use crate::logs::{
+    ApiLogSink, LogCopy, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog,
+};
 use crate::mounts::{plan_mounts, MountError, PreparedMounts};
+use crate::output::{save_output, Globs, OutputError, OutputSettings};
 use crate::retry::{retry, API_BACKOFF};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
@@ -85,6 +89,8 @@ enum RunError {
     SecretMounts(#[source] ClientError),
     #[error("secret mount {0} has the target of a mount")]
     SecretMountTarget(String),
+    #[error("failed to save the output: {0}")]
+    Output(#[from] OutputError),
 }
 
 impl RunError {
@@ -107,8 +113,10 @@ impl RunError {
 /// The end of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
-    /// The container ran and exited with this status.
-    Exited(i64),
+    /// The container ran and exited with this status, and its output was
+    /// saved as the collection of this portable data hash, if it has an
+    /// output directory.
+    Exited(i64, Option<String>),
     /// The run ended without an exit status, for this reason.
     Cancelled(String),
 }
@@ -116,7 +124,7 @@ enum Outcome {
 impl Outcome {
     fn state(&self) -> ContainerState {
         match self {
-            Outcome::Exited(_) => ContainerState::Complete,
+            Outcome::Exited(..) => ContainerState::Complete,
             Outcome::Cancelled(_) => ContainerState::Cancelled,
         }
     }
@@ -152,13 +160,42 @@ async fn supervise_container(
     let sink: Arc<dyn LogSink> = Arc::new(ApiLogSink::new(client.clone(), uuid.clone()));
     let log_settings = LogSettings::from_config(config);
     let log = SupervisorLog::new();
-    let supervisor_writer = LogWriter::spawn(sink.clone(), "supervisor", log_settings);
+    let (logs, copies, logs_error) = match create_log_collection(config, &uuid) {
+        Ok((logs, copies)) => (Some(logs), Some(copies), None),
+        Err(error) => (None, None, Some(error)),
+    };
+    let supervisor_writer = match &copies {
+        Some(copies) => LogWriter::spawn_copied(
+            sink.clone(),
+            "supervisor",
+            log_settings,
+            None,
+            copies.supervisor.clone(),
+        ),
+        None => LogWriter::spawn(sink.clone(), "supervisor", log_settings),
+    };
     let forward = log.attach(&supervisor_writer);
     log.info(format!(
         "berth {} supervising container {uuid} on {}",
         env!("CARGO_PKG_VERSION"),
         hostname()
     ));
+    let mut early_warnings = Vec::new();
+    if let Some(error) = logs_error {
+        let warning = format!("the log collection is off: {error}");
+        log.warn(&warning);
+        early_warnings.push(warning);
+    }
+    let logs = logs.map(|logs| Arc::new(tokio::sync::Mutex::new(logs)));
+    let checkpoints = logs.as_ref().map(|logs| {
+        spawn_log_checkpoints(
+            logs.clone(),
+            client.clone(),
+            uuid.clone(),
+            config.log_checkpoint_interval,
+            log.clone(),
+        )
+    });
 
     let mut run = Run {
         config,
@@ -174,11 +211,13 @@ async fn supervise_container(
         exited: false,
         mounts: None,
         output: None,
-        warnings: Vec::new(),
+        copies,
+        globs: Globs::default(),
+        warnings: early_warnings,
         cleaned_up: false,
     };
-    let outcome = match run.execute(&container).await {
-        Ok(code) => Outcome::Exited(code),
+    let outcome = match run.execute_and_save(&container).await {
+        Ok((code, output)) => Outcome::Exited(code, output),
         Err(RunError::Stopped(reason)) => {
             log.warn(format!("stopping: {reason}"));
             Outcome::Cancelled(reason)
@@ -199,7 +238,97 @@ async fn supervise_container(
     let _ = forward.await;
     warnings.extend(stream_warning(&supervisor_writer.close().await));
 
-    record_final_state(config, &client, &uuid, &outcome, &warnings).await
+    if let Some(checkpoints) = checkpoints {
+        checkpoints.abort();
+        let _ = checkpoints.await;
+    }
+    let mut log_pdh = None;
+    if let Some(logs) = logs {
+        match logs.lock().await.save(&client).await {
+            Ok(pdh) => {
+                tracing::info!(log = %pdh, "saved the log collection");
+                log_pdh = Some(pdh);
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "failed to save the final log collection");
+                warnings.push(error.to_string());
+            }
+        }
+    }
+
+    record_final_state(
+        config,
+        &client,
+        &uuid,
+        &outcome,
+        log_pdh.as_deref(),
+        &warnings,
+    )
+    .await
+}
+
+/// The local copies the log writers append to.
+struct LogCopies {
+    supervisor: LogCopy,
+    stdout: LogCopy,
+    stderr: LogCopy,
+}
+
+/// Creates the log collection's local files, `node-info.txt` among them.
+fn create_log_collection(
+    config: &Config,
+    uuid: &str,
+) -> std::io::Result<(LogCollection, LogCopies)> {
+    let temp_dir = config.resolve_temp_dir();
+    let mut logs =
+        LogCollection::create(&temp_dir, uuid, config.block_size, config.api_retry_timeout)?;
+    logs.add_file("node-info.txt", node_info(&temp_dir).as_bytes())?;
+    let copies = LogCopies {
+        supervisor: logs.add_stream(SUPERVISOR_LOG_FILE)?,
+        stdout: logs.add_stream("stdout.txt")?,
+        stderr: logs.add_stream("stderr.txt")?,
+    };
+    Ok((logs, copies))
+}
+
+/// Saves the log collection every `interval` and sets the container's
+/// `log` to it. A failed save is logged and tried again at the next tick.
+fn spawn_log_checkpoints(
+    logs: Arc<tokio::sync::Mutex<LogCollection>>,
+    client: Client,
+    uuid: String,
+    interval: Duration,
+    log: SupervisorLog,
+) -> JoinHandle<()> {
+    tokio::spawn(
+        async move {
+            let mut last_pdh: Option<String> = None;
+            loop {
+                tokio::time::sleep(interval).await;
+                let saved = logs.lock().await.save(&client).await;
+                let pdh = match saved {
+                    Ok(pdh) => pdh,
+                    Err(error) => {
+                        log.warn(format!("log checkpoint: {error}"));
+                        continue;
+                    }
+                };
+                if last_pdh.as_deref() == Some(pdh.as_str()) {
+                    continue;
+                }
+                match client.update_container(&uuid, &json!({ "log": pdh })).await {
+                    Ok(_) => {
+                        tracing::info!(log = %pdh, "saved a log checkpoint");
+                        last_pdh = Some(pdh);
+                    }
+                    Err(error) => log.warn(format!(
+                        "log checkpoint: failed to set the container's log to {pdh}: {error}"
+                    )),
+                }
+            }
+        }
+        .in_current_span(),
+    )
 }
 
 /// Fetches the container and checks that it is `Locked`. Logs why and
@@ -242,10 +371,11 @@ async fn record_final_state(
     client: &Client,
     uuid: &str,
     outcome: &Outcome,
+    log_pdh: Option<&str>,
     warnings: &[String],
 ) -> i32 {
     let state = outcome.state();
-    let attributes = final_attributes(outcome, warnings);
+    let attributes = final_attributes(outcome, log_pdh, warnings);
     // NOTE: a final state that cannot be recorded within
     // final_update_timeout is lost; the dispatcher then cancels the
     // container when its job ends. A local journal could replay it.
@@ -286,6 +416,10 @@ struct Run<'a> {
     exited: bool,
     mounts: Option<PreparedMounts>,
     output: Option<Output>,
+    /// The log collection's copies of stdout and stderr, if it is on.
+    copies: Option<LogCopies>,
+    /// The parsed `output_glob`.
+    globs: Globs,
     /// Problems that did not change the outcome; recorded in
     /// `runtime_status.warning`.
     warnings: Vec<String>,
@@ -334,10 +468,67 @@ impl Run<'_> {
         Ok(mounts)
     }
 
+    /// Runs the container, then saves its output. Returns the exit status
+    /// and the output's portable data hash.
+    async fn execute_and_save(
+        &mut self,
+        container: &Container,
+    ) -> Result<(i64, Option<String>), RunError> {
+        let code = self.execute(container).await?;
+        let output = self.until_stopped(self.save_output(container)).await??;
+        Ok((code, output))
+    }
+
+    /// Saves the host directory of the `tmp` mount at `output_path`.
+    /// Returns `None` when the container has no `output_path`.
+    async fn save_output(&self, container: &Container) -> Result<Option<String>, RunError> {
+        let output_path = container.output_path.as_str();
+        if output_path.is_empty() {
+            return Ok(None);
+        }
+        let not_tmp = || OutputError::NotTmp {
+            path: output_path.to_string(),
+        };
+        match container.mounts.get(output_path) {
+            Some(mount) if mount.kind == "tmp" => {}
+            _ => return Err(not_tmp().into()),
+        }
+        let host_dir = self
+            .mounts
+            .as_ref()
+            .and_then(|mounts| {
+                mounts
+                    .binds
+                    .iter()
+                    .find(|bind| bind.container_path == output_path && !bind.read_only)
+            })
+            .map(|bind| bind.host_path.clone())
+            .ok_or_else(not_tmp)?;
+        let settings = OutputSettings {
+            block_size: self.config.block_size,
+            max_bytes: self.config.max_output_bytes,
+            retry_timeout: self.config.api_retry_timeout,
+        };
+        // NOTE: mounts below output_path (a json file in the output
+        // directory, say) are separate binds and are not saved.
+        let pdh = save_output(
+            self.client,
+            self.log,
+            &host_dir,
+            self.globs.clone(),
+            settings,
+            self.uuid,
+        )
+        .await?;
+        Ok(Some(pdh))
+    }
+
     /// Runs the steps up to the container's exit and returns its exit
     /// status. Leaves cleaning up to [`Run::cleanup`].
     async fn execute(&mut self, container: &Container) -> Result<i64, RunError> {
         self.check_stop()?;
+        // A bad pattern fails the run before the container starts.
+        self.globs = Globs::parse(&container.output_glob).map_err(OutputError::from)?;
         let plan = plan_mounts(&self.all_mounts(container).await?)?;
         let image = container.container_image.clone();
         let archive_dirs = self.config.image_archive_dirs.clone();
@@ -473,12 +664,25 @@ impl Run<'_> {
     fn start_output(&mut self, mut output: OutputStream) {
         let release = CancellationToken::new();
         let held = |stream: StdStream| {
-            LogWriter::spawn_held(
-                self.sink.clone(),
-                stream.as_str(),
-                self.log_settings,
-                release.clone(),
-            )
+            let copy = self.copies.as_ref().map(|copies| match stream {
+                StdStream::Stdout => copies.stdout.clone(),
+                StdStream::Stderr => copies.stderr.clone(),
+            });
+            match copy {
+                Some(copy) => LogWriter::spawn_copied(
+                    self.sink.clone(),
+                    stream.as_str(),
+                    self.log_settings,
+                    Some(release.clone()),
+                    copy,
+                ),
+                None => LogWriter::spawn_held(
+                    self.sink.clone(),
+                    stream.as_str(),
+                    self.log_settings,
+                    release.clone(),
+                ),
+            }
         };
         let (stdout, stderr) = (held(StdStream::Stdout), held(StdStream::Stderr));
         let (to_stdout, to_stderr) = (stdout.input(), stderr.input());
@@ -651,19 +855,25 @@ impl Drop for Run<'_> {
 }
 
 /// Builds the one update that records the final state.
-fn final_attributes(outcome: &Outcome, warnings: &[String]) -> Value {
+fn final_attributes(outcome: &Outcome, log_pdh: Option<&str>, warnings: &[String]) -> Value {
     let mut attributes = Map::new();
     let mut status = Map::new();
     match outcome {
-        Outcome::Exited(code) => {
+        Outcome::Exited(code, output) => {
             attributes.insert("state".into(), json!(ContainerState::Complete.as_str()));
             let code = i32::try_from(*code).unwrap_or(if *code < 0 { i32::MIN } else { i32::MAX });
             attributes.insert("exit_code".into(), json!(code));
+            if let Some(output) = output {
+                attributes.insert("output".into(), json!(output));
+            }
         }
         Outcome::Cancelled(reason) => {
             attributes.insert("state".into(), json!(ContainerState::Cancelled.as_str()));
             status.insert("error".into(), json!(reason));
         }
+    }
+    if let Some(log_pdh) = log_pdh {
+        attributes.insert("log".into(), json!(log_pdh));
     }
     if let Some(first) = warnings.first() {
         status.insert("warning".into(), json!(first));
@@ -718,14 +928,30 @@ mod tests {
 
     #[test]
     fn complete_carries_the_exit_code_only() {
-        let attributes = final_attributes(&Outcome::Exited(3), &[]);
+        let attributes = final_attributes(&Outcome::Exited(3, None), None, &[]);
         assert_eq!(attributes, json!({"state": "Complete", "exit_code": 3}));
+    }
+
+    #[test]
+    fn complete_carries_output_and_log() {
+        let output = "d41d8cd98f00b204e9800998ecf8427e+0";
+        let log = "0123456789abcdef0123456789abcdef+52";
+        let attributes = final_attributes(
+            &Outcome::Exited(0, Some(output.to_string())),
+            Some(log),
+            &[],
+        );
+        assert_eq!(
+            attributes,
+            json!({"state": "Complete", "exit_code": 0, "output": output, "log": log})
+        );
     }
 
     #[test]
     fn cancelled_carries_the_reason_as_error() {
         let attributes = final_attributes(
             &Outcome::Cancelled("cancelled by signal SIGTERM".into()),
+            None,
             &[],
         );
         assert_eq!(
@@ -737,7 +963,7 @@ mod tests {
     #[test]
     fn warnings_go_to_runtime_status() {
         let warnings = vec!["first".to_string(), "second".to_string()];
-        let attributes = final_attributes(&Outcome::Exited(0), &warnings);
+        let attributes = final_attributes(&Outcome::Exited(0, None), None, &warnings);
         assert_eq!(attributes["runtime_status"]["warning"], "first");
         assert_eq!(
             attributes["runtime_status"]["warningDetail"],

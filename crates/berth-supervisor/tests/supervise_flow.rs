@@ -20,7 +20,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use berth_client::JobCredentials;
 use berth_core::ContainerState;
@@ -29,6 +29,8 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use common::{containers_labelled, new_uuid, skip, Cleanup};
+
+use berth_core::manifest::EMPTY_COLLECTION_PDH;
 
 const TOKEN: &str = "v2/zzzzz-gj3su-000000000000001/secret";
 
@@ -51,6 +53,10 @@ struct FakeApi {
     /// Final-state updates to reject with 503 before accepting one.
     final_update_failures: u32,
     token_revoked: bool,
+    /// Blocks by MD5 hash.
+    blocks: HashMap<String, Vec<u8>>,
+    /// Collection manifests by UUID.
+    collections: HashMap<String, String>,
 }
 
 type Shared = Arc<(Mutex<FakeApi>, watch::Sender<String>)>;
@@ -171,6 +177,71 @@ async fn append_log(
     ([("x-berth-log-size", new_size)], StatusCode::OK).into_response()
 }
 
+/// `PUT /<md5>`: stores a block and returns its unsigned locator.
+async fn put_block(
+    State(shared): State<Shared>,
+    Path(hash): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut api = shared.0.lock().unwrap();
+    if let Some(response) = reject_token(&api, &headers) {
+        return response;
+    }
+    if berth_core::manifest::hex_md5(&body) != hash {
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "hash mismatch".into());
+    }
+    let locator = format!("{hash}+{}", body.len());
+    api.blocks.insert(hash, body.to_vec());
+    locator.into_response()
+}
+
+/// Returns a collection record for `manifest_text`.
+fn collection_record(uuid: &str, manifest_text: &str) -> Response {
+    let manifest = match berth_core::manifest::Manifest::parse(manifest_text) {
+        Ok(manifest) => manifest,
+        Err(err) => return error(StatusCode::UNPROCESSABLE_ENTITY, err.to_string()),
+    };
+    Json(json!({
+        "uuid": uuid,
+        "owner_uuid": "zzzzz-tpzed-000000000000001",
+        "created_at": "2024-01-01T00:00:00.000000000Z",
+        "modified_at": "2024-01-01T00:00:00.000000000Z",
+        "modified_by_user_uuid": null,
+        "name": null,
+        "description": null,
+        "portable_data_hash": manifest.portable_data_hash(),
+        "manifest_text": manifest_text,
+        "replication_desired": null,
+        "file_count": manifest.files().len(),
+        "file_size_total": 0,
+    }))
+    .into_response()
+}
+
+/// `POST collections` and `PUT collections/{uuid}`: stores the manifest.
+async fn save_collection(
+    State(shared): State<Shared>,
+    uuid: Option<Path<String>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let mut api = shared.0.lock().unwrap();
+    if let Some(response) = reject_token(&api, &headers) {
+        return response;
+    }
+    let uuid = match uuid {
+        Some(Path(uuid)) => uuid,
+        None => format!("zzzzz-4zz18-{:015}", api.collections.len() + 1),
+    };
+    let text = body["collection"]["manifest_text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    api.collections.insert(uuid.clone(), text.clone());
+    collection_record(&uuid, &text)
+}
+
 /// A running fake API and the handles a test needs.
 struct Server {
     shared: Shared,
@@ -197,6 +268,9 @@ impl Server {
                 "/arvados/v1/containers/{uuid}/log/{stream}",
                 post(append_log),
             )
+            .route("/arvados/v1/collections", post(save_collection))
+            .route("/arvados/v1/collections/{uuid}", put(save_collection))
+            .route("/{hash}", put(put_block))
             .with_state(shared.clone());
         // Binding before serving makes the server ready: connections wait
         // in the listen queue until axum accepts them.
@@ -221,14 +295,52 @@ impl Server {
         self.shared.0.lock().unwrap().events.clone()
     }
 
+    /// Returns the container updates without their `log` field, which
+    /// [`Server::log_collection_file`] checks.
     fn updates(&self) -> Vec<Value> {
         self.events()
             .into_iter()
             .filter_map(|event| match event {
-                Event::Update(attributes) => Some(attributes),
+                Event::Update(mut attributes) => {
+                    if let Some(object) = attributes.as_object_mut() {
+                        object.remove("log");
+                    }
+                    Some(attributes)
+                }
                 Event::Append { .. } => None,
             })
             .collect()
+    }
+
+    /// Returns a file of the log collection that the final update named.
+    fn log_collection_file(&self, name: &str) -> Vec<u8> {
+        let api = self.shared.0.lock().unwrap();
+        let last = api
+            .events
+            .iter()
+            .rev()
+            .find_map(|event| match event {
+                Event::Update(attributes) => Some(attributes.clone()),
+                Event::Append { .. } => None,
+            })
+            .expect("a final update");
+        let pdh = last["log"].as_str().expect("the final update sets log");
+        let manifest = api
+            .collections
+            .values()
+            .map(|text| berth_core::manifest::Manifest::parse(text).unwrap())
+            .find(|manifest| manifest.portable_data_hash() == pdh)
+            .expect("the log collection was saved");
+        let file = manifest
+            .file(name)
+            .expect("the file is in the log collection");
+        let mut data = Vec::new();
+        for segment in &file.segments {
+            let block = &api.blocks[segment.locator.hash()];
+            let start = segment.offset as usize;
+            data.extend_from_slice(&block[start..start + segment.length as usize]);
+        }
+        data
     }
 
     fn log(&self, stream: &str) -> Vec<u8> {
@@ -270,7 +382,7 @@ fn container_record(uuid: &str, state: &str, image: &str, command: &[&str]) -> V
         "cwd": ".",
         "command": command,
         "output_path": "/out",
-        "mounts": {},
+        "mounts": {"/out": {"kind": "tmp"}},
         "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
         "runtime_status": {},
         "container_image": image,
@@ -553,7 +665,19 @@ async fn exit_code_and_logs_arrive_in_order() {
     assert_eq!(complete, events.len() - 1, "{events:#?}");
     assert_eq!(
         server.updates().last().unwrap(),
-        &json!({"state": "Complete", "exit_code": 3})
+        &json!({"state": "Complete", "exit_code": 3, "output": EMPTY_COLLECTION_PDH})
+    );
+    assert_eq!(
+        server.log_collection_file("stdout.txt"),
+        server.log("stdout")
+    );
+    assert_eq!(
+        server.log_collection_file("stderr.txt"),
+        server.log("stderr")
+    );
+    assert_eq!(
+        server.log_collection_file("crunch-run.txt"),
+        server.supervisor_log().as_bytes()
     );
 
     let supervisor_log = server.supervisor_log();
@@ -603,7 +727,7 @@ async fn archive_image_runs_to_complete() {
     assert_eq!(server.log("stdout"), b"from archive\n");
     assert_eq!(
         server.updates().last().unwrap(),
-        &json!({"state": "Complete", "exit_code": 0})
+        &json!({"state": "Complete", "exit_code": 0, "output": EMPTY_COLLECTION_PDH})
     );
 }
 
@@ -725,4 +849,45 @@ async fn failing_command_cancels_and_leaves_nothing() {
     assert!(message.contains("/no/such/program"), "{message}");
     let runtime = common::runtime().await;
     assert!(containers_labelled(&runtime, &uuid).await.is_empty());
+}
+
+#[tokio::test]
+async fn output_over_the_limit_cancels() {
+    if skip("output_over_the_limit_cancels") {
+        return;
+    }
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    // `seq 1 1000` prints 3893 bytes.
+    let server = Server::start(container_record(
+        &uuid,
+        "Locked",
+        &common::test_image(),
+        &["sh", "-c", "seq 1 1000 > /out/numbers"],
+    ))
+    .await;
+    let config = Config {
+        max_output_bytes: 100,
+        ..test_config()
+    };
+    let status = supervise_until(config, server.credentials.clone(), StopHandle::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        EXIT_RECORDED,
+        "supervisor log:\n{}",
+        server.supervisor_log()
+    );
+
+    let last = server.updates().last().unwrap().clone();
+    assert_eq!(last["state"], "Cancelled", "{last}");
+    assert!(last.get("output").is_none(), "{last}");
+    let error = last["runtime_status"]["error"].as_str().unwrap();
+    assert!(error.contains("3893 bytes"), "{error}");
+    assert!(error.contains("max_output_bytes (100)"), "{error}");
+    assert!(
+        server.log_collection_file("crunch-run.txt") == server.supervisor_log().as_bytes(),
+        "the log collection is saved after a failed output too"
+    );
 }

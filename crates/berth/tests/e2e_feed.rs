@@ -54,6 +54,7 @@ impl FeedCluster {
                 ..DispatchSettings::default()
             },
             log_requests: true,
+            ..ClusterOptions::default()
         };
         let started = Instant::now();
         let cluster = TestCluster::start_with(backend, &options);

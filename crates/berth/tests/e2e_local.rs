@@ -31,6 +31,12 @@ async fn local_backend_runs_container_to_completion() {
         cluster.logs()
     );
     assert_eq!(output.stdout, b"local\n");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("berth: output d41d8cd98f00b204e9800998ecf8427e+0"),
+        "berth run names the (empty) output collection: {stderr}"
+    );
+    assert!(stderr.contains("berth: log "), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

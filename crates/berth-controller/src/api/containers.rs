@@ -17,6 +17,7 @@ use axum::http::header::CACHE_CONTROL;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use berth_core::manifest::EMPTY_COLLECTION_PDH;
 use berth_core::{Container, ContainerRequest, ContainerState, RequestState};
 use serde_json::Value;
 
@@ -344,6 +345,7 @@ pub async fn update(
                 select.as_deref(),
             )?));
         }
+        check_collections_readable(&state, &caller, &current.record, &change.record).await?;
         match store_change(&state, &current, change, None).await {
             Ok(stored) => {
                 return Ok(Json(render::record(
@@ -357,6 +359,46 @@ pub async fn update(
         }
     }
     Err(conflict(&uuid))
+}
+
+/// Checks that a changed `output` or `log` names a collection the caller
+/// may read, as the container's user or an administrator. The empty
+/// collection needs no record.
+async fn check_collections_readable(
+    state: &AppState,
+    caller: &Caller,
+    current: &Container,
+    updated: &Container,
+) -> Result<(), ApiError> {
+    let visibility = if caller.is_admin {
+        Visibility::All
+    } else {
+        Visibility::User(caller.user_uuid.clone())
+    };
+    let fields = [
+        ("output", &current.output, &updated.output),
+        ("log", &current.log, &updated.log),
+    ];
+    for (field, before, after) in fields {
+        let Some(pdh) = after.as_deref() else {
+            continue;
+        };
+        if before.as_deref() == Some(pdh) || pdh == EMPTY_COLLECTION_PDH {
+            continue;
+        }
+        let found = state
+            .store()
+            .find_collection_by_pdh(pdh, &visibility)
+            .await
+            .map_err(ApiError::store("find a collection"))?;
+        if found.is_none() {
+            return Err(ApiError::invalid(format!(
+                "{field}: no collection with portable data hash {pdh} is readable by {}: create the collection first, as the container's user",
+                caller.user_uuid
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `POST containers/{uuid}/lock`: the container plus, once only, its

@@ -453,3 +453,52 @@ async fn store_detects_stale_versions() {
         .unwrap();
     assert!(store.get_collection(uuid).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn container_output_needs_readable_collection() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let bob = api.user("bob", false).await;
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid").to_string();
+    let token = api.lock(&uuid).await;
+    api.update_container(&uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+
+    let bobs = create(
+        &api,
+        &bob,
+        json!({"manifest_text": ". d41d8cd98f00b204e9800998ecf8427e+0 0:0:bobs\n"}),
+    )
+    .await
+    .json();
+    let bobs_pdh = str_of(&bobs, "portable_data_hash").to_string();
+    let missing_pdh = "0cc175b9c0f1b6a831c399e269772661+1";
+    for (field, pdh) in [
+        ("output", bobs_pdh.as_str()),
+        ("output", missing_pdh),
+        ("log", bobs_pdh.as_str()),
+    ] {
+        let reply = api
+            .update_container(&uuid, &token, json!({ field: pdh }))
+            .await;
+        reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(reply.errors().contains(field), "{}", reply.errors());
+        assert!(reply.errors().contains(pdh), "{}", reply.errors());
+    }
+
+    let own = create(
+        &api,
+        &token,
+        json!({"manifest_text": ". d41d8cd98f00b204e9800998ecf8427e+0 0:0:mine\n"}),
+    )
+    .await;
+    own.expect(StatusCode::OK);
+    let own_pdh = str_of(&own.json(), "portable_data_hash").to_string();
+    let reply = api
+        .update_container(&uuid, &token, json!({"output": own_pdh, "log": own_pdh}))
+        .await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["output"], own_pdh.as_str());
+}

@@ -553,7 +553,7 @@ async fn container_token_runs_its_container() {
             Some(json!({
                 "progress": 0.5,
                 "output": "d41d8cd98f00b204e9800998ecf8427e+0",
-                "log": "0cc175b9c0f1b6a831c399e269772661+1",
+                "log": "d41d8cd98f00b204e9800998ecf8427e+0",
             })),
         )
         .await;

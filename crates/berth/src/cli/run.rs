@@ -277,6 +277,13 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(message) = &end.message {
             eprintln!("berth: {message}");
         }
+        // On stderr, because stdout carries the container's own output.
+        if let Some(output) = &container.output {
+            eprintln!("berth: output {output} (fetch it with `berth get {output} DEST`)");
+        }
+        if let Some(log) = &container.log {
+            eprintln!("berth: log {log}");
+        }
         return Ok(ExitCode::from(end.code));
     }
 }

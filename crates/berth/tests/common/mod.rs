@@ -120,6 +120,8 @@ pub struct ClusterOptions {
     /// Log every request the controller completes, with its method and
     /// route, for [`TestCluster::count_requests`].
     pub log_requests: bool,
+    /// Extra keys of the `supervisor` section, one `key: value` per line.
+    pub supervisor: Vec<String>,
 }
 
 /// A running controller and dispatcher.
@@ -156,7 +158,7 @@ impl TestCluster {
         if backend == "lsf" {
             install_lsf_stand_ins(&dir.path().join("lsf"));
         }
-        write_config(&config, &cluster_id, &token_file, dir.path(), None, backend);
+        write_config(&config, &cluster_id, &token_file, dir.path(), None, options);
 
         let mut command = Command::new(berth_bin());
         command.args(["controller", "--config"]).arg(&config);
@@ -177,8 +179,8 @@ impl TestCluster {
             &cluster_id,
             &token_file,
             dir.path(),
-            Some((&api_url, &options.dispatch)),
-            backend,
+            Some((&api_url, backend)),
+            options,
         );
         let mut cluster = TestCluster {
             dir,
@@ -404,8 +406,8 @@ fn write_config(
     cluster_id: &str,
     token_file: &Path,
     dir: &Path,
-    dispatch: Option<(&str, &DispatchSettings)>,
-    backend: &str,
+    dispatch: Option<(&str, &str)>,
+    options: &ClusterOptions,
 ) {
     let docker_host =
         std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///tmp/podman.sock".into());
@@ -419,7 +421,11 @@ fn write_config(
         db = dir.join("berth.db").display(),
         blocks = dir.join("blocks").display(),
     );
-    if let Some((api_url, settings)) = dispatch {
+    for line in &options.supervisor {
+        text.push_str(&format!("  {line}\n"));
+    }
+    if let Some((api_url, backend)) = dispatch {
+        let settings = &options.dispatch;
         text.push_str(&format!(
             "dispatch:\n  backend: {backend}\n  api_url: {api_url}\n  poll_interval: {poll}ms\n  resync_interval: {resync}ms\n  watch: {watch}\n  credentials_dir: {creds}\n",
             poll = settings.poll_interval.as_millis(),

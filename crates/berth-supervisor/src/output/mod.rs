@@ -1,0 +1,144 @@
+//! Saving the container's output directory as a collection.
+//!
+//! After the container exits, the supervisor walks the host directory of
+//! the `tmp` mount at `output_path` as its own user and keeps the files
+//! that `output_glob` matches ([`glob`]). It packs them into blocks of
+//! `block_size` bytes, writes the blocks one at a time through the
+//! controller's block API, and describes them in one manifest. Small
+//! files share blocks, and a file larger than a block spans several.
+//!
+//! Symbolic links are resolved on the host and followed only when the
+//! final target is inside the output directory. A link to anywhere else
+//! (`/etc/passwd`), a dangling link, a link cycle, sockets, FIFOs and
+//! device files are skipped, each with a line in the supervisor log.
+
+pub mod glob;
+mod pack;
+mod walk;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_client::{Client, ClientError};
+use berth_core::manifest::ManifestBuilder;
+use serde_json::json;
+
+use crate::logs::SupervisorLog;
+use crate::retry::{retry, API_BACKOFF};
+pub use glob::{GlobError, Globs};
+use pack::BlockPacker;
+pub use walk::{walk_output, OutputFile, WalkResult};
+
+/// The largest block size: Keep's 64 MiB.
+pub const MAX_BLOCK_SIZE: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error(transparent)]
+    Glob(#[from] GlobError),
+    #[error("output_path {path} is not a tmp mount; only a tmp mount can hold the output")]
+    NotTmp { path: String },
+    #[error("failed to read the output directory entry {path}: {source}")]
+    Walk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to read output file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "output file {path} changed size while it was read: expected {expected} bytes, read {read}"
+    )]
+    SizeChanged {
+        path: String,
+        expected: u64,
+        read: u64,
+    },
+    #[error("the output is too large: {size} bytes, more than supervisor.max_output_bytes ({limit}); write less output or raise the limit")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("failed to describe the output: {0}")]
+    Name(#[from] berth_core::manifest::PathError),
+    #[error("failed to write an output block: {0}")]
+    Upload(#[source] ClientError),
+    #[error("the controller returned an invalid locator {0:?}")]
+    Locator(String),
+    #[error("failed to create the output collection: {0}")]
+    Create(#[source] ClientError),
+    #[error("failed to walk the output directory: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Configuration values that output capture uses.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputSettings {
+    pub block_size: usize,
+    /// Total bytes the kept files may hold; 0 means no limit.
+    pub max_bytes: u64,
+    pub retry_timeout: Duration,
+}
+
+/// Saves the files under `host_dir` as the collection `output for
+/// <container_uuid>` and returns its portable data hash.
+pub async fn save_output(
+    client: &Client,
+    log: &SupervisorLog,
+    host_dir: &Path,
+    globs: Globs,
+    settings: OutputSettings,
+    container_uuid: &str,
+) -> Result<String, OutputError> {
+    let root = host_dir.to_path_buf();
+    let walked = tokio::task::spawn_blocking(move || walk_output(&root, &globs)).await??;
+    for skipped in &walked.skipped {
+        log.warn(format!("output: {skipped}"));
+    }
+    let size: u64 = walked.files.iter().map(|file| file.size).sum();
+    if settings.max_bytes > 0 && size > settings.max_bytes {
+        return Err(OutputError::TooLarge {
+            size,
+            limit: settings.max_bytes,
+        });
+    }
+    log.info(format!(
+        "saving the output: {} files, {size} bytes",
+        walked.files.len()
+    ));
+
+    let mut packer = BlockPacker::new(client, settings.block_size, settings.retry_timeout);
+    for file in &walked.files {
+        packer.add_file(file).await?;
+    }
+    let files = packer.finish().await?;
+
+    let mut builder = ManifestBuilder::new();
+    for (path, segments) in files {
+        builder.add_file(&path, segments)?;
+    }
+    for directory in &walked.empty_directories {
+        builder.add_directory(directory)?;
+    }
+    let manifest = builder.finish()?;
+
+    let attributes = json!({
+        "name": format!("output for {container_uuid}"),
+        "manifest_text": manifest.to_text(),
+    });
+    let collection = retry(
+        "creating the output collection",
+        settings.retry_timeout,
+        API_BACKOFF,
+        ClientError::is_transient,
+        || client.create_collection(&attributes),
+    )
+    .await
+    .map_err(OutputError::Create)?;
+    log.info(format!(
+        "saved the output as collection {} ({})",
+        collection.uuid, collection.portable_data_hash
+    ));
+    Ok(collection.portable_data_hash)
+}
