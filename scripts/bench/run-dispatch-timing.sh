@@ -19,6 +19,8 @@
 #   sbatch   `sbatch` of a batch script whose first command writes the time
 #            (`date +%s.%N`) to a file; submission to start runs from just
 #            before sbatch is called to that time.
+# Each way starts after a random pause of 0 to 1 s, so that its submissions
+# fall at random points of Slurm's scheduling tick (once a second here).
 # It prints the median, 95th percentile (nearest rank), minimum and maximum
 # of each, and the differences the goals are stated in.
 #
@@ -175,6 +177,10 @@ try:
         ways = ["berth", "sbatch"]
         random.shuffle(ways)
         for way in ways:
+            # Slurm starts jobs at its scheduler's ticks, one a second here.
+            # Rounds follow each other at a steady pace, so without a random
+            # pause each way would submit at its own fixed point of the tick.
+            time.sleep(random.uniform(0, 1))
             if way == "berth":
                 running, final = berth_round()
                 times["berth to Running"].append(running)

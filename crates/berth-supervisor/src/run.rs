@@ -77,6 +77,8 @@ enum RunError {
     Archive(#[from] ArchiveError),
     #[error("failed to open the image archive: {0}")]
     ArchiveTask(#[source] JoinError),
+    #[error("failed to connect to the container runtime: {0}")]
+    ConnectTask(#[source] JoinError),
     #[error(transparent)]
     Spec(#[from] SpecError),
     #[error(transparent)]
@@ -153,7 +155,12 @@ async fn supervise_container(
     uuid: String,
     stop: StopHandle,
 ) -> i32 {
+    // The runtime's first answer (Podman's `/version` takes about 0.35 s)
+    // comes while the container is fetched and the logs are set up.
+    let endpoint = config.resolve_docker_host();
+    let connecting = tokio::spawn(async move { DockerRuntime::connect(&endpoint).await });
     let Some(container) = fetch_locked_container(config, &client, &uuid).await else {
+        connecting.abort();
         return EXIT_NOT_RECORDED;
     };
 
@@ -199,6 +206,7 @@ async fn supervise_container(
 
     let mut run = Run {
         config,
+        connecting: Some(connecting),
         client: &client,
         uuid: &uuid,
         stop: &stop,
@@ -402,6 +410,8 @@ async fn record_final_state(
 /// The resources one run created, and the steps that create them.
 struct Run<'a> {
     config: &'a Config,
+    /// The connection to the container runtime, started with the run.
+    connecting: Option<JoinHandle<Result<DockerRuntime, RuntimeError>>>,
     client: &'a Client,
     uuid: &'a str,
     stop: &'a StopHandle,
@@ -540,12 +550,29 @@ impl Run<'_> {
             .await?
             .map_err(RunError::ArchiveTask)??;
 
-        let endpoint = self.config.resolve_docker_host();
-        let runtime: Arc<dyn Runtime> = Arc::new(
-            self.until_stopped(DockerRuntime::connect(&endpoint))
-                .await??
-                .with_image_pulls(self.config.pull_images),
-        );
+        let connected = match self.connecting.take() {
+            Some(connecting) => self
+                .until_stopped(connecting)
+                .await?
+                .map_err(RunError::ConnectTask)??,
+            None => {
+                let endpoint = self.config.resolve_docker_host();
+                self.until_stopped(DockerRuntime::connect(&endpoint))
+                    .await??
+            }
+        };
+        let server_log = self.log.clone();
+        let server = connected.clone();
+        tokio::spawn(async move {
+            match server.server_version().await {
+                Ok(version) => server_log.info(format!("container runtime server: {version}")),
+                Err(error) => server_log.warn(format!(
+                    "failed to read the container runtime's version: {error}"
+                )),
+            }
+        });
+        let runtime: Arc<dyn Runtime> =
+            Arc::new(connected.with_image_pulls(self.config.pull_images));
         self.runtime = Some(runtime.clone());
         self.log
             .info(format!("container runtime: {}", runtime.description()));

@@ -1,9 +1,8 @@
 //! The Docker Engine API runtime, through bollard; Docker and Podman
 //! (`podman system service`) both serve this API.
 //!
-//! The client negotiates the API version at connection time, so a server
-//! older than bollard's default (Podman 4 speaks 1.41) is addressed in its
-//! own version. Some calls last as long as the container or the image
+//! Every request uses API version 1.41 ([`API_VERSION`]), which Docker
+//! Engine 20.10 and later and Podman 3 and later serve. Some calls last as long as the container or the image
 //! transfer: attach, wait, stop with its grace period, image load and
 //! pull. They use a client without bollard's per-request timeout, and
 //! every other call keeps it.
@@ -24,7 +23,7 @@ use bollard::container::{
 use bollard::errors::Error as DockerError;
 use bollard::image::{CreateImageOptions, ImportImageOptions};
 use bollard::models::{DeviceMapping, DeviceRequest, HostConfig};
-use bollard::{Docker, API_DEFAULT_VERSION};
+use bollard::{ClientVersion, Docker};
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::io::ReaderStream;
 
@@ -35,6 +34,14 @@ use super::{
 use crate::archive::ImageArchive;
 use crate::gpu::{GpuAssignment, GpuDevices, GpuStack};
 use crate::image::ArchiveImage;
+
+/// The Docker Engine API version of every request: 1.41, served by Docker
+/// Engine 20.10 and later and by Podman 3 and later. A fixed version saves
+/// the negotiation's `/version` call, which Podman answers slowly.
+pub const API_VERSION: ClientVersion = ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
 
 /// Time allowed for ordinary Docker API calls (inspect, create, start,
 /// remove).
@@ -69,8 +76,8 @@ impl std::fmt::Debug for DockerRuntime {
 
 impl DockerRuntime {
     /// Connects to `endpoint` (`unix:///path`, a bare socket path,
-    /// `tcp://host:port` or `http://host:port`) and negotiates the API
-    /// version.
+    /// `tcp://host:port` or `http://host:port`) and checks that it answers
+    /// `/_ping`. Requests use API version [`API_VERSION`].
     pub async fn connect(endpoint: &str) -> Result<DockerRuntime, RuntimeError> {
         let unreachable = |source: DockerError| RuntimeError::Unreachable {
             endpoint: endpoint.to_string(),
@@ -78,17 +85,42 @@ impl DockerRuntime {
         };
         let timeout = REQUEST_TIMEOUT.as_secs();
         let docker = if endpoint.starts_with("unix://") || endpoint.starts_with('/') {
-            Docker::connect_with_unix(endpoint, timeout, API_DEFAULT_VERSION)
+            Docker::connect_with_unix(endpoint, timeout, &API_VERSION)
         } else if endpoint.starts_with("tcp://") || endpoint.starts_with("http://") {
-            Docker::connect_with_http(endpoint, timeout, API_DEFAULT_VERSION)
+            Docker::connect_with_http(endpoint, timeout, &API_VERSION)
         } else {
             return Err(RuntimeError::InvalidEndpoint {
                 endpoint: endpoint.to_string(),
             });
         }
         .map_err(unreachable)?;
-        let docker = docker.negotiate_version().await.map_err(unreachable)?;
-        let version = docker.version().await.map_err(unreachable)?;
+        docker.ping().await.map_err(unreachable)?;
+        let description = format!(
+            "Docker Engine API {}.{} at {endpoint}",
+            API_VERSION.major_version, API_VERSION.minor_version
+        );
+        let unbounded = docker.clone().with_timeout(UNBOUNDED_TIMEOUT);
+        Ok(DockerRuntime {
+            endpoint: endpoint.to_string(),
+            docker,
+            unbounded,
+            description,
+            pull_images: false,
+        })
+    }
+
+    /// Returns the server's name and version, such as `Podman Engine
+    /// 4.3.1`, from `/version`. Podman takes about 0.35 s to answer it, so
+    /// the supervisor asks while the container starts, only for its log.
+    pub async fn server_version(&self) -> Result<String, RuntimeError> {
+        let version = self
+            .docker
+            .version()
+            .await
+            .map_err(|source| RuntimeError::Unreachable {
+                endpoint: self.endpoint.clone(),
+                source: Box::new(source),
+            })?;
         let server = version
             .components
             .as_ref()
@@ -101,18 +133,8 @@ impl DockerRuntime {
                     .map(|v| format!("Docker Engine {v}"))
             })
             .unwrap_or_else(|| "an unknown server".to_string());
-        let description = format!(
-            "Docker Engine API {} at {endpoint} ({server})",
-            docker.client_version()
-        );
-        let unbounded = docker.clone().with_timeout(UNBOUNDED_TIMEOUT);
-        Ok(DockerRuntime {
-            endpoint: endpoint.to_string(),
-            docker,
-            unbounded,
-            description,
-            pull_images: false,
-        })
+        let api = version.api_version.unwrap_or_default();
+        Ok(format!("{server}, API {api}"))
     }
 
     /// Sets whether an image name that the store does not hold is pulled
