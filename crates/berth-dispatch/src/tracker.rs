@@ -59,9 +59,9 @@ pub const CANCEL_RESEND_AFTER: Duration = Duration::from_secs(30);
 pub const FINAL_JOB_GRACE: Duration = Duration::from_secs(30);
 
 /// How old an adopted container's credentials file must be before the
-/// container is submitted again without a job in sight: the default
-/// `command_timeout` of `sbatch` and `bsub`, past which no submit call of
-/// a killed dispatcher is expected to create a job.
+/// container is submitted again without a job in sight. It is the default
+/// `command_timeout` of `sbatch` and `bsub`: no submit call of a killed
+/// dispatcher is expected to create a job after that.
 pub const ORPHAN_SUBMIT_GRACE: Duration = Duration::from_secs(60);
 
 /// Message of `runtime_status.error` when a Running container's job left

@@ -155,8 +155,8 @@ async fn supervise_container(
     uuid: String,
     stop: StopHandle,
 ) -> i32 {
-    // The runtime's first answer (Podman's `/version` takes about 0.35 s)
-    // comes while the container is fetched and the logs are set up.
+    // The connection to the runtime opens while the container is fetched
+    // and the logs are set up.
     let endpoint = config.resolve_docker_host();
     let connecting = tokio::spawn(async move { DockerRuntime::connect(&endpoint).await });
     let Some(container) = fetch_locked_container(config, &client, &uuid).await else {

@@ -37,7 +37,7 @@ use crate::image::ArchiveImage;
 
 /// The Docker Engine API version of every request: 1.41, served by Docker
 /// Engine 20.10 and later and by Podman 3 and later. A fixed version saves
-/// the negotiation's `/version` call, which Podman answers slowly.
+/// the negotiation's `/version` call, which takes Podman about 0.35 s.
 pub const API_VERSION: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
@@ -76,8 +76,8 @@ impl std::fmt::Debug for DockerRuntime {
 
 impl DockerRuntime {
     /// Connects to `endpoint` (`unix:///path`, a bare socket path,
-    /// `tcp://host:port` or `http://host:port`) and checks that it answers
-    /// `/_ping`. Requests use API version [`API_VERSION`].
+    /// `tcp://host:port` or `http://host:port`) and checks that it replies
+    /// to `/_ping`. Requests use API version [`API_VERSION`].
     pub async fn connect(endpoint: &str) -> Result<DockerRuntime, RuntimeError> {
         let unreachable = |source: DockerError| RuntimeError::Unreachable {
             endpoint: endpoint.to_string(),
@@ -110,8 +110,8 @@ impl DockerRuntime {
     }
 
     /// Returns the server's name and version, such as `Podman Engine
-    /// 4.3.1`, from `/version`. Podman takes about 0.35 s to answer it, so
-    /// the supervisor asks while the container starts, only for its log.
+    /// 4.3.1`, from `/version`. Podman takes about 0.35 s to reply, so the
+    /// supervisor requests it while the container starts, only for its log.
     pub async fn server_version(&self) -> Result<String, RuntimeError> {
         let version = self
             .docker
