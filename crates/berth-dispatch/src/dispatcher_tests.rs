@@ -1270,15 +1270,24 @@ fn options(watch: bool) -> LoopOptions {
 }
 
 /// Lets the other tasks run, without moving the paused clock, until `done`
-/// holds.
+/// holds. The loop never waits on a timer, so the paused clock stays put;
+/// a short real sleep now and then lets work on tokio's blocking threads
+/// (the credentials files) finish on a busy machine. Gives up after 10 s
+/// of real time.
 async fn settle(what: &str, done: impl Fn() -> bool) {
-    for _ in 0..10_000 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut turns: u64 = 0;
+    while std::time::Instant::now() < deadline {
         if done() {
             return;
         }
         tokio::task::yield_now().await;
+        turns += 1;
+        if turns % 100 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
-    panic!("{what} did not happen before a timer fired");
+    panic!("{what} did not happen within 10 s without a timer firing");
 }
 
 /// Lets the other tasks run for a while without moving the paused clock.
