@@ -1283,7 +1283,7 @@ async fn settle(what: &str, done: impl Fn() -> bool) {
         }
         tokio::task::yield_now().await;
         turns += 1;
-        if turns % 100 == 0 {
+        if turns.is_multiple_of(100) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }

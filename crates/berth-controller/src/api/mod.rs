@@ -51,7 +51,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 use tower_http::trace::TraceLayer;
-use tracing::Span;
+use tracing::{Instrument, Span};
 
 use crate::auth::secret_digest;
 use crate::blocks::signing::{BlobSigner, SigningKeyError};
@@ -309,6 +309,7 @@ pub fn app(state: AppState) -> Router {
         .route("/{locator}", get(blocks::get).put(blocks::put))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(run_to_completion))
         .layer(middleware::map_response(rejection::errors_as_json))
         .layer(middleware::from_fn_with_state(
             timeout,
@@ -366,6 +367,52 @@ async fn wake_change_waiters(
         state.notifier().notify_changes();
     }
     response
+}
+
+/// Largest request body [`run_to_completion`] reads before the handler:
+/// a block of the largest size a block store accepts (64 MiB), with room
+/// to spare. Each handler applies its own, smaller limit after it.
+const MAX_REQUEST_BODY: usize = 65 << 20;
+
+/// Reads the request body, then runs the rest of the request in a task of
+/// its own, so that it finishes even when its caller goes away: a client
+/// that disconnects, or the request timeout, drops only the wait for it.
+/// A handler dropped in the middle of a write transaction could otherwise
+/// leave its SQLite connection inside that transaction, holding the write
+/// lock, so that every later write failed. The body is read first, where
+/// dropping is harmless, so a stalled upload still ends at the timeout.
+async fn run_to_completion(request: Request<Body>, next: Next) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_REQUEST_BODY).await {
+        Ok(bytes) => Body::from(bytes),
+        // axum reports an oversized body as "length limit exceeded".
+        Err(error) if error.to_string().contains("length limit") => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is larger than {} MiB: send a smaller body",
+                    MAX_REQUEST_BODY >> 20
+                ),
+            )
+                .into_response();
+        }
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("failed to read the request body: {error}"),
+            )
+                .into_response();
+        }
+    };
+    let request = Request::from_parts(parts, body);
+    let handler = tokio::spawn(next.run(request).instrument(Span::current()));
+    match handler.await {
+        Ok(response) => response,
+        Err(error) => {
+            tracing::error!(error = %error, "the request's task failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
 }
 
 async fn health(State(state): State<AppState>) -> Response {
