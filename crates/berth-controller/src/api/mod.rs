@@ -375,8 +375,8 @@ async fn wake_change_waiters(
 const MAX_REQUEST_BODY: usize = 65 << 20;
 
 /// Reads the request body, then runs the rest of the request in a task of
-/// its own, so that it finishes even when its caller goes away: a client
-/// that disconnects, or the request timeout, drops only the wait for it.
+/// its own. The request then finishes even when its caller goes away, since
+/// a client that disconnects, or the request timeout, drops only the wait.
 /// A handler dropped in the middle of a write transaction could otherwise
 /// leave its SQLite connection inside that transaction, holding the write
 /// lock, so that every later write failed. The body is read first, where
