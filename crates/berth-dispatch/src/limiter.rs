@@ -33,8 +33,8 @@ use crate::command::{CommandError, CommandOutput, CommandRunner, CommandSpec};
 use crate::metrics::{FailureClass, Metrics};
 
 /// Fragments of the batch systems' error output that mean the call may
-/// pass later: the controller is down, unreachable, overloaded or asks the
-/// caller to retry. Matched without regard to case.
+/// pass later: the controller is down, unreachable or overloaded, or it
+/// requests a retry. Matched without regard to case.
 const TRANSIENT_ERRORS: &[&str] = &[
     // Slurm: slurmctld down or unreachable.
     "unable to contact slurm controller",
@@ -433,7 +433,8 @@ mod tests {
         let permit = limiter.admit("squeue").await.unwrap();
         limiter.finish("squeue", permit, &CallOutcome::Transient("down".into()));
         let first = limiter.backoff_remaining().unwrap();
-        assert!(first <= Duration::from_secs(2) && first >= Duration::from_millis(1600));
+        assert!(first <= Duration::from_secs(2), "{first:?}");
+        assert!(first >= Duration::from_millis(1600), "{first:?}");
         assert!(limiter.admit("squeue").await.is_err());
         assert!(metrics
             .render()

@@ -58,10 +58,10 @@ pub const CANCEL_RESEND_AFTER: Duration = Duration::from_secs(30);
 /// is cancelled: the supervisor reports the final state, then exits.
 pub const FINAL_JOB_GRACE: Duration = Duration::from_secs(30);
 
-/// How old an adopted container's credentials file must be before the
+/// Minimum age of an adopted container's credentials file before the
 /// container is submitted again without a job in sight. It is the default
-/// `command_timeout` of `sbatch` and `bsub`: no submit call of a killed
-/// dispatcher is expected to create a job after that.
+/// `command_timeout` of `sbatch` and `bsub`, because no submit call of a
+/// killed dispatcher is expected to create a job after that.
 pub const ORPHAN_SUBMIT_GRACE: Duration = Duration::from_secs(60);
 
 /// Message of `runtime_status.error` when a Running container's job left
