@@ -18,6 +18,7 @@ mod discovery;
 mod errors;
 mod leases;
 mod lifecycle;
+mod limits;
 mod lists;
 mod logs;
 mod nul_characters;
