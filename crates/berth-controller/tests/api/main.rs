@@ -27,5 +27,6 @@ mod requests;
 mod secrets;
 mod socket;
 mod tls;
+mod tunnel_leases;
 mod two_controllers;
 mod validation;
