@@ -26,6 +26,7 @@ use std::collections::BTreeMap;
 
 use berth_core::priority::request_contribution;
 use berth_core::records::ContainerCredentials;
+use berth_core::ssh::PublicKey;
 use berth_core::state::{ContainerState, RequestState};
 use berth_core::time::Timestamp;
 use berth_core::validate::{check_request, check_secret_mounts, is_portable_data_hash};
@@ -90,6 +91,7 @@ const CONTAINER_TOKEN_FIELDS: &[&str] = &[
     "output_properties",
     "log",
     "gateway_address",
+    "gateway_host_key",
     "cost",
     "subrequests_cost",
 ];
@@ -130,12 +132,19 @@ fn state_fields(from: ContainerState, to: ContainerState) -> Vec<&'static str> {
     match (from, to) {
         (Queued, Queued) => vec!["priority"],
         (Queued, Cancelled) => vec!["runtime_status", "log", "cost"],
-        (Locked, Locked) => vec!["priority", "runtime_status", "log", "scheduler_job_id"],
+        (Locked, Locked) => vec![
+            "priority",
+            "runtime_status",
+            "log",
+            "scheduler_job_id",
+            "gateway_host_key",
+        ],
         (Locked, Running) => vec![
             "runtime_status",
             "log",
             "progress",
             "gateway_address",
+            "gateway_host_key",
             "scheduler_job_id",
         ],
         (Locked, Cancelled) => vec!["runtime_status", "log", "cost", "scheduler_job_id"],
@@ -144,6 +153,7 @@ fn state_fields(from: ContainerState, to: ContainerState) -> Vec<&'static str> {
             &[
                 "priority",
                 "gateway_address",
+                "gateway_host_key",
                 "scheduler_job_id",
                 "interactive_session_started",
             ],
@@ -679,6 +689,8 @@ pub fn container_for(
         runtime_user_uuid: Some(request.owner_uuid.clone()),
         runtime_auth_scopes: vec!["all".into()],
         gateway_address: None,
+        gateway_host_key: None,
+        gateway_host_key_fingerprint: None,
         interactive_session_started: false,
         output_storage_classes: request.output_storage_classes.clone(),
         output_properties: request.output_properties.clone(),
@@ -950,6 +962,23 @@ fn check_container_values(container: &Container) -> Result<(), ApiError> {
     }
 }
 
+/// Checks a new `gateway_host_key`, stores it in its canonical form
+/// (without a comment), and sets its fingerprint.
+fn set_host_key_fingerprint(container: &mut Container) -> Result<(), ApiError> {
+    let Some(line) = container.gateway_host_key.as_deref() else {
+        container.gateway_host_key_fingerprint = None;
+        return Ok(());
+    };
+    let key = PublicKey::parse(line).map_err(|error| {
+        ApiError::invalid(format!(
+            "gateway_host_key {error}; give the gateway's public host key as one line \"ALGORITHM BASE64\""
+        ))
+    })?;
+    container.gateway_host_key = Some(key.to_line());
+    container.gateway_host_key_fingerprint = Some(key.fingerprint());
+    Ok(())
+}
+
 /// Applies attributes from an administrator or the container's own token
 /// (the API layer rejects every other caller) to a stored container.
 pub fn update_container(
@@ -1039,6 +1068,9 @@ pub fn update_container(
         .collect();
     if !errors.is_empty() {
         return Err(ApiError::Unprocessable(errors));
+    }
+    if changed.iter().any(|field| field == "gateway_host_key") {
+        set_host_key_fingerprint(&mut container)?;
     }
     if current.interactive_session_started && !container.interactive_session_started {
         return Err(ApiError::invalid(

@@ -134,6 +134,8 @@ pub fn plan_retry(
         locked_by_uuid: None,
         lock_count: 0,
         gateway_address: None,
+        gateway_host_key: None,
+        gateway_host_key_fingerprint: None,
         interactive_session_started: false,
         cost: 0.0,
         subrequests_cost: 0.0,

@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod priority;
 pub mod records;
 pub mod secret;
+pub mod ssh;
 pub mod state;
 pub mod time;
 pub mod units;

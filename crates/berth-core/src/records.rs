@@ -202,6 +202,14 @@ pub struct Container {
     #[serde(default)]
     pub runtime_auth_scopes: Vec<String>,
     pub gateway_address: Option<String>,
+    /// The OpenSSH public key of the container's gateway, one line
+    /// (`ssh-ed25519 AAAA...`), set by its supervisor.
+    #[serde(default)]
+    pub gateway_host_key: Option<String>,
+    /// The SHA-256 fingerprint of `gateway_host_key` in OpenSSH's form
+    /// (`SHA256:...`), computed by the controller.
+    #[serde(default)]
+    pub gateway_host_key_fingerprint: Option<String>,
     #[serde(default)]
     pub interactive_session_started: bool,
     #[serde(default)]

@@ -159,6 +159,8 @@ mod tests {
             runtime_user_uuid: None,
             runtime_auth_scopes: vec![],
             gateway_address: None,
+            gateway_host_key: None,
+            gateway_host_key_fingerprint: None,
             interactive_session_started: false,
             output_storage_classes: vec![],
             output_properties: Default::default(),

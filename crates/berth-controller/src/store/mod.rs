@@ -355,6 +355,8 @@ pub const CONTAINER_COLUMNS: &[Column] = &[
     column("runtime_user_uuid", Text),
     column("runtime_auth_scopes", Json),
     column("gateway_address", Text),
+    column("gateway_host_key", Text),
+    column("gateway_host_key_fingerprint", Text),
     column("interactive_session_started", Bool),
     column("output_storage_classes", Json),
     column("output_properties", Json),

@@ -610,3 +610,57 @@ async fn container_fields_change_only_in_their_states() {
         reply.errors()
     );
 }
+
+/// A host key made with `ssh-keygen -t ed25519`, and the fingerprint
+/// `ssh-keygen -lf` printed for it.
+const HOST_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKf01Q1Af7I6Nsx4Es7W3tYPHCf0j12YKWsDt4C11+tA gateway";
+const HOST_KEY_FINGERPRINT: &str = "SHA256:6nsgsSBSzQt6glxKj7U0Pvq02PmzQMvispZSECBQ5ng";
+
+#[tokio::test]
+async fn gateway_host_key_gets_its_fingerprint() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid").to_string();
+    let token = api.lock(&uuid).await;
+
+    let reply = api
+        .update_container(&uuid, &token, json!({"gateway_host_key": "ssh-dss AAAA"}))
+        .await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("gateway_host_key"),
+        "{}",
+        reply.errors()
+    );
+    assert!(reply.errors().contains("ssh-dss"), "{}", reply.errors());
+
+    let reply = api
+        .update_container(
+            &uuid,
+            &token,
+            json!({"gateway_host_key_fingerprint": "SHA256:forged"}),
+        )
+        .await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("the controller sets it"),
+        "{}",
+        reply.errors()
+    );
+
+    let reply = api
+        .update_container(&uuid, &token, json!({"gateway_host_key": HOST_KEY}))
+        .await;
+    reply.expect(StatusCode::OK);
+    let owner_view = api.get(&format!("containers/{uuid}"), &alice).await.json();
+    assert_eq!(
+        owner_view["gateway_host_key"],
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKf01Q1Af7I6Nsx4Es7W3tYPHCf0j12YKWsDt4C11+tA"
+    );
+    assert_eq!(
+        owner_view["gateway_host_key_fingerprint"],
+        HOST_KEY_FINGERPRINT
+    );
+}
