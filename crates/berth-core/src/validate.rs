@@ -139,7 +139,13 @@ pub fn check_request(request: &ContainerRequest) -> Result<(), Vec<FieldError>> 
 
 /// Mount kinds the supervisor creates. A committed request with another
 /// kind is rejected, rather than failing each time it runs.
-pub const RUNNABLE_MOUNT_KINDS: &[&str] = &["tmp", "json", "text"];
+pub const RUNNABLE_MOUNT_KINDS: &[&str] = &["tmp", "collection", "json", "text", "file"];
+
+/// Returns whether a `collection` or `file` mount names a collection.
+fn names_collection(mount: &Mount) -> bool {
+    let set = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.is_empty());
+    set(&mount.portable_data_hash) || set(&mount.uuid)
+}
 
 /// Checks what a committed request needs in order to run.
 fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
@@ -297,6 +303,19 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
                 "must be a string for a text mount",
             ))
         }
+        // A file mount names a file of a collection (portable_data_hash
+        // or uuid, and the file's path in it), or a file inside another
+        // mount by its absolute path.
+        "file" if names_collection(mount) => {
+            let path = mount.path.as_deref().unwrap_or_default();
+            let path = path.trim_start_matches('/');
+            if path.is_empty() || path.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+                errors.push(FieldError::new(
+                    format!("{field}.path"),
+                    "a file mount of a collection needs the path of one file in the collection, such as \"dir/input.txt\"",
+                ))
+            }
+        }
         "file"
             if mount
                 .path
@@ -305,7 +324,7 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
         {
             errors.push(FieldError::new(
                 format!("{field}.path"),
-                "a file mount needs the absolute path of a file inside another mount",
+                "a file mount needs the absolute path of a file inside another mount, or a portable_data_hash and the path of a file in that collection",
             ))
         }
         _ => {}
@@ -325,7 +344,7 @@ fn allowed_mount_keys(kind: &str) -> &'static [&'static str] {
         ],
         "tmp" => &["capacity", "device_type"],
         "json" | "text" => &["content", "exclude_from_output"],
-        "file" => &["path", "exclude_from_output"],
+        "file" => &["portable_data_hash", "uuid", "path", "exclude_from_output"],
         _ => &[],
     }
 }
@@ -366,7 +385,7 @@ fn check_mount_keys(field: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
             ));
         }
     }
-    if mount.kind == "collection" {
+    if mount.kind == "collection" || mount.kind == "file" {
         if let Some(hash) = mount
             .portable_data_hash
             .as_deref()
