@@ -641,6 +641,125 @@ mod tests {
         assert!(!root.exists());
     }
 
+    fn collection_mount(pdh: &str, path: Option<&str>, writable: bool) -> Mount {
+        Mount {
+            kind: "collection".to_string(),
+            portable_data_hash: Some(pdh.to_string()),
+            path: path.map(str::to_string),
+            writable,
+            ..Default::default()
+        }
+    }
+
+    const PDH: &str = "d41d8cd98f00b204e9800998ecf8427e+0";
+
+    #[test]
+    fn collection_mounts_are_placed_by_output_path() {
+        let plan = plan_mounts_for_output(
+            &mounts(vec![
+                ("/in", collection_mount(PDH, Some("/dir/"), false)),
+                ("/out", mount("tmp", None)),
+                ("/out/ref", collection_mount(PDH, None, true)),
+            ]),
+            "/out",
+        )
+        .unwrap();
+        let placements: Vec<_> = plan
+            .mounts
+            .iter()
+            .filter_map(|mount| match mount {
+                PlannedMount::Collection {
+                    collection,
+                    placement,
+                    ..
+                } => Some((collection.path.clone(), placement.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            placements,
+            vec![
+                (Some("dir".to_string()), Placement::ReadOnly),
+                (
+                    None,
+                    Placement::IntoOutput {
+                        relative: "ref".into()
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn writable_collection_outside_output_is_rejected() {
+        let err = plan_mounts_for_output(
+            &mounts(vec![("/data", collection_mount(PDH, None, true))]),
+            "/out",
+        )
+        .unwrap_err();
+        assert!(matches!(err, MountError::WritableCollection { .. }), "{err}");
+        assert!(err.to_string().contains("/data"), "{err}");
+    }
+
+    #[test]
+    fn collection_mount_needs_a_collection_and_a_clean_path() {
+        let none = Mount {
+            kind: "collection".into(),
+            ..Default::default()
+        };
+        let err = plan_mounts_for_output(&mounts(vec![("/in", none)]), "/out").unwrap_err();
+        assert!(err.to_string().contains("portable_data_hash or uuid"), "{err}");
+        let err = plan_mounts_for_output(
+            &mounts(vec![("/in", collection_mount(PDH, Some("a/../b"), false))]),
+            "/out",
+        )
+        .unwrap_err();
+        assert!(matches!(err, MountError::CollectionPath { .. }), "{err}");
+        let file = Mount {
+            kind: "file".into(),
+            portable_data_hash: Some(PDH.into()),
+            ..Default::default()
+        };
+        let err = plan_mounts_for_output(&mounts(vec![("/in.txt", file)]), "/out").unwrap_err();
+        assert!(matches!(err, MountError::FilePath { .. }), "{err}");
+    }
+
+    #[test]
+    fn prepare_binds_and_copies_staged_collections() {
+        let base = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::create_dir(cache.path().join("sub")).unwrap();
+        std::fs::write(cache.path().join("sub/x.txt"), b"x").unwrap();
+        let plan = plan_mounts_for_output(
+            &mounts(vec![
+                ("/in", collection_mount(PDH, None, false)),
+                ("/out", mount("tmp", None)),
+                ("/out/copy", collection_mount(PDH, None, false)),
+            ]),
+            "/out",
+        )
+        .unwrap();
+        let staged: BTreeMap<String, PathBuf> = [
+            ("/in".to_string(), cache.path().to_path_buf()),
+            ("/out/copy".to_string(), cache.path().to_path_buf()),
+        ]
+        .into();
+        let prepared = plan
+            .prepare_with(base.path(), "zzzzz-dz642-000000000000001", &staged, "/out")
+            .unwrap();
+        assert_eq!(prepared.binds.len(), 2, "the copy below /out has no bind");
+        assert_eq!(prepared.binds[0].host_path, cache.path());
+        assert!(prepared.binds[0].read_only);
+        let output = &prepared.binds[1].host_path;
+        assert_eq!(std::fs::read(output.join("copy/sub/x.txt")).unwrap(), b"x");
+        let mode = std::fs::metadata(output.join("copy/sub/x.txt"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o666);
+    }
+
     #[test]
     fn no_mounts_need_no_directory() {
         let base = tempfile::tempdir().unwrap();
