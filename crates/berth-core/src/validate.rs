@@ -159,6 +159,11 @@ fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
                     RUNNABLE_MOUNT_KINDS.join(", ")
                 ),
             ));
+        } else if kind == "file" && !names_collection(mount) {
+            errors.push(FieldError::new(
+                format!("mounts.{target}.kind"),
+                "file mounts of a path inside another mount are not supported yet: give the portable_data_hash or uuid of a collection and the path of a file in it",
+            ));
         }
     }
     match request.container_image.as_deref() {
@@ -917,7 +922,8 @@ mod tests {
             serde_json::from_value(serde_json::json!({"kind": "file", "path": "/out/log.txt"}))
                 .unwrap(),
         );
-        // File mounts are not runnable yet, which is the only complaint.
+        // File mounts of a path inside another mount are not runnable yet,
+        // which is the only complaint.
         assert_eq!(fields(check_request(&request)), ["mounts.stdout.kind"]);
         request.mounts.insert(
             "stdout".into(),
