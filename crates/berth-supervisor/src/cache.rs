@@ -115,7 +115,7 @@ impl CacheEntry {
     }
 }
 
-/// What one [`CollectionCache::stage`] call did besides staging.
+/// The evictions and warnings of one [`CollectionCache::stage`] call.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct StageReport {
     /// Entries evicted to make room, by portable data hash.
@@ -200,7 +200,8 @@ impl CollectionCache {
                 false
             } else {
                 report = self.evict(size, pdh)?;
-                self.fetch_into_place(pdh, manifest, blocks, &entry_dir).await?;
+                self.fetch_into_place(pdh, manifest, blocks, &entry_dir)
+                    .await?;
                 write_size(&lock, size).map_err(self.io_error("record an entry's size"))?;
                 true
             };
@@ -277,7 +278,9 @@ impl CollectionCache {
         tokio::fs::create_dir(&staging)
             .await
             .map_err(self.io_error(format!("create {}", staging.display())))?;
-        set_mode(&staging, 0o755).await.map_err(self.io_error("set a directory's mode"))?;
+        set_mode(&staging, 0o755)
+            .await
+            .map_err(self.io_error("set a directory's mode"))?;
 
         for directory in manifest.directories() {
             let path = staging.join(directory);
@@ -322,7 +325,9 @@ impl CollectionCache {
                 .sync_all()
                 .await
                 .map_err(self.io_error(format!("flush {}", path.display())))?;
-            set_mode(&path, 0o444).await.map_err(self.io_error("set a file's mode"))?;
+            set_mode(&path, 0o444)
+                .await
+                .map_err(self.io_error("set a file's mode"))?;
         }
         tokio::fs::rename(&staging, entry_dir)
             .await

@@ -94,7 +94,10 @@ async fn stage_writes_files_byte_exact() {
     assert!(entry.fetched());
     assert_eq!(report, StageReport::default());
     assert_eq!(entry.path(), cache.collections_dir().join(&pdh));
-    assert_eq!(std::fs::read(entry.path().join("a.txt")).unwrap(), b"hello\n");
+    assert_eq!(
+        std::fs::read(entry.path().join("a.txt")).unwrap(),
+        b"hello\n"
+    );
     assert!(std::fs::read(entry.path().join("sub/long.bin")).unwrap() == long);
     assert_eq!(mode(&entry.path().join("a.txt")), 0o444);
     assert_eq!(mode(root.path().join("cache").as_path()), 0o700);
@@ -104,7 +107,11 @@ async fn stage_writes_files_byte_exact() {
     let (again, _) = cache.stage(&pdh, &manifest, &blocks).await.unwrap();
     assert!(!again.fetched());
     assert_eq!(again.path(), entry.path());
-    assert_eq!(blocks.reads.load(Ordering::SeqCst), 5, "a cached entry is not fetched again");
+    assert_eq!(
+        blocks.reads.load(Ordering::SeqCst),
+        5,
+        "a cached entry is not fetched again"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +181,10 @@ async fn missing_block_names_the_locator() {
     let empty = MemoryBlocks::default();
     let error = cache.stage(&pdh, &manifest, &empty).await.unwrap_err();
     let message = error.to_string();
-    assert!(message.contains(&format!("{}+3", hex_md5(b"abc"))), "{message}");
+    assert!(
+        message.contains(&format!("{}+3", hex_md5(b"abc"))),
+        "{message}"
+    );
 }
 
 /// Sets an entry's last use, for least-recently-used order.
@@ -240,6 +250,9 @@ async fn collection_larger_than_maximum_is_rejected() {
     let error = cache.stage(&pdh, &manifest, &blocks).await.unwrap_err();
     let message = error.to_string();
     assert!(message.contains("5 bytes"), "{message}");
-    assert!(message.contains("supervisor.cache_max_bytes (4)"), "{message}");
+    assert!(
+        message.contains("supervisor.cache_max_bytes (4)"),
+        "{message}"
+    );
     assert_eq!(blocks.reads.load(Ordering::SeqCst), 0);
 }

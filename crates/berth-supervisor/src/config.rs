@@ -380,10 +380,14 @@ mod tests {
     #[test]
     fn cache_keys_are_read() {
         let config: Config =
-            serde_yaml::from_str("cache_dir: /scratch/berth-cache\ncache_max_bytes: 1000\n").unwrap();
+            serde_yaml::from_str("cache_dir: /scratch/berth-cache\ncache_max_bytes: 1000\n")
+                .unwrap();
         assert_eq!(config.cache_dir, PathBuf::from("/scratch/berth-cache"));
         assert_eq!(config.cache_max_bytes, 1000);
-        assert_eq!(Config::default().cache_dir, PathBuf::from("/var/lib/berth/cache"));
+        assert_eq!(
+            Config::default().cache_dir,
+            PathBuf::from("/var/lib/berth/cache")
+        );
         let error = serde_yaml::from_str::<Config>("cache_dir: cache\n").unwrap_err();
         assert!(error.to_string().contains("absolute path"), "{error}");
     }

@@ -36,7 +36,9 @@ pub enum MountError {
     UnsupportedKind { path: String, kind: String },
     #[error("mount {path} is a writable collection mount outside output_path; only the output directory and mounts below it may be writable, so remove `writable: true` or mount the collection below output_path")]
     WritableCollection { path: String },
-    #[error("mount {path} of kind {kind} names no collection: give its portable_data_hash or uuid")]
+    #[error(
+        "mount {path} of kind {kind} names no collection: give its portable_data_hash or uuid"
+    )]
     NoCollection { path: String, kind: String },
     #[error("mount {path} has an invalid collection path {collection_path:?}: expected a relative path inside the collection without empty, `.` or `..` components")]
     CollectionPath {
@@ -117,7 +119,7 @@ pub struct CollectionRef {
     pub file: bool,
 }
 
-/// Where a collection mount's content goes.
+/// The place a collection mount's content goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
     /// Bound read-only from the node's cache.
@@ -396,9 +398,12 @@ impl MountPlan {
             };
             let (host_path, read_only) = match mount {
                 PlannedMount::Collection { placement, .. } => {
-                    let source = staged.get(&container_path).ok_or_else(|| MountError::NotStaged {
-                        path: container_path.clone(),
-                    })?;
+                    let source =
+                        staged
+                            .get(&container_path)
+                            .ok_or_else(|| MountError::NotStaged {
+                                path: container_path.clone(),
+                            })?;
                     match placement {
                         Placement::ReadOnly => (source.clone(), true),
                         Placement::OutputDir => {
@@ -464,8 +469,8 @@ fn create_dir(path: &Path) -> io::Result<()> {
 /// Copies a staged collection directory or file to `target`, creating
 /// missing parent directories. Directories get mode 0777 and files 0666,
 /// so that any user in the container may change the copy, as in a
-/// scratch directory. Symbolic links are not followed: the node's cache
-/// holds none.
+/// scratch directory. Symbolic links are not followed, and the node's
+/// cache contains none.
 fn copy_into(source: &Path, target: &Path) -> io::Result<()> {
     if let Some(parent) = target.parent() {
         if !parent.exists() {
@@ -697,18 +702,24 @@ mod tests {
             "/out",
         )
         .unwrap_err();
-        assert!(matches!(err, MountError::WritableCollection { .. }), "{err}");
+        assert!(
+            matches!(err, MountError::WritableCollection { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("/data"), "{err}");
     }
 
     #[test]
-    fn collection_mount_needs_a_collection_and_a_clean_path() {
+    fn collection_mount_without_source_or_clean_path() {
         let none = Mount {
             kind: "collection".into(),
             ..Default::default()
         };
         let err = plan_mounts_for_output(&mounts(vec![("/in", none)]), "/out").unwrap_err();
-        assert!(err.to_string().contains("portable_data_hash or uuid"), "{err}");
+        assert!(
+            err.to_string().contains("portable_data_hash or uuid"),
+            "{err}"
+        );
         let err = plan_mounts_for_output(
             &mounts(vec![("/in", collection_mount(PDH, Some("a/../b"), false))]),
             "/out",

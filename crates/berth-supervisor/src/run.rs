@@ -37,13 +37,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::archive::ArchiveError;
+use crate::cache::CollectionCache;
 use crate::config::Config;
 use crate::gpu::assign_gpus;
 use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
 use crate::logs::{
     ApiLogSink, LogCopy, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog,
 };
-use crate::cache::CollectionCache;
 use crate::mounts::{plan_mounts_for_output, MountError, PreparedMounts};
 use crate::output::{save_output, Globs, OutputError, OutputSettings};
 use crate::retry::{retry, API_BACKOFF};
@@ -548,13 +548,11 @@ impl Run<'_> {
         self.check_stop()?;
         // A bad pattern fails the run before the container starts.
         self.globs = Globs::parse(&container.output_glob).map_err(OutputError::from)?;
-        let plan = plan_mounts_for_output(&self.all_mounts(container).await?, &container.output_path)?;
+        let plan =
+            plan_mounts_for_output(&self.all_mounts(container).await?, &container.output_path)?;
         let stager = Stager {
             client: self.client,
-            cache: CollectionCache::new(
-                self.config.cache_dir.clone(),
-                self.config.cache_max_bytes,
-            ),
+            cache: CollectionCache::new(self.config.cache_dir.clone(), self.config.cache_max_bytes),
             retry_timeout: self.config.api_retry_timeout,
             log: self.log,
         };

@@ -1,5 +1,5 @@
 //! Collections a run needs on the node: the collections of `collection`
-//! and `file` mounts, and the collection that holds the image when
+//! and `file` mounts, and the collection that contains the image when
 //! `container_image` names one. Each is read with the container's own
 //! token and staged through the node's [`CollectionCache`].
 //!
@@ -136,7 +136,7 @@ impl StagedCollections {
     }
 }
 
-/// What the staging steps need from the run.
+/// The client, cache and log that the staging steps use.
 #[derive(Debug)]
 pub struct Stager<'a> {
     pub client: &'a Client,
@@ -172,7 +172,9 @@ impl Stager<'_> {
                 Some(path) => entry.path().join(path),
                 None => entry.path().to_path_buf(),
             };
-            staged.mount_sources.insert(container_path.clone(), host_path);
+            staged
+                .mount_sources
+                .insert(container_path.clone(), host_path);
             staged.hold(entry);
         }
         Ok(())
@@ -232,12 +234,13 @@ impl Stager<'_> {
                 })
             }
         };
-        let manifest =
-            Manifest::parse(&collection.manifest_text).map_err(|source| StagingError::Manifest {
+        let manifest = Manifest::parse(&collection.manifest_text).map_err(|source| {
+            StagingError::Manifest {
                 id: id.to_string(),
                 user: user.to_string(),
                 source,
-            })?;
+            }
+        })?;
         let computed = manifest.portable_data_hash();
         let requested_hash = is_portable_data_hash(id).then_some(id);
         if computed != collection.portable_data_hash
@@ -354,7 +357,10 @@ fn check_path(
     }
     let prefix = format!("{path}/");
     let is_directory = manifest.directories().contains(path)
-        || manifest.directories().iter().any(|dir| dir.starts_with(&prefix))
+        || manifest
+            .directories()
+            .iter()
+            .any(|dir| dir.starts_with(&prefix))
         || manifest
             .files()
             .iter()
@@ -400,10 +406,16 @@ mod tests {
             "busybox.tar"
         );
         let none = image_archive_name(&manifest(&["README", "sub/x.tar"]), pdh).unwrap_err();
-        assert!(matches!(none, StagingError::NoImageArchive { .. }), "{none}");
+        assert!(
+            matches!(none, StagingError::NoImageArchive { .. }),
+            "{none}"
+        );
         assert!(none.to_string().contains(pdh), "{none}");
         let several = image_archive_name(&manifest(&["a.tar", "b.tar"]), pdh).unwrap_err();
-        assert!(several.to_string().contains("2 .tar files (a.tar, b.tar)"), "{several}");
+        assert!(
+            several.to_string().contains("2 .tar files (a.tar, b.tar)"),
+            "{several}"
+        );
     }
 
     #[test]
@@ -425,7 +437,9 @@ mod tests {
         assert!(error.to_string().contains("is not a file"), "{error}");
         let error = check_path(&manifest, "missing", false, "mount /in", pdh).unwrap_err();
         assert!(
-            error.to_string().contains("\"missing\" is neither a file nor a directory"),
+            error
+                .to_string()
+                .contains("\"missing\" is neither a file nor a directory"),
             "{error}"
         );
     }

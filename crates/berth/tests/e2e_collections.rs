@@ -115,7 +115,11 @@ async fn live_log(client: &Client, uuid: &str, stream: &str) -> String {
 /// Returns the log file of a container's `berth supervise` process,
 /// which the local backend writes into the credentials directory.
 fn supervise_log(cluster: &TestCluster, uuid: &str) -> String {
-    let path = cluster.dir.path().join("credentials").join(format!("{uuid}.log"));
+    let path = cluster
+        .dir
+        .path()
+        .join("credentials")
+        .join(format!("{uuid}.log"));
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
@@ -141,7 +145,12 @@ fn assert_complete(container: &Container, cluster: &TestCluster) {
         supervise_log(cluster, &container.uuid),
         cluster.logs()
     );
-    assert_eq!(container.exit_code, Some(0), "{:?}", container.runtime_status);
+    assert_eq!(
+        container.exit_code,
+        Some(0),
+        "{:?}",
+        container.runtime_status
+    );
 }
 
 /// Returns the `runtime_status.error` of a container that must be
@@ -275,7 +284,11 @@ fn write_fresh_image_archive(source: &Path, tag: &str, target: &Path) {
         .1;
     let mut manifest: Value = serde_json::from_slice(manifest_data).unwrap();
     let old_config = manifest[0]["Config"].as_str().unwrap().to_string();
-    let config_data = &entries.iter().find(|(name, _)| *name == old_config).unwrap().1;
+    let config_data = &entries
+        .iter()
+        .find(|(name, _)| *name == old_config)
+        .unwrap()
+        .1;
     let mut config: Value = serde_json::from_slice(config_data).unwrap();
     config["config"]["Labels"] = json!({"org.berth.test": tag});
     let config_data = serde_json::to_vec(&config).unwrap();
@@ -298,7 +311,6 @@ fn write_fresh_image_archive(source: &Path, tag: &str, target: &Path) {
     }
     append(&new_config, &config_data);
     append("manifest.json", &serde_json::to_vec(&manifest).unwrap());
-    drop(append);
     builder.finish().unwrap();
 }
 
@@ -307,7 +319,9 @@ struct RemoveImage(String);
 
 impl Drop for RemoveImage {
     fn drop(&mut self) {
-        let _ = Command::new("podman").args(["rmi", "--force", &self.0]).output();
+        let _ = Command::new("podman")
+            .args(["rmi", "--force", &self.0])
+            .output();
     }
 }
 
@@ -381,7 +395,10 @@ async fn image_collection_is_fetched_and_loaded_once() {
         )),
         "{second_log}"
     );
-    assert!(!second_log.contains("into the node's cache"), "{second_log}");
+    assert!(
+        !second_log.contains("into the node's cache"),
+        "{second_log}"
+    );
     let second_process = supervise_log(&cluster, &second.uuid);
     assert!(
         second_process.contains("image already loaded"),
@@ -391,7 +408,10 @@ async fn image_collection_is_fetched_and_loaded_once() {
         !second_process.contains("loaded image archive"),
         "the second container must not load the image again: {second_process}"
     );
-    assert_eq!(get_files(&cluster, &token, second.output.as_ref().unwrap())["which"], b"second\n");
+    assert_eq!(
+        get_files(&cluster, &token, second.output.as_ref().unwrap())["which"],
+        b"second\n"
+    );
 
     let cached: Vec<_> = std::fs::read_dir(cache.path().join("collections"))
         .unwrap()
@@ -399,7 +419,14 @@ async fn image_collection_is_fetched_and_loaded_once() {
         .collect();
     assert_eq!(cached, vec![image_pdh.clone()]);
     assert!(
-        std::fs::read(cache.path().join("collections").join(&image_pdh).join("image.tar")).unwrap()
+        std::fs::read(
+            cache
+                .path()
+                .join("collections")
+                .join(&image_pdh)
+                .join("image.tar")
+        )
+        .unwrap()
             == std::fs::read(&archive).unwrap()
     );
 }

@@ -151,14 +151,22 @@ async fn secret_mount_reaches_no_log_or_answer() {
         cluster.logs()
     );
 
-    // The container read both secrets: the output holds their digests.
+    // The container read both secrets: the output contains their digests.
     let work = tempfile::tempdir().unwrap();
     let output_dir = work.path().join("output");
     let fetched = cluster.berth(
         &token,
-        &["get", container.output.as_deref().unwrap(), output_dir.to_str().unwrap()],
+        &[
+            "get",
+            container.output.as_deref().unwrap(),
+            output_dir.to_str().unwrap(),
+        ],
     );
-    assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
+    assert!(
+        fetched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
     let text_digest = hex::encode(Sha256::digest(text_secret.as_bytes()));
     assert_eq!(
         std::fs::read_to_string(output_dir.join("secret.sha256")).unwrap(),
@@ -184,12 +192,22 @@ async fn secret_mount_reaches_no_log_or_answer() {
     let log_dir = work.path().join("log");
     let fetched = cluster.berth(
         &token,
-        &["get", container.log.as_deref().expect("the log is set"), log_dir.to_str().unwrap()],
+        &[
+            "get",
+            container.log.as_deref().expect("the log is set"),
+            log_dir.to_str().unwrap(),
+        ],
     );
-    assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
+    assert!(
+        fetched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fetched.stderr)
+    );
     let log_files = read_tree(&log_dir);
     assert!(
-        log_files.iter().any(|(path, _)| path.ends_with("crunch-run.txt")),
+        log_files
+            .iter()
+            .any(|(path, _)| path.ends_with("crunch-run.txt")),
         "{:?}",
         log_files.iter().map(|(path, _)| path).collect::<Vec<_>>()
     );
@@ -202,7 +220,7 @@ async fn secret_mount_reaches_no_log_or_answer() {
             .into_iter()
             .filter(|(path, _)| path.ends_with(".log")),
     );
-    // API answers other than the container's own secret_mounts call, as
+    // API responses other than the container's own secret_mounts call, as
     // the controller sends them.
     let base = berth_client::parse_api_host(&cluster.api_url).unwrap();
     let http = reqwest::Client::new();
@@ -218,14 +236,21 @@ async fn secret_mount_reaches_no_log_or_answer() {
             .send()
             .await
             .unwrap();
-        assert!(response.status().is_success(), "GET {path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
         let body = response.bytes().await.unwrap().to_vec();
         searched.push((format!("GET {path}"), body));
     }
     assert!(searched.len() > 10, "{}", searched.len());
     for (source, data) in &searched {
         for secret in [text_secret, json_secret] {
-            assert!(!contains(data, secret), "{source} contains the secret {secret}");
+            assert!(
+                !contains(data, secret),
+                "{source} contains the secret {secret}"
+            );
         }
     }
 

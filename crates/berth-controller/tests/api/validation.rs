@@ -342,11 +342,12 @@ fn cases() -> Vec<Case> {
             &["mounts./keep.kind", "not supported yet"],
         ),
         case(
-            with(
-                json!({"mounts": mounts(json!({"/in.txt": {"kind": "file",
-                "portable_data_hash": "d41d8cd98f00b204e9800998ecf8427e+0", "path": "a/../b"}}))}),
-            ),
-            &["mounts./in.txt.path", "the path of one file in the collection"],
+            with(json!({"mounts": mounts(json!({"/in.txt": {"kind": "file",
+                "portable_data_hash": "d41d8cd98f00b204e9800998ecf8427e+0", "path": "a/../b"}}))})),
+            &[
+                "mounts./in.txt.path",
+                "the path of one file in the collection",
+            ],
         ),
         case(
             with(json!({"runtime_constraints": {"ram": 1000000, "vcpus": 1,
