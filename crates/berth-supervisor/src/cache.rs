@@ -71,6 +71,8 @@ pub enum CacheError {
         end: u64,
         size: usize,
     },
+    #[error("collection cache directory {dir} is not owned by the supervisor's user (uid {uid}), or other users may write to it; entries there are trusted by name, so give supervisor.cache_dir a directory of its own, with mode 0700")]
+    UnsafeDirectory { dir: PathBuf, uid: u32 },
     #[error("collection cache {dir}: failed to {action}: {source}; check supervisor.cache_dir")]
     Io {
         dir: PathBuf,
@@ -200,8 +202,16 @@ impl CollectionCache {
                 false
             } else {
                 report = self.evict(size, pdh)?;
-                self.fetch_into_place(pdh, manifest, blocks, &entry_dir)
-                    .await?;
+                let fetched = self
+                    .fetch_into_place(pdh, manifest, blocks, &entry_dir)
+                    .await;
+                if let Err(error) = fetched {
+                    // The next stage of this hash removes it too, but
+                    // that may never come.
+                    let staging = self.root.join("staging").join(pdh);
+                    let _ = tokio::fs::remove_dir_all(&staging).await;
+                    return Err(error);
+                }
                 write_size(&lock, size).map_err(self.io_error("record an entry's size"))?;
                 true
             };
@@ -224,6 +234,10 @@ impl CollectionCache {
     }
 
     fn create_layout(&self) -> Result<(), CacheError> {
+        if let Some(parent) = self.root.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(self.io_error(format!("create {}", parent.display())))?;
+        }
         for dir in [
             self.root.clone(),
             self.collections_dir(),
@@ -243,6 +257,7 @@ impl CollectionCache {
                     return Err(self.io_error(format!("create {}", dir.display()))(error));
                 }
             }
+            check_private(&dir)?;
         }
         Ok(())
     }
@@ -411,6 +426,28 @@ impl CollectionCache {
         std::fs::remove_file(&lock_path)
             .map_err(self.io_error(format!("remove {}", lock_path.display())))?;
         Ok(true)
+    }
+}
+
+/// Checks that a directory of the cache is a directory (not a symbolic
+/// link) of the supervisor's user that no other user may write to.
+/// Another user who could write there could plant an entry under a
+/// portable data hash, which containers would then read as its content.
+fn check_private(dir: &Path) -> Result<(), CacheError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let metadata = std::fs::symlink_metadata(dir).map_err(|source| CacheError::Io {
+        dir: dir.to_path_buf(),
+        action: "read the directory's metadata".to_string(),
+        source,
+    })?;
+    let private = metadata.is_dir() && metadata.uid() == uid && metadata.mode() & 0o022 == 0;
+    if private {
+        Ok(())
+    } else {
+        Err(CacheError::UnsafeDirectory {
+            dir: dir.to_path_buf(),
+            uid,
+        })
     }
 }
 

@@ -165,7 +165,7 @@ async fn corrupt_block_is_rejected_and_leaves_no_entry() {
     assert!(message.contains("arrived damaged"), "{message}");
     assert!(!cache.collections_dir().join(&pdh).exists());
 
-    // A later stage with a good source replaces the half-written copy.
+    // A later stage with a good source succeeds.
     let good = MemoryBlocks::default();
     collection(&good, &[("f", b"payload")], 1024);
     let (entry, _) = cache.stage(&pdh, &manifest, &good).await.unwrap();
@@ -255,4 +255,41 @@ async fn collection_larger_than_maximum_is_rejected() {
         "{message}"
     );
     assert_eq!(blocks.reads.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn cache_directory_writable_by_others_is_rejected() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("cache");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let cache = CollectionCache::new(dir.clone(), 1 << 20);
+    let blocks = MemoryBlocks::default();
+    let (manifest, pdh) = collection(&blocks, &[("f", b"x")], 1024);
+
+    let error = cache.stage(&pdh, &manifest, &blocks).await.unwrap_err();
+    assert!(
+        matches!(error, CacheError::UnsafeDirectory { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains(&dir.display().to_string()),
+        "{error}"
+    );
+    assert_eq!(blocks.reads.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn failed_stage_leaves_no_staging_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let cache = CollectionCache::new(root.path().to_path_buf(), 1 << 20);
+    let source = MemoryBlocks::default();
+    let (manifest, pdh) = collection(&source, &[("f", b"abc")], 1024);
+
+    let empty = MemoryBlocks::default();
+    cache.stage(&pdh, &manifest, &empty).await.unwrap_err();
+    let staging: Vec<_> = std::fs::read_dir(root.path().join("staging"))
+        .unwrap()
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
 }
