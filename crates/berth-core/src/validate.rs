@@ -147,6 +147,36 @@ fn names_collection(mount: &Mount) -> bool {
     set(&mount.portable_data_hash) || set(&mount.uuid)
 }
 
+/// Checks a collection mount against what the supervisor sets up: a
+/// collection read-only anywhere, or a changeable copy at or below
+/// `output_path`, where a mount without a collection is an empty output
+/// directory.
+fn check_runnable_collection(
+    target: &str,
+    mount: &Mount,
+    request: &ContainerRequest,
+    errors: &mut Vec<FieldError>,
+) {
+    let output = request.output_path.as_deref().unwrap_or_default();
+    let in_output = !output.is_empty()
+        && (target == output
+            || output == "/"
+            || target
+                .strip_prefix(output)
+                .is_some_and(|rest| rest.starts_with('/')));
+    if !names_collection(mount) && target != output {
+        errors.push(FieldError::new(
+            format!("mounts.{target}"),
+            "names no collection: give its portable_data_hash or uuid (only the mount at output_path may be a new, empty collection)",
+        ));
+    } else if mount.writable && !in_output {
+        errors.push(FieldError::new(
+            format!("mounts.{target}.writable"),
+            "writable collection mounts outside output_path are not supported: remove `writable`, or mount the collection below output_path to get a changeable copy",
+        ));
+    }
+}
+
 /// Checks what a committed request needs in order to run.
 fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
     for (target, mount) in &request.mounts {
@@ -164,6 +194,8 @@ fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
                 format!("mounts.{target}.kind"),
                 "file mounts of a path inside another mount are not supported yet: give the portable_data_hash or uuid of a collection and the path of a file in it",
             ));
+        } else if kind == "collection" {
+            check_runnable_collection(target, mount, request, errors);
         }
     }
     match request.container_image.as_deref() {
@@ -912,6 +944,35 @@ mod tests {
         assert!(brackets_balance("[a-e]/**/[!x].dat"));
         assert!(!brackets_balance("[ab"));
         assert!(!brackets_balance("[a/b]"));
+    }
+
+    #[test]
+    fn collection_mounts_must_be_runnable() {
+        let mount = |value: serde_json::Value| -> Mount { serde_json::from_value(value).unwrap() };
+        let pdh = "d41d8cd98f00b204e9800998ecf8427e+0";
+        let mut request = committed_request();
+        request.mounts.insert(
+            "/in".into(),
+            mount(serde_json::json!({"kind": "collection", "portable_data_hash": pdh})),
+        );
+        request.mounts.insert(
+            "/out/ref".into(),
+            mount(serde_json::json!({"kind": "collection", "portable_data_hash": pdh, "writable": true})),
+        );
+        assert_eq!(check_request(&request), Ok(()));
+
+        request.mounts.insert(
+            "/data".into(),
+            mount(serde_json::json!({"kind": "collection", "portable_data_hash": pdh, "writable": true})),
+        );
+        request.mounts.insert(
+            "/empty".into(),
+            mount(serde_json::json!({"kind": "collection"})),
+        );
+        assert_eq!(
+            fields(check_request(&request)),
+            ["mounts./data.writable", "mounts./empty"]
+        );
     }
 
     #[test]

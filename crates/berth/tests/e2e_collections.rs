@@ -497,22 +497,22 @@ async fn bad_collections_cancel_with_clear_reason() {
     let reason = cancelled_reason(&container, &cluster);
     assert!(reason.contains("was not found"), "{reason}");
 
-    let container = run_to_end(
-        &cluster,
-        &bo,
-        request(
+    // A writable collection mount outside output_path cannot run, so the
+    // controller rejects it at commit.
+    let rejected = bo
+        .create_container_request(&request(
             &test_image(),
             "true",
             json!({
                 "/data": {"kind": "collection", "portable_data_hash": no_tar, "writable": true},
                 "/out": {"kind": "tmp"},
             }),
-        ),
-    )
-    .await;
-    let reason = cancelled_reason(&container, &cluster);
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(rejected.status().map(|status| status.as_u16()), Some(422));
     assert!(
-        reason.contains("mount /data is a writable collection mount outside output_path"),
-        "{reason}"
+        rejected.to_string().contains("mounts./data.writable"),
+        "{rejected}"
     );
 }
