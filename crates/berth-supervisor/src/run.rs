@@ -573,6 +573,13 @@ impl Run<'_> {
                     .map_err(RunError::ArchiveTask)??
             }
         };
+        if plan.has_collections() {
+            let mut staged = std::mem::take(&mut self.staged);
+            let staging = stager.stage_mounts(&plan, &mut staged);
+            let result = self.until_stopped(staging).await;
+            self.staged = staged;
+            result??;
+        }
 
         let connected = match self.connecting.take() {
             Some(connecting) => self
@@ -605,13 +612,6 @@ impl Run<'_> {
         let image = self.until_stopped(runtime.ensure_image(&source)).await??;
         self.log.info(format!("using image {image}"));
 
-        if plan.has_collections() {
-            let mut staged = std::mem::take(&mut self.staged);
-            let staging = stager.stage_mounts(&plan, &mut staged);
-            let result = self.until_stopped(staging).await;
-            self.staged = staged;
-            result??;
-        }
         let base = self.config.resolve_temp_dir();
         let uuid = self.uuid.to_string();
         let sources = self.staged.mount_sources.clone();

@@ -261,6 +261,44 @@ async fn collection_and_json_mounts_reach_output_byte_exact() {
     assert_eq!(std::fs::read(cached.join("sub/c.txt")).unwrap(), b"gamma");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn writable_collection_output_starts_as_copy() {
+    if common::skip() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let cluster = start_cluster(cache.path());
+    let token = cluster.create_user("otto");
+    let otto = common::client(&cluster.api_url, &token);
+
+    let input = tempfile::tempdir().unwrap();
+    std::fs::create_dir(input.path().join("start")).unwrap();
+    std::fs::write(input.path().join("start/notes.txt"), b"one\n").unwrap();
+    std::fs::write(input.path().join("start/keep.txt"), b"kept").unwrap();
+    let (_, pdh) = put(&cluster, &token, &[&input.path().join("start")]);
+
+    let mounts = json!({
+        "/out": {"kind": "collection", "portable_data_hash": pdh, "path": "start", "writable": true},
+    });
+    let script = "echo two >> /out/notes.txt && echo new > /out/new.txt";
+    let container = run_to_end(&cluster, &otto, request(&test_image(), script, mounts)).await;
+    assert_complete(&container, &cluster);
+
+    let files = get_files(&cluster, &token, container.output.as_ref().unwrap());
+    let names: Vec<&str> = files.keys().map(String::as_str).collect();
+    assert_eq!(names, ["keep.txt", "new.txt", "notes.txt"]);
+    assert_eq!(files["notes.txt"], b"one\ntwo\n");
+    assert_eq!(files["keep.txt"], b"kept");
+    assert_eq!(files["new.txt"], b"new\n");
+    // The container changed its copy, never the node's cached entry.
+    let cached = cache
+        .path()
+        .join("collections")
+        .join(&pdh)
+        .join("start/notes.txt");
+    assert_eq!(std::fs::read(cached).unwrap(), b"one\n");
+}
+
 /// Writes a copy of the `docker save` archive at `source` whose image
 /// has a new ID (a label added to its config) and the tag `tag`, so the
 /// runtime's store does not hold it yet.
