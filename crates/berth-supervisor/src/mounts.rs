@@ -755,12 +755,14 @@ mod tests {
             ("/out/copy".to_string(), cache.path().to_path_buf()),
         ]
         .into();
+
         let prepared = plan
             .prepare_with(base.path(), "zzzzz-dz642-000000000000001", &staged, "/out")
             .unwrap();
         assert_eq!(prepared.binds.len(), 2, "the copy below /out has no bind");
         assert_eq!(prepared.binds[0].host_path, cache.path());
         assert!(prepared.binds[0].read_only);
+
         let output = &prepared.binds[1].host_path;
         assert_eq!(std::fs::read(output.join("copy/sub/x.txt")).unwrap(), b"x");
         let mode = std::fs::metadata(output.join("copy/sub/x.txt"))
