@@ -139,7 +139,43 @@ pub fn check_request(request: &ContainerRequest) -> Result<(), Vec<FieldError>> 
 
 /// Mount kinds the supervisor creates. A committed request with another
 /// kind is rejected, rather than failing each time it runs.
-pub const RUNNABLE_MOUNT_KINDS: &[&str] = &["tmp", "json", "text"];
+pub const RUNNABLE_MOUNT_KINDS: &[&str] = &["tmp", "collection", "json", "text", "file"];
+
+/// Returns whether a `collection` or `file` mount names a collection.
+fn names_collection(mount: &Mount) -> bool {
+    let set = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.is_empty());
+    set(&mount.portable_data_hash) || set(&mount.uuid)
+}
+
+/// Checks a collection mount against what the supervisor sets up: a
+/// collection read-only anywhere, or a changeable copy at or below
+/// `output_path`, where a mount without a collection is an empty output
+/// directory.
+fn check_runnable_collection(
+    target: &str,
+    mount: &Mount,
+    request: &ContainerRequest,
+    errors: &mut Vec<FieldError>,
+) {
+    let output = request.output_path.as_deref().unwrap_or_default();
+    let in_output = !output.is_empty()
+        && (target == output
+            || output == "/"
+            || target
+                .strip_prefix(output)
+                .is_some_and(|rest| rest.starts_with('/')));
+    if !names_collection(mount) && target != output {
+        errors.push(FieldError::new(
+            format!("mounts.{target}"),
+            "names no collection: give its portable_data_hash or uuid (only the mount at output_path may be a new, empty collection)",
+        ));
+    } else if mount.writable && !in_output {
+        errors.push(FieldError::new(
+            format!("mounts.{target}.writable"),
+            "writable collection mounts outside output_path are not supported: remove `writable`, or mount the collection below output_path to get a changeable copy",
+        ));
+    }
+}
 
 /// Checks what a committed request needs in order to run.
 fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
@@ -153,6 +189,13 @@ fn check_runnable(request: &ContainerRequest, errors: &mut Vec<FieldError>) {
                     RUNNABLE_MOUNT_KINDS.join(", ")
                 ),
             ));
+        } else if kind == "file" && !names_collection(mount) {
+            errors.push(FieldError::new(
+                format!("mounts.{target}.kind"),
+                "file mounts of a path inside another mount are not supported yet: give the portable_data_hash or uuid of a collection and the path of a file in it",
+            ));
+        } else if kind == "collection" {
+            check_runnable_collection(target, mount, request, errors);
         }
     }
     match request.container_image.as_deref() {
@@ -297,6 +340,19 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
                 "must be a string for a text mount",
             ))
         }
+        // A file mount names a file of a collection (portable_data_hash
+        // or uuid, and the file's path in it), or a file inside another
+        // mount by its absolute path.
+        "file" if names_collection(mount) => {
+            let path = mount.path.as_deref().unwrap_or_default();
+            let path = path.trim_start_matches('/');
+            if path.is_empty() || path.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+                errors.push(FieldError::new(
+                    format!("{field}.path"),
+                    "a file mount of a collection needs the path of one file in the collection, such as \"dir/input.txt\"",
+                ))
+            }
+        }
         "file"
             if mount
                 .path
@@ -305,7 +361,7 @@ fn check_mount(target: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
         {
             errors.push(FieldError::new(
                 format!("{field}.path"),
-                "a file mount needs the absolute path of a file inside another mount",
+                "a file mount needs the absolute path of a file inside another mount, or a portable_data_hash and the path of a file in that collection",
             ))
         }
         _ => {}
@@ -325,7 +381,7 @@ fn allowed_mount_keys(kind: &str) -> &'static [&'static str] {
         ],
         "tmp" => &["capacity", "device_type"],
         "json" | "text" => &["content", "exclude_from_output"],
-        "file" => &["path", "exclude_from_output"],
+        "file" => &["portable_data_hash", "uuid", "path", "exclude_from_output"],
         _ => &[],
     }
 }
@@ -366,7 +422,7 @@ fn check_mount_keys(field: &str, mount: &Mount, errors: &mut Vec<FieldError>) {
             ));
         }
     }
-    if mount.kind == "collection" {
+    if mount.kind == "collection" || mount.kind == "file" {
         if let Some(hash) = mount
             .portable_data_hash
             .as_deref()
@@ -891,6 +947,35 @@ mod tests {
     }
 
     #[test]
+    fn collection_mounts_must_be_runnable() {
+        let mount = |value: serde_json::Value| -> Mount { serde_json::from_value(value).unwrap() };
+        let pdh = "d41d8cd98f00b204e9800998ecf8427e+0";
+        let mut request = committed_request();
+        request.mounts.insert(
+            "/in".into(),
+            mount(serde_json::json!({"kind": "collection", "portable_data_hash": pdh})),
+        );
+        request.mounts.insert(
+            "/out/ref".into(),
+            mount(serde_json::json!({"kind": "collection", "portable_data_hash": pdh, "writable": true})),
+        );
+        assert_eq!(check_request(&request), Ok(()));
+
+        request.mounts.insert(
+            "/data".into(),
+            mount(serde_json::json!({"kind": "collection", "portable_data_hash": pdh, "writable": true})),
+        );
+        request.mounts.insert(
+            "/empty".into(),
+            mount(serde_json::json!({"kind": "collection"})),
+        );
+        assert_eq!(
+            fields(check_request(&request)),
+            ["mounts./data.writable", "mounts./empty"]
+        );
+    }
+
+    #[test]
     fn stdout_file_must_be_in_the_output_directory() {
         let mut request = committed_request();
         request.mounts.insert(
@@ -898,7 +983,8 @@ mod tests {
             serde_json::from_value(serde_json::json!({"kind": "file", "path": "/out/log.txt"}))
                 .unwrap(),
         );
-        // File mounts are not runnable yet, which is the only complaint.
+        // File mounts of a path inside another mount are not runnable yet,
+        // which is the only complaint.
         assert_eq!(fields(check_request(&request)), ["mounts.stdout.kind"]);
         request.mounts.insert(
             "stdout".into(),

@@ -18,6 +18,12 @@ pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 /// The directory `image_archive_dirs` lists by default.
 pub const DEFAULT_IMAGE_ARCHIVE_DIR: &str = "/var/lib/berth/images";
 
+/// The directory `cache_dir` names by default.
+pub const DEFAULT_CACHE_DIR: &str = "/var/lib/berth/cache";
+
+/// The default of `cache_max_bytes`: 32 GiB.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 32 << 30;
+
 /// The `supervisor` section of the configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -101,6 +107,20 @@ pub struct Config {
     /// larger output cancels the container with an error naming both
     /// sizes, before any block is written. 0 means no limit. Default 0.
     pub max_output_bytes: u64,
+    /// Absolute path of the node's collection cache: the collections of
+    /// `collection` and `file` mounts and of images stored in
+    /// collections, kept by portable data hash and shared by the
+    /// containers of the node. Created with mode 0700 if missing. Default
+    /// `/var/lib/berth/cache`.
+    #[serde(deserialize_with = "absolute_dir::deserialize")]
+    pub cache_dir: PathBuf,
+    /// Largest total size in bytes of the collections in `cache_dir`.
+    /// Before a collection is fetched, the least recently used entries
+    /// that no running container uses are removed until it fits. Entries
+    /// in use stay, so the cache can exceed this while they run. A
+    /// collection larger than this cancels its container. Default
+    /// 34359738368 (32 GiB).
+    pub cache_max_bytes: u64,
 }
 
 impl Default for Config {
@@ -122,6 +142,8 @@ impl Default for Config {
             block_size: crate::output::MAX_BLOCK_SIZE,
             log_checkpoint_interval: Duration::from_secs(60),
             max_output_bytes: 0,
+            cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
         }
     }
 }
@@ -185,6 +207,24 @@ mod absolute_dirs {
             )));
         }
         Ok(dirs)
+    }
+}
+
+/// One directory, which must be an absolute path.
+mod absolute_dir {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+        let dir = PathBuf::deserialize(deserializer)?;
+        if !dir.is_absolute() {
+            return Err(serde::de::Error::custom(format!(
+                "invalid directory {:?}: expected an absolute path such as /var/lib/berth/cache",
+                dir.display().to_string()
+            )));
+        }
+        Ok(dir)
     }
 }
 
@@ -335,6 +375,21 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn cache_keys_are_read() {
+        let config: Config =
+            serde_yaml::from_str("cache_dir: /scratch/berth-cache\ncache_max_bytes: 1000\n")
+                .unwrap();
+        assert_eq!(config.cache_dir, PathBuf::from("/scratch/berth-cache"));
+        assert_eq!(config.cache_max_bytes, 1000);
+        assert_eq!(
+            Config::default().cache_dir,
+            PathBuf::from("/var/lib/berth/cache")
+        );
+        let error = serde_yaml::from_str::<Config>("cache_dir: cache\n").unwrap_err();
+        assert!(error.to_string().contains("absolute path"), "{error}");
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! - [`config`]: the `supervisor` section of the configuration file;
 //! - [`stop`]: the stop request that SIGTERM and SIGINT make;
 //! - [`mounts`]: the container's mounts, planned and created on the host;
+//! - [`cache`]: the node's collection cache, keyed by portable data hash;
+//! - [`staging`]: collection mounts and image collections fetched through
+//!   that cache;
 //! - [`archive`]: which `docker save` archives may be opened, and opening
 //!   them;
 //! - [`image`]: what a `docker save` archive holds;
@@ -24,6 +27,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod archive;
+pub mod cache;
 pub mod config;
 pub mod gpu;
 pub mod image;
@@ -35,6 +39,7 @@ pub mod retry;
 mod run;
 pub mod runtime;
 pub mod spec;
+pub mod staging;
 pub mod stop;
 
 use anyhow::Context;

@@ -37,18 +37,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::archive::ArchiveError;
+use crate::cache::CollectionCache;
 use crate::config::Config;
 use crate::gpu::assign_gpus;
 use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
 use crate::logs::{
     ApiLogSink, LogCopy, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog,
 };
-use crate::mounts::{plan_mounts, MountError, PreparedMounts};
+use crate::mounts::{plan_mounts_for_output, MountError, PreparedMounts};
 use crate::output::{save_output, Globs, OutputError, OutputSettings};
 use crate::retry::{retry, API_BACKOFF};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
 use crate::spec::{container_spec, SpecError};
+use crate::staging::{StagedCollections, Stager, StagingError};
 use crate::stop::StopHandle;
 
 /// Exit status of `berth supervise` when a final state was recorded.
@@ -75,6 +77,8 @@ enum RunError {
     Mount(#[from] MountError),
     #[error(transparent)]
     Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Staging(#[from] StagingError),
     #[error("failed to open the image archive: {0}")]
     ArchiveTask(#[source] JoinError),
     #[error("failed to connect to the container runtime: {0}")]
@@ -103,6 +107,7 @@ impl RunError {
     fn status_message(&self) -> String {
         match self {
             RunError::Archive(error) => error.status_message(),
+            RunError::Staging(error) => error.status_message(),
             RunError::Runtime(RuntimeError::LoadImage { path, .. }) => format!(
                 "failed to load image archive {}; the supervisor log has the container runtime's message",
                 path.display()
@@ -218,6 +223,7 @@ async fn supervise_container(
         started: false,
         exited: false,
         mounts: None,
+        staged: StagedCollections::default(),
         output: None,
         copies,
         globs: Globs::default(),
@@ -425,6 +431,9 @@ struct Run<'a> {
     /// Whether the runtime reported the container's exit.
     exited: bool,
     mounts: Option<PreparedMounts>,
+    /// The collections staged in the node's cache for this run, held
+    /// until the runtime container is removed.
+    staged: StagedCollections,
     output: Option<Output>,
     /// The log collection's copies of stdout and stderr, if it is on.
     copies: Option<LogCopies>,
@@ -500,7 +509,7 @@ impl Run<'_> {
             path: output_path.to_string(),
         };
         match container.mounts.get(output_path) {
-            Some(mount) if mount.kind == "tmp" => {}
+            Some(mount) if mount.kind == "tmp" || mount.kind == "collection" => {}
             _ => return Err(not_tmp().into()),
         }
         let host_dir = self
@@ -539,16 +548,38 @@ impl Run<'_> {
         self.check_stop()?;
         // A bad pattern fails the run before the container starts.
         self.globs = Globs::parse(&container.output_glob).map_err(OutputError::from)?;
-        let plan = plan_mounts(&self.all_mounts(container).await?)?;
-        let image = container.container_image.clone();
-        let archive_dirs = self.config.image_archive_dirs.clone();
-        let opening = tokio::task::spawn_blocking(move || {
-            ImageSource::from_container_image(&image, &archive_dirs)
-        });
-        let source = self
-            .until_stopped(opening)
-            .await?
-            .map_err(RunError::ArchiveTask)??;
+        let plan =
+            plan_mounts_for_output(&self.all_mounts(container).await?, &container.output_path)?;
+        let stager = Stager {
+            client: self.client,
+            cache: CollectionCache::new(self.config.cache_dir.clone(), self.config.cache_max_bytes),
+            retry_timeout: self.config.api_retry_timeout,
+            log: self.log,
+        };
+        let mut staged = StagedCollections::default();
+        let staging = stager.stage_image(&container.container_image, &mut staged);
+        let image_archive = self.until_stopped(staging).await;
+        self.staged = staged;
+        let source = match image_archive?? {
+            Some(archive) => ImageSource::Archive(archive),
+            None => {
+                let image = container.container_image.clone();
+                let archive_dirs = self.config.image_archive_dirs.clone();
+                let opening = tokio::task::spawn_blocking(move || {
+                    ImageSource::from_container_image(&image, &archive_dirs)
+                });
+                self.until_stopped(opening)
+                    .await?
+                    .map_err(RunError::ArchiveTask)??
+            }
+        };
+        if plan.has_collections() {
+            let mut staged = std::mem::take(&mut self.staged);
+            let staging = stager.stage_mounts(&plan, &mut staged);
+            let result = self.until_stopped(staging).await;
+            self.staged = staged;
+            result??;
+        }
 
         let connected = match self.connecting.take() {
             Some(connecting) => self
@@ -583,7 +614,12 @@ impl Run<'_> {
 
         let base = self.config.resolve_temp_dir();
         let uuid = self.uuid.to_string();
-        let prepared = tokio::task::spawn_blocking(move || plan.prepare(&base, &uuid)).await??;
+        let sources = self.staged.mount_sources.clone();
+        let output_path = container.output_path.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            plan.prepare_with(&base, &uuid, &sources, &output_path)
+        })
+        .await??;
         let binds = prepared.binds.clone();
         self.mounts = Some(prepared);
         for bind in &binds {
@@ -759,6 +795,8 @@ impl Run<'_> {
                 ));
             }
         }
+        // Releases the cache entries, which eviction may then remove.
+        self.staged = StagedCollections::default();
         self.cleaned_up = true;
     }
 

@@ -446,7 +446,7 @@ async fn stop_before_start_cancels_without_running() {
 async fn unsupported_mount_cancels_naming_the_mount() {
     let uuid = new_uuid();
     let mut record = container_record(&uuid, "Locked", "img", &["true"]);
-    record["mounts"] = json!({"/keep": {"kind": "collection", "portable_data_hash": "d41d8cd98f00b204e9800998ecf8427e+0"}});
+    record["mounts"] = json!({"/keep": {"kind": "keep"}});
     let server = Server::start(record).await;
     let status = supervise_until(test_config(), server.credentials.clone(), StopHandle::new())
         .await
@@ -457,7 +457,7 @@ async fn unsupported_mount_cancels_naming_the_mount() {
     assert_eq!(updates[0]["state"], "Cancelled");
     let message = updates[0]["runtime_status"]["error"].as_str().unwrap();
     assert!(message.contains("/keep"), "{message}");
-    assert!(message.contains("collection"), "{message}");
+    assert!(message.contains("\"keep\""), "{message}");
 }
 
 #[tokio::test]

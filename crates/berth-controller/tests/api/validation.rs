@@ -338,11 +338,16 @@ fn cases() -> Vec<Case> {
             &["mounts./data.kind", "is missing"],
         ),
         case(
-            with(
-                json!({"mounts": mounts(json!({"/data": {"kind": "collection",
-                "portable_data_hash": "d41d8cd98f00b204e9800998ecf8427e+0"}}))}),
-            ),
-            &["mounts./data.kind", "not supported yet"],
+            with(json!({"mounts": mounts(json!({"/keep": {"kind": "keep"}}))})),
+            &["mounts./keep.kind", "not supported yet"],
+        ),
+        case(
+            with(json!({"mounts": mounts(json!({"/in.txt": {"kind": "file",
+                "portable_data_hash": "d41d8cd98f00b204e9800998ecf8427e+0", "path": "a/../b"}}))})),
+            &[
+                "mounts./in.txt.path",
+                "the path of one file in the collection",
+            ],
         ),
         case(
             with(json!({"runtime_constraints": {"ram": 1000000, "vcpus": 1,

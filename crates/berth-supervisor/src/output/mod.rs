@@ -36,7 +36,7 @@ pub const MAX_BLOCK_SIZE: usize = 64 << 20;
 pub enum OutputError {
     #[error(transparent)]
     Glob(#[from] GlobError),
-    #[error("output_path {path} is not a tmp mount; only a tmp mount can hold the output")]
+    #[error("output_path {path} is neither a tmp mount nor a writable collection mount; make it a tmp mount")]
     NotTmp { path: String },
     #[error("failed to read the output directory entry {path}: {source}")]
     Walk {
