@@ -101,6 +101,14 @@ pub struct Config {
     /// larger output cancels the container with an error naming both
     /// sizes, before any block is written. 0 means no limit. Default 0.
     pub max_output_bytes: u64,
+    /// How often a line of the container's resource use (CPU time,
+    /// memory, block I/O, network) is written to its `crunchstat` log
+    /// stream and `crunchstat.txt`, read from its cgroup. A last line
+    /// follows its exit. 0 turns the statistics off, and with them the
+    /// memory warnings and the cgroup's sign of an out-of-memory kill.
+    /// Default 10 s.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub stats_interval: Duration,
 }
 
 impl Default for Config {
@@ -122,6 +130,7 @@ impl Default for Config {
             block_size: crate::output::MAX_BLOCK_SIZE,
             log_checkpoint_interval: Duration::from_secs(60),
             max_output_bytes: 0,
+            stats_interval: Duration::from_secs(10),
         }
     }
 }

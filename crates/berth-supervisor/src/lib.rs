@@ -18,12 +18,15 @@
 //! - [`spec`]: the container record turned into a runtime spec;
 //! - [`runtime`]: the runtime contract and the Docker Engine API runtime;
 //! - [`logs`]: log streams sent to the controller at byte offsets;
+//! - [`cgroup`] and [`stats`]: the container's resource use, read from
+//!   its cgroup into the `crunchstat` log, and out-of-memory kills;
 //! - [`retry`]: backoff for transient failures;
 //! - `run`: the steps of one run, its cleanup and its final state.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod archive;
+pub mod cgroup;
 pub mod config;
 pub mod gpu;
 pub mod image;
@@ -35,6 +38,7 @@ pub mod retry;
 mod run;
 pub mod runtime;
 pub mod spec;
+pub mod stats;
 pub mod stop;
 
 use anyhow::Context;

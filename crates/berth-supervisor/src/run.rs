@@ -49,6 +49,9 @@ use crate::retry::{retry, API_BACKOFF};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
 use crate::spec::{container_spec, SpecError};
+use crate::stats::{
+    detect_out_of_memory, oom_kill_warning, OutOfMemory, Sampler, STATS_FILE, STATS_STREAM,
+};
 use crate::stop::StopHandle;
 
 /// Exit status of `berth supervise` when a final state was recorded.
@@ -222,6 +225,8 @@ async fn supervise_container(
         copies,
         globs: Globs::default(),
         warnings: early_warnings,
+        stats: None,
+        out_of_memory: None,
         cleaned_up: false,
     };
     let outcome = match run.execute_and_save(&container).await {
@@ -237,6 +242,7 @@ async fn supervise_container(
     };
     run.cleanup().await;
     let mut warnings = std::mem::take(&mut run.warnings);
+    let out_of_memory = run.out_of_memory.take();
     drop(run);
 
     // The supervisor stream is flushed before the final state, because
@@ -271,6 +277,7 @@ async fn supervise_container(
         &outcome,
         log_pdh.as_deref(),
         &warnings,
+        out_of_memory.as_ref(),
     )
     .await
 }
@@ -280,6 +287,7 @@ struct LogCopies {
     supervisor: LogCopy,
     stdout: LogCopy,
     stderr: LogCopy,
+    stats: LogCopy,
 }
 
 /// Creates the log collection's local files, `node-info.txt` among them.
@@ -295,6 +303,7 @@ fn create_log_collection(
         supervisor: logs.add_stream(SUPERVISOR_LOG_FILE)?,
         stdout: logs.add_stream("stdout.txt")?,
         stderr: logs.add_stream("stderr.txt")?,
+        stats: logs.add_stream(STATS_FILE)?,
     };
     Ok((logs, copies))
 }
@@ -381,9 +390,10 @@ async fn record_final_state(
     outcome: &Outcome,
     log_pdh: Option<&str>,
     warnings: &[String],
+    out_of_memory: Option<&OutOfMemory>,
 ) -> i32 {
     let state = outcome.state();
-    let attributes = final_attributes(outcome, log_pdh, warnings);
+    let attributes = final_attributes(outcome, log_pdh, warnings, out_of_memory);
     // NOTE: a final state that cannot be recorded within
     // final_update_timeout is lost; the dispatcher then cancels the
     // container when its job ends. A local journal could replay it.
@@ -433,8 +443,19 @@ struct Run<'a> {
     /// Problems that did not change the outcome; recorded in
     /// `runtime_status.warning`.
     warnings: Vec<String>,
+    /// The resource statistics, from the container's start until
+    /// [`Run::finish_stats`].
+    stats: Option<Stats>,
+    /// Set when the container exited because it ran out of memory.
+    out_of_memory: Option<OutOfMemory>,
     /// Whether [`Run::cleanup`] has run.
     cleaned_up: bool,
+}
+
+/// The resource statistics sampler and its log stream.
+struct Stats {
+    sampler: Sampler,
+    writer: LogWriter,
 }
 
 /// The container's output on its way to the log streams.
@@ -629,6 +650,7 @@ impl Run<'_> {
         runtime.start(&id).await?;
         self.started = true;
         self.log.info("started the container");
+        self.start_stats(runtime.clone(), &id, spec.memory_bytes);
 
         self.check_stop()?;
         self.until_stopped(self.set_running()).await??;
@@ -643,7 +665,90 @@ impl Run<'_> {
             "the container exited with status {}",
             describe_exit(code)
         ));
+        self.check_out_of_memory(runtime.as_ref(), &id, code, spec.memory_bytes)
+            .await;
         Ok(code)
+    }
+
+    /// Starts the resource statistics of the started container, unless
+    /// `stats_interval` is 0. Its stream is held until `Running`, as the
+    /// container's output is.
+    fn start_stats(&mut self, runtime: Arc<dyn Runtime>, id: &ContainerId, ram: Option<i64>) {
+        let interval = self.config.stats_interval;
+        if interval.is_zero() {
+            self.log
+                .info("resource statistics are off (stats_interval is 0)");
+            return;
+        }
+        let release = self.output.as_ref().map(|output| output.release.clone());
+        let writer = match self.copies.as_ref().map(|copies| copies.stats.clone()) {
+            Some(copy) => LogWriter::spawn_copied(
+                self.sink.clone(),
+                STATS_STREAM,
+                self.log_settings,
+                release,
+                copy,
+            ),
+            None => match release {
+                Some(release) => LogWriter::spawn_held(
+                    self.sink.clone(),
+                    STATS_STREAM,
+                    self.log_settings,
+                    release,
+                ),
+                None => LogWriter::spawn(self.sink.clone(), STATS_STREAM, self.log_settings),
+            },
+        };
+        let sampler = Sampler::spawn(
+            runtime,
+            id.clone(),
+            writer.input(),
+            self.log.clone(),
+            interval,
+            ram.and_then(|bytes| u64::try_from(bytes).ok()),
+        );
+        self.stats = Some(Stats { sampler, writer });
+    }
+
+    /// Ends the statistics with a last reading and closes their stream.
+    /// Returns what the sampler learned, or `None` without statistics.
+    async fn finish_stats(&mut self) -> Option<crate::stats::StatsSummary> {
+        let Stats { sampler, writer } = self.stats.take()?;
+        let summary = sampler.finish().await;
+        if let Some(warning) = stream_warning(&writer.close().await) {
+            self.warn(warning);
+        }
+        Some(summary)
+    }
+
+    /// Decides whether the exited container ran out of memory, from the
+    /// runtime's record and the statistics, and logs the finding.
+    async fn check_out_of_memory(
+        &mut self,
+        runtime: &dyn Runtime,
+        id: &ContainerId,
+        code: i64,
+        ram: Option<i64>,
+    ) {
+        let summary = self.finish_stats().await.unwrap_or_default();
+        let runtime_flag = match runtime.oom_killed(id).await {
+            Ok(flag) => flag,
+            Err(error) => {
+                self.log.warn(format!(
+                    "failed to ask the container runtime whether the container ran out of memory: {error}"
+                ));
+                false
+            }
+        };
+        let ram = ram.and_then(|bytes| u64::try_from(bytes).ok());
+        if let Some(warning) = oom_kill_warning(code, &summary) {
+            self.warn(warning);
+        }
+        if let Some(found) = detect_out_of_memory(runtime_flag, code, &summary, ram) {
+            self.log
+                .error(format!("{}: {}", OutOfMemory::ERROR, found.detail()));
+            self.out_of_memory = Some(found);
+        }
     }
 
     fn check_stop(&self) -> Result<(), RunError> {
@@ -743,6 +848,7 @@ impl Run<'_> {
                 self.stop_container(runtime.as_ref(), &id).await;
             }
         }
+        self.finish_stats().await;
         self.flush_output().await;
         if let (Some(runtime), Some(id)) = (self.runtime.clone(), self.container.clone()) {
             self.remove_container(runtime.as_ref(), &id).await;
@@ -882,7 +988,14 @@ impl Drop for Run<'_> {
 }
 
 /// Builds the one update that records the final state.
-fn final_attributes(outcome: &Outcome, log_pdh: Option<&str>, warnings: &[String]) -> Value {
+/// A container that ran out of memory is still `Complete` with its exit
+/// code, and `runtime_status.error` says why it ended.
+fn final_attributes(
+    outcome: &Outcome,
+    log_pdh: Option<&str>,
+    warnings: &[String],
+    out_of_memory: Option<&OutOfMemory>,
+) -> Value {
     let mut attributes = Map::new();
     let mut status = Map::new();
     match outcome {
@@ -892,6 +1005,10 @@ fn final_attributes(outcome: &Outcome, log_pdh: Option<&str>, warnings: &[String
             attributes.insert("exit_code".into(), json!(code));
             if let Some(output) = output {
                 attributes.insert("output".into(), json!(output));
+            }
+            if let Some(found) = out_of_memory {
+                status.insert("error".into(), json!(OutOfMemory::ERROR));
+                status.insert("errorDetail".into(), json!(found.detail()));
             }
         }
         Outcome::Cancelled(reason) => {
@@ -955,7 +1072,7 @@ mod tests {
 
     #[test]
     fn complete_carries_the_exit_code_only() {
-        let attributes = final_attributes(&Outcome::Exited(3, None), None, &[]);
+        let attributes = final_attributes(&Outcome::Exited(3, None), None, &[], None);
         assert_eq!(attributes, json!({"state": "Complete", "exit_code": 3}));
     }
 
@@ -967,6 +1084,7 @@ mod tests {
             &Outcome::Exited(0, Some(output.to_string())),
             Some(log),
             &[],
+            None,
         );
         assert_eq!(
             attributes,
@@ -980,6 +1098,7 @@ mod tests {
             &Outcome::Cancelled("cancelled by signal SIGTERM".into()),
             None,
             &[],
+            None,
         );
         assert_eq!(
             attributes,
@@ -988,9 +1107,27 @@ mod tests {
     }
 
     #[test]
+    fn out_of_memory_is_complete_with_error() {
+        let found = OutOfMemory {
+            sign: crate::stats::OomSign::CgroupCounter(1),
+            peak_memory: Some(32 << 20),
+            limit: Some(32 << 20),
+        };
+        let warnings = vec!["a warning".to_string()];
+        let attributes =
+            final_attributes(&Outcome::Exited(137, None), None, &warnings, Some(&found));
+        assert_eq!(attributes["state"], "Complete");
+        assert_eq!(attributes["exit_code"], 137);
+        let status = &attributes["runtime_status"];
+        assert_eq!(status["error"], "container ran out of memory");
+        assert_eq!(status["errorDetail"], found.detail());
+        assert_eq!(status["warning"], "a warning");
+    }
+
+    #[test]
     fn warnings_go_to_runtime_status() {
         let warnings = vec!["first".to_string(), "second".to_string()];
-        let attributes = final_attributes(&Outcome::Exited(0, None), None, &warnings);
+        let attributes = final_attributes(&Outcome::Exited(0, None), None, &warnings, None);
         assert_eq!(attributes["runtime_status"]["warning"], "first");
         assert_eq!(
             attributes["runtime_status"]["warningDetail"],
