@@ -16,7 +16,7 @@
 //! towards the mount point and uses the first directory that has one.
 //!
 //! [`CgroupDirs::read`] takes a [`Sample`]. The parsers are pure functions
-//! on the files' text. A file that is missing or holds something
+//! on the files' text. A file that is missing or contains something
 //! unexpected leaves its figure unknown (`None`) and never fails the
 //! sample.
 
@@ -45,7 +45,7 @@ pub struct ControllerDir {
     pub path: PathBuf,
 }
 
-/// Where a process's CPU, memory and I/O are accounted.
+/// The cgroup directories that account a process's CPU, memory and I/O.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CgroupDirs {
     pub cpu: Option<ControllerDir>,
@@ -80,6 +80,8 @@ pub struct CgroupMount {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuUsage {
     pub total_usec: u64,
+    /// Time in user mode. On v1 the kernel splits user and system time
+    /// by sampling at each tick, so the two may not add up to the total.
     pub user_usec: Option<u64>,
     pub system_usec: Option<u64>,
 }
@@ -128,7 +130,8 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Whether no counter could be read, as after the cgroup was removed.
+    /// Returns true when no counter could be read, as after the cgroup
+    /// was removed.
     pub fn is_empty(&self) -> bool {
         self.cpu.is_none() && self.memory.is_none() && self.io.is_none() && self.net.is_none()
     }
@@ -151,7 +154,8 @@ impl Resource {
         }
     }
 
-    /// The file whose presence shows that a directory accounts the resource.
+    /// Returns the file whose presence shows that a directory accounts
+    /// the resource.
     fn marker(self, version: Version) -> &'static str {
         match (self, version) {
             (Resource::Cpu, Version::V1) => "cpuacct.usage",
@@ -166,7 +170,7 @@ impl Resource {
 
 impl CgroupDirs {
     /// Finds the cgroup directories of a process from the text of its
-    /// `/proc/PID/cgroup` and of `/proc/self/mountinfo`. `exists` tells
+    /// `/proc/PID/cgroup` and of `/proc/self/mountinfo`. `exists` reports
     /// whether a file exists, so the search can be tested without a
     /// cgroup file system. Returns `None` for a resource no directory
     /// accounts.
@@ -195,7 +199,7 @@ impl CgroupDirs {
         Ok(dirs)
     }
 
-    /// Whether no resource has a directory.
+    /// Returns true when no resource has a directory.
     pub fn is_empty(&self) -> bool {
         self.cpu.is_none() && self.memory.is_none() && self.io.is_none()
     }
@@ -824,7 +828,7 @@ mod tests {
     }
 
     #[test]
-    fn v1_cpu_falls_back_to_ticks_and_no_limit_is_none() {
+    fn v1_ticks_and_unlimited_memory() {
         let file = files(&[
             ("cpuacct.usage", "2500000000\n"),
             ("cpuacct.stat", "user 180\nsystem 40\n"),

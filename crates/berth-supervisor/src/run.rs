@@ -989,7 +989,7 @@ impl Drop for Run<'_> {
 
 /// Builds the one update that records the final state.
 /// A container that ran out of memory is still `Complete` with its exit
-/// code, and `runtime_status.error` says why it ended.
+/// code, and `runtime_status.error` gives the reason it ended.
 fn final_attributes(
     outcome: &Outcome,
     log_pdh: Option<&str>,

@@ -1,7 +1,7 @@
 //! Resource statistics of a running container, and out-of-memory kills.
 //!
-//! Once the container has started, a [`Sampler`] asks the runtime for its
-//! main process, finds that process's cgroup ([`crate::cgroup`]) and reads
+//! Once the container has started, a [`Sampler`] gets the container's
+//! main process from the runtime, finds that process's cgroup ([`crate::cgroup`]) and reads
 //! it every [`POLL_INTERVAL`]. Every `supervisor.stats_interval` it writes
 //! one line to the `crunchstat` log stream, which the log collection
 //! keeps as `crunchstat.txt`. After the container exits it writes a
@@ -60,7 +60,7 @@ const EXIT_SIGKILL: i64 = 128 + 9;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// What the sampler learned over the whole run.
+/// The sampler's findings over the whole run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StatsSummary {
     /// Whether the container's cgroup was found and read at least once.
@@ -486,8 +486,8 @@ pub fn oom_kill_warning(exit_code: i64, summary: &StatsSummary) -> Option<String
     })
 }
 
-/// Whether `peak` reached 99% of `limit`: a cgroup at its limit reclaims
-/// memory first, so the kernel's peak may stop just short of it.
+/// Returns true when `peak` reached 99% of `limit`. A cgroup at its limit
+/// reclaims memory first, so the kernel's peak may stop just short of it.
 fn at_limit(peak: Option<u64>, limit: Option<u64>) -> bool {
     match (peak, limit) {
         (Some(peak), Some(limit)) => u128::from(peak) * 100 >= u128::from(limit) * 99,
@@ -590,6 +590,7 @@ mod tests {
             }),
         };
         tracker.observe(&first);
+
         let start = DateTime::parse_from_rfc3339("2026-12-05T04:30:00Z")
             .unwrap()
             .with_timezone(&Utc);
@@ -602,6 +603,7 @@ mod tests {
              memory_file_bytes=1048576 oom_kills=0 io_read_bytes=4096 io_write_bytes=8192 \
              net_rx_bytes=10 net_tx_bytes=20\n"
         );
+
         let mut second = first;
         second.cpu = Some(CpuUsage {
             total_usec: 2_750_000,
