@@ -106,8 +106,8 @@ pub struct Config {
     /// stream and `crunchstat.txt`, read from its cgroup. A last line
     /// follows its exit. 0 turns the statistics off, and with them the
     /// memory warnings and the cgroup's sign of an out-of-memory kill.
-    /// Default 10 s.
-    #[serde(deserialize_with = "duration::deserialize")]
+    /// Other values must be at least 100 ms. Default 10 s.
+    #[serde(deserialize_with = "stats_interval::deserialize")]
     pub stats_interval: Duration,
 }
 
@@ -158,6 +158,27 @@ fn resolve_docker_host(configured: Option<&str>, environment: Option<String>) ->
         .map(str::to_string)
         .or_else(|| environment.filter(|host| !host.is_empty()))
         .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string())
+}
+
+/// A statistics interval: 0 (off) or at least 100 ms.
+mod stats_interval {
+    use std::time::Duration;
+
+    use serde::Deserializer;
+
+    /// The shortest interval between statistics lines, so the log stream
+    /// stays readable and the cgroup reads stay cheap.
+    pub const MIN_STATS_INTERVAL: Duration = Duration::from_millis(100);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let interval = super::duration::deserialize(deserializer)?;
+        if !interval.is_zero() && interval < MIN_STATS_INTERVAL {
+            return Err(serde::de::Error::custom(format!(
+                "invalid stats_interval {interval:?}: expected 0 (off) or at least 100ms"
+            )));
+        }
+        Ok(interval)
+    }
 }
 
 /// A block size from 1 byte to 64 MiB.
@@ -331,6 +352,23 @@ mod tests {
         assert_eq!(config.log_checkpoint_interval, Duration::from_secs(5));
         assert_eq!(config.max_output_bytes, 1_000_000);
         assert_eq!(Config::default().block_size, 64 << 20);
+    }
+
+    #[test]
+    fn stats_interval_is_off_or_long_enough() {
+        let read = |text: &str| serde_yaml::from_str::<Config>(text);
+        assert_eq!(Config::default().stats_interval, Duration::from_secs(10));
+        assert_eq!(
+            read("stats_interval: 0").unwrap().stats_interval,
+            Duration::ZERO
+        );
+        assert_eq!(
+            read("stats_interval: 250ms").unwrap().stats_interval,
+            Duration::from_millis(250)
+        );
+        let error = read("stats_interval: 10ms").unwrap_err().to_string();
+        assert!(error.contains("invalid stats_interval 10ms"), "{error}");
+        assert!(error.contains("at least 100ms"), "{error}");
     }
 
     #[test]

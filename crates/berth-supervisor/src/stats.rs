@@ -83,6 +83,14 @@ pub struct Sampler {
     task: JoinHandle<StatsSummary>,
 }
 
+impl Drop for Sampler {
+    /// Stops the task when the sampler is dropped without
+    /// [`Sampler::finish`].
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 impl Sampler {
     /// Starts sampling the container `id`, writing lines to `output`
     /// every `interval` (which must not be zero). `ram_limit` is the RAM
@@ -105,9 +113,9 @@ impl Sampler {
 
     /// Takes the last reading, writes the `final` line and returns what
     /// the sampler learned. Call it once the container has exited.
-    pub async fn finish(self) -> StatsSummary {
+    pub async fn finish(mut self) -> StatsSummary {
         self.stop.cancel();
-        match self.task.await {
+        match (&mut self.task).await {
             Ok(summary) => summary,
             Err(error) => {
                 tracing::error!(error = %error, "the resource statistics task failed");
@@ -158,17 +166,23 @@ async fn run_sampler(
         for warning in tracker.observe(&sample) {
             log.warn(warning);
         }
-        if Instant::now() >= next_line {
-            next_line += interval;
+        let now = Instant::now();
+        if now >= next_line {
+            // After a stall the lines resume at the interval, without a burst.
+            next_line = (next_line + interval).max(now + interval / 2);
             output
                 .send(tracker.line("sample", Utc::now(), &sample))
                 .await;
         }
     }
 
-    // The final reading: the cgroup may be gone already.
-    let (sample, time) = match read_sample(&dirs).await {
-        Some(sample) => {
+    // The final reading: the cgroup may be gone already, and the process
+    // too, so its PID may name another process by now.
+    let mut final_dirs = CgroupDirs::clone(&dirs);
+    final_dirs.pid = None;
+    let (sample, time) = match read_sample(&Arc::new(final_dirs)).await {
+        Some(mut sample) => {
+            sample.net = tracker.summary.last.and_then(|last| last.net);
             for warning in tracker.observe(&sample) {
                 log.warn(warning);
             }
@@ -723,6 +737,147 @@ mod tests {
         );
         assert_eq!(oom_kill_warning(137, &summary(Some(LIMIT), 1)), None);
         assert_eq!(oom_kill_warning(0, &summary(Some(LIMIT), 0)), None);
+    }
+
+    /// A runtime whose container is this test process, so the sampler
+    /// reads a real cgroup. Only `pid` is used.
+    #[derive(Debug)]
+    struct ThisProcess(Option<u32>);
+
+    #[async_trait::async_trait]
+    impl Runtime for ThisProcess {
+        fn description(&self) -> String {
+            "this test process".into()
+        }
+        async fn ensure_image(
+            &self,
+            _: &crate::runtime::ImageSource,
+        ) -> Result<String, crate::runtime::RuntimeError> {
+            unreachable!()
+        }
+        async fn create(
+            &self,
+            _: &crate::runtime::ContainerSpec,
+        ) -> Result<ContainerId, crate::runtime::RuntimeError> {
+            unreachable!()
+        }
+        async fn attach(
+            &self,
+            _: &ContainerId,
+        ) -> Result<crate::runtime::OutputStream, crate::runtime::RuntimeError> {
+            unreachable!()
+        }
+        async fn start(&self, _: &ContainerId) -> Result<(), crate::runtime::RuntimeError> {
+            unreachable!()
+        }
+        async fn wait(&self, _: &ContainerId) -> Result<i64, crate::runtime::RuntimeError> {
+            unreachable!()
+        }
+        async fn stop(
+            &self,
+            _: &ContainerId,
+            _: Duration,
+        ) -> Result<(), crate::runtime::RuntimeError> {
+            unreachable!()
+        }
+        async fn remove(&self, _: &ContainerId) -> Result<(), crate::runtime::RuntimeError> {
+            unreachable!()
+        }
+        async fn pid(&self, _: &ContainerId) -> Result<Option<u32>, crate::runtime::RuntimeError> {
+            Ok(self.0)
+        }
+    }
+
+    /// A sink that keeps each stream's bytes.
+    #[derive(Default)]
+    struct MemorySink(std::sync::Mutex<Vec<u8>>);
+
+    #[async_trait::async_trait]
+    impl crate::logs::LogSink for MemorySink {
+        async fn append(
+            &self,
+            _stream: &str,
+            _offset: u64,
+            data: Bytes,
+        ) -> Result<u64, berth_client::ClientError> {
+            let mut stored = self.0.lock().unwrap();
+            stored.extend_from_slice(&data);
+            Ok(stored.len() as u64)
+        }
+    }
+
+    async fn sample_for(pid: Option<u32>, running: Duration) -> (StatsSummary, String, String) {
+        let sink = Arc::new(MemorySink::default());
+        let settings = crate::logs::LogSettings {
+            flush_bytes: 1,
+            flush_interval: Duration::from_millis(10),
+            retry_timeout: Duration::from_secs(1),
+            backoff: crate::retry::API_BACKOFF,
+        };
+        let writer = crate::logs::LogWriter::spawn(sink.clone(), STATS_STREAM, settings);
+        let log_sink = Arc::new(MemorySink::default());
+        let log_writer = crate::logs::LogWriter::spawn(log_sink.clone(), "supervisor", settings);
+        let log = SupervisorLog::new();
+        let forward = log.attach(&log_writer);
+
+        let sampler = Sampler::spawn(
+            Arc::new(ThisProcess(pid)),
+            ContainerId("test".into()),
+            writer.input(),
+            log.clone(),
+            Duration::from_millis(100),
+            Some(LIMIT),
+        );
+        tokio::time::sleep(running).await;
+        let summary = sampler.finish().await;
+
+        writer.close().await;
+        log.detach();
+        forward.await.unwrap();
+        log_writer.close().await;
+        let lines = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let log_text = String::from_utf8(log_sink.0.lock().unwrap().clone()).unwrap();
+        (summary, lines, log_text)
+    }
+
+    #[tokio::test]
+    async fn sampler_reads_this_process_cgroup() {
+        let pid = std::process::id();
+        let dirs = CgroupDirs::locate_process(pid).unwrap();
+        if dirs.is_empty() {
+            eprintln!("skipped: this host shows no cgroup with statistics for process {pid}");
+            return;
+        }
+        let (summary, lines, log) = sample_for(Some(pid), Duration::from_millis(450)).await;
+        assert!(summary.sampled, "{log}");
+        let kinds: Vec<&str> = lines
+            .lines()
+            .map(|line| line.split(' ').nth(1).unwrap())
+            .collect();
+        assert!(kinds.len() >= 2, "a sample and the final line:\n{lines}");
+        assert_eq!(kinds.last(), Some(&"final"), "{lines}");
+        assert!(
+            kinds[..kinds.len() - 1]
+                .iter()
+                .all(|kind| *kind == "sample"),
+            "{lines}"
+        );
+        assert!(
+            log.contains("reading resource statistics every 0.1s"),
+            "{log}"
+        );
+        assert!(log.contains("resource use: "), "{log}");
+    }
+
+    #[tokio::test]
+    async fn sampler_without_process_writes_nothing() {
+        let (summary, lines, log) = sample_for(None, Duration::from_millis(50)).await;
+        assert_eq!(summary, StatsSummary::default());
+        assert_eq!(lines, "");
+        assert!(
+            log.contains("WARN no resource statistics: the container runtime reports no process"),
+            "{log}"
+        );
     }
 
     #[test]
