@@ -276,7 +276,10 @@ fn find_with_marker(
     let root = mount.root.trim_end_matches('/');
     // A path outside the mount's root is shown relative to a cgroup
     // namespace; it is taken as relative to the mount point.
-    let relative = path.strip_prefix(root).unwrap_or(path);
+    let relative = match path.strip_prefix(root) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => path,
+    };
     let mut dir = mount.mount_point.clone();
     for part in relative.split('/') {
         match part {
@@ -673,6 +676,17 @@ mod tests {
         assert_eq!(
             dirs.memory.unwrap().path,
             PathBuf::from("/sys/fs/cgroup/docker-4f1c2a.scope")
+        );
+    }
+
+    #[test]
+    fn mount_root_matches_whole_components() {
+        let mountinfo = "40 31 0:37 /system /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let exists = existing(&["/sys/fs/cgroup/system.slice/docker-4f1c2a.scope/memory.current"]);
+        let dirs = CgroupDirs::locate(UNIFIED_PROC_CGROUP, mountinfo, exists);
+        assert_eq!(
+            dirs.memory.unwrap().path,
+            PathBuf::from("/sys/fs/cgroup/system.slice/docker-4f1c2a.scope")
         );
     }
 

@@ -463,6 +463,8 @@ impl OutOfMemory {
 /// for memory, from the runtime's record (`runtime_flag`), the sampler's
 /// `summary` and the RAM constraint `ram_limit` in bytes. The signs are
 /// tried from the strongest down.
+// NOTE: a container killed before the sampler's first reading has only the
+// runtime's flag, which Podman 4.3 on cgroup v1 leaves false.
 pub fn detect_out_of_memory(
     runtime_flag: bool,
     exit_code: i64,
