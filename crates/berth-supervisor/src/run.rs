@@ -49,9 +49,7 @@ use crate::retry::{retry, API_BACKOFF};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
 use crate::spec::{container_spec, SpecError};
-use crate::stats::{
-    detect_out_of_memory, oom_kill_warning, OutOfMemory, Sampler, STATS_FILE, STATS_STREAM,
-};
+use crate::stats::{OutOfMemory, RunStats, STATS_FILE, STATS_STREAM};
 use crate::stop::StopHandle;
 
 /// Exit status of `berth supervise` when a final state was recorded.
@@ -444,18 +442,12 @@ struct Run<'a> {
     /// `runtime_status.warning`.
     warnings: Vec<String>,
     /// The resource statistics, from the container's start until
-    /// [`Run::finish_stats`].
-    stats: Option<Stats>,
+    /// [`Run::finish_stats`] or the cleanup.
+    stats: Option<RunStats>,
     /// Set when the container exited because it ran out of memory.
     out_of_memory: Option<OutOfMemory>,
     /// Whether [`Run::cleanup`] has run.
     cleaned_up: bool,
-}
-
-/// The resource statistics sampler and its log stream.
-struct Stats {
-    sampler: Sampler,
-    writer: LogWriter,
 }
 
 /// The container's output on its way to the log streams.
@@ -665,90 +657,51 @@ impl Run<'_> {
             "the container exited with status {}",
             describe_exit(code)
         ));
-        self.check_out_of_memory(runtime.as_ref(), &id, code, spec.memory_bytes)
-            .await;
+        self.finish_stats(runtime.as_ref(), &id, code).await;
         Ok(code)
     }
 
     /// Starts the resource statistics of the started container, unless
-    /// `stats_interval` is 0. Its stream is held until `Running`, as the
+    /// `stats_interval` is 0. Their stream is held until `Running`, as the
     /// container's output is.
     fn start_stats(&mut self, runtime: Arc<dyn Runtime>, id: &ContainerId, ram: Option<i64>) {
-        let interval = self.config.stats_interval;
-        if interval.is_zero() {
+        if self.config.stats_interval.is_zero() {
             self.log
                 .info("resource statistics are off (stats_interval is 0)");
             return;
         }
         let release = self.output.as_ref().map(|output| output.release.clone());
-        let writer = match self.copies.as_ref().map(|copies| copies.stats.clone()) {
-            Some(copy) => LogWriter::spawn_copied(
-                self.sink.clone(),
-                STATS_STREAM,
-                self.log_settings,
-                release,
-                copy,
-            ),
-            None => match release {
-                Some(release) => LogWriter::spawn_held(
-                    self.sink.clone(),
-                    STATS_STREAM,
-                    self.log_settings,
-                    release,
-                ),
-                None => LogWriter::spawn(self.sink.clone(), STATS_STREAM, self.log_settings),
-            },
-        };
-        let sampler = Sampler::spawn(
-            runtime,
-            id.clone(),
-            writer.input(),
-            self.log.clone(),
-            interval,
-            ram.and_then(|bytes| u64::try_from(bytes).ok()),
-        );
-        self.stats = Some(Stats { sampler, writer });
-    }
-
-    /// Ends the statistics with a last reading and closes their stream.
-    /// Returns what the sampler learned, or `None` without statistics.
-    async fn finish_stats(&mut self) -> Option<crate::stats::StatsSummary> {
-        let Stats { sampler, writer } = self.stats.take()?;
-        let summary = sampler.finish().await;
-        if let Some(warning) = stream_warning(&writer.close().await) {
-            self.warn(warning);
-        }
-        Some(summary)
-    }
-
-    /// Decides whether the exited container ran out of memory, from the
-    /// runtime's record and the statistics, and logs the finding.
-    async fn check_out_of_memory(
-        &mut self,
-        runtime: &dyn Runtime,
-        id: &ContainerId,
-        code: i64,
-        ram: Option<i64>,
-    ) {
-        let summary = self.finish_stats().await.unwrap_or_default();
-        let runtime_flag = match runtime.oom_killed(id).await {
-            Ok(flag) => flag,
-            Err(error) => {
-                self.log.warn(format!(
-                    "failed to ask the container runtime whether the container ran out of memory: {error}"
-                ));
-                false
+        let copy = self.copies.as_ref().map(|copies| copies.stats.clone());
+        let (sink, settings) = (self.sink.clone(), self.log_settings);
+        let writer = match (copy, release) {
+            (Some(copy), release) => {
+                LogWriter::spawn_copied(sink, STATS_STREAM, settings, release, copy)
             }
+            (None, Some(release)) => LogWriter::spawn_held(sink, STATS_STREAM, settings, release),
+            (None, None) => LogWriter::spawn(sink, STATS_STREAM, settings),
         };
         let ram = ram.and_then(|bytes| u64::try_from(bytes).ok());
-        if let Some(warning) = oom_kill_warning(code, &summary) {
+        self.stats = Some(RunStats::start(
+            runtime,
+            id.clone(),
+            writer,
+            self.log.clone(),
+            self.config.stats_interval,
+            ram,
+        ));
+    }
+
+    /// Ends the statistics of the exited container and records whether it
+    /// ran out of memory.
+    async fn finish_stats(&mut self, runtime: &dyn Runtime, id: &ContainerId, code: i64) {
+        let Some(stats) = self.stats.take() else {
+            return;
+        };
+        let (found, warnings, stream) = stats.finish_exited(runtime, id, code).await;
+        for warning in warnings.into_iter().chain(stream_warning(&stream)) {
             self.warn(warning);
         }
-        if let Some(found) = detect_out_of_memory(runtime_flag, code, &summary, ram) {
-            self.log
-                .error(format!("{}: {}", OutOfMemory::ERROR, found.detail()));
-            self.out_of_memory = Some(found);
-        }
+        self.out_of_memory = found;
     }
 
     fn check_stop(&self) -> Result<(), RunError> {
@@ -848,7 +801,11 @@ impl Run<'_> {
                 self.stop_container(runtime.as_ref(), &id).await;
             }
         }
-        self.finish_stats().await;
+        if let Some(stats) = self.stats.take() {
+            if let Some(warning) = stream_warning(&stats.close().await) {
+                self.warn(warning);
+            }
+        }
         self.flush_output().await;
         if let (Some(runtime), Some(id)) = (self.runtime.clone(), self.container.clone()) {
             self.remove_container(runtime.as_ref(), &id).await;

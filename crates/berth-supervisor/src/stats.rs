@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cgroup::{CgroupDirs, ControllerDir, Sample, Version};
-use crate::logs::{LogInput, SupervisorLog};
+use crate::logs::{LogInput, LogSummary, LogWriter, SupervisorLog};
 use crate::runtime::{ContainerId, Runtime};
 
 /// The live log stream of the statistics.
@@ -122,6 +122,80 @@ impl Sampler {
                 StatsSummary::default()
             }
         }
+    }
+}
+
+/// The statistics of one run: the sampler and its log stream.
+#[derive(Debug)]
+pub struct RunStats {
+    sampler: Sampler,
+    writer: LogWriter,
+    log: SupervisorLog,
+    ram_limit: Option<u64>,
+}
+
+impl RunStats {
+    /// Starts sampling the started container `id` into `writer` every
+    /// `interval` (not zero). `ram_limit` is the RAM constraint in bytes.
+    pub fn start(
+        runtime: Arc<dyn Runtime>,
+        id: ContainerId,
+        writer: LogWriter,
+        log: SupervisorLog,
+        interval: Duration,
+        ram_limit: Option<u64>,
+    ) -> RunStats {
+        let sampler = Sampler::spawn(
+            runtime,
+            id,
+            writer.input(),
+            log.clone(),
+            interval,
+            ram_limit,
+        );
+        RunStats {
+            sampler,
+            writer,
+            log,
+            ram_limit,
+        }
+    }
+
+    /// Ends the statistics of a container that did not exit (it was
+    /// stopped, or the run failed) and closes their stream.
+    pub async fn close(self) -> LogSummary {
+        self.sampler.finish().await;
+        self.writer.close().await
+    }
+
+    /// Ends the statistics of the container that exited with `code`, and
+    /// decides from them and from the runtime's record whether it ran out
+    /// of memory. Returns that finding, warnings for
+    /// `runtime_status.warning`, and the stream's summary.
+    pub async fn finish_exited(
+        self,
+        runtime: &dyn Runtime,
+        id: &ContainerId,
+        code: i64,
+    ) -> (Option<OutOfMemory>, Vec<String>, LogSummary) {
+        let summary = self.sampler.finish().await;
+        let stream = self.writer.close().await;
+        let runtime_flag = match runtime.oom_killed(id).await {
+            Ok(flag) => flag,
+            Err(error) => {
+                self.log.warn(format!(
+                    "failed to ask the container runtime whether the container ran out of memory: {error}"
+                ));
+                false
+            }
+        };
+        let warnings: Vec<String> = oom_kill_warning(code, &summary).into_iter().collect();
+        let found = detect_out_of_memory(runtime_flag, code, &summary, self.ram_limit);
+        if let Some(found) = &found {
+            self.log
+                .error(format!("{}: {}", OutOfMemory::ERROR, found.detail()));
+        }
+        (found, warnings, stream)
     }
 }
 
