@@ -767,10 +767,12 @@ mod tests {
                  253:0 rbytes=512 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n",
             ),
         ]);
+
         let cpu = read_cpu(Version::V2, &file).unwrap();
         assert_eq!(cpu.total_usec, 2_489_345);
         assert_eq!(cpu.user_usec, Some(1_905_436));
         assert_eq!(cpu.system_usec, Some(583_909));
+
         let memory = read_memory(Version::V2, &file).unwrap();
         assert_eq!(memory.current, 52_559_872);
         assert_eq!(memory.peak, Some(64 << 20));
@@ -778,6 +780,7 @@ mod tests {
         assert_eq!(memory.anon, Some(50_331_648));
         assert_eq!(memory.file, Some(1_966_080));
         assert_eq!(memory.oom_kills, Some(1));
+
         let io = read_io(Version::V2, &file).unwrap();
         assert_eq!(io.read_bytes, 1_049_088);
         assert_eq!(io.write_bytes, 12_288);
@@ -786,6 +789,7 @@ mod tests {
     #[test]
     fn v2_without_limit_or_peak() {
         let file = files(&[("memory.current", "4096\n"), ("memory.max", "max\n")]);
+
         let memory = read_memory(Version::V2, &file).unwrap();
         assert_eq!(memory.limit, None);
         assert_eq!(memory.peak, None);
@@ -820,10 +824,12 @@ mod tests {
                  8:0 Discard 0\n8:0 Total 12288\n8:16 Read 1\n8:16 Write 2\nTotal 12291\n",
             ),
         ]);
+
         let cpu = read_cpu(Version::V1, &file).unwrap();
         assert_eq!(cpu.total_usec, 4039);
         assert_eq!(cpu.user_usec, Some(1000));
         assert_eq!(cpu.system_usec, Some(3000));
+
         let memory = read_memory(Version::V1, &file).unwrap();
         assert_eq!(memory.current, 286_720);
         assert_eq!(memory.peak, Some(32 << 20));
@@ -831,6 +837,7 @@ mod tests {
         assert_eq!(memory.anon, Some(53_248));
         assert_eq!(memory.file, Some(65_536));
         assert_eq!(memory.oom_kills, Some(1));
+
         let io = read_io(Version::V1, &file).unwrap();
         assert_eq!(
             io,
@@ -849,10 +856,12 @@ mod tests {
             ("memory.usage_in_bytes", "4096\n"),
             ("memory.limit_in_bytes", "9223372036854771712\n"),
         ]);
+
         let cpu = read_cpu(Version::V1, &file).unwrap();
         assert_eq!(cpu.total_usec, 2_500_000);
         assert_eq!(cpu.user_usec, Some(1_800_000));
         assert_eq!(cpu.system_usec, Some(400_000));
+
         let memory = read_memory(Version::V1, &file).unwrap();
         assert_eq!(memory.limit, None);
     }
