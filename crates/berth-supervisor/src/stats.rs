@@ -1,8 +1,9 @@
 //! Resource statistics of a running container, and out-of-memory kills.
 //!
 //! Once the container has started, a [`Sampler`] gets the container's
-//! main process from the runtime, finds that process's cgroup ([`crate::cgroup`]) and reads
-//! it every [`POLL_INTERVAL`]. Every `supervisor.stats_interval` it writes
+//! main process from the runtime, finds that process's cgroup
+//! ([`crate::cgroup`]) and reads it every [`POLL_INTERVAL`]. [`RunStats`]
+//! pairs it with its log stream. Every `supervisor.stats_interval` it writes
 //! one line to the `crunchstat` log stream, which the log collection
 //! keeps as `crunchstat.txt`. After the container exits it writes a
 //! `final` line. The line is read then if the cgroup still exists, and
@@ -24,6 +25,10 @@
 //!
 //! [`detect_out_of_memory`] decides after the exit whether the container
 //! was killed for memory, and names the sign it went by.
+//!
+//! `memory_bytes` includes the page cache, and `memory_anon_bytes` does
+//! not. On cgroup v1 `io_write_bytes` misses buffered writes, because only
+//! cgroup v2 charges writeback to the cgroup that dirtied the pages.
 
 use std::sync::Arc;
 use std::time::Duration;
