@@ -121,6 +121,14 @@ pub struct Config {
     /// collection larger than this cancels its container. Default
     /// 34359738368 (32 GiB).
     pub cache_max_bytes: u64,
+    /// How often a line of the container's resource use (CPU time,
+    /// memory, block I/O, network) is written to its `crunchstat` log
+    /// stream and `crunchstat.txt`, read from its cgroup. A last line
+    /// follows its exit. 0 turns the statistics off, and with them the
+    /// memory warnings and the cgroup's sign of an out-of-memory kill.
+    /// Other values must be at least 100 ms. Default 10 s.
+    #[serde(deserialize_with = "stats_interval::deserialize")]
+    pub stats_interval: Duration,
 }
 
 impl Default for Config {
@@ -144,6 +152,7 @@ impl Default for Config {
             max_output_bytes: 0,
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            stats_interval: Duration::from_secs(10),
         }
     }
 }
@@ -171,6 +180,27 @@ fn resolve_docker_host(configured: Option<&str>, environment: Option<String>) ->
         .map(str::to_string)
         .or_else(|| environment.filter(|host| !host.is_empty()))
         .unwrap_or_else(|| DEFAULT_DOCKER_HOST.to_string())
+}
+
+/// A statistics interval: 0 (off) or at least 100 ms.
+mod stats_interval {
+    use std::time::Duration;
+
+    use serde::Deserializer;
+
+    /// The shortest interval between statistics lines, so the log stream
+    /// stays readable and the cgroup reads stay cheap.
+    pub const MIN_STATS_INTERVAL: Duration = Duration::from_millis(100);
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let interval = super::duration::deserialize(deserializer)?;
+        if !interval.is_zero() && interval < MIN_STATS_INTERVAL {
+            return Err(serde::de::Error::custom(format!(
+                "invalid stats_interval {interval:?}: expected 0 (off) or at least 100ms"
+            )));
+        }
+        Ok(interval)
+    }
 }
 
 /// A block size from 1 byte to 64 MiB.
@@ -362,6 +392,23 @@ mod tests {
         assert_eq!(config.log_checkpoint_interval, Duration::from_secs(5));
         assert_eq!(config.max_output_bytes, 1_000_000);
         assert_eq!(Config::default().block_size, 64 << 20);
+    }
+
+    #[test]
+    fn stats_interval_is_off_or_long_enough() {
+        let read = |text: &str| serde_yaml::from_str::<Config>(text);
+        assert_eq!(Config::default().stats_interval, Duration::from_secs(10));
+        assert_eq!(
+            read("stats_interval: 0").unwrap().stats_interval,
+            Duration::ZERO
+        );
+        assert_eq!(
+            read("stats_interval: 250ms").unwrap().stats_interval,
+            Duration::from_millis(250)
+        );
+        let error = read("stats_interval: 10ms").unwrap_err().to_string();
+        assert!(error.contains("invalid stats_interval 10ms"), "{error}");
+        assert!(error.contains("at least 100ms"), "{error}");
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //! - [`spec`]: the container record turned into a runtime spec;
 //! - [`runtime`]: the runtime contract and the Docker Engine API runtime;
 //! - [`logs`]: log streams sent to the controller at byte offsets;
+//! - [`cgroup`] and [`stats`]: the container's resource use, read from
+//!   its cgroup into the `crunchstat` log, and out-of-memory kills;
 //! - [`retry`]: backoff for transient failures;
 //! - `run`: the steps of one run, its cleanup and its final state.
 
@@ -28,6 +30,7 @@
 
 pub mod archive;
 pub mod cache;
+pub mod cgroup;
 pub mod config;
 pub mod gpu;
 pub mod image;
@@ -40,6 +43,7 @@ mod run;
 pub mod runtime;
 pub mod spec;
 pub mod staging;
+pub mod stats;
 pub mod stop;
 
 use anyhow::Context;

@@ -4,7 +4,8 @@
 //! ([`LogCopy`]), so the collection contains the bytes the live log API
 //! returned, in the same order. The files are `stdout.txt`, `stderr.txt`,
 //! `crunch-run.txt` (the supervisor's own log, under the name Arvados
-//! clients read) and `node-info.txt`.
+//! clients read), `crunchstat.txt` (the container's resource use) and
+//! `node-info.txt`.
 //!
 //! [`LogCollection::save`] writes the files' new bytes as blocks and
 //! creates the collection `logs for <uuid>`, or updates it on later saves.

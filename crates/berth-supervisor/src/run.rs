@@ -51,6 +51,7 @@ use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
 use crate::spec::{container_spec, SpecError};
 use crate::staging::{StagedCollections, Stager, StagingError};
+use crate::stats::{OutOfMemory, RunStats, STATS_FILE, STATS_STREAM};
 use crate::stop::StopHandle;
 
 /// Exit status of `berth supervise` when a final state was recorded.
@@ -228,6 +229,8 @@ async fn supervise_container(
         copies,
         globs: Globs::default(),
         warnings: early_warnings,
+        stats: None,
+        out_of_memory: None,
         cleaned_up: false,
     };
     let outcome = match run.execute_and_save(&container).await {
@@ -243,6 +246,7 @@ async fn supervise_container(
     };
     run.cleanup().await;
     let mut warnings = std::mem::take(&mut run.warnings);
+    let out_of_memory = run.out_of_memory.take();
     drop(run);
 
     // The supervisor stream is flushed before the final state, because
@@ -277,6 +281,7 @@ async fn supervise_container(
         &outcome,
         log_pdh.as_deref(),
         &warnings,
+        out_of_memory.as_ref(),
     )
     .await
 }
@@ -286,6 +291,7 @@ struct LogCopies {
     supervisor: LogCopy,
     stdout: LogCopy,
     stderr: LogCopy,
+    stats: LogCopy,
 }
 
 /// Creates the log collection's local files, `node-info.txt` among them.
@@ -301,6 +307,7 @@ fn create_log_collection(
         supervisor: logs.add_stream(SUPERVISOR_LOG_FILE)?,
         stdout: logs.add_stream("stdout.txt")?,
         stderr: logs.add_stream("stderr.txt")?,
+        stats: logs.add_stream(STATS_FILE)?,
     };
     Ok((logs, copies))
 }
@@ -387,9 +394,10 @@ async fn record_final_state(
     outcome: &Outcome,
     log_pdh: Option<&str>,
     warnings: &[String],
+    out_of_memory: Option<&OutOfMemory>,
 ) -> i32 {
     let state = outcome.state();
-    let attributes = final_attributes(outcome, log_pdh, warnings);
+    let attributes = final_attributes(outcome, log_pdh, warnings, out_of_memory);
     // NOTE: a final state that cannot be recorded within
     // final_update_timeout is lost; the dispatcher then cancels the
     // container when its job ends. A local journal could replay it.
@@ -442,6 +450,11 @@ struct Run<'a> {
     /// Problems that did not change the outcome; recorded in
     /// `runtime_status.warning`.
     warnings: Vec<String>,
+    /// The resource statistics, from the container's start until
+    /// [`Run::finish_stats`] or the cleanup.
+    stats: Option<RunStats>,
+    /// Set when the container exited because it ran out of memory.
+    out_of_memory: Option<OutOfMemory>,
     /// Whether [`Run::cleanup`] has run.
     cleaned_up: bool,
 }
@@ -665,6 +678,7 @@ impl Run<'_> {
         runtime.start(&id).await?;
         self.started = true;
         self.log.info("started the container");
+        self.start_stats(runtime.clone(), &id, spec.memory_bytes);
 
         self.check_stop()?;
         self.until_stopped(self.set_running()).await??;
@@ -679,7 +693,51 @@ impl Run<'_> {
             "the container exited with status {}",
             describe_exit(code)
         ));
+        self.finish_stats(runtime.as_ref(), &id, code).await;
         Ok(code)
+    }
+
+    /// Starts the resource statistics of the started container, unless
+    /// `stats_interval` is 0. Their stream is held until `Running`, as the
+    /// container's output is.
+    fn start_stats(&mut self, runtime: Arc<dyn Runtime>, id: &ContainerId, ram: Option<i64>) {
+        if self.config.stats_interval.is_zero() {
+            self.log
+                .info("resource statistics are off (stats_interval is 0)");
+            return;
+        }
+        let release = self.output.as_ref().map(|output| output.release.clone());
+        let copy = self.copies.as_ref().map(|copies| copies.stats.clone());
+        let (sink, settings) = (self.sink.clone(), self.log_settings);
+        let writer = match (copy, release) {
+            (Some(copy), release) => {
+                LogWriter::spawn_copied(sink, STATS_STREAM, settings, release, copy)
+            }
+            (None, Some(release)) => LogWriter::spawn_held(sink, STATS_STREAM, settings, release),
+            (None, None) => LogWriter::spawn(sink, STATS_STREAM, settings),
+        };
+        let ram = ram.and_then(|bytes| u64::try_from(bytes).ok());
+        self.stats = Some(RunStats::start(
+            runtime,
+            id.clone(),
+            writer,
+            self.log.clone(),
+            self.config.stats_interval,
+            ram,
+        ));
+    }
+
+    /// Ends the statistics of the exited container and records whether it
+    /// ran out of memory.
+    async fn finish_stats(&mut self, runtime: &dyn Runtime, id: &ContainerId, code: i64) {
+        let Some(stats) = self.stats.take() else {
+            return;
+        };
+        let (found, warnings, stream) = stats.finish_exited(runtime, id, code).await;
+        for warning in warnings.into_iter().chain(stream_warning(&stream)) {
+            self.warn(warning);
+        }
+        self.out_of_memory = found;
     }
 
     fn check_stop(&self) -> Result<(), RunError> {
@@ -777,6 +835,11 @@ impl Run<'_> {
         if let (Some(runtime), Some(id)) = (self.runtime.clone(), self.container.clone()) {
             if self.started && !self.exited {
                 self.stop_container(runtime.as_ref(), &id).await;
+            }
+        }
+        if let Some(stats) = self.stats.take() {
+            if let Some(warning) = stream_warning(&stats.close().await) {
+                self.warn(warning);
             }
         }
         self.flush_output().await;
@@ -920,7 +983,14 @@ impl Drop for Run<'_> {
 }
 
 /// Builds the one update that records the final state.
-fn final_attributes(outcome: &Outcome, log_pdh: Option<&str>, warnings: &[String]) -> Value {
+/// A container that ran out of memory is still `Complete` with its exit
+/// code, and `runtime_status.error` gives the reason it ended.
+fn final_attributes(
+    outcome: &Outcome,
+    log_pdh: Option<&str>,
+    warnings: &[String],
+    out_of_memory: Option<&OutOfMemory>,
+) -> Value {
     let mut attributes = Map::new();
     let mut status = Map::new();
     match outcome {
@@ -930,6 +1000,10 @@ fn final_attributes(outcome: &Outcome, log_pdh: Option<&str>, warnings: &[String
             attributes.insert("exit_code".into(), json!(code));
             if let Some(output) = output {
                 attributes.insert("output".into(), json!(output));
+            }
+            if let Some(found) = out_of_memory {
+                status.insert("error".into(), json!(OutOfMemory::ERROR));
+                status.insert("errorDetail".into(), json!(found.detail()));
             }
         }
         Outcome::Cancelled(reason) => {
@@ -993,7 +1067,7 @@ mod tests {
 
     #[test]
     fn complete_carries_the_exit_code_only() {
-        let attributes = final_attributes(&Outcome::Exited(3, None), None, &[]);
+        let attributes = final_attributes(&Outcome::Exited(3, None), None, &[], None);
         assert_eq!(attributes, json!({"state": "Complete", "exit_code": 3}));
     }
 
@@ -1005,6 +1079,7 @@ mod tests {
             &Outcome::Exited(0, Some(output.to_string())),
             Some(log),
             &[],
+            None,
         );
         assert_eq!(
             attributes,
@@ -1018,6 +1093,7 @@ mod tests {
             &Outcome::Cancelled("cancelled by signal SIGTERM".into()),
             None,
             &[],
+            None,
         );
         assert_eq!(
             attributes,
@@ -1026,9 +1102,27 @@ mod tests {
     }
 
     #[test]
+    fn out_of_memory_is_complete_with_error() {
+        let found = OutOfMemory {
+            sign: crate::stats::OomSign::CgroupCounter(1),
+            peak_memory: Some(32 << 20),
+            limit: Some(32 << 20),
+        };
+        let warnings = vec!["a warning".to_string()];
+        let attributes =
+            final_attributes(&Outcome::Exited(137, None), None, &warnings, Some(&found));
+        assert_eq!(attributes["state"], "Complete");
+        assert_eq!(attributes["exit_code"], 137);
+        let status = &attributes["runtime_status"];
+        assert_eq!(status["error"], "container ran out of memory");
+        assert_eq!(status["errorDetail"], found.detail());
+        assert_eq!(status["warning"], "a warning");
+    }
+
+    #[test]
     fn warnings_go_to_runtime_status() {
         let warnings = vec!["first".to_string(), "second".to_string()];
-        let attributes = final_attributes(&Outcome::Exited(0, None), None, &warnings);
+        let attributes = final_attributes(&Outcome::Exited(0, None), None, &warnings, None);
         assert_eq!(attributes["runtime_status"]["warning"], "first");
         assert_eq!(
             attributes["runtime_status"]["warningDetail"],

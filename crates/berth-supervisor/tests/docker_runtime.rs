@@ -210,6 +210,57 @@ async fn stop_ends_a_sleeping_container() {
 }
 
 #[tokio::test]
+async fn pid_and_cgroup_of_a_running_container() {
+    if skip("pid_and_cgroup_of_a_running_container") {
+        return;
+    }
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let mut spec = spec(&uuid, &["sleep", "600"]);
+    spec.memory_bytes = Some(64 << 20);
+    let id = runtime.create(&spec).await.unwrap();
+    assert_eq!(
+        runtime.pid(&id).await.unwrap(),
+        None,
+        "created, not running"
+    );
+    let _output = runtime.attach(&id).await.unwrap();
+    runtime.start(&id).await.unwrap();
+
+    let pid = runtime
+        .pid(&id)
+        .await
+        .unwrap()
+        .expect("a running container has a PID");
+    let command = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert_eq!(
+        command, b"sleep\x00600\x00",
+        "the PID is the container's process"
+    );
+    let dirs = berth_supervisor::cgroup::CgroupDirs::locate_process(pid).unwrap();
+    let memory = dirs.memory.clone().expect("the container's memory cgroup");
+    assert!(
+        memory.path.to_string_lossy().contains(&id.0),
+        "the cgroup is the container's own: {memory:?}"
+    );
+    let sample = dirs.read();
+    let read = sample.memory.expect("memory counters");
+    assert_eq!(read.limit, Some(64 << 20));
+    assert!(read.current > 0, "{read:?}");
+    assert!(sample.cpu.is_some(), "{sample:?}");
+
+    runtime.stop(&id, Duration::from_secs(1)).await.unwrap();
+    runtime.wait(&id).await.unwrap();
+    assert_eq!(runtime.pid(&id).await.unwrap(), None, "exited");
+    assert!(
+        !runtime.oom_killed(&id).await.unwrap(),
+        "a stopped container was not killed for memory"
+    );
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
 async fn limits_and_network_are_visible_through_inspect() {
     if skip("limits_and_network_are_visible_through_inspect") {
         return;

@@ -147,7 +147,7 @@ async fn append_log(
     if api.container["uuid"] != uuid {
         return error(StatusCode::NOT_FOUND, format!("container {uuid} not found"));
     }
-    if !["stdout", "stderr", "supervisor"].contains(&stream.as_str()) {
+    if !["stdout", "stderr", "supervisor", "crunchstat"].contains(&stream.as_str()) {
         return error(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("invalid log stream {stream}"),

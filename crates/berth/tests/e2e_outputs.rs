@@ -231,6 +231,7 @@ async fn output_and_log_collections_are_byte_exact() {
         names,
         [
             "crunch-run.txt",
+            "crunchstat.txt",
             "node-info.txt",
             "stderr.txt",
             "stdout.txt"

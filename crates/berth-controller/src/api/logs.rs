@@ -53,7 +53,7 @@ pub const CONTAINER_STATE_HEADER: &str = "x-berth-container-state";
 fn parse_stream(name: &str) -> Result<LogStream, ApiError> {
     LogStream::parse(name).ok_or_else(|| {
         ApiError::invalid(format!(
-            "invalid log stream {name:?}: expected stdout, stderr or supervisor"
+            "invalid log stream {name:?}: expected stdout, stderr, supervisor or crunchstat"
         ))
     })
 }

@@ -546,16 +546,25 @@ pub enum LogStream {
     Stderr,
     /// Messages of the supervisor itself.
     Supervisor,
+    /// The container's resource use (CPU, memory, I/O), a line per
+    /// sample, written by the supervisor.
+    Crunchstat,
 }
 
 impl LogStream {
-    pub const ALL: [LogStream; 3] = [LogStream::Stdout, LogStream::Stderr, LogStream::Supervisor];
+    pub const ALL: [LogStream; 4] = [
+        LogStream::Stdout,
+        LogStream::Stderr,
+        LogStream::Supervisor,
+        LogStream::Crunchstat,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LogStream::Stdout => "stdout",
             LogStream::Stderr => "stderr",
             LogStream::Supervisor => "supervisor",
+            LogStream::Crunchstat => "crunchstat",
         }
     }
 
@@ -571,7 +580,9 @@ impl FromStr for LogStream {
 
     fn from_str(name: &str) -> std::result::Result<Self, Self::Err> {
         LogStream::parse(name).ok_or_else(|| {
-            format!("invalid log stream {name:?}: expected stdout, stderr or supervisor")
+            format!(
+                "invalid log stream {name:?}: expected stdout, stderr, supervisor or crunchstat"
+            )
         })
     }
 }

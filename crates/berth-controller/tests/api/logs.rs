@@ -222,6 +222,22 @@ async fn append_needs_offset_and_known_stream() {
 }
 
 #[tokio::test]
+async fn crunchstat_stream_is_kept_apart() {
+    let (api, alice, uuid, token) = locked_container().await;
+    let line: &[u8] = b"2026-12-05T04:30:00.000000000Z sample cpu_seconds=0.1000\n";
+    let reply = api.append_log(&uuid, "crunchstat", 0, &token, line).await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(size_of(&reply), line.len() as u64);
+
+    let read = api.read_log(&uuid, "crunchstat", "offset=0", &alice).await;
+    read.expect(StatusCode::OK);
+    assert_eq!(read.body.as_ref(), line);
+    let supervisor = api.read_log(&uuid, "supervisor", "offset=0", &alice).await;
+    supervisor.expect(StatusCode::OK);
+    assert!(supervisor.body.is_empty());
+}
+
+#[tokio::test]
 async fn oversized_chunk_is_413() {
     let api = TestApi::with_config(|config| config.max_log_chunk_bytes = 1024).await;
     let alice = api.user("alice", false).await;

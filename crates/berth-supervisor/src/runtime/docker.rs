@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::container::{
-    AttachContainerOptions, Config as CreateConfig, CreateContainerOptions, LogOutput,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions, WaitContainerOptions,
+    AttachContainerOptions, Config as CreateConfig, CreateContainerOptions,
+    InspectContainerOptions, LogOutput, RemoveContainerOptions, StartContainerOptions,
+    StopContainerOptions, WaitContainerOptions,
 };
 use bollard::errors::Error as DockerError;
 use bollard::image::{CreateImageOptions, ImportImageOptions};
-use bollard::models::{DeviceMapping, DeviceRequest, HostConfig};
+use bollard::models::{ContainerState, DeviceMapping, DeviceRequest, HostConfig};
 use bollard::{ClientVersion, Docker};
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::io::ReaderStream;
@@ -152,6 +153,19 @@ impl DockerRuntime {
 
     /// Returns the ID of the image `reference` names, or `None` if the
     /// store does not hold it.
+    /// Inspects a container and returns its `State`.
+    async fn container_state(
+        &self,
+        id: &ContainerId,
+    ) -> Result<Option<ContainerState>, RuntimeError> {
+        let options = InspectContainerOptions { size: false };
+        self.docker
+            .inspect_container(&id.0, Some(options))
+            .await
+            .map(|inspected| inspected.state)
+            .map_err(|error| request_error("inspect container", &id.0, error))
+    }
+
     async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
         match self.docker.inspect_image(reference).await {
             Ok(image) => Ok(Some(image.id.unwrap_or_default())),
@@ -399,6 +413,22 @@ impl Runtime for DockerRuntime {
             Err(error) if is_not_found(&error) => Ok(()),
             Err(error) => Err(request_error("remove container", &id.0, error)),
         }
+    }
+
+    async fn pid(&self, id: &ContainerId) -> Result<Option<u32>, RuntimeError> {
+        let state = self.container_state(id).await?;
+        // A container that is not running reports PID 0.
+        let pid = state
+            .filter(|state| state.running == Some(true))
+            .and_then(|state| state.pid)
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|pid| *pid > 0);
+        Ok(pid)
+    }
+
+    async fn oom_killed(&self, id: &ContainerId) -> Result<bool, RuntimeError> {
+        let state = self.container_state(id).await?;
+        Ok(state.and_then(|state| state.oom_killed).unwrap_or(false))
     }
 }
 

@@ -219,4 +219,20 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// Removes the container, killing it if it still runs. A container
     /// that is already gone counts as removed.
     async fn remove(&self, id: &ContainerId) -> Result<(), RuntimeError>;
+
+    /// Returns the host process ID of the container's main process while
+    /// it runs, so its cgroup can be found for resource statistics.
+    /// Returns `None` when the container is not running or the runtime
+    /// does not report the process; the default reports none.
+    async fn pid(&self, _id: &ContainerId) -> Result<Option<u32>, RuntimeError> {
+        Ok(None)
+    }
+
+    /// Returns whether the runtime recorded that the kernel killed the
+    /// container for memory. Called after [`Runtime::wait`] and before
+    /// [`Runtime::remove`]. The default, for a runtime that keeps no such
+    /// record, is false.
+    async fn oom_killed(&self, _id: &ContainerId) -> Result<bool, RuntimeError> {
+        Ok(false)
+    }
 }

@@ -49,6 +49,8 @@ pub enum Stream {
     Stdout,
     Stderr,
     Supervisor,
+    /// The container's resource use, a line per sample.
+    Crunchstat,
 }
 
 impl Stream {
@@ -58,6 +60,7 @@ impl Stream {
             Stream::Stdout => "stdout",
             Stream::Stderr => "stderr",
             Stream::Supervisor => "supervisor",
+            Stream::Crunchstat => "crunchstat",
         }
     }
 }

@@ -95,7 +95,9 @@ async fn show_container(
         async move {
             let output: Box<dyn AsyncWrite + Unpin + Send> = match stream {
                 Stream::Stdout => Box::new(tokio::io::stdout()),
-                Stream::Stderr | Stream::Supervisor => Box::new(tokio::io::stderr()),
+                Stream::Stderr | Stream::Supervisor | Stream::Crunchstat => {
+                    Box::new(tokio::io::stderr())
+                }
             };
             copy_stream(api, container_uuid, stream, mode, output, events, stop).await
         }
