@@ -528,6 +528,9 @@ mod tests {
         let mut builder = tar::Builder::new(Vec::new());
         for item in items {
             let mut header = tar::Header::new_gnu();
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
             match item {
                 Item::File(path, data) => {
                     header.set_entry_type(tar::EntryType::Regular);
