@@ -16,7 +16,8 @@
 //!   them;
 //! - [`image`]: what a `docker save` archive holds;
 //! - [`spec`]: the container record turned into a runtime spec;
-//! - [`runtime`]: the runtime contract and the Docker Engine API runtime;
+//! - [`runtime`]: the runtime contract, its Docker, OCI and Singularity
+//!   implementations, and the choice between them;
 //! - [`logs`]: log streams sent to the controller at byte offsets;
 //! - [`retry`]: backoff for transient failures;
 //! - `run`: the steps of one run, its cleanup and its final state.

@@ -555,10 +555,7 @@ impl Run<'_> {
                 .until_stopped(connecting)
                 .await?
                 .map_err(RunError::ConnectTask)??,
-            None => {
-                self.until_stopped(connect_runtime(self.config))
-                    .await??
-            }
+            None => self.until_stopped(connect_runtime(self.config)).await??,
         };
         if let Some(server) = connected.docker.clone() {
             let server_log = self.log.clone();

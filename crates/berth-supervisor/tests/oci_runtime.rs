@@ -50,7 +50,9 @@ async fn crun() -> Crun {
 }
 
 fn archive_source() -> ImageSource {
-    ImageSource::Archive(ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap())
+    ImageSource::Archive(
+        ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap(),
+    )
 }
 
 /// Returns a spec for the test image's archive as `runtime` prepared it.
@@ -64,7 +66,10 @@ async fn archive_spec(runtime: &dyn Runtime, command: &[&str]) -> ContainerSpec 
 /// Creates, attaches, starts and waits for a container and collects its
 /// output. Leaves the container for the caller to inspect and remove.
 async fn run(runtime: &dyn Runtime, spec: &ContainerSpec) -> (ContainerId, Finished) {
-    let id = runtime.create(spec).await.unwrap_or_else(|error| panic!("{error}"));
+    let id = runtime
+        .create(spec)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
     let mut output = runtime.attach(&id).await.unwrap();
     let collector = tokio::spawn(async move {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
@@ -123,7 +128,11 @@ async fn second_container_reuses_the_unpacked_image() {
         return;
     }
     let crun = crun().await;
-    let first = archive_spec(&crun.runtime, &["sh", "-c", "echo one > /etc/written; cat /etc/written"]).await;
+    let first = archive_spec(
+        &crun.runtime,
+        &["sh", "-c", "echo one > /etc/written; cat /etc/written"],
+    )
+    .await;
     let hex = first.image.trim_start_matches("sha256:").to_string();
     let entry = crun.cache.path().join("rootfs").join(&hex);
     let inode = std::fs::metadata(&entry).unwrap().ino();
@@ -142,7 +151,10 @@ async fn second_container_reuses_the_unpacked_image() {
         "the image was unpacked again"
     );
     let finished = run_and_remove(&again, &second).await;
-    assert_eq!(finished.stdout, "absent\n", "a container's write reached the cached image");
+    assert_eq!(
+        finished.stdout, "absent\n",
+        "a container's write reached the cached image"
+    );
     assert!(!entry.join("rootfs/etc/written").exists());
 }
 
@@ -160,7 +172,11 @@ async fn memory_limit_kills_with_137() {
     assert!(!finished.stdout.contains("survived"));
     assert!(crun.runtime.oom_killed(&id));
     let cgroup = crun.runtime.cgroup_path(&id).unwrap();
-    assert!(cgroup.ends_with(format!("berth/{}", spec.name)), "{}", cgroup.display());
+    assert!(
+        cgroup.ends_with(format!("berth/{}", spec.name)),
+        "{}",
+        cgroup.display()
+    );
     crun.runtime.remove(&id).await.unwrap();
     assert!(!crun.runtime.bundle_dir(&spec.name).exists());
 }
@@ -171,7 +187,11 @@ async fn container_under_its_limit_is_not_oom_killed() {
         return;
     }
     let crun = crun().await;
-    let mut spec = archive_spec(&crun.runtime, &["sh", "-c", "cat /proc/self/cgroup >/dev/null; exit 0"]).await;
+    let mut spec = archive_spec(
+        &crun.runtime,
+        &["sh", "-c", "cat /proc/self/cgroup >/dev/null; exit 0"],
+    )
+    .await;
     spec.memory_bytes = Some(64 << 20);
     spec.nano_cpus = Some(500_000_000);
     let (id, finished) = run(&crun.runtime, &spec).await;
@@ -200,7 +220,11 @@ async fn network_off_leaves_only_loopback() {
         .collect();
     assert!(host.len() > 1, "the host has only {host:?}");
     for interface in &host {
-        assert!(finished.stdout.contains(interface.as_str()), "{interface} missing from {}", finished.stdout);
+        assert!(
+            finished.stdout.contains(interface.as_str()),
+            "{interface} missing from {}",
+            finished.stdout
+        );
     }
 }
 
@@ -235,8 +259,14 @@ async fn binds_workdir_and_env_apply() {
         finished.stdout,
         "input\nin read-only\n/out\nhello there\n/root\n/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
     );
-    assert_eq!(std::fs::read(input.path().join("in.txt")).unwrap(), b"input\n");
-    assert_eq!(std::fs::read(output.path().join("result")).unwrap(), b"written\n");
+    assert_eq!(
+        std::fs::read(input.path().join("in.txt")).unwrap(),
+        b"input\n"
+    );
+    assert_eq!(
+        std::fs::read(output.path().join("result")).unwrap(),
+        b"written\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -283,13 +313,19 @@ async fn stop_ends_a_sleeping_container() {
     let _output = crun.runtime.attach(&id).await.unwrap();
     crun.runtime.start(&id).await.unwrap();
     let began = Instant::now();
-    crun.runtime.stop(&id, Duration::from_secs(1)).await.unwrap();
+    crun.runtime
+        .stop(&id, Duration::from_secs(1))
+        .await
+        .unwrap();
     let code = crun.runtime.wait(&id).await.unwrap();
     assert!(code == 137 || code == 143, "exit status {code}");
     assert!(began.elapsed() < Duration::from_secs(30));
     crun.runtime.remove(&id).await.unwrap();
     // Stopping and removing again count as done.
-    crun.runtime.stop(&id, Duration::from_secs(1)).await.unwrap();
+    crun.runtime
+        .stop(&id, Duration::from_secs(1))
+        .await
+        .unwrap();
     crun.runtime.remove(&id).await.unwrap();
 }
 

@@ -88,7 +88,15 @@ async fn sif_is_built_once_per_node() {
     let sif = first.ensure_image(&archive_source()).await.unwrap();
     let archive = ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap();
     let hex = archive.image().id.trim_start_matches("sha256:").to_string();
-    assert_eq!(sif, cache.path().join("sif").join(format!("{hex}.sif")).display().to_string());
+    assert_eq!(
+        sif,
+        cache
+            .path()
+            .join("sif")
+            .join(format!("{hex}.sif"))
+            .display()
+            .to_string()
+    );
 
     let second = singularity(cache.path(), work.path()).await;
     assert_eq!(second.ensure_image(&archive_source()).await.unwrap(), sif);
@@ -138,7 +146,10 @@ async fn exec_arguments_and_clean_environment() {
         stdout,
         "input\nin read-only\n/out\nEMPTY=\nGREETING=hello there\nHOME=/root\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\nPWD=/out\nSHLVL=1\nlo\n"
     );
-    assert_eq!(std::fs::read(output.path().join("result")).unwrap(), b"written\n");
+    assert_eq!(
+        std::fs::read(output.path().join("result")).unwrap(),
+        b"written\n"
+    );
 
     let call = last_exec(&cache.path().join("sif"));
     let argv: Vec<String> = serde_json::from_value(call["argv"].clone()).unwrap();
@@ -204,7 +215,10 @@ async fn exit_status_and_missing_command() {
     let mut spec = spec(&new_uuid(), &["sh", "-c", "echo out; echo err >&2; exit 5"]);
     spec.image = sif.clone();
     let (stdout, stderr, code) = run(&runtime, &spec).await;
-    assert_eq!((stdout.as_str(), stderr.as_str(), code), ("out\n", "err\n", 5));
+    assert_eq!(
+        (stdout.as_str(), stderr.as_str(), code),
+        ("out\n", "err\n", 5)
+    );
 
     spec.command = vec!["no-such-program".into()];
     let (_, stderr, code) = run(&runtime, &spec).await;

@@ -90,7 +90,10 @@ async fn oci_runtime_runs_archive_containers() {
     let first = run_to_end(
         &cluster,
         &oskar,
-        request(&archive, "echo from-crun > /out/result.txt; echo done; exit 3"),
+        request(
+            &archive,
+            "echo from-crun > /out/result.txt; echo done; exit 3",
+        ),
     )
     .await;
     assert_eq!(
@@ -130,7 +133,12 @@ async fn oci_runtime_runs_archive_containers() {
         .collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
     let inode = std::fs::metadata(&entries[0]).unwrap().ino();
-    let second = run_to_end(&cluster, &oskar, request(&archive, "cat /out/result.txt 2>&1; true")).await;
+    let second = run_to_end(
+        &cluster,
+        &oskar,
+        request(&archive, "cat /out/result.txt 2>&1; true"),
+    )
+    .await;
     assert_eq!(second.state, ContainerState::Complete, "{second:?}");
     assert_eq!(second.exit_code, Some(0));
     assert_eq!(std::fs::metadata(&entries[0]).unwrap().ino(), inode);
@@ -140,6 +148,9 @@ async fn oci_runtime_runs_archive_containers() {
     by_name["container_image"] = json!("localhost/busybox:latest");
     let refused = run_to_end(&cluster, &oskar, by_name).await;
     assert_eq!(refused.state, ContainerState::Cancelled);
-    let error = refused.runtime_status["error"].as_str().unwrap_or_default().to_string();
+    let error = refused.runtime_status["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(error.contains("docker save"), "{error}");
 }

@@ -144,14 +144,18 @@ pub fn bundle_config(
     match &spec.network {
         Network::None => {
             namespaces.push(json!({"type": "network"}));
-            mounts.push(json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                               "options": ["nosuid", "noexec", "nodev", "ro"]}));
+            mounts.push(
+                json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                               "options": ["nosuid", "noexec", "nodev", "ro"]}),
+            );
         }
         Network::Enabled { .. } => {
             // sysfs can be mounted only in a network namespace the mounter
             // owns, so the host's /sys is bound instead.
-            mounts.push(json!({"destination": "/sys", "type": "bind", "source": "/sys",
-                               "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}));
+            mounts.push(
+                json!({"destination": "/sys", "type": "bind", "source": "/sys",
+                               "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+            );
             for file in ["/etc/resolv.conf", "/etc/hosts"] {
                 if Path::new(file).exists() {
                     mounts.push(json!({"destination": file, "type": "bind", "source": file,
@@ -160,12 +164,16 @@ pub fn bundle_config(
             }
         }
     }
-    mounts.push(json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                       "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}));
+    mounts.push(
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                       "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}),
+    );
     if root_mode == RootMode::ReadOnly {
         for dir in READONLY_ROOT_TMPFS {
-            mounts.push(json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
-                               "options": ["nosuid", "nodev", "mode=1777"]}));
+            mounts.push(
+                json!({"destination": dir, "type": "tmpfs", "source": "tmpfs",
+                               "options": ["nosuid", "nodev", "mode=1777"]}),
+            );
         }
     }
     for bind in &spec.binds {
@@ -287,8 +295,16 @@ pub fn resolve_user(rootfs: &Path, user: &str) -> Result<(ProcessUser, String), 
     };
 
     // passwd lines: name:password:uid:gid:gecos:home:shell
-    let by_name = |name: &str| passwd.iter().find(|fields| fields.first().map(String::as_str) == Some(name));
-    let by_uid = |uid: u32| passwd.iter().find(|fields| fields.get(2).and_then(|f| f.parse().ok()) == Some(uid));
+    let by_name = |name: &str| {
+        passwd
+            .iter()
+            .find(|fields| fields.first().map(String::as_str) == Some(name))
+    };
+    let by_uid = |uid: u32| {
+        passwd
+            .iter()
+            .find(|fields| fields.get(2).and_then(|f| f.parse().ok()) == Some(uid))
+    };
     let (uid, entry) = if user_part.is_empty() {
         (0, by_uid(0))
     } else if let Ok(uid) = user_part.parse::<u32>() {
@@ -443,8 +459,14 @@ mod tests {
     fn limits_go_to_resources() {
         let value = config(&spec(), &image());
         let resources = &value["linux"]["resources"];
-        assert_eq!(resources["memory"], json!({"limit": 64 << 20, "swap": 64 << 20}));
-        assert_eq!(resources["cpu"], json!({"quota": 150_000, "period": 100_000}));
+        assert_eq!(
+            resources["memory"],
+            json!({"limit": 64 << 20, "swap": 64 << 20})
+        );
+        assert_eq!(
+            resources["cpu"],
+            json!({"quota": 150_000, "period": 100_000})
+        );
         assert_eq!(value["linux"]["cgroupsPath"], "/berth/x");
     }
 
@@ -472,7 +494,9 @@ mod tests {
         assert_eq!(bind["options"], json!(["rbind", "nosuid", "nodev", "ro"]));
         for destination in ["/proc", "/dev", "/dev/pts", "/dev/shm", "/sys"] {
             assert!(
-                mounts.iter().any(|mount| mount["destination"] == destination),
+                mounts
+                    .iter()
+                    .any(|mount| mount["destination"] == destination),
                 "{destination}"
             );
         }
@@ -490,7 +514,10 @@ mod tests {
             "/berth/x",
         )
         .unwrap();
-        assert_eq!(value["root"], json!({"path": "/cache/rootfs", "readonly": true}));
+        assert_eq!(
+            value["root"],
+            json!({"path": "/cache/rootfs", "readonly": true})
+        );
         let mounts = value["mounts"].as_array().unwrap();
         assert!(mounts.iter().any(|mount| mount["destination"] == "/tmp"));
     }
@@ -512,7 +539,13 @@ mod tests {
         );
         assert_eq!(
             resolve("alice").unwrap(),
-            (ProcessUser { uid: 1000, gid: 1001 }, "/home/alice".to_string())
+            (
+                ProcessUser {
+                    uid: 1000,
+                    gid: 1001
+                },
+                "/home/alice".to_string()
+            )
         );
         assert_eq!(
             resolve("alice:staff").unwrap().0,
@@ -520,7 +553,13 @@ mod tests {
         );
         assert_eq!(
             resolve("2000:3000").unwrap(),
-            (ProcessUser { uid: 2000, gid: 3000 }, "/".to_string())
+            (
+                ProcessUser {
+                    uid: 2000,
+                    gid: 3000
+                },
+                "/".to_string()
+            )
         );
         let error = resolve("bob").unwrap_err();
         assert!(error.to_string().contains("\"bob\""), "{error}");

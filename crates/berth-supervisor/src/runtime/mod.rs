@@ -73,7 +73,10 @@ pub enum RuntimeError {
     #[error("no container runtime is available: {reasons}; start the Docker daemon or `podman system service`, or install crun, runc, Singularity or Apptainer")]
     NoneAvailable { reasons: String },
     #[error("the {runtime} runtime runs images only from `docker save` archives, and {image} is an image name; set container_image to the absolute path of an archive inside a directory that supervisor.image_archive_dirs lists, or ask the administrator to set supervisor.runtime to docker")]
-    ArchiveRequired { runtime: &'static str, image: String },
+    ArchiveRequired {
+        runtime: &'static str,
+        image: String,
+    },
     #[error("the {runtime} runtime does not pass GPUs to containers; ask the administrator to set supervisor.runtime to docker or singularity for GPU nodes")]
     GpusUnsupported { runtime: &'static str },
     #[error("failed to {action} {target}: {program} exited with {status}: {message}")]

@@ -105,11 +105,18 @@ impl OciRuntime {
         image_cache_dir: &Path,
         work_dir: &Path,
     ) -> Result<OciRuntime, RuntimeError> {
-        let resolved = super::find_program(program).ok_or_else(|| RuntimeError::ProgramNotFound {
-            program: program.display().to_string(),
-            key: "oci_runtime",
-        })?;
-        let output = run(&resolved, ["--version"], "read the version of", "the OCI runtime").await?;
+        let resolved =
+            super::find_program(program).ok_or_else(|| RuntimeError::ProgramNotFound {
+                program: program.display().to_string(),
+                key: "oci_runtime",
+            })?;
+        let output = run(
+            &resolved,
+            ["--version"],
+            "read the version of",
+            "the OCI runtime",
+        )
+        .await?;
         let version = String::from_utf8_lossy(&output)
             .lines()
             .next()
@@ -176,7 +183,10 @@ impl OciRuntime {
         args: &[&str],
         action: &'static str,
     ) -> Result<Vec<u8>, RuntimeError> {
-        let mut full = vec!["--root".to_string(), container.state_root.display().to_string()];
+        let mut full = vec![
+            "--root".to_string(),
+            container.state_root.display().to_string(),
+        ];
         full.extend(args.iter().map(|arg| arg.to_string()));
         run(&self.program, full, action, &container.name).await
     }
@@ -209,7 +219,10 @@ impl OciRuntime {
 
     async fn unpack(&self, archive: &ImageArchive) -> Result<String, RuntimeError> {
         let id = archive.image().id.clone();
-        let key = id.strip_prefix("sha256:").unwrap_or(&id).to_ascii_lowercase();
+        let key = id
+            .strip_prefix("sha256:")
+            .unwrap_or(&id)
+            .to_ascii_lowercase();
         let cache_dir = self.cache_dir.clone();
         let archive = archive.clone();
         let path = archive.path().to_path_buf();
@@ -341,7 +354,10 @@ impl OciRuntime {
     /// Runs `create` of the OCI runtime with the container's stdout and
     /// stderr on new pipes, and returns the pipes' read ends. A failure
     /// carries what the runtime wrote to stderr.
-    async fn runtime_create(&self, container: &OciContainer) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+    async fn runtime_create(
+        &self,
+        container: &OciContainer,
+    ) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
         let (stdout_read, stdout_write) =
             io::pipe().map_err(|error| io_error("create a pipe for", &container.bundle, error))?;
         let (stderr_read, stderr_write) =
@@ -448,7 +464,13 @@ impl Runtime for OciRuntime {
                 return Err(error);
             }
         };
-        let state = self.runtime_command(&container, &["state", &container.name], "read the state of container").await;
+        let state = self
+            .runtime_command(
+                &container,
+                &["state", &container.name],
+                "read the state of container",
+            )
+            .await;
         let pid = state.and_then(|state| {
             serde_json::from_slice::<serde_json::Value>(&state)
                 .ok()
@@ -464,7 +486,13 @@ impl Runtime for OciRuntime {
         match pid {
             Ok(pid) => container.pid = pid,
             Err(error) => {
-                let _ = self.runtime_command(&container, &["delete", "--force", &container.name], "delete container").await;
+                let _ = self
+                    .runtime_command(
+                        &container,
+                        &["delete", "--force", &container.name],
+                        "delete container",
+                    )
+                    .await;
                 discard_bundle(&container).await;
                 return Err(error);
             }
@@ -481,7 +509,11 @@ impl Runtime for OciRuntime {
 
     async fn attach(&self, id: &ContainerId) -> Result<OutputStream, RuntimeError> {
         let container = self.known(id)?;
-        let pipes = container.output.lock().ok().and_then(|mut output| output.take());
+        let pipes = container
+            .output
+            .lock()
+            .ok()
+            .and_then(|mut output| output.take());
         let Some((stdout, stderr)) = pipes else {
             return Err(RuntimeError::Request {
                 action: "attach to container",
@@ -527,13 +559,21 @@ impl Runtime for OciRuntime {
         }
         self.start_waiter(&container);
         let signalled = self
-            .runtime_command(&container, &["kill", &container.name, "TERM"], "stop container")
+            .runtime_command(
+                &container,
+                &["kill", &container.name, "TERM"],
+                "stop container",
+            )
             .await;
         if Self::wait_exit(&container, Some(grace)).await.is_some() {
             return Ok(());
         }
         let killed = self
-            .runtime_command(&container, &["kill", &container.name, "KILL"], "kill container")
+            .runtime_command(
+                &container,
+                &["kill", &container.name, "KILL"],
+                "kill container",
+            )
             .await;
         if Self::wait_exit(&container, Some(KILL_WAIT)).await.is_some() {
             return Ok(());
@@ -547,14 +587,22 @@ impl Runtime for OciRuntime {
         };
         if !Self::has_exited(&container) {
             let _ = self
-                .runtime_command(&container, &["kill", &container.name, "KILL"], "kill container")
+                .runtime_command(
+                    &container,
+                    &["kill", &container.name, "KILL"],
+                    "kill container",
+                )
                 .await;
             // A container killed before it started must still be reaped.
             self.start_waiter(&container);
             let _ = Self::wait_exit(&container, Some(KILL_WAIT)).await;
         }
-        self.runtime_command(&container, &["delete", "--force", &container.name], "delete container")
-            .await?;
+        self.runtime_command(
+            &container,
+            &["delete", "--force", &container.name],
+            "delete container",
+        )
+        .await?;
         discard_bundle(&container).await;
         if let Ok(mut containers) = self.containers.lock() {
             containers.remove(&id.0);
@@ -571,14 +619,13 @@ pub(super) fn pipe_output(
     stderr: OwnedFd,
 ) -> Result<OutputStream, RuntimeError> {
     let stream = |fd: OwnedFd, kind: StdStream| -> Result<OutputStream, RuntimeError> {
-        let receiver =
-            tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(|error| {
-                RuntimeError::Request {
-                    action: "attach to container",
-                    target: target.to_string(),
-                    source: Box::new(error),
-                }
-            })?;
+        let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map_err(|error| {
+            RuntimeError::Request {
+                action: "attach to container",
+                target: target.to_string(),
+                source: Box::new(error),
+            }
+        })?;
         let target = target.to_string();
         Ok(ReaderStream::new(receiver)
             .map(move |chunk| {
@@ -600,7 +647,11 @@ pub(super) fn pipe_output(
 /// Unmounts the overlay and removes the bundle directory, logging what
 /// fails: the container has already gone at this point.
 async fn discard_bundle(container: &OciContainer) {
-    let overlay = container.overlay.lock().ok().and_then(|mut overlay| overlay.take());
+    let overlay = container
+        .overlay
+        .lock()
+        .ok()
+        .and_then(|mut overlay| overlay.take());
     if let Some(merged) = overlay {
         unmount(&merged).await;
     }
@@ -620,7 +671,12 @@ async fn remove_bundle(bundle: &Path) -> Result<(), RuntimeError> {
 
 /// Mounts an overlay of `lower` (read-only) and `upper` at `merged`.
 /// Returns the reason on failure.
-async fn mount_overlay(lower: &Path, upper: &Path, work: &Path, merged: &Path) -> Result<(), String> {
+async fn mount_overlay(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+) -> Result<(), String> {
     // The mount options are separated by commas and lower directories by
     // colons, so paths holding either cannot be given.
     for path in [lower, upper, work] {
@@ -722,11 +778,9 @@ pub(super) fn wait_for_exit(pid: i32) -> Result<i64, String> {
             Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128 + signal as i64),
             Ok(_) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(error) => {
-                return Err(format!(
-                    "failed to wait for process {pid}, which is not a child of the supervisor: {error}"
-                ))
-            }
+            Err(error) => return Err(format!(
+                "failed to wait for process {pid}, which is not a child of the supervisor: {error}"
+            )),
         }
     }
 }

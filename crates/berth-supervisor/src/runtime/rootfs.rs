@@ -375,7 +375,10 @@ fn apply_tar(root: &Path, layer: &str, reader: impl Read) -> Result<usize, Unpac
         let target = make_parents(root, &relative).map_err(write_error(&relative))?;
         let header = entry.header();
         let mode = header.mode().map_err(layer_error)? & 0o7777;
-        let owner = (header.uid().map_err(layer_error)?, header.gid().map_err(layer_error)?);
+        let owner = (
+            header.uid().map_err(layer_error)?,
+            header.gid().map_err(layer_error)?,
+        );
         let kind = header.entry_type();
         let written = if kind.is_dir() {
             match std::fs::symlink_metadata(&target) {
@@ -403,7 +406,11 @@ fn apply_tar(root: &Path, layer: &str, reader: impl Read) -> Result<usize, Unpac
                 .and_then(|()| std::os::unix::fs::symlink(&link, &target))
                 .and_then(|()| {
                     if as_root {
-                        std::os::unix::fs::lchown(&target, Some(owner.0 as u32), Some(owner.1 as u32))
+                        std::os::unix::fs::lchown(
+                            &target,
+                            Some(owner.0 as u32),
+                            Some(owner.1 as u32),
+                        )
                     } else {
                         Ok(())
                     }
@@ -600,7 +607,8 @@ mod tests {
             append(&mut builder, &name, data);
             names.push(name);
         }
-        let manifest = serde_json::json!([{"Config": "cfg.json", "RepoTags": null, "Layers": names}]);
+        let manifest =
+            serde_json::json!([{"Config": "cfg.json", "RepoTags": null, "Layers": names}]);
         append(
             &mut builder,
             "manifest.json",
@@ -708,10 +716,7 @@ mod tests {
 
     #[test]
     fn hard_link_inside_the_layer_works() {
-        let (dir, result) = unpack(&[layer(&[
-            Item::File("a", b"same"),
-            Item::HardLink("b", "a"),
-        ])]);
+        let (dir, result) = unpack(&[layer(&[Item::File("a", b"same"), Item::HardLink("b", "a")])]);
         result.unwrap();
         assert_eq!(std::fs::read(rootfs(&dir).join("b")).unwrap(), b"same");
     }
@@ -738,8 +743,8 @@ mod tests {
         }
         let path = dir.path().join("a.tar");
         std::fs::write(&path, builder.into_inner().unwrap()).unwrap();
-        let error = unpack_image(&mut File::open(&path).unwrap(), &dir.path().join("out"))
-            .unwrap_err();
+        let error =
+            unpack_image(&mut File::open(&path).unwrap(), &dir.path().join("out")).unwrap_err();
         assert!(error.to_string().contains("nope/layer.tar"), "{error}");
     }
 }

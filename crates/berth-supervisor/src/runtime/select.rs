@@ -42,7 +42,8 @@ pub async fn connect_runtime(config: &Config) -> Result<ConnectedRuntime, Runtim
             Ok(ConnectedRuntime::docker(docker, config))
         }
         RuntimeKind::Oci => {
-            let oci = OciRuntime::new(&config.oci_runtime, &config.image_cache_dir, &work_dir).await?;
+            let oci =
+                OciRuntime::new(&config.oci_runtime, &config.image_cache_dir, &work_dir).await?;
             Ok(ConnectedRuntime {
                 runtime: Arc::new(oci),
                 docker: None,
@@ -80,7 +81,10 @@ async fn detect(config: &Config, work_dir: &Path) -> Result<ConnectedRuntime, Ru
     if config.oci_runtime == Path::new("crun") {
         oci_programs.push("runc".into());
     }
-    if let Some(program) = oci_programs.iter().find(|program| find_program(program).is_some()) {
+    if let Some(program) = oci_programs
+        .iter()
+        .find(|program| find_program(program).is_some())
+    {
         match OciRuntime::new(program, &config.image_cache_dir, work_dir).await {
             Ok(oci) => {
                 return Ok(ConnectedRuntime {
@@ -101,8 +105,12 @@ async fn detect(config: &Config, work_dir: &Path) -> Result<ConnectedRuntime, Ru
         ));
     }
 
-    match SingularityRuntime::new(config.singularity.as_deref(), &config.image_cache_dir, work_dir)
-        .await
+    match SingularityRuntime::new(
+        config.singularity.as_deref(),
+        &config.image_cache_dir,
+        work_dir,
+    )
+    .await
     {
         Ok(singularity) => Ok(ConnectedRuntime {
             runtime: Arc::new(singularity),

@@ -40,7 +40,9 @@ use tokio::sync::watch;
 
 use super::cache::{ensure_entry, CacheError};
 use super::oci::{pipe_output, run};
-use super::{ContainerId, ContainerSpec, ImageSource, Network, OutputStream, Runtime, RuntimeError};
+use super::{
+    ContainerId, ContainerSpec, ImageSource, Network, OutputStream, Runtime, RuntimeError,
+};
 use crate::archive::ImageArchive;
 use crate::gpu::GpuStack;
 
@@ -113,12 +115,12 @@ impl SingularityRuntime {
         work_dir: &Path,
     ) -> Result<SingularityRuntime, RuntimeError> {
         let resolved = match program {
-            Some(program) => super::find_program(program).ok_or_else(|| {
-                RuntimeError::ProgramNotFound {
+            Some(program) => {
+                super::find_program(program).ok_or_else(|| RuntimeError::ProgramNotFound {
                     program: program.display().to_string(),
                     key: "singularity",
-                }
-            })?,
+                })?
+            }
             None => super::find_program(Path::new("singularity"))
                 .or_else(|| super::find_program(Path::new("apptainer")))
                 .ok_or_else(|| RuntimeError::ProgramNotFound {
@@ -126,7 +128,13 @@ impl SingularityRuntime {
                     key: "singularity",
                 })?,
         };
-        let output = run(&resolved, ["--version"], "read the version of", "Singularity").await?;
+        let output = run(
+            &resolved,
+            ["--version"],
+            "read the version of",
+            "Singularity",
+        )
+        .await?;
         let version = String::from_utf8_lossy(&output).trim().to_string();
         let flavor = if version.to_ascii_lowercase().starts_with("apptainer") {
             Flavor::Apptainer
@@ -167,7 +175,10 @@ impl SingularityRuntime {
 
     async fn convert(&self, archive: &ImageArchive) -> Result<String, RuntimeError> {
         let id = archive.image().id.clone();
-        let key = id.strip_prefix("sha256:").unwrap_or(&id).to_ascii_lowercase();
+        let key = id
+            .strip_prefix("sha256:")
+            .unwrap_or(&id)
+            .to_ascii_lowercase();
         let path = archive.path().to_path_buf();
         let load_error = |source: super::BoxError| RuntimeError::LoadImage {
             path: path.clone(),
@@ -186,7 +197,9 @@ impl SingularityRuntime {
                 .into(),
             ));
         }
-        let file = archive.reopen().map_err(|error| load_error(Box::new(error)))?;
+        let file = archive
+            .reopen()
+            .map_err(|error| load_error(Box::new(error)))?;
         let link = scratch.path().join("image.tar");
         std::os::unix::fs::symlink(
             format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()),
@@ -268,7 +281,10 @@ fn build_sif(
         String::from_utf8_lossy(&output.stderr)
     );
     if !output.status.success() {
-        return Err(build_error(output.status.to_string(), text.trim().to_string()));
+        return Err(build_error(
+            output.status.to_string(),
+            text.trim().to_string(),
+        ));
     }
     tracing::info!(dest = %dest.display(), "singularity build: {}", text.trim());
     Ok(())
@@ -404,7 +420,11 @@ impl Runtime for SingularityRuntime {
 
     async fn attach(&self, id: &ContainerId) -> Result<OutputStream, RuntimeError> {
         let container = self.known(id)?;
-        let readers = container.readers.lock().ok().and_then(|mut readers| readers.take());
+        let readers = container
+            .readers
+            .lock()
+            .ok()
+            .and_then(|mut readers| readers.take());
         let Some((stdout, stderr)) = readers else {
             return Err(RuntimeError::Request {
                 action: "attach to container",
@@ -417,7 +437,11 @@ impl Runtime for SingularityRuntime {
 
     async fn start(&self, id: &ContainerId) -> Result<(), RuntimeError> {
         let container = self.known(id)?;
-        let writers = container.writers.lock().ok().and_then(|mut writers| writers.take());
+        let writers = container
+            .writers
+            .lock()
+            .ok()
+            .and_then(|mut writers| writers.take());
         let Some((stdout, stderr)) = writers else {
             return Err(RuntimeError::Request {
                 action: "start container",
@@ -588,7 +612,12 @@ mod tests {
         let names: Vec<&str> = env.iter().map(|(name, _)| name.as_str()).collect();
         assert_eq!(
             names,
-            ["PATH", "SINGULARITY_NO_EVAL", "SINGULARITYENV_A", "SINGULARITYENV_B"]
+            [
+                "PATH",
+                "SINGULARITY_NO_EVAL",
+                "SINGULARITYENV_A",
+                "SINGULARITYENV_B"
+            ]
         );
         assert_eq!(env[3].1, "x y");
     }
