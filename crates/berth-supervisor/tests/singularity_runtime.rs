@@ -1,11 +1,11 @@
 //! The Singularity runtime against a stand-in `singularity` command.
 //!
 //! Singularity cannot be installed on the test machines, so these tests
-//! run `tests/stand-ins/singularity`, a stand-in that is not Singularity:
-//! it accepts only the command lines of the real tool that the supervisor
-//! uses, fails on anything else as the real tool fails on an unknown flag,
-//! records each call, and runs the command in an unpacked copy of the
-//! image with `unshare` and `chroot` (so it needs root). The tests check
+//! run `tests/stand-ins/singularity`, a stand-in that is not Singularity.
+//! It accepts only the command lines of the real tool that the supervisor
+//! uses, and fails on anything else as the real tool fails on an unknown
+//! flag. It records each call and runs the command in an unpacked copy of
+//! the image with `unshare` and `chroot`, so it needs root. The tests check
 //! the argument list and the environment the supervisor gives the tool,
 //! the SIF cache, and that the container sees only its own variables.
 //! They run only with `BERTH_INTEGRATION=1`.

@@ -91,7 +91,7 @@ pub struct ProcessUser {
     pub gid: u32,
 }
 
-/// How the container's root filesystem is provided.
+/// The source of the container's root filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootMode {
     /// A writable overlay on the cached image.

@@ -56,14 +56,14 @@ use crate::archive::ImageArchive;
 /// gets its own.
 pub const CGROUP_PARENT: &str = "/berth";
 
-/// The subdirectory of `supervisor.image_cache_dir` that holds unpacked
-/// images.
+/// The subdirectory of `supervisor.image_cache_dir` that contains
+/// unpacked images.
 pub const ROOTFS_CACHE_SUBDIR: &str = "rootfs";
 
 /// How long `remove` waits for a killed container to exit.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
-/// The most bytes of the runtime's error output kept for an error message.
+/// Maximum bytes of the runtime's error output kept for an error message.
 const MAX_ERROR_OUTPUT: u64 = 64 * 1024;
 
 /// An OCI runtime program (crun or runc) and the node's image cache.
@@ -778,9 +778,11 @@ pub(super) fn wait_for_exit(pid: i32) -> Result<i64, String> {
             Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128 + signal as i64),
             Ok(_) => continue,
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(error) => return Err(format!(
+            Err(error) => {
+                return Err(format!(
                 "failed to wait for process {pid}, which is not a child of the supervisor: {error}"
-            )),
+            ))
+            }
         }
     }
 }

@@ -41,7 +41,7 @@ pub const IMAGE_CONFIG_FILE: &str = "image-config.json";
 /// The largest `manifest.json` or image config file read.
 const MAX_JSON_BYTES: u64 = 16 << 20;
 
-/// The most symlinks followed between entries of the outer archive.
+/// Maximum symlinks followed between entries of the outer archive.
 const MAX_ARCHIVE_LINKS: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +141,7 @@ struct ManifestEntry {
     layers: Vec<String>,
 }
 
-/// Where an entry of the outer archive lies.
+/// The location of an entry of the outer archive.
 #[derive(Debug, Clone)]
 enum ArchiveEntry {
     File { offset: u64, size: u64 },

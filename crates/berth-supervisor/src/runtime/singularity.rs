@@ -16,7 +16,7 @@
 //! container's variables as `SINGULARITYENV_NAME` (`APPTAINERENV_NAME`
 //! for Apptainer), and `SINGULARITY_NO_EVAL=1` so that Singularity 3.10
 //! and later pass values without shell evaluation. The container thus
-//! sees neither the supervisor's environment nor its token, and only the
+//! gets neither the supervisor's environment nor its token, and only the
 //! mounts the container record asks for: `--containall` keeps the host's
 //! home directory, `/tmp` and the other default binds out.
 //!
@@ -46,14 +46,14 @@ use super::{
 use crate::archive::ImageArchive;
 use crate::gpu::GpuStack;
 
-/// The subdirectory of `supervisor.image_cache_dir` that holds SIF files.
+/// The subdirectory of `supervisor.image_cache_dir` that contains SIF files.
 pub const SIF_CACHE_SUBDIR: &str = "sif";
 
 /// How long `remove` waits for a killed container to exit.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
-/// Which program of the Singularity family runs the containers: the two
-/// take the same arguments but name their environment variables apart.
+/// A program of the Singularity family. Both take the same arguments but
+/// name their environment variables differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
     Singularity,
@@ -290,8 +290,8 @@ fn build_sif(
     Ok(())
 }
 
-/// The `PATH` the `singularity` process gets: the supervisor's own, so
-/// it finds its helpers, else the usual system directories.
+/// Returns the `PATH` of the `singularity` process: the supervisor's own,
+/// so it finds its helpers, else the usual system directories.
 fn host_path() -> String {
     std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_string())
 }
@@ -332,7 +332,8 @@ pub fn exec_command(flavor: Flavor, spec: &ContainerSpec) -> (Vec<String>, Vec<(
             GpuStack::Rocm => ("--rocm", "ROCR_VISIBLE_DEVICES"),
         };
         args.push(flag.into());
-        // Singularity exposes every GPU of the node unless told which.
+        // Singularity exposes every GPU of the node unless this variable names
+        // the job's devices.
         if !gpus.device_ids.is_empty() {
             env.push((format!("{prefix}{variable}"), gpus.device_ids.join(",")));
         }
