@@ -25,6 +25,10 @@
 //! root. Right after the container exits, and before `crun delete`
 //! removes the cgroup, the OOM kill counter of its memory controller is
 //! read, and [`OciRuntime::oom_killed`] reports it.
+//!
+//! NOTE: only crun 1.8 was run in the tests. runc takes the same commands
+//! and options, but its handling of the passed stdout and stderr is
+//! untested here.
 
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -54,6 +58,8 @@ use crate::archive::ImageArchive;
 
 /// The cgroup, relative to the cgroup root, under which each container
 /// gets its own.
+// NOTE: this is outside the batch job's cgroup, so the batch system's
+// own limits and accounting do not cover the container.
 pub const CGROUP_PARENT: &str = "/berth";
 
 /// The subdirectory of `supervisor.image_cache_dir` that contains
@@ -452,6 +458,8 @@ impl Runtime for OciRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError> {
+        // NOTE: passing GPUs would take their device files and, for CUDA,
+        // the driver libraries that the NVIDIA Container Toolkit's hook adds.
         if spec.gpus.is_some() {
             return Err(RuntimeError::GpusUnsupported { runtime: "oci" });
         }
