@@ -14,7 +14,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth_supervisor::archive::ImageArchive;
+use berth_supervisor::config::{Config, RuntimeKind};
 use berth_supervisor::runtime::oci::OciRuntime;
+use berth_supervisor::runtime::select::connect_runtime;
 use berth_supervisor::runtime::{
     BindMount, ContainerId, ContainerSpec, ImageSource, Network, Runtime, RuntimeError, StdStream,
 };
@@ -357,4 +359,51 @@ async fn image_by_name_needs_an_archive() {
     assert!(message.contains("localhost/busybox:latest"), "{message}");
     assert!(message.contains("docker save"), "{message}");
     assert!(message.contains("image_archive_dirs"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_prefers_docker_then_crun() {
+    if skip("auto_prefers_docker_then_crun") {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        runtime: RuntimeKind::Auto,
+        docker_host: Some(common::docker_host()),
+        image_cache_dir: cache.path().to_path_buf(),
+        ..Config::default()
+    };
+    let connected = connect_runtime(&config).await.unwrap();
+    assert!(connected.docker.is_some());
+    assert!(
+        connected
+            .runtime
+            .description()
+            .contains("Docker Engine API"),
+        "{}",
+        connected.runtime.description()
+    );
+
+    config.docker_host = Some("unix:///nonexistent/docker.sock".into());
+    let connected = connect_runtime(&config).await.unwrap();
+    assert!(connected.docker.is_none());
+    let description = connected.runtime.description();
+    assert!(description.contains("OCI runtime"), "{description}");
+    assert!(description.contains("crun"), "{description}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missing_oci_program_names_the_key() {
+    if skip("missing_oci_program_names_the_key") {
+        return;
+    }
+    let config = Config {
+        runtime: RuntimeKind::Oci,
+        oci_runtime: "no-such-crun".into(),
+        ..Config::default()
+    };
+    let error = connect_runtime(&config).await.unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("no-such-crun"), "{message}");
+    assert!(message.contains("supervisor.oci_runtime"), "{message}");
 }

@@ -172,6 +172,38 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_callers_build_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Barrier};
+
+        let dir = tempfile::tempdir().unwrap();
+        let builds = Arc::new(AtomicUsize::new(0));
+        let barrier = Arc::new(Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = dir.path().to_path_buf();
+                let builds = builds.clone();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    ensure_entry(&dir, "cafe", "", |path| {
+                        builds.fetch_add(1, Ordering::SeqCst);
+                        std::fs::create_dir(path).map_err(|_| BuildFailed)?;
+                        std::fs::write(path.join("content"), b"x").map_err(|_| BuildFailed)
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        let entries: Vec<CacheEntry> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert_eq!(builds.load(Ordering::SeqCst), 1);
+        assert_eq!(entries.iter().filter(|entry| entry.built).count(), 1);
+        for entry in &entries {
+            assert_eq!(std::fs::read(entry.path.join("content")).unwrap(), b"x");
+        }
+    }
+
+    #[test]
     fn key_must_be_hex() {
         let dir = tempfile::tempdir().unwrap();
         for key in ["", "../x", "AB", "sha256:ab"] {
