@@ -25,6 +25,7 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use super::devices::DeviceFile;
 use super::rootfs::ImageConfig;
 use super::{ContainerSpec, Network};
 
@@ -104,16 +105,31 @@ pub enum RootMode {
 /// Directories that get a tmpfs when the root filesystem is read-only.
 pub const READONLY_ROOT_TMPFS: &[&str] = &["/tmp", "/var/tmp", "/run"];
 
+/// The container's root filesystem and the host's share in the container.
+#[derive(Debug, Clone, Copy)]
+pub struct BundleLayout<'a> {
+    pub rootfs: &'a Path,
+    pub root_mode: RootMode,
+    /// The cgroup, relative to the cgroup root.
+    pub cgroups_path: &'a str,
+    /// Host device files created in the container, such as its GPUs.
+    pub devices: &'a [DeviceFile],
+}
+
 /// Builds the bundle's `config.json`.
 pub fn bundle_config(
     spec: &ContainerSpec,
     image: &ImageConfig,
     user: ProcessUser,
     home: &str,
-    rootfs: &Path,
-    root_mode: RootMode,
-    cgroups_path: &str,
+    layout: BundleLayout<'_>,
 ) -> Result<Value, BundleError> {
+    let BundleLayout {
+        rootfs,
+        root_mode,
+        cgroups_path,
+        devices,
+    } = layout;
     let args = process_args(spec, image)?;
     let env = process_env(spec, image, home);
     let cwd = spec
@@ -187,9 +203,27 @@ pub fn bundle_config(
         }));
     }
 
-    let mut resources = json!({
-        "devices": [{"allow": false, "access": "rwm"}],
-    });
+    let mut device_rules = vec![json!({"allow": false, "access": "rwm"})];
+    let mut linux_devices = Vec::new();
+    for device in devices {
+        linux_devices.push(json!({
+            "path": device.path,
+            "type": "c",
+            "major": device.major,
+            "minor": device.minor,
+            "fileMode": device.mode,
+            "uid": device.uid,
+            "gid": device.gid,
+        }));
+        device_rules.push(json!({
+            "allow": true,
+            "type": "c",
+            "major": device.major,
+            "minor": device.minor,
+            "access": "rwm",
+        }));
+    }
+    let mut resources = json!({"devices": device_rules});
     if let Some(bytes) = spec.memory_bytes {
         // The OCI `swap` limit is memory plus swap, so the same value
         // allows no swap.
@@ -225,6 +259,7 @@ pub fn bundle_config(
         "linux": {
             "cgroupsPath": cgroups_path,
             "resources": resources,
+            "devices": linux_devices,
             "namespaces": namespaces,
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
@@ -409,9 +444,12 @@ mod tests {
             image,
             ProcessUser { uid: 0, gid: 0 },
             "/root",
-            Path::new("/bundle/rootfs"),
-            RootMode::Overlay,
-            "/berth/x",
+            BundleLayout {
+                rootfs: Path::new("/bundle/rootfs"),
+                root_mode: RootMode::Overlay,
+                cgroups_path: "/berth/x",
+                devices: &[],
+            },
         )
         .unwrap()
     }
@@ -509,9 +547,12 @@ mod tests {
             &image(),
             ProcessUser { uid: 0, gid: 0 },
             "/",
-            Path::new("/cache/rootfs"),
-            RootMode::ReadOnly,
-            "/berth/x",
+            BundleLayout {
+                rootfs: Path::new("/cache/rootfs"),
+                root_mode: RootMode::ReadOnly,
+                cgroups_path: "/berth/x",
+                devices: &[],
+            },
         )
         .unwrap();
         assert_eq!(
@@ -520,6 +561,42 @@ mod tests {
         );
         let mounts = value["mounts"].as_array().unwrap();
         assert!(mounts.iter().any(|mount| mount["destination"] == "/tmp"));
+    }
+
+    #[test]
+    fn devices_are_created_and_allowed() {
+        let device = DeviceFile {
+            path: "/dev/nvidia0".into(),
+            major: 195,
+            minor: 0,
+            mode: 0o666,
+            uid: 0,
+            gid: 0,
+        };
+        let value = bundle_config(
+            &spec(),
+            &image(),
+            ProcessUser { uid: 0, gid: 0 },
+            "/",
+            BundleLayout {
+                rootfs: Path::new("/bundle/rootfs"),
+                root_mode: RootMode::Overlay,
+                cgroups_path: "/berth/x",
+                devices: std::slice::from_ref(&device),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            value["linux"]["devices"],
+            json!([{"path": "/dev/nvidia0", "type": "c", "major": 195, "minor": 0, "fileMode": 0o666, "uid": 0, "gid": 0}])
+        );
+        assert_eq!(
+            value["linux"]["resources"]["devices"],
+            json!([
+                {"allow": false, "access": "rwm"},
+                {"allow": true, "type": "c", "major": 195, "minor": 0, "access": "rwm"},
+            ])
+        );
     }
 
     #[test]

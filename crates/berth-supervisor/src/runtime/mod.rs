@@ -16,6 +16,7 @@
 
 pub mod bundle;
 pub mod cache;
+pub mod devices;
 pub mod docker;
 pub mod oci;
 pub mod rootfs;
@@ -77,8 +78,6 @@ pub enum RuntimeError {
         runtime: &'static str,
         image: String,
     },
-    #[error("the {runtime} runtime does not pass GPUs to containers; ask the administrator to set supervisor.runtime to docker or singularity for GPU nodes")]
-    GpusUnsupported { runtime: &'static str },
     #[error("failed to {action} {target}: {program} exited with {status}: {message}")]
     Command {
         program: String,

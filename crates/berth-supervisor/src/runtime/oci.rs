@@ -26,6 +26,8 @@
 //! removes the cgroup, the OOM kill counter of its memory controller is
 //! read, and [`OciRuntime::oom_killed`] reports it.
 //!
+//! GPUs are passed as the host's device files (see [`super::devices`]).
+//!
 //! NOTE: only crun 1.8 was run in the tests. runc takes the same commands
 //! and options, but its handling of the passed stdout and stderr is
 //! untested here.
@@ -47,14 +49,16 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tokio_util::io::ReaderStream;
 
-use super::bundle::{bundle_config, resolve_user, RootMode};
+use super::bundle::{bundle_config, resolve_user, BundleLayout, RootMode};
 use super::cache::{ensure_entry, remove_any, CacheError};
+use super::devices::gpu_device_files;
 use super::rootfs::{unpack_image, ImageConfig, UnpackError, ROOTFS_DIR};
 use super::{
     ContainerId, ContainerSpec, ImageSource, OutputChunk, OutputStream, Runtime, RuntimeError,
     StdStream,
 };
 use crate::archive::ImageArchive;
+use crate::gpu::GpuStack;
 
 /// The cgroup, relative to the cgroup root, under which each container
 /// gets its own.
@@ -326,12 +330,38 @@ impl OciRuntime {
                 source: Box::new(error),
             })?;
         let cgroups_path = format!("{CGROUP_PARENT}/{}", spec.name);
-        let config = bundle_config(spec, &image, user, &home, &rootfs, root_mode, &cgroups_path)
-            .map_err(|error| RuntimeError::Request {
+        let mut spec = spec.clone();
+        let devices = match &spec.gpus {
+            Some(gpus) => {
+                if gpus.stack == GpuStack::Rocm && !gpus.device_ids.is_empty() {
+                    spec.env.push(format!(
+                        "ROCR_VISIBLE_DEVICES={}",
+                        gpus.device_ids.join(",")
+                    ));
+                }
+                gpu_device_files(gpus, Path::new("/dev")).map_err(|error| {
+                    RuntimeError::Request {
+                        action: "pass GPUs to",
+                        target: spec.name.clone(),
+                        source: Box::new(error),
+                    }
+                })?
+            }
+            None => Vec::new(),
+        };
+        let layout = BundleLayout {
+            rootfs: &rootfs,
+            root_mode,
+            cgroups_path: &cgroups_path,
+            devices: &devices,
+        };
+        let config = bundle_config(&spec, &image, user, &home, layout).map_err(|error| {
+            RuntimeError::Request {
                 action: "write the bundle of",
                 target: spec.name.clone(),
                 source: Box::new(error),
-            })?;
+            }
+        })?;
         let config_path = bundle.join("config.json");
         let text = serde_json::to_vec_pretty(&config).map_err(|error| RuntimeError::Request {
             action: "write the bundle of",
@@ -458,13 +488,18 @@ impl Runtime for OciRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError> {
-        // NOTE: passing GPUs would take their device files and, for CUDA,
-        // the driver libraries that the NVIDIA Container Toolkit's hook adds.
-        if spec.gpus.is_some() {
-            return Err(RuntimeError::GpusUnsupported { runtime: "oci" });
-        }
         self.remove_leftover(&spec.name).await?;
-        let mut container = self.create_bundle(spec).await?;
+        let mut container = match self.create_bundle(spec).await {
+            Ok(container) => container,
+            Err(error) => {
+                let bundle = self.bundle_dir(&spec.name);
+                unmount(&bundle.join(ROOTFS_DIR)).await;
+                if let Err(cleanup) = remove_bundle(&bundle).await {
+                    tracing::warn!(container = %spec.name, error = %cleanup, "failed to remove the bundle");
+                }
+                return Err(error);
+            }
+        };
         let pipes = match self.runtime_create(&container).await {
             Ok(pipes) => pipes,
             Err(error) => {
