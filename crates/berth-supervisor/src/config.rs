@@ -60,8 +60,9 @@ pub struct Config {
     /// Absolute path of the node's image cache: the root filesystems the
     /// `oci` runtime unpacks and the SIF files the `singularity` runtime
     /// builds, each kept under the image ID so that later containers of
-    /// the same image reuse it. Nothing removes old entries. Default
-    /// `/var/lib/berth/image-cache`.
+    /// the same image reuse it. Its `rootfs` and `sif` subdirectories are
+    /// made readable by the supervisor's user only. Nothing removes old
+    /// entries. Default `/var/lib/berth/image-cache`.
     #[serde(deserialize_with = "absolute_dir::deserialize")]
     pub image_cache_dir: PathBuf,
     /// Docker Engine API endpoint, such as `unix:///run/podman/podman.sock`

@@ -339,7 +339,13 @@ async fn created_container_is_removed_unstarted() {
     let crun = crun().await;
     let spec = archive_spec(&crun.runtime, &["true"]).await;
     let id = crun.runtime.create(&spec).await.unwrap();
-    assert!(crun.runtime.bundle_dir(&spec.name).exists());
+    let bundle = crun.runtime.bundle_dir(&spec.name);
+    let mode = std::fs::metadata(&bundle).unwrap().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o700,
+        "the bundle's config.json contains the environment"
+    );
     crun.runtime.remove(&id).await.unwrap();
     assert!(!crun.runtime.bundle_dir(&spec.name).exists());
 }

@@ -11,6 +11,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// A cache entry that [`ensure_entry`] made or found.
@@ -64,6 +65,10 @@ pub fn ensure_entry<E: std::error::Error + 'static>(
         }
     };
     std::fs::create_dir_all(dir).map_err(io_error("create the directory", dir))?;
+    // An image may be one that only its owner can read, so only the
+    // supervisor's user may read the cache.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_error("restrict the permissions of", dir))?;
     let lock_path = dir.join(format!("{key}.lock"));
     let lock = OpenOptions::new()
         .create(true)
@@ -135,6 +140,8 @@ mod tests {
         .unwrap();
         assert!(first.built);
         assert_eq!(first.path, dir.path().join("ab12.sif"));
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
         let second = ensure_entry(dir.path(), "ab12", ".sif", |_| -> Result<(), BuildFailed> {
             panic!("the entry must not be built twice")
         })

@@ -35,6 +35,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -301,6 +302,10 @@ impl OciRuntime {
                 .await
                 .map_err(|error| io_error("create the bundle directory", dir, error))?;
         }
+        // config.json contains the container's environment.
+        tokio::fs::set_permissions(&bundle, std::fs::Permissions::from_mode(0o700))
+            .await
+            .map_err(|error| io_error("restrict the permissions of", &bundle, error))?;
 
         let root_mode = match mount_overlay(&lower, &upper, &work, &merged).await {
             Ok(()) => RootMode::Overlay,
