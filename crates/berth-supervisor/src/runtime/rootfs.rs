@@ -180,7 +180,7 @@ pub fn unpack_image(archive: &mut File, dest: &Path) -> Result<UnpackSummary, Un
     let write_error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| UnpackError::Write {
-            layer: String::new(),
+            layer: "(none: writing the image config)".to_string(),
             path,
             source,
         }
@@ -387,7 +387,10 @@ fn apply_tar(root: &Path, layer: &str, reader: impl Read) -> Result<usize, Unpac
                 Err(_) => std::fs::create_dir(&target),
             }
             .and_then(|()| set_owner_and_mode(&target, owner, mode, as_root))
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+        } else if kind.is_file()
+            || kind == tar::EntryType::Continuous
+            || kind == tar::EntryType::GNUSparse
+        {
             remove_any(&target)
                 .and_then(|()| {
                     let mut file = OpenOptions::new()
