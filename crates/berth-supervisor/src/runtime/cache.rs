@@ -76,7 +76,8 @@ pub fn ensure_entry<E: std::error::Error + 'static>(
         .write(true)
         .open(&lock_path)
         .map_err(io_error("open the lock file", &lock_path))?;
-    lock.lock().map_err(io_error("lock", &lock_path))?;
+    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io_error("lock", &lock_path)(io::Error::from(errno)))?;
 
     let path = dir.join(format!("{key}{suffix}"));
     match std::fs::symlink_metadata(&path) {

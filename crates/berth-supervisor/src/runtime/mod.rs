@@ -95,6 +95,12 @@ pub enum RuntimeError {
     },
 }
 
+/// Creates a pipe whose two ends are closed on exec. Returns the read end
+/// and the write end.
+pub(crate) fn new_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
 /// Returns the path of `program`: itself if it contains a `/`, else the
 /// first executable file of that name in a directory of `PATH`.
 pub fn find_program(program: &Path) -> Option<PathBuf> {

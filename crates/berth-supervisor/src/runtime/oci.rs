@@ -399,10 +399,10 @@ impl OciRuntime {
         &self,
         container: &OciContainer,
     ) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
-        let (stdout_read, stdout_write) =
-            io::pipe().map_err(|error| io_error("create a pipe for", &container.bundle, error))?;
-        let (stderr_read, stderr_write) =
-            io::pipe().map_err(|error| io_error("create a pipe for", &container.bundle, error))?;
+        let (stdout_read, stdout_write) = super::new_pipe()
+            .map_err(|error| io_error("create a pipe for", &container.bundle, error))?;
+        let (stderr_read, stderr_write) = super::new_pipe()
+            .map_err(|error| io_error("create a pipe for", &container.bundle, error))?;
         let mut command = Command::new(&self.program);
         command
             .arg("--root")
@@ -423,12 +423,14 @@ impl OciRuntime {
             source: Box::new(error),
         })?;
         if status.success() {
-            return Ok((stdout_read.into(), stderr_read.into()));
+            return Ok((stdout_read, stderr_read));
         }
         drop(stdout_read);
         let message = tokio::task::spawn_blocking(move || {
             let mut text = Vec::new();
-            let _ = stderr_read.take(MAX_ERROR_OUTPUT).read_to_end(&mut text);
+            let _ = std::fs::File::from(stderr_read)
+                .take(MAX_ERROR_OUTPUT)
+                .read_to_end(&mut text);
             String::from_utf8_lossy(&text).trim().to_string()
         })
         .await

@@ -401,15 +401,15 @@ impl Runtime for SingularityRuntime {
             target: spec.name.clone(),
             source: Box::new(error),
         };
-        let (stdout_read, stdout_write) = io::pipe().map_err(pipe_error)?;
-        let (stderr_read, stderr_write) = io::pipe().map_err(pipe_error)?;
+        let (stdout_read, stdout_write) = super::new_pipe().map_err(pipe_error)?;
+        let (stderr_read, stderr_write) = super::new_pipe().map_err(pipe_error)?;
         let (exit, _) = watch::channel(None);
         let container = SifContainer {
             name: spec.name.clone(),
             args,
             env,
-            writers: Mutex::new(Some((stdout_write.into(), stderr_write.into()))),
-            readers: Mutex::new(Some((stdout_read.into(), stderr_read.into()))),
+            writers: Mutex::new(Some((stdout_write, stderr_write))),
+            readers: Mutex::new(Some((stdout_read, stderr_read))),
             pid: Mutex::new(None),
             exit,
         };
