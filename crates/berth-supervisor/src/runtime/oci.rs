@@ -495,6 +495,9 @@ impl Runtime for OciRuntime {
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<ContainerId, RuntimeError> {
+        // A container of this name is a leftover: of this runtime, or of an
+        // earlier supervisor on the node, whose bundle is still there.
+        self.remove(&ContainerId(spec.name.clone())).await?;
         self.remove_leftover(&spec.name).await?;
         let mut container = match self.create_bundle(spec).await {
             Ok(container) => container,
