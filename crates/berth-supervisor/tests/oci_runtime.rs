@@ -413,3 +413,25 @@ async fn missing_oci_program_names_the_key() {
     assert!(message.contains("no-such-crun"), "{message}");
     assert!(message.contains("supervisor.oci_runtime"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leftover_bundle_is_replaced() {
+    if skip("leftover_bundle_is_replaced") {
+        return;
+    }
+    let crun = crun().await;
+    let spec = archive_spec(&crun.runtime, &["sh", "-c", "echo second"]).await;
+    // An earlier supervisor created the container and ended without
+    // removing it.
+    let earlier = OciRuntime::new(Path::new("crun"), crun.cache.path(), crun.work.path())
+        .await
+        .unwrap();
+    earlier.create(&spec).await.unwrap();
+    drop(earlier);
+    assert!(crun.runtime.bundle_dir(&spec.name).exists());
+
+    let finished = run_and_remove(&crun.runtime, &spec).await;
+    assert_eq!(finished.exit_code, 0, "stderr: {}", finished.stderr);
+    assert_eq!(finished.stdout, "second\n");
+    assert!(!crun.runtime.bundle_dir(&spec.name).exists());
+}
