@@ -10,9 +10,12 @@
 #   service-status  report whether the API service responds; exit 1 if not
 #
 # The fix-ups, each applied only when needed (so a second run changes nothing):
-#   1. apt-get install podman crun curl. Podman's recommended packages are
-#      kept (catatonit for --init, slirp4netns, fuse-overlayfs, uidmap): that
-#      is the combination this set-up was tested with.
+#   1. apt-get install podman crun curl python3 util-linux. Podman's
+#      recommended packages are kept (catatonit for --init, slirp4netns,
+#      fuse-overlayfs, uidmap): that is the combination this set-up was
+#      tested with. The supervisor's `oci` runtime tests run crun directly,
+#      and its Singularity stand-in (crates/berth-supervisor/tests/stand-ins)
+#      runs on python3 with util-linux's unshare and mount.
 #   2. cgroups: on a host with the hybrid layout (cgroup v1 controllers under
 #      /sys/fs/cgroup plus a cgroup2 tree at /sys/fs/cgroup/unified), crun
 #      refuses to create containers while the v2 tree still owns a controller
@@ -84,7 +87,7 @@ if [ "$command" = service-status ]; then
 fi
 
 # --------------------------------------------------------------- install
-apt_install podman crun curl
+apt_install podman crun curl python3 util-linux
 command -v podman >/dev/null || die "podman not found on PATH although its package is installed"
 
 # --------------------------------------------------------------- cgroups

@@ -24,10 +24,53 @@ pub const DEFAULT_CACHE_DIR: &str = "/var/lib/berth/cache";
 /// The default of `cache_max_bytes`: 32 GiB.
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 32 << 30;
 
+/// The directory `image_cache_dir` names by default.
+pub const DEFAULT_IMAGE_CACHE_DIR: &str = "/var/lib/berth/image-cache";
+
+/// The container runtime the supervisor runs containers with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// The Docker Engine API at `docker_host` (Docker, or Podman's
+    /// Docker-compatible socket).
+    #[default]
+    Docker,
+    /// An OCI runtime (`oci_runtime`, crun by default) on a bundle
+    /// unpacked from a `docker save` archive.
+    Oci,
+    /// Singularity or Apptainer through its command line (`singularity`).
+    Singularity,
+    /// Docker if its socket replies to `/_ping`, else the OCI runtime if
+    /// `oci_runtime` is found, else Singularity or Apptainer.
+    Auto,
+}
+
 /// The `supervisor` section of the configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// The container runtime: `docker`, `oci`, `singularity` or `auto`.
+    /// `auto` picks Docker if the `docker_host` socket replies to
+    /// `/_ping`, else the OCI runtime if `oci_runtime` is found, else
+    /// Singularity or Apptainer. The `oci` and `singularity` runtimes
+    /// take images only as `docker save` archives. Default `docker`.
+    pub runtime: RuntimeKind,
+    /// The OCI runtime program of the `oci` runtime: a name looked up on
+    /// `PATH`, such as `crun` or `runc`, or an absolute path. Default
+    /// `crun`.
+    pub oci_runtime: PathBuf,
+    /// The program of the `singularity` runtime: a name looked up on
+    /// `PATH` or an absolute path. When unset, `singularity` and then
+    /// `apptainer` are looked up on `PATH`.
+    pub singularity: Option<PathBuf>,
+    /// Absolute path of the node's image cache: the root filesystems the
+    /// `oci` runtime unpacks and the SIF files the `singularity` runtime
+    /// builds, each kept under the image ID so that later containers of
+    /// the same image reuse it. Its `rootfs` and `sif` subdirectories are
+    /// made readable by the supervisor's user only. Nothing removes old
+    /// entries. Default `/var/lib/berth/image-cache`.
+    #[serde(deserialize_with = "absolute_dir::deserialize")]
+    pub image_cache_dir: PathBuf,
     /// Docker Engine API endpoint, such as `unix:///run/podman/podman.sock`
     /// or `tcp://127.0.0.1:2375`. When unset, `DOCKER_HOST` is used, and
     /// then `unix:///var/run/docker.sock`.
@@ -134,6 +177,10 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
+            runtime: RuntimeKind::default(),
+            oci_runtime: PathBuf::from("crun"),
+            singularity: None,
+            image_cache_dir: PathBuf::from(DEFAULT_IMAGE_CACHE_DIR),
             docker_host: None,
             stop_timeout: Duration::from_secs(10),
             network_mode: None,
@@ -240,7 +287,7 @@ mod absolute_dirs {
     }
 }
 
-/// One directory, which must be an absolute path.
+/// A directory that must be an absolute path.
 mod absolute_dir {
     use std::path::PathBuf;
 
@@ -437,6 +484,36 @@ mod tests {
         );
         let error = serde_yaml::from_str::<Config>("cache_dir: cache\n").unwrap_err();
         assert!(error.to_string().contains("absolute path"), "{error}");
+    }
+
+    #[test]
+    fn runtime_keys_are_read() {
+        let config: Config = serde_yaml::from_str(
+            "runtime: oci\noci_runtime: /usr/bin/runc\nsingularity: apptainer\nimage_cache_dir: /scratch/cache\n",
+        )
+        .unwrap();
+        assert_eq!(config.runtime, RuntimeKind::Oci);
+        assert_eq!(config.oci_runtime, PathBuf::from("/usr/bin/runc"));
+        assert_eq!(config.singularity, Some(PathBuf::from("apptainer")));
+        assert_eq!(config.image_cache_dir, PathBuf::from("/scratch/cache"));
+        for (text, kind) in [
+            ("docker", RuntimeKind::Docker),
+            ("singularity", RuntimeKind::Singularity),
+            ("auto", RuntimeKind::Auto),
+        ] {
+            let config: Config = serde_yaml::from_str(&format!("runtime: {text}")).unwrap();
+            assert_eq!(config.runtime, kind);
+        }
+        assert_eq!(Config::default().runtime, RuntimeKind::Docker);
+        assert_eq!(Config::default().oci_runtime, PathBuf::from("crun"));
+    }
+
+    #[test]
+    fn bad_runtime_keys_are_rejected() {
+        let err = serde_yaml::from_str::<Config>("runtime: lxc\n").unwrap_err();
+        assert!(err.to_string().contains("lxc"), "{err}");
+        let err = serde_yaml::from_str::<Config>("image_cache_dir: cache\n").unwrap_err();
+        assert!(err.to_string().contains("\"cache\""), "{err}");
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //!   them;
 //! - [`image`]: what a `docker save` archive holds;
 //! - [`spec`]: the container record turned into a runtime spec;
-//! - [`runtime`]: the runtime contract and the Docker Engine API runtime;
+//! - [`runtime`]: the runtime contract, its Docker, OCI and Singularity
+//!   implementations, and the choice between them;
 //! - [`logs`]: log streams sent to the controller at byte offsets;
 //! - [`cgroup`] and [`stats`]: the container's resource use, read from
 //!   its cgroup into the `crunchstat` log, and out-of-memory kills;

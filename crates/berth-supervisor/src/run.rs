@@ -47,7 +47,7 @@ use crate::logs::{
 use crate::mounts::{plan_mounts_for_output, MountError, PreparedMounts};
 use crate::output::{save_output, Globs, OutputError, OutputSettings};
 use crate::retry::{retry, API_BACKOFF};
-use crate::runtime::docker::DockerRuntime;
+use crate::runtime::select::{connect_runtime, ConnectedRuntime};
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
 use crate::spec::{container_spec, SpecError};
 use crate::staging::{StagedCollections, Stager, StagingError};
@@ -163,8 +163,8 @@ async fn supervise_container(
 ) -> i32 {
     // The connection to the runtime opens while the container is fetched
     // and the logs are set up.
-    let endpoint = config.resolve_docker_host();
-    let connecting = tokio::spawn(async move { DockerRuntime::connect(&endpoint).await });
+    let runtime_config = config.clone();
+    let connecting = tokio::spawn(async move { connect_runtime(&runtime_config).await });
     let Some(container) = fetch_locked_container(config, &client, &uuid).await else {
         connecting.abort();
         return EXIT_NOT_RECORDED;
@@ -425,7 +425,7 @@ async fn record_final_state(
 struct Run<'a> {
     config: &'a Config,
     /// The connection to the container runtime, started with the run.
-    connecting: Option<JoinHandle<Result<DockerRuntime, RuntimeError>>>,
+    connecting: Option<JoinHandle<Result<ConnectedRuntime, RuntimeError>>>,
     client: &'a Client,
     uuid: &'a str,
     stop: &'a StopHandle,
@@ -599,24 +599,20 @@ impl Run<'_> {
                 .until_stopped(connecting)
                 .await?
                 .map_err(RunError::ConnectTask)??,
-            None => {
-                let endpoint = self.config.resolve_docker_host();
-                self.until_stopped(DockerRuntime::connect(&endpoint))
-                    .await??
-            }
+            None => self.until_stopped(connect_runtime(self.config)).await??,
         };
-        let server_log = self.log.clone();
-        let server = connected.clone();
-        tokio::spawn(async move {
-            match server.server_version().await {
-                Ok(version) => server_log.info(format!("container runtime server: {version}")),
-                Err(error) => server_log.warn(format!(
-                    "failed to read the container runtime's version: {error}"
-                )),
-            }
-        });
-        let runtime: Arc<dyn Runtime> =
-            Arc::new(connected.with_image_pulls(self.config.pull_images));
+        if let Some(server) = connected.docker.clone() {
+            let server_log = self.log.clone();
+            tokio::spawn(async move {
+                match server.server_version().await {
+                    Ok(version) => server_log.info(format!("container runtime server: {version}")),
+                    Err(error) => server_log.warn(format!(
+                        "failed to read the container runtime's version: {error}"
+                    )),
+                }
+            });
+        }
+        let runtime = connected.runtime;
         self.runtime = Some(runtime.clone());
         self.log
             .info(format!("container runtime: {}", runtime.description()));

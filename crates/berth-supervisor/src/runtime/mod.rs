@@ -8,11 +8,20 @@
 //! decisions between them, and a runtime only carries them out.
 //!
 //! [`docker::DockerRuntime`] speaks the Docker Engine API, which Docker and
-//! Podman both serve.
-// NOTE: an OCI runtime (crun or runc on an unpacked bundle) and
-// Singularity/Apptainer are meant to implement this trait as well.
+//! Podman both serve. [`oci::OciRuntime`] runs crun or runc on a bundle
+//! unpacked from a `docker save` archive, and
+//! [`singularity::SingularityRuntime`] runs Singularity or Apptainer on a
+//! SIF file built from such an archive. [`select::connect_runtime`] picks
+//! one by the `supervisor.runtime` key.
 
+pub mod bundle;
+pub mod cache;
+pub mod devices;
 pub mod docker;
+pub mod oci;
+pub mod rootfs;
+pub mod select;
+pub mod singularity;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -60,6 +69,23 @@ pub enum RuntimeError {
         #[source]
         source: BoxError,
     },
+    #[error("the container runtime program {program} was not found on PATH; install it or set supervisor.{key} to its absolute path")]
+    ProgramNotFound { program: String, key: &'static str },
+    #[error("no container runtime is available: {reasons}; start the Docker daemon or `podman system service`, or install crun, runc, Singularity or Apptainer")]
+    NoneAvailable { reasons: String },
+    #[error("the {runtime} runtime runs images only from `docker save` archives, and {image} is an image name; set container_image to the absolute path of an archive inside a directory that supervisor.image_archive_dirs lists, or ask the administrator to set supervisor.runtime to docker")]
+    ArchiveRequired {
+        runtime: &'static str,
+        image: String,
+    },
+    #[error("failed to {action} {target}: {program} exited with {status}: {message}")]
+    Command {
+        program: String,
+        action: &'static str,
+        target: String,
+        status: String,
+        message: String,
+    },
     #[error("failed to {action} {target}: {source}")]
     Request {
         action: &'static str,
@@ -67,6 +93,31 @@ pub enum RuntimeError {
         #[source]
         source: BoxError,
     },
+}
+
+/// Creates a pipe whose two ends are closed on exec. Returns the read end
+/// and the write end.
+pub(crate) fn new_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)
+}
+
+/// Returns the path of `program`: itself if it contains a `/`, else the
+/// first executable file of that name in a directory of `PATH`.
+pub fn find_program(program: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let executable = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.components().count() > 1 || program.is_absolute() {
+        return executable(program).then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| executable(candidate))
 }
 
 /// The source of a container's image.
