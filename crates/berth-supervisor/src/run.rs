@@ -12,9 +12,12 @@
 //! still runs, drains and flushes its output, removes it and deletes the
 //! mounts. Last comes the final state: `Complete` with the exit code when
 //! the container exited, else `Cancelled` with `runtime_status.error`
-//! saying why.
+//! saying why. It is written to the journal first (with the output and
+//! log files themselves when the controller could not be reached to save
+//! them) and delivered from there, retrying for `final_update_timeout`.
 //!
-//! A stop request (SIGTERM, SIGINT) ends whichever step is under way; a
+//! A stop request (SIGTERM, SIGINT, or the cancellation watch seeing the
+//! controller cancel the container) ends whichever step is under way; a
 //! request that arrives before the start prevents it. The container's
 //! token may change `Locked` to `Cancelled`, so failures before `Running`
 //! end in `Cancelled` as well.
@@ -24,6 +27,7 @@
 //! runtime container should the run itself be dropped half-way.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,17 +43,22 @@ use tracing::Instrument;
 use crate::archive::ArchiveError;
 use crate::config::Config;
 use crate::gpu::assign_gpus;
-use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
+use crate::journal::{
+    copy_flat_files, deliver_until, log_attempt, Attempt, DeliverySettings, Entry, Journal, Part,
+    Staging, LOG_DIR, OUTPUT_DIR,
+};
+use crate::log_collection::{node_info, LogCollection, LogSaveError, SUPERVISOR_LOG_FILE};
 use crate::logs::{
     ApiLogSink, LogCopy, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog,
 };
 use crate::mounts::{plan_mounts, MountError, PreparedMounts};
-use crate::output::{save_output, Globs, OutputError, OutputSettings};
-use crate::retry::{retry, API_BACKOFF};
+use crate::output::{copy_output, save_output, Globs, OutputError, OutputSettings};
+use crate::retry::{retry, Backoff, API_BACKOFF};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
 use crate::spec::{container_spec, SpecError};
 use crate::stop::StopHandle;
+use crate::watch::spawn_cancel_watch;
 
 /// Exit status of `berth supervise` when a final state was recorded.
 pub const EXIT_RECORDED: i32 = 0;
@@ -140,21 +149,52 @@ pub async fn supervise_until(
     credentials: berth_client::JobCredentials,
     stop: StopHandle,
 ) -> anyhow::Result<i32> {
+    supervise_job(config, credentials, None, stop).await
+}
+
+/// Like [`supervise_until`], and names `credentials_file` in the journal
+/// entry, so that another process can deliver the entry with it.
+pub async fn supervise_job(
+    config: Config,
+    credentials: berth_client::JobCredentials,
+    credentials_file: Option<PathBuf>,
+    stop: StopHandle,
+) -> anyhow::Result<i32> {
     let uuid = credentials.container_uuid.clone();
     let client = Client::new(credentials.settings())
         .with_context(|| format!("failed to build the API client for container {uuid}"))?;
     let span = tracing::info_span!("supervise", container = %uuid);
-    Ok(supervise_container(&config, client, uuid, stop)
-        .instrument(span)
-        .await)
+    Ok(
+        supervise_container(&config, client, uuid, credentials_file.as_deref(), stop)
+            .instrument(span)
+            .await,
+    )
 }
 
 async fn supervise_container(
     config: &Config,
     client: Client,
     uuid: String,
+    credentials_file: Option<&Path>,
     stop: StopHandle,
 ) -> i32 {
+    let journal = open_journal(config);
+    // Entries that other supervisors on this node left are delivered in
+    // the background while this one runs.
+    let _background = journal.clone().map(|journal| {
+        let settings = DeliverySettings::from_config(config);
+        let own = uuid.clone();
+        AbortOnDrop(tokio::spawn(
+            async move {
+                crate::journal::deliver_pending(&journal, settings, Some(&own)).await;
+            }
+            .in_current_span(),
+        ))
+    });
+    if let Some(journal) = journal.as_ref().filter(|journal| journal.contains(&uuid)) {
+        return deliver_own_entry(config, journal, &client, &uuid).await;
+    }
+
     // The connection to the runtime opens while the container is fetched
     // and the logs are set up.
     let endpoint = config.resolve_docker_host();
@@ -163,6 +203,13 @@ async fn supervise_container(
         connecting.abort();
         return EXIT_NOT_RECORDED;
     };
+    let staging = journal.as_ref().and_then(|journal| match journal.stage(&uuid) {
+        Ok(staging) => Some(staging),
+        Err(error) => {
+            tracing::error!(error = %error, "failed to create the journal entry's staging directory; the final state will live in memory only");
+            None
+        }
+    });
 
     let sink: Arc<dyn LogSink> = Arc::new(ApiLogSink::new(client.clone(), uuid.clone()));
     let log_settings = LogSettings::from_config(config);
@@ -194,6 +241,15 @@ async fn supervise_container(
         early_warnings.push(warning);
     }
     let logs = logs.map(|logs| Arc::new(tokio::sync::Mutex::new(logs)));
+    let watch = (!config.cancel_check_interval.is_zero()).then(|| {
+        AbortOnDrop(spawn_cancel_watch(
+            client.clone(),
+            uuid.clone(),
+            config.cancel_check_interval,
+            stop.clone(),
+            log.clone(),
+        ))
+    });
     let checkpoints = logs.as_ref().map(|logs| {
         spawn_log_checkpoints(
             logs.clone(),
@@ -223,6 +279,8 @@ async fn supervise_container(
         globs: Globs::default(),
         warnings: early_warnings,
         cleaned_up: false,
+        staging,
+        output_pending: false,
     };
     let outcome = match run.execute_and_save(&container).await {
         Ok((code, output)) => Outcome::Exited(code, output),
@@ -236,7 +294,10 @@ async fn supervise_container(
         }
     };
     run.cleanup().await;
+    drop(watch);
     let mut warnings = std::mem::take(&mut run.warnings);
+    let staging = run.staging.take();
+    let output_pending = run.output_pending;
     drop(run);
 
     // The supervisor stream is flushed before the final state, because
@@ -250,29 +311,197 @@ async fn supervise_container(
         checkpoints.abort();
         let _ = checkpoints.await;
     }
-    let mut log_pdh = None;
+    let mut log_part = None;
     if let Some(logs) = logs {
-        match logs.lock().await.save(&client).await {
+        let mut logs = logs.lock().await;
+        match logs.save(&client).await {
             Ok(pdh) => {
                 tracing::info!(log = %pdh, "saved the log collection");
-                log_pdh = Some(pdh);
+                log_part = Some(Part::Saved {
+                    portable_data_hash: pdh,
+                });
             }
             Err(error) => {
                 tracing::error!(error = %error, "failed to save the final log collection");
-                warnings.push(error.to_string());
+                if log_save_is_transient(&error) {
+                    log_part = keep_logs(staging.as_ref(), logs.dir());
+                }
+                if log_part.is_none() {
+                    warnings.push(error.to_string());
+                }
             }
         }
     }
 
-    record_final_state(
-        config,
-        &client,
-        &uuid,
-        &outcome,
-        log_pdh.as_deref(),
-        &warnings,
+    let mut attributes = final_attributes(&outcome, None, &warnings);
+    let saved_output = attributes
+        .as_object_mut()
+        .and_then(|attributes| attributes.remove("output"));
+    let mut entry = Entry::new(&uuid, credentials_file.map(Path::to_path_buf), attributes);
+    entry.output = match saved_output {
+        Some(Value::String(pdh)) => Some(Part::Saved {
+            portable_data_hash: pdh,
+        }),
+        _ => output_pending.then_some(Part::Pending),
+    };
+    entry.log = log_part;
+    deliver_final_state(config, &client, staging, entry).await
+}
+
+/// Opens the journal that `journal_dir` names. Logs why and returns
+/// `None` when it is off or cannot be used.
+fn open_journal(config: &Config) -> Option<Journal> {
+    let dir = config.journal_dir.as_ref()?;
+    match Journal::open(dir) {
+        Ok(journal) => Some(journal),
+        Err(error) => {
+            tracing::error!(error = %error, "the final-state journal is off; a final state that cannot be delivered is lost when this process ends");
+            None
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Delivers the entry that an earlier supervisor of this container left,
+/// in place of running the container again.
+async fn deliver_own_entry(config: &Config, journal: &Journal, client: &Client, uuid: &str) -> i32 {
+    tracing::warn!(
+        "the journal in {} has an entry for this container: delivering it instead of running the container",
+        journal.dir().display()
+    );
+    let locked = match journal.lock(uuid) {
+        Ok(Some(locked)) => locked,
+        Ok(None) => {
+            tracing::error!("another process is delivering this container's journal entry");
+            return EXIT_NOT_RECORDED;
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "failed to lock this container's journal entry");
+            return EXIT_NOT_RECORDED;
+        }
+    };
+    let attempt = deliver_until(
+        &locked,
+        client,
+        DeliverySettings::from_config(config),
+        config.final_update_timeout,
+        Backoff::final_phase(config.final_retry_max_delay),
+        &SupervisorLog::new(),
     )
-    .await
+    .await;
+    log_attempt(&attempt);
+    match attempt {
+        Attempt::Recorded => EXIT_RECORDED,
+        _ => EXIT_NOT_RECORDED,
+    }
+}
+
+/// Returns whether a failed log save may succeed later, so its files are
+/// worth keeping in the journal.
+fn log_save_is_transient(error: &LogSaveError) -> bool {
+    match error {
+        LogSaveError::Upload(error) | LogSaveError::Save(error) => error.is_transient(),
+        _ => false,
+    }
+}
+
+/// Copies the log collection's files into the journal entry. Returns the
+/// pending part, or `None` after a log line when there is no journal or
+/// the copy failed.
+fn keep_logs(staging: Option<&Staging>, dir: &Path) -> Option<Part> {
+    let staging = staging?;
+    let copied = staging
+        .part_dir(LOG_DIR)
+        .and_then(|dest| copy_flat_files(dir, &dest));
+    match copied {
+        Ok(count) => {
+            tracing::warn!(files = count, "kept the log files in the journal, to upload with the final state");
+            Some(Part::Pending)
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "failed to keep the log files in the journal");
+            None
+        }
+    }
+}
+
+/// Writes the journal entry, then delivers it: uploads what is pending
+/// and records the final state, retrying for `final_update_timeout` with
+/// full-jitter backoff. Without a journal, only the final state update is
+/// retried that long. Returns the exit status of `berth supervise`.
+async fn deliver_final_state(
+    config: &Config,
+    client: &Client,
+    staging: Option<Staging>,
+    entry: Entry,
+) -> i32 {
+    let backoff = Backoff::final_phase(config.final_retry_max_delay);
+    let state = entry.attributes["state"].as_str().unwrap_or("final").to_string();
+    let committed = staging.map(|staging| staging.commit(&entry));
+    let locked = match committed {
+        Some(Ok(locked)) => Some(locked),
+        Some(Err(error)) => {
+            tracing::error!(error = %error, "failed to write the journal entry; the final state lives in memory only");
+            None
+        }
+        None => None,
+    };
+    if let Some(locked) = locked {
+        tracing::info!(path = %locked.path().display(), "wrote the journal entry");
+        let attempt = deliver_until(
+            &locked,
+            client,
+            DeliverySettings::from_config(config),
+            config.final_update_timeout,
+            backoff,
+            &SupervisorLog::new(),
+        )
+        .await;
+        log_attempt(&attempt);
+        return match attempt {
+            Attempt::Recorded => {
+                tracing::info!("recorded the final state {state}");
+                EXIT_RECORDED
+            }
+            _ => EXIT_NOT_RECORDED,
+        };
+    }
+
+    // Without a journal nothing pending can be uploaded later: a pending
+    // output makes the run fail, and a pending log is left out.
+    let attributes = if entry.output == Some(Part::Pending) {
+        let reason = "failed to save the output: the controller could not be reached, and the journal that would keep the output failed";
+        json!({"state": ContainerState::Cancelled.as_str(), "runtime_status": {"error": reason}})
+    } else {
+        entry.final_update()
+    };
+    let state = attributes["state"].as_str().unwrap_or("final").to_string();
+    let recorded = retry(
+        "recording the final state",
+        config.final_update_timeout,
+        backoff,
+        ClientError::is_transient,
+        || client.update_container(&entry.container_uuid, &attributes),
+    )
+    .await;
+    match recorded {
+        Ok(_) => {
+            tracing::info!("recorded the final state {state}");
+            EXIT_RECORDED
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "failed to record the final state {state}");
+            EXIT_NOT_RECORDED
+        }
+    }
 }
 
 /// The local copies the log writers append to.
@@ -372,41 +601,6 @@ async fn fetch_locked_container(config: &Config, client: &Client, uuid: &str) ->
     Some(container)
 }
 
-/// Records the final state, retrying transient failures for
-/// `final_update_timeout`. Returns the exit status of `berth supervise`.
-async fn record_final_state(
-    config: &Config,
-    client: &Client,
-    uuid: &str,
-    outcome: &Outcome,
-    log_pdh: Option<&str>,
-    warnings: &[String],
-) -> i32 {
-    let state = outcome.state();
-    let attributes = final_attributes(outcome, log_pdh, warnings);
-    // NOTE: a final state that cannot be recorded within
-    // final_update_timeout is lost; the dispatcher then cancels the
-    // container when its job ends. A local journal could replay it.
-    let recorded = retry(
-        "recording the final state",
-        config.final_update_timeout,
-        API_BACKOFF,
-        ClientError::is_transient,
-        || client.update_container(uuid, &attributes),
-    )
-    .await;
-    match recorded {
-        Ok(_) => {
-            tracing::info!("recorded the final state {state}");
-            EXIT_RECORDED
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "failed to record the final state {state}");
-            EXIT_NOT_RECORDED
-        }
-    }
-}
-
 /// The resources one run created, and the steps that create them.
 struct Run<'a> {
     config: &'a Config,
@@ -435,6 +629,11 @@ struct Run<'a> {
     warnings: Vec<String>,
     /// Whether [`Run::cleanup`] has run.
     cleaned_up: bool,
+    /// The journal entry in preparation, when the journal is on.
+    staging: Option<Staging>,
+    /// Whether the output is kept in `staging`, to upload with the final
+    /// state, because the controller could not be reached to save it.
+    output_pending: bool,
 }
 
 /// The container's output on its way to the log streams.
@@ -485,13 +684,58 @@ impl Run<'_> {
         container: &Container,
     ) -> Result<(i64, Option<String>), RunError> {
         let code = self.execute(container).await?;
-        let output = self.until_stopped(self.save_output(container)).await??;
-        Ok((code, output))
+        match self.until_stopped(self.save_output(container)).await? {
+            Ok(output) => Ok((code, output)),
+            Err(RunError::Output(OutputError::Upload(error) | OutputError::Create(error)))
+                if error.is_transient() =>
+            {
+                self.keep_output(container, error).await?;
+                Ok((code, None))
+            }
+            Err(error) => Err(error),
+        }
     }
 
-    /// Saves the host directory of the `tmp` mount at `output_path`.
-    /// Returns `None` when the container has no `output_path`.
-    async fn save_output(&self, container: &Container) -> Result<Option<String>, RunError> {
+    /// Copies the output into the journal entry after the controller could
+    /// not be reached to save it, so that it is uploaded with the final
+    /// state. Without a journal, the save's `error` fails the run.
+    async fn keep_output(
+        &mut self,
+        container: &Container,
+        error: ClientError,
+    ) -> Result<(), RunError> {
+        let (Some(staging), Some(host_dir)) = (&self.staging, self.output_host_dir(container)?)
+        else {
+            return Err(OutputError::Upload(error).into());
+        };
+        let dest = match staging.part_dir(OUTPUT_DIR) {
+            Ok(dest) => dest,
+            Err(journal_error) => {
+                self.log.error(format!("failed to keep the output in the journal: {journal_error}"));
+                return Err(OutputError::Upload(error).into());
+            }
+        };
+        self.log.warn(format!(
+            "the controller could not be reached to save the output ({error}); keeping it in the journal to upload with the final state"
+        ));
+        let globs = self.globs.clone();
+        let max_bytes = self.config.max_output_bytes;
+        let log = self.log.clone();
+        let copied = tokio::task::spawn_blocking(move || {
+            copy_output(&host_dir, &globs, max_bytes, &dest, &log)
+        })
+        .await??;
+        self.log.info(format!(
+            "kept the output in the journal: {} files, {} bytes",
+            copied.0, copied.1
+        ));
+        self.output_pending = true;
+        Ok(())
+    }
+
+    /// Returns the host directory of the `tmp` mount at `output_path`, or
+    /// `None` when the container has no `output_path`.
+    fn output_host_dir(&self, container: &Container) -> Result<Option<PathBuf>, RunError> {
         let output_path = container.output_path.as_str();
         if output_path.is_empty() {
             return Ok(None);
@@ -514,6 +758,15 @@ impl Run<'_> {
             })
             .map(|bind| bind.host_path.clone())
             .ok_or_else(not_tmp)?;
+        Ok(Some(host_dir))
+    }
+
+    /// Saves the host directory of the `tmp` mount at `output_path`.
+    /// Returns `None` when the container has no `output_path`.
+    async fn save_output(&self, container: &Container) -> Result<Option<String>, RunError> {
+        let Some(host_dir) = self.output_host_dir(container)? else {
+            return Ok(None);
+        };
         let settings = OutputSettings {
             block_size: self.config.block_size,
             max_bytes: self.config.max_output_bytes,
