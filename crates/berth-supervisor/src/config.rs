@@ -63,16 +63,16 @@ pub struct Config {
     /// How long the final phase keeps trying to deliver the final state
     /// (`Complete` or `Cancelled`) with its output and log collections
     /// while the controller cannot be reached. The batch job stays alive
-    /// meanwhile, so this is meant to outlast any controller outage; the
-    /// batch system's time limit, when it comes first, ends the job and
-    /// the entry in `journal_dir` is delivered later. Default 24 h.
+    /// meanwhile, so this is meant to outlast any controller outage. When
+    /// the batch system's time limit comes first, it ends the job, and the
+    /// entry in `journal_dir` is delivered later. Default 24 h.
     #[serde(deserialize_with = "duration::deserialize")]
     pub final_update_timeout: Duration,
-    /// Largest delay between two attempts of the final phase. Delays
-    /// start at 1 s, double with each attempt up to this cap, and are
-    /// drawn at random from zero to the current cap (full jitter), so the
-    /// supervisors of a cluster do not all retry at the same moments once
-    /// the controller is back. Default 60 s.
+    /// Maximum delay between two attempts of the final phase. The cap of
+    /// the delay starts at 1 s and doubles with each attempt up to this
+    /// value. Each delay is drawn at random from zero to the cap (full
+    /// jitter), so the supervisors of a cluster do not all retry at the
+    /// same moments once the controller is back. Default 60 s.
     #[serde(deserialize_with = "duration::deserialize")]
     pub final_retry_max_delay: Duration,
     /// Absolute path of the directory of the final-state journal (created

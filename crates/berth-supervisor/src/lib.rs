@@ -75,7 +75,9 @@ pub async fn supervise(
 /// Returns the number of entries that stay in the journal.
 pub async fn deliver_journal(config: &Config) -> anyhow::Result<usize> {
     let Some(dir) = &config.journal_dir else {
-        anyhow::bail!("the journal is off (supervisor.journal_dir is null), so there is nothing to deliver");
+        anyhow::bail!(
+            "the journal is off (supervisor.journal_dir is null), so there is nothing to deliver"
+        );
     };
     let journal = journal::Journal::open(dir)?;
     let settings = journal::DeliverySettings::from_config(config);

@@ -13,7 +13,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 /// Delays between attempts: the cap doubles from `initial` up to `max`,
-/// and each delay is drawn at random below the cap as `jitter` says, so
+/// and each delay is drawn at random below the cap, as `jitter` sets, so
 /// retries from many supervisors spread out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
@@ -22,7 +22,7 @@ pub struct Backoff {
     pub jitter: Jitter,
 }
 
-/// How a delay is drawn below the backoff's cap.
+/// The range below the backoff's cap that a delay is drawn from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Jitter {
     /// From the upper half of the cap ("equal jitter"), so every delay is

@@ -423,7 +423,10 @@ fn keep_logs(staging: Option<&Staging>, dir: &Path) -> Option<Part> {
         .and_then(|dest| copy_flat_files(dir, &dest));
     match copied {
         Ok(count) => {
-            tracing::warn!(files = count, "kept the log files in the journal, to upload with the final state");
+            tracing::warn!(
+                files = count,
+                "kept the log files in the journal, to upload with the final state"
+            );
             Some(Part::Pending)
         }
         Err(error) => {
@@ -444,7 +447,10 @@ async fn deliver_final_state(
     entry: Entry,
 ) -> i32 {
     let backoff = Backoff::final_phase(config.final_retry_max_delay);
-    let state = entry.attributes["state"].as_str().unwrap_or("final").to_string();
+    let state = entry.attributes["state"]
+        .as_str()
+        .unwrap_or("final")
+        .to_string();
     let committed = staging.map(|staging| staging.commit(&entry));
     let locked = match committed {
         Some(Ok(locked)) => Some(locked),
@@ -711,7 +717,9 @@ impl Run<'_> {
         let dest = match staging.part_dir(OUTPUT_DIR) {
             Ok(dest) => dest,
             Err(journal_error) => {
-                self.log.error(format!("failed to keep the output in the journal: {journal_error}"));
+                self.log.error(format!(
+                    "failed to keep the output in the journal: {journal_error}"
+                ));
                 return Err(OutputError::Upload(error).into());
             }
         };
@@ -771,6 +779,7 @@ impl Run<'_> {
             block_size: self.config.block_size,
             max_bytes: self.config.max_output_bytes,
             retry_timeout: self.config.api_retry_timeout,
+            backoff: API_BACKOFF,
         };
         // NOTE: mounts below output_path (a json file in the output
         // directory, say) are separate binds and are not saved.

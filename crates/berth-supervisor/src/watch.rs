@@ -2,11 +2,12 @@
 //! the controller cancelled the container.
 //!
 //! The dispatcher stops a cancelled container by cancelling its batch job,
-//! whose signal reaches the supervisor. When that signal is lost (the
-//! dispatcher is down, or the batch system never delivers it), the watch
-//! still stops the container: every `cancel_check_interval` it reads the
-//! container's record with the container's own token, and requests a stop
-//! when the record's `priority` is 0 or its state is `Cancelled`. Two
+//! whose signal reaches the supervisor. The signal may be lost, because
+//! the dispatcher is down or the batch system never delivers it. The
+//! watch still stops the container then. Every `cancel_check_interval` it
+//! reads the container's record with the container's own token, and it
+//! requests a stop when the record's `priority` is 0 or its state is
+//! `Cancelled`. Two
 //! 401 answers in a row count as a cancellation too, because the
 //! controller revokes the token once the container leaves `Locked` and
 //! `Running`. Any other failure is logged and never stops the container.
@@ -21,7 +22,7 @@ use tracing::Instrument;
 use crate::logs::SupervisorLog;
 use crate::stop::StopHandle;
 
-/// 401 answers in a row that count as a revoked token.
+/// Number of 401 responses in a row that count as a revoked token.
 const REVOKED_AFTER: u32 = 2;
 
 /// Returns the reason to stop for a record that the controller cancelled.
@@ -84,7 +85,7 @@ pub fn spawn_cancel_watch(
                 }
                 // The first failure and then every tenth are logged, so a
                 // long outage does not fill the log.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     log.warn(format!(
                         "cancellation check: failed to read the container ({failures} failures in a row), the container keeps running: {error}"
                     ));

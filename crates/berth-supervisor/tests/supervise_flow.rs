@@ -399,10 +399,9 @@ fn test_config() -> Config {
         log_flush_interval: Duration::from_millis(50),
         api_retry_timeout: Duration::from_secs(10),
         final_update_timeout: Duration::from_secs(30),
-        journal_dir: Some(std::env::temp_dir().join(format!(
-            "berth-journal-flow-{}",
-            std::process::id()
-        ))),
+        journal_dir: Some(
+            std::env::temp_dir().join(format!("berth-journal-flow-{}", std::process::id())),
+        ),
         ..Config::default()
     }
 }

@@ -78,7 +78,12 @@ async fn collection_files(client: &Client, pdh: &str) -> BTreeMap<String, Vec<u8
 }
 
 /// Waits for the container's final state.
-async fn wait_final(cluster: &TestCluster, client: &Client, uuid: &str, limit: Duration) -> Container {
+async fn wait_final(
+    cluster: &TestCluster,
+    client: &Client,
+    uuid: &str,
+    limit: Duration,
+) -> Container {
     wait_until(cluster, limit, "the container's final state", || async {
         let container = client.get_container(uuid).await.ok()?;
         container.state.is_final().then_some(container)
@@ -87,19 +92,27 @@ async fn wait_final(cluster: &TestCluster, client: &Client, uuid: &str, limit: D
 }
 
 async fn wait_running(cluster: &TestCluster, client: &Client, uuid: &str) {
-    wait_until(cluster, Duration::from_secs(90), "the container to run", || async {
-        let container = client.get_container(uuid).await.ok()?;
-        (container.state == ContainerState::Running).then_some(())
-    })
+    wait_until(
+        cluster,
+        Duration::from_secs(90),
+        "the container to run",
+        || async {
+            let container = client.get_container(uuid).await.ok()?;
+            (container.state == ContainerState::Running).then_some(())
+        },
+    )
     .await;
 }
 
 /// Waits for the journal entry of `uuid` to be written.
 async fn wait_for_entry(cluster: &TestCluster, uuid: &str) -> PathBuf {
     let entry = cluster.journal_dir().join(uuid);
-    wait_until(cluster, Duration::from_secs(90), "the journal entry", || async {
-        entry.join("entry.json").exists().then_some(())
-    })
+    wait_until(
+        cluster,
+        Duration::from_secs(90),
+        "the journal entry",
+        || async { entry.join("entry.json").exists().then_some(()) },
+    )
     .await;
     entry
 }
@@ -113,7 +126,10 @@ async fn check_delivered(client: &Client, container: &Container) {
     let output_pdh = container.output.as_deref().expect("an output collection");
     let output = collection_files(client, output_pdh).await;
     let numbers: String = (1..=500).map(|i| format!("{i}\n")).collect();
-    assert_eq!(output.keys().collect::<Vec<_>>(), ["numbers.txt", "result.txt"]);
+    assert_eq!(
+        output.keys().collect::<Vec<_>>(),
+        ["numbers.txt", "result.txt"]
+    );
     assert_eq!(output["result.txt"], b"result\n");
     assert_eq!(output["numbers.txt"], numbers.as_bytes());
 
@@ -137,7 +153,10 @@ async fn controller_outage_loses_nothing() {
     let mut cluster = TestCluster::start_with("local", &options());
     let token = cluster.create_user("olga");
     let olga = common::client(&cluster.api_url, &token);
-    let request = olga.create_container_request(&request(SCRIPT)).await.unwrap();
+    let request = olga
+        .create_container_request(&request(SCRIPT))
+        .await
+        .unwrap();
     let uuid = request.container_uuid.clone().unwrap();
     wait_running(&cluster, &olga, &uuid).await;
 
@@ -154,10 +173,33 @@ async fn controller_outage_loses_nothing() {
 
     let container = wait_final(&cluster, &olga, &uuid, Duration::from_secs(60)).await;
     check_delivered(&olga, &container).await;
-    wait_until(&cluster, Duration::from_secs(10), "the entry's removal", || async {
-        (!entry.exists()).then_some(())
-    })
+    wait_until(
+        &cluster,
+        Duration::from_secs(10),
+        "the entry's removal",
+        || async { (!entry.exists()).then_some(()) },
+    )
     .await;
+}
+
+/// Starts a cluster and stops its dispatcher, so that supervisors run
+/// only when a test starts them and no batch-system signal reaches them.
+/// Returns the cluster and a user's client.
+fn cluster_without_dispatcher() -> (TestCluster, Client) {
+    let mut cluster = TestCluster::start_with("local", &options());
+    cluster.kill_dispatcher();
+    let token = cluster.create_user("olga");
+    let olga = common::client(&cluster.api_url, &token);
+    (cluster, olga)
+}
+
+/// Runs `berth supervise --deliver-journal` on the cluster's configuration.
+fn deliver_journal(cluster: &TestCluster) -> std::process::Output {
+    Command::new(common::berth_bin())
+        .args(["supervise", "--deliver-journal", "--config"])
+        .arg(&cluster.config)
+        .output()
+        .unwrap()
 }
 
 /// A container locked with the system token, and its credentials file,
@@ -170,7 +212,10 @@ struct Locked {
 /// Creates a request for `command` and locks its container as the
 /// dispatcher would, writing the credentials file.
 async fn create_and_lock(cluster: &TestCluster, owner: &Client, command: &str) -> Locked {
-    let request = owner.create_container_request(&request(command)).await.unwrap();
+    let request = owner
+        .create_container_request(&request(command))
+        .await
+        .unwrap();
     let uuid = request.container_uuid.clone().unwrap();
     let locked = cluster.system_client().lock_container(&uuid).await.unwrap();
     let credentials = JobCredentials {
@@ -240,30 +285,22 @@ async fn deliver_journal_delivers_a_killed_supervisors_entry() {
     if common::skip() {
         return;
     }
-    let mut cluster = TestCluster::start_with("local", &options());
-    cluster.kill_dispatcher();
-    let token = cluster.create_user("olga");
-    let olga = common::client(&cluster.api_url, &token);
+    let (mut cluster, olga) = cluster_without_dispatcher();
     let locked = entry_of_a_killed_supervisor(&mut cluster, &olga).await;
 
-    let output = Command::new(common::berth_bin())
-        .args(["supervise", "--deliver-journal", "--config"])
-        .arg(&cluster.config)
-        .output()
-        .unwrap();
+    let output = deliver_journal(&cluster);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "berth supervise --deliver-journal failed: {stderr}");
+    assert!(
+        output.status.success(),
+        "berth supervise --deliver-journal failed: {stderr}"
+    );
 
     let container = olga.get_container(&locked.uuid).await.unwrap();
     check_delivered(&olga, &container).await;
     assert!(!cluster.journal_dir().join(&locked.uuid).exists());
 
     // A second run finds nothing left and succeeds.
-    let again = Command::new(common::berth_bin())
-        .args(["supervise", "--deliver-journal", "--config"])
-        .arg(&cluster.config)
-        .output()
-        .unwrap();
+    let again = deliver_journal(&cluster);
     assert!(again.status.success());
 }
 
@@ -272,16 +309,18 @@ async fn restarted_supervisor_delivers_its_own_entry() {
     if common::skip() {
         return;
     }
-    let mut cluster = TestCluster::start_with("local", &options());
-    cluster.kill_dispatcher();
-    let token = cluster.create_user("olga");
-    let olga = common::client(&cluster.api_url, &token);
+    let (mut cluster, olga) = cluster_without_dispatcher();
     let locked = entry_of_a_killed_supervisor(&mut cluster, &olga).await;
 
-    let status = spawn_supervisor(&cluster, &locked, "second").wait().unwrap();
+    let status = spawn_supervisor(&cluster, &locked, "second")
+        .wait()
+        .unwrap();
     let log = read_log(&cluster, "second");
     assert!(status.success(), "the second supervisor failed: {log}");
-    assert!(log.contains("delivering it instead of running the container"), "{log}");
+    assert!(
+        log.contains("delivering it instead of running the container"),
+        "{log}"
+    );
     assert!(
         common::podman_containers_for(&locked.uuid).is_empty(),
         "the container ran again"
@@ -295,10 +334,7 @@ async fn entry_of_a_final_container_is_ended() {
     if common::skip() {
         return;
     }
-    let mut cluster = TestCluster::start_with("local", &options());
-    cluster.kill_dispatcher();
-    let token = cluster.create_user("olga");
-    let olga = common::client(&cluster.api_url, &token);
+    let (mut cluster, olga) = cluster_without_dispatcher();
     let locked = entry_of_a_killed_supervisor(&mut cluster, &olga).await;
     // The container is cancelled meanwhile, as the dispatcher does when a
     // job ends without a final state. That revokes the container's token.
@@ -308,11 +344,7 @@ async fn entry_of_a_final_container_is_ended() {
         .await
         .unwrap();
 
-    let output = Command::new(common::berth_bin())
-        .args(["supervise", "--deliver-journal", "--config"])
-        .arg(&cluster.config)
-        .output()
-        .unwrap();
+    let output = deliver_journal(&cluster);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(
@@ -329,11 +361,8 @@ async fn priority_zero_stops_a_container_without_a_signal() {
     if common::skip() {
         return;
     }
-    let mut cluster = TestCluster::start_with("local", &options());
-    // No dispatcher, so no batch system signal reaches the supervisor.
-    cluster.kill_dispatcher();
-    let token = cluster.create_user("olga");
-    let olga = common::client(&cluster.api_url, &token);
+    // No dispatcher, so no batch-system signal reaches the supervisor.
+    let (cluster, olga) = cluster_without_dispatcher();
     let locked = create_and_lock(&cluster, &olga, "sleep 300").await;
     let mut supervisor = spawn_supervisor(&cluster, &locked, "watch");
     wait_running(&cluster, &olga, &locked.uuid).await;
@@ -355,8 +384,16 @@ async fn priority_zero_stops_a_container_without_a_signal() {
 
     let log = read_log(&cluster, "watch");
     assert_eq!(container.state, ContainerState::Cancelled, "{log}");
-    let error = container.runtime_status.get("error").and_then(|error| error.as_str()).unwrap_or_default();
-    assert!(error.contains("priority is 0"), "runtime_status: {:?}", container.runtime_status);
+    let error = container
+        .runtime_status
+        .get("error")
+        .and_then(|error| error.as_str())
+        .unwrap_or_default();
+    assert!(
+        error.contains("priority is 0"),
+        "runtime_status: {:?}",
+        container.runtime_status
+    );
     let status = supervisor.wait().unwrap();
     assert!(status.success(), "{log}");
     assert!(common::podman_containers_for(&locked.uuid).is_empty());

@@ -8,11 +8,11 @@
 //! controller retries transient failures for `retry_timeout`; a failed
 //! attempt is repeated by [`deliver_until`] with full-jitter backoff.
 //!
-//! Some answers mean that the final state will never be recorded, and end
-//! the entry with a log line instead of an endless retry: 401, 403 or 404
-//! (the container's token is revoked once the container is final or back
-//! in the queue, or the container is gone), or any other rejection while
-//! the container is already final.
+//! Some responses mean that the final state will never be recorded. They
+//! end the entry with a log line instead of an endless retry: 401, 403 or
+//! 404 (the controller revokes the container's token once the container
+//! is final or back in the queue, or the container is gone), or any other
+//! rejection while the container is already final.
 
 use std::path::Path;
 use std::time::Duration;
@@ -24,7 +24,15 @@ use tracing::Instrument;
 use super::{owned_by_current_user, Journal, LockedEntry, Part, LOG_DIR, OUTPUT_DIR};
 use crate::logs::SupervisorLog;
 use crate::output::{save_directory, Globs, OutputError, OutputSettings};
-use crate::retry::{retry, Backoff, API_BACKOFF};
+use crate::retry::{retry, Backoff, Jitter, API_BACKOFF};
+
+/// The backoff between retries of one call during delivery: the steps of
+/// [`API_BACKOFF`] with full jitter, because after an outage many
+/// supervisors deliver at once.
+const DELIVERY_CALL_BACKOFF: Backoff = Backoff {
+    jitter: Jitter::Full,
+    ..API_BACKOFF
+};
 
 /// Configuration values that delivery uses.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +51,7 @@ impl DeliverySettings {
     }
 }
 
-/// What an attempt at delivering an entry came to.
+/// The result of an attempt at delivering an entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attempt {
     /// The controller recorded the final state, and the entry is removed.
@@ -54,12 +62,12 @@ pub enum Attempt {
     /// The controller could not be reached or failed; the entry is kept.
     Retry(String),
     /// The entry could not be delivered, and the container is not known to
-    /// be final; the entry is kept for the next delivery or an
+    /// be final. The entry is kept for the next delivery or an
     /// administrator.
     Kept(String),
 }
 
-/// How a failed call ends the attempt.
+/// The effect of a failed call on the attempt.
 enum Failure {
     Retry(String),
     Ended(String),
@@ -124,6 +132,7 @@ async fn attempt_delivery(
             block_size: settings.block_size,
             max_bytes: 0,
             retry_timeout: settings.retry_timeout,
+            backoff: DELIVERY_CALL_BACKOFF,
         };
         let saved = save_directory(
             client,
@@ -159,7 +168,7 @@ async fn attempt_delivery(
     let recorded = retry(
         "recording the final state",
         settings.retry_timeout,
-        API_BACKOFF,
+        DELIVERY_CALL_BACKOFF,
         ClientError::is_transient,
         || client.update_container(&uuid, &attributes),
     )
@@ -190,9 +199,9 @@ async fn classify(client: &Client, uuid: &str, step: &str, error: ClientError) -
             "{step} failed: {error}; the container is {}",
             container.state
         )),
-        Err(fetch) if fetch.is_transient() => {
-            Failure::Retry(format!("{step} failed: {error}; then reading the container failed: {fetch}"))
-        }
+        Err(fetch) if fetch.is_transient() => Failure::Retry(format!(
+            "{step} failed: {error}; then reading the container failed: {fetch}"
+        )),
         Err(fetch) => match token_no_longer_works(&fetch) {
             Some(ended) => Failure::Ended(format!("{step} failed: {error}; {ended}")),
             None => Failure::Kept(format!(
@@ -202,8 +211,8 @@ async fn classify(client: &Client, uuid: &str, step: &str, error: ClientError) -
     }
 }
 
-/// Explains a 401, 403 or 404, the answers of a controller that no longer
-/// lets this token act for the container.
+/// Explains a 401, 403 or 404, the statuses a controller returns when it
+/// no longer lets this token act for the container.
 fn token_no_longer_works(error: &ClientError) -> Option<&'static str> {
     match error.status()?.as_u16() {
         401 | 403 => Some("the controller rejected the container's token, which it revokes once the container is final or unlocked"),
@@ -251,7 +260,7 @@ pub struct PendingSummary {
 
 /// Delivers, once each, the entries of `journal` other than `skip`'s,
 /// with the token of each entry's credentials file. An entry that another
-/// process holds is left to it. An entry whose credentials file is gone
+/// process has locked is left to it. An entry whose credentials file is gone
 /// is ended, because the dispatcher removes the file once the container
 /// is final or unlocked.
 pub async fn deliver_pending(
@@ -266,7 +275,9 @@ pub async fn deliver_pending(
                 tracing::info!(path = %path.display(), "removed a journal staging directory left by a supervisor that died before it wrote its entry");
             }
         }
-        Err(error) => tracing::warn!(error = %error, "failed to look for stale journal staging directories"),
+        Err(error) => {
+            tracing::warn!(error = %error, "failed to look for stale journal staging directories")
+        }
     }
     let uuids = match journal.list() {
         Ok(uuids) => uuids,
@@ -300,7 +311,11 @@ pub async fn deliver_pending(
 
 /// Locks and delivers one listed entry. Returns `None`, after a log
 /// line, when the entry is not this process's to deliver now.
-async fn deliver_listed(journal: &Journal, uuid: &str, settings: DeliverySettings) -> Option<Attempt> {
+async fn deliver_listed(
+    journal: &Journal,
+    uuid: &str,
+    settings: DeliverySettings,
+) -> Option<Attempt> {
     if !owned_by_current_user(&journal.dir().join(uuid)) {
         tracing::info!("the journal entry belongs to another user; leaving it");
         return None;
@@ -308,7 +323,9 @@ async fn deliver_listed(journal: &Journal, uuid: &str, settings: DeliverySetting
     let locked = match journal.lock(uuid) {
         Ok(Some(locked)) => locked,
         Ok(None) => {
-            tracing::info!("another process holds the journal entry, or it was just delivered; leaving it");
+            tracing::info!(
+                "another process holds the journal entry, or it was just delivered; leaving it"
+            );
             return None;
         }
         Err(error) => {
@@ -322,10 +339,18 @@ async fn deliver_listed(journal: &Journal, uuid: &str, settings: DeliverySetting
 /// Logs the result of delivering an entry.
 pub fn log_attempt(attempt: &Attempt) {
     match attempt {
-        Attempt::Recorded => tracing::info!("delivered the journal entry: the final state is recorded"),
-        Attempt::Ended(reason) => tracing::warn!(reason = %reason, "ended the journal entry without recording its final state"),
-        Attempt::Retry(reason) => tracing::warn!(error = %reason, "failed to deliver the journal entry; it stays for the next delivery"),
-        Attempt::Kept(reason) => tracing::error!(error = %reason, "failed to deliver the journal entry; it stays in the journal until the cause is fixed"),
+        Attempt::Recorded => {
+            tracing::info!("delivered the journal entry: the final state is recorded")
+        }
+        Attempt::Ended(reason) => {
+            tracing::warn!(reason = %reason, "ended the journal entry without recording its final state")
+        }
+        Attempt::Retry(reason) => {
+            tracing::warn!(error = %reason, "failed to deliver the journal entry; it stays for the next delivery")
+        }
+        Attempt::Kept(reason) => {
+            tracing::error!(error = %reason, "failed to deliver the journal entry; it stays in the journal until the cause is fixed")
+        }
     }
 }
 

@@ -16,10 +16,10 @@
 //! `.staging-<uuid>-<pid>-<random>`, which it locks as soon as it exists.
 //! Writing `entry.json` (temporary file, fsync, rename, fsync of the
 //! directory) and renaming the staging directory to the container's uuid
-//! (then an fsync of the journal directory) commit the entry. Whoever
-//! delivers an entry holds its lock, so the supervisor, a later supervisor
-//! on the node and `berth supervise --deliver-journal` never deliver the
-//! same entry at once. The entry is removed only after the controller
+//! (then an fsync of the journal directory) commit the entry. A process
+//! delivers an entry only while it has the entry's lock, so the
+//! supervisor, a later supervisor on the node and `berth supervise
+//! --deliver-journal` never deliver the same entry at once. The entry is removed only after the controller
 //! recorded the final state, or answered that it never will.
 //!
 //! An entry stores the path of the container's credentials file, never
@@ -147,7 +147,11 @@ pub enum Part {
 }
 
 impl Entry {
-    pub fn new(container_uuid: &str, credentials_file: Option<PathBuf>, attributes: Value) -> Entry {
+    pub fn new(
+        container_uuid: &str,
+        credentials_file: Option<PathBuf>,
+        attributes: Value,
+    ) -> Entry {
         Entry {
             version: ENTRY_VERSION,
             container_uuid: container_uuid.to_string(),
@@ -223,10 +227,7 @@ impl Journal {
     /// Creates and locks a staging directory for the entry of `uuid`.
     pub fn stage(&self, uuid: &str) -> Result<Staging, JournalError> {
         let suffix: u32 = rand::thread_rng().gen();
-        let name = format!(
-            "{STAGING_PREFIX}{uuid}-{}-{suffix:08x}",
-            std::process::id()
-        );
+        let name = format!("{STAGING_PREFIX}{uuid}-{}-{suffix:08x}", std::process::id());
         let path = self.dir.join(name);
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -297,8 +298,8 @@ impl Journal {
         Ok(uuids)
     }
 
-    /// Removes the staging directories that no process holds and that are
-    /// older than an hour: those of supervisors that died before they
+    /// Removes the staging directories that no process has locked and that
+    /// are older than an hour: those of supervisors that died before they
     /// committed an entry. Returns the removed paths.
     pub fn remove_stale_staging(&self) -> Result<Vec<PathBuf>, JournalError> {
         let mut removed = Vec::new();
@@ -428,7 +429,8 @@ impl LockedEntry {
         write_entry(&self.path, entry)
     }
 
-    /// Removes a part's files once they are uploaded and the entry says so.
+    /// Removes a part's files once they are uploaded and the entry names
+    /// their collection.
     pub fn remove_part(&self, part: &str) -> Result<(), JournalError> {
         let path = self.path.join(part);
         match std::fs::remove_dir_all(&path) {
@@ -550,7 +552,11 @@ mod tests {
     #[test]
     fn open_creates_a_private_directory() {
         let (base, journal) = journal();
-        let mode = std::fs::metadata(journal.dir()).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(journal.dir())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o700);
         drop(base);
     }
@@ -574,7 +580,10 @@ mod tests {
         std::fs::write(output.join("a.txt"), "hello").unwrap();
         let mut entry = Entry::new(UUID, None, json!({"state": "Complete", "exit_code": 3}));
         entry.output = Some(Part::Pending);
-        assert!(journal.list().unwrap().is_empty(), "staging is not an entry");
+        assert!(
+            journal.list().unwrap().is_empty(),
+            "staging is not an entry"
+        );
 
         let locked = staging.commit(&entry).unwrap();
         assert_eq!(journal.list().unwrap(), vec![UUID.to_string()]);
@@ -587,8 +596,9 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
-        // flock(2) locks belong to the open file, so a second open in the
-        // same process sees the lock as another process would.
+        // flock(2) locks belong to the open file description, so a second
+        // open in the same process finds the file locked, as another
+        // process would.
         assert!(journal.lock(UUID).unwrap().is_none());
 
         locked.remove().unwrap();
@@ -618,6 +628,33 @@ mod tests {
         });
         locked.update(&updated).unwrap();
         assert_eq!(locked.read().unwrap(), updated);
+    }
+
+    #[test]
+    fn only_old_unlocked_staging_is_removed() {
+        let (_base, journal) = journal();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        let make = |name: &str| {
+            let path = journal.dir().join(name);
+            std::fs::create_dir(&path).unwrap();
+            std::fs::write(path.join(LOCK_FILE), "").unwrap();
+            path
+        };
+        let dead = make(".staging-dead");
+        let fresh = make(".staging-fresh");
+        let live = journal.stage(UUID).unwrap();
+        for path in [&dead, &live.path] {
+            File::open(path)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
+
+        let removed = journal.remove_stale_staging().unwrap();
+        assert_eq!(removed, vec![dead.clone()]);
+        assert!(!dead.exists());
+        assert!(fresh.exists(), "a recent staging directory may be new");
+        assert!(live.path.exists(), "a locked staging directory is in use");
     }
 
     #[test]

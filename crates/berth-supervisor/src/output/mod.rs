@@ -24,7 +24,7 @@ use berth_core::manifest::ManifestBuilder;
 use serde_json::json;
 
 use crate::logs::SupervisorLog;
-use crate::retry::{retry, API_BACKOFF};
+use crate::retry::{retry, Backoff};
 pub use glob::{GlobError, Globs};
 use pack::BlockPacker;
 pub use walk::{walk_output, OutputFile, WalkResult};
@@ -79,6 +79,8 @@ pub struct OutputSettings {
     /// Total bytes the kept files may hold; 0 means no limit.
     pub max_bytes: u64,
     pub retry_timeout: Duration,
+    /// The backoff between retries of one call.
+    pub backoff: Backoff,
 }
 
 /// Saves the files under `host_dir` as the collection `output for
@@ -124,7 +126,12 @@ pub async fn save_directory(
         walked.files.len()
     ));
 
-    let mut packer = BlockPacker::new(client, settings.block_size, settings.retry_timeout);
+    let mut packer = BlockPacker::new(
+        client,
+        settings.block_size,
+        settings.retry_timeout,
+        settings.backoff,
+    );
     for file in &walked.files {
         packer.add_file(file).await?;
     }
@@ -146,7 +153,7 @@ pub async fn save_directory(
     let collection = retry(
         &format!("creating the {what} collection"),
         settings.retry_timeout,
-        API_BACKOFF,
+        settings.backoff,
         ClientError::is_transient,
         || client.create_collection(&attributes),
     )
@@ -162,7 +169,7 @@ pub async fn save_directory(
 /// Copies the files under `host_dir` that `globs` keeps into `dest`, with
 /// the same relative paths, so they can be saved later from there.
 /// Symbolic links are resolved as [`save_output`] resolves them, so the
-/// copy holds what the collection would. Returns the number of files and
+/// copy contains what the collection would. Returns the number of files and
 /// bytes copied. Blocking.
 pub fn copy_output(
     host_dir: &Path,
@@ -182,6 +189,7 @@ pub fn copy_output(
             limit: max_bytes,
         });
     }
+
     let copy_error = |path: &str| {
         let path = path.to_string();
         move |source| OutputError::Read { path, source }
@@ -199,6 +207,7 @@ pub fn copy_output(
     for directory in &walked.empty_directories {
         std::fs::create_dir_all(dest.join(directory)).map_err(copy_error(directory))?;
     }
+
     // The directories' entries are made durable too, because a journal
     // entry that names these files must not outlive them after a crash.
     let mut directories: std::collections::BTreeSet<PathBuf> = walked
