@@ -1,7 +1,9 @@
 //! End to end: the final state survives a controller outage and a killed
 //! supervisor through the journal, and the cancellation watch stops a
 //! container whose batch-system signal never comes. Real Podman, a real
-//! controller, and `berth supervise` as its own process.
+//! controller, and `berth supervise` as its own process: in a Slurm job
+//! for the outage, and started by the test where no dispatcher may
+//! interfere.
 //!
 //! The supervisors here give up on ordinary calls after 2 s, so an
 //! outage of a few seconds already sends the output and log files into
@@ -150,7 +152,7 @@ async fn controller_outage_loses_nothing() {
     if common::skip() {
         return;
     }
-    let mut cluster = TestCluster::start_with("local", &options());
+    let mut cluster = TestCluster::start_with("slurm", &options());
     let token = cluster.create_user("olga");
     let olga = common::client(&cluster.api_url, &token);
     let request = olga
