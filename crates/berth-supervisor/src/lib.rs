@@ -85,9 +85,9 @@ pub async fn deliver_journal(config: &Config) -> anyhow::Result<usize> {
     tracing::info!(
         recorded = summary.recorded,
         ended = summary.ended,
-        kept = summary.kept,
+        remaining = summary.remaining,
         "delivered the journal in {}",
         dir.display()
     );
-    Ok(summary.kept)
+    Ok(summary.remaining)
 }

@@ -8,7 +8,7 @@
 //! reads the container's record with the container's own token, and it
 //! requests a stop when the record's `priority` is 0 or its state is
 //! `Cancelled`. Two
-//! 401 answers in a row count as a cancellation too, because the
+//! 401 responses in a row count as a cancellation too, because the
 //! controller revokes the token once the container leaves `Locked` and
 //! `Running`. Any other failure is logged and never stops the container.
 

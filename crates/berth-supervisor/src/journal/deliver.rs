@@ -255,7 +255,7 @@ pub struct PendingSummary {
     pub recorded: usize,
     pub ended: usize,
     /// Entries left in the journal: failed, busy, or not this user's.
-    pub kept: usize,
+    pub remaining: usize,
 }
 
 /// Delivers, once each, the entries of `journal` other than `skip`'s,
@@ -300,10 +300,10 @@ pub async fn deliver_pending(
                 match attempt {
                     Attempt::Recorded => summary.recorded += 1,
                     Attempt::Ended(_) => summary.ended += 1,
-                    Attempt::Retry(_) | Attempt::Kept(_) => summary.kept += 1,
+                    Attempt::Retry(_) | Attempt::Kept(_) => summary.remaining += 1,
                 }
             }
-            None => summary.kept += 1,
+            None => summary.remaining += 1,
         });
     }
     summary

@@ -20,7 +20,7 @@
 //! delivers an entry only while it has the entry's lock, so the
 //! supervisor, a later supervisor on the node and `berth supervise
 //! --deliver-journal` never deliver the same entry at once. The entry is removed only after the controller
-//! recorded the final state, or answered that it never will.
+//! recorded the final state, or responded that it never will.
 //!
 //! An entry stores the path of the container's credentials file, never
 //! its token. The file is the dispatcher's, mode 0600, and the dispatcher

@@ -18,9 +18,9 @@ pub struct SuperviseArgs {
     /// The container's credentials file (mode 0600), written by the dispatcher.
     #[arg(long, required_unless_present = "deliver_journal")]
     credentials: Option<PathBuf>,
-    /// Deliver the final states that the journal (`supervisor.journal_dir`)
-    /// holds, each with its container's credentials file, then exit: 0
-    /// when the journal is empty afterwards, 1 when entries remain. For an
+    /// Deliver the final states in the journal (`supervisor.journal_dir`),
+    /// each with its container's credentials file, then exit: 0 when the
+    /// journal is empty afterwards, 1 when entries remain. For an
     /// administrator, or a cron job or systemd timer on each node.
     #[arg(long, conflicts_with_all = ["credentials", "uuid"])]
     deliver_journal: bool,
@@ -36,8 +36,8 @@ pub async fn execute(args: SuperviseArgs) -> anyhow::Result<ExitCode> {
         None => berth_supervisor::Config::default(),
     };
     if args.deliver_journal {
-        let kept = berth_supervisor::deliver_journal(&supervisor_config).await?;
-        return Ok(if kept == 0 {
+        let remaining = berth_supervisor::deliver_journal(&supervisor_config).await?;
+        return Ok(if remaining == 0 {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
