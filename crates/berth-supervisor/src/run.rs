@@ -44,8 +44,8 @@ use crate::archive::ArchiveError;
 use crate::config::Config;
 use crate::gpu::assign_gpus;
 use crate::journal::{
-    copy_flat_files, deliver_until, log_attempt, Attempt, DeliverySettings, Entry, Journal, Part,
-    Staging, LOG_DIR, OUTPUT_DIR,
+    copy_flat_files, deliver_until, log_attempt, Attempt, DeliverySettings, Entry, Journal,
+    LockedEntry, Part, Staging, LOG_DIR, OUTPUT_DIR,
 };
 use crate::log_collection::{node_info, LogCollection, LogSaveError, SUPERVISOR_LOG_FILE};
 use crate::logs::{
@@ -300,6 +300,13 @@ async fn supervise_container(
     let output_pending = run.output_pending;
     drop(run);
 
+    // The final state goes to the journal before the logs are flushed and
+    // saved, which may take minutes while the controller is down, so a
+    // supervisor killed meanwhile still leaves it. The log joins later.
+    let mut entry = Entry::new(&uuid, credentials_file.map(Path::to_path_buf), Value::Null);
+    set_outcome(&mut entry, &outcome, &warnings, output_pending);
+    let locked = commit_entry(staging, &entry);
+
     // The supervisor stream is flushed before the final state, because
     // the controller revokes the container's token once it is recorded.
     log.info(format!("setting the final state {}", outcome.state()));
@@ -324,7 +331,7 @@ async fn supervise_container(
             Err(error) => {
                 tracing::error!(error = %error, "failed to save the final log collection");
                 if log_save_is_transient(&error) {
-                    log_part = keep_logs(staging.as_ref(), logs.dir());
+                    log_part = keep_logs(locked.as_ref(), logs.dir());
                 }
                 if log_part.is_none() {
                     warnings.push(error.to_string());
@@ -333,19 +340,44 @@ async fn supervise_container(
         }
     }
 
-    let mut attributes = final_attributes(&outcome, None, &warnings);
+    set_outcome(&mut entry, &outcome, &warnings, output_pending);
+    entry.log = log_part;
+    if let Some(locked) = &locked {
+        if let Err(error) = locked.update(&entry) {
+            tracing::error!(error = %error, "failed to add the log collection and the last warnings to the journal entry");
+        }
+    }
+    deliver_final_state(config, &client, locked, entry).await
+}
+
+/// Sets the entry's final state update and output from the outcome.
+fn set_outcome(entry: &mut Entry, outcome: &Outcome, warnings: &[String], output_pending: bool) {
+    let mut attributes = final_attributes(outcome, None, warnings);
     let saved_output = attributes
         .as_object_mut()
         .and_then(|attributes| attributes.remove("output"));
-    let mut entry = Entry::new(&uuid, credentials_file.map(Path::to_path_buf), attributes);
+    entry.attributes = attributes;
     entry.output = match saved_output {
         Some(Value::String(pdh)) => Some(Part::Saved {
             portable_data_hash: pdh,
         }),
         _ => output_pending.then_some(Part::Pending),
     };
-    entry.log = log_part;
-    deliver_final_state(config, &client, staging, entry).await
+}
+
+/// Commits the staged journal entry. Logs why and returns `None` when
+/// there is no journal or the commit failed.
+fn commit_entry(staging: Option<Staging>, entry: &Entry) -> Option<LockedEntry> {
+    match staging?.commit(entry) {
+        Ok(locked) => {
+            tracing::info!(path = %locked.path().display(), "wrote the journal entry");
+            Some(locked)
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "failed to write the journal entry; the final state lives in memory only");
+            None
+        }
+    }
 }
 
 /// Opens the journal that `journal_dir` names. Logs why and returns
@@ -416,9 +448,9 @@ fn log_save_is_transient(error: &LogSaveError) -> bool {
 /// Copies the log collection's files into the journal entry. Returns the
 /// pending part, or `None` after a log line when there is no journal or
 /// the copy failed.
-fn keep_logs(staging: Option<&Staging>, dir: &Path) -> Option<Part> {
-    let staging = staging?;
-    let copied = staging
+fn keep_logs(locked: Option<&LockedEntry>, dir: &Path) -> Option<Part> {
+    let locked = locked?;
+    let copied = locked
         .part_dir(LOG_DIR)
         .and_then(|dest| copy_flat_files(dir, &dest));
     match copied {
@@ -436,32 +468,23 @@ fn keep_logs(staging: Option<&Staging>, dir: &Path) -> Option<Part> {
     }
 }
 
-/// Writes the journal entry, then delivers it: uploads what is pending
-/// and records the final state, retrying for `final_update_timeout` with
-/// full-jitter backoff. Without a journal, only the final state update is
-/// retried that long. Returns the exit status of `berth supervise`.
+/// Delivers the committed journal entry: uploads what is pending and
+/// records the final state, retrying for `final_update_timeout` with
+/// full-jitter backoff. Without a journal entry, only the final state
+/// update is retried that long. Returns the exit status of `berth
+/// supervise`.
 async fn deliver_final_state(
     config: &Config,
     client: &Client,
-    staging: Option<Staging>,
+    locked: Option<LockedEntry>,
     entry: Entry,
 ) -> i32 {
     let backoff = Backoff::final_phase(config.final_retry_max_delay);
-    let state = entry.attributes["state"]
-        .as_str()
-        .unwrap_or("final")
-        .to_string();
-    let committed = staging.map(|staging| staging.commit(&entry));
-    let locked = match committed {
-        Some(Ok(locked)) => Some(locked),
-        Some(Err(error)) => {
-            tracing::error!(error = %error, "failed to write the journal entry; the final state lives in memory only");
-            None
-        }
-        None => None,
-    };
     if let Some(locked) = locked {
-        tracing::info!(path = %locked.path().display(), "wrote the journal entry");
+        let state = entry.attributes["state"]
+            .as_str()
+            .unwrap_or("final")
+            .to_string();
         let attempt = deliver_until(
             &locked,
             client,

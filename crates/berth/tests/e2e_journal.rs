@@ -106,16 +106,26 @@ async fn wait_running(cluster: &TestCluster, client: &Client, uuid: &str) {
     .await;
 }
 
-/// Waits for the journal entry of `uuid` to be written.
+/// Waits for the journal entry of `uuid` to contain everything: the
+/// supervisor writes it first with the final state and output, and adds
+/// the log files once saving them failed.
 async fn wait_for_entry(cluster: &TestCluster, uuid: &str) -> PathBuf {
     let entry = cluster.journal_dir().join(uuid);
+    let file = entry.join("entry.json");
     wait_until(
         cluster,
         Duration::from_secs(90),
-        "the journal entry",
-        || async { entry.join("entry.json").exists().then_some(()) },
+        "the journal entry with its log",
+        || async {
+            let text = std::fs::read(&file).ok()?;
+            let value: serde_json::Value = serde_json::from_slice(&text).ok()?;
+            (value["log"]["kind"] == "pending").then_some(())
+        },
     )
     .await;
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(value["output"]["kind"], "pending", "{value}");
+    assert_eq!(value["attributes"]["exit_code"], 3, "{value}");
     entry
 }
 
@@ -329,6 +339,39 @@ async fn restarted_supervisor_delivers_its_own_entry() {
     );
     let container = olga.get_container(&locked.uuid).await.unwrap();
     check_delivered(&olga, &container).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn next_supervisor_on_node_delivers_entry() {
+    if common::skip() {
+        return;
+    }
+    let (mut cluster, olga) = cluster_without_dispatcher();
+    let locked = entry_of_a_killed_supervisor(&mut cluster, &olga).await;
+
+    // Another container's supervisor delivers the entry in the background
+    // while its own container runs.
+    let other = create_and_lock(&cluster, &olga, "sleep 5").await;
+    let mut supervisor = spawn_supervisor(&cluster, &other, "other");
+    let container = wait_until(
+        &cluster,
+        Duration::from_secs(60),
+        "the entry's delivery",
+        || async {
+            let container = olga.get_container(&locked.uuid).await.ok()?;
+            container.state.is_final().then_some(container)
+        },
+    )
+    .await;
+    check_delivered(&olga, &container).await;
+    assert!(!cluster.journal_dir().join(&locked.uuid).exists());
+
+    let status = supervisor.wait().unwrap();
+    let log = read_log(&cluster, "other");
+    assert!(status.success(), "{log}");
+    let own = olga.get_container(&other.uuid).await.unwrap();
+    assert_eq!(own.state, ContainerState::Complete);
+    assert_eq!(own.exit_code, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread")]

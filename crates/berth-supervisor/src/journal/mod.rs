@@ -347,12 +347,7 @@ impl Staging {
     /// Returns the directory of a part's files ([`OUTPUT_DIR`] or
     /// [`LOG_DIR`]), creating it with mode 0700.
     pub fn part_dir(&self, part: &str) -> Result<PathBuf, JournalError> {
-        let path = self.path.join(part);
-        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => Ok(path),
-            Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok(path),
-            Err(error) => Err(io_error("create", &path)(error)),
-        }
+        create_part_dir(&self.path, part)
     }
 
     /// Writes the entry and renames the staging directory to the
@@ -424,6 +419,14 @@ impl LockedEntry {
         Ok(entry)
     }
 
+    /// Returns the directory of a part's files ([`OUTPUT_DIR`] or
+    /// [`LOG_DIR`]), creating it with mode 0700. Set the part to
+    /// [`Part::Pending`] with [`LockedEntry::update`] once the files are
+    /// there.
+    pub fn part_dir(&self, part: &str) -> Result<PathBuf, JournalError> {
+        create_part_dir(&self.path, part)
+    }
+
     /// Replaces the entry durably.
     pub fn update(&self, entry: &Entry) -> Result<(), JournalError> {
         write_entry(&self.path, entry)
@@ -449,6 +452,15 @@ impl LockedEntry {
         sync_dir(&self.path)?;
         std::fs::remove_dir_all(&self.path).map_err(io_error("remove", &self.path))?;
         sync_dir(&self.journal_dir)
+    }
+}
+
+fn create_part_dir(entry_dir: &Path, part: &str) -> Result<PathBuf, JournalError> {
+    let path = entry_dir.join(part);
+    match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+        Ok(()) => Ok(path),
+        Err(error) if error.kind() == ErrorKind::AlreadyExists => Ok(path),
+        Err(error) => Err(io_error("create", &path)(error)),
     }
 }
 
