@@ -43,22 +43,26 @@ use tracing::Instrument;
 use crate::archive::ArchiveError;
 use crate::config::Config;
 use crate::gpu::assign_gpus;
-use crate::journal::{
-    copy_flat_files, deliver_until, log_attempt, Attempt, DeliverySettings, Entry, Journal,
-    LockedEntry, Part, Staging, LOG_DIR, OUTPUT_DIR,
-};
-use crate::log_collection::{node_info, LogCollection, LogSaveError, SUPERVISOR_LOG_FILE};
+use crate::journal::{DeliverySettings, Entry, Part, Staging, OUTPUT_DIR};
+use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
 use crate::logs::{
     ApiLogSink, LogCopy, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog,
 };
 use crate::mounts::{plan_mounts, MountError, PreparedMounts};
 use crate::output::{copy_output, save_output, Globs, OutputError, OutputSettings};
-use crate::retry::{retry, Backoff, API_BACKOFF};
+use crate::retry::{retry, API_BACKOFF};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
 use crate::spec::{container_spec, SpecError};
 use crate::stop::StopHandle;
 use crate::watch::spawn_cancel_watch;
+
+mod final_state;
+
+use final_state::{
+    commit_entry, deliver_final_state, deliver_own_entry, keep_logs, log_save_is_transient,
+    open_journal, set_outcome, AbortOnDrop,
+};
 
 /// Exit status of `berth supervise` when a final state was recorded.
 pub const EXIT_RECORDED: i32 = 0;
@@ -348,189 +352,6 @@ async fn supervise_container(
         }
     }
     deliver_final_state(config, &client, locked, entry).await
-}
-
-/// Sets the entry's final state update and output from the outcome.
-fn set_outcome(entry: &mut Entry, outcome: &Outcome, warnings: &[String], output_pending: bool) {
-    let mut attributes = final_attributes(outcome, None, warnings);
-    let saved_output = attributes
-        .as_object_mut()
-        .and_then(|attributes| attributes.remove("output"));
-    entry.attributes = attributes;
-    entry.output = match saved_output {
-        Some(Value::String(pdh)) => Some(Part::Saved {
-            portable_data_hash: pdh,
-        }),
-        _ => output_pending.then_some(Part::Pending),
-    };
-}
-
-/// Commits the staged journal entry. Logs why and returns `None` when
-/// there is no journal or the commit failed.
-fn commit_entry(staging: Option<Staging>, entry: &Entry) -> Option<LockedEntry> {
-    match staging?.commit(entry) {
-        Ok(locked) => {
-            tracing::info!(path = %locked.path().display(), "wrote the journal entry");
-            Some(locked)
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "failed to write the journal entry; the final state lives in memory only");
-            None
-        }
-    }
-}
-
-/// Opens the journal that `journal_dir` names. Logs why and returns
-/// `None` when it is off or cannot be used.
-fn open_journal(config: &Config) -> Option<Journal> {
-    let dir = config.journal_dir.as_ref()?;
-    match Journal::open(dir) {
-        Ok(journal) => Some(journal),
-        Err(error) => {
-            tracing::error!(error = %error, "the final-state journal is off; a final state that cannot be delivered is lost when this process ends");
-            None
-        }
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Delivers the entry that an earlier supervisor of this container left,
-/// in place of running the container again.
-async fn deliver_own_entry(config: &Config, journal: &Journal, client: &Client, uuid: &str) -> i32 {
-    tracing::warn!(
-        "the journal in {} has an entry for this container: delivering it instead of running the container",
-        journal.dir().display()
-    );
-    let locked = match journal.lock(uuid) {
-        Ok(Some(locked)) => locked,
-        Ok(None) => {
-            tracing::error!("another process is delivering this container's journal entry");
-            return EXIT_NOT_RECORDED;
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "failed to lock this container's journal entry");
-            return EXIT_NOT_RECORDED;
-        }
-    };
-    let attempt = deliver_until(
-        &locked,
-        client,
-        DeliverySettings::from_config(config),
-        config.final_update_timeout,
-        Backoff::final_phase(config.final_retry_max_delay),
-        &SupervisorLog::new(),
-    )
-    .await;
-    log_attempt(&attempt);
-    match attempt {
-        Attempt::Recorded => EXIT_RECORDED,
-        _ => EXIT_NOT_RECORDED,
-    }
-}
-
-/// Returns whether a failed log save may succeed later, so its files are
-/// worth keeping in the journal.
-fn log_save_is_transient(error: &LogSaveError) -> bool {
-    match error {
-        LogSaveError::Upload(error) | LogSaveError::Save(error) => error.is_transient(),
-        _ => false,
-    }
-}
-
-/// Copies the log collection's files into the journal entry. Returns the
-/// pending part, or `None` after a log line when there is no journal or
-/// the copy failed.
-fn keep_logs(locked: Option<&LockedEntry>, dir: &Path) -> Option<Part> {
-    let locked = locked?;
-    let copied = locked
-        .part_dir(LOG_DIR)
-        .and_then(|dest| copy_flat_files(dir, &dest));
-    match copied {
-        Ok(count) => {
-            tracing::warn!(
-                files = count,
-                "kept the log files in the journal, to upload with the final state"
-            );
-            Some(Part::Pending)
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "failed to keep the log files in the journal");
-            None
-        }
-    }
-}
-
-/// Delivers the committed journal entry: uploads what is pending and
-/// records the final state, retrying for `final_update_timeout` with
-/// full-jitter backoff. Without a journal entry, only the final state
-/// update is retried that long. Returns the exit status of `berth
-/// supervise`.
-async fn deliver_final_state(
-    config: &Config,
-    client: &Client,
-    locked: Option<LockedEntry>,
-    entry: Entry,
-) -> i32 {
-    let backoff = Backoff::final_phase(config.final_retry_max_delay);
-    if let Some(locked) = locked {
-        let state = entry.attributes["state"]
-            .as_str()
-            .unwrap_or("final")
-            .to_string();
-        let attempt = deliver_until(
-            &locked,
-            client,
-            DeliverySettings::from_config(config),
-            config.final_update_timeout,
-            backoff,
-            &SupervisorLog::new(),
-        )
-        .await;
-        log_attempt(&attempt);
-        return match attempt {
-            Attempt::Recorded => {
-                tracing::info!("recorded the final state {state}");
-                EXIT_RECORDED
-            }
-            _ => EXIT_NOT_RECORDED,
-        };
-    }
-
-    // Without a journal nothing pending can be uploaded later: a pending
-    // output makes the run fail, and a pending log is left out.
-    let attributes = if entry.output == Some(Part::Pending) {
-        let reason = "failed to save the output: the controller could not be reached, and the journal that would keep the output failed";
-        json!({"state": ContainerState::Cancelled.as_str(), "runtime_status": {"error": reason}})
-    } else {
-        entry.final_update()
-    };
-    let state = attributes["state"].as_str().unwrap_or("final").to_string();
-    let recorded = retry(
-        "recording the final state",
-        config.final_update_timeout,
-        backoff,
-        ClientError::is_transient,
-        || client.update_container(&entry.container_uuid, &attributes),
-    )
-    .await;
-    match recorded {
-        Ok(_) => {
-            tracing::info!("recorded the final state {state}");
-            EXIT_RECORDED
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "failed to record the final state {state}");
-            EXIT_NOT_RECORDED
-        }
-    }
 }
 
 /// The local copies the log writers append to.

@@ -25,6 +25,10 @@
 //! An entry stores the path of the container's credentials file, never
 //! its token. The file is the dispatcher's, mode 0600, and the dispatcher
 //! removes it once the container is final or unlocked.
+//!
+//! NOTE: the dispatcher cancels a container whose batch job ended without
+//! a final state, so the entry of a killed supervisor is delivered only
+//! when a delivery comes before the dispatcher notices the job's end.
 
 mod deliver;
 
