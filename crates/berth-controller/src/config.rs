@@ -12,6 +12,8 @@ use std::time::Duration;
 use berth_core::{ClusterId, Secret};
 use serde::Deserialize;
 
+use crate::limits::LimitsConfig;
+
 /// Default values of the optional keys.
 pub mod defaults {
     /// Locks of one container after which an unlock cancels it.
@@ -143,6 +145,10 @@ pub struct Config {
     /// locators. Default: every key of [`BlockConfig`] at its default.
     #[serde(default)]
     pub blocks: BlockConfig,
+    /// Request limits per pool: ordinary requests, waiting reads, tunnels
+    /// and shells. Default: every key of [`LimitsConfig`] at its default.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// The `controller.blocks` section: the block store and the permission
@@ -210,6 +216,7 @@ impl Config {
             max_request_body_bytes: defaults::MAX_REQUEST_BODY_BYTES,
             external_url: None,
             blocks: BlockConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 
@@ -271,6 +278,22 @@ impl Config {
                 &self.header_read_timeout_seconds,
                 "must be 1 or more",
             ));
+        }
+        let limits = &self.limits;
+        for (key, value) in [
+            (
+                "limits.max_concurrent_requests",
+                limits.max_concurrent_requests as u64,
+            ),
+            ("limits.queue_timeout_seconds", limits.queue_timeout_seconds),
+            (
+                "limits.max_waiting_requests",
+                limits.max_waiting_requests as u64,
+            ),
+        ] {
+            if value < 1 {
+                return Err(error(key, &value, "must be 1 or more"));
+            }
         }
         if self.max_log_chunk_bytes < 1 {
             return Err(error(

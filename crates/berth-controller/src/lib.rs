@@ -33,6 +33,7 @@ pub mod blocks;
 pub mod config;
 pub mod error;
 pub mod lifecycle;
+pub mod limits;
 pub mod notify;
 pub mod retry;
 pub mod reuse;

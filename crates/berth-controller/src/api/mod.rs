@@ -53,11 +53,12 @@ use tokio::sync::watch;
 use tower_http::trace::TraceLayer;
 use tracing::{Instrument, Span};
 
-use crate::auth::secret_digest;
+use crate::auth::{secret_digest, Caller};
 use crate::blocks::signing::{BlobSigner, SigningKeyError};
 use crate::blocks::{BlockStore, DirectoryBlockStore};
 use crate::config::{ClusterSettings, Config};
 use crate::error::{error_chain, ApiError};
+use crate::limits::RequestLimits;
 use crate::notify::{ChangeListener, Notifier};
 use crate::store::Store;
 
@@ -107,6 +108,7 @@ struct Inner {
     request_timeout: Duration,
     external_url: Option<String>,
     serves_tls: bool,
+    limits: Arc<RequestLimits>,
 }
 
 impl AppState {
@@ -144,6 +146,7 @@ impl AppState {
                 request_timeout: config.request_timeout(),
                 external_url: config.external_url.clone(),
                 serves_tls: config.tls_files().is_some(),
+                limits: Arc::new(RequestLimits::new(&config.limits)),
             }),
         })
     }
@@ -196,6 +199,11 @@ impl AppState {
     /// the API is served over HTTPS.
     pub(crate) fn serves_tls(&self) -> bool {
         self.inner.serves_tls
+    }
+
+    /// The request limits of every pool.
+    pub fn limits(&self) -> &Arc<RequestLimits> {
+        &self.inner.limits
     }
 
     /// Ends every log wait now, so a draining server is not held up by
@@ -305,6 +313,7 @@ pub fn app(state: AppState) -> Router {
             get(discovery::document),
         )
         .route("/_health/ping", get(health))
+        .route("/metrics", get(metrics))
         // Blocks, at the root as in Keep's protocol: `/<md5>[+<size>...]`.
         .route("/{locator}", get(blocks::get).put(blocks::put))
         .fallback(not_found)
@@ -314,6 +323,12 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             timeout,
             rejection::enforce_timeout,
+        ))
+        // Outside the timeout: a request's wait in the queue has its own
+        // limit, `limits.queue_timeout_seconds`.
+        .layer(middleware::from_fn_with_state(
+            state.limits().clone(),
+            crate::limits::admit,
         ))
         .layer(
             TraceLayer::new_for_http()
@@ -429,6 +444,26 @@ async fn health(State(state): State<AppState>) -> Response {
                 .into_response()
         }
     }
+}
+
+/// `GET /metrics`: the request limits and their use, in Prometheus's text
+/// format, for the system token and administrators.
+async fn metrics(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    if !caller.is_admin {
+        return Err(ApiError::Forbidden(
+            "metrics are for administrators and the system token".to_string(),
+        ));
+    }
+    let mut text = String::new();
+    state.limits().render_metrics(&mut text);
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

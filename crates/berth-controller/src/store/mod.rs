@@ -38,6 +38,7 @@ mod leases;
 mod mapping;
 pub mod postgres;
 pub mod sqlite;
+mod tunnels;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -51,6 +52,7 @@ use crate::notify::{ChangeListener, Notifier};
 use crate::retry::RetryPlan;
 
 pub use leases::{DispatchLease, LeaseFence};
+pub use tunnels::TunnelLease;
 
 /// A failure of the store. Callers' mistakes never show up here: the API
 /// layer checks input before it reaches the store.
@@ -769,6 +771,34 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         holder: &str,
         epoch: i64,
     ) -> Result<Option<DispatchLease>>;
+
+    /// Claims the gateway tunnel lease of `container_uuid` for the
+    /// controller at `controller_url`, if there is none, if it belongs to
+    /// the same `supervisor_id`, or if its heartbeat is at or before
+    /// `stale_before_ms`. Returns the lease as it is afterwards: the
+    /// caller's claim when its URL and supervisor id are in it.
+    async fn claim_tunnel(
+        &self,
+        container_uuid: &str,
+        controller_url: &str,
+        supervisor_id: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<TunnelLease>;
+
+    /// Sets the heartbeat of every tunnel lease `controller_url` holds to
+    /// `now_ms`. Returns the number of leases.
+    async fn heartbeat_tunnels(&self, controller_url: &str, now_ms: i64) -> Result<u64>;
+
+    /// Deletes the tunnel lease of `container_uuid` if it still has
+    /// `epoch`. Returns true when it did.
+    async fn release_tunnel(&self, container_uuid: &str, epoch: i64) -> Result<bool>;
+
+    /// Deletes every tunnel lease of `controller_url`: those left by an
+    /// earlier run of that controller. Returns the number deleted.
+    async fn release_controller_tunnels(&self, controller_url: &str) -> Result<u64>;
+
+    async fn get_tunnel(&self, container_uuid: &str) -> Result<Option<TunnelLease>>;
 
     /// Starts a task that wakes `notifier`'s waiters whenever any process
     /// writes a container or a log, for a database that several

@@ -37,7 +37,7 @@ use super::mapping::{
     check_filter_text, decode_record, decode_secrets, encode_record, encode_secrets, key_condition,
     order_clause, to_i64, Bound, JsonSql,
 };
-use super::{changes, leases, ChangePage, DispatchLease, LeaseFence};
+use super::{changes, leases, tunnels, ChangePage, DispatchLease, LeaseFence, TunnelLease};
 use super::{
     ApiToken, AppendOutcome, Column, ContainerWrite, CredentialChange, Filter, FilterOp, ListQuery,
     LogStream, Operand, Page, RequestWrite, Result, ReusedContainer, Scalar, Secrets, Store,
@@ -793,6 +793,29 @@ async fn check_fence(conn: &mut SqliteConnection, fence: &LeaseFence) -> Result<
     fence.check(lease.as_ref())
 }
 
+async fn read_tunnel(
+    conn: &mut SqliteConnection,
+    container_uuid: &str,
+) -> Result<Option<TunnelLease>> {
+    let row = sqlx::query(tunnels::SELECT)
+        .bind(container_uuid)
+        .fetch_optional(conn)
+        .await
+        .map_err(StoreError::query("read a tunnel lease"))?;
+    row.as_ref().map(decode_tunnel).transpose()
+}
+
+fn decode_tunnel(row: &SqliteRow) -> Result<TunnelLease> {
+    let read_error = StoreError::query("read a tunnel lease");
+    Ok(TunnelLease {
+        container_uuid: row.try_get("container_uuid").map_err(read_error)?,
+        controller_url: row.try_get("controller_url").map_err(read_error)?,
+        supervisor_id: row.try_get("supervisor_id").map_err(read_error)?,
+        epoch: row.try_get("epoch").map_err(read_error)?,
+        heartbeat_at_ms: row.try_get("heartbeat_at_ms").map_err(read_error)?,
+    })
+}
+
 async fn commit(tx: sqlx::Transaction<'_, Sqlite>) -> Result<()> {
     tx.commit()
         .await
@@ -1341,6 +1364,71 @@ impl Store for SqliteStore {
             .bind(epoch);
         self.change_lease(name, "release a dispatch lease", statement)
             .await
+    }
+
+    async fn claim_tunnel(
+        &self,
+        container_uuid: &str,
+        controller_url: &str,
+        supervisor_id: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<TunnelLease> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(tunnels::CLAIM)
+            .bind(container_uuid)
+            .bind(controller_url)
+            .bind(supervisor_id)
+            .bind(now_ms)
+            .bind(stale_before_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::query("claim a tunnel lease"))?;
+        let lease = read_tunnel(&mut tx, container_uuid).await?;
+        commit(tx).await?;
+        // The statement inserts the row when it is missing.
+        lease.ok_or(StoreError::Conflict {
+            table: "tunnel_leases",
+            uuid: container_uuid.to_string(),
+        })
+    }
+
+    async fn heartbeat_tunnels(&self, controller_url: &str, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query(tunnels::HEARTBEAT)
+            .bind(now_ms)
+            .bind(controller_url)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("refresh the tunnel leases"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release_tunnel(&self, container_uuid: &str, epoch: i64) -> Result<bool> {
+        let done = sqlx::query(tunnels::RELEASE)
+            .bind(container_uuid)
+            .bind(epoch)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("release a tunnel lease"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn release_controller_tunnels(&self, controller_url: &str) -> Result<u64> {
+        let done = sqlx::query(tunnels::RELEASE_ALL)
+            .bind(controller_url)
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::query("release a controller's tunnel leases"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn get_tunnel(&self, container_uuid: &str) -> Result<Option<TunnelLease>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(StoreError::query("connect to the database"))?;
+        read_tunnel(&mut conn, container_uuid).await
     }
 
     fn spawn_change_listener(&self, _notifier: Arc<Notifier>) -> Option<ChangeListener> {

@@ -68,6 +68,21 @@ impl Reply {
     }
 }
 
+/// Sends a request to a router and reads the whole response.
+pub async fn send_to(app: Router, request: Request<Body>) -> Reply {
+    let response = app.oneshot(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
 pub struct TestApi {
     pub state: AppState,
     pub app: Router,
@@ -125,17 +140,7 @@ impl TestApi {
     }
 
     pub async fn send(&self, request: Request<Body>) -> Reply {
-        let response = self.app.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        send_to(self.app.clone(), request).await
     }
 
     pub fn request(
