@@ -45,6 +45,9 @@ pub enum RuntimeKind {
     Auto,
 }
 
+/// The directory `journal_dir` names by default.
+pub const DEFAULT_JOURNAL_DIR: &str = "/var/lib/berth/journal";
+
 /// The `supervisor` section of the configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -106,11 +109,42 @@ pub struct Config {
     /// `Running`) are retried after transient failures. Default 2 min.
     #[serde(deserialize_with = "duration::deserialize")]
     pub api_retry_timeout: Duration,
-    /// How long the final state update (`Complete` or `Cancelled`) is
-    /// retried after transient failures. Losing it loses the exit code, so
-    /// this is longer than `api_retry_timeout`. Default 5 min.
+    /// How long the final phase keeps trying to deliver the final state
+    /// (`Complete` or `Cancelled`) with its output and log collections
+    /// while the controller cannot be reached. The batch job stays alive
+    /// meanwhile, so this is meant to outlast any controller outage. When
+    /// the batch system's time limit comes first, it ends the job, and the
+    /// entry in `journal_dir` is delivered later. Default 24 h.
     #[serde(deserialize_with = "duration::deserialize")]
     pub final_update_timeout: Duration,
+    /// Maximum delay between two attempts of the final phase. The cap of
+    /// the delay starts at 1 s and doubles with each attempt up to this
+    /// value. Each delay is drawn at random from zero to the cap (full
+    /// jitter), so the supervisors of a cluster do not all retry at the
+    /// same moments once the controller is back. Default 60 s.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub final_retry_max_delay: Duration,
+    /// Absolute path of the directory of the final-state journal (created
+    /// with mode 0700; a directory that other users may enter is
+    /// rejected). Before the supervisor first tries to record a final
+    /// state, it writes the state, exit code, `runtime_status` and the
+    /// output and log there: their portable data hashes, or the files
+    /// themselves when they could not be uploaded yet. The entry is
+    /// removed once the controller recorded the final state. Entries left
+    /// by a killed supervisor are delivered by the next `berth supervise`
+    /// on the node, or by `berth supervise --deliver-journal`. An entry
+    /// stores the path of the container's credentials file, never the
+    /// token. `null` turns the journal off. Default
+    /// `/var/lib/berth/journal`.
+    #[serde(deserialize_with = "optional_absolute_dir::deserialize")]
+    pub journal_dir: Option<PathBuf>,
+    /// How often the supervisor reads its own container record while the
+    /// container runs, to stop it when the controller cancelled it
+    /// (`priority` 0 or state `Cancelled`) even when the batch system's
+    /// signal never arrives. A failed read is logged and never stops the
+    /// container. 0 turns the check off. Default 30 s.
+    #[serde(deserialize_with = "duration::deserialize")]
+    pub cancel_check_interval: Duration,
     /// A log stream's buffer is sent to the controller once it reaches
     /// this many bytes. Default 65536 (64 KiB).
     pub log_flush_bytes: usize,
@@ -188,7 +222,10 @@ impl Default for Config {
             pull_images: false,
             temp_dir: None,
             api_retry_timeout: Duration::from_secs(120),
-            final_update_timeout: Duration::from_secs(300),
+            final_update_timeout: Duration::from_secs(24 * 3600),
+            final_retry_max_delay: Duration::from_secs(60),
+            journal_dir: Some(PathBuf::from(DEFAULT_JOURNAL_DIR)),
+            cancel_check_interval: Duration::from_secs(30),
             log_flush_bytes: 64 * 1024,
             log_flush_interval: Duration::from_millis(250),
             log_retry_timeout: Duration::from_secs(300),
@@ -305,6 +342,26 @@ mod absolute_dir {
     }
 }
 
+/// An optional directory, which must be an absolute path when given.
+mod optional_absolute_dir {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<PathBuf>, D::Error> {
+        let dir = Option::<PathBuf>::deserialize(deserializer)?;
+        if let Some(relative) = dir.as_ref().filter(|dir| !dir.is_absolute()) {
+            return Err(serde::de::Error::custom(format!(
+                "invalid directory {:?}: expected an absolute path such as /var/lib/berth/journal, or null",
+                relative.display().to_string()
+            )));
+        }
+        Ok(dir)
+    }
+}
+
 /// Durations written as seconds or as a number with a unit.
 pub mod duration {
     use std::time::Duration;
@@ -374,7 +431,7 @@ mod tests {
         let config: Config = serde_yaml::from_str("{}").unwrap();
         assert_eq!(config, Config::default());
         assert_eq!(config.stop_timeout, Duration::from_secs(10));
-        assert_eq!(config.final_update_timeout, Duration::from_secs(300));
+        assert_eq!(config.final_update_timeout, Duration::from_secs(24 * 3600));
         assert_eq!(config.log_flush_bytes, 65536);
         assert_eq!(
             config.image_archive_dirs,
@@ -514,6 +571,32 @@ mod tests {
         assert!(err.to_string().contains("lxc"), "{err}");
         let err = serde_yaml::from_str::<Config>("image_cache_dir: cache\n").unwrap_err();
         assert!(err.to_string().contains("\"cache\""), "{err}");
+    }
+
+    #[test]
+    fn journal_keys_are_read() {
+        let config: Config = serde_yaml::from_str(
+            "journal_dir: /srv/journal\nfinal_retry_max_delay: 5s\ncancel_check_interval: 2s\n",
+        )
+        .unwrap();
+        assert_eq!(config.journal_dir, Some(PathBuf::from("/srv/journal")));
+        assert_eq!(config.final_retry_max_delay, Duration::from_secs(5));
+        assert_eq!(config.cancel_check_interval, Duration::from_secs(2));
+        let defaults = Config::default();
+        assert_eq!(
+            defaults.journal_dir,
+            Some(PathBuf::from(DEFAULT_JOURNAL_DIR))
+        );
+        let off: Config = serde_yaml::from_str("journal_dir: null\n").unwrap();
+        assert_eq!(off.journal_dir, None);
+    }
+
+    #[test]
+    fn relative_journal_dir_is_rejected() {
+        let err = serde_yaml::from_str::<Config>("journal_dir: journal\n").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("\"journal\""), "{message}");
+        assert!(message.contains("absolute path"), "{message}");
     }
 
     #[test]

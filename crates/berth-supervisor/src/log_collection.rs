@@ -90,6 +90,11 @@ impl LogCollection {
         })
     }
 
+    /// Returns the directory of the local copies, one file per log file.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Adds the file `name` and returns the copy a writer appends to.
     pub fn add_stream(&mut self, name: &str) -> std::io::Result<LogCopy> {
         let copy = LogCopy::create(&self.dir.path().join(name))?;

@@ -642,6 +642,7 @@ mod tests {
             backoff: Backoff {
                 initial: Duration::from_millis(10),
                 max: Duration::from_millis(100),
+                jitter: crate::retry::Jitter::Equal,
             },
         }
     }

@@ -13,30 +13,55 @@ use rand::Rng;
 use tokio::time::Instant;
 
 /// Delays between attempts: the cap doubles from `initial` up to `max`,
-/// and each delay is drawn from the upper half of the cap ("equal
-/// jitter"), so delays still grow while retries from many supervisors
-/// spread out.
+/// and each delay is drawn at random below the cap, as `jitter` sets, so
+/// retries from many supervisors spread out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     pub initial: Duration,
     pub max: Duration,
+    pub jitter: Jitter,
+}
+
+/// The range below the backoff's cap that a delay is drawn from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Jitter {
+    /// From the upper half of the cap ("equal jitter"), so every delay is
+    /// at least half the cap and delays still grow.
+    Equal,
+    /// From zero to the cap ("full jitter"). It spreads the retries of many
+    /// clients the most, so hundreds of supervisors that lost the
+    /// controller at once do not all retry at the same moments.
+    Full,
 }
 
 /// Backoff for calls to the controller.
 pub const API_BACKOFF: Backoff = Backoff {
     initial: Duration::from_millis(200),
     max: Duration::from_secs(15),
+    jitter: Jitter::Equal,
 };
 
 impl Backoff {
+    /// Returns the backoff of the final phase: full jitter, starting at
+    /// 1 s and capped at `max`.
+    pub fn final_phase(max: Duration) -> Backoff {
+        Backoff {
+            initial: Duration::from_secs(1).min(max),
+            max,
+            jitter: Jitter::Full,
+        }
+    }
+
     /// Returns the delay before retry number `attempt` (0 for the first).
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.min(31));
         let cap = self.initial.saturating_mul(factor).min(self.max);
-        let half = cap / 2;
-        let jitter =
-            rand::thread_rng().gen_range(0..=half.as_micros().min(u64::MAX as u128) as u64);
-        half + Duration::from_micros(jitter)
+        let floor = match self.jitter {
+            Jitter::Equal => cap / 2,
+            Jitter::Full => Duration::ZERO,
+        };
+        let spread = (cap - floor).as_micros().min(u64::MAX as u128) as u64;
+        floor + Duration::from_micros(rand::thread_rng().gen_range(0..=spread))
     }
 }
 
@@ -84,6 +109,7 @@ mod tests {
     const FAST: Backoff = Backoff {
         initial: Duration::from_millis(1),
         max: Duration::from_millis(4),
+        jitter: Jitter::Equal,
     };
 
     #[test]
@@ -91,6 +117,7 @@ mod tests {
         let backoff = Backoff {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
+            jitter: Jitter::Equal,
         };
         for _ in 0..50 {
             let first = backoff.delay(0);
@@ -100,6 +127,21 @@ mod tests {
             assert!(late >= Duration::from_millis(500), "{late:?}");
             assert!(late <= Duration::from_secs(1), "{late:?}");
         }
+    }
+
+    #[test]
+    fn full_jitter_spreads_from_zero_to_the_cap() {
+        let backoff = Backoff::final_phase(Duration::from_secs(8));
+        let delays: Vec<Duration> = (0..200).map(|_| backoff.delay(30)).collect();
+        assert!(delays.iter().all(|delay| *delay <= Duration::from_secs(8)));
+        let below_half = delays
+            .iter()
+            .filter(|delay| **delay < Duration::from_secs(4))
+            .count();
+        // Equal jitter never goes below half the cap; full jitter does about
+        // half of the time.
+        assert!(below_half > 40, "only {below_half} of 200 below half");
+        assert!(backoff.delay(0) <= Duration::from_secs(1));
     }
 
     #[tokio::test]

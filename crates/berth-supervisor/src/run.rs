@@ -12,9 +12,12 @@
 //! still runs, drains and flushes its output, removes it and deletes the
 //! mounts. Last comes the final state: `Complete` with the exit code when
 //! the container exited, else `Cancelled` with `runtime_status.error`
-//! saying why.
+//! saying why. It is written to the journal first (with the output and
+//! log files themselves when the controller could not be reached to save
+//! them) and delivered from there, retrying for `final_update_timeout`.
 //!
-//! A stop request (SIGTERM, SIGINT) ends whichever step is under way; a
+//! A stop request (SIGTERM, SIGINT, or the cancellation watch seeing the
+//! controller cancel the container) ends whichever step is under way; a
 //! request that arrives before the start prevents it. The container's
 //! token may change `Locked` to `Cancelled`, so failures before `Running`
 //! end in `Cancelled` as well.
@@ -24,6 +27,7 @@
 //! runtime container should the run itself be dropped half-way.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,12 +44,13 @@ use crate::archive::ArchiveError;
 use crate::cache::CollectionCache;
 use crate::config::Config;
 use crate::gpu::assign_gpus;
+use crate::journal::{DeliverySettings, Entry, Part, Staging, OUTPUT_DIR};
 use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
 use crate::logs::{
     ApiLogSink, LogCopy, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog,
 };
 use crate::mounts::{plan_mounts_for_output, MountError, PreparedMounts};
-use crate::output::{save_output, Globs, OutputError, OutputSettings};
+use crate::output::{copy_output, save_output, Globs, OutputError, OutputSettings};
 use crate::retry::{retry, API_BACKOFF};
 use crate::runtime::select::{connect_runtime, ConnectedRuntime};
 use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
@@ -53,6 +58,14 @@ use crate::spec::{container_spec, SpecError};
 use crate::staging::{StagedCollections, Stager, StagingError};
 use crate::stats::{OutOfMemory, RunStats, STATS_FILE, STATS_STREAM};
 use crate::stop::StopHandle;
+use crate::watch::spawn_cancel_watch;
+
+mod final_state;
+
+use final_state::{
+    commit_entry, deliver_final_state, deliver_own_entry, keep_logs, log_save_is_transient,
+    open_journal, set_outcome, AbortOnDrop,
+};
 
 /// Exit status of `berth supervise` when a final state was recorded.
 pub const EXIT_RECORDED: i32 = 0;
@@ -146,21 +159,52 @@ pub async fn supervise_until(
     credentials: berth_client::JobCredentials,
     stop: StopHandle,
 ) -> anyhow::Result<i32> {
+    supervise_job(config, credentials, None, stop).await
+}
+
+/// Like [`supervise_until`], and names `credentials_file` in the journal
+/// entry, so that another process can deliver the entry with it.
+pub async fn supervise_job(
+    config: Config,
+    credentials: berth_client::JobCredentials,
+    credentials_file: Option<PathBuf>,
+    stop: StopHandle,
+) -> anyhow::Result<i32> {
     let uuid = credentials.container_uuid.clone();
     let client = Client::new(credentials.settings())
         .with_context(|| format!("failed to build the API client for container {uuid}"))?;
     let span = tracing::info_span!("supervise", container = %uuid);
-    Ok(supervise_container(&config, client, uuid, stop)
-        .instrument(span)
-        .await)
+    Ok(
+        supervise_container(&config, client, uuid, credentials_file.as_deref(), stop)
+            .instrument(span)
+            .await,
+    )
 }
 
 async fn supervise_container(
     config: &Config,
     client: Client,
     uuid: String,
+    credentials_file: Option<&Path>,
     stop: StopHandle,
 ) -> i32 {
+    let journal = open_journal(config);
+    // Entries that other supervisors on this node left are delivered in
+    // the background while this one runs.
+    let _background = journal.clone().map(|journal| {
+        let settings = DeliverySettings::from_config(config);
+        let own = uuid.clone();
+        AbortOnDrop(tokio::spawn(
+            async move {
+                crate::journal::deliver_pending(&journal, settings, Some(&own)).await;
+            }
+            .in_current_span(),
+        ))
+    });
+    if let Some(journal) = journal.as_ref().filter(|journal| journal.contains(&uuid)) {
+        return deliver_own_entry(config, journal, &client, &uuid).await;
+    }
+
     // The connection to the runtime opens while the container is fetched
     // and the logs are set up.
     let runtime_config = config.clone();
@@ -169,6 +213,13 @@ async fn supervise_container(
         connecting.abort();
         return EXIT_NOT_RECORDED;
     };
+    let staging = journal.as_ref().and_then(|journal| match journal.stage(&uuid) {
+        Ok(staging) => Some(staging),
+        Err(error) => {
+            tracing::error!(error = %error, "failed to create the journal entry's staging directory; the final state will live in memory only");
+            None
+        }
+    });
 
     let sink: Arc<dyn LogSink> = Arc::new(ApiLogSink::new(client.clone(), uuid.clone()));
     let log_settings = LogSettings::from_config(config);
@@ -200,6 +251,15 @@ async fn supervise_container(
         early_warnings.push(warning);
     }
     let logs = logs.map(|logs| Arc::new(tokio::sync::Mutex::new(logs)));
+    let watch = (!config.cancel_check_interval.is_zero()).then(|| {
+        AbortOnDrop(spawn_cancel_watch(
+            client.clone(),
+            uuid.clone(),
+            config.cancel_check_interval,
+            stop.clone(),
+            log.clone(),
+        ))
+    });
     let checkpoints = logs.as_ref().map(|logs| {
         spawn_log_checkpoints(
             logs.clone(),
@@ -232,6 +292,8 @@ async fn supervise_container(
         stats: None,
         out_of_memory: None,
         cleaned_up: false,
+        staging,
+        output_pending: false,
     };
     let outcome = match run.execute_and_save(&container).await {
         Ok((code, output)) => Outcome::Exited(code, output),
@@ -245,9 +307,25 @@ async fn supervise_container(
         }
     };
     run.cleanup().await;
+    drop(watch);
     let mut warnings = std::mem::take(&mut run.warnings);
     let out_of_memory = run.out_of_memory.take();
+    let staging = run.staging.take();
+    let output_pending = run.output_pending;
     drop(run);
+
+    // The final state goes to the journal before the logs are flushed and
+    // saved, which may take minutes while the controller is down, so a
+    // supervisor killed meanwhile still leaves it. The log joins later.
+    let mut entry = Entry::new(&uuid, credentials_file.map(Path::to_path_buf), Value::Null);
+    set_outcome(
+        &mut entry,
+        &outcome,
+        &warnings,
+        out_of_memory.as_ref(),
+        output_pending,
+    );
+    let locked = commit_entry(staging, &entry);
 
     // The supervisor stream is flushed before the final state, because
     // the controller revokes the container's token once it is recorded.
@@ -260,30 +338,42 @@ async fn supervise_container(
         checkpoints.abort();
         let _ = checkpoints.await;
     }
-    let mut log_pdh = None;
+    let mut log_part = None;
     if let Some(logs) = logs {
-        match logs.lock().await.save(&client).await {
+        let mut logs = logs.lock().await;
+        match logs.save(&client).await {
             Ok(pdh) => {
                 tracing::info!(log = %pdh, "saved the log collection");
-                log_pdh = Some(pdh);
+                log_part = Some(Part::Saved {
+                    portable_data_hash: pdh,
+                });
             }
             Err(error) => {
                 tracing::error!(error = %error, "failed to save the final log collection");
-                warnings.push(error.to_string());
+                if log_save_is_transient(&error) {
+                    log_part = keep_logs(locked.as_ref(), logs.dir());
+                }
+                if log_part.is_none() {
+                    warnings.push(error.to_string());
+                }
             }
         }
     }
 
-    record_final_state(
-        config,
-        &client,
-        &uuid,
+    set_outcome(
+        &mut entry,
         &outcome,
-        log_pdh.as_deref(),
         &warnings,
         out_of_memory.as_ref(),
-    )
-    .await
+        output_pending,
+    );
+    entry.log = log_part;
+    if let Some(locked) = &locked {
+        if let Err(error) = locked.update(&entry) {
+            tracing::error!(error = %error, "failed to add the log collection and the last warnings to the journal entry");
+        }
+    }
+    deliver_final_state(config, &client, locked, entry).await
 }
 
 /// The local copies the log writers append to.
@@ -385,42 +475,6 @@ async fn fetch_locked_container(config: &Config, client: &Client, uuid: &str) ->
     Some(container)
 }
 
-/// Records the final state, retrying transient failures for
-/// `final_update_timeout`. Returns the exit status of `berth supervise`.
-async fn record_final_state(
-    config: &Config,
-    client: &Client,
-    uuid: &str,
-    outcome: &Outcome,
-    log_pdh: Option<&str>,
-    warnings: &[String],
-    out_of_memory: Option<&OutOfMemory>,
-) -> i32 {
-    let state = outcome.state();
-    let attributes = final_attributes(outcome, log_pdh, warnings, out_of_memory);
-    // NOTE: a final state that cannot be recorded within
-    // final_update_timeout is lost; the dispatcher then cancels the
-    // container when its job ends. A local journal could replay it.
-    let recorded = retry(
-        "recording the final state",
-        config.final_update_timeout,
-        API_BACKOFF,
-        ClientError::is_transient,
-        || client.update_container(uuid, &attributes),
-    )
-    .await;
-    match recorded {
-        Ok(_) => {
-            tracing::info!("recorded the final state {state}");
-            EXIT_RECORDED
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "failed to record the final state {state}");
-            EXIT_NOT_RECORDED
-        }
-    }
-}
-
 /// The resources one run created, and the steps that create them.
 struct Run<'a> {
     config: &'a Config,
@@ -457,6 +511,11 @@ struct Run<'a> {
     out_of_memory: Option<OutOfMemory>,
     /// Whether [`Run::cleanup`] has run.
     cleaned_up: bool,
+    /// The journal entry in preparation, when the journal is on.
+    staging: Option<Staging>,
+    /// Whether the output is kept in `staging`, to upload with the final
+    /// state, because the controller could not be reached to save it.
+    output_pending: bool,
 }
 
 /// The container's output on its way to the log streams.
@@ -507,13 +566,60 @@ impl Run<'_> {
         container: &Container,
     ) -> Result<(i64, Option<String>), RunError> {
         let code = self.execute(container).await?;
-        let output = self.until_stopped(self.save_output(container)).await??;
-        Ok((code, output))
+        match self.until_stopped(self.save_output(container)).await? {
+            Ok(output) => Ok((code, output)),
+            Err(RunError::Output(OutputError::Upload(error) | OutputError::Create(error)))
+                if error.is_transient() =>
+            {
+                self.keep_output(container, error).await?;
+                Ok((code, None))
+            }
+            Err(error) => Err(error),
+        }
     }
 
-    /// Saves the host directory of the `tmp` mount at `output_path`.
-    /// Returns `None` when the container has no `output_path`.
-    async fn save_output(&self, container: &Container) -> Result<Option<String>, RunError> {
+    /// Copies the output into the journal entry after the controller could
+    /// not be reached to save it, so that it is uploaded with the final
+    /// state. Without a journal, the save's `error` fails the run.
+    async fn keep_output(
+        &mut self,
+        container: &Container,
+        error: ClientError,
+    ) -> Result<(), RunError> {
+        let (Some(staging), Some(host_dir)) = (&self.staging, self.output_host_dir(container)?)
+        else {
+            return Err(OutputError::Upload(error).into());
+        };
+        let dest = match staging.part_dir(OUTPUT_DIR) {
+            Ok(dest) => dest,
+            Err(journal_error) => {
+                self.log.error(format!(
+                    "failed to keep the output in the journal: {journal_error}"
+                ));
+                return Err(OutputError::Upload(error).into());
+            }
+        };
+        self.log.warn(format!(
+            "the controller could not be reached to save the output ({error}); keeping it in the journal to upload with the final state"
+        ));
+        let globs = self.globs.clone();
+        let max_bytes = self.config.max_output_bytes;
+        let log = self.log.clone();
+        let copied = tokio::task::spawn_blocking(move || {
+            copy_output(&host_dir, &globs, max_bytes, &dest, &log)
+        })
+        .await??;
+        self.log.info(format!(
+            "kept the output in the journal: {} files, {} bytes",
+            copied.0, copied.1
+        ));
+        self.output_pending = true;
+        Ok(())
+    }
+
+    /// Returns the host directory of the `tmp` mount at `output_path`, or
+    /// `None` when the container has no `output_path`.
+    fn output_host_dir(&self, container: &Container) -> Result<Option<PathBuf>, RunError> {
         let output_path = container.output_path.as_str();
         if output_path.is_empty() {
             return Ok(None);
@@ -536,10 +642,20 @@ impl Run<'_> {
             })
             .map(|bind| bind.host_path.clone())
             .ok_or_else(not_tmp)?;
+        Ok(Some(host_dir))
+    }
+
+    /// Saves the host directory of the `tmp` mount at `output_path`.
+    /// Returns `None` when the container has no `output_path`.
+    async fn save_output(&self, container: &Container) -> Result<Option<String>, RunError> {
+        let Some(host_dir) = self.output_host_dir(container)? else {
+            return Ok(None);
+        };
         let settings = OutputSettings {
             block_size: self.config.block_size,
             max_bytes: self.config.max_output_bytes,
             retry_timeout: self.config.api_retry_timeout,
+            backoff: API_BACKOFF,
         };
         // NOTE: mounts below output_path (a json file in the output
         // directory, say) are separate binds and are not saved.

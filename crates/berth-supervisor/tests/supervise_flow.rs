@@ -399,6 +399,8 @@ fn test_config() -> Config {
         log_flush_interval: Duration::from_millis(50),
         api_retry_timeout: Duration::from_secs(10),
         final_update_timeout: Duration::from_secs(30),
+        // Cargo's directory for test files, so that nothing is left in /tmp.
+        journal_dir: Some(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("journal")),
         ..Config::default()
     }
 }

@@ -24,7 +24,7 @@ use berth_core::manifest::ManifestBuilder;
 use serde_json::json;
 
 use crate::logs::SupervisorLog;
-use crate::retry::{retry, API_BACKOFF};
+use crate::retry::{retry, Backoff};
 pub use glob::{GlobError, Globs};
 use pack::BlockPacker;
 pub use walk::{walk_output, OutputFile, WalkResult};
@@ -79,6 +79,8 @@ pub struct OutputSettings {
     /// Total bytes the kept files may hold; 0 means no limit.
     pub max_bytes: u64,
     pub retry_timeout: Duration,
+    /// The backoff between retries of one call.
+    pub backoff: Backoff,
 }
 
 /// Saves the files under `host_dir` as the collection `output for
@@ -91,10 +93,26 @@ pub async fn save_output(
     settings: OutputSettings,
     container_uuid: &str,
 ) -> Result<String, OutputError> {
-    let root = host_dir.to_path_buf();
+    let name = format!("output for {container_uuid}");
+    save_directory(client, log, host_dir, globs, settings, &name, "output").await
+}
+
+/// Saves the files under `dir` that `globs` keeps as a new collection
+/// named `name`, and returns its portable data hash. `what` names the
+/// files in log lines ("output", "log").
+pub async fn save_directory(
+    client: &Client,
+    log: &SupervisorLog,
+    dir: &Path,
+    globs: Globs,
+    settings: OutputSettings,
+    name: &str,
+    what: &str,
+) -> Result<String, OutputError> {
+    let root = dir.to_path_buf();
     let walked = tokio::task::spawn_blocking(move || walk_output(&root, &globs)).await??;
     for skipped in &walked.skipped {
-        log.warn(format!("output: {skipped}"));
+        log.warn(format!("{what}: {skipped}"));
     }
     let size: u64 = walked.files.iter().map(|file| file.size).sum();
     if settings.max_bytes > 0 && size > settings.max_bytes {
@@ -104,11 +122,16 @@ pub async fn save_output(
         });
     }
     log.info(format!(
-        "saving the output: {} files, {size} bytes",
+        "saving the {what}: {} files, {size} bytes",
         walked.files.len()
     ));
 
-    let mut packer = BlockPacker::new(client, settings.block_size, settings.retry_timeout);
+    let mut packer = BlockPacker::new(
+        client,
+        settings.block_size,
+        settings.retry_timeout,
+        settings.backoff,
+    );
     for file in &walked.files {
         packer.add_file(file).await?;
     }
@@ -124,21 +147,81 @@ pub async fn save_output(
     let manifest = builder.finish()?;
 
     let attributes = json!({
-        "name": format!("output for {container_uuid}"),
+        "name": name,
         "manifest_text": manifest.to_text(),
     });
     let collection = retry(
-        "creating the output collection",
+        &format!("creating the {what} collection"),
         settings.retry_timeout,
-        API_BACKOFF,
+        settings.backoff,
         ClientError::is_transient,
         || client.create_collection(&attributes),
     )
     .await
     .map_err(OutputError::Create)?;
     log.info(format!(
-        "saved the output as collection {} ({})",
+        "saved the {what} as collection {} ({})",
         collection.uuid, collection.portable_data_hash
     ));
     Ok(collection.portable_data_hash)
+}
+
+/// Copies the files under `host_dir` that `globs` keeps into `dest`, with
+/// the same relative paths, so they can be saved later from there.
+/// Symbolic links are resolved as [`save_output`] resolves them, so the
+/// copy contains what the collection would. Returns the number of files and
+/// bytes copied. Blocking.
+pub fn copy_output(
+    host_dir: &Path,
+    globs: &Globs,
+    max_bytes: u64,
+    dest: &Path,
+    log: &SupervisorLog,
+) -> Result<(usize, u64), OutputError> {
+    let walked = walk_output(host_dir, globs)?;
+    for skipped in &walked.skipped {
+        log.warn(format!("output: {skipped}"));
+    }
+    let size: u64 = walked.files.iter().map(|file| file.size).sum();
+    if max_bytes > 0 && size > max_bytes {
+        return Err(OutputError::TooLarge {
+            size,
+            limit: max_bytes,
+        });
+    }
+
+    let copy_error = |path: &str| {
+        let path = path.to_string();
+        move |source| OutputError::Read { path, source }
+    };
+    for file in &walked.files {
+        let target = dest.join(&file.path);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(copy_error(&file.path))?;
+        }
+        std::fs::copy(&file.source, &target).map_err(copy_error(&file.path))?;
+        std::fs::File::open(&target)
+            .and_then(|copied| copied.sync_all())
+            .map_err(copy_error(&file.path))?;
+    }
+    for directory in &walked.empty_directories {
+        std::fs::create_dir_all(dest.join(directory)).map_err(copy_error(directory))?;
+    }
+
+    // The directories' entries are made durable too, because a journal
+    // entry that names these files must not outlive them after a crash.
+    let mut directories: std::collections::BTreeSet<PathBuf> = walked
+        .files
+        .iter()
+        .filter_map(|file| dest.join(&file.path).parent().map(Path::to_path_buf))
+        .chain(walked.empty_directories.iter().map(|dir| dest.join(dir)))
+        .collect();
+    directories.insert(dest.to_path_buf());
+    for directory in directories {
+        let shown = directory.display().to_string();
+        std::fs::File::open(&directory)
+            .and_then(|opened| opened.sync_all())
+            .map_err(copy_error(&shown))?;
+    }
+    Ok((walked.files.len(), size))
 }

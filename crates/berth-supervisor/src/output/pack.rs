@@ -11,7 +11,7 @@ use tokio::io::AsyncReadExt;
 
 use super::walk::OutputFile;
 use super::OutputError;
-use crate::retry::{retry, API_BACKOFF};
+use crate::retry::{retry, Backoff};
 
 /// A file's piece of a block that is not written yet.
 struct Piece {
@@ -26,6 +26,7 @@ pub struct BlockPacker<'a> {
     client: &'a Client,
     block_size: usize,
     retry_timeout: Duration,
+    backoff: Backoff,
     buffer: BytesMut,
     /// The pieces of the buffer, in order.
     pieces: Vec<Piece>,
@@ -34,11 +35,17 @@ pub struct BlockPacker<'a> {
 }
 
 impl<'a> BlockPacker<'a> {
-    pub fn new(client: &'a Client, block_size: usize, retry_timeout: Duration) -> BlockPacker<'a> {
+    pub fn new(
+        client: &'a Client,
+        block_size: usize,
+        retry_timeout: Duration,
+        backoff: Backoff,
+    ) -> BlockPacker<'a> {
         BlockPacker {
             client,
             block_size,
             retry_timeout,
+            backoff,
             buffer: BytesMut::with_capacity(block_size),
             pieces: Vec::new(),
             files: Vec::new(),
@@ -118,7 +125,7 @@ impl<'a> BlockPacker<'a> {
         let text = retry(
             "writing an output block",
             self.retry_timeout,
-            API_BACKOFF,
+            self.backoff,
             ClientError::is_transient,
             || client.put_block(data.clone()),
         )

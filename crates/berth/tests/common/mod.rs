@@ -258,6 +258,50 @@ impl TestCluster {
         }
     }
 
+    /// Stops the controller with SIGTERM and waits for its exit.
+    pub fn stop_controller(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.controller.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .expect("failed to send SIGTERM to the controller");
+        self.controller
+            .wait()
+            .expect("failed to reap the controller");
+    }
+
+    /// Starts the controller again on the port it had, with the same
+    /// database and block directory, and waits until it listens.
+    pub fn restart_controller(&mut self) {
+        let address = self
+            .api_url
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .expect("the API URL has a host and port")
+            .to_string();
+        let text = std::fs::read_to_string(&self.config).expect("failed to read the configuration");
+        let text = text.replace("listen: 127.0.0.1:0", &format!("listen: {address}"));
+        std::fs::write(&self.config, text).expect("failed to write the configuration");
+        let mut controller = Command::new(berth_bin())
+            .args(["controller", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(append_log_file(self.dir.path(), "controller.log"))
+            .spawn()
+            .expect("failed to start berth controller");
+        let stdout = controller.stdout.take().expect("controller stdout");
+        let api_url = wait_for_address(stdout, self.dir.path());
+        assert_eq!(
+            api_url, self.api_url,
+            "the restarted controller listens elsewhere"
+        );
+        self.controller = controller;
+    }
+
+    /// Returns the directory of the supervisors' final-state journal.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.dir.path().join("journal")
+    }
+
     /// Returns a client that acts with the system token.
     pub fn system_client(&self) -> Client {
         client(&self.api_url, &self.system_token)
@@ -416,10 +460,11 @@ fn write_config(
          system_token_file: {token}\n\
          controller:\n  listen: 127.0.0.1:0\n  database_url: sqlite://{db}\n\
          \x20 blocks:\n    directory: {blocks}\n\
-         supervisor:\n  docker_host: {docker_host}\n",
+         supervisor:\n  docker_host: {docker_host}\n  journal_dir: {journal}\n",
         token = token_file.display(),
         db = dir.join("berth.db").display(),
         blocks = dir.join("blocks").display(),
+        journal = dir.join("journal").display(),
     );
     for line in &options.supervisor {
         text.push_str(&format!("  {line}\n"));
