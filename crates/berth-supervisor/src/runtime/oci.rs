@@ -480,6 +480,15 @@ impl OciRuntime {
 
 #[async_trait]
 impl Runtime for OciRuntime {
+    async fn pid(&self, id: &ContainerId) -> Result<Option<u32>, RuntimeError> {
+        Ok(OciRuntime::pid(self, id))
+    }
+
+    /// Read from the container's memory cgroup when it exited.
+    async fn oom_killed(&self, id: &ContainerId) -> Result<bool, RuntimeError> {
+        Ok(OciRuntime::oom_killed(self, id))
+    }
+
     fn description(&self) -> String {
         self.description.clone()
     }

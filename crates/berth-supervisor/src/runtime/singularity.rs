@@ -368,6 +368,14 @@ fn format_cpus(nano_cpus: i64) -> String {
 
 #[async_trait]
 impl Runtime for SingularityRuntime {
+    /// The `singularity` process, which runs the container's command.
+    // NOTE: with `--memory` or `--cpus`, Singularity creates a cgroup for
+    // the container; untested here (the stand-in makes none), so the
+    // statistics may read another cgroup than the container's.
+    async fn pid(&self, id: &ContainerId) -> Result<Option<u32>, RuntimeError> {
+        Ok(SingularityRuntime::pid(self, id))
+    }
+
     fn description(&self) -> String {
         self.description.clone()
     }
