@@ -26,6 +26,7 @@
 
 mod collections;
 pub mod credentials;
+mod shell;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +42,7 @@ use serde_json::Value;
 use url::Url;
 
 pub use credentials::{CredentialsError, JobCredentials};
+pub use shell::SSH_UPGRADE;
 
 /// Time allowed for an ordinary API call.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);

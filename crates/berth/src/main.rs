@@ -47,6 +47,15 @@ enum Command {
     Put(cli::put::PutArgs),
     /// Download a collection, or one file or directory of it.
     Get(cli::get::GetArgs),
+    /// Open a shell in a running container, or run a command in it,
+    /// through the system ssh.
+    Shell(cli::shell::ShellArgs),
+    /// Connect stdin and stdout to a container's SSH gateway; the
+    /// ProxyCommand of `berth shell` and `berth ssh-config`.
+    SshProxy(cli::shell::SshProxyArgs),
+    /// Print an OpenSSH configuration snippet for `ssh UUID.berth`, scp,
+    /// sftp and port forwarding.
+    SshConfig(cli::shell::SshConfigArgs),
     /// Administrative commands.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),

@@ -16,6 +16,7 @@ pub mod logs;
 pub mod ls;
 pub mod put;
 pub mod run;
+pub mod shell;
 pub mod supervise;
 pub mod watch;
 
@@ -35,6 +36,9 @@ pub async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Cancel(args) => cancel::execute(args).await,
         Command::Put(args) => put::execute(args).await,
         Command::Get(args) => get::execute(args).await,
+        Command::Shell(args) => shell::execute_shell(args).await,
+        Command::SshProxy(args) => shell::execute_proxy(args).await,
+        Command::SshConfig(args) => shell::execute_config(args),
         Command::Admin(command) => admin::execute(command).await,
     }
 }
