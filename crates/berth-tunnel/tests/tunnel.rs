@@ -1,0 +1,225 @@
+//! The tunnel end to end on loopback: a real HTTP/1.1 upgrade through
+//! hyper, then HTTP/2 with the roles reversed, against a test controller.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use berth_tunnel::{
+    dial, maintain, StreamKind, StreamRequest, TunnelClient, TunnelError, TunnelServer, TunnelState, TunnelStream,
+};
+use common::{dial_config, echo, pattern, Relay, TestController, SECRET};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Opens a stream from the accept side and accepts it on the dial side,
+/// at once, because `open` waits for the supervisor's answer.
+async fn open_pair(client: &TunnelClient, server: &mut TunnelServer, kind: StreamKind) -> (TunnelStream, TunnelStream) {
+    let (ours, theirs) = tokio::join!(client.open(StreamRequest::new(kind)), async {
+        let incoming = server.accept().await.unwrap().unwrap();
+        assert_eq!(incoming.kind(), kind);
+        incoming.accept().unwrap()
+    });
+    (ours.unwrap(), theirs)
+}
+
+#[tokio::test]
+async fn wrong_secret_is_rejected_with_401() {
+    let controller = TestController::start().await;
+    let error = dial(&dial_config(controller.addr, "not-the-secret")).await.unwrap_err();
+    assert_eq!(error.status(), Some(401), "{error}");
+    let message = error.to_string();
+    assert!(message.contains(&controller.addr.to_string()), "{message}");
+    assert!(message.contains("invalid gateway secret"), "{message}");
+    assert!(message.contains("check the gateway secret"), "{message}");
+    assert!(!message.contains(SECRET), "{message}");
+}
+
+#[tokio::test]
+async fn hundred_streams_progress_beside_stalled_bulk() {
+    let mut controller = TestController::start().await;
+    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok(Some(stream)) = server.accept().await {
+            tokio::spawn(echo(stream));
+        }
+    });
+    let client = controller.next_tunnel().await;
+
+    // A 64 MiB stream whose echo nobody reads yet: its windows fill up
+    // and its writer stalls.
+    let bulk_data = pattern(1, 64 * 1024 * 1024);
+    let bulk = client.open(StreamRequest::new(StreamKind::Tcp { port: 9000 })).await.unwrap();
+    let (mut bulk_read, mut bulk_write) = tokio::io::split(bulk);
+    let sent = bulk_data.clone();
+    let bulk_writer = tokio::spawn(async move {
+        bulk_write.write_all(&sent).await.unwrap();
+        bulk_write.shutdown().await.unwrap();
+    });
+
+    // 100 small streams at once must all complete meanwhile.
+    let small = (0..100_u64).map(|i| {
+        let client = &client;
+        async move {
+            let data = pattern(100 + i, 16 * 1024 + i as usize);
+            let stream = client.open(StreamRequest::new(StreamKind::Ssh).requested_by("zzzzz-tpzed-000000000000000")).await.unwrap();
+            let (mut read, mut write) = tokio::io::split(stream);
+            let expected = data.clone();
+            let writer = async move {
+                write.write_all(&data).await.unwrap();
+                write.shutdown().await.unwrap();
+            };
+            let mut echoed = Vec::new();
+            let reader = read.read_to_end(&mut echoed);
+            let ((), read_result) = tokio::join!(writer, reader);
+            read_result.unwrap();
+            assert_eq!(echoed, expected, "stream {i} echoed other bytes");
+        }
+    });
+    tokio::time::timeout(LIMIT, futures::future::join_all(small)).await.expect("small streams starved");
+    assert!(!bulk_writer.is_finished(), "the bulk writer finished although nobody read its echo");
+
+    let mut echoed = Vec::with_capacity(bulk_data.len());
+    tokio::time::timeout(LIMIT, bulk_read.read_to_end(&mut echoed)).await.unwrap().unwrap();
+    assert_eq!(echoed.len(), bulk_data.len());
+    assert!(echoed == bulk_data, "the bulk stream's echo differs");
+    bulk_writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn half_close_keeps_other_direction() {
+    let mut controller = TestController::start().await;
+    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
+    let client = controller.next_tunnel().await;
+
+    // The controller half-closes first; the supervisor answers after
+    // reading end-of-file.
+    let (ours, incoming) = tokio::join!(client.open(StreamRequest::new(StreamKind::Ssh)), async {
+        let incoming = server.accept().await.unwrap().unwrap();
+        assert_eq!(incoming.kind(), StreamKind::Ssh);
+        incoming.accept().unwrap()
+    });
+    let (mut ours, mut theirs) = (ours.unwrap(), incoming);
+    ours.write_all(b"hello").await.unwrap();
+    ours.shutdown().await.unwrap();
+    let mut received = Vec::new();
+    theirs.read_to_end(&mut received).await.unwrap();
+    assert_eq!(received, b"hello");
+    theirs.write_all(b"read 5 bytes").await.unwrap();
+    theirs.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    ours.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"read 5 bytes");
+
+    // The supervisor half-closes first; the controller goes on writing.
+    let (mut ours, mut theirs) = open_pair(&client, &mut server, StreamKind::Tcp { port: 22 }).await;
+    theirs.write_all(b"banner").await.unwrap();
+    theirs.shutdown().await.unwrap();
+    let mut banner = Vec::new();
+    ours.read_to_end(&mut banner).await.unwrap();
+    assert_eq!(banner, b"banner");
+    ours.write_all(b"still writing").await.unwrap();
+    ours.shutdown().await.unwrap();
+    let mut late = Vec::new();
+    theirs.read_to_end(&mut late).await.unwrap();
+    assert_eq!(late, b"still writing");
+}
+
+#[tokio::test]
+async fn dropped_stream_resets_peer() {
+    let mut controller = TestController::start().await;
+    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
+    let client = controller.next_tunnel().await;
+
+    let (ours, mut theirs) = open_pair(&client, &mut server, StreamKind::Ssh).await;
+    drop(ours);
+    let mut buffer = [0_u8; 16];
+    let error = theirs.read(&mut buffer).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+
+    let (mut ours, theirs) = open_pair(&client, &mut server, StreamKind::Ssh).await;
+    drop(theirs);
+    let error = ours.read(&mut buffer).await.unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+}
+
+#[tokio::test]
+async fn rejected_stream_reports_status() {
+    let mut controller = TestController::start().await;
+    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
+    let client = controller.next_tunnel().await;
+    tokio::spawn(async move {
+        while let Ok(Some(stream)) = server.accept().await {
+            stream.reject(StatusCode::FORBIDDEN);
+        }
+    });
+    let error = client.open(StreamRequest::new(StreamKind::Tcp { port: 5432 })).await.unwrap_err();
+    assert!(
+        matches!(&error, TunnelError::OpenRejected { path, status: 403 } if path == "/tcp/5432"),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn keepalive_detects_silent_peer() {
+    let mut controller = TestController::start().await;
+    let relay = Relay::start(controller.addr).await;
+    let mut server = dial(&dial_config(relay.addr, SECRET)).await.unwrap();
+    let client = controller.next_tunnel().await;
+    assert!(client.ping().await.is_ok());
+
+    relay.freeze();
+    let server_end = tokio::time::timeout(LIMIT, server.accept()).await.expect("dial side did not notice");
+    assert!(matches!(server_end, Err(TunnelError::KeepaliveTimeout(_))), "{server_end:?}");
+    let client_end = tokio::time::timeout(LIMIT, client.closed()).await.expect("accept side did not notice");
+    let error = client_end.unwrap_err();
+    assert!(matches!(*error, TunnelError::KeepaliveTimeout(_)), "{error:?}");
+    assert!(matches!(client.open(StreamRequest::new(StreamKind::Ssh)).await, Err(TunnelError::Closed)));
+}
+
+#[tokio::test]
+async fn move_lands_new_streams_on_new_tunnel() {
+    let mut first = TestController::start().await;
+    let mut second = TestController::start().await;
+    let relay = Relay::start(first.addr).await;
+    let mut config = dial_config(relay.addr, SECRET);
+    config.move_grace_period = Duration::from_secs(20);
+    let supervisor = tokio::spawn(maintain(config, echo));
+
+    let old = first.next_tunnel().await;
+    let mut open_on_old = old.open(StreamRequest::new(StreamKind::Ssh)).await.unwrap();
+    open_on_old.write_all(b"before the move; ").await.unwrap();
+
+    // The load balancer now sends new connections to the second
+    // controller, and the first asks its tunnel to move.
+    relay.set_backend(second.addr);
+    old.move_away(Duration::from_secs(20)).await.unwrap();
+    assert!(matches!(old.open(StreamRequest::new(StreamKind::Ssh)).await, Err(TunnelError::Closed)));
+
+    let new = second.next_tunnel().await;
+    let mut on_new = new.open(StreamRequest::new(StreamKind::Tcp { port: 80 })).await.unwrap();
+    on_new.write_all(b"new tunnel").await.unwrap();
+    on_new.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    on_new.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"new tunnel");
+
+    // The old stream goes on after the supervisor's GOAWAY, then the old
+    // tunnel closes by itself.
+    tokio::time::timeout(LIMIT, old.draining()).await.unwrap();
+    open_on_old.write_all(b"after the move").await.unwrap();
+    open_on_old.shutdown().await.unwrap();
+    let mut echoed = Vec::new();
+    open_on_old.read_to_end(&mut echoed).await.unwrap();
+    assert_eq!(echoed, b"before the move; after the move");
+    drop(open_on_old);
+    tokio::time::timeout(LIMIT, old.closed()).await.expect("old tunnel did not close").unwrap();
+    assert!(matches!(old.state(), TunnelState::Closed(None)));
+    assert!(matches!(new.state(), TunnelState::Open));
+    assert!(!supervisor.is_finished());
+    supervisor.abort();
+}
