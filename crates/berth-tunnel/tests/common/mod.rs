@@ -169,6 +169,10 @@ async fn pump(
     loop {
         let n = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => {
+                // A silent path does not pass the close on either.
+                if *frozen.borrow() {
+                    std::future::pending::<()>().await;
+                }
                 let _ = to.shutdown().await;
                 return;
             }
