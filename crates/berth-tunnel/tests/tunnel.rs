@@ -127,6 +127,21 @@ async fn half_close_keeps_other_direction() {
     let mut late = Vec::new();
     theirs.read_to_end(&mut late).await.unwrap();
     assert_eq!(late, b"still writing");
+
+    // Write, shut down and drop at once, as a command that exits does:
+    // the peer still reads every byte, although its own direction is open.
+    let (ours, mut theirs) = open_pair(&client, &mut server, StreamKind::Ssh).await;
+    let data = pattern(9, 4 * 1024 * 1024);
+    let sent = data.clone();
+    tokio::spawn(async move {
+        let mut ours = ours;
+        ours.write_all(&sent).await.unwrap();
+        ours.shutdown().await.unwrap();
+    });
+    let mut received = Vec::new();
+    theirs.read_to_end(&mut received).await.unwrap();
+    assert_eq!(received.len(), data.len());
+    assert!(received == data, "bytes written before the drop differ");
 }
 
 #[tokio::test]
