@@ -4,8 +4,13 @@
 //! - resident memory per idle tunnel, with both ends in this process.
 //!
 //! Usage: `cargo run --release -p berth-tunnel --example tunnel_bench --
-//! [SIZE_MIB] [IDLE_TUNNELS]` (default 1024 and 2000). Each idle tunnel
-//! takes two sockets, so raise `ulimit -n` above twice IDLE_TUNNELS.
+//! [SIZE_MIB] [IDLE_TUNNELS] [RTT_MS]` (default 1024, 2000 and 0); 0
+//! IDLE_TUNNELS skips the memory measurement. With
+//! RTT_MS above 0, both the direct connection and the tunnel go through
+//! an in-process relay that delays each direction by half of it, so the
+//! window settings show their effect on a network with latency. Each
+//! idle tunnel takes two sockets, so `ulimit -n` must be above twice
+//! IDLE_TUNNELS.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
@@ -14,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use berth_core::{Secret, Uuid};
 use berth_tunnel::{
-    check_upgrade_request, dial, switching_protocols_response, DialConfig, SessionConfig, StreamKind, StreamRequest,
-    TunnelClient, WindowConfig,
+    check_upgrade_request, dial, switching_protocols_response, DialConfig, SessionConfig,
+    StreamKind, StreamRequest, TunnelClient, WindowConfig,
 };
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -32,21 +37,42 @@ const CHUNK: usize = 256 * 1024;
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let size_mib: usize = args.get(1).map_or(1024, |value| value.parse().expect("SIZE_MIB must be a whole number"));
-    let idle: usize = args.get(2).map_or(2000, |value| value.parse().expect("IDLE_TUNNELS must be a whole number"));
+    let size_mib: usize = args.get(1).map_or(1024, |value| {
+        value.parse().expect("SIZE_MIB must be a whole number")
+    });
+    let idle: usize = args.get(2).map_or(2000, |value| {
+        value.parse().expect("IDLE_TUNNELS must be a whole number")
+    });
+    let rtt_ms: u64 = args.get(3).map_or(0, |value| {
+        value.parse().expect("RTT_MS must be a whole number")
+    });
+    let rtt = Duration::from_millis(rtt_ms);
     let bytes = size_mib * 1024 * 1024;
 
-    let direct = direct_tcp(bytes).await;
-    println!("direct loopback TCP: {size_mib} MiB in {:.3} s = {:.0} MiB/s", direct.as_secs_f64(), rate(size_mib, direct));
+    let direct = direct_tcp(bytes, rtt).await;
+    println!("round-trip time added: {rtt_ms} ms");
+    println!(
+        "direct loopback TCP: {size_mib} MiB in {:.3} s = {:.0} MiB/s",
+        direct.as_secs_f64(),
+        rate(size_mib, direct)
+    );
     let settings = [
         ("256 KiB / 1 MiB (yamux-like)", 256 * 1024, 1024 * 1024),
         ("1 MiB / 4 MiB", 1024 * 1024, 4 * 1024 * 1024),
         ("4 MiB / 16 MiB", 4 * 1024 * 1024, 16 * 1024 * 1024),
-        ("8 MiB / 32 MiB (default)", 8 * 1024 * 1024, 32 * 1024 * 1024),
+        (
+            "8 MiB / 32 MiB (default)",
+            8 * 1024 * 1024,
+            32 * 1024 * 1024,
+        ),
     ];
     for (name, stream_window, connection_window) in settings {
-        let windows = WindowConfig { stream_window, connection_window, ..WindowConfig::default() };
-        let tunnel = through_tunnel(bytes, windows).await;
+        let windows = WindowConfig {
+            stream_window,
+            connection_window,
+            ..WindowConfig::default()
+        };
+        let tunnel = through_tunnel(bytes, windows, rtt).await;
         println!(
             "tunnel, windows {name}: {:.3} s = {:.0} MiB/s, ratio to direct {:.2}",
             tunnel.as_secs_f64(),
@@ -95,9 +121,9 @@ where
     elapsed
 }
 
-async fn direct_tcp(bytes: usize) -> Duration {
+async fn direct_tcp(bytes: usize, rtt: Duration) -> Duration {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let addr = delayed(listener.local_addr().unwrap(), rtt).await;
     let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
     let (client, (server, _)) = (client.unwrap(), accepted.unwrap());
     transfer(server, client, bytes).await
@@ -105,7 +131,9 @@ async fn direct_tcp(bytes: usize) -> Duration {
 
 /// Starts a controller on loopback that accepts tunnels and passes their
 /// clients on.
-async fn start_controller(session: SessionConfig) -> (SocketAddr, mpsc::UnboundedReceiver<TunnelClient>) {
+async fn start_controller(
+    session: SessionConfig,
+) -> (SocketAddr, mpsc::UnboundedReceiver<TunnelClient>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (clients_tx, clients) = mpsc::unbounded_channel();
@@ -119,13 +147,19 @@ async fn start_controller(session: SessionConfig) -> (SocketAddr, mpsc::Unbounde
                     assert_eq!(check_upgrade_request(&request), Ok(SECRET));
                     tokio::spawn(async move {
                         let upgraded = hyper::upgrade::on(request).await.unwrap();
-                        let client = TunnelClient::handshake(TokioIo::new(upgraded), &session).await.unwrap();
+                        let client = TunnelClient::handshake(TokioIo::new(upgraded), &session)
+                            .await
+                            .unwrap();
                         let _ = clients_tx.send(client);
                     });
                     Ok::<_, hyper::Error>(switching_protocols_response::<Empty<Bytes>>())
                 }
             });
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).with_upgrades());
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades(),
+            );
         }
     });
     (addr, clients)
@@ -139,14 +173,19 @@ fn dial_config(addr: SocketAddr, session: SessionConfig) -> DialConfig {
 }
 
 /// One bulk stream from the controller's end to the supervisor's.
-async fn through_tunnel(bytes: usize, windows: WindowConfig) -> Duration {
-    let session = SessionConfig { windows, ..SessionConfig::default() };
+async fn through_tunnel(bytes: usize, windows: WindowConfig, rtt: Duration) -> Duration {
+    let session = SessionConfig {
+        windows,
+        ..SessionConfig::default()
+    };
     let (addr, mut clients) = start_controller(session).await;
+    let addr = delayed(addr, rtt).await;
     let mut server = dial(&dial_config(addr, session)).await.unwrap();
     let client = clients.recv().await.unwrap();
-    let (opened, accepted) = tokio::join!(client.open(StreamRequest::new(StreamKind::Tcp { port: 9 })), async {
-        server.accept().await.unwrap().unwrap().accept().unwrap()
-    });
+    let (opened, accepted) = tokio::join!(
+        client.open(StreamRequest::new(StreamKind::Tcp { port: 9 })),
+        async { server.accept().await.unwrap().unwrap().accept().unwrap() }
+    );
     let sending = opened.unwrap();
     let (_, write) = tokio::io::split(sending);
     let (read, _keep_open) = tokio::io::split(accepted);
@@ -165,6 +204,9 @@ fn resident_kib() -> u64 {
 /// Opens `count` idle tunnels, both ends in this process, and prints the
 /// growth of resident memory per tunnel.
 async fn idle_memory(count: usize) {
+    if count == 0 {
+        return;
+    }
     let session = SessionConfig::default();
     let (addr, mut clients) = start_controller(session).await;
     // One tunnel first, so that one-time allocations are not counted.
@@ -184,4 +226,57 @@ async fn idle_memory(count: usize) {
         "idle tunnels: {count}, resident memory {before} KiB before, {after} KiB after: {:.1} KiB per tunnel (dial side and accept side together)",
         (after - before) as f64 / count as f64
     );
+}
+
+/// Returns an address that relays to `target`, delaying each direction
+/// by half of `rtt`; `target` itself when `rtt` is zero. The relay has
+/// no bandwidth limit: it holds whatever is in flight.
+async fn delayed(target: SocketAddr, rtt: Duration) -> SocketAddr {
+    if rtt.is_zero() {
+        return target;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (inbound, _) = listener.accept().await.unwrap();
+            let outbound = TcpStream::connect(target).await.unwrap();
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let (in_read, in_write) = inbound.into_split();
+            let (out_read, out_write) = outbound.into_split();
+            tokio::spawn(delay_line(in_read, out_write, rtt / 2));
+            tokio::spawn(delay_line(out_read, in_write, rtt / 2));
+        }
+    });
+    addr
+}
+
+async fn delay_line(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let (chunks_tx, mut chunks) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    tokio::spawn(async move {
+        let mut buffer = vec![0_u8; CHUNK];
+        loop {
+            match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due = tokio::time::Instant::now() + delay;
+                    if chunks_tx.send((due, buffer[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    while let Some((due, chunk)) = chunks.recv().await {
+        tokio::time::sleep_until(due).await;
+        if to.write_all(&chunk).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
 }

@@ -34,10 +34,20 @@ impl FailureClass {
     pub fn of(error: &TunnelError) -> FailureClass {
         match error {
             TunnelError::InvalidConfig { .. } => FailureClass::Final,
-            TunnelError::Rejected { status: 409 | 410 | 422, .. } => FailureClass::Final,
-            TunnelError::Rejected { status: 401 | 403 | 404, .. } => FailureClass::Slow,
+            TunnelError::Rejected {
+                status: 409 | 410 | 422,
+                ..
+            } => FailureClass::Final,
+            TunnelError::Rejected {
+                status: 401 | 403 | 404,
+                ..
+            } => FailureClass::Slow,
             TunnelError::Tls { .. } => FailureClass::Slow,
-            TunnelError::Rejected { status: 503, retry_after: Some(delay), .. } => FailureClass::RetryAfter(*delay),
+            TunnelError::Rejected {
+                status: 503,
+                retry_after: Some(delay),
+                ..
+            } => FailureClass::RetryAfter(*delay),
             _ => FailureClass::Transient,
         }
     }
@@ -59,7 +69,11 @@ impl Backoff {
 
     /// Makes a backoff with a given random source, for tests.
     pub fn with_rng(config: BackoffConfig, rng: StdRng) -> Backoff {
-        Backoff { config, attempt: 0, rng }
+        Backoff {
+            config,
+            attempt: 0,
+            rng,
+        }
     }
 
     /// Starts again from the initial delay, after a tunnel stayed up.
@@ -70,7 +84,10 @@ impl Backoff {
     /// The upper bound of the next transient delay.
     pub fn current_cap(&self) -> Duration {
         let factor = 1_u32.checked_shl(self.attempt).unwrap_or(u32::MAX);
-        self.config.initial.saturating_mul(factor).min(self.config.max)
+        self.config
+            .initial
+            .saturating_mul(factor)
+            .min(self.config.max)
     }
 
     /// Returns the delay before the next attempt after a failure of
@@ -99,7 +116,9 @@ impl Backoff {
 
     fn uniform(&mut self, low: Duration, high: Duration) -> Duration {
         let low_ns = u64::try_from(low.as_nanos()).unwrap_or(u64::MAX);
-        let high_ns = u64::try_from(high.as_nanos()).unwrap_or(u64::MAX).max(low_ns);
+        let high_ns = u64::try_from(high.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(low_ns);
         Duration::from_nanos(self.rng.gen_range(low_ns..=high_ns))
     }
 }
@@ -129,7 +148,10 @@ mod tests {
                 let mut trial = Backoff::with_rng(config(), StdRng::seed_from_u64(rand::random()));
                 trial.attempt = backoff.attempt;
                 let delay = trial.next_delay(FailureClass::Transient).unwrap();
-                assert!(delay <= Duration::from_millis(cap_ms), "delay {delay:?} above cap {cap_ms} ms");
+                assert!(
+                    delay <= Duration::from_millis(cap_ms),
+                    "delay {delay:?} above cap {cap_ms} ms"
+                );
                 sum += delay;
             }
             assert_eq!(backoff.current_cap(), Duration::from_millis(cap_ms));
@@ -137,10 +159,16 @@ mod tests {
             let mean = sum / samples;
             // Full jitter: the mean is half the cap, give or take 10 %.
             let half = Duration::from_millis(cap_ms / 2);
-            assert!(mean > half.mul_f64(0.9) && mean < half.mul_f64(1.1), "mean {mean:?} for cap {cap_ms} ms");
+            assert!(
+                mean > half.mul_f64(0.9) && mean < half.mul_f64(1.1),
+                "mean {mean:?} for cap {cap_ms} ms"
+            );
             means.push(mean);
         }
-        assert!(means.windows(2).take(6).all(|pair| pair[1] > pair[0]), "means do not grow: {means:?}");
+        assert!(
+            means.windows(2).take(6).all(|pair| pair[1] > pair[0]),
+            "means do not grow: {means:?}"
+        );
     }
 
     #[test]
@@ -158,10 +186,17 @@ mod tests {
     fn retry_after_is_a_minimum() {
         let mut backoff = Backoff::with_rng(config(), StdRng::seed_from_u64(3));
         for _ in 0..1000 {
-            let delay = backoff.next_delay(FailureClass::RetryAfter(Duration::from_secs(8))).unwrap();
-            assert!(delay >= Duration::from_secs(8) && delay <= Duration::from_secs(10), "{delay:?}");
+            let delay = backoff
+                .next_delay(FailureClass::RetryAfter(Duration::from_secs(8)))
+                .unwrap();
+            assert!(
+                delay >= Duration::from_secs(8) && delay <= Duration::from_secs(10),
+                "{delay:?}"
+            );
         }
-        let capped = backoff.next_delay(FailureClass::RetryAfter(Duration::from_secs(86400))).unwrap();
+        let capped = backoff
+            .next_delay(FailureClass::RetryAfter(Duration::from_secs(86400)))
+            .unwrap();
         assert!(capped <= Duration::from_secs(375), "{capped:?}");
     }
 
@@ -170,7 +205,10 @@ mod tests {
         let mut backoff = Backoff::with_rng(config(), StdRng::seed_from_u64(5));
         for _ in 0..1000 {
             let delay = backoff.next_delay(FailureClass::Slow).unwrap();
-            assert!(delay >= Duration::from_secs(15) && delay <= Duration::from_secs(30), "{delay:?}");
+            assert!(
+                delay >= Duration::from_secs(15) && delay <= Duration::from_secs(30),
+                "{delay:?}"
+            );
         }
     }
 
@@ -191,8 +229,17 @@ mod tests {
             FailureClass::of(&rejected(503, Some(Duration::from_secs(4)))),
             FailureClass::RetryAfter(Duration::from_secs(4))
         );
-        assert_eq!(FailureClass::of(&rejected(503, None)), FailureClass::Transient);
-        assert_eq!(FailureClass::of(&rejected(502, None)), FailureClass::Transient);
-        assert_eq!(FailureClass::of(&TunnelError::Closed), FailureClass::Transient);
+        assert_eq!(
+            FailureClass::of(&rejected(503, None)),
+            FailureClass::Transient
+        );
+        assert_eq!(
+            FailureClass::of(&rejected(502, None)),
+            FailureClass::Transient
+        );
+        assert_eq!(
+            FailureClass::of(&TunnelError::Closed),
+            FailureClass::Transient
+        );
     }
 }

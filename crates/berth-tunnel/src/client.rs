@@ -21,7 +21,9 @@ use tracing::{debug, info, Instrument};
 use crate::config::SessionConfig;
 use crate::error::TunnelError;
 use crate::keepalive::Pinger;
-use crate::protocol::{ControlMessage, StreamKind, CONTROL_PATH, REQUESTED_BY_HEADER, STREAM_AUTHORITY};
+use crate::protocol::{
+    ControlMessage, StreamKind, CONTROL_PATH, REQUESTED_BY_HEADER, STREAM_AUTHORITY,
+};
 use crate::stream::TunnelStream;
 
 /// What a new stream is for and whom it serves.
@@ -34,7 +36,10 @@ pub struct StreamRequest {
 
 impl StreamRequest {
     pub fn new(kind: StreamKind) -> StreamRequest {
-        StreamRequest { kind, requested_by: None }
+        StreamRequest {
+            kind,
+            requested_by: None,
+        }
     }
 
     pub fn requested_by(mut self, user: impl Into<String>) -> StreamRequest {
@@ -81,15 +86,22 @@ impl TunnelClient {
             .max_frame_size(windows.max_frame_size)
             .enable_push(false)
             .handshake::<T, Bytes>(io);
-        let (send_request, mut connection) = tokio::time::timeout(config.handshake_timeout, handshake)
-            .await
-            .map_err(|_elapsed| TunnelError::HandshakeTimeout(config.handshake_timeout))?
-            .map_err(TunnelError::Handshake)?;
+        let (send_request, mut connection) =
+            tokio::time::timeout(config.handshake_timeout, handshake)
+                .await
+                .map_err(|_elapsed| TunnelError::HandshakeTimeout(config.handshake_timeout))?
+                .map_err(TunnelError::Handshake)?;
         let pinger = connection.ping_pong().map(Pinger::new);
         let (state, _) = watch::channel(TunnelState::Open);
         let stop = CancellationToken::new();
 
-        let driver = drive(connection, pinger.clone(), *config, state.clone(), stop.clone());
+        let driver = drive(
+            connection,
+            pinger.clone(),
+            *config,
+            state.clone(),
+            stop.clone(),
+        );
         tokio::spawn(driver.in_current_span());
 
         let open_control = open_stream(send_request.clone(), CONTROL_PATH.to_owned(), None);
@@ -118,10 +130,14 @@ impl TunnelClient {
             return Err(TunnelError::Closed);
         }
         let requested_by = match request.requested_by {
-            Some(user) => Some(
-                HeaderValue::from_str(&user)
-                    .map_err(|_| TunnelError::InvalidHeader { name: REQUESTED_BY_HEADER, value: user.clone() })?,
-            ),
+            Some(user) => {
+                Some(
+                    HeaderValue::from_str(&user).map_err(|_| TunnelError::InvalidHeader {
+                        name: REQUESTED_BY_HEADER,
+                        value: user.clone(),
+                    })?,
+                )
+            }
             None => None,
         };
         open_stream(self.send_request.clone(), request.kind.path(), requested_by).await
@@ -149,14 +165,15 @@ impl TunnelClient {
             open
         });
         let grace_period_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-        let mut line = serde_json::to_vec(&ControlMessage::Move { grace_period_ms })
-            .map_err(|error| TunnelError::Control(format!("failed to encode the move message: {error}")))?;
+        let mut line =
+            serde_json::to_vec(&ControlMessage::Move { grace_period_ms }).map_err(|error| {
+                TunnelError::Control(format!("failed to encode the move message: {error}"))
+            })?;
         line.push(b'\n');
         let mut control = self.control.lock().await;
-        control
-            .write_all(&line)
-            .await
-            .map_err(|error| TunnelError::Control(format!("failed to send the move message: {error}")))?;
+        control.write_all(&line).await.map_err(|error| {
+            TunnelError::Control(format!("failed to send the move message: {error}"))
+        })?;
         info!(grace_period = ?grace, "asked the supervisor to move its tunnel");
         Ok(())
     }
@@ -170,14 +187,19 @@ impl TunnelClient {
     pub async fn draining(&self) {
         let mut state = self.state.subscribe();
         // The sender lives in `self`, so `wait_for` cannot fail here.
-        let _ = state.wait_for(|state| !matches!(state, TunnelState::Open)).await;
+        let _ = state
+            .wait_for(|state| !matches!(state, TunnelState::Open))
+            .await;
     }
 
     /// Waits until the connection has ended; returns the error that ended
     /// it, if any.
     pub async fn closed(&self) -> Result<(), Arc<TunnelError>> {
         let mut state = self.state.subscribe();
-        let Ok(state) = state.wait_for(|state| matches!(state, TunnelState::Closed(_))).await else {
+        let Ok(state) = state
+            .wait_for(|state| matches!(state, TunnelState::Closed(_)))
+            .await
+        else {
             return Ok(());
         };
         match &*state {
@@ -196,7 +218,10 @@ async fn open_stream(
         if source.is_go_away() {
             TunnelError::Closed
         } else {
-            TunnelError::Open { path: path.clone(), source }
+            TunnelError::Open {
+                path: path.clone(),
+                source,
+            }
         }
     };
     let mut send_request = send_request.ready().await.map_err(open_error)?;
@@ -204,11 +229,18 @@ async fn open_stream(
     if let Some(user) = requested_by {
         request = request.header(REQUESTED_BY_HEADER, user);
     }
-    let request = request.body(()).map_err(|error| TunnelError::Control(format!("invalid stream request: {error}")))?;
-    let (response, send) = send_request.send_request(request, false).map_err(open_error)?;
+    let request = request
+        .body(())
+        .map_err(|error| TunnelError::Control(format!("invalid stream request: {error}")))?;
+    let (response, send) = send_request
+        .send_request(request, false)
+        .map_err(open_error)?;
     let response = response.await.map_err(open_error)?;
     if response.status() != StatusCode::OK {
-        return Err(TunnelError::OpenRejected { path, status: response.status().as_u16() });
+        return Err(TunnelError::OpenRejected {
+            path,
+            status: response.status().as_u16(),
+        });
     }
     Ok(TunnelStream::new(send, response.into_body()))
 }
@@ -245,7 +277,11 @@ async fn drive<T>(
 
 /// Reads the control stream, on which the supervisor sends nothing, to
 /// see it end: the supervisor resets it when it shuts the tunnel down.
-async fn watch_control(mut control: ReadHalf<TunnelStream>, state: watch::Sender<TunnelState>, stop: CancellationToken) {
+async fn watch_control(
+    mut control: ReadHalf<TunnelStream>,
+    state: watch::Sender<TunnelState>,
+    stop: CancellationToken,
+) {
     let mut buffer = [0_u8; 64];
     loop {
         let read = tokio::select! {

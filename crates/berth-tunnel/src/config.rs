@@ -13,9 +13,9 @@ use url::Url;
 
 use crate::error::TunnelError;
 
-/// Default HTTP/2 stream window: 8 MiB. At 8 MiB a stream moves 800 MiB/s
-/// over a 10 ms round trip; on loopback the 4 and 8 MiB windows measured
-/// alike (docs/BENCHMARKS.md, "Tunnel").
+/// Default HTTP/2 stream window: 8 MiB. A stream moves at most one window
+/// per round trip; with 4 ms of added round-trip time, 8 MiB gave
+/// 501 MiB/s and 256 KiB gave 31 MiB/s (docs/BENCHMARKS.md, "Tunnel").
 pub const DEFAULT_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Default HTTP/2 connection window: 32 MiB, four stream windows, so that
@@ -102,7 +102,10 @@ impl WindowConfig {
         if !(MIN_WINDOW..=MAX_WINDOW).contains(&self.stream_window) {
             return Err(invalid(
                 "stream_window",
-                format!("{} is outside {MIN_WINDOW}..={MAX_WINDOW} bytes", self.stream_window),
+                format!(
+                    "{} is outside {MIN_WINDOW}..={MAX_WINDOW} bytes",
+                    self.stream_window
+                ),
             ));
         }
         if !(self.stream_window..=MAX_WINDOW).contains(&self.connection_window) {
@@ -117,11 +120,17 @@ impl WindowConfig {
         if !FRAME_SIZE_RANGE.contains(&self.max_frame_size) {
             return Err(invalid(
                 "max_frame_size",
-                format!("{} is outside {FRAME_SIZE_RANGE:?} bytes", self.max_frame_size),
+                format!(
+                    "{} is outside {FRAME_SIZE_RANGE:?} bytes",
+                    self.max_frame_size
+                ),
             ));
         }
         if self.max_concurrent_streams == 0 {
-            return Err(invalid("max_concurrent_streams", "0 would admit no stream; give 1 or more".into()));
+            return Err(invalid(
+                "max_concurrent_streams",
+                "0 would admit no stream; give 1 or more".into(),
+            ));
         }
         Ok(())
     }
@@ -137,7 +146,10 @@ pub struct KeepaliveConfig {
 
 impl Default for KeepaliveConfig {
     fn default() -> Self {
-        KeepaliveConfig { interval: DEFAULT_KEEPALIVE_INTERVAL, timeout: DEFAULT_KEEPALIVE_TIMEOUT }
+        KeepaliveConfig {
+            interval: DEFAULT_KEEPALIVE_INTERVAL,
+            timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+        }
     }
 }
 
@@ -218,7 +230,10 @@ impl BackoffConfig {
         if self.max < self.initial {
             return Err(invalid(
                 "backoff.max",
-                format!("{:?} is below backoff.initial ({:?})", self.max, self.initial),
+                format!(
+                    "{:?} is below backoff.initial ({:?})",
+                    self.max, self.initial
+                ),
             ));
         }
         Ok(())
@@ -267,14 +282,20 @@ impl DialConfig {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(invalid(
                 "controller_url",
-                format!("{url} has scheme '{}'; use http:// or https://", url.scheme()),
+                format!(
+                    "{url} has scheme '{}'; use http:// or https://",
+                    url.scheme()
+                ),
             ));
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(invalid("controller_url", format!("{url} has no host")));
         }
         if self.gateway_secret.expose().is_empty() {
-            return Err(invalid("gateway_secret", "is empty; read it from the container's credentials file".into()));
+            return Err(invalid(
+                "gateway_secret",
+                "is empty; read it from the container's credentials file".into(),
+            ));
         }
         if self.connect_timeout.is_zero() {
             return Err(invalid("connect_timeout", "must be above 0".into()));

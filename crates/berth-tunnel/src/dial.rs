@@ -36,7 +36,10 @@ pub async fn dial(config: &DialConfig) -> Result<TunnelServer, TunnelError> {
     let timeout = config.session.handshake_timeout;
     let upgraded = tokio::time::timeout(timeout, connect_and_upgrade(config, &url))
         .await
-        .map_err(|_elapsed| TunnelError::UpgradeTimeout { url: url.to_string(), timeout })??;
+        .map_err(|_elapsed| TunnelError::UpgradeTimeout {
+            url: url.to_string(),
+            timeout,
+        })??;
     debug!("connection upgraded; starting HTTP/2");
     serve(TokioIo::new(upgraded), &config.session).await
 }
@@ -45,7 +48,10 @@ pub async fn dial(config: &DialConfig) -> Result<TunnelServer, TunnelError> {
 fn tunnel_url(config: &DialConfig) -> Url {
     let mut url = config.controller_url.clone();
     let base = url.path().trim_end_matches('/').to_owned();
-    url.set_path(&format!("{base}{}", tunnel_path(config.container_uuid.as_str())));
+    url.set_path(&format!(
+        "{base}{}",
+        tunnel_path(config.container_uuid.as_str())
+    ));
     url.set_query(None);
     url.set_fragment(None);
     url
@@ -65,8 +71,14 @@ async fn connect_and_upgrade(config: &DialConfig, url: &Url) -> Result<Upgraded,
     let connect = tokio::time::timeout(config.connect_timeout, async { connect });
     let tcp = connect
         .await
-        .map_err(|_elapsed| TunnelError::ConnectTimeout { url: url.to_string(), timeout: config.connect_timeout })?
-        .map_err(|source| TunnelError::Connect { url: url.to_string(), source })?;
+        .map_err(|_elapsed| TunnelError::ConnectTimeout {
+            url: url.to_string(),
+            timeout: config.connect_timeout,
+        })?
+        .map_err(|source| TunnelError::Connect {
+            url: url.to_string(),
+            source,
+        })?;
     // Small writes (keystrokes) go out at once.
     let _ = tcp.set_nodelay(true);
 
@@ -76,9 +88,11 @@ async fn connect_and_upgrade(config: &DialConfig, url: &Url) -> Result<Upgraded,
             None => default_tls_config()?,
         };
         let server_name = match host {
-            Host::Domain(name) => ServerName::try_from(name.to_owned()).map_err(|error| TunnelError::InvalidConfig {
-                key: "controller_url",
-                message: format!("{url} has an invalid TLS server name: {error}"),
+            Host::Domain(name) => ServerName::try_from(name.to_owned()).map_err(|error| {
+                TunnelError::InvalidConfig {
+                    key: "controller_url",
+                    message: format!("{url} has an invalid TLS server name: {error}"),
+                }
             })?,
             Host::Ipv4(address) => ServerName::from(std::net::IpAddr::V4(address)),
             Host::Ipv6(address) => ServerName::from(std::net::IpAddr::V6(address)),
@@ -86,7 +100,10 @@ async fn connect_and_upgrade(config: &DialConfig, url: &Url) -> Result<Upgraded,
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(server_name, tcp)
             .await
-            .map_err(|source| TunnelError::Tls { url: url.to_string(), source })?;
+            .map_err(|source| TunnelError::Tls {
+                url: url.to_string(),
+                source,
+            })?;
         upgrade(stream, config, url).await
     } else {
         upgrade(tcp, config, url).await
@@ -95,11 +112,16 @@ async fn connect_and_upgrade(config: &DialConfig, url: &Url) -> Result<Upgraded,
 
 /// Trusts the Mozilla root certificates that `webpki-roots` ships.
 fn default_tls_config() -> Result<Arc<rustls::ClientConfig>, TunnelError> {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|error| TunnelError::InvalidConfig { key: "tls", message: format!("failed to make the default TLS settings: {error}") })?
+        .map_err(|error| TunnelError::InvalidConfig {
+            key: "tls",
+            message: format!("failed to make the default TLS settings: {error}"),
+        })?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -110,16 +132,24 @@ async fn upgrade<IO>(io: IO, config: &DialConfig, url: &Url) -> Result<Upgraded,
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let request_error = |source| TunnelError::UpgradeRequest { url: url.to_string(), source };
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(request_error)?;
+    let request_error = |source| TunnelError::UpgradeRequest {
+        url: url.to_string(),
+        source,
+    };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(request_error)?;
     // The connection task ends by itself once the upgrade completes or
     // the sender is dropped; aborting it on every other way out of this
     // function closes the socket.
     let connection = AbortOnDrop(tokio::spawn(connection.with_upgrades()));
 
-    let mut secret = HeaderValue::from_str(config.gateway_secret.expose()).map_err(|_| TunnelError::InvalidConfig {
-        key: "gateway_secret",
-        message: "contains characters an HTTP header cannot carry; check the credentials file".into(),
+    let mut secret = HeaderValue::from_str(config.gateway_secret.expose()).map_err(|_| {
+        TunnelError::InvalidConfig {
+            key: "gateway_secret",
+            message: "contains characters an HTTP header cannot carry; check the credentials file"
+                .into(),
+        }
     })?;
     secret.set_sensitive(true);
     let authority = &url[url::Position::BeforeHost..url::Position::AfterPort];
@@ -127,17 +157,26 @@ where
         .header(header::HOST, authority)
         .header(header::CONNECTION, "Upgrade")
         .header(header::UPGRADE, UPGRADE_PROTOCOL)
-        .header(header::USER_AGENT, concat!("berth-tunnel/", env!("CARGO_PKG_VERSION")))
+        .header(
+            header::USER_AGENT,
+            concat!("berth-tunnel/", env!("CARGO_PKG_VERSION")),
+        )
         .header(SECRET_HEADER, secret)
         .body(Empty::<Bytes>::new())
-        .map_err(|error| TunnelError::InvalidConfig { key: "controller_url", message: format!("{url}: {error}") })?;
+        .map_err(|error| TunnelError::InvalidConfig {
+            key: "controller_url",
+            message: format!("{url}: {error}"),
+        })?;
     let response = sender.send_request(request).await.map_err(request_error)?;
 
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return Err(rejection(response, url).await);
     }
     if !header_has_token(response.headers(), header::UPGRADE, UPGRADE_PROTOCOL) {
-        return Err(TunnelError::BadUpgrade { url: url.to_string(), detail: format!("without 'Upgrade: {UPGRADE_PROTOCOL}'") });
+        return Err(TunnelError::BadUpgrade {
+            url: url.to_string(),
+            detail: format!("without 'Upgrade: {UPGRADE_PROTOCOL}'"),
+        });
     }
     let upgraded = hyper::upgrade::on(response).await.map_err(request_error)?;
     drop(connection);
@@ -156,11 +195,19 @@ async fn rejection(response: http::Response<hyper::body::Incoming>, url: &Url) -
         // ignored and the usual backoff applies.
         .and_then(|value| value.trim().parse::<u64>().ok())
         .map(std::time::Duration::from_secs);
-    let body = match Limited::new(response.into_body(), MAX_ERROR_BODY).collect().await {
+    let body = match Limited::new(response.into_body(), MAX_ERROR_BODY)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(_) => Bytes::new(),
     };
-    TunnelError::Rejected { url: url.to_string(), status: status.as_u16(), retry_after, message: error_message(status, &body) }
+    TunnelError::Rejected {
+        url: url.to_string(),
+        status: status.as_u16(),
+        retry_after,
+        message: error_message(status, &body),
+    }
 }
 
 fn error_message(status: StatusCode, body: &[u8]) -> String {

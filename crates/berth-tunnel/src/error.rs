@@ -22,11 +22,18 @@ pub enum TunnelError {
     #[error("failed the HTTP/1.1 upgrade request to {url}: {source}")]
     UpgradeRequest { url: String, source: hyper::Error },
 
-    #[error("timed out after {timeout:?} waiting for the controller at {url} to upgrade the connection")]
+    #[error(
+        "timed out after {timeout:?} waiting for the controller at {url} to upgrade the connection"
+    )]
     UpgradeTimeout { url: String, timeout: Duration },
 
     #[error("controller at {url} rejected the tunnel with HTTP status {status}: {message}{}", rejection_hint(*.status))]
-    Rejected { url: String, status: u16, retry_after: Option<Duration>, message: String },
+    Rejected {
+        url: String,
+        status: u16,
+        retry_after: Option<Duration>,
+        message: String,
+    },
 
     #[error("controller at {url} answered 101 but {detail}; is a proxy in between that does not pass HTTP upgrades?")]
     BadUpgrade { url: String, detail: String },

@@ -22,7 +22,9 @@ pub(crate) struct Pinger {
 
 impl Pinger {
     pub(crate) fn new(ping_pong: PingPong) -> Pinger {
-        Pinger { ping_pong: Arc::new(Mutex::new(ping_pong)) }
+        Pinger {
+            ping_pong: Arc::new(Mutex::new(ping_pong)),
+        }
     }
 
     /// Sends a PING and returns the round-trip time, or fails after

@@ -27,7 +27,6 @@ use crate::server::{IncomingStream, TunnelServer};
 /// Opens one tunnel; [`maintain_with`] calls it for each attempt.
 pub trait Connector: Send + Sync {
     /// Opens a tunnel, or fails with the reason.
-
     fn connect(&self) -> impl Future<Output = Result<TunnelServer, TunnelError>> + Send;
 }
 
@@ -60,14 +59,19 @@ where
 }
 
 /// [`maintain`] with its connector and backoff given.
-pub async fn maintain_with<C, H, F>(connector: C, mut backoff: Backoff, move_grace_period: Duration, handler: H) -> TunnelError
+pub async fn maintain_with<C, H, F>(
+    connector: C,
+    mut backoff: Backoff,
+    move_grace_period: Duration,
+    handler: H,
+) -> TunnelError
 where
     C: Connector,
     H: Fn(IncomingStream) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let handler = Arc::new(handler);
-    let reset_after = backoff_config(&backoff).reset_after;
+    let reset_after = backoff.config().reset_after;
     let mut tasks = JoinSet::new();
     let mut failures = FailureLog::default();
     // Set while a moved tunnel drains: firing it ends the old tunnel's
@@ -114,7 +118,9 @@ where
                     Ok(()) => TunnelError::Closed,
                     Err(error) => error,
                 };
-                let delay = backoff.next_delay(FailureClass::Transient).unwrap_or(Duration::ZERO);
+                let delay = backoff
+                    .next_delay(FailureClass::Transient)
+                    .unwrap_or(Duration::ZERO);
                 failures.record(&error, delay);
                 reap_while(&mut tasks, tokio::time::sleep(delay)).await;
             }
@@ -122,16 +128,16 @@ where
     }
 }
 
-fn backoff_config(backoff: &Backoff) -> BackoffConfig {
-    backoff.config()
-}
-
 enum Served {
     Moved(Duration),
     Closed(Result<(), TunnelError>),
 }
 
-async fn serve_until_move<H, F>(tunnel: &mut TunnelServer, handler: &Arc<H>, tasks: &mut JoinSet<()>) -> Served
+async fn serve_until_move<H, F>(
+    tunnel: &mut TunnelServer,
+    handler: &Arc<H>,
+    tasks: &mut JoinSet<()>,
+) -> Served
 where
     H: Fn(IncomingStream) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
@@ -160,8 +166,12 @@ where
 /// Serves a moved tunnel's remaining streams: once its successor is up
 /// (or the loop has ended), it stops taking streams and closes after
 /// `grace` at the latest.
-async fn drain<H, F>(mut tunnel: TunnelServer, handler: Arc<H>, mut successor_up: oneshot::Receiver<()>, grace: Duration)
-where
+async fn drain<H, F>(
+    mut tunnel: TunnelServer,
+    handler: Arc<H>,
+    mut successor_up: oneshot::Receiver<()>,
+    grace: Duration,
+) where
     H: Fn(IncomingStream) -> F + Send + Sync + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
@@ -238,13 +248,25 @@ impl FailureLog {
 /// A name for the kind of a failure: the variant, and the status of a
 /// rejection.
 fn failure_kind(error: &TunnelError) -> String {
-    match error {
-        TunnelError::Rejected { status, .. } => format!("HTTP {status}"),
-        other => {
-            let debug = format!("{other:?}");
-            debug.split(['(', ' ', '{']).next().unwrap_or_default().to_owned()
-        }
-    }
+    let name = match error {
+        TunnelError::Rejected { status, .. } => return format!("HTTP {status}"),
+        TunnelError::InvalidConfig { .. } => "invalid setting",
+        TunnelError::Connect { .. } => "connect",
+        TunnelError::ConnectTimeout { .. } => "connect timeout",
+        TunnelError::Tls { .. } => "TLS",
+        TunnelError::UpgradeRequest { .. } => "upgrade request",
+        TunnelError::UpgradeTimeout { .. } => "upgrade timeout",
+        TunnelError::BadUpgrade { .. } => "bad upgrade",
+        TunnelError::Handshake(_) => "HTTP/2 handshake",
+        TunnelError::HandshakeTimeout(_) => "HTTP/2 handshake timeout",
+        TunnelError::KeepaliveTimeout(_) => "keepalive timeout",
+        TunnelError::Connection(_) => "connection",
+        TunnelError::Closed => "closed",
+        TunnelError::Open { .. } | TunnelError::OpenRejected { .. } => "stream open",
+        TunnelError::InvalidHeader { .. } => "invalid header",
+        TunnelError::Control(_) => "control stream",
+    };
+    name.to_owned()
 }
 
 impl<C: Connector> Connector for &C {

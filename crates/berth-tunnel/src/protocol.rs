@@ -68,7 +68,8 @@ impl StreamKind {
             return Some(StreamKind::Ssh);
         }
         let port = path.strip_prefix("/tcp/")?;
-        let canonical = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
+        let canonical =
+            !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && !port.starts_with('0');
         if !canonical {
             return None;
         }
@@ -159,21 +160,38 @@ mod tests {
 
     #[test]
     fn stream_kind_paths_round_trip() {
-        for kind in [StreamKind::Ssh, StreamKind::Tcp { port: 1 }, StreamKind::Tcp { port: 65535 }] {
+        for kind in [
+            StreamKind::Ssh,
+            StreamKind::Tcp { port: 1 },
+            StreamKind::Tcp { port: 65535 },
+        ] {
             assert_eq!(StreamKind::from_path(&kind.path()), Some(kind));
         }
     }
 
     #[test]
     fn stream_kind_rejects_bad_paths() {
-        for path in ["/", "/ssh/", "/tcp/", "/tcp/0", "/tcp/080", "/tcp/+80", "/tcp/65536", "/tcp/8a", "/control"] {
+        for path in [
+            "/",
+            "/ssh/",
+            "/tcp/",
+            "/tcp/0",
+            "/tcp/080",
+            "/tcp/+80",
+            "/tcp/65536",
+            "/tcp/8a",
+            "/control",
+        ] {
             assert_eq!(StreamKind::from_path(path), None, "{path}");
         }
     }
 
     #[test]
     fn control_message_is_one_json_object() {
-        let text = serde_json::to_string(&ControlMessage::Move { grace_period_ms: 1500 }).unwrap();
+        let text = serde_json::to_string(&ControlMessage::Move {
+            grace_period_ms: 1500,
+        })
+        .unwrap();
         assert_eq!(text, r#"{"type":"move","grace_period_ms":1500}"#);
     }
 
@@ -185,22 +203,43 @@ mod tests {
                 .header("upgrade", "Berth-Tunnel")
                 .header(SECRET_HEADER, "s3cret")
         };
-        assert_eq!(check_upgrade_request(&good().body(()).unwrap()), Ok("s3cret"));
+        assert_eq!(
+            check_upgrade_request(&good().body(()).unwrap()),
+            Ok("s3cret")
+        );
 
         let get = Request::get("/x").body(()).unwrap();
-        assert_eq!(check_upgrade_request(&get), Err(UpgradeRequestError::Method("GET".into())));
+        assert_eq!(
+            check_upgrade_request(&get),
+            Err(UpgradeRequestError::Method("GET".into()))
+        );
 
-        let no_upgrade = Request::post("/x").header("connection", "upgrade").body(()).unwrap();
-        assert_eq!(check_upgrade_request(&no_upgrade), Err(UpgradeRequestError::UpgradeHeader));
+        let no_upgrade = Request::post("/x")
+            .header("connection", "upgrade")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            check_upgrade_request(&no_upgrade),
+            Err(UpgradeRequestError::UpgradeHeader)
+        );
 
-        let no_connection = Request::post("/x").header("upgrade", UPGRADE_PROTOCOL).body(()).unwrap();
-        assert_eq!(check_upgrade_request(&no_connection), Err(UpgradeRequestError::ConnectionHeader));
+        let no_connection = Request::post("/x")
+            .header("upgrade", UPGRADE_PROTOCOL)
+            .body(())
+            .unwrap();
+        assert_eq!(
+            check_upgrade_request(&no_connection),
+            Err(UpgradeRequestError::ConnectionHeader)
+        );
 
         let no_secret = Request::post("/x")
             .header("connection", "upgrade")
             .header("upgrade", UPGRADE_PROTOCOL)
             .body(())
             .unwrap();
-        assert_eq!(check_upgrade_request(&no_secret), Err(UpgradeRequestError::Secret));
+        assert_eq!(
+            check_upgrade_request(&no_secret),
+            Err(UpgradeRequestError::Secret)
+        );
     }
 }

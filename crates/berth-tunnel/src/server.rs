@@ -56,7 +56,10 @@ impl IncomingStream {
         let send = self
             .respond
             .send_response(Response::new(()), false)
-            .map_err(|source| TunnelError::Open { path: self.kind.path(), source })?;
+            .map_err(|source| TunnelError::Open {
+                path: self.kind.path(),
+                source,
+            })?;
         Ok(TunnelStream::new(send, self.recv))
     }
 
@@ -109,7 +112,9 @@ impl TunnelServer {
         };
         match driver.await {
             Ok(result) => result.map(|()| None),
-            Err(join_error) => Err(TunnelError::Control(format!("the tunnel's task ended abnormally: {join_error}"))),
+            Err(join_error) => Err(TunnelError::Control(format!(
+                "the tunnel's task ended abnormally: {join_error}"
+            ))),
         }
     }
 
@@ -147,12 +152,19 @@ where
         .map_err(TunnelError::Handshake)?;
     let pinger = connection.ping_pong().map(Pinger::new);
 
-    let capacity = usize::try_from(windows.max_concurrent_streams).unwrap_or(usize::MAX).max(1);
+    let capacity = usize::try_from(windows.max_concurrent_streams)
+        .unwrap_or(usize::MAX)
+        .max(1);
     let (incoming_tx, incoming) = mpsc::channel(capacity);
     let (moves_tx, moves) = watch::channel(None);
     let (shutdown, shutdown_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let driver = Driver { incoming: incoming_tx, moves: moves_tx, control: None, stop: stop.clone() };
+    let driver = Driver {
+        incoming: incoming_tx,
+        moves: moves_tx,
+        control: None,
+        stop: stop.clone(),
+    };
     let task = driver
         .run(connection, pinger, *config, shutdown_rx)
         .instrument(tracing::Span::current());
@@ -250,7 +262,12 @@ impl Driver {
             .get(REQUESTED_BY_HEADER)
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
-        let stream = IncomingStream { kind, requested_by, recv: request.into_body(), respond };
+        let stream = IncomingStream {
+            kind,
+            requested_by,
+            recv: request.into_body(),
+            respond,
+        };
         if let Err(error) = self.incoming.try_send(stream) {
             // Full only when more streams wait than HTTP/2 lets the peer
             // open; closed when the TunnelServer is gone.
@@ -282,7 +299,11 @@ impl Driver {
 
 /// Reads control messages until the stream ends or `stop` is cancelled;
 /// dropping the stream at the end resets it.
-async fn read_control(stream: TunnelStream, moves: watch::Sender<Option<Duration>>, stop: CancellationToken) {
+async fn read_control(
+    stream: TunnelStream,
+    moves: watch::Sender<Option<Duration>>,
+    stop: CancellationToken,
+) {
     let mut lines = BufReader::new(stream);
     let mut line = String::new();
     loop {
@@ -312,9 +333,15 @@ async fn read_control(stream: TunnelStream, moves: watch::Sender<Option<Duration
     }
 }
 
-async fn read_line_limited(reader: &mut BufReader<TunnelStream>, line: &mut String) -> std::io::Result<usize> {
+async fn read_line_limited(
+    reader: &mut BufReader<TunnelStream>,
+    line: &mut String,
+) -> std::io::Result<usize> {
     use tokio::io::AsyncReadExt;
-    let read = (&mut *reader).take(MAX_CONTROL_LINE as u64).read_line(line).await?;
+    let read = (&mut *reader)
+        .take(MAX_CONTROL_LINE as u64)
+        .read_line(line)
+        .await?;
     if read == MAX_CONTROL_LINE && !line.ends_with('\n') {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,

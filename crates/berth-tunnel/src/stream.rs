@@ -57,16 +57,24 @@ impl TunnelStream {
 
     /// The HTTP/2 stream id, for logs; 0 once dropped.
     pub fn stream_id(&self) -> u32 {
-        self.halves.as_ref().map_or(0, |halves| halves.send.stream_id().as_u32())
+        self.halves
+            .as_ref()
+            .map_or(0, |halves| halves.send.stream_id().as_u32())
     }
 
     fn halves(&mut self) -> io::Result<&mut Halves> {
-        self.halves.as_mut().ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "tunnel stream already dropped"))
+        self.halves.as_mut().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotConnected, "tunnel stream already dropped")
+        })
     }
 }
 
 impl AsyncRead for TunnelStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
@@ -93,13 +101,20 @@ impl AsyncRead for TunnelStream {
 }
 
 impl AsyncWrite for TunnelStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
         if this.write_closed {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "write after shutdown of a tunnel stream")));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown of a tunnel stream",
+            )));
         }
         let send = &mut this.halves()?.send;
         send.reserve_capacity(buf.len().min(MAX_WRITE));
@@ -107,7 +122,8 @@ impl AsyncWrite for TunnelStream {
             let capacity = send.capacity();
             if capacity > 0 {
                 let n = capacity.min(buf.len());
-                send.send_data(Bytes::copy_from_slice(&buf[..n]), false).map_err(h2_to_io)?;
+                send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(h2_to_io)?;
                 return Poll::Ready(Ok(n));
             }
             match ready!(send.poll_capacity(cx)) {
@@ -179,7 +195,9 @@ async fn linger(send: SendStream<Bytes>, mut recv: RecvStream) {
 /// a reset stream is `ConnectionReset`, a closed tunnel `ConnectionAborted`.
 pub(crate) fn h2_to_io(error: h2::Error) -> io::Error {
     if error.is_io() {
-        return error.into_io().unwrap_or_else(|| io::Error::other("tunnel I/O failed"));
+        return error
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("tunnel I/O failed"));
     }
     let kind = if error.is_reset() {
         io::ErrorKind::ConnectionReset

@@ -23,13 +23,21 @@ struct CoalesceFirstFlush {
 }
 
 impl AsyncRead for CoalesceFirstFlush {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for CoalesceFirstFlush {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match &mut self.pending {
             Some(pending) => {
                 pending.extend_from_slice(buf);
@@ -73,10 +81,21 @@ async fn bytes_after_101_reach_http2() {
             request.push(byte[0]);
         }
         let request = String::from_utf8(request).unwrap();
-        assert!(request.to_ascii_lowercase().contains(&format!("x-berth-gateway-secret: {SECRET}")), "{request}");
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains(&format!("x-berth-gateway-secret: {SECRET}")),
+            "{request}"
+        );
         let head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: berth-tunnel\r\n\r\n".to_vec();
-        let io = CoalesceFirstFlush { inner: tcp, pending: Some(head), written: 0 };
-        TunnelClient::handshake(io, &session_config()).await.unwrap()
+        let io = CoalesceFirstFlush {
+            inner: tcp,
+            pending: Some(head),
+            written: 0,
+        };
+        TunnelClient::handshake(io, &session_config())
+            .await
+            .unwrap()
     });
 
     let mut server = dial(&dial_config(addr, SECRET)).await.unwrap();
@@ -86,7 +105,10 @@ async fn bytes_after_101_reach_http2() {
         }
     });
     let client = controller.await.unwrap();
-    let mut stream = client.open(StreamRequest::new(StreamKind::Ssh)).await.unwrap();
+    let mut stream = client
+        .open(StreamRequest::new(StreamKind::Ssh))
+        .await
+        .unwrap();
     stream.write_all(b"through").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut echoed = Vec::new();
@@ -139,7 +161,10 @@ async fn dial_over_tls() {
         }
     });
     let client = controller.next_tunnel().await;
-    let mut stream = client.open(StreamRequest::new(StreamKind::Ssh)).await.unwrap();
+    let mut stream = client
+        .open(StreamRequest::new(StreamKind::Ssh))
+        .await
+        .unwrap();
     stream.write_all(b"over tls").await.unwrap();
     stream.shutdown().await.unwrap();
     let mut echoed = Vec::new();

@@ -20,12 +20,22 @@ struct Scripted {
 impl Connector for Scripted {
     async fn connect(&self) -> Result<TunnelServer, TunnelError> {
         self.attempts.lock().unwrap().push(Instant::now());
-        Err(self.results.lock().unwrap().pop_front().expect("more attempts than scripted"))
+        Err(self
+            .results
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("more attempts than scripted"))
     }
 }
 
 fn rejected(status: u16, retry_after: Option<Duration>) -> TunnelError {
-    TunnelError::Rejected { url: "http://controller/".into(), status, retry_after, message: "scripted".into() }
+    TunnelError::Rejected {
+        url: "http://controller/".into(),
+        status,
+        retry_after,
+        message: "scripted".into(),
+    }
 }
 
 fn refused() -> TunnelError {
@@ -46,7 +56,10 @@ async fn reconnect_delays_follow_failure_kind() {
         rejected(401, None),
         rejected(410, None),
     ];
-    let connector = Scripted { results: Mutex::new(script.into()), attempts: Mutex::new(Vec::new()) };
+    let connector = Scripted {
+        results: Mutex::new(script.into()),
+        attempts: Mutex::new(Vec::new()),
+    };
     let config = BackoffConfig {
         initial: Duration::from_millis(500),
         max: Duration::from_secs(30),
@@ -54,7 +67,13 @@ async fn reconnect_delays_follow_failure_kind() {
         max_retry_after: Duration::from_secs(300),
     };
     let backoff = Backoff::with_rng(config, StdRng::seed_from_u64(11));
-    let end = maintain_with(&connector, backoff, Duration::from_secs(10), |_stream| async {}).await;
+    let end = maintain_with(
+        &connector,
+        backoff,
+        Duration::from_secs(10),
+        |_stream| async {},
+    )
+    .await;
     assert_eq!(end.status(), Some(410), "{end}");
 
     let attempts = connector.attempts.lock().unwrap().clone();
@@ -69,6 +88,9 @@ async fn reconnect_delays_follow_failure_kind() {
         (Duration::from_secs(15), Duration::from_secs(30)),
     ];
     for (i, (delay, (low, high))) in delays.iter().zip(bounds).enumerate() {
-        assert!(*delay >= low && *delay <= high, "delay {i} is {delay:?}, expected {low:?}..={high:?}");
+        assert!(
+            *delay >= low && *delay <= high,
+            "delay {i} is {delay:?}, expected {low:?}..={high:?}"
+        );
     }
 }

@@ -8,7 +8,8 @@ mod common;
 use std::time::Duration;
 
 use berth_tunnel::{
-    dial, maintain, StreamKind, StreamRequest, TunnelClient, TunnelError, TunnelServer, TunnelState, TunnelStream,
+    dial, maintain, StreamKind, StreamRequest, TunnelClient, TunnelError, TunnelServer,
+    TunnelState, TunnelStream,
 };
 use common::{dial_config, echo, pattern, Relay, TestController, SECRET};
 use http::StatusCode;
@@ -18,7 +19,11 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// Opens a stream from the accept side and accepts it on the dial side,
 /// at once, because `open` waits for the supervisor's answer.
-async fn open_pair(client: &TunnelClient, server: &mut TunnelServer, kind: StreamKind) -> (TunnelStream, TunnelStream) {
+async fn open_pair(
+    client: &TunnelClient,
+    server: &mut TunnelServer,
+    kind: StreamKind,
+) -> (TunnelStream, TunnelStream) {
     let (ours, theirs) = tokio::join!(client.open(StreamRequest::new(kind)), async {
         let incoming = server.accept().await.unwrap().unwrap();
         assert_eq!(incoming.kind(), kind);
@@ -30,7 +35,9 @@ async fn open_pair(client: &TunnelClient, server: &mut TunnelServer, kind: Strea
 #[tokio::test]
 async fn wrong_secret_is_rejected_with_401() {
     let controller = TestController::start().await;
-    let error = dial(&dial_config(controller.addr, "not-the-secret")).await.unwrap_err();
+    let error = dial(&dial_config(controller.addr, "not-the-secret"))
+        .await
+        .unwrap_err();
     assert_eq!(error.status(), Some(401), "{error}");
     let message = error.to_string();
     assert!(message.contains(&controller.addr.to_string()), "{message}");
@@ -53,7 +60,10 @@ async fn hundred_streams_progress_beside_stalled_bulk() {
     // A 64 MiB stream whose echo nobody reads yet: its windows fill up
     // and its writer stalls.
     let bulk_data = pattern(1, 64 * 1024 * 1024);
-    let bulk = client.open(StreamRequest::new(StreamKind::Tcp { port: 9000 })).await.unwrap();
+    let bulk = client
+        .open(StreamRequest::new(StreamKind::Tcp { port: 9000 }))
+        .await
+        .unwrap();
     let (mut bulk_read, mut bulk_write) = tokio::io::split(bulk);
     let sent = bulk_data.clone();
     let bulk_writer = tokio::spawn(async move {
@@ -66,7 +76,12 @@ async fn hundred_streams_progress_beside_stalled_bulk() {
         let client = &client;
         async move {
             let data = pattern(100 + i, 16 * 1024 + i as usize);
-            let stream = client.open(StreamRequest::new(StreamKind::Ssh).requested_by("zzzzz-tpzed-000000000000000")).await.unwrap();
+            let stream = client
+                .open(
+                    StreamRequest::new(StreamKind::Ssh).requested_by("zzzzz-tpzed-000000000000000"),
+                )
+                .await
+                .unwrap();
             let (mut read, mut write) = tokio::io::split(stream);
             let expected = data.clone();
             let writer = async move {
@@ -80,11 +95,19 @@ async fn hundred_streams_progress_beside_stalled_bulk() {
             assert_eq!(echoed, expected, "stream {i} echoed other bytes");
         }
     });
-    tokio::time::timeout(LIMIT, futures::future::join_all(small)).await.expect("small streams starved");
-    assert!(!bulk_writer.is_finished(), "the bulk writer finished although nobody read its echo");
+    tokio::time::timeout(LIMIT, futures::future::join_all(small))
+        .await
+        .expect("small streams starved");
+    assert!(
+        !bulk_writer.is_finished(),
+        "the bulk writer finished although nobody read its echo"
+    );
 
     let mut echoed = Vec::with_capacity(bulk_data.len());
-    tokio::time::timeout(LIMIT, bulk_read.read_to_end(&mut echoed)).await.unwrap().unwrap();
+    tokio::time::timeout(LIMIT, bulk_read.read_to_end(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(echoed.len(), bulk_data.len());
     assert!(echoed == bulk_data, "the bulk stream's echo differs");
     bulk_writer.await.unwrap();
@@ -116,7 +139,8 @@ async fn half_close_keeps_other_direction() {
     assert_eq!(answer, b"read 5 bytes");
 
     // The supervisor half-closes first; the controller goes on writing.
-    let (mut ours, mut theirs) = open_pair(&client, &mut server, StreamKind::Tcp { port: 22 }).await;
+    let (mut ours, mut theirs) =
+        open_pair(&client, &mut server, StreamKind::Tcp { port: 22 }).await;
     theirs.write_all(b"banner").await.unwrap();
     theirs.shutdown().await.unwrap();
     let mut banner = Vec::new();
@@ -172,7 +196,10 @@ async fn rejected_stream_reports_status() {
             stream.reject(StatusCode::FORBIDDEN);
         }
     });
-    let error = client.open(StreamRequest::new(StreamKind::Tcp { port: 5432 })).await.unwrap_err();
+    let error = client
+        .open(StreamRequest::new(StreamKind::Tcp { port: 5432 }))
+        .await
+        .unwrap_err();
     assert!(
         matches!(&error, TunnelError::OpenRejected { path, status: 403 } if path == "/tcp/5432"),
         "{error:?}"
@@ -188,12 +215,25 @@ async fn keepalive_detects_silent_peer() {
     assert!(client.ping().await.is_ok());
 
     relay.freeze();
-    let server_end = tokio::time::timeout(LIMIT, server.accept()).await.expect("dial side did not notice");
-    assert!(matches!(server_end, Err(TunnelError::KeepaliveTimeout(_))), "{server_end:?}");
-    let client_end = tokio::time::timeout(LIMIT, client.closed()).await.expect("accept side did not notice");
+    let server_end = tokio::time::timeout(LIMIT, server.accept())
+        .await
+        .expect("dial side did not notice");
+    assert!(
+        matches!(server_end, Err(TunnelError::KeepaliveTimeout(_))),
+        "{server_end:?}"
+    );
+    let client_end = tokio::time::timeout(LIMIT, client.closed())
+        .await
+        .expect("accept side did not notice");
     let error = client_end.unwrap_err();
-    assert!(matches!(*error, TunnelError::KeepaliveTimeout(_)), "{error:?}");
-    assert!(matches!(client.open(StreamRequest::new(StreamKind::Ssh)).await, Err(TunnelError::Closed)));
+    assert!(
+        matches!(*error, TunnelError::KeepaliveTimeout(_)),
+        "{error:?}"
+    );
+    assert!(matches!(
+        client.open(StreamRequest::new(StreamKind::Ssh)).await,
+        Err(TunnelError::Closed)
+    ));
 }
 
 #[tokio::test]
@@ -213,10 +253,16 @@ async fn move_lands_new_streams_on_new_tunnel() {
     // controller, and the first asks its tunnel to move.
     relay.set_backend(second.addr);
     old.move_away(Duration::from_secs(20)).await.unwrap();
-    assert!(matches!(old.open(StreamRequest::new(StreamKind::Ssh)).await, Err(TunnelError::Closed)));
+    assert!(matches!(
+        old.open(StreamRequest::new(StreamKind::Ssh)).await,
+        Err(TunnelError::Closed)
+    ));
 
     let new = second.next_tunnel().await;
-    let mut on_new = new.open(StreamRequest::new(StreamKind::Tcp { port: 80 })).await.unwrap();
+    let mut on_new = new
+        .open(StreamRequest::new(StreamKind::Tcp { port: 80 }))
+        .await
+        .unwrap();
     on_new.write_all(b"new tunnel").await.unwrap();
     on_new.shutdown().await.unwrap();
     let mut echoed = Vec::new();
@@ -232,7 +278,10 @@ async fn move_lands_new_streams_on_new_tunnel() {
     open_on_old.read_to_end(&mut echoed).await.unwrap();
     assert_eq!(echoed, b"before the move; after the move");
     drop(open_on_old);
-    tokio::time::timeout(LIMIT, old.closed()).await.expect("old tunnel did not close").unwrap();
+    tokio::time::timeout(LIMIT, old.closed())
+        .await
+        .expect("old tunnel did not close")
+        .unwrap();
     assert!(matches!(old.state(), TunnelState::Closed(None)));
     assert!(matches!(new.state(), TunnelState::Open));
     assert!(!supervisor.is_finished());

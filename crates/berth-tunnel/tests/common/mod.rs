@@ -10,8 +10,8 @@ use std::time::Duration;
 use berth_core::secret::constant_time_eq;
 use berth_core::{Secret, Uuid};
 use berth_tunnel::{
-    check_upgrade_request, switching_protocols_response, tunnel_path, DialConfig, IncomingStream, KeepaliveConfig,
-    SessionConfig, TunnelClient,
+    check_upgrade_request, switching_protocols_response, tunnel_path, DialConfig, IncomingStream,
+    KeepaliveConfig, SessionConfig, TunnelClient,
 };
 use bytes::Bytes;
 use http_body_util::Full;
@@ -28,7 +28,10 @@ pub const SECRET: &str = "the-gateway-secret";
 
 pub fn session_config() -> SessionConfig {
     SessionConfig {
-        keepalive: KeepaliveConfig { interval: Duration::from_millis(200), timeout: Duration::from_millis(600) },
+        keepalive: KeepaliveConfig {
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(600),
+        },
         ..SessionConfig::default()
     }
 }
@@ -54,7 +57,9 @@ impl TestController {
         let (tunnels_tx, tunnels) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
                 let tunnels_tx = tunnels_tx.clone();
                 let service = service_fn(move |request| {
                     let tunnels_tx = tunnels_tx.clone();
@@ -95,7 +100,9 @@ fn handle_upgrade(
     }
     tokio::spawn(async move {
         let upgraded = hyper::upgrade::on(request).await.unwrap();
-        let client = TunnelClient::handshake(TokioIo::new(upgraded), &session_config()).await.unwrap();
+        let client = TunnelClient::handshake(TokioIo::new(upgraded), &session_config())
+            .await
+            .unwrap();
         let _ = tunnels.send(client);
     });
     switching_protocols_response()
@@ -133,18 +140,29 @@ impl Relay {
         let addr = listener.local_addr().unwrap();
         let backend = Arc::new(Mutex::new(backend));
         let (frozen, _) = watch::channel(false);
-        let relay = Relay { addr, backend, frozen };
+        let relay = Relay {
+            addr,
+            backend,
+            frozen,
+        };
         let accepting = relay.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((inbound, _)) = listener.accept().await else { return };
+                let Ok((inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 let target = *accepting.backend.lock().unwrap();
                 let frozen = accepting.frozen.subscribe();
                 tokio::spawn(async move {
-                    let Ok(outbound) = TcpStream::connect(target).await else { return };
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     let (in_read, in_write) = inbound.into_split();
                     let (out_read, out_write) = outbound.into_split();
-                    tokio::join!(pump(in_read, out_write, frozen.clone()), pump(out_read, in_write, frozen));
+                    tokio::join!(
+                        pump(in_read, out_write, frozen.clone()),
+                        pump(out_read, in_write, frozen)
+                    );
                 });
             }
         });
