@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn, Instrument};
 
 use crate::backoff::{Backoff, FailureClass};
-use crate::config::{BackoffConfig, DialConfig};
+use crate::config::DialConfig;
 use crate::dial::dial;
 use crate::error::TunnelError;
 use crate::server::{IncomingStream, TunnelServer};
