@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use berth_tunnel::{dial, StreamKind, StreamRequest, TunnelClient};
-use common::{dial_config, echo, session_config, SECRET};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use common::{dial_config, read_all, serve_echo, session_config, write_and_close, SECRET};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Holds every write until the first flush, and sends it in one write
@@ -98,21 +98,14 @@ async fn bytes_after_101_reach_http2() {
             .unwrap()
     });
 
-    let mut server = dial(&dial_config(addr, SECRET)).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok(Some(stream)) = server.accept().await {
-            tokio::spawn(echo(stream));
-        }
-    });
+    serve_echo(dial(&dial_config(addr, SECRET)).await.unwrap());
     let client = controller.await.unwrap();
     let mut stream = client
         .open(StreamRequest::new(StreamKind::Ssh))
         .await
         .unwrap();
-    stream.write_all(b"through").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut echoed = Vec::new();
-    stream.read_to_end(&mut echoed).await.unwrap();
+    write_and_close(&mut stream, b"through").await;
+    let echoed = read_all(&mut stream).await;
     assert_eq!(echoed, b"through");
 }
 
@@ -154,20 +147,13 @@ async fn dial_over_tls() {
     config.controller_url = format!("https://localhost:{port}/").parse().unwrap();
     config.tls = Some(Arc::new(client_tls));
 
-    let mut server = dial(&config).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok(Some(stream)) = server.accept().await {
-            tokio::spawn(echo(stream));
-        }
-    });
+    serve_echo(dial(&config).await.unwrap());
     let client = controller.next_tunnel().await;
     let mut stream = client
         .open(StreamRequest::new(StreamKind::Ssh))
         .await
         .unwrap();
-    stream.write_all(b"over tls").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut echoed = Vec::new();
-    stream.read_to_end(&mut echoed).await.unwrap();
+    write_and_close(&mut stream, b"over tls").await;
+    let echoed = read_all(&mut stream).await;
     assert_eq!(echoed, b"over tls");
 }

@@ -11,7 +11,10 @@ use berth_tunnel::{
     dial, maintain, StreamKind, StreamRequest, TunnelClient, TunnelError, TunnelServer,
     TunnelState, TunnelStream,
 };
-use common::{dial_config, echo, pattern, Relay, TestController, SECRET};
+use common::{
+    dial_config, echo, pattern, read_all, serve_echo, write_and_close, Relay, TestController,
+    SECRET,
+};
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -49,12 +52,7 @@ async fn wrong_secret_is_rejected_with_401() {
 #[tokio::test]
 async fn hundred_streams_progress_beside_stalled_bulk() {
     let mut controller = TestController::start().await;
-    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok(Some(stream)) = server.accept().await {
-            tokio::spawn(echo(stream));
-        }
-    });
+    serve_echo(dial(&dial_config(controller.addr, SECRET)).await.unwrap());
     let client = controller.next_tunnel().await;
 
     // A 64 MiB stream whose echo nobody reads yet: its windows fill up
@@ -67,8 +65,7 @@ async fn hundred_streams_progress_beside_stalled_bulk() {
     let (mut bulk_read, mut bulk_write) = tokio::io::split(bulk);
     let sent = bulk_data.clone();
     let bulk_writer = tokio::spawn(async move {
-        bulk_write.write_all(&sent).await.unwrap();
-        bulk_write.shutdown().await.unwrap();
+        write_and_close(&mut bulk_write, &sent).await;
     });
 
     // 100 small streams at once must all complete meanwhile.
@@ -85,8 +82,7 @@ async fn hundred_streams_progress_beside_stalled_bulk() {
             let (mut read, mut write) = tokio::io::split(stream);
             let expected = data.clone();
             let writer = async move {
-                write.write_all(&data).await.unwrap();
-                write.shutdown().await.unwrap();
+                write_and_close(&mut write, &data).await;
             };
             let mut echoed = Vec::new();
             let reader = read.read_to_end(&mut echoed);
@@ -127,29 +123,21 @@ async fn half_close_keeps_other_direction() {
         incoming.accept().unwrap()
     });
     let (mut ours, mut theirs) = (ours.unwrap(), incoming);
-    ours.write_all(b"hello").await.unwrap();
-    ours.shutdown().await.unwrap();
-    let mut received = Vec::new();
-    theirs.read_to_end(&mut received).await.unwrap();
+    write_and_close(&mut ours, b"hello").await;
+    let received = read_all(&mut theirs).await;
     assert_eq!(received, b"hello");
-    theirs.write_all(b"read 5 bytes").await.unwrap();
-    theirs.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    ours.read_to_end(&mut answer).await.unwrap();
+    write_and_close(&mut theirs, b"read 5 bytes").await;
+    let answer = read_all(&mut ours).await;
     assert_eq!(answer, b"read 5 bytes");
 
     // The supervisor half-closes first; the controller goes on writing.
     let (mut ours, mut theirs) =
         open_pair(&client, &mut server, StreamKind::Tcp { port: 22 }).await;
-    theirs.write_all(b"banner").await.unwrap();
-    theirs.shutdown().await.unwrap();
-    let mut banner = Vec::new();
-    ours.read_to_end(&mut banner).await.unwrap();
+    write_and_close(&mut theirs, b"banner").await;
+    let banner = read_all(&mut ours).await;
     assert_eq!(banner, b"banner");
-    ours.write_all(b"still writing").await.unwrap();
-    ours.shutdown().await.unwrap();
-    let mut late = Vec::new();
-    theirs.read_to_end(&mut late).await.unwrap();
+    write_and_close(&mut ours, b"still writing").await;
+    let late = read_all(&mut theirs).await;
     assert_eq!(late, b"still writing");
 
     // Write, shut down and drop at once, as a command that exits does:
@@ -159,11 +147,9 @@ async fn half_close_keeps_other_direction() {
     let sent = data.clone();
     tokio::spawn(async move {
         let mut ours = ours;
-        ours.write_all(&sent).await.unwrap();
-        ours.shutdown().await.unwrap();
+        write_and_close(&mut ours, &sent).await;
     });
-    let mut received = Vec::new();
-    theirs.read_to_end(&mut received).await.unwrap();
+    let received = read_all(&mut theirs).await;
     assert_eq!(received.len(), data.len());
     assert!(received == data, "bytes written before the drop differ");
 }
@@ -263,19 +249,15 @@ async fn move_lands_new_streams_on_new_tunnel() {
         .open(StreamRequest::new(StreamKind::Tcp { port: 80 }))
         .await
         .unwrap();
-    on_new.write_all(b"new tunnel").await.unwrap();
-    on_new.shutdown().await.unwrap();
-    let mut echoed = Vec::new();
-    on_new.read_to_end(&mut echoed).await.unwrap();
+    write_and_close(&mut on_new, b"new tunnel").await;
+    let echoed = read_all(&mut on_new).await;
     assert_eq!(echoed, b"new tunnel");
 
     // The old stream goes on after the supervisor's GOAWAY, then the old
     // tunnel closes by itself.
     tokio::time::timeout(LIMIT, old.draining()).await.unwrap();
-    open_on_old.write_all(b"after the move").await.unwrap();
-    open_on_old.shutdown().await.unwrap();
-    let mut echoed = Vec::new();
-    open_on_old.read_to_end(&mut echoed).await.unwrap();
+    write_and_close(&mut open_on_old, b"after the move").await;
+    let echoed = read_all(&mut open_on_old).await;
     assert_eq!(echoed, b"before the move; after the move");
     drop(open_on_old);
     tokio::time::timeout(LIMIT, old.closed())

@@ -11,14 +11,14 @@ use berth_core::secret::constant_time_eq;
 use berth_core::{Secret, Uuid};
 use berth_tunnel::{
     check_upgrade_request, switching_protocols_response, tunnel_path, DialConfig, IncomingStream,
-    KeepaliveConfig, SessionConfig, TunnelClient,
+    KeepaliveConfig, SessionConfig, TunnelClient, TunnelServer,
 };
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use url::Url;
@@ -122,6 +122,28 @@ pub async fn echo(stream: IncomingStream) {
     let (mut read, mut write) = tokio::io::split(stream);
     let _ = tokio::io::copy(&mut read, &mut write).await;
     let _ = write.shutdown().await;
+}
+
+/// Accepts every stream of `server` and echoes it, in the background.
+pub fn serve_echo(mut server: TunnelServer) {
+    tokio::spawn(async move {
+        while let Ok(Some(stream)) = server.accept().await {
+            tokio::spawn(echo(stream));
+        }
+    });
+}
+
+/// Writes `data` and half-closes the stream.
+pub async fn write_and_close(stream: &mut (impl AsyncWrite + Unpin), data: &[u8]) {
+    stream.write_all(data).await.unwrap();
+    stream.shutdown().await.unwrap();
+}
+
+/// Reads the stream to end-of-file.
+pub async fn read_all(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).await.unwrap();
+    received
 }
 
 /// A TCP relay: new connections go to the current backend; `freeze`
