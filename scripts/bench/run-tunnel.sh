@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Measure the tunnel (crates/berth-tunnel) on loopback, in one process:
-# the throughput of one bulk stream through the tunnel against a direct
-# TCP connection, for four HTTP/2 window settings, once without and once
-# with an added round-trip time; then the resident memory per idle tunnel.
+# Measure the tunnel (crates/berth-tunnel) on loopback, in one process.
+# First the throughput of one bulk stream through the tunnel against a
+# direct TCP connection, for four HTTP/2 window settings, once without and
+# once with an added round-trip time. Then the resident memory per idle
+# tunnel.
 #
 # Usage: scripts/bench/run-tunnel.sh [SIZE_MIB] [IDLE_TUNNELS] [RTT_MS]
 #        (default 1024, 5000 and 4)

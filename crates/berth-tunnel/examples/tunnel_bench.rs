@@ -172,7 +172,7 @@ fn dial_config(addr: SocketAddr, session: SessionConfig) -> DialConfig {
     config
 }
 
-/// One bulk stream from the controller's end to the supervisor's.
+/// Times one bulk stream from the controller's end to the supervisor's.
 async fn through_tunnel(bytes: usize, windows: WindowConfig, rtt: Duration) -> Duration {
     let session = SessionConfig {
         windows,
@@ -211,14 +211,14 @@ async fn idle_memory(count: usize) {
     let (addr, mut clients) = start_controller(session).await;
     // One tunnel first, so that one-time allocations are not counted.
     let mut servers = vec![dial(&dial_config(addr, session)).await.unwrap()];
-    let mut kept = vec![clients.recv().await.unwrap()];
+    let mut clients_open = vec![clients.recv().await.unwrap()];
     let before = resident_kib();
     for _ in 0..count {
         servers.push(dial(&dial_config(addr, session)).await.unwrap());
-        kept.push(clients.recv().await.unwrap());
+        clients_open.push(clients.recv().await.unwrap());
     }
     // Let every tunnel finish its handshake traffic.
-    for client in &kept {
+    for client in &clients_open {
         client.ping().await.unwrap();
     }
     let after = resident_kib();
@@ -230,7 +230,7 @@ async fn idle_memory(count: usize) {
 
 /// Returns an address that relays to `target`, delaying each direction
 /// by half of `rtt`; `target` itself when `rtt` is zero. The relay has
-/// no bandwidth limit: it holds whatever is in flight.
+/// no bandwidth limit: it buffers whatever is in flight.
 async fn delayed(target: SocketAddr, rtt: Duration) -> SocketAddr {
     if rtt.is_zero() {
         return target;

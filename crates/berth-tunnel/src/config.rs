@@ -14,12 +14,13 @@ use url::Url;
 use crate::error::TunnelError;
 
 /// Default HTTP/2 stream window: 8 MiB. A stream moves at most one window
-/// per round trip; with 4 ms of added round-trip time, 8 MiB gave
+/// per round trip. With 4 ms of added round-trip time, 8 MiB gave
 /// 501 MiB/s and 256 KiB gave 31 MiB/s (docs/BENCHMARKS.md, "Tunnel").
 pub const DEFAULT_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Default HTTP/2 connection window: 32 MiB, four stream windows, so that
-/// up to three streams whose readers stall cannot block the others.
+/// three streams whose readers stall still leave one stream window for
+/// the others.
 pub const DEFAULT_CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 
 /// Default maximum HTTP/2 frame payload: 64 KiB, up from HTTP/2's 16 KiB,
@@ -70,7 +71,7 @@ pub struct WindowConfig {
     pub stream_window: u32,
     /// Connection window in bytes, shared by all streams of a tunnel.
     /// Keep it several stream windows, because data that a stream's
-    /// reader has not consumed also holds connection window.
+    /// reader has not consumed also uses up connection window.
     pub connection_window: u32,
     /// Maximum DATA frame payload in bytes (16 KiB to 16 MiB - 1).
     pub max_frame_size: u32,
@@ -240,7 +241,7 @@ impl BackoffConfig {
     }
 }
 
-/// What the dial side (the supervisor) needs to open a tunnel.
+/// Settings of the dial side (the supervisor) for opening a tunnel.
 #[derive(Debug, Clone)]
 pub struct DialConfig {
     /// The controller's base URL, `http://` or `https://`; the tunnel path

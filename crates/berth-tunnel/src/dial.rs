@@ -24,7 +24,7 @@ use crate::error::TunnelError;
 use crate::protocol::{header_has_token, tunnel_path, SECRET_HEADER, UPGRADE_PROTOCOL};
 use crate::server::{serve, TunnelServer};
 
-/// Longest rejection body read, in bytes.
+/// Maximum size of a rejection body that is read, in bytes.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Opens a tunnel to the controller: connects, upgrades the connection
@@ -44,7 +44,7 @@ pub async fn dial(config: &DialConfig) -> Result<TunnelServer, TunnelError> {
     serve(TokioIo::new(upgraded), &config.session).await
 }
 
-/// The controller URL with the tunnel path appended to its path.
+/// Returns the controller URL with the tunnel path appended to its path.
 fn tunnel_url(config: &DialConfig) -> Url {
     let mut url = config.controller_url.clone();
     let base = url.path().trim_end_matches('/').to_owned();
@@ -140,7 +140,7 @@ where
         .await
         .map_err(request_error)?;
     // The connection task ends by itself once the upgrade completes or
-    // the sender is dropped; aborting it on every other way out of this
+    // the sender is dropped. Aborting it on every other way out of this
     // function closes the socket.
     let connection = AbortOnDrop(tokio::spawn(connection.with_upgrades()));
 
@@ -183,7 +183,7 @@ where
     Ok(upgraded)
 }
 
-/// Turns a non-101 answer into [`TunnelError::Rejected`], with the
+/// Turns a non-101 response into [`TunnelError::Rejected`], with the
 /// message from an Arvados-style `{"errors": [...]}` body if there is one.
 async fn rejection(response: http::Response<hyper::body::Incoming>, url: &Url) -> TunnelError {
     let status = response.status();

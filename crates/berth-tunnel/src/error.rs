@@ -66,7 +66,7 @@ pub enum TunnelError {
     Control(String),
 }
 
-/// What to do about a rejection, by HTTP status.
+/// Returns what to do about a rejection, by HTTP status.
 fn rejection_hint(status: u16) -> &'static str {
     match status {
         401 | 403 => "; check the gateway secret in the container's credentials file",
@@ -78,7 +78,7 @@ fn rejection_hint(status: u16) -> &'static str {
 }
 
 impl TunnelError {
-    /// The HTTP status of a rejected upgrade, if this is one.
+    /// Returns the HTTP status of a rejected upgrade, if this is one.
     pub fn status(&self) -> Option<u16> {
         match self {
             TunnelError::Rejected { status, .. } => Some(*status),

@@ -28,7 +28,7 @@ impl Pinger {
     }
 
     /// Sends a PING and returns the round-trip time, or fails after
-    /// `timeout` without an answer.
+    /// `timeout` without a response.
     pub(crate) async fn ping(&self, timeout: Duration) -> Result<Duration, TunnelError> {
         let started = Instant::now();
         let mut ping_pong = self.ping_pong.lock().await;

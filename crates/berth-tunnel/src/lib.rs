@@ -1,7 +1,7 @@
 //! The reverse tunnel between a supervisor and a controller.
 //!
 //! Compute nodes can usually open connections to the service hosts but
-//! not the other way round, so the supervisor dials out and holds a
+//! not the other way round, so the supervisor dials out and keeps a
 //! tunnel through which the controller reaches the container's gateway.
 //! The supervisor is the *dial side*: it sends an HTTP/1.1 upgrade
 //! request with the container's gateway secret ([`dial`]). The

@@ -1,5 +1,5 @@
 //! The dial side's reconnect loop: [`maintain`] keeps one tunnel up for
-//! a container until the controller says the container takes no tunnel.
+//! a container until the controller rejects it because the container takes no tunnel.
 //!
 //! Each stream the controller opens goes to the handler in a task of its
 //! own. When the controller asks the tunnel to move, the loop dials a new
@@ -42,7 +42,7 @@ impl Connector for Dialer {
 
 /// Keeps a tunnel up and passes each stream to `handler`. Returns the
 /// final rejection (the container is not Locked or Running) or an
-/// invalid setting; dropping the future closes the tunnel and stops the
+/// invalid setting. Dropping the future closes the tunnel and stops the
 /// handlers' tasks.
 #[instrument(skip_all, fields(container = %config.container_uuid, controller = %config.controller_url))]
 pub async fn maintain<H, F>(config: DialConfig, handler: H) -> TunnelError
@@ -245,7 +245,7 @@ impl FailureLog {
     }
 }
 
-/// A name for the kind of a failure: the variant, and the status of a
+/// Names the kind of a failure: the variant, and the status of a
 /// rejection.
 fn failure_kind(error: &TunnelError) -> String {
     let name = match error {

@@ -8,7 +8,7 @@
 //! which dialled, is the HTTP/2 server, and the controller is the client.
 //!
 //! The controller opens each stream with a `POST` request whose path is
-//! the stream's [`StreamKind`]; the supervisor answers `200` to accept it,
+//! the stream's [`StreamKind`]; the supervisor responds `200` to accept it,
 //! and from then on both directions carry the stream's bytes as DATA
 //! frames. The first stream, `POST /control`, stays open for the tunnel's
 //! life and carries [`ControlMessage`]s from the controller, one JSON
@@ -43,7 +43,7 @@ pub fn tunnel_path(container_uuid: &str) -> String {
     format!("/arvados/v1/connect/{container_uuid}/gateway_tunnel")
 }
 
-/// What a stream carries, from its request path.
+/// The purpose of a stream, from its request path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamKind {
     /// `/ssh`: a connection to the container's SSH server.
@@ -53,7 +53,7 @@ pub enum StreamKind {
 }
 
 impl StreamKind {
-    /// The request path of this kind.
+    /// Returns the request path of this kind.
     pub fn path(&self) -> String {
         match self {
             StreamKind::Ssh => "/ssh".to_owned(),
@@ -101,7 +101,7 @@ impl ControlMessage {
     }
 }
 
-/// Why an HTTP/1.1 request is not a tunnel upgrade.
+/// Reason an HTTP/1.1 request is not a tunnel upgrade.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpgradeRequestError {
     #[error("invalid method {0} for a tunnel upgrade; use POST")]
@@ -114,7 +114,7 @@ pub enum UpgradeRequestError {
     Secret,
 }
 
-/// Checks, on the accept side, that an HTTP/1.1 request asks for a tunnel
+/// Checks, on the accept side, that an HTTP/1.1 request is a tunnel
 /// upgrade and carries a secret. Returns the secret to check.
 pub fn check_upgrade_request<B>(request: &Request<B>) -> Result<&str, UpgradeRequestError> {
     if request.method() != Method::POST {
@@ -134,7 +134,7 @@ pub fn check_upgrade_request<B>(request: &Request<B>) -> Result<&str, UpgradeReq
         .ok_or(UpgradeRequestError::Secret)
 }
 
-/// Makes the accept side's `101 Switching Protocols` answer.
+/// Makes the accept side's `101 Switching Protocols` response.
 pub fn switching_protocols_response<B: Default>() -> Response<B> {
     let mut response = Response::new(B::default());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -144,7 +144,8 @@ pub fn switching_protocols_response<B: Default>() -> Response<B> {
     response
 }
 
-/// Whether a comma-separated header contains `token`, ignoring ASCII case.
+/// Checks whether a comma-separated header contains `token`, ignoring
+/// ASCII case.
 pub(crate) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)

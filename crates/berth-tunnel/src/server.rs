@@ -2,7 +2,7 @@
 //! controller opens and hands them out as [`IncomingStream`]s.
 //!
 //! One task per tunnel (the driver) owns the HTTP/2 connection: it
-//! accepts streams, answers the keepalive and sends PINGs, reads the
+//! accepts streams, sends the keepalive PINGs, reads the
 //! control stream and carries out a graceful shutdown. The
 //! [`TunnelServer`] handle talks to it through channels, and dropping
 //! the handle stops the task and closes the connection.
@@ -25,7 +25,7 @@ use crate::keepalive::Pinger;
 use crate::protocol::{ControlMessage, StreamKind, CONTROL_PATH, REQUESTED_BY_HEADER};
 use crate::stream::TunnelStream;
 
-/// Longest control message accepted, in bytes; a longer line ends the
+/// Maximum size of a control message, in bytes. A longer line ends the
 /// control stream.
 const MAX_CONTROL_LINE: usize = 4096;
 
@@ -40,18 +40,18 @@ pub struct IncomingStream {
 }
 
 impl IncomingStream {
-    /// What the stream is for.
+    /// Returns what the stream is for.
     pub fn kind(&self) -> StreamKind {
         self.kind
     }
 
-    /// The user the controller opened the stream for, from the
+    /// Returns the user the controller opened the stream for, from the
     /// [`REQUESTED_BY_HEADER`] header.
     pub fn requested_by(&self) -> Option<&str> {
         self.requested_by.as_deref()
     }
 
-    /// Accepts the stream: answers `200` and returns the byte stream.
+    /// Accepts the stream: responds `200` and returns the byte stream.
     pub fn accept(mut self) -> Result<TunnelStream, TunnelError> {
         let send = self
             .respond
@@ -81,7 +81,7 @@ pub struct TunnelServer {
     _stop_on_drop: DropGuard,
 }
 
-/// Resolves when the controller asks the tunnel to move.
+/// Resolves when the controller requests that the tunnel move.
 #[derive(Debug, Clone)]
 pub struct MoveSignal(watch::Receiver<Option<Duration>>);
 
@@ -101,8 +101,8 @@ impl MoveSignal {
 impl TunnelServer {
     /// Waits for the next stream. Returns `Ok(None)` once the tunnel has
     /// closed cleanly (after a graceful shutdown, or when the controller
-    /// closed it), and the error that ended it otherwise; after that,
-    /// `Ok(None)` again.
+    /// closed it), and otherwise the error that ended it. Later calls
+    /// return `Ok(None)`.
     pub async fn accept(&mut self) -> Result<Option<IncomingStream>, TunnelError> {
         if let Some(stream) = self.incoming.recv().await {
             return Ok(Some(stream));
@@ -118,8 +118,8 @@ impl TunnelServer {
         }
     }
 
-    /// A signal that resolves when the controller asks this tunnel to
-    /// move.
+    /// Returns a signal that resolves when the controller requests that
+    /// this tunnel move.
     pub fn move_signal(&self) -> MoveSignal {
         MoveSignal(self.moves.clone())
     }
@@ -272,7 +272,7 @@ impl Driver {
             // Full only when more streams wait than HTTP/2 lets the peer
             // open; closed when the TunnelServer is gone.
             let mut stream = error.into_inner();
-            warn!(kind = %stream.kind, "refused a tunnel stream: nobody is accepting streams");
+            warn!(kind = %stream.kind, "rejected a tunnel stream with 503: the stream queue is full or the TunnelServer was dropped");
             respond_status(&mut stream.respond, StatusCode::SERVICE_UNAVAILABLE);
         }
     }
@@ -355,6 +355,6 @@ fn respond_status(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     let mut response = Response::new(());
     *response.status_mut() = status;
     if let Err(error) = respond.send_response(response, true) {
-        debug!(%error, %status, "failed to answer a tunnel stream");
+        debug!(%error, %status, "failed to send the response to a tunnel stream");
     }
 }

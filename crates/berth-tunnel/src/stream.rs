@@ -55,7 +55,7 @@ impl TunnelStream {
         }
     }
 
-    /// The HTTP/2 stream id, for logs; 0 once dropped.
+    /// Returns the HTTP/2 stream id, for logs, or 0 once dropped.
     pub fn stream_id(&self) -> u32 {
         self.halves
             .as_ref()
@@ -173,7 +173,7 @@ impl Drop for TunnelStream {
         // END_STREAM is queued but the peer still sends. Dropping the
         // handles now would make `h2` reset the stream, and a reset
         // discards the data still queued. So the stream lingers until the
-        // peer ends its side or resets it, or for LINGER at most; what the
+        // peer ends its side or resets it, or for LINGER at most. What the
         // peer sends meanwhile is read and discarded.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(linger(send, recv));

@@ -69,7 +69,7 @@ impl AsyncWrite for CoalesceFirstFlush {
 async fn bytes_after_101_reach_http2() {
     // A controller written by hand: it sends the 101 headers, the HTTP/2
     // preface and its SETTINGS frame in a single write, so the dial
-    // side's first read holds all three.
+    // side's first read returns all three.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let controller = tokio::spawn(async move {

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// Opens a stream from the accept side and accepts it on the dial side,
-/// at once, because `open` waits for the supervisor's answer.
+/// at once, because `open` waits for the supervisor's response.
 async fn open_pair(
     client: &TunnelClient,
     server: &mut TunnelServer,
@@ -55,7 +55,7 @@ async fn hundred_streams_progress_beside_stalled_bulk() {
     serve_echo(dial(&dial_config(controller.addr, SECRET)).await.unwrap());
     let client = controller.next_tunnel().await;
 
-    // A 64 MiB stream whose echo nobody reads yet: its windows fill up
+    // A 64 MiB stream whose echo the test does not read yet: its windows fill up
     // and its writer stalls.
     let bulk_data = pattern(1, 64 * 1024 * 1024);
     let bulk = client
@@ -115,7 +115,7 @@ async fn half_close_keeps_other_direction() {
     let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
     let client = controller.next_tunnel().await;
 
-    // The controller half-closes first; the supervisor answers after
+    // The controller half-closes first; the supervisor responds after
     // reading end-of-file.
     let (ours, incoming) = tokio::join!(client.open(StreamRequest::new(StreamKind::Ssh)), async {
         let incoming = server.accept().await.unwrap().unwrap();
@@ -236,7 +236,7 @@ async fn move_lands_new_streams_on_new_tunnel() {
     open_on_old.write_all(b"before the move; ").await.unwrap();
 
     // The load balancer now sends new connections to the second
-    // controller, and the first asks its tunnel to move.
+    // controller, and the first requests that its tunnel move.
     relay.set_backend(second.addr);
     old.move_away(Duration::from_secs(20)).await.unwrap();
     assert!(matches!(

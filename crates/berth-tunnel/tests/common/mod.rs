@@ -146,7 +146,7 @@ pub async fn read_all(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
     received
 }
 
-/// A TCP relay: new connections go to the current backend; `freeze`
+/// A TCP relay: new connections go to the current backend. `freeze`
 /// makes every connection drop what it receives while staying open,
 /// like a network path that went silent.
 #[derive(Clone)]
