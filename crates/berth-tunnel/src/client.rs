@@ -125,6 +125,9 @@ impl TunnelClient {
     /// Fails with [`TunnelError::Closed`] once the tunnel is draining or
     /// closed, and with [`TunnelError::OpenRejected`] when the supervisor
     /// refuses the stream.
+    ///
+    /// NOTE: the wait for the supervisor's response has no time limit
+    /// here; a caller that needs one wraps the call in a timeout.
     pub async fn open(&self, request: StreamRequest) -> Result<TunnelStream, TunnelError> {
         if !matches!(*self.state.borrow(), TunnelState::Open) {
             return Err(TunnelError::Closed);

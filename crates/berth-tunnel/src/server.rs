@@ -304,7 +304,8 @@ async fn read_control(
     moves: watch::Sender<Option<Duration>>,
     stop: CancellationToken,
 ) {
-    let mut lines = BufReader::new(stream);
+    // Control messages are short lines, so a small buffer serves.
+    let mut lines = BufReader::with_capacity(512, stream);
     let mut line = String::new();
     loop {
         line.clear();

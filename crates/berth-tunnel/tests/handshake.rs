@@ -9,8 +9,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
+use berth_tunnel::SessionConfig;
 use berth_tunnel::{dial, StreamKind, StreamRequest, TunnelClient};
-use common::{dial_config, read_all, serve_echo, session_config, write_and_close, SECRET};
+use common::{dial_config, read_all, serve_echo, write_and_close, SECRET};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -93,7 +94,7 @@ async fn bytes_after_101_reach_http2() {
             pending: Some(head),
             written: 0,
         };
-        TunnelClient::handshake(io, &session_config())
+        TunnelClient::handshake(io, &SessionConfig::default())
             .await
             .unwrap()
     });

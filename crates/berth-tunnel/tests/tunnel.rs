@@ -12,8 +12,8 @@ use berth_tunnel::{
     TunnelState, TunnelStream,
 };
 use common::{
-    dial_config, echo, pattern, read_all, serve_echo, write_and_close, Relay, TestController,
-    SECRET,
+    dial_config, echo, fast_keepalive, pattern, read_all, serve_echo, write_and_close, Relay,
+    TestController, SECRET,
 };
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -194,9 +194,11 @@ async fn rejected_stream_reports_status() {
 
 #[tokio::test]
 async fn keepalive_detects_silent_peer() {
-    let mut controller = TestController::start().await;
+    let mut controller = TestController::start_with(fast_keepalive()).await;
     let relay = Relay::start(controller.addr).await;
-    let mut server = dial(&dial_config(relay.addr, SECRET)).await.unwrap();
+    let mut config = dial_config(relay.addr, SECRET);
+    config.session = fast_keepalive();
+    let mut server = dial(&config).await.unwrap();
     let client = controller.next_tunnel().await;
     assert!(client.ping().await.is_ok());
 

@@ -26,7 +26,10 @@ use url::Url;
 pub const UUID: &str = "zzzzz-dz642-0123456789abcde";
 pub const SECRET: &str = "the-gateway-secret";
 
-pub fn session_config() -> SessionConfig {
+/// A keepalive of 200 ms with a 600 ms timeout, for the test that
+/// silences a tunnel. The other tests keep the defaults, so that a busy
+/// machine cannot close their tunnels.
+pub fn fast_keepalive() -> SessionConfig {
     SessionConfig {
         keepalive: KeepaliveConfig {
             interval: Duration::from_millis(200),
@@ -38,9 +41,7 @@ pub fn session_config() -> SessionConfig {
 
 pub fn dial_config(addr: SocketAddr, secret: &str) -> DialConfig {
     let url = Url::parse(&format!("http://{addr}/")).unwrap();
-    let mut config = DialConfig::new(url, UUID.parse::<Uuid>().unwrap(), Secret::new(secret));
-    config.session = session_config();
-    config
+    DialConfig::new(url, UUID.parse::<Uuid>().unwrap(), Secret::new(secret))
 }
 
 /// Accepts tunnel upgrades for [`UUID`] with [`SECRET`] and passes each
@@ -52,6 +53,10 @@ pub struct TestController {
 
 impl TestController {
     pub async fn start() -> TestController {
+        TestController::start_with(SessionConfig::default()).await
+    }
+
+    pub async fn start_with(session: SessionConfig) -> TestController {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tunnels_tx, tunnels) = mpsc::unbounded_channel();
@@ -63,7 +68,7 @@ impl TestController {
                 let tunnels_tx = tunnels_tx.clone();
                 let service = service_fn(move |request| {
                     let tunnels_tx = tunnels_tx.clone();
-                    async move { Ok::<_, hyper::Error>(handle_upgrade(request, tunnels_tx)) }
+                    async move { Ok::<_, hyper::Error>(handle_upgrade(request, session, tunnels_tx)) }
                 });
                 tokio::spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -86,6 +91,7 @@ impl TestController {
 
 fn handle_upgrade(
     request: Request<hyper::body::Incoming>,
+    session: SessionConfig,
     tunnels: mpsc::UnboundedSender<TunnelClient>,
 ) -> Response<Full<Bytes>> {
     if request.uri().path() != tunnel_path(UUID) {
@@ -100,7 +106,7 @@ fn handle_upgrade(
     }
     tokio::spawn(async move {
         let upgraded = hyper::upgrade::on(request).await.unwrap();
-        let client = TunnelClient::handshake(TokioIo::new(upgraded), &session_config())
+        let client = TunnelClient::handshake(TokioIo::new(upgraded), &session)
             .await
             .unwrap();
         let _ = tunnels.send(client);
