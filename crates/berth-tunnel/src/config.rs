@@ -15,7 +15,7 @@ use crate::error::TunnelError;
 
 /// Default HTTP/2 stream window: 8 MiB. A stream moves at most one window
 /// per round trip. With 4 ms of added round-trip time, 8 MiB gave
-/// 501 MiB/s and 256 KiB gave 31 MiB/s (docs/BENCHMARKS.md, "Tunnel").
+/// 590 MiB/s and 256 KiB gave 27 MiB/s (docs/BENCHMARKS.md, "Tunnel").
 pub const DEFAULT_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Default HTTP/2 connection window: 32 MiB, four stream windows, so that
