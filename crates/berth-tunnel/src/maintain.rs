@@ -101,6 +101,10 @@ where
         let up_since = Instant::now();
 
         match serve_until_move(&mut tunnel, &handler, &mut tasks).await {
+            // NOTE: the new tunnel is dialled at the same URL, so a load
+            // balancer could send it back to the controller that asked to
+            // move. That controller must reject new tunnels (503 with
+            // Retry-After) while it shuts down.
             Served::Moved(requested_grace) => {
                 let grace = requested_grace.min(move_grace_period);
                 info!(grace_period = ?grace, "controller asked the tunnel to move; dialling a new one");

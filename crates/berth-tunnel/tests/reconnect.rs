@@ -7,7 +7,10 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use berth_tunnel::{maintain_with, Backoff, BackoffConfig, Connector, TunnelError, TunnelServer};
+use berth_tunnel::{
+    maintain_with, serve, Backoff, BackoffConfig, Connector, SessionConfig, TunnelClient,
+    TunnelError, TunnelServer,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::time::Instant;
@@ -26,6 +29,52 @@ impl Connector for Scripted {
             .unwrap()
             .pop_front()
             .expect("more attempts than scripted"))
+    }
+}
+
+/// One scripted attempt: a failure, or a tunnel over an in-memory pipe
+/// whose accept side closes it after `hold`.
+enum Outcome {
+    Fail(TunnelError),
+    Up { hold: Duration },
+}
+
+struct ScriptedWithTunnels {
+    outcomes: Mutex<VecDeque<Outcome>>,
+    attempts: Mutex<Vec<Instant>>,
+}
+
+impl Connector for ScriptedWithTunnels {
+    async fn connect(&self) -> Result<TunnelServer, TunnelError> {
+        self.attempts.lock().unwrap().push(Instant::now());
+        let outcome = self
+            .outcomes
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("more attempts than scripted");
+        let hold = match outcome {
+            Outcome::Fail(error) => return Err(error),
+            Outcome::Up { hold } => hold,
+        };
+        let (dial_end, accept_end) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let client = TunnelClient::handshake(accept_end, &SessionConfig::default())
+                .await
+                .unwrap();
+            tokio::time::sleep(hold).await;
+            drop(client);
+        });
+        serve(dial_end, &SessionConfig::default()).await
+    }
+}
+
+fn backoff_config() -> BackoffConfig {
+    BackoffConfig {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(30),
+        reset_after: Duration::from_secs(60),
+        max_retry_after: Duration::from_secs(300),
     }
 }
 
@@ -60,13 +109,7 @@ async fn reconnect_delays_follow_failure_kind() {
         results: Mutex::new(script.into()),
         attempts: Mutex::new(Vec::new()),
     };
-    let config = BackoffConfig {
-        initial: Duration::from_millis(500),
-        max: Duration::from_secs(30),
-        reset_after: Duration::from_secs(60),
-        max_retry_after: Duration::from_secs(300),
-    };
-    let backoff = Backoff::with_rng(config, StdRng::seed_from_u64(11));
+    let backoff = Backoff::with_rng(backoff_config(), StdRng::seed_from_u64(11));
     let end = maintain_with(
         &connector,
         backoff,
@@ -93,4 +136,43 @@ async fn reconnect_delays_follow_failure_kind() {
             "delay {i} is {delay:?}, expected {low:?}..={high:?}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_resets_after_stable_tunnel() {
+    // Eight failures raise the delay bound to its 30 s maximum; a tunnel
+    // that stays up 61 s (reset_after is 60 s) brings it back to 0.5 s.
+    let mut script: Vec<Outcome> = (0..8).map(|_| Outcome::Fail(refused())).collect();
+    script.push(Outcome::Up {
+        hold: Duration::from_secs(61),
+    });
+    script.push(Outcome::Fail(refused()));
+    script.push(Outcome::Fail(rejected(422, None)));
+    let connector = ScriptedWithTunnels {
+        outcomes: Mutex::new(script.into()),
+        attempts: Mutex::new(Vec::new()),
+    };
+    let backoff = Backoff::with_rng(backoff_config(), StdRng::seed_from_u64(23));
+    let end = maintain_with(
+        &connector,
+        backoff,
+        Duration::from_secs(10),
+        |_stream| async {},
+    )
+    .await;
+    assert_eq!(end.status(), Some(422), "{end}");
+
+    let attempts = connector.attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 11);
+    let up_at = attempts[8];
+    let after_close = attempts[9] - up_at - Duration::from_secs(61);
+    assert!(
+        after_close <= Duration::from_millis(500),
+        "first delay after a stable tunnel: {after_close:?}"
+    );
+    let next = attempts[10] - attempts[9];
+    assert!(
+        next <= Duration::from_secs(1),
+        "second delay after a stable tunnel: {next:?}"
+    );
 }
