@@ -177,19 +177,56 @@ async fn rejected_stream_reports_status() {
     let mut controller = TestController::start().await;
     let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
     let client = controller.next_tunnel().await;
+    let (users_tx, mut users) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok(Some(stream)) = server.accept().await {
+            let _ = users_tx.send(stream.requested_by().map(str::to_owned));
             stream.reject(StatusCode::FORBIDDEN);
         }
     });
-    let error = client
-        .open(StreamRequest::new(StreamKind::Tcp { port: 5432 }))
-        .await
-        .unwrap_err();
+
+    let request = StreamRequest::new(StreamKind::Tcp { port: 5432 })
+        .requested_by("zzzzz-tpzed-000000000000001");
+    let error = client.open(request).await.unwrap_err();
     assert!(
         matches!(&error, TunnelError::OpenRejected { path, status: 403 } if path == "/tcp/5432"),
         "{error:?}"
     );
+    assert_eq!(
+        users.recv().await.unwrap().as_deref(),
+        Some("zzzzz-tpzed-000000000000001")
+    );
+
+    let invalid = StreamRequest::new(StreamKind::Ssh).requested_by("line\nbreak");
+    let error = client.open(invalid).await.unwrap_err();
+    assert!(
+        matches!(error, TunnelError::InvalidHeader { .. }),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn grace_period_ends_open_streams() {
+    let mut controller = TestController::start().await;
+    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
+    let client = controller.next_tunnel().await;
+    let (mut ours, _theirs) = open_pair(&client, &mut server, StreamKind::Ssh).await;
+
+    server.graceful_shutdown(Duration::from_millis(200));
+    let end = tokio::time::timeout(LIMIT, server.accept())
+        .await
+        .expect("tunnel outlived its grace period");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+
+    let mut buffer = [0_u8; 8];
+    let read = tokio::time::timeout(LIMIT, ours.read(&mut buffer))
+        .await
+        .expect("stream outlived the tunnel");
+    assert!(read.is_err(), "{read:?}");
+    let _end = tokio::time::timeout(LIMIT, client.closed())
+        .await
+        .expect("accept side did not notice the close");
+    assert!(matches!(client.state(), TunnelState::Closed(_)));
 }
 
 #[tokio::test]
