@@ -15,23 +15,6 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::time::Instant;
 
-struct Scripted {
-    results: Mutex<VecDeque<TunnelError>>,
-    attempts: Mutex<Vec<Instant>>,
-}
-
-impl Connector for Scripted {
-    async fn connect(&self) -> Result<TunnelServer, TunnelError> {
-        self.attempts.lock().unwrap().push(Instant::now());
-        Err(self
-            .results
-            .lock()
-            .unwrap()
-            .pop_front()
-            .expect("more attempts than scripted"))
-    }
-}
-
 /// One scripted attempt: a failure, or a tunnel over an in-memory pipe
 /// whose accept side closes it after `hold`.
 enum Outcome {
@@ -39,12 +22,12 @@ enum Outcome {
     Up { hold: Duration },
 }
 
-struct ScriptedWithTunnels {
+struct Scripted {
     outcomes: Mutex<VecDeque<Outcome>>,
     attempts: Mutex<Vec<Instant>>,
 }
 
-impl Connector for ScriptedWithTunnels {
+impl Connector for Scripted {
     async fn connect(&self) -> Result<TunnelServer, TunnelError> {
         self.attempts.lock().unwrap().push(Instant::now());
         let outcome = self
@@ -67,6 +50,25 @@ impl Connector for ScriptedWithTunnels {
         });
         serve(dial_end, &SessionConfig::default()).await
     }
+}
+
+/// Runs `maintain_with` over the outcomes until one is final; returns
+/// the final error and the time of each attempt.
+async fn run_script(outcomes: Vec<Outcome>, seed: u64) -> (TunnelError, Vec<Instant>) {
+    let connector = Scripted {
+        outcomes: Mutex::new(outcomes.into()),
+        attempts: Mutex::new(Vec::new()),
+    };
+    let backoff = Backoff::with_rng(backoff_config(), StdRng::seed_from_u64(seed));
+    let end = maintain_with(
+        &connector,
+        backoff,
+        Duration::from_secs(10),
+        |_stream| async {},
+    )
+    .await;
+    let attempts = connector.attempts.lock().unwrap().clone();
+    (end, attempts)
 }
 
 fn backoff_config() -> BackoffConfig {
@@ -105,21 +107,9 @@ async fn reconnect_delays_follow_failure_kind() {
         rejected(401, None),
         rejected(410, None),
     ];
-    let connector = Scripted {
-        results: Mutex::new(script.into()),
-        attempts: Mutex::new(Vec::new()),
-    };
-    let backoff = Backoff::with_rng(backoff_config(), StdRng::seed_from_u64(11));
-    let end = maintain_with(
-        &connector,
-        backoff,
-        Duration::from_secs(10),
-        |_stream| async {},
-    )
-    .await;
+    let (end, attempts) = run_script(script.into_iter().map(Outcome::Fail).collect(), 11).await;
     assert_eq!(end.status(), Some(410), "{end}");
 
-    let attempts = connector.attempts.lock().unwrap().clone();
     assert_eq!(attempts.len(), 7);
     let delays: Vec<Duration> = attempts.windows(2).map(|pair| pair[1] - pair[0]).collect();
     let bounds = [
@@ -148,21 +138,9 @@ async fn backoff_resets_after_stable_tunnel() {
     });
     script.push(Outcome::Fail(refused()));
     script.push(Outcome::Fail(rejected(422, None)));
-    let connector = ScriptedWithTunnels {
-        outcomes: Mutex::new(script.into()),
-        attempts: Mutex::new(Vec::new()),
-    };
-    let backoff = Backoff::with_rng(backoff_config(), StdRng::seed_from_u64(23));
-    let end = maintain_with(
-        &connector,
-        backoff,
-        Duration::from_secs(10),
-        |_stream| async {},
-    )
-    .await;
+    let (end, attempts) = run_script(script, 23).await;
     assert_eq!(end.status(), Some(422), "{end}");
 
-    let attempts = connector.attempts.lock().unwrap().clone();
     assert_eq!(attempts.len(), 11);
     let up_at = attempts[8];
     let after_close = attempts[9] - up_at - Duration::from_secs(61);
