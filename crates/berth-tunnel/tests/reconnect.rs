@@ -130,7 +130,7 @@ async fn reconnect_delays_follow_failure_kind() {
 
 #[tokio::test(start_paused = true)]
 async fn backoff_resets_after_stable_tunnel() {
-    // Eight failures raise the delay bound to its 30 s maximum; a tunnel
+    // Eight failures raise the delay bound to its 30 s maximum. A tunnel
     // that stays up 61 s (reset_after is 60 s) brings it back to 0.5 s.
     let mut script: Vec<Outcome> = (0..8).map(|_| Outcome::Fail(refused())).collect();
     script.push(Outcome::Up {
