@@ -56,7 +56,8 @@ pub use error::TunnelError;
 pub use maintain::{maintain, maintain_with, Connector, Dialer};
 pub use protocol::{
     check_upgrade_request, switching_protocols_response, tunnel_path, ControlMessage, StreamKind,
-    UpgradeRequestError, REQUESTED_BY_HEADER, SECRET_HEADER, UPGRADE_PROTOCOL,
+    UpgradeRequestError, REQUESTED_BY_HEADER, SECRET_HEADER, SUPERVISOR_ID_HEADER,
+    UPGRADE_PROTOCOL,
 };
 pub use server::{serve, IncomingStream, MoveSignal, TunnelServer};
 pub use stream::TunnelStream;
