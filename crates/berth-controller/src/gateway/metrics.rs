@@ -53,6 +53,12 @@ impl GatewayMetrics {
             .or_insert(0) += 1;
     }
 
+    /// Returns the number of registered tunnels that a newer tunnel of the
+    /// same container replaced.
+    pub fn replaced(&self) -> u64 {
+        self.tunnels_replaced.load(Ordering::Relaxed)
+    }
+
     /// Returns the count of failures of kind `reason`.
     pub fn failures(&self, reason: &str) -> u64 {
         self.failures
