@@ -540,4 +540,37 @@ mod tests {
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("request_timeout_seconds"), "{err}");
     }
+
+    #[test]
+    fn internal_url_is_checked_and_derived() {
+        let mut config = Config::new("0.0.0.0:8000".parse().unwrap(), "sqlite:///tmp/x.db");
+        assert_eq!(config.effective_internal_url(), "http://127.0.0.1:8000/");
+        config.listen = "[::]:8000".parse().unwrap();
+        assert_eq!(config.effective_internal_url(), "http://[::1]:8000/");
+        config.listen = "10.0.0.5:8443".parse().unwrap();
+        config.tls_certificate = Some("/etc/berth/cert.pem".into());
+        config.tls_key = Some("/etc/berth/key.pem".into());
+        assert_eq!(config.effective_internal_url(), "https://10.0.0.5:8443/");
+
+        config.internal_url = Some("http://ctl-1.internal:8000".into());
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.effective_internal_url(),
+            "http://ctl-1.internal:8000/"
+        );
+
+        for bad in ["ctl-1:8000", "ftp://ctl-1/", "http://ctl-1/?a=1"] {
+            config.internal_url = Some(bad.into());
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, "internal_url", "{bad}");
+        }
+    }
+
+    #[test]
+    fn tunnel_heartbeat_must_be_positive() {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db");
+        config.tunnel_heartbeat_seconds = 0;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "tunnel_heartbeat_seconds");
+    }
 }

@@ -67,6 +67,14 @@ pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<Bo
     // the listener got.
     let mut config = config;
     config.listen = local_addr;
+    if config.internal_url.is_none() && local_addr.ip().is_unspecified() {
+        tracing::warn!(
+            internal_url = %config.effective_internal_url(),
+            "controller.internal_url is unset and the listener is on every address: \
+             other controllers cannot reach this one at the derived loopback URL, \
+             so set internal_url when controllers share a database"
+        );
+    }
     let state = AppState::new(store.clone(), cluster, &config)?;
     state.gateway().release_stale_leases().await;
     Ok(BoundController {

@@ -370,7 +370,8 @@ async fn tunnel_rejects_bad_secret_and_state() {
         .unwrap_err();
     assert_eq!(error.status(), Some(401), "{error}");
 
-    // A Complete container takes no tunnel, even with its old secret.
+    // A Complete container takes no tunnel, even with its old secret:
+    // the final state forgot the secret.
     let (status, body) = controller
         .call(
             reqwest::Method::PUT,
@@ -383,8 +384,7 @@ async fn tunnel_rejects_bad_secret_and_state() {
     let error = dial(&dial_config(&controller, &uuid, &secret, "sup-a"))
         .await
         .unwrap_err();
-    let status = error.status();
-    assert!(matches!(status, Some(401 | 409)), "{error}");
+    assert_eq!(error.status(), Some(401), "{error}");
     assert_eq!(controller.state.gateway().tunnel_count(), 0);
     assert_eq!(
         controller.state.store().get_tunnel(&uuid).await.unwrap(),
@@ -610,6 +610,25 @@ async fn shell_forwards_once_to_holder() {
         1
     );
 
+    // B's heartbeat refreshes the lease.
+    let store = a.state.store();
+    let first = store
+        .get_tunnel(&uuid)
+        .await
+        .unwrap()
+        .unwrap()
+        .heartbeat_at_ms;
+    wait_until("B refreshes the lease", || async {
+        store
+            .get_tunnel(&uuid)
+            .await
+            .unwrap()
+            .unwrap()
+            .heartbeat_at_ms
+            > first
+    })
+    .await;
+
     // The holder checks the caller again: another user is not found.
     let bob = a.user("bob", false).await;
     let error = a.client(&bob).connect_ssh(&uuid).await.unwrap_err();
@@ -759,4 +778,80 @@ async fn tunnels_take_tunnel_slots() {
     })
     .await;
     supervisor.abort();
+}
+
+#[tokio::test]
+async fn shell_skips_stale_and_unreachable_holders() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    let (uuid, _) = controller.running_container(&alice).await;
+    let store = controller.state.store();
+    // Port 9 (discard) on loopback: nothing listens there in the tests.
+    let gone = "http://127.0.0.1:9/";
+
+    // A stale lease of another controller is not followed.
+    let long_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    store
+        .claim_tunnel(&uuid, gone, "sup-a", long_ago, long_ago - 1)
+        .await
+        .unwrap();
+    let (status, body) = raw_shell(&controller, &uuid, &alice, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("gateway tunnel is not connected"), "{body}");
+
+    // A live lease of a controller that is down: 503 naming it.
+    let now = chrono::Utc::now().timestamp_millis();
+    store
+        .claim_tunnel(&uuid, gone, "sup-a", now, now - 60_000)
+        .await
+        .unwrap();
+    let (status, body) = raw_shell(&controller, &uuid, &alice, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains(gone), "{body}");
+    let metrics = controller.metrics().await;
+    assert_eq!(metric(&metrics, "berth_gateway_forwards_total"), 0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "berth_gateway_failures_total{reason=\"forward_unreachable\"}"
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn start_drops_own_leftover_leases() {
+    let database = TestDatabase::new().await;
+    let own = "http://127.0.0.1:1/";
+    let first = Controller::start(database.url(), |_| {}).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let store = first.state.store();
+    for (container, controller) in [
+        ("zzzzz-dz642-000000000000001", own),
+        ("zzzzz-dz642-000000000000002", "http://127.0.0.1:2/"),
+    ] {
+        store
+            .claim_tunnel(container, controller, "sup-a", now, now - 60_000)
+            .await
+            .unwrap();
+    }
+
+    // A controller whose internal URL names the first lease's holder.
+    let _second = Controller::start(database.url(), |config| {
+        config.internal_url = Some(own.into());
+    })
+    .await;
+    assert_eq!(
+        store
+            .get_tunnel("zzzzz-dz642-000000000000001")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .get_tunnel("zzzzz-dz642-000000000000002")
+        .await
+        .unwrap()
+        .is_some());
 }
