@@ -151,7 +151,7 @@ pub fn switching_protocols_response<B: Default>() -> Response<B> {
 
 /// Checks whether a comma-separated header contains `token`, ignoring
 /// ASCII case.
-pub(crate) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

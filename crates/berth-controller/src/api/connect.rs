@@ -25,8 +25,8 @@ use axum::response::{IntoResponse, Response};
 use berth_core::secret::constant_time_eq;
 use berth_core::ContainerState;
 use berth_tunnel::{
-    check_upgrade_request, switching_protocols_response, StreamKind, StreamRequest,
-    UpgradeRequestError, SUPERVISOR_ID_HEADER,
+    check_upgrade_request, header_has_token, switching_protocols_response, StreamKind,
+    StreamRequest, UpgradeRequestError, SUPERVISOR_ID_HEADER,
 };
 use hyper::upgrade::OnUpgrade;
 use serde_json::json;
@@ -328,20 +328,12 @@ async fn forward(
 
 /// Checks the `Upgrade: ssh` and `Connection: Upgrade` headers.
 fn check_ssh_upgrade(headers: &HeaderMap) -> Result<(), ApiError> {
-    let has_token = |name: header::HeaderName, token: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|item| item.trim().eq_ignore_ascii_case(token))
-    };
-    if !has_token(header::UPGRADE, SSH_UPGRADE) {
+    if !header_has_token(headers, header::UPGRADE, SSH_UPGRADE) {
         return Err(ApiError::invalid(format!(
             "missing 'Upgrade: {SSH_UPGRADE}' header on the shell request"
         )));
     }
-    if !has_token(header::CONNECTION, "upgrade") {
+    if !header_has_token(headers, header::CONNECTION, "upgrade") {
         return Err(ApiError::invalid(
             "missing 'Connection: Upgrade' header on the shell request",
         ));

@@ -111,24 +111,9 @@ impl Controller {
             .unwrap()
     }
 
-    /// Creates a committed request as `token`'s user and moves its
-    /// container to Running; returns the container's uuid and gateway
-    /// secret.
-    async fn running_container(&self, token: &str) -> (String, String) {
-        let (uuid, secret) = self.locked_container(token).await;
-        let (status, body) = self
-            .call(
-                reqwest::Method::PUT,
-                &format!("containers/{uuid}"),
-                SYSTEM_TOKEN,
-                Some(json!({"container": {"state": "Running"}})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        (uuid, secret)
-    }
-
-    async fn locked_container(&self, token: &str) -> (String, String) {
+    /// Creates a committed request as `token`'s user; returns its
+    /// container's uuid.
+    async fn queued_container(&self, token: &str) -> String {
         let (status, request) = self
             .call(
                 reqwest::Method::POST,
@@ -138,7 +123,11 @@ impl Controller {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{request}");
-        let uuid = request["container_uuid"].as_str().unwrap().to_owned();
+        request["container_uuid"].as_str().unwrap().to_owned()
+    }
+
+    /// Locks a container with the system token; returns its credentials.
+    async fn lock(&self, uuid: &str) -> Value {
         let (status, locked) = self
             .call(
                 reqwest::Method::POST,
@@ -148,10 +137,36 @@ impl Controller {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{locked}");
-        let secret = locked["credentials"]["gateway_secret"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        locked["credentials"].clone()
+    }
+
+    /// Sets a container's attributes with the system token.
+    async fn update_container(&self, uuid: &str, attributes: Value) {
+        let (status, body) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("containers/{uuid}"),
+                SYSTEM_TOKEN,
+                Some(json!({ "container": attributes })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// Creates a committed request as `token`'s user and locks its
+    /// container; returns the container's uuid and gateway secret.
+    async fn locked_container(&self, token: &str) -> (String, String) {
+        let uuid = self.queued_container(token).await;
+        let credentials = self.lock(&uuid).await;
+        let secret = credentials["gateway_secret"].as_str().unwrap().to_owned();
+        (uuid, secret)
+    }
+
+    /// [`locked_container`](Self::locked_container), then Running.
+    async fn running_container(&self, token: &str) -> (String, String) {
+        let (uuid, secret) = self.locked_container(token).await;
+        self.update_container(&uuid, json!({"state": "Running"}))
+            .await;
         (uuid, secret)
     }
 
@@ -355,32 +370,17 @@ async fn tunnel_rejects_bad_secret_and_state() {
     );
 
     // A Queued container has no gateway secret yet.
-    let (status, request) = controller
-        .call(
-            reqwest::Method::POST,
-            "container_requests",
-            &alice,
-            Some(json!({"container_request": runnable()})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let queued = request["container_uuid"].as_str().unwrap();
-    let error = dial(&dial_config(&controller, queued, &secret, "sup-a"))
+    let queued = controller.queued_container(&alice).await;
+    let error = dial(&dial_config(&controller, &queued, &secret, "sup-a"))
         .await
         .unwrap_err();
     assert_eq!(error.status(), Some(401), "{error}");
 
     // A Complete container takes no tunnel, even with its old secret:
     // the final state forgot the secret.
-    let (status, body) = controller
-        .call(
-            reqwest::Method::PUT,
-            &format!("containers/{uuid}"),
-            SYSTEM_TOKEN,
-            Some(json!({"container": {"state": "Complete", "exit_code": 0}})),
-        )
+    controller
+        .update_container(&uuid, json!({"state": "Complete", "exit_code": 0}))
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     let error = dial(&dial_config(&controller, &uuid, &secret, "sup-a"))
         .await
         .unwrap_err();
@@ -520,28 +520,9 @@ async fn shell_rejects_container_token() {
     let database = TestDatabase::new().await;
     let controller = Controller::start(database.url(), |_| {}).await;
     let alice = controller.user("alice", false).await;
-    let (status, request) = controller
-        .call(
-            reqwest::Method::POST,
-            "container_requests",
-            &alice,
-            Some(json!({"container_request": runnable()})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let uuid = request["container_uuid"].as_str().unwrap().to_owned();
-    let (_, locked) = controller
-        .call(
-            reqwest::Method::POST,
-            &format!("containers/{uuid}/lock"),
-            SYSTEM_TOKEN,
-            None,
-        )
-        .await;
-    let container_token = locked["credentials"]["api_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let uuid = controller.queued_container(&alice).await;
+    let credentials = controller.lock(&uuid).await;
+    let container_token = credentials["api_token"].as_str().unwrap().to_owned();
     let (status, body) = raw_shell(&controller, &uuid, &container_token, &[]).await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert!(body.contains("container token"), "{body}");
@@ -551,15 +532,9 @@ async fn shell_rejects_container_token() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert!(body.contains("Locked"), "{body}");
 
-    let (status, body) = controller
-        .call(
-            reqwest::Method::PUT,
-            &format!("containers/{uuid}"),
-            SYSTEM_TOKEN,
-            Some(json!({"container": {"state": "Running"}})),
-        )
+    controller
+        .update_container(&uuid, json!({"state": "Running"}))
         .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
 
     // A Running container without a tunnel: 503 with Retry-After.
     let response = reqwest::Client::new()
