@@ -155,7 +155,7 @@ pub struct Config {
     /// each gateway tunnel it holds, and a controller that gets a shell
     /// request for a tunnel it does not hold forwards the request there.
     /// Default: `http://` (or `https://` when the API is served over TLS)
-    /// and the listener's bound address; a listener on `0.0.0.0` or `::`
+    /// and the listener's bound address. A listener on `0.0.0.0` or `::`
     /// then gives a loopback address, which other hosts cannot reach, so
     /// set this key when controllers run on several hosts.
     #[serde(default)]

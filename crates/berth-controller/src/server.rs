@@ -13,7 +13,7 @@
 //! get `shutdown_grace_period_seconds` to finish, and connections still open
 //! after that are dropped. Then the store's listener for other controllers'
 //! writes stops, and last, the store's connections close. In the same
-//! grace period the gateway asks every tunnel to move and lets shell
+//! grace period the gateway sends every tunnel the move message and lets shell
 //! sessions end ([`crate::gateway::Gateway::drain`]).
 
 use std::future::Future;

@@ -4,9 +4,9 @@
 //! The supervisor dials the tunnel with the container's gateway secret
 //! (compared, as a SHA-256 hash, in constant time with the hash the lock
 //! stored) and its supervisor id. The tunnel is accepted only while the
-//! container is Locked or Running, and only when the container's lease is
-//! free, stale or held by the same supervisor id; the lease then names
-//! this controller.
+//! container is Locked or Running. The container's lease must also be
+//! free, stale or held by the same supervisor id, and the claim then names
+//! this controller in it.
 //!
 //! A shell is for the owner of one of the container's requests or an
 //! administrator, never for a container token, and only while the
@@ -41,11 +41,11 @@ use crate::limits::HeldSlot;
 /// The `Upgrade` token of a shell connection.
 pub const SSH_UPGRADE: &str = "ssh";
 
-/// Seconds a client is told to wait, in `Retry-After`, when the tunnel is
-/// not connected or this controller is draining.
+/// Seconds sent in `Retry-After` when the tunnel is not connected or this
+/// controller is draining.
 const RETRY_AFTER_SECONDS: u64 = 3;
 
-/// Longest supervisor id accepted, in bytes.
+/// Maximum length of a supervisor id, in bytes.
 const MAX_SUPERVISOR_ID: usize = 128;
 
 /// `POST connect/{uuid}/gateway_tunnel`: a supervisor's tunnel.
@@ -74,8 +74,8 @@ pub async fn gateway_tunnel(
         ));
     }
 
-    // A missing container and a wrong secret get the same answer, so the
-    // endpoint does not tell which containers exist.
+    // A missing container and a wrong secret get the same response, so
+    // the endpoint does not reveal which containers exist.
     let stored = state
         .store()
         .get_gateway_secret_sha256(&uuid)
@@ -341,7 +341,8 @@ fn check_ssh_upgrade(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A 503 with `Retry-After` and the message as an Arvados error.
+/// Builds a 503 response with `Retry-After` and `message` as an Arvados
+/// error.
 fn unavailable(message: &str) -> Response {
     let mut response = (
         StatusCode::SERVICE_UNAVAILABLE,

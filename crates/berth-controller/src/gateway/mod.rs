@@ -3,10 +3,10 @@
 //! tell other controllers where each tunnel is, shell sessions, and the
 //! drain at shutdown.
 //!
-//! A tunnel lives in a task of its own ([`Gateway::spawn_tunnel`]) that
-//! holds the request's `tunnel` slot, registers the tunnel under its
-//! container, and at its end removes the registration (if it is still its
-//! own) and releases the lease at the epoch it claimed. A newer tunnel of
+//! A tunnel lives in a task of its own ([`Gateway::spawn_tunnel`]), which
+//! keeps the request's `tunnel` slot and registers the tunnel under its
+//! container. At the tunnel's end the task removes the registration if it
+//! is still its own, and releases the lease at the epoch it claimed. A newer tunnel of
 //! the same container replaces the registration, and the older one is
 //! asked to move. A heartbeat task refreshes this controller's leases.
 //!
@@ -74,8 +74,8 @@ pub struct Gateway {
     registry: Mutex<HashMap<String, Registration>>,
     next_registration: AtomicU64,
     draining: AtomicBool,
-    /// Cancelled when the drain begins: each tunnel task asks its
-    /// supervisor to move.
+    /// Cancelled when the drain begins, so that each tunnel task sends its
+    /// supervisor the move message.
     drain: CancellationToken,
     /// Cancelled when the grace period ends: sessions close.
     cut: CancellationToken,
@@ -207,7 +207,7 @@ impl Gateway {
     }
 
     /// Starts the task of a tunnel whose upgrade was accepted and whose
-    /// lease this controller claimed at `epoch`. The task holds `slot`
+    /// lease this controller claimed at `epoch`. The task keeps `slot`
     /// for the tunnel's life.
     pub fn spawn_tunnel(
         self: &Arc<Self>,

@@ -26,8 +26,8 @@ use url::Url;
 
 use crate::common::{cluster, runnable, TestDatabase, SYSTEM_TOKEN};
 
-/// The longest a test waits for something that should happen within a
-/// second or two; far above that, so a busy machine does not fail it.
+/// Maximum wait for something that should happen within a second or two.
+/// It is far above that, so a busy machine does not fail the test.
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
 
 /// The shutdown grace period of controllers in these tests.
@@ -181,12 +181,6 @@ impl Controller {
             .await
             .unwrap()
     }
-}
-
-/// A second database URL for the same database: one PostgreSQL schema, or
-/// the same SQLite file.
-fn shared(database: &TestDatabase) -> String {
-    database.url().to_owned()
 }
 
 fn dial_config(controller: &Controller, uuid: &str, secret: &str, supervisor: &str) -> DialConfig {
@@ -554,8 +548,8 @@ async fn shell_rejects_container_token() {
 #[tokio::test]
 async fn shell_forwards_once_to_holder() {
     let database = TestDatabase::new().await;
-    let a = Controller::start(&shared(&database), |_| {}).await;
-    let b = Controller::start(&shared(&database), |_| {}).await;
+    let a = Controller::start(database.url(), |_| {}).await;
+    let b = Controller::start(database.url(), |_| {}).await;
     let alice = a.user("alice", false).await;
     let (uuid, secret) = a.running_container(&alice).await;
     let supervisor = fake_supervisor(vec![dial_config(&b, &uuid, &secret, "sup-a")]);
@@ -614,8 +608,8 @@ async fn shell_forwards_once_to_holder() {
 #[tokio::test]
 async fn shutdown_moves_tunnel_to_other_controller() {
     let database = TestDatabase::new().await;
-    let a = Controller::start(&shared(&database), |_| {}).await;
-    let mut b = Controller::start(&shared(&database), |_| {}).await;
+    let a = Controller::start(database.url(), |_| {}).await;
+    let mut b = Controller::start(database.url(), |_| {}).await;
     let alice = a.user("alice", false).await;
     let (uuid, secret) = a.running_container(&alice).await;
     // B first, as a load balancer might pick; once B has shut down, its
