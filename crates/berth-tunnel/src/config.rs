@@ -335,3 +335,44 @@ impl DialConfig {
 fn invalid(key: &'static str, message: String) -> TunnelError {
     TunnelError::InvalidConfig { key, message }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> DialConfig {
+        DialConfig::new(
+            Url::parse("http://127.0.0.1:8000/").unwrap(),
+            "zzzzz-dz642-0123456789abcde".parse().unwrap(),
+            Secret::new("the-gateway-secret"),
+        )
+    }
+
+    #[test]
+    fn supervisor_id_is_per_process() {
+        let first = config();
+        assert_eq!(first.supervisor_id.len(), 32);
+        assert!(first.supervisor_id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(config().supervisor_id, first.supervisor_id);
+        assert!(first.validate().is_ok());
+    }
+
+    #[test]
+    fn invalid_supervisor_id_is_rejected() {
+        for bad in ["", "has space", "semi;colon", &"x".repeat(129)] {
+            let mut config = config();
+            config.supervisor_id = bad.to_owned();
+            let error = config.validate().unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    TunnelError::InvalidConfig {
+                        key: "supervisor_id",
+                        ..
+                    }
+                ),
+                "{bad:?}: {error}"
+            );
+        }
+    }
+}

@@ -824,3 +824,42 @@ async fn start_drops_own_leftover_leases() {
         .unwrap()
         .is_some());
 }
+
+#[tokio::test]
+async fn draining_controller_rejects_tunnels() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    let (uuid, secret) = controller.running_container(&alice).await;
+
+    // The gateway drains while the listener still accepts, as behind a
+    // load balancer that has not taken the controller out yet.
+    let gateway = controller.state.gateway().clone();
+    let drain = tokio::spawn(async move { gateway.drain(Duration::from_millis(100)).await });
+    let gateway = controller.state.gateway().clone();
+    wait_until("the gateway drains", || {
+        let draining = gateway.is_draining();
+        async move { draining }
+    })
+    .await;
+    let error = dial(&dial_config(&controller, &uuid, &secret, "sup-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(503), "{error}");
+    assert!(
+        matches!(
+            error,
+            TunnelError::Rejected {
+                retry_after: Some(_),
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("shutting down"), "{error}");
+    assert_eq!(
+        controller.state.store().get_tunnel(&uuid).await.unwrap(),
+        None
+    );
+    drain.await.unwrap();
+}
