@@ -105,6 +105,10 @@ impl Controller {
         (status, body)
     }
 
+    async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, token, None).await
+    }
+
     async fn user(&self, name: &str, admin: bool) -> String {
         create_user_in(self.state.store(), &cluster(), name, admin)
             .await
@@ -482,14 +486,7 @@ async fn shell_checks_permission() {
         let data = pattern(7, 100_000);
         assert_eq!(round_trip(stream, &data).await, data);
     }
-    let (status, container) = controller
-        .call(
-            reqwest::Method::GET,
-            &format!("containers/{uuid}"),
-            &alice,
-            None,
-        )
-        .await;
+    let (status, container) = controller.get(&format!("containers/{uuid}"), &alice).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(container["interactive_session_started"], json!(true));
     let metrics = controller.metrics().await;
@@ -701,14 +698,7 @@ async fn tunnels_take_tunnel_slots() {
     assert_eq!(limits.in_use(Pool::Api), 0);
     // Ordinary requests still run beside the tunnel.
     for _ in 0..5 {
-        let (status, _) = controller
-            .call(
-                reqwest::Method::GET,
-                &format!("containers/{first}"),
-                &alice,
-                None,
-            )
-            .await;
+        let (status, _) = controller.get(&format!("containers/{first}"), &alice).await;
         assert_eq!(status, StatusCode::OK);
     }
 
