@@ -34,6 +34,9 @@ pub mod defaults {
     pub const MAX_LOG_CHUNK_BYTES: usize = 4 << 20;
     /// Largest JSON or form body of other requests: 16 MiB.
     pub const MAX_REQUEST_BODY_BYTES: usize = 16 << 20;
+    /// Seconds between refreshes of this controller's tunnel leases. A
+    /// lease not refreshed for three intervals is stale.
+    pub const TUNNEL_HEARTBEAT_SECONDS: u64 = 5;
 
     /// Directory of the local block store.
     pub const BLOCK_DIRECTORY: &str = "/var/lib/berth/blocks";
@@ -73,6 +76,12 @@ pub mod defaults {
     }
     pub(super) fn max_request_body_bytes() -> usize {
         MAX_REQUEST_BODY_BYTES
+    }
+    pub(super) fn tunnel_heartbeat_seconds() -> u64 {
+        TUNNEL_HEARTBEAT_SECONDS
+    }
+    pub(super) fn shell_access() -> bool {
+        true
     }
 }
 
@@ -141,6 +150,29 @@ pub struct Config {
     /// each request's `Host` header and scheme. Default: none.
     #[serde(default)]
     pub external_url: Option<String>,
+    /// The URL other controllers reach this one at, such as
+    /// `http://10.0.0.5:8000/`. A controller records it in the lease of
+    /// each gateway tunnel it holds, and a controller that gets a shell
+    /// request for a tunnel it does not hold forwards the request there.
+    /// Default: `http://` (or `https://` when the API is served over TLS)
+    /// and the listener's bound address. A listener on `0.0.0.0` or `::`
+    /// then gives a loopback address, which other hosts cannot reach, so
+    /// set this key when controllers run on several hosts.
+    #[serde(default)]
+    pub internal_url: Option<String>,
+    /// Whether users may open shells and port forwards into their running
+    /// containers (`POST /arvados/v1/connect/{uuid}/ssh`). `false` rejects
+    /// every shell with 403, administrators' too. Default true.
+    #[serde(default = "defaults::shell_access")]
+    pub shell_access: bool,
+    /// Seconds between refreshes of the leases of the gateway tunnels this
+    /// controller holds, at least 1. A lease whose holder has not
+    /// refreshed it for three intervals is stale: another supervisor's
+    /// tunnel may then take it, and shells are no longer forwarded to its
+    /// holder. Use the same value on every controller of a cluster.
+    /// Default 5.
+    #[serde(default = "defaults::tunnel_heartbeat_seconds")]
+    pub tunnel_heartbeat_seconds: u64,
     /// The block store of collection data and the signing of its
     /// locators. Default: every key of [`BlockConfig`] at its default.
     #[serde(default)]
@@ -190,6 +222,17 @@ impl Default for BlockConfig {
     }
 }
 
+/// True for an `http://` or `https://` URL with a host and no query or
+/// fragment.
+fn is_base_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|parsed| {
+        matches!(parsed.scheme(), "http" | "https")
+            && parsed.has_host()
+            && parsed.query().is_none()
+            && parsed.fragment().is_none()
+    })
+}
+
 /// A configuration value that cannot work.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid controller configuration: {key} = {value}: {reason}")]
@@ -215,6 +258,9 @@ impl Config {
             max_log_chunk_bytes: defaults::MAX_LOG_CHUNK_BYTES,
             max_request_body_bytes: defaults::MAX_REQUEST_BODY_BYTES,
             external_url: None,
+            internal_url: None,
+            shell_access: true,
+            tunnel_heartbeat_seconds: defaults::TUNNEL_HEARTBEAT_SECONDS,
             blocks: BlockConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -323,15 +369,24 @@ impl Config {
                 "must be at least 60",
             ));
         }
+        if self.tunnel_heartbeat_seconds < 1 {
+            return Err(error(
+                "tunnel_heartbeat_seconds",
+                &self.tunnel_heartbeat_seconds,
+                "must be 1 or more",
+            ));
+        }
+        if let Some(url) = &self.internal_url {
+            if !is_base_url(url) {
+                return Err(error(
+                    "internal_url",
+                    url,
+                    "must be an http:// or https:// URL with a host and no query, such as http://10.0.0.5:8000/",
+                ));
+            }
+        }
         if let Some(url) = &self.external_url {
-            let parsed = url::Url::parse(url);
-            let usable = parsed.as_ref().is_ok_and(|parsed| {
-                matches!(parsed.scheme(), "http" | "https")
-                    && parsed.has_host()
-                    && parsed.query().is_none()
-                    && parsed.fragment().is_none()
-            });
-            if !usable {
+            if !is_base_url(url) {
                 return Err(error(
                     "external_url",
                     url,
@@ -340,6 +395,38 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Returns `internal_url`, or the URL derived from `listen` when it is
+    /// unset, normalized as [`url::Url`] prints it.
+    pub fn effective_internal_url(&self) -> String {
+        let configured = self
+            .internal_url
+            .as_deref()
+            .and_then(|url| url::Url::parse(url).ok());
+        if let Some(url) = configured {
+            return url.to_string();
+        }
+        let scheme = if self.tls_files().is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut address = self.listen;
+        if address.ip().is_unspecified() {
+            let loopback: std::net::IpAddr = if address.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            };
+            address.set_ip(loopback);
+        }
+        format!("{scheme}://{address}/")
+    }
+
+    /// Returns the duration of `tunnel_heartbeat_seconds`.
+    pub fn tunnel_heartbeat(&self) -> Duration {
+        Duration::from_secs(self.tunnel_heartbeat_seconds)
     }
 
     /// The certificate and key files when the API is served over HTTPS.
@@ -452,5 +539,38 @@ mod tests {
         config.request_timeout_seconds = 30;
         let err = config.validate().unwrap_err();
         assert!(err.to_string().contains("request_timeout_seconds"), "{err}");
+    }
+
+    #[test]
+    fn internal_url_is_checked_and_derived() {
+        let mut config = Config::new("0.0.0.0:8000".parse().unwrap(), "sqlite:///tmp/x.db");
+        assert_eq!(config.effective_internal_url(), "http://127.0.0.1:8000/");
+        config.listen = "[::]:8000".parse().unwrap();
+        assert_eq!(config.effective_internal_url(), "http://[::1]:8000/");
+        config.listen = "10.0.0.5:8443".parse().unwrap();
+        config.tls_certificate = Some("/etc/berth/cert.pem".into());
+        config.tls_key = Some("/etc/berth/key.pem".into());
+        assert_eq!(config.effective_internal_url(), "https://10.0.0.5:8443/");
+
+        config.internal_url = Some("http://ctl-1.internal:8000".into());
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.effective_internal_url(),
+            "http://ctl-1.internal:8000/"
+        );
+
+        for bad in ["ctl-1:8000", "ftp://ctl-1/", "http://ctl-1/?a=1"] {
+            config.internal_url = Some(bad.into());
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, "internal_url", "{bad}");
+        }
+    }
+
+    #[test]
+    fn tunnel_heartbeat_must_be_positive() {
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), "sqlite:///tmp/x.db");
+        config.tunnel_heartbeat_seconds = 0;
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.key, "tunnel_heartbeat_seconds");
     }
 }

@@ -16,6 +16,9 @@
 //!   [`AppState`].
 //! - [`notify`] wakes log readers that wait for new bytes and change-feed
 //!   readers that wait for a container change.
+//! - [`gateway`] holds the supervisors' tunnels that dialled in, their
+//!   leases, shell sessions and forwards to the controller that holds a
+//!   tunnel.
 //! - [`server`] binds the listener, serves until shutdown and drains.
 //! - [`tls`] serves HTTPS when the configuration names a certificate and
 //!   key, and makes self-signed pairs for one-host set-ups.
@@ -32,6 +35,7 @@ pub mod auth;
 pub mod blocks;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod lifecycle;
 pub mod limits;
 pub mod notify;

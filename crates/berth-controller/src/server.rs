@@ -12,7 +12,9 @@
 //! log wait at once ([`AppState::begin_shutdown`]). In-flight requests then
 //! get `shutdown_grace_period_seconds` to finish, and connections still open
 //! after that are dropped. Then the store's listener for other controllers'
-//! writes stops, and last, the store's connections close.
+//! writes stops, and last, the store's connections close. In the same
+//! grace period the gateway sends every tunnel the move message and lets shell
+//! sessions end ([`crate::gateway::Gateway::drain`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -61,7 +63,20 @@ pub async fn bind(cluster: ClusterSettings, config: Config) -> anyhow::Result<Bo
     let local_addr = listener
         .local_addr()
         .context("failed to read the listener's address")?;
+    // With port 0, the internal URL derived from `listen` needs the port
+    // the listener got.
+    let mut config = config;
+    config.listen = local_addr;
+    if config.internal_url.is_none() && local_addr.ip().is_unspecified() {
+        tracing::warn!(
+            internal_url = %config.effective_internal_url(),
+            "controller.internal_url is unset and the listener is on every address: \
+             other controllers cannot reach this one at the derived loopback URL, \
+             so set internal_url when controllers share a database"
+        );
+    }
     let state = AppState::new(store.clone(), cluster, &config)?;
+    state.gateway().release_stale_leases().await;
     Ok(BoundController {
         listener,
         local_addr,
@@ -117,7 +132,13 @@ impl BoundController {
             grace_period,
             header_read_timeout,
         } = self;
-        tracing::info!(address = %local_addr, scheme, "controller started");
+        tracing::info!(
+            address = %local_addr,
+            scheme,
+            internal_url = state.gateway().internal_url(),
+            "controller started"
+        );
+        let heartbeat = state.gateway().spawn_heartbeat();
         let listener_state = state.clone();
         let result = match tls {
             Some(config) => match TlsListener::new(listener, config) {
@@ -128,6 +149,7 @@ impl BoundController {
             },
             None => serve(listener, state, shutdown, grace_period, header_read_timeout).await,
         };
+        heartbeat.abort();
         listener_state.stop_change_listener().await;
         store.close().await;
         result.with_context(|| format!("the controller on {local_addr} failed"))?;
@@ -172,8 +194,11 @@ where
         };
         // NOTE: there is no cap yet on connections or held reads per peer or
         // user; one client can use up the process's file descriptors.
-        let connection =
-            http.serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()));
+        // With upgrades: the tunnel and shell routes take the connection
+        // over, and the gateway owns it from then on.
+        let connection = http
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(router.clone()))
+            .with_upgrades();
         let mut draining = draining.subscribe();
         connections.spawn(async move {
             tokio::pin!(connection);
@@ -200,6 +225,10 @@ where
     );
     state.begin_shutdown();
     draining.send_replace(true);
+    // Tunnels and shells left these connections when they upgraded; the
+    // gateway drains them in the same grace period.
+    let gateway = state.gateway().clone();
+    let gateway_drain = tokio::spawn(async move { gateway.drain(grace_period).await });
     let drained = tokio::time::timeout(grace_period, async {
         while connections.join_next().await.is_some() {}
     })
@@ -211,6 +240,9 @@ where
             "requests still in flight at the end of the grace period: closing their connections"
         );
         connections.shutdown().await;
+    }
+    if let Err(error) = gateway_drain.await {
+        tracing::error!(error = %error, "the gateway's drain failed");
     }
     Ok(())
 }

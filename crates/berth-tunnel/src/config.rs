@@ -260,6 +260,16 @@ pub struct DialConfig {
     pub backoff: BackoffConfig,
     /// Time the old tunnel's open streams may take to finish after a move.
     pub move_grace_period: Duration,
+    /// The id sent in [`SUPERVISOR_ID_HEADER`](crate::SUPERVISOR_ID_HEADER):
+    /// [`process_supervisor_id`] unless a caller sets another.
+    pub supervisor_id: String,
+}
+
+/// Returns this process's supervisor id: 128 random bits in hex, made at
+/// the first call.
+pub fn process_supervisor_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| format!("{:032x}", rand::random::<u128>()))
 }
 
 impl DialConfig {
@@ -274,6 +284,7 @@ impl DialConfig {
             session: SessionConfig::default(),
             backoff: BackoffConfig::default(),
             move_grace_period: DEFAULT_MOVE_GRACE_PERIOD,
+            supervisor_id: process_supervisor_id().to_owned(),
         }
     }
 
@@ -298,6 +309,21 @@ impl DialConfig {
                 "is empty; read it from the container's credentials file".into(),
             ));
         }
+        let id_usable = !self.supervisor_id.is_empty()
+            && self.supervisor_id.len() <= 128
+            && self
+                .supervisor_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !id_usable {
+            return Err(invalid(
+                "supervisor_id",
+                format!(
+                    "{:?} must be 1 to 128 ASCII letters, digits or '-'",
+                    self.supervisor_id
+                ),
+            ));
+        }
         if self.connect_timeout.is_zero() {
             return Err(invalid("connect_timeout", "must be above 0".into()));
         }
@@ -308,4 +334,45 @@ impl DialConfig {
 
 fn invalid(key: &'static str, message: String) -> TunnelError {
     TunnelError::InvalidConfig { key, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> DialConfig {
+        DialConfig::new(
+            Url::parse("http://127.0.0.1:8000/").unwrap(),
+            "zzzzz-dz642-0123456789abcde".parse().unwrap(),
+            Secret::new("the-gateway-secret"),
+        )
+    }
+
+    #[test]
+    fn supervisor_id_is_per_process() {
+        let first = config();
+        assert_eq!(first.supervisor_id.len(), 32);
+        assert!(first.supervisor_id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(config().supervisor_id, first.supervisor_id);
+        assert!(first.validate().is_ok());
+    }
+
+    #[test]
+    fn invalid_supervisor_id_is_rejected() {
+        for bad in ["", "has space", "semi;colon", &"x".repeat(129)] {
+            let mut config = config();
+            config.supervisor_id = bad.to_owned();
+            let error = config.validate().unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    TunnelError::InvalidConfig {
+                        key: "supervisor_id",
+                        ..
+                    }
+                ),
+                "{bad:?}: {error}"
+            );
+        }
+    }
 }

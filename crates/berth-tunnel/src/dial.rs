@@ -21,7 +21,9 @@ use url::{Host, Url};
 
 use crate::config::DialConfig;
 use crate::error::TunnelError;
-use crate::protocol::{header_has_token, tunnel_path, SECRET_HEADER, UPGRADE_PROTOCOL};
+use crate::protocol::{
+    header_has_token, tunnel_path, SECRET_HEADER, SUPERVISOR_ID_HEADER, UPGRADE_PROTOCOL,
+};
 use crate::server::{serve, TunnelServer};
 
 /// Maximum size of a rejection body that is read, in bytes.
@@ -162,6 +164,7 @@ where
             concat!("berth-tunnel/", env!("CARGO_PKG_VERSION")),
         )
         .header(SECRET_HEADER, secret)
+        .header(SUPERVISOR_ID_HEADER, config.supervisor_id.as_str())
         .body(Empty::<Bytes>::new())
         .map_err(|error| TunnelError::InvalidConfig {
             key: "controller_url",

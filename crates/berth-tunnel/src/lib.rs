@@ -55,8 +55,9 @@ pub use dial::dial;
 pub use error::TunnelError;
 pub use maintain::{maintain, maintain_with, Connector, Dialer};
 pub use protocol::{
-    check_upgrade_request, switching_protocols_response, tunnel_path, ControlMessage, StreamKind,
-    UpgradeRequestError, REQUESTED_BY_HEADER, SECRET_HEADER, UPGRADE_PROTOCOL,
+    check_upgrade_request, header_has_token, switching_protocols_response, tunnel_path,
+    ControlMessage, StreamKind, UpgradeRequestError, REQUESTED_BY_HEADER, SECRET_HEADER,
+    SUPERVISOR_ID_HEADER, UPGRADE_PROTOCOL,
 };
 pub use server::{serve, IncomingStream, MoveSignal, TunnelServer};
 pub use stream::TunnelStream;

@@ -27,6 +27,11 @@ pub const UPGRADE_PROTOCOL: &str = "berth-tunnel";
 /// request. A header, not the URL, so that access logs do not record it.
 pub const SECRET_HEADER: &str = "x-berth-gateway-secret";
 
+/// The header that carries the dialling supervisor's id on the upgrade
+/// request: random, made once per process. The controller lets a tunnel
+/// replace a live one only when both carry the same id.
+pub const SUPERVISOR_ID_HEADER: &str = "x-berth-supervisor-id";
+
 /// The header on a stream's request that names the user whose session the
 /// stream carries (a user UUID), for the supervisor's logs and checks.
 pub const REQUESTED_BY_HEADER: &str = "x-berth-requested-by";
@@ -146,7 +151,7 @@ pub fn switching_protocols_response<B: Default>() -> Response<B> {
 
 /// Checks whether a comma-separated header contains `token`, ignoring
 /// ASCII case.
-pub(crate) fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+pub fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

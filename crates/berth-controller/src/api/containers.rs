@@ -361,6 +361,49 @@ pub async fn update(
     Err(conflict(&uuid))
 }
 
+/// Sets `interactive_session_started` on a container, as the system, when
+/// a shell session starts. A container that left Running meanwhile is
+/// left as it is.
+pub(crate) async fn mark_interactive_session(state: &AppState, uuid: &str) -> Result<(), ApiError> {
+    let cluster = &state.cluster().cluster_id;
+    let system = Caller {
+        user_uuid: crate::auth::system_user_uuid(cluster),
+        token_uuid: crate::auth::system_token_uuid(cluster),
+        is_admin: true,
+        container_uuid: None,
+        scopes: vec!["all".into()],
+    };
+    let mut attributes = serde_json::Map::new();
+    attributes.insert("interactive_session_started".into(), Value::Bool(true));
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let current = load_visible(state, &system, uuid).await?;
+        if current.record.interactive_session_started
+            || current.record.state != ContainerState::Running
+        {
+            return Ok(());
+        }
+        let change = lifecycle::update_container(
+            &system,
+            &current.record,
+            attributes.clone(),
+            chrono::Utc::now(),
+        )?;
+        match store_change(state, &current, change, None).await {
+            Ok(_) => {
+                tracing::info!(
+                    container = uuid,
+                    "first interactive session of the container"
+                );
+                state.notifier().notify_changes();
+                return Ok(());
+            }
+            Err(err) if err.is_conflict() => continue,
+            Err(err) => return Err(ApiError::store("mark an interactive session")(err)),
+        }
+    }
+    Err(conflict(uuid))
+}
+
 /// Checks that a changed `output` or `log` names a collection the caller
 /// may read, as the container's user or an administrator. The empty
 /// collection needs no record.

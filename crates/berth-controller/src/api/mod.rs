@@ -27,6 +27,7 @@
 pub mod blocks;
 pub mod changes;
 pub mod collections;
+pub mod connect;
 pub mod containers;
 pub mod discovery;
 pub mod keep_services;
@@ -58,6 +59,7 @@ use crate::blocks::signing::{BlobSigner, SigningKeyError};
 use crate::blocks::{BlockStore, DirectoryBlockStore};
 use crate::config::{ClusterSettings, Config};
 use crate::error::{error_chain, ApiError};
+use crate::gateway::{Gateway, GatewaySettings};
 use crate::limits::RequestLimits;
 use crate::notify::{ChangeListener, Notifier};
 use crate::store::Store;
@@ -109,6 +111,7 @@ struct Inner {
     external_url: Option<String>,
     serves_tls: bool,
     limits: Arc<RequestLimits>,
+    gateway: Arc<Gateway>,
 }
 
 impl AppState {
@@ -129,6 +132,16 @@ impl AppState {
         let (shutdown, _) = watch::channel(false);
         let notifier = Arc::new(Notifier::new());
         let change_listener = store.spawn_change_listener(notifier.clone());
+        let gateway = Arc::new(Gateway::new(
+            GatewaySettings {
+                internal_url: config.effective_internal_url(),
+                shell_access: config.shell_access,
+                heartbeat: config.tunnel_heartbeat(),
+                grace_period: config.shutdown_grace_period(),
+                session: berth_tunnel::SessionConfig::default(),
+            },
+            store.clone(),
+        ));
         Ok(AppState {
             inner: Arc::new(Inner {
                 store,
@@ -147,6 +160,7 @@ impl AppState {
                 external_url: config.external_url.clone(),
                 serves_tls: config.tls_files().is_some(),
                 limits: Arc::new(RequestLimits::new(&config.limits)),
+                gateway,
             }),
         })
     }
@@ -204,6 +218,11 @@ impl AppState {
     /// The request limits of every pool.
     pub fn limits(&self) -> &Arc<RequestLimits> {
         &self.inner.limits
+    }
+
+    /// The gateway: tunnels, shell sessions and their drain.
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.inner.gateway
     }
 
     /// Ends every log wait now, so a draining server is not held up by
@@ -291,6 +310,11 @@ pub fn app(state: AppState) -> Router {
             get(containers::runtime_token),
         )
         .route("/dispatch_leases/{name}/{call}", post(leases::call))
+        .route(
+            "/connect/{uuid}/gateway_tunnel",
+            post(connect::gateway_tunnel),
+        )
+        .route("/connect/{uuid}/ssh", post(connect::ssh))
         .route(
             "/collections",
             get(collections::list).post(collections::create_or_list),
@@ -446,7 +470,8 @@ async fn health(State(state): State<AppState>) -> Response {
     }
 }
 
-/// `GET /metrics`: the request limits and their use, in Prometheus's text
+/// `GET /metrics`: the request limits and their use, and the gateway's
+/// tunnels, streams, forwards and failures, in Prometheus's text
 /// format, for the system token and administrators.
 async fn metrics(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     if !caller.is_admin {
@@ -456,6 +481,8 @@ async fn metrics(State(state): State<AppState>, caller: Caller) -> Result<Respon
     }
     let mut text = String::new();
     state.limits().render_metrics(&mut text);
+    let gateway = state.gateway();
+    gateway.metrics().render(gateway.tunnel_count(), &mut text);
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

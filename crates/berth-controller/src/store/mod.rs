@@ -813,6 +813,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     async fn get_tunnel(&self, container_uuid: &str) -> Result<Option<TunnelLease>>;
 
+    /// Returns the SHA-256 hash (lowercase hex) of a container's gateway
+    /// secret: `None` when the container does not exist or has no secret
+    /// (not locked yet, or in a final state).
+    async fn get_gateway_secret_sha256(&self, container_uuid: &str) -> Result<Option<String>>;
+
     /// Starts a task that wakes `notifier`'s waiters whenever any process
     /// writes a container or a log, for a database that several
     /// controllers share. Returns `None` for a store only one controller

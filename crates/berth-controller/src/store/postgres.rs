@@ -1393,6 +1393,16 @@ impl Store for PostgresStore {
         Ok(done.rows_affected())
     }
 
+    async fn get_gateway_secret_sha256(&self, container_uuid: &str) -> Result<Option<String>> {
+        let hash: Option<Option<String>> =
+            sqlx::query_scalar("SELECT gateway_secret_sha256 FROM containers WHERE uuid = $1")
+                .bind(container_uuid)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(StoreError::query("read a gateway secret's hash"))?;
+        Ok(hash.flatten())
+    }
+
     async fn get_tunnel(&self, container_uuid: &str) -> Result<Option<TunnelLease>> {
         let mut conn = self
             .pool

@@ -16,6 +16,7 @@ mod connections;
 mod containers;
 mod discovery;
 mod errors;
+mod gateway;
 mod leases;
 mod lifecycle;
 mod limits;

@@ -1,0 +1,855 @@
+//! The gateway's tunnel and shell routes on real sockets (port 0): a fake
+//! supervisor made with berth-tunnel's dial side echoes every `/ssh`
+//! stream, and users connect with berth-client's `connect_ssh`. Two
+//! controllers share one database (a PostgreSQL schema when
+//! `BERTH_TEST_DATABASE_URL` is set, else one SQLite file) to test
+//! forwarding and the move of a tunnel at shutdown.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_client::{Client, Settings, Token};
+use berth_controller::limits::Pool;
+use berth_controller::{bind, create_user_in, AppState, Config};
+use berth_core::{Secret, Uuid};
+use berth_tunnel::{
+    dial, maintain_with, Backoff, BackoffConfig, Connector, DialConfig, IncomingStream, StreamKind,
+    TunnelError, TunnelServer,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use url::Url;
+
+use crate::common::{cluster, runnable, TestDatabase, SYSTEM_TOKEN};
+
+/// Maximum wait for something that should happen within a second or two.
+/// It is far above that, so a busy machine does not fail the test.
+const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// The shutdown grace period of controllers in these tests.
+const GRACE_SECONDS: u64 = 3;
+
+/// A controller served on port 0.
+struct Controller {
+    url: String,
+    state: AppState,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _blocks: tempfile::TempDir,
+}
+
+impl Controller {
+    async fn start(database_url: &str, adjust: impl FnOnce(&mut Config)) -> Controller {
+        let blocks = tempfile::tempdir().unwrap();
+        let mut config = Config::new("127.0.0.1:0".parse().unwrap(), database_url);
+        config.blocks.directory = blocks.path().join("blocks");
+        config.shutdown_grace_period_seconds = GRACE_SECONDS;
+        config.tunnel_heartbeat_seconds = 1;
+        adjust(&mut config);
+        let bound = bind(cluster(), config).await.unwrap();
+        let url = bound.url();
+        let state = bound.state().clone();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(bound.run(async move {
+            let _ = stopped.await;
+        }));
+        Controller {
+            url,
+            state,
+            stop: Some(stop),
+            server: Some(server),
+            _blocks: blocks,
+        }
+    }
+
+    fn client(&self, token: &str) -> Client {
+        Client::new(Settings {
+            base_url: Url::parse(&self.url).unwrap(),
+            token: Token::new(token),
+            insecure: false,
+        })
+        .unwrap()
+    }
+
+    fn internal_url(&self) -> String {
+        self.state.gateway().internal_url().to_owned()
+    }
+
+    /// Starts the shutdown; returns the server's task.
+    fn shut_down(&mut self) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.take().unwrap()
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let http = reqwest::Client::new();
+        let mut request = http
+            .request(method, format!("{}/arvados/v1/{path}", self.url))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, path, token, None).await
+    }
+
+    async fn user(&self, name: &str, admin: bool) -> String {
+        create_user_in(self.state.store(), &cluster(), name, admin)
+            .await
+            .unwrap()
+    }
+
+    /// Creates a committed request as `token`'s user; returns its
+    /// container's uuid.
+    async fn queued_container(&self, token: &str) -> String {
+        let (status, request) = self
+            .call(
+                reqwest::Method::POST,
+                "container_requests",
+                token,
+                Some(json!({"container_request": runnable()})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{request}");
+        request["container_uuid"].as_str().unwrap().to_owned()
+    }
+
+    /// Locks a container with the system token; returns its credentials.
+    async fn lock(&self, uuid: &str) -> Value {
+        let (status, locked) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("containers/{uuid}/lock"),
+                SYSTEM_TOKEN,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{locked}");
+        locked["credentials"].clone()
+    }
+
+    /// Sets a container's attributes with the system token.
+    async fn update_container(&self, uuid: &str, attributes: Value) {
+        let (status, body) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("containers/{uuid}"),
+                SYSTEM_TOKEN,
+                Some(json!({ "container": attributes })),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+
+    /// Creates a committed request as `token`'s user and locks its
+    /// container; returns the container's uuid and gateway secret.
+    async fn locked_container(&self, token: &str) -> (String, String) {
+        let uuid = self.queued_container(token).await;
+        let credentials = self.lock(&uuid).await;
+        let secret = credentials["gateway_secret"].as_str().unwrap().to_owned();
+        (uuid, secret)
+    }
+
+    /// [`locked_container`](Self::locked_container), then Running.
+    async fn running_container(&self, token: &str) -> (String, String) {
+        let (uuid, secret) = self.locked_container(token).await;
+        self.update_container(&uuid, json!({"state": "Running"}))
+            .await;
+        (uuid, secret)
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::Client::new()
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(SYSTEM_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+fn dial_config(controller: &Controller, uuid: &str, secret: &str, supervisor: &str) -> DialConfig {
+    let mut config = DialConfig::new(
+        Url::parse(&controller.url).unwrap(),
+        uuid.parse::<Uuid>().unwrap(),
+        Secret::new(secret),
+    );
+    config.supervisor_id = supervisor.to_owned();
+    config
+}
+
+/// Dials each controller of a list in turn until one takes the tunnel,
+/// as a supervisor behind a load balancer would reach another controller.
+struct ListConnector {
+    configs: Vec<DialConfig>,
+    dials: Arc<AtomicUsize>,
+}
+
+impl Connector for ListConnector {
+    fn connect(&self) -> impl Future<Output = Result<TunnelServer, TunnelError>> + Send {
+        let configs = self.configs.clone();
+        let dials = self.dials.clone();
+        async move {
+            dials.fetch_add(1, Ordering::Relaxed);
+            let mut last = TunnelError::Closed;
+            for config in &configs {
+                match dial(config).await {
+                    Ok(tunnel) => return Ok(tunnel),
+                    Err(error) => last = error,
+                }
+            }
+            Err(last)
+        }
+    }
+}
+
+/// Echoes the bytes of every `/ssh` stream back, and half-closes after
+/// the controller's end of file.
+async fn echo(stream: IncomingStream) {
+    if stream.kind() != StreamKind::Ssh {
+        stream.reject(axum::http::StatusCode::NOT_FOUND);
+        return;
+    }
+    let Ok(stream) = stream.accept() else {
+        return;
+    };
+    let (mut read, mut write) = tokio::io::split(stream);
+    if tokio::io::copy(&mut read, &mut write).await.is_ok() {
+        let _ = write.shutdown().await;
+    }
+}
+
+/// Starts a fake supervisor that keeps a tunnel to the first controller
+/// of `configs` that takes it, and echoes its streams.
+fn fake_supervisor(configs: Vec<DialConfig>) -> tokio::task::JoinHandle<TunnelError> {
+    let backoff = Backoff::new(BackoffConfig {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(500),
+        ..BackoffConfig::default()
+    });
+    let connector = ListConnector {
+        configs,
+        dials: Arc::new(AtomicUsize::new(0)),
+    };
+    tokio::spawn(maintain_with(
+        connector,
+        backoff,
+        Duration::from_secs(GRACE_SECONDS),
+        echo,
+    ))
+}
+
+/// Polls `condition` until it holds, or fails the test after
+/// [`WAIT_LIMIT`].
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !condition().await {
+        assert!(
+            started.elapsed() < WAIT_LIMIT,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_for_tunnel(controller: &Controller, uuid: &str) {
+    let gateway = controller.state.gateway().clone();
+    wait_until("the tunnel is registered", || {
+        let found = gateway.tunnel(uuid).is_some();
+        async move { found }
+    })
+    .await;
+}
+
+/// Bytes that differ at each offset, so a lost or repeated chunk shows.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u64).wrapping_mul(2_654_435_761).wrapping_add(seed) as u8)
+        .collect()
+}
+
+/// Writes `data` and half-closes while reading the echo to its end;
+/// returns the echo.
+async fn round_trip<S>(stream: S, data: &[u8]) -> Vec<u8>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut read, mut write) = tokio::io::split(stream);
+    let sent = data.to_vec();
+    let writer = tokio::spawn(async move {
+        write.write_all(&sent).await.unwrap();
+        write.shutdown().await.unwrap();
+        write
+    });
+    let mut echoed = Vec::new();
+    tokio::time::timeout(WAIT_LIMIT, read.read_to_end(&mut echoed))
+        .await
+        .expect("timed out reading the echo")
+        .unwrap();
+    writer.await.unwrap();
+    echoed
+}
+
+/// Sends a shell upgrade by hand, with extra headers; returns the status
+/// and the body.
+async fn raw_shell(
+    controller: &Controller,
+    uuid: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/arvados/v1/connect/{uuid}/ssh", controller.url))
+        .bearer_auth(token)
+        .header("connection", "Upgrade")
+        .header("upgrade", "ssh");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.text().await.unwrap())
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("metric {name} missing from:\n{text}"))
+}
+
+#[tokio::test]
+async fn tunnel_rejects_bad_secret_and_state() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    let (uuid, secret) = controller.running_container(&alice).await;
+
+    let error = dial(&dial_config(&controller, &uuid, "not-the-secret", "sup-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(401), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("invalid gateway secret"), "{message}");
+    assert!(!message.contains(&secret), "{message}");
+    assert!(
+        metric(
+            &controller.metrics().await,
+            "berth_gateway_failures_total{reason=\"tunnel_auth\"}"
+        ) >= 1
+    );
+
+    // A Queued container has no gateway secret yet.
+    let queued = controller.queued_container(&alice).await;
+    let error = dial(&dial_config(&controller, &queued, &secret, "sup-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(401), "{error}");
+
+    // A Complete container takes no tunnel, even with its old secret:
+    // the final state forgot the secret.
+    controller
+        .update_container(&uuid, json!({"state": "Complete", "exit_code": 0}))
+        .await;
+    let error = dial(&dial_config(&controller, &uuid, &secret, "sup-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(401), "{error}");
+    assert_eq!(controller.state.gateway().tunnel_count(), 0);
+    assert_eq!(
+        controller.state.store().get_tunnel(&uuid).await.unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn tunnel_from_other_supervisor_conflicts() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    // Locked is enough for a tunnel.
+    let (uuid, secret) = controller.locked_container(&alice).await;
+
+    let first = dial(&dial_config(&controller, &uuid, &secret, "sup-a"))
+        .await
+        .unwrap();
+    wait_for_tunnel(&controller, &uuid).await;
+    let lease = controller
+        .state
+        .store()
+        .get_tunnel(&uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.controller_url, controller.internal_url());
+    assert_eq!(lease.supervisor_id, "sup-a");
+
+    let error = dial(&dial_config(&controller, &uuid, &secret, "sup-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(409), "{error}");
+    assert!(
+        error.to_string().contains("held by another supervisor"),
+        "{error}"
+    );
+
+    // The same supervisor replaces its tunnel; the lease's epoch moves on.
+    let second = dial(&dial_config(&controller, &uuid, &secret, "sup-a"))
+        .await
+        .unwrap();
+    let gateway = controller.state.gateway().clone();
+    wait_until("the new tunnel replaces the old one", || {
+        let replaced = gateway.metrics().replaced() == 1;
+        async move { replaced }
+    })
+    .await;
+    let lease = controller
+        .state
+        .store()
+        .get_tunnel(&uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.epoch, 2);
+    assert_eq!(lease.supervisor_id, "sup-a");
+    assert_eq!(gateway.tunnel_count(), 1);
+
+    // The old tunnel was asked to move; its end leaves the new lease.
+    let mut moves = first.move_signal();
+    let grace = tokio::time::timeout(WAIT_LIMIT, moves.requested())
+        .await
+        .unwrap();
+    assert!(grace.is_some());
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lease = controller
+        .state
+        .store()
+        .get_tunnel(&uuid)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lease.epoch, 2);
+    drop(second);
+}
+
+#[tokio::test]
+async fn shell_checks_permission() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    let bob = controller.user("bob", false).await;
+    let admin = controller.user("root", true).await;
+    let (uuid, secret) = controller.running_container(&alice).await;
+    let supervisor = fake_supervisor(vec![dial_config(&controller, &uuid, &secret, "sup-a")]);
+    wait_for_tunnel(&controller, &uuid).await;
+
+    // Another user's container is not found.
+    let error = controller
+        .client(&bob)
+        .connect_ssh(&uuid)
+        .await
+        .unwrap_err();
+    assert_eq!(error.status().map(|s| s.as_u16()), Some(404), "{error}");
+
+    // The owner and an administrator get the echo.
+    for token in [&alice, &admin] {
+        let stream = controller.client(token).connect_ssh(&uuid).await.unwrap();
+        let data = pattern(7, 100_000);
+        assert_eq!(round_trip(stream, &data).await, data);
+    }
+    let (status, container) = controller.get(&format!("containers/{uuid}"), &alice).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(container["interactive_session_started"], json!(true));
+    let metrics = controller.metrics().await;
+    assert_eq!(metric(&metrics, "berth_gateway_streams_opened_total"), 2);
+    assert_eq!(metric(&metrics, "berth_gateway_tunnels"), 1);
+    supervisor.abort();
+
+    // A controller with shell access off rejects even the owner.
+    let closed = Controller::start(database.url(), |config| config.shell_access = false).await;
+    let error = closed.client(&alice).connect_ssh(&uuid).await.unwrap_err();
+    assert_eq!(error.status().map(|s| s.as_u16()), Some(403), "{error}");
+    assert!(
+        error.to_string().contains("shell access is turned off"),
+        "{error}"
+    );
+    let error = closed.client(&admin).connect_ssh(&uuid).await.unwrap_err();
+    assert_eq!(error.status().map(|s| s.as_u16()), Some(403), "{error}");
+}
+
+#[tokio::test]
+async fn shell_rejects_container_token() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    let uuid = controller.queued_container(&alice).await;
+    let credentials = controller.lock(&uuid).await;
+    let container_token = credentials["api_token"].as_str().unwrap().to_owned();
+    let (status, body) = raw_shell(&controller, &uuid, &container_token, &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("container token"), "{body}");
+
+    // A Locked container is not running yet.
+    let (status, body) = raw_shell(&controller, &uuid, &alice, &[]).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("Locked"), "{body}");
+
+    controller
+        .update_container(&uuid, json!({"state": "Running"}))
+        .await;
+
+    // A Running container without a tunnel: 503 with Retry-After.
+    let response = reqwest::Client::new()
+        .post(format!("{}/arvados/v1/connect/{uuid}/ssh", controller.url))
+        .bearer_auth(&alice)
+        .header("connection", "Upgrade")
+        .header("upgrade", "ssh")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().get("retry-after").is_some());
+    let body = response.text().await.unwrap();
+    assert!(body.contains("gateway tunnel is not connected"), "{body}");
+}
+
+#[tokio::test]
+async fn shell_forwards_once_to_holder() {
+    let database = TestDatabase::new().await;
+    let a = Controller::start(database.url(), |_| {}).await;
+    let b = Controller::start(database.url(), |_| {}).await;
+    let alice = a.user("alice", false).await;
+    let (uuid, secret) = a.running_container(&alice).await;
+    let supervisor = fake_supervisor(vec![dial_config(&b, &uuid, &secret, "sup-a")]);
+    wait_for_tunnel(&b, &uuid).await;
+    assert!(a.state.gateway().tunnel(&uuid).is_none());
+
+    // The client on A reaches the supervisor's echo through B.
+    let stream = a.client(&alice).connect_ssh(&uuid).await.unwrap();
+    let data = pattern(3, 4 << 20);
+    let echoed = round_trip(stream, &data).await;
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data, "the echo through two controllers differs");
+    assert_eq!(
+        metric(&a.metrics().await, "berth_gateway_forwards_total"),
+        1
+    );
+    assert_eq!(
+        metric(&b.metrics().await, "berth_gateway_streams_opened_total"),
+        1
+    );
+
+    // A forwarded request is never forwarded again.
+    let (status, body) = raw_shell(&a, &uuid, &alice, &[("x-berth-no-forward", "1")]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(
+        metric(&a.metrics().await, "berth_gateway_forwards_total"),
+        1
+    );
+
+    // B's heartbeat refreshes the lease.
+    let store = a.state.store();
+    let first = store
+        .get_tunnel(&uuid)
+        .await
+        .unwrap()
+        .unwrap()
+        .heartbeat_at_ms;
+    wait_until("B refreshes the lease", || async {
+        store
+            .get_tunnel(&uuid)
+            .await
+            .unwrap()
+            .unwrap()
+            .heartbeat_at_ms
+            > first
+    })
+    .await;
+
+    // The holder checks the caller again: another user is not found.
+    let bob = a.user("bob", false).await;
+    let error = a.client(&bob).connect_ssh(&uuid).await.unwrap_err();
+    assert_eq!(error.status().map(|s| s.as_u16()), Some(404), "{error}");
+    supervisor.abort();
+}
+
+#[tokio::test]
+async fn shutdown_moves_tunnel_to_other_controller() {
+    let database = TestDatabase::new().await;
+    let a = Controller::start(database.url(), |_| {}).await;
+    let mut b = Controller::start(database.url(), |_| {}).await;
+    let alice = a.user("alice", false).await;
+    let (uuid, secret) = a.running_container(&alice).await;
+    // B first, as a load balancer might pick; once B has shut down, its
+    // port refuses and the supervisor reaches A.
+    let supervisor = fake_supervisor(vec![
+        dial_config(&b, &uuid, &secret, "sup-a"),
+        dial_config(&a, &uuid, &secret, "sup-a"),
+    ]);
+    wait_for_tunnel(&b, &uuid).await;
+
+    // A session on B, open across the shutdown.
+    let session = b.client(&alice).connect_ssh(&uuid).await.unwrap();
+    let (mut read, mut write) = tokio::io::split(session);
+    write.write_all(b"before").await.unwrap();
+    let mut buffer = [0_u8; 6];
+    read.read_exact(&mut buffer).await.unwrap();
+    assert_eq!(&buffer, b"before");
+
+    let b_url = b.internal_url();
+    let a_url = a.internal_url();
+    let started = Instant::now();
+    let b_server = b.shut_down();
+    let store = a.state.store();
+    wait_until("the lease names A", || async {
+        store
+            .get_tunnel(&uuid)
+            .await
+            .unwrap()
+            .is_some_and(|lease| lease.controller_url == a_url)
+    })
+    .await;
+    let moved_after = started.elapsed();
+    assert!(
+        moved_after < Duration::from_secs(5),
+        "the tunnel moved after {moved_after:?}"
+    );
+    wait_for_tunnel(&a, &uuid).await;
+
+    // The session on B still works within the grace period.
+    write.write_all(b"during").await.unwrap();
+    read.read_exact(&mut buffer).await.unwrap();
+    assert_eq!(&buffer, b"during");
+
+    // A new shell through A works.
+    let stream = a.client(&alice).connect_ssh(&uuid).await.unwrap();
+    let data = pattern(5, 64 * 1024);
+    assert_eq!(round_trip(stream, &data).await, data);
+
+    // The session on B ends when the grace period is over.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT_LIMIT, read.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the session on B outlived the grace period");
+    assert!(rest.is_empty());
+    assert!(started.elapsed() >= Duration::from_secs(GRACE_SECONDS) - Duration::from_millis(500));
+    tokio::time::timeout(WAIT_LIMIT, b_server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+
+    // B released nothing of A's: the lease is still A's.
+    let lease = store.get_tunnel(&uuid).await.unwrap().unwrap();
+    assert_eq!(lease.controller_url, a_url);
+    assert_ne!(lease.controller_url, b_url);
+    supervisor.abort();
+}
+
+#[tokio::test]
+async fn tunnels_take_tunnel_slots() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |config| {
+        config.limits.max_concurrent_requests = 1;
+        config.limits.max_tunnels = 1;
+    })
+    .await;
+    let alice = controller.user("alice", false).await;
+    let (first, first_secret) = controller.running_container(&alice).await;
+    let (second, second_secret) = controller.running_container(&alice).await;
+    let supervisor = fake_supervisor(vec![dial_config(
+        &controller,
+        &first,
+        &first_secret,
+        "sup-a",
+    )]);
+    wait_for_tunnel(&controller, &first).await;
+
+    let limits = controller.state.limits();
+    assert_eq!(limits.in_use(Pool::Tunnel), 1);
+    assert_eq!(limits.in_use(Pool::Api), 0);
+    // Ordinary requests still run beside the tunnel.
+    for _ in 0..5 {
+        let (status, _) = controller.get(&format!("containers/{first}"), &alice).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    // The tunnel pool is full: a second container's tunnel gets 503.
+    let error = dial(&dial_config(&controller, &second, &second_secret, "sup-b"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(503), "{error}");
+    let metrics = controller.metrics().await;
+    assert_eq!(
+        metric(&metrics, "berth_requests_in_use{pool=\"tunnel\"}"),
+        1
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "berth_requests_rejected_total{pool=\"tunnel\",reason=\"pool_full\"}"
+        ),
+        1
+    );
+
+    // A shell takes a shell slot for the session's life.
+    let stream = controller.client(&alice).connect_ssh(&first).await.unwrap();
+    let gateway = controller.state.gateway().clone();
+    wait_until("the session is open", || {
+        let open = gateway.session_count() == 1;
+        async move { open }
+    })
+    .await;
+    assert_eq!(limits.in_use(Pool::Shell), 1);
+    let data = pattern(9, 1000);
+    assert_eq!(round_trip(stream, &data).await, data);
+    wait_until("the shell slot is free", || {
+        let free = limits.in_use(Pool::Shell) == 0;
+        async move { free }
+    })
+    .await;
+    supervisor.abort();
+}
+
+#[tokio::test]
+async fn shell_skips_stale_and_unreachable_holders() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    let (uuid, _) = controller.running_container(&alice).await;
+    let store = controller.state.store();
+    // Port 9 (discard) on loopback: nothing listens there in the tests.
+    let gone = "http://127.0.0.1:9/";
+
+    // A stale lease of another controller is not followed.
+    let long_ago = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    store
+        .claim_tunnel(&uuid, gone, "sup-a", long_ago, long_ago - 1)
+        .await
+        .unwrap();
+    let (status, body) = raw_shell(&controller, &uuid, &alice, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("gateway tunnel is not connected"), "{body}");
+
+    // A live lease of a controller that is down: 503 naming it.
+    let now = chrono::Utc::now().timestamp_millis();
+    store
+        .claim_tunnel(&uuid, gone, "sup-a", now, now - 60_000)
+        .await
+        .unwrap();
+    let (status, body) = raw_shell(&controller, &uuid, &alice, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains(gone), "{body}");
+    let metrics = controller.metrics().await;
+    assert_eq!(metric(&metrics, "berth_gateway_forwards_total"), 0);
+    assert_eq!(
+        metric(
+            &metrics,
+            "berth_gateway_failures_total{reason=\"forward_unreachable\"}"
+        ),
+        1
+    );
+}
+
+#[tokio::test]
+async fn start_drops_own_leftover_leases() {
+    let database = TestDatabase::new().await;
+    let own = "http://127.0.0.1:1/";
+    let first = Controller::start(database.url(), |_| {}).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let store = first.state.store();
+    for (container, controller) in [
+        ("zzzzz-dz642-000000000000001", own),
+        ("zzzzz-dz642-000000000000002", "http://127.0.0.1:2/"),
+    ] {
+        store
+            .claim_tunnel(container, controller, "sup-a", now, now - 60_000)
+            .await
+            .unwrap();
+    }
+
+    // A controller whose internal URL names the first lease's holder.
+    let _second = Controller::start(database.url(), |config| {
+        config.internal_url = Some(own.into());
+    })
+    .await;
+    assert_eq!(
+        store
+            .get_tunnel("zzzzz-dz642-000000000000001")
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .get_tunnel("zzzzz-dz642-000000000000002")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn draining_controller_rejects_tunnels() {
+    let database = TestDatabase::new().await;
+    let controller = Controller::start(database.url(), |_| {}).await;
+    let alice = controller.user("alice", false).await;
+    let (uuid, secret) = controller.running_container(&alice).await;
+
+    // The gateway drains while the listener still accepts, as behind a
+    // load balancer that has not taken the controller out yet.
+    let gateway = controller.state.gateway().clone();
+    let drain = tokio::spawn(async move { gateway.drain(Duration::from_millis(100)).await });
+    let gateway = controller.state.gateway().clone();
+    wait_until("the gateway drains", || {
+        let draining = gateway.is_draining();
+        async move { draining }
+    })
+    .await;
+    let error = dial(&dial_config(&controller, &uuid, &secret, "sup-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.status(), Some(503), "{error}");
+    assert!(
+        matches!(
+            error,
+            TunnelError::Rejected {
+                retry_after: Some(_),
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("shutting down"), "{error}");
+    assert_eq!(
+        controller.state.store().get_tunnel(&uuid).await.unwrap(),
+        None
+    );
+    drain.await.unwrap();
+}
