@@ -108,6 +108,18 @@ impl HostKey {
     }
 }
 
+/// Publishes the host key's public half as the container record's
+/// `gateway_host_key`, with the container's own token. The controller
+/// derives `gateway_host_key_fingerprint` from it.
+pub async fn publish_host_key(
+    client: &Client,
+    uuid: &str,
+    host_key: &HostKey,
+) -> Result<(), berth_client::ClientError> {
+    let attributes = json!({"gateway_host_key": host_key.public_line()});
+    client.update_container(uuid, &attributes).await.map(drop)
+}
+
 /// The gateway's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GatewaySettings {
@@ -115,6 +127,16 @@ pub struct GatewaySettings {
     pub max_connections: usize,
     /// Maximum session channels open at once on one connection.
     pub max_channels_per_connection: usize,
+}
+
+impl GatewaySettings {
+    /// Reads the `gateway_*` keys of the supervisor's configuration.
+    pub fn from_config(config: &crate::config::Config) -> GatewaySettings {
+        GatewaySettings {
+            max_connections: config.gateway_max_connections,
+            max_channels_per_connection: config.gateway_max_channels_per_connection,
+        }
+    }
 }
 
 impl Default for GatewaySettings {

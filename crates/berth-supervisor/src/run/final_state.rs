@@ -15,9 +15,9 @@ use crate::journal::{
     LockedEntry, Part, Staging, LOG_DIR,
 };
 use crate::log_collection::LogSaveError;
-use crate::stats::OutOfMemory;
 use crate::logs::SupervisorLog;
 use crate::retry::{retry, Backoff};
+use crate::stats::OutOfMemory;
 
 /// Sets the entry's final state update and output from the outcome.
 pub(super) fn set_outcome(

@@ -208,7 +208,9 @@ impl ExecControl for DockerExec {
         self.docker
             .resize_exec(&self.exec_id, options)
             .await
-            .map_err(|error| exec_error("resize the terminal of an exec in", &self.container, error))
+            .map_err(|error| {
+                exec_error("resize the terminal of an exec in", &self.container, error)
+            })
     }
 
     async fn wait(&self) -> Result<ExecExit, RuntimeError> {
@@ -218,7 +220,9 @@ impl ExecControl for DockerExec {
                 .docker
                 .inspect_exec(&self.exec_id)
                 .await
-                .map_err(|error| exec_error("inspect an exec in container", &self.container, error))?;
+                .map_err(|error| {
+                    exec_error("inspect an exec in container", &self.container, error)
+                })?;
             let running = inspected.running.unwrap_or(false);
             if let (false, Some(code)) = (running, inspected.exit_code) {
                 // Exit codes are 0 to 255; anything else is the engine's

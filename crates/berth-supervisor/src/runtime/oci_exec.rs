@@ -155,7 +155,8 @@ fn open_terminal(size: TerminalSize) -> io::Result<(OwnedFd, OwnedFd)> {
     let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
     rustix::pty::grantpt(&master)?;
     rustix::pty::unlockpt(&master)?;
-    let subordinate = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
+    let subordinate =
+        rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
     rustix::termios::tcsetwinsize(&master, winsize(size))?;
     Ok((master, subordinate))
 }
@@ -390,17 +391,17 @@ impl ExecControl for OciExec {
     async fn wait(&self) -> Result<ExecExit, RuntimeError> {
         use std::os::unix::process::ExitStatusExt;
 
-        let status = self
-            .child
-            .lock()
-            .await
-            .wait()
-            .await
-            .map_err(|error| RuntimeError::Request {
-                action: "wait for an exec in container",
-                target: self.name.clone(),
-                source: Box::new(error),
-            })?;
+        let status =
+            self.child
+                .lock()
+                .await
+                .wait()
+                .await
+                .map_err(|error| RuntimeError::Request {
+                    action: "wait for an exec in container",
+                    target: self.name.clone(),
+                    source: Box::new(error),
+                })?;
         if let Ok(mut file) = self.process_file.lock() {
             file.take();
         }
@@ -424,7 +425,11 @@ mod tests {
     #[test]
     fn spec_env_overrides_the_container_env() {
         let base = vec!["PATH=/bin".to_string(), "A=1".to_string()];
-        let overrides = vec!["A=2".to_string(), "TERM=xterm".to_string(), "A=3".to_string()];
+        let overrides = vec![
+            "A=2".to_string(),
+            "TERM=xterm".to_string(),
+            "A=3".to_string(),
+        ];
         assert_eq!(
             merge_env(&base, &overrides),
             vec!["PATH=/bin", "TERM=xterm", "A=3"]
