@@ -246,7 +246,10 @@ async fn check_sessions(served: &Served) {
     assert!(env.lines().any(|line| line == "USER=root"), "{env}");
     assert!(!env.contains(SUPERVISOR_VARIABLE), "{env}");
     assert!(!env.contains("BERTH_CLIENT_MARKER"), "{env}");
-    assert!(!env.contains("TERM="), "a session without a terminal: {env}");
+    assert!(
+        !env.contains("TERM="),
+        "a session without a terminal: {env}"
+    );
 
     let output = served.ssh("nobody", &["id", "-u"]).await;
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));

@@ -492,3 +492,31 @@ impl russh::server::Handler for Connection {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_key_line_is_a_valid_ed25519_key() {
+        let key = HostKey::generate().unwrap();
+        let line = key.public_line();
+        let parsed = berth_core::ssh::PublicKey::parse(&line).unwrap();
+        assert!(line.starts_with("ssh-ed25519 "), "{line}");
+        assert_eq!(parsed.to_line(), line);
+    }
+
+    #[test]
+    fn host_keys_differ_per_gateway() {
+        let first = HostKey::generate().unwrap().public_line();
+        let second = HostKey::generate().unwrap().public_line();
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn host_key_debug_shows_only_the_public_key() {
+        let key = HostKey::generate().unwrap();
+        let expected = format!("HostKey {{ public: {:?} }}", key.public_line());
+        assert_eq!(format!("{key:?}"), expected);
+    }
+}

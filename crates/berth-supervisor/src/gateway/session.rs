@@ -76,7 +76,15 @@ pub(super) async fn run_session(
     ));
 
     let exit = match start_and_copy(&gateway, &handle, &request, input).await {
-        Ok(exit) => exit,
+        Ok(Some(exit)) => exit,
+        Ok(None) => {
+            log.info(format!(
+                "SSH session for user {:?} ended: the client disconnected while it ran: {what}",
+                request.user
+            ));
+            drop(request.permit);
+            return;
+        }
         Err(message) => {
             let text = format!("berth gateway: {message}\r\n");
             let _ = handle
@@ -119,13 +127,14 @@ pub(super) async fn run_session(
 }
 
 /// Starts the exec and copies its streams until its output ends. Returns
-/// how it ended, or the message for the client when it could not start.
+/// how it ended, `None` when the client disconnected first, or the
+/// message for the client when it could not start.
 async fn start_and_copy(
     gateway: &Gateway,
     handle: &Handle,
     request: &SessionRequest,
     mut input: mpsc::Receiver<ChannelInput>,
-) -> Result<ExecExit, String> {
+) -> Result<Option<ExecExit>, String> {
     let target = &gateway.inner.target;
     let passwd = target
         .runtime
@@ -194,9 +203,13 @@ async fn start_and_copy(
     if client_gone {
         // NOTE: the exec APIs used here cannot signal an exec's process,
         // so a process whose client disconnected runs on until it ends.
-        return Err("the client disconnected before the session ended".to_string());
+        return Ok(None);
     }
-    control.wait().await.map_err(|error| error.to_string())
+    control
+        .wait()
+        .await
+        .map(Some)
+        .map_err(|error| error.to_string())
 }
 
 async fn resize(control: &dyn ExecControl, size: TerminalSize) {
