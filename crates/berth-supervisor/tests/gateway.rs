@@ -38,8 +38,8 @@ const SUPERVISOR_VARIABLE: &str = "BERTH_SUPERVISOR_MARKER";
 /// differs from the host's.
 const CONTAINER_OS_RELEASE: &str = "ID=berth-gateway-test";
 
-/// The container's command: it writes its own `/etc/os-release`, then
-/// waits for sessions.
+/// Returns the container's command, which writes its own
+/// `/etc/os-release` and then waits for sessions.
 fn container_command() -> Vec<&'static str> {
     vec![
         "sh",
@@ -222,9 +222,9 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// The checks every runtime passes: a command's output and exit status,
-/// the environment, an interactive terminal, an unknown user and a wrong
-/// host key.
+/// Checks what every runtime must do: a command's output and exit
+/// status, the environment, another user, an unknown user, an interactive
+/// terminal and the session log.
 async fn check_sessions(served: &Served) {
     let output = served.ssh("root", &["cat", "/etc/os-release"]).await;
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
@@ -355,7 +355,7 @@ async fn gateway_connections_over_the_limit_are_closed() {
     };
     let served = serve_with(runtime.clone(), &id, &uuid, settings).await;
 
-    // A connection that never finishes its handshake holds the only slot.
+    // A connection that never finishes its handshake takes the only slot.
     let mut holder = tokio::net::TcpStream::connect(served.address)
         .await
         .unwrap();

@@ -1,9 +1,10 @@
 //! The container's SSH gateway: an SSH server whose sessions run inside
 //! the container through its runtime.
 //!
-//! Words used here: a *connection* is one SSH transport over one stream;
-//! a *channel* is an SSH session channel on it; a *session* is the
-//! process a channel's `shell` or `exec` request starts in the container.
+//! Words used here: a *connection* is one SSH transport over one stream.
+//! A *channel* is an SSH session channel on a connection. A *session* is
+//! the process that a channel's `shell` or `exec` request starts in the
+//! container.
 //!
 //! The supervisor makes one Ed25519 [`HostKey`] per container, in memory
 //! only, and publishes its public key on the container record, so that
@@ -103,7 +104,8 @@ impl HostKey {
             .public_key()
             .to_openssh()
             .map(|line| line.trim().to_string())
-            // Encoding an Ed25519 key into a growable buffer cannot fail.
+            // ssh-key fails to encode only key types built without their
+            // feature, and Ed25519 is always built in.
             .unwrap_or_default()
     }
 }
@@ -160,8 +162,8 @@ pub struct GatewayTarget {
     pub working_dir: Option<String>,
 }
 
-/// Where the gateway reports its first session: the container record's
-/// `interactive_session_started`, set with the container's token.
+/// The client and container for the record's `interactive_session_started`,
+/// which the gateway sets with the container's token at its first session.
 #[derive(Debug, Clone)]
 pub struct SessionFlag {
     pub client: Client,
@@ -487,7 +489,7 @@ impl russh::server::Handler for Connection {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Dropping the sender tells the session that the client is gone.
+        // Dropping the sender ends the session's input, so its stdin closes.
         self.open.remove(&channel);
         Ok(())
     }

@@ -31,7 +31,7 @@ const MAX_PASSWD_BYTES: u64 = 4 << 20;
 /// The exit status sent when the session could not start.
 const START_FAILED_STATUS: u32 = 255;
 
-/// What the client sent to a running session.
+/// Input from the client to a running session.
 #[derive(Debug)]
 pub(super) enum ChannelInput {
     Data(Bytes),
@@ -60,7 +60,7 @@ pub(super) async fn run_session(
     input: mpsc::Receiver<ChannelInput>,
 ) {
     let channel = request.channel;
-    let what = match &request.command {
+    let description = match &request.command {
         Some(command) => format!("command {command:?}"),
         None => "a shell".to_string(),
     };
@@ -71,7 +71,7 @@ pub(super) async fn run_session(
         ""
     };
     log.info(format!(
-        "SSH session started for user {:?}: {what}{terminal}",
+        "SSH session started for user {:?}: {description}{terminal}",
         request.user
     ));
 
@@ -79,7 +79,7 @@ pub(super) async fn run_session(
         Ok(Some(exit)) => exit,
         Ok(None) => {
             log.info(format!(
-                "SSH session for user {:?} ended: the client disconnected while it ran: {what}",
+                "SSH session for user {:?} ended: the client disconnected while it ran: {description}",
                 request.user
             ));
             drop(request.permit);
@@ -100,14 +100,14 @@ pub(super) async fn run_session(
     match &exit {
         ExecExit::Status(status) => {
             log.info(format!(
-                "SSH session for user {:?} ended with exit status {status}: {what}",
+                "SSH session for user {:?} ended with exit status {status}: {description}",
                 request.user
             ));
             let _ = handle.exit_status_request(channel, *status).await;
         }
         ExecExit::Signal(signal) => {
             log.info(format!(
-                "SSH session for user {:?} ended by signal {signal}: {what}",
+                "SSH session for user {:?} ended by signal {signal}: {description}",
                 request.user
             ));
             let _ = handle

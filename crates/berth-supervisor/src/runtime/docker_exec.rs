@@ -138,6 +138,7 @@ impl DockerRuntime {
                 return Err(too_large(&target, max_bytes));
             }
         }
+
         let mut entries = tar::Archive::new(archive.as_slice());
         let mut entries = entries.entries().map_err(|error| RuntimeError::Request {
             action: "read the archive of",
@@ -152,6 +153,7 @@ impl DockerRuntime {
             target: target.clone(),
             source: Box::new(error),
         })?;
+
         // The engine archives a symbolic link itself, never its target.
         if !entry.header().entry_type().is_file() {
             return Ok(None);

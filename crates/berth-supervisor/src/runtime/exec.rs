@@ -3,10 +3,11 @@
 //!
 //! An [`ExecSpec`] names the argv, the user, the environment and the
 //! working directory, and whether the process gets a terminal. The
-//! runtime returns an [`ExecProcess`]: a writer for the process's stdin,
-//! a stream of its output (stdout and stderr apart without a terminal,
-//! everything on stdout with one), and an [`ExecControl`] that resizes the
-//! terminal and returns the exit status once the output has ended.
+//! runtime returns an [`ExecProcess`], which has a writer for the
+//! process's stdin and a stream of its output. Without a terminal, stdout
+//! and stderr arrive apart, and with one, everything arrives as stdout.
+//! Its [`ExecControl`] resizes the terminal and returns the exit status
+//! once the output has ended.
 
 use std::fmt;
 
@@ -73,7 +74,7 @@ pub struct ExecSpec {
     pub terminal: Option<TerminalSize>,
 }
 
-/// How an exec ended.
+/// The end of an exec: its exit status or the signal that ended it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecExit {
     /// The process exited with this status.
