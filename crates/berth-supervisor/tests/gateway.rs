@@ -54,6 +54,7 @@ struct Served {
     address: SocketAddr,
     alias: String,
     known_hosts: tempfile::NamedTempFile,
+    host_key_line: String,
     log: SupervisorLog,
     server: tokio::task::JoinHandle<()>,
 }
@@ -80,6 +81,7 @@ async fn serve_with(
     // reads or writes this variable.
     std::env::set_var(SUPERVISOR_VARIABLE, "leaked");
     let host_key = HostKey::generate().unwrap();
+    let host_key_line = host_key.public_line();
     let mut known_hosts = tempfile::NamedTempFile::new().unwrap();
     writeln!(known_hosts, "{alias} {}", host_key.public_line()).unwrap();
     known_hosts.flush().unwrap();
@@ -111,6 +113,7 @@ async fn serve_with(
         address,
         alias: alias.to_string(),
         known_hosts,
+        host_key_line,
         log,
         server,
     }
@@ -385,6 +388,183 @@ async fn gateway_connections_over_the_limit_are_closed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status, Some(4));
+    runtime.remove(&id).await.unwrap();
+}
+
+/// An SSH client for the cases OpenSSH's command line cannot drive: a
+/// terminal resized mid-session and several channels on one connection.
+/// It accepts only the gateway's published host key.
+struct KeyCheck {
+    expected: String,
+}
+
+impl russh::client::Handler for KeyCheck {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false);
+        };
+        Ok(key.to_openssh().unwrap() == self.expected)
+    }
+}
+
+async fn connect_client(served: &Served) -> russh::client::Handle<KeyCheck> {
+    let handler = KeyCheck {
+        expected: served.host_key_line.clone(),
+    };
+    let config = Arc::new(russh::client::Config::default());
+    let mut handle = russh::client::connect(config, served.address, handler)
+        .await
+        .unwrap();
+    let auth = handle.authenticate_none("root").await.unwrap();
+    assert!(auth.success());
+    handle
+}
+
+/// Reads the channel until its output contains `text`. Returns the output
+/// so far and the exit status, if one arrived.
+async fn read_until(
+    channel: &mut russh::Channel<russh::client::Msg>,
+    output: &mut String,
+    text: &str,
+) -> Option<u32> {
+    let reading = async {
+        while !output.contains(text) {
+            match channel.wait().await {
+                Some(russh::ChannelMsg::Data { data }) => {
+                    output.push_str(&String::from_utf8_lossy(&data));
+                }
+                Some(russh::ChannelMsg::ExitStatus { exit_status }) => {
+                    return Some(exit_status);
+                }
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        None
+    };
+    tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .unwrap_or_else(|_| panic!("no {text:?} within 30 s in: {output}"))
+}
+
+/// Checks that a `window-change` resizes the session's terminal.
+async fn check_resize(served: &Served) {
+    let client = connect_client(served).await;
+    let mut channel = client.channel_open_session().await.unwrap();
+    channel
+        .request_pty(true, "xterm", 80, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    channel.request_shell(true).await.unwrap();
+    let mut output = String::new();
+    channel.data(&b"stty size\n"[..]).await.unwrap();
+    read_until(&mut channel, &mut output, "24 80").await;
+
+    channel.window_change(132, 43, 0, 0).await.unwrap();
+    channel.data(&b"stty size\n"[..]).await.unwrap();
+    read_until(&mut channel, &mut output, "43 132").await;
+
+    channel.data(&b"exit 6\n"[..]).await.unwrap();
+    let mut status = None;
+    let waiting = async {
+        while let Some(message) = channel.wait().await {
+            if let russh::ChannelMsg::ExitStatus { exit_status } = message {
+                status = Some(exit_status);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the channel did not close within 30 s");
+    assert_eq!(status, Some(6), "{output}");
+}
+
+#[tokio::test]
+async fn gateway_resizes_podman_terminal() {
+    if skip("gateway_resizes_podman_terminal") {
+        return;
+    }
+    let runtime = Arc::new(common::runtime().await);
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let id = start(runtime.as_ref(), &spec(&uuid, &container_command())).await;
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_resize(&served).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn gateway_resizes_crun_terminal() {
+    if skip("gateway_resizes_crun_terminal") {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(
+        OciRuntime::new(Path::new("crun"), cache.path(), work.path())
+            .await
+            .unwrap_or_else(|error| panic!("{error}")),
+    );
+    let source = ImageSource::Archive(
+        ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap(),
+    );
+    let uuid = new_uuid();
+    let mut container = spec(&uuid, &container_command());
+    container.image = runtime.ensure_image(&source).await.unwrap();
+    let id = start(runtime.as_ref(), &container).await;
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_resize(&served).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn gateway_channels_over_the_limit_are_rejected() {
+    if skip("gateway_channels_over_the_limit_are_rejected") {
+        return;
+    }
+    let runtime = Arc::new(common::runtime().await);
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let id = start(runtime.as_ref(), &spec(&uuid, &container_command())).await;
+    let settings = GatewaySettings {
+        max_connections: 4,
+        max_channels_per_connection: 2,
+    };
+    let served = serve_with(runtime.clone(), &id, &uuid, settings).await;
+    let client = connect_client(&served).await;
+
+    let first = client.channel_open_session().await.unwrap();
+    let second = client.channel_open_session().await.unwrap();
+    let third = client.channel_open_session().await;
+    assert!(third.is_err(), "a third channel was accepted");
+    let log = served.log.pending_lines();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("supervisor.gateway_max_channels_per_connection")),
+        "{log:?}"
+    );
+
+    // A closed channel frees its place.
+    first.close().await.unwrap();
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..100 {
+        if let Ok(channel) = client.channel_open_session().await {
+            reopened = Some(channel);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut channel = reopened.expect("no channel opened after one closed");
+    channel.exec(true, "echo reopened; exit 2").await.unwrap();
+    let mut output = String::new();
+    read_until(&mut channel, &mut output, "reopened").await;
+    drop(second);
     runtime.remove(&id).await.unwrap();
 }
 

@@ -9,12 +9,11 @@
 //! passed with `--process`, so the environment never reaches an argv.
 //!
 //! Without a terminal the runtime's stdin, stdout and stderr are pipes.
-//! With one, they are the subordinate side of a pseudo-terminal that the
-//! supervisor allocates, sized as requested. The runtime then copies
-//! between it and the container's own terminal. A resize sets the new
-//! size on that pseudo-terminal and sends SIGWINCH to the runtime.
-//! NOTE: only crun 1.8 was run with a terminal; whether runc forwards the
-//! new size is untested.
+//! With one, the runtime makes the container's terminal and sends its
+//! master side over a Unix socket (`--console-socket`). The supervisor
+//! then reads, writes and resizes that terminal itself, and the kernel
+//! sends SIGWINCH to the session's processes on a resize.
+//! NOTE: only crun 1.8 ran these execs in the tests, not runc.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -23,12 +22,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
-use rustix::pty::OpenptFlags;
 use rustix::termios::Winsize;
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
@@ -37,6 +36,12 @@ use tokio_util::io::ReaderStream;
 use super::exec::{ExecControl, ExecExit, ExecProcess, ExecSpec, TerminalSize};
 use super::oci::OciRuntime;
 use super::{ContainerId, OutputChunk, OutputStream, RuntimeError, StdStream};
+
+/// How long the runtime may take to send an exec's terminal.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Maximum bytes of the runtime's error output kept for an error message.
+const MAX_ERROR_OUTPUT: u64 = 64 * 1024;
 
 pub(super) async fn exec_process(
     runtime: &OciRuntime,
@@ -55,7 +60,6 @@ pub(super) async fn exec_process(
         .arg("exec")
         .arg("--process")
         .arg(process_file.path())
-        .arg(&name)
         .env_clear()
         .kill_on_drop(false);
     let spawn_error = |error: io::Error| RuntimeError::Request {
@@ -67,6 +71,7 @@ pub(super) async fn exec_process(
     match spec.terminal {
         None => {
             command
+                .arg(&name)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -88,38 +93,124 @@ pub(super) async fn exec_process(
             })
         }
         Some(size) => {
-            let terminal_error = |error: io::Error| RuntimeError::Request {
-                action: "allocate a terminal for an exec in container",
-                target: name.clone(),
+            let terminal_error = |action: &'static str, error: io::Error| RuntimeError::Request {
+                action,
+                target: format!("an exec in container {name}"),
                 source: Box::new(error),
             };
-            let (master, subordinate) = open_terminal(size).map_err(terminal_error)?;
-            let stdin_side = subordinate.try_clone().map_err(terminal_error)?;
-            let stdout_side = subordinate.try_clone().map_err(terminal_error)?;
+            // The runtime sends the master side of the container's new
+            // terminal over this socket (`--console-socket`).
+            let socket_dir = tempfile::Builder::new()
+                .prefix("console-")
+                .tempdir_in(&bundle)
+                .map_err(|error| terminal_error("create the console socket of", error))?;
+            let socket_path = socket_dir.path().join("socket");
+            let listener = tokio::net::UnixListener::bind(&socket_path)
+                .map_err(|error| terminal_error("create the console socket of", error))?;
             command
-                .stdin(Stdio::from(stdin_side))
-                .stdout(Stdio::from(stdout_side))
-                .stderr(Stdio::from(subordinate));
-            let child = command.spawn().map_err(spawn_error)?;
-            // The command's copies of the subordinate side close here, so
-            // reading the master side ends when the runtime exits.
-            drop(command);
-            let writer = master.try_clone().map_err(terminal_error)?;
-            let resize_fd = master.try_clone().map_err(terminal_error)?;
-            let reader = tokio::fs::File::from_std(std::fs::File::from(master));
-            let stdout = ReaderStream::new(reader).map(|chunk| (StdStream::Stdout, chunk));
-            let output = output_stream(stdout, &name);
-            let stdin = tokio::fs::File::from_std(std::fs::File::from(writer));
+                .arg("--console-socket")
+                .arg(&socket_path)
+                .arg(&name)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let mut child = command.spawn().map_err(spawn_error)?;
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout(CONSOLE_TIMEOUT, listener.accept()) => accepted,
+                _ = child.wait() => {
+                    return Err(exec_failed(&program, &name, &mut child).await);
+                }
+            };
+            let stream = match accepted {
+                Ok(Ok((stream, _))) => stream,
+                Ok(Err(error)) => return Err(terminal_error("accept the console of", error)),
+                Err(_) => {
+                    return Err(terminal_error(
+                        "receive the console of",
+                        io::Error::other(format!(
+                            "the runtime sent none within {} s",
+                            CONSOLE_TIMEOUT.as_secs()
+                        )),
+                    ))
+                }
+            };
+            let master = receive_terminal(&stream)
+                .await
+                .map_err(|error| terminal_error("receive the console of", error))?;
+            drop(socket_dir);
+            rustix::termios::tcsetwinsize(&master, winsize(size))
+                .map_err(|error| terminal_error("size the terminal of", error.into()))?;
+            let master = console::Console::new(master)
+                .map_err(|error| terminal_error("watch the terminal of", error))?;
+            let stdout = ReaderStream::new(master.reader()).map(|chunk| (StdStream::Stdout, chunk));
             Ok(ExecProcess {
-                stdin: Box::new(stdin),
-                output,
-                control: std::sync::Arc::new(OciExec::new(
-                    child,
-                    Some(resize_fd),
-                    process_file,
-                    name,
-                )),
+                stdin: Box::new(master.writer()),
+                output: output_stream(stdout, &name),
+                control: std::sync::Arc::new(OciExec::new(child, Some(master), process_file, name)),
             })
+        }
+    }
+}
+
+/// Returns the error of a runtime that exited before it sent the
+/// terminal, with what it wrote to stderr.
+async fn exec_failed(program: &Path, name: &str, child: &mut Child) -> RuntimeError {
+    use tokio::io::AsyncReadExt;
+
+    let mut message = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        let _ = stderr
+            .take(MAX_ERROR_OUTPUT)
+            .read_to_end(&mut message)
+            .await;
+    }
+    let status = match child.wait().await {
+        Ok(status) => status.to_string(),
+        Err(error) => error.to_string(),
+    };
+    RuntimeError::Command {
+        program: program.display().to_string(),
+        action: "start an exec in container",
+        target: name.to_string(),
+        status,
+        message: String::from_utf8_lossy(&message).trim().to_string(),
+    }
+}
+
+/// Receives the file descriptor that the runtime sends with `SCM_RIGHTS`
+/// over the console socket.
+async fn receive_terminal(stream: &tokio::net::UnixStream) -> io::Result<OwnedFd> {
+    use std::mem::MaybeUninit;
+
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+
+    let receive = || -> io::Result<Option<OwnedFd>> {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        // The runtime sends the terminal's name as the message's data.
+        let mut data = [0u8; 256];
+        let mut iov = [io::IoSliceMut::new(&mut data)];
+        rustix::net::recvmsg(stream, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)?;
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(mut fds) = message {
+                if let Some(fd) = fds.next() {
+                    return Ok(Some(fd));
+                }
+            }
+        }
+        Ok(None)
+    };
+    loop {
+        stream.readable().await?;
+        match stream.try_io(tokio::io::Interest::READABLE, receive) {
+            Ok(Some(fd)) => return Ok(fd),
+            Ok(None) => {
+                return Err(io::Error::other(
+                    "the runtime's message on the console socket carried no file descriptor",
+                ))
+            }
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(error) => return Err(error),
         }
     }
 }
@@ -147,18 +238,6 @@ where
                 })
         })
         .boxed()
-}
-
-/// Opens a pseudo-terminal of `size`. Returns its master side and its
-/// subordinate side.
-fn open_terminal(size: TerminalSize) -> io::Result<(OwnedFd, OwnedFd)> {
-    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
-    rustix::pty::grantpt(&master)?;
-    rustix::pty::unlockpt(&master)?;
-    let subordinate =
-        rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY)?;
-    rustix::termios::tcsetwinsize(&master, winsize(size))?;
-    Ok((master, subordinate))
 }
 
 fn winsize(size: TerminalSize) -> Winsize {
@@ -341,9 +420,8 @@ fn read_in_root(root: &Path, relative: &str, max_bytes: u64) -> io::Result<Optio
 #[derive(Debug)]
 struct OciExec {
     child: tokio::sync::Mutex<Child>,
-    pid: Option<u32>,
     /// The terminal's master side, for resizing; `None` without one.
-    terminal: Option<OwnedFd>,
+    terminal: Option<console::Console>,
     /// The process file, removed when the exec is dropped.
     process_file: Mutex<Option<tempfile::NamedTempFile>>,
     name: String,
@@ -352,12 +430,11 @@ struct OciExec {
 impl OciExec {
     fn new(
         child: Child,
-        terminal: Option<OwnedFd>,
+        terminal: Option<console::Console>,
         process_file: tempfile::NamedTempFile,
         name: String,
     ) -> OciExec {
         OciExec {
-            pid: child.id(),
             child: tokio::sync::Mutex::new(child),
             terminal,
             process_file: Mutex::new(Some(process_file)),
@@ -377,15 +454,7 @@ impl ExecControl for OciExec {
             target: self.name.clone(),
             source: Box::new(error),
         };
-        rustix::termios::tcsetwinsize(terminal, winsize(size)).map_err(|e| error(e.into()))?;
-        if let Some(pid) = self.pid.and_then(|pid| i32::try_from(pid).ok()) {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                // The runtime is not in the terminal's session, so the
-                // kernel does not signal it; it copies the size on SIGWINCH.
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::WINCH);
-            }
-        }
-        Ok(())
+        rustix::termios::tcsetwinsize(terminal.fd(), winsize(size)).map_err(|e| error(e.into()))
     }
 
     async fn wait(&self) -> Result<ExecExit, RuntimeError> {
@@ -481,5 +550,110 @@ mod tests {
             Some(b"root:x:0:".to_vec())
         );
         assert!(read_in_root(root.path(), "etc/group", 4).is_err());
+    }
+}
+
+/// The master side of an exec's terminal, read and written without
+/// blocking a thread, so a session that never ends holds no thread.
+mod console {
+    use std::io;
+    use std::os::fd::OwnedFd;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{ready, Context, Poll};
+
+    use rustix::fs::OFlags;
+    use tokio::io::unix::AsyncFd;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    #[derive(Debug, Clone)]
+    pub(super) struct Console {
+        fd: Arc<AsyncFd<OwnedFd>>,
+    }
+
+    impl Console {
+        /// Sets the terminal non-blocking and registers it with Tokio.
+        pub(super) fn new(fd: OwnedFd) -> io::Result<Console> {
+            let flags = rustix::fs::fcntl_getfl(&fd)?;
+            rustix::fs::fcntl_setfl(&fd, flags | OFlags::NONBLOCK)?;
+            // Tokio deprecates `new` because a type could change its
+            // descriptor while registered, which an `OwnedFd` cannot. The
+            // replacement, `register`, is unsafe, and this crate forbids
+            // unsafe code.
+            #[allow(deprecated)]
+            let registered = AsyncFd::new(fd)?;
+            Ok(Console {
+                fd: Arc::new(registered),
+            })
+        }
+
+        pub(super) fn fd(&self) -> &OwnedFd {
+            self.fd.get_ref()
+        }
+
+        pub(super) fn reader(&self) -> Console {
+            self.clone()
+        }
+
+        pub(super) fn writer(&self) -> Console {
+            self.clone()
+        }
+    }
+
+    impl AsyncRead for Console {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            loop {
+                let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+                let unfilled = buf.initialize_unfilled();
+                let read = guard.try_io(|fd| {
+                    rustix::io::read(fd.get_ref(), &mut *unfilled).map_err(io::Error::from)
+                });
+                match read {
+                    Ok(Ok(count)) => {
+                        buf.advance(count);
+                        return Poll::Ready(Ok(()));
+                    }
+                    // EIO: every process with the other side open has
+                    // exited, which is the terminal's end of file.
+                    Ok(Err(error)) if error.raw_os_error() == Some(libc::EIO) => {
+                        return Poll::Ready(Ok(()))
+                    }
+                    Ok(Err(error)) => return Poll::Ready(Err(error)),
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+    }
+
+    impl AsyncWrite for Console {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            loop {
+                let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+                let written = guard
+                    .try_io(|fd| rustix::io::write(fd.get_ref(), data).map_err(io::Error::from));
+                match written {
+                    Ok(result) => return Poll::Ready(result),
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        /// A terminal has no half-close: the client's EOF reaches the
+        /// session as the EOF character it types, as with sshd.
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
     }
 }
