@@ -285,7 +285,7 @@ async fn check_sessions(served: &Served) {
     assert!(!log.iter().any(|line| line.contains(CONTAINER_OS_RELEASE)));
 }
 
-/// ssh refuses a gateway whose key differs from the known one.
+/// Checks that ssh rejects a gateway whose key differs from the known one.
 async fn check_wrong_host_key(served: &Served) {
     let other = HostKey::generate().unwrap();
     let mut known_hosts = tempfile::NamedTempFile::new().unwrap();

@@ -650,8 +650,8 @@ mod console {
             Poll::Ready(Ok(()))
         }
 
-        /// A terminal has no half-close: the client's EOF reaches the
-        /// session as the EOF character it types, as with sshd.
+        /// Does nothing, because a terminal has no half-close. A client
+        /// ends a terminal session's input by typing the EOF character.
         fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
