@@ -488,6 +488,30 @@ mod tests {
     }
 
     #[test]
+    fn gateway_limits_are_read() {
+        let config: Config = serde_yaml::from_str(
+            "gateway_max_connections: 3\ngateway_max_channels_per_connection: 2\n",
+        )
+        .unwrap();
+        assert_eq!(config.gateway_max_connections, 3);
+        assert_eq!(config.gateway_max_channels_per_connection, 2);
+    }
+
+    #[test]
+    fn zero_gateway_limit_is_rejected() {
+        for key in [
+            "gateway_max_connections",
+            "gateway_max_channels_per_connection",
+        ] {
+            let error = serde_yaml::from_str::<Config>(&format!("{key}: 0\n")).unwrap_err();
+            assert!(
+                error.to_string().contains("invalid limit 0"),
+                "{key}: {error}"
+            );
+        }
+    }
+
+    #[test]
     fn relative_image_archive_dir_is_rejected() {
         let err = serde_yaml::from_str::<Config>("image_archive_dirs: [images]\n").unwrap_err();
         let message = err.to_string();
