@@ -38,13 +38,16 @@ const SUPERVISOR_VARIABLE: &str = "BERTH_SUPERVISOR_MARKER";
 /// differs from the host's.
 const CONTAINER_OS_RELEASE: &str = "ID=berth-gateway-test";
 
-/// Returns the container's command, which writes its own
-/// `/etc/os-release` and then waits for sessions.
+/// Returns the container's command, which starts a web server on its
+/// loopback port 8080, writes its own `/etc/os-release` and then waits
+/// for sessions.
 fn container_command() -> Vec<&'static str> {
     vec![
         "sh",
         "-c",
-        "echo ID=berth-gateway-test > /etc/os-release && exec sleep 600",
+        "mkdir -p /www && echo hello-forward > /www/index.html \
+         && httpd -p 127.0.0.1:8080 -h /www \
+         && echo ID=berth-gateway-test > /etc/os-release && exec sleep 600",
     ]
 }
 
@@ -285,6 +288,66 @@ async fn check_sessions(served: &Served) {
     assert!(!log.iter().any(|line| line.contains(CONTAINER_OS_RELEASE)));
 }
 
+/// Checks `ssh -L` to the web server on the container's loopback
+/// interface, and that a host outside the container is rejected.
+async fn check_forwarding(served: &Served) {
+    let local_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut args = served.ssh_args("root", served.known_hosts.path());
+    args.splice(
+        0..0,
+        [
+            "-N".to_string(),
+            "-o".to_string(),
+            "ExitOnForwardFailure=yes".to_string(),
+            "-L".to_string(),
+            format!("{local_port}:localhost:8080"),
+            "-L".to_string(),
+            format!("{}:10.0.0.1:80", local_port + 1),
+        ],
+    );
+    let mut ssh = tokio::process::Command::new("ssh")
+        .args(&args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let mut page = String::new();
+    for _ in 0..200 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+                .await
+                .unwrap();
+            page.clear();
+            let _ = stream.read_to_string(&mut page).await;
+            if page.contains("hello-forward") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(page.contains("hello-forward"), "{page}");
+
+    let mut outside = tokio::net::TcpStream::connect(("127.0.0.1", local_port + 1))
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut outside, &mut reply).await;
+    assert!(reply.is_empty());
+    ssh.kill().await.unwrap();
+    let log = served.log.pending_lines();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("rejected forwarding to 10.0.0.1:80")),
+        "{log:?}"
+    );
+}
+
 /// Checks that ssh rejects a gateway whose key differs from the known one.
 async fn check_wrong_host_key(served: &Served) {
     let other = HostKey::generate().unwrap();
@@ -313,6 +376,7 @@ async fn gateway_sessions_run_in_podman_container() {
 
     let served = serve(runtime.clone(), &id, &uuid).await;
     check_sessions(&served).await;
+    check_forwarding(&served).await;
     check_wrong_host_key(&served).await;
     runtime.remove(&id).await.unwrap();
 }
@@ -340,6 +404,7 @@ async fn gateway_sessions_run_in_crun_container() {
 
     let served = serve(runtime.clone(), &id, &uuid).await;
     check_sessions(&served).await;
+    check_forwarding(&served).await;
     runtime.remove(&id).await.unwrap();
 }
 

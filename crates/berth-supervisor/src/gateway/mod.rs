@@ -24,11 +24,13 @@
 //! Each connection task owns its channels' state; each session runs in a
 //! task of its own (see [`session`]). Idle timeouts are the tunnel's.
 
+mod forward;
 mod session;
 pub mod user;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -266,6 +268,22 @@ impl Gateway {
     }
 }
 
+/// Connects to `address` inside the container's network namespace.
+/// Returns the message for the log when it cannot.
+async fn connect_forward(
+    target: &GatewayTarget,
+    address: SocketAddr,
+) -> Result<tokio::net::TcpStream, String> {
+    let pid = match target.runtime.pid(&target.container).await {
+        Ok(Some(pid)) => pid,
+        Ok(None) => return Err("the runtime reports no process of the container".to_string()),
+        Err(error) => return Err(error.to_string()),
+    };
+    forward::connect_in_namespace(pid, address)
+        .await
+        .map_err(|error| format!("failed to connect inside the container: {error}"))
+}
+
 /// One SSH connection's handler: its login user and its open channels.
 struct Connection {
     inner: Arc<Inner>,
@@ -369,6 +387,63 @@ impl russh::server::Handler for Connection {
         );
         drop(channel);
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let destination = format!("{host_to_connect}:{port_to_connect}");
+        let address = forward::loopback_address(host_to_connect)
+            .zip(u16::try_from(port_to_connect).ok().filter(|port| *port > 0));
+        let Some((ip, port)) = address else {
+            self.inner.log.warn(format!(
+                "rejected forwarding to {destination}: only ports on the container's loopback interface (localhost) can be forwarded"
+            ));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        let Ok(permit) = self.channels.clone().try_acquire_owned() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        // The connection is made in a task, so the connection's other
+        // channels go on meanwhile.
+        let inner = self.inner.clone();
+        let user = self.user.clone();
+        tokio::spawn(async move {
+            let socket = match connect_forward(&inner.target, SocketAddr::new(ip, port)).await {
+                Ok(socket) => socket,
+                Err(message) => {
+                    inner
+                        .log
+                        .warn(format!("rejected forwarding to {destination}: {message}"));
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+            };
+            reply.accept().await;
+            inner.log.info(format!(
+                "SSH forwarding for user {user:?} to {destination} in the container"
+            ));
+            let mut channel = channel.into_stream();
+            let mut socket = socket;
+            if let Err(error) = tokio::io::copy_bidirectional(&mut channel, &mut socket).await {
+                inner
+                    .log
+                    .warn(format!("SSH forwarding to {destination} ended: {error}"));
+            }
+            drop(permit);
+        });
         Ok(())
     }
 
