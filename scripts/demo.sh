@@ -6,7 +6,7 @@
 #   1. Slurm, Podman's API socket and the test image, through scripts/setup/.
 #   2. Rust: when cargo is missing, it installs Rust with rustup into
 #      ~/.cargo (the official installer, downloaded from sh.rustup.rs),
-#      because Debian 12's rustc is older than the 1.85 Berth needs.
+#      because Debian 12's rustc is older than the 1.89 Berth needs.
 #   3. cargo build --release -p berth.
 #   4. `berth dev` (controller and dispatcher in one process) in the
 #      background, with its data directory, pid file and log below. A running
@@ -118,7 +118,7 @@ else
     log "cargo not found: installing Rust with rustup into ${CARGO_HOME:-$HOME/.cargo} (Debian 12's rustc is too old for Berth)"
     apt_install --no-install-recommends curl ca-certificates
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal \
-      || die "the rustup installer failed; install Rust 1.85 or newer by hand (https://rustup.rs) and run $0 again"
+      || die "the rustup installer failed; install Rust 1.89 or newer by hand (https://rustup.rs) and run $0 again"
     export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
   fi
   log "$(cargo --version)"

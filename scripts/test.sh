@@ -20,7 +20,7 @@
 # Each phase's duration is printed; the exit status is the test run's.
 #
 # Needs: root, Debian 12 with apt access (packages are installed when
-# missing), and Rust (cargo) 1.85 or newer.
+# missing), and Rust (cargo) 1.89 or newer.
 #
 # The tests read these variables, which this script exports:
 #   DOCKER_HOST                unix:// path of the Podman API socket
@@ -88,7 +88,7 @@ if ! command -v cargo >/dev/null && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo"
   export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null; then
-  die "cargo not found. Install Rust 1.85 or newer with rustup (Debian 12's rustc package is too old):
+  die "cargo not found. Install Rust 1.89 or newer with rustup (Debian 12's rustc package is too old):
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
     . \"\$HOME/.cargo/env\"
 then run $0 again (scripts/demo.sh installs Rust this way by itself)."

@@ -15,7 +15,9 @@
 #      fuse-overlayfs, uidmap): that is the combination this set-up was
 #      tested with. The supervisor's `oci` runtime tests run crun directly,
 #      and its Singularity stand-in (crates/berth-supervisor/tests/stand-ins)
-#      runs on python3 with util-linux's unshare and mount.
+#      runs on python3 with util-linux's unshare and mount. The SSH gateway
+#      tests drive the OpenSSH client (`ssh`), on a terminal from bsdutils'
+#      `script` for the interactive session.
 #   2. cgroups: on a host with the hybrid layout (cgroup v1 controllers under
 #      /sys/fs/cgroup plus a cgroup2 tree at /sys/fs/cgroup/unified), crun
 #      refuses to create containers while the v2 tree still owns a controller
@@ -87,7 +89,7 @@ if [ "$command" = service-status ]; then
 fi
 
 # --------------------------------------------------------------- install
-apt_install podman crun curl python3 util-linux
+apt_install podman crun curl python3 util-linux openssh-client bsdutils
 command -v podman >/dev/null || die "podman not found on PATH although its package is installed"
 
 # --------------------------------------------------------------- cgroups

@@ -94,10 +94,12 @@ const CONTAINER_TOKEN_FIELDS: &[&str] = &[
     "gateway_host_key",
     "cost",
     "subrequests_cost",
+    // The supervisor's gateway sets it at the first shell session.
+    "interactive_session_started",
 ];
 
 /// Container fields administrators may change besides the token's.
-const CONTAINER_ADMIN_FIELDS: &[&str] = &["scheduler_job_id", "interactive_session_started"];
+const CONTAINER_ADMIN_FIELDS: &[&str] = &["scheduler_job_id"];
 
 /// Fields a run reports while it runs and as it ends.
 const RUN_FIELDS: &[&str] = &[

@@ -206,6 +206,17 @@ pub struct Config {
     /// Other values must be at least 100 ms. Default 10 s.
     #[serde(deserialize_with = "stats_interval::deserialize")]
     pub stats_interval: Duration,
+    /// Maximum SSH connections the container's gateway serves at once;
+    /// one more is closed before its SSH handshake. Must be at least 1.
+    /// Default 32.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub gateway_max_connections: usize,
+    /// Maximum session channels one SSH connection to the gateway may
+    /// have open at once (such as shells multiplexed by OpenSSH's
+    /// `ControlMaster`); one more is rejected. Must be at least 1.
+    /// Default 10.
+    #[serde(deserialize_with = "at_least_one::deserialize")]
+    pub gateway_max_channels_per_connection: usize,
 }
 
 impl Default for Config {
@@ -237,6 +248,9 @@ impl Default for Config {
             cache_dir: PathBuf::from(DEFAULT_CACHE_DIR),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             stats_interval: Duration::from_secs(10),
+            gateway_max_connections: crate::gateway::DEFAULT_MAX_CONNECTIONS,
+            gateway_max_channels_per_connection:
+                crate::gateway::DEFAULT_MAX_CHANNELS_PER_CONNECTION,
         }
     }
 }
@@ -284,6 +298,21 @@ mod stats_interval {
             )));
         }
         Ok(interval)
+    }
+}
+
+/// A count that must be at least 1.
+mod at_least_one {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<usize, D::Error> {
+        let count = usize::deserialize(deserializer)?;
+        if count == 0 {
+            return Err(serde::de::Error::custom(
+                "invalid limit 0: expected at least 1",
+            ));
+        }
+        Ok(count)
     }
 }
 
@@ -456,6 +485,30 @@ mod tests {
         assert!(config.pull_images);
         let none: Config = serde_yaml::from_str("image_archive_dirs: []\n").unwrap();
         assert!(none.image_archive_dirs.is_empty());
+    }
+
+    #[test]
+    fn gateway_limits_are_read() {
+        let config: Config = serde_yaml::from_str(
+            "gateway_max_connections: 3\ngateway_max_channels_per_connection: 2\n",
+        )
+        .unwrap();
+        assert_eq!(config.gateway_max_connections, 3);
+        assert_eq!(config.gateway_max_channels_per_connection, 2);
+    }
+
+    #[test]
+    fn zero_gateway_limit_is_rejected() {
+        for key in [
+            "gateway_max_connections",
+            "gateway_max_channels_per_connection",
+        ] {
+            let error = serde_yaml::from_str::<Config>(&format!("{key}: 0\n")).unwrap_err();
+            assert!(
+                error.to_string().contains("invalid limit 0"),
+                "{key}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!   them;
 //! - [`image`]: what a `docker save` archive holds;
 //! - [`spec`]: the container record turned into a runtime spec;
+//! - [`gateway`]: the SSH server whose sessions run in the container;
 //! - [`runtime`]: the runtime contract, its Docker, OCI and Singularity
 //!   implementations, and the choice between them;
 //! - [`logs`]: log streams sent to the controller at byte offsets;
@@ -35,6 +36,7 @@ pub mod archive;
 pub mod cache;
 pub mod cgroup;
 pub mod config;
+pub mod gateway;
 pub mod gpu;
 pub mod image;
 pub mod journal;

@@ -530,6 +530,20 @@ impl SupervisorLog {
         })
     }
 
+    /// Returns the lines kept while no stream is attached, as text.
+    pub fn pending_lines(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .map(|state| {
+                state
+                    .pending
+                    .iter()
+                    .map(|line| String::from_utf8_lossy(line).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Stops sending lines to the stream; later lines go to `tracing` only.
     pub fn detach(&self) {
         if let Ok(mut state) = self.state.lock() {

@@ -43,6 +43,7 @@ use tracing::Instrument;
 use crate::archive::ArchiveError;
 use crate::cache::CollectionCache;
 use crate::config::Config;
+use crate::gateway::{Gateway, GatewaySettings, GatewayTarget, HostKey, SessionFlag};
 use crate::gpu::assign_gpus;
 use crate::journal::{DeliverySettings, Entry, Part, Staging, OUTPUT_DIR};
 use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
@@ -53,7 +54,9 @@ use crate::mounts::{plan_mounts_for_output, MountError, PreparedMounts};
 use crate::output::{copy_output, save_output, Globs, OutputError, OutputSettings};
 use crate::retry::{retry, API_BACKOFF};
 use crate::runtime::select::{connect_runtime, ConnectedRuntime};
-use crate::runtime::{ContainerId, ImageSource, OutputStream, Runtime, RuntimeError, StdStream};
+use crate::runtime::{
+    ContainerId, ContainerSpec, ImageSource, OutputStream, Runtime, RuntimeError, StdStream,
+};
 use crate::spec::{container_spec, SpecError};
 use crate::staging::{StagedCollections, Stager, StagingError};
 use crate::stats::{OutOfMemory, RunStats, STATS_FILE, STATS_STREAM};
@@ -294,6 +297,8 @@ async fn supervise_container(
         cleaned_up: false,
         staging,
         output_pending: false,
+        host_key: None,
+        gateway: None,
     };
     let outcome = match run.execute_and_save(&container).await {
         Ok((code, output)) => Outcome::Exited(code, output),
@@ -516,6 +521,13 @@ struct Run<'a> {
     /// Whether the output is kept in `staging`, to upload with the final
     /// state, because the controller could not be reached to save it.
     output_pending: bool,
+    /// The gateway's host key, made when the run begins; `None` when the
+    /// random source failed.
+    host_key: Option<HostKey>,
+    /// The SSH gateway into the running container, until the cleanup.
+    // TODO: the supervisor's tunnel hands each stream it accepts to
+    // `Gateway::serve_connection`.
+    gateway: Option<Gateway>,
 }
 
 /// The container's output on its way to the log streams.
@@ -792,9 +804,11 @@ impl Run<'_> {
         self.log.info("started the container");
         self.start_stats(runtime.clone(), &id, spec.memory_bytes);
 
+        self.publish_host_key().await;
         self.check_stop()?;
         self.until_stopped(self.set_running()).await??;
         self.log.info("state Running");
+        self.start_gateway(runtime.clone(), &id, &spec);
         if let Some(output) = &self.output {
             output.release.cancel();
         }
@@ -880,6 +894,51 @@ impl Run<'_> {
         }
     }
 
+    /// Makes the gateway's host key and publishes it on the container
+    /// record, so that clients can check it strictly. A failure is a
+    /// warning: the container runs without shell access.
+    async fn publish_host_key(&mut self) {
+        let host_key = match HostKey::generate() {
+            Ok(host_key) => host_key,
+            Err(error) => {
+                self.warn(format!("the SSH gateway is off: {error}"));
+                return;
+            }
+        };
+        match crate::gateway::publish_host_key(self.client, self.uuid, &host_key).await {
+            Ok(()) => self.host_key = Some(host_key),
+            Err(error) => self.warn(format!(
+                "the SSH gateway is off: failed to publish its host key on the container record: {error}"
+            )),
+        }
+    }
+
+    /// Starts the SSH gateway into the running container when its host
+    /// key was published.
+    fn start_gateway(&mut self, runtime: Arc<dyn Runtime>, id: &ContainerId, spec: &ContainerSpec) {
+        let Some(host_key) = self.host_key.take() else {
+            return;
+        };
+        let target = GatewayTarget {
+            runtime,
+            container: id.clone(),
+            env: spec.env.clone(),
+            working_dir: spec.working_dir.clone(),
+        };
+        let flag = SessionFlag {
+            client: self.client.clone(),
+            uuid: self.uuid.to_string(),
+        };
+        self.gateway = Some(Gateway::new(
+            host_key,
+            target,
+            GatewaySettings::from_config(self.config),
+            self.log.clone(),
+            Some(flag),
+        ));
+        self.log.info("the SSH gateway is ready");
+    }
+
     async fn set_running(&self) -> Result<(), RunError> {
         let attributes = json!({ "state": ContainerState::Running.as_str() });
         retry(
@@ -944,6 +1003,8 @@ impl Run<'_> {
     /// it and deletes the mounts. Runs after every outcome; problems
     /// become warnings.
     async fn cleanup(&mut self) {
+        // No new session starts once the container is stopping.
+        self.gateway.take();
         if let (Some(runtime), Some(id)) = (self.runtime.clone(), self.container.clone()) {
             if self.started && !self.exited {
                 self.stop_container(runtime.as_ref(), &id).await;

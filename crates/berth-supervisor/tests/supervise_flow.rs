@@ -669,6 +669,19 @@ async fn exit_code_and_logs_arrive_in_order() {
         server.updates().last().unwrap(),
         &json!({"state": "Complete", "exit_code": 3, "output": EMPTY_COLLECTION_PDH})
     );
+    // The gateway's host key is published on its own, before Running.
+    let host_key = index_of(
+        &events,
+        |e| matches!(e, Event::Update(a) if a.get("gateway_host_key").is_some()),
+    );
+    assert!(host_key < running, "{events:#?}");
+    let Event::Update(published) = &events[host_key] else {
+        unreachable!()
+    };
+    let line = published["gateway_host_key"].as_str().unwrap();
+    assert!(line.starts_with("ssh-ed25519 "), "{line}");
+    berth_core::ssh::PublicKey::parse(line).unwrap();
+    assert_eq!(published.as_object().unwrap().len(), 1, "{published}");
     assert_eq!(
         server.log_collection_file("stdout.txt"),
         server.log("stdout")

@@ -669,3 +669,38 @@ async fn gateway_host_key_gets_its_fingerprint() {
         HOST_KEY_FINGERPRINT
     );
 }
+
+#[tokio::test]
+async fn container_token_sets_interactive_session_started() {
+    let api = TestApi::new().await;
+    let alice = api.user("alice", false).await;
+    let (_, container) = api.committed(&alice).await;
+    let uuid = str_of(&container, "uuid").to_string();
+    let token = api.lock(&uuid).await;
+    let started = json!({"interactive_session_started": true});
+
+    let reply = api.update_container(&uuid, &token, started.clone()).await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("interactive_session_started"),
+        "{}",
+        reply.errors()
+    );
+
+    api.update_container(&uuid, &token, json!({"state": "Running"}))
+        .await
+        .expect(StatusCode::OK);
+    let reply = api.update_container(&uuid, &token, started).await;
+    reply.expect(StatusCode::OK);
+    assert_eq!(reply.json()["interactive_session_started"], true);
+
+    let reply = api
+        .update_container(&uuid, &token, json!({"interactive_session_started": false}))
+        .await;
+    reply.expect(StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        reply.errors().contains("back to false"),
+        "{}",
+        reply.errors()
+    );
+}

@@ -151,6 +151,12 @@ impl DockerRuntime {
         &self.docker
     }
 
+    /// Returns the client without a request timeout, for calls that last
+    /// as long as a session.
+    pub(super) fn unbounded(&self) -> &Docker {
+        &self.unbounded
+    }
+
     /// Returns the ID of the image `reference` names, or `None` if the
     /// store does not hold it.
     /// Inspects a container and returns its `State`.
@@ -430,6 +436,23 @@ impl Runtime for DockerRuntime {
         let state = self.container_state(id).await?;
         Ok(state.and_then(|state| state.oom_killed).unwrap_or(false))
     }
+
+    async fn exec(
+        &self,
+        id: &ContainerId,
+        spec: &super::exec::ExecSpec,
+    ) -> Result<super::exec::ExecProcess, RuntimeError> {
+        self.exec_process(id, spec).await
+    }
+
+    async fn read_file(
+        &self,
+        id: &ContainerId,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>, RuntimeError> {
+        self.read_container_file(id, path, max_bytes).await
+    }
 }
 
 fn create_config(spec: &ContainerSpec) -> CreateConfig<String> {
@@ -530,7 +553,7 @@ fn bind_string(bind: &BindMount) -> String {
     format!("{}:{}{mode}", bind.host_path.display(), bind.container_path)
 }
 
-fn is_not_found(error: &DockerError) -> bool {
+pub(super) fn is_not_found(error: &DockerError) -> bool {
     matches!(
         error,
         DockerError::DockerResponseServerError {
@@ -541,7 +564,7 @@ fn is_not_found(error: &DockerError) -> bool {
 }
 
 /// Returns the daemon's own message for a failed request.
-fn daemon_message(error: &DockerError) -> String {
+pub(super) fn daemon_message(error: &DockerError) -> String {
     match error {
         DockerError::DockerStreamError { error } => error.clone(),
         DockerError::DockerResponseServerError {

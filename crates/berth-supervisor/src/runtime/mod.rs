@@ -18,7 +18,10 @@ pub mod bundle;
 pub mod cache;
 pub mod devices;
 pub mod docker;
+mod docker_exec;
+pub mod exec;
 pub mod oci;
+mod oci_exec;
 pub mod rootfs;
 pub mod select;
 pub mod singularity;
@@ -86,6 +89,8 @@ pub enum RuntimeError {
         status: String,
         message: String,
     },
+    #[error("{runtime} cannot start processes inside a running container, so the container's SSH gateway is not available; run the container with the docker or oci runtime (supervisor.runtime) to get shell access")]
+    ExecNotSupported { runtime: String },
     #[error("failed to {action} {target}: {source}")]
     Request {
         action: &'static str,
@@ -285,5 +290,32 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// record, is false.
     async fn oom_killed(&self, _id: &ContainerId) -> Result<bool, RuntimeError> {
         Ok(false)
+    }
+
+    /// Starts a process inside the running container. The default, for a
+    /// runtime that cannot, returns [`RuntimeError::ExecNotSupported`].
+    async fn exec(
+        &self,
+        _id: &ContainerId,
+        _spec: &exec::ExecSpec,
+    ) -> Result<exec::ExecProcess, RuntimeError> {
+        Err(RuntimeError::ExecNotSupported {
+            runtime: self.description(),
+        })
+    }
+
+    /// Reads a regular file of the container's filesystem, up to
+    /// `max_bytes`, for facts such as its `/etc/passwd`. Returns `None`
+    /// for a missing file. A symbolic link is not followed out of the
+    /// container. The default returns [`RuntimeError::ExecNotSupported`].
+    async fn read_file(
+        &self,
+        _id: &ContainerId,
+        _path: &str,
+        _max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>, RuntimeError> {
+        Err(RuntimeError::ExecNotSupported {
+            runtime: self.description(),
+        })
     }
 }

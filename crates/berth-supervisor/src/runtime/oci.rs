@@ -172,6 +172,21 @@ impl OciRuntime {
         self.work_dir.join("berth-oci").join(name)
     }
 
+    /// Returns what `crun exec` needs for a known container: the runtime
+    /// program, the bundle directory, the state directory and the name.
+    pub(super) fn exec_target(
+        &self,
+        id: &ContainerId,
+    ) -> Result<(PathBuf, PathBuf, PathBuf, String), RuntimeError> {
+        let container = self.known(id)?;
+        Ok((
+            self.program.clone(),
+            container.bundle.clone(),
+            container.state_root.clone(),
+            container.name.clone(),
+        ))
+    }
+
     fn container(&self, id: &ContainerId) -> Option<Arc<OciContainer>> {
         self.containers
             .lock()
@@ -485,6 +500,23 @@ impl Runtime for OciRuntime {
     }
 
     /// Read from the container's memory cgroup when it exited.
+    async fn exec(
+        &self,
+        id: &ContainerId,
+        spec: &super::exec::ExecSpec,
+    ) -> Result<super::exec::ExecProcess, RuntimeError> {
+        super::oci_exec::exec_process(self, id, spec).await
+    }
+
+    async fn read_file(
+        &self,
+        id: &ContainerId,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>, RuntimeError> {
+        super::oci_exec::read_container_file(self, id, path, max_bytes).await
+    }
+
     async fn oom_killed(&self, id: &ContainerId) -> Result<bool, RuntimeError> {
         Ok(OciRuntime::oom_killed(self, id))
     }

@@ -1,0 +1,657 @@
+//! The SSH gateway against the real OpenSSH client, with sessions in real
+//! containers: Podman through its Docker-compatible socket, and crun.
+//!
+//! A loopback TCP listener on port 0 hands each connection to
+//! `Gateway::serve_connection`, in the place of the supervisor's tunnel.
+//! `ssh` checks the published host key strictly, from a known_hosts file
+//! that lists it under the container's UUID (`HostKeyAlias`). The tests
+//! run only with `BERTH_INTEGRATION=1`; the crun ones need root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_supervisor::archive::ImageArchive;
+use berth_supervisor::gateway::{Gateway, GatewaySettings, GatewayTarget, HostKey};
+use berth_supervisor::logs::SupervisorLog;
+use berth_supervisor::runtime::oci::OciRuntime;
+use berth_supervisor::runtime::{ContainerId, ContainerSpec, ImageSource, Runtime};
+use tokio::net::TcpListener;
+
+use common::{new_uuid, skip, spec, test_image_archive, test_image_archive_dir, Cleanup};
+
+/// A variable of the container record's environment.
+const CONTAINER_VARIABLE: &str = "BERTH_CONTAINER_MARKER=from-the-record";
+
+/// A variable of the test process, which runs the gateway: a session
+/// must never see it.
+const SUPERVISOR_VARIABLE: &str = "BERTH_SUPERVISOR_MARKER";
+
+/// The `/etc/os-release` the container writes at its start, so the file
+/// differs from the host's.
+const CONTAINER_OS_RELEASE: &str = "ID=berth-gateway-test";
+
+/// Returns the container's command, which starts a web server on its
+/// loopback port 8080, writes its own `/etc/os-release` and then waits
+/// for sessions.
+fn container_command() -> Vec<&'static str> {
+    vec![
+        "sh",
+        "-c",
+        "mkdir -p /www && echo hello-forward > /www/index.html \
+         && httpd -p 127.0.0.1:8080 -h /www \
+         && echo ID=berth-gateway-test > /etc/os-release && exec sleep 600",
+    ]
+}
+
+/// A running container, its gateway on a loopback port, and a known_hosts
+/// file that lists the gateway's host key under the container's UUID.
+struct Served {
+    address: SocketAddr,
+    alias: String,
+    known_hosts: tempfile::NamedTempFile,
+    host_key_line: String,
+    log: SupervisorLog,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Starts a gateway into the container `id` and a loopback listener for
+/// it.
+async fn serve(runtime: Arc<dyn Runtime>, id: &ContainerId, alias: &str) -> Served {
+    serve_with(runtime, id, alias, GatewaySettings::default()).await
+}
+
+async fn serve_with(
+    runtime: Arc<dyn Runtime>,
+    id: &ContainerId,
+    alias: &str,
+    settings: GatewaySettings,
+) -> Served {
+    // Set before any session starts; nothing else in this test binary
+    // reads or writes this variable.
+    std::env::set_var(SUPERVISOR_VARIABLE, "leaked");
+    let host_key = HostKey::generate().unwrap();
+    let host_key_line = host_key.public_line();
+    let mut known_hosts = tempfile::NamedTempFile::new().unwrap();
+    writeln!(known_hosts, "{alias} {}", host_key.public_line()).unwrap();
+    known_hosts.flush().unwrap();
+
+    let log = SupervisorLog::new();
+    let target = GatewayTarget {
+        runtime,
+        container: id.clone(),
+        env: vec![CONTAINER_VARIABLE.to_string()],
+        working_dir: None,
+    };
+    let gateway = Gateway::new(host_key, target, settings, log.clone(), None);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let gateway = gateway.clone();
+            tokio::spawn(async move {
+                if let Err(error) = gateway.serve_connection(stream).await {
+                    eprintln!("gateway connection: {error}");
+                }
+            });
+        }
+    });
+    Served {
+        address,
+        alias: alias.to_string(),
+        known_hosts,
+        host_key_line,
+        log,
+        server,
+    }
+}
+
+impl Served {
+    /// Returns the `ssh` arguments for `user`, with strict host key
+    /// checking against this gateway's known_hosts file.
+    fn ssh_args(&self, user: &str, known_hosts: &Path) -> Vec<String> {
+        [
+            "-F",
+            "/dev/null",
+            "-p",
+            &self.address.port().to_string(),
+            "-o",
+            &format!("UserKnownHostsFile={}", known_hosts.display()),
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            &format!("HostKeyAlias={}", self.alias),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "SetEnv=BERTH_CLIENT_MARKER=sent-by-the-client",
+            &format!("{user}@127.0.0.1"),
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect()
+    }
+
+    /// Runs `ssh user@gateway -- command` with stdin from /dev/null.
+    async fn ssh(&self, user: &str, command: &[&str]) -> Output {
+        self.ssh_with_known_hosts(user, self.known_hosts.path(), command)
+            .await
+    }
+
+    async fn ssh_with_known_hosts(
+        &self,
+        user: &str,
+        known_hosts: &Path,
+        command: &[&str],
+    ) -> Output {
+        let mut args = self.ssh_args(user, known_hosts);
+        args.push("--".to_string());
+        args.extend(command.iter().map(|arg| arg.to_string()));
+        let run = tokio::process::Command::new("ssh")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output();
+        tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("ssh did not finish within 60 s")
+            .expect("failed to run ssh")
+    }
+
+    /// Runs an interactive `ssh -tt` session on a terminal that `script`
+    /// allocates, typing `input` into it. Returns the session's output
+    /// and ssh's exit status.
+    async fn interactive(&self, input: &str) -> (String, Option<i32>) {
+        let args: Vec<String> = self
+            .ssh_args("root", self.known_hosts.path())
+            .into_iter()
+            .map(|arg| shell_quote(&arg))
+            .collect();
+        // The terminal gets a known size first; the session reads it from
+        // the client's pty-req.
+        let command = format!(
+            "stty cols 101 rows 31; TERM=vt220; export TERM; exec ssh -tt {}",
+            args.join(" ")
+        );
+        let mut child = tokio::process::Command::new("script")
+            .args(["-q", "-e", "-c", &command, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("failed to run script");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_string();
+        let typing = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // Typed ahead; the terminal buffers it until the shell reads.
+            stdin.write_all(input.as_bytes()).await.unwrap();
+            // The session ends by the typed `exit`; stdin stays open until
+            // then, because its end would hang up the terminal.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(stdin);
+        });
+        let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("the interactive session did not end within 60 s")
+            .unwrap();
+        typing.abort();
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        (text, output.status.code())
+    }
+}
+
+fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Checks what every runtime must do: a command's output and exit
+/// status, the environment, another user, an unknown user, an interactive
+/// terminal and the session log.
+async fn check_sessions(served: &Served) {
+    let output = served.ssh("root", &["cat", "/etc/os-release"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), CONTAINER_OS_RELEASE);
+    let host = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    assert_ne!(text(&output.stdout), host);
+
+    let output = served.ssh("root", &["sh", "-c", "'exit 7'"]).await;
+    assert_eq!(output.status.code(), Some(7), "{}", text(&output.stderr));
+
+    let output = served
+        .ssh("root", &["echo out; echo err >&2; exit 3"])
+        .await;
+    assert_eq!(output.status.code(), Some(3));
+    assert_eq!(text(&output.stdout), "out\n");
+    assert_eq!(text(&output.stderr), "err\n");
+
+    let output = served.ssh("root", &["env"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let env = text(&output.stdout);
+    assert!(env.lines().any(|line| line == CONTAINER_VARIABLE), "{env}");
+    assert!(env.lines().any(|line| line == "USER=root"), "{env}");
+    assert!(!env.contains(SUPERVISOR_VARIABLE), "{env}");
+    assert!(!env.contains("BERTH_CLIENT_MARKER"), "{env}");
+
+    let output = served.ssh("nobody", &["id", "-u"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), "65534");
+
+    let output = served.ssh("nosuchuser", &["true"]).await;
+    assert_eq!(output.status.code(), Some(255));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("\"nosuchuser\""), "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+
+    let (session, status) = served
+        .interactive("echo typed-$((6*7)); stty size; echo TERM=$TERM; exit 5\n")
+        .await;
+    assert_eq!(status, Some(5), "{session}");
+    assert!(session.contains("typed-42"), "{session}");
+    assert!(session.contains("31 101"), "{session}");
+    assert!(session.contains("TERM=vt220"), "{session}");
+
+    let log = served.log.pending_lines();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("ended with exit status 7") && line.contains("exit 7")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|line| line.contains("a shell") && line.contains("exit status 5")),
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|line| line.contains(CONTAINER_OS_RELEASE)));
+}
+
+/// Checks `ssh -L` to the web server on the container's loopback
+/// interface, and that a host outside the container is rejected.
+async fn check_forwarding(served: &Served) {
+    let local_port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut args = served.ssh_args("root", served.known_hosts.path());
+    args.splice(
+        0..0,
+        [
+            "-N".to_string(),
+            "-o".to_string(),
+            "ExitOnForwardFailure=yes".to_string(),
+            "-L".to_string(),
+            format!("{local_port}:localhost:8080"),
+            "-L".to_string(),
+            format!("{}:10.0.0.1:80", local_port + 1),
+        ],
+    );
+    let mut ssh = tokio::process::Command::new("ssh")
+        .args(&args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let mut page = String::new();
+    for _ in 0..200 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            stream
+                .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+                .await
+                .unwrap();
+            page.clear();
+            let _ = stream.read_to_string(&mut page).await;
+            if page.contains("hello-forward") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(page.contains("hello-forward"), "{page}");
+
+    let mut outside = tokio::net::TcpStream::connect(("127.0.0.1", local_port + 1))
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut outside, &mut reply).await;
+    assert!(reply.is_empty());
+    ssh.kill().await.unwrap();
+    let log = served.log.pending_lines();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("rejected forwarding to 10.0.0.1:80")),
+        "{log:?}"
+    );
+}
+
+/// Checks that ssh rejects a gateway whose key differs from the known one.
+async fn check_wrong_host_key(served: &Served) {
+    let other = HostKey::generate().unwrap();
+    let mut known_hosts = tempfile::NamedTempFile::new().unwrap();
+    writeln!(known_hosts, "{} {}", served.alias, other.public_line()).unwrap();
+    known_hosts.flush().unwrap();
+    let output = served
+        .ssh_with_known_hosts("root", known_hosts.path(), &["true"])
+        .await;
+    assert_eq!(output.status.code(), Some(255));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("Host key verification failed"), "{stderr}");
+}
+
+#[tokio::test]
+async fn gateway_sessions_run_in_podman_container() {
+    if skip("gateway_sessions_run_in_podman_container") {
+        return;
+    }
+    let runtime = Arc::new(common::runtime().await);
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let mut container = spec(&uuid, &container_command());
+    container.env = vec![CONTAINER_VARIABLE.to_string()];
+    let id = start(runtime.as_ref(), &container).await;
+
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_sessions(&served).await;
+    check_forwarding(&served).await;
+    check_wrong_host_key(&served).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn gateway_sessions_run_in_crun_container() {
+    if skip("gateway_sessions_run_in_crun_container") {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(
+        OciRuntime::new(Path::new("crun"), cache.path(), work.path())
+            .await
+            .unwrap_or_else(|error| panic!("{error}")),
+    );
+    let source = ImageSource::Archive(
+        ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap(),
+    );
+    let uuid = new_uuid();
+    let mut container = spec(&uuid, &container_command());
+    container.image = runtime.ensure_image(&source).await.unwrap();
+    container.env = vec![CONTAINER_VARIABLE.to_string()];
+    let id = start(runtime.as_ref(), &container).await;
+
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_sessions(&served).await;
+    check_forwarding(&served).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn gateway_connections_over_the_limit_are_closed() {
+    if skip("gateway_connections_over_the_limit_are_closed") {
+        return;
+    }
+    let runtime = Arc::new(common::runtime().await);
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let id = start(runtime.as_ref(), &spec(&uuid, &container_command())).await;
+    let settings = GatewaySettings {
+        max_connections: 1,
+        max_channels_per_connection: 1,
+    };
+    let served = serve_with(runtime.clone(), &id, &uuid, settings).await;
+
+    // A connection that never finishes its handshake takes the only slot.
+    let mut holder = tokio::net::TcpStream::connect(served.address)
+        .await
+        .unwrap();
+    let mut banner = [0u8; 8];
+    tokio::io::AsyncReadExt::read_exact(&mut holder, &mut banner)
+        .await
+        .unwrap();
+    assert_eq!(&banner, b"SSH-2.0-");
+    let output = served.ssh("root", &["true"]).await;
+    assert_eq!(output.status.code(), Some(255), "{}", text(&output.stderr));
+    let log = served.log.pending_lines();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("supervisor.gateway_max_connections")),
+        "{log:?}"
+    );
+
+    // Its slot is free again once it closes.
+    drop(holder);
+    let mut status = None;
+    for _ in 0..100 {
+        let output = served.ssh("root", &["exit 4"]).await;
+        status = output.status.code();
+        if status == Some(4) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, Some(4));
+    runtime.remove(&id).await.unwrap();
+}
+
+/// An SSH client for the cases OpenSSH's command line cannot drive: a
+/// terminal resized mid-session and several channels on one connection.
+/// It accepts only the gateway's published host key.
+struct KeyCheck {
+    expected: String,
+}
+
+impl russh::client::Handler for KeyCheck {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false);
+        };
+        Ok(key.to_openssh().unwrap() == self.expected)
+    }
+}
+
+async fn connect_client(served: &Served) -> russh::client::Handle<KeyCheck> {
+    let handler = KeyCheck {
+        expected: served.host_key_line.clone(),
+    };
+    let config = Arc::new(russh::client::Config::default());
+    let mut handle = russh::client::connect(config, served.address, handler)
+        .await
+        .unwrap();
+    let auth = handle.authenticate_none("root").await.unwrap();
+    assert!(auth.success());
+    handle
+}
+
+/// Reads the channel until its output contains `text`. Returns the output
+/// so far and the exit status, if one arrived.
+async fn read_until(
+    channel: &mut russh::Channel<russh::client::Msg>,
+    output: &mut String,
+    text: &str,
+) -> Option<u32> {
+    let reading = async {
+        while !output.contains(text) {
+            match channel.wait().await {
+                Some(russh::ChannelMsg::Data { data }) => {
+                    output.push_str(&String::from_utf8_lossy(&data));
+                }
+                Some(russh::ChannelMsg::ExitStatus { exit_status }) => {
+                    return Some(exit_status);
+                }
+                Some(_) => {}
+                None => return None,
+            }
+        }
+        None
+    };
+    tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .unwrap_or_else(|_| panic!("no {text:?} within 30 s in: {output}"))
+}
+
+/// Checks that a `window-change` resizes the session's terminal.
+async fn check_resize(served: &Served) {
+    let client = connect_client(served).await;
+    let mut channel = client.channel_open_session().await.unwrap();
+    channel
+        .request_pty(true, "xterm", 80, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    channel.request_shell(true).await.unwrap();
+    let mut output = String::new();
+    channel.data(&b"stty size\n"[..]).await.unwrap();
+    read_until(&mut channel, &mut output, "24 80").await;
+
+    channel.window_change(132, 43, 0, 0).await.unwrap();
+    channel.data(&b"stty size\n"[..]).await.unwrap();
+    read_until(&mut channel, &mut output, "43 132").await;
+
+    channel.data(&b"exit 6\n"[..]).await.unwrap();
+    let mut status = None;
+    let waiting = async {
+        while let Some(message) = channel.wait().await {
+            if let russh::ChannelMsg::ExitStatus { exit_status } = message {
+                status = Some(exit_status);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the channel did not close within 30 s");
+    assert_eq!(status, Some(6), "{output}");
+}
+
+#[tokio::test]
+async fn gateway_resizes_podman_terminal() {
+    if skip("gateway_resizes_podman_terminal") {
+        return;
+    }
+    let runtime = Arc::new(common::runtime().await);
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let id = start(runtime.as_ref(), &spec(&uuid, &container_command())).await;
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_resize(&served).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn gateway_resizes_crun_terminal() {
+    if skip("gateway_resizes_crun_terminal") {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let runtime = Arc::new(
+        OciRuntime::new(Path::new("crun"), cache.path(), work.path())
+            .await
+            .unwrap_or_else(|error| panic!("{error}")),
+    );
+    let source = ImageSource::Archive(
+        ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap(),
+    );
+    let uuid = new_uuid();
+    let mut container = spec(&uuid, &container_command());
+    container.image = runtime.ensure_image(&source).await.unwrap();
+    let id = start(runtime.as_ref(), &container).await;
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_resize(&served).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn gateway_channels_over_the_limit_are_rejected() {
+    if skip("gateway_channels_over_the_limit_are_rejected") {
+        return;
+    }
+    let runtime = Arc::new(common::runtime().await);
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let id = start(runtime.as_ref(), &spec(&uuid, &container_command())).await;
+    let settings = GatewaySettings {
+        max_connections: 4,
+        max_channels_per_connection: 2,
+    };
+    let served = serve_with(runtime.clone(), &id, &uuid, settings).await;
+    let client = connect_client(&served).await;
+
+    let first = client.channel_open_session().await.unwrap();
+    let second = client.channel_open_session().await.unwrap();
+    let third = client.channel_open_session().await;
+    assert!(third.is_err(), "a third channel was accepted");
+    let log = served.log.pending_lines();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("supervisor.gateway_max_channels_per_connection")),
+        "{log:?}"
+    );
+
+    // A closed channel frees its place.
+    first.close().await.unwrap();
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..100 {
+        if let Ok(channel) = client.channel_open_session().await {
+            reopened = Some(channel);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut channel = reopened.expect("no channel opened after one closed");
+    channel.exec(true, "echo reopened; exit 2").await.unwrap();
+    let mut output = String::new();
+    read_until(&mut channel, &mut output, "reopened").await;
+    drop(second);
+    runtime.remove(&id).await.unwrap();
+}
+
+/// Creates and starts a container and waits until its command has
+/// written `/etc/os-release`.
+async fn start(runtime: &dyn Runtime, spec: &ContainerSpec) -> ContainerId {
+    let id = runtime
+        .create(spec)
+        .await
+        .unwrap_or_else(|error| panic!("{error}"));
+    // The output is not read; the attach only keeps the runtime's order.
+    let _output = runtime.attach(&id).await.unwrap();
+    runtime.start(&id).await.unwrap();
+    for _ in 0..200 {
+        let written = runtime
+            .read_file(&id, "/etc/os-release", 4096)
+            .await
+            .unwrap_or_else(|error| panic!("{error}"));
+        if written.as_deref().map(|bytes| bytes.starts_with(b"ID=")) == Some(true) {
+            return id;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the container did not write /etc/os-release within 10 s");
+}
