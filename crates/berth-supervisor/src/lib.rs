@@ -51,6 +51,7 @@ pub mod spec;
 pub mod staging;
 pub mod stats;
 pub mod stop;
+pub mod tunnel;
 pub mod watch;
 
 use std::path::PathBuf;

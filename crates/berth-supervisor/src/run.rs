@@ -61,6 +61,7 @@ use crate::spec::{container_spec, SpecError};
 use crate::staging::{StagedCollections, Stager, StagingError};
 use crate::stats::{OutOfMemory, RunStats, STATS_FILE, STATS_STREAM};
 use crate::stop::StopHandle;
+use crate::tunnel::{spawn_tunnel, TunnelSettings};
 use crate::watch::spawn_cancel_watch;
 
 mod final_state;
@@ -174,14 +175,24 @@ pub async fn supervise_job(
     stop: StopHandle,
 ) -> anyhow::Result<i32> {
     let uuid = credentials.container_uuid.clone();
+    let tunnel = (!credentials.gateway_secret.is_empty()).then(|| TunnelSettings {
+        api_url: credentials.api_url.clone(),
+        gateway_secret: berth_core::Secret::new(credentials.gateway_secret.clone()),
+        insecure: credentials.insecure,
+    });
     let client = Client::new(credentials.settings())
         .with_context(|| format!("failed to build the API client for container {uuid}"))?;
     let span = tracing::info_span!("supervise", container = %uuid);
-    Ok(
-        supervise_container(&config, client, uuid, credentials_file.as_deref(), stop)
-            .instrument(span)
-            .await,
+    Ok(supervise_container(
+        &config,
+        client,
+        uuid,
+        credentials_file.as_deref(),
+        tunnel,
+        stop,
     )
+    .instrument(span)
+    .await)
 }
 
 async fn supervise_container(
@@ -189,6 +200,7 @@ async fn supervise_container(
     client: Client,
     uuid: String,
     credentials_file: Option<&Path>,
+    tunnel: Option<TunnelSettings>,
     stop: StopHandle,
 ) -> i32 {
     let journal = open_journal(config);
@@ -299,6 +311,8 @@ async fn supervise_container(
         output_pending: false,
         host_key: None,
         gateway: None,
+        tunnel_settings: tunnel,
+        tunnel: None,
     };
     let outcome = match run.execute_and_save(&container).await {
         Ok((code, output)) => Outcome::Exited(code, output),
@@ -525,9 +539,12 @@ struct Run<'a> {
     /// random source failed.
     host_key: Option<HostKey>,
     /// The SSH gateway into the running container, until the cleanup.
-    // TODO: the supervisor's tunnel hands each stream it accepts to
-    // `Gateway::serve_connection`.
     gateway: Option<Gateway>,
+    /// What the gateway's tunnel dials with; `None` without a gateway
+    /// secret.
+    tunnel_settings: Option<TunnelSettings>,
+    /// The task that keeps the gateway's tunnel up, until the cleanup.
+    tunnel: Option<AbortOnDrop>,
 }
 
 /// The container's output on its way to the log streams.
@@ -929,14 +946,21 @@ impl Run<'_> {
             client: self.client.clone(),
             uuid: self.uuid.to_string(),
         };
-        self.gateway = Some(Gateway::new(
+        let gateway = Gateway::new(
             host_key,
             target,
             GatewaySettings::from_config(self.config),
             self.log.clone(),
             Some(flag),
-        ));
+        );
         self.log.info("the SSH gateway is ready");
+        if let Some(settings) = &self.tunnel_settings {
+            match spawn_tunnel(settings, self.uuid, gateway.clone(), self.log.clone()) {
+                Ok(task) => self.tunnel = Some(AbortOnDrop(task)),
+                Err(error) => self.warn(format!("the gateway tunnel is off: {error}")),
+            }
+        }
+        self.gateway = Some(gateway);
     }
 
     async fn set_running(&self) -> Result<(), RunError> {
@@ -1005,6 +1029,7 @@ impl Run<'_> {
     async fn cleanup(&mut self) {
         // No new session starts once the container is stopping.
         self.gateway.take();
+        self.tunnel.take();
         if let (Some(runtime), Some(id)) = (self.runtime.clone(), self.container.clone()) {
             if self.started && !self.exited {
                 self.stop_container(runtime.as_ref(), &id).await;

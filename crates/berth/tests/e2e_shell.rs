@@ -1,0 +1,104 @@
+//! `berth shell` end to end on one host. The dispatcher's local backend
+//! runs the supervisor, whose gateway dials its tunnel to the controller.
+//! `berth shell` runs the real OpenSSH client with `berth ssh-proxy` as
+//! its ProxyCommand, and the command runs in the Podman container.
+//!
+//! NOTE: this test runs on loopback; the test with the compute node in a
+//! network namespace that the controller cannot reach is not written yet.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use berth_core::ContainerState;
+use common::{skip, test_image, wait_until, TestCluster};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_runs_a_command_in_the_container() {
+    if skip() {
+        return;
+    }
+    let cluster = TestCluster::start("local");
+    let token = cluster.create_user("shelly");
+    let shelly = common::client(&cluster.api_url, &token);
+    let request = shelly
+        .create_container_request(&json!({
+            "state": "Committed",
+            "priority": 1,
+            "container_image": test_image(),
+            "command": ["sleep", "600"],
+            "output_path": "/out",
+            "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
+            "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
+            "use_existing": false,
+        }))
+        .await
+        .expect("create request");
+    let uuid = request.container_uuid.clone().expect("container uuid");
+    wait_until(
+        &cluster,
+        Duration::from_secs(120),
+        "the container to run with a published host key",
+        || async {
+            let container = shelly.get_container(&uuid).await.ok()?;
+            (container.state == ContainerState::Running && container.gateway_host_key.is_some())
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The tunnel dials once the gateway is ready, so the first shell may
+    // find it not yet connected (503): try for a while.
+    let mut last = None;
+    for _ in 0..60 {
+        let output = cluster
+            .berth_command(
+                &token,
+                &[
+                    "shell",
+                    &uuid,
+                    "--",
+                    "cat /etc/os-release 2>/dev/null || echo no-os-release; exit 7",
+                ],
+            )
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if output.status.code() == Some(7) {
+            last = Some(output);
+            break;
+        }
+        last = Some(output);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let output = last.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(7), "stderr: {stderr}");
+
+    // The test image has no /etc/os-release, while the host has one.
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.trim(), "no-os-release", "stderr: {stderr}");
+    assert!(std::path::Path::new("/etc/os-release").exists());
+
+    let other = cluster.create_user("mallory");
+    let refused = cluster
+        .berth_command(&other, &["shell", &uuid, "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_ne!(refused.status.code(), Some(0));
+    let refused_stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        refused_stderr.contains("not found") || refused_stderr.contains("404"),
+        "{refused_stderr}"
+    );
+
+    shelly
+        .update_container_request(&request.uuid, &json!({"priority": 0}))
+        .await
+        .unwrap();
+}
