@@ -38,7 +38,8 @@ pub struct TunnelSettings {
 
 /// Starts keeping the tunnel of `container_uuid` up, handing each SSH
 /// stream to `gateway`. The task runs until it is aborted, or until the
-/// controller says the container no longer accepts a tunnel.
+/// controller rejects the tunnel for good because the container is no
+/// longer Locked or Running.
 pub fn spawn_tunnel(
     settings: &TunnelSettings,
     container_uuid: &str,
