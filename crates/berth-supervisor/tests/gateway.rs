@@ -289,12 +289,13 @@ async fn check_sessions(served: &Served) {
 }
 
 /// Checks `ssh -L` to the web server on the container's loopback
-/// interface, and that a host outside the container is rejected.
+/// interface, and that a host outside the container is rejected. The
+/// local ends are Unix sockets in a directory of the test's own, so no
+/// other process can take them between choosing and binding.
 async fn check_forwarding(served: &Served) {
-    let local_port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let sockets = tempfile::tempdir().unwrap();
+    let web = sockets.path().join("web.sock");
+    let outside_socket = sockets.path().join("outside.sock");
     let mut args = served.ssh_args("root", served.known_hosts.path());
     args.splice(
         0..0,
@@ -303,9 +304,9 @@ async fn check_forwarding(served: &Served) {
             "-o".to_string(),
             "ExitOnForwardFailure=yes".to_string(),
             "-L".to_string(),
-            format!("{local_port}:localhost:8080"),
+            format!("{}:localhost:8080", web.display()),
             "-L".to_string(),
-            format!("{}:10.0.0.1:80", local_port + 1),
+            format!("{}:10.0.0.1:80", outside_socket.display()),
         ],
     );
     let mut ssh = tokio::process::Command::new("ssh")
@@ -317,7 +318,7 @@ async fn check_forwarding(served: &Served) {
 
     let mut page = String::new();
     for _ in 0..200 {
-        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", local_port)).await {
+        if let Ok(mut stream) = tokio::net::UnixStream::connect(&web).await {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             stream
                 .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
@@ -333,7 +334,7 @@ async fn check_forwarding(served: &Served) {
     }
     assert!(page.contains("hello-forward"), "{page}");
 
-    let mut outside = tokio::net::TcpStream::connect(("127.0.0.1", local_port + 1))
+    let mut outside = tokio::net::UnixStream::connect(&outside_socket)
         .await
         .unwrap();
     let mut reply = Vec::new();
