@@ -10,14 +10,17 @@
 #   service-status  report whether the API service responds; exit 1 if not
 #
 # The fix-ups, each applied only when needed (so a second run changes nothing):
-#   1. apt-get install podman crun curl python3 util-linux. Podman's
+#   1. apt-get install podman crun curl python3 util-linux openssh-client
+#      bsdutils iproute2 nftables tmux. Podman's
 #      recommended packages are kept (catatonit for --init, slirp4netns,
 #      fuse-overlayfs, uidmap): that is the combination this set-up was
 #      tested with. The supervisor's `oci` runtime tests run crun directly,
 #      and its Singularity stand-in (crates/berth-supervisor/tests/stand-ins)
 #      runs on python3 with util-linux's unshare and mount. The SSH gateway
 #      tests drive the OpenSSH client (`ssh`), on a terminal from bsdutils'
-#      `script` for the interactive session.
+#      `script` or from tmux for the interactive session. The shell tests
+#      put the compute node in a network namespace (iproute2's `ip netns`)
+#      behind an nftables firewall.
 #   2. cgroups: on a host with the hybrid layout (cgroup v1 controllers under
 #      /sys/fs/cgroup plus a cgroup2 tree at /sys/fs/cgroup/unified), crun
 #      refuses to create containers while the v2 tree still owns a controller
@@ -89,7 +92,7 @@ if [ "$command" = service-status ]; then
 fi
 
 # --------------------------------------------------------------- install
-apt_install podman crun curl python3 util-linux openssh-client bsdutils
+apt_install podman crun curl python3 util-linux openssh-client bsdutils iproute2 nftables tmux
 command -v podman >/dev/null || die "podman not found on PATH although its package is installed"
 
 # --------------------------------------------------------------- cgroups

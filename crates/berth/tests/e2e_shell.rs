@@ -2,9 +2,8 @@
 //! runs the supervisor, whose gateway dials its tunnel to the controller.
 //! `berth shell` runs the real OpenSSH client with `berth ssh-proxy` as
 //! its ProxyCommand, and the command runs in the Podman container.
-//!
-//! NOTE: this test runs on loopback; the test with the compute node in a
-//! network namespace that the controller cannot reach is not written yet.
+//! `e2e_shell_netns.rs` runs the shell's end-to-end tests with the compute
+//! node in a network namespace that the controller cannot connect to.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

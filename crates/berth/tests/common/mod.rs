@@ -18,6 +18,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -122,6 +124,13 @@ pub struct ClusterOptions {
     pub log_requests: bool,
     /// Extra keys of the `supervisor` section, one `key: value` per line.
     pub supervisor: Vec<String>,
+    /// The address the controller listens on, port 0; `None` is
+    /// 127.0.0.1. A compute node in a network namespace needs the address
+    /// of its link to the root namespace.
+    pub listen_address: Option<std::net::IpAddr>,
+    /// Program and arguments that the dispatcher's command line follows,
+    /// such as `ip netns exec NAMESPACE`; empty runs it directly.
+    pub dispatcher_prefix: Vec<String>,
 }
 
 /// A running controller and dispatcher.
@@ -133,6 +142,7 @@ pub struct TestCluster {
     pub system_token: String,
     controller: Child,
     dispatcher: Option<Child>,
+    dispatcher_prefix: Vec<String>,
     backend: String,
 }
 
@@ -190,6 +200,7 @@ impl TestCluster {
             system_token,
             controller,
             dispatcher: None,
+            dispatcher_prefix: options.dispatcher_prefix.clone(),
             backend: backend.to_string(),
         };
         cluster.start_dispatcher();
@@ -202,8 +213,17 @@ impl TestCluster {
             "the dispatcher is already running"
         );
         // Its own process group, so that kill_dispatcher_group reaches the
-        // commands it runs.
-        let child = Command::new(berth_bin())
+        // commands it runs. A prefix such as `ip netns exec` execs berth,
+        // so the child's pid is the dispatcher's.
+        let mut command = match self.dispatcher_prefix.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(berth_bin());
+                command
+            }
+            None => Command::new(berth_bin()),
+        };
+        let child = command
             .args(["dispatch", "--config"])
             .arg(&self.config)
             .process_group(0)
@@ -279,7 +299,13 @@ impl TestCluster {
             .expect("the API URL has a host and port")
             .to_string();
         let text = std::fs::read_to_string(&self.config).expect("failed to read the configuration");
-        let text = text.replace("listen: 127.0.0.1:0", &format!("listen: {address}"));
+        let text: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("  listen: ") {
+                Some(_) => format!("  listen: {address}\n"),
+                None => format!("{line}\n"),
+            })
+            .collect();
         std::fs::write(&self.config, text).expect("failed to write the configuration");
         let mut controller = Command::new(berth_bin())
             .args(["controller", "--config"])
@@ -455,10 +481,16 @@ fn write_config(
 ) {
     let docker_host =
         std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///tmp/podman.sock".into());
+    let listen = std::net::SocketAddr::new(
+        options
+            .listen_address
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        0,
+    );
     let mut text = format!(
         "cluster_id: {cluster_id}\n\
          system_token_file: {token}\n\
-         controller:\n  listen: 127.0.0.1:0\n  database_url: sqlite://{db}\n\
+         controller:\n  listen: {listen}\n  database_url: sqlite://{db}\n\
          \x20 blocks:\n    directory: {blocks}\n\
          supervisor:\n  docker_host: {docker_host}\n  journal_dir: {journal}\n",
         token = token_file.display(),
