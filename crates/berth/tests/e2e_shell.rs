@@ -1,103 +1,627 @@
-//! `berth shell` end to end on one host. The dispatcher's local backend
-//! runs the supervisor, whose gateway dials its tunnel to the controller.
-//! `berth shell` runs the real OpenSSH client with `berth ssh-proxy` as
-//! its ProxyCommand, and the command runs in the Podman container.
-//! `e2e_shell_netns.rs` runs the shell's end-to-end tests with the compute
-//! node in a network namespace that the controller cannot connect to.
+//! `berth shell`, `berth ssh-config` with plain `ssh`, and their
+//! refusals, end to end with the compute node in a network namespace that
+//! the controller cannot open connections to (see `common/netns.rs`).
+//!
+//! The controller runs in the root namespace on the namespace link's
+//! address. The dispatcher runs in the node's namespace through `ip netns
+//! exec`, so its local backend's `berth supervise`, and the supervisor's
+//! gateway tunnel, start from the node. The container runs in Podman,
+//! which the supervisor reaches over its Unix socket. The client side is
+//! the real OpenSSH client with `berth ssh-proxy`, in the root namespace.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::process::Stdio;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use berth_core::ContainerState;
-use common::{skip, test_image, wait_until, TestCluster};
+use common::netns::NodeNamespace;
+use common::{skip, test_image, wait_until, ClusterOptions, TestCluster};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn shell_runs_a_command_in_the_container() {
-    if skip() {
-        return;
-    }
-    let cluster = TestCluster::start("local");
-    let token = cluster.create_user("shelly");
-    let shelly = common::client(&cluster.api_url, &token);
-    let request = shelly
+/// How long a container may take to run with a published host key.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long the gateway's tunnel may take to connect once the host key is
+/// published, and a forwarded port to respond.
+const SHELL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The port busybox httpd listens on inside the container, on loopback.
+const HTTP_PORT: u16 = 8080;
+
+/// Lines of `seq 1 N` that the container serves over HTTP.
+const SERVED_NUMBERS: u32 = 20_000;
+
+/// Starts a cluster whose dispatcher, and so whose supervisors, run in
+/// `node`, with the controller on the root side of the node's link.
+fn start_isolated_cluster(node: &NodeNamespace) -> TestCluster {
+    let options = ClusterOptions {
+        listen_address: Some(node.host_address.into()),
+        dispatcher_prefix: node.exec_prefix(),
+        ..ClusterOptions::default()
+    };
+    let cluster = TestCluster::start_with("local", &options);
+
+    // The isolation holds for the real controller's port too.
+    node.assert_node_reaches(controller_address(&cluster));
+    node.assert_host_cannot_reach_node();
+    cluster
+}
+
+/// Returns the controller's listening address from its API URL.
+fn controller_address(cluster: &TestCluster) -> SocketAddr {
+    let url = url::Url::parse(&cluster.api_url).expect("the API URL is invalid");
+    url.socket_addrs(|| None)
+        .expect("the API URL has no address")
+        .into_iter()
+        .next()
+        .expect("the API URL has no address")
+}
+
+/// Builds the content of the container's `/etc/os-release`, which the
+/// container writes when it starts because the test image has none.
+fn container_os_release(mark: &str) -> String {
+    format!("NAME=\"Berth shell test\"\nID=berth-shell-test\nBERTH_MARK={mark}\n")
+}
+
+/// Starts a container that writes `/etc/os-release`, serves `seq 1
+/// SERVED_NUMBERS` as `/www/numbers` with busybox httpd on 127.0.0.1:8080
+/// and then sleeps. Returns the request's and the container's UUID once
+/// the container runs with a published host key.
+async fn start_shell_container(
+    cluster: &TestCluster,
+    token: &str,
+    os_release: &str,
+) -> (String, String) {
+    let script = format!(
+        "printf '%s' '{os_release}' > /etc/os-release && mkdir -p /www && \
+         seq 1 {SERVED_NUMBERS} > /www/numbers && \
+         httpd -p 127.0.0.1:{HTTP_PORT} -h /www && exec sleep 600"
+    );
+    let client = common::client(&cluster.api_url, token);
+    let request = client
         .create_container_request(&json!({
             "state": "Committed",
             "priority": 1,
             "container_image": test_image(),
-            "command": ["sleep", "600"],
+            "command": ["sh", "-c", script],
             "output_path": "/out",
             "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
             "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
             "use_existing": false,
         }))
         .await
-        .expect("create request");
-    let uuid = request.container_uuid.clone().expect("container uuid");
+        .expect("failed to create the container request");
+    let uuid = request
+        .container_uuid
+        .clone()
+        .expect("the request has no container");
     wait_until(
-        &cluster,
-        Duration::from_secs(120),
+        cluster,
+        START_TIMEOUT,
         "the container to run with a published host key",
         || async {
-            let container = shelly.get_container(&uuid).await.ok()?;
+            let container = client.get_container(&uuid).await.ok()?;
             (container.state == ContainerState::Running && container.gateway_host_key.is_some())
                 .then_some(())
         },
     )
     .await;
+    (request.uuid, uuid)
+}
 
-    // The tunnel dials once the gateway is ready, so the first shell may
-    // find it not yet connected (503): try for a while.
-    let mut last = None;
-    for _ in 0..60 {
-        let output = cluster
-            .berth_command(
-                &token,
-                &[
-                    "shell",
-                    &uuid,
-                    "--",
-                    "cat /etc/os-release 2>/dev/null || echo no-os-release; exit 7",
-                ],
-            )
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        if output.status.code() == Some(7) {
-            last = Some(output);
-            break;
-        }
-        last = Some(output);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+/// Waits until a command through `berth shell` runs, which needs the
+/// gateway's tunnel to be connected.
+async fn wait_for_shell(cluster: &TestCluster, token: &str, uuid: &str) {
+    wait_until(
+        cluster,
+        SHELL_TIMEOUT,
+        "a command to run through berth shell",
+        || async {
+            let mut command = cluster.berth_command(token, &["shell", uuid, "--", "exit 7"]);
+            command.stdin(Stdio::null());
+            let output = tokio::process::Command::from(command).output().await.ok()?;
+            (output.status.code() == Some(7)).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Cancels the request and waits until its container has stopped, so no
+/// Podman container outlives the test.
+async fn cancel_and_wait(cluster: &TestCluster, token: &str, request_uuid: &str, uuid: &str) {
+    let client = common::client(&cluster.api_url, token);
+    client
+        .update_container_request(request_uuid, &json!({"priority": 0}))
+        .await
+        .expect("failed to cancel the container request");
+    wait_until(cluster, START_TIMEOUT, "the container to stop", || async {
+        let container = client.get_container(uuid).await.ok()?;
+        container.state.is_final().then_some(())
+    })
+    .await;
+}
+
+/// Panics unless a process in the node's namespace runs `berth supervise`
+/// for `uuid`.
+fn assert_supervisor_in(node: &NodeNamespace, uuid: &str) {
+    let command_lines = node.process_command_lines();
+    assert!(
+        command_lines
+            .iter()
+            .any(|line| line.contains("supervise") && line.contains(uuid)),
+        "no berth supervise for {uuid} runs in {}: {command_lines:?}",
+        node.name
+    );
+}
+
+/// Returns `program` with the cluster's API host and `token` in its
+/// environment, as `berth ssh-proxy` needs under plain `ssh`.
+fn with_api_environment(cluster: &TestCluster, token: &str, program: &str) -> Command {
+    let mut command = Command::new(program);
+    command
+        .env_remove("ARVADOS_API_HOST")
+        .env_remove("ARVADOS_API_TOKEN")
+        .env("BERTH_API_HOST", &cluster.api_url)
+        .env("BERTH_API_TOKEN", token);
+    command
+}
+
+fn stderr_of(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    let output = last.unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(7), "stderr: {stderr}");
+}
 
-    // The test image has no /etc/os-release, while the host has one.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(stdout.trim(), "no-os-release", "stderr: {stderr}");
-    assert!(std::path::Path::new("/etc/os-release").exists());
+/// Removes the Podman containers of a Berth container when dropped, so a
+/// failed test leaves none running.
+struct RemovePodmanContainers(String);
 
-    let other = cluster.create_user("mallory");
-    let refused = cluster
-        .berth_command(&other, &["shell", &uuid, "--", "true"])
+impl Drop for RemovePodmanContainers {
+    fn drop(&mut self) {
+        for name in common::podman_containers_for(&self.0) {
+            let _ = Command::new("podman")
+                .args(["rm", "--force", &name])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A tmux server on a socket of its own, killed when dropped.
+struct Tmux {
+    socket: std::path::PathBuf,
+}
+
+impl Tmux {
+    /// Starts a detached session running `shell_command`. The server, and
+    /// so the session, get the environment of `command`, a tmux command.
+    fn start(mut command: Command, socket: &Path, shell_command: &str) -> Tmux {
+        let output = command
+            .env_remove("TMUX")
+            .arg("-S")
+            .arg(socket)
+            .args(["new-session", "-d", "-x", "120", "-y", "30", shell_command])
+            .output()
+            .expect("failed to run tmux: install tmux");
+        assert!(
+            output.status.success(),
+            "tmux new-session failed: {}",
+            stderr_of(&output)
+        );
+        Tmux {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("failed to run tmux")
+    }
+
+    /// Returns the text on the session's screen.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.run(&["capture-pane", "-p"]).stdout).into_owned()
+    }
+
+    /// Types `text` and then Enter.
+    fn type_line(&self, text: &str) {
+        let typed = self.run(&["send-keys", "-l", text]);
+        assert!(
+            typed.status.success(),
+            "tmux send-keys failed: {}",
+            stderr_of(&typed)
+        );
+        let entered = self.run(&["send-keys", "Enter"]);
+        assert!(
+            entered.status.success(),
+            "tmux send-keys failed: {}",
+            stderr_of(&entered)
+        );
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// Fetches `path` over plain HTTP from 127.0.0.1:`port`, with no proxy.
+async fn http_get(port: u16, path: &str) -> Option<Vec<u8>> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .ok()?;
+    let response = client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    Some(response.bytes().await.ok()?.to_vec())
+}
+
+/// Returns a loopback port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("failed to find a free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_reaches_an_isolated_node() {
+    if skip() {
+        return;
+    }
+    let node = NodeNamespace::create();
+    let cluster = start_isolated_cluster(&node);
+    let token = cluster.create_user("shelly");
+    let mark = format!("{:016x}", rand::random::<u64>());
+    let os_release = container_os_release(&mark);
+    let (request_uuid, uuid) = start_shell_container(&cluster, &token, &os_release).await;
+    let _podman_cleanup = RemovePodmanContainers(uuid.clone());
+    assert_supervisor_in(&node, &uuid);
+    wait_for_shell(&cluster, &token, &uuid).await;
+    let dir = tempfile::tempdir().unwrap();
+
+    // A command's output is the container's file, not the host's.
+    let output = cluster
+        .berth_command(&token, &["shell", &uuid, "--", "cat /etc/os-release"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert_ne!(refused.status.code(), Some(0));
-    let refused_stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        stderr_of(&output)
+    );
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(printed, os_release, "stderr: {}", stderr_of(&output));
+    let host_os_release = std::fs::read_to_string("/etc/os-release").unwrap();
+    assert_ne!(printed, host_os_release);
+
+    // An interactive session on a terminal: the typed command runs on a
+    // pseudo-terminal, and the session's exit status is berth shell's.
+    let status_file = dir.path().join("shell-status");
+    let tmux = Tmux::start(
+        with_api_environment(&cluster, &token, "tmux"),
+        &dir.path().join("tmux.sock"),
+        &format!(
+            "{} shell {uuid}; echo $? > {}",
+            common::berth_bin(),
+            status_file.display()
+        ),
+    );
+    wait_until(&cluster, SHELL_TIMEOUT, "the shell's prompt", || async {
+        let screen = tmux.screen();
+        screen
+            .lines()
+            .any(|line| line.trim_end().ends_with('#'))
+            .then_some(())
+    })
+    .await;
+    tmux.type_line("echo typed-$((6 * 7)); tty");
+    let screen = wait_until(
+        &cluster,
+        SHELL_TIMEOUT,
+        "the typed command's output",
+        || async {
+            let screen = tmux.screen();
+            (screen.contains("typed-42")
+                && screen
+                    .lines()
+                    .any(|line| line.starts_with("/dev/") || line.starts_with("not a tty")))
+            .then_some(screen)
+        },
+    )
+    .await;
     assert!(
-        refused_stderr.contains("not found") || refused_stderr.contains("404"),
-        "{refused_stderr}"
+        screen.lines().any(|line| line.starts_with("/dev/pts/")),
+        "tty printed no /dev/pts device:\n{screen}"
+    );
+    tmux.type_line("exit 5");
+    let status = wait_until(&cluster, SHELL_TIMEOUT, "berth shell to exit", || async {
+        let text = std::fs::read_to_string(&status_file).ok()?;
+        text.ends_with('\n').then(|| text.trim().to_string())
+    })
+    .await;
+    assert_eq!(status, "5", "screen:\n{}", tmux.screen());
+    drop(tmux);
+
+    // Plain ssh with the snippet of berth ssh-config.
+    let known_hosts = dir.path().join("known_hosts");
+    let snippet = cluster.berth(
+        &token,
+        &["ssh-config", "--known-hosts", known_hosts.to_str().unwrap()],
+    );
+    assert!(snippet.status.success(), "{}", stderr_of(&snippet));
+    let ssh_config = dir.path().join("ssh_config");
+    std::fs::write(&ssh_config, &snippet.stdout).unwrap();
+    let host = format!("{uuid}.berth");
+    let output = with_api_environment(&cluster, &token, "ssh")
+        .arg("-F")
+        .arg(&ssh_config)
+        .args([&host, "cat /etc/os-release; exit 3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(3),
+        "stderr: {}",
+        stderr_of(&output)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), os_release);
+
+    // ssh -L reaches busybox httpd on the container's loopback interface.
+    let port = free_port();
+    let forward = format!("127.0.0.1:{port}:127.0.0.1:{HTTP_PORT}");
+    let forward_log = dir.path().join("ssh-forward.log");
+    let mut tunnel = KillOnDrop(
+        with_api_environment(&cluster, &token, "ssh")
+            .arg("-F")
+            .arg(&ssh_config)
+            .args([
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-L",
+                &forward,
+                &host,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&forward_log).unwrap())
+            .spawn()
+            .expect("failed to run ssh -L"),
+    );
+    let fetched = wait_until(
+        &cluster,
+        SHELL_TIMEOUT,
+        "the forwarded port to respond",
+        || {
+            // ssh exits when it cannot set up the forward.
+            let exited = tunnel.0.try_wait().ok().flatten();
+            async move {
+                if let Some(status) = exited {
+                    return Some(Err(status));
+                }
+                http_get(port, "/numbers").await.map(Ok)
+            }
+        },
+    )
+    .await;
+    let body = fetched.unwrap_or_else(|status| {
+        panic!(
+            "ssh -L exited ({status}): {}",
+            std::fs::read_to_string(&forward_log).unwrap_or_default()
+        )
+    });
+    let expected: String = (1..=SERVED_NUMBERS).map(|n| format!("{n}\n")).collect();
+    assert_eq!(body.len(), expected.len());
+    assert!(body == expected.as_bytes(), "the forwarded file differs");
+
+    cancel_and_wait(&cluster, &token, &request_uuid, &uuid).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shell_refusals_on_an_isolated_node() {
+    if skip() {
+        return;
+    }
+    let node = NodeNamespace::create();
+    let mut cluster = start_isolated_cluster(&node);
+    let token = cluster.create_user("shelly");
+    let os_release = container_os_release("refusals");
+    let (request_uuid, uuid) = start_shell_container(&cluster, &token, &os_release).await;
+    let _podman_cleanup = RemovePodmanContainers(uuid.clone());
+    wait_for_shell(&cluster, &token, &uuid).await;
+
+    // Another user's container is not found for that user.
+    let mallory = cluster.create_user("mallory");
+    let rejected = cluster
+        .berth_command(&mallory, &["shell", &uuid, "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&rejected);
+    assert_ne!(rejected.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stderr.contains(&uuid), "{stderr}");
+    assert!(stderr.contains("404"), "{stderr}");
+
+    // A host key on the record that the gateway does not have: ssh's strict
+    // checking rejects the gateway. An administrator changes the record
+    // through the API, as a tampered record would.
+    let system = cluster.system_client();
+    let published = system
+        .get_container(&uuid)
+        .await
+        .unwrap()
+        .gateway_host_key
+        .unwrap();
+    let wrong_key = generate_public_key(&cluster.dir.path().join("wrong_host_key"));
+    assert_ne!(wrong_key, published);
+    system
+        .update_container(&uuid, &json!({"gateway_host_key": wrong_key}))
+        .await
+        .expect("failed to change the container's gateway_host_key");
+    let rejected = cluster
+        .berth_command(&token, &["shell", &uuid, "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&rejected);
+    assert_eq!(rejected.status.code(), Some(255), "stderr: {stderr}");
+    assert!(stderr.contains("Host key verification failed"), "{stderr}");
+
+    // With the published key back, the same shell works.
+    system
+        .update_container(&uuid, &json!({"gateway_host_key": published}))
+        .await
+        .expect("failed to restore the container's gateway_host_key");
+    let output = cluster
+        .berth_command(&token, &["shell", &uuid, "--", "true"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        stderr_of(&output)
     );
 
-    shelly
-        .update_container_request(&request.uuid, &json!({"priority": 0}))
-        .await
+    // A controller with shell access turned off rejects the shell.
+    cluster.stop_controller();
+    let config = std::fs::read_to_string(&cluster.config).unwrap();
+    let config = config.replacen("controller:\n", "controller:\n  shell_access: false\n", 1);
+    std::fs::write(&cluster.config, config).unwrap();
+    cluster.restart_controller();
+    let rejected = cluster
+        .berth_command(&token, &["shell", &uuid, "--", "true"])
+        .stdin(Stdio::null())
+        .output()
         .unwrap();
+    let stderr = stderr_of(&rejected);
+    assert_ne!(rejected.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("shell access is turned off"), "{stderr}");
+
+    cancel_and_wait(&cluster, &token, &request_uuid, &uuid).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "scp needs an sftp subsystem, which the gateway does not have yet"]
+async fn scp_copies_files_to_an_isolated_node() {
+    use sha2::{Digest, Sha256};
+
+    if skip() {
+        return;
+    }
+    let node = NodeNamespace::create();
+    let cluster = start_isolated_cluster(&node);
+    let token = cluster.create_user("shelly");
+    let os_release = container_os_release("scp");
+    let (request_uuid, uuid) = start_shell_container(&cluster, &token, &os_release).await;
+    let _podman_cleanup = RemovePodmanContainers(uuid.clone());
+    wait_for_shell(&cluster, &token, &uuid).await;
+    let dir = tempfile::tempdir().unwrap();
+    let known_hosts = dir.path().join("known_hosts");
+    let snippet = cluster.berth(
+        &token,
+        &["ssh-config", "--known-hosts", known_hosts.to_str().unwrap()],
+    );
+    assert!(snippet.status.success(), "{}", stderr_of(&snippet));
+    let ssh_config = dir.path().join("ssh_config");
+    std::fs::write(&ssh_config, &snippet.stdout).unwrap();
+    let host = format!("{uuid}.berth");
+
+    // Random bytes, so that any changed, lost or added byte shows.
+    let content: Vec<u8> = (0..(1 << 20)).map(|_| rand::random::<u8>()).collect();
+    let upload = dir.path().join("upload.bin");
+    std::fs::write(&upload, &content).unwrap();
+    let output = with_api_environment(&cluster, &token, "scp")
+        .arg("-F")
+        .arg(&ssh_config)
+        .arg(&upload)
+        .arg(format!("{host}:/tmp/copied.bin"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "scp into the container failed: {}",
+        stderr_of(&output)
+    );
+
+    // The container's own checksum of the copy.
+    let output = with_api_environment(&cluster, &token, "ssh")
+        .arg("-F")
+        .arg(&ssh_config)
+        .args([&host, "sha256sum /tmp/copied.bin"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr_of(&output));
+    let expected_digest = hex::encode(Sha256::digest(&content));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        printed.split_whitespace().next(),
+        Some(expected_digest.as_str())
+    );
+
+    let download = dir.path().join("download.bin");
+    let output = with_api_environment(&cluster, &token, "scp")
+        .arg("-F")
+        .arg(&ssh_config)
+        .arg(format!("{host}:/tmp/copied.bin"))
+        .arg(&download)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "scp out of the container failed: {}",
+        stderr_of(&output)
+    );
+    let downloaded = std::fs::read(&download).unwrap();
+    assert_eq!(downloaded.len(), content.len());
+    assert!(downloaded == content, "the downloaded file differs");
+
+    cancel_and_wait(&cluster, &token, &request_uuid, &uuid).await;
+}
+
+/// Makes an Ed25519 key pair with ssh-keygen at `path` and returns the
+/// public key as `ALGORITHM BASE64`.
+fn generate_public_key(path: &Path) -> String {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("failed to run ssh-keygen");
+    assert!(status.success(), "ssh-keygen failed: {status}");
+    let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+    let mut fields = public.split_whitespace();
+    format!("{} {}", fields.next().unwrap(), fields.next().unwrap())
 }

@@ -40,7 +40,7 @@ use nix::sched::CloneFlags;
 
 /// The lock that makes choosing an index and creating its namespace one
 /// step across test processes.
-pub const LOCK_FILE: &str = "/run/lock/berth-test-netns.lock";
+pub const LOCK_FILE: &str = "/run/berth-test-netns.lock";
 
 /// Prefix of the namespaces this harness makes.
 const NAMESPACE_PREFIX: &str = "berth-n";
