@@ -14,7 +14,7 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -35,6 +35,137 @@ const HTTP_PORT: u16 = 8080;
 
 /// Lines of `seq 1 N` that the container serves over HTTP.
 const SERVED_NUMBERS: u32 = 20_000;
+
+/// A running container on a compute node in a network namespace, with its
+/// cluster and its owner's token. Fields drop in declaration order: the
+/// Podman containers, then the cluster, then the namespace.
+struct IsolatedShell {
+    _podman_cleanup: RemovePodmanContainers,
+    cluster: TestCluster,
+    node: NodeNamespace,
+    token: String,
+    request_uuid: String,
+    uuid: String,
+    /// The content of the container's `/etc/os-release`.
+    os_release: String,
+}
+
+impl IsolatedShell {
+    /// Makes the namespace and the cluster, starts the container described
+    /// at [`container_script`] for a new user, checks that its supervisor
+    /// runs in the namespace and waits until a shell works.
+    async fn start() -> IsolatedShell {
+        let node = NodeNamespace::create();
+        let cluster = start_isolated_cluster(&node);
+        let token = cluster.create_user("shelly");
+        let mark = format!("{:016x}", rand::random::<u64>());
+        let os_release =
+            format!("NAME=\"Berth shell test\"\nID=berth-shell-test\nBERTH_MARK={mark}\n");
+        let (request_uuid, uuid) =
+            start_container(&cluster, &token, &container_script(&os_release)).await;
+        let shell = IsolatedShell {
+            _podman_cleanup: RemovePodmanContainers(uuid.clone()),
+            cluster,
+            node,
+            token,
+            request_uuid,
+            uuid,
+            os_release,
+        };
+        shell.assert_supervisor_in_node();
+        shell.wait_until_ready().await;
+        shell
+    }
+
+    /// Runs `berth shell UUID -- COMMAND` as `token`, with no terminal.
+    fn run(&self, token: &str, command: &str) -> Output {
+        self.cluster
+            .berth_command(token, &["shell", &self.uuid, "--", command])
+            .stdin(Stdio::null())
+            .output()
+            .expect("failed to run berth shell")
+    }
+
+    /// Waits until a command through `berth shell` runs, which needs the
+    /// gateway's tunnel to be connected.
+    async fn wait_until_ready(&self) {
+        wait_until(
+            &self.cluster,
+            SHELL_TIMEOUT,
+            "a command to run through berth shell",
+            || async {
+                let mut command = self
+                    .cluster
+                    .berth_command(&self.token, &["shell", &self.uuid, "--", "exit 7"]);
+                command.stdin(Stdio::null());
+                let output = tokio::process::Command::from(command).output().await.ok()?;
+                (output.status.code() == Some(7)).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Panics unless a process in the node's namespace runs `berth
+    /// supervise` for the container.
+    fn assert_supervisor_in_node(&self) {
+        let command_lines = self.node.process_command_lines();
+        assert!(
+            command_lines
+                .iter()
+                .any(|line| line.contains("supervise") && line.contains(&self.uuid)),
+            "no berth supervise for {} runs in {}: {command_lines:?}",
+            self.uuid,
+            self.node.name
+        );
+    }
+
+    /// Writes the snippet of `berth ssh-config`, with its known_hosts file,
+    /// into `dir` and returns the snippet's path.
+    fn write_ssh_config(&self, dir: &Path) -> PathBuf {
+        let known_hosts = dir.join("known_hosts");
+        let snippet = self.cluster.berth(
+            &self.token,
+            &["ssh-config", "--known-hosts", known_hosts.to_str().unwrap()],
+        );
+        assert!(snippet.status.success(), "{}", stderr_of(&snippet));
+        let ssh_config = dir.join("ssh_config");
+        std::fs::write(&ssh_config, &snippet.stdout).unwrap();
+        ssh_config
+    }
+
+    /// Returns `program` (ssh or scp) with `-F ssh_config` and the API
+    /// host and token in its environment, which `berth ssh-proxy` reads.
+    fn ssh_command(&self, program: &str, ssh_config: &Path) -> Command {
+        let mut command = with_api_environment(&self.cluster, &self.token, program);
+        command.arg("-F").arg(ssh_config).stdin(Stdio::null());
+        command
+    }
+
+    /// Returns the host name of the container in the ssh-config snippet.
+    fn host_name(&self) -> String {
+        format!("{}.berth", self.uuid)
+    }
+
+    /// Cancels the request and waits until its container has stopped, so no
+    /// supervisor or Podman container outlives the test.
+    async fn stop(&self) {
+        let client = common::client(&self.cluster.api_url, &self.token);
+        client
+            .update_container_request(&self.request_uuid, &json!({"priority": 0}))
+            .await
+            .expect("failed to cancel the container request");
+        wait_until(
+            &self.cluster,
+            START_TIMEOUT,
+            "the container to stop",
+            || async {
+                let container = client.get_container(&self.uuid).await.ok()?;
+                container.state.is_final().then_some(())
+            },
+        )
+        .await;
+    }
+}
 
 /// Starts a cluster whose dispatcher, and so whose supervisors, run in
 /// `node`, with the controller on the root side of the node's link.
@@ -62,26 +193,22 @@ fn controller_address(cluster: &TestCluster) -> SocketAddr {
         .expect("the API URL has no address")
 }
 
-/// Builds the content of the container's `/etc/os-release`, which the
-/// container writes when it starts because the test image has none.
-fn container_os_release(mark: &str) -> String {
-    format!("NAME=\"Berth shell test\"\nID=berth-shell-test\nBERTH_MARK={mark}\n")
-}
-
-/// Starts a container that writes `/etc/os-release`, serves `seq 1
-/// SERVED_NUMBERS` as `/www/numbers` with busybox httpd on 127.0.0.1:8080
-/// and then sleeps. Returns the request's and the container's UUID once
-/// the container runs with a published host key.
-async fn start_shell_container(
-    cluster: &TestCluster,
-    token: &str,
-    os_release: &str,
-) -> (String, String) {
-    let script = format!(
+/// Builds the container's shell script: write `os_release` to
+/// `/etc/os-release` (the test image has none), serve `seq 1
+/// SERVED_NUMBERS` as `/www/numbers` with busybox httpd on
+/// 127.0.0.1:HTTP_PORT, then sleep.
+fn container_script(os_release: &str) -> String {
+    format!(
         "printf '%s' '{os_release}' > /etc/os-release && mkdir -p /www && \
          seq 1 {SERVED_NUMBERS} > /www/numbers && \
          httpd -p 127.0.0.1:{HTTP_PORT} -h /www && exec sleep 600"
-    );
+    )
+}
+
+/// Starts a container running `script` for `token`'s user. Returns the
+/// request's and the container's UUID once the container runs with a
+/// published host key.
+async fn start_container(cluster: &TestCluster, token: &str, script: &str) -> (String, String) {
     let client = common::client(&cluster.api_url, token);
     let request = client
         .create_container_request(&json!({
@@ -112,51 +239,6 @@ async fn start_shell_container(
     )
     .await;
     (request.uuid, uuid)
-}
-
-/// Waits until a command through `berth shell` runs, which needs the
-/// gateway's tunnel to be connected.
-async fn wait_for_shell(cluster: &TestCluster, token: &str, uuid: &str) {
-    wait_until(
-        cluster,
-        SHELL_TIMEOUT,
-        "a command to run through berth shell",
-        || async {
-            let mut command = cluster.berth_command(token, &["shell", uuid, "--", "exit 7"]);
-            command.stdin(Stdio::null());
-            let output = tokio::process::Command::from(command).output().await.ok()?;
-            (output.status.code() == Some(7)).then_some(())
-        },
-    )
-    .await;
-}
-
-/// Cancels the request and waits until its container has stopped, so no
-/// Podman container outlives the test.
-async fn cancel_and_wait(cluster: &TestCluster, token: &str, request_uuid: &str, uuid: &str) {
-    let client = common::client(&cluster.api_url, token);
-    client
-        .update_container_request(request_uuid, &json!({"priority": 0}))
-        .await
-        .expect("failed to cancel the container request");
-    wait_until(cluster, START_TIMEOUT, "the container to stop", || async {
-        let container = client.get_container(uuid).await.ok()?;
-        container.state.is_final().then_some(())
-    })
-    .await;
-}
-
-/// Panics unless a process in the node's namespace runs `berth supervise`
-/// for `uuid`.
-fn assert_supervisor_in(node: &NodeNamespace, uuid: &str) {
-    let command_lines = node.process_command_lines();
-    assert!(
-        command_lines
-            .iter()
-            .any(|line| line.contains("supervise") && line.contains(uuid)),
-        "no berth supervise for {uuid} runs in {}: {command_lines:?}",
-        node.name
-    );
 }
 
 /// Returns `program` with the cluster's API host and `token` in its
@@ -294,23 +376,13 @@ async fn shell_reaches_an_isolated_node() {
     if skip() {
         return;
     }
-    let node = NodeNamespace::create();
-    let cluster = start_isolated_cluster(&node);
-    let token = cluster.create_user("shelly");
-    let mark = format!("{:016x}", rand::random::<u64>());
-    let os_release = container_os_release(&mark);
-    let (request_uuid, uuid) = start_shell_container(&cluster, &token, &os_release).await;
-    let _podman_cleanup = RemovePodmanContainers(uuid.clone());
-    assert_supervisor_in(&node, &uuid);
-    wait_for_shell(&cluster, &token, &uuid).await;
+    let shell = IsolatedShell::start().await;
+    let cluster = &shell.cluster;
+    let uuid = &shell.uuid;
     let dir = tempfile::tempdir().unwrap();
 
     // A command's output is the container's file, not the host's.
-    let output = cluster
-        .berth_command(&token, &["shell", &uuid, "--", "cat /etc/os-release"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let output = shell.run(&shell.token, "cat /etc/os-release");
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -318,7 +390,7 @@ async fn shell_reaches_an_isolated_node() {
         stderr_of(&output)
     );
     let printed = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(printed, os_release, "stderr: {}", stderr_of(&output));
+    assert_eq!(printed, shell.os_release, "stderr: {}", stderr_of(&output));
     let host_os_release = std::fs::read_to_string("/etc/os-release").unwrap();
     assert_ne!(printed, host_os_release);
 
@@ -326,7 +398,7 @@ async fn shell_reaches_an_isolated_node() {
     // pseudo-terminal, and the session's exit status is berth shell's.
     let status_file = dir.path().join("shell-status");
     let tmux = Tmux::start(
-        with_api_environment(&cluster, &token, "tmux"),
+        with_api_environment(cluster, &shell.token, "tmux"),
         &dir.path().join("tmux.sock"),
         &format!(
             "{} shell {uuid}; echo $? > {}",
@@ -334,7 +406,7 @@ async fn shell_reaches_an_isolated_node() {
             status_file.display()
         ),
     );
-    wait_until(&cluster, SHELL_TIMEOUT, "the shell's prompt", || async {
+    wait_until(cluster, SHELL_TIMEOUT, "the shell's prompt", || async {
         let screen = tmux.screen();
         screen
             .lines()
@@ -344,7 +416,7 @@ async fn shell_reaches_an_isolated_node() {
     .await;
     tmux.type_line("echo typed-$((6 * 7)); tty");
     let screen = wait_until(
-        &cluster,
+        cluster,
         SHELL_TIMEOUT,
         "the typed command's output",
         || async {
@@ -362,7 +434,7 @@ async fn shell_reaches_an_isolated_node() {
         "tty printed no /dev/pts device:\n{screen}"
     );
     tmux.type_line("exit 5");
-    let status = wait_until(&cluster, SHELL_TIMEOUT, "berth shell to exit", || async {
+    let status = wait_until(cluster, SHELL_TIMEOUT, "berth shell to exit", || async {
         let text = std::fs::read_to_string(&status_file).ok()?;
         text.ends_with('\n').then(|| text.trim().to_string())
     })
@@ -371,20 +443,11 @@ async fn shell_reaches_an_isolated_node() {
     drop(tmux);
 
     // Plain ssh with the snippet of berth ssh-config.
-    let known_hosts = dir.path().join("known_hosts");
-    let snippet = cluster.berth(
-        &token,
-        &["ssh-config", "--known-hosts", known_hosts.to_str().unwrap()],
-    );
-    assert!(snippet.status.success(), "{}", stderr_of(&snippet));
-    let ssh_config = dir.path().join("ssh_config");
-    std::fs::write(&ssh_config, &snippet.stdout).unwrap();
-    let host = format!("{uuid}.berth");
-    let output = with_api_environment(&cluster, &token, "ssh")
-        .arg("-F")
-        .arg(&ssh_config)
+    let ssh_config = shell.write_ssh_config(dir.path());
+    let host = shell.host_name();
+    let output = shell
+        .ssh_command("ssh", &ssh_config)
         .args([&host, "cat /etc/os-release; exit 3"])
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     assert_eq!(
@@ -393,16 +456,15 @@ async fn shell_reaches_an_isolated_node() {
         "stderr: {}",
         stderr_of(&output)
     );
-    assert_eq!(String::from_utf8_lossy(&output.stdout), os_release);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), shell.os_release);
 
     // ssh -L reaches busybox httpd on the container's loopback interface.
     let port = free_port();
     let forward = format!("127.0.0.1:{port}:127.0.0.1:{HTTP_PORT}");
     let forward_log = dir.path().join("ssh-forward.log");
     let mut tunnel = KillOnDrop(
-        with_api_environment(&cluster, &token, "ssh")
-            .arg("-F")
-            .arg(&ssh_config)
+        shell
+            .ssh_command("ssh", &ssh_config)
             .args([
                 "-N",
                 "-o",
@@ -411,14 +473,13 @@ async fn shell_reaches_an_isolated_node() {
                 &forward,
                 &host,
             ])
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&forward_log).unwrap())
             .spawn()
             .expect("failed to run ssh -L"),
     );
     let fetched = wait_until(
-        &cluster,
+        cluster,
         SHELL_TIMEOUT,
         "the forwarded port to respond",
         || {
@@ -442,8 +503,9 @@ async fn shell_reaches_an_isolated_node() {
     let expected: String = (1..=SERVED_NUMBERS).map(|n| format!("{n}\n")).collect();
     assert_eq!(body.len(), expected.len());
     assert!(body == expected.as_bytes(), "the forwarded file differs");
+    drop(tunnel);
 
-    cancel_and_wait(&cluster, &token, &request_uuid, &uuid).await;
+    shell.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -451,21 +513,12 @@ async fn shell_refusals_on_an_isolated_node() {
     if skip() {
         return;
     }
-    let node = NodeNamespace::create();
-    let mut cluster = start_isolated_cluster(&node);
-    let token = cluster.create_user("shelly");
-    let os_release = container_os_release("refusals");
-    let (request_uuid, uuid) = start_shell_container(&cluster, &token, &os_release).await;
-    let _podman_cleanup = RemovePodmanContainers(uuid.clone());
-    wait_for_shell(&cluster, &token, &uuid).await;
+    let mut shell = IsolatedShell::start().await;
+    let uuid = shell.uuid.clone();
 
     // Another user's container is not found for that user.
-    let mallory = cluster.create_user("mallory");
-    let rejected = cluster
-        .berth_command(&mallory, &["shell", &uuid, "--", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let mallory = shell.cluster.create_user("mallory");
+    let rejected = shell.run(&mallory, "true");
     let stderr = stderr_of(&rejected);
     assert_ne!(rejected.status.code(), Some(0), "stderr: {stderr}");
     assert!(stderr.contains(&uuid), "{stderr}");
@@ -474,24 +527,20 @@ async fn shell_refusals_on_an_isolated_node() {
     // A host key on the record that the gateway does not have: ssh's strict
     // checking rejects the gateway. An administrator changes the record
     // through the API, as a tampered record would.
-    let system = cluster.system_client();
+    let system = shell.cluster.system_client();
     let published = system
         .get_container(&uuid)
         .await
         .unwrap()
         .gateway_host_key
         .unwrap();
-    let wrong_key = generate_public_key(&cluster.dir.path().join("wrong_host_key"));
+    let wrong_key = generate_public_key(&shell.cluster.dir.path().join("wrong_host_key"));
     assert_ne!(wrong_key, published);
     system
         .update_container(&uuid, &json!({"gateway_host_key": wrong_key}))
         .await
         .expect("failed to change the container's gateway_host_key");
-    let rejected = cluster
-        .berth_command(&token, &["shell", &uuid, "--", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let rejected = shell.run(&shell.token, "true");
     let stderr = stderr_of(&rejected);
     assert_eq!(rejected.status.code(), Some(255), "stderr: {stderr}");
     assert!(stderr.contains("Host key verification failed"), "{stderr}");
@@ -501,11 +550,7 @@ async fn shell_refusals_on_an_isolated_node() {
         .update_container(&uuid, &json!({"gateway_host_key": published}))
         .await
         .expect("failed to restore the container's gateway_host_key");
-    let output = cluster
-        .berth_command(&token, &["shell", &uuid, "--", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let output = shell.run(&shell.token, "true");
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -514,21 +559,18 @@ async fn shell_refusals_on_an_isolated_node() {
     );
 
     // A controller with shell access turned off rejects the shell.
+    let cluster = &mut shell.cluster;
     cluster.stop_controller();
     let config = std::fs::read_to_string(&cluster.config).unwrap();
     let config = config.replacen("controller:\n", "controller:\n  shell_access: false\n", 1);
     std::fs::write(&cluster.config, config).unwrap();
     cluster.restart_controller();
-    let rejected = cluster
-        .berth_command(&token, &["shell", &uuid, "--", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let rejected = shell.run(&shell.token, "true");
     let stderr = stderr_of(&rejected);
     assert_ne!(rejected.status.code(), Some(0), "stderr: {stderr}");
     assert!(stderr.contains("shell access is turned off"), "{stderr}");
 
-    cancel_and_wait(&cluster, &token, &request_uuid, &uuid).await;
+    shell.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -539,34 +581,19 @@ async fn scp_copies_files_to_an_isolated_node() {
     if skip() {
         return;
     }
-    let node = NodeNamespace::create();
-    let cluster = start_isolated_cluster(&node);
-    let token = cluster.create_user("shelly");
-    let os_release = container_os_release("scp");
-    let (request_uuid, uuid) = start_shell_container(&cluster, &token, &os_release).await;
-    let _podman_cleanup = RemovePodmanContainers(uuid.clone());
-    wait_for_shell(&cluster, &token, &uuid).await;
+    let shell = IsolatedShell::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let known_hosts = dir.path().join("known_hosts");
-    let snippet = cluster.berth(
-        &token,
-        &["ssh-config", "--known-hosts", known_hosts.to_str().unwrap()],
-    );
-    assert!(snippet.status.success(), "{}", stderr_of(&snippet));
-    let ssh_config = dir.path().join("ssh_config");
-    std::fs::write(&ssh_config, &snippet.stdout).unwrap();
-    let host = format!("{uuid}.berth");
+    let ssh_config = shell.write_ssh_config(dir.path());
+    let remote_file = format!("{}:/tmp/copied.bin", shell.host_name());
 
     // Random bytes, so that any changed, lost or added byte shows.
     let content: Vec<u8> = (0..(1 << 20)).map(|_| rand::random::<u8>()).collect();
     let upload = dir.path().join("upload.bin");
     std::fs::write(&upload, &content).unwrap();
-    let output = with_api_environment(&cluster, &token, "scp")
-        .arg("-F")
-        .arg(&ssh_config)
+    let output = shell
+        .ssh_command("scp", &ssh_config)
         .arg(&upload)
-        .arg(format!("{host}:/tmp/copied.bin"))
-        .stdin(Stdio::null())
+        .arg(&remote_file)
         .output()
         .unwrap();
     assert!(
@@ -576,11 +603,9 @@ async fn scp_copies_files_to_an_isolated_node() {
     );
 
     // The container's own checksum of the copy.
-    let output = with_api_environment(&cluster, &token, "ssh")
-        .arg("-F")
-        .arg(&ssh_config)
-        .args([&host, "sha256sum /tmp/copied.bin"])
-        .stdin(Stdio::null())
+    let output = shell
+        .ssh_command("ssh", &ssh_config)
+        .args([&shell.host_name(), "sha256sum /tmp/copied.bin"])
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", stderr_of(&output));
@@ -592,12 +617,10 @@ async fn scp_copies_files_to_an_isolated_node() {
     );
 
     let download = dir.path().join("download.bin");
-    let output = with_api_environment(&cluster, &token, "scp")
-        .arg("-F")
-        .arg(&ssh_config)
-        .arg(format!("{host}:/tmp/copied.bin"))
+    let output = shell
+        .ssh_command("scp", &ssh_config)
+        .arg(&remote_file)
         .arg(&download)
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     assert!(
@@ -609,7 +632,7 @@ async fn scp_copies_files_to_an_isolated_node() {
     assert_eq!(downloaded.len(), content.len());
     assert!(downloaded == content, "the downloaded file differs");
 
-    cancel_and_wait(&cluster, &token, &request_uuid, &uuid).await;
+    shell.stop().await;
 }
 
 /// Makes an Ed25519 key pair with ssh-keygen at `path` and returns the

@@ -1,6 +1,6 @@
 //! A compute node in a network namespace, for tests where the service
 //! host (the root namespace, where controllers run) cannot open
-//! connections to the node, as on most HPC clusters.
+//! connections to the node, as on many HPC clusters.
 //!
 //! [`NodeNamespace::create`] makes a namespace named
 //! `berth-n{INDEX}-p{PID}` (PID: the test process), joined to the root
