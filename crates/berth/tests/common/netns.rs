@@ -16,14 +16,15 @@
 //! Before the firewall, the root namespace must reach a listener in the
 //! node, which shows that the link works. After it, the same connection
 //! must fail while the node still reaches a listener in the root
-//! namespace. The checks make their
-//! sockets in this process: those in the node on a thread that enters the
-//! namespace (`setns`) for that socket alone and then ends.
+//! namespace. The checks make their sockets in this process. A socket in
+//! the node is made on a thread that enters the namespace (`setns`) for
+//! that socket alone and then ends.
 //!
-//! Several tests, in one process or several, make namespaces at the same
-//! time: the index is chosen under an exclusive lock on
-//! [`LOCK_FILE`], and the namespace's name claims it. Namespaces of this
-//! prefix whose process is gone (a killed test run) are removed then too.
+//! Several tests, in one process or several, may make namespaces at the
+//! same time. So the index is chosen under an exclusive lock on
+//! [`LOCK_FILE`], and the namespace's name claims it. Under the same lock,
+//! namespaces of this prefix whose process is gone (a killed test run) are
+//! removed.
 //! Dropping a [`NodeNamespace`] stops the processes in it (SIGTERM, then
 //! SIGKILL after [`STOP_GRACE_PERIOD`]) and deletes the veth pair and the
 //! namespace.
