@@ -57,7 +57,8 @@ const SUBNET_OCTET: u8 = 214;
 const NODE_LINK: &str = "eth0";
 
 /// How long a connection from the root namespace to the node may take
-/// before the check counts it as blocked.
+/// before the check counts it as blocked. The check runs only after a
+/// connection on the same link has succeeded.
 const BLOCKED_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long a connection that must succeed may take.
@@ -114,7 +115,10 @@ impl NodeNamespace {
         node.add_link();
 
         let listener = node.listen_in_node();
-        connect_from_host(listener).unwrap_or_else(|error| {
+        // Right after the link came up, this connection once took over a
+        // second under load (likely a lost first SYN, which TCP sends again
+        // after one second), so this check gets the longer timeout.
+        connect_from_host(listener, CONNECT_TIMEOUT).unwrap_or_else(|error| {
             panic!("before the firewall, the root namespace failed to reach the node's listener at {listener}: {error}")
         });
         node.add_firewall();
@@ -147,7 +151,7 @@ impl NodeNamespace {
             .as_ref()
             .and_then(|listener| listener.local_addr().ok())
             .expect("the node's listener is not open");
-        if connect_from_host(listener).is_ok() {
+        if connect_from_host(listener, BLOCKED_CONNECT_TIMEOUT).is_ok() {
             panic!(
                 "the root namespace connected to {listener} in {}: the firewall does not block connections to the node",
                 self.name
@@ -239,7 +243,7 @@ impl NodeNamespace {
     /// which the node itself still reaches, and the node reaches a listener
     /// in the root namespace.
     fn check_isolation(&self, listener: SocketAddr) {
-        if connect_from_host(listener).is_ok() {
+        if connect_from_host(listener, BLOCKED_CONNECT_TIMEOUT).is_ok() {
             panic!(
                 "with the firewall in place, the root namespace still connected to {listener} in {}",
                 self.name
@@ -294,8 +298,8 @@ impl Drop for NodeNamespace {
 }
 
 /// Opens one connection from this process, in the root namespace.
-fn connect_from_host(address: SocketAddr) -> std::io::Result<()> {
-    TcpStream::connect_timeout(&address, BLOCKED_CONNECT_TIMEOUT).map(drop)
+fn connect_from_host(address: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    TcpStream::connect_timeout(&address, timeout).map(drop)
 }
 
 /// Takes the exclusive lock on [`LOCK_FILE`], held until the value drops.
