@@ -124,12 +124,12 @@ pub struct ClusterOptions {
     pub log_requests: bool,
     /// Extra keys of the `supervisor` section, one `key: value` per line.
     pub supervisor: Vec<String>,
-    /// The address the controller listens on, port 0; `None` is
+    /// The address the controller listens on, with port 0. `None` is
     /// 127.0.0.1. A compute node in a network namespace needs the address
     /// of its link to the root namespace.
     pub listen_address: Option<std::net::IpAddr>,
-    /// Program and arguments that the dispatcher's command line follows,
-    /// such as `ip netns exec NAMESPACE`; empty runs it directly.
+    /// Program and arguments that run the dispatcher's command line, such
+    /// as `ip netns exec NAMESPACE`. Empty runs the dispatcher directly.
     pub dispatcher_prefix: Vec<String>,
 }
 
