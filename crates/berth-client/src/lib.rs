@@ -35,13 +35,14 @@ use std::time::Duration;
 use berth_core::records::ContainerCredentials;
 use berth_core::{Container, ContainerRequest, Mount};
 use bytes::Bytes;
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
 
 pub use credentials::{CredentialsError, JobCredentials};
+pub use reqwest::{StatusCode, Upgraded};
 pub use shell::SSH_UPGRADE;
 
 /// Time allowed for an ordinary API call.
@@ -73,6 +74,8 @@ pub enum ClientError {
         url: String,
         status: StatusCode,
         message: String,
+        /// The server's `Retry-After`, read by [`berth_core::time::retry_after`].
+        retry_after: Option<Duration>,
     },
     /// A log append whose bytes differ from those the stream already has
     /// at the same offsets (409 Conflict); the server wrote none of them.
@@ -109,6 +112,17 @@ impl ClientError {
         match self {
             ClientError::Api { status, .. } => Some(*status),
             ClientError::LogConflict { .. } => Some(StatusCode::CONFLICT),
+            _ => None,
+        }
+    }
+
+    /// Returns how long the server requested the client to wait before another try
+    /// (its `Retry-After` header, at most
+    /// [`berth_core::time::MAX_RETRY_AFTER`]). Callers that retry wait at
+    /// least this long.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Api { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -823,6 +837,11 @@ async fn check_status(
     if status.is_success() {
         return Ok(response);
     }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(berth_core::time::retry_after_now);
     let body = response.bytes().await.unwrap_or_default();
     let message = serde_json::from_slice::<Value>(&body)
         .ok()
@@ -845,6 +864,7 @@ async fn check_status(
         url: url.to_string(),
         status,
         message,
+        retry_after,
     })
 }
 
@@ -906,6 +926,16 @@ mod tests {
         status: &'static str,
         body: String,
     ) -> (Url, tokio::sync::oneshot::Receiver<String>) {
+        serve_once_with(status, "", body).await
+    }
+
+    /// Like [`serve_once`], with `headers` (each line ending in CRLF)
+    /// added to the response.
+    async fn serve_once_with(
+        status: &'static str,
+        headers: &'static str,
+        body: String,
+    ) -> (Url, tokio::sync::oneshot::Receiver<String>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -926,7 +956,7 @@ mod tests {
                 head.truncate(end + 4);
             }
             let response = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             stream.write_all(response.as_bytes()).await.unwrap();
@@ -1068,6 +1098,27 @@ mod tests {
             .unwrap();
         let head = head.await.unwrap();
         assert!(head.contains("&wait=2 HTTP/1.1"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn busy_answer_carries_retry_after() {
+        let body = r#"{"errors": ["the API is busy"]}"#.to_string();
+        let (url, _head) =
+            serve_once_with("503 Service Unavailable", "retry-after: 4\r\n", body).await;
+        let err = client(url)
+            .get_container("zzzzz-dz642-000000000000001")
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(err.is_transient());
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(4)));
+
+        let (url, _head) = serve_once("503 Service Unavailable", String::new()).await;
+        let err = client(url)
+            .get_container("zzzzz-dz642-000000000000001")
+            .await
+            .unwrap_err();
+        assert_eq!(err.retry_after(), None);
     }
 
     #[tokio::test]

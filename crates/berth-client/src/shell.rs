@@ -61,6 +61,7 @@ impl Client {
                 message: format!(
                     "expected 101 Switching Protocols for the shell connection; a proxy between this client and the controller may not pass on `Upgrade: {SSH_UPGRADE}`"
                 ),
+                retry_after: None,
             });
         }
         response.upgrade().await.map_err(transport)

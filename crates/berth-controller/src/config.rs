@@ -160,6 +160,13 @@ pub struct Config {
     /// set this key when controllers run on several hosts.
     #[serde(default)]
     pub internal_url: Option<String>,
+    /// PEM file of certificate authorities (or self-signed certificates)
+    /// trusted, besides the Mozilla roots, when this controller forwards a
+    /// shell to another controller's `https://` internal URL. Set it when
+    /// the controllers' certificates come from a site's own authority.
+    /// Read once at start-up. Default: none.
+    #[serde(default)]
+    pub internal_ca_file: Option<PathBuf>,
     /// Whether users may open shells and port forwards into their running
     /// containers (`POST /arvados/v1/connect/{uuid}/ssh`). `false` rejects
     /// every shell with 403, administrators' too. Default true.
@@ -259,6 +266,7 @@ impl Config {
             max_request_body_bytes: defaults::MAX_REQUEST_BODY_BYTES,
             external_url: None,
             internal_url: None,
+            internal_ca_file: None,
             shell_access: true,
             tunnel_heartbeat_seconds: defaults::TUNNEL_HEARTBEAT_SECONDS,
             blocks: BlockConfig::default(),

@@ -71,6 +71,14 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
+    #[error("failed to read the CA file {path} (internal_ca_file): {source}")]
+    ReadAuthority {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid CA file {path} (internal_ca_file): {reason}")]
+    InvalidAuthority { path: PathBuf, reason: String },
     #[error("failed to set up TLS: {0}")]
     Setup(#[source] rustls::Error),
     #[error("failed to make a self-signed certificate: {0}")]
@@ -104,19 +112,56 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsErr
         path: path.to_path_buf(),
         source,
     })?;
-    let invalid = |reason: String| TlsError::InvalidCertificate {
+    parse_certificates(&text).map_err(|reason| TlsError::InvalidCertificate {
         path: path.to_path_buf(),
         reason,
-    };
-    let chain = CertificateDer::pem_slice_iter(&text)
+    })
+}
+
+/// Parses the PEM certificates of a file; at least one must be there.
+fn parse_certificates(text: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certificates = CertificateDer::pem_slice_iter(text)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| invalid(format!("{err}")))?;
-    if chain.is_empty() {
-        return Err(invalid(
-            "no \"BEGIN CERTIFICATE\" section: give a PEM certificate file".into(),
-        ));
+        .map_err(|err| format!("{err}"))?;
+    if certificates.is_empty() {
+        return Err("no \"BEGIN CERTIFICATE\" section: give a PEM certificate file".into());
     }
-    Ok(chain)
+    Ok(certificates)
+}
+
+/// Builds the TLS settings of a controller's connections to other
+/// controllers (forwarded shells): the Mozilla root certificates that the
+/// `webpki-roots` crate ships, and the certificates of `authority_file`
+/// (`internal_ca_file`), so that controllers with certificates of a site's
+/// own authority, or self-signed ones, can be reached.
+pub fn forward_client_config(
+    authority_file: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = authority_file {
+        let invalid = |reason: String| TlsError::InvalidAuthority {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read(path).map_err(|source| TlsError::ReadAuthority {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        for certificate in parse_certificates(&text).map_err(invalid)? {
+            roots
+                .add(certificate)
+                .map_err(|err| invalid(format!("a certificate cannot be trusted: {err}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(TlsError::Setup)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -363,5 +408,59 @@ mod tests {
         let certificate = write(dir.path(), "cert.pem", &pair.certificate_pem, 0o644);
         let key = write(dir.path(), "key.pem", &pair.key_pem, 0o644);
         assert!(load_server_config(&certificate, &key).is_ok());
+    }
+
+    /// Serves one TLS handshake with `pair` on a loopback port, and
+    /// returns whether a client with `client` completes it.
+    async fn handshake_succeeds(
+        dir: &Path,
+        pair: &SelfSigned,
+        client: Arc<rustls::ClientConfig>,
+    ) -> bool {
+        let certificate = write(dir, "server-cert.pem", &pair.certificate_pem, 0o644);
+        let key = write(dir, "server-key.pem", &pair.key_pem, 0o600);
+        let server = load_server_config(&certificate, &key).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            TlsAcceptor::from(server).accept(stream).await.is_ok()
+        });
+        let stream = TcpStream::connect(address).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let connected = tokio_rustls::TlsConnector::from(client)
+            .connect(name, stream)
+            .await;
+        let accepted = accept.await.unwrap();
+        connected.is_ok() && accepted
+    }
+
+    #[tokio::test]
+    async fn forward_trusts_internal_authority() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = self_signed(&["127.0.0.1"], "controller-2").unwrap();
+        let authority = write(dir.path(), "ca.pem", &pair.certificate_pem, 0o644);
+
+        let with_file = forward_client_config(Some(&authority)).unwrap();
+        assert!(handshake_succeeds(dir.path(), &pair, with_file).await);
+
+        let without = forward_client_config(None).unwrap();
+        assert!(!handshake_succeeds(dir.path(), &pair, without).await);
+    }
+
+    #[test]
+    fn bad_authority_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = forward_client_config(Some(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+        assert!(err.contains("internal_ca_file"), "{err}");
+
+        let empty = write(dir.path(), "empty.pem", "not a certificate\n", 0o644);
+        let err = forward_client_config(Some(&empty)).unwrap_err().to_string();
+        assert!(err.contains("empty.pem"), "{err}");
+        assert!(err.contains("BEGIN CERTIFICATE"), "{err}");
     }
 }

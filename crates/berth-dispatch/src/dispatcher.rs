@@ -297,9 +297,11 @@ impl<B: Backend> Dispatcher<B> {
                     } else {
                         tracing::debug!(error = %err, attempts, "failed to reach the controller; retrying");
                     }
+                    // A busy controller's Retry-After is waited in full.
+                    let wait = delay.max(err.retry_after().unwrap_or_default());
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                     delay = (delay * 2).min(STARTUP_RETRY_MAX);
                 }

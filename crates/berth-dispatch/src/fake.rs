@@ -37,6 +37,7 @@ fn api_error(status: StatusCode, message: String) -> ClientError {
         url: "http://fake/".into(),
         status,
         message,
+        retry_after: None,
     }
 }
 

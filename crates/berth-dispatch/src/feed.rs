@@ -38,6 +38,8 @@ pub struct ChangeFeed {
     cursor: Option<String>,
     read: Option<Read>,
     failures: u32,
+    /// The `Retry-After` of the latest failure, if the controller sent one.
+    retry_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for ChangeFeed {
@@ -59,6 +61,7 @@ impl ChangeFeed {
             cursor: None,
             read: None,
             failures: 0,
+            retry_after: None,
         }
     }
 
@@ -86,6 +89,7 @@ impl ChangeFeed {
             }
             Err(err) => {
                 self.failures += 1;
+                self.retry_after = err.retry_after();
                 Err(err)
             }
         }
@@ -132,23 +136,28 @@ impl ChangeFeed {
             Ok(page) => {
                 self.cursor = Some(page.cursor.clone());
                 self.failures = 0;
+                self.retry_after = None;
             }
-            Err(_) => {
+            Err(err) => {
                 self.cursor = None;
                 self.failures += 1;
+                self.retry_after = err.retry_after();
             }
         }
         result
     }
 
     /// Returns the delay before the next attempt: none after the first
-    /// failure in a row, then [`RETRY_FIRST`], doubling up to `max`.
+    /// failure in a row, then [`RETRY_FIRST`], doubling up to `max`. A
+    /// controller's `Retry-After` on the latest failure is waited in full,
+    /// even past `max`, because it is the controller's own estimate of when it can serve again.
     pub fn retry_delay(&self, max: Duration) -> Duration {
+        let hint = self.retry_after.unwrap_or_default();
         if self.failures <= 1 {
-            return Duration::ZERO;
+            return hint;
         }
         let factor = 1u32 << (self.failures - 2).min(16);
-        RETRY_FIRST.saturating_mul(factor).min(max)
+        RETRY_FIRST.saturating_mul(factor).min(max).max(hint)
     }
 }
 
@@ -182,6 +191,20 @@ mod tests {
         assert_eq!(delays, [0, 1, 2, 4, 8, 16, 30, 30]);
         feed.failures = 1000;
         assert_eq!(feed.retry_delay(max), max);
+    }
+
+    #[test]
+    fn retry_delay_waits_the_controllers_retry_after() {
+        let controller = FakeController::default();
+        let mut feed = feed(&controller);
+        let max = Duration::from_secs(30);
+        feed.failures = 1;
+        feed.retry_after = Some(Duration::from_secs(7));
+        assert_eq!(feed.retry_delay(max), Duration::from_secs(7));
+        feed.failures = 3;
+        assert_eq!(feed.retry_delay(max), Duration::from_secs(7));
+        feed.retry_after = Some(Duration::from_secs(60));
+        assert_eq!(feed.retry_delay(max), Duration::from_secs(60));
     }
 
     #[tokio::test(start_paused = true)]

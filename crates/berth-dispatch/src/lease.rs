@@ -479,6 +479,7 @@ mod tests {
             url: "http://controller/arvados/v1/dispatch_leases/slurm/acquire".to_string(),
             status,
             message: "scripted".to_string(),
+            retry_after: None,
         }
     }
 

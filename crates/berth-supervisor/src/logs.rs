@@ -574,6 +574,7 @@ mod tests {
             url: "http://127.0.0.1/arvados/v1/containers/x/log/stdout".into(),
             status: reqwest::StatusCode::from_u16(status).unwrap(),
             message: "test failure".into(),
+            retry_after: None,
         }
     }
 

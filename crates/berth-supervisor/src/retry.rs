@@ -65,9 +65,29 @@ impl Backoff {
     }
 }
 
+/// A failure that may carry the server's own wait before another try.
+pub trait RetryHint {
+    /// Returns the wait the server requested (`Retry-After`), if any.
+    fn retry_after(&self) -> Option<Duration>;
+}
+
+impl RetryHint for berth_client::ClientError {
+    fn retry_after(&self) -> Option<Duration> {
+        berth_client::ClientError::retry_after(self)
+    }
+}
+
+impl RetryHint for String {
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+}
+
 /// Runs `operation` until it succeeds, fails with an error that
 /// `is_transient` rejects, or the next delay would end past `budget`
-/// (measured from the first attempt). Returns the last error then.
+/// (measured from the first attempt). Returns the last error then. A
+/// failure that carries the server's `Retry-After` waits at least that
+/// long, so a busy controller is not called again before the time it gave.
 pub async fn retry<T, E, F, Fut>(
     what: &str,
     budget: Duration,
@@ -76,7 +96,7 @@ pub async fn retry<T, E, F, Fut>(
     mut operation: F,
 ) -> Result<T, E>
 where
-    E: std::fmt::Display,
+    E: std::fmt::Display + RetryHint,
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -90,7 +110,9 @@ where
         if !is_transient(&error) {
             return Err(error);
         }
-        let delay = backoff.delay(attempt);
+        let delay = backoff
+            .delay(attempt)
+            .max(error.retry_after().unwrap_or_default());
         if started.elapsed() + delay > budget {
             tracing::warn!(attempts = attempt + 1, error = %error, "{what} failed; giving up after {:?}", started.elapsed());
             return Err(error);
@@ -203,5 +225,52 @@ mod tests {
         .await;
         assert!(result.is_err());
         assert!(calls.get() > 1, "only {} calls", calls.get());
+    }
+
+    /// A failure whose server asked for a wait.
+    #[derive(Debug, PartialEq)]
+    struct Busy(Duration);
+
+    impl std::fmt::Display for Busy {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "busy for {:?}", self.0)
+        }
+    }
+
+    impl RetryHint for Busy {
+        fn retry_after(&self) -> Option<Duration> {
+            Some(self.0)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_waited_in_full() {
+        let calls = Cell::new(0);
+        let started = Instant::now();
+        let result: Result<u32, Busy> = retry(
+            "test call",
+            Duration::from_secs(60),
+            FAST,
+            |_| true,
+            || {
+                calls.set(calls.get() + 1);
+                let n = calls.get();
+                async move {
+                    if n < 2 {
+                        Err(Busy(Duration::from_secs(5)))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!(result, Ok(2));
+        // The backoff alone would wait at most 4 ms.
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 }

@@ -194,10 +194,7 @@ async fn rejection(response: http::Response<hyper::body::Incoming>, url: &Url) -
         .headers()
         .get(header::RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
-        // NOTE: only the delay-seconds form is read; an HTTP date is
-        // ignored and the usual backoff applies.
-        .and_then(|value| value.trim().parse::<u64>().ok())
-        .map(std::time::Duration::from_secs);
+        .and_then(berth_core::time::retry_after_now);
     let body = match Limited::new(response.into_body(), MAX_ERROR_BODY)
         .collect()
         .await

@@ -282,7 +282,13 @@ async fn forward(
         ApiError::Unauthorized("no Authorization header to forward".into()).into_response()
     })?;
     let path = format!("/arvados/v1/connect/{uuid}/ssh");
-    let open = gateway::open_forward(holder, &path, SSH_UPGRADE, authorization);
+    let open = gateway::open_forward(
+        holder,
+        &path,
+        SSH_UPGRADE,
+        authorization,
+        gateway.forward_tls(),
+    );
     let outcome = tokio::time::timeout(OPEN_TIMEOUT, open).await;
     match outcome {
         Ok(Ok(upgraded)) => {

@@ -114,17 +114,26 @@ struct Inner {
     gateway: Arc<Gateway>,
 }
 
+/// An error that stops the API's state from being built.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    SigningKey(#[from] SigningKeyError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
 impl AppState {
     /// Builds the state, and starts the store's listener for other
     /// controllers' writes when the store has one (PostgreSQL). The
     /// listener runs on the current Tokio runtime: outside one, the store
     /// logs a warning and runs without it. Fails when the blob signing key
-    /// file cannot be used.
+    /// file or the `internal_ca_file` cannot be used.
     pub fn new(
         store: Arc<dyn Store>,
         cluster: ClusterSettings,
         config: &Config,
-    ) -> Result<AppState, SigningKeyError> {
+    ) -> Result<AppState, StateError> {
         let signer = BlobSigner::from_config(&config.blocks, &cluster.system_token)?;
         let blocks: Arc<dyn BlockStore> =
             Arc::new(DirectoryBlockStore::new(config.blocks.directory.clone()));
@@ -135,6 +144,7 @@ impl AppState {
         let gateway = Arc::new(Gateway::new(
             GatewaySettings {
                 internal_url: config.effective_internal_url(),
+                forward_tls: crate::tls::forward_client_config(config.internal_ca_file.as_deref())?,
                 shell_access: config.shell_access,
                 heartbeat: config.tunnel_heartbeat(),
                 grace_period: config.shutdown_grace_period(),

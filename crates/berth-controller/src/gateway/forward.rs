@@ -44,12 +44,14 @@ pub enum ForwardError {
 
 /// Opens the upgrade of `path` (such as `/arvados/v1/connect/UUID/ssh`) at
 /// the controller whose internal URL is `base_url`, with `upgrade` as the
-/// `Upgrade` token and `authorization` as the caller's header.
+/// `Upgrade` token and `authorization` as the caller's header. An
+/// `https` URL is checked against the roots of `tls`.
 pub async fn open_forward(
     base_url: &str,
     path: &str,
     upgrade: &'static str,
     authorization: &HeaderValue,
+    tls: Arc<rustls::ClientConfig>,
 ) -> Result<Upgraded, ForwardError> {
     let unreachable = |message: String| ForwardError::Unreachable {
         url: base_url.to_owned(),
@@ -80,9 +82,7 @@ pub async fn open_forward(
         "https" => {
             let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
                 .map_err(|error| unreachable(format!("invalid TLS server name: {error}")))?;
-            let config = tls_client_config()
-                .map_err(|error| unreachable(format!("invalid TLS settings: {error}")))?;
-            let connector = tokio_rustls::TlsConnector::from(config);
+            let connector = tokio_rustls::TlsConnector::from(tls);
             let tls = connector
                 .connect(name, tcp)
                 .await
@@ -91,23 +91,6 @@ pub async fn open_forward(
         }
         _ => upgrade_on(tcp, request, base_url, upgrade).await,
     }
-}
-
-/// The TLS settings of forwards: the Mozilla root certificates that the
-/// `webpki-roots` crate ships.
-// NOTE: a controller with a self-signed certificate cannot be forwarded
-// to; give controllers that share a database certificates of a public
-// authority.
-fn tls_client_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 async fn upgrade_on<IO>(

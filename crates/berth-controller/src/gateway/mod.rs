@@ -59,6 +59,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct GatewaySettings {
     /// The URL other controllers reach this one at, as leases record it.
     pub internal_url: String,
+    /// The TLS settings of forwards to other controllers.
+    pub forward_tls: Arc<rustls::ClientConfig>,
     /// False when `controller.shell_access` turns shells off.
     pub shell_access: bool,
     pub heartbeat: Duration,
@@ -132,6 +134,11 @@ impl Gateway {
 
     pub fn internal_url(&self) -> &str {
         &self.settings.internal_url
+    }
+
+    /// Returns the TLS settings of forwards to other controllers.
+    pub fn forward_tls(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.settings.forward_tls)
     }
 
     pub fn shell_access(&self) -> bool {

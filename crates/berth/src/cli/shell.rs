@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context};
+use berth_client::ClientError;
 use berth_core::{Container, ContainerState};
 use clap::Args;
 use nix::fcntl::{Flock, FlockArg};
@@ -32,6 +33,11 @@ use super::api::{Api, Target};
 
 /// The host name suffix `berth ssh-config` sets up: `UUID.berth`.
 pub const DEFAULT_HOST_SUFFIX: &str = "berth";
+
+/// How long `berth ssh-proxy` keeps waiting, for the time in the
+/// controller's `Retry-After`, for a shell connection the controller cannot open
+/// yet (a tunnel still connecting, a full shell pool).
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The user a shell logs in as unless one is given.
 const DEFAULT_USER: &str = "root";
@@ -149,9 +155,7 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
         update_known_hosts(path, host, host_key)?;
     }
 
-    let connection = api
-        .client
-        .connect_ssh(&container.uuid)
+    let connection = connect(&api, &container.uuid)
         .await
         .map_err(|err| api.explain(err))
         .with_context(|| {
@@ -175,6 +179,31 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
     upload.abort();
     downloaded.context("the shell connection to the container failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens the shell connection. A busy controller, or a gateway whose
+/// tunnel is not connected yet, responds with 503 and `Retry-After`: that wait
+/// is honoured, with a note on stderr, for up to [`CONNECT_PATIENCE`].
+async fn connect(api: &Api, uuid: &str) -> Result<berth_client::Upgraded, ClientError> {
+    let started = std::time::Instant::now();
+    loop {
+        match api.client.connect_ssh(uuid).await {
+            Err(err) if err.status() == Some(berth_client::StatusCode::SERVICE_UNAVAILABLE) => {
+                let Some(wait) = err.retry_after() else {
+                    return Err(err);
+                };
+                if started.elapsed() + wait > CONNECT_PATIENCE {
+                    return Err(err);
+                }
+                eprintln!(
+                    "berth: the controller cannot open the shell yet ({err}); trying again in {} s",
+                    wait.as_secs()
+                );
+                tokio::time::sleep(wait).await;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// `berth ssh-config`: prints an OpenSSH configuration snippet.
