@@ -576,22 +576,28 @@ async fn shell_refusals_on_an_isolated_node() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "scp needs an sftp subsystem, which the gateway does not have yet"]
 async fn scp_copies_files_to_an_isolated_node() {
-    use sha2::{Digest, Sha256};
-
     if skip() {
         return;
     }
     let shell = IsolatedShell::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ssh_config = shell.write_ssh_config(dir.path());
-    let remote_file = format!("{}:/tmp/copied.bin", shell.host_name());
+    check_scp(&shell, &ssh_config, dir.path());
+    shell.stop().await;
+}
 
-    // Random bytes, so that any changed, lost or added byte shows.
+/// Copies a file of random bytes into the container with plain `scp` and
+/// the snippet at `ssh_config`, checks its SHA-256 inside the container,
+/// and copies it back out into `dir`, byte for byte.
+fn check_scp(shell: &IsolatedShell, ssh_config: &Path, dir: &Path) {
+    use sha2::{Digest, Sha256};
+
+    let remote_file = format!("{}:/tmp/copied.bin", shell.host_name());
     let content: Vec<u8> = (0..(1 << 20)).map(|_| rand::random::<u8>()).collect();
-    let upload = dir.path().join("upload.bin");
+    let upload = dir.join("upload.bin");
     std::fs::write(&upload, &content).unwrap();
     let output = shell
-        .ssh_command("scp", &ssh_config)
+        .ssh_command("scp", ssh_config)
         .arg(&upload)
         .arg(&remote_file)
         .output()
@@ -604,7 +610,7 @@ async fn scp_copies_files_to_an_isolated_node() {
 
     // The container's own checksum of the copy.
     let output = shell
-        .ssh_command("ssh", &ssh_config)
+        .ssh_command("ssh", ssh_config)
         .args([&shell.host_name(), "sha256sum /tmp/copied.bin"])
         .output()
         .unwrap();
@@ -616,9 +622,9 @@ async fn scp_copies_files_to_an_isolated_node() {
         Some(expected_digest.as_str())
     );
 
-    let download = dir.path().join("download.bin");
+    let download = dir.join("download.bin");
     let output = shell
-        .ssh_command("scp", &ssh_config)
+        .ssh_command("scp", ssh_config)
         .arg(&remote_file)
         .arg(&download)
         .output()
@@ -631,8 +637,6 @@ async fn scp_copies_files_to_an_isolated_node() {
     let downloaded = std::fs::read(&download).unwrap();
     assert_eq!(downloaded.len(), content.len());
     assert!(downloaded == content, "the downloaded file differs");
-
-    shell.stop().await;
 }
 
 /// Makes an Ed25519 key pair with ssh-keygen at `path` and returns the
