@@ -6,6 +6,8 @@
 //! own in that database, created for the test and dropped after it, so
 //! that tests run in parallel without seeing each other's rows.
 
+pub mod gateway;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;
