@@ -17,7 +17,6 @@ mod common;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_core::ContainerState;
 use common::controllers::{postgres_url, SharedDatabaseCluster};
 use common::{berth_command_at, podman_containers_for, skip, wait_until, ClusterOptions};
 use serde_json::json;
@@ -166,32 +165,15 @@ async fn shell_survives_controller_shutdown() {
 
     let token = cluster.create_user("shelly");
     let shelly = common::client(&first_url, &token);
+    let mut body = common::request_body(&["sleep", "600"], 1);
+    body["use_existing"] = json!(false);
     let request = shelly
-        .create_container_request(&json!({
-            "state": "Committed",
-            "priority": 1,
-            "container_image": common::test_image(),
-            "command": ["sleep", "600"],
-            "output_path": "/out",
-            "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
-            "runtime_constraints": {"ram": 64 << 20, "vcpus": 1},
-            "use_existing": false,
-        }))
+        .create_container_request(&body)
         .await
         .expect("create request");
     let uuid = request.container_uuid.clone().expect("container uuid");
     let _cleanup = ContainerCleanup(uuid.clone());
-    wait_until(
-        &cluster,
-        Duration::from_secs(120),
-        "the container to run with a published host key",
-        || async {
-            let container = shelly.get_container(&uuid).await.ok()?;
-            (container.state == ContainerState::Running && container.gateway_host_key.is_some())
-                .then_some(())
-        },
-    )
-    .await;
+    common::wait_for_host_key(&cluster, &shelly, &uuid).await;
     wait_until(
         &cluster,
         Duration::from_secs(60),

@@ -15,12 +15,11 @@ use berth_controller::store::ContainerWrite;
 use berth_core::{ContainerState, ObjectType, Uuid};
 use futures::stream::{self, StreamExt};
 use reqwest::StatusCode;
-use serde_json::json;
 
 use crate::common::gateway::{
     dial_config, fake_supervisor, metric, pattern, round_trip, wait_until, Controller,
 };
-use crate::common::{runnable, TestDatabase};
+use crate::common::TestDatabase;
 
 /// Tunnels held open during the flood.
 const TUNNELS: usize = 1000;
@@ -175,15 +174,7 @@ async fn running_containers(
     token: &str,
     count: usize,
 ) -> Vec<(String, String)> {
-    let (status, created) = controller
-        .call(
-            reqwest::Method::POST,
-            "container_requests",
-            token,
-            Some(json!({"container_request": runnable()})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{created}");
+    let created = controller.committed_request(token).await;
     let store = controller.state.store();
     let request_uuid = created["uuid"].as_str().unwrap();
     let request = store

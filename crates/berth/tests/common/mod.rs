@@ -626,6 +626,23 @@ where
     }
 }
 
+/// Waits until container `uuid` is Running and its gateway has published
+/// its host key, which a shell needs.
+pub async fn wait_for_host_key(cluster: &impl ClusterLogs, client: &Client, uuid: &str) {
+    wait_until(
+        cluster,
+        Duration::from_secs(120),
+        "the container to run with a published host key",
+        || async {
+            let container = client.get_container(uuid).await.ok()?;
+            (container.state == berth_core::ContainerState::Running
+                && container.gateway_host_key.is_some())
+            .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Slurm job ids, in any state Slurm still remembers, whose name is `name`.
 pub fn slurm_jobs_named(name: &str) -> Vec<String> {
     let output = Command::new("squeue")

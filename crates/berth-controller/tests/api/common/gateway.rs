@@ -111,9 +111,8 @@ impl Controller {
             .unwrap()
     }
 
-    /// Creates a committed request as `token`'s user; returns its
-    /// container's uuid.
-    pub async fn queued_container(&self, token: &str) -> String {
+    /// Creates a committed request as `token`'s user; returns the request.
+    pub async fn committed_request(&self, token: &str) -> Value {
         let (status, request) = self
             .call(
                 reqwest::Method::POST,
@@ -123,6 +122,13 @@ impl Controller {
             )
             .await;
         assert_eq!(status, StatusCode::OK, "{request}");
+        request
+    }
+
+    /// Creates a committed request as `token`'s user; returns its
+    /// container's uuid.
+    pub async fn queued_container(&self, token: &str) -> String {
+        let request = self.committed_request(token).await;
         request["container_uuid"].as_str().unwrap().to_owned()
     }
 
