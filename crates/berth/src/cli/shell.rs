@@ -6,7 +6,10 @@
 //! join its connection to the container's gateway (an HTTP upgrade of
 //! `POST /arvados/v1/connect/{uuid}/ssh`) and then copies bytes between
 //! its stdin and stdout and that connection. The controller checks that the
-//! caller owns the container's request or is an administrator.
+//! caller owns the container's request or is an administrator. When the
+//! controller closes the connection while ssh still uses it (the controller
+//! holding the container's tunnel shut down), `ssh-proxy` prints why on
+//! stderr, since ssh reports only that the connection closed.
 //!
 //! Host keys are checked strictly. Each container's gateway publishes its
 //! host key on the container record (`gateway_host_key`), which the client
