@@ -13,8 +13,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use berth_core::ContainerState;
-use common::{skip, test_image, wait_until, TestCluster};
+use common::{skip, test_image, TestCluster};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -39,17 +38,7 @@ async fn shell_runs_a_command_in_the_container() {
         .await
         .expect("create request");
     let uuid = request.container_uuid.clone().expect("container uuid");
-    wait_until(
-        &cluster,
-        Duration::from_secs(120),
-        "the container to run with a published host key",
-        || async {
-            let container = shelly.get_container(&uuid).await.ok()?;
-            (container.state == ContainerState::Running && container.gateway_host_key.is_some())
-                .then_some(())
-        },
-    )
-    .await;
+    common::wait_for_host_key(&cluster, &shelly, &uuid).await;
 
     // The tunnel dials once the gateway is ready, so the first shell may
     // find it not yet connected (503): try for a while.
