@@ -14,7 +14,8 @@
 # without extra arguments, runs the test that stops slurmctld for 30 s on its
 # own (BERTH_TEST_STOP_SLURMCTLD=1), since it would disturb the other Slurm
 # tests; then runs the controller's tests (its store and API suites) a second time on
-# PostgreSQL. Extra arguments go to both runs, e.g. `scripts/test.sh -p
+# PostgreSQL, and, without extra arguments, the end-to-end test of two
+# controllers sharing PostgreSQL (e2e_shell_move). Extra arguments go to both runs, e.g. `scripts/test.sh -p
 # berth-core` or a test filter; the second run then takes them in place of
 # `-p berth-controller`.
 # Each phase's duration is printed; the exit status is the test run's.
@@ -27,7 +28,7 @@
 #   BERTH_INTEGRATION=1        run the tests that need Slurm and Podman
 #   BERTH_TEST_IMAGE           image tag loaded in Podman
 #   BERTH_TEST_IMAGE_ARCHIVE   the same image as a `docker save` archive
-#   BERTH_TEST_DATABASE_URL    PostgreSQL URL, in the second run only
+#   BERTH_TEST_DATABASE_URL    PostgreSQL URL, in the PostgreSQL runs only
 #   BERTH_TEST_PYTHON          the virtual environment's python, for the SDK test
 #   SLURM_CONF                 only when BERTH_SLURM_CONF names another file
 #
@@ -190,5 +191,16 @@ if [ "$BERTH_TEST_POSTGRES" = 1 ]; then
   [ "$#" -gt 0 ] || pg_scope=()
   run_phase tests-postgres env BERTH_TEST_DATABASE_URL="$BERTH_TEST_DATABASE_URL" \
     "${test_command[@]}" "${pg_scope[@]}" --no-fail-fast "${pg_args[@]}" || status=$?
+  if [ "$#" -eq 0 ]; then
+    # The end-to-end test of two controllers sharing one database needs
+    # PostgreSQL, which the first run does not have.
+    if [ "$runner" = nextest ]; then
+      shared_filter=(-E 'binary(e2e_shell_move)')
+    else
+      shared_filter=(--test e2e_shell_move)
+    fi
+    run_phase tests-postgres-e2e env BERTH_TEST_DATABASE_URL="$BERTH_TEST_DATABASE_URL" \
+      "${test_command[@]}" "${scope[@]}" "${shared_filter[@]}" || status=$?
+  fi
 fi
 exit "$status"

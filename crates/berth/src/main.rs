@@ -61,6 +61,10 @@ enum Command {
     Admin(cli::admin::AdminCommand),
 }
 
+/// How long the end of a command waits for blocking tasks, such as a read
+/// of stdin, before the process exits without them.
+const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -73,13 +77,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::execute(args.command)) {
+    let code = match runtime.block_on(cli::execute(args.command)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("berth: {}", error_chain(&err));
             ExitCode::FAILURE
         }
-    }
+    };
+    // A read of stdin (as `ssh-proxy` does) runs on a blocking thread that
+    // nothing can cancel, and dropping the runtime would wait for it until
+    // stdin ends.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    code
 }
 
 /// Formats an error with its causes, `outer: cause: root cause`, printing

@@ -18,13 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use berth_core::ContainerState;
 use common::netns::NodeNamespace;
 use common::{skip, test_image, wait_until, ClusterOptions, TestCluster};
 use serde_json::json;
 
-/// How long a container may take to run with a published host key.
-const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a cancelled container may take to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long the gateway's tunnel may take to connect once the host key is
 /// published, and a forwarded port to respond.
@@ -156,7 +155,7 @@ impl IsolatedShell {
             .expect("failed to cancel the container request");
         wait_until(
             &self.cluster,
-            START_TIMEOUT,
+            STOP_TIMEOUT,
             "the container to stop",
             || async {
                 let container = client.get_container(&self.uuid).await.ok()?;
@@ -227,17 +226,7 @@ async fn start_container(cluster: &TestCluster, token: &str, script: &str) -> (S
         .container_uuid
         .clone()
         .expect("the request has no container");
-    wait_until(
-        cluster,
-        START_TIMEOUT,
-        "the container to run with a published host key",
-        || async {
-            let container = client.get_container(&uuid).await.ok()?;
-            (container.state == ContainerState::Running && container.gateway_host_key.is_some())
-                .then_some(())
-        },
-    )
-    .await;
+    common::wait_for_host_key(cluster, &client, &uuid).await;
     (request.uuid, uuid)
 }
 

@@ -6,6 +6,11 @@
 //! own in that database, created for the test and dropped after it, so
 //! that tests run in parallel without seeing each other's rows.
 
+// A path relative to this file, so that the tests that include this file
+// with `#[path]` find it too.
+#[path = "common/gateway.rs"]
+pub mod gateway;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use axum::Router;

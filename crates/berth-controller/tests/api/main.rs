@@ -28,6 +28,7 @@ mod requests;
 mod secrets;
 mod socket;
 mod tls;
+mod tunnel_flood;
 mod tunnel_leases;
 mod two_controllers;
 mod validation;

@@ -6,7 +6,10 @@
 //! join its connection to the container's gateway (an HTTP upgrade of
 //! `POST /arvados/v1/connect/{uuid}/ssh`) and then copies bytes between
 //! its stdin and stdout and that connection. The controller checks that the
-//! caller owns the container's request or is an administrator.
+//! caller owns the container's request or is an administrator. When the
+//! controller closes the connection while ssh still uses it (the controller
+//! holding the container's tunnel shut down), `ssh-proxy` prints why on
+//! stderr, since ssh reports only that the connection closed.
 //!
 //! Host keys are checked strictly. Each container's gateway publishes its
 //! host key on the container record (`gateway_host_key`), which the client
@@ -41,6 +44,10 @@ const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60)
 
 /// The user a shell logs in as unless one is given.
 const DEFAULT_USER: &str = "root";
+
+/// How long `ssh-proxy` waits, after the controller closed the connection,
+/// for ssh to end its side before it reports the connection as cut.
+const SSH_EXIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Debug, Args)]
 pub struct ShellArgs {
@@ -165,7 +172,7 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
             )
         })?;
     let (mut from_gateway, mut to_gateway) = tokio::io::split(connection);
-    let upload = tokio::spawn(async move {
+    let mut upload = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let copied = tokio::io::copy(&mut stdin, &mut to_gateway).await;
         // The end of stdin ends the stream towards the gateway; the
@@ -176,7 +183,22 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = tokio::io::stdout();
     let downloaded = tokio::io::copy(&mut from_gateway, &mut stdout).await;
     let _ = stdout.flush().await;
+    // When ssh ends a session, it closes this program's stdin (the copy
+    // then ends without error) or ends it with SIGHUP. A connection that
+    // the controller closes first was cut while ssh still used it, which
+    // ssh reports only as a closed connection.
+    let stdin_ended = tokio::time::timeout(SSH_EXIT_WAIT, &mut upload).await;
+    let ssh_done = matches!(stdin_ended, Ok(Ok(Ok(_))));
     upload.abort();
+    if !ssh_done {
+        eprintln!(
+            "berth ssh-proxy: the controller closed the shell connection to container {} \
+             before ssh ended it: the controller that holds the container's tunnel shut down \
+             (or the connection to it was lost). Run the command again to reach the container \
+             through another controller.",
+            container.uuid
+        );
+    }
     downloaded.context("the shell connection to the container failed")?;
     Ok(ExitCode::SUCCESS)
 }

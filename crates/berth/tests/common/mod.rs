@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use berth_client::{Client, Settings, Token};
 use rand::Rng;
 
+pub mod controllers;
+
 /// How long a test waits for the controller to print its address.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -124,6 +126,11 @@ pub struct ClusterOptions {
     pub log_requests: bool,
     /// Extra keys of the `supervisor` section, one `key: value` per line.
     pub supervisor: Vec<String>,
+    /// Extra keys of the `controller` section, one `key: value` per line.
+    pub controller: Vec<String>,
+    /// The controllers' database; `None` makes a SQLite file in the
+    /// cluster's directory.
+    pub database_url: Option<String>,
     /// The address the controller listens on, with port 0. `None` is
     /// 127.0.0.1. A compute node in a network namespace needs the address
     /// of its link to the root namespace.
@@ -335,18 +342,7 @@ impl TestCluster {
 
     /// Creates a user with `berth admin create-user` and returns its token.
     pub fn create_user(&self, name: &str) -> String {
-        let output = Command::new(berth_bin())
-            .args(["admin", "create-user", name, "--config"])
-            .arg(&self.config)
-            .output()
-            .expect("failed to run berth admin create-user");
-        assert!(
-            output.status.success(),
-            "berth admin create-user failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let token = String::from_utf8(output.stdout).expect("token is not UTF-8");
-        token.trim().to_string()
+        create_user_with(&self.config, name)
     }
 
     /// Runs a user command of the CLI against this cluster.
@@ -357,14 +353,7 @@ impl TestCluster {
     }
 
     pub fn berth_command(&self, token: &str, args: &[&str]) -> Command {
-        let mut command = Command::new(berth_bin());
-        command
-            .args(args)
-            .env_remove("ARVADOS_API_HOST")
-            .env_remove("ARVADOS_API_TOKEN")
-            .env("BERTH_API_HOST", &self.api_url)
-            .env("BERTH_API_TOKEN", token);
-        command
+        berth_command_at(&self.api_url, token, args)
     }
 
     /// Counts the requests with `method` to `route` (such as
@@ -389,18 +378,38 @@ impl TestCluster {
     /// Returns the last lines of the controller's and dispatcher's logs, for
     /// failure messages.
     pub fn logs(&self) -> String {
-        let mut text = String::new();
-        for name in ["controller.log", "dispatch.log"] {
-            let content = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-            let tail: Vec<&str> = content.lines().rev().take(40).collect();
-            text.push_str(&format!("--- {name} (last lines) ---\n"));
-            for line in tail.into_iter().rev() {
-                text.push_str(line);
-                text.push('\n');
-            }
-        }
-        text
+        log_tails(
+            ["controller.log", "dispatch.log"]
+                .map(|name| (name.to_string(), self.dir.path().join(name))),
+        )
     }
+}
+
+/// A cluster whose logs a failing test prints.
+pub trait ClusterLogs {
+    /// Returns the last lines of the cluster's logs.
+    fn logs(&self) -> String;
+}
+
+impl ClusterLogs for TestCluster {
+    fn logs(&self) -> String {
+        TestCluster::logs(self)
+    }
+}
+
+/// Returns the last 40 lines of each named log file.
+fn log_tails(files: impl IntoIterator<Item = (String, PathBuf)>) -> String {
+    let mut text = String::new();
+    for (name, path) in files {
+        let content = std::fs::read_to_string(path).unwrap_or_default();
+        let tail: Vec<&str> = content.lines().rev().take(40).collect();
+        text.push_str(&format!("--- {name} (last lines) ---\n"));
+        for line in tail.into_iter().rev() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    text
 }
 
 impl Drop for TestCluster {
@@ -428,6 +437,35 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// Creates a user with `berth admin create-user` on the database of the
+/// configuration file `config` and returns its token.
+pub fn create_user_with(config: &Path, name: &str) -> String {
+    let output = Command::new(berth_bin())
+        .args(["admin", "create-user", name, "--config"])
+        .arg(config)
+        .output()
+        .expect("failed to run berth admin create-user");
+    assert!(
+        output.status.success(),
+        "berth admin create-user failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).expect("token is not UTF-8");
+    token.trim().to_string()
+}
+
+/// Builds a user command of the CLI against the controller at `api_url`.
+pub fn berth_command_at(api_url: &str, token: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(berth_bin());
+    command
+        .args(args)
+        .env_remove("ARVADOS_API_HOST")
+        .env_remove("ARVADOS_API_TOKEN")
+        .env("BERTH_API_HOST", api_url)
+        .env("BERTH_API_TOKEN", token);
+    command
 }
 
 pub fn client(api_url: &str, token: &str) -> Client {
@@ -487,17 +525,25 @@ fn write_config(
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
         0,
     );
+    let database_url = match &options.database_url {
+        Some(url) => url.clone(),
+        None => format!("sqlite://{}", dir.join("berth.db").display()),
+    };
     let mut text = format!(
         "cluster_id: {cluster_id}\n\
          system_token_file: {token}\n\
-         controller:\n  listen: {listen}\n  database_url: sqlite://{db}\n\
-         \x20 blocks:\n    directory: {blocks}\n\
-         supervisor:\n  docker_host: {docker_host}\n  journal_dir: {journal}\n",
+         controller:\n  listen: {listen}\n  database_url: \"{database_url}\"\n\
+         \x20 blocks:\n    directory: {blocks}\n",
         token = token_file.display(),
-        db = dir.join("berth.db").display(),
         blocks = dir.join("blocks").display(),
-        journal = dir.join("journal").display(),
     );
+    for line in &options.controller {
+        text.push_str(&format!("  {line}\n"));
+    }
+    text.push_str(&format!(
+        "supervisor:\n  docker_host: {docker_host}\n  journal_dir: {journal}\n",
+        journal = dir.join("journal").display(),
+    ));
     for line in &options.supervisor {
         text.push_str(&format!("  {line}\n"));
     }
@@ -588,7 +634,7 @@ pub fn request_body(command: &[&str], priority: i64) -> serde_json::Value {
 /// Polls `check` every 100 ms until it returns `Some`, or panics after
 /// `timeout` with `what` and the cluster's logs.
 pub async fn wait_until<T, F, Fut>(
-    cluster: &TestCluster,
+    cluster: &impl ClusterLogs,
     timeout: Duration,
     what: &str,
     mut check: F,
@@ -610,6 +656,23 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until container `uuid` is Running and its gateway has published
+/// its host key, which a shell needs.
+pub async fn wait_for_host_key(cluster: &impl ClusterLogs, client: &Client, uuid: &str) {
+    wait_until(
+        cluster,
+        Duration::from_secs(120),
+        "the container to run with a published host key",
+        || async {
+            let container = client.get_container(uuid).await.ok()?;
+            (container.state == berth_core::ContainerState::Running
+                && container.gateway_host_key.is_some())
+            .then_some(())
+        },
+    )
+    .await;
 }
 
 /// Slurm job ids, in any state Slurm still remembers, whose name is `name`.
