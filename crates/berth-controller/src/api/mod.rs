@@ -137,6 +137,7 @@ impl AppState {
                 internal_url: config.effective_internal_url(),
                 shell_access: config.shell_access,
                 heartbeat: config.tunnel_heartbeat(),
+                copy_buffer_bytes: config.shell_copy_buffer_bytes,
                 grace_period: config.shutdown_grace_period(),
                 session: berth_tunnel::SessionConfig::default(),
             },
