@@ -2,9 +2,9 @@
 //! runs it. Two modes:
 //!
 //! - `stream`: one bulk stream from a client through controller 1, which
-//!   forwards it to controller 2, through the tunnel that controller 2
-//!   holds, to a fake supervisor, and back the other way, against a
-//!   direct loopback TCP connection in the same run. Both controllers run
+//!   forwards it to controller 2, and through controller 2's tunnel to a
+//!   fake supervisor. It runs both ways, against a direct loopback TCP
+//!   connection in the same run. The controllers run
 //!   in this process (`bind` and `run`) on one SQLite file, the client
 //!   uses berth-client's `connect_ssh` on the real
 //!   `connect/{uuid}/ssh` route, and the fake supervisor is
@@ -175,7 +175,7 @@ fn parse_tunnels_args(args: &[String]) -> anyhow::Result<TunnelsArgs> {
     })
 }
 
-/// Reads a token from the first line of a file.
+/// Reads a token from a file, without surrounding whitespace.
 fn read_token(path: PathBuf) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("failed to read {}", path.display()))?;
@@ -235,8 +235,8 @@ impl Controller {
     }
 }
 
-/// Sends a JSON API call and returns the response's body; fails on a
-/// status other than 200.
+/// Sends a JSON API call and returns the response's body. Fails on a
+/// status other than 2xx.
 async fn call(
     http: &reqwest::Client,
     method: reqwest::Method,
@@ -258,8 +258,8 @@ async fn call(
     Ok(serde_json::from_str(&text)?)
 }
 
-/// A request for a container that never runs: the benchmarks only need
-/// its record and its gateway secret.
+/// Returns the body of a request for a container that never runs. The
+/// benchmarks need only its record and its gateway secret.
 fn container_request() -> Value {
     json!({"container_request": {
         "use_existing": false,
@@ -318,8 +318,8 @@ fn dial_config(base: &url::Url, uuid: &str, secret: &str) -> anyhow::Result<Dial
     ))
 }
 
-/// Serves one bulk stream as the supervisor's end: after UPLOAD it reads
-/// to the end and writes back the byte count; after DOWNLOAD and a length
+/// Serves one bulk stream as the supervisor's end. After UPLOAD it reads
+/// to the end and writes back the byte count. After DOWNLOAD and a length
 /// it writes that many bytes. Then it half-closes.
 async fn serve_bulk<S>(mut stream: S) -> std::io::Result<()>
 where
@@ -417,8 +417,8 @@ async fn serve_incoming(incoming: IncomingStream) {
     }
 }
 
-/// A loopback TCP listener that serves every connection as a bulk stream:
-/// the baseline.
+/// Starts a loopback TCP listener that serves every connection as a bulk
+/// stream, the baseline, and returns its address.
 async fn direct_server() -> anyhow::Result<std::net::SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -535,8 +535,6 @@ async fn stream_bench(args: &StreamArgs) -> anyhow::Result<()> {
         let mut name = format!("{} KiB copy buffers", bytes >> 10);
         if bytes == default_bytes {
             name.push_str(" (default)");
-        } else if bytes == 8 << 10 {
-            name.push_str(" (tokio's default)");
         }
         let (pair, token) = Pair::start(
             &name,
@@ -635,9 +633,9 @@ fn resident_kib(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// Reads `containers/{uuid}` `count` times, one after the other and
-/// started REQUEST_SPACING apart, on a thread and runtime of its own so
-/// that this process's tunnels do not delay the client; returns the
-/// latencies in milliseconds, sorted.
+/// started REQUEST_SPACING apart. The calls run on a thread and runtime of
+/// their own, so this process's tunnels do not delay the client. Returns
+/// the latencies in milliseconds, sorted.
 fn time_reads(base: &url::Url, token: &str, uuid: &str, count: usize) -> anyhow::Result<Vec<f64>> {
     let url = base.join(&format!("arvados/v1/containers/{uuid}"))?;
     let token = token.to_owned();

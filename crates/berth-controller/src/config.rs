@@ -37,10 +37,10 @@ pub mod defaults {
     /// Seconds between refreshes of this controller's tunnel leases. A
     /// lease not refreshed for three intervals is stale.
     pub const TUNNEL_HEARTBEAT_SECONDS: u64 = 5;
-    /// Buffer of each direction of a shell session's copy loop: 64 KiB.
-    /// tokio's default of 8 KiB made each write through a tunnel an 8 KiB
-    /// HTTP/2 DATA frame (docs/BENCHMARKS.md, "Gateway").
-    pub const SHELL_COPY_BUFFER_BYTES: usize = 64 << 10;
+    /// Buffer of each direction of a shell session's copy loop: 8 KiB,
+    /// tokio's default. 64 KiB buffers moved a bulk stream no faster in
+    /// `scripts/bench/run-gateway.sh` (docs/BENCHMARKS.md, "Gateway").
+    pub const SHELL_COPY_BUFFER_BYTES: usize = 8 << 10;
 
     /// Directory of the local block store.
     pub const BLOCK_DIRECTORY: &str = "/var/lib/berth/blocks";
@@ -181,7 +181,7 @@ pub struct Config {
     #[serde(default = "defaults::tunnel_heartbeat_seconds")]
     pub tunnel_heartbeat_seconds: u64,
     /// Bytes of the buffer that each direction of a shell session copies
-    /// through, 1 KiB to 16 MiB. Each session holds two. Default 65536.
+    /// through, 1 KiB to 16 MiB. Each session holds two. Default 8192.
     #[serde(default = "defaults::shell_copy_buffer_bytes")]
     pub shell_copy_buffer_bytes: usize,
     /// The block store of collection data and the signing of its
