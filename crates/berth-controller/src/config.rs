@@ -181,7 +181,7 @@ pub struct Config {
     #[serde(default = "defaults::tunnel_heartbeat_seconds")]
     pub tunnel_heartbeat_seconds: u64,
     /// Bytes of the buffer that each direction of a shell session copies
-    /// through, 1 KiB to 16 MiB. Each session holds two. Default 8192.
+    /// through, 1 KiB to 16 MiB. Each session has two. Default 8192.
     #[serde(default = "defaults::shell_copy_buffer_bytes")]
     pub shell_copy_buffer_bytes: usize,
     /// The block store of collection data and the signing of its

@@ -78,7 +78,7 @@ async fn main() {
     }
     // Both ends advertise the same maximum frame size, so it bounds the
     // DATA frames of both directions.
-    for frame_kib in [16, 256, 1024] {
+    for frame_kib in [16, 64, 1024] {
         let windows = WindowConfig {
             max_frame_size: frame_kib * 1024,
             ..WindowConfig::default()
