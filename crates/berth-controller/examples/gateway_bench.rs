@@ -97,10 +97,7 @@ fn parse_stream_args(args: &[String]) -> anyhow::Result<StreamArgs> {
     let mut parsed = StreamArgs {
         size_mib: 1024,
         rounds: 3,
-        copy_buffers: vec![
-            8 << 10,
-            berth_controller::config::defaults::SHELL_COPY_BUFFER_BYTES,
-        ],
+        copy_buffers: vec![8 << 10, 64 << 10],
     };
     let mut words = args.iter();
     while let Some(word) = words.next() {

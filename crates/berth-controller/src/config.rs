@@ -38,8 +38,10 @@ pub mod defaults {
     /// lease not refreshed for three intervals is stale.
     pub const TUNNEL_HEARTBEAT_SECONDS: u64 = 5;
     /// Buffer of each direction of a shell session's copy loop: 8 KiB,
-    /// tokio's default. 64 KiB buffers moved a bulk stream no faster in
-    /// `scripts/bench/run-gateway.sh` (docs/BENCHMARKS.md, "Gateway").
+    /// tokio's default. In `scripts/bench/run-gateway.sh`, 64 KiB buffers
+    /// sped up a bulk stream through the holder of the tunnel, but not
+    /// one forwarded through a second controller (docs/BENCHMARKS.md,
+    /// "Gateway").
     pub const SHELL_COPY_BUFFER_BYTES: usize = 8 << 10;
 
     /// Directory of the local block store.
