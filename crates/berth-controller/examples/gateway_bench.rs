@@ -4,18 +4,18 @@
 //! - `stream`: one bulk stream from a client through controller 1, which
 //!   forwards it to controller 2, and through controller 2's tunnel to a
 //!   fake supervisor. It runs both ways, against a direct loopback TCP
-//!   connection in the same run. The controllers run
-//!   in this process (`bind` and `run`) on one SQLite file, the client
-//!   uses berth-client's `connect_ssh` on the real
-//!   `connect/{uuid}/ssh` route, and the fake supervisor is
-//!   berth-tunnel's dial side, which sinks or sources the bytes.
+//!   connection in the same run. There is one pair of controllers per
+//!   `--copy-buffers` size, all in this process (`bind` and `run`) on one
+//!   SQLite file. The client uses berth-client's `connect_ssh` on the real
+//!   `connect/{uuid}/ssh` route. The fake supervisor is berth-tunnel's
+//!   dial side, which sinks or sources the bytes.
 //! - `tunnels`: the dial side of COUNT idle tunnels to a controller in
 //!   another process (`berth controller`). It creates COUNT containers
-//!   through the API (a committed request each, locked with the system
-//!   token for its gateway secret), times sequential API reads without
-//!   tunnels, opens the tunnels, reads the controller's resident memory
-//!   (VmRSS of its pid) before and after, and times the same reads again
-//!   with the tunnels open.
+//!   through the API, each a committed request locked with the system
+//!   token for its gateway secret. It times sequential API reads without
+//!   tunnels, then opens the tunnels. It reads the controller's resident
+//!   memory (VmRSS of its pid) before and after, and times the same reads
+//!   again with the tunnels open.
 //!
 //! Usage:
 //! `gateway_bench stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...]`
@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("stream") => stream_bench(&parse_stream_args(&args[1..])?).await,
         Some("tunnels") => tunnels_bench(parse_tunnels_args(&args[1..])?).await,
-        _ => bail!("give a mode: `stream [--size-mib N] [--rounds N]` or `tunnels --url URL --system-token-file FILE --user-token-file FILE --controller-pid PID [--count N] [--requests N]`"),
+        _ => bail!("give a mode: `stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...]` or `tunnels --url URL --system-token-file FILE --user-token-file FILE --controller-pid PID [--count N] [--requests N]`"),
     }
 }
 
@@ -457,6 +457,7 @@ impl Pair {
         user_token: Option<&str>,
     ) -> anyhow::Result<(Pair, String)> {
         let adjust = |config: &mut Config| config.shell_copy_buffer_bytes = copy_buffer_bytes;
+
         let forwarder = Controller::start(
             database_url,
             scratch.join(format!("blocks-{copy_buffer_bytes}-1")),
@@ -469,6 +470,7 @@ impl Pair {
             adjust,
         )
         .await?;
+
         let user_token = match user_token {
             Some(token) => token.to_owned(),
             None => create_user_in(forwarder.state.store(), &cluster()?, "bench", false).await?,
@@ -486,6 +488,7 @@ impl Pair {
             Some(json!({"container": {"state": "Running"}})),
         )
         .await?;
+
         let tunnel = dial(&dial_config(&holder.url, &uuid, &secret)?).await?;
         let supervisor = tokio::spawn(fake_supervisor(tunnel));
         let started = Instant::now();
