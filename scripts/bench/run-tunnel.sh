@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Measure the tunnel (crates/berth-tunnel) on loopback, in one process.
 # First the throughput of one bulk stream through the tunnel against a
-# direct TCP connection, for four HTTP/2 window settings, once without and
-# once with an added round-trip time. Then the resident memory per idle
+# direct TCP connection, for four HTTP/2 window settings and three maximum
+# frame sizes, once without and once with an added round-trip time. Then the resident memory per idle
 # tunnel.
 #
 # Usage: scripts/bench/run-tunnel.sh [SIZE_MIB] [IDLE_TUNNELS] [RTT_MS]

@@ -37,6 +37,12 @@ pub mod defaults {
     /// Seconds between refreshes of this controller's tunnel leases. A
     /// lease not refreshed for three intervals is stale.
     pub const TUNNEL_HEARTBEAT_SECONDS: u64 = 5;
+    /// Buffer of each direction of a shell session's copy loop: 8 KiB,
+    /// tokio's default. In `scripts/bench/run-gateway.sh`, 64 KiB buffers
+    /// sped up a bulk stream through the holder of the tunnel, but not
+    /// one forwarded through a second controller (docs/BENCHMARKS.md,
+    /// "Gateway").
+    pub const SHELL_COPY_BUFFER_BYTES: usize = 8 << 10;
 
     /// Directory of the local block store.
     pub const BLOCK_DIRECTORY: &str = "/var/lib/berth/blocks";
@@ -79,6 +85,9 @@ pub mod defaults {
     }
     pub(super) fn tunnel_heartbeat_seconds() -> u64 {
         TUNNEL_HEARTBEAT_SECONDS
+    }
+    pub(super) fn shell_copy_buffer_bytes() -> usize {
+        SHELL_COPY_BUFFER_BYTES
     }
     pub(super) fn shell_access() -> bool {
         true
@@ -180,6 +189,10 @@ pub struct Config {
     /// Default 5.
     #[serde(default = "defaults::tunnel_heartbeat_seconds")]
     pub tunnel_heartbeat_seconds: u64,
+    /// Bytes of the buffer that each direction of a shell session copies
+    /// through, 1 KiB to 16 MiB. Each session has two. Default 8192.
+    #[serde(default = "defaults::shell_copy_buffer_bytes")]
+    pub shell_copy_buffer_bytes: usize,
     /// The block store of collection data and the signing of its
     /// locators. Default: every key of [`BlockConfig`] at its default.
     #[serde(default)]
@@ -269,6 +282,7 @@ impl Config {
             internal_ca_file: None,
             shell_access: true,
             tunnel_heartbeat_seconds: defaults::TUNNEL_HEARTBEAT_SECONDS,
+            shell_copy_buffer_bytes: defaults::SHELL_COPY_BUFFER_BYTES,
             blocks: BlockConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -382,6 +396,13 @@ impl Config {
                 "tunnel_heartbeat_seconds",
                 &self.tunnel_heartbeat_seconds,
                 "must be 1 or more",
+            ));
+        }
+        if !(1 << 10..=16 << 20).contains(&self.shell_copy_buffer_bytes) {
+            return Err(error(
+                "shell_copy_buffer_bytes",
+                &self.shell_copy_buffer_bytes,
+                "must be 1024 to 16777216 bytes",
             ));
         }
         if let Some(url) = &self.internal_url {
@@ -571,6 +592,16 @@ mod tests {
             config.internal_url = Some(bad.into());
             let err = config.validate().unwrap_err();
             assert_eq!(err.key, "internal_url", "{bad}");
+        }
+    }
+
+    #[test]
+    fn shell_copy_buffer_is_bounded() {
+        for bytes in [0, 1023, (16 << 20) + 1] {
+            let mut config = Config::new("127.0.0.1:0".parse().unwrap(), "sqlite://x.db");
+            config.shell_copy_buffer_bytes = bytes;
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.key, "shell_copy_buffer_bytes");
         }
     }
 

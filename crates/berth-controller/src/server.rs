@@ -147,7 +147,14 @@ impl BoundController {
                 }
                 Err(err) => Err(err),
             },
-            None => serve(listener, state, shutdown, grace_period, header_read_timeout).await,
+            None => {
+                // Keystrokes through a shell or a tunnel go out at once,
+                // without waiting for the peer's ACK of earlier data.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                serve(listener, state, shutdown, grace_period, header_read_timeout).await
+            }
         };
         heartbeat.abort();
         listener_state.stop_change_listener().await;

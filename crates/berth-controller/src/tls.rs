@@ -295,6 +295,8 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Keystrokes through a shell or a tunnel go out at once.
+        let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let sender = sender.clone();
         tokio::spawn(async move {

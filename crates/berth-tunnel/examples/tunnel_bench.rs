@@ -1,6 +1,7 @@
 //! Measures the tunnel on loopback, in one process:
 //! - throughput of one bulk stream through the tunnel, against a direct
-//!   loopback TCP connection, for several HTTP/2 window settings;
+//!   loopback TCP connection, for several HTTP/2 window settings and
+//!   maximum frame sizes;
 //! - resident memory per idle tunnel, with both ends in this process.
 //!
 //! Usage: `cargo run --release -p berth-tunnel --example tunnel_bench --
@@ -73,15 +74,30 @@ async fn main() {
             ..WindowConfig::default()
         };
         let tunnel = through_tunnel(bytes, windows, rtt).await;
-        println!(
-            "tunnel, windows {name}: {:.3} s = {:.0} MiB/s, ratio to direct {:.2}",
-            tunnel.as_secs_f64(),
-            rate(size_mib, tunnel),
-            direct.as_secs_f64() / tunnel.as_secs_f64()
-        );
+        print_tunnel(&format!("windows {name}"), size_mib, tunnel, direct);
+    }
+    // Both ends advertise the same maximum frame size, so it bounds the
+    // DATA frames of both directions.
+    for frame_kib in [16, 64, 1024] {
+        let windows = WindowConfig {
+            max_frame_size: frame_kib * 1024,
+            ..WindowConfig::default()
+        };
+        let tunnel = through_tunnel(bytes, windows, rtt).await;
+        let name = format!("default windows, frames up to {frame_kib} KiB");
+        print_tunnel(&name, size_mib, tunnel, direct);
     }
 
     idle_memory(idle).await;
+}
+
+fn print_tunnel(name: &str, size_mib: usize, tunnel: Duration, direct: Duration) {
+    println!(
+        "tunnel, {name}: {:.3} s = {:.0} MiB/s, ratio to direct {:.2}",
+        tunnel.as_secs_f64(),
+        rate(size_mib, tunnel),
+        direct.as_secs_f64() / tunnel.as_secs_f64()
+    );
 }
 
 fn rate(size_mib: usize, elapsed: Duration) -> f64 {

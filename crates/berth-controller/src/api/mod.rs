@@ -147,6 +147,7 @@ impl AppState {
                 forward_tls: crate::tls::forward_client_config(config.internal_ca_file.as_deref())?,
                 shell_access: config.shell_access,
                 heartbeat: config.tunnel_heartbeat(),
+                copy_buffer_bytes: config.shell_copy_buffer_bytes,
                 grace_period: config.shutdown_grace_period(),
                 session: berth_tunnel::SessionConfig::default(),
             },

@@ -64,6 +64,8 @@ pub struct GatewaySettings {
     /// False when `controller.shell_access` turns shells off.
     pub shell_access: bool,
     pub heartbeat: Duration,
+    /// Bytes of each direction's buffer in a shell session's copy loop.
+    pub copy_buffer_bytes: usize,
     /// The time open sessions and moved tunnels get at shutdown.
     pub grace_period: Duration,
     pub session: SessionConfig,
@@ -351,9 +353,10 @@ impl Gateway {
     ) -> std::io::Result<(u64, u64)> {
         let upgraded = on_upgrade.await.map_err(std::io::Error::other)?;
         let mut client = TokioIo::new(upgraded);
+        let buffer = self.settings.copy_buffer_bytes;
         match peer {
-            SessionPeer::Stream(mut stream) => splice(&mut client, &mut stream).await,
-            SessionPeer::Forward(mut forward) => splice(&mut client, &mut forward).await,
+            SessionPeer::Stream(mut stream) => splice(&mut client, &mut stream, buffer).await,
+            SessionPeer::Forward(mut forward) => splice(&mut client, &mut forward, buffer).await,
         }
     }
 
@@ -454,12 +457,17 @@ impl Gateway {
 
 /// Copies bytes both ways until both directions have ended. An end of
 /// file on one side shuts the other side's write half (a half-close), so
-/// the other direction goes on. Returns the bytes copied from `client`
-/// and from `peer`.
-async fn splice<A, B>(client: &mut A, peer: &mut B) -> std::io::Result<(u64, u64)>
+/// the other direction goes on. Each direction reads into a buffer of
+/// `buffer_bytes`, so a write into a tunnel stream is at most that large.
+/// Returns the bytes copied from `client` and from `peer`.
+async fn splice<A, B>(
+    client: &mut A,
+    peer: &mut B,
+    buffer_bytes: usize,
+) -> std::io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::io::copy_bidirectional(client, peer).await
+    tokio::io::copy_bidirectional_with_sizes(client, peer, buffer_bytes, buffer_bytes).await
 }
