@@ -59,10 +59,30 @@ enum Command {
     /// Administrative commands.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),
+    /// Serve SFTP on stdin and stdout inside a container, as a user; the
+    /// SSH gateway runs it for the `sftp` subsystem.
+    #[command(hide = true)]
+    SftpServer {
+        /// The container's root directory (`/proc/PID/root`) to chroot
+        /// into.
+        #[arg(long)]
+        root: PathBuf,
+        /// The login user, a name or UID in the container's /etc/passwd.
+        #[arg(long)]
+        user: String,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The SFTP server changes its root and user, which must happen
+    // before any thread of the async runtime exists.
+    if let Command::SftpServer { root, user } = args.command {
+        return berth_supervisor::sftp_server::run(&berth_supervisor::sftp_server::Options {
+            root,
+            user,
+        });
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
