@@ -24,7 +24,7 @@ use berth_supervisor::gateway::{
 };
 use berth_supervisor::logs::SupervisorLog;
 use berth_supervisor::runtime::oci::OciRuntime;
-use berth_supervisor::runtime::{ContainerId, ContainerSpec, ImageSource, Runtime};
+use berth_supervisor::runtime::{BindMount, ContainerId, ContainerSpec, ImageSource, Runtime};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
@@ -416,10 +416,11 @@ async fn check_wrong_host_key(served: &Served) {
 }
 
 /// Checks the `sftp` subsystem with OpenSSH's `scp` and `sftp`. A file
-/// is copied into the container and back byte for byte, then come a
-/// batch of directory operations and the confinement checks. Last,
-/// another subsystem is rejected.
-async fn check_sftp(served: &Served) {
+/// is copied into the container and back byte for byte, and another
+/// into the bind mount at `/out`, whose host directory is `out`. Then
+/// come a batch of directory operations and the confinement checks.
+/// Last, another subsystem is rejected.
+async fn check_sftp(served: &Served, out: &Path) {
     let local = tempfile::tempdir().unwrap();
     let mut data = vec![0u8; 5 << 20];
     rand::thread_rng().fill_bytes(&mut data);
@@ -460,10 +461,21 @@ async fn check_sftp(served: &Served) {
     let output = run_client("ssh", &args).await;
     assert_ne!(output.status.code(), Some(0), "{}", text(&output.stdout));
 
+    // The server exits before it is ready, so the request fails.
+    let output = served.sftp_batch("nosuchuser", local.path(), "ls\n").await;
+    assert_ne!(output.status.code(), Some(0), "{}", text(&output.stdout));
+
     let log = served.log.pending_lines();
     assert!(
         log.iter()
             .any(|line| line.contains("SFTP session started for user \"root\"")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(
+            |line| line.contains("rejected the sftp subsystem for user \"nosuchuser\"")
+                && line.contains("not found")
+        ),
         "{log:?}"
     );
     assert!(
@@ -587,9 +599,12 @@ async fn gateway_sftp_serves_podman_container() {
     let runtime = Arc::new(common::runtime().await);
     let uuid = new_uuid();
     let _cleanup = Cleanup::new(&uuid);
-    let id = start(runtime.as_ref(), &spec(&uuid, &container_command())).await;
+    let out = tempfile::tempdir().unwrap();
+    let mut container = spec(&uuid, &container_command());
+    container.binds = vec![out_mount(out.path())];
+    let id = start(runtime.as_ref(), &container).await;
     let served = serve(runtime.clone(), &id, &uuid).await;
-    check_sftp(&served).await;
+    check_sftp(&served, out.path()).await;
     runtime.remove(&id).await.unwrap();
 }
 
@@ -599,9 +614,10 @@ async fn gateway_sftp_serves_crun_container() {
         return;
     }
     let uuid = new_uuid();
-    let crun = CrunContainer::start(&uuid, Vec::new()).await;
+    let out = tempfile::tempdir().unwrap();
+    let crun = CrunContainer::start(&uuid, Vec::new(), vec![out_mount(out.path())]).await;
     let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
-    check_sftp(&served).await;
+    check_sftp(&served, out.path()).await;
     crun.runtime.remove(&crun.id).await.unwrap();
 }
 
@@ -611,7 +627,8 @@ async fn gateway_sessions_run_in_crun_container() {
         return;
     }
     let uuid = new_uuid();
-    let crun = CrunContainer::start(&uuid, vec![CONTAINER_VARIABLE.to_string()]).await;
+    let env = vec![CONTAINER_VARIABLE.to_string()];
+    let crun = CrunContainer::start(&uuid, env, Vec::new()).await;
 
     let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
     check_sessions(&served).await;
@@ -780,7 +797,7 @@ async fn gateway_resizes_crun_terminal() {
         return;
     }
     let uuid = new_uuid();
-    let crun = CrunContainer::start(&uuid, Vec::new()).await;
+    let crun = CrunContainer::start(&uuid, Vec::new(), Vec::new()).await;
     let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
     check_resize(&served).await;
     crun.runtime.remove(&crun.id).await.unwrap();
@@ -832,6 +849,15 @@ async fn gateway_channels_over_the_limit_are_rejected() {
     runtime.remove(&id).await.unwrap();
 }
 
+/// Returns a writable bind mount of `host_path` at `/out`.
+fn out_mount(host_path: &Path) -> BindMount {
+    BindMount {
+        host_path: host_path.to_path_buf(),
+        container_path: "/out".to_string(),
+        read_only: false,
+    }
+}
+
 /// A container of the test image run by crun, with its runtime's cache
 /// and work directories, which live as long as it.
 struct CrunContainer {
@@ -842,8 +868,9 @@ struct CrunContainer {
 }
 
 impl CrunContainer {
-    /// Starts [`container_command`] with the environment `env`.
-    async fn start(uuid: &str, env: Vec<String>) -> CrunContainer {
+    /// Starts [`container_command`] with the environment `env` and the
+    /// bind mounts `binds`.
+    async fn start(uuid: &str, env: Vec<String>, binds: Vec<BindMount>) -> CrunContainer {
         let cache = tempfile::tempdir().unwrap();
         let work = tempfile::tempdir().unwrap();
         let runtime = Arc::new(
@@ -857,6 +884,7 @@ impl CrunContainer {
         let mut container = spec(uuid, &container_command());
         container.image = runtime.ensure_image(&source).await.unwrap();
         container.env = env;
+        container.binds = binds;
         let id = start(runtime.as_ref(), &container).await;
         CrunContainer {
             runtime,
