@@ -53,8 +53,8 @@ enum Command {
     /// Connect stdin and stdout to a container's SSH gateway; the
     /// ProxyCommand of `berth shell` and `berth ssh-config`.
     SshProxy(cli::shell::SshProxyArgs),
-    /// Print an OpenSSH configuration snippet for `ssh UUID.berth` and
-    /// port forwarding.
+    /// Print an OpenSSH configuration snippet for `ssh UUID.berth`, scp,
+    /// sftp and port forwarding.
     SshConfig(cli::shell::SshConfigArgs),
     /// Administrative commands.
     #[command(subcommand)]

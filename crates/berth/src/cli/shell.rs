@@ -293,7 +293,7 @@ fn ssh_config(exe: &Path, suffix: &str, known_hosts: &Path) -> anyhow::Result<St
     let exe = ssh_quote(&exe.to_string_lossy());
     let known = ssh_quote(&known_hosts_text);
     Ok(format!(
-        "# Berth: `ssh UUID.{suffix}` and `ssh -L` reach running containers\n\
+        "# Berth: `ssh UUID.{suffix}`, `scp`, `sftp` and `ssh -L` reach running containers\n\
          # (UUID: a container or container request). The controller and token come\n\
          # from BERTH_API_HOST and BERTH_API_TOKEN in ssh's environment.\n\
          Host *.{suffix}\n\
