@@ -308,6 +308,19 @@ struct OpenChannel {
     permit: Option<OwnedSemaphorePermit>,
 }
 
+impl OpenChannel {
+    /// Makes the input of the channel's session, or returns `None` when
+    /// the channel has a session already.
+    fn open_input(&mut self) -> Option<mpsc::Receiver<ChannelInput>> {
+        if self.input.is_some() {
+            return None;
+        }
+        let (sender, receiver) = mpsc::channel(CHANNEL_INPUT_BUFFER);
+        self.input = Some(sender);
+        Some(receiver)
+    }
+}
+
 impl Connection {
     fn gateway(&self) -> Gateway {
         Gateway {
@@ -336,11 +349,9 @@ impl Connection {
         let Some(open) = self.open.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
-        if open.input.is_some() {
+        let Some(receiver) = open.open_input() else {
             return session.channel_failure(channel);
-        }
-        let (sender, receiver) = mpsc::channel(CHANNEL_INPUT_BUFFER);
-        open.input = Some(sender);
+        };
         let request = SftpRequest {
             channel,
             user: self.user.clone(),
@@ -362,12 +373,10 @@ impl Connection {
         let Some(open) = self.open.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
-        if open.input.is_some() {
+        let Some(receiver) = open.open_input() else {
             return session.channel_failure(channel);
-        }
+        };
         session.channel_success(channel)?;
-        let (sender, receiver) = mpsc::channel(CHANNEL_INPUT_BUFFER);
-        open.input = Some(sender);
         let request = SessionRequest {
             channel,
             user: self.user.clone(),
