@@ -485,6 +485,72 @@ async fn check_sftp(served: &Served, out: &Path) {
     );
 }
 
+/// Checks that a root login's SFTP server keeps only the capabilities of
+/// the container's bounding set, with `no_new_privs`, while an `sftp`
+/// session is open. `container_pid` is the container's main process.
+async fn check_sftp_capabilities(served: &Served, container_pid: u32) {
+    let mut args = vec!["-b".to_string(), "-".to_string()];
+    args.extend(served.client_options("-P", served.known_hosts.path()));
+    args.push("root@127.0.0.1".to_string());
+    // The batch comes from stdin, so the session stays open until stdin
+    // closes.
+    let mut sftp = tokio::process::Command::new("sftp")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let marker = format!("--pid\0{container_pid}\0--user\0root\0");
+    let mut server_status = None;
+    for _ in 0..200 {
+        server_status = find_process_status("berth-sftp-server", &marker);
+        if server_status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let server_status = server_status.expect("no berth-sftp-server process within 10 s");
+    let container_status =
+        std::fs::read_to_string(format!("/proc/{container_pid}/status")).unwrap();
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.trim().to_string())
+    };
+    let bounding = field(&container_status, "CapBnd:");
+    assert!(bounding.is_some(), "{container_status}");
+    assert_eq!(
+        field(&server_status, "CapEff:"),
+        bounding,
+        "{server_status}"
+    );
+    assert_eq!(
+        field(&server_status, "CapPrm:"),
+        bounding,
+        "{server_status}"
+    );
+    assert_eq!(field(&server_status, "NoNewPrivs:").as_deref(), Some("1"));
+    drop(sftp.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(30), sftp.wait()).await;
+}
+
+/// Returns `/proc/PID/status` of a process whose command line contains
+/// `program` and `marker`.
+fn find_process_status(program: &str, marker: &str) -> Option<String> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains(program) && cmdline.contains(marker) {
+            return std::fs::read_to_string(entry.path().join("status")).ok();
+        }
+    }
+    None
+}
+
 /// Runs an `sftp -b` batch of directory operations and checks each step.
 async fn check_sftp_batch(served: &Served, local: &Path) {
     std::fs::write(local.join("note.txt"), "note-content\n").unwrap();
@@ -605,6 +671,8 @@ async fn gateway_sftp_serves_podman_container() {
     let id = start(runtime.as_ref(), &container).await;
     let served = serve(runtime.clone(), &id, &uuid).await;
     check_sftp(&served, out.path()).await;
+    let pid = runtime.root_pid(&id).await.unwrap();
+    check_sftp_capabilities(&served, pid).await;
     runtime.remove(&id).await.unwrap();
 }
 
@@ -618,6 +686,8 @@ async fn gateway_sftp_serves_crun_container() {
     let crun = CrunContainer::start(&uuid, Vec::new(), vec![out_mount(out.path())]).await;
     let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
     check_sftp(&served, out.path()).await;
+    let pid = crun.runtime.root_pid(&crun.id).await.unwrap();
+    check_sftp_capabilities(&served, pid).await;
     crun.runtime.remove(&crun.id).await.unwrap();
 }
 

@@ -63,10 +63,10 @@ enum Command {
     /// SSH gateway runs it for the `sftp` subsystem.
     #[command(hide = true)]
     SftpServer {
-        /// The container's root directory (`/proc/PID/root`) to chroot
-        /// into.
+        /// The host PID of a process in the container, whose root
+        /// directory (`/proc/PID/root`) the server chroots into.
         #[arg(long)]
-        root: PathBuf,
+        pid: u32,
         /// The login user, a name or UID in the container's /etc/passwd.
         #[arg(long)]
         user: String,
@@ -77,9 +77,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // The SFTP server changes its root and user, which must happen
     // before any thread of the async runtime exists.
-    if let Command::SftpServer { root, user } = args.command {
+    if let Command::SftpServer { pid, user } = args.command {
         return berth_supervisor::sftp_server::run(&berth_supervisor::sftp_server::Options {
-            root,
+            pid,
             user,
         });
     }

@@ -2,10 +2,10 @@
 //! process ([`crate::sftp_server`]), so `sftp` and `scp` work in any
 //! image, with or without an `sftp-server` of its own.
 //!
-//! For each request the gateway starts the server program with the
-//! container's root (`/proc/PID/root` of the PID that
-//! [`Runtime::root_pid`](crate::runtime::Runtime::root_pid) returns) and
-//! the login user, with an empty environment. It accepts the request only
+//! For each request the gateway starts the server program with the PID
+//! that [`Runtime::root_pid`](crate::runtime::Runtime::root_pid) returns,
+//! whose `/proc/PID/root` is the container's root, and the login user,
+//! with an empty environment. It accepts the request only
 //! once the server has confined itself and written its ready line on
 //! stderr, so a server that cannot start (no root, an unknown user) fails
 //! the request and the supervisor's log says why. Then the channel's data
@@ -42,7 +42,7 @@ const OUTPUT_BUFFER_BYTES: usize = 256 * 1024;
 const MAX_LOGGED_STDERR_LINES: usize = 100;
 
 /// The program and leading arguments that start the SFTP server; the
-/// gateway appends `--root DIR --user NAME`.
+/// gateway appends `--pid PID --user NAME`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SftpServerCommand {
     pub program: PathBuf,
@@ -152,8 +152,8 @@ async fn start_server(
         .map_err(|error| error.to_string())?;
     let mut child = Command::new(&command.program)
         .args(&command.args)
-        .arg("--root")
-        .arg(format!("/proc/{pid}/root"))
+        .arg("--pid")
+        .arg(pid.to_string())
         .arg("--user")
         .arg(user)
         .env_clear()

@@ -1,12 +1,19 @@
 //! Confinement of the SFTP server to the container's root and the login
-//! user, in the order that leaves no way back: `chroot`, user lookup in
-//! the container's own files, supplementary groups, GID, UID, home.
+//! user, in the order that leaves no way back: the container's capability
+//! bounding set is read, then `chroot`, user lookup in the container's
+//! own files, supplementary groups, GID, UID, the capabilities, home.
+//!
+//! A login as a user other than root loses every capability when its UID
+//! changes. A root login keeps only the capabilities of the container's
+//! bounding set (Docker's default set, for Berth's containers), so it can
+//! do no more to files than the container's own root.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
 use nix::unistd::{Gid, Uid};
+use rustix::thread::{CapabilitySet, CapabilitySets};
 
 use super::Options;
 use crate::gateway::user::{find_user, UserError};
@@ -19,6 +26,12 @@ const UMASK: u32 = 0o022;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ConfineError {
+    #[error("failed to read the capability bounding set of process {pid} from {path}: {message}")]
+    Bounding {
+        pid: u32,
+        path: String,
+        message: String,
+    },
     #[error("failed to chroot into the container's root {path}: {source}; serving SFTP needs the supervisor to run as root")]
     Chroot {
         path: String,
@@ -57,15 +70,18 @@ pub(super) struct Confined {
     pub warnings: Vec<String>,
 }
 
-/// Confines the process to `options.root` as `options.user`.
+/// Confines the process to the root of process `options.pid` as
+/// `options.user`.
 pub(super) fn confine(options: &Options) -> Result<Confined, ConfineError> {
-    nix::unistd::chroot(&options.root).map_err(|source| ConfineError::Chroot {
-        path: options.root.display().to_string(),
+    let bounding = read_bounding_set(options.pid)?;
+    let root = format!("/proc/{}/root", options.pid);
+    nix::unistd::chroot(root.as_str()).map_err(|source| ConfineError::Chroot {
+        path: root.clone(),
         source,
     })?;
     // The working directory is still outside the new root until this.
     nix::unistd::chdir("/").map_err(|source| ConfineError::Chroot {
-        path: options.root.display().to_string(),
+        path: root.clone(),
         source,
     })?;
 
@@ -97,6 +113,7 @@ pub(super) fn confine(options: &Options) -> Result<Confined, ConfineError> {
             source: nix::Error::EPERM,
         });
     }
+    limit_capabilities(bounding)?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(UMASK));
 
     let mut warnings = Vec::new();
@@ -114,6 +131,47 @@ pub(super) fn confine(options: &Options) -> Result<Confined, ConfineError> {
         },
         warnings,
     })
+}
+
+/// Reads the `CapBnd` line of `/proc/PID/status`: the capabilities any
+/// process of the container may ever have.
+fn read_bounding_set(pid: u32) -> Result<CapabilitySet, ConfineError> {
+    let path = format!("/proc/{pid}/status");
+    let error = |message: String| ConfineError::Bounding {
+        pid,
+        path: path.clone(),
+        message,
+    };
+    let status = std::fs::read_to_string(&path).map_err(|source| error(source.to_string()))?;
+    parse_bounding_set(&status).ok_or_else(|| error("no valid CapBnd line".to_string()))
+}
+
+fn parse_bounding_set(status: &str) -> Option<CapabilitySet> {
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapBnd:"))?;
+    let bits = u64::from_str_radix(line.trim(), 16).ok()?;
+    Some(CapabilitySet::from_bits_truncate(bits))
+}
+
+/// Keeps only the capabilities in `bounding`, none inheritable, and sets
+/// `no_new_privs`. After a change to a UID other than 0 the process has
+/// none left anyway.
+fn limit_capabilities(bounding: CapabilitySet) -> Result<(), ConfineError> {
+    let drop_error = |action: &str, source: rustix::io::Errno| ConfineError::Drop {
+        action: action.to_string(),
+        source: nix::Error::from_raw(source.raw_os_error()),
+    };
+    let current = rustix::thread::capabilities(None)
+        .map_err(|source| drop_error("read the capabilities", source))?;
+    let sets = CapabilitySets {
+        effective: current.effective & bounding,
+        permitted: current.permitted & bounding,
+        inheritable: CapabilitySet::empty(),
+    };
+    rustix::thread::set_capabilities(None, sets)
+        .map_err(|source| drop_error("limit the capabilities to the container's", source))?;
+    rustix::thread::set_no_new_privs(true).map_err(|source| drop_error("set no_new_privs", source))
 }
 
 /// Reads a regular file of at most [`MAX_ACCOUNT_FILE_BYTES`], `None`
@@ -191,6 +249,22 @@ mod tests {
     #[test]
     fn user_without_name_gets_only_the_primary_group() {
         assert_eq!(supplementary_groups(GROUP, "", 0), vec![0]);
+    }
+
+    #[test]
+    fn bounding_set_is_read_from_status() {
+        let status = "Name:\tsleep\nCapEff:\t0000000000000000\nCapBnd:\t00000000a80425fb\n";
+        let bounding = parse_bounding_set(status).unwrap();
+        assert!(bounding.contains(CapabilitySet::CHOWN));
+        assert!(bounding.contains(CapabilitySet::DAC_OVERRIDE));
+        assert!(!bounding.contains(CapabilitySet::SYS_ADMIN));
+        assert!(!bounding.contains(CapabilitySet::DAC_READ_SEARCH));
+    }
+
+    #[test]
+    fn missing_bounding_set_is_none() {
+        assert_eq!(parse_bounding_set("Name:\tsleep\n"), None);
+        assert_eq!(parse_bounding_set("CapBnd:\tzz\n"), None);
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! own (`berth sftp-server`) that serves SFTP version 3 on stdin and
 //! stdout, confined to one container and one user.
 //!
-//! The gateway starts it for each `sftp` subsystem request, with the
-//! container's root as `/proc/PID/root` and the SSH login user. The
-//! process first confines itself (see [`confine`]): `chroot` into that
-//! root, which resolves through the container's mount namespace, then the
+//! The gateway starts it for each `sftp` subsystem request, with the host
+//! PID of a process in the container and the SSH login user. The process
+//! first confines itself (see [`confine`]): `chroot` into `/proc/PID/root`,
+//! which resolves through the container's mount namespace, then the
 //! user's supplementary groups, GID and UID from the container's own
-//! `/etc/passwd` and `/etc/group`, then `chdir` to the user's home. Only
+//! `/etc/passwd` and `/etc/group`, with no more capabilities than the
+//! container's bounding set, then `chdir` to the user's home. Only
 //! after that does it write [`READY_LINE`] to stderr, and the gateway
 //! accepts the request only when that line arrives. Every later line on stderr is a
 //! message for the supervisor's log. The gateway clears the environment,
@@ -22,7 +23,6 @@ mod listing;
 
 use std::ffi::OsString;
 use std::io;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::task::{Context, Poll};
@@ -41,27 +41,29 @@ const MAX_CLIENT_PACKET_BYTES: u32 = 256 * 1024 + 1024;
 /// The server's command-line options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Options {
-    /// The directory to `chroot` into: the container's `/proc/PID/root`.
-    pub root: PathBuf,
+    /// The host PID of a process in the container: its root directory
+    /// (`/proc/PID/root`) becomes the server's, and its capability
+    /// bounding set bounds the server's capabilities.
+    pub pid: u32,
     /// The login user, a name or a numeric UID, looked up in the
     /// container's `/etc/passwd`.
     pub user: String,
 }
 
 impl Options {
-    /// Parses `--root DIR --user NAME`, the arguments that follow the
+    /// Parses `--pid PID --user NAME`, the arguments that follow the
     /// program's name.
     pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Options, String> {
-        let mut root = None;
+        let mut pid = None;
         let mut user = None;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             let slot = match arg.to_str() {
-                Some("--root") => &mut root,
+                Some("--pid") => &mut pid,
                 Some("--user") => &mut user,
                 _ => {
                     return Err(format!(
-                        "unknown argument {arg:?}; expected --root DIR --user NAME"
+                        "unknown argument {arg:?}; expected --pid PID --user NAME"
                     ))
                 }
             };
@@ -70,15 +72,17 @@ impl Options {
             };
             *slot = Some(value);
         }
-        let root = root.ok_or("missing --root DIR")?;
+        let pid = pid.ok_or("missing --pid PID")?;
+        let pid = pid
+            .to_str()
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| format!("invalid --pid {pid:?}: expected a positive process ID"))?;
         let user = user
             .ok_or("missing --user NAME")?
             .into_string()
             .map_err(|user| format!("invalid --user {user:?}: not UTF-8"))?;
-        Ok(Options {
-            root: PathBuf::from(root),
-            user,
-        })
+        Ok(Options { pid, user })
     }
 }
 
@@ -178,21 +182,29 @@ mod tests {
 
     #[test]
     fn options_are_parsed() {
-        let options = parse(&["--root", "/proc/42/root", "--user", "nobody"]).unwrap();
-        assert_eq!(options.root, PathBuf::from("/proc/42/root"));
+        let options = parse(&["--pid", "42", "--user", "nobody"]).unwrap();
+        assert_eq!(options.pid, 42);
         assert_eq!(options.user, "nobody");
     }
 
     #[test]
     fn missing_user_is_an_error() {
-        let error = parse(&["--root", "/proc/42/root"]).unwrap_err();
+        let error = parse(&["--pid", "42"]).unwrap_err();
         assert!(error.contains("--user"), "{error}");
     }
 
     #[test]
     fn unknown_argument_is_named() {
-        let error = parse(&["--root", "/", "--shell", "sh"]).unwrap_err();
+        let error = parse(&["--pid", "42", "--shell", "sh"]).unwrap_err();
         assert!(error.contains("--shell"), "{error}");
+    }
+
+    #[test]
+    fn invalid_pid_is_named() {
+        for pid in ["0", "-1", "self"] {
+            let error = parse(&["--pid", pid, "--user", "root"]).unwrap_err();
+            assert!(error.contains(&format!("{pid:?}")), "{error}");
+        }
     }
 
     #[test]
