@@ -449,6 +449,16 @@ async fn check_sftp(served: &Served, out: &Path) {
         "the downloaded file differs from the uploaded one"
     );
 
+    let output = served
+        .scp("root", upload.to_str().unwrap(), ":/out/upload.bin")
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let mounted = std::fs::read(out.join("upload.bin")).unwrap();
+    assert!(
+        mounted == data,
+        "the file in the bind mount differs from the uploaded one"
+    );
+
     check_sftp_batch(served, local.path()).await;
     check_sftp_confinement(served, local.path()).await;
 
