@@ -338,9 +338,9 @@ impl Connection {
         let _ = sender.send(input).await;
     }
 
-    /// Starts the channel's SFTP server, which answers the subsystem
-    /// request once it is ready, or rejects the request when the channel
-    /// has a session already.
+    /// Starts the channel's SFTP server, which replies to the subsystem
+    /// request once it is ready. Rejects the request when the channel has
+    /// a session already.
     fn start_sftp(
         &mut self,
         channel: ChannelId,

@@ -8,7 +8,7 @@
 //! with an empty environment. It accepts the request only
 //! once the server has confined itself and written its ready line on
 //! stderr, so a server that cannot start (no root, an unknown user) fails
-//! the request and the supervisor's log says why. Then the channel's data
+//! the request and the supervisor's log gets the reason. Then the channel's data
 //! goes to the server's stdin and its stdout back to the channel. The
 //! server's later stderr lines go to the supervisor's log, never to the
 //! client.
@@ -69,7 +69,7 @@ pub(super) struct SftpRequest {
     pub permit: Option<OwnedSemaphorePermit>,
 }
 
-/// Starts the server, answers the subsystem request, and copies the
+/// Starts the server, replies to the subsystem request, and copies the
 /// channel's data until the server exits. Then sends its exit status and
 /// closes the channel.
 pub(super) async fn run_sftp(
@@ -134,7 +134,9 @@ async fn start_server(
     user: &str,
 ) -> Result<(Child, BufReader<ChildStderr>), String> {
     let Some(command) = gateway.inner.target.sftp_server.as_ref() else {
-        return Err("the gateway has no SFTP server program".to_string());
+        return Err(
+            "the gateway has no SFTP server program, which only `berth supervise` sets".to_string(),
+        );
     };
     // NOTE: the server confines itself with chroot and setuid, which need
     // root; a supervisor that runs as another user cannot serve SFTP.
@@ -144,6 +146,7 @@ async fn start_server(
             "the supervisor runs as UID {uid}, but serving SFTP needs root to chroot into the container"
         ));
     }
+
     let target = &gateway.inner.target;
     let pid = target
         .runtime
@@ -172,6 +175,37 @@ async fn start_server(
     let Some(stderr) = child.stderr.take() else {
         return Err("the SFTP server's stderr is not piped".to_string());
     };
+
+    let (ready, stderr, messages) = wait_until_ready(stderr).await;
+    match ready {
+        Some(true) => {
+            for message in messages {
+                gateway.inner.log.warn(message);
+            }
+            Ok((child, stderr))
+        }
+        Some(false) => {
+            let status = child.wait().await.map(|status| status.to_string());
+            Err(format!(
+                "the SFTP server exited ({}): {}",
+                status.unwrap_or_else(|error| error.to_string()),
+                messages.join("; ")
+            ))
+        }
+        None => Err(format!(
+            "the SFTP server was not ready within {} s: {}",
+            START_TIMEOUT.as_secs(),
+            messages.join("; ")
+        )),
+    }
+}
+
+/// Reads the server's stderr until its ready line. Returns whether the
+/// line came (`None` after [`START_TIMEOUT`]), the reader, and the lines
+/// before it.
+async fn wait_until_ready(
+    stderr: ChildStderr,
+) -> (Option<bool>, BufReader<ChildStderr>, Vec<String>) {
     let mut stderr = BufReader::new(stderr);
     let mut messages = Vec::new();
     let waiting = async {
@@ -185,28 +219,8 @@ async fn start_server(
             }
         }
     };
-    let ready = tokio::time::timeout(START_TIMEOUT, waiting).await;
-    match ready {
-        Ok(true) => {
-            for message in messages {
-                gateway.inner.log.warn(message);
-            }
-            Ok((child, stderr))
-        }
-        Ok(false) => {
-            let status = child.wait().await.map(|status| status.to_string());
-            Err(format!(
-                "the SFTP server exited ({}): {}",
-                status.unwrap_or_else(|error| error.to_string()),
-                messages.join("; ")
-            ))
-        }
-        Err(_) => Err(format!(
-            "the SFTP server was not ready within {} s: {}",
-            START_TIMEOUT.as_secs(),
-            messages.join("; ")
-        )),
-    }
+    let ready = tokio::time::timeout(START_TIMEOUT, waiting).await.ok();
+    (ready, stderr, messages)
 }
 
 /// Copies the channel's input to the server's stdin and its stdout to the

@@ -1,7 +1,8 @@
 //! Confinement of the SFTP server to the container's root and the login
-//! user, in the order that leaves no way back: the container's capability
-//! bounding set is read, then `chroot`, user lookup in the container's
-//! own files, supplementary groups, GID, UID, the capabilities, home.
+//! user. The steps run in the order that leaves no way back. First the
+//! container's capability bounding set is read, then come `chroot` and
+//! the user lookup in the container's own files. Last come the
+//! supplementary groups, GID, UID, capabilities and home directory.
 //!
 //! A login as a user other than root loses every capability when its UID
 //! changes. A root login keeps only the capabilities of the container's
@@ -62,7 +63,7 @@ pub(super) struct Names {
     pub groups: HashMap<u32, String>,
 }
 
-/// What the server knows once confined.
+/// The server's state once confined.
 #[derive(Debug)]
 pub(super) struct Confined {
     pub names: Names,

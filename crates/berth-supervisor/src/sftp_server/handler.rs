@@ -30,7 +30,7 @@ use russh_sftp::server::StatusReply;
 use super::confine::Names;
 use super::listing::{attributes, long_name};
 
-/// Largest read the server answers: larger requests get this much, which
+/// Largest read the server returns: larger requests get this much, which
 /// the protocol allows. OpenSSH's `sftp` reads 32 KiB at a time.
 const MAX_READ_BYTES: u32 = 255 * 1024;
 
@@ -508,9 +508,9 @@ impl russh_sftp::server::Handler for FileSystem {
     }
 
     /// OpenSSH's client sends the link's target first and the new link's
-    /// path second, the reverse of the protocol draft's order, and its
-    /// server reads them that way; so does this one. `russh_sftp` names
-    /// the fields in the draft's order.
+    /// path second, the reverse of the protocol draft's order. Its server
+    /// reads them in that order, and so does this one, although
+    /// `russh_sftp` names the fields in the draft's order.
     async fn symlink(
         &mut self,
         id: u32,

@@ -4,11 +4,12 @@
 //!
 //! The gateway starts it for each `sftp` subsystem request, with the host
 //! PID of a process in the container and the SSH login user. The process
-//! first confines itself (see [`confine`]): `chroot` into `/proc/PID/root`,
-//! which resolves through the container's mount namespace, then the
-//! user's supplementary groups, GID and UID from the container's own
-//! `/etc/passwd` and `/etc/group`, with no more capabilities than the
-//! container's bounding set, then `chdir` to the user's home. Only
+//! first confines itself (see [`confine`]). It `chroot`s into
+//! `/proc/PID/root`, which resolves through the container's mount
+//! namespace. It takes the user's supplementary groups, GID and UID from
+//! the container's own `/etc/passwd` and `/etc/group`, keeps no more
+//! capabilities than the container's bounding set, and enters the user's
+//! home. Only
 //! after that does it write [`READY_LINE`] to stderr, and the gateway
 //! accepts the request only when that line arrives. Every later line on stderr is a
 //! message for the supervisor's log. The gateway clears the environment,
