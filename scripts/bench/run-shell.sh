@@ -189,17 +189,26 @@ try:
         print("round %d of %d: %s" % (number, rounds, ", ".join(
             "%s %.2f s" % (name, times[name][-1]) for name in ways)), file=sys.stderr)
 finally:
+    # Cancel the container and wait for its final state, so that its
+    # supervisor records it and exits before the controller stops.
     call("PUT", "/arvados/v1/container_requests/" + request["uuid"],
          {"container_request": {"priority": 0}})
+    deadline = time.monotonic() + 120
+    while call("GET", "/arvados/v1/containers/" + uuid)["state"] not in ("Complete", "Cancelled"):
+        if time.monotonic() > deadline:
+            print("container %s did not end within 120 s of its cancellation" % uuid,
+                  file=sys.stderr)
+            break
+        time.sleep(0.5)
 
 print()
-print("| way | rounds | median time (s) | MiB/s |")
-print("| --- | --- | --- | --- |")
-rates = {}
+print("| way | rounds | median (s) | min (s) | max (s) | MiB/s (median) | this / ssh to sshd |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+rates = {name: size_mib / statistics.median(times[name]) for name in times}
 for name in times:
-    median = statistics.median(times[name])
-    rates[name] = size_mib / median
-    print("| %s | %d | %.2f | %.0f |" % (name, rounds, median, rates[name]))
+    print("| %s | %d | %.2f | %.2f | %.2f | %.0f | %.2f |" % (
+        name, rounds, statistics.median(times[name]), min(times[name]), max(times[name]),
+        rates[name], rates[name] / rates["ssh to sshd"]))
 print()
 print("ratio (berth shell MiB/s / ssh to sshd MiB/s): %.2f" % (rates["berth shell"] / rates["ssh to sshd"]))
 EOF
