@@ -18,12 +18,23 @@
 # Each way runs ROUNDS times after one warm-up run, the two ways
 # alternating. The script prints each way's median time and MiB/s, and
 # the ratio of the two throughputs (berth / sshd, goal at least 0.8).
+# Then each way runs once more while the script records the CPU time of
+# each process on its path: the client side (ssh, and berth's ssh-proxy)
+# from the children's resource usage, the servers from /proc/PID/stat
+# (with the children they reaped, such as sshd's sessions). Processes
+# that nobody reaps (Podman's conmon, the container's `head`) are not
+# counted.
 #
 # Usage: scripts/bench/run-shell.sh [SIZE_MIB] [ROUNDS]  (as root; default 1024 and 3)
 # Tunables (environment variables):
 #   BERTH_BENCH_BIN     berth binary        [target/release/berth, built if missing]
 #   BERTH_PODMAN_SOCK   Podman API socket                [/run/berth/podman.sock]
 #   BERTH_TEST_IMAGE    image to run                  [localhost/busybox:latest]
+#   BERTH_BENCH_RUNTIME the supervisor's runtime: docker (Podman's API, whose
+#                       exec copies every byte) or oci (crun exec, with
+#                       pipes to the supervisor)                      [docker]
+#   BERTH_TEST_IMAGE_ARCHIVE  `docker save` archive of the image, for oci
+#                             [/var/lib/berth/test-image/busybox.tar]
 # Needs python3, OpenSSH's client, Podman's API socket with the test image
 # (scripts/setup/podman.sh service-start, test-image.sh). Installs
 # openssh-server with apt when sshd is missing; the package's own host
@@ -41,7 +52,18 @@ ROUNDS=${2:-3}
 : "${BERTH_BENCH_BIN:=$REPO_ROOT/target/release/berth}"
 : "${BERTH_PODMAN_SOCK:=$BERTH_RUN_DIR/podman.sock}"
 : "${BERTH_TEST_IMAGE:=localhost/busybox:latest}"
+: "${BERTH_BENCH_RUNTIME:=docker}"
+: "${BERTH_TEST_IMAGE_ARCHIVE:=$BERTH_STATE_DIR/test-image/busybox.tar}"
 require_root "$@"
+case "$BERTH_BENCH_RUNTIME" in
+  docker) image=$BERTH_TEST_IMAGE ;;
+  oci)
+    [ -f "$BERTH_TEST_IMAGE_ARCHIVE" ] || die "no image archive at $BERTH_TEST_IMAGE_ARCHIVE: run scripts/setup/test-image.sh or set BERTH_TEST_IMAGE_ARCHIVE"
+    command -v crun >/dev/null || die "crun not found: run scripts/setup/podman.sh, which installs it"
+    image=$BERTH_TEST_IMAGE_ARCHIVE
+    ;;
+  *) die "invalid BERTH_BENCH_RUNTIME '$BERTH_BENCH_RUNTIME': use docker or oci" ;;
+esac
 [[ "$SIZE_MIB" =~ ^[1-9][0-9]*$ ]] || die "invalid SIZE_MIB '$SIZE_MIB': give a positive whole number"
 [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "invalid ROUNDS '$ROUNDS': give a positive whole number"
 [ -S "$BERTH_PODMAN_SOCK" ] || die "no Podman socket at $BERTH_PODMAN_SOCK: run scripts/setup/podman.sh service-start"
@@ -53,6 +75,10 @@ command -v ssh >/dev/null || die "ssh not found: install openssh-client"
 bench_build "$BERTH_BENCH_BIN"
 bench_start_controller "$BERTH_BENCH_BIN" berth-shell-bench
 bench_write_config "$work/dispatch.yml" local false 1 300
+if [ "$BERTH_BENCH_RUNTIME" = oci ]; then
+  # The supervisor section's keys follow its first line.
+  sed -i "/^supervisor:/a\\  runtime: oci\\n  image_archive_dirs: [$(dirname "$BERTH_TEST_IMAGE_ARCHIVE")]" "$work/dispatch.yml"
+fi
 
 dispatcher_pid=""
 sshd_pid=""
@@ -102,12 +128,12 @@ RUST_LOG=info "$BERTH_BENCH_BIN" dispatch --config "$work/dispatch.yml" 2>"$work
 dispatcher_pid=$!
 
 cat >"$work/bench.py" <<'EOF'
-import json, os, re, statistics, subprocess, sys, time
+import json, os, re, resource, statistics, subprocess, sys, time
 import urllib.request
 
-berth, work, api_url, token, image, size_mib, rounds = sys.argv[1:8]
+berth, work, api_url, token, image, size_mib, rounds, controller_pid, sshd_pid = sys.argv[1:10]
 size_mib, rounds = int(size_mib), int(rounds)
-baseline = sys.argv[8:]
+baseline = sys.argv[10:]
 api_url = api_url.rstrip("/")
 command = "head -c %d /dev/zero" % (size_mib << 20)
 env = dict(os.environ, BERTH_API_HOST=api_url, BERTH_API_TOKEN=token)
@@ -144,6 +170,47 @@ def cipher(argv):
     done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env)
     found = re.search(r"cipher: (\S+)", done.stderr.decode(errors="replace"))
     return found.group(1) if found else "unknown"
+
+
+def cpu_seconds(pid):
+    """Returns the CPU time of a process and its reaped children."""
+    with open("/proc/%s/stat" % pid) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    # utime, stime, cutime and cstime are fields 14 to 17 of the line.
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def find_pid(*parts):
+    """Returns the PID of the process whose command line has all parts."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                words = cmdline.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(any(part in word for word in words) for part in parts):
+            return entry
+    return None
+
+
+def profile(name, argv, processes):
+    """Runs argv once more and prints the CPU seconds each process spent."""
+    before = {label: cpu_seconds(pid) for label, pid in processes.items()}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = timed(argv)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    rows = [("client (%s, its ProxyCommand)" % os.path.basename(argv[0]),
+             after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime)]
+    rows += [(label, cpu_seconds(pid) - before[label]) for label, pid in processes.items()]
+    print()
+    print("%s, one more run of %.2f s: CPU seconds per process" % (name, seconds))
+    print()
+    print("| process | CPU (s) | share of the run's wall time |")
+    print("| --- | --- | --- |")
+    for label, cpu in rows:
+        print("| %s | %.2f | %.0f %% |" % (label, cpu, 100 * cpu / seconds))
 
 
 request = call("POST", "/arvados/v1/container_requests", {"container_request": {
@@ -188,6 +255,10 @@ try:
             times[name].append(timed(argv))
         print("round %d of %d: %s" % (number, rounds, ", ".join(
             "%s %.2f s" % (name, times[name][-1]) for name in ways)), file=sys.stderr)
+    servers = {"controller": controller_pid, "supervisor": find_pid("supervise", uuid),
+               "Podman API service": find_pid("podman", "system", "service")}
+    profile("berth shell", ways["berth shell"], {label: pid for label, pid in servers.items() if pid})
+    profile("ssh to sshd", ways["ssh to sshd"], {"sshd and its sessions": sshd_pid})
 finally:
     # Cancel the container and wait for its final state, so that its
     # supervisor records it and exits before the controller stops.
@@ -213,7 +284,7 @@ print()
 print("ratio (berth shell MiB/s / ssh to sshd MiB/s): %.2f" % (rates["berth shell"] / rates["ssh to sshd"]))
 EOF
 
-log "$ROUNDS rounds of $SIZE_MIB MiB each way"
-python3 "$work/bench.py" "$BERTH_BENCH_BIN" "$work" "$api_url" "$user_token" "$BERTH_TEST_IMAGE" \
-  "$SIZE_MIB" "$ROUNDS" "${ssh_baseline[@]}"
-printf '\n%s CPUs, %s\n' "$(nproc)" "$(ssh -V 2>&1)"
+log "$ROUNDS rounds of $SIZE_MIB MiB each way, supervisor runtime $BERTH_BENCH_RUNTIME"
+python3 "$work/bench.py" "$BERTH_BENCH_BIN" "$work" "$api_url" "$user_token" "$image" \
+  "$SIZE_MIB" "$ROUNDS" "$controller_pid" "$sshd_pid" "${ssh_baseline[@]}"
+printf '\nsupervisor runtime %s, %s CPUs, %s\n' "$BERTH_BENCH_RUNTIME" "$(nproc)" "$(ssh -V 2>&1)"
