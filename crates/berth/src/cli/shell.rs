@@ -26,9 +26,14 @@ use anyhow::{anyhow, bail, Context};
 use berth_core::{Container, ContainerState};
 use clap::Args;
 use nix::fcntl::{Flock, FlockArg};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::api::{Api, Target};
+
+/// Bytes `berth ssh-proxy` reads at once in each direction. Tokio's
+/// `copy` moves 8 KiB at a time, and each write to stdout is a hop to a
+/// blocking thread, so a bulk transfer gains from larger pieces.
+const PROXY_BUFFER_BYTES: usize = 256 * 1024;
 
 /// The host name suffix `berth ssh-config` sets up: `UUID.berth`.
 pub const DEFAULT_HOST_SUFFIX: &str = "berth";
@@ -160,17 +165,18 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
                 container.uuid
             )
         })?;
-    let (mut from_gateway, mut to_gateway) = tokio::io::split(connection);
+    let (from_gateway, mut to_gateway) = tokio::io::split(connection);
     let upload = tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let copied = tokio::io::copy(&mut stdin, &mut to_gateway).await;
+        let mut stdin = BufReader::with_capacity(PROXY_BUFFER_BYTES, tokio::io::stdin());
+        let copied = tokio::io::copy_buf(&mut stdin, &mut to_gateway).await;
         // The end of stdin ends the stream towards the gateway; the
         // gateway's answer still comes back.
         let _ = to_gateway.shutdown().await;
         copied
     });
     let mut stdout = tokio::io::stdout();
-    let downloaded = tokio::io::copy(&mut from_gateway, &mut stdout).await;
+    let mut from_gateway = BufReader::with_capacity(PROXY_BUFFER_BYTES, from_gateway);
+    let downloaded = tokio::io::copy_buf(&mut from_gateway, &mut stdout).await;
     let _ = stdout.flush().await;
     upload.abort();
     downloaded.context("the shell connection to the container failed")?;
