@@ -19,11 +19,11 @@
 # alternating. The script prints each way's median time and MiB/s, and
 # the ratio of the two throughputs (berth / sshd, goal at least 0.8).
 # Then each way runs once more while the script records the CPU time of
-# each process on its path: the client side (ssh, and berth's ssh-proxy)
-# from the children's resource usage, the servers from /proc/PID/stat
-# (with the children they reaped, such as sshd's sessions). Processes
-# that nobody reaps (Podman's conmon, the container's `head`) are not
-# counted.
+# each process on its path. The client side (ssh, and berth's ssh-proxy)
+# comes from the children's resource usage. The servers' times come from
+# /proc/PID/stat, with the children they reaped, such as sshd's sessions.
+# Processes that nobody reaps (Podman's conmon, the container's `head`)
+# are not counted.
 #
 # Usage: scripts/bench/run-shell.sh [SIZE_MIB] [ROUNDS]  (as root; default 1024 and 3)
 # Tunables (environment variables):
