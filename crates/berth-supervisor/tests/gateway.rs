@@ -511,6 +511,7 @@ async fn check_sftp_capabilities(served: &Served, container_pid: u32) {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+
     let marker = format!("--pid\0{container_pid}\0--user\0root\0");
     let mut server_status = None;
     for _ in 0..200 {
@@ -521,6 +522,7 @@ async fn check_sftp_capabilities(served: &Served, container_pid: u32) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let server_status = server_status.expect("no berth-sftp-server process within 10 s");
+
     let container_status =
         std::fs::read_to_string(format!("/proc/{container_pid}/status")).unwrap();
     let field = |status: &str, name: &str| {
