@@ -217,6 +217,11 @@ pub struct Config {
     /// Default 10.
     #[serde(deserialize_with = "at_least_one::deserialize")]
     pub gateway_max_channels_per_connection: usize,
+    /// The SFTP server of the gateway's `sftp` subsystem. Not a key of
+    /// the file: `berth supervise` sets it to its own `berth sftp-server`.
+    /// `None` rejects the subsystem.
+    #[serde(skip)]
+    pub gateway_sftp_server: Option<crate::gateway::SftpServerCommand>,
 }
 
 impl Default for Config {
@@ -251,6 +256,7 @@ impl Default for Config {
             gateway_max_connections: crate::gateway::DEFAULT_MAX_CONNECTIONS,
             gateway_max_channels_per_connection:
                 crate::gateway::DEFAULT_MAX_CHANNELS_PER_CONNECTION,
+            gateway_sftp_server: None,
         }
     }
 }

@@ -47,6 +47,7 @@ pub mod output;
 pub mod retry;
 mod run;
 pub mod runtime;
+pub mod sftp_server;
 pub mod spec;
 pub mod staging;
 pub mod stats;

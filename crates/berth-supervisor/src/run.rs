@@ -941,6 +941,7 @@ impl Run<'_> {
             container: id.clone(),
             env: spec.env.clone(),
             working_dir: spec.working_dir.clone(),
+            sftp_server: self.config.gateway_sftp_server.clone(),
         };
         let flag = SessionFlag {
             client: self.client.clone(),

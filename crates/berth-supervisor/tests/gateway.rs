@@ -13,16 +13,20 @@ mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use berth_supervisor::archive::ImageArchive;
-use berth_supervisor::gateway::{Gateway, GatewaySettings, GatewayTarget, HostKey};
+use berth_supervisor::gateway::{
+    Gateway, GatewaySettings, GatewayTarget, HostKey, SftpServerCommand,
+};
 use berth_supervisor::logs::SupervisorLog;
 use berth_supervisor::runtime::oci::OciRuntime;
-use berth_supervisor::runtime::{ContainerId, ContainerSpec, ImageSource, Runtime};
+use berth_supervisor::runtime::{BindMount, ContainerId, ContainerSpec, ImageSource, Runtime};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 
 use common::{new_uuid, skip, spec, test_image_archive, test_image_archive_dir, Cleanup};
@@ -95,6 +99,10 @@ async fn serve_with(
         container: id.clone(),
         env: vec![CONTAINER_VARIABLE.to_string()],
         working_dir: None,
+        sftp_server: Some(SftpServerCommand {
+            program: PathBuf::from(env!("CARGO_BIN_EXE_berth-sftp-server")),
+            args: Vec::new(),
+        }),
     };
     let gateway = Gateway::new(host_key, target, settings, log.clone(), None);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -123,13 +131,15 @@ async fn serve_with(
 }
 
 impl Served {
-    /// Returns the `ssh` arguments for `user`, with strict host key
-    /// checking against this gateway's known_hosts file.
-    fn ssh_args(&self, user: &str, known_hosts: &Path) -> Vec<String> {
+    /// Returns the options that `ssh`, `scp` and `sftp` share: no
+    /// configuration file, strict host key checking against
+    /// `known_hosts` and no prompts. `port_flag` is `-p` for `ssh` and
+    /// `-P` for `scp` and `sftp`.
+    fn client_options(&self, port_flag: &str, known_hosts: &Path) -> Vec<String> {
         [
             "-F",
             "/dev/null",
-            "-p",
+            port_flag,
             &self.address.port().to_string(),
             "-o",
             &format!("UserKnownHostsFile={}", known_hosts.display()),
@@ -145,11 +155,18 @@ impl Served {
             "LogLevel=ERROR",
             "-o",
             "SetEnv=BERTH_CLIENT_MARKER=sent-by-the-client",
-            &format!("{user}@127.0.0.1"),
         ]
         .iter()
         .map(|arg| arg.to_string())
         .collect()
+    }
+
+    /// Returns the `ssh` arguments for `user`, with strict host key
+    /// checking against this gateway's known_hosts file.
+    fn ssh_args(&self, user: &str, known_hosts: &Path) -> Vec<String> {
+        let mut args = self.client_options("-p", known_hosts);
+        args.push(format!("{user}@127.0.0.1"));
+        args
     }
 
     /// Runs `ssh user@gateway -- command` with stdin from /dev/null.
@@ -167,14 +184,36 @@ impl Served {
         let mut args = self.ssh_args(user, known_hosts);
         args.push("--".to_string());
         args.extend(command.iter().map(|arg| arg.to_string()));
-        let run = tokio::process::Command::new("ssh")
-            .args(&args)
-            .stdin(Stdio::null())
-            .output();
-        tokio::time::timeout(Duration::from_secs(60), run)
-            .await
-            .expect("ssh did not finish within 60 s")
-            .expect("failed to run ssh")
+        run_client("ssh", &args).await
+    }
+
+    /// Runs `scp -s` (the SFTP protocol) from `source` to `destination`,
+    /// where a remote path is written `:PATH` and stands for
+    /// `user@gateway:PATH`.
+    async fn scp(&self, user: &str, source: &str, destination: &str) -> Output {
+        let remote = |path: &str| match path.strip_prefix(':') {
+            Some(path) => format!("{user}@127.0.0.1:{path}"),
+            None => path.to_string(),
+        };
+        let mut args = vec!["-s".to_string()];
+        args.extend(self.client_options("-P", self.known_hosts.path()));
+        args.push(remote(source));
+        args.push(remote(destination));
+        run_client("scp", &args).await
+    }
+
+    /// Runs `sftp -b BATCH` as `user`, where a failing command ends the
+    /// batch with status 1. The batch starts with `lcd local_dir`, so
+    /// `put` and `get` use that directory.
+    async fn sftp_batch(&self, user: &str, local_dir: &Path, batch: &str) -> Output {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "lcd {}", local_dir.display()).unwrap();
+        file.write_all(batch.as_bytes()).unwrap();
+        file.flush().unwrap();
+        let mut args = vec!["-b".to_string(), file.path().display().to_string()];
+        args.extend(self.client_options("-P", self.known_hosts.path()));
+        args.push(format!("{user}@127.0.0.1"));
+        run_client("sftp", &args).await
     }
 
     /// Runs an interactive `ssh -tt` session on a terminal that `script`
@@ -218,6 +257,19 @@ impl Served {
         let text = String::from_utf8_lossy(&output.stdout).into_owned();
         (text, output.status.code())
     }
+}
+
+/// Runs an OpenSSH client program with stdin from /dev/null, for at
+/// most 60 s.
+async fn run_client(program: &str, args: &[String]) -> Output {
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("{program} did not finish within 60 s"))
+        .unwrap_or_else(|error| panic!("failed to run {program}: {error}"))
 }
 
 fn shell_quote(arg: &str) -> String {
@@ -363,6 +415,241 @@ async fn check_wrong_host_key(served: &Served) {
     assert!(stderr.contains("Host key verification failed"), "{stderr}");
 }
 
+/// Checks the `sftp` subsystem with OpenSSH's `scp` and `sftp`. A file
+/// is copied into the container and back byte for byte, and another
+/// into the bind mount at `/out`, whose host directory is `out`. Then
+/// come a batch of directory operations and the confinement checks.
+/// Last, another subsystem is rejected.
+async fn check_sftp(served: &Served, out: &Path) {
+    let local = tempfile::tempdir().unwrap();
+    let mut data = vec![0u8; 5 << 20];
+    rand::thread_rng().fill_bytes(&mut data);
+    let upload = local.path().join("upload.bin");
+    std::fs::write(&upload, &data).unwrap();
+    let digest = hex::encode(Sha256::digest(&data));
+
+    let output = served
+        .scp("root", upload.to_str().unwrap(), ":/tmp/upload.bin")
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let output = served.ssh("root", &["sha256sum", "/tmp/upload.bin"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    assert_eq!(stdout.split_whitespace().next(), Some(digest.as_str()));
+
+    let download = local.path().join("download.bin");
+    let output = served
+        .scp("root", ":/tmp/upload.bin", download.to_str().unwrap())
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let downloaded = std::fs::read(&download).unwrap();
+    assert_eq!(downloaded.len(), data.len());
+    assert!(
+        downloaded == data,
+        "the downloaded file differs from the uploaded one"
+    );
+
+    let output = served
+        .scp("root", upload.to_str().unwrap(), ":/out/upload.bin")
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let mounted = std::fs::read(out.join("upload.bin")).unwrap();
+    assert!(
+        mounted == data,
+        "the file in the bind mount differs from the uploaded one"
+    );
+
+    check_sftp_batch(served, local.path()).await;
+    check_sftp_confinement(served, local.path()).await;
+
+    let mut args = served.client_options("-p", served.known_hosts.path());
+    args.extend([
+        "-s".to_string(),
+        "root@127.0.0.1".to_string(),
+        "other".to_string(),
+    ]);
+    let output = run_client("ssh", &args).await;
+    assert_ne!(output.status.code(), Some(0), "{}", text(&output.stdout));
+
+    // The server exits before it is ready, so the request fails.
+    let output = served.sftp_batch("nosuchuser", local.path(), "ls\n").await;
+    assert_ne!(output.status.code(), Some(0), "{}", text(&output.stdout));
+
+    let log = served.log.pending_lines();
+    assert!(
+        log.iter()
+            .any(|line| line.contains("SFTP session started for user \"root\"")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(
+            |line| line.contains("rejected the sftp subsystem for user \"nosuchuser\"")
+                && line.contains("not found")
+        ),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|line| line.contains("rejected the SSH subsystem \"other\"")),
+        "{log:?}"
+    );
+}
+
+/// Checks that a root login's SFTP server keeps only the capabilities of
+/// the container's bounding set, with `no_new_privs`, while an `sftp`
+/// session is open. `container_pid` is the container's main process.
+async fn check_sftp_capabilities(served: &Served, container_pid: u32) {
+    let mut args = vec!["-b".to_string(), "-".to_string()];
+    args.extend(served.client_options("-P", served.known_hosts.path()));
+    args.push("root@127.0.0.1".to_string());
+    // The batch comes from stdin, so the session stays open until stdin
+    // closes.
+    let mut sftp = tokio::process::Command::new("sftp")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    let marker = format!("--pid\0{container_pid}\0--user\0root\0");
+    let mut server_status = None;
+    for _ in 0..200 {
+        server_status = find_process_status("berth-sftp-server", &marker);
+        if server_status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let server_status = server_status.expect("no berth-sftp-server process within 10 s");
+
+    let container_status =
+        std::fs::read_to_string(format!("/proc/{container_pid}/status")).unwrap();
+    let field = |status: &str, name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.trim().to_string())
+    };
+    let bounding = field(&container_status, "CapBnd:");
+    assert!(bounding.is_some(), "{container_status}");
+    assert_eq!(
+        field(&server_status, "CapEff:"),
+        bounding,
+        "{server_status}"
+    );
+    assert_eq!(
+        field(&server_status, "CapPrm:"),
+        bounding,
+        "{server_status}"
+    );
+    assert_eq!(field(&server_status, "NoNewPrivs:").as_deref(), Some("1"));
+    drop(sftp.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(30), sftp.wait()).await;
+}
+
+/// Returns `/proc/PID/status` of a process whose command line contains
+/// `program` and `marker`.
+fn find_process_status(program: &str, marker: &str) -> Option<String> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains(program) && cmdline.contains(marker) {
+            return std::fs::read_to_string(entry.path().join("status")).ok();
+        }
+    }
+    None
+}
+
+/// Runs an `sftp -b` batch of directory operations and checks each step.
+async fn check_sftp_batch(served: &Served, local: &Path) {
+    std::fs::write(local.join("note.txt"), "note-content\n").unwrap();
+    let batch = "mkdir /tmp/batch\n\
+        cd /tmp/batch\n\
+        put note.txt\n\
+        ls -l\n\
+        rename note.txt renamed.txt\n\
+        symlink renamed.txt link.txt\n\
+        ls -l\n\
+        get link.txt fetched.txt\n\
+        rm link.txt\n\
+        rm renamed.txt\n\
+        cd /tmp\n\
+        rmdir batch\n\
+        ls\n";
+    let output = served.sftp_batch("root", local, batch).await;
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        text(&output.stderr)
+    );
+    let listed: Vec<&str> = stdout.lines().collect();
+    assert!(
+        listed.iter().any(|line| line.starts_with("-rw-r--r--")
+            && line.contains(" root ")
+            && line.contains(" 13 ")
+            && line.ends_with(" note.txt")),
+        "{stdout}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|line| line.starts_with("lrwxrwxrwx") && line.ends_with(" link.txt")),
+        "{stdout}"
+    );
+    assert!(
+        listed.iter().any(|line| line.ends_with(" renamed.txt")),
+        "{stdout}"
+    );
+    let fetched = std::fs::read_to_string(local.join("fetched.txt")).unwrap();
+    assert_eq!(fetched, "note-content\n");
+
+    let output = served.ssh("root", &["test", "-e", "/tmp/batch"]).await;
+    assert_eq!(output.status.code(), Some(1), "/tmp/batch was not removed");
+}
+
+/// Checks that `nobody` cannot write to /root, and that `..` and absolute
+/// paths reach only the container's files.
+async fn check_sftp_confinement(served: &Served, local: &Path) {
+    let output = served
+        .sftp_batch("nobody", local, "put note.txt /root/denied.txt\n")
+        .await;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stdout));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    let output = served
+        .ssh("root", &["test", "-e", "/root/denied.txt"])
+        .await;
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "nobody wrote /root/denied.txt"
+    );
+
+    let batch = "get ../../../../etc/os-release os-release.txt\n";
+    let output = served.sftp_batch("root", local, batch).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let fetched = std::fs::read_to_string(local.join("os-release.txt")).unwrap();
+    assert_eq!(fetched.trim(), CONTAINER_OS_RELEASE);
+
+    // A file only the host has, named by a path that climbs out of /root.
+    let host_dir = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::write(host_dir.path().join("host-only.txt"), "host").unwrap();
+    let batch = format!(
+        "get ../../../..{}/host-only.txt escaped.txt\n",
+        host_dir.path().display()
+    );
+    let output = served.sftp_batch("root", local, &batch).await;
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stdout));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("not found"), "{stderr}");
+    assert!(!local.join("escaped.txt").exists());
+}
+
 #[tokio::test]
 async fn gateway_sessions_run_in_podman_container() {
     if skip("gateway_sessions_run_in_podman_container") {
@@ -383,30 +670,52 @@ async fn gateway_sessions_run_in_podman_container() {
 }
 
 #[tokio::test]
+async fn gateway_sftp_serves_podman_container() {
+    if skip("gateway_sftp_serves_podman_container") {
+        return;
+    }
+    let runtime = Arc::new(common::runtime().await);
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let out = tempfile::tempdir().unwrap();
+    let mut container = spec(&uuid, &container_command());
+    container.binds = vec![out_mount(out.path())];
+    let id = start(runtime.as_ref(), &container).await;
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_sftp(&served, out.path()).await;
+    let pid = runtime.root_pid(&id).await.unwrap();
+    check_sftp_capabilities(&served, pid).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+#[tokio::test]
+async fn gateway_sftp_serves_crun_container() {
+    if skip("gateway_sftp_serves_crun_container") {
+        return;
+    }
+    let uuid = new_uuid();
+    let out = tempfile::tempdir().unwrap();
+    let crun = CrunContainer::start(&uuid, Vec::new(), vec![out_mount(out.path())]).await;
+    let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
+    check_sftp(&served, out.path()).await;
+    let pid = crun.runtime.root_pid(&crun.id).await.unwrap();
+    check_sftp_capabilities(&served, pid).await;
+    crun.runtime.remove(&crun.id).await.unwrap();
+}
+
+#[tokio::test]
 async fn gateway_sessions_run_in_crun_container() {
     if skip("gateway_sessions_run_in_crun_container") {
         return;
     }
-    let cache = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(
-        OciRuntime::new(Path::new("crun"), cache.path(), work.path())
-            .await
-            .unwrap_or_else(|error| panic!("{error}")),
-    );
-    let source = ImageSource::Archive(
-        ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap(),
-    );
     let uuid = new_uuid();
-    let mut container = spec(&uuid, &container_command());
-    container.image = runtime.ensure_image(&source).await.unwrap();
-    container.env = vec![CONTAINER_VARIABLE.to_string()];
-    let id = start(runtime.as_ref(), &container).await;
+    let env = vec![CONTAINER_VARIABLE.to_string()];
+    let crun = CrunContainer::start(&uuid, env, Vec::new()).await;
 
-    let served = serve(runtime.clone(), &id, &uuid).await;
+    let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
     check_sessions(&served).await;
     check_forwarding(&served).await;
-    runtime.remove(&id).await.unwrap();
+    crun.runtime.remove(&crun.id).await.unwrap();
 }
 
 #[tokio::test]
@@ -569,23 +878,11 @@ async fn gateway_resizes_crun_terminal() {
     if skip("gateway_resizes_crun_terminal") {
         return;
     }
-    let cache = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let runtime = Arc::new(
-        OciRuntime::new(Path::new("crun"), cache.path(), work.path())
-            .await
-            .unwrap_or_else(|error| panic!("{error}")),
-    );
-    let source = ImageSource::Archive(
-        ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap(),
-    );
     let uuid = new_uuid();
-    let mut container = spec(&uuid, &container_command());
-    container.image = runtime.ensure_image(&source).await.unwrap();
-    let id = start(runtime.as_ref(), &container).await;
-    let served = serve(runtime.clone(), &id, &uuid).await;
+    let crun = CrunContainer::start(&uuid, Vec::new(), Vec::new()).await;
+    let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
     check_resize(&served).await;
-    runtime.remove(&id).await.unwrap();
+    crun.runtime.remove(&crun.id).await.unwrap();
 }
 
 #[tokio::test]
@@ -632,6 +929,52 @@ async fn gateway_channels_over_the_limit_are_rejected() {
     read_until(&mut channel, &mut output, "reopened").await;
     drop(second);
     runtime.remove(&id).await.unwrap();
+}
+
+/// Returns a writable bind mount of `host_path` at `/out`.
+fn out_mount(host_path: &Path) -> BindMount {
+    BindMount {
+        host_path: host_path.to_path_buf(),
+        container_path: "/out".to_string(),
+        read_only: false,
+    }
+}
+
+/// A container of the test image run by crun, with its runtime's cache
+/// and work directories, which live as long as it.
+struct CrunContainer {
+    runtime: Arc<OciRuntime>,
+    id: ContainerId,
+    _cache: tempfile::TempDir,
+    _work: tempfile::TempDir,
+}
+
+impl CrunContainer {
+    /// Starts [`container_command`] with the environment `env` and the
+    /// bind mounts `binds`.
+    async fn start(uuid: &str, env: Vec<String>, binds: Vec<BindMount>) -> CrunContainer {
+        let cache = tempfile::tempdir().unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let runtime = Arc::new(
+            OciRuntime::new(Path::new("crun"), cache.path(), work.path())
+                .await
+                .unwrap_or_else(|error| panic!("{error}")),
+        );
+        let source = ImageSource::Archive(
+            ImageArchive::open(&test_image_archive(), &[test_image_archive_dir()]).unwrap(),
+        );
+        let mut container = spec(uuid, &container_command());
+        container.image = runtime.ensure_image(&source).await.unwrap();
+        container.env = env;
+        container.binds = binds;
+        let id = start(runtime.as_ref(), &container).await;
+        CrunContainer {
+            runtime,
+            id,
+            _cache: cache,
+            _work: work,
+        }
+    }
 }
 
 /// Creates and starts a container and waits until its command has

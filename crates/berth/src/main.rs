@@ -53,12 +53,24 @@ enum Command {
     /// Connect stdin and stdout to a container's SSH gateway; the
     /// ProxyCommand of `berth shell` and `berth ssh-config`.
     SshProxy(cli::shell::SshProxyArgs),
-    /// Print an OpenSSH configuration snippet for `ssh UUID.berth` and
-    /// port forwarding.
+    /// Print an OpenSSH configuration snippet for `ssh UUID.berth`, scp,
+    /// sftp and port forwarding.
     SshConfig(cli::shell::SshConfigArgs),
     /// Administrative commands.
     #[command(subcommand)]
     Admin(cli::admin::AdminCommand),
+    /// Serve SFTP on stdin and stdout inside a container, as a user; the
+    /// SSH gateway runs it for the `sftp` subsystem.
+    #[command(hide = true)]
+    SftpServer {
+        /// The host PID of a process in the container, whose root
+        /// directory (`/proc/PID/root`) the server chroots into.
+        #[arg(long)]
+        pid: u32,
+        /// The login user, a name or UID in the container's /etc/passwd.
+        #[arg(long)]
+        user: String,
+    },
 }
 
 /// How long the end of a command waits for blocking tasks, such as a read
@@ -67,6 +79,14 @@ const RUNTIME_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The SFTP server changes its root and user, which must happen
+    // before any thread of the async runtime exists.
+    if let Command::SftpServer { pid, user } = args.command {
+        return berth_supervisor::sftp_server::run(&berth_supervisor::sftp_server::Options {
+            pid,
+            user,
+        });
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -100,6 +100,7 @@ async fn first_session_sets_interactive_session_started() {
         container: id.clone(),
         env: Vec::new(),
         working_dir: None,
+        sftp_server: None,
     };
     let gateway = Gateway::new(
         host_key,

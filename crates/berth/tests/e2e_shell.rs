@@ -1,4 +1,4 @@
-//! `berth shell`, `berth ssh-config` with plain `ssh`, and their
+//! `berth shell`, `berth ssh-config` with plain `ssh` and `scp`, and their
 //! refusals, end to end with the compute node in a network namespace that
 //! the controller cannot open connections to (see `common/netns.rs`).
 //!
@@ -494,6 +494,9 @@ async fn shell_reaches_an_isolated_node() {
     assert!(body == expected.as_bytes(), "the forwarded file differs");
     drop(tunnel);
 
+    // scp, over the gateway's sftp subsystem, copies a file in and out.
+    check_scp(&shell, &ssh_config, dir.path());
+
     shell.stop().await;
 }
 
@@ -559,19 +562,6 @@ async fn shell_refusals_on_an_isolated_node() {
     assert_ne!(rejected.status.code(), Some(0), "stderr: {stderr}");
     assert!(stderr.contains("shell access is turned off"), "{stderr}");
 
-    shell.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "scp needs an sftp subsystem, which the gateway does not have yet"]
-async fn scp_copies_files_to_an_isolated_node() {
-    if skip() {
-        return;
-    }
-    let shell = IsolatedShell::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ssh_config = shell.write_ssh_config(dir.path());
-    check_scp(&shell, &ssh_config, dir.path());
     shell.stop().await;
 }
 

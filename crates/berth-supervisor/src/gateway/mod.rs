@@ -26,6 +26,7 @@
 
 mod forward;
 mod session;
+mod sftp;
 pub mod user;
 
 use std::collections::HashMap;
@@ -49,6 +50,8 @@ use crate::runtime::exec::TerminalSize;
 use crate::runtime::{ContainerId, Runtime};
 
 use session::{ChannelInput, SessionRequest};
+use sftp::SftpRequest;
+pub use sftp::SftpServerCommand;
 
 /// The default of `supervisor.gateway_max_connections`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
@@ -162,6 +165,9 @@ pub struct GatewayTarget {
     pub env: Vec<String>,
     /// The container's working directory, or `None` for the image's.
     pub working_dir: Option<String>,
+    /// The SFTP server of the `sftp` subsystem, or `None` to reject the
+    /// subsystem.
+    pub sftp_server: Option<SftpServerCommand>,
 }
 
 /// The client and container for the record's `interactive_session_started`,
@@ -302,6 +308,19 @@ struct OpenChannel {
     permit: Option<OwnedSemaphorePermit>,
 }
 
+impl OpenChannel {
+    /// Makes the input of the channel's session, or returns `None` when
+    /// the channel has a session already.
+    fn open_input(&mut self) -> Option<mpsc::Receiver<ChannelInput>> {
+        if self.input.is_some() {
+            return None;
+        }
+        let (sender, receiver) = mpsc::channel(CHANNEL_INPUT_BUFFER);
+        self.input = Some(sender);
+        Some(receiver)
+    }
+}
+
 impl Connection {
     fn gateway(&self) -> Gateway {
         Gateway {
@@ -319,6 +338,30 @@ impl Connection {
         let _ = sender.send(input).await;
     }
 
+    /// Starts the channel's SFTP server, which replies to the subsystem
+    /// request once it is ready. Rejects the request when the channel has
+    /// a session already.
+    fn start_sftp(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), russh::Error> {
+        let Some(open) = self.open.get_mut(&channel) else {
+            return session.channel_failure(channel);
+        };
+        let Some(receiver) = open.open_input() else {
+            return session.channel_failure(channel);
+        };
+        let request = SftpRequest {
+            channel,
+            user: self.user.clone(),
+            permit: open.permit.take(),
+        };
+        let handle = session.handle();
+        tokio::spawn(sftp::run_sftp(self.gateway(), handle, request, receiver));
+        Ok(())
+    }
+
     /// Starts the channel's session, or rejects the request when the
     /// channel has one already.
     fn start(
@@ -330,12 +373,10 @@ impl Connection {
         let Some(open) = self.open.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
-        if open.input.is_some() {
+        let Some(receiver) = open.open_input() else {
             return session.channel_failure(channel);
-        }
+        };
         session.channel_success(channel)?;
-        let (sender, receiver) = mpsc::channel(CHANNEL_INPUT_BUFFER);
-        open.input = Some(sender);
         let request = SessionRequest {
             channel,
             user: self.user.clone(),
@@ -501,10 +542,15 @@ impl russh::server::Handler for Connection {
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,
-        _name: &str,
+        name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // TODO: the sftp subsystem.
+        if name == "sftp" {
+            return self.start_sftp(channel, session);
+        }
+        self.inner.log.warn(format!(
+            "rejected the SSH subsystem {name:?}: only \"sftp\" is served"
+        ));
         session.channel_failure(channel)
     }
 

@@ -432,6 +432,15 @@ impl Runtime for DockerRuntime {
         Ok(pid)
     }
 
+    /// The container's main process, `State.Pid` of the inspect reply.
+    async fn root_pid(&self, id: &ContainerId) -> Result<u32, RuntimeError> {
+        Runtime::pid(self, id)
+            .await?
+            .ok_or_else(|| RuntimeError::NotRunning {
+                container: id.0.clone(),
+            })
+    }
+
     async fn oom_killed(&self, id: &ContainerId) -> Result<bool, RuntimeError> {
         let state = self.container_state(id).await?;
         Ok(state.and_then(|state| state.oom_killed).unwrap_or(false))

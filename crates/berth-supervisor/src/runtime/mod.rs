@@ -91,6 +91,10 @@ pub enum RuntimeError {
     },
     #[error("{runtime} cannot start processes inside a running container, so the container's SSH gateway is not available; run the container with the docker or oci runtime (supervisor.runtime) to get shell access")]
     ExecNotSupported { runtime: String },
+    #[error("{runtime} does not report a host process inside the container's root filesystem, so files cannot be copied with sftp or scp; run the container with the docker or oci runtime (supervisor.runtime) for that")]
+    RootNotSupported { runtime: String },
+    #[error("container {container} has no running process; it may have exited")]
+    NotRunning { container: String },
     #[error("failed to {action} {target}: {source}")]
     Request {
         action: &'static str,
@@ -282,6 +286,19 @@ pub trait Runtime: Send + Sync + fmt::Debug {
     /// does not report the process; the default reports none.
     async fn pid(&self, _id: &ContainerId) -> Result<Option<u32>, RuntimeError> {
         Ok(None)
+    }
+
+    /// Returns the host PID of a process in the container's own mount
+    /// namespace and root directory, so that `/proc/PID/root` is the
+    /// container's filesystem as its processes see it, bind mounts
+    /// included. The default, for a runtime whose processes do not run
+    /// under a root directory of their own (Singularity's process is the
+    /// host's `singularity` command), returns
+    /// [`RuntimeError::RootNotSupported`].
+    async fn root_pid(&self, _id: &ContainerId) -> Result<u32, RuntimeError> {
+        Err(RuntimeError::RootNotSupported {
+            runtime: self.description(),
+        })
     }
 
     /// Returns whether the runtime recorded that the kernel killed the

@@ -517,6 +517,17 @@ impl Runtime for OciRuntime {
         super::oci_exec::read_container_file(self, id, path, max_bytes).await
     }
 
+    /// The container's main process, as `crun state` reported it at the
+    /// container's creation.
+    async fn root_pid(&self, id: &ContainerId) -> Result<u32, RuntimeError> {
+        // The PID is 0 between creation and start.
+        OciRuntime::pid(self, id)
+            .filter(|pid| *pid > 0)
+            .ok_or_else(|| RuntimeError::NotRunning {
+                container: id.0.clone(),
+            })
+    }
+
     async fn oom_killed(&self, id: &ContainerId) -> Result<bool, RuntimeError> {
         Ok(OciRuntime::oom_killed(self, id))
     }

@@ -40,5 +40,8 @@ pub async fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::SshProxy(args) => shell::execute_proxy(args).await,
         Command::SshConfig(args) => shell::execute_config(args),
         Command::Admin(command) => admin::execute(command).await,
+        Command::SftpServer { .. } => {
+            anyhow::bail!("berth sftp-server must run before the async runtime starts")
+        }
     }
 }

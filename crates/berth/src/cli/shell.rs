@@ -30,9 +30,14 @@ use berth_client::ClientError;
 use berth_core::{Container, ContainerState};
 use clap::Args;
 use nix::fcntl::{Flock, FlockArg};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, BufReader};
 
 use super::api::{Api, Target};
+
+/// Bytes `berth ssh-proxy` reads at once in each direction. Tokio's
+/// `copy` moves 8 KiB at a time, and each write to stdout is a hop to a
+/// blocking thread, so a bulk transfer gains from larger pieces.
+const PROXY_BUFFER_BYTES: usize = 256 * 1024;
 
 /// The host name suffix `berth ssh-config` sets up: `UUID.berth`.
 pub const DEFAULT_HOST_SUFFIX: &str = "berth";
@@ -171,17 +176,18 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
                 container.uuid
             )
         })?;
-    let (mut from_gateway, mut to_gateway) = tokio::io::split(connection);
+    let (from_gateway, mut to_gateway) = tokio::io::split(connection);
     let mut upload = tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let copied = tokio::io::copy(&mut stdin, &mut to_gateway).await;
+        let mut stdin = BufReader::with_capacity(PROXY_BUFFER_BYTES, tokio::io::stdin());
+        let copied = tokio::io::copy_buf(&mut stdin, &mut to_gateway).await;
         // The end of stdin ends the stream towards the gateway; the
         // gateway's answer still comes back.
         let _ = to_gateway.shutdown().await;
         copied
     });
     let mut stdout = tokio::io::stdout();
-    let downloaded = tokio::io::copy(&mut from_gateway, &mut stdout).await;
+    let mut from_gateway = BufReader::with_capacity(PROXY_BUFFER_BYTES, from_gateway);
+    let downloaded = tokio::io::copy_buf(&mut from_gateway, &mut stdout).await;
     let _ = stdout.flush().await;
     // When ssh ends a session, it closes this program's stdin (the copy
     // then ends without error) or ends it with SIGHUP. A connection that
@@ -344,7 +350,7 @@ fn ssh_config(exe: &Path, suffix: &str, known_hosts: &Path) -> anyhow::Result<St
     let exe = ssh_quote(&exe.to_string_lossy());
     let known = ssh_quote(&known_hosts_text);
     Ok(format!(
-        "# Berth: `ssh UUID.{suffix}` and `ssh -L` reach running containers\n\
+        "# Berth: `ssh UUID.{suffix}`, `scp`, `sftp` and `ssh -L` reach running containers\n\
          # (UUID: a container or container request). The controller and token come\n\
          # from BERTH_API_HOST and BERTH_API_TOKEN in ssh's environment.\n\
          Host *.{suffix}\n\

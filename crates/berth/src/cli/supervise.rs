@@ -31,7 +31,7 @@ pub struct SuperviseArgs {
 
 pub async fn execute(args: SuperviseArgs) -> anyhow::Result<ExitCode> {
     super::daemon::init_logging();
-    let supervisor_config = match &args.config {
+    let mut supervisor_config = match &args.config {
         Some(path) => Config::load(path)?.supervisor,
         None => berth_supervisor::Config::default(),
     };
@@ -63,6 +63,14 @@ pub async fn execute(args: SuperviseArgs) -> anyhow::Result<ExitCode> {
             credentials_file.display()
         )
     })?;
+    // The gateway's `sftp` subsystem runs this binary's `sftp-server`.
+    match berth_supervisor::gateway::SftpServerCommand::current_berth() {
+        Ok(command) => supervisor_config.gateway_sftp_server = Some(command),
+        Err(error) => tracing::warn!(
+            error = %error,
+            "the gateway's sftp subsystem is off: failed to find the berth binary's path"
+        ),
+    }
     let code = berth_supervisor::supervise(supervisor_config, credentials, Some(credentials_file))
         .await
         .with_context(|| format!("failed to supervise container {uuid}"))?;
