@@ -420,6 +420,9 @@ impl Drop for TestCluster {
         if self.backend == "lsf" {
             stop_lsf_jobs(&self.dir.path().join("lsf/state"));
         }
+        if self.backend == "local" {
+            stop_local_supervisors(&self.dir.path().join("credentials"), &self.cluster_id);
+        }
         // Cancel whatever Slurm jobs this cluster left, by name prefix.
         if self.backend == "slurm" {
             if let Ok(output) = Command::new("squeue")
@@ -761,6 +764,46 @@ fn install_lsf_stand_ins(dir: &Path) {
 }
 
 /// Kills the processes of the stand-in LSF jobs that still run.
+/// Kills the process groups of the supervisors that the local backend
+/// started (their pid files are in the credentials directory), and removes
+/// the containers of `cluster_id` they leave. Without the controller a
+/// supervisor would retry its final update for a day.
+fn stop_local_supervisors(credentials: &Path, cluster_id: &str) {
+    if let Ok(entries) = std::fs::read_dir(credentials) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+                continue;
+            }
+            let pid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.trim().parse::<i32>().ok());
+            if let Some(pid) = pid.filter(|pid| *pid > 1) {
+                // The local backend starts each supervisor in a process
+                // group of its own, whose id is the supervisor's pid.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    let listed = Command::new("podman")
+        .args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("name=^berth-{cluster_id}-"))
+        .output();
+    if let Ok(output) = listed {
+        let ids = String::from_utf8_lossy(&output.stdout).into_owned();
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        if !ids.is_empty() {
+            let _ = Command::new("podman")
+                .args(["rm", "--force", "--time", "0"])
+                .args(&ids)
+                .output();
+        }
+    }
+}
+
 fn stop_lsf_jobs(state: &Path) {
     let Ok(entries) = std::fs::read_dir(state) else {
         return;
