@@ -26,9 +26,10 @@ bench_cleanup() {
   fi
 }
 
-# bench_build BIN: builds the release binary when BIN is missing.
+# bench_build BIN: builds the release binary when BIN is the workspace's
+# own (cargo rebuilds it only when a source changed), or when it is missing.
 bench_build() {
-  if [ ! -x "$1" ]; then
+  if [ "$1" = "$REPO_ROOT/target/release/berth" ] || [ ! -x "$1" ]; then
     log "building $1"
     (cd "$REPO_ROOT" && cargo build --release -p berth)
   fi

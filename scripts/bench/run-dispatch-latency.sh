@@ -27,7 +27,7 @@
 #
 # Usage: scripts/bench/run-dispatch-latency.sh [ROUNDS]  (as root; default 10)
 # Tunables (environment variables):
-#   BERTH_BENCH_BIN      berth binary        [target/release/berth, built if missing]
+#   BERTH_BENCH_BIN      berth binary        [target/release/berth, built when a source changed]
 #   BERTH_BENCH_BACKEND  slurm or local                                  [slurm]
 #   BERTH_BENCH_POLL     poll_interval, whole seconds                      [10]
 #   BERTH_BENCH_RESYNC   resync_interval, whole seconds                   [300]

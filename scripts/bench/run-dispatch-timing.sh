@@ -26,7 +26,7 @@
 #
 # Usage: scripts/bench/run-dispatch-timing.sh [ROUNDS]  (as root; default 20)
 # Tunables (environment variables):
-#   BERTH_BENCH_BIN    berth binary        [target/release/berth, built if missing]
+#   BERTH_BENCH_BIN    berth binary        [target/release/berth, built when a source changed]
 #   BERTH_PODMAN_SOCK  Podman API socket   [/run/berth/podman.sock]
 #   BERTH_TEST_IMAGE   image to run        [localhost/busybox:latest]
 # Needs python3, Slurm (scripts/setup/slurm.sh), Podman's API socket and the

@@ -27,7 +27,7 @@
 #
 # Usage: scripts/bench/run-shell.sh [SIZE_MIB] [ROUNDS]  (as root; default 1024 and 3)
 # Tunables (environment variables):
-#   BERTH_BENCH_BIN     berth binary        [target/release/berth, built if missing]
+#   BERTH_BENCH_BIN     berth binary        [target/release/berth, built when a source changed]
 #   BERTH_PODMAN_SOCK   Podman API socket                [/run/berth/podman.sock]
 #   BERTH_TEST_IMAGE    image to run                  [localhost/busybox:latest]
 #   BERTH_BENCH_RUNTIME the supervisor's runtime: docker (Podman's API, whose
@@ -241,7 +241,11 @@ try:
     else:
         fail("berth shell %s did not work within 60 s" % uuid)
 
-    ways = {"berth shell": shell + [command], "ssh to sshd": baseline + [command]}
+    # The client chooses the cipher. `berth shell` offers AES-GCM first; the
+    # second way insists on OpenSSH's own first choice, for comparison.
+    chacha = [berth, "shell", "-o", "Ciphers=chacha20-poly1305@openssh.com", uuid, "--"]
+    ways = {"berth shell": shell + [command], "berth shell, chacha20-poly1305": chacha + [command],
+            "ssh to sshd": baseline + [command]}
     # For ssh, the first value of an option wins, so -v goes before the
     # baseline's LogLevel.
     print("cipher: berth shell %s, ssh to sshd %s" % (

@@ -21,7 +21,7 @@
 #
 # Usage: scripts/bench/run-transfer.sh [SIZE_MIB] [ROUNDS]   (default 64 5)
 # Tunables (environment variables):
-#   BERTH_BENCH_BIN   berth binary   [target/release/berth, built if missing]
+#   BERTH_BENCH_BIN   berth binary   [target/release/berth, built when a source changed]
 #   BERTH_BENCH_KEEP  keep the scratch directory when set              []
 # Needs only a local disk, curl and python3: no Slurm or Podman.
 set -euo pipefail

@@ -293,6 +293,26 @@ async fn check_sessions(served: &Served) {
     let output = served.ssh("root", &["sh", "-c", "'exit 7'"]).await;
     assert_eq!(output.status.code(), Some(7), "{}", text(&output.stderr));
 
+    // A client may insist on any cipher OpenSSH offers by default.
+    for cipher in [
+        "chacha20-poly1305@openssh.com",
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "aes128-ctr",
+    ] {
+        let mut args = vec!["-o".to_string(), format!("Ciphers={cipher}")];
+        args.extend(served.ssh_args("root", served.known_hosts.path()));
+        args.extend(["--".to_string(), "echo".to_string(), cipher.to_string()]);
+        let output = run_client("ssh", &args).await;
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{cipher}: {}",
+            text(&output.stderr)
+        );
+        assert_eq!(text(&output.stdout).trim(), cipher);
+    }
+
     let output = served
         .ssh("root", &["echo out; echo err >&2; exit 3"])
         .await;

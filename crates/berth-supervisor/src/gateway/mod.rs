@@ -59,6 +59,18 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 32;
 /// The default of `supervisor.gateway_max_channels_per_connection`.
 pub const DEFAULT_MAX_CHANNELS_PER_CONNECTION: usize = 10;
 
+/// The ciphers the gateway offers: russh's defaults and aes128-gcm, which
+/// OpenSSH also offers, so that a client configured for either AES-GCM
+/// cipher connects.
+const CIPHERS: &[russh::cipher::Name] = &[
+    russh::cipher::CHACHA20_POLY1305,
+    russh::cipher::AES_256_GCM,
+    russh::cipher::AES_128_GCM,
+    russh::cipher::AES_256_CTR,
+    russh::cipher::AES_192_CTR,
+    russh::cipher::AES_128_CTR,
+];
+
 /// Messages from the client that may wait for a channel's session task
 /// before the connection stops reading.
 const CHANNEL_INPUT_BUFFER: usize = 64;
@@ -213,6 +225,10 @@ impl Gateway {
             inactivity_timeout: None,
             keepalive_interval: None,
             nodelay: true,
+            preferred: russh::Preferred {
+                cipher: std::borrow::Cow::Borrowed(CIPHERS),
+                ..Default::default()
+            },
             ..Default::default()
         };
         Gateway {

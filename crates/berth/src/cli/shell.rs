@@ -47,6 +47,12 @@ pub const DEFAULT_HOST_SUFFIX: &str = "berth";
 /// yet (a tunnel still connecting, a full shell pool).
 const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The ciphers `berth shell` and the `berth ssh-config` snippet offer, AES-GCM
+/// first: on CPUs with AES instructions the gateway encrypts it faster
+/// than OpenSSH's first choice, chacha20-poly1305 (see docs/BENCHMARKS.md).
+/// Every one of them is in OpenSSH since 6.5.
+const CIPHERS: &str = "aes256-gcm@openssh.com,aes128-gcm@openssh.com,chacha20-poly1305@openssh.com,aes256-ctr,aes192-ctr,aes128-ctr";
+
 /// The user a shell logs in as unless one is given.
 const DEFAULT_USER: &str = "root";
 
@@ -135,6 +141,9 @@ pub async fn execute_shell(args: ShellArgs) -> anyhow::Result<ExitCode> {
         ssh_args.push("-o".into());
         ssh_args.push(option.clone());
     }
+    // After the caller's options, since ssh keeps the first value of each.
+    ssh_args.push("-o".into());
+    ssh_args.push(format!("Ciphers={CIPHERS}"));
     if args.tty {
         ssh_args.push("-t".into());
     }
@@ -198,10 +207,11 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
     upload.abort();
     if !ssh_done {
         eprintln!(
-            "berth ssh-proxy: the controller closed the shell connection to container {} \
-             before ssh ended it: the controller that holds the container's tunnel shut down \
-             (or the connection to it was lost). Run the command again to reach the container \
-             through another controller.",
+            "berth ssh-proxy: the shell connection to container {} closed before ssh ended it: \
+             the controller that holds the container's tunnel shut down or lost the tunnel, or \
+             the container's gateway ended the connection (see ssh's message and the \
+             supervisor's log). Run the command again to reach the container through another \
+             controller.",
             container.uuid
         );
     }
@@ -357,6 +367,7 @@ fn ssh_config(exe: &Path, suffix: &str, known_hosts: &Path) -> anyhow::Result<St
          \x20   ProxyCommand {exe} ssh-proxy --known-hosts {known} %n\n\
          \x20   UserKnownHostsFile {known}\n\
          \x20   StrictHostKeyChecking yes\n\
+         \x20   Ciphers {CIPHERS}\n\
          \x20   User root\n\
          \x20   ControlMaster no\n\
          \x20   ControlPath none\n"
@@ -552,6 +563,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("    StrictHostKeyChecking yes\n"), "{text}");
+        assert!(
+            text.contains("    Ciphers aes256-gcm@openssh.com,aes128-gcm@openssh.com,"),
+            "{text}"
+        );
     }
 
     #[test]
