@@ -48,6 +48,12 @@ pub const API_VERSION: ClientVersion = ClientVersion {
 /// remove).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Attempts of an image inspect that the engine fails with a 5xx.
+const IMAGE_INSPECT_ATTEMPTS: u32 = 3;
+
+/// Pause between those attempts.
+const IMAGE_INSPECT_PAUSE: Duration = Duration::from_millis(500);
+
 /// Time allowed for calls that last as long as the container or the image
 /// transfer: no practical limit, because the caller bounds them itself.
 const UNBOUNDED_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -157,8 +163,6 @@ impl DockerRuntime {
         &self.unbounded
     }
 
-    /// Returns the ID of the image `reference` names, or `None` if the
-    /// store does not hold it.
     /// Inspects a container and returns its `State`.
     async fn container_state(
         &self,
@@ -172,11 +176,23 @@ impl DockerRuntime {
             .map_err(|error| request_error("inspect container", &id.0, error))
     }
 
+    /// Returns the ID of the image `reference` names, or `None` if the
+    /// store does not hold it. A 5xx is tried again a few times: Podman 4.3
+    /// was seen failing the inspect of an image with "image not known",
+    /// naming another image that was being removed at the same time.
     async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
-        match self.docker.inspect_image(reference).await {
-            Ok(image) => Ok(Some(image.id.unwrap_or_default())),
-            Err(error) if is_not_found(&error) => Ok(None),
-            Err(error) => Err(request_error("inspect image", reference, error)),
+        let mut attempt = 1;
+        loop {
+            match self.docker.inspect_image(reference).await {
+                Ok(image) => return Ok(Some(image.id.unwrap_or_default())),
+                Err(error) if is_not_found(&error) => return Ok(None),
+                Err(error) if is_server_error(&error) && attempt < IMAGE_INSPECT_ATTEMPTS => {
+                    tracing::warn!(image = reference, attempt, error = %daemon_message(&error), "failed to inspect the image; trying again");
+                    tokio::time::sleep(IMAGE_INSPECT_PAUSE).await;
+                    attempt += 1;
+                }
+                Err(error) => return Err(request_error("inspect image", reference, error)),
+            }
         }
     }
 
@@ -562,6 +578,14 @@ fn bind_string(bind: &BindMount) -> String {
     format!("{}:{}{mode}", bind.host_path.display(), bind.container_path)
 }
 
+/// True for a 5xx response of the engine.
+fn is_server_error(error: &DockerError) -> bool {
+    matches!(
+        error,
+        DockerError::DockerResponseServerError { status_code, .. } if *status_code >= 500
+    )
+}
+
 pub(super) fn is_not_found(error: &DockerError) -> bool {
     matches!(
         error,
@@ -606,6 +630,18 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::path::PathBuf;
+
+    #[test]
+    fn server_errors_are_only_5xx() {
+        let response = |status_code| DockerError::DockerResponseServerError {
+            status_code,
+            message: "image not known".into(),
+        };
+        assert!(is_server_error(&response(500)));
+        assert!(is_server_error(&response(503)));
+        assert!(!is_server_error(&response(404)));
+        assert!(!is_server_error(&response(409)));
+    }
 
     fn spec(network: Network) -> ContainerSpec {
         ContainerSpec {
