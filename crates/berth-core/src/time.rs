@@ -16,7 +16,7 @@ pub fn parse(s: &str) -> Result<Timestamp, chrono::ParseError> {
     DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc))
 }
 
-/// The longest wait a `Retry-After` header may ask for; a longer one is
+/// The maximum wait a `Retry-After` header may request; a longer one is
 /// cut to this, so a wrong or hostile response cannot stall a client.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 

@@ -362,25 +362,9 @@ impl Runtime for DockerRuntime {
         let output = attached
             .output
             .filter_map(move |item| {
-                let chunk = match item {
-                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                        Some(Ok(OutputChunk {
-                            stream: StdStream::Stdout,
-                            data: message,
-                        }))
-                    }
-                    Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
-                        stream: StdStream::Stderr,
-                        data: message,
-                    })),
-                    Ok(LogOutput::StdIn { .. }) => None,
-                    Err(error) => Some(Err(request_error(
-                        "read the output of container",
-                        &target,
-                        error,
-                    ))),
-                };
-                futures::future::ready(chunk)
+                futures::future::ready(output_chunk(item, |error| {
+                    request_error("read the output of container", &target, error)
+                }))
             })
             .boxed();
         Ok(output)
@@ -576,6 +560,28 @@ fn add_gpus(host_config: &mut HostConfig, env: &mut Vec<String>, gpus: &GpuAssig
 fn bind_string(bind: &BindMount) -> String {
     let mode = if bind.read_only { ":ro" } else { "" };
     format!("{}:{}{mode}", bind.host_path.display(), bind.container_path)
+}
+
+/// Turns one item of an attach or exec output stream into an
+/// [`OutputChunk`]; echoed stdin is dropped, and `error` wraps a failure.
+pub(super) fn output_chunk(
+    item: Result<LogOutput, DockerError>,
+    error: impl FnOnce(DockerError) -> RuntimeError,
+) -> Option<Result<OutputChunk, RuntimeError>> {
+    match item {
+        Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+            Some(Ok(OutputChunk {
+                stream: StdStream::Stdout,
+                data: message,
+            }))
+        }
+        Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
+            stream: StdStream::Stderr,
+            data: message,
+        })),
+        Ok(LogOutput::StdIn { .. }) => None,
+        Err(failure) => Some(Err(error(failure))),
+    }
 }
 
 /// True for a 5xx response of the engine.

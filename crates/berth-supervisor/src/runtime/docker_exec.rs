@@ -13,14 +13,14 @@ use std::io::Read;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bollard::container::{DownloadFromContainerOptions, LogOutput};
+use bollard::container::DownloadFromContainerOptions;
 use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecOptions, StartExecResults};
 use bollard::Docker;
 use futures::StreamExt;
 
-use super::docker::DockerRuntime;
+use super::docker::{output_chunk, DockerRuntime};
 use super::exec::{ExecControl, ExecExit, ExecProcess, ExecSpec, TerminalSize};
-use super::{ContainerId, OutputChunk, RuntimeError, StdStream};
+use super::{ContainerId, RuntimeError};
 
 /// How long the exit code is polled for after the output ended, because
 /// the engine may still report the exec as running for a moment.
@@ -88,25 +88,9 @@ impl DockerRuntime {
         let target = id.0.clone();
         let output = output
             .filter_map(move |item| {
-                let chunk = match item {
-                    Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
-                        Some(Ok(OutputChunk {
-                            stream: StdStream::Stdout,
-                            data: message,
-                        }))
-                    }
-                    Ok(LogOutput::StdErr { message }) => Some(Ok(OutputChunk {
-                        stream: StdStream::Stderr,
-                        data: message,
-                    })),
-                    Ok(LogOutput::StdIn { .. }) => None,
-                    Err(error) => Some(Err(exec_error(
-                        "read the output of an exec in container",
-                        &target,
-                        error,
-                    ))),
-                };
-                futures::future::ready(chunk)
+                futures::future::ready(output_chunk(item, |error| {
+                    exec_error("read the output of an exec in container", &target, error)
+                }))
             })
             .boxed();
         Ok(ExecProcess {
