@@ -40,6 +40,7 @@ pub mod gateway;
 pub mod gpu;
 pub mod image;
 pub mod journal;
+pub mod kernel_log;
 pub mod log_collection;
 pub mod logs;
 pub mod mounts;

@@ -46,6 +46,7 @@ use crate::config::Config;
 use crate::gateway::{Gateway, GatewaySettings, GatewayTarget, HostKey, SessionFlag};
 use crate::gpu::assign_gpus;
 use crate::journal::{DeliverySettings, Entry, Part, Staging, OUTPUT_DIR};
+use crate::kernel_log::KernelLog;
 use crate::log_collection::{node_info, LogCollection, SUPERVISOR_LOG_FILE};
 use crate::logs::{
     ApiLogSink, LogCopy, LogSettings, LogSink, LogSummary, LogWriter, SupervisorLog,
@@ -816,10 +817,13 @@ impl Run<'_> {
         let output = runtime.attach(&id).await?;
         self.start_output(output);
         self.check_stop()?;
+        // Opened before the start, so that a kill in the container's first
+        // moments is on record.
+        let kernel_log = self.open_kernel_log();
         runtime.start(&id).await?;
         self.started = true;
         self.log.info("started the container");
-        self.start_stats(runtime.clone(), &id, spec.memory_bytes);
+        self.start_stats(runtime.clone(), &id, spec.memory_bytes, kernel_log);
 
         self.publish_host_key().await;
         self.check_stop()?;
@@ -840,10 +844,34 @@ impl Run<'_> {
         Ok(code)
     }
 
+    /// Opens the kernel log for the out-of-memory kills of the container
+    /// about to start, unless statistics are off. Without access to it
+    /// the other signs of an out-of-memory kill remain.
+    fn open_kernel_log(&self) -> Option<KernelLog> {
+        if self.config.stats_interval.is_zero() {
+            return None;
+        }
+        match KernelLog::open() {
+            Ok(kernel_log) => Some(kernel_log),
+            Err(error) => {
+                self.log.info(format!(
+                    "out-of-memory kills are not read from the kernel log /dev/kmsg: {error} (reading it needs CAP_SYSLOG where kernel.dmesg_restrict is 1)"
+                ));
+                None
+            }
+        }
+    }
+
     /// Starts the resource statistics of the started container, unless
     /// `stats_interval` is 0. Their stream is held until `Running`, as the
     /// container's output is.
-    fn start_stats(&mut self, runtime: Arc<dyn Runtime>, id: &ContainerId, ram: Option<i64>) {
+    fn start_stats(
+        &mut self,
+        runtime: Arc<dyn Runtime>,
+        id: &ContainerId,
+        ram: Option<i64>,
+        kernel_log: Option<KernelLog>,
+    ) {
         if self.config.stats_interval.is_zero() {
             self.log
                 .info("resource statistics are off (stats_interval is 0)");
@@ -867,6 +895,7 @@ impl Run<'_> {
             self.log.clone(),
             self.config.stats_interval,
             ram,
+            kernel_log,
         ));
     }
 

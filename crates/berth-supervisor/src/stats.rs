@@ -24,7 +24,10 @@
 //! the supervisor log.
 //!
 //! [`detect_out_of_memory`] decides after the exit whether the container
-//! was killed for memory, and names the sign it went by.
+//! was killed for memory, and names the sign it went by. Besides the
+//! runtime's record and the cgroup, it reads the kernel log
+//! ([`crate::kernel_log`]), which keeps the kills of a container whose
+//! cgroup was removed before any reading.
 //!
 //! `memory_bytes` includes the page cache, and `memory_anon_bytes` does
 //! not. On cgroup v1 `io_write_bytes` misses buffered writes, because only
@@ -41,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::cgroup::{CgroupDirs, ControllerDir, Sample, Version};
+use crate::kernel_log::{KernelLog, KernelOomReport};
 use crate::logs::{LogInput, LogSummary, LogWriter, SupervisorLog};
 use crate::runtime::{ContainerId, Runtime};
 
@@ -137,11 +141,14 @@ pub struct RunStats {
     writer: LogWriter,
     log: SupervisorLog,
     ram_limit: Option<u64>,
+    kernel_log: Option<KernelLog>,
 }
 
 impl RunStats {
     /// Starts sampling the started container `id` into `writer` every
     /// `interval` (not zero). `ram_limit` is the RAM constraint in bytes.
+    /// `kernel_log`, opened before the container started, is read for its
+    /// out-of-memory kills after it exits.
     pub fn start(
         runtime: Arc<dyn Runtime>,
         id: ContainerId,
@@ -149,6 +156,7 @@ impl RunStats {
         log: SupervisorLog,
         interval: Duration,
         ram_limit: Option<u64>,
+        kernel_log: Option<KernelLog>,
     ) -> RunStats {
         let sampler = Sampler::spawn(
             runtime,
@@ -163,6 +171,7 @@ impl RunStats {
             writer,
             log,
             ram_limit,
+            kernel_log,
         }
     }
 
@@ -174,8 +183,8 @@ impl RunStats {
     }
 
     /// Ends the statistics of the container that exited with `code`, and
-    /// decides from them and from the runtime's record whether it ran out
-    /// of memory. Returns that finding, warnings for
+    /// decides from them, the runtime's record and the kernel log whether
+    /// it ran out of memory. Returns that finding, warnings for
     /// `runtime_status.warning`, and the stream's summary.
     pub async fn finish_exited(
         self,
@@ -194,14 +203,57 @@ impl RunStats {
                 false
             }
         };
-        let warnings: Vec<String> = oom_kill_warning(code, &summary).into_iter().collect();
-        let found = detect_out_of_memory(runtime_flag, code, &summary, self.ram_limit);
+        let kernel = match self.kernel_log {
+            Some(kernel_log) => read_kernel_log(kernel_log, id, &self.log).await,
+            None => KernelOomReport::default(),
+        };
+        let warnings: Vec<String> = oom_kill_warning(code, &summary, &kernel)
+            .into_iter()
+            .collect();
+        let found = detect_out_of_memory(runtime_flag, code, &summary, &kernel, self.ram_limit);
         if let Some(found) = &found {
             self.log
                 .error(format!("{}: {}", OutOfMemory::ERROR, found.detail()));
         }
         (found, warnings, stream)
     }
+}
+
+/// Reads the out-of-memory kills of the container `id` that the kernel
+/// logged, off the async threads.
+async fn read_kernel_log(
+    mut kernel_log: KernelLog,
+    id: &ContainerId,
+    log: &SupervisorLog,
+) -> KernelOomReport {
+    let container = id.0.clone();
+    let read = tokio::task::spawn_blocking(move || kernel_log.read_oom_kills(&container)).await;
+    let report = match read {
+        Ok(Ok(report)) => report,
+        Ok(Err(error)) => {
+            log.warn(format!(
+                "failed to read the kernel log for out-of-memory kills: {error}"
+            ));
+            return KernelOomReport::default();
+        }
+        Err(error) => {
+            log.warn(format!("the kernel log task failed: {error}"));
+            return KernelOomReport::default();
+        }
+    };
+    if report.lost_records {
+        log.warn(
+            "the kernel log overwrote records before they were read, so out-of-memory kills may be missing from it",
+        );
+    }
+    if report.kills > 0 {
+        log.info(format!(
+            "the kernel logged {} out-of-memory kill{} in the container's cgroup",
+            report.kills,
+            if report.kills == 1 { "" } else { "s" }
+        ));
+    }
+    report
 }
 
 async fn run_sampler(
@@ -498,6 +550,9 @@ pub enum OomSign {
     /// The cgroup's `oom_kill` counter rose to this count, and the
     /// container exited with a non-zero status.
     CgroupCounter(u64),
+    /// The kernel logged this many out-of-memory kills in the container's
+    /// cgroup, and the container exited with a non-zero status.
+    KernelLog(u64),
     /// Exit status 137 (SIGKILL) with the peak memory at the limit. A
     /// weaker sign: a SIGKILL from elsewhere looks the same.
     KilledAtLimit,
@@ -530,6 +585,10 @@ impl OutOfMemory {
                 "the kernel's out-of-memory killer ended {kills} process{} in the container's cgroup",
                 if kills == 1 { "" } else { "es" }
             ),
+            OomSign::KernelLog(kills) => format!(
+                "the kernel logged {kills} out-of-memory kill{} in the container's cgroup",
+                if kills == 1 { "" } else { "s" }
+            ),
             OomSign::KilledAtLimit => {
                 "exit status 137 (SIGKILL) with memory use at the limit; a weaker sign, because a SIGKILL from elsewhere looks the same".to_string()
             }
@@ -540,43 +599,57 @@ impl OutOfMemory {
 
 /// Decides whether a container that exited with `exit_code` was killed
 /// for memory, from the runtime's record (`runtime_flag`), the sampler's
-/// `summary` and the RAM constraint `ram_limit` in bytes. The signs are
-/// tried from the strongest down.
-// NOTE: a container killed before the sampler's first reading has only the
-// runtime's flag, which Podman 4.3 on cgroup v1 leaves false.
+/// `summary`, what the `kernel` logged, and the RAM constraint
+/// `ram_limit` in bytes. The signs are tried from the strongest down. The
+/// peak memory is the higher of the sampler's and the kernel's use at the
+/// kill, which is the only one for a container killed before the
+/// sampler's first reading.
+// NOTE: without access to the kernel log (CAP_SYSLOG), a container killed
+// before the sampler's first reading has only the runtime's flag, which
+// Podman 4.3 on cgroup v1 leaves false.
 pub fn detect_out_of_memory(
     runtime_flag: bool,
     exit_code: i64,
     summary: &StatsSummary,
+    kernel: &KernelOomReport,
     ram_limit: Option<u64>,
 ) -> Option<OutOfMemory> {
     let limit = summary
         .memory_limit
+        .or(kernel.limit)
         .or(ram_limit.filter(|limit| *limit > 0));
+    let peak_memory = summary.peak_memory.max(kernel.usage);
     let sign = if runtime_flag {
         OomSign::RuntimeFlag
     } else if summary.oom_kills > 0 && exit_code != 0 {
         OomSign::CgroupCounter(summary.oom_kills)
-    } else if exit_code == EXIT_SIGKILL && at_limit(summary.peak_memory, limit) {
+    } else if kernel.kills > 0 && exit_code != 0 {
+        OomSign::KernelLog(kernel.kills)
+    } else if exit_code == EXIT_SIGKILL && at_limit(peak_memory, limit) {
         OomSign::KilledAtLimit
     } else {
         return None;
     };
     Some(OutOfMemory {
         sign,
-        peak_memory: summary.peak_memory,
+        peak_memory,
         limit,
     })
 }
 
 /// Returns a warning for a container that exited with status 0 although
-/// the out-of-memory killer ended some of its processes.
-pub fn oom_kill_warning(exit_code: i64, summary: &StatsSummary) -> Option<String> {
-    (exit_code == 0 && summary.oom_kills > 0).then(|| {
+/// the out-of-memory killer ended some of its processes, by the cgroup's
+/// count or the `kernel` log, whichever saw more.
+pub fn oom_kill_warning(
+    exit_code: i64,
+    summary: &StatsSummary,
+    kernel: &KernelOomReport,
+) -> Option<String> {
+    let kills = summary.oom_kills.max(kernel.kills);
+    (exit_code == 0 && kills > 0).then(|| {
         format!(
-            "the kernel's out-of-memory killer ended {} process{} in the container, which still exited with status 0; its results may be incomplete",
-            summary.oom_kills,
-            if summary.oom_kills == 1 { "" } else { "es" }
+            "the kernel's out-of-memory killer ended {kills} process{} in the container, which still exited with status 0; its results may be incomplete",
+            if kills == 1 { "" } else { "es" }
         )
     })
 }
@@ -596,6 +669,13 @@ mod tests {
     use crate::cgroup::{CpuUsage, IoUsage, MemoryUsage, NetUsage};
 
     const LIMIT: u64 = 64 << 20;
+
+    const NO_KERNEL_LOG: KernelOomReport = KernelOomReport {
+        kills: 0,
+        usage: None,
+        limit: None,
+        lost_records: false,
+    };
 
     fn memory_sample(current: u64, anon: u64, oom_kills: u64) -> Sample {
         Sample {
@@ -749,7 +829,8 @@ mod tests {
 
     #[test]
     fn runtime_flag_is_the_strongest_sign() {
-        let found = detect_out_of_memory(true, 137, &summary(Some(LIMIT), 1), None).unwrap();
+        let found = detect_out_of_memory(true, 137, &summary(Some(LIMIT), 1), &NO_KERNEL_LOG, None)
+            .unwrap();
         assert_eq!(found.sign, OomSign::RuntimeFlag);
         assert_eq!(found.peak_memory, Some(LIMIT));
         assert_eq!(found.limit, Some(LIMIT));
@@ -757,39 +838,53 @@ mod tests {
 
     #[test]
     fn cgroup_counter_counts_with_nonzero_exit() {
-        let found = detect_out_of_memory(false, 1, &summary(Some(LIMIT), 2), None).unwrap();
+        let found =
+            detect_out_of_memory(false, 1, &summary(Some(LIMIT), 2), &NO_KERNEL_LOG, None).unwrap();
         assert_eq!(found.sign, OomSign::CgroupCounter(2));
         assert_eq!(
             found.detail(),
             "peak memory 64.0 MiB, limit 64.0 MiB; detected by: the kernel's out-of-memory killer ended 2 processes in the container's cgroup"
         );
         assert_eq!(
-            detect_out_of_memory(false, 0, &summary(Some(LIMIT), 2), None),
+            detect_out_of_memory(false, 0, &summary(Some(LIMIT), 2), &NO_KERNEL_LOG, None),
             None
         );
     }
 
     #[test]
     fn sigkill_at_the_limit_is_a_weaker_sign() {
-        let found =
-            detect_out_of_memory(false, 137, &summary(Some(LIMIT - 1024), 0), None).unwrap();
+        let found = detect_out_of_memory(
+            false,
+            137,
+            &summary(Some(LIMIT - 1024), 0),
+            &NO_KERNEL_LOG,
+            None,
+        )
+        .unwrap();
         assert_eq!(found.sign, OomSign::KilledAtLimit);
         assert!(found.detail().contains("weaker sign"), "{}", found.detail());
         // Far below the limit, a SIGKILL came from elsewhere.
         assert_eq!(
-            detect_out_of_memory(false, 137, &summary(Some(LIMIT / 2), 0), None),
+            detect_out_of_memory(
+                false,
+                137,
+                &summary(Some(LIMIT / 2), 0),
+                &NO_KERNEL_LOG,
+                None
+            ),
             None
         );
         // No reading: the limit alone proves nothing.
         assert_eq!(
-            detect_out_of_memory(false, 137, &summary(None, 0), Some(LIMIT)),
+            detect_out_of_memory(false, 137, &summary(None, 0), &NO_KERNEL_LOG, Some(LIMIT)),
             None
         );
     }
 
     #[test]
     fn runtime_flag_without_reading_uses_the_constraint() {
-        let found = detect_out_of_memory(true, 137, &summary(None, 0), Some(LIMIT)).unwrap();
+        let found = detect_out_of_memory(true, 137, &summary(None, 0), &NO_KERNEL_LOG, Some(LIMIT))
+            .unwrap();
         assert_eq!(found.limit, Some(LIMIT));
         assert_eq!(
             found.detail(),
@@ -800,24 +895,60 @@ mod tests {
     #[test]
     fn normal_exit_is_no_oom() {
         assert_eq!(
-            detect_out_of_memory(false, 0, &summary(Some(LIMIT), 0), None),
+            detect_out_of_memory(false, 0, &summary(Some(LIMIT), 0), &NO_KERNEL_LOG, None),
             None
         );
         assert_eq!(
-            detect_out_of_memory(false, 3, &summary(Some(LIMIT), 0), None),
+            detect_out_of_memory(false, 3, &summary(Some(LIMIT), 0), &NO_KERNEL_LOG, None),
             None
         );
     }
 
     #[test]
+    fn detection_finds_a_kernel_log_kill_without_any_reading() {
+        let kernel = KernelOomReport {
+            kills: 1,
+            usage: Some(LIMIT),
+            limit: Some(LIMIT),
+            lost_records: false,
+        };
+        let found = detect_out_of_memory(false, 137, &summary(None, 0), &kernel, None).unwrap();
+        assert_eq!(found.sign, OomSign::KernelLog(1));
+        assert_eq!(
+            found.detail(),
+            "peak memory 64.0 MiB, limit 64.0 MiB; detected by: the kernel logged 1 out-of-memory kill in the container's cgroup"
+        );
+        // The cgroup's own counter, when read, is the stronger sign; the
+        // kernel's use at the kill may raise the peak.
+        let found =
+            detect_out_of_memory(false, 137, &summary(Some(LIMIT / 2), 1), &kernel, None).unwrap();
+        assert_eq!(found.sign, OomSign::CgroupCounter(1));
+        assert_eq!(found.peak_memory, Some(LIMIT));
+        // A process killed while the container went on to exit with 0 is
+        // a warning, not a failure.
+        assert_eq!(
+            detect_out_of_memory(false, 0, &summary(None, 0), &kernel, None),
+            None
+        );
+        let warning = oom_kill_warning(0, &summary(None, 0), &kernel).unwrap();
+        assert!(warning.contains("ended 1 process"), "{warning}");
+    }
+
+    #[test]
     fn oom_kill_with_exit_zero_is_a_warning() {
-        let warning = oom_kill_warning(0, &summary(Some(LIMIT), 1)).unwrap();
+        let warning = oom_kill_warning(0, &summary(Some(LIMIT), 1), &NO_KERNEL_LOG).unwrap();
         assert!(
             warning.contains("ended 1 process in the container"),
             "{warning}"
         );
-        assert_eq!(oom_kill_warning(137, &summary(Some(LIMIT), 1)), None);
-        assert_eq!(oom_kill_warning(0, &summary(Some(LIMIT), 0)), None);
+        assert_eq!(
+            oom_kill_warning(137, &summary(Some(LIMIT), 1), &NO_KERNEL_LOG),
+            None
+        );
+        assert_eq!(
+            oom_kill_warning(0, &summary(Some(LIMIT), 0), &NO_KERNEL_LOG),
+            None
+        );
     }
 
     /// A runtime whose container is this test process, so the sampler

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth_supervisor::archive::ImageArchive;
+use berth_supervisor::kernel_log::KernelLog;
 use berth_supervisor::mounts::plan_mounts;
 use berth_supervisor::runtime::{ContainerSpec, ImageSource, Runtime, RuntimeError, StdStream};
 use berth_supervisor::DockerRuntime;
@@ -257,6 +258,44 @@ async fn pid_and_cgroup_of_a_running_container() {
         !runtime.oom_killed(&id).await.unwrap(),
         "a stopped container was not killed for memory"
     );
+    runtime.remove(&id).await.unwrap();
+}
+
+/// The kernel log keeps a kill that leaves nothing else behind: the
+/// container is killed in its first milliseconds, and Podman removes its
+/// cgroup as it exits. Reading `/dev/kmsg` needs root (CAP_SYSLOG).
+#[tokio::test]
+async fn kernel_log_kill_at_the_memory_limit() {
+    if skip("kernel_log_kill_at_the_memory_limit") {
+        return;
+    }
+    let mut kernel_log = match KernelLog::open() {
+        Ok(kernel_log) => kernel_log,
+        Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            println!("kernel_log_kill_at_the_memory_limit: skipped (/dev/kmsg needs CAP_SYSLOG)");
+            return;
+        }
+        Err(error) => panic!("failed to open /dev/kmsg: {error}"),
+    };
+    let runtime = runtime().await;
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    // tail keeps the last line, and /dev/zero has no newline.
+    let mut spec = spec(&uuid, &["sh", "-c", "head -c 300m /dev/zero | tail"]);
+    spec.memory_bytes = Some(64 << 20);
+    let id = runtime.create(&spec).await.unwrap();
+    let _output = runtime.attach(&id).await.unwrap();
+    runtime.start(&id).await.unwrap();
+    assert_eq!(runtime.wait(&id).await.unwrap(), 137);
+
+    let report = kernel_log.read_oom_kills(&id.0).unwrap();
+    assert!(report.kills >= 1, "{report:?}");
+    assert_eq!(report.limit, Some(64 << 20), "{report:?}");
+    let usage = report.usage.expect("the use at the kill");
+    assert!(usage >= 60 << 20, "{report:?}");
+    // A record is read once.
+    let again = kernel_log.read_oom_kills(&id.0).unwrap();
+    assert_eq!(again.kills, 0, "{again:?}");
     runtime.remove(&id).await.unwrap();
 }
 
