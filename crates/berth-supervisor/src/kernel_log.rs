@@ -38,7 +38,8 @@ const RECORD_BUFFER: usize = 8192;
 pub struct KernelOomReport {
     /// Processes killed.
     pub kills: u64,
-    /// The cgroup's memory use at the last kill, in bytes.
+    /// The cgroup's highest memory use at a kill, in bytes. A later kill
+    /// in the same cgroup may come when most of its memory is freed.
     pub usage: Option<u64>,
     /// The cgroup's memory limit at the last kill, in bytes.
     pub limit: Option<u64>,
@@ -128,7 +129,7 @@ impl<'a> OomScanner<'a> {
             if memcg.is_some_and(|path| names_container(path, self.container)) {
                 self.report.kills += 1;
                 if let Some((usage, limit)) = pending {
-                    self.report.usage = Some(usage);
+                    self.report.usage = self.report.usage.max(Some(usage));
                     self.report.limit = Some(limit);
                 }
             }
@@ -213,6 +214,11 @@ mod tests {
         let report = scan(&records, ID);
         assert_eq!(report.kills, 1);
         // The use is the one reported with this container's kill.
+        assert_eq!(report.usage, Some(4096 * 1024));
+        // A second kill when little memory is left keeps the highest use.
+        records.extend(kill_records(&format!("/libpod_parent/libpod-{ID}"), 640));
+        let report = scan(&records, ID);
+        assert_eq!(report.kills, 2);
         assert_eq!(report.usage, Some(4096 * 1024));
         assert_eq!(scan(&records, "").kills, 0);
     }
