@@ -7,13 +7,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use berth_supervisor::archive::ImageArchive;
 use berth_supervisor::kernel_log::KernelLog;
 use berth_supervisor::mounts::plan_mounts;
-use berth_supervisor::runtime::{ContainerSpec, ImageSource, Runtime, RuntimeError, StdStream};
+use berth_supervisor::runtime::exec::{ExecExit, ExecSpec, ExecUser};
+use berth_supervisor::runtime::{
+    ContainerId, ContainerSpec, ImageSource, Runtime, RuntimeError, StdStream,
+};
 use berth_supervisor::DockerRuntime;
 use bollard::image::RemoveImageOptions;
 use futures::StreamExt;
@@ -259,6 +262,149 @@ async fn pid_and_cgroup_of_a_running_container() {
         "a stopped container was not killed for memory"
     );
     runtime.remove(&id).await.unwrap();
+}
+
+/// Runs `argv` in the container `id` without a terminal, writes `input`
+/// to its stdin, and returns its stdout, stderr and exit.
+async fn exec_collect(
+    runtime: &DockerRuntime,
+    id: &ContainerId,
+    argv: &[&str],
+    env: &[&str],
+    input: &[u8],
+) -> (Vec<u8>, Vec<u8>, ExecExit) {
+    use tokio::io::AsyncWriteExt;
+
+    let spec = ExecSpec {
+        argv: argv.iter().map(|arg| arg.to_string()).collect(),
+        user: ExecUser {
+            name: Some("nobody".to_string()),
+            uid: 65534,
+            gid: 65534,
+        },
+        env: env.iter().map(|entry| entry.to_string()).collect(),
+        working_dir: Some("/tmp".to_string()),
+        terminal: None,
+    };
+    let mut process = runtime.exec(id, &spec).await.unwrap();
+    let writer = {
+        let input = input.to_vec();
+        let mut stdin = process.stdin;
+        tokio::spawn(async move {
+            stdin.write_all(&input).await.unwrap();
+            stdin.shutdown().await.unwrap();
+        })
+    };
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(chunk) = process.output.next().await {
+        let chunk = chunk.unwrap();
+        match chunk.stream {
+            StdStream::Stdout => stdout.extend_from_slice(&chunk.data),
+            StdStream::Stderr => stderr.extend_from_slice(&chunk.data),
+        }
+    }
+    writer.await.unwrap();
+    let exit = process.control.wait().await.unwrap();
+    (stdout, stderr, exit)
+}
+
+/// On Podman, an exec without a terminal runs through `podman exec`: the
+/// same user, working directory, environment, stdio and exit status as
+/// through the API, and a stdin of several MiB comes back byte for byte.
+#[tokio::test]
+async fn podman_cli_exec_matches_the_api() {
+    if skip("podman_cli_exec_matches_the_api") {
+        return;
+    }
+    let api = runtime().await;
+    let version = api.server_version().await.unwrap();
+    if !version.starts_with("Podman") {
+        println!("podman_cli_exec_matches_the_api: skipped ({version} is not Podman)");
+        return;
+    }
+    let cli = runtime()
+        .await
+        .with_podman_command(Some(PathBuf::from("podman")));
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let id = api.create(&spec(&uuid, &["sleep", "600"])).await.unwrap();
+    let _output = api.attach(&id).await.unwrap();
+    api.start(&id).await.unwrap();
+    assert!(
+        cli.execs_use_podman_cli(&id).await,
+        "podman sees the container"
+    );
+    assert!(!api.execs_use_podman_cli(&id).await, "no command, no CLI");
+
+    let script = "id -u; pwd; printf '%s|%s\\n' \"$SPACED\" \"$EQ\"; echo to-stderr >&2; exit 7";
+    let env = ["SPACED= two words ", "EQ=a=b"];
+    let mut outcomes = Vec::new();
+    for runtime in [&cli, &api] {
+        outcomes.push(exec_collect(runtime, &id, &["sh", "-c", script], &env, b"").await);
+    }
+    assert_eq!(outcomes[0], outcomes[1], "podman exec and the API agree");
+    let (stdout, stderr, exit) = &outcomes[0];
+    assert_eq!(
+        String::from_utf8_lossy(stdout),
+        "65534\n/tmp\n two words |a=b\n"
+    );
+    assert_eq!(stderr.as_slice(), b"to-stderr\n");
+    assert_eq!(*exit, ExecExit::Status(7));
+
+    // 8 MiB of varied bytes through stdin and back out.
+    let input: Vec<u8> = (0..8u32 << 20)
+        .map(|index| (index.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let (stdout, stderr, exit) = exec_collect(&cli, &id, &["cat"], &[], &input).await;
+    assert!(
+        stdout == input,
+        "cat returned {} bytes, not the same",
+        stdout.len()
+    );
+    assert!(stderr.is_empty(), "{}", String::from_utf8_lossy(&stderr));
+    assert_eq!(exit, ExecExit::Status(0));
+
+    // A value with a line break cannot go in the env file: the API runs it.
+    let (stdout, _, exit) = exec_collect(
+        &cli,
+        &id,
+        &["sh", "-c", "echo \"$LINES\""],
+        &["LINES=one\ntwo"],
+        b"",
+    )
+    .await;
+    assert_eq!(stdout, b"one\ntwo\n");
+    assert_eq!(exit, ExecExit::Status(0));
+    // A program that is not there fails as it does through the API.
+    let (_, stderr, exit) = exec_collect(&cli, &id, &["/no/such/program"], &[], b"").await;
+    assert_eq!(
+        exit,
+        ExecExit::Status(127),
+        "{}",
+        String::from_utf8_lossy(&stderr)
+    );
+
+    api.stop(&id, Duration::from_secs(1)).await.unwrap();
+    api.wait(&id).await.unwrap();
+    api.remove(&id).await.unwrap();
+}
+
+/// A container the command line does not see (another engine, or another
+/// storage) keeps its execs on the API.
+#[tokio::test]
+async fn podman_cli_skips_unknown_containers() {
+    if skip("podman_cli_skips_unknown_containers") {
+        return;
+    }
+    let cli = runtime()
+        .await
+        .with_podman_command(Some(PathBuf::from("podman")));
+    let missing = ContainerId("0".repeat(64));
+    assert!(!cli.execs_use_podman_cli(&missing).await);
+    let nowhere = runtime()
+        .await
+        .with_podman_command(Some(PathBuf::from("/no/such/podman")));
+    assert!(!nowhere.execs_use_podman_cli(&missing).await);
 }
 
 /// The kernel log keeps a kill that leaves nothing else behind: the

@@ -12,6 +12,7 @@
 //! the daemon contact whatever registry the name gives.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,9 +29,10 @@ use bollard::{ClientVersion, Docker};
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::io::ReaderStream;
 
+use super::podman_exec::PodmanCli;
 use super::{
-    BindMount, ContainerId, ContainerSpec, ImageSource, Network, OutputChunk, OutputStream,
-    Runtime, RuntimeError, StdStream,
+    find_program, BindMount, ContainerId, ContainerSpec, ImageSource, Network, OutputChunk,
+    OutputStream, Runtime, RuntimeError, StdStream,
 };
 use crate::archive::ImageArchive;
 use crate::gpu::{GpuAssignment, GpuDevices, GpuStack};
@@ -69,6 +71,11 @@ pub struct DockerRuntime {
     /// Whether a missing named image is pulled; off unless
     /// [`DockerRuntime::with_image_pulls`] turns it on.
     pull_images: bool,
+    /// The Podman command line for execs without a terminal, if
+    /// [`DockerRuntime::with_podman_command`] named one. The first exec
+    /// finds out whether the engine is Podman.
+    podman_command: Option<PathBuf>,
+    podman_cli: Arc<tokio::sync::OnceCell<Option<PodmanCli>>>,
 }
 
 impl std::fmt::Debug for DockerRuntime {
@@ -77,6 +84,7 @@ impl std::fmt::Debug for DockerRuntime {
             .field("endpoint", &self.endpoint)
             .field("description", &self.description)
             .field("pull_images", &self.pull_images)
+            .field("podman_command", &self.podman_command)
             .finish()
     }
 }
@@ -113,6 +121,8 @@ impl DockerRuntime {
             unbounded,
             description,
             pull_images: false,
+            podman_command: None,
+            podman_cli: Arc::default(),
         })
     }
 
@@ -149,6 +159,68 @@ impl DockerRuntime {
     pub fn with_image_pulls(mut self, enabled: bool) -> DockerRuntime {
         self.pull_images = enabled;
         self
+    }
+
+    /// Sets the Podman command line (`supervisor.podman_command`) that runs
+    /// execs without a terminal when the engine is Podman on this node,
+    /// because Podman's exec API is slow. `None` keeps every exec on the
+    /// API.
+    pub fn with_podman_command(mut self, program: Option<PathBuf>) -> DockerRuntime {
+        self.podman_command = program;
+        self.podman_cli = Arc::default();
+        self
+    }
+
+    /// Returns the Podman command line when execs without a terminal in
+    /// the container `id` go through it.
+    pub(super) async fn podman_cli_for(&self, id: &ContainerId) -> Option<&PodmanCli> {
+        let cli = self
+            .podman_cli
+            .get_or_init(|| self.detect_podman_cli())
+            .await
+            .as_ref()?;
+        cli.usable_for(id).await.then_some(cli)
+    }
+
+    /// Returns whether execs without a terminal in the container `id` run
+    /// through Podman's command line.
+    pub async fn execs_use_podman_cli(&self, id: &ContainerId) -> bool {
+        self.podman_cli_for(id).await.is_some()
+    }
+
+    async fn detect_podman_cli(&self) -> Option<PodmanCli> {
+        let program = self.podman_command.as_deref()?;
+        let local = self.endpoint.starts_with("unix://") || self.endpoint.starts_with('/');
+        if !local {
+            return None;
+        }
+        let podman = match self.docker.version().await {
+            Ok(version) => version
+                .components
+                .iter()
+                .flatten()
+                .any(|component| component.name == "Podman Engine"),
+            Err(error) => {
+                tracing::warn!(error = %error, "failed to ask the engine its name; execs use the API");
+                return None;
+            }
+        };
+        if !podman {
+            return None;
+        }
+        let Some(found) = find_program(program) else {
+            tracing::info!(
+                program = %program.display(),
+                "the engine is Podman, but its command line was not found; execs use Podman's slower exec API"
+            );
+            return None;
+        };
+        let cli = PodmanCli::new(found);
+        tracing::info!(
+            program = %cli.program().display(),
+            "the engine is Podman: execs without a terminal run through its command line"
+        );
+        Some(cli)
     }
 
     /// Returns the underlying bollard client, for inspecting containers and

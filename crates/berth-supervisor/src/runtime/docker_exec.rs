@@ -7,7 +7,9 @@
 //! without a terminal, and sends one raw stream with one. Once the output
 //! has ended, the exit code comes from inspecting the exec. The engine
 //! reports a process ended by signal N as exit code 128 + N, as a shell
-//! does, so an exec never ends with [`ExecExit::Signal`] here.
+//! does, so an exec never ends with [`ExecExit::Signal`] here. On a
+//! Podman engine, execs without a terminal go through Podman's command
+//! line instead ([`super::podman_exec`]).
 
 use std::io::Read;
 use std::time::Duration;
@@ -40,6 +42,13 @@ impl DockerRuntime {
         spec: &ExecSpec,
     ) -> Result<ExecProcess, RuntimeError> {
         let tty = spec.terminal.is_some();
+        if !tty {
+            if let Some(cli) = self.podman_cli_for(id).await {
+                if let Some(process) = cli.exec(id, spec).await? {
+                    return Ok(process);
+                }
+            }
+        }
         let options = CreateExecOptions {
             attach_stdin: Some(true),
             attach_stdout: Some(true),

@@ -22,6 +22,7 @@ mod docker_exec;
 pub mod exec;
 pub mod oci;
 mod oci_exec;
+mod podman_exec;
 pub mod rootfs;
 pub mod select;
 pub mod singularity;

@@ -40,6 +40,10 @@ use super::{ContainerId, OutputChunk, OutputStream, RuntimeError, StdStream};
 /// How long the runtime may take to send an exec's terminal.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Bytes read at once from an exec's stdout or stderr pipe: a pipe holds
+/// 64 KiB, so this empties a full one in one read.
+const PIPE_READ_BYTES: usize = 64 * 1024;
+
 /// Maximum bytes of the runtime's error output kept for an error message.
 const MAX_ERROR_OUTPUT: u64 = 64 * 1024;
 
@@ -75,22 +79,8 @@ pub(super) async fn exec_process(
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
-            let mut child = command.spawn().map_err(spawn_error)?;
-            let (Some(stdin), Some(stdout), Some(stderr)) =
-                (child.stdin.take(), child.stdout.take(), child.stderr.take())
-            else {
-                return Err(spawn_error(io::Error::other(
-                    "the exec's stdio pipes were not created",
-                )));
-            };
-            let stdout = ReaderStream::new(stdout).map(|chunk| (StdStream::Stdout, chunk));
-            let stderr = ReaderStream::new(stderr).map(|chunk| (StdStream::Stderr, chunk));
-            let output = output_stream(futures::stream::select(stdout, stderr), &name);
-            Ok(ExecProcess {
-                stdin: Box::new(stdin),
-                output,
-                control: std::sync::Arc::new(OciExec::new(child, None, process_file, name)),
-            })
+            let child = command.spawn().map_err(spawn_error)?;
+            piped_exec(child, process_file, name.clone()).map_err(spawn_error)
         }
         Some(size) => {
             let terminal_error = |action: &'static str, error: io::Error| RuntimeError::Request {
@@ -150,6 +140,30 @@ pub(super) async fn exec_process(
             })
         }
     }
+}
+
+/// Makes the exec of a `child` started with piped stdin, stdout and
+/// stderr. Its `file` is removed once the process has exited.
+pub(super) fn piped_exec(
+    mut child: Child,
+    file: tempfile::NamedTempFile,
+    name: String,
+) -> io::Result<ExecProcess> {
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err(io::Error::other("the exec's stdio pipes were not created"));
+    };
+    let stdout = ReaderStream::with_capacity(stdout, PIPE_READ_BYTES)
+        .map(|chunk| (StdStream::Stdout, chunk));
+    let stderr = ReaderStream::with_capacity(stderr, PIPE_READ_BYTES)
+        .map(|chunk| (StdStream::Stderr, chunk));
+    let output = output_stream(futures::stream::select(stdout, stderr), &name);
+    Ok(ExecProcess {
+        stdin: Box::new(stdin),
+        output,
+        control: std::sync::Arc::new(OciExec::new(child, None, file, name)),
+    })
 }
 
 /// Returns the error of a runtime that exited before it sent the
@@ -416,13 +430,14 @@ fn read_in_root(root: &Path, relative: &str, max_bytes: u64) -> io::Result<Optio
     Ok(Some(contents))
 }
 
-/// One `crun exec` process.
+/// One `crun exec` (or `podman exec`) process.
 #[derive(Debug)]
 struct OciExec {
     child: tokio::sync::Mutex<Child>,
     /// The terminal's master side, for resizing; `None` without one.
     terminal: Option<console::Console>,
-    /// The process file, removed when the exec is dropped.
+    /// The file of the process (or of its environment), removed when the
+    /// process has exited or the exec is dropped.
     process_file: Mutex<Option<tempfile::NamedTempFile>>,
     name: String,
 }

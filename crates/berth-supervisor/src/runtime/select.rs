@@ -24,8 +24,12 @@ pub struct ConnectedRuntime {
 
 impl ConnectedRuntime {
     fn docker(docker: DockerRuntime, config: &Config) -> ConnectedRuntime {
+        let runtime = docker
+            .clone()
+            .with_image_pulls(config.pull_images)
+            .with_podman_command(config.podman_command.clone());
         ConnectedRuntime {
-            runtime: Arc::new(docker.clone().with_image_pulls(config.pull_images)),
+            runtime: Arc::new(runtime),
             docker: Some(docker),
         }
     }
