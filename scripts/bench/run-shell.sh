@@ -4,14 +4,18 @@
 #
 # Berth's way: a controller (SQLite) and a dispatcher with the local
 # backend, whose supervisor runs a Podman container with its SSH gateway
-# and tunnel. The script times
-#   berth shell UUID -- head -c SIZE /dev/zero  >/dev/null
+# and tunnel. The container first writes SIZE bytes to /tmp/bench-data.
+# The script times
+#   berth shell UUID -- cat /tmp/bench-data  >/dev/null
 # which runs the system ssh with `berth ssh-proxy` as its ProxyCommand:
-# ssh -> ssh-proxy -> controller -> tunnel -> gateway (russh) -> Podman's
-# exec API -> the container's `head`.
+# ssh -> ssh-proxy -> controller -> tunnel -> gateway (russh) -> the exec
+# (`podman exec` on Podman, `crun exec` with the oci runtime) -> the
+# container's `cat`.
 # The baseline: a temporary sshd on a free loopback port, with its own
 # configuration, host key and authorized key in the scratch directory,
-# and `ssh -p PORT root@127.0.0.1 head -c SIZE /dev/zero >/dev/null`.
+# and `ssh -p PORT root@127.0.0.1 cat WORK/bench-data >/dev/null` of a
+# file of the same size. The image's `cat` is busybox's, which copies a
+# file to a pipe as fast as GNU cat does.
 # Both use the ssh client's default cipher order, so both negotiate the
 # same cipher (logged as "cipher").
 #
@@ -135,7 +139,13 @@ berth, work, api_url, token, image, size_mib, rounds, controller_pid, sshd_pid =
 size_mib, rounds = int(size_mib), int(rounds)
 baseline = sys.argv[10:]
 api_url = api_url.rstrip("/")
-command = "head -c %d /dev/zero" % (size_mib << 20)
+command = "cat /tmp/bench-data"
+baseline_data = os.path.join(work, "bench-data")
+with open(baseline_data, "wb") as data:
+    block = bytes(1 << 20)
+    for _ in range(size_mib):
+        data.write(block)
+baseline_command = "cat " + baseline_data
 env = dict(os.environ, BERTH_API_HOST=api_url, BERTH_API_TOKEN=token)
 env.pop("ARVADOS_API_HOST", None)
 env.pop("ARVADOS_API_TOKEN", None)
@@ -215,9 +225,11 @@ def profile(name, argv, processes):
 
 request = call("POST", "/arvados/v1/container_requests", {"container_request": {
     "state": "Committed", "priority": 1, "use_existing": False,
-    "container_image": image, "command": ["sleep", "3600"], "output_path": "/out",
+    "container_image": image, "output_path": "/out",
+    "command": ["sh", "-c", "head -c %d /dev/zero >/tmp/bench-data.part && "
+                "mv /tmp/bench-data.part /tmp/bench-data && exec sleep 3600" % (size_mib << 20)],
     "mounts": {"/out": {"kind": "tmp", "capacity": 1 << 20}},
-    "runtime_constraints": {"ram": 256 << 20, "vcpus": 1},
+    "runtime_constraints": {"ram": (size_mib + 256) << 20, "vcpus": 1},
 }})
 uuid = request["container_uuid"]
 try:
@@ -240,12 +252,19 @@ try:
         time.sleep(0.5)
     else:
         fail("berth shell %s did not work within 60 s" % uuid)
+    for attempt in range(240):
+        if subprocess.run(shell + ["test -f /tmp/bench-data"], stdin=subprocess.DEVNULL,
+                          capture_output=True, env=env).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        fail("container %s did not write /tmp/bench-data within 120 s" % uuid)
 
     # The client chooses the cipher. `berth shell` offers AES-GCM first; the
     # second way insists on OpenSSH's own first choice, for comparison.
     chacha = [berth, "shell", "-o", "Ciphers=chacha20-poly1305@openssh.com", uuid, "--"]
     ways = {"berth shell": shell + [command], "berth shell, chacha20-poly1305": chacha + [command],
-            "ssh to sshd": baseline + [command]}
+            "ssh to sshd": baseline + [baseline_command]}
     # For ssh, the first value of an option wins, so -v goes before the
     # baseline's LogLevel.
     print("cipher: berth shell %s, ssh to sshd %s" % (
