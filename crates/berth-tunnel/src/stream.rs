@@ -139,18 +139,19 @@ impl AsyncWrite for TunnelStream {
     }
 }
 
-/// Waits for send capacity, asking for up to `wanted` bytes (and at most
-/// [`MAX_WRITE`]); returns how many bytes may be queued now, at least 1.
+/// Waits for send capacity after requesting `requested` bytes of it (at
+/// most [`MAX_WRITE`]). Returns how many bytes may be queued now, at
+/// least 1.
 fn poll_send_capacity(
     send: &mut SendStream<Bytes>,
     cx: &mut Context<'_>,
-    wanted: usize,
+    requested: usize,
 ) -> Poll<io::Result<usize>> {
-    send.reserve_capacity(wanted.min(MAX_WRITE));
+    send.reserve_capacity(requested.min(MAX_WRITE));
     loop {
         let capacity = send.capacity();
         if capacity > 0 {
-            return Poll::Ready(Ok(capacity.min(wanted)));
+            return Poll::Ready(Ok(capacity.min(requested)));
         }
         match ready!(send.poll_capacity(cx)) {
             Some(Ok(_)) => continue,

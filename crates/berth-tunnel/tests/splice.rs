@@ -1,7 +1,7 @@
-//! `berth_tunnel::splice` on loopback TCP sockets and real pipes: bytes
-//! arrive exactly, the end of one direction half-closes its sink while
-//! the other goes on, a peer that closes early ends the join, and a sink
-//! the kernel cannot splice into falls back to the buffered copy.
+//! `berth_tunnel::splice` on loopback TCP sockets and real pipes. Bytes
+//! arrive exactly, and the end of one direction half-closes its sink
+//! while the other goes on. A peer that closes early ends the join. A
+//! sink the kernel cannot splice into falls back to the buffered copy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -66,7 +66,7 @@ async fn tcp_join_is_byte_exact_with_half_close() {
     let download = pattern(2, 7 << 20);
 
     // A sends and half-closes; B reads to the end of file while A's
-    // other half stays open, then answers on the direction still open.
+    // other half stays open, then replies on the direction still open.
     let (received_by_b, received_by_a) = tokio::time::timeout(LIMIT, async {
         let (mut a_read, mut a_write) = outer_a.split();
         let (mut b_read, mut b_write) = outer_b.split();
