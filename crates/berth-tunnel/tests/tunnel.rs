@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use berth_tunnel::{
-    copy_bidirectional_stream, dial, maintain, StreamKind, StreamRequest, TunnelClient, TunnelError, TunnelServer,
-    TunnelState, TunnelStream,
+    copy_bidirectional_stream, dial, maintain, StreamKind, StreamRequest, TunnelClient,
+    TunnelError, TunnelServer, TunnelState, TunnelStream,
 };
 use common::{
     dial_config, echo, fast_keepalive, pattern, read_all, serve_echo, write_and_close, Relay,
@@ -193,9 +193,20 @@ async fn stream_copy_to_socket_is_byte_exact() {
         .await
         .expect("the copy did not finish");
 
-        assert_eq!(by_supervisor.len(), upload.len(), "client first: {client_first}");
-        assert!(by_supervisor == upload, "the bytes to the supervisor differ");
-        assert_eq!(by_client.len(), download.len(), "client first: {client_first}");
+        assert_eq!(
+            by_supervisor.len(),
+            upload.len(),
+            "client first: {client_first}"
+        );
+        assert!(
+            by_supervisor == upload,
+            "the bytes to the supervisor differ"
+        );
+        assert_eq!(
+            by_client.len(),
+            download.len(),
+            "client first: {client_first}"
+        );
         assert!(by_client == download, "the bytes to the client differ");
         let counts = tokio::time::timeout(LIMIT, copy).await.unwrap().unwrap();
         assert_eq!(

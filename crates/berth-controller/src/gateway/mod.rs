@@ -66,7 +66,8 @@ pub struct GatewaySettings {
     /// False when `controller.shell_access` turns shells off.
     pub shell_access: bool,
     pub heartbeat: Duration,
-    /// Bytes of each direction's buffer in a shell session's copy loop.
+    /// Largest read from a shell's client on the holder, and the size of
+    /// each direction's buffer when a forward is copied through buffers.
     pub copy_buffer_bytes: usize,
     /// The time open sessions and moved tunnels get at shutdown.
     pub grace_period: Duration,
