@@ -39,11 +39,12 @@ pub mod defaults {
     pub const TUNNEL_HEARTBEAT_SECONDS: u64 = 5;
     /// Largest read from a shell's client on the holder of the tunnel,
     /// and the buffer of each direction of the buffered copy: 64 KiB. In
-    /// `scripts/bench/run-gateway.sh` a bulk upload through one or two
-    /// controllers used about 8 % less CPU time with 64 KiB than with
-    /// 8 KiB, and 256 KiB saved little more (docs/BENCHMARKS.md,
-    /// "Gateway"). It stays below glibc's default mmap threshold of
-    /// 128 KiB, so each read's buffer comes from the heap.
+    /// `gateway_bench stream --ways forwarded` (under `perf stat`, on a
+    /// 2-CPU VM), 1 GiB each way through two controllers took about 8 %
+    /// less CPU time with 64 KiB than with 8 KiB, and 256 KiB saved 1 %
+    /// more (docs/BENCHMARKS.md, "Gateway"). It stays below glibc's
+    /// initial mmap threshold of 128 KiB, so each read's buffer comes
+    /// from the heap.
     pub const SHELL_COPY_BUFFER_BYTES: usize = 64 << 10;
 
     /// Directory of the local block store.

@@ -155,26 +155,47 @@ async fn half_close_keeps_other_direction() {
     assert!(received == data, "bytes written before the drop differ");
 }
 
+/// A client's socket joined to a tunnel stream by
+/// `copy_bidirectional_stream`, as the holder of a tunnel joins a shell.
+struct JoinedStream {
+    /// The client's end of the socket.
+    socket: TcpStream,
+    /// The supervisor's end of the stream.
+    theirs: TunnelStream,
+    copy: tokio::task::JoinHandle<std::io::Result<(u64, u64)>>,
+}
+
+async fn join_stream(client: &TunnelClient, server: &mut TunnelServer) -> JoinedStream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ours, theirs) = open_pair(client, server, StreamKind::Ssh).await;
+    let (socket, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let mut joined = accepted.unwrap().0;
+    let copy = tokio::spawn(async move {
+        let mut ours = ours;
+        copy_bidirectional_stream(&mut joined, &mut ours, 8 * 1024).await
+    });
+    JoinedStream {
+        socket: socket.unwrap(),
+        theirs,
+        copy,
+    }
+}
+
 #[tokio::test]
 async fn stream_copy_to_socket_is_byte_exact() {
     let mut controller = TestController::start().await;
     let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
     let client = controller.next_tunnel().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
 
-    // The client's socket is joined to a tunnel stream, as the holder of
-    // a tunnel joins a shell. Each side half-closes in turn: first the
-    // client, then the supervisor, who answers after its end of file.
+    // Each side half-closes in turn: first the client, then the
+    // supervisor, who replies after its end of file.
     for client_first in [true, false] {
-        let (ours, mut theirs) = open_pair(&client, &mut server, StreamKind::Ssh).await;
-        let (socket, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let mut socket = socket.unwrap();
-        let mut joined = accepted.unwrap().0;
-        let copy = tokio::spawn(async move {
-            let mut ours = ours;
-            copy_bidirectional_stream(&mut joined, &mut ours, 8 * 1024).await
-        });
+        let JoinedStream {
+            mut socket,
+            mut theirs,
+            copy,
+        } = join_stream(&client, &mut server).await;
         let upload = pattern(21, 6 << 20);
         let download = pattern(22, 5 << 20);
         let (by_supervisor, by_client) = tokio::time::timeout(LIMIT, async {
@@ -221,17 +242,12 @@ async fn stream_copy_ends_when_socket_resets() {
     let mut controller = TestController::start().await;
     let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
     let client = controller.next_tunnel().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let JoinedStream {
+        socket,
+        mut theirs,
+        copy,
+    } = join_stream(&client, &mut server).await;
 
-    let (ours, mut theirs) = open_pair(&client, &mut server, StreamKind::Ssh).await;
-    let (socket, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    let socket = socket.unwrap();
-    let mut joined = accepted.unwrap().0;
-    let copy = tokio::spawn(async move {
-        let mut ours = ours;
-        copy_bidirectional_stream(&mut joined, &mut ours, 8 * 1024).await
-    });
     // The client leaves with bytes unread, which resets its connection.
     theirs.write_all(&pattern(23, 1 << 20)).await.unwrap();
     socket.readable().await.unwrap();

@@ -15,7 +15,7 @@ use super::{copy_both_ways, GatewayMetrics};
 /// directions have ended, with the half-close of [`copy_both_ways`], and
 /// returns the bytes moved from the client and from the forward.
 /// `buffer_bytes` sizes the buffers of the copy used when either
-/// connection is not a plain TCP socket; a session that splice(2) carries
+/// connection is not a plain TCP socket. A session that splice(2) carries
 /// is counted in `metrics` when it starts.
 pub(super) async fn join_upgraded(
     client: Upgraded,
@@ -52,7 +52,7 @@ pub(super) async fn join_upgraded(
     .await
 }
 
-/// The buffered copy between a client on plain TCP, whose HTTP read
+/// Copies through buffers between a client on plain TCP, whose HTTP read
 /// buffer may hold bytes for the forward, and a forward over TLS.
 async fn copy_with_unread(
     client: Parts<TokioIo<TcpStream>>,
