@@ -25,12 +25,16 @@ use tokio::net::unix::pipe;
 use tokio::net::TcpStream;
 
 /// Capacity asked for each direction's pipe: at most this many bytes are
-/// in flight between a source and its sink. Linux lets an unprivileged
-/// process set up to `/proc/sys/fs/pipe-max-size` (1 MiB by default); when
-/// the request fails, the pipe keeps its default of 64 KiB. The pipe
-/// holds references to the socket's pages, not copies, and only while
-/// bytes are in flight.
-pub const PIPE_BYTES: usize = 1024 * 1024;
+/// in flight between a source and its sink. The pipe holds references to
+/// the socket's pages, not copies, and only while bytes are in flight.
+///
+/// Linux counts each pipe's capacity against its user's
+/// `/proc/sys/fs/pipe-user-pages-soft` (16,384 pages by default). Over
+/// that limit, a user without `CAP_SYS_RESOURCE` or `CAP_SYS_ADMIN` gets
+/// pipes of 2 pages and cannot enlarge them, so splice(2) still works but
+/// with more calls per byte. At 256 KiB (64 pages) a direction, about 128
+/// sessions fit under the default limit.
+pub const PIPE_BYTES: usize = 256 * 1024;
 
 /// Size of the buffer of the fallback path.
 const FALLBACK_BUFFER_BYTES: usize = 64 * 1024;
