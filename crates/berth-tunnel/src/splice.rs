@@ -3,10 +3,11 @@
 //!
 //! A *source* is read from and a *sink* is written to: each is a
 //! [`TcpStream`] or a pipe's end (Tokio's [`pipe::Receiver`] or
-//! [`pipe::Sender`], which put the descriptor in non-blocking mode). One direction ([`splice_one_way`])
-//! moves the bytes from its source into a pipe of its own and from that
-//! pipe into its sink, with `SPLICE_F_MOVE`, so the kernel passes page
-//! references instead of copying. The pipe is drained before the next
+//! [`pipe::Sender`], which put the descriptor in non-blocking mode). One
+//! direction ([`splice_one_way`]) moves the bytes from its source into a
+//! pipe of its own and from that pipe into its sink, with
+//! `SPLICE_F_MOVE`, so the kernel passes page references instead of
+//! copying. The pipe is drained before the next
 //! read, so a splice that would block always waits on the one socket or
 //! pipe it names. At the source's end of file the direction shuts down
 //! the write half of a TCP sink (a half-close), as `tokio::io::copy`'s
