@@ -11,7 +11,7 @@
 //! read, so a splice that would block always waits on the one socket or
 //! pipe it names. At the source's end of file the direction shuts down
 //! the write half of a TCP sink (a half-close), as `tokio::io::copy`'s
-//! callers do; a pipe sink ends when its owner drops it.
+//! callers do. A pipe sink ends when its owner drops it.
 //!
 //! When the kernel cannot splice between the two (splice(2) fails with
 //! `EINVAL` or `ENOSYS`, or no pipe can be made), the direction moves the
@@ -40,14 +40,14 @@ pub const PIPE_BYTES: usize = 256 * 1024;
 /// Size of the buffer of the fallback path.
 const FALLBACK_BUFFER_BYTES: usize = 64 * 1024;
 
-/// Where a direction reads.
+/// The descriptor a direction reads from.
 #[derive(Debug, Clone, Copy)]
 pub enum Source<'a> {
     Tcp(&'a TcpStream),
     Pipe(&'a pipe::Receiver),
 }
 
-/// Where a direction writes.
+/// The descriptor a direction writes to.
 #[derive(Debug, Clone, Copy)]
 pub enum Sink<'a> {
     Tcp(&'a TcpStream),
@@ -55,7 +55,7 @@ pub enum Sink<'a> {
 }
 
 /// Copies bytes both ways between two TCP sockets until both directions
-/// have ended; the end of one direction shuts down the write half of its
+/// have ended. The end of one direction shuts down the write half of its
 /// sink, and the other direction goes on. `a_unread` are bytes already
 /// read from `a` (such as the rest of an HTTP read buffer) that go to `b`
 /// first, and `b_unread` likewise. Returns the bytes moved from `a` to
@@ -93,8 +93,8 @@ pub async fn splice_one_way(source: Source<'_>, sink: Sink<'_>, unread: &[u8]) -
     Ok(total)
 }
 
-/// The splice loop of one direction; falls back to [`copy_buffered`]
-/// when the kernel cannot splice these descriptors.
+/// Runs the splice loop of one direction, and falls back to
+/// [`copy_buffered`] when the kernel cannot splice these descriptors.
 async fn splice_through(
     source: Source<'_>,
     sink: Sink<'_>,
@@ -281,7 +281,7 @@ mod sys {
 
     use super::PIPE_BYTES;
 
-    /// Makes a non-blocking pipe and asks for [`PIPE_BYTES`] of capacity.
+    /// Makes a non-blocking pipe and requests [`PIPE_BYTES`] of capacity.
     pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
         let size = i32::try_from(PIPE_BYTES).unwrap_or(i32::MAX);

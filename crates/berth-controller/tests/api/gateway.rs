@@ -301,20 +301,9 @@ async fn shell_forwards_once_to_holder() {
     let bob = a.user("bob", false).await;
     let error = a.client(&bob).connect_ssh(&uuid).await.unwrap_err();
     assert_eq!(error.status().map(|s| s.as_u16()), Some(404), "{error}");
-    supervisor.abort();
-}
 
-#[tokio::test]
-async fn plain_shell_connection_is_a_socket() {
-    let database = TestDatabase::new().await;
-    let a = Controller::start(database.url(), |_| {}).await;
-    let b = Controller::start(database.url(), |_| {}).await;
-    let alice = a.user("plain-alice", false).await;
-    let (uuid, secret) = a.running_container(&alice).await;
-    let supervisor = fake_supervisor(vec![dial_config(&b, &uuid, &secret, "sup-plain")]);
-    wait_for_tunnel(&b, &uuid).await;
-
-    // The socket of an http:// controller, forwarded by A to B.
+    // The same shell on a plain socket of the client's own, as
+    // `berth ssh-proxy` opens it; a rejection is the same API error.
     let connection = a
         .client(&alice)
         .connect_ssh_plain(&uuid)
@@ -322,13 +311,13 @@ async fn plain_shell_connection_is_a_socket() {
         .unwrap()
         .expect("an http:// controller gives a plain socket");
     assert!(connection.unread.is_empty(), "{:?}", connection.unread);
-    let data = pattern(7, 4 << 20);
     let echoed = round_trip(connection.socket, &data).await;
     assert_eq!(echoed.len(), data.len());
     assert!(echoed == data, "the echo through the plain socket differs");
-
-    // A rejection is the same API error as connect_ssh's.
-    let bob = a.user("plain-bob", false).await;
+    assert_eq!(
+        metric(&a.metrics().await, "berth_gateway_spliced_sessions_total"),
+        2
+    );
     let error = a.client(&bob).connect_ssh_plain(&uuid).await.unwrap_err();
     assert_eq!(error.status().map(|s| s.as_u16()), Some(404), "{error}");
     supervisor.abort();
