@@ -43,7 +43,7 @@ use url::Url;
 
 pub use credentials::{CredentialsError, JobCredentials};
 pub use reqwest::{StatusCode, Upgraded};
-pub use shell::SSH_UPGRADE;
+pub use shell::{PlainShellConnection, SSH_UPGRADE};
 
 /// Time allowed for an ordinary API call.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -840,10 +840,24 @@ async fn check_status(
     let retry_after = response
         .headers()
         .get(reqwest::header::RETRY_AFTER)
+        .cloned();
+    let body = response.bytes().await.unwrap_or_default();
+    Err(api_error(method, url, status, retry_after.as_ref(), &body))
+}
+
+/// Builds the error of a response with status `status`: its message is
+/// the `errors` of an Arvados error body, joined, or else the body's text.
+fn api_error(
+    method: Method,
+    url: Url,
+    status: StatusCode,
+    retry_after: Option<&reqwest::header::HeaderValue>,
+    body: &[u8],
+) -> ClientError {
+    let retry_after = retry_after
         .and_then(|value| value.to_str().ok())
         .and_then(berth_core::time::retry_after_now);
-    let body = response.bytes().await.unwrap_or_default();
-    let message = serde_json::from_slice::<Value>(&body)
+    let message = serde_json::from_slice::<Value>(body)
         .ok()
         .and_then(|v| {
             v.get("errors").and_then(|e| e.as_array()).map(|errors| {
@@ -858,14 +872,14 @@ async fn check_status(
                     .join("; ")
             })
         })
-        .unwrap_or_else(|| String::from_utf8_lossy(&body).trim().to_string());
-    Err(ClientError::Api {
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_string());
+    ClientError::Api {
         method,
         url: url.to_string(),
         status,
         message,
         retry_after,
-    })
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@
 //!   again with the tunnels open.
 //!
 //! Usage:
-//! `gateway_bench stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...]`
+//! `gateway_bench stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...]
+//!  [--ways holder,forwarded]` (the direct connection always runs, as the
+//!  baseline)
 //! `gateway_bench tunnels --url URL --system-token-file FILE
 //!  --user-token-file FILE --controller-pid PID [--count N] [--requests N]`
 
@@ -72,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("stream") => stream_bench(&parse_stream_args(&args[1..])?).await,
         Some("tunnels") => tunnels_bench(parse_tunnels_args(&args[1..])?).await,
-        _ => bail!("give a mode: `stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...]` or `tunnels --url URL --system-token-file FILE --user-token-file FILE --controller-pid PID [--count N] [--requests N]`"),
+        _ => bail!("give a mode: `stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...] [--ways holder,forwarded]` or `tunnels --url URL --system-token-file FILE --user-token-file FILE --controller-pid PID [--count N] [--requests N]`"),
     }
 }
 
@@ -91,6 +93,10 @@ struct StreamArgs {
     rounds: usize,
     /// `shell_copy_buffer_bytes` of each pair of controllers.
     copy_buffers: Vec<usize>,
+    /// Run the ways through the holder alone.
+    holder: bool,
+    /// Run the ways through controller 1 and the holder.
+    forwarded: bool,
 }
 
 fn parse_stream_args(args: &[String]) -> anyhow::Result<StreamArgs> {
@@ -98,6 +104,8 @@ fn parse_stream_args(args: &[String]) -> anyhow::Result<StreamArgs> {
         size_mib: 1024,
         rounds: 3,
         copy_buffers: vec![8 << 10, 64 << 10],
+        holder: true,
+        forwarded: true,
     };
     let mut words = args.iter();
     while let Some(word) = words.next() {
@@ -115,7 +123,19 @@ fn parse_stream_args(args: &[String]) -> anyhow::Result<StreamArgs> {
                     })
                     .collect::<anyhow::Result<_>>()?;
             }
-            other => bail!("unknown argument {other:?} of `stream`: use [--size-mib N] [--rounds N] [--copy-buffers BYTES,...]"),
+            "--ways" => {
+                let list = words.next().context("--ways needs a list: holder, forwarded or both")?;
+                parsed.holder = false;
+                parsed.forwarded = false;
+                for way in list.split(',') {
+                    match way.trim() {
+                        "holder" => parsed.holder = true,
+                        "forwarded" => parsed.forwarded = true,
+                        other => bail!("invalid way {other:?} in --ways {list:?}: use holder, forwarded or both, separated by commas"),
+                    }
+                }
+            }
+            other => bail!("unknown argument {other:?} of `stream`: use [--size-mib N] [--rounds N] [--copy-buffers BYTES,...] [--ways holder,forwarded]"),
         }
     }
     Ok(parsed)
@@ -556,16 +576,20 @@ async fn stream_bench(args: &StreamArgs) -> anyhow::Result<()> {
         uuid: None,
     }];
     for pair in &pairs {
-        ways.push(Way {
-            label: format!("{}: client -> holder -> tunnel", pair.name),
-            client: Some(user_client(&pair.holder, &user_token)?),
-            uuid: Some(pair.uuid.clone()),
-        });
-        ways.push(Way {
-            label: format!("{}: client -> controller 1 -> holder -> tunnel", pair.name),
-            client: Some(user_client(&pair.forwarder, &user_token)?),
-            uuid: Some(pair.uuid.clone()),
-        });
+        if args.holder {
+            ways.push(Way {
+                label: format!("{}: client -> holder -> tunnel", pair.name),
+                client: Some(user_client(&pair.holder, &user_token)?),
+                uuid: Some(pair.uuid.clone()),
+            });
+        }
+        if args.forwarded {
+            ways.push(Way {
+                label: format!("{}: client -> controller 1 -> holder -> tunnel", pair.name),
+                client: Some(user_client(&pair.forwarder, &user_token)?),
+                uuid: Some(pair.uuid.clone()),
+            });
+        }
     }
 
     let bytes = (args.size_mib as u64) * 1024 * 1024;

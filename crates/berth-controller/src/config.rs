@@ -37,12 +37,15 @@ pub mod defaults {
     /// Seconds between refreshes of this controller's tunnel leases. A
     /// lease not refreshed for three intervals is stale.
     pub const TUNNEL_HEARTBEAT_SECONDS: u64 = 5;
-    /// Buffer of each direction of a shell session's copy loop: 8 KiB,
-    /// tokio's default. In `scripts/bench/run-gateway.sh`, 64 KiB buffers
-    /// sped up a bulk stream through the holder of the tunnel, but not
-    /// one forwarded through a second controller (docs/BENCHMARKS.md,
-    /// "Gateway").
-    pub const SHELL_COPY_BUFFER_BYTES: usize = 8 << 10;
+    /// Largest read from a shell's client on the holder of the tunnel,
+    /// and the buffer of each direction of the buffered copy: 64 KiB. In
+    /// `gateway_bench stream --ways forwarded` (under `perf stat`, on a
+    /// 2-CPU VM), 1 GiB each way through two controllers took about 8 %
+    /// less CPU time with 64 KiB than with 8 KiB, and 256 KiB saved 1 %
+    /// more (docs/BENCHMARKS.md, "Gateway"). It stays below glibc's
+    /// initial mmap threshold of 128 KiB, so each read's buffer comes
+    /// from the heap.
+    pub const SHELL_COPY_BUFFER_BYTES: usize = 64 << 10;
 
     /// Directory of the local block store.
     pub const BLOCK_DIRECTORY: &str = "/var/lib/berth/blocks";
@@ -189,8 +192,12 @@ pub struct Config {
     /// Default 5.
     #[serde(default = "defaults::tunnel_heartbeat_seconds")]
     pub tunnel_heartbeat_seconds: u64,
-    /// Bytes of the buffer that each direction of a shell session copies
-    /// through, 1 KiB to 16 MiB. Each session has two. Default 8192.
+    /// Bytes of a shell session's buffers, 1 KiB to 16 MiB. On the
+    /// holder of the tunnel each read from the client takes up to this
+    /// many bytes, and an open session keeps one such buffer: 64 KiB per
+    /// session by default, 64 MiB for the default 1,000 sessions. A
+    /// forwarding controller needs none when splice(2) joins the two
+    /// sockets, and two with TLS on either side. Default 65536.
     #[serde(default = "defaults::shell_copy_buffer_bytes")]
     pub shell_copy_buffer_bytes: usize,
     /// The block store of collection data and the signing of its

@@ -32,6 +32,8 @@
 //! - `server`: the dial side's HTTP/2 server and its task;
 //! - `client`: the accept side's HTTP/2 client and its task;
 //! - `stream`: the byte-stream adapter over one HTTP/2 stream;
+//! - `splice`: joining TCP sockets and pipes with splice(2), for the
+//!   controllers' forwards and `berth ssh-proxy`;
 //! - `keepalive`: the PING loop of each end;
 //! - `backoff` and `maintain`: the dial side's reconnect loop.
 
@@ -46,6 +48,7 @@ mod keepalive;
 mod maintain;
 mod protocol;
 mod server;
+pub mod splice;
 mod stream;
 
 pub use backoff::{Backoff, FailureClass};
@@ -60,4 +63,4 @@ pub use protocol::{
     SUPERVISOR_ID_HEADER, UPGRADE_PROTOCOL,
 };
 pub use server::{serve, IncomingStream, MoveSignal, TunnelServer};
-pub use stream::TunnelStream;
+pub use stream::{copy_bidirectional_stream, TunnelStream};

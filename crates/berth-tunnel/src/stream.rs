@@ -15,9 +15,9 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Largest write queued at once; a larger buffer is taken in parts.
 const MAX_WRITE: usize = 1024 * 1024;
@@ -117,26 +117,10 @@ impl AsyncWrite for TunnelStream {
             )));
         }
         let send = &mut this.halves()?.send;
-        send.reserve_capacity(buf.len().min(MAX_WRITE));
-        loop {
-            let capacity = send.capacity();
-            if capacity > 0 {
-                let n = capacity.min(buf.len());
-                send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    .map_err(h2_to_io)?;
-                return Poll::Ready(Ok(n));
-            }
-            match ready!(send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(error)) => return Poll::Ready(Err(h2_to_io(error))),
-                None => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "the tunnel stream was closed by its peer",
-                    )))
-                }
-            }
-        }
+        let n = ready!(poll_send_capacity(send, cx, buf.len()))?;
+        send.send_data(Bytes::copy_from_slice(&buf[..n]), false)
+            .map_err(h2_to_io)?;
+        Poll::Ready(Ok(n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -148,13 +132,129 @@ impl AsyncWrite for TunnelStream {
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.write_closed {
-            let send = &mut this.halves()?.send;
-            send.reserve_capacity(0);
-            send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+            end_stream(&mut this.halves()?.send)?;
             this.write_closed = true;
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// Waits for send capacity after requesting `requested` bytes of it (at
+/// most [`MAX_WRITE`]). Returns how many bytes may be queued now, at
+/// least 1.
+fn poll_send_capacity(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+    requested: usize,
+) -> Poll<io::Result<usize>> {
+    send.reserve_capacity(requested.min(MAX_WRITE));
+    loop {
+        let capacity = send.capacity();
+        if capacity > 0 {
+            return Poll::Ready(Ok(capacity.min(requested)));
+        }
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => return Poll::Ready(Err(h2_to_io(error))),
+            None => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "the tunnel stream was closed by its peer",
+                )))
+            }
+        }
+    }
+}
+
+/// Sends END_STREAM, the half-close of the stream's sending side.
+fn end_stream(send: &mut SendStream<Bytes>) -> io::Result<()> {
+    send.reserve_capacity(0);
+    send.send_data(Bytes::new(), true).map_err(h2_to_io)
+}
+
+/// Copies bytes both ways between `peer` and `stream` until both
+/// directions have ended, like `tokio::io::copy_bidirectional`: the end
+/// of file of one side half-closes the other (END_STREAM towards the
+/// tunnel, a write shutdown towards `peer`). Returns the bytes copied from
+/// `peer` and from `stream`, and fails on the first error of either
+/// direction.
+///
+/// Unlike a copy through `AsyncRead` and `AsyncWrite`, no byte is copied
+/// in user space. A read from `peer` takes up to `read_bytes` into a
+/// buffer that becomes the DATA frames' payload as it is. Each DATA
+/// frame's payload is written to `peer` as it arrived, up to the tunnel's
+/// maximum frame size at once, and its flow-control capacity is released
+/// once it is written.
+pub async fn copy_bidirectional_stream<P>(
+    peer: &mut P,
+    stream: &mut TunnelStream,
+    read_bytes: usize,
+) -> io::Result<(u64, u64)>
+where
+    P: AsyncRead + AsyncWrite + Unpin,
+{
+    let TunnelStream {
+        halves,
+        unread,
+        read_closed,
+        write_closed,
+    } = stream;
+    let Halves { send, recv } = halves.as_mut().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotConnected, "tunnel stream already dropped")
+    })?;
+    let (mut peer_read, mut peer_write) = tokio::io::split(peer);
+
+    let upload = async {
+        let mut total = 0_u64;
+        if !*write_closed {
+            let mut buffer = BytesMut::new();
+            loop {
+                buffer.reserve(read_bytes);
+                if peer_read.read_buf(&mut buffer).await? == 0 {
+                    break;
+                }
+                let mut data = buffer.split().freeze();
+                total += data.len() as u64;
+                while !data.is_empty() {
+                    let n =
+                        std::future::poll_fn(|cx| poll_send_capacity(send, cx, data.len())).await?;
+                    send.send_data(data.split_to(n), false).map_err(h2_to_io)?;
+                }
+            }
+            end_stream(send)?;
+            *write_closed = true;
+        }
+        Ok::<_, io::Error>(total)
+    };
+
+    let download = async {
+        let mut total = 0_u64;
+        let mut data = std::mem::take(unread);
+        loop {
+            if !data.is_empty() {
+                peer_write.write_all(&data).await?;
+                total += data.len() as u64;
+                // An error here means the stream is already reset; the
+                // next poll reports that.
+                let _ = recv.flow_control().release_capacity(data.len());
+            }
+            if *read_closed {
+                break;
+            }
+            data = match recv.data().await {
+                Some(Ok(data)) => data,
+                Some(Err(error)) => return Err(h2_to_io(error)),
+                None => {
+                    *read_closed = true;
+                    Bytes::new()
+                }
+            };
+        }
+        peer_write.shutdown().await?;
+        Ok(total)
+    };
+
+    tokio::try_join!(upload, download)
 }
 
 impl Drop for TunnelStream {

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use berth_tunnel::{
-    dial, maintain, StreamKind, StreamRequest, TunnelClient, TunnelError, TunnelServer,
-    TunnelState, TunnelStream,
+    copy_bidirectional_stream, dial, maintain, StreamKind, StreamRequest, TunnelClient,
+    TunnelError, TunnelServer, TunnelState, TunnelStream,
 };
 use common::{
     dial_config, echo, fast_keepalive, pattern, read_all, serve_echo, write_and_close, Relay,
@@ -17,6 +17,7 @@ use common::{
 };
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -152,6 +153,119 @@ async fn half_close_keeps_other_direction() {
     let received = read_all(&mut theirs).await;
     assert_eq!(received.len(), data.len());
     assert!(received == data, "bytes written before the drop differ");
+}
+
+/// A client's socket joined to a tunnel stream by
+/// `copy_bidirectional_stream`, as the holder of a tunnel joins a shell.
+struct JoinedStream {
+    /// The client's end of the socket.
+    socket: TcpStream,
+    /// The supervisor's end of the stream.
+    theirs: TunnelStream,
+    copy: tokio::task::JoinHandle<std::io::Result<(u64, u64)>>,
+}
+
+async fn join_stream(client: &TunnelClient, server: &mut TunnelServer) -> JoinedStream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ours, theirs) = open_pair(client, server, StreamKind::Ssh).await;
+    let (socket, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let mut joined = accepted.unwrap().0;
+    let copy = tokio::spawn(async move {
+        let mut ours = ours;
+        copy_bidirectional_stream(&mut joined, &mut ours, 8 * 1024).await
+    });
+    JoinedStream {
+        socket: socket.unwrap(),
+        theirs,
+        copy,
+    }
+}
+
+#[tokio::test]
+async fn stream_copy_to_socket_is_byte_exact() {
+    let mut controller = TestController::start().await;
+    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
+    let client = controller.next_tunnel().await;
+
+    // Each side half-closes in turn: first the client, then the
+    // supervisor, who replies after its end of file.
+    for client_first in [true, false] {
+        let JoinedStream {
+            mut socket,
+            mut theirs,
+            copy,
+        } = join_stream(&client, &mut server).await;
+        let upload = pattern(21, 6 << 20);
+        let download = pattern(22, 5 << 20);
+        let (by_supervisor, by_client) = tokio::time::timeout(LIMIT, async {
+            if client_first {
+                write_and_close(&mut socket, &upload).await;
+                let by_supervisor = read_all(&mut theirs).await;
+                write_and_close(&mut theirs, &download).await;
+                (by_supervisor, read_all(&mut socket).await)
+            } else {
+                write_and_close(&mut theirs, &download).await;
+                let by_client = read_all(&mut socket).await;
+                write_and_close(&mut socket, &upload).await;
+                (read_all(&mut theirs).await, by_client)
+            }
+        })
+        .await
+        .expect("the copy did not finish");
+
+        assert_eq!(
+            by_supervisor.len(),
+            upload.len(),
+            "client first: {client_first}"
+        );
+        assert!(
+            by_supervisor == upload,
+            "the bytes to the supervisor differ"
+        );
+        assert_eq!(
+            by_client.len(),
+            download.len(),
+            "client first: {client_first}"
+        );
+        assert!(by_client == download, "the bytes to the client differ");
+        let counts = tokio::time::timeout(LIMIT, copy).await.unwrap().unwrap();
+        assert_eq!(
+            counts.unwrap(),
+            (upload.len() as u64, download.len() as u64)
+        );
+    }
+}
+
+#[tokio::test]
+async fn stream_copy_ends_when_socket_resets() {
+    let mut controller = TestController::start().await;
+    let mut server = dial(&dial_config(controller.addr, SECRET)).await.unwrap();
+    let client = controller.next_tunnel().await;
+    let JoinedStream {
+        socket,
+        mut theirs,
+        copy,
+    } = join_stream(&client, &mut server).await;
+
+    // The client leaves with bytes unread, which resets its connection.
+    theirs.write_all(&pattern(23, 1 << 20)).await.unwrap();
+    socket.readable().await.unwrap();
+    drop(socket);
+
+    let result = tokio::time::timeout(LIMIT, copy)
+        .await
+        .expect("the copy did not end after the client left")
+        .expect("the copy panicked");
+    assert!(result.is_err(), "a reset client must fail the copy");
+    // The copy dropped the stream without END_STREAM, so the supervisor
+    // sees a reset, not a clean end.
+    let mut rest = Vec::new();
+    let error = tokio::time::timeout(LIMIT, theirs.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
 }
 
 #[tokio::test]

@@ -294,7 +294,7 @@ async fn forward(
         Ok(Ok(upgraded)) => {
             gateway.metrics().count_forward();
             tracing::info!(container = %uuid, holder, "forwarded a shell request to the tunnel's controller");
-            Ok(SessionPeer::Forward(hyper_util::rt::TokioIo::new(upgraded)))
+            Ok(SessionPeer::Forward(upgraded))
         }
         Ok(Err(ForwardError::Rejected {
             status,

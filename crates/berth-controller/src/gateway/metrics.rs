@@ -13,6 +13,7 @@ pub struct GatewayMetrics {
     tunnels_replaced: AtomicU64,
     streams_opened: AtomicU64,
     forwards: AtomicU64,
+    spliced: AtomicU64,
     sessions_open: AtomicU64,
     failures: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -32,6 +33,10 @@ impl GatewayMetrics {
 
     pub(crate) fn count_forward(&self) {
         self.forwards.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_spliced(&self) {
+        self.spliced.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn session_started(&self) {
@@ -57,6 +62,12 @@ impl GatewayMetrics {
     /// same container replaced.
     pub fn replaced(&self) -> u64 {
         self.tunnels_replaced.load(Ordering::Relaxed)
+    }
+
+    /// Returns the number of forwarded shell sessions that splice(2)
+    /// carried.
+    pub fn spliced_sessions(&self) -> u64 {
+        self.spliced.load(Ordering::Relaxed)
     }
 
     /// Returns the count of failures of kind `reason`.
@@ -107,6 +118,12 @@ impl GatewayMetrics {
                 "counter",
                 "Shell requests forwarded to the controller that holds the tunnel.",
                 self.forwards.load(Ordering::Relaxed),
+            ),
+            (
+                "berth_gateway_spliced_sessions_total",
+                "counter",
+                "Forwarded shell sessions whose bytes splice(2) moves between two plain TCP sockets.",
+                self.spliced.load(Ordering::Relaxed),
             ),
         ];
         for (name, kind, help, value) in series {

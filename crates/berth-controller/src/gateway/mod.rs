@@ -13,7 +13,8 @@
 //! A shell session is a task ([`Gateway::spawn_session`]) that copies
 //! bytes both ways between the client's upgraded connection and its peer:
 //! a stream of a tunnel held here, or an upgraded connection to the
-//! controller that holds the tunnel.
+//! controller that holds the tunnel. Between two plain TCP sockets (a
+//! forward without TLS) splice(2) moves the bytes inside the kernel.
 //!
 //! Drain ([`Gateway::drain`]): new tunnels get 503, every tunnel is asked
 //! to move (the supervisor dials a new one, which lands on another
@@ -21,6 +22,7 @@
 //! closed. Last, this controller's leases are released.
 
 mod forward;
+mod join;
 mod metrics;
 
 use std::collections::HashMap;
@@ -64,7 +66,8 @@ pub struct GatewaySettings {
     /// False when `controller.shell_access` turns shells off.
     pub shell_access: bool,
     pub heartbeat: Duration,
-    /// Bytes of each direction's buffer in a shell session's copy loop.
+    /// Largest read from a shell's client on the holder, and the size of
+    /// each direction's buffer when a forward is copied through buffers.
     pub copy_buffer_bytes: usize,
     /// The time open sessions and moved tunnels get at shutdown.
     pub grace_period: Duration,
@@ -114,7 +117,7 @@ pub(crate) enum SessionPeer {
     /// A stream of a tunnel this controller holds.
     Stream(berth_tunnel::TunnelStream),
     /// An upgraded connection to the controller that holds the tunnel.
-    Forward(TokioIo<hyper::upgrade::Upgraded>),
+    Forward(hyper::upgrade::Upgraded),
 }
 
 impl Gateway {
@@ -352,11 +355,15 @@ impl Gateway {
         peer: SessionPeer,
     ) -> std::io::Result<(u64, u64)> {
         let upgraded = on_upgrade.await.map_err(std::io::Error::other)?;
-        let mut client = TokioIo::new(upgraded);
         let buffer = self.settings.copy_buffer_bytes;
         match peer {
-            SessionPeer::Stream(mut stream) => splice(&mut client, &mut stream, buffer).await,
-            SessionPeer::Forward(mut forward) => splice(&mut client, &mut forward, buffer).await,
+            SessionPeer::Stream(mut stream) => {
+                let mut client = TokioIo::new(upgraded);
+                berth_tunnel::copy_bidirectional_stream(&mut client, &mut stream, buffer).await
+            }
+            SessionPeer::Forward(forward) => {
+                join::join_upgraded(upgraded, forward, buffer, &self.metrics).await
+            }
         }
     }
 
@@ -460,7 +467,7 @@ impl Gateway {
 /// the other direction goes on. Each direction reads into a buffer of
 /// `buffer_bytes`, so a write into a tunnel stream is at most that large.
 /// Returns the bytes copied from `client` and from `peer`.
-async fn splice<A, B>(
+async fn copy_both_ways<A, B>(
     client: &mut A,
     peer: &mut B,
     buffer_bytes: usize,

@@ -7,11 +7,14 @@
 
 use std::time::{Duration, Instant};
 
+use berth_client::{Client, Settings, Token};
 use berth_controller::limits::Pool;
+use berth_controller::{tls, Config};
 use berth_tunnel::{dial, TunnelError};
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use url::Url;
 
 use crate::common::gateway::{
     dial_config, fake_supervisor, metric, pattern, round_trip, wait_for_tunnel, wait_until,
@@ -258,6 +261,11 @@ async fn shell_forwards_once_to_holder() {
         1
     );
     assert_eq!(
+        metric(&a.metrics().await, "berth_gateway_spliced_sessions_total"),
+        1,
+        "the forward between two plain TCP sockets must use splice(2)"
+    );
+    assert_eq!(
         metric(&b.metrics().await, "berth_gateway_streams_opened_total"),
         1
     );
@@ -293,7 +301,76 @@ async fn shell_forwards_once_to_holder() {
     let bob = a.user("bob", false).await;
     let error = a.client(&bob).connect_ssh(&uuid).await.unwrap_err();
     assert_eq!(error.status().map(|s| s.as_u16()), Some(404), "{error}");
+
+    // The same shell on a plain socket of the client's own, as
+    // `berth ssh-proxy` opens it; a rejection is the same API error.
+    let connection = a
+        .client(&alice)
+        .connect_ssh_plain(&uuid)
+        .await
+        .unwrap()
+        .expect("an http:// controller gives a plain socket");
+    assert!(connection.unread.is_empty(), "{:?}", connection.unread);
+    let echoed = round_trip(connection.socket, &data).await;
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data, "the echo through the plain socket differs");
+    assert_eq!(
+        metric(&a.metrics().await, "berth_gateway_spliced_sessions_total"),
+        2
+    );
+    let error = a.client(&bob).connect_ssh_plain(&uuid).await.unwrap_err();
+    assert_eq!(error.status().map(|s| s.as_u16()), Some(404), "{error}");
     supervisor.abort();
+}
+
+#[tokio::test]
+async fn shell_forward_over_tls_is_copied() {
+    let database = TestDatabase::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (certificate, key) = crate::tls::write_pair(dir.path());
+    let with_tls = |config: &mut Config| {
+        config.tls_certificate = Some(certificate.clone());
+        config.tls_key = Some(key.clone());
+    };
+    let trusting = |config: &mut Config| config.internal_ca_file = Some(certificate.clone());
+
+    // The client reaches A over TLS, and A the holder B over plain TCP;
+    // then the client reaches A over plain TCP, and A reaches B over TLS.
+    for (case, a_tls) in [(1, true), (2, false)] {
+        let (a, b) = if a_tls {
+            let a = Controller::start(database.url(), with_tls).await;
+            (a, Controller::start(database.url(), |_| {}).await)
+        } else {
+            let a = Controller::start(database.url(), trusting).await;
+            (a, Controller::start(database.url(), with_tls).await)
+        };
+        let plain = if a_tls { &b } else { &a };
+        let user = plain.user(&format!("tls-user-{case}"), false).await;
+        let (uuid, secret) = plain.running_container(&user).await;
+        let mut dial = dial_config(&b, &uuid, &secret, &format!("sup-tls-{case}"));
+        dial.tls = Some(tls::forward_client_config(Some(&certificate)).unwrap());
+        let supervisor = fake_supervisor(vec![dial]);
+        wait_for_tunnel(&b, &uuid).await;
+
+        let client = Client::new(Settings {
+            base_url: Url::parse(&a.url).unwrap(),
+            token: Token::new(&user),
+            insecure: true,
+        })
+        .unwrap();
+        let plain = client.connect_ssh_plain(&uuid).await.unwrap();
+        assert_eq!(plain.is_some(), !a_tls, "case {case}: plain socket");
+        drop(plain);
+        let stream = client.connect_ssh(&uuid).await.unwrap();
+        let data = pattern(case, 3 << 20);
+        let echoed = round_trip(stream, &data).await;
+        assert_eq!(echoed.len(), data.len(), "case {case}");
+        assert!(echoed == data, "case {case}: the echo through TLS differs");
+        let metrics = a.state.gateway().metrics();
+        assert_eq!(metrics.failures("forward_rejected"), 0, "case {case}");
+        assert_eq!(metrics.spliced_sessions(), 0, "case {case}");
+        supervisor.abort();
+    }
 }
 
 #[tokio::test]

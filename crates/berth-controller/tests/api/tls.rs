@@ -18,7 +18,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Writes a self-signed pair for 127.0.0.1 and localhost; returns the
 /// certificate's and the key's paths.
-fn write_pair(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn write_pair(dir: &Path) -> (PathBuf, PathBuf) {
     let pair = tls::self_signed(&["127.0.0.1", "localhost"], "berth test").unwrap();
     let certificate = dir.join("cert.pem");
     let key = dir.join("key.pem");

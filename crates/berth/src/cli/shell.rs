@@ -176,7 +176,8 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
         update_known_hosts(path, host, host_key)?;
     }
 
-    let connection = connect(&api, &container.uuid)
+    let stdio_pipes = stdio_are_pipes();
+    let connection = connect(&api, &container.uuid, stdio_pipes)
         .await
         .map_err(|err| api.explain(err))
         .with_context(|| {
@@ -185,26 +186,10 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
                 container.uuid
             )
         })?;
-    let (from_gateway, mut to_gateway) = tokio::io::split(connection);
-    let mut upload = tokio::spawn(async move {
-        let mut stdin = BufReader::with_capacity(PROXY_BUFFER_BYTES, tokio::io::stdin());
-        let copied = tokio::io::copy_buf(&mut stdin, &mut to_gateway).await;
-        // The end of stdin ends the stream towards the gateway; the
-        // gateway's answer still comes back.
-        let _ = to_gateway.shutdown().await;
-        copied
-    });
-    let mut stdout = tokio::io::stdout();
-    let mut from_gateway = BufReader::with_capacity(PROXY_BUFFER_BYTES, from_gateway);
-    let downloaded = tokio::io::copy_buf(&mut from_gateway, &mut stdout).await;
-    let _ = stdout.flush().await;
-    // When ssh ends a session, it closes this program's stdin (the copy
-    // then ends without error) or ends it with SIGHUP. A connection that
-    // the controller closes first was cut while ssh still used it, which
-    // ssh reports only as a closed connection.
-    let stdin_ended = tokio::time::timeout(SSH_EXIT_WAIT, &mut upload).await;
-    let ssh_done = matches!(stdin_ended, Ok(Ok(Ok(_))));
-    upload.abort();
+    let (ssh_done, downloaded) = match connection {
+        Connection::Plain(plain) => splice_stdio(plain).await?,
+        Connection::Upgraded(upgraded) => copy_stdio(upgraded).await,
+    };
     if !ssh_done {
         eprintln!(
             "berth ssh-proxy: the shell connection to container {} closed before ssh ended it: \
@@ -219,13 +204,131 @@ pub async fn execute_proxy(args: SshProxyArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Opens the shell connection. A busy controller, or a gateway whose
-/// tunnel is not connected yet, responds with 503 and `Retry-After`: that wait
-/// is honoured, with a note on stderr, for up to [`CONNECT_PATIENCE`].
-async fn connect(api: &Api, uuid: &str) -> Result<berth_client::Upgraded, ClientError> {
+/// The shell connection of `ssh-proxy`.
+enum Connection {
+    /// A plain TCP socket (an `http://` controller), whose bytes move to
+    /// and from stdin and stdout with splice(2).
+    Plain(berth_client::PlainShellConnection),
+    /// Any other connection, copied through buffers.
+    Upgraded(berth_client::Upgraded),
+}
+
+/// True when stdin and stdout are pipes, as ssh gives a `ProxyCommand`,
+/// and stderr is not the pipe of stdout. The splice path puts stdin and
+/// stdout in non-blocking mode, which a write to stderr through the same
+/// pipe would not expect.
+fn stdio_are_pipes() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    let metadata = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map(File::from)
+            .and_then(|file| file.metadata())
+            .ok()
+    };
+    let (Some(stdin), Some(stdout)) = (
+        metadata(std::io::stdin().as_fd()),
+        metadata(std::io::stdout().as_fd()),
+    ) else {
+        return false;
+    };
+    let stderr_shares_stdout = metadata(std::io::stderr().as_fd())
+        .is_some_and(|stderr| (stderr.dev(), stderr.ino()) == (stdout.dev(), stdout.ino()));
+    stdin.file_type().is_fifo() && stdout.file_type().is_fifo() && !stderr_shares_stdout
+}
+
+/// Moves the bytes between stdin and stdout and the socket with
+/// splice(2) until the connection ends; see [`finish_stdio`] for the
+/// result.
+async fn splice_stdio(
+    plain: berth_client::PlainShellConnection,
+) -> anyhow::Result<(bool, std::io::Result<u64>)> {
+    use berth_tunnel::splice::{splice_one_way, Sink, Source};
+    use std::os::fd::AsFd;
+    use tokio::net::unix::pipe;
+
+    let duplicate = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+    let stdin = pipe::Receiver::from_owned_fd(duplicate(std::io::stdin().as_fd())?)
+        .context("failed to use stdin as a pipe")?;
+    let stdout = pipe::Sender::from_owned_fd(duplicate(std::io::stdout().as_fd())?)
+        .context("failed to use stdout as a pipe")?;
+    let socket = &plain.socket;
+    let upload = splice_one_way(Source::Pipe(&stdin), Sink::Tcp(socket), b"");
+    let download = splice_one_way(Source::Tcp(socket), Sink::Pipe(&stdout), &plain.unread);
+    let result = finish_stdio(upload, download).await;
+    // Back to blocking mode, which the rest of the process and ssh's
+    // other users of these pipes expect.
+    let _ = stdin.into_blocking_fd();
+    let _ = stdout.into_blocking_fd();
+    Ok(result)
+}
+
+/// Copies the bytes between stdin and stdout and the connection through
+/// buffers until the connection ends; see [`finish_stdio`] for the result.
+async fn copy_stdio(connection: berth_client::Upgraded) -> (bool, std::io::Result<u64>) {
+    let (mut from_gateway, mut to_gateway) = tokio::io::split(connection);
+    let upload = async move {
+        let mut stdin = BufReader::with_capacity(PROXY_BUFFER_BYTES, tokio::io::stdin());
+        let copied = tokio::io::copy_buf(&mut stdin, &mut to_gateway).await;
+        // The end of stdin ends the stream towards the gateway; the
+        // gateway's answer still comes back.
+        let _ = to_gateway.shutdown().await;
+        copied
+    };
+    let download = async move {
+        let mut stdout = tokio::io::stdout();
+        let mut from_gateway = BufReader::with_capacity(PROXY_BUFFER_BYTES, &mut from_gateway);
+        let copied = tokio::io::copy_buf(&mut from_gateway, &mut stdout).await;
+        let _ = stdout.flush().await;
+        copied
+    };
+    finish_stdio(upload, download).await
+}
+
+/// Runs the two directions of `ssh-proxy` until the download from the
+/// gateway ends, and then gives the upload [`SSH_EXIT_WAIT`] to end.
+/// Returns whether ssh ended the session, and the download's result.
+///
+/// When ssh ends a session, it closes this program's stdin (the upload
+/// then ends without error) or ends it with SIGHUP. A connection that
+/// the controller closes first was cut while ssh still used it, which
+/// ssh reports only as a closed connection.
+async fn finish_stdio(
+    upload: impl std::future::Future<Output = std::io::Result<u64>>,
+    download: impl std::future::Future<Output = std::io::Result<u64>>,
+) -> (bool, std::io::Result<u64>) {
+    tokio::pin!(upload, download);
+    let mut uploaded = None;
+    let downloaded = loop {
+        tokio::select! {
+            result = &mut download => break result,
+            result = &mut upload, if uploaded.is_none() => uploaded = Some(result),
+        }
+    };
+    if uploaded.is_none() {
+        uploaded = tokio::time::timeout(SSH_EXIT_WAIT, &mut upload).await.ok();
+    }
+    (matches!(uploaded, Some(Ok(_))), downloaded)
+}
+
+/// Opens the shell connection, on a plain socket of its own when `plain`
+/// and the controller's URL allow it. A busy controller, or a gateway
+/// whose tunnel is not connected yet, responds with 503 and
+/// `Retry-After`: that wait is honoured, with a note on stderr, for up to
+/// [`CONNECT_PATIENCE`].
+async fn connect(api: &Api, uuid: &str, plain: bool) -> Result<Connection, ClientError> {
     let started = std::time::Instant::now();
     loop {
-        match api.client.connect_ssh(uuid).await {
+        let attempt = async {
+            if plain {
+                if let Some(connection) = api.client.connect_ssh_plain(uuid).await? {
+                    return Ok(Connection::Plain(connection));
+                }
+            }
+            api.client.connect_ssh(uuid).await.map(Connection::Upgraded)
+        };
+        match attempt.await {
             Err(err) if err.status() == Some(berth_client::StatusCode::SERVICE_UNAVAILABLE) => {
                 let Some(wait) = err.retry_after() else {
                     return Err(err);
