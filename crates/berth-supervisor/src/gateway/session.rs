@@ -3,7 +3,8 @@
 //! carried over the channel.
 //!
 //! The session task starts the exec, then copies the exec's output to the
-//! channel (stderr as extended data) while an input task writes the
+//! channel (stderr as extended data, chunks that are ready at once joined
+//! into one message) while an input task writes the
 //! client's data to the exec's stdin, closes it on the client's EOF and
 //! resizes the terminal. When the output ends, the exit status goes to
 //! the client (`exit-status`, or `exit-signal`), then EOF and close. A
