@@ -4,12 +4,12 @@
 //!
 //! The session task starts the exec, then copies the exec's output to the
 //! channel (stderr as extended data, chunks that are ready at once joined
-//! into one message) while an input task writes the
-//! client's data to the exec's stdin, closes it on the client's EOF and
-//! resizes the terminal. When the output ends, the exit status goes to
-//! the client (`exit-status`, or `exit-signal`), then EOF and close. A
-//! failure to start is written to the channel's stderr with status 255,
-//! the status OpenSSH's client reports for its own errors.
+//! into one message) while an input task writes the client's data to the
+//! exec's stdin, closes it on the client's EOF and resizes the terminal.
+//! When the output ends, the exit status goes to the client
+//! (`exit-status`, or `exit-signal`), then EOF and close. A failure to
+//! start is written to the channel's stderr with status 255, the status
+//! OpenSSH's client reports for its own errors.
 
 use std::pin::Pin;
 
