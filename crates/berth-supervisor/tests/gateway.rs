@@ -187,6 +187,14 @@ impl Served {
         run_client("ssh", &args).await
     }
 
+    /// Runs `ssh user@gateway -- command` with `input` as its stdin.
+    async fn ssh_with_input(&self, user: &str, command: &[&str], input: Vec<u8>) -> Output {
+        let mut args = self.ssh_args(user, self.known_hosts.path());
+        args.push("--".to_string());
+        args.extend(command.iter().map(|arg| arg.to_string()));
+        run_client_with_input("ssh", &args, Some(input)).await
+    }
+
     /// Runs `scp -s` (the SFTP protocol) from `source` to `destination`,
     /// where a remote path is written `:PATH` and stands for
     /// `user@gateway:PATH`.
@@ -262,14 +270,40 @@ impl Served {
 /// Runs an OpenSSH client program with stdin from /dev/null, for at
 /// most 60 s.
 async fn run_client(program: &str, args: &[String]) -> Output {
-    let run = tokio::process::Command::new(program)
+    run_client_with_input(program, args, None).await
+}
+
+/// Runs an OpenSSH client program for at most 60 s, with `input` written
+/// to its stdin and then closed, or with stdin from /dev/null for `None`.
+async fn run_client_with_input(program: &str, args: &[String], input: Option<Vec<u8>>) -> Output {
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    let mut child = tokio::process::Command::new(program)
         .args(args)
-        .stdin(Stdio::null())
-        .output();
-    tokio::time::timeout(Duration::from_secs(60), run)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|error| panic!("failed to run {program}: {error}"));
+    let writer = child.stdin.take().zip(input).map(|(mut stdin, input)| {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // A client that exits early closes the pipe; its status
+            // reports why.
+            let _ = stdin.write_all(&input).await;
+        })
+    });
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("{program} did not finish within 60 s"))
-        .unwrap_or_else(|error| panic!("failed to run {program}: {error}"))
+        .unwrap_or_else(|error| panic!("failed to run {program}: {error}"));
+    if let Some(writer) = writer {
+        writer.abort();
+    }
+    output
 }
 
 fn shell_quote(arg: &str) -> String {
@@ -358,6 +392,47 @@ async fn check_sessions(served: &Served) {
         "{log:?}"
     );
     assert!(!log.iter().any(|line| line.contains(CONTAINER_OS_RELEASE)));
+}
+
+/// Bytes of the bulk transfer check: many pipe buffers and many SSH
+/// channel windows (OpenSSH's client grants 2 MiB), so reads, packets and
+/// window adjustments all repeat.
+const BULK_BYTES: usize = 24 << 20;
+
+/// Checks that a session moves a large stream byte-exact both ways: the
+/// client's data into the container through stdin, then the same bytes
+/// back on stdout and stderr at once.
+async fn check_bulk_transfer(served: &Served) {
+    let mut data = vec![0u8; BULK_BYTES];
+    rand::thread_rng().fill_bytes(&mut data);
+    let digest = hex::encode(Sha256::digest(&data));
+
+    let output = served
+        .ssh_with_input(
+            "root",
+            &["cat > /tmp/bulk && sha256sum /tmp/bulk"],
+            data.clone(),
+        )
+        .await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        stdout.split_whitespace().next(),
+        Some(digest.as_str()),
+        "{stdout}"
+    );
+
+    let output = served
+        .ssh("root", &["cat /tmp/bulk & cat /tmp/bulk >&2; wait"])
+        .await;
+    assert_eq!(output.status.code(), Some(0));
+    let digest_of = |bytes: &[u8]| hex::encode(Sha256::digest(bytes));
+    assert_eq!(output.stdout.len(), BULK_BYTES);
+    assert_eq!(digest_of(&output.stdout), digest);
+    assert_eq!(output.stderr.len(), BULK_BYTES);
+    assert_eq!(digest_of(&output.stderr), digest);
+    let output = served.ssh("root", &["rm", "/tmp/bulk"]).await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
 }
 
 /// Checks `ssh -L` to the web server on the container's loopback
@@ -684,6 +759,7 @@ async fn gateway_sessions_run_in_podman_container() {
 
     let served = serve(runtime.clone(), &id, &uuid).await;
     check_sessions(&served).await;
+    check_bulk_transfer(&served).await;
     check_forwarding(&served).await;
     check_wrong_host_key(&served).await;
     runtime.remove(&id).await.unwrap();
@@ -734,6 +810,7 @@ async fn gateway_sessions_run_in_crun_container() {
 
     let served = serve(crun.runtime.clone(), &crun.id, &uuid).await;
     check_sessions(&served).await;
+    check_bulk_transfer(&served).await;
     check_forwarding(&served).await;
     crun.runtime.remove(&crun.id).await.unwrap();
 }

@@ -3,15 +3,19 @@
 //! carried over the channel.
 //!
 //! The session task starts the exec, then copies the exec's output to the
-//! channel (stderr as extended data) while an input task writes the
-//! client's data to the exec's stdin, closes it on the client's EOF and
-//! resizes the terminal. When the output ends, the exit status goes to
-//! the client (`exit-status`, or `exit-signal`), then EOF and close. A
-//! failure to start is written to the channel's stderr with status 255,
-//! the status OpenSSH's client reports for its own errors.
+//! channel (stderr as extended data, chunks that are ready at once joined
+//! into one message) while an input task writes the client's data to the
+//! exec's stdin, closes it on the client's EOF and resizes the terminal.
+//! When the output ends, the exit status goes to the client
+//! (`exit-status`, or `exit-signal`), then EOF and close. A failure to
+//! start is written to the channel's stderr with status 255, the status
+//! OpenSSH's client reports for its own errors.
 
-use bytes::Bytes;
-use futures::StreamExt;
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::Peekable;
+use futures::{FutureExt, StreamExt};
 use russh::server::Handle;
 use russh::{ChannelId, Sig};
 use tokio::io::AsyncWriteExt;
@@ -20,7 +24,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use super::user::{find_user, LoginUser};
 use super::Gateway;
 use crate::runtime::exec::{ExecControl, ExecExit, ExecSpec, TerminalSize};
-use crate::runtime::StdStream;
+use crate::runtime::{OutputChunk, OutputStream, StdStream};
 
 /// The extended data type of stderr (RFC 4254, section 5.2).
 const SSH_EXTENDED_DATA_STDERR: u32 = 1;
@@ -30,6 +34,11 @@ const MAX_PASSWD_BYTES: u64 = 4 << 20;
 
 /// The exit status sent when the session could not start.
 const START_FAILED_STATUS: u32 = 255;
+
+/// Max output bytes joined into one message to the SSH session. The
+/// session splits a message into packets of at most the client's maximum
+/// packet size (32 KiB for OpenSSH).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Input from the client to a running session.
 #[derive(Debug)]
@@ -151,21 +160,29 @@ async fn start_and_copy(
         .map_err(|error| error.to_string())?;
 
     let control = process.control.clone();
-    let mut stdin = process.stdin;
+    let mut stdin = Some(process.stdin);
     let input_control = control.clone();
     let input_task = tokio::spawn(async move {
         while let Some(message) = input.recv().await {
             match message {
                 ChannelInput::Data(data) => {
-                    if stdin.write_all(&data).await.is_err() {
+                    // Data after the client's EOF has nowhere to go.
+                    let Some(writer) = stdin.as_mut() else {
+                        continue;
+                    };
+                    if writer.write_all(&data).await.is_err() {
                         // The process closed its stdin; later data has
                         // nowhere to go.
                         break;
                     }
-                    let _ = stdin.flush().await;
+                    let _ = writer.flush().await;
                 }
                 ChannelInput::Eof => {
-                    let _ = stdin.shutdown().await;
+                    // Shutting down half-closes a socket (Docker's exec),
+                    // but a pipe (crun's exec) closes only when dropped.
+                    if let Some(mut writer) = stdin.take() {
+                        let _ = writer.shutdown().await;
+                    }
                 }
                 ChannelInput::Resize(size) => resize(input_control.as_ref(), size).await,
             }
@@ -173,11 +190,11 @@ async fn start_and_copy(
     });
 
     let channel = request.channel;
-    let mut output = process.output;
+    let mut output = process.output.peekable();
     let mut client_gone = false;
     while let Some(chunk) = output.next().await {
         let chunk = match chunk {
-            Ok(chunk) => chunk,
+            Ok(chunk) => join_ready(chunk, &mut output),
             Err(error) => {
                 gateway.inner.log.warn(format!(
                     "failed to read the output of an SSH session: {error}"
@@ -210,6 +227,43 @@ async fn start_and_copy(
         .await
         .map(Some)
         .map_err(|error| error.to_string())
+}
+
+/// Appends to `chunk` the chunks of the same stream that `output` has
+/// ready now, up to [`MAX_MESSAGE_BYTES`] in all. Fewer, larger messages
+/// to the SSH session mean fewer, larger SSH packets and tunnel writes
+/// when the runtime delivers small reads (8 KiB frames from Podman's exec
+/// API, 4 KiB terminal reads). It never waits for more output.
+fn join_ready(chunk: OutputChunk, output: &mut Peekable<OutputStream>) -> OutputChunk {
+    let stream = chunk.stream;
+    let mut joined: Option<BytesMut> = None;
+    let mut length = chunk.data.len();
+    loop {
+        let next = Pin::new(&mut *output)
+            .next_if(|item| {
+                matches!(item, Ok(next) if next.stream == stream
+                    && length + next.data.len() <= MAX_MESSAGE_BYTES)
+            })
+            .now_or_never();
+        let Some(Some(Ok(next))) = next else {
+            break;
+        };
+        length += next.data.len();
+        joined
+            .get_or_insert_with(|| {
+                let mut buffer = BytesMut::with_capacity(MAX_MESSAGE_BYTES);
+                buffer.extend_from_slice(&chunk.data);
+                buffer
+            })
+            .extend_from_slice(&next.data);
+    }
+    match joined {
+        Some(buffer) => OutputChunk {
+            stream,
+            data: buffer.freeze(),
+        },
+        None => chunk,
+    }
 }
 
 async fn resize(control: &dyn ExecControl, size: TerminalSize) {
@@ -248,5 +302,95 @@ fn exec_spec(gateway: &Gateway, request: &SessionRequest, user: &LoginUser) -> E
         env,
         working_dir: target.working_dir.clone(),
         terminal: request.terminal.as_ref().map(|(_, size)| *size),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RuntimeError;
+
+    fn chunk(stream: StdStream, data: &[u8]) -> Result<OutputChunk, RuntimeError> {
+        Ok(OutputChunk {
+            stream,
+            data: Bytes::copy_from_slice(data),
+        })
+    }
+
+    /// Runs `join_ready` over `items` until the stream ends and returns
+    /// the chunks it produced.
+    fn join_all(items: Vec<Result<OutputChunk, RuntimeError>>) -> Vec<OutputChunk> {
+        let mut output = futures::stream::iter(items).boxed().peekable();
+        let mut joined = Vec::new();
+        while let Some(Some(item)) = output.next().now_or_never() {
+            joined.push(join_ready(item.unwrap(), &mut output));
+        }
+        joined
+    }
+
+    #[test]
+    fn join_ready_keeps_streams_apart_and_in_order() {
+        let joined = join_all(vec![
+            chunk(StdStream::Stdout, b"a"),
+            chunk(StdStream::Stdout, b"b"),
+            chunk(StdStream::Stderr, b"c"),
+            chunk(StdStream::Stdout, b"d"),
+            chunk(StdStream::Stdout, b"e"),
+        ]);
+        let expected = vec![
+            (StdStream::Stdout, &b"ab"[..]),
+            (StdStream::Stderr, &b"c"[..]),
+            (StdStream::Stdout, &b"de"[..]),
+        ];
+        let joined: Vec<_> = joined
+            .iter()
+            .map(|chunk| (chunk.stream, &chunk.data[..]))
+            .collect();
+        assert_eq!(joined, expected);
+    }
+
+    #[test]
+    fn join_ready_stops_at_the_message_limit() {
+        let part = vec![7u8; MAX_MESSAGE_BYTES / 2 + 1];
+        let joined = join_all(vec![
+            chunk(StdStream::Stdout, &part),
+            chunk(StdStream::Stdout, &part),
+            chunk(StdStream::Stdout, b"x"),
+        ]);
+        let lengths: Vec<usize> = joined.iter().map(|chunk| chunk.data.len()).collect();
+        assert_eq!(lengths, vec![part.len(), part.len() + 1]);
+    }
+
+    #[test]
+    fn join_ready_leaves_errors_unread() {
+        let mut output = futures::stream::iter(vec![
+            chunk(StdStream::Stdout, b"a"),
+            chunk(StdStream::Stdout, b"b"),
+            Err(RuntimeError::NotRunning {
+                container: "c".to_string(),
+            }),
+        ])
+        .boxed()
+        .peekable();
+        let first = output.next().now_or_never().flatten().unwrap().unwrap();
+        let joined = join_ready(first, &mut output);
+        assert_eq!(&joined.data[..], b"ab");
+        let next = output.next().now_or_never().flatten();
+        assert!(
+            matches!(next, Some(Err(RuntimeError::NotRunning { .. }))),
+            "{next:?}"
+        );
+    }
+
+    #[test]
+    fn join_ready_never_waits_for_more_output() {
+        let pending = futures::stream::pending::<Result<OutputChunk, RuntimeError>>();
+        let mut output = pending.boxed().peekable();
+        let first = OutputChunk {
+            stream: StdStream::Stdout,
+            data: Bytes::from_static(b"only"),
+        };
+        let joined = join_ready(first, &mut output);
+        assert_eq!(&joined.data[..], b"only");
     }
 }

@@ -56,6 +56,11 @@ const IMAGE_INSPECT_ATTEMPTS: u32 = 3;
 /// Pause between those attempts.
 const IMAGE_INSPECT_PAUSE: Duration = Duration::from_millis(500);
 
+/// Time between two inspections of a container while [`Runtime::wait`]
+/// waits for its exit: the longest the wait takes to see an exit that
+/// the engine's own wait missed.
+const EXIT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Time allowed for calls that last as long as the container or the image
 /// transfer: no practical limit, because the caller bounds them itself.
 const UNBOUNDED_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -449,21 +454,40 @@ impl Runtime for DockerRuntime {
             .map_err(|error| request_error("start container", &id.0, error))
     }
 
+    /// Waits with the `next-exit` condition, which Podman 4 serves from its
+    /// event stream. For `not-running`, Podman 4.3's compatible API checks
+    /// the container's state in a loop with a 1 ns pause, and its service
+    /// then used about one CPU for as long as the container ran.
+    /// The engine may register the wait only after the container has
+    /// exited, so the container is also inspected every
+    /// [`EXIT_CHECK_INTERVAL`] until one of the two reports the exit.
     async fn wait(&self, id: &ContainerId) -> Result<i64, RuntimeError> {
         let options = WaitContainerOptions {
-            condition: "not-running",
+            condition: "next-exit",
         };
-        let mut responses = self.unbounded.wait_container(&id.0, Some(options));
-        match responses.next().await {
-            Some(Ok(response)) => Ok(response.status_code),
-            // bollard reports a non-zero exit status as an error.
-            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(error)) => Err(request_error("wait for container", &id.0, error)),
-            None => Err(RuntimeError::Request {
-                action: "wait for container",
-                target: id.0.clone(),
-                source: "the runtime ended the wait without an exit status".into(),
-            }),
+        let mut next_exit = self.unbounded.wait_container(&id.0, Some(options));
+        let mut checks = tokio::time::interval(EXIT_CHECK_INTERVAL);
+        let mut check_failed = false;
+        loop {
+            tokio::select! {
+                response = next_exit.next() => return wait_response(response, id),
+                _ = checks.tick() => match self.container_state(id).await {
+                    Ok(state) => {
+                        if let Some(code) = state.as_ref().and_then(exit_code) {
+                            return Ok(code);
+                        }
+                    }
+                    // The engine's wait still reports the exit, so a
+                    // failed check only delays a missed one.
+                    Err(error) if !check_failed => {
+                        check_failed = true;
+                        tracing::warn!(container = %id.0, error = %error,
+                            "failed to inspect a container while waiting for its exit; \
+                             the engine's wait still reports it");
+                    }
+                    Err(_) => {}
+                },
+            }
         }
     }
 
@@ -656,6 +680,41 @@ pub(super) fn output_chunk(
     }
 }
 
+/// Returns the exit code of a wait response, or the error of a wait that
+/// ended without one.
+fn wait_response(
+    response: Option<Result<bollard::models::ContainerWaitResponse, DockerError>>,
+    id: &ContainerId,
+) -> Result<i64, RuntimeError> {
+    match response {
+        Some(Ok(response)) => Ok(response.status_code),
+        // bollard reports a non-zero exit status as an error.
+        Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Ok(code),
+        Some(Err(error)) => Err(request_error("wait for container", &id.0, error)),
+        None => Err(RuntimeError::Request {
+            action: "wait for container",
+            target: id.0.clone(),
+            source: "the runtime ended the wait without an exit status".into(),
+        }),
+    }
+}
+
+/// Returns the exit code of a container that has run and exited, or
+/// `None` while it runs. A container that is created but not started yet
+/// has not exited either.
+fn exit_code(state: &ContainerState) -> Option<i64> {
+    use bollard::models::ContainerStateStatusEnum as Status;
+
+    let ended = matches!(
+        state.status,
+        Some(Status::EXITED | Status::DEAD | Status::REMOVING)
+    );
+    if !ended || state.running == Some(true) {
+        return None;
+    }
+    Some(state.exit_code.unwrap_or(0))
+}
+
 /// True for a 5xx response of the engine.
 fn is_server_error(error: &DockerError) -> bool {
     matches!(
@@ -719,6 +778,28 @@ mod tests {
         assert!(is_server_error(&response(503)));
         assert!(!is_server_error(&response(404)));
         assert!(!is_server_error(&response(409)));
+    }
+
+    #[test]
+    fn exit_code_only_of_an_ended_container() {
+        use bollard::models::ContainerStateStatusEnum as Status;
+
+        let state = |status, running, exit_code| ContainerState {
+            status: Some(status),
+            running: Some(running),
+            exit_code,
+            ..Default::default()
+        };
+        assert_eq!(
+            exit_code(&state(Status::EXITED, false, Some(137))),
+            Some(137)
+        );
+        assert_eq!(exit_code(&state(Status::DEAD, false, Some(1))), Some(1));
+        assert_eq!(exit_code(&state(Status::EXITED, false, None)), Some(0));
+        assert_eq!(exit_code(&state(Status::RUNNING, true, Some(0))), None);
+        assert_eq!(exit_code(&state(Status::PAUSED, true, Some(0))), None);
+        assert_eq!(exit_code(&state(Status::CREATED, false, Some(0))), None);
+        assert_eq!(exit_code(&ContainerState::default()), None);
     }
 
     fn spec(network: Network) -> ContainerSpec {
