@@ -37,6 +37,9 @@
 #   BERTH_BENCH_RUNTIME the supervisor's runtime: docker (Podman's API, whose
 #                       exec copies every byte) or oci (crun exec, with
 #                       pipes to the supervisor)                      [docker]
+#   BERTH_BENCH_PODMAN_COMMAND  supervisor.podman_command: the Podman command
+#                       line for execs without a terminal on Podman, or
+#                       null for Podman's exec API               [podman]
 #   BERTH_TEST_IMAGE_ARCHIVE  `docker save` archive of the image, for oci
 #                             [/var/lib/berth/test-image/busybox.tar]
 # Needs python3, OpenSSH's client, Podman's API socket with the test image
@@ -57,6 +60,7 @@ ROUNDS=${2:-3}
 : "${BERTH_PODMAN_SOCK:=$BERTH_RUN_DIR/podman.sock}"
 : "${BERTH_TEST_IMAGE:=localhost/busybox:latest}"
 : "${BERTH_BENCH_RUNTIME:=docker}"
+: "${BERTH_BENCH_PODMAN_COMMAND:=podman}"
 : "${BERTH_TEST_IMAGE_ARCHIVE:=$BERTH_STATE_DIR/test-image/busybox.tar}"
 require_root "$@"
 case "$BERTH_BENCH_RUNTIME" in
@@ -79,10 +83,11 @@ command -v ssh >/dev/null || die "ssh not found: install openssh-client"
 bench_build "$BERTH_BENCH_BIN"
 bench_start_controller "$BERTH_BENCH_BIN" berth-shell-bench
 bench_write_config "$work/dispatch.yml" local false 1 300
+# The supervisor section's keys follow its first line.
 if [ "$BERTH_BENCH_RUNTIME" = oci ]; then
-  # The supervisor section's keys follow its first line.
   sed -i "/^supervisor:/a\\  runtime: oci\\n  image_archive_dirs: [$(dirname "$BERTH_TEST_IMAGE_ARCHIVE")]" "$work/dispatch.yml"
 fi
+sed -i "/^supervisor:/a\\  podman_command: $BERTH_BENCH_PODMAN_COMMAND" "$work/dispatch.yml"
 
 dispatcher_pid=""
 sshd_pid=""
