@@ -7,17 +7,17 @@
 //! with the container's capabilities, seccomp profile and labels, so the
 //! process is the one the API would have started.
 //!
-//! The command line is used only when the engine's socket is a Unix
-//! socket, the server names itself Podman, the command is found, it
-//! finds the container under the same ID (a service with another storage
-//! root, or another user's, would not), and the container's root
-//! filesystem is mounted in the supervisor's mount namespace. That is checked once per
+//! The command line is used only when these hold. The engine's socket is
+//! a Unix socket, and the server names itself Podman. The command finds
+//! the container under the same ID: a service with another storage root,
+//! or another user's, would not. The container's root filesystem is
+//! mounted in the supervisor's mount namespace. They are checked once per
 //! container. Otherwise, and for every exec with a terminal (whose
 //! resizing goes through the API), the API runs the exec.
 //!
 //! The environment goes in an `--env-file` of mode 0600, never in the
-//! argv; an exec whose environment has a value with a line break, which
-//! that file cannot hold, goes through the API. `podman` itself runs with
+//! argv. That file cannot hold a value with a line break, so an exec
+//! whose environment has one goes through the API. `podman` itself runs with
 //! an empty environment besides the variables that locate its own
 //! configuration, so nothing of the supervisor's environment reaches it.
 
