@@ -16,8 +16,9 @@
 //!
 //! [`KernelLog::open`] opens `/dev/kmsg` at its end before the container
 //! starts, and [`KernelLog::read_oom_kills`] reads what was logged since
-//! then once it has exited. The kernel serialises its out-of-memory
-//! reports, so a `memory:` line belongs to the next `oom-kill:` line.
+//! then once it has exited. The kernel prints one out-of-memory report at
+//! a time (under its `oom_lock` mutex), so a `memory:` line belongs to
+//! the next `oom-kill:` line.
 //! Reading `/dev/kmsg` needs `CAP_SYSLOG` where `kernel.dmesg_restrict` is
 //! 1; without it the other signs of [`crate::stats`] remain.
 
@@ -188,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn scanner_counts_a_kill_in_the_containers_cgroup_with_its_use() {
+    fn scanner_counts_container_kill_and_use() {
         let records = kill_records(&format!("/libpod_parent/libpod-{ID}"), 65536);
         let report = scan(&records, ID);
         assert_eq!(report.kills, 1);
@@ -224,7 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn scanner_counts_a_kill_without_a_usage_line() {
+    fn scanner_counts_kill_without_usage() {
         let records = vec![format!(
             "6,1,1,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/docker/{ID},task=a,pid=1,uid=0"
         )];

@@ -905,7 +905,7 @@ mod tests {
     }
 
     #[test]
-    fn detection_finds_a_kernel_log_kill_without_any_reading() {
+    fn detection_uses_kernel_log_kill() {
         let kernel = KernelOomReport {
             kills: 1,
             usage: Some(LIMIT),

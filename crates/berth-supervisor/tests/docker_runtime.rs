@@ -375,7 +375,7 @@ async fn podman_cli_exec_matches_the_api() {
     .await;
     assert_eq!(stdout, b"one\ntwo\n");
     assert_eq!(exit, ExecExit::Status(0));
-    // A program that is not there fails as it does through the API.
+    // A program that is not there exits with 127, as in a shell.
     let (_, stderr, exit) = exec_collect(&cli, &id, &["/no/such/program"], &[], b"").await;
     assert_eq!(
         exit,

@@ -259,7 +259,7 @@ async fn stream_copy_ends_when_socket_resets() {
         .expect("the copy panicked");
     assert!(result.is_err(), "a reset client must fail the copy");
     // The copy dropped the stream without END_STREAM, so the supervisor
-    // sees a reset, not a clean end.
+    // receives a reset, not a clean end.
     let mut rest = Vec::new();
     let error = tokio::time::timeout(LIMIT, theirs.read_to_end(&mut rest))
         .await

@@ -40,8 +40,8 @@ use super::{ContainerId, OutputChunk, OutputStream, RuntimeError, StdStream};
 /// How long the runtime may take to send an exec's terminal.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bytes read at once from an exec's stdout or stderr pipe: a pipe holds
-/// 64 KiB, so this empties a full one in one read.
+/// Bytes read at once from an exec's stdout or stderr pipe: a pipe's default
+/// capacity is 64 KiB, so this empties a full one in one read.
 const PIPE_READ_BYTES: usize = 64 * 1024;
 
 /// Maximum bytes of the runtime's error output kept for an error message.

@@ -272,7 +272,7 @@ async fn copy_stdio(connection: berth_client::Upgraded) -> (bool, std::io::Resul
         let mut stdin = BufReader::with_capacity(PROXY_BUFFER_BYTES, tokio::io::stdin());
         let copied = tokio::io::copy_buf(&mut stdin, &mut to_gateway).await;
         // The end of stdin ends the stream towards the gateway; the
-        // gateway's answer still comes back.
+        // gateway's output still comes back.
         let _ = to_gateway.shutdown().await;
         copied
     };
