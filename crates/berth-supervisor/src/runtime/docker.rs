@@ -61,6 +61,11 @@ const IMAGE_INSPECT_PAUSE: Duration = Duration::from_millis(500);
 /// the engine's own wait missed.
 const EXIT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Inspections that must show a negative exit code before the
+/// wait takes it: the engine's own wait normally reports the real code
+/// first.
+const UNKNOWN_EXIT_CHECKS: u32 = 10;
+
 /// Time allowed for calls that last as long as the container or the image
 /// transfer: no practical limit, because the caller bounds them itself.
 const UNBOUNDED_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -468,15 +473,21 @@ impl Runtime for DockerRuntime {
         let mut next_exit = self.unbounded.wait_container(&id.0, Some(options));
         let mut checks = tokio::time::interval(EXIT_CHECK_INTERVAL);
         let mut check_failed = false;
+        let mut unknown_codes = 0;
         loop {
             tokio::select! {
                 response = next_exit.next() => return wait_response(response, id),
                 _ = checks.tick() => match self.container_state(id).await {
-                    Ok(state) => {
-                        if let Some(code) = state.as_ref().and_then(exit_code) {
-                            return Ok(code);
+                    Ok(state) => match state.as_ref().and_then(exit_code) {
+                        // Podman can show an exited container with exit
+                        // code -1 until it has read conmon's exit file, so
+                        // a negative code is taken only once it stays.
+                        Some(code) if code < 0 && unknown_codes < UNKNOWN_EXIT_CHECKS => {
+                            unknown_codes += 1;
                         }
-                    }
+                        Some(code) => return Ok(code),
+                        None => {}
+                    },
                     // The engine's wait still reports the exit, so a
                     // failed check only delays a missed one.
                     Err(error) if !check_failed => {
