@@ -479,9 +479,9 @@ impl Runtime for DockerRuntime {
                 response = next_exit.next() => return wait_response(response, id),
                 _ = checks.tick() => match self.container_state(id).await {
                     Ok(state) => match state.as_ref().and_then(exit_code) {
-                        // Podman can show an exited container with exit
-                        // code -1 until it has read conmon's exit file, so
-                        // a negative code is taken only once it stays.
+                        // A test run saw Podman show an exited container
+                        // with exit code -1, probably before it had read
+                        // conmon's exit file, so a negative code must stay.
                         Some(code) if code < 0 && unknown_codes < UNKNOWN_EXIT_CHECKS => {
                             unknown_codes += 1;
                         }
