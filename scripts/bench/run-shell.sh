@@ -9,8 +9,8 @@
 #   berth shell UUID -- cat /tmp/bench-data  >/dev/null
 # which runs the system ssh with `berth ssh-proxy` as its ProxyCommand:
 # ssh -> ssh-proxy -> controller -> tunnel -> gateway (russh) -> the exec
-# (`podman exec` on Podman, `crun exec` with the oci runtime) -> the
-# container's `cat`.
+# (`crun exec` run by the supervisor, on Podman and with the oci runtime)
+# -> the container's `cat`.
 # The baseline: a temporary sshd on a free loopback port, with its own
 # configuration, host key and authorized key in the scratch directory,
 # and `ssh -p PORT root@127.0.0.1 cat WORK/bench-data >/dev/null` of a
@@ -34,12 +34,14 @@
 #   BERTH_BENCH_BIN     berth binary        [target/release/berth, built when a source changed]
 #   BERTH_PODMAN_SOCK   Podman API socket                [/run/berth/podman.sock]
 #   BERTH_TEST_IMAGE    image to run                  [localhost/busybox:latest]
-#   BERTH_BENCH_RUNTIME the supervisor's runtime: docker (Podman's API, whose
-#                       exec copies every byte) or oci (crun exec, with
-#                       pipes to the supervisor)                      [docker]
+#   BERTH_BENCH_RUNTIME the supervisor's runtime: docker (a container of
+#                       Podman's API, execs as BERTH_BENCH_PODMAN_COMMAND
+#                       says) or oci (the supervisor's own crun
+#                       container)                                  [docker]
 #   BERTH_BENCH_PODMAN_COMMAND  supervisor.podman_command: the Podman command
-#                       line for execs without a terminal on Podman, or
-#                       null for Podman's exec API               [podman]
+#                       line that finds the exec route on Podman (crun
+#                       directly, else `podman exec`), or null for
+#                       Podman's exec API                         [podman]
 #   BERTH_TEST_IMAGE_ARCHIVE  `docker save` archive of the image, for oci
 #                             [/var/lib/berth/test-image/busybox.tar]
 # Needs python3, OpenSSH's client, Podman's API socket with the test image

@@ -79,14 +79,26 @@ pub struct Config {
     /// then `unix:///var/run/docker.sock`.
     pub docker_host: Option<String>,
     /// Podman's command line, a name looked up on `PATH` or an absolute
-    /// path, for the gateway's execs without a terminal (`berth shell UUID
-    /// -- COMMAND`, `ssh ... COMMAND`) when the `docker` runtime's engine
-    /// is Podman behind a Unix socket on this node. Podman 4.3's exec API
-    /// moved 260 to 300 MiB/s in a test, and `podman exec` 550. It is used only
-    /// for a container that `podman container inspect` finds under the
-    /// same ID; otherwise, and for execs with a terminal, the API runs the
-    /// exec. `null` keeps every exec on the API. Default `podman`.
+    /// path, with which the gateway's execs (`berth shell UUID`, `ssh ...
+    /// COMMAND`) go around Podman's slow exec API when the `docker`
+    /// runtime's engine is Podman behind a Unix socket on this node. Once
+    /// `podman container inspect` finds the container under the same ID,
+    /// its execs run through Podman's OCI runtime directly (see
+    /// `podman_runtime_exec`), or else, without a terminal, through
+    /// `podman exec`. Podman 4.3's exec API moved 260 to 300 MiB/s in a
+    /// test, and `podman exec` 550. `null` keeps every exec on the API.
+    /// Default `podman`.
     pub podman_command: Option<PathBuf>,
+    /// Whether the gateway's execs in a Podman container run through
+    /// Podman's OCI runtime, with or without a terminal, as the `oci`
+    /// runtime runs its own. That is `crun exec` with the container's own
+    /// process settings, and neither Podman's service, nor conmon, nor
+    /// `podman exec` is on the path. Used only when Podman names crun as the container's runtime
+    /// and `crun state`, in crun's default state directory for the
+    /// supervisor's user, shows the container running with Podman's PID;
+    /// so in practice for a supervisor that runs as the same user as
+    /// Podman. Needs `podman_command`. Default true.
+    pub podman_runtime_exec: bool,
     /// Grace period between the polite stop signal (the image's stop
     /// signal, normally SIGTERM) and SIGKILL when a container is stopped.
     /// Default 10 s.
@@ -242,6 +254,7 @@ impl Default for Config {
             image_cache_dir: PathBuf::from(DEFAULT_IMAGE_CACHE_DIR),
             docker_host: None,
             podman_command: Some(PathBuf::from("podman")),
+            podman_runtime_exec: true,
             stop_timeout: Duration::from_secs(10),
             network_mode: None,
             image_archive_dirs: vec![PathBuf::from(DEFAULT_IMAGE_ARCHIVE_DIR)],

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use berth_supervisor::archive::ImageArchive;
 use berth_supervisor::kernel_log::KernelLog;
 use berth_supervisor::mounts::plan_mounts;
+use berth_supervisor::runtime::docker::ExecRoute;
 use berth_supervisor::runtime::exec::{ExecExit, ExecSpec, ExecUser};
 use berth_supervisor::runtime::{
     ContainerId, ContainerSpec, ImageSource, Runtime, RuntimeError, StdStream,
@@ -308,41 +309,48 @@ async fn exec_collect(
     (stdout, stderr, exit)
 }
 
-/// On Podman, an exec without a terminal runs through `podman exec`: the
-/// same user, working directory, environment, stdio and exit status as
-/// through the API, and a stdin of several MiB comes back byte for byte.
+/// On Podman, execs go around the exec API: through crun itself, or
+/// without that route through `podman exec`. Each gives the same user,
+/// working directory, environment, stdio and exit status as the API, and
+/// a stdin of several MiB comes back byte for byte.
 #[tokio::test]
-async fn podman_cli_exec_matches_the_api() {
-    if skip("podman_cli_exec_matches_the_api") {
+async fn podman_exec_routes_match_the_api() {
+    if skip("podman_exec_routes_match_the_api") {
         return;
     }
     let api = runtime().await;
     let version = api.server_version().await.unwrap();
     if !version.starts_with("Podman") {
-        println!("podman_cli_exec_matches_the_api: skipped ({version} is not Podman)");
+        println!("podman_exec_routes_match_the_api: skipped ({version} is not Podman)");
         return;
     }
-    let cli = runtime()
-        .await
-        .with_podman_command(Some(PathBuf::from("podman")));
+    let podman = || {
+        api.clone()
+            .with_podman_command(Some(PathBuf::from("podman")))
+    };
+    let direct = podman();
+    let cli = podman().with_podman_runtime_exec(false);
     let uuid = new_uuid();
     let _cleanup = Cleanup::new(&uuid);
     let id = api.create(&spec(&uuid, &["sleep", "600"])).await.unwrap();
     let _output = api.attach(&id).await.unwrap();
     api.start(&id).await.unwrap();
-    assert!(
-        cli.execs_use_podman_cli(&id).await,
-        "podman sees the container"
+    assert_eq!(direct.exec_route(&id).await, ExecRoute::OciRuntime);
+    assert_eq!(cli.exec_route(&id).await, ExecRoute::PodmanCommand);
+    assert_eq!(
+        api.exec_route(&id).await,
+        ExecRoute::EngineApi,
+        "no command, no CLI"
     );
-    assert!(!api.execs_use_podman_cli(&id).await, "no command, no CLI");
 
     let script = "id -u; pwd; printf '%s|%s\\n' \"$SPACED\" \"$EQ\"; echo to-stderr >&2; exit 7";
     let env = ["SPACED= two words ", "EQ=a=b"];
     let mut outcomes = Vec::new();
-    for runtime in [&cli, &api] {
+    for runtime in [&direct, &cli, &api] {
         outcomes.push(exec_collect(runtime, &id, &["sh", "-c", script], &env, b"").await);
     }
-    assert_eq!(outcomes[0], outcomes[1], "podman exec and the API agree");
+    assert_eq!(outcomes[0], outcomes[2], "crun and the API agree");
+    assert_eq!(outcomes[1], outcomes[2], "podman exec and the API agree");
     let (stdout, stderr, exit) = &outcomes[0];
     assert_eq!(
         String::from_utf8_lossy(stdout),
@@ -355,34 +363,41 @@ async fn podman_cli_exec_matches_the_api() {
     let input: Vec<u8> = (0..8u32 << 20)
         .map(|index| (index.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let (stdout, stderr, exit) = exec_collect(&cli, &id, &["cat"], &[], &input).await;
-    assert!(
-        stdout == input,
-        "cat returned {} bytes, not the same",
-        stdout.len()
-    );
-    assert!(stderr.is_empty(), "{}", String::from_utf8_lossy(&stderr));
-    assert_eq!(exit, ExecExit::Status(0));
+    for runtime in [&direct, &cli] {
+        let (stdout, stderr, exit) = exec_collect(runtime, &id, &["cat"], &[], &input).await;
+        assert!(
+            stdout == input,
+            "cat returned {} bytes, not the same",
+            stdout.len()
+        );
+        assert!(stderr.is_empty(), "{}", String::from_utf8_lossy(&stderr));
+        assert_eq!(exit, ExecExit::Status(0));
+    }
 
-    // A value with a line break cannot go in the env file: the API runs it.
-    let (stdout, _, exit) = exec_collect(
-        &cli,
-        &id,
-        &["sh", "-c", "echo \"$LINES\""],
-        &["LINES=one\ntwo"],
-        b"",
-    )
-    .await;
-    assert_eq!(stdout, b"one\ntwo\n");
-    assert_eq!(exit, ExecExit::Status(0));
+    // A value with a line break cannot go in podman's env file, so the
+    // API runs it; crun takes it in its process file.
+    for runtime in [&direct, &cli] {
+        let (stdout, _, exit) = exec_collect(
+            runtime,
+            &id,
+            &["sh", "-c", "echo \"$LINES\""],
+            &["LINES=one\ntwo"],
+            b"",
+        )
+        .await;
+        assert_eq!(stdout, b"one\ntwo\n");
+        assert_eq!(exit, ExecExit::Status(0));
+    }
     // A program that is not there exits with 127, as in a shell.
-    let (_, stderr, exit) = exec_collect(&cli, &id, &["/no/such/program"], &[], b"").await;
-    assert_eq!(
-        exit,
-        ExecExit::Status(127),
-        "{}",
-        String::from_utf8_lossy(&stderr)
-    );
+    for runtime in [&direct, &cli] {
+        let (_, stderr, exit) = exec_collect(runtime, &id, &["/no/such/program"], &[], b"").await;
+        assert_eq!(
+            exit,
+            ExecExit::Status(127),
+            "{}",
+            String::from_utf8_lossy(&stderr)
+        );
+    }
 
     api.stop(&id, Duration::from_secs(1)).await.unwrap();
     api.wait(&id).await.unwrap();
@@ -392,19 +407,19 @@ async fn podman_cli_exec_matches_the_api() {
 /// A container the command line does not see (another engine, or another
 /// storage) keeps its execs on the API.
 #[tokio::test]
-async fn podman_cli_skips_unknown_containers() {
-    if skip("podman_cli_skips_unknown_containers") {
+async fn podman_routes_skip_unknown_containers() {
+    if skip("podman_routes_skip_unknown_containers") {
         return;
     }
     let cli = runtime()
         .await
         .with_podman_command(Some(PathBuf::from("podman")));
     let missing = ContainerId("0".repeat(64));
-    assert!(!cli.execs_use_podman_cli(&missing).await);
+    assert_eq!(cli.exec_route(&missing).await, ExecRoute::EngineApi);
     let nowhere = runtime()
         .await
         .with_podman_command(Some(PathBuf::from("/no/such/podman")));
-    assert!(!nowhere.execs_use_podman_cli(&missing).await);
+    assert_eq!(nowhere.exec_route(&missing).await, ExecRoute::EngineApi);
 }
 
 /// The kernel log keeps a kill that leaves nothing else behind: the

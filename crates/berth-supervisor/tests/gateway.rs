@@ -23,6 +23,7 @@ use berth_supervisor::gateway::{
     Gateway, GatewaySettings, GatewayTarget, HostKey, SftpServerCommand,
 };
 use berth_supervisor::logs::SupervisorLog;
+use berth_supervisor::runtime::docker::ExecRoute;
 use berth_supervisor::runtime::oci::OciRuntime;
 use berth_supervisor::runtime::{BindMount, ContainerId, ContainerSpec, ImageSource, Runtime};
 use rand::RngCore;
@@ -762,6 +763,34 @@ async fn gateway_sessions_run_in_podman_container() {
     check_bulk_transfer(&served).await;
     check_forwarding(&served).await;
     check_wrong_host_key(&served).await;
+    runtime.remove(&id).await.unwrap();
+}
+
+/// With Podman's command line configured, a root supervisor runs the
+/// execs of a Podman container through crun itself: sessions, a terminal
+/// and its resizing, and bulk transfers all go that way.
+#[tokio::test]
+async fn gateway_sessions_run_through_podman_runtime() {
+    if skip("gateway_sessions_run_through_podman_runtime") {
+        return;
+    }
+    let api = common::runtime().await;
+    if !api.server_version().await.unwrap().starts_with("Podman") {
+        println!("gateway_sessions_run_through_podman_runtime: skipped (the engine is not Podman)");
+        return;
+    }
+    let runtime = Arc::new(api.with_podman_command(Some(PathBuf::from("podman"))));
+    let uuid = new_uuid();
+    let _cleanup = Cleanup::new(&uuid);
+    let mut container = spec(&uuid, &container_command());
+    container.env = vec![CONTAINER_VARIABLE.to_string()];
+    let id = start(runtime.as_ref(), &container).await;
+    assert_eq!(runtime.exec_route(&id).await, ExecRoute::OciRuntime);
+
+    let served = serve(runtime.clone(), &id, &uuid).await;
+    check_sessions(&served).await;
+    check_resize(&served).await;
+    check_bulk_transfer(&served).await;
     runtime.remove(&id).await.unwrap();
 }
 

@@ -29,7 +29,7 @@ use bollard::{ClientVersion, Docker};
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::io::ReaderStream;
 
-use super::podman_exec::PodmanCli;
+use super::podman_exec::{PodmanCli, PodmanRoute};
 use super::{
     find_program, BindMount, ContainerId, ContainerSpec, ImageSource, Network, OutputChunk,
     OutputStream, Runtime, RuntimeError, StdStream,
@@ -81,11 +81,25 @@ pub struct DockerRuntime {
     /// Whether a missing named image is pulled; off unless
     /// [`DockerRuntime::with_image_pulls`] turns it on.
     pull_images: bool,
-    /// The Podman command line for execs without a terminal, if
+    /// The Podman command line that finds the route of execs, if
     /// [`DockerRuntime::with_podman_command`] named one. The first exec
     /// finds out whether the engine is Podman.
     podman_command: Option<PathBuf>,
+    /// Whether execs may run through Podman's OCI runtime directly; on
+    /// unless [`DockerRuntime::with_podman_runtime_exec`] turns it off.
+    podman_runtime_exec: bool,
     podman_cli: Arc<tokio::sync::OnceCell<Option<PodmanCli>>>,
+}
+
+/// The route of the execs in a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecRoute {
+    /// Through the engine's exec API.
+    EngineApi,
+    /// Without a terminal through `podman exec`, with one through the API.
+    PodmanCommand,
+    /// Through Podman's OCI runtime, run by the supervisor.
+    OciRuntime,
 }
 
 impl std::fmt::Debug for DockerRuntime {
@@ -95,6 +109,7 @@ impl std::fmt::Debug for DockerRuntime {
             .field("description", &self.description)
             .field("pull_images", &self.pull_images)
             .field("podman_command", &self.podman_command)
+            .field("podman_runtime_exec", &self.podman_runtime_exec)
             .finish()
     }
 }
@@ -132,6 +147,7 @@ impl DockerRuntime {
             description,
             pull_images: false,
             podman_command: None,
+            podman_runtime_exec: true,
             podman_cli: Arc::default(),
         })
     }
@@ -171,31 +187,42 @@ impl DockerRuntime {
         self
     }
 
-    /// Sets the Podman command line (`supervisor.podman_command`) that runs
-    /// execs without a terminal when the engine is Podman on this node,
-    /// because Podman's exec API is slow. `None` keeps every exec on the
-    /// API.
+    /// Sets the Podman command line (`supervisor.podman_command`) that,
+    /// when the engine is Podman on this node, finds a faster route than
+    /// Podman's exec API for each container's execs: Podman's OCI runtime
+    /// or `podman exec`. `None` keeps every exec on the API.
     pub fn with_podman_command(mut self, program: Option<PathBuf>) -> DockerRuntime {
         self.podman_command = program;
         self.podman_cli = Arc::default();
         self
     }
 
-    /// Returns the Podman command line when execs without a terminal in
-    /// the container `id` go through it.
-    pub(super) async fn podman_cli_for(&self, id: &ContainerId) -> Option<&PodmanCli> {
+    /// Sets whether execs in Podman's containers may run through its OCI
+    /// runtime directly (`supervisor.podman_runtime_exec`); on by default.
+    pub fn with_podman_runtime_exec(mut self, enabled: bool) -> DockerRuntime {
+        self.podman_runtime_exec = enabled;
+        self.podman_cli = Arc::default();
+        self
+    }
+
+    /// Returns the Podman command line and the route of the execs in the
+    /// container `id`, when the engine is Podman on this node.
+    pub(super) async fn podman_route(&self, id: &ContainerId) -> Option<(&PodmanCli, PodmanRoute)> {
         let cli = self
             .podman_cli
             .get_or_init(|| self.detect_podman_cli())
             .await
             .as_ref()?;
-        cli.usable_for(id).await.then_some(cli)
+        Some((cli, cli.route_for(id).await))
     }
 
-    /// Returns whether execs without a terminal in the container `id` run
-    /// through Podman's command line.
-    pub async fn execs_use_podman_cli(&self, id: &ContainerId) -> bool {
-        self.podman_cli_for(id).await.is_some()
+    /// Returns how the execs in the container `id` start.
+    pub async fn exec_route(&self, id: &ContainerId) -> ExecRoute {
+        match self.podman_route(id).await {
+            Some((_, PodmanRoute::Runtime(_))) => ExecRoute::OciRuntime,
+            Some((_, PodmanRoute::Command)) => ExecRoute::PodmanCommand,
+            Some((_, PodmanRoute::Api)) | None => ExecRoute::EngineApi,
+        }
     }
 
     async fn detect_podman_cli(&self) -> Option<PodmanCli> {
@@ -225,10 +252,10 @@ impl DockerRuntime {
             );
             return None;
         };
-        let cli = PodmanCli::new(found);
+        let cli = PodmanCli::new(found, self.podman_runtime_exec);
         tracing::info!(
             program = %cli.program().display(),
-            "the engine is Podman: execs without a terminal run through its command line"
+            "the engine is Podman: execs go around its exec API where they can"
         );
         Some(cli)
     }

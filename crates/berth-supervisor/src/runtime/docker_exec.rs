@@ -8,8 +8,8 @@
 //! has ended, the exit code comes from inspecting the exec. The engine
 //! reports a process ended by signal N as exit code 128 + N, as a shell
 //! does, so an exec never ends with [`ExecExit::Signal`] here. On a
-//! Podman engine, execs without a terminal go through Podman's command
-//! line instead ([`super::podman_exec`]).
+//! Podman engine on this node, execs go through Podman's OCI runtime or
+//! its command line instead where they can ([`super::podman_exec`]).
 
 use std::io::Read;
 use std::time::Duration;
@@ -22,6 +22,7 @@ use futures::StreamExt;
 
 use super::docker::{output_chunk, DockerRuntime};
 use super::exec::{ExecControl, ExecExit, ExecProcess, ExecSpec, TerminalSize};
+use super::podman_exec::PodmanRoute;
 use super::{ContainerId, RuntimeError};
 
 /// How long the exit code is polled for after the output ended, because
@@ -42,12 +43,16 @@ impl DockerRuntime {
         spec: &ExecSpec,
     ) -> Result<ExecProcess, RuntimeError> {
         let tty = spec.terminal.is_some();
-        if !tty {
-            if let Some(cli) = self.podman_cli_for(id).await {
+        match self.podman_route(id).await {
+            Some((_, PodmanRoute::Runtime(target))) => {
+                return super::oci_exec::exec_in(&target, spec).await;
+            }
+            Some((cli, PodmanRoute::Command)) if !tty => {
                 if let Some(process) = cli.exec(id, spec).await? {
                     return Ok(process);
                 }
             }
+            _ => {}
         }
         let options = CreateExecOptions {
             attach_stdin: Some(true),

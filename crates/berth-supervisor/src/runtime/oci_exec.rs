@@ -1,12 +1,15 @@
 //! Processes inside a running OCI container through `crun exec` (or
-//! `runc exec`), and files read from its root filesystem.
+//! `runc exec`), and files read from its root filesystem. The `oci`
+//! runtime's containers use it, and so do Podman's when the supervisor
+//! can reach Podman's OCI runtime (see `podman_exec`).
 //!
 //! The exec's process is the container's own `process` from the bundle's
 //! `config.json` (so it keeps the container's capabilities and limits),
 //! with the argv, user, working directory and terminal of the
 //! [`ExecSpec`], and the container's environment overridden by the spec's.
-//! It is written to a file of mode 0600 in the bundle directory and
-//! passed with `--process`, so the environment never reaches an argv.
+//! It is written to a file of mode 0600 in a directory of the
+//! supervisor's (the bundle directory for the `oci` runtime) and passed
+//! with `--process`, so the environment never reaches an argv.
 //!
 //! Without a terminal the runtime's stdin, stdout and stderr are pipes.
 //! With one, the runtime makes the container's terminal and sends its
@@ -19,7 +22,7 @@ use std::collections::HashSet;
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -44,8 +47,27 @@ const CONSOLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// capacity is 64 KiB, so this empties a full one in one read.
 const PIPE_READ_BYTES: usize = 64 * 1024;
 
+/// The status crun exits with when it fails to start an exec's program.
+const RUNTIME_FAILURE: i32 = 255;
+
 /// Maximum bytes of the runtime's error output kept for an error message.
 const MAX_ERROR_OUTPUT: u64 = 64 * 1024;
+
+/// The container and runtime of an exec through an OCI runtime.
+#[derive(Debug, Clone)]
+pub(super) struct RuntimeTarget {
+    /// The runtime's program, such as `/usr/bin/crun`.
+    pub program: PathBuf,
+    /// The runtime's state directory (`--root`).
+    pub state_root: PathBuf,
+    /// The container's name in that state directory.
+    pub name: String,
+    /// The bundle directory, which contains the container's `config.json`.
+    pub bundle: PathBuf,
+    /// A directory that only the supervisor's user can write, for the
+    /// exec's process file and console socket.
+    pub scratch: PathBuf,
+}
 
 pub(super) async fn exec_process(
     runtime: &OciRuntime,
@@ -53,14 +75,36 @@ pub(super) async fn exec_process(
     spec: &ExecSpec,
 ) -> Result<ExecProcess, RuntimeError> {
     let (program, bundle, state_root, name) = runtime.exec_target(id)?;
-    let config = read_config(&bundle).await?;
-    let process = exec_process_json(&config, spec);
-    let process_file = write_process_file(&bundle, &process).await?;
+    let target = RuntimeTarget {
+        program,
+        state_root,
+        name,
+        scratch: bundle.clone(),
+        bundle,
+    };
+    exec_in(&target, spec).await
+}
 
-    let mut command = Command::new(&program);
+/// Starts the exec `spec` through the OCI runtime of `target`.
+pub(super) async fn exec_in(
+    target: &RuntimeTarget,
+    spec: &ExecSpec,
+) -> Result<ExecProcess, RuntimeError> {
+    let RuntimeTarget {
+        program,
+        state_root,
+        name,
+        bundle,
+        scratch,
+    } = target;
+    let config = read_config(bundle).await?;
+    let process = exec_process_json(&config, spec);
+    let process_file = write_process_file(scratch, &process).await?;
+
+    let mut command = Command::new(program);
     command
         .arg("--root")
-        .arg(&state_root)
+        .arg(state_root)
         .arg("exec")
         .arg("--process")
         .arg(process_file.path())
@@ -75,7 +119,7 @@ pub(super) async fn exec_process(
     match spec.terminal {
         None => {
             command
-                .arg(&name)
+                .arg(name)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
@@ -92,7 +136,7 @@ pub(super) async fn exec_process(
             // terminal over this socket (`--console-socket`).
             let socket_dir = tempfile::Builder::new()
                 .prefix("console-")
-                .tempdir_in(&bundle)
+                .tempdir_in(scratch)
                 .map_err(|error| terminal_error("create the console socket of", error))?;
             let socket_path = socket_dir.path().join("socket");
             let listener = tokio::net::UnixListener::bind(&socket_path)
@@ -100,7 +144,7 @@ pub(super) async fn exec_process(
             command
                 .arg("--console-socket")
                 .arg(&socket_path)
-                .arg(&name)
+                .arg(name)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
@@ -108,7 +152,7 @@ pub(super) async fn exec_process(
             let accepted = tokio::select! {
                 accepted = tokio::time::timeout(CONSOLE_TIMEOUT, listener.accept()) => accepted,
                 _ = child.wait() => {
-                    return Err(exec_failed(&program, &name, &mut child).await);
+                    return Err(exec_failed(program, name, &mut child).await);
                 }
             };
             let stream = match accepted {
@@ -135,8 +179,13 @@ pub(super) async fn exec_process(
             let stdout = ReaderStream::new(master.reader()).map(|chunk| (StdStream::Stdout, chunk));
             Ok(ExecProcess {
                 stdin: Box::new(master.writer()),
-                output: output_stream(stdout, &name),
-                control: std::sync::Arc::new(OciExec::new(child, Some(master), process_file, name)),
+                output: output_stream(stdout, name),
+                control: std::sync::Arc::new(OciExec::new(
+                    child,
+                    Some(master),
+                    process_file,
+                    name.clone(),
+                )),
             })
         }
     }
@@ -156,14 +205,39 @@ pub(super) fn piped_exec(
     };
     let stdout = ReaderStream::with_capacity(stdout, PIPE_READ_BYTES)
         .map(|chunk| (StdStream::Stdout, chunk));
-    let stderr = ReaderStream::with_capacity(stderr, PIPE_READ_BYTES)
-        .map(|chunk| (StdStream::Stderr, chunk));
+    let start_failure = std::sync::Arc::new(std::sync::OnceLock::new());
+    let first_error = start_failure.clone();
+    let stderr = ReaderStream::with_capacity(stderr, PIPE_READ_BYTES).map(move |chunk| {
+        if let Ok(data) = &chunk {
+            first_error.get_or_init(|| start_failure_status(data));
+        }
+        (StdStream::Stderr, chunk)
+    });
     let output = output_stream(futures::stream::select(stdout, stderr), &name);
+    let mut exec = OciExec::new(child, None, file, name);
+    exec.start_failure = Some(start_failure);
     Ok(ExecProcess {
         stdin: Box::new(stdin),
         output,
-        control: std::sync::Arc::new(OciExec::new(child, None, file, name)),
+        control: std::sync::Arc::new(exec),
     })
+}
+
+/// Returns the exit status a shell gives for a failure to start the
+/// program, which crun reports as `message` (the first bytes of the
+/// exec's stderr) and its own status 255. That is 127 for a program not
+/// found and 126 for one that cannot be run, and `None` for any other
+/// output.
+fn start_failure_status(message: &[u8]) -> Option<u32> {
+    if message.starts_with(b"executable file `")
+        && message.windows(9).any(|part| part == b"not found")
+    {
+        Some(127)
+    } else if message.starts_with(b"open executable: ") {
+        Some(126)
+    } else {
+        None
+    }
 }
 
 /// Returns the error of a runtime that exited before it sent the
@@ -335,16 +409,16 @@ fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
 }
 
 async fn write_process_file(
-    bundle: &Path,
+    dir: &Path,
     process: &Value,
 ) -> Result<tempfile::NamedTempFile, RuntimeError> {
-    let bundle = bundle.to_path_buf();
     let text = serde_json::to_vec(process).map_err(|error| RuntimeError::Request {
-        action: "write the exec process of",
-        target: bundle.display().to_string(),
+        action: "write the exec process in",
+        target: dir.display().to_string(),
         source: Box::new(error),
     })?;
-    let dir = bundle.clone();
+    let dir = dir.to_path_buf();
+    let dir_name = dir.clone();
     let written = tokio::task::spawn_blocking(move || -> io::Result<tempfile::NamedTempFile> {
         let mut file = tempfile::Builder::new()
             .prefix("exec-")
@@ -358,7 +432,7 @@ async fn write_process_file(
     .await
     .map_err(io::Error::other)
     .and_then(|result| result);
-    written.map_err(|error| super::oci::io_error("write an exec process file in", &bundle, error))
+    written.map_err(|error| super::oci::io_error("write an exec process file in", &dir_name, error))
 }
 
 pub(super) async fn read_container_file(
@@ -440,6 +514,10 @@ struct OciExec {
     /// process has exited or the exec is dropped.
     process_file: Mutex<Option<tempfile::NamedTempFile>>,
     name: String,
+    /// The shell's status for a failure to start the program, read from
+    /// the start of the exec's stderr. `None` with a terminal, which
+    /// receives that message instead.
+    start_failure: Option<std::sync::Arc<std::sync::OnceLock<Option<u32>>>>,
 }
 
 impl OciExec {
@@ -454,6 +532,7 @@ impl OciExec {
             terminal,
             process_file: Mutex::new(Some(process_file)),
             name,
+            start_failure: None,
         }
     }
 }
@@ -490,7 +569,12 @@ impl ExecControl for OciExec {
             file.take();
         }
         if let Some(code) = status.code() {
-            return Ok(ExecExit::Status(u32::try_from(code).unwrap_or(255)));
+            let failed_to_start = (code == RUNTIME_FAILURE)
+                .then(|| self.start_failure.as_ref()?.get().copied().flatten())
+                .flatten();
+            return Ok(ExecExit::Status(
+                failed_to_start.unwrap_or_else(|| u32::try_from(code).unwrap_or(255)),
+            ));
         }
         let signal = status
             .signal()
@@ -505,6 +589,22 @@ impl ExecControl for OciExec {
 mod tests {
     use super::*;
     use crate::runtime::exec::ExecUser;
+
+    #[test]
+    fn start_failures_read_as_a_shell_would() {
+        let status = |text: &str| start_failure_status(text.as_bytes());
+        assert_eq!(
+            status("executable file `nosuch` not found in $PATH: No such file or directory\n"),
+            Some(127)
+        );
+        assert_eq!(status("open executable: Permission denied\n"), Some(126));
+        assert_eq!(
+            status("open executable: Operation not permitted\n"),
+            Some(126)
+        );
+        assert_eq!(status("cat: nosuch: No such file or directory\n"), None);
+        assert_eq!(status("executable file `x` was found\n"), None);
+    }
 
     #[test]
     fn spec_env_overrides_the_container_env() {

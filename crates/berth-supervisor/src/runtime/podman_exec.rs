@@ -1,37 +1,53 @@
-//! Execs without a terminal through Podman's command line, for a Docker
-//! runtime whose engine is Podman on this node.
+//! Execs in the containers of a Podman engine on this node, for a Docker
+//! runtime whose engine is Podman, without Podman's exec API.
 //!
 //! Podman 4.3's exec API copies every byte through its service: a `cat`
 //! of 512 MiB through it moved 260 to 300 MiB/s on an idle 2-CPU VM, and
-//! through `podman exec` on the same node 550 MiB/s, without the service. It is Podman's own exec,
-//! with the container's capabilities, seccomp profile and labels, so the
-//! process is the one the API would have started.
+//! through `podman exec` on the same node 550 MiB/s, without the service.
+//! `podman exec` still relays every byte through conmon and its own
+//! process. So each container gets the first of these routes that works,
+//! checked once per container:
 //!
-//! The command line is used only when these hold. The engine's socket is
-//! a Unix socket, and the server names itself Podman. The command finds
-//! the container under the same ID: a service with another storage root,
-//! or another user's, would not. The container's root filesystem is
-//! mounted in the supervisor's mount namespace. They are checked once per
-//! container. Otherwise, and for every exec with a terminal (whose
-//! resizing goes through the API), the API runs the exec.
+//! 1. Podman's OCI runtime directly, for every exec (with a terminal or
+//!    without), as the `oci` runtime runs its own containers: `crun exec
+//!    --process` with the container's own `process` from its bundle's
+//!    `config.json`. `podman exec` itself starts the same process through
+//!    the runtime, so the process keeps the container's capabilities, seccomp
+//!    profile, labels and limits. Conditions: the route is switched on
+//!    (`supervisor.podman_runtime_exec`), Podman names crun as the
+//!    container's runtime, and `crun state` in crun's default state
+//!    directory for the supervisor's user shows the container running
+//!    with the PID that Podman reports. Podman running as another user,
+//!    or with a state directory of its own, fails that check.
+//! 2. `podman exec --interactive`, for execs without a terminal.
+//!    Conditions: the engine's socket is a Unix socket, the server names
+//!    itself Podman, the command finds the container under the same ID
+//!    (a service with another storage root, or another user's, would
+//!    not), and the container's root filesystem is mounted in the
+//!    supervisor's mount namespace.
+//! 3. The API, for everything else.
 //!
-//! The environment goes in an `--env-file` of mode 0600, never in the
-//! argv. That file cannot hold a value with a line break, so an exec
-//! whose environment has one goes through the API. `podman` itself runs with
-//! an empty environment besides the variables that locate its own
-//! configuration, so nothing of the supervisor's environment reaches it.
+//! The environment never reaches an argv: crun gets it in the process
+//! file, and `podman exec` in an `--env-file`, each of mode 0600. That
+//! env file cannot hold a value with a line break, so such an exec goes
+//! through the API. The runtimes run with an empty environment besides,
+//! for `podman`, the variables that locate its own configuration, so
+//! nothing of the supervisor's environment reaches them.
+//! NOTE: only crun 1.8 under Podman 4.3 ran these direct execs in the
+//! tests; runc and other runtimes keep `podman exec`.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use serde::Deserialize;
 use tokio::process::Command;
 
 use super::exec::{ExecProcess, ExecSpec};
-use super::oci_exec::piped_exec;
-use super::{ContainerId, RuntimeError};
+use super::oci_exec::{piped_exec, RuntimeTarget};
+use super::{find_program, ContainerId, RuntimeError};
 
 /// The variables of the supervisor's own environment that `podman` gets,
 /// because they locate its configuration and storage.
@@ -48,19 +64,45 @@ const PODMAN_ENV: [&str; 7] = [
 /// The `PATH` `podman` runs with, for the helpers it starts.
 const PODMAN_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Podman's command line, and which containers it was found to see.
+/// The OCI runtime whose execs the supervisor runs itself.
+const DIRECT_RUNTIME: &str = "crun";
+
+/// The route of the execs in one container of a Podman engine.
+#[derive(Debug, Clone)]
+pub(super) enum PodmanRoute {
+    /// Podman's OCI runtime, run by the supervisor, for every exec.
+    Runtime(Arc<RuntimeTarget>),
+    /// `podman exec`, for execs without a terminal.
+    Command,
+    /// Podman's exec API.
+    Api,
+}
+
+/// Podman's command line, and the routes found for its containers.
 #[derive(Debug)]
 pub(super) struct PodmanCli {
     program: PathBuf,
-    /// Container ID to whether `podman exec` can run in it.
-    usable: Mutex<HashMap<String, bool>>,
+    /// Whether the route through the OCI runtime may be used.
+    runtime_exec: bool,
+    /// Container ID to the route of its execs.
+    routes: Mutex<HashMap<String, PodmanRoute>>,
+}
+
+/// The fields of `crun state` that the check compares.
+#[derive(Debug, Deserialize)]
+struct RuntimeState {
+    id: String,
+    pid: i64,
+    status: String,
+    bundle: PathBuf,
 }
 
 impl PodmanCli {
-    pub(super) fn new(program: PathBuf) -> PodmanCli {
+    pub(super) fn new(program: PathBuf, runtime_exec: bool) -> PodmanCli {
         PodmanCli {
             program,
-            usable: Mutex::new(HashMap::new()),
+            runtime_exec,
+            routes: Mutex::new(HashMap::new()),
         }
     }
 
@@ -68,47 +110,51 @@ impl PodmanCli {
         &self.program
     }
 
-    /// Returns whether `podman exec` can run in the container `id`,
-    /// checking it the first time.
-    pub(super) async fn usable_for(&self, id: &ContainerId) -> bool {
+    /// Returns the route of the execs in the container `id`, checking it
+    /// the first time.
+    pub(super) async fn route_for(&self, id: &ContainerId) -> PodmanRoute {
         if let Some(known) = self
-            .usable
+            .routes
             .lock()
             .ok()
-            .and_then(|usable| usable.get(&id.0).copied())
+            .and_then(|routes| routes.get(&id.0).cloned())
         {
             return known;
         }
-        let usable = match self.check(id).await {
-            Ok(()) => {
+        let route = match self.check(id).await {
+            Ok(PodmanRoute::Runtime(target)) => {
+                tracing::debug!(container = %id.0, runtime = %target.program.display(), "execs run through Podman's OCI runtime");
+                PodmanRoute::Runtime(target)
+            }
+            Ok(route) => {
                 tracing::debug!(container = %id.0, "execs without a terminal use podman exec");
-                true
+                route
             }
             Err(reason) => {
                 tracing::info!(container = %id.0, reason = %reason, "execs use Podman's exec API");
-                false
+                PodmanRoute::Api
             }
         };
-        if let Ok(mut known) = self.usable.lock() {
-            known.insert(id.0.clone(), usable);
+        if let Ok(mut routes) = self.routes.lock() {
+            routes.insert(id.0.clone(), route.clone());
         }
-        usable
+        route
     }
 
-    /// Checks that `podman` finds the container `id` under the same ID,
-    /// and that its root filesystem is mounted where `podman` reads the
-    /// exec user's entry in `/etc/passwd`. A supervisor in a mount
-    /// namespace of its own (a batch job's private `/tmp`, `ip netns
-    /// exec`) may not see that mount, and `podman exec --user NAME` then
-    /// fails.
-    async fn check(&self, id: &ContainerId) -> Result<(), String> {
+    /// Finds the route of the container `id`: checks that `podman` finds
+    /// it under the same ID, then tries its OCI runtime, then checks that
+    /// its root filesystem is mounted where `podman` reads the exec user's
+    /// entry in `/etc/passwd`. A supervisor in a mount namespace of its
+    /// own (a batch job's private `/tmp`, `ip netns exec`) may not see
+    /// that mount, and `podman exec --user NAME` then fails.
+    async fn check(&self, id: &ContainerId) -> Result<PodmanRoute, String> {
         let output = self
             .command()
             .args([
                 "container",
                 "inspect",
                 "--format",
-                "{{.Id}} {{.GraphDriver.Data.MergedDir}}",
+                "{{.Id}}\t{{.OCIRuntime}}\t{{.State.Pid}}\t{{.GraphDriver.Data.MergedDir}}",
                 &id.0,
             ])
             .stdin(Stdio::null())
@@ -124,11 +170,21 @@ impl PodmanCli {
             ));
         }
         let text = String::from_utf8_lossy(&output.stdout);
-        let (found, root) = text.trim().split_once(' ').unwrap_or((text.trim(), ""));
+        let mut fields = text.trim_end_matches('\n').splitn(4, '\t');
+        let mut field = || fields.next().unwrap_or("");
+        let (found, runtime, pid, root) = (field(), field(), field(), field());
         if found != id.0 {
             return Err(format!(
                 "podman names another container by this ID: {found}"
             ));
+        }
+        if self.runtime_exec {
+            match runtime_target(id, runtime, pid).await {
+                Ok(target) => return Ok(PodmanRoute::Runtime(Arc::new(target))),
+                Err(reason) => {
+                    tracing::info!(container = %id.0, reason = %reason, "execs do not use Podman's OCI runtime directly");
+                }
+            }
         }
         let mounted = !root.is_empty()
             && std::fs::read_dir(root).is_ok_and(|mut entries| entries.next().is_some());
@@ -137,7 +193,7 @@ impl PodmanCli {
                 "the container's root filesystem {root:?} is not mounted in this mount namespace"
             ));
         }
-        Ok(())
+        Ok(PodmanRoute::Command)
     }
 
     /// Starts the exec `spec`, which has no terminal, in the container
@@ -200,6 +256,90 @@ impl PodmanCli {
         }
         command
     }
+}
+
+/// Returns the target for execs through Podman's OCI runtime `runtime` in
+/// the container `id`, whose first process Podman reports as `pid`, or
+/// why there is none.
+async fn runtime_target(
+    id: &ContainerId,
+    runtime: &str,
+    pid: &str,
+) -> Result<RuntimeTarget, String> {
+    let named = Path::new(runtime);
+    if named.file_name().and_then(|name| name.to_str()) != Some(DIRECT_RUNTIME) {
+        return Err(format!(
+            "Podman's OCI runtime is {runtime:?}; only {DIRECT_RUNTIME} runs execs directly"
+        ));
+    }
+    let program = find_program(named)
+        .or_else(|| {
+            std::env::split_paths(PODMAN_PATH)
+                .map(|dir| dir.join(named))
+                .find(|candidate| find_program(candidate).is_some())
+        })
+        .ok_or_else(|| format!("{runtime} is not on PATH"))?;
+    let state_root = default_state_root()?;
+    let output = Command::new(&program)
+        .arg("--root")
+        .arg(&state_root)
+        .arg("state")
+        .arg(&id.0)
+        .env_clear()
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|error| format!("failed to run {}: {error}", program.display()))?;
+    if !output.status.success() {
+        return Err(format!(
+            "{} --root {} state failed with {}: {}",
+            program.display(),
+            state_root.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let state: RuntimeState = serde_json::from_slice(&output.stdout)
+        .map_err(|error| format!("{} state printed no state: {error}", program.display()))?;
+    let same = state.id == id.0 && state.status == "running" && pid.parse() == Ok(state.pid);
+    if !same {
+        return Err(format!(
+            "{} in {} shows {} {} with PID {}, and Podman PID {pid}",
+            program.display(),
+            state_root.display(),
+            state.id,
+            state.status,
+            state.pid
+        ));
+    }
+    if !state.bundle.join("config.json").is_file() {
+        return Err(format!(
+            "the container's bundle {} has no config.json that the supervisor can see",
+            state.bundle.display()
+        ));
+    }
+    Ok(RuntimeTarget {
+        program,
+        state_root,
+        name: id.0.clone(),
+        bundle: state.bundle,
+        scratch: std::env::temp_dir(),
+    })
+}
+
+/// Returns crun's default state directory for the supervisor's user:
+/// `/run/crun` for root, else `$XDG_RUNTIME_DIR/crun`. Podman passes no
+/// other for its containers.
+fn default_state_root() -> Result<PathBuf, String> {
+    if rustix::process::geteuid().is_root() {
+        return Ok(PathBuf::from("/run/crun"));
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map(|dir| PathBuf::from(dir).join("crun"))
+        .ok_or_else(|| {
+            "XDG_RUNTIME_DIR is not set, so crun's state directory is unknown".to_string()
+        })
 }
 
 /// Writes `env` (`NAME=value` entries) to a new file of mode 0600, in the

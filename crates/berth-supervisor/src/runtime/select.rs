@@ -27,7 +27,8 @@ impl ConnectedRuntime {
         let runtime = docker
             .clone()
             .with_image_pulls(config.pull_images)
-            .with_podman_command(config.podman_command.clone());
+            .with_podman_command(config.podman_command.clone())
+            .with_podman_runtime_exec(config.podman_runtime_exec);
         ConnectedRuntime {
             runtime: Arc::new(runtime),
             docker: Some(docker),
