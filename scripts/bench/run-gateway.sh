@@ -12,6 +12,10 @@
 #    resident memory per tunnel, and the p50 and p99 latency of
 #    sequential `GET /arvados/v1/containers/UUID` calls without tunnels and
 #    with IDLE_TUNNELS tunnels open (keepalive PINGs running).
+#    On a machine with two CPUs or more, the controller and the timing
+#    client run on CPU 0 and the dial side on CPU 1 (taskset). The dial
+#    side stands for IDLE_TUNNELS compute nodes, which have CPUs of their
+#    own. BERTH_BENCH_PIN=0 runs all three unpinned.
 #
 # Usage: scripts/bench/run-gateway.sh [SIZE_MIB] [ROUNDS] [IDLE_TUNNELS] [REQUESTS]
 #        (default 1024, 3, 10000 and 4000); IDLE_TUNNELS 0 skips part 2.
@@ -62,6 +66,15 @@ log "$IDLE idle tunnels on one berth controller (SQLite)"
 : "${BERTH_PODMAN_SOCK:=/run/berth/podman.sock}"
 bench_start_controller "$target/berth" berth-gateway-bench
 (umask 077 && printf '%s\n' "$user_token" >"$work/user-token")
-"$bench" tunnels --url "$api_url" --system-token-file "$work/system-token" \
+dial_side=()
+client_cpu=()
+if [ "${BERTH_BENCH_PIN:-1}" != 0 ] && [ "$(nproc)" -ge 2 ]; then
+  command -v taskset >/dev/null || die "taskset is missing: install util-linux, or set BERTH_BENCH_PIN=0"
+  taskset -a -p -c 0 "$controller_pid" >/dev/null
+  dial_side=(taskset -c 1)
+  client_cpu=(--client-cpu 0)
+  log "controller and timing client on CPU 0, dial side on CPU 1"
+fi
+"${dial_side[@]}" "$bench" tunnels --url "$api_url" --system-token-file "$work/system-token" \
   --user-token-file "$work/user-token" --controller-pid "$controller_pid" \
-  --count "$IDLE" --requests "$REQUESTS"
+  --count "$IDLE" --requests "$REQUESTS" "${client_cpu[@]}"

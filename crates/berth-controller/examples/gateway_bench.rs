@@ -8,7 +8,10 @@
 //!   `--copy-buffers` size, all in this process (`bind` and `run`) on one
 //!   SQLite file. The client uses berth-client's `connect_ssh` on the real
 //!   `connect/{uuid}/ssh` route. The fake supervisor is berth-tunnel's
-//!   dial side, which sinks or sources the bytes.
+//!   dial side, which sinks or sources the bytes. The `relays` ways
+//!   are the floor of any design on this path: the same loopback TCP
+//!   connections, each joined to the next by splice(2) in a relay, with
+//!   no HTTP/2 and no copy through user space.
 //! - `tunnels`: the dial side of COUNT idle tunnels to a controller in
 //!   another process (`berth controller`). It creates COUNT containers
 //!   through the API, each a committed request locked with the system
@@ -19,10 +22,11 @@
 //!
 //! Usage:
 //! `gateway_bench stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...]
-//!  [--ways holder,forwarded]` (the direct connection always runs, as the
-//!  baseline)
+//!  [--ways holder,forwarded,relays]` (the direct connection always runs,
+//!  as the baseline)
 //! `gateway_bench tunnels --url URL --system-token-file FILE
-//!  --user-token-file FILE --controller-pid PID [--count N] [--requests N]`
+//!  --user-token-file FILE --controller-pid PID [--count N] [--requests N]
+//!  [--client-cpu N]`
 
 #![allow(clippy::print_stdout)]
 
@@ -74,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("stream") => stream_bench(&parse_stream_args(&args[1..])?).await,
         Some("tunnels") => tunnels_bench(parse_tunnels_args(&args[1..])?).await,
-        _ => bail!("give a mode: `stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...] [--ways holder,forwarded]` or `tunnels --url URL --system-token-file FILE --user-token-file FILE --controller-pid PID [--count N] [--requests N]`"),
+        _ => bail!("give a mode: `stream [--size-mib N] [--rounds N] [--copy-buffers BYTES,...] [--ways holder,forwarded,relays]` or `tunnels --url URL --system-token-file FILE --user-token-file FILE --controller-pid PID [--count N] [--requests N] [--client-cpu N]`"),
     }
 }
 
@@ -97,6 +101,8 @@ struct StreamArgs {
     holder: bool,
     /// Run the ways through controller 1 and the holder.
     forwarded: bool,
+    /// Run the ways through one and two splice relays.
+    relays: bool,
 }
 
 fn parse_stream_args(args: &[String]) -> anyhow::Result<StreamArgs> {
@@ -106,6 +112,7 @@ fn parse_stream_args(args: &[String]) -> anyhow::Result<StreamArgs> {
         copy_buffers: vec![8 << 10, 64 << 10],
         holder: true,
         forwarded: true,
+        relays: true,
     };
     let mut words = args.iter();
     while let Some(word) = words.next() {
@@ -124,18 +131,22 @@ fn parse_stream_args(args: &[String]) -> anyhow::Result<StreamArgs> {
                     .collect::<anyhow::Result<_>>()?;
             }
             "--ways" => {
-                let list = words.next().context("--ways needs a list: holder, forwarded or both")?;
+                let list = words
+                    .next()
+                    .context("--ways needs a list of holder, forwarded and relays")?;
                 parsed.holder = false;
                 parsed.forwarded = false;
+                parsed.relays = false;
                 for way in list.split(',') {
                     match way.trim() {
                         "holder" => parsed.holder = true,
                         "forwarded" => parsed.forwarded = true,
-                        other => bail!("invalid way {other:?} in --ways {list:?}: use holder, forwarded or both, separated by commas"),
+                        "relays" => parsed.relays = true,
+                        other => bail!("invalid way {other:?} in --ways {list:?}: use holder, forwarded or relays, separated by commas"),
                     }
                 }
             }
-            other => bail!("unknown argument {other:?} of `stream`: use [--size-mib N] [--rounds N] [--copy-buffers BYTES,...] [--ways holder,forwarded]"),
+            other => bail!("unknown argument {other:?} of `stream`: use [--size-mib N] [--rounds N] [--copy-buffers BYTES,...] [--ways holder,forwarded,relays]"),
         }
     }
     Ok(parsed)
@@ -148,6 +159,8 @@ struct TunnelsArgs {
     controller_pid: u32,
     count: usize,
     requests: usize,
+    /// The CPU the timing client runs on, when given.
+    client_cpu: Option<usize>,
 }
 
 fn parse_tunnels_args(args: &[String]) -> anyhow::Result<TunnelsArgs> {
@@ -157,6 +170,7 @@ fn parse_tunnels_args(args: &[String]) -> anyhow::Result<TunnelsArgs> {
     let mut pid = None;
     let mut count = 10_000;
     let mut requests = 4000;
+    let mut client_cpu = None;
     let mut words = args.iter();
     while let Some(word) = words.next() {
         let value = words.next();
@@ -176,6 +190,12 @@ fn parse_tunnels_args(args: &[String]) -> anyhow::Result<TunnelsArgs> {
             "--controller-pid" => pid = Some(positive(word, value)?),
             "--count" => count = positive(word, value)?,
             "--requests" => requests = positive(word, value)?,
+            "--client-cpu" => {
+                let value = value.context("--client-cpu needs a CPU number")?;
+                client_cpu = Some(value.parse().with_context(|| {
+                    format!("invalid --client-cpu {value:?}: give a CPU number such as 0")
+                })?);
+            }
             other => bail!("unknown argument {other:?} of `tunnels`"),
         }
     }
@@ -189,6 +209,7 @@ fn parse_tunnels_args(args: &[String]) -> anyhow::Result<TunnelsArgs> {
             .context("--controller-pid is too large")?,
         count,
         requests,
+        client_cpu,
     })
 }
 
@@ -448,14 +469,51 @@ async fn direct_server() -> anyhow::Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
+/// Starts a loopback TCP listener that joins each connection to a new
+/// connection to `next` with splice(2), and returns its address.
+async fn splice_relay(next: std::net::SocketAddr) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let outbound = match TcpStream::connect(next).await {
+                    Ok(outbound) => outbound,
+                    Err(error) => {
+                        println!("relay: failed to connect to {next}: {error}");
+                        return;
+                    }
+                };
+                let joined = match (inbound.set_nodelay(true), outbound.set_nodelay(true)) {
+                    (Ok(()), Ok(())) => {
+                        berth_tunnel::splice::splice_bidirectional(&inbound, &outbound, &[], &[])
+                            .await
+                            .map(|_| ())
+                    }
+                    (Err(error), _) | (_, Err(error)) => Err(error),
+                };
+                if let Err(error) = joined {
+                    println!("relay: the stream to {next} failed: {error}");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// The entry of the bulk stream.
+enum Entry {
+    /// A loopback TCP listener: the direct server or a relay before it.
+    Tcp(std::net::SocketAddr),
+    /// A controller's client, and the container whose gateway the stream
+    /// goes to.
+    Controller(Client, String),
+}
+
 /// One way through which the bulk stream goes.
 struct Way {
     label: String,
-    /// `None` for the direct loopback TCP connection, else the client of
-    /// the controller the stream enters by.
-    client: Option<Client>,
-    /// The container whose gateway the stream goes to.
-    uuid: Option<String>,
+    entry: Entry,
 }
 
 /// A pair of controllers with one shell copy buffer size, and a container
@@ -572,22 +630,37 @@ async fn stream_bench(args: &StreamArgs) -> anyhow::Result<()> {
 
     let mut ways = vec![Way {
         label: "direct loopback TCP".into(),
-        client: None,
-        uuid: None,
+        entry: Entry::Tcp(direct),
     }];
+    if args.relays {
+        let first_relay = splice_relay(direct).await?;
+        let second_relay = splice_relay(first_relay).await?;
+        ways.push(Way {
+            label: "floor, no HTTP/2: client -> splice relay -> server".into(),
+            entry: Entry::Tcp(first_relay),
+        });
+        ways.push(Way {
+            label: "floor, no HTTP/2: client -> splice relay -> splice relay -> server".into(),
+            entry: Entry::Tcp(second_relay),
+        });
+    }
     for pair in &pairs {
         if args.holder {
             ways.push(Way {
                 label: format!("{}: client -> holder -> tunnel", pair.name),
-                client: Some(user_client(&pair.holder, &user_token)?),
-                uuid: Some(pair.uuid.clone()),
+                entry: Entry::Controller(
+                    user_client(&pair.holder, &user_token)?,
+                    pair.uuid.clone(),
+                ),
             });
         }
         if args.forwarded {
             ways.push(Way {
                 label: format!("{}: client -> controller 1 -> holder -> tunnel", pair.name),
-                client: Some(user_client(&pair.forwarder, &user_token)?),
-                uuid: Some(pair.uuid.clone()),
+                entry: Entry::Controller(
+                    user_client(&pair.forwarder, &user_token)?,
+                    pair.uuid.clone(),
+                ),
             });
         }
     }
@@ -601,12 +674,12 @@ async fn stream_bench(args: &StreamArgs) -> anyhow::Result<()> {
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
         for _ in 0..args.rounds {
             for (way, samples) in ways.iter().zip(&mut times) {
-                let elapsed = match (&way.client, &way.uuid) {
-                    (Some(client), Some(uuid)) => {
+                let elapsed = match &way.entry {
+                    Entry::Controller(client, uuid) => {
                         bulk_client(client.connect_ssh(uuid).await?, direction, bytes).await?
                     }
-                    _ => {
-                        let tcp = TcpStream::connect(direct).await?;
+                    Entry::Tcp(address) => {
+                        let tcp = TcpStream::connect(address).await?;
                         tcp.set_nodelay(true)?;
                         bulk_client(tcp, direction, bytes).await?
                     }
@@ -658,12 +731,24 @@ fn resident_kib(pid: u32) -> anyhow::Result<u64> {
 
 /// Reads `containers/{uuid}` `count` times, one after the other and
 /// started REQUEST_SPACING apart. The calls run on a thread and runtime of
-/// their own, so this process's tunnels do not delay the client. Returns
-/// the latencies in milliseconds, sorted.
-fn time_reads(base: &url::Url, token: &str, uuid: &str, count: usize) -> anyhow::Result<Vec<f64>> {
+/// their own, on the CPU `cpu` when given, so this process's tunnels do
+/// not delay the client. Returns the latencies in milliseconds, sorted.
+fn time_reads(
+    base: &url::Url,
+    token: &str,
+    uuid: &str,
+    count: usize,
+    cpu: Option<usize>,
+) -> anyhow::Result<Vec<f64>> {
     let url = base.join(&format!("arvados/v1/containers/{uuid}"))?;
     let token = token.to_owned();
     let thread = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+        if let Some(cpu) = cpu {
+            let mut set = rustix::thread::CpuSet::new();
+            set.set(cpu);
+            rustix::thread::sched_setaffinity(None, &set)
+                .with_context(|| format!("failed to move the timing client to CPU {cpu}"))?;
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -724,12 +809,12 @@ async fn wait_registered(
     let started = Instant::now();
     loop {
         let registered = registered_tunnels(http, base, system_token).await?;
-        if registered >= expected {
+        if registered == expected {
             return Ok(());
         }
         ensure!(
             started.elapsed() < REGISTER_TIMEOUT,
-            "the controller registered {registered} of {expected} tunnels in {REGISTER_TIMEOUT:?}"
+            "the controller has {registered} tunnels registered, not {expected}, after {REGISTER_TIMEOUT:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -788,7 +873,7 @@ async fn tunnels_bench(args: TunnelsArgs) -> anyhow::Result<()> {
     );
     let (probe, _) = &containers[0];
 
-    let without = time_reads(&base, &user_token, probe, args.requests)?;
+    let without = time_reads(&base, &user_token, probe, args.requests, args.client_cpu)?;
 
     // One tunnel first, so that one-time allocations are not counted.
     let mut tunnels = open_tunnels(&base, &containers[..1]).await?;
@@ -807,9 +892,16 @@ async fn tunnels_bench(args: TunnelsArgs) -> anyhow::Result<()> {
     let after_kib = resident_kib(args.controller_pid)?;
     let own_after_kib = resident_kib(std::process::id())?;
 
-    let with = time_reads(&base, &user_token, probe, args.requests)?;
+    let with = time_reads(&base, &user_token, probe, args.requests, args.client_cpu)?;
     let after_reads_kib = resident_kib(args.controller_pid)?;
     let still_open = registered_tunnels(&http, &base, &system_token).await?;
+
+    // The same reads once more after the tunnels have closed, to show how
+    // far the controller's state apart from the tunnels (its database,
+    // its heap) moved the latency.
+    drop(tunnels);
+    wait_registered(&http, &base, &system_token, 0).await?;
+    let closed = time_reads(&base, &user_token, probe, args.requests, args.client_cpu)?;
 
     let count = (total - 1) as f64;
     let per_tunnel = (after_kib.max(after_reads_kib) as f64 - before_kib as f64) / count;
@@ -830,11 +922,16 @@ async fn tunnels_bench(args: TunnelsArgs) -> anyhow::Result<()> {
     );
     print_latencies("without tunnels", &without);
     print_latencies(&format!("with {total} tunnels"), &with);
+    print_latencies("after they closed", &closed);
     println!(
         "  p99 ratio (with {total} tunnels / without): {:.2}; p50 ratio {:.2}; tunnels still registered: {still_open}",
         percentile(&with, 99.0) / percentile(&without, 99.0),
         percentile(&with, 50.0) / percentile(&without, 50.0)
     );
-    drop(tunnels);
+    println!(
+        "  p99 ratio against the reads after they closed: {:.2}; p50 ratio {:.2}",
+        percentile(&with, 99.0) / percentile(&closed, 99.0),
+        percentile(&with, 50.0) / percentile(&closed, 50.0)
+    );
     Ok(())
 }

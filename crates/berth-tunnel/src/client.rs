@@ -4,8 +4,8 @@
 //! The controller hands the upgraded connection to
 //! [`TunnelClient::handshake`], which runs the HTTP/2 client handshake,
 //! opens the control stream and starts the tunnel's task. That task owns
-//! the connection and the keepalive; dropping the [`TunnelClient`] stops
-//! it and closes the connection.
+//! the connection and the watch for silence (see `keepalive`); dropping
+//! the [`TunnelClient`] stops it and closes the connection.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use tracing::{debug, info, Instrument};
 
 use crate::config::SessionConfig;
 use crate::error::TunnelError;
-use crate::keepalive::Pinger;
+use crate::keepalive::{LastRead, Pinger, ReadClock};
 use crate::protocol::{
     ControlMessage, StreamKind, CONTROL_PATH, REQUESTED_BY_HEADER, STREAM_AUTHORITY,
 };
@@ -80,12 +80,13 @@ impl TunnelClient {
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let windows = config.windows;
+        let (io, last_read) = ReadClock::new(io);
         let handshake = h2::client::Builder::new()
             .initial_window_size(windows.stream_window)
             .initial_connection_window_size(windows.connection_window)
             .max_frame_size(windows.max_frame_size)
             .enable_push(false)
-            .handshake::<T, Bytes>(io);
+            .handshake::<ReadClock<T>, Bytes>(io);
         let (send_request, mut connection) =
             tokio::time::timeout(config.handshake_timeout, handshake)
                 .await
@@ -95,13 +96,7 @@ impl TunnelClient {
         let (state, _) = watch::channel(TunnelState::Open);
         let stop = CancellationToken::new();
 
-        let driver = drive(
-            connection,
-            pinger.clone(),
-            *config,
-            state.clone(),
-            stop.clone(),
-        );
+        let driver = drive(connection, last_read, *config, state.clone(), stop.clone());
         tokio::spawn(driver.in_current_span());
 
         let open_control = open_stream(send_request.clone(), CONTROL_PATH.to_owned(), None);
@@ -248,27 +243,23 @@ async fn open_stream(
     Ok(TunnelStream::new(send, response.into_body()))
 }
 
-/// Drives the connection until it ends, the keepalive fails or the
-/// handle is dropped, and records the end in `state`.
+/// Drives the connection until it ends, the supervisor falls silent for
+/// longer than its keepalive allows, or the handle is dropped, and
+/// records the end in `state`.
 async fn drive<T>(
-    connection: h2::client::Connection<T, Bytes>,
-    pinger: Option<Pinger>,
+    connection: h2::client::Connection<ReadClock<T>, Bytes>,
+    last_read: Arc<LastRead>,
     config: SessionConfig,
     state: watch::Sender<TunnelState>,
     stop: CancellationToken,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let keepalive = async move {
-        match pinger {
-            Some(pinger) => pinger.run(config.keepalive).await,
-            None => std::future::pending().await,
-        }
-    };
+    let silence_limit = config.keepalive.interval + config.keepalive.timeout;
     let result = tokio::select! {
         biased;
         () = stop.cancelled() => Ok(()),
-        error = keepalive => Err(error),
+        error = last_read.silence(silence_limit) => Err(error),
         result = connection => result.map_err(TunnelError::Connection),
     };
     match &result {

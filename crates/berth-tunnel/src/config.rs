@@ -141,8 +141,10 @@ impl WindowConfig {
     }
 }
 
-/// The keepalive: each end sends an HTTP/2 PING every `interval` and
-/// closes the tunnel when one goes unanswered for `timeout`.
+/// The keepalive. The dial side sends an HTTP/2 PING every `interval`
+/// and closes the tunnel when one goes unanswered for `timeout`. The
+/// accept side closes a tunnel on which nothing arrived for `interval`
+/// plus `timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeepaliveConfig {
     pub interval: Duration,

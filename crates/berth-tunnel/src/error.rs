@@ -47,6 +47,11 @@ pub enum TunnelError {
     #[error("the peer did not answer a keepalive PING within {0:?}; the tunnel is closed")]
     KeepaliveTimeout(Duration),
 
+    #[error(
+        "the supervisor sent nothing, not even a keepalive PING, for {0:?}; the tunnel is closed"
+    )]
+    PeerSilent(Duration),
+
     #[error("the tunnel's connection failed: {0}")]
     Connection(#[source] h2::Error),
 

@@ -34,7 +34,8 @@
 //! - `stream`: the byte-stream adapter over one HTTP/2 stream;
 //! - `splice`: joining TCP sockets and pipes with splice(2), for the
 //!   controllers' forwards and `berth ssh-proxy`;
-//! - `keepalive`: the PING loop of each end;
+//! - `keepalive`: the dial side's PING loop, and the accept side's watch
+//!   for silence;
 //! - `backoff` and `maintain`: the dial side's reconnect loop.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]

@@ -264,6 +264,7 @@ fn failure_kind(error: &TunnelError) -> String {
         TunnelError::Handshake(_) => "HTTP/2 handshake",
         TunnelError::HandshakeTimeout(_) => "HTTP/2 handshake timeout",
         TunnelError::KeepaliveTimeout(_) => "keepalive timeout",
+        TunnelError::PeerSilent(_) => "silent peer",
         TunnelError::Connection(_) => "connection",
         TunnelError::Closed => "closed",
         TunnelError::Open { .. } | TunnelError::OpenRejected { .. } => "stream open",

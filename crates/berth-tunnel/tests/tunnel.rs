@@ -343,6 +343,32 @@ async fn grace_period_ends_open_streams() {
     assert!(matches!(client.state(), TunnelState::Closed(_)));
 }
 
+/// The controller's end sends no PINGs and closes a tunnel only after
+/// silence: the supervisor's PINGs keep an idle tunnel open for many
+/// times the silence limit (here 0.8 s).
+#[tokio::test]
+async fn keepalive_holds_idle_tunnel_open() {
+    let mut controller = TestController::start_with(fast_keepalive()).await;
+    let mut config = dial_config(controller.addr, SECRET);
+    config.session = fast_keepalive();
+    serve_echo(dial(&config).await.unwrap());
+    let client = controller.next_tunnel().await;
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(matches!(client.state(), TunnelState::Open));
+    let mut stream = client
+        .open(StreamRequest::new(StreamKind::Ssh))
+        .await
+        .unwrap();
+    stream.write_all(b"still here").await.unwrap();
+    let mut echoed = [0_u8; 10];
+    tokio::time::timeout(LIMIT, stream.read_exact(&mut echoed))
+        .await
+        .expect("no echo")
+        .unwrap();
+    assert_eq!(&echoed, b"still here");
+}
+
 #[tokio::test]
 async fn keepalive_detects_silent_peer() {
     let mut controller = TestController::start_with(fast_keepalive()).await;
@@ -365,10 +391,7 @@ async fn keepalive_detects_silent_peer() {
         .await
         .expect("accept side did not notice");
     let error = client_end.unwrap_err();
-    assert!(
-        matches!(*error, TunnelError::KeepaliveTimeout(_)),
-        "{error:?}"
-    );
+    assert!(matches!(*error, TunnelError::PeerSilent(_)), "{error:?}");
     assert!(matches!(
         client.open(StreamRequest::new(StreamKind::Ssh)).await,
         Err(TunnelError::Closed)
