@@ -332,9 +332,29 @@ async fn podman_exec_routes_match_the_api() {
     let cli = podman().with_podman_runtime_exec(false);
     let uuid = new_uuid();
     let _cleanup = Cleanup::new(&uuid);
-    let id = api.create(&spec(&uuid, &["sleep", "600"])).await.unwrap();
+    // The container makes `nobody` a member of a group of its own, which
+    // each route must give the exec as a supplementary group.
+    let command = [
+        "sh",
+        "-c",
+        "echo staff:x:50:nobody >>/etc/group && exec sleep 600",
+    ];
+    let id = api.create(&spec(&uuid, &command)).await.unwrap();
     let _output = api.attach(&id).await.unwrap();
     api.start(&id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (stdout, _, _) =
+            exec_collect(&api, &id, &["grep", "-c", "staff", "/etc/group"], &[], b"").await;
+        if stdout == b"1\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the group was not added within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(direct.exec_route(&id).await, ExecRoute::OciRuntime);
     assert_eq!(cli.exec_route(&id).await, ExecRoute::PodmanCommand);
     assert_eq!(
@@ -343,7 +363,8 @@ async fn podman_exec_routes_match_the_api() {
         "no command, no CLI"
     );
 
-    let script = "id -u; pwd; printf '%s|%s\\n' \"$SPACED\" \"$EQ\"; echo to-stderr >&2; exit 7";
+    let script =
+        "id -u; id -G; pwd; printf '%s|%s\\n' \"$SPACED\" \"$EQ\"; echo to-stderr >&2; exit 7";
     let env = ["SPACED= two words ", "EQ=a=b"];
     let mut outcomes = Vec::new();
     for runtime in [&direct, &cli, &api] {
@@ -354,7 +375,7 @@ async fn podman_exec_routes_match_the_api() {
     let (stdout, stderr, exit) = &outcomes[0];
     assert_eq!(
         String::from_utf8_lossy(stdout),
-        "65534\n/tmp\n two words |a=b\n"
+        "65534\n65534 50\n/tmp\n two words |a=b\n"
     );
     assert_eq!(stderr.as_slice(), b"to-stderr\n");
     assert_eq!(*exit, ExecExit::Status(7));

@@ -98,7 +98,11 @@ pub(super) async fn exec_in(
         scratch,
     } = target;
     let config = read_config(bundle).await?;
-    let process = exec_process_json(&config, spec);
+    let groups = match &spec.user.name {
+        Some(user) => supplementary_groups(&config, bundle, user, spec.user.gid).await,
+        None => Vec::new(),
+    };
+    let process = exec_process_json(&config, spec, &groups);
     let process_file = write_process_file(scratch, &process).await?;
 
     let mut command = Command::new(program);
@@ -350,7 +354,69 @@ async fn read_config(bundle: &Path) -> Result<Value, RuntimeError> {
 }
 
 /// Returns the container's `process` object changed for the exec.
-fn exec_process_json(config: &Value, spec: &ExecSpec) -> Value {
+/// Bytes of `/etc/group` read at most.
+const MAX_GROUP_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Returns the GIDs of the groups of the container's `/etc/group` that
+/// list `user` as a member, apart from its primary `gid`, as the Docker
+/// Engine and Podman give an exec run as a named user. A file that
+/// cannot be read gives none, with a warning.
+async fn supplementary_groups(config: &Value, bundle: &Path, user: &str, gid: u32) -> Vec<u32> {
+    let read = match root_dir(config, bundle) {
+        Ok(root) => tokio::task::spawn_blocking(move || {
+            read_in_root(&root, "etc/group", MAX_GROUP_FILE_BYTES)
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|result| result),
+        Err(error) => Err(io::Error::other(error.to_string())),
+    };
+    match read {
+        Ok(Some(text)) => member_gids(&String::from_utf8_lossy(&text), user, gid),
+        Ok(None) => Vec::new(),
+        Err(error) => {
+            tracing::warn!(bundle = %bundle.display(), user, %error, "failed to read the container's /etc/group; the exec gets no supplementary groups");
+            Vec::new()
+        }
+    }
+}
+
+/// Returns the GIDs of the groups in the text of an `/etc/group` file
+/// (`name:password:gid:member,member`) whose members include `user`,
+/// apart from `primary`, in the file's order and without repeats.
+fn member_gids(group: &str, user: &str, primary: u32) -> Vec<u32> {
+    let mut gids = Vec::new();
+    for line in group.lines().filter(|line| !line.starts_with('#')) {
+        let fields: Vec<&str> = line.split(':').collect();
+        let [_, _, gid, members, ..] = fields.as_slice() else {
+            continue;
+        };
+        let Ok(gid) = gid.parse::<u32>() else {
+            continue;
+        };
+        let member = members.split(',').any(|member| member.trim() == user);
+        if member && gid != primary && !gids.contains(&gid) {
+            gids.push(gid);
+        }
+    }
+    gids
+}
+
+/// Returns the container's root filesystem: `root.path` of its
+/// `config.json`, relative to the bundle unless absolute.
+fn root_dir(config: &Value, bundle: &Path) -> Result<PathBuf, RuntimeError> {
+    config
+        .pointer("/root/path")
+        .and_then(Value::as_str)
+        .map(|root| bundle.join(root))
+        .ok_or_else(|| RuntimeError::Request {
+            action: "find the root filesystem of",
+            target: bundle.display().to_string(),
+            source: "config.json has no root.path".into(),
+        })
+}
+
+fn exec_process_json(config: &Value, spec: &ExecSpec, groups: &[u32]) -> Value {
     let mut process = config.get("process").cloned().unwrap_or_else(|| json!({}));
     let container_env: Vec<String> = process
         .get("env")
@@ -376,6 +442,9 @@ fn exec_process_json(config: &Value, spec: &ExecSpec) -> Value {
     process["env"] = json!(merge_env(&container_env, &spec.env));
     process["cwd"] = json!(cwd);
     process["user"] = json!({"uid": spec.user.uid, "gid": spec.user.gid});
+    if !groups.is_empty() {
+        process["user"]["additionalGids"] = json!(groups);
+    }
     process["terminal"] = json!(spec.terminal.is_some());
     if let Some(size) = spec.terminal {
         process["consoleSize"] = json!({"height": size.rows, "width": size.columns});
@@ -443,15 +512,7 @@ pub(super) async fn read_container_file(
 ) -> Result<Option<Vec<u8>>, RuntimeError> {
     let (_, bundle, _, name) = runtime.exec_target(id)?;
     let config = read_config(&bundle).await?;
-    let root = config
-        .pointer("/root/path")
-        .and_then(Value::as_str)
-        .map(|root| bundle.join(root))
-        .ok_or_else(|| RuntimeError::Request {
-            action: "find the root filesystem of",
-            target: name.clone(),
-            source: "config.json has no root.path".into(),
-        })?;
+    let root = root_dir(&config, &bundle)?;
     let relative = path.trim_start_matches('/').to_string();
     let target = format!("{path} in container {name}");
     tokio::task::spawn_blocking(move || read_in_root(&root, &relative, max_bytes))
@@ -640,7 +701,7 @@ mod tests {
                 rows: 24,
             }),
         };
-        let process = exec_process_json(&config, &spec);
+        let process = exec_process_json(&config, &spec, &[]);
         assert_eq!(process["args"], json!(["/bin/sh"]));
         assert_eq!(process["env"], json!(["PATH=/bin", "TERM=vt100"]));
         assert_eq!(process["cwd"], "/work");
@@ -648,6 +709,43 @@ mod tests {
         assert_eq!(process["terminal"], true);
         assert_eq!(process["consoleSize"], json!({"height": 24, "width": 80}));
         assert_eq!(process["capabilities"]["bounding"], json!(["CAP_KILL"]));
+    }
+
+    #[test]
+    fn member_gids_lists_the_user_groups() {
+        let group = "root:x:0:\n\
+                     # a comment:x:9:alice\n\
+                     wheel:x:10:root,alice\n\
+                     alice:x:1000:alice\n\
+                     audio:x:29: bob , alice\n\
+                     broken:x:notanumber:alice\n\
+                     short:x:11\n\
+                     again:x:10:alice\n";
+        assert_eq!(member_gids(group, "alice", 1000), vec![10, 29]);
+        assert_eq!(member_gids(group, "root", 0), vec![10]);
+        assert!(member_gids(group, "nobody", 65534).is_empty());
+        assert!(member_gids("", "alice", 1000).is_empty());
+    }
+
+    #[test]
+    fn groups_reach_the_process_user() {
+        let config = json!({"process": {"user": {"uid": 5, "gid": 5}}});
+        let spec = ExecSpec {
+            argv: vec!["id".into()],
+            user: ExecUser {
+                name: Some("alice".into()),
+                uid: 1000,
+                gid: 1000,
+            },
+            env: Vec::new(),
+            working_dir: None,
+            terminal: None,
+        };
+        let process = exec_process_json(&config, &spec, &[10, 29]);
+        assert_eq!(
+            process["user"],
+            json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 29]})
+        );
     }
 
     #[test]
