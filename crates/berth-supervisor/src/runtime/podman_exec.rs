@@ -33,8 +33,9 @@
 //! through the API. The runtimes run with an empty environment besides,
 //! for `podman`, the variables that locate its own configuration, so
 //! nothing of the supervisor's environment reaches them.
-//! NOTE: only crun 1.8 under Podman 4.3 ran these direct execs in the
-//! tests; runc and other runtimes keep `podman exec`.
+//! NOTE: only crun 1.8 under a root Podman 4.3 ran these direct execs in
+//! the tests, not a rootless Podman; runc and other runtimes keep
+//! `podman exec`.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
