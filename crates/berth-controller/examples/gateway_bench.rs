@@ -9,9 +9,9 @@
 //!   SQLite file. The client uses berth-client's `connect_ssh` on the real
 //!   `connect/{uuid}/ssh` route. The fake supervisor is berth-tunnel's
 //!   dial side, which sinks or sources the bytes. The `relays` ways
-//!   are the floor of any design on this path: the same loopback TCP
-//!   connections, each joined to the next by splice(2) in a relay, with
-//!   no HTTP/2 and no copy through user space.
+//!   are the floor of any design on this path on one host: the same
+//!   loopback TCP connections, each joined to the next by splice(2) in a
+//!   relay, with no HTTP/2 and no copy through user space.
 //! - `tunnels`: the dial side of COUNT idle tunnels to a controller in
 //!   another process (`berth controller`). It creates COUNT containers
 //!   through the API, each a committed request locked with the system

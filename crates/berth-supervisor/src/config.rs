@@ -93,11 +93,12 @@ pub struct Config {
     /// Podman's OCI runtime, with or without a terminal, as the `oci`
     /// runtime runs its own. That is `crun exec` with the container's own
     /// process settings, and neither Podman's service, nor conmon, nor
-    /// `podman exec` is on the path. Used only when Podman names crun as the container's runtime
-    /// and `crun state`, in crun's default state directory for the
-    /// supervisor's user, shows the container running with Podman's PID;
-    /// so in practice for a supervisor that runs as the same user as
-    /// Podman. Needs `podman_command`. Default true.
+    /// `podman exec` is on the path. Used only by a supervisor that runs
+    /// as root, with a root Podman that names crun as the container's
+    /// runtime, when `crun state` in `/run/crun` shows the container
+    /// running with Podman's PID and the state and bundle belong to root
+    /// alone. An exec that crun fails to start goes through the API.
+    /// Needs `podman_command`. Default true.
     pub podman_runtime_exec: bool,
     /// Grace period between the polite stop signal (the image's stop
     /// signal, normally SIGTERM) and SIGKILL when a container is stopped.

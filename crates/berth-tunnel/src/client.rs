@@ -256,11 +256,13 @@ async fn drive<T>(
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let silence_limit = config.keepalive.interval + config.keepalive.timeout;
+    // The connection comes before the watch for silence, so that a PING
+    // already waiting in the socket is read before the deadline counts.
     let result = tokio::select! {
         biased;
         () = stop.cancelled() => Ok(()),
-        error = last_read.silence(silence_limit) => Err(error),
         result = connection => result.map_err(TunnelError::Connection),
+        error = last_read.silence(silence_limit) => Err(error),
     };
     match &result {
         Ok(()) => info!("tunnel closed"),

@@ -45,7 +45,12 @@ impl DockerRuntime {
         let tty = spec.terminal.is_some();
         match self.podman_route(id).await {
             Some((_, PodmanRoute::Runtime(target))) => {
-                return super::oci_exec::exec_in(&target, spec).await;
+                match super::oci_exec::exec_in(&target, spec).await {
+                    Ok(process) => return Ok(process),
+                    Err(error) => {
+                        tracing::warn!(container = %id.0, %error, "failed to start an exec through Podman's OCI runtime; this exec goes through Podman's exec API");
+                    }
+                }
             }
             Some((cli, PodmanRoute::Command)) if !tty => {
                 if let Some(process) = cli.exec(id, spec).await? {

@@ -7,9 +7,9 @@
 //! `config.json` (so it keeps the container's capabilities and limits),
 //! with the argv, user, working directory and terminal of the
 //! [`ExecSpec`], and the container's environment overridden by the spec's.
-//! It is written to a file of mode 0600 in a directory of the
-//! supervisor's (the bundle directory for the `oci` runtime) and passed
-//! with `--process`, so the environment never reaches an argv.
+//! It is written to a file of mode 0600 in the bundle directory, which
+//! only the supervisor's user can write, and passed with `--process`, so
+//! the environment never reaches an argv.
 //!
 //! Without a terminal the runtime's stdin, stdout and stderr are pipes.
 //! With one, the runtime makes the container's terminal and sends its
@@ -62,11 +62,14 @@ pub(super) struct RuntimeTarget {
     pub state_root: PathBuf,
     /// The container's name in that state directory.
     pub name: String,
-    /// The bundle directory, which contains the container's `config.json`.
+    /// The bundle directory, which contains the container's `config.json`,
+    /// and which only the supervisor's user can write: the exec's process
+    /// file and console socket go there.
     pub bundle: PathBuf,
-    /// A directory that only the supervisor's user can write, for the
-    /// exec's process file and console socket.
-    pub scratch: PathBuf,
+    /// The path of the container's root filesystem in the supervisor's
+    /// mount namespace, such as `/proc/PID/root`, or `None` for `root.path`
+    /// of `config.json`.
+    pub root: Option<PathBuf>,
 }
 
 pub(super) async fn exec_process(
@@ -79,8 +82,8 @@ pub(super) async fn exec_process(
         program,
         state_root,
         name,
-        scratch: bundle.clone(),
         bundle,
+        root: None,
     };
     exec_in(&target, spec).await
 }
@@ -95,15 +98,21 @@ pub(super) async fn exec_in(
         state_root,
         name,
         bundle,
-        scratch,
+        root,
     } = target;
     let config = read_config(bundle).await?;
     let groups = match &spec.user.name {
-        Some(user) => supplementary_groups(&config, bundle, user, spec.user.gid).await,
+        Some(user) => {
+            let root = match root {
+                Some(root) => root.clone(),
+                None => root_dir(&config, bundle)?,
+            };
+            supplementary_groups(root, user, spec.user.gid).await
+        }
         None => Vec::new(),
     };
     let process = exec_process_json(&config, spec, &groups);
-    let process_file = write_process_file(scratch, &process).await?;
+    let process_file = write_process_file(bundle, &process).await?;
 
     let mut command = Command::new(program);
     command
@@ -140,7 +149,7 @@ pub(super) async fn exec_in(
             // terminal over this socket (`--console-socket`).
             let socket_dir = tempfile::Builder::new()
                 .prefix("console-")
-                .tempdir_in(scratch)
+                .tempdir_in(bundle)
                 .map_err(|error| terminal_error("create the console socket of", error))?;
             let socket_path = socket_dir.path().join("socket");
             let listener = tokio::net::UnixListener::bind(&socket_path)
@@ -357,25 +366,26 @@ async fn read_config(bundle: &Path) -> Result<Value, RuntimeError> {
 /// Bytes of `/etc/group` read at most.
 const MAX_GROUP_FILE_BYTES: u64 = 1024 * 1024;
 
-/// Returns the GIDs of the groups of the container's `/etc/group` that
-/// list `user` as a member, apart from its primary `gid`, as the Docker
-/// Engine and Podman give an exec run as a named user. A file that
-/// cannot be read gives none, with a warning.
-async fn supplementary_groups(config: &Value, bundle: &Path, user: &str, gid: u32) -> Vec<u32> {
-    let read = match root_dir(config, bundle) {
-        Ok(root) => tokio::task::spawn_blocking(move || {
-            read_in_root(&root, "etc/group", MAX_GROUP_FILE_BYTES)
-        })
-        .await
-        .map_err(io::Error::other)
-        .and_then(|result| result),
-        Err(error) => Err(io::Error::other(error.to_string())),
-    };
+/// Supplementary groups given at most: the kernel's `NGROUPS_MAX`, above
+/// which `setgroups` fails.
+const MAX_SUPPLEMENTARY_GROUPS: usize = 65536;
+
+/// Returns the GIDs of the groups of `/etc/group` under the container's
+/// `root` that list `user` as a member, apart from its primary `gid`, as
+/// the Docker Engine and Podman give an exec run as a named user. A file
+/// that cannot be read gives none, with a warning.
+async fn supplementary_groups(root: PathBuf, user: &str, gid: u32) -> Vec<u32> {
+    let shown = root.display().to_string();
+    let read =
+        tokio::task::spawn_blocking(move || read_in_root(&root, "etc/group", MAX_GROUP_FILE_BYTES))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|result| result);
     match read {
         Ok(Some(text)) => member_gids(&String::from_utf8_lossy(&text), user, gid),
         Ok(None) => Vec::new(),
         Err(error) => {
-            tracing::warn!(bundle = %bundle.display(), user, %error, "failed to read the container's /etc/group; the exec gets no supplementary groups");
+            tracing::warn!(root = %shown, user, %error, "failed to read the container's /etc/group; the exec gets no supplementary groups");
             Vec::new()
         }
     }
@@ -396,6 +406,10 @@ fn member_gids(group: &str, user: &str, primary: u32) -> Vec<u32> {
         };
         let member = members.split(',').any(|member| member.trim() == user);
         if member && gid != primary && !gids.contains(&gid) {
+            if gids.len() == MAX_SUPPLEMENTARY_GROUPS {
+                tracing::warn!(user, limit = MAX_SUPPLEMENTARY_GROUPS, "the container's /etc/group lists the user in more groups than the kernel allows; the exec gets the first ones");
+                break;
+            }
             gids.push(gid);
         }
     }
@@ -441,9 +455,15 @@ fn exec_process_json(config: &Value, spec: &ExecSpec, groups: &[u32]) -> Value {
     process["args"] = json!(spec.argv);
     process["env"] = json!(merge_env(&container_env, &spec.env));
     process["cwd"] = json!(cwd);
+    let umask = process.pointer("/user/umask").cloned();
     process["user"] = json!({"uid": spec.user.uid, "gid": spec.user.gid});
     if !groups.is_empty() {
         process["user"]["additionalGids"] = json!(groups);
+    }
+    // The container's umask (Podman sets one), so that files the session
+    // makes get the modes they would get in the container.
+    if let Some(umask) = umask {
+        process["user"]["umask"] = umask;
     }
     process["terminal"] = json!(spec.terminal.is_some());
     if let Some(size) = spec.terminal {
@@ -529,7 +549,9 @@ pub(super) async fn read_container_file(
 /// Reads `relative` inside `root`, resolving every symbolic link as if
 /// `root` were `/` (`RESOLVE_IN_ROOT`), so the container cannot point the
 /// read at a host file. A missing file, or one that is not a regular
-/// file, reads as `None`.
+/// file, reads as `None`. The file is found with `O_PATH` and opened for
+/// reading only once it is known to be a regular file, because opening a
+/// device node that the container placed there could act on the device.
 fn read_in_root(root: &Path, relative: &str, max_bytes: u64) -> io::Result<Option<Vec<u8>>> {
     use std::io::Read;
 
@@ -538,22 +560,32 @@ fn read_in_root(root: &Path, relative: &str, max_bytes: u64) -> io::Result<Optio
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let opened = rustix::fs::openat2(
+    let found = rustix::fs::openat2(
         &root_dir,
         relative,
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        OFlags::PATH | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
     );
-    let fd = match opened {
+    let path_fd = match found {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(error) => return Err(error.into()),
     };
-    let file = std::fs::File::from(fd);
-    if !file.metadata()?.is_file() {
+    let stat = rustix::fs::fstat(&path_fd)?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
         return Ok(None);
     }
+    // Reopens the very file found above, through its descriptor.
+    let fd = rustix::fs::open(
+        format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&path_fd)
+        ),
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = std::fs::File::from(fd);
     let mut contents = Vec::new();
     file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut contents)?;
@@ -729,7 +761,7 @@ mod tests {
 
     #[test]
     fn groups_reach_the_process_user() {
-        let config = json!({"process": {"user": {"uid": 5, "gid": 5}}});
+        let config = json!({"process": {"user": {"uid": 5, "gid": 5, "umask": 18}}});
         let spec = ExecSpec {
             argv: vec!["id".into()],
             user: ExecUser {
@@ -744,7 +776,7 @@ mod tests {
         let process = exec_process_json(&config, &spec, &[10, 29]);
         assert_eq!(
             process["user"],
-            json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 29]})
+            json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 29], "umask": 18})
         );
     }
 
@@ -763,6 +795,25 @@ mod tests {
             Some(b"root:x:0:".to_vec())
         );
         assert!(read_in_root(root.path(), "etc/group", 4).is_err());
+    }
+
+    #[test]
+    fn read_in_root_skips_non_files() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc/group")).unwrap();
+        assert_eq!(read_in_root(root.path(), "etc/group", 1024).unwrap(), None);
+        // A FIFO with no writer: opening it to read would not block with
+        // O_NONBLOCK, but it is never opened at all.
+        let fifo = root.path().join("etc/passwd");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert_eq!(read_in_root(root.path(), "etc/passwd", 1024).unwrap(), None);
     }
 }
 

@@ -14,11 +14,16 @@
 //!    `config.json`. `podman exec` itself starts the same process through
 //!    the runtime, so the process keeps the container's capabilities, seccomp
 //!    profile, labels and limits. Conditions: the route is switched on
-//!    (`supervisor.podman_runtime_exec`), Podman names crun as the
-//!    container's runtime, and `crun state` in crun's default state
-//!    directory for the supervisor's user shows the container running
-//!    with the PID that Podman reports. Podman running as another user,
-//!    or with a state directory of its own, fails that check.
+//!    (`supervisor.podman_runtime_exec`), the supervisor runs as root,
+//!    Podman names crun as the container's runtime and `podman info`
+//!    names its program, and `crun state` in `/run/crun` shows the
+//!    container running with the PID that Podman reports. The state
+//!    directory, the bundle and its `config.json` must belong to root,
+//!    with write permission for root alone. A rootless Podman, or one with a
+//!    state directory of its own, fails these checks. The container's
+//!    `/etc/group` is read through `/proc/PID/root`, which works from any
+//!    mount namespace. When crun cannot be started for an exec, that
+//!    exec goes through the API.
 //! 2. `podman exec --interactive`, for execs without a terminal.
 //!    Conditions: the engine's socket is a Unix socket, the server names
 //!    itself Podman, the command finds the container under the same ID
@@ -34,8 +39,7 @@
 //! for `podman`, the variables that locate its own configuration, so
 //! nothing of the supervisor's environment reaches them.
 //! NOTE: only crun 1.8 under a root Podman 4.3 ran these direct execs in
-//! the tests, not a rootless Podman; runc and other runtimes keep
-//! `podman exec`.
+//! the tests. Containers of runc and other runtimes keep `podman exec`.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -48,7 +52,7 @@ use tokio::process::Command;
 
 use super::exec::{ExecProcess, ExecSpec};
 use super::oci_exec::{piped_exec, RuntimeTarget};
-use super::{find_program, ContainerId, RuntimeError};
+use super::{ContainerId, RuntimeError};
 
 /// The variables of the supervisor's own environment that `podman` gets,
 /// because they locate its configuration and storage.
@@ -87,6 +91,8 @@ pub(super) struct PodmanCli {
     runtime_exec: bool,
     /// Container ID to the route of its execs.
     routes: Mutex<HashMap<String, PodmanRoute>>,
+    /// The program of Podman's default OCI runtime, from `podman info`.
+    default_runtime: tokio::sync::OnceCell<Option<PathBuf>>,
 }
 
 /// The fields of `crun state` that the check compares.
@@ -104,7 +110,39 @@ impl PodmanCli {
             program,
             runtime_exec,
             routes: Mutex::new(HashMap::new()),
+            default_runtime: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Returns the program of Podman's default OCI runtime, asking
+    /// `podman info` the first time; `None` when it cannot tell.
+    async fn default_runtime(&self) -> Option<PathBuf> {
+        self.default_runtime
+            .get_or_init(|| async {
+                let output = self
+                    .command()
+                    .args(["info", "--format", "{{.Host.OCIRuntime.Path}}"])
+                    .stdin(Stdio::null())
+                    .output()
+                    .await;
+                match output {
+                    Ok(output) if output.status.success() => {
+                        let text = String::from_utf8_lossy(&output.stdout);
+                        let path = PathBuf::from(text.trim());
+                        path.is_absolute().then_some(path)
+                    }
+                    Ok(output) => {
+                        tracing::info!(status = %output.status, error = %String::from_utf8_lossy(&output.stderr).trim(), "podman info failed; execs do not use Podman's OCI runtime directly");
+                        None
+                    }
+                    Err(error) => {
+                        tracing::info!(%error, "failed to run podman info; execs do not use Podman's OCI runtime directly");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone()
     }
 
     pub(super) fn program(&self) -> &Path {
@@ -180,7 +218,8 @@ impl PodmanCli {
             ));
         }
         if self.runtime_exec {
-            match runtime_target(id, runtime, pid).await {
+            let default_runtime = self.default_runtime().await;
+            match runtime_target(id, runtime, pid, default_runtime.as_deref()).await {
                 Ok(target) => return Ok(PodmanRoute::Runtime(Arc::new(target))),
                 Err(reason) => {
                     tracing::info!(container = %id.0, reason = %reason, "execs do not use Podman's OCI runtime directly");
@@ -259,28 +298,45 @@ impl PodmanCli {
     }
 }
 
+/// crun's state directory for root, which Podman leaves as it is.
+const STATE_ROOT: &str = "/run/crun";
+
 /// Returns the target for execs through Podman's OCI runtime `runtime` in
 /// the container `id`, whose first process Podman reports as `pid`, or
-/// why there is none.
+/// why there is none. `default_runtime` is the program Podman's own
+/// configuration names for its default runtime.
 async fn runtime_target(
     id: &ContainerId,
     runtime: &str,
     pid: &str,
+    default_runtime: Option<&Path>,
 ) -> Result<RuntimeTarget, String> {
-    let named = Path::new(runtime);
-    if named.file_name().and_then(|name| name.to_str()) != Some(DIRECT_RUNTIME) {
+    if !rustix::process::geteuid().is_root() {
+        return Err("the supervisor does not run as root".to_string());
+    }
+    let named = Path::new(runtime)
+        .file_name()
+        .and_then(|name| name.to_str());
+    if named != Some(DIRECT_RUNTIME) {
         return Err(format!(
             "Podman's OCI runtime is {runtime:?}; only {DIRECT_RUNTIME} runs execs directly"
         ));
     }
-    let program = find_program(named)
-        .or_else(|| {
-            std::env::split_paths(PODMAN_PATH)
-                .map(|dir| dir.join(named))
-                .find(|candidate| find_program(candidate).is_some())
-        })
-        .ok_or_else(|| format!("{runtime} is not on PATH"))?;
-    let state_root = default_state_root()?;
+    // The program Podman itself runs, not whichever crun comes first on
+    // the supervisor's PATH.
+    let program = default_runtime
+        .filter(|program| program.file_name().and_then(|name| name.to_str()) == named)
+        .ok_or_else(|| {
+            format!("`podman info` names no {DIRECT_RUNTIME} program as Podman's runtime")
+        })?
+        .to_path_buf();
+    let state_root = PathBuf::from(STATE_ROOT);
+    let pid: u32 = pid
+        .parse()
+        .map_err(|_| format!("Podman reports no PID for the container: {pid:?}"))?;
+    check_private(&state_root)?;
+    check_private(&state_root.join(&id.0))?;
+
     let output = Command::new(&program)
         .arg("--root")
         .arg(&state_root)
@@ -293,54 +349,56 @@ async fn runtime_target(
         .map_err(|error| format!("failed to run {}: {error}", program.display()))?;
     if !output.status.success() {
         return Err(format!(
-            "{} --root {} state failed with {}: {}",
+            "{} --root {STATE_ROOT} state failed with {}: {}",
             program.display(),
-            state_root.display(),
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         ));
     }
     let state: RuntimeState = serde_json::from_slice(&output.stdout)
         .map_err(|error| format!("{} state printed no state: {error}", program.display()))?;
-    let same = state.id == id.0 && state.status == "running" && pid.parse() == Ok(state.pid);
+    let same = state.id == id.0 && state.status == "running" && state.pid == i64::from(pid);
     if !same {
         return Err(format!(
-            "{} in {} shows {} {} with PID {}, and Podman PID {pid}",
+            "{} in {STATE_ROOT} shows {} {} with PID {}, and Podman PID {pid}",
             program.display(),
-            state_root.display(),
             state.id,
             state.status,
             state.pid
         ));
     }
-    if !state.bundle.join("config.json").is_file() {
-        return Err(format!(
-            "the container's bundle {} has no config.json that the supervisor can see",
-            state.bundle.display()
-        ));
-    }
+
+    check_private(&state.bundle)?;
+    check_private(&state.bundle.join("config.json"))?;
     Ok(RuntimeTarget {
         program,
         state_root,
         name: id.0.clone(),
         bundle: state.bundle,
-        scratch: std::env::temp_dir(),
+        // The container's root, as its first process has it mounted, from
+        // any mount namespace the supervisor is in.
+        root: Some(PathBuf::from(format!("/proc/{pid}/root"))),
     })
 }
 
-/// Returns crun's default state directory for the supervisor's user:
-/// `/run/crun` for root, else `$XDG_RUNTIME_DIR/crun`. Podman passes no
-/// other for its containers.
-fn default_state_root() -> Result<PathBuf, String> {
-    if rustix::process::geteuid().is_root() {
-        return Ok(PathBuf::from("/run/crun"));
+/// Checks that `path`, not followed if it is a symbolic link, belongs to
+/// root and that neither its group nor others can write it, so that the
+/// state and bundle that the exec is built from are Podman's own.
+fn check_private(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+
+    let metadata = std::fs::symlink_metadata(path)
+        .map_err(|error| format!("failed to read {}: {error}", path.display()))?;
+    let writable_by_others = metadata.mode() & 0o022 != 0;
+    if metadata.uid() != 0 || writable_by_others || metadata.file_type().is_symlink() {
+        return Err(format!(
+            "{} is not root's alone (owner {}, mode {:o})",
+            path.display(),
+            metadata.uid(),
+            metadata.mode() & 0o7777
+        ));
     }
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|dir| !dir.is_empty())
-        .map(|dir| PathBuf::from(dir).join("crun"))
-        .ok_or_else(|| {
-            "XDG_RUNTIME_DIR is not set, so crun's state directory is unknown".to_string()
-        })
+    Ok(())
 }
 
 /// Writes `env` (`NAME=value` entries) to a new file of mode 0600, in the
@@ -411,6 +469,37 @@ mod tests {
         ] {
             assert_eq!(env_file_text(&env(&["A=1", bad])), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn check_private_wants_root_alone() {
+        use std::os::unix::fs::PermissionsExt;
+
+        if !rustix::process::geteuid().is_root() {
+            println!("check_private_wants_root_alone: skipped (not root)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(check_private(&path), Ok(()));
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o770)).unwrap();
+        let error = check_private(&path).unwrap_err();
+        assert!(error.contains("mode 770"), "{error}");
+
+        let link = dir.path().join("link");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(check_private(&link).is_err());
+
+        let nobody = dir.path().join("nobody");
+        std::fs::create_dir(&nobody).unwrap();
+        std::os::unix::fs::chown(&nobody, Some(65534), None).unwrap();
+        let error = check_private(&nobody).unwrap_err();
+        assert!(error.contains("owner 65534"), "{error}");
+        assert!(check_private(&dir.path().join("missing")).is_err());
     }
 
     #[test]
