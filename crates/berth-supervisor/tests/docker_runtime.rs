@@ -14,7 +14,7 @@ use berth_supervisor::archive::ImageArchive;
 use berth_supervisor::kernel_log::KernelLog;
 use berth_supervisor::mounts::plan_mounts;
 use berth_supervisor::runtime::docker::ExecRoute;
-use berth_supervisor::runtime::exec::{ExecExit, ExecSpec, ExecUser};
+use berth_supervisor::runtime::exec::{ExecExit, ExecSpec, ExecUser, TerminalSize};
 use berth_supervisor::runtime::{
     ContainerId, ContainerSpec, ImageSource, Runtime, RuntimeError, StdStream,
 };
@@ -357,6 +357,19 @@ async fn podman_exec_routes_match_the_api() {
     }
     assert_eq!(direct.exec_route(&id).await, ExecRoute::OciRuntime);
     assert_eq!(cli.exec_route(&id).await, ExecRoute::PodmanCommand);
+
+    // Execs through crun are not Podman's exec sessions, with a terminal
+    // or without: the count Podman keeps does not move.
+    let sessions_before = podman_exec_sessions(&id);
+    let (output, exit) =
+        tty_exec_collect(&direct, &id, &["sh", "-c", "tty; stty size; exit 3"]).await;
+    assert!(output.contains("/dev/pts/"), "{output}");
+    assert!(output.contains("24 80"), "{output}");
+    assert_eq!(exit, ExecExit::Status(3));
+    let (stdout, _, exit) = exec_collect(&direct, &id, &["true"], &[], b"").await;
+    assert!(stdout.is_empty());
+    assert_eq!(exit, ExecExit::Status(0));
+    assert_eq!(podman_exec_sessions(&id), sessions_before);
     assert_eq!(
         api.exec_route(&id).await,
         ExecRoute::EngineApi,
@@ -423,6 +436,52 @@ async fn podman_exec_routes_match_the_api() {
     api.stop(&id, Duration::from_secs(1)).await.unwrap();
     api.wait(&id).await.unwrap();
     api.remove(&id).await.unwrap();
+}
+
+/// Returns how many exec sessions Podman keeps for the container `id`.
+fn podman_exec_sessions(id: &ContainerId) -> String {
+    let output = std::process::Command::new("podman")
+        .args([
+            "container",
+            "inspect",
+            "--format",
+            "{{len .ExecIDs}}",
+            &id.0,
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Runs `argv` in the container `id` with a terminal of 80 by 24 and
+/// returns its output and exit.
+async fn tty_exec_collect(
+    runtime: &DockerRuntime,
+    id: &ContainerId,
+    argv: &[&str],
+) -> (String, ExecExit) {
+    let spec = ExecSpec {
+        argv: argv.iter().map(|arg| arg.to_string()).collect(),
+        user: ExecUser {
+            name: Some("root".to_string()),
+            uid: 0,
+            gid: 0,
+        },
+        env: vec!["TERM=xterm".to_string()],
+        working_dir: None,
+        terminal: Some(TerminalSize {
+            columns: 80,
+            rows: 24,
+        }),
+    };
+    let mut process = runtime.exec(id, &spec).await.unwrap();
+    let mut output = Vec::new();
+    while let Some(chunk) = process.output.next().await {
+        output.extend_from_slice(&chunk.unwrap().data);
+    }
+    let exit = process.control.wait().await.unwrap();
+    (String::from_utf8_lossy(&output).into_owned(), exit)
 }
 
 /// A container the command line does not see (another engine, or another

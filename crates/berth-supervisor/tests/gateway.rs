@@ -791,6 +791,7 @@ async fn gateway_sessions_run_through_podman_runtime() {
     check_sessions(&served).await;
     check_resize(&served).await;
     check_bulk_transfer(&served).await;
+    check_hang_up(&served, 6_114).await;
     runtime.remove(&id).await.unwrap();
 }
 
@@ -841,6 +842,7 @@ async fn gateway_sessions_run_in_crun_container() {
     check_sessions(&served).await;
     check_bulk_transfer(&served).await;
     check_forwarding(&served).await;
+    check_hang_up(&served, 6_113).await;
     crun.runtime.remove(&crun.id).await.unwrap();
 }
 
@@ -951,6 +953,57 @@ async fn read_until(
     tokio::time::timeout(Duration::from_secs(30), reading)
         .await
         .unwrap_or_else(|_| panic!("no {text:?} within 30 s in: {output}"))
+}
+
+/// Returns whether a process whose command line is `command` runs on
+/// this host.
+fn process_runs(command: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .map(|line| {
+                line.split(|byte| *byte == 0)
+                    .filter(|arg| !arg.is_empty())
+                    .collect::<Vec<_>>()
+                    == command.split(' ').map(str::as_bytes).collect::<Vec<_>>()
+            })
+            .unwrap_or(false)
+    })
+}
+
+/// Checks that a session's process gets SIGHUP when its client goes away
+/// while it runs, with a terminal and without. `seconds` makes the
+/// `sleep` command line unique to the caller.
+async fn check_hang_up(served: &Served, seconds: u32) {
+    for terminal in [false, true] {
+        let command = format!("sleep {seconds}");
+        let client = connect_client(served).await;
+        let channel = client.channel_open_session().await.unwrap();
+        if terminal {
+            channel
+                .request_pty(true, "xterm", 80, 24, 0, 0, &[])
+                .await
+                .unwrap();
+        }
+        channel.exec(true, command.as_str()).await.unwrap();
+        let started = tokio::time::Instant::now();
+        while !process_runs(&command) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{command} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(channel);
+        drop(client);
+        let gone = tokio::time::Instant::now();
+        while process_runs(&command) {
+            assert!(
+                gone.elapsed() < Duration::from_secs(30),
+                "{command} (terminal {terminal}) still runs 30 s after its client went away"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Checks that a `window-change` resizes the session's terminal.

@@ -162,7 +162,9 @@ async fn start_and_copy(
     let control = process.control.clone();
     let mut stdin = Some(process.stdin);
     let input_control = control.clone();
-    let input_task = tokio::spawn(async move {
+    // The task ends when the channel does: the client closed it or went
+    // away.
+    let mut input_task = tokio::spawn(async move {
         while let Some(message) = input.recv().await {
             match message {
                 ChannelInput::Data(data) => {
@@ -173,7 +175,8 @@ async fn start_and_copy(
                     if writer.write_all(&data).await.is_err() {
                         // The process closed its stdin; later data has
                         // nowhere to go.
-                        break;
+                        stdin = None;
+                        continue;
                     }
                     let _ = writer.flush().await;
                 }
@@ -192,7 +195,17 @@ async fn start_and_copy(
     let channel = request.channel;
     let mut output = process.output.peekable();
     let mut client_gone = false;
-    while let Some(chunk) = output.next().await {
+    loop {
+        let next = tokio::select! {
+            next = output.next() => next,
+            _ = &mut input_task => {
+                client_gone = true;
+                break;
+            }
+        };
+        let Some(chunk) = next else {
+            break;
+        };
         let chunk = match chunk {
             Ok(chunk) => join_ready(chunk, &mut output),
             Err(error) => {
@@ -215,11 +228,14 @@ async fn start_and_copy(
             break;
         }
     }
+    if client_gone {
+        // NOTE: the Engine API cannot signal an exec's process, so there a
+        // process whose client went away runs on until it ends.
+        control.hang_up().await;
+    }
     drop(output);
     input_task.abort();
     if client_gone {
-        // NOTE: the exec APIs used here cannot signal an exec's process,
-        // so a process whose client disconnected runs on until it ends.
         return Ok(None);
     }
     control

@@ -92,6 +92,11 @@ pub trait ExecControl: Send + Sync + fmt::Debug {
     /// Waits for the process to end and returns how it ended. Called after
     /// the output stream has ended.
     async fn wait(&self) -> Result<ExecExit, RuntimeError>;
+
+    /// Sends the process SIGHUP because its client went away, as sshd's
+    /// closing of a terminal does. The Engine API cannot signal an exec,
+    /// so there this does nothing and the process runs on.
+    async fn hang_up(&self) {}
 }
 
 /// A started exec.

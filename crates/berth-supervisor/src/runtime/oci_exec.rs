@@ -64,8 +64,12 @@ pub(super) struct RuntimeTarget {
     pub name: String,
     /// The bundle directory, which contains the container's `config.json`,
     /// and which only the supervisor's user can write: the exec's process
-    /// file and console socket go there.
+    /// file goes there.
     pub bundle: PathBuf,
+    /// A directory that only the supervisor's user can write, with a path
+    /// short enough for the console socket (a Unix socket's path has at
+    /// most 107 bytes).
+    pub console_dir: PathBuf,
     /// The path of the container's root filesystem in the supervisor's
     /// mount namespace, such as `/proc/PID/root`, or `None` for `root.path`
     /// of `config.json`.
@@ -82,6 +86,7 @@ pub(super) async fn exec_process(
         program,
         state_root,
         name,
+        console_dir: bundle.clone(),
         bundle,
         root: None,
     };
@@ -98,6 +103,7 @@ pub(super) async fn exec_in(
         state_root,
         name,
         bundle,
+        console_dir,
         root,
     } = target;
     let config = read_config(bundle).await?;
@@ -149,7 +155,7 @@ pub(super) async fn exec_in(
             // terminal over this socket (`--console-socket`).
             let socket_dir = tempfile::Builder::new()
                 .prefix("console-")
-                .tempdir_in(bundle)
+                .tempdir_in(console_dir)
                 .map_err(|error| terminal_error("create the console socket of", error))?;
             let socket_path = socket_dir.path().join("socket");
             let listener = tokio::net::UnixListener::bind(&socket_path)
@@ -642,6 +648,22 @@ impl ExecControl for OciExec {
             source: Box::new(error),
         };
         rustix::termios::tcsetwinsize(terminal.fd(), winsize(size)).map_err(|e| error(e.into()))
+    }
+
+    async fn hang_up(&self) {
+        // crun exec and runc exec pass the signals they get to the process.
+        let Some(pid) = self.child.lock().await.id() else {
+            return;
+        };
+        let Ok(pid) = i32::try_from(pid) else {
+            return;
+        };
+        if let Err(error) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        ) {
+            tracing::debug!(name = %self.name, %error, "failed to send SIGHUP to an exec");
+        }
     }
 
     async fn wait(&self) -> Result<ExecExit, RuntimeError> {

@@ -301,6 +301,10 @@ impl PodmanCli {
 /// crun's state directory for root, which Podman leaves as it is.
 const STATE_ROOT: &str = "/run/crun";
 
+/// The directory of the console sockets of terminal execs. Podman's
+/// bundle directories are too long a path for a Unix socket.
+const CONSOLE_DIR: &str = "/run/berth/exec";
+
 /// Returns the target for execs through Podman's OCI runtime `runtime` in
 /// the container `id`, whose first process Podman reports as `pid`, or
 /// why there is none. `default_runtime` is the program Podman's own
@@ -370,15 +374,35 @@ async fn runtime_target(
 
     check_private(&state.bundle)?;
     check_private(&state.bundle.join("config.json"))?;
+    let console_dir = private_dir(Path::new(CONSOLE_DIR))?;
     Ok(RuntimeTarget {
         program,
         state_root,
         name: id.0.clone(),
         bundle: state.bundle,
+        console_dir,
         // The container's root, as its first process has it mounted, from
         // any mount namespace the supervisor is in.
         root: Some(PathBuf::from(format!("/proc/{pid}/root"))),
     })
+}
+
+/// Makes the directory `path` of mode 0700 if it is missing, and checks
+/// that it belongs to root alone.
+fn private_dir(path: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|error| format!("failed to create {}: {error}", parent.display()))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(format!("failed to create {}: {error}", path.display())),
+    }
+    check_private(path)?;
+    Ok(path.to_path_buf())
 }
 
 /// Checks that `path`, not followed if it is a symbolic link, belongs to

@@ -80,7 +80,10 @@ pub struct ShellArgs {
     /// Allocate no terminal (ssh's `-T`).
     #[arg(short = 'T')]
     no_tty: bool,
-    /// The command to run; without one, an interactive shell.
+    /// The command to run; without one, an interactive shell. As with
+    /// ssh, its words are joined with spaces and run by the user's shell
+    /// in the container, so quote it as for ssh: `-- sh -c "'exit 42'"`,
+    /// or `-- 'ls | wc -l'`.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
