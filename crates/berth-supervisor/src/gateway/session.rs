@@ -69,8 +69,14 @@ pub(super) async fn run_session(
     input: mpsc::Receiver<ChannelInput>,
 ) {
     let channel = request.channel;
+    // Only the program's name and the command's length are logged: the
+    // arguments may hold a secret the user typed.
     let description = match &request.command {
-        Some(command) => format!("command {command:?}"),
+        Some(command) => format!(
+            "command {:?} ({} bytes)",
+            command.split_whitespace().next().unwrap_or(""),
+            command.len()
+        ),
         None => "a shell".to_string(),
     };
     let log = gateway.inner.log.clone();
