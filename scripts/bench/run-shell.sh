@@ -36,7 +36,7 @@
 #   BERTH_TEST_IMAGE    image to run                  [localhost/busybox:latest]
 #   BERTH_BENCH_RUNTIME the supervisor's runtime: docker (a container of
 #                       Podman's API, execs as BERTH_BENCH_PODMAN_COMMAND
-#                       says) or oci (the supervisor's own crun
+#                       selects) or oci (the supervisor's own crun
 #                       container)                                  [docker]
 #   BERTH_BENCH_PODMAN_COMMAND  supervisor.podman_command: the Podman command
 #                       line that finds the exec route on Podman (crun

@@ -998,10 +998,10 @@ async fn check_hang_up(served: &Served, seconds: u32) {
         }
         drop(channel);
         drop(client);
-        let gone = tokio::time::Instant::now();
+        let closed_at = tokio::time::Instant::now();
         while process_runs(&command) {
             assert!(
-                gone.elapsed() < Duration::from_secs(30),
+                closed_at.elapsed() < Duration::from_secs(30),
                 "{command} (terminal {terminal}) still runs 30 s after its client went away"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

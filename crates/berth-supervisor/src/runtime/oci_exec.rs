@@ -368,7 +368,6 @@ async fn read_config(bundle: &Path) -> Result<Value, RuntimeError> {
     })
 }
 
-/// Returns the container's `process` object changed for the exec.
 /// Bytes of `/etc/group` read at most.
 const MAX_GROUP_FILE_BYTES: u64 = 1024 * 1024;
 
@@ -381,7 +380,7 @@ const MAX_SUPPLEMENTARY_GROUPS: usize = 65536;
 /// the Docker Engine and Podman give an exec run as a named user. A file
 /// that cannot be read gives none, with a warning.
 async fn supplementary_groups(root: PathBuf, user: &str, gid: u32) -> Vec<u32> {
-    let shown = root.display().to_string();
+    let root_path = root.display().to_string();
     let read =
         tokio::task::spawn_blocking(move || read_in_root(&root, "etc/group", MAX_GROUP_FILE_BYTES))
             .await
@@ -391,7 +390,7 @@ async fn supplementary_groups(root: PathBuf, user: &str, gid: u32) -> Vec<u32> {
         Ok(Some(text)) => member_gids(&String::from_utf8_lossy(&text), user, gid),
         Ok(None) => Vec::new(),
         Err(error) => {
-            tracing::warn!(root = %shown, user, %error, "failed to read the container's /etc/group; the exec gets no supplementary groups");
+            tracing::warn!(root = %root_path, user, %error, "failed to read the container's /etc/group; the exec gets no supplementary groups");
             Vec::new()
         }
     }
@@ -436,6 +435,8 @@ fn root_dir(config: &Value, bundle: &Path) -> Result<PathBuf, RuntimeError> {
         })
 }
 
+/// Returns the container's `process` object changed for the exec, with
+/// the supplementary `groups` of its user.
 fn exec_process_json(config: &Value, spec: &ExecSpec, groups: &[u32]) -> Value {
     let mut process = config.get("process").cloned().unwrap_or_else(|| json!({}));
     let container_env: Vec<String> = process
@@ -513,7 +514,7 @@ async fn write_process_file(
         source: Box::new(error),
     })?;
     let dir = dir.to_path_buf();
-    let dir_name = dir.clone();
+    let dir_path = dir.clone();
     let written = tokio::task::spawn_blocking(move || -> io::Result<tempfile::NamedTempFile> {
         let mut file = tempfile::Builder::new()
             .prefix("exec-")
@@ -527,7 +528,7 @@ async fn write_process_file(
     .await
     .map_err(io::Error::other)
     .and_then(|result| result);
-    written.map_err(|error| super::oci::io_error("write an exec process file in", &dir_name, error))
+    written.map_err(|error| super::oci::io_error("write an exec process file in", &dir_path, error))
 }
 
 pub(super) async fn read_container_file(

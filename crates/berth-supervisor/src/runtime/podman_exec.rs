@@ -24,11 +24,11 @@
 //!    `/etc/group` is read through `/proc/PID/root`, which works from any
 //!    mount namespace. When crun cannot be started for an exec, that
 //!    exec goes through the API.
-//! 2. `podman exec --interactive`, for execs without a terminal.
-//!    Conditions: the engine's socket is a Unix socket, the server names
-//!    itself Podman, the command finds the container under the same ID
-//!    (a service with another storage root, or another user's, would
-//!    not), and the container's root filesystem is mounted in the
+//! 2. `podman exec --interactive`, for execs without a terminal. It needs
+//!    a Unix socket for the engine and a server that names itself
+//!    Podman. The command must find the container under the same ID,
+//!    which a service with another storage root, or another user's,
+//!    would not. The container's root filesystem must be mounted in the
 //!    supervisor's mount namespace.
 //! 3. The API, for everything else.
 //!
